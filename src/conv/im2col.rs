@@ -1,0 +1,189 @@
+//! The textbook lowering: per image and group, build the column matrix
+//! `[C/g·R·S, OH·OW]` explicitly, then multiply the group's weights
+//! `[K/g, C/g·R·S]` by it.
+
+use super::ForwardOptions;
+use crate::gemm::driver::{ASource, CTile, Epilogue};
+use crate::gemm::pack::StridedB;
+use crate::gemm::{gemm_with_epilogue, GemmOptions};
+use crate::geometry::ConvGeometry;
+
+/// The outputs `o` in `0..out_len` whose input position `o·stride + offset`
+/// lies in `0..in_len`: a contiguous range `lo..hi` (empty as `lo == hi`).
+/// Every loop that walks an output row splits it into left padding, this
+/// interior, and right padding with it, so the interior needs no bounds checks.
+pub(crate) fn valid_range(
+    out_len: usize,
+    stride: usize,
+    offset: isize,
+    in_len: usize,
+) -> (usize, usize) {
+    let s = stride as isize;
+    // First o with o·s + offset ≥ 0.
+    let lo = if offset >= 0 {
+        0
+    } else {
+        (-offset + s - 1) / s
+    };
+    // First o with o·s + offset ≥ in_len.
+    let room = in_len as isize - offset;
+    let hi = if room <= 0 { 0 } else { (room + s - 1) / s };
+    let hi = (hi as usize).min(out_len);
+    ((lo as usize).min(hi), hi)
+}
+
+/// Row `(c, r, s)` of the column matrix reads input offset `(r', s')` of each
+/// window, where `(r, s)` is the weight tap that multiplies it; for
+/// cross-correlation they coincide, for true convolution they mirror.
+/// `weight_tap` is an involution, so it maps taps to offsets too.
+#[inline]
+fn window_offset(g: &ConvGeometry, r: usize, s: usize) -> (isize, isize) {
+    let (ro, so) = g.weight_tap(r, s);
+    (
+        (ro * g.dilation_h) as isize - g.padding.top as isize,
+        (so * g.dilation_w) as isize - g.padding.left as isize,
+    )
+}
+
+/// Fills `col` (`[C/g·R·S] × [OH·OW]`, row-major) from the channels of one
+/// group of one image (`image` is `[C/g, H, W]`).
+pub(crate) fn im2col_group(g: &ConvGeometry, image: &[f32], col: &mut [f32]) {
+    let plane = g.out_plane();
+    let (r_len, s_len) = (g.kernel_h, g.kernel_w);
+    for (row_idx, row) in col.chunks_exact_mut(plane).enumerate() {
+        let c = row_idx / (r_len * s_len);
+        let (r, s) = ((row_idx / s_len) % r_len, row_idx % s_len);
+        let (dy, dx) = window_offset(g, r, s);
+        let channel = &image[c * g.in_plane()..(c + 1) * g.in_plane()];
+        let (h_lo, h_hi) = valid_range(g.out_h, g.stride_h, dy, g.in_h);
+        let (w_lo, w_hi) = valid_range(g.out_w, g.stride_w, dx, g.in_w);
+        for (oh, out_row) in row.chunks_exact_mut(g.out_w).enumerate() {
+            if oh < h_lo || oh >= h_hi || w_lo == w_hi {
+                out_row.fill(0.0);
+                continue;
+            }
+            let ih = (oh * g.stride_h) as isize + dy;
+            let src_row = &channel[ih as usize * g.in_w..(ih as usize + 1) * g.in_w];
+            out_row[..w_lo].fill(0.0);
+            out_row[w_hi..].fill(0.0);
+            let iw0 = (w_lo * g.stride_w) as isize + dx;
+            if g.stride_w == 1 {
+                let start = iw0 as usize;
+                out_row[w_lo..w_hi].copy_from_slice(&src_row[start..start + (w_hi - w_lo)]);
+            } else {
+                for (o, x) in out_row[w_lo..w_hi].iter_mut().enumerate() {
+                    *x = src_row[iw0 as usize + o * g.stride_w];
+                }
+            }
+        }
+    }
+}
+
+/// Explicit im2col + GEMM for every image and group. Buffers are checked by
+/// the caller.
+pub(crate) fn forward_im2col(
+    g: &ConvGeometry,
+    input: &[f32],
+    weight: &[f32],
+    bias: Option<&[f32]>,
+    output: &mut [f32],
+    opts: &ForwardOptions,
+) {
+    let (cg, kg, kk, plane) = (
+        g.channels_per_group(),
+        g.out_channels_per_group(),
+        g.gemm_k(),
+        g.out_plane(),
+    );
+    let mut col = vec![0.0f32; kk * plane];
+    let gemm_opts = GemmOptions {
+        backend: opts.backend,
+        parallelism: opts.parallelism,
+        isa: opts.isa,
+    };
+    let clamp = opts.activation.bounds();
+    for n in 0..g.batch {
+        for grp in 0..g.groups {
+            let image =
+                &input[(n * g.in_channels + grp * cg) * g.in_plane()..][..cg * g.in_plane()];
+            im2col_group(g, image, &mut col);
+            let out = &mut output[(n * g.out_channels + grp * kg) * plane..][..kg * plane];
+            let w = &weight[grp * kg * kk..][..kg * kk];
+            let epilogue = Epilogue {
+                bias: bias.map_or(std::ptr::null(), |b| b[grp * kg..].as_ptr()),
+                clamp,
+            };
+            // SAFETY: w is kg × kk row-major, col is kk × plane row-major, out
+            // is kg × plane row-major and exclusively borrowed; the bias slice
+            // has kg values from grp·kg (bias length K was checked).
+            unsafe {
+                gemm_with_epilogue(
+                    kg,
+                    kk,
+                    plane,
+                    1.0,
+                    &ASource::Strided {
+                        ptr: w.as_ptr(),
+                        rs: kk as isize,
+                        cs: 1,
+                    },
+                    &StridedB {
+                        ptr: col.as_ptr(),
+                        rs: plane as isize,
+                        cs: 1,
+                    },
+                    0.0,
+                    CTile {
+                        ptr: out.as_mut_ptr(),
+                        rs: plane as isize,
+                        cs: 1,
+                    },
+                    &epilogue,
+                    &gemm_opts,
+                )
+            };
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::valid_range;
+
+    /// Brute force: the outputs whose input position is in bounds.
+    fn brute(out_len: usize, stride: usize, offset: isize, in_len: usize) -> (usize, usize) {
+        let ok: Vec<usize> = (0..out_len)
+            .filter(|&o| {
+                let p = (o * stride) as isize + offset;
+                p >= 0 && p < in_len as isize
+            })
+            .collect();
+        match (ok.first(), ok.last()) {
+            (Some(&a), Some(&b)) => (a, b + 1),
+            _ => (0, 0),
+        }
+    }
+
+    #[test]
+    fn valid_range_matches_brute_force() {
+        for out_len in 0..8 {
+            for stride in 1..4 {
+                for offset in -9..9 {
+                    for in_len in 1..8 {
+                        let (lo, hi) = valid_range(out_len, stride, offset, in_len);
+                        let (blo, bhi) = brute(out_len, stride, offset, in_len);
+                        if bhi == 0 {
+                            assert_eq!(lo, hi, "{out_len} {stride} {offset} {in_len}");
+                        } else {
+                            assert_eq!(
+                                (lo, hi),
+                                (blo, bhi),
+                                "{out_len} {stride} {offset} {in_len}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,221 @@
+//! The convolution operator: a validated [`Conv2d`] descriptor and the
+//! algorithms that compute it.
+
+pub mod direct;
+pub mod im2col;
+
+use crate::error::ConvError;
+use crate::gemm::{Activation, GemmBackend, Isa, Parallelism};
+use crate::geometry::{ConvGeometry, Padding};
+
+/// How a convolution is computed. Every algorithm gives the same values up to
+/// floating-point rounding.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Algorithm {
+    /// Nested loops over the definition: the reference, slow on big layers.
+    Direct,
+    /// Explicit im2col matrix `[C/g·R·S, OH·OW]` per image and group, then GEMM.
+    Im2col,
+    /// Picks per shape; see [`Conv2d::auto_algorithm`].
+    #[default]
+    Auto,
+}
+
+impl Algorithm {
+    /// Every concrete algorithm (not `Auto`).
+    pub const CONCRETE: [Algorithm; 2] = [Algorithm::Direct, Algorithm::Im2col];
+
+    /// Lower-case name, as the tool prints it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Algorithm::Direct => "direct",
+            Algorithm::Im2col => "im2col",
+            Algorithm::Auto => "auto",
+        }
+    }
+
+    /// Parses [`Algorithm::name`].
+    pub fn from_name(s: &str) -> Option<Algorithm> {
+        [Algorithm::Direct, Algorithm::Im2col, Algorithm::Auto]
+            .into_iter()
+            .find(|a| a.name().eq_ignore_ascii_case(s.trim()))
+    }
+}
+
+/// Everything about a `forward` call beyond the tensors.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct ForwardOptions {
+    /// Which algorithm computes it.
+    pub algorithm: Algorithm,
+    /// Threads.
+    pub parallelism: Parallelism,
+    /// GEMM engine for the GEMM-based algorithms.
+    pub backend: GemmBackend,
+    /// Applied to every output after the bias.
+    pub activation: Activation,
+    /// Force a kernel path (clamped to the CPU); `None` uses [`crate::isa()`].
+    pub isa: Option<Isa>,
+}
+
+impl ForwardOptions {
+    /// Defaults with the given algorithm.
+    pub fn new(algorithm: Algorithm) -> Self {
+        ForwardOptions {
+            algorithm,
+            ..Default::default()
+        }
+    }
+}
+
+/// A validated 2-D convolution, built by [`crate::Conv2dParams::build`].
+///
+/// Tensors are contiguous `f32`: input `[N, C, H, W]`, weight
+/// `[K, C/groups, R, S]`, bias `[K]`, output `[N, K, OH, OW]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Conv2d {
+    geom: ConvGeometry,
+}
+
+impl Conv2d {
+    pub(crate) fn from_geometry(geom: ConvGeometry) -> Self {
+        Conv2d { geom }
+    }
+
+    /// Every size of the convolution, validated.
+    pub fn geometry(&self) -> &ConvGeometry {
+        &self.geom
+    }
+
+    /// `[N, C, H, W]`.
+    pub fn input_shape(&self) -> [usize; 4] {
+        let g = &self.geom;
+        [g.batch, g.in_channels, g.in_h, g.in_w]
+    }
+
+    /// `[K, C/groups, R, S]`.
+    pub fn weight_shape(&self) -> [usize; 4] {
+        let g = &self.geom;
+        [
+            g.out_channels,
+            g.channels_per_group(),
+            g.kernel_h,
+            g.kernel_w,
+        ]
+    }
+
+    /// `[N, K, OH, OW]`, with `OH = ⌊(H + top + bottom − d·(R−1) − 1) / s⌋ + 1`.
+    pub fn output_shape(&self) -> [usize; 4] {
+        let g = &self.geom;
+        [g.batch, g.out_channels, g.out_h, g.out_w]
+    }
+
+    /// The padding in use, with any `same`/`auto_pad` rule resolved.
+    pub fn padding(&self) -> Padding {
+        self.geom.padding
+    }
+
+    /// `2·N·K·OH·OW·(C/groups)·R·S`.
+    pub fn flops(&self) -> u64 {
+        self.geom.flops()
+    }
+
+    /// The algorithm [`Algorithm::Auto`] runs for this shape:
+    ///
+    /// * [`Algorithm::Direct`] for depthwise convolutions (one input and one
+    ///   output channel per group), where im2col + GEMM degenerates into one
+    ///   GEMM with a single row per group, and for problems under 16 kFLOP,
+    ///   where building a column matrix costs more than the arithmetic;
+    /// * [`Algorithm::Im2col`] otherwise.
+    pub fn auto_algorithm(&self) -> Algorithm {
+        let g = &self.geom;
+        let depthwise = g.channels_per_group() == 1 && g.out_channels_per_group() == 1;
+        if depthwise || g.flops() < 16 * 1024 {
+            Algorithm::Direct
+        } else {
+            Algorithm::Im2col
+        }
+    }
+
+    fn check_buffers(
+        &self,
+        input: &[f32],
+        weight: &[f32],
+        bias: Option<&[f32]>,
+        output: &[f32],
+    ) -> Result<(), ConvError> {
+        let g = &self.geom;
+        let checks = [
+            ("input", g.input_len(), input.len()),
+            ("weight", g.weight_len(), weight.len()),
+            (
+                "bias",
+                g.out_channels,
+                bias.map_or(g.out_channels, <[f32]>::len),
+            ),
+            ("output", g.output_len(), output.len()),
+        ];
+        for (buffer, expected, actual) in checks {
+            if expected != actual {
+                return Err(ConvError::BufferLength {
+                    buffer,
+                    expected,
+                    actual,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Computes the convolution into `output` with the default options and
+    /// the given algorithm.
+    pub fn forward(
+        &self,
+        input: &[f32],
+        weight: &[f32],
+        bias: Option<&[f32]>,
+        output: &mut [f32],
+        algorithm: Algorithm,
+    ) -> Result<(), ConvError> {
+        self.forward_with(input, weight, bias, output, &ForwardOptions::new(algorithm))
+    }
+
+    /// Computes `output = act(conv(input, weight) + bias)` as `options` say.
+    pub fn forward_with(
+        &self,
+        input: &[f32],
+        weight: &[f32],
+        bias: Option<&[f32]>,
+        output: &mut [f32],
+        options: &ForwardOptions,
+    ) -> Result<(), ConvError> {
+        self.check_buffers(input, weight, bias, output)?;
+        let algorithm = match options.algorithm {
+            Algorithm::Auto => self.auto_algorithm(),
+            a => a,
+        };
+        let g = &self.geom;
+        match algorithm {
+            Algorithm::Direct => {
+                direct::conv2d_direct(g, input, weight, bias, output, options.activation)
+            }
+            Algorithm::Im2col | Algorithm::Auto => {
+                im2col::forward_im2col(g, input, weight, bias, output, options)
+            }
+        }
+        Ok(())
+    }
+
+    /// As [`Conv2d::forward`], allocating and returning the output.
+    pub fn forward_to_vec(
+        &self,
+        input: &[f32],
+        weight: &[f32],
+        bias: Option<&[f32]>,
+        algorithm: Algorithm,
+    ) -> Result<Vec<f32>, ConvError> {
+        let mut out = vec![0.0; self.geom.output_len()];
+        self.forward(input, weight, bias, &mut out, algorithm)?;
+        Ok(out)
+    }
+}

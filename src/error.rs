@@ -1,0 +1,205 @@
+//! Every way a convolution or GEMM call can be refused.
+//!
+//! Each variant carries the offending values so that the message alone tells
+//! the caller what to fix.
+
+use std::fmt;
+
+/// Why a convolution descriptor or a `forward` call was rejected.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ConvError {
+    /// One of N, C, H, W, K, R, S is zero; `name` says which.
+    ZeroDimension {
+        /// The parameter's name, e.g. `"in_channels"`.
+        name: &'static str,
+    },
+    /// A stride component is zero.
+    ZeroStride {
+        /// Vertical stride.
+        h: usize,
+        /// Horizontal stride.
+        w: usize,
+    },
+    /// A dilation component is zero.
+    ZeroDilation {
+        /// Vertical dilation.
+        h: usize,
+        /// Horizontal dilation.
+        w: usize,
+    },
+    /// `groups` is zero.
+    ZeroGroups,
+    /// `groups` must divide both the input and the output channel count.
+    GroupsMismatch {
+        /// The requested group count.
+        groups: usize,
+        /// Input channels C.
+        in_channels: usize,
+        /// Output channels K.
+        out_channels: usize,
+    },
+    /// A buffer's length does not match the shape it is meant to hold.
+    BufferLength {
+        /// Which buffer: `"input"`, `"weight"`, `"bias"`, `"output"` or `"workspace"`.
+        buffer: &'static str,
+        /// The length the descriptor requires.
+        expected: usize,
+        /// The length that was passed.
+        actual: usize,
+    },
+    /// The dilated kernel is larger than the padded input along one axis, so
+    /// the output would be empty.
+    KernelLargerThanInput {
+        /// `"height"` or `"width"`.
+        axis: &'static str,
+        /// Dilated kernel extent, `d·(R−1)+1`.
+        effective_kernel: usize,
+        /// Input extent plus both paddings.
+        padded_input: usize,
+    },
+    /// PyTorch's `padding="same"` is only defined for stride 1.
+    SameWithStride {
+        /// Vertical stride.
+        h: usize,
+        /// Horizontal stride.
+        w: usize,
+    },
+    /// A size computed from the parameters does not fit in `usize`.
+    Overflow {
+        /// What was being computed, e.g. `"input length"`.
+        what: &'static str,
+    },
+    /// A pre-packed plan was built for another weight shape or ISA.
+    PlanMismatch {
+        /// What differs.
+        what: &'static str,
+    },
+}
+
+impl fmt::Display for ConvError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConvError::ZeroDimension { name } => write!(f, "{name} must be at least 1, got 0"),
+            ConvError::ZeroStride { h, w } => {
+                write!(f, "stride must be at least 1 on both axes, got ({h}, {w})")
+            }
+            ConvError::ZeroDilation { h, w } => {
+                write!(
+                    f,
+                    "dilation must be at least 1 on both axes, got ({h}, {w})"
+                )
+            }
+            ConvError::ZeroGroups => write!(f, "groups must be at least 1, got 0"),
+            ConvError::GroupsMismatch {
+                groups,
+                in_channels,
+                out_channels,
+            } => write!(
+                f,
+                "groups = {groups} must divide in_channels = {in_channels} and \
+                 out_channels = {out_channels}"
+            ),
+            ConvError::BufferLength {
+                buffer,
+                expected,
+                actual,
+            } => write!(
+                f,
+                "{buffer} buffer has {actual} elements, the shape needs {expected}"
+            ),
+            ConvError::KernelLargerThanInput {
+                axis,
+                effective_kernel,
+                padded_input,
+            } => write!(
+                f,
+                "dilated kernel {axis} {effective_kernel} exceeds padded input {axis} \
+                 {padded_input}: the output would be empty"
+            ),
+            ConvError::SameWithStride { h, w } => write!(
+                f,
+                "PyTorch padding=\"same\" requires stride 1, got ({h}, {w}); \
+                 use ONNX SAME_UPPER/SAME_LOWER for strided convolutions"
+            ),
+            ConvError::Overflow { what } => write!(f, "{what} overflows usize"),
+            ConvError::PlanMismatch { what } => {
+                write!(f, "the plan does not match this call: {what}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for ConvError {}
+
+/// Why a GEMM call was rejected.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum GemmError {
+    /// The shapes of A (`m × k`), B (`k × n`) and C (`m × n`) disagree.
+    DimensionMismatch {
+        /// Rows and columns of A.
+        a: (usize, usize),
+        /// Rows and columns of B.
+        b: (usize, usize),
+        /// Rows and columns of C.
+        c: (usize, usize),
+    },
+    /// A matrix view reaches outside its slice.
+    OutOfBounds {
+        /// `"a"`, `"b"` or `"c"`.
+        matrix: &'static str,
+        /// Lowest element offset the view touches (may be negative).
+        min_offset: isize,
+        /// Highest element offset the view touches.
+        max_offset: isize,
+        /// Length of the slice.
+        len: usize,
+    },
+    /// Two different elements of C share one memory location, so the result
+    /// would depend on the order of writes.
+    OverlappingOutput {
+        /// Row stride of C.
+        row_stride: isize,
+        /// Column stride of C.
+        col_stride: isize,
+    },
+    /// An index computation overflowed.
+    Overflow {
+        /// What was being computed.
+        what: &'static str,
+    },
+}
+
+impl fmt::Display for GemmError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            GemmError::DimensionMismatch { a, b, c } => write!(
+                f,
+                "shapes disagree: A is {}×{}, B is {}×{}, C is {}×{} (need A m×k, B k×n, C m×n)",
+                a.0, a.1, b.0, b.1, c.0, c.1
+            ),
+            GemmError::OutOfBounds {
+                matrix,
+                min_offset,
+                max_offset,
+                len,
+            } => write!(
+                f,
+                "matrix {matrix} spans offsets {min_offset}..={max_offset} but its slice has \
+                 {len} elements"
+            ),
+            GemmError::OverlappingOutput {
+                row_stride,
+                col_stride,
+            } => write!(
+                f,
+                "C with row stride {row_stride} and column stride {col_stride} maps two \
+                 elements to one location"
+            ),
+            GemmError::Overflow { what } => write!(f, "{what} overflows"),
+        }
+    }
+}
+
+impl std::error::Error for GemmError {}

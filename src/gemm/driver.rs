@@ -1,0 +1,503 @@
+//! The GEMM loop nest, written once for every micro-kernel, and its rayon
+//! split.
+//!
+//! ```text
+//! for jc in 0..n step NC        B block of NC columns      (L3)
+//!   for pc in 0..k step KC      pack B[pc.., jc..] → NR-column panels
+//!     for ic in 0..m step MC    pack A[ic.., pc..] → MR-row panels (L2)
+//!       for jr in NR panels     one B micro-panel stays in L1 ...
+//!         for ir in MR panels   ... while the A micro-panels stream past it
+//!           micro-kernel(MR × NR tile)
+//! ```
+//!
+//! Threads split C into a grid of `tm × tn` blocks aligned to the register
+//! tile; each thread runs the whole nest on its block with its own packing
+//! buffers. The grid shape minimises repacking: splitting rows makes every
+//! thread pack all of its B columns, splitting columns makes every thread
+//! pack all of its A rows, so the cheaper one wins.
+
+use super::kernels::{record_call, Kernel, KernelInfo, TileEpilogue};
+use super::pack::{pack_a_strided, with_pack_buffers, AlignedBuf, BSource, StridedB};
+use super::{clamp_keep_nan, GemmOptions, Parallelism};
+use rayon::prelude::*;
+
+/// Where A comes from.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum ASource {
+    /// A strided matrix, packed block by block as the loops reach it.
+    Strided {
+        ptr: *const f32,
+        rs: isize,
+        cs: isize,
+    },
+    /// Already packed for the selected kernel (pre-packed convolution weights): `m.div_ceil(mr)` panels of
+    /// `k × mr`, panel `q` at `ptr + q·k·mr`, rows past `m` zero.
+    #[allow(dead_code)] // built by the convolution plans
+    Packed {
+        ptr: *const f32,
+        k: usize,
+        mr: usize,
+    },
+}
+
+/// C as a pointer with element strides.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct CTile {
+    pub ptr: *mut f32,
+    pub rs: isize,
+    pub cs: isize,
+}
+
+/// Bias per row of C and the activation's clamp, applied as tiles are stored.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Epilogue {
+    /// Null, or `m` values.
+    pub bias: *const f32,
+    /// `(lo, hi)` or `None`.
+    pub clamp: Option<(f32, f32)>,
+}
+
+impl Epilogue {
+    /// Plain GEMM: no bias, no activation.
+    pub const NONE: Epilogue = Epilogue {
+        bias: std::ptr::null(),
+        clamp: None,
+    };
+}
+
+// SAFETY: these are views the GEMM's callers vouch for (see `sgemm_raw`): A,
+// B and bias are read-only for the whole call; C is written only in disjoint
+// blocks, one per task.
+unsafe impl Send for ASource {}
+// SAFETY: as above.
+unsafe impl Sync for ASource {}
+// SAFETY: as above.
+unsafe impl Send for CTile {}
+// SAFETY: as above.
+unsafe impl Sync for CTile {}
+// SAFETY: as above.
+unsafe impl Send for Epilogue {}
+// SAFETY: as above.
+unsafe impl Sync for Epilogue {}
+
+/// Below this many multiply-adds per thread, waking another thread costs more
+/// than it saves (a rayon fork-join is a few microseconds; 2^19 FMAs take
+/// about 4 µs on one Zen 5 core).
+const MIN_FMAS_PER_THREAD: u64 = 1 << 19;
+
+/// How many threads a problem of this size deserves under `par`.
+pub(crate) fn thread_count(m: usize, n: usize, k: usize, par: Parallelism) -> usize {
+    let max = par.max_threads();
+    if max <= 1 {
+        return 1;
+    }
+    let work = (m as u64).saturating_mul(n as u64).saturating_mul(k as u64);
+    let by_work = (work / MIN_FMAS_PER_THREAD).max(1);
+    max.min(usize::try_from(by_work).unwrap_or(usize::MAX))
+}
+
+/// Picks the `tm × tn = threads` grid (or fewer, where a side has too few
+/// panels) that repacks least: each row split repacks B (`k·n` floats) and
+/// each column split repacks A (`m·k`, or nothing when A is pre-packed).
+fn thread_grid(
+    m: usize,
+    n: usize,
+    threads: usize,
+    info: &KernelInfo,
+    a_prepacked: bool,
+) -> (usize, usize) {
+    let (mp, np) = (m.div_ceil(info.mr), n.div_ceil(info.nr));
+    let mut best = (1, 1);
+    let mut best_cost = (usize::MAX, u64::MAX);
+    for tm in 1..=threads {
+        if !threads.is_multiple_of(tm) {
+            continue;
+        }
+        let tn = threads / tm;
+        // Fewer tasks than asked when a side runs out of panels.
+        let (tm_eff, tn_eff) = (tm.min(mp), tn.min(np));
+        let idle = threads - tm_eff * tn_eff;
+        let a_cost = if a_prepacked {
+            0
+        } else {
+            tn_eff as u64 * m as u64
+        };
+        let cost = tm_eff as u64 * n as u64 + a_cost;
+        if (idle, cost) < best_cost {
+            best_cost = (idle, cost);
+            best = (tm_eff, tn_eff);
+        }
+    }
+    best
+}
+
+/// The `part`-th of `parts` contiguous ranges of `0..len`, cut on multiples
+/// of `unit` and as even as that allows.
+fn split_range(len: usize, unit: usize, parts: usize, part: usize) -> (usize, usize) {
+    let units = len.div_ceil(unit);
+    let (base, extra) = (units / parts, units % parts);
+    let start = part * base + part.min(extra);
+    let count = base + usize::from(part < extra);
+    ((start * unit).min(len), ((start + count) * unit).min(len))
+}
+
+/// `C ← act(β·C + bias)` for the degenerate cases `k = 0` and `α = 0`, where
+/// A and B must not be read.
+///
+/// # Safety
+/// As `gemm` for C and the epilogue.
+pub(crate) unsafe fn scale_c(m: usize, n: usize, beta: f32, c: CTile, ep: &Epilogue) {
+    for i in 0..m {
+        let bias = if ep.bias.is_null() {
+            0.0
+        } else {
+            // SAFETY: bias holds m values.
+            unsafe { *ep.bias.add(i) }
+        };
+        for j in 0..n {
+            // SAFETY: (i, j) is inside C.
+            let dst = unsafe { c.ptr.offset(i as isize * c.rs + j as isize * c.cs) };
+            // SAFETY: as above; C is read only when beta != 0.
+            let mut v = if beta == 0.0 {
+                0.0
+            } else {
+                beta * unsafe { *dst }
+            };
+            v += bias;
+            if let Some((lo, hi)) = ep.clamp {
+                v = clamp_keep_nan(v, lo, hi);
+            }
+            // SAFETY: as above.
+            unsafe { *dst = v };
+        }
+    }
+}
+
+/// The native engine: `C ← act(α·A·B + β·C + bias)`.
+///
+/// # Safety
+/// As [`super::gemm_with_epilogue`]; a `Packed` A was packed for `kernel`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm<B: BSource>(
+    m: usize,
+    k: usize,
+    n: usize,
+    alpha: f32,
+    a: &ASource,
+    b: &B,
+    beta: f32,
+    c: CTile,
+    ep: &Epilogue,
+    kernel: &Kernel,
+    par: Parallelism,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 || alpha == 0.0 {
+        // SAFETY: forwarded.
+        unsafe { scale_c(m, n, beta, c, ep) };
+        return;
+    }
+    // Kernels store rows of C with vector stores. For a column-major C,
+    // compute Cᵀ = Bᵀ·Aᵀ instead, which is row-major.
+    if c.cs != 1 && c.rs == 1 && ep.bias.is_null() {
+        if let (ASource::Strided { ptr, rs, cs }, Some(bs)) = (*a, b.as_strided()) {
+            let at = StridedB {
+                ptr,
+                rs: cs,
+                cs: rs,
+            };
+            let bt = ASource::Strided {
+                ptr: bs.ptr,
+                rs: bs.cs,
+                cs: bs.rs,
+            };
+            let ct = CTile {
+                ptr: c.ptr,
+                rs: c.cs,
+                cs: c.rs,
+            };
+            // SAFETY: the same memory, viewed transposed.
+            unsafe { gemm(n, k, m, alpha, &bt, &at, beta, ct, ep, kernel, par) };
+            return;
+        }
+    }
+    record_call(kernel.info.isa);
+    let threads = thread_count(m, n, k, par);
+    let prepacked = matches!(a, ASource::Packed { .. });
+    let (tm, tn) = thread_grid(m, n, threads, &kernel.info, prepacked);
+    let task = |t: usize| {
+        let (m0, m1) = split_range(m, kernel.info.mr, tm, t / tn);
+        let (n0, n1) = split_range(n, kernel.info.nr, tn, t % tn);
+        if m0 < m1 && n0 < n1 {
+            // SAFETY: tasks cover disjoint blocks of C; the rest is forwarded.
+            unsafe { gemm_block(m0, m1, n0, n1, k, alpha, a, b, beta, c, ep, kernel) };
+        }
+    };
+    if tm * tn == 1 {
+        task(0);
+    } else {
+        (0..tm * tn).into_par_iter().with_max_len(1).for_each(task);
+    }
+}
+
+/// The sequential loop nest over rows `m0..m1` and columns `n0..n1` of C.
+///
+/// # Safety
+/// As [`gemm`]; `m0` is a multiple of the kernel's MR.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_block<B: BSource>(
+    m0: usize,
+    m1: usize,
+    n0: usize,
+    n1: usize,
+    k: usize,
+    alpha: f32,
+    a: &ASource,
+    b: &B,
+    beta: f32,
+    c: CTile,
+    ep: &Epilogue,
+    kernel: &Kernel,
+) {
+    let KernelInfo {
+        mr, nr, mc, kc, nc, ..
+    } = kernel.info;
+    with_pack_buffers(|abuf: &mut AlignedBuf, bbuf: &mut AlignedBuf| {
+        for jc in (n0..n1).step_by(nc) {
+            let ncur = nc.min(n1 - jc);
+            let npanels = ncur.div_ceil(nr);
+            for pc in (0..k).step_by(kc) {
+                let kcur = kc.min(k - pc);
+                let bpack = bbuf.get(npanels * kcur * nr);
+                // SAFETY: the block is inside B and bpack has the room.
+                unsafe { b.pack_block(pc, kcur, jc, ncur, nr, bpack) };
+                let first = pc == 0;
+                let last = pc + kcur == k;
+                for ic in (m0..m1).step_by(mc) {
+                    let mcur = mc.min(m1 - ic);
+                    let mpanels = mcur.div_ceil(mr);
+                    let (apanels, panel_stride) = match *a {
+                        ASource::Strided { ptr, rs, cs } => {
+                            let apack = abuf.get(mpanels * kcur * mr);
+                            // SAFETY: (ic, pc) and the mcur × kcur block are inside A.
+                            unsafe {
+                                let origin = ptr.offset(ic as isize * rs + pc as isize * cs);
+                                pack_a_strided(origin, rs, cs, mcur, kcur, mr, apack);
+                            }
+                            (apack.as_ptr(), kcur * mr)
+                        }
+                        ASource::Packed { ptr, k: kfull, .. } => {
+                            // SAFETY: ic is a multiple of mr; the panels cover
+                            // every row of A at full depth.
+                            (
+                                unsafe { ptr.add((ic / mr) * kfull * mr + pc * mr) },
+                                kfull * mr,
+                            )
+                        }
+                    };
+                    for jr in 0..npanels {
+                        // SAFETY: panel jr of the packed B block.
+                        let bp = unsafe { bpack.as_ptr().add(jr * kcur * nr) };
+                        let col = jc + jr * nr;
+                        let cols = nr.min(n1 - col);
+                        for ir in 0..mpanels {
+                            let row = ic + ir * mr;
+                            let tile = TileEpilogue {
+                                alpha,
+                                beta: if first { beta } else { 1.0 },
+                                bias: if first && !ep.bias.is_null() {
+                                    // SAFETY: row < m and bias holds m values.
+                                    unsafe { ep.bias.add(row) }
+                                } else {
+                                    std::ptr::null()
+                                },
+                                clamp: if last { ep.clamp } else { None },
+                            };
+                            // SAFETY: the panels hold kcur steps; the tile at
+                            // (row, col) is inside this task's block of C.
+                            unsafe {
+                                (kernel.func)(
+                                    kcur,
+                                    apanels.add(ir * panel_stride),
+                                    bp,
+                                    c.ptr.offset(row as isize * c.rs + col as isize * c.cs),
+                                    c.rs,
+                                    c.cs,
+                                    mr.min(m1 - row),
+                                    cols,
+                                    &tile,
+                                )
+                            };
+                        }
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// The `matrixmultiply` backend, threaded by splitting C's columns across
+/// rayon (its own threading is process-global). Bias is written into C in the
+/// pass before the product accumulates onto it; an activation needs a pass
+/// after: only the native engine fuses them into the store.
+///
+/// # Safety
+/// As [`gemm`].
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm_matrixmultiply<B: BSource>(
+    m: usize,
+    k: usize,
+    n: usize,
+    alpha: f32,
+    a: &ASource,
+    b: &B,
+    beta: f32,
+    c: CTile,
+    ep: &Epilogue,
+    options: &GemmOptions,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 || alpha == 0.0 {
+        // SAFETY: forwarded.
+        unsafe { scale_c(m, n, beta, c, ep) };
+        return;
+    }
+    let mut materialised = AlignedBuf::default();
+    let bs = match b.as_strided() {
+        Some(s) => s,
+        None => {
+            let buf = materialised.get(k * n);
+            // SAFETY: one panel of width n is the whole k × n matrix, row-major.
+            unsafe { b.pack_block(0, k, 0, n, n, buf) };
+            StridedB {
+                ptr: buf.as_ptr(),
+                rs: n as isize,
+                cs: 1,
+            }
+        }
+    };
+    let mut beta = beta;
+    if !ep.bias.is_null() {
+        let with_bias = Epilogue {
+            bias: ep.bias,
+            clamp: None,
+        };
+        // SAFETY: forwarded.
+        unsafe { scale_c(m, n, beta, c, &with_bias) };
+        beta = 1.0;
+    }
+    let threads = thread_count(m, n, k, options.parallelism).min(n.div_ceil(64));
+    let run = |j0: usize, j1: usize| {
+        // Use the views whole, so the closure captures the Sync wrappers and
+        // not their raw-pointer fields.
+        let (bs, c) = (&bs, &c);
+        // SAFETY: columns j0..j1 of B and C; blocks of C are disjoint per task.
+        unsafe {
+            let bp = bs.ptr.offset(j0 as isize * bs.cs);
+            let cp = c.ptr.offset(j0 as isize * c.cs);
+            match *a {
+                ASource::Strided { ptr, rs, cs } => matrixmultiply::sgemm(
+                    m,
+                    k,
+                    j1 - j0,
+                    alpha,
+                    ptr,
+                    rs,
+                    cs,
+                    bp,
+                    bs.rs,
+                    bs.cs,
+                    beta,
+                    cp,
+                    c.rs,
+                    c.cs,
+                ),
+                ASource::Packed { ptr, k: kfull, mr } => {
+                    for q in 0..m.div_ceil(mr) {
+                        let rows = mr.min(m - q * mr);
+                        matrixmultiply::sgemm(
+                            rows,
+                            k,
+                            j1 - j0,
+                            alpha,
+                            ptr.add(q * kfull * mr),
+                            1,
+                            mr as isize,
+                            bp,
+                            bs.rs,
+                            bs.cs,
+                            beta,
+                            cp.offset((q * mr) as isize * c.rs),
+                            c.rs,
+                            c.cs,
+                        )
+                    }
+                }
+            }
+        }
+    };
+    if threads <= 1 {
+        run(0, n);
+    } else {
+        (0..threads).into_par_iter().with_max_len(1).for_each(|t| {
+            let (j0, j1) = split_range(n, 16, threads, t);
+            if j0 < j1 {
+                run(j0, j1);
+            }
+        });
+    }
+    if let Some((lo, hi)) = ep.clamp {
+        for i in 0..m {
+            for j in 0..n {
+                // SAFETY: (i, j) is inside C.
+                unsafe {
+                    let p = c.ptr.offset(i as isize * c.rs + j as isize * c.cs);
+                    *p = clamp_keep_nan(*p, lo, hi);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_range_covers_everything_once() {
+        for len in [0usize, 1, 7, 32, 33, 1000] {
+            for parts in 1..6 {
+                let mut next = 0;
+                for p in 0..parts {
+                    let (a, b) = split_range(len, 8, parts, p);
+                    assert_eq!(a, next.min(len));
+                    assert!(a % 8 == 0 || a == len);
+                    next = b;
+                }
+                assert_eq!(next, len);
+            }
+        }
+    }
+
+    #[test]
+    fn grid_prefers_the_long_side() {
+        let info = KernelInfo {
+            isa: super::super::Isa::Portable,
+            mr: 8,
+            nr: 32,
+            mc: 64,
+            kc: 64,
+            nc: 256,
+        };
+        // Few rows, many columns: split the columns.
+        assert_eq!(thread_grid(64, 3136, 2, &info, false), (1, 2));
+        // Many rows, few columns: split the rows.
+        assert_eq!(thread_grid(2048, 49, 2, &info, false), (2, 1));
+        // One panel each way: only one task has work.
+        assert_eq!(thread_grid(8, 32, 4, &info, false), (1, 1));
+    }
+}

@@ -1,0 +1,145 @@
+//! AVX-512F micro-kernel: `MR × 32` tiles, C vectorised along its rows.
+//!
+//! Each k-step loads one 32-wide row of the B panel (two zmm) and, for each of
+//! the MR rows, broadcasts one A value and issues two FMAs, so the tile lives
+//! in `2·MR` zmm accumulators. Zen 5 and Skylake-X retire two 512-bit FMAs per
+//! cycle with 4-cycle latency, so at least 8 independent accumulators are
+//! needed to saturate them; `MR = 8` gives 16 and `MR = 12` gives 24.
+//!
+//! Tile sizes measured here (Zen 5, 1 thread, square 1024 and the im2col
+//! shapes, `cpuconv gemm`) are recorded in `MR`'s comment.
+
+#[cfg(target_arch = "x86_64")]
+use core::arch::x86_64::*;
+
+use super::{store_tile_scalar, TileEpilogue};
+
+/// Columns of a B panel: two zmm registers.
+pub(crate) const NR: usize = 32;
+
+/// Rows of an A panel. Measured on Zen 5, 1 thread (GFLOP/s, `cpuconv gemm`):
+/// see the table in the module docs of `gemm::kernels`; 8 divides every
+/// channel count of the convolution suite, so no A-panel lanes are wasted.
+pub(crate) const MR: usize = 8;
+
+/// The dispatched micro-kernel; see [`super::MicroKernelFn`].
+///
+/// # Safety
+/// As [`super::MicroKernelFn`]; the CPU supports AVX-512F.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn kernel(
+    kc: usize,
+    a: *const f32,
+    b: *const f32,
+    c: *mut f32,
+    rsc: isize,
+    csc: isize,
+    rows: usize,
+    cols: usize,
+    epilogue: &TileEpilogue,
+) {
+    // SAFETY: forwarded; dispatch only selects this kernel when AVX-512F is present.
+    unsafe { kernel_mr::<MR>(kc, a, b, c, rsc, csc, rows, cols, epilogue) }
+}
+
+/// `MR × 32` kernel for any `MR ≤ 16`.
+///
+/// # Safety
+/// As [`kernel`].
+#[target_feature(enable = "avx512f,fma")]
+#[allow(clippy::too_many_arguments)]
+#[inline]
+pub(crate) unsafe fn kernel_mr<const R: usize>(
+    kc: usize,
+    a: *const f32,
+    b: *const f32,
+    c: *mut f32,
+    rsc: isize,
+    csc: isize,
+    rows: usize,
+    cols: usize,
+    ep: &TileEpilogue,
+) {
+    let mut acc = [[_mm512_setzero_ps(); 2]; R];
+    let (mut ap, mut bp) = (a, b);
+    for _ in 0..kc {
+        // SAFETY: the panels hold kc steps of R (A) and 32 (B) floats; B is
+        // 64-byte aligned and each step is 128 bytes, so every load is aligned.
+        unsafe {
+            let b0 = _mm512_load_ps(bp);
+            let b1 = _mm512_load_ps(bp.add(16));
+            for (i, row) in acc.iter_mut().enumerate() {
+                let ai = _mm512_set1_ps(*ap.add(i));
+                row[0] = _mm512_fmadd_ps(ai, b0, row[0]);
+                row[1] = _mm512_fmadd_ps(ai, b1, row[1]);
+            }
+            ap = ap.add(R);
+            bp = bp.add(NR);
+        }
+    }
+
+    if csc != 1 {
+        let mut tile = [0.0f32; 16 * NR];
+        for (i, row) in acc.iter().enumerate() {
+            // SAFETY: tile has room for 16 rows of 32 and R ≤ 16.
+            unsafe {
+                _mm512_storeu_ps(tile.as_mut_ptr().add(i * NR), row[0]);
+                _mm512_storeu_ps(tile.as_mut_ptr().add(i * NR + 16), row[1]);
+            }
+        }
+        // SAFETY: forwarded contract.
+        unsafe { store_tile_scalar(&tile, NR, c, rsc, csc, rows, cols, ep) };
+        return;
+    }
+
+    // Unit column stride: vector epilogue, masked on a right edge.
+    let lo_mask: __mmask16 = if cols >= 16 {
+        0xffff
+    } else {
+        ((1u32 << cols) - 1) as u16
+    };
+    let hi_mask: __mmask16 = if cols >= 32 {
+        0xffff
+    } else if cols > 16 {
+        ((1u32 << (cols - 16)) - 1) as u16
+    } else {
+        0
+    };
+    let alpha = _mm512_set1_ps(ep.alpha);
+    let beta = _mm512_set1_ps(ep.beta);
+    let read_c = ep.beta != 0.0;
+    for (i, row) in acc.iter().enumerate() {
+        if i >= rows {
+            break;
+        }
+        // SAFETY: row i < rows of the tile; masked lanes beyond `cols` are
+        // neither read nor written.
+        unsafe {
+            let cp = c.offset(i as isize * rsc);
+            let bias = if ep.bias.is_null() {
+                None
+            } else {
+                Some(_mm512_set1_ps(*ep.bias.add(i)))
+            };
+            for (h, mask) in [(0usize, lo_mask), (1, hi_mask)] {
+                if mask == 0 {
+                    continue;
+                }
+                let dst = cp.add(16 * h);
+                let mut v = _mm512_mul_ps(row[h], alpha);
+                if read_c {
+                    v = _mm512_fmadd_ps(beta, _mm512_maskz_loadu_ps(mask, dst), v);
+                }
+                if let Some(bv) = bias {
+                    v = _mm512_add_ps(v, bv);
+                }
+                if let Some((lo, hi)) = ep.clamp {
+                    // max(lo, v) / min(hi, v) return v when v is NaN.
+                    v = _mm512_max_ps(_mm512_set1_ps(lo), v);
+                    v = _mm512_min_ps(_mm512_set1_ps(hi), v);
+                }
+                _mm512_mask_storeu_ps(dst, mask, v);
+            }
+        }
+    }
+}

@@ -1,0 +1,352 @@
+//! Micro-kernels — the only ISA-specific code of the GEMM — and the runtime
+//! dispatch that picks one.
+//!
+//! Every micro-kernel computes one full `MR × NR` tile `A_panel · B_panel`
+//! from packed panels (A: `kc` steps of `MR` values, B: `kc` steps of `NR`
+//! values, both 64-byte aligned) and applies the [`TileEpilogue`] on the way
+//! out. Only the store is partial at a matrix edge.
+//!
+//! The CPU's features are detected once. `CPUCONV_ISA=avx512|avx2|portable`
+//! forces a path no higher than the CPU supports; a request above that falls
+//! back to the best available path with a warning on stderr, never a SIGILL.
+
+use super::cache::{cache_sizes, CacheSizes};
+use std::fmt;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::OnceLock;
+
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod avx2;
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod avx512;
+pub(crate) mod portable;
+
+/// An instruction-set path of the GEMM and direct kernels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Isa {
+    /// `wide` vectors: what every target compiles (NEON on aarch64, SSE2 on baseline x86-64).
+    Portable,
+    /// x86-64 AVX2 + FMA, 256-bit registers.
+    Avx2,
+    /// x86-64 AVX-512F, 512-bit registers.
+    Avx512,
+}
+
+impl Isa {
+    /// Every path, lowest first.
+    pub const ALL: [Isa; 3] = [Isa::Portable, Isa::Avx2, Isa::Avx512];
+
+    /// The name `CPUCONV_ISA` accepts.
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Portable => "portable",
+            Isa::Avx2 => "avx2",
+            Isa::Avx512 => "avx512",
+        }
+    }
+
+    /// Parses a `CPUCONV_ISA` value.
+    pub fn from_name(s: &str) -> Option<Isa> {
+        Isa::ALL
+            .into_iter()
+            .find(|i| i.name().eq_ignore_ascii_case(s.trim()))
+    }
+
+    /// Whether this CPU can run the path.
+    pub fn is_supported(self) -> bool {
+        match self {
+            Isa::Portable => true,
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => {
+                std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+            }
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => {
+                std::arch::is_x86_feature_detected!("avx512f")
+                    && std::arch::is_x86_feature_detected!("fma")
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => false,
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+impl fmt::Display for Isa {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The best path this CPU supports, ignoring `CPUCONV_ISA`.
+pub fn detected_isa() -> Isa {
+    static DETECTED: OnceLock<Isa> = OnceLock::new();
+    *DETECTED.get_or_init(|| {
+        Isa::ALL
+            .into_iter()
+            .rev()
+            .find(|i| i.is_supported())
+            .unwrap_or(Isa::Portable)
+    })
+}
+
+/// Every path this CPU supports, lowest first.
+pub fn supported_isas() -> Vec<Isa> {
+    Isa::ALL.into_iter().filter(|i| i.is_supported()).collect()
+}
+
+/// The highest supported path not above `wanted`.
+pub fn clamp_isa(wanted: Isa) -> Isa {
+    wanted.min(detected_isa())
+}
+
+/// The path in use when a call does not name one: the detected path, or the
+/// one `CPUCONV_ISA` forces (never above what the CPU supports).
+pub fn isa() -> Isa {
+    static ACTIVE: OnceLock<Isa> = OnceLock::new();
+    *ACTIVE.get_or_init(|| {
+        let best = detected_isa();
+        let Ok(value) = std::env::var("CPUCONV_ISA") else {
+            return best;
+        };
+        if value.trim().is_empty() || value.trim().eq_ignore_ascii_case("native") {
+            return best;
+        }
+        match Isa::from_name(&value) {
+            Some(wanted) if wanted <= best => wanted,
+            Some(wanted) => {
+                eprintln!(
+                    "cpuconv: CPUCONV_ISA={wanted} is not supported by this CPU; using {best}"
+                );
+                best
+            }
+            None => {
+                eprintln!(
+                    "cpuconv: CPUCONV_ISA={value:?} is not one of avx512, avx2, portable; \
+                     using {best}"
+                );
+                best
+            }
+        }
+    })
+}
+
+/// What the epilogue of one tile does: `C = clamp(α·acc + β·C + bias[row])`.
+///
+/// `beta == 0` means C is not read. `bias` is null or points at the bias of the
+/// tile's first row. `clamp` is `None` for no activation.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct TileEpilogue {
+    pub alpha: f32,
+    pub beta: f32,
+    pub bias: *const f32,
+    pub clamp: Option<(f32, f32)>,
+}
+
+/// A micro-kernel: `kc` steps over packed panels `a` and `b`, then the epilogue
+/// into the `rows × cols` corner (`rows ≤ MR`, `cols ≤ NR`) of the tile at `c`.
+///
+/// # Safety
+/// `a` holds `kc·MR` and `b` `kc·NR` readable floats, both 64-byte aligned;
+/// `c.offset(i·rsc + j·csc)` is writable (and readable unless `beta == 0`) for
+/// `i < rows, j < cols`; `bias`, when set, holds `rows` values; the CPU
+/// supports the kernel's ISA.
+pub(crate) type MicroKernelFn = unsafe fn(
+    kc: usize,
+    a: *const f32,
+    b: *const f32,
+    c: *mut f32,
+    rsc: isize,
+    csc: isize,
+    rows: usize,
+    cols: usize,
+    epilogue: &TileEpilogue,
+);
+
+/// Register tile and cache blocking of one micro-kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KernelInfo {
+    /// The path.
+    pub isa: Isa,
+    /// Rows of C per micro-tile (rows of an A panel).
+    pub mr: usize,
+    /// Columns of C per micro-tile (columns of a B panel).
+    pub nr: usize,
+    /// Rows of A packed per L2 block.
+    pub mc: usize,
+    /// Depth of one packed block.
+    pub kc: usize,
+    /// Columns of B packed per L3 block.
+    pub nc: usize,
+}
+
+/// A micro-kernel and the blocking that feeds it.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Kernel {
+    pub info: KernelInfo,
+    pub func: MicroKernelFn,
+}
+
+/// Cache blocking for an `mr × nr` kernel, after the BLIS analytical model:
+///
+/// * KC: one B micro-panel (`kc·nr` floats) is reused for every A micro-panel
+///   of the block, so it should stay in L1 with room for the A micro-panel
+///   streaming past it: `kc·nr·4 ≤ L1/2`. Zen 5 (48 KiB L1d, nr = 32):
+///   `kc = 24576 / 128 = 192`.
+/// * MC: the packed A block (`mc·kc` floats) is re-read for every B
+///   micro-panel, so it should stay in L2: `mc·kc·4 ≤ L2/2`. 1 MiB L2,
+///   kc = 192: `mc = 682 → 672`.
+/// * NC: the packed B block (`kc·nc` floats) is re-read for every A block, so
+///   it should stay in this core's share of L3: `kc·nc·4 ≤ L3share/2`, capped
+///   so that one thread's B buffer stays under 2 MiB (the implicit
+///   convolution's memory budget): `nc ≤ 2 MiB / (4·kc)`.
+///
+/// `kc_override` replaces the L1 rule where a kernel measured better with
+/// another depth.
+pub(crate) fn blocking(isa: Isa, mr: usize, nr: usize, caches: CacheSizes) -> KernelInfo {
+    let floats = |bytes: usize| bytes / 4;
+    let kc = (floats(caches.l1d / 2) / nr).clamp(64, 512) / 16 * 16;
+    let mc = ((floats(caches.l2 / 2) / kc).clamp(mr, 1024) / mr * mr).max(mr);
+    let nc_l3 = floats(caches.l3_per_core / 2) / kc;
+    let nc_cap = floats(2 * 1024 * 1024) / kc;
+    let nc = (nc_l3.min(nc_cap).clamp(nr, 4096) / nr * nr).max(nr);
+    KernelInfo {
+        isa,
+        mr,
+        nr,
+        mc,
+        kc,
+        nc,
+    }
+}
+
+fn build_kernel(isa: Isa) -> Kernel {
+    let caches = cache_sizes();
+    let (mr, nr, func): (usize, usize, MicroKernelFn) = match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => (avx512::MR, avx512::NR, avx512::kernel),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => (avx2::MR, avx2::NR, avx2::kernel),
+        _ => (portable::MR, portable::NR, portable::kernel),
+    };
+    Kernel {
+        info: blocking(isa, mr, nr, caches),
+        func,
+    }
+}
+
+/// The kernel of a supported path, built once per path.
+pub(crate) fn kernel_for(isa: Isa) -> &'static Kernel {
+    static TABLE: [OnceLock<Kernel>; 3] = [OnceLock::new(), OnceLock::new(), OnceLock::new()];
+    let isa = clamp_isa(isa);
+    TABLE[isa.index()].get_or_init(|| build_kernel(isa))
+}
+
+/// The kernel for a call: the requested path (clamped to the CPU) or the
+/// active one.
+pub(crate) fn select(requested: Option<Isa>) -> &'static Kernel {
+    kernel_for(requested.unwrap_or_else(isa))
+}
+
+/// Register tile and blocking of a path (clamped to what the CPU supports).
+pub fn kernel_info(isa: Isa) -> KernelInfo {
+    kernel_for(isa).info
+}
+
+static CALLS: [AtomicUsize; 3] = [
+    AtomicUsize::new(0),
+    AtomicUsize::new(0),
+    AtomicUsize::new(0),
+];
+
+/// Counts a native GEMM or direct-kernel call on `isa`.
+pub(crate) fn record_call(isa: Isa) {
+    CALLS[isa.index()].fetch_add(1, Ordering::Relaxed);
+}
+
+/// How many native GEMM (and SIMD direct) calls have run on `isa` in this
+/// process. Tests use it to prove that a path they claim to test really ran.
+pub fn calls_on(isa: Isa) -> usize {
+    CALLS[isa.index()].load(Ordering::Relaxed)
+}
+
+/// Writes the `rows × cols` corner of a computed tile (`tile[i·stride + j]`)
+/// to C through the epilogue, one element at a time. Kernels use it for any
+/// tile their vector store cannot handle (a partial tile, or C with a
+/// non-unit column stride), so edge handling is written once.
+///
+/// # Safety
+/// As [`MicroKernelFn`] for `c`, `rsc`, `csc`, `rows`, `cols` and `epilogue`;
+/// `tile` holds `rows` rows of `stride` values.
+#[inline(never)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn store_tile_scalar(
+    tile: &[f32],
+    stride: usize,
+    c: *mut f32,
+    rsc: isize,
+    csc: isize,
+    rows: usize,
+    cols: usize,
+    epilogue: &TileEpilogue,
+) {
+    for i in 0..rows {
+        let bias = if epilogue.bias.is_null() {
+            0.0
+        } else {
+            // SAFETY: bias holds `rows` values (contract).
+            unsafe { *epilogue.bias.add(i) }
+        };
+        for j in 0..cols {
+            // SAFETY: (i, j) is inside the tile's valid corner (contract).
+            let dst = unsafe { c.offset(i as isize * rsc + j as isize * csc) };
+            let mut v = epilogue.alpha * tile[i * stride + j];
+            if epilogue.beta != 0.0 {
+                // SAFETY: as above; C is readable when beta != 0.
+                v += epilogue.beta * unsafe { *dst };
+            }
+            v += bias;
+            if let Some((lo, hi)) = epilogue.clamp {
+                v = super::clamp_keep_nan(v, lo, hi);
+            }
+            // SAFETY: as above.
+            unsafe { *dst = v };
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blocking_follows_the_cache_rules() {
+        let zen5 = CacheSizes {
+            l1d: 48 * 1024,
+            l2: 1024 * 1024,
+            l3_per_core: 16 * 1024 * 1024,
+            from_os: true,
+        };
+        let b = blocking(Isa::Avx512, 8, 32, zen5);
+        assert_eq!(b.kc, 192);
+        assert_eq!(b.mc % 8, 0);
+        assert!(b.mc * b.kc * 4 <= 512 * 1024);
+        assert_eq!(b.nc % 32, 0);
+        assert!(b.nc * b.kc * 4 <= 2 * 1024 * 1024);
+    }
+
+    #[test]
+    fn isa_names_round_trip() {
+        for isa in Isa::ALL {
+            assert_eq!(Isa::from_name(isa.name()), Some(isa));
+        }
+        assert_eq!(Isa::from_name("AVX512"), Some(Isa::Avx512));
+        assert_eq!(Isa::from_name("sse"), None);
+        assert!(Isa::Portable.is_supported());
+        assert!(clamp_isa(Isa::Avx512) <= detected_isa());
+    }
+}

@@ -1,0 +1,482 @@
+//! Single-precision GEMM: `C ← α·A·B + β·C` over general-stride views.
+//!
+//! Two engines sit behind one entry point:
+//!
+//! * [`GemmBackend::Native`] (the default): our BLIS-style engine. A is packed
+//!   into MR-row panels, B into NR-column panels (both zero-filled at the
+//!   edges), and a per-ISA micro-kernel computes full MR×NR tiles. Blocking
+//!   comes from the cache sizes the OS reports; threads come from rayon.
+//! * [`GemmBackend::Matrixmultiply`]: the `matrixmultiply` crate, kept as the
+//!   baseline to compare against. Its built-in threading is process-global, so
+//!   we thread it ourselves by splitting C into column blocks.
+//!
+//! BLAS semantics hold on both: with `β = 0`, C is never read (NaN or garbage
+//! in C cannot leak into the result); with `α = 0`, A and B are never read;
+//! `k = 0` scales C by β.
+//!
+//! ```
+//! use cpuconv::gemm::{sgemm, GemmOptions, MatMut, MatRef};
+//! // [1 2; 3 4] · [5 6; 7 8] = [19 22; 43 50]
+//! let a = [1.0, 2.0, 3.0, 4.0];
+//! let b = [5.0, 6.0, 7.0, 8.0];
+//! let mut c = [f32::NAN; 4]; // β = 0: never read
+//! sgemm(
+//!     1.0,
+//!     MatRef::row_major(&a, 2, 2),
+//!     MatRef::row_major(&b, 2, 2),
+//!     0.0,
+//!     MatMut::row_major(&mut c, 2, 2),
+//!     &GemmOptions::default(),
+//! )
+//! .unwrap();
+//! assert_eq!(c, [19.0, 22.0, 43.0, 50.0]);
+//! ```
+
+pub(crate) mod cache;
+pub(crate) mod driver;
+pub mod kernels;
+pub(crate) mod pack;
+
+use crate::error::GemmError;
+use std::num::NonZeroUsize;
+
+pub use kernels::{isa, Isa};
+
+/// Which engine computes a GEMM.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum GemmBackend {
+    /// cpuconv's own packed SIMD engine.
+    #[default]
+    Native,
+    /// The `matrixmultiply` crate (the baseline).
+    Matrixmultiply,
+}
+
+/// How many threads a GEMM or convolution may use.
+///
+/// Work runs in the caller's *current* rayon pool: wrap the call in
+/// `pool.install(|| ...)` to choose the pool. Calling from inside a rayon
+/// worker is fine. Problems too small to amortise the fork-join run on the
+/// calling thread regardless of this setting.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Parallelism {
+    /// Only the calling thread.
+    Sequential,
+    /// Every thread of the current rayon pool.
+    #[default]
+    Rayon,
+    /// At most this many threads of the current rayon pool.
+    RayonCapped(NonZeroUsize),
+}
+
+impl Parallelism {
+    /// The most threads this setting allows in the current rayon pool.
+    pub fn max_threads(self) -> usize {
+        match self {
+            Parallelism::Sequential => 1,
+            Parallelism::Rayon => rayon::current_num_threads().max(1),
+            Parallelism::RayonCapped(cap) => cap.get().min(rayon::current_num_threads().max(1)),
+        }
+    }
+
+    /// `Sequential` for 1, otherwise `RayonCapped(n)`; 0 means the whole pool.
+    pub fn threads(n: usize) -> Parallelism {
+        match n {
+            0 => Parallelism::Rayon,
+            1 => Parallelism::Sequential,
+            n => Parallelism::RayonCapped(NonZeroUsize::new(n).expect("n > 1")),
+        }
+    }
+}
+
+/// Engine and threading for one GEMM call.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct GemmOptions {
+    /// Which engine computes the product.
+    pub backend: GemmBackend,
+    /// How many threads it may use.
+    pub parallelism: Parallelism,
+    /// Force a micro-kernel path for this call (clamped to what the CPU
+    /// supports); `None` uses [`isa()`].
+    pub isa: Option<Isa>,
+}
+
+/// A non-linearity applied to every output element as it is stored.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub enum Activation {
+    /// Identity.
+    #[default]
+    None,
+    /// `max(x, 0)`.
+    Relu,
+    /// `min(max(x, 0), 6)`.
+    Relu6,
+    /// `min(max(x, min), max)`.
+    Clamp {
+        /// Lower bound.
+        min: f32,
+        /// Upper bound.
+        max: f32,
+    },
+}
+
+impl Activation {
+    /// The `(lo, hi)` clamp this activation is, or `None` for the identity.
+    pub(crate) fn bounds(self) -> Option<(f32, f32)> {
+        match self {
+            Activation::None => None,
+            Activation::Relu => Some((0.0, f32::INFINITY)),
+            Activation::Relu6 => Some((0.0, 6.0)),
+            Activation::Clamp { min, max } => Some((min, max)),
+        }
+    }
+
+    /// Applies the activation to one value (NaN passes through).
+    #[inline]
+    pub fn apply(self, x: f32) -> f32 {
+        match self.bounds() {
+            None => x,
+            Some((lo, hi)) => clamp_keep_nan(x, lo, hi),
+        }
+    }
+}
+
+/// `min(max(x, lo), hi)`, but NaN stays NaN, matching what the SIMD kernels do.
+#[inline]
+pub(crate) fn clamp_keep_nan(x: f32, lo: f32, hi: f32) -> f32 {
+    if x < lo {
+        lo
+    } else if x > hi {
+        hi
+    } else {
+        x
+    }
+}
+
+/// A read-only matrix view: `rows × cols` elements of `data`, element
+/// `(i, j)` at offset `i·row_stride + j·col_stride`.
+#[derive(Clone, Copy, Debug)]
+pub struct MatRef<'a> {
+    data: &'a [f32],
+    rows: usize,
+    cols: usize,
+    row_stride: isize,
+    col_stride: isize,
+}
+
+impl<'a> MatRef<'a> {
+    /// A view with arbitrary strides (negative, zero or transposed). Bounds are
+    /// checked when the view is used.
+    pub fn new(
+        data: &'a [f32],
+        rows: usize,
+        cols: usize,
+        row_stride: isize,
+        col_stride: isize,
+    ) -> Self {
+        MatRef {
+            data,
+            rows,
+            cols,
+            row_stride,
+            col_stride,
+        }
+    }
+
+    /// A dense row-major `rows × cols` matrix.
+    pub fn row_major(data: &'a [f32], rows: usize, cols: usize) -> Self {
+        Self::new(data, rows, cols, cols as isize, 1)
+    }
+
+    /// A dense column-major `rows × cols` matrix.
+    pub fn col_major(data: &'a [f32], rows: usize, cols: usize) -> Self {
+        Self::new(data, rows, cols, 1, rows as isize)
+    }
+
+    /// The transposed view (no copy).
+    pub fn t(self) -> Self {
+        Self::new(
+            self.data,
+            self.cols,
+            self.rows,
+            self.col_stride,
+            self.row_stride,
+        )
+    }
+}
+
+/// A mutable matrix view; see [`MatRef`].
+#[derive(Debug)]
+pub struct MatMut<'a> {
+    data: &'a mut [f32],
+    rows: usize,
+    cols: usize,
+    row_stride: isize,
+    col_stride: isize,
+}
+
+impl<'a> MatMut<'a> {
+    /// A view with arbitrary strides. It must not map two elements to one
+    /// location; that and the bounds are checked when the view is used.
+    pub fn new(
+        data: &'a mut [f32],
+        rows: usize,
+        cols: usize,
+        row_stride: isize,
+        col_stride: isize,
+    ) -> Self {
+        MatMut {
+            data,
+            rows,
+            cols,
+            row_stride,
+            col_stride,
+        }
+    }
+
+    /// A dense row-major `rows × cols` matrix.
+    pub fn row_major(data: &'a mut [f32], rows: usize, cols: usize) -> Self {
+        Self::new(data, rows, cols, cols as isize, 1)
+    }
+
+    /// A dense column-major `rows × cols` matrix.
+    pub fn col_major(data: &'a mut [f32], rows: usize, cols: usize) -> Self {
+        Self::new(data, rows, cols, 1, rows as isize)
+    }
+}
+
+/// Smallest and largest element offsets a `rows × cols` view touches, or
+/// `None` when the arithmetic overflows. Requires `rows, cols > 0`.
+fn offset_span(rows: usize, cols: usize, rs: isize, cs: isize) -> Option<(isize, isize)> {
+    let r = isize::try_from(rows - 1).ok()?.checked_mul(rs)?;
+    let c = isize::try_from(cols - 1).ok()?.checked_mul(cs)?;
+    Some((
+        r.min(0).checked_add(c.min(0))?,
+        r.max(0).checked_add(c.max(0))?,
+    ))
+}
+
+/// Checks that every element of the view lies inside a slice of `len`
+/// elements; returns the offset of element (0, 0).
+fn check_view(
+    matrix: &'static str,
+    rows: usize,
+    cols: usize,
+    rs: isize,
+    cs: isize,
+    len: usize,
+) -> Result<(), GemmError> {
+    if rows == 0 || cols == 0 {
+        return Ok(());
+    }
+    let (lo, hi) = offset_span(rows, cols, rs, cs).ok_or(GemmError::Overflow {
+        what: "matrix view offsets",
+    })?;
+    if lo < 0 || hi as usize >= len {
+        return Err(GemmError::OutOfBounds {
+            matrix,
+            min_offset: lo,
+            max_offset: hi,
+            len,
+        });
+    }
+    Ok(())
+}
+
+/// A sufficient condition for the view `(i, j) ↦ i·rs + j·cs` to be
+/// injective: ordering the axes by stride magnitude, the smaller stride is
+/// non-zero and the larger one steps past a whole run of the smaller.
+fn view_is_injective(rows: usize, cols: usize, rs: isize, cs: isize) -> bool {
+    let (mut small, mut big) = ((rs.unsigned_abs(), rows), (cs.unsigned_abs(), cols));
+    if small.0 > big.0 {
+        std::mem::swap(&mut small, &mut big);
+    }
+    if small.1 > 1 && small.0 == 0 {
+        return false;
+    }
+    if big.1 > 1 {
+        // Needs big stride ≥ small stride · small extent (the whole run).
+        match small.0.checked_mul(small.1) {
+            Some(span) => big.0 >= span.max(1) || small.1 == 1 && big.0 > 0,
+            None => false,
+        }
+    } else {
+        true
+    }
+}
+
+/// Safe GEMM: `C ← α·A·B + β·C`, where A is `m × k`, B is `k × n` and C is
+/// `m × n`. Checks that the shapes agree, that every view stays inside its
+/// slice, and that C has no two elements in one place.
+pub fn sgemm(
+    alpha: f32,
+    a: MatRef<'_>,
+    b: MatRef<'_>,
+    beta: f32,
+    c: MatMut<'_>,
+    options: &GemmOptions,
+) -> Result<(), GemmError> {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    if b.rows != k || c.rows != m || c.cols != n {
+        return Err(GemmError::DimensionMismatch {
+            a: (a.rows, a.cols),
+            b: (b.rows, b.cols),
+            c: (c.rows, c.cols),
+        });
+    }
+    check_view("a", m, k, a.row_stride, a.col_stride, a.data.len())?;
+    check_view("b", k, n, b.row_stride, b.col_stride, b.data.len())?;
+    check_view("c", m, n, c.row_stride, c.col_stride, c.data.len())?;
+    if !view_is_injective(m, n, c.row_stride, c.col_stride) {
+        return Err(GemmError::OverlappingOutput {
+            row_stride: c.row_stride,
+            col_stride: c.col_stride,
+        });
+    }
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    // Offsets of element (0, 0): negative strides put it above the lowest
+    // address the view touches.
+    let origin = |rows: usize, cols: usize, rs: isize, cs: isize| -> isize {
+        if rows == 0 || cols == 0 {
+            return 0;
+        }
+        let (lo, _) = offset_span(rows, cols, rs, cs).expect("checked above");
+        -lo
+    };
+    let oa = origin(m, k, a.row_stride, a.col_stride);
+    let ob = origin(k, n, b.row_stride, b.col_stride);
+    let oc = origin(m, n, c.row_stride, c.col_stride);
+    // SAFETY: every (i, j) of each view was checked to lie inside its slice,
+    // relative to the (0, 0) origins computed from the same span; C is
+    // injective, exclusively borrowed, and cannot alias the shared A and B.
+    unsafe {
+        sgemm_raw(
+            m,
+            k,
+            n,
+            alpha,
+            a.data.as_ptr().offset(oa),
+            a.row_stride,
+            a.col_stride,
+            b.data.as_ptr().offset(ob),
+            b.row_stride,
+            b.col_stride,
+            beta,
+            c.data.as_mut_ptr().offset(oc),
+            c.row_stride,
+            c.col_stride,
+            options,
+        );
+    }
+    Ok(())
+}
+
+/// Raw GEMM over pointers and element strides, in the form of
+/// `matrixmultiply::sgemm` and BLAS: `C ← α·A·B + β·C` with A `m × k`,
+/// B `k × n`, C `m × n`.
+///
+/// # Safety
+/// * For every `i < m, p < k`, `a.offset(i·rsa + p·csa)` is valid for reads;
+///   likewise B for `p < k, j < n`; when `k = 0` or `α = 0` they are not read.
+/// * For every `i < m, j < n`, `c.offset(i·rsc + j·csc)` is valid for reads and
+///   writes, no two `(i, j)` share a location, and C overlaps neither A nor B.
+/// * No other thread accesses C during the call.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn sgemm_raw(
+    m: usize,
+    k: usize,
+    n: usize,
+    alpha: f32,
+    a: *const f32,
+    rsa: isize,
+    csa: isize,
+    b: *const f32,
+    rsb: isize,
+    csb: isize,
+    beta: f32,
+    c: *mut f32,
+    rsc: isize,
+    csc: isize,
+    options: &GemmOptions,
+) {
+    let c = driver::CTile {
+        ptr: c,
+        rs: rsc,
+        cs: csc,
+    };
+    let a = driver::ASource::Strided {
+        ptr: a,
+        rs: rsa,
+        cs: csa,
+    };
+    let b = pack::StridedB {
+        ptr: b,
+        rs: rsb,
+        cs: csb,
+    };
+    // SAFETY: forwarded from this function's contract.
+    unsafe {
+        gemm_with_epilogue(
+            m,
+            k,
+            n,
+            alpha,
+            &a,
+            &b,
+            beta,
+            c,
+            &driver::Epilogue::NONE,
+            options,
+        )
+    }
+}
+
+/// The crate-internal entry point every GEMM-based path goes through:
+/// `C ← act(α·A·B + β·C + bias)` with bias per row of C.
+///
+/// # Safety
+/// As [`sgemm_raw`]; `a` and `b` describe readable memory for `m × k` and
+/// `k × n`, and `epilogue.bias`, when set, holds at least `m` values.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm_with_epilogue<B: pack::BSource>(
+    m: usize,
+    k: usize,
+    n: usize,
+    alpha: f32,
+    a: &driver::ASource,
+    b: &B,
+    beta: f32,
+    c: driver::CTile,
+    epilogue: &driver::Epilogue,
+    options: &GemmOptions,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    match options.backend {
+        GemmBackend::Native => {
+            // SAFETY: forwarded.
+            unsafe {
+                driver::gemm(
+                    m,
+                    k,
+                    n,
+                    alpha,
+                    a,
+                    b,
+                    beta,
+                    c,
+                    epilogue,
+                    kernels::select(options.isa),
+                    options.parallelism,
+                )
+            }
+        }
+        GemmBackend::Matrixmultiply => {
+            // SAFETY: forwarded.
+            unsafe { driver::gemm_matrixmultiply(m, k, n, alpha, a, b, beta, c, epilogue, options) }
+        }
+    }
+}

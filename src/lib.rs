@@ -1,0 +1,30 @@
+//! # cpuconv
+//!
+//! 2-D convolution on the CPU with PyTorch `nn.Conv2d` / ONNX `Conv`
+//! semantics (NCHW, weight `[K, C/groups, R, S]`, bias, stride, asymmetric
+//! padding, dilation, groups), lowered onto a cache-blocked SIMD SGEMM with
+//! runtime ISA dispatch (AVX-512, AVX2+FMA, portable `wide`) and rayon threads.
+//!
+//! ```
+//! use cpuconv::{Algorithm, Conv2dParams};
+//! // The classic example: a 2×2 identity-diagonal kernel over a 3×3 image.
+//! let conv = Conv2dParams::new(1, 1, (3, 3), 1, (2, 2)).build()?;
+//! let input = [1.0, 0.0, 1.0, 2.0, 1.0, 0.0, 0.0, 1.0, 1.0];
+//! let weight = [1.0, 0.0, 0.0, 1.0];
+//! let out = conv.forward_to_vec(&input, &weight, None, Algorithm::Auto)?;
+//! assert_eq!(out, [2.0, 0.0, 3.0, 2.0]);
+//! # Ok::<(), cpuconv::ConvError>(())
+//! ```
+
+#![deny(unsafe_op_in_unsafe_fn)]
+#![warn(missing_docs)]
+
+pub mod conv;
+pub mod error;
+pub mod gemm;
+pub mod geometry;
+
+pub use conv::{Algorithm, Conv2d, ForwardOptions};
+pub use error::{ConvError, GemmError};
+pub use gemm::{isa, Activation, GemmBackend, GemmOptions, Isa, Parallelism};
+pub use geometry::{Conv2dParams, ConvGeometry, ConvMode, OnnxAutoPad, Padding, PaddingSpec};
