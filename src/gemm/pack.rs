@@ -136,12 +136,21 @@ unsafe fn pack_b_panel(
     let origin = unsafe { b.ptr.offset(k0 as isize * b.rs + col0 as isize * b.cs) };
     if b.cs == 1 {
         // Row-major B: each panel row is a contiguous run of the source row.
-        for (p, row) in panel.chunks_exact_mut(nr).take(kc).enumerate() {
-            // SAFETY: the run (k0+p, col0..col0+width) is inside B.
-            let src =
-                unsafe { std::slice::from_raw_parts(origin.offset(p as isize * b.rs), width) };
-            row[..width].copy_from_slice(src);
-            row[width..].fill(0.0);
+        match (nr, width) {
+            // SAFETY: rows k0.., columns col0..col0+nr are inside B.
+            (32, 32) => unsafe { copy_rows::<32>(origin, b.rs, kc, panel) },
+            // SAFETY: as above.
+            (16, 16) => unsafe { copy_rows::<16>(origin, b.rs, kc, panel) },
+            _ => {
+                for (p, row) in panel.chunks_exact_mut(nr).take(kc).enumerate() {
+                    // SAFETY: the run (k0+p, col0..col0+width) is inside B.
+                    let src = unsafe {
+                        std::slice::from_raw_parts(origin.offset(p as isize * b.rs), width)
+                    };
+                    row[..width].copy_from_slice(src);
+                    row[width..].fill(0.0);
+                }
+            }
         }
     } else {
         for (p, row) in panel.chunks_exact_mut(nr).take(kc).enumerate() {
@@ -154,6 +163,19 @@ unsafe fn pack_b_panel(
                 };
             }
         }
+    }
+}
+
+/// Copies `kc` runs of `W` floats, `rs` apart, into consecutive rows of `panel`.
+///
+/// # Safety
+/// Each run is readable; `panel` holds `kc·W` floats.
+#[inline(always)]
+unsafe fn copy_rows<const W: usize>(src: *const f32, rs: isize, kc: usize, panel: &mut [f32]) {
+    for (p, row) in panel.chunks_exact_mut(W).take(kc).enumerate() {
+        // SAFETY: run p is readable and W floats long.
+        let run = unsafe { &*(src.offset(p as isize * rs) as *const [f32; W]) };
+        row.copy_from_slice(run);
     }
 }
 
@@ -178,27 +200,62 @@ pub(crate) unsafe fn pack_a_strided(
         .enumerate()
     {
         let height = mr.min(mc - q * mr);
-        for i in 0..mr {
-            if i >= height {
-                for p in 0..kc {
-                    panel[p * mr + i] = 0.0;
-                }
-                continue;
-            }
-            // SAFETY: row q·mr+i < mc of the block.
-            let row = unsafe { a.offset((q * mr + i) as isize * rs) };
-            if cs == 1 {
-                // SAFETY: the row's kc elements are contiguous and readable.
-                let src = unsafe { std::slice::from_raw_parts(row, kc) };
-                for (p, &x) in src.iter().enumerate() {
-                    panel[p * mr + i] = x;
-                }
+        // SAFETY: row q·mr is inside the block.
+        let first_row = unsafe { a.offset((q * mr) as isize * rs) };
+        // SAFETY (all three calls): rows q·mr.. q·mr+height and columns
+        // 0..kc are inside the block; the panel holds kc·mr floats.
+        match (mr, height) {
+            (8, 8) => unsafe { pack_a_panel_full::<8>(first_row, rs, cs, kc, panel) },
+            (6, 6) => unsafe { pack_a_panel_full::<6>(first_row, rs, cs, kc, panel) },
+            _ => unsafe { pack_a_panel_edge(first_row, rs, cs, kc, mr, height, panel) },
+        }
+    }
+}
+
+/// One full A panel with the row count known at compile time, so each
+/// k-step becomes R loads from R sequential row streams and one R-float store.
+///
+/// # Safety
+/// Rows `0..R` and columns `0..kc` from `a` are readable; `panel` holds `kc·R`.
+#[inline(always)]
+unsafe fn pack_a_panel_full<const R: usize>(
+    a: *const f32,
+    rs: isize,
+    cs: isize,
+    kc: usize,
+    panel: &mut [f32],
+) {
+    let rows: [*const f32; R] = std::array::from_fn(|i| a.wrapping_offset(i as isize * rs));
+    for (p, group) in panel.chunks_exact_mut(R).take(kc).enumerate() {
+        let off = p as isize * cs;
+        for (x, row) in group.iter_mut().zip(rows) {
+            // SAFETY: (i, p) is inside the block.
+            *x = unsafe { *row.offset(off) };
+        }
+    }
+}
+
+/// A panel at the bottom edge: `height < mr` real rows, the rest zero.
+///
+/// # Safety
+/// Rows `0..height` and columns `0..kc` from `a` are readable; `panel` holds `kc·mr`.
+unsafe fn pack_a_panel_edge(
+    a: *const f32,
+    rs: isize,
+    cs: isize,
+    kc: usize,
+    mr: usize,
+    height: usize,
+    panel: &mut [f32],
+) {
+    for (p, group) in panel.chunks_exact_mut(mr).take(kc).enumerate() {
+        for (i, x) in group.iter_mut().enumerate() {
+            *x = if i < height {
+                // SAFETY: (i, p) is inside the block.
+                unsafe { *a.offset(i as isize * rs + p as isize * cs) }
             } else {
-                for p in 0..kc {
-                    // SAFETY: (q·mr+i, p) is inside the block.
-                    panel[p * mr + i] = unsafe { *row.offset(p as isize * cs) };
-                }
-            }
+                0.0
+            };
         }
     }
 }

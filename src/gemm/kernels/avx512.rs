@@ -17,9 +17,21 @@ use super::{store_tile_scalar, TileEpilogue};
 /// Columns of a B panel: two zmm registers.
 pub(crate) const NR: usize = 32;
 
-/// Rows of an A panel. Measured on Zen 5, 1 thread (GFLOP/s, `cpuconv gemm`):
-/// see the table in the module docs of `gemm::kernels`; 8 divides every
-/// channel count of the convolution suite, so no A-panel lanes are wasted.
+/// Rows of an A panel.
+///
+/// Tiles tried on this Zen 5 (1 thread, GFLOP/s of the whole GEMM, best of
+/// a few runs on a shared machine; shapes M×K×N, FMA peak ≈ 259):
+///
+/// | tile   | acc | 64×192×256 (in cache) | 1024³ | 64×576×3136 |
+/// |--------|-----|-----------------------|-------|-------------|
+/// | 8×32   | 16  | 208                   | 223   | 192         |
+/// | 8×48   | 24  | 185                   | 199   | 185         |
+/// | 6×64   | 24  | 199                   | 200   | 184         |
+/// | 12×32  | 24  | 165                   | 193   | 159         |
+/// | 14×32  | 28  | 168                   | 170   | 166         |
+///
+/// 8×32 wins, and 8 divides every channel count of the convolution suite, so
+/// no A-panel rows are wasted on convolution weights.
 pub(crate) const MR: usize = 8;
 
 /// The dispatched micro-kernel; see [`super::MicroKernelFn`].
@@ -39,7 +51,7 @@ pub(crate) unsafe fn kernel(
     epilogue: &TileEpilogue,
 ) {
     // SAFETY: forwarded; dispatch only selects this kernel when AVX-512F is present.
-    unsafe { kernel_mr::<MR>(kc, a, b, c, rsc, csc, rows, cols, epilogue) }
+    unsafe { kernel_mr::<MR, 2>(kc, a, b, c, rsc, csc, rows, cols, epilogue) }
 }
 
 /// `MR × 32` kernel for any `MR ≤ 16`.
@@ -49,7 +61,7 @@ pub(crate) unsafe fn kernel(
 #[target_feature(enable = "avx512f,fma")]
 #[allow(clippy::too_many_arguments)]
 #[inline]
-pub(crate) unsafe fn kernel_mr<const R: usize>(
+pub(crate) unsafe fn kernel_mr<const R: usize, const V: usize>(
     kc: usize,
     a: *const f32,
     b: *const f32,
@@ -60,51 +72,55 @@ pub(crate) unsafe fn kernel_mr<const R: usize>(
     cols: usize,
     ep: &TileEpilogue,
 ) {
-    let mut acc = [[_mm512_setzero_ps(); 2]; R];
+    // Pull the C tile toward L1 while the FMAs run: the epilogue would
+    // otherwise stall on C rows that live in L2/L3.
+    if csc == 1 {
+        for i in 0..rows {
+            // SAFETY: prefetch never faults; the address is inside row i of the tile.
+            unsafe {
+                let row = c.offset(i as isize * rsc) as *const i8;
+                _mm_prefetch::<_MM_HINT_T0>(row);
+                _mm_prefetch::<_MM_HINT_T0>(row.add(124));
+            }
+        }
+    }
+    let nr = 16 * V;
+    let mut acc = [[_mm512_setzero_ps(); V]; R];
     let (mut ap, mut bp) = (a, b);
     for _ in 0..kc {
-        // SAFETY: the panels hold kc steps of R (A) and 32 (B) floats; B is
-        // 64-byte aligned and each step is 128 bytes, so every load is aligned.
+        // SAFETY: the panels hold kc steps of R (A) and 16·V (B) floats; B is
+        // 64-byte aligned and each step is 64·V bytes, so every load is aligned.
         unsafe {
-            let b0 = _mm512_load_ps(bp);
-            let b1 = _mm512_load_ps(bp.add(16));
+            let bv: [__m512; V] = core::array::from_fn(|v| _mm512_load_ps(bp.add(16 * v)));
             for (i, row) in acc.iter_mut().enumerate() {
                 let ai = _mm512_set1_ps(*ap.add(i));
-                row[0] = _mm512_fmadd_ps(ai, b0, row[0]);
-                row[1] = _mm512_fmadd_ps(ai, b1, row[1]);
+                for (v, x) in row.iter_mut().enumerate() {
+                    *x = _mm512_fmadd_ps(ai, bv[v], *x);
+                }
             }
             ap = ap.add(R);
-            bp = bp.add(NR);
+            bp = bp.add(nr);
         }
     }
 
     if csc != 1 {
-        let mut tile = [0.0f32; 16 * NR];
+        let mut tile = [0.0f32; 16 * 64];
         for (i, row) in acc.iter().enumerate() {
-            // SAFETY: tile has room for 16 rows of 32 and R ≤ 16.
-            unsafe {
-                _mm512_storeu_ps(tile.as_mut_ptr().add(i * NR), row[0]);
-                _mm512_storeu_ps(tile.as_mut_ptr().add(i * NR + 16), row[1]);
+            for (v, x) in row.iter().enumerate() {
+                // SAFETY: tile has room for 16 rows of 64; R ≤ 16 and V ≤ 4.
+                unsafe { _mm512_storeu_ps(tile.as_mut_ptr().add(i * nr + 16 * v), *x) };
             }
         }
         // SAFETY: forwarded contract.
-        unsafe { store_tile_scalar(&tile, NR, c, rsc, csc, rows, cols, ep) };
+        unsafe { store_tile_scalar(&tile, nr, c, rsc, csc, rows, cols, ep) };
         return;
     }
 
     // Unit column stride: vector epilogue, masked on a right edge.
-    let lo_mask: __mmask16 = if cols >= 16 {
-        0xffff
-    } else {
-        ((1u32 << cols) - 1) as u16
-    };
-    let hi_mask: __mmask16 = if cols >= 32 {
-        0xffff
-    } else if cols > 16 {
-        ((1u32 << (cols - 16)) - 1) as u16
-    } else {
-        0
-    };
+    let masks: [__mmask16; V] = core::array::from_fn(|v| {
+        let here = cols.saturating_sub(16 * v).min(16);
+        ((1u32 << here) - 1) as u16
+    });
     let alpha = _mm512_set1_ps(ep.alpha);
     let beta = _mm512_set1_ps(ep.beta);
     let read_c = ep.beta != 0.0;
@@ -121,7 +137,7 @@ pub(crate) unsafe fn kernel_mr<const R: usize>(
             } else {
                 Some(_mm512_set1_ps(*ep.bias.add(i)))
             };
-            for (h, mask) in [(0usize, lo_mask), (1, hi_mask)] {
+            for (h, &mask) in masks.iter().enumerate() {
                 if mask == 0 {
                     continue;
                 }
