@@ -1,11 +1,7 @@
 //! The textbook lowering: per image and group, build the column matrix
-//! `[C/g·R·S, OH·OW]` explicitly, then multiply the group's weights
-//! `[K/g, C/g·R·S]` by it.
+//! `[C/g·R·S, OH·OW]` explicitly; `gemm_lowering` multiplies the group's
+//! weights `[K/g, C/g·R·S]` by it.
 
-use super::ForwardOptions;
-use crate::gemm::driver::{ASource, CTile, Epilogue};
-use crate::gemm::pack::StridedB;
-use crate::gemm::{gemm_with_epilogue, GemmOptions};
 use crate::geometry::ConvGeometry;
 
 /// The outputs `o` in `0..out_len` whose input position `o·stride + offset`
@@ -37,7 +33,7 @@ pub(crate) fn valid_range(
 /// cross-correlation they coincide, for true convolution they mirror.
 /// `weight_tap` is an involution, so it maps taps to offsets too.
 #[inline]
-fn window_offset(g: &ConvGeometry, r: usize, s: usize) -> (isize, isize) {
+pub(crate) fn window_offset(g: &ConvGeometry, r: usize, s: usize) -> (isize, isize) {
     let (ro, so) = g.weight_tap(r, s);
     (
         (ro * g.dilation_h) as isize - g.padding.top as isize,
@@ -75,73 +71,6 @@ pub(crate) fn im2col_group(g: &ConvGeometry, image: &[f32], col: &mut [f32]) {
                     *x = src_row[iw0 as usize + o * g.stride_w];
                 }
             }
-        }
-    }
-}
-
-/// Explicit im2col + GEMM for every image and group. Buffers are checked by
-/// the caller.
-pub(crate) fn forward_im2col(
-    g: &ConvGeometry,
-    input: &[f32],
-    weight: &[f32],
-    bias: Option<&[f32]>,
-    output: &mut [f32],
-    opts: &ForwardOptions,
-) {
-    let (cg, kg, kk, plane) = (
-        g.channels_per_group(),
-        g.out_channels_per_group(),
-        g.gemm_k(),
-        g.out_plane(),
-    );
-    let mut col = vec![0.0f32; kk * plane];
-    let gemm_opts = GemmOptions {
-        backend: opts.backend,
-        parallelism: opts.parallelism,
-        isa: opts.isa,
-    };
-    let clamp = opts.activation.bounds();
-    for n in 0..g.batch {
-        for grp in 0..g.groups {
-            let image =
-                &input[(n * g.in_channels + grp * cg) * g.in_plane()..][..cg * g.in_plane()];
-            im2col_group(g, image, &mut col);
-            let out = &mut output[(n * g.out_channels + grp * kg) * plane..][..kg * plane];
-            let w = &weight[grp * kg * kk..][..kg * kk];
-            let epilogue = Epilogue {
-                bias: bias.map_or(std::ptr::null(), |b| b[grp * kg..].as_ptr()),
-                clamp,
-            };
-            // SAFETY: w is kg × kk row-major, col is kk × plane row-major, out
-            // is kg × plane row-major and exclusively borrowed; the bias slice
-            // has kg values from grp·kg (bias length K was checked).
-            unsafe {
-                gemm_with_epilogue(
-                    kg,
-                    kk,
-                    plane,
-                    1.0,
-                    &ASource::Strided {
-                        ptr: w.as_ptr(),
-                        rs: kk as isize,
-                        cs: 1,
-                    },
-                    &StridedB {
-                        ptr: col.as_ptr(),
-                        rs: plane as isize,
-                        cs: 1,
-                    },
-                    0.0,
-                    CTile {
-                        ptr: out.as_mut_ptr(),
-                        rs: plane as isize,
-                        cs: 1,
-                    },
-                    &epilogue,
-                    &gemm_opts,
-                )
-            };
         }
     }
 }

@@ -2,7 +2,12 @@
 //! algorithms that compute it.
 
 pub mod direct;
+pub(crate) mod gemm_lowering;
 pub mod im2col;
+pub(crate) mod implicit;
+pub mod plan;
+
+pub use plan::Conv2dPlan;
 
 use crate::error::ConvError;
 use crate::gemm::{Activation, GemmBackend, Isa, Parallelism};
@@ -15,8 +20,13 @@ use crate::geometry::{ConvGeometry, Padding};
 pub enum Algorithm {
     /// Nested loops over the definition: the reference, slow on big layers.
     Direct,
-    /// Explicit im2col matrix `[C/g·R·S, OH·OW]` per image and group, then GEMM.
+    /// Explicit im2col matrix `[C/g·R·S, OH·OW]` per image and group, then
+    /// GEMM: the textbook lowering, kept for comparison.
     Im2col,
+    /// Implicit GEMM: B is packed straight from the input through an im2col
+    /// view, so no column matrix is ever built; an unpadded stride-1 1×1
+    /// convolution multiplies the input planes directly.
+    Implicit,
     /// Picks per shape; see [`Conv2d::auto_algorithm`].
     #[default]
     Auto,
@@ -24,21 +34,24 @@ pub enum Algorithm {
 
 impl Algorithm {
     /// Every concrete algorithm (not `Auto`).
-    pub const CONCRETE: [Algorithm; 2] = [Algorithm::Direct, Algorithm::Im2col];
+    pub const CONCRETE: [Algorithm; 3] =
+        [Algorithm::Direct, Algorithm::Im2col, Algorithm::Implicit];
 
     /// Lower-case name, as the tool prints it.
     pub fn name(self) -> &'static str {
         match self {
             Algorithm::Direct => "direct",
             Algorithm::Im2col => "im2col",
+            Algorithm::Implicit => "implicit",
             Algorithm::Auto => "auto",
         }
     }
 
     /// Parses [`Algorithm::name`].
     pub fn from_name(s: &str) -> Option<Algorithm> {
-        [Algorithm::Direct, Algorithm::Im2col, Algorithm::Auto]
+        Algorithm::CONCRETE
             .into_iter()
+            .chain([Algorithm::Auto])
             .find(|a| a.name().eq_ignore_ascii_case(s.trim()))
     }
 }
@@ -126,14 +139,15 @@ impl Conv2d {
     ///   output channel per group), where im2col + GEMM degenerates into one
     ///   GEMM with a single row per group, and for problems under 16 kFLOP,
     ///   where building a column matrix costs more than the arithmetic;
-    /// * [`Algorithm::Im2col`] otherwise.
+    /// * [`Algorithm::Implicit`] otherwise: it is as fast as the explicit
+    ///   im2col (the packing does the same copies) without the column matrix.
     pub fn auto_algorithm(&self) -> Algorithm {
         let g = &self.geom;
         let depthwise = g.channels_per_group() == 1 && g.out_channels_per_group() == 1;
         if depthwise || g.flops() < 16 * 1024 {
             Algorithm::Direct
         } else {
-            Algorithm::Im2col
+            Algorithm::Implicit
         }
     }
 
@@ -199,8 +213,14 @@ impl Conv2d {
             Algorithm::Direct => {
                 direct::conv2d_direct(g, input, weight, bias, output, options.activation)
             }
-            Algorithm::Im2col | Algorithm::Auto => {
-                im2col::forward_im2col(g, input, weight, bias, output, options)
+            Algorithm::Im2col | Algorithm::Implicit | Algorithm::Auto => {
+                let lowering = if algorithm == Algorithm::Im2col {
+                    gemm_lowering::Lowering::Explicit
+                } else {
+                    gemm_lowering::Lowering::Implicit
+                };
+                let weights = gemm_lowering::Weights::Raw(weight);
+                gemm_lowering::forward_gemm(g, input, weights, bias, output, options, lowering)
             }
         }
         Ok(())

@@ -32,7 +32,6 @@ pub(crate) enum ASource {
     },
     /// Already packed for the selected kernel (pre-packed convolution weights): `m.div_ceil(mr)` panels of
     /// `k × mr`, panel `q` at `ptr + q·k·mr`, rows past `m` zero.
-    #[allow(dead_code)] // built by the convolution plans
     Packed {
         ptr: *const f32,
         k: usize,
@@ -222,6 +221,10 @@ pub(crate) unsafe fn gemm<B: BSource>(
             unsafe { gemm(n, k, m, alpha, &bt, &at, beta, ct, ep, kernel, par) };
             return;
         }
+    }
+    if let ASource::Packed { mr, .. } = a {
+        // Packed panels of another height would be read out of bounds.
+        assert_eq!(*mr, kernel.info.mr, "A was packed for another kernel");
     }
     record_call(kernel.info.isa);
     let threads = thread_count(m, n, k, par);

@@ -1,0 +1,213 @@
+//! Convolution as one GEMM per image and group, written once for both
+//! lowerings (explicit im2col matrix, implicit im2col view) and for raw or
+//! pre-packed weights.
+//!
+//! Group `grp` of image `n` is `C[K/g, OH·OW] = W_grp[K/g, C/g·R·S] · B`, where
+//! B is the column matrix of that group's input channels and C is a slice of
+//! the output tensor, so the result lands in place with bias and activation
+//! applied by the GEMM's store.
+
+use super::im2col::im2col_group;
+use super::implicit::Im2colView;
+use super::ForwardOptions;
+use crate::gemm::driver::{ASource, CTile, Epilogue};
+use crate::gemm::pack::{BSource, StridedB};
+use crate::gemm::{gemm_with_epilogue, GemmOptions, Parallelism};
+use crate::geometry::ConvGeometry;
+use rayon::prelude::*;
+
+/// How B is produced.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Lowering {
+    /// Build the column matrix, then multiply.
+    Explicit,
+    /// Pack B straight from the input through the im2col view (or, for an
+    /// unpadded stride-1 1×1 kernel, from the input itself).
+    Implicit,
+}
+
+/// The A operand of every group's GEMM.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Weights<'a> {
+    /// PyTorch layout `[K, C/g, R, S]`: group `grp` is the row-major
+    /// `K/g × C/g·R·S` block starting at row `grp·K/g`.
+    Raw(&'a [f32]),
+    /// Packed for a kernel with `mr` rows: per group, `⌈(K/g)/mr⌉` panels of
+    /// `C/g·R·S × mr`, groups one after another.
+    Packed { data: &'a [f32], mr: usize },
+}
+
+impl Weights<'_> {
+    fn group(&self, g: &ConvGeometry, grp: usize) -> ASource {
+        let (kg, kk) = (g.out_channels_per_group(), g.gemm_k());
+        match *self {
+            Weights::Raw(w) => ASource::Strided {
+                ptr: w[grp * kg * kk..][..kg * kk].as_ptr(),
+                rs: kk as isize,
+                cs: 1,
+            },
+            Weights::Packed { data, mr } => {
+                let stride = packed_group_len(g, mr);
+                ASource::Packed {
+                    ptr: data[grp * stride..][..stride].as_ptr(),
+                    k: kk,
+                    mr,
+                }
+            }
+        }
+    }
+}
+
+/// Floats of one group's packed weights for a kernel with `mr` rows.
+pub(crate) fn packed_group_len(g: &ConvGeometry, mr: usize) -> usize {
+    g.out_channels_per_group().div_ceil(mr) * mr * g.gemm_k()
+}
+
+/// Whether to run whole (image, group) GEMMs in parallel, each on one
+/// thread, rather than one GEMM at a time across threads: when there are
+/// enough of them to share out evenly, the outer split needs no
+/// synchronisation inside a GEMM and repacks nothing.
+fn split_over_pairs(pairs: usize, threads: usize) -> bool {
+    threads > 1 && (pairs.is_multiple_of(threads) || pairs >= 4 * threads)
+}
+
+/// Runs the convolution as GEMMs. Buffers are checked by the caller.
+pub(crate) fn forward_gemm(
+    g: &ConvGeometry,
+    input: &[f32],
+    weights: Weights<'_>,
+    bias: Option<&[f32]>,
+    output: &mut [f32],
+    opts: &ForwardOptions,
+    lowering: Lowering,
+) {
+    let pairs = g.batch * g.groups;
+    let threads = opts.parallelism.max_threads().min(pairs);
+    let out = CTile {
+        ptr: output.as_mut_ptr(),
+        rs: g.out_plane() as isize,
+        cs: 1,
+    };
+    if split_over_pairs(pairs, threads) {
+        let gemm_opts = GemmOptions {
+            backend: opts.backend,
+            parallelism: Parallelism::Sequential,
+            isa: opts.isa,
+        };
+        (0..threads).into_par_iter().with_max_len(1).for_each(|t| {
+            let out = &out;
+            let mut col = Vec::new();
+            let (lo, hi) = (pairs * t / threads, pairs * (t + 1) / threads);
+            for pair in lo..hi {
+                // SAFETY: each pair writes its own disjoint block of the output.
+                unsafe {
+                    run_pair(
+                        g, input, weights, bias, *out, opts, &gemm_opts, lowering, pair, &mut col,
+                    )
+                };
+            }
+        });
+    } else {
+        let gemm_opts = GemmOptions {
+            backend: opts.backend,
+            parallelism: opts.parallelism,
+            isa: opts.isa,
+        };
+        let mut col = Vec::new();
+        for pair in 0..pairs {
+            // SAFETY: `output` is exclusively borrowed and pairs run one at a time.
+            unsafe {
+                run_pair(
+                    g, input, weights, bias, out, opts, &gemm_opts, lowering, pair, &mut col,
+                )
+            };
+        }
+    }
+}
+
+/// One (image, group) GEMM into its block of the output.
+///
+/// # Safety
+/// `out` points at the whole output tensor, valid for writes, and no other
+/// thread touches this pair's block during the call.
+#[allow(clippy::too_many_arguments)]
+unsafe fn run_pair(
+    g: &ConvGeometry,
+    input: &[f32],
+    weights: Weights<'_>,
+    bias: Option<&[f32]>,
+    out: CTile,
+    opts: &ForwardOptions,
+    gemm_opts: &GemmOptions,
+    lowering: Lowering,
+    pair: usize,
+    col: &mut Vec<f32>,
+) {
+    let (n, grp) = (pair / g.groups, pair % g.groups);
+    let (cg, kg) = (g.channels_per_group(), g.out_channels_per_group());
+    let image = &input[(n * g.in_channels + grp * cg) * g.in_plane()..][..cg * g.in_plane()];
+    let c = CTile {
+        // SAFETY: the block starts inside the output tensor (length checked).
+        ptr: unsafe { out.ptr.add((n * g.out_channels + grp * kg) * g.out_plane()) },
+        ..out
+    };
+    let epilogue = Epilogue {
+        bias: bias.map_or(std::ptr::null(), |b| b[grp * kg..].as_ptr()),
+        clamp: opts.activation.bounds(),
+    };
+    let a = weights.group(g, grp);
+    let (kk, plane) = (g.gemm_k(), g.out_plane());
+    // SAFETY (each arm): A is kg × kk (raw or packed for the selected kernel),
+    // B is kk × plane, C is this pair's kg × plane block; bias has kg values.
+    match lowering {
+        Lowering::Explicit => {
+            col.resize(kk * plane, 0.0);
+            im2col_group(g, image, col);
+            let b = StridedB {
+                ptr: col.as_ptr(),
+                rs: plane as isize,
+                cs: 1,
+            };
+            unsafe { gemm_group(g, &a, &b, c, &epilogue, gemm_opts) }
+        }
+        Lowering::Implicit if g.is_pointwise_identity() => {
+            let b = StridedB {
+                ptr: image.as_ptr(),
+                rs: g.in_plane() as isize,
+                cs: 1,
+            };
+            unsafe { gemm_group(g, &a, &b, c, &epilogue, gemm_opts) }
+        }
+        Lowering::Implicit => {
+            let b = Im2colView { g, image };
+            unsafe { gemm_group(g, &a, &b, c, &epilogue, gemm_opts) }
+        }
+    }
+}
+
+/// # Safety
+/// As [`run_pair`], with the operands it describes.
+unsafe fn gemm_group<B: BSource>(
+    g: &ConvGeometry,
+    a: &ASource,
+    b: &B,
+    c: CTile,
+    epilogue: &Epilogue,
+    opts: &GemmOptions,
+) {
+    // SAFETY: forwarded.
+    unsafe {
+        gemm_with_epilogue(
+            g.out_channels_per_group(),
+            g.gemm_k(),
+            g.out_plane(),
+            1.0,
+            a,
+            b,
+            0.0,
+            c,
+            epilogue,
+            opts,
+        )
+    }
+}

@@ -1,0 +1,197 @@
+//! Plans: a convolution prepared once for one weight tensor (and bias), with
+//! the weights pre-packed into the A-panel layout of the selected GEMM
+//! micro-kernel, so every `forward` goes straight to the packed loops.
+
+use super::gemm_lowering::{forward_gemm, packed_group_len, Lowering, Weights};
+use super::{Algorithm, Conv2d, ForwardOptions};
+use crate::error::ConvError;
+use crate::gemm::kernels::{kernel_for, KernelInfo};
+use crate::gemm::pack::pack_a_strided;
+use crate::gemm::{GemmBackend, Isa};
+
+/// A convolution bound to its weights and options. `forward` takes `&self`;
+/// a plan is `Send + Sync`, so one plan can serve many threads at once.
+///
+/// ```
+/// use cpuconv::{Algorithm, Conv2dParams, ForwardOptions};
+/// let conv = Conv2dParams::new(1, 1, (3, 3), 1, (2, 2)).build()?;
+/// let plan = conv.plan(&[1.0, 0.0, 0.0, 1.0], Some(&[0.5]), &ForwardOptions::new(Algorithm::Auto))?;
+/// let mut out = [0.0; 4];
+/// plan.forward(&[1.0, 0.0, 1.0, 2.0, 1.0, 0.0, 0.0, 1.0, 1.0], &mut out)?;
+/// assert_eq!(out, [2.5, 0.5, 3.5, 2.5]);
+/// # Ok::<(), cpuconv::ConvError>(())
+/// ```
+#[derive(Clone, Debug)]
+pub struct Conv2dPlan {
+    conv: Conv2d,
+    options: ForwardOptions,
+    weights: PlanWeights,
+    bias: Option<Vec<f32>>,
+    kernel: KernelInfo,
+}
+
+#[derive(Clone, Debug)]
+enum PlanWeights {
+    /// The caller's layout, for algorithms that read weights directly.
+    Raw(Vec<f32>),
+    /// Packed per group for a kernel with `mr` rows.
+    Packed { data: Vec<f32>, mr: usize },
+}
+
+impl Conv2d {
+    /// Prepares this convolution for `weight` (and `bias`): resolves
+    /// `Algorithm::Auto`, fixes the ISA, and pre-packs the weights for the
+    /// GEMM-based algorithms on the native backend.
+    pub fn plan(
+        &self,
+        weight: &[f32],
+        bias: Option<&[f32]>,
+        options: &ForwardOptions,
+    ) -> Result<Conv2dPlan, ConvError> {
+        let g = self.geometry();
+        if weight.len() != g.weight_len() {
+            return Err(ConvError::BufferLength {
+                buffer: "weight",
+                expected: g.weight_len(),
+                actual: weight.len(),
+            });
+        }
+        if let Some(b) = bias {
+            if b.len() != g.out_channels {
+                return Err(ConvError::BufferLength {
+                    buffer: "bias",
+                    expected: g.out_channels,
+                    actual: b.len(),
+                });
+            }
+        }
+        let algorithm = match options.algorithm {
+            Algorithm::Auto => self.auto_algorithm(),
+            a => a,
+        };
+        let isa = crate::gemm::kernels::clamp_isa(options.isa.unwrap_or_else(crate::isa));
+        let kernel = kernel_for(isa).info;
+        let gemm_based = matches!(algorithm, Algorithm::Im2col | Algorithm::Implicit);
+        let weights = if gemm_based && options.backend == GemmBackend::Native {
+            PlanWeights::Packed {
+                data: pack_weights(self, weight, kernel.mr)?,
+                mr: kernel.mr,
+            }
+        } else {
+            PlanWeights::Raw(weight.to_vec())
+        };
+        Ok(Conv2dPlan {
+            conv: *self,
+            options: ForwardOptions {
+                algorithm,
+                isa: Some(isa),
+                ..*options
+            },
+            weights,
+            bias: bias.map(<[f32]>::to_vec),
+            kernel,
+        })
+    }
+}
+
+/// Packs every group's `K/g × C/g·R·S` weight block into A panels of `mr` rows.
+fn pack_weights(conv: &Conv2d, weight: &[f32], mr: usize) -> Result<Vec<f32>, ConvError> {
+    let g = conv.geometry();
+    let (kg, kk) = (g.out_channels_per_group(), g.gemm_k());
+    let per_group = packed_group_len(g, mr);
+    let total = per_group.checked_mul(g.groups).ok_or(ConvError::Overflow {
+        what: "packed weight size",
+    })?;
+    let mut data = vec![0.0f32; total];
+    for (grp, dst) in data.chunks_exact_mut(per_group).enumerate() {
+        let src = &weight[grp * kg * kk..][..kg * kk];
+        // SAFETY: src is a row-major kg × kk block and dst holds
+        // ⌈kg/mr⌉·kk·mr floats.
+        unsafe { pack_a_strided(src.as_ptr(), kk as isize, 1, kg, kk, mr, dst) };
+    }
+    Ok(data)
+}
+
+impl Conv2dPlan {
+    /// The convolution this plan computes.
+    pub fn conv(&self) -> &Conv2d {
+        &self.conv
+    }
+
+    /// The algorithm the plan runs (`Auto` resolved).
+    pub fn algorithm(&self) -> Algorithm {
+        self.options.algorithm
+    }
+
+    /// The kernel path the plan was packed for.
+    pub fn isa(&self) -> Isa {
+        self.kernel.isa
+    }
+
+    /// Bytes of scratch memory one thread uses per call, beyond the output:
+    /// for `Implicit` only the packing panels (bounded by the blocking:
+    /// `KC·NC` floats of B plus `MC·KC` of A, independent of image size and
+    /// batch); for `Im2col` also the column matrix of one image and group;
+    /// none for the direct algorithms. Packing panels are kept per thread and
+    /// reused, so repeated calls allocate nothing for them.
+    pub fn workspace_bytes_per_thread(&self) -> usize {
+        let g = self.conv.geometry();
+        let k = &self.kernel;
+        let kc = k.kc.min(g.gemm_k());
+        let b = kc * k.nc.min(g.out_plane().next_multiple_of(k.nr));
+        let a = match self.weights {
+            PlanWeights::Packed { .. } => 0,
+            PlanWeights::Raw(_) => kc * k.mc.min(g.out_channels_per_group().next_multiple_of(k.mr)),
+        };
+        let floats = match self.options.algorithm {
+            Algorithm::Implicit => a + b,
+            Algorithm::Im2col => a + b + g.gemm_k() * g.out_plane(),
+            _ => 0,
+        };
+        floats * std::mem::size_of::<f32>()
+    }
+
+    /// `output = act(conv(input, weight) + bias)` with the planned weights.
+    pub fn forward(&self, input: &[f32], output: &mut [f32]) -> Result<(), ConvError> {
+        let g = self.conv.geometry();
+        for (buffer, expected, actual) in [
+            ("input", g.input_len(), input.len()),
+            ("output", g.output_len(), output.len()),
+        ] {
+            if expected != actual {
+                return Err(ConvError::BufferLength {
+                    buffer,
+                    expected,
+                    actual,
+                });
+            }
+        }
+        let bias = self.bias.as_deref();
+        match (&self.weights, self.options.algorithm) {
+            (PlanWeights::Packed { data, mr }, algo) => {
+                let lowering = if algo == Algorithm::Im2col {
+                    Lowering::Explicit
+                } else {
+                    Lowering::Implicit
+                };
+                let weights = Weights::Packed { data, mr: *mr };
+                forward_gemm(g, input, weights, bias, output, &self.options, lowering);
+                Ok(())
+            }
+            (PlanWeights::Raw(w), _) => {
+                self.conv
+                    .forward_with(input, w, bias, output, &self.options)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    fn assert_send_sync<T: Send + Sync>() {}
+
+    #[test]
+    fn plan_is_send_and_sync() {
+        assert_send_sync::<super::Conv2dPlan>();
+    }
+}
