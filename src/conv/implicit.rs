@@ -30,45 +30,51 @@ impl BSource for Im2colView<'_> {
     ) {
         let g = self.g;
         let (taps, s_len) = (g.kernel_h * g.kernel_w, g.kernel_w);
-        let in_plane = g.in_plane();
-        for (q, panel) in dst
-            .chunks_exact_mut(kc * nr)
-            .take(nc.div_ceil(nr))
-            .enumerate()
-        {
-            let col0 = j0 + q * nr;
-            let width = nr.min(nc - q * nr);
-            if width < nr {
-                panel.fill(0.0);
-            }
-            // The panel's columns, cut into runs that share an output row.
-            let mut col = col0;
-            while col < col0 + width {
+        let panels = nc.div_ceil(nr);
+        let panel_len = kc * nr;
+        if nc % nr != 0 {
+            dst[(panels - 1) * panel_len..panels * panel_len].fill(0.0);
+        }
+        // Row p of every panel comes from one input channel and one kernel
+        // tap, so decode the tap once per row and sweep the panels.
+        for p in 0..kc {
+            let kk = k0 + p;
+            let c = kk / taps;
+            let (r, s) = ((kk / s_len) % g.kernel_h, kk % s_len);
+            let (dy, dx) = window_offset(g, r, s);
+            let channel = &self.image[c * g.in_plane()..][..g.in_plane()];
+            // Output columns whose input column is in bounds, for this tap.
+            let (w_lo, w_hi) = valid_range(g.out_w, g.stride_w, dx, g.in_w);
+            let mut col = j0;
+            let end = j0 + nc;
+            while col < end {
                 let (oh, ow0) = (col / g.out_w, col % g.out_w);
-                let run = (g.out_w - ow0).min(col0 + width - col);
-                let lane0 = col - col0;
-                for (p, row) in panel.chunks_exact_mut(nr).take(kc).enumerate() {
-                    let kk = k0 + p;
-                    let c = kk / taps;
-                    let (r, s) = ((kk / s_len) % g.kernel_h, kk % s_len);
-                    let (dy, dx) = window_offset(g, r, s);
-                    let out = &mut row[lane0..lane0 + run];
-                    let ih = (oh * g.stride_h) as isize + dy;
-                    if ih < 0 || ih >= g.in_h as isize {
-                        out.fill(0.0);
-                        continue;
-                    }
-                    let src = &self.image[c * in_plane + ih as usize * g.in_w..][..g.in_w];
-                    // Outputs ow0..ow0+run whose input column is in bounds.
-                    let (lo, hi) = valid_range(ow0 + run, g.stride_w, dx, g.in_w);
-                    let (lo, hi) = (lo.max(ow0), hi.max(ow0));
-                    out[..lo - ow0].fill(0.0);
-                    out[hi - ow0..].fill(0.0);
+                let run = (g.out_w - ow0).min(end - col);
+                let lane = (col - j0) % nr;
+                let q = (col - j0) / nr;
+                // A run may cross a panel boundary: cut it there too.
+                let run = run.min(nr - lane);
+                let out = &mut dst[q * panel_len + p * nr + lane..][..run];
+                let ih = (oh * g.stride_h) as isize + dy;
+                if ih < 0 || ih >= g.in_h as isize {
+                    out.fill(0.0);
+                } else {
+                    let src = &channel[ih as usize * g.in_w..][..g.in_w];
+                    let (lo, hi) = (w_lo.clamp(ow0, ow0 + run), w_hi.clamp(ow0, ow0 + run));
                     let iw0 = (lo * g.stride_w) as isize + dx;
+                    for x in &mut out[..lo - ow0] {
+                        *x = 0.0;
+                    }
+                    for x in &mut out[hi - ow0..] {
+                        *x = 0.0;
+                    }
                     if lo < hi {
                         let interior = &mut out[lo - ow0..hi - ow0];
                         if g.stride_w == 1 {
-                            interior.copy_from_slice(&src[iw0 as usize..][..hi - lo]);
+                            let from = &src[iw0 as usize..][..interior.len()];
+                            for (x, &v) in interior.iter_mut().zip(from) {
+                                *x = v;
+                            }
                         } else {
                             for (i, x) in interior.iter_mut().enumerate() {
                                 *x = src[iw0 as usize + i * g.stride_w];
