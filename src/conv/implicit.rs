@@ -32,7 +32,7 @@ impl BSource for Im2colView<'_> {
         let (taps, s_len) = (g.kernel_h * g.kernel_w, g.kernel_w);
         let panels = nc.div_ceil(nr);
         let panel_len = kc * nr;
-        if nc % nr != 0 {
+        if !nc.is_multiple_of(nr) {
             dst[(panels - 1) * panel_len..panels * panel_len].fill(0.0);
         }
         // Row p of every panel comes from one input channel and one kernel
