@@ -41,37 +41,52 @@ pub(crate) fn window_offset(g: &ConvGeometry, r: usize, s: usize) -> (isize, isi
     )
 }
 
+/// Fills `out` with columns `j0..j0 + out.len()` of row `kk` of the column
+/// matrix of one image group (`image` is `[C/g, H, W]`). Both lowerings call
+/// it: the explicit one for whole rows, the implicit one for the columns of
+/// one packing block.
+pub(crate) fn im2col_row(g: &ConvGeometry, image: &[f32], kk: usize, j0: usize, out: &mut [f32]) {
+    let (r_len, s_len) = (g.kernel_h, g.kernel_w);
+    let c = kk / (r_len * s_len);
+    let (r, s) = ((kk / s_len) % r_len, kk % s_len);
+    let (dy, dx) = window_offset(g, r, s);
+    let channel = &image[c * g.in_plane()..][..g.in_plane()];
+    // Output columns whose input column is in bounds for this tap.
+    let (w_lo, w_hi) = valid_range(g.out_w, g.stride_w, dx, g.in_w);
+    let mut col = j0;
+    let mut rest = out;
+    while !rest.is_empty() {
+        let (oh, ow0) = (col / g.out_w, col % g.out_w);
+        let run = (g.out_w - ow0).min(rest.len());
+        let (seg, tail) = rest.split_at_mut(run);
+        rest = tail;
+        col += run;
+        let ih = (oh * g.stride_h) as isize + dy;
+        let (lo, hi) = (w_lo.clamp(ow0, ow0 + run), w_hi.clamp(ow0, ow0 + run));
+        if ih < 0 || ih >= g.in_h as isize || lo == hi {
+            seg.fill(0.0);
+            continue;
+        }
+        let src = &channel[ih as usize * g.in_w..][..g.in_w];
+        seg[..lo - ow0].fill(0.0);
+        seg[hi - ow0..].fill(0.0);
+        let interior = &mut seg[lo - ow0..hi - ow0];
+        let iw0 = ((lo * g.stride_w) as isize + dx) as usize;
+        if g.stride_w == 1 {
+            interior.copy_from_slice(&src[iw0..][..interior.len()]);
+        } else {
+            for (o, x) in interior.iter_mut().enumerate() {
+                *x = src[iw0 + o * g.stride_w];
+            }
+        }
+    }
+}
+
 /// Fills `col` (`[C/g·R·S] × [OH·OW]`, row-major) from the channels of one
 /// group of one image (`image` is `[C/g, H, W]`).
 pub(crate) fn im2col_group(g: &ConvGeometry, image: &[f32], col: &mut [f32]) {
-    let plane = g.out_plane();
-    let (r_len, s_len) = (g.kernel_h, g.kernel_w);
-    for (row_idx, row) in col.chunks_exact_mut(plane).enumerate() {
-        let c = row_idx / (r_len * s_len);
-        let (r, s) = ((row_idx / s_len) % r_len, row_idx % s_len);
-        let (dy, dx) = window_offset(g, r, s);
-        let channel = &image[c * g.in_plane()..(c + 1) * g.in_plane()];
-        let (h_lo, h_hi) = valid_range(g.out_h, g.stride_h, dy, g.in_h);
-        let (w_lo, w_hi) = valid_range(g.out_w, g.stride_w, dx, g.in_w);
-        for (oh, out_row) in row.chunks_exact_mut(g.out_w).enumerate() {
-            if oh < h_lo || oh >= h_hi || w_lo == w_hi {
-                out_row.fill(0.0);
-                continue;
-            }
-            let ih = (oh * g.stride_h) as isize + dy;
-            let src_row = &channel[ih as usize * g.in_w..(ih as usize + 1) * g.in_w];
-            out_row[..w_lo].fill(0.0);
-            out_row[w_hi..].fill(0.0);
-            let iw0 = (w_lo * g.stride_w) as isize + dx;
-            if g.stride_w == 1 {
-                let start = iw0 as usize;
-                out_row[w_lo..w_hi].copy_from_slice(&src_row[start..start + (w_hi - w_lo)]);
-            } else {
-                for (o, x) in out_row[w_lo..w_hi].iter_mut().enumerate() {
-                    *x = src_row[iw0 as usize + o * g.stride_w];
-                }
-            }
-        }
+    for (kk, row) in col.chunks_exact_mut(g.out_plane()).enumerate() {
+        im2col_row(g, image, kk, 0, row);
     }
 }
 
