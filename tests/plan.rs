@@ -1,0 +1,142 @@
+//! Plans: pre-packed weights give the same values as the one-shot forward,
+//! across many calls and from many threads at once.
+
+use cpuconv::gemm::kernels::supported_isas;
+use cpuconv::{
+    Activation, Algorithm, Conv2dParams, ConvMode, ForwardOptions, Padding, Parallelism,
+};
+
+/// Deterministic values in [-1, 1).
+fn data(len: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        })
+        .collect()
+}
+
+fn shapes() -> Vec<Conv2dParams> {
+    vec![
+        // Dense 3×3 with padding, an odd number of output channels.
+        Conv2dParams::new(2, 6, (13, 11), 10, (3, 3)).padding(Padding::symmetric(1, 1)),
+        // Strided, dilated, asymmetric padding, flipped kernel.
+        Conv2dParams::new(1, 4, (17, 9), 9, (2, 3))
+            .stride(2, 1)
+            .dilation(2, 2)
+            .padding(Padding::explicit(0, 2, 1, 3))
+            .mode(ConvMode::Convolution),
+        // Grouped.
+        Conv2dParams::new(1, 8, (10, 10), 12, (3, 3))
+            .groups(4)
+            .padding(Padding::symmetric(1, 1)),
+        // Unpadded 1×1: the input planes are B directly.
+        Conv2dParams::new(2, 16, (7, 7), 40, (1, 1)),
+    ]
+}
+
+#[test]
+fn plan_matches_one_shot_forward_on_every_isa_and_algorithm() {
+    for params in shapes() {
+        let conv = params.build().unwrap();
+        let g = *conv.geometry();
+        let x = data(g.input_len(), 1);
+        let w = data(g.weight_len(), 2);
+        let b = data(g.out_channels, 3);
+        for isa in supported_isas() {
+            for algorithm in Algorithm::CONCRETE.into_iter().chain([Algorithm::Auto]) {
+                for activation in [Activation::None, Activation::Relu6] {
+                    let opts = ForwardOptions {
+                        algorithm,
+                        isa: Some(isa),
+                        activation,
+                        parallelism: Parallelism::Sequential,
+                        ..Default::default()
+                    };
+                    let mut want = vec![0.0; g.output_len()];
+                    conv.forward_with(&x, &w, Some(&b), &mut want, &opts)
+                        .unwrap();
+                    let plan = conv.plan(&w, Some(&b), &opts).unwrap();
+                    // Reused across calls: every call gives the same values.
+                    for call in 0..5 {
+                        let mut got = vec![f32::NAN; g.output_len()];
+                        plan.forward(&x, &mut got).unwrap();
+                        for (i, (a, c)) in want.iter().zip(&got).enumerate() {
+                            assert!(
+                                (a - c).abs() <= 1e-5 * (1.0 + a.abs()),
+                                "{params:?} {isa} {algorithm:?} call {call} [{i}]: {a} vs {c}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn one_plan_serves_many_threads_at_once() {
+    let conv = Conv2dParams::new(1, 32, (28, 28), 48, (3, 3))
+        .padding(Padding::symmetric(1, 1))
+        .build()
+        .unwrap();
+    let g = *conv.geometry();
+    let w = data(g.weight_len(), 5);
+    let b = data(g.out_channels, 6);
+    let opts = ForwardOptions {
+        algorithm: Algorithm::Implicit,
+        ..Default::default()
+    };
+    let plan = conv.plan(&w, Some(&b), &opts).unwrap();
+    let inputs: Vec<Vec<f32>> = (0..6).map(|t| data(g.input_len(), 100 + t)).collect();
+    let expected: Vec<Vec<f32>> = inputs
+        .iter()
+        .map(|x| {
+            conv.forward_to_vec(x, &w, Some(&b), Algorithm::Direct)
+                .unwrap()
+        })
+        .collect();
+    std::thread::scope(|scope| {
+        for (x, want) in inputs.iter().zip(&expected) {
+            let plan = &plan;
+            scope.spawn(move || {
+                for _ in 0..20 {
+                    let mut got = vec![0.0; g.output_len()];
+                    plan.forward(x, &mut got).unwrap();
+                    let worst = want
+                        .iter()
+                        .zip(&got)
+                        .map(|(a, c)| (a - c).abs())
+                        .fold(0.0f32, f32::max);
+                    // K_gemm = 288 taps of |x·w| ≤ 1: 2·288·ε·288 ≈ 2e-2 is the
+                    // worst-case bound; observed errors are ~1e-5.
+                    assert!(worst < 1e-3, "max error {worst}");
+                }
+            });
+        }
+    });
+}
+
+#[test]
+fn plan_rejects_wrong_buffers() {
+    let conv = Conv2dParams::new(1, 2, (5, 5), 3, (3, 3)).build().unwrap();
+    let g = *conv.geometry();
+    let opts = ForwardOptions::default();
+    assert!(conv
+        .plan(&vec![0.0; g.weight_len() - 1], None, &opts)
+        .is_err());
+    assert!(conv
+        .plan(&vec![0.0; g.weight_len()], Some(&[0.0; 2]), &opts)
+        .is_err());
+    let plan = conv.plan(&vec![0.0; g.weight_len()], None, &opts).unwrap();
+    let mut out = vec![0.0; g.output_len()];
+    assert!(plan
+        .forward(&vec![0.0; g.input_len() + 1], &mut out)
+        .is_err());
+    assert!(plan
+        .forward(&vec![0.0; g.input_len()], &mut out[1..])
+        .is_err());
+}
