@@ -154,10 +154,12 @@ pub(crate) fn clamp_keep_nan(x: f32, lo: f32, hi: f32) -> f32 {
 }
 
 /// A read-only matrix view: `rows × cols` elements of `data`, element
-/// `(i, j)` at offset `i·row_stride + j·col_stride`.
+/// `(i, j)` at `data[offset + i·row_stride + j·col_stride]` (`offset` is 0
+/// unless given with [`MatRef::with_offset`], which negative strides need).
 #[derive(Clone, Copy, Debug)]
 pub struct MatRef<'a> {
     data: &'a [f32],
+    offset: usize,
     rows: usize,
     cols: usize,
     row_stride: isize,
@@ -165,8 +167,8 @@ pub struct MatRef<'a> {
 }
 
 impl<'a> MatRef<'a> {
-    /// A view with arbitrary strides (negative, zero or transposed). Bounds are
-    /// checked when the view is used.
+    /// A view with element (0, 0) at `data[0]` and arbitrary non-negative
+    /// strides (zero or transposed). Bounds are checked when the view is used.
     pub fn new(
         data: &'a [f32],
         rows: usize,
@@ -174,8 +176,30 @@ impl<'a> MatRef<'a> {
         row_stride: isize,
         col_stride: isize,
     ) -> Self {
+        Self::with_offset(data, 0, rows, cols, row_stride, col_stride)
+    }
+
+    /// A view with element (0, 0) at `data[offset]`, so strides may be
+    /// negative (a reversed or flipped matrix). Bounds are checked when the
+    /// view is used.
+    ///
+    /// ```
+    /// use cpuconv::gemm::MatRef;
+    /// // [1 2 3] read backwards as the row [3 2 1].
+    /// let v = MatRef::with_offset(&[1.0, 2.0, 3.0], 2, 1, 3, 3, -1);
+    /// # let _ = v;
+    /// ```
+    pub fn with_offset(
+        data: &'a [f32],
+        offset: usize,
+        rows: usize,
+        cols: usize,
+        row_stride: isize,
+        col_stride: isize,
+    ) -> Self {
         MatRef {
             data,
+            offset,
             rows,
             cols,
             row_stride,
@@ -195,8 +219,9 @@ impl<'a> MatRef<'a> {
 
     /// The transposed view (no copy).
     pub fn t(self) -> Self {
-        Self::new(
+        Self::with_offset(
             self.data,
+            self.offset,
             self.cols,
             self.rows,
             self.col_stride,
@@ -209,6 +234,7 @@ impl<'a> MatRef<'a> {
 #[derive(Debug)]
 pub struct MatMut<'a> {
     data: &'a mut [f32],
+    offset: usize,
     rows: usize,
     cols: usize,
     row_stride: isize,
@@ -216,8 +242,9 @@ pub struct MatMut<'a> {
 }
 
 impl<'a> MatMut<'a> {
-    /// A view with arbitrary strides. It must not map two elements to one
-    /// location; that and the bounds are checked when the view is used.
+    /// A view with element (0, 0) at `data[0]` and non-negative strides. It
+    /// must not map two elements to one location; that and the bounds are
+    /// checked when the view is used.
     pub fn new(
         data: &'a mut [f32],
         rows: usize,
@@ -225,8 +252,21 @@ impl<'a> MatMut<'a> {
         row_stride: isize,
         col_stride: isize,
     ) -> Self {
+        Self::with_offset(data, 0, rows, cols, row_stride, col_stride)
+    }
+
+    /// A view with element (0, 0) at `data[offset]`; strides may be negative.
+    pub fn with_offset(
+        data: &'a mut [f32],
+        offset: usize,
+        rows: usize,
+        cols: usize,
+        row_stride: isize,
+        col_stride: isize,
+    ) -> Self {
         MatMut {
             data,
+            offset,
             rows,
             cols,
             row_stride,
@@ -257,9 +297,11 @@ fn offset_span(rows: usize, cols: usize, rs: isize, cs: isize) -> Option<(isize,
 }
 
 /// Checks that every element of the view lies inside a slice of `len`
-/// elements; returns the offset of element (0, 0).
+/// elements, element (0, 0) being at `offset`.
+#[allow(clippy::too_many_arguments)]
 fn check_view(
     matrix: &'static str,
+    offset: usize,
     rows: usize,
     cols: usize,
     rs: isize,
@@ -269,9 +311,15 @@ fn check_view(
     if rows == 0 || cols == 0 {
         return Ok(());
     }
-    let (lo, hi) = offset_span(rows, cols, rs, cs).ok_or(GemmError::Overflow {
+    let overflow = GemmError::Overflow {
         what: "matrix view offsets",
-    })?;
+    };
+    let (lo, hi) = offset_span(rows, cols, rs, cs).ok_or(overflow.clone())?;
+    let base = isize::try_from(offset).map_err(|_| overflow.clone())?;
+    let (lo, hi) = (
+        lo.checked_add(base).ok_or(overflow.clone())?,
+        hi.checked_add(base).ok_or(overflow)?,
+    );
     if lo < 0 || hi as usize >= len {
         return Err(GemmError::OutOfBounds {
             matrix,
@@ -283,26 +331,28 @@ fn check_view(
     Ok(())
 }
 
-/// A sufficient condition for the view `(i, j) ↦ i·rs + j·cs` to be
-/// injective: ordering the axes by stride magnitude, the smaller stride is
-/// non-zero and the larger one steps past a whole run of the smaller.
+/// Whether `(i, j) ↦ i·rs + j·cs` is one-to-one on `rows × cols`. Two
+/// elements collide iff `di·rs = −dj·cs` for some `(di, dj) ≠ 0` with
+/// `|di| < rows` and `|dj| < cols`; the smallest such step is
+/// `(|cs|/g, |rs|/g)` with `g = gcd(|rs|, |cs|)`.
 fn view_is_injective(rows: usize, cols: usize, rs: isize, cs: isize) -> bool {
-    let (mut small, mut big) = ((rs.unsigned_abs(), rows), (cs.unsigned_abs(), cols));
-    if small.0 > big.0 {
-        std::mem::swap(&mut small, &mut big);
+    if rows <= 1 || cols <= 1 {
+        // One line of elements: only a zero stride along it collides.
+        return (rows <= 1 || rs != 0) && (cols <= 1 || cs != 0);
     }
-    if small.1 > 1 && small.0 == 0 {
+    let (r, c) = (rs.unsigned_abs(), cs.unsigned_abs());
+    if r == 0 || c == 0 {
         return false;
     }
-    if big.1 > 1 {
-        // Needs big stride ≥ small stride · small extent (the whole run).
-        match small.0.checked_mul(small.1) {
-            Some(span) => big.0 >= span.max(1) || small.1 == 1 && big.0 > 0,
-            None => false,
-        }
-    } else {
-        true
+    let g = gcd(r, c);
+    !(c / g < rows && r / g < cols)
+}
+
+fn gcd(mut a: usize, mut b: usize) -> usize {
+    while b != 0 {
+        (a, b) = (b, a % b);
     }
+    a
 }
 
 /// Safe GEMM: `C ← α·A·B + β·C`, where A is `m × k`, B is `k × n` and C is
@@ -324,32 +374,23 @@ pub fn sgemm(
             c: (c.rows, c.cols),
         });
     }
-    check_view("a", m, k, a.row_stride, a.col_stride, a.data.len())?;
-    check_view("b", k, n, b.row_stride, b.col_stride, b.data.len())?;
-    check_view("c", m, n, c.row_stride, c.col_stride, c.data.len())?;
+    check_view("a", a.offset, m, k, a.row_stride, a.col_stride, a.data.len())?;
+    check_view("b", b.offset, k, n, b.row_stride, b.col_stride, b.data.len())?;
+    check_view("c", c.offset, m, n, c.row_stride, c.col_stride, c.data.len())?;
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
     if !view_is_injective(m, n, c.row_stride, c.col_stride) {
         return Err(GemmError::OverlappingOutput {
             row_stride: c.row_stride,
             col_stride: c.col_stride,
         });
     }
-    if m == 0 || n == 0 {
-        return Ok(());
-    }
-    // Offsets of element (0, 0): negative strides put it above the lowest
-    // address the view touches.
-    let origin = |rows: usize, cols: usize, rs: isize, cs: isize| -> isize {
-        if rows == 0 || cols == 0 {
-            return 0;
-        }
-        let (lo, _) = offset_span(rows, cols, rs, cs).expect("checked above");
-        -lo
-    };
-    let oa = origin(m, k, a.row_stride, a.col_stride);
-    let ob = origin(k, n, b.row_stride, b.col_stride);
-    let oc = origin(m, n, c.row_stride, c.col_stride);
+    // Views with k = 0 are never read, and their offset may sit anywhere.
+    let origin = |data_len: usize, offset: usize| offset.min(data_len.saturating_sub(1));
+    let (oa, ob) = (origin(a.data.len(), a.offset), origin(b.data.len(), b.offset));
     // SAFETY: every (i, j) of each view was checked to lie inside its slice,
-    // relative to the (0, 0) origins computed from the same span; C is
+    // relative to its (0, 0) offset (A and B are not read when k = 0); C is
     // injective, exclusively borrowed, and cannot alias the shared A and B.
     unsafe {
         sgemm_raw(
@@ -357,14 +398,14 @@ pub fn sgemm(
             k,
             n,
             alpha,
-            a.data.as_ptr().offset(oa),
+            a.data.as_ptr().wrapping_add(oa),
             a.row_stride,
             a.col_stride,
-            b.data.as_ptr().offset(ob),
+            b.data.as_ptr().wrapping_add(ob),
             b.row_stride,
             b.col_stride,
             beta,
-            c.data.as_mut_ptr().offset(oc),
+            c.data.as_mut_ptr().add(c.offset),
             c.row_stride,
             c.col_stride,
             options,

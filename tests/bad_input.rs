@@ -1,0 +1,919 @@
+//! Every way a descriptor, a `forward` call or an `sgemm` call can be refused:
+//! each test asserts the error variant with its payload, and that the
+//! `Display` message names the offending value(s). Nothing may panic.
+
+use cpuconv::gemm::{sgemm, GemmOptions, MatMut, MatRef};
+use cpuconv::{
+    Algorithm, Conv2d, Conv2dParams, ConvError, ForwardOptions, GemmError, OnnxAutoPad, Padding,
+    PaddingSpec,
+};
+
+/// A valid baseline: N=2, C=4, 8×8 input, K=6, 3×3 kernel (output 2×6×6×6).
+fn base() -> Conv2dParams {
+    Conv2dParams::new(2, 4, (8, 8), 6, (3, 3))
+}
+
+/// Builds `p`, expecting an error; returns it with its message.
+fn build_err(p: Conv2dParams) -> (ConvError, String) {
+    match p.build() {
+        Ok(c) => panic!("{p:?} should be rejected, built {:?}", c.geometry()),
+        Err(e) => {
+            let msg = e.to_string();
+            (e, msg)
+        }
+    }
+}
+
+fn assert_mentions(msg: &str, needles: &[&str]) {
+    for n in needles {
+        assert!(msg.contains(n), "message {msg:?} should mention {n:?}");
+    }
+}
+
+// --- zero dimensions, one per parameter ---------------------------------------
+
+fn check_zero_dimension(p: Conv2dParams, name: &str) {
+    let (e, msg) = build_err(p);
+    assert!(
+        matches!(e, ConvError::ZeroDimension { name: n } if n == name),
+        "{e:?}"
+    );
+    assert_mentions(&msg, &[name, "0"]);
+}
+
+#[test]
+fn zero_batch() {
+    check_zero_dimension(Conv2dParams { batch: 0, ..base() }, "batch");
+}
+
+#[test]
+fn zero_in_channels() {
+    check_zero_dimension(
+        Conv2dParams {
+            in_channels: 0,
+            ..base()
+        },
+        "in_channels",
+    );
+}
+
+#[test]
+fn zero_input_height() {
+    check_zero_dimension(
+        Conv2dParams {
+            input_size: (0, 8),
+            ..base()
+        },
+        "input height",
+    );
+}
+
+#[test]
+fn zero_input_width() {
+    check_zero_dimension(
+        Conv2dParams {
+            input_size: (8, 0),
+            ..base()
+        },
+        "input width",
+    );
+}
+
+#[test]
+fn zero_out_channels() {
+    check_zero_dimension(
+        Conv2dParams {
+            out_channels: 0,
+            ..base()
+        },
+        "out_channels",
+    );
+}
+
+#[test]
+fn zero_kernel_height() {
+    check_zero_dimension(
+        Conv2dParams {
+            kernel_size: (0, 3),
+            ..base()
+        },
+        "kernel height",
+    );
+}
+
+#[test]
+fn zero_kernel_width() {
+    check_zero_dimension(
+        Conv2dParams {
+            kernel_size: (3, 0),
+            ..base()
+        },
+        "kernel width",
+    );
+}
+
+#[test]
+fn zero_dimensions_with_same_padding_do_not_panic() {
+    // The padding rules subtract 1 from the kernel size and divide by the
+    // stride: a zero must be reported before they run.
+    for spec in [
+        PaddingSpec::TorchSame,
+        PaddingSpec::OnnxAuto(OnnxAutoPad::SameUpper),
+        PaddingSpec::OnnxAuto(OnnxAutoPad::SameLower),
+    ] {
+        let (e, _) = build_err(
+            Conv2dParams {
+                kernel_size: (0, 0),
+                ..base()
+            }
+            .padding(spec),
+        );
+        assert!(matches!(e, ConvError::ZeroDimension { .. }), "{e:?}");
+        let (e, _) = build_err(
+            Conv2dParams {
+                input_size: (0, 0),
+                ..base()
+            }
+            .padding(spec),
+        );
+        assert!(matches!(e, ConvError::ZeroDimension { .. }), "{e:?}");
+        let (e, _) = build_err(base().stride(0, 0).padding(spec));
+        assert!(matches!(e, ConvError::ZeroStride { .. }), "{e:?}");
+        let (e, _) = build_err(base().dilation(0, 1).padding(spec));
+        assert!(matches!(e, ConvError::ZeroDilation { .. }), "{e:?}");
+    }
+}
+
+// --- stride, dilation, groups ----------------------------------------------------
+
+#[test]
+fn zero_stride() {
+    let (e, msg) = build_err(base().stride(0, 2));
+    assert_eq!(e, ConvError::ZeroStride { h: 0, w: 2 });
+    assert_mentions(&msg, &["stride", "(0, 2)"]);
+    let (e, msg) = build_err(base().stride(3, 0));
+    assert_eq!(e, ConvError::ZeroStride { h: 3, w: 0 });
+    assert_mentions(&msg, &["stride", "(3, 0)"]);
+}
+
+#[test]
+fn zero_dilation() {
+    let (e, msg) = build_err(base().dilation(0, 2));
+    assert_eq!(e, ConvError::ZeroDilation { h: 0, w: 2 });
+    assert_mentions(&msg, &["dilation", "(0, 2)"]);
+    let (e, msg) = build_err(base().dilation(2, 0));
+    assert_eq!(e, ConvError::ZeroDilation { h: 2, w: 0 });
+    assert_mentions(&msg, &["dilation", "(2, 0)"]);
+}
+
+#[test]
+fn zero_groups() {
+    let (e, msg) = build_err(base().groups(0));
+    assert_eq!(e, ConvError::ZeroGroups);
+    assert_mentions(&msg, &["groups", "0"]);
+}
+
+#[test]
+fn groups_not_dividing_in_channels() {
+    // C = 4, K = 6, groups = 3: 3 divides K but not C.
+    let (e, msg) = build_err(base().groups(3));
+    assert_eq!(
+        e,
+        ConvError::GroupsMismatch {
+            groups: 3,
+            in_channels: 4,
+            out_channels: 6
+        }
+    );
+    assert_mentions(&msg, &["groups = 3", "in_channels = 4", "out_channels = 6"]);
+}
+
+#[test]
+fn groups_not_dividing_out_channels() {
+    // C = 4, K = 6, groups = 4: 4 divides C but not K.
+    let (e, msg) = build_err(base().groups(4));
+    assert_eq!(
+        e,
+        ConvError::GroupsMismatch {
+            groups: 4,
+            in_channels: 4,
+            out_channels: 6
+        }
+    );
+    assert_mentions(&msg, &["groups = 4", "in_channels = 4", "out_channels = 6"]);
+}
+
+#[test]
+fn groups_larger_than_channels() {
+    let (e, msg) = build_err(base().groups(12));
+    assert_eq!(
+        e,
+        ConvError::GroupsMismatch {
+            groups: 12,
+            in_channels: 4,
+            out_channels: 6
+        }
+    );
+    assert_mentions(&msg, &["12"]);
+}
+
+// --- buffer lengths ------------------------------------------------------------------
+
+/// The valid baseline and correctly sized buffers for it.
+fn base_buffers() -> (Conv2d, Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>) {
+    let conv = base().build().unwrap();
+    assert_eq!(conv.input_shape(), [2, 4, 8, 8]);
+    assert_eq!(conv.weight_shape(), [6, 4, 3, 3]);
+    assert_eq!(conv.output_shape(), [2, 6, 6, 6]);
+    let input = vec![0.5; 2 * 4 * 8 * 8]; // 512
+    let weight = vec![0.25; 6 * 4 * 3 * 3]; // 216
+    let bias = vec![1.0; 6];
+    let output = vec![0.0; 2 * 6 * 6 * 6]; // 432
+    (conv, input, weight, bias, output)
+}
+
+/// Runs every algorithm through every entry point and expects the same
+/// `BufferLength` error from each, without touching the output.
+fn check_buffer_error(
+    conv: &Conv2d,
+    input: &[f32],
+    weight: &[f32],
+    bias: Option<&[f32]>,
+    output: &mut [f32],
+    expected: ConvError,
+    needles: &[&str],
+) {
+    let before = output.to_vec();
+    let mut algorithms = Algorithm::CONCRETE.to_vec();
+    algorithms.push(Algorithm::Auto);
+    for a in algorithms {
+        let e = conv
+            .forward(input, weight, bias, output, a)
+            .expect_err("must be rejected");
+        assert_eq!(e, expected, "{a:?}");
+        assert_mentions(&e.to_string(), needles);
+        let e = conv
+            .forward_with(input, weight, bias, output, &ForwardOptions::new(a))
+            .expect_err("must be rejected");
+        assert_eq!(e, expected, "{a:?}");
+        assert_eq!(output, &before[..], "a rejected call wrote the output");
+        if output.len() == conv.geometry().output_len() {
+            let e = conv
+                .forward_to_vec(input, weight, bias, a)
+                .expect_err("must be rejected");
+            assert_eq!(e, expected, "{a:?}");
+        }
+    }
+}
+
+#[test]
+fn input_length_wrong() {
+    let (conv, input, weight, bias, mut output) = base_buffers();
+    for len in [0, 511, 513] {
+        check_buffer_error(
+            &conv,
+            &input.iter().copied().cycle().take(len).collect::<Vec<_>>(),
+            &weight,
+            Some(&bias),
+            &mut output,
+            ConvError::BufferLength {
+                buffer: "input",
+                expected: 512,
+                actual: len,
+            },
+            &["input", "512", &len.to_string()],
+        );
+    }
+}
+
+#[test]
+fn weight_length_wrong() {
+    let (conv, input, weight, bias, mut output) = base_buffers();
+    check_buffer_error(
+        &conv,
+        &input,
+        &weight[..215],
+        Some(&bias),
+        &mut output,
+        ConvError::BufferLength {
+            buffer: "weight",
+            expected: 216,
+            actual: 215,
+        },
+        &["weight", "216", "215"],
+    );
+    // A weight laid out as [K, C, R, S] for groups = 1 given to a grouped
+    // descriptor ([K, C/2, R, S]) is too long.
+    let grouped = Conv2dParams::new(2, 4, (8, 8), 6, (3, 3))
+        .groups(2)
+        .build()
+        .unwrap();
+    check_buffer_error(
+        &grouped,
+        &input,
+        &weight,
+        Some(&bias),
+        &mut output,
+        ConvError::BufferLength {
+            buffer: "weight",
+            expected: 108,
+            actual: 216,
+        },
+        &["weight", "108", "216"],
+    );
+}
+
+#[test]
+fn bias_length_wrong() {
+    let (conv, input, weight, _, mut output) = base_buffers();
+    for len in [0usize, 5, 7] {
+        let bias = vec![1.0; len];
+        check_buffer_error(
+            &conv,
+            &input,
+            &weight,
+            Some(&bias),
+            &mut output,
+            ConvError::BufferLength {
+                buffer: "bias",
+                expected: 6,
+                actual: len,
+            },
+            &["bias", "6", &len.to_string()],
+        );
+    }
+}
+
+#[test]
+fn output_length_wrong() {
+    let (conv, input, weight, bias, _) = base_buffers();
+    for len in [0usize, 431, 433] {
+        let mut output = vec![7.0; len];
+        check_buffer_error(
+            &conv,
+            &input,
+            &weight,
+            Some(&bias),
+            &mut output,
+            ConvError::BufferLength {
+                buffer: "output",
+                expected: 432,
+                actual: len,
+            },
+            &["output", "432", &len.to_string()],
+        );
+    }
+}
+
+#[test]
+fn correct_buffers_are_accepted() {
+    let (conv, input, weight, bias, mut output) = base_buffers();
+    conv.forward(&input, &weight, Some(&bias), &mut output, Algorithm::Auto)
+        .unwrap();
+    // Every output sums 4·3·3 = 36 taps of 0.5·0.25, plus bias 1: 5.5.
+    assert!(output.iter().all(|&v| v == 5.5), "{output:?}");
+}
+
+// --- kernel larger than the input ------------------------------------------------------
+
+#[test]
+fn kernel_larger_than_input_height() {
+    // Kernel 3 with dilation 2 spans 2·(3−1)+1 = 5 rows; the input has 4.
+    let (e, msg) = build_err(Conv2dParams::new(1, 1, (4, 9), 1, (3, 3)).dilation(2, 1));
+    assert_eq!(
+        e,
+        ConvError::KernelLargerThanInput {
+            axis: "height",
+            effective_kernel: 5,
+            padded_input: 4
+        }
+    );
+    assert_mentions(&msg, &["height", "5", "4"]);
+}
+
+#[test]
+fn kernel_larger_than_padded_input_width() {
+    // Width: kernel 7 over 3 + 1 + 2 = 6 padded columns.
+    let (e, msg) = build_err(
+        Conv2dParams::new(1, 1, (9, 3), 1, (1, 7)).padding(Padding::explicit(0, 0, 1, 2)),
+    );
+    assert_eq!(
+        e,
+        ConvError::KernelLargerThanInput {
+            axis: "width",
+            effective_kernel: 7,
+            padded_input: 6
+        }
+    );
+    assert_mentions(&msg, &["width", "7", "6"]);
+    // One more column of padding makes it fit exactly: a 9×1 output.
+    let conv = Conv2dParams::new(1, 1, (9, 3), 1, (1, 7))
+        .padding(Padding::explicit(0, 0, 2, 2))
+        .build()
+        .unwrap();
+    assert_eq!(conv.output_shape(), [1, 1, 9, 1]);
+}
+
+#[test]
+fn huge_dilation_that_fits_is_kernel_larger_than_input() {
+    let (e, msg) = build_err(base().dilation(1 << 40, 1));
+    assert_eq!(
+        e,
+        ConvError::KernelLargerThanInput {
+            axis: "height",
+            effective_kernel: (2usize << 40) + 1,
+            padded_input: 8
+        }
+    );
+    assert_mentions(&msg, &[&((2usize << 40) + 1).to_string()]);
+}
+
+// --- PyTorch "same" with a stride ---------------------------------------------------------
+
+#[test]
+fn torch_same_with_stride() {
+    let (e, msg) = build_err(base().padding(PaddingSpec::TorchSame).stride(2, 1));
+    assert_eq!(e, ConvError::SameWithStride { h: 2, w: 1 });
+    assert_mentions(&msg, &["same", "(2, 1)"]);
+    let (e, msg) = build_err(base().padding(PaddingSpec::TorchSame).stride(1, 3));
+    assert_eq!(e, ConvError::SameWithStride { h: 1, w: 3 });
+    assert_mentions(&msg, &["(1, 3)"]);
+}
+
+// --- overflow ---------------------------------------------------------------------------------
+
+fn check_overflow(p: Conv2dParams, what: &str) {
+    let (e, msg) = build_err(p);
+    assert_eq!(
+        e,
+        ConvError::Overflow {
+            what: match what {
+                "input length" => "input length",
+                "output length" => "output length",
+                "weight length" => "weight length",
+                "dilated kernel size" => "dilated kernel size",
+                "padded input size" => "padded input size",
+                "PyTorch same padding" => "PyTorch same padding",
+                "ONNX SAME padding" => "ONNX SAME padding",
+                "FLOP count" => "FLOP count",
+                other => panic!("unknown {other}"),
+            }
+        },
+        "{p:?}"
+    );
+    assert_mentions(&msg, &[what, "overflow"]);
+}
+
+#[test]
+fn overflow_input_length() {
+    // N·C·H·W = (usize::MAX / 2)·4·1·1 overflows.
+    check_overflow(
+        Conv2dParams::new(usize::MAX / 2, 4, (1, 1), 1, (1, 1)),
+        "input length",
+    );
+}
+
+#[test]
+fn overflow_output_length() {
+    // The input (1·1·2^31·2^31 = 2^62) fits, the output (4·2^62) does not.
+    check_overflow(
+        Conv2dParams::new(1, 1, (1 << 31, 1 << 31), 4, (1, 1)),
+        "output length",
+    );
+}
+
+#[test]
+fn overflow_weight_length() {
+    // K·C·R·S = 2^40 · 2^30 · 1 overflows; input 2^30 and output 2^40 fit.
+    check_overflow(
+        Conv2dParams::new(1, 1 << 30, (1, 1), 1 << 40, (1, 1)),
+        "weight length",
+    );
+}
+
+#[test]
+fn overflow_flop_count() {
+    // Input 2^32·2^14·2^14 = 2^60, weight 2^32·2^7·2^7 = 2^46 and output
+    // (2^14 − 2^7 + 1)^2 < 2^28 all fit, but 2·output·(C·R·S) ≈ 2^75 does not.
+    check_overflow(
+        Conv2dParams::new(1, 1 << 32, (1 << 14, 1 << 14), 1, (1 << 7, 1 << 7)),
+        "FLOP count",
+    );
+}
+
+#[test]
+fn overflow_dilated_kernel() {
+    // d·(R−1)+1 with d = usize::MAX overflows.
+    check_overflow(base().dilation(usize::MAX, 1), "dilated kernel size");
+    check_overflow(
+        base().dilation(1, usize::MAX / 2 + 1),
+        "dilated kernel size",
+    );
+}
+
+#[test]
+fn overflow_padding() {
+    check_overflow(
+        base().padding(Padding::explicit(usize::MAX, 1, 0, 0)),
+        "padded input size",
+    );
+    check_overflow(
+        base().padding(Padding::explicit(0, 0, usize::MAX - 8, 1)),
+        "padded input size",
+    );
+}
+
+#[test]
+fn overflow_in_same_padding_rules() {
+    check_overflow(
+        base()
+            .padding(PaddingSpec::TorchSame)
+            .dilation(usize::MAX, 1),
+        "PyTorch same padding",
+    );
+    check_overflow(
+        base()
+            .padding(OnnxAutoPad::SameUpper)
+            .dilation(usize::MAX, 1),
+        "ONNX SAME padding",
+    );
+    check_overflow(
+        base()
+            .padding(OnnxAutoPad::SameLower)
+            .dilation(1, usize::MAX),
+        "ONNX SAME padding",
+    );
+}
+
+#[test]
+fn extreme_values_never_panic() {
+    // A grid of hostile values: every build must return, Ok or Err.
+    let big = [0, 1, 2, usize::MAX / 4, usize::MAX / 2, usize::MAX];
+    let mut errors = 0usize;
+    for &n in &big {
+        for &hw in &big {
+            for &k in &[1usize, 3, usize::MAX] {
+                for &s in &[1usize, 2, usize::MAX] {
+                    for &d in &[1usize, usize::MAX] {
+                        for spec in [
+                            PaddingSpec::Explicit(Padding::symmetric(1, 1)),
+                            PaddingSpec::Explicit(Padding::symmetric(usize::MAX, 0)),
+                            PaddingSpec::TorchValid,
+                            PaddingSpec::TorchSame,
+                            PaddingSpec::OnnxAuto(OnnxAutoPad::SameUpper),
+                            PaddingSpec::OnnxAuto(OnnxAutoPad::SameLower),
+                            PaddingSpec::OnnxAuto(OnnxAutoPad::Valid),
+                        ] {
+                            let p = Conv2dParams::new(n, 2, (hw, hw), 2, (k, k))
+                                .stride(s, s)
+                                .dilation(d, d)
+                                .padding(spec);
+                            match std::panic::catch_unwind(|| p.build()) {
+                                Ok(Ok(_)) => {}
+                                Ok(Err(e)) => {
+                                    errors += 1;
+                                    assert!(!e.to_string().is_empty());
+                                }
+                                Err(_) => panic!("build panicked on {p:?}"),
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    assert!(errors > 0);
+}
+
+// --- GEMM ---------------------------------------------------------------------------------------
+
+fn gemm_err(a: MatRef<'_>, b: MatRef<'_>, c: MatMut<'_>) -> (GemmError, String) {
+    let e = sgemm(1.0, a, b, 0.0, c, &GemmOptions::default()).expect_err("must be rejected");
+    let msg = e.to_string();
+    (e, msg)
+}
+
+#[test]
+fn gemm_dimension_mismatch() {
+    let a = [1.0; 6];
+    let b = [1.0; 8];
+    let mut c = [0.0; 4];
+    // A 2×3, B 4×2: inner dimensions disagree.
+    let (e, msg) = gemm_err(
+        MatRef::row_major(&a, 2, 3),
+        MatRef::row_major(&b, 4, 2),
+        MatMut::row_major(&mut c, 2, 2),
+    );
+    assert_eq!(
+        e,
+        GemmError::DimensionMismatch {
+            a: (2, 3),
+            b: (4, 2),
+            c: (2, 2)
+        }
+    );
+    assert_mentions(&msg, &["2×3", "4×2", "2×2"]);
+    // A 2×3, B 3×2, C 2×1... wrong C rows/cols.
+    let b = [1.0; 6];
+    let (e, msg) = gemm_err(
+        MatRef::row_major(&a, 2, 3),
+        MatRef::row_major(&b, 3, 2),
+        MatMut::row_major(&mut c, 1, 2),
+    );
+    assert_eq!(
+        e,
+        GemmError::DimensionMismatch {
+            a: (2, 3),
+            b: (3, 2),
+            c: (1, 2)
+        }
+    );
+    assert_mentions(&msg, &["2×3", "3×2", "1×2"]);
+    let (e, _) = gemm_err(
+        MatRef::row_major(&a, 2, 3),
+        MatRef::row_major(&b, 3, 2),
+        MatMut::row_major(&mut c, 2, 1),
+    );
+    assert!(matches!(e, GemmError::DimensionMismatch { .. }), "{e:?}");
+    assert_eq!(c, [0.0; 4], "a rejected call wrote C");
+}
+
+#[test]
+fn gemm_view_past_the_end() {
+    let a = [1.0; 5];
+    let b = [1.0; 6];
+    let mut c = [0.0; 4];
+    // A 2×3 row-major needs offsets 0..=5, the slice has 5.
+    let (e, msg) = gemm_err(
+        MatRef::row_major(&a, 2, 3),
+        MatRef::row_major(&b, 3, 2),
+        MatMut::row_major(&mut c, 2, 2),
+    );
+    assert_eq!(
+        e,
+        GemmError::OutOfBounds {
+            matrix: "a",
+            min_offset: 0,
+            max_offset: 5,
+            len: 5
+        }
+    );
+    assert_mentions(&msg, &["a", "0..=5", "5 elements"]);
+    // B with a padded row stride of 4: offsets up to 2·4 + 1 = 9, slice 6.
+    let a = [1.0; 6];
+    let (e, msg) = gemm_err(
+        MatRef::row_major(&a, 2, 3),
+        MatRef::new(&b, 3, 2, 4, 1),
+        MatMut::row_major(&mut c, 2, 2),
+    );
+    assert_eq!(
+        e,
+        GemmError::OutOfBounds {
+            matrix: "b",
+            min_offset: 0,
+            max_offset: 9,
+            len: 6
+        }
+    );
+    assert_mentions(&msg, &["b", "0..=9", "6"]);
+    // C too short.
+    let mut short = [0.0; 3];
+    let (e, msg) = gemm_err(
+        MatRef::row_major(&a, 2, 3),
+        MatRef::row_major(&b, 3, 2),
+        MatMut::row_major(&mut short, 2, 2),
+    );
+    assert_eq!(
+        e,
+        GemmError::OutOfBounds {
+            matrix: "c",
+            min_offset: 0,
+            max_offset: 3,
+            len: 3
+        }
+    );
+    assert_mentions(&msg, &["c", "0..=3", "3"]);
+    assert_eq!(short, [0.0; 3]);
+}
+
+#[test]
+fn gemm_negative_stride_reaching_before_the_start() {
+    // Element (0, 0) of a view is data[0]; a negative row stride puts row 1
+    // at offset −3, before the slice.
+    let a = [1.0; 6];
+    let b = [1.0; 6];
+    let mut c = [0.0; 4];
+    let (e, msg) = gemm_err(
+        MatRef::new(&a, 2, 3, -3, 1),
+        MatRef::row_major(&b, 3, 2),
+        MatMut::row_major(&mut c, 2, 2),
+    );
+    assert_eq!(
+        e,
+        GemmError::OutOfBounds {
+            matrix: "a",
+            min_offset: -3,
+            max_offset: 2,
+            len: 6
+        }
+    );
+    assert_mentions(&msg, &["a", "-3..=2", "6"]);
+    // Negative column stride on B.
+    let (e, msg) = gemm_err(
+        MatRef::row_major(&a, 2, 3),
+        MatRef::new(&b, 3, 2, 2, -1),
+        MatMut::row_major(&mut c, 2, 2),
+    );
+    assert_eq!(
+        e,
+        GemmError::OutOfBounds {
+            matrix: "b",
+            min_offset: -1,
+            max_offset: 4,
+            len: 6
+        }
+    );
+    assert_mentions(&msg, &["b", "-1..=4"]);
+    // And on C.
+    let (e, _) = gemm_err(
+        MatRef::row_major(&a, 2, 3),
+        MatRef::row_major(&b, 3, 2),
+        MatMut::new(&mut c, 2, 2, -2, 1),
+    );
+    assert_eq!(
+        e,
+        GemmError::OutOfBounds {
+            matrix: "c",
+            min_offset: -2,
+            max_offset: 1,
+            len: 4
+        }
+    );
+    assert_eq!(c, [0.0; 4]);
+}
+
+#[test]
+fn gemm_negative_strides_with_an_offset_are_accepted() {
+    // A = [1 2 3; 4 5 6] read with both strides negative from the last
+    // element: the view is [6 5 4; 3 2 1].
+    let a = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0];
+    let b = [1.0, 0.0, 0.0, 1.0, 1.0, 1.0]; // 3×2
+    let mut c = [0.0; 4];
+    sgemm(
+        1.0,
+        MatRef::with_offset(&a, 5, 2, 3, -3, -1),
+        MatRef::row_major(&b, 3, 2),
+        0.0,
+        MatMut::row_major(&mut c, 2, 2),
+        &GemmOptions::default(),
+    )
+    .unwrap();
+    // [6 5 4]·B = [6+4, 5+4], [3 2 1]·B = [3+1, 2+1]
+    assert_eq!(c, [10.0, 9.0, 4.0, 3.0]);
+    // The same offset with a stride reaching past the start is refused.
+    assert!(sgemm(
+        1.0,
+        MatRef::with_offset(&a, 4, 2, 3, -3, -1),
+        MatRef::row_major(&b, 3, 2),
+        0.0,
+        MatMut::row_major(&mut c, 2, 2),
+        &GemmOptions::default(),
+    )
+    .is_err());
+}
+
+#[test]
+fn gemm_overlapping_output() {
+    let a = [1.0; 6];
+    let b = [1.0; 9];
+    let mut c = [0.0; 9];
+    // Row stride 0 with 2 rows: rows 0 and 1 share memory.
+    let (e, msg) = gemm_err(
+        MatRef::row_major(&a, 2, 3),
+        MatRef::row_major(&b, 3, 3),
+        MatMut::new(&mut c, 2, 3, 0, 1),
+    );
+    assert_eq!(
+        e,
+        GemmError::OverlappingOutput {
+            row_stride: 0,
+            col_stride: 1
+        }
+    );
+    assert_mentions(&msg, &["row stride 0", "column stride 1"]);
+    // Column stride 0 with 3 columns.
+    let (e, msg) = gemm_err(
+        MatRef::row_major(&a, 2, 3),
+        MatRef::row_major(&b, 3, 3),
+        MatMut::new(&mut c, 2, 3, 3, 0),
+    );
+    assert_eq!(
+        e,
+        GemmError::OverlappingOutput {
+            row_stride: 3,
+            col_stride: 0
+        }
+    );
+    assert_mentions(&msg, &["row stride 3", "column stride 0"]);
+    // Row stride 2 with 3 columns of stride 1: (0, 2) and (1, 0) collide.
+    let (e, _) = gemm_err(
+        MatRef::row_major(&a, 2, 3),
+        MatRef::row_major(&b, 3, 3),
+        MatMut::new(&mut c, 2, 3, 2, 1),
+    );
+    assert_eq!(
+        e,
+        GemmError::OverlappingOutput {
+            row_stride: 2,
+            col_stride: 1
+        }
+    );
+    assert_eq!(c, [0.0; 9], "a rejected call wrote C");
+}
+
+#[test]
+fn gemm_degenerate_strides_that_do_not_overlap_are_accepted() {
+    // A single row may have any row stride (even 0); a single column any
+    // column stride. A may use stride 0 (a broadcast row).
+    let a = [2.0, 3.0];
+    let b = [1.0, 10.0, 100.0, 1000.0];
+    let mut c = [0.0; 2];
+    // A: 1×2 with row stride 0; B 2×2 row-major; C 1×2 with row stride 0.
+    sgemm(
+        1.0,
+        MatRef::new(&a, 1, 2, 0, 1),
+        MatRef::row_major(&b, 2, 2),
+        0.0,
+        MatMut::new(&mut c, 1, 2, 0, 1),
+        &GemmOptions::default(),
+    )
+    .unwrap();
+    // [2 3]·[1 10; 100 1000] = [302, 3020]
+    assert_eq!(c, [302.0, 3020.0]);
+    // A broadcast: 2×2 with row stride 0 (both rows [2 3]).
+    let mut c = [0.0; 4];
+    sgemm(
+        1.0,
+        MatRef::new(&a, 2, 2, 0, 1),
+        MatRef::row_major(&b, 2, 2),
+        0.0,
+        MatMut::row_major(&mut c, 2, 2),
+        &GemmOptions::default(),
+    )
+    .unwrap();
+    assert_eq!(c, [302.0, 3020.0, 302.0, 3020.0]);
+}
+
+#[test]
+fn gemm_view_offset_overflow() {
+    let a = [1.0; 4];
+    let b = [1.0; 4];
+    let mut c = [0.0; 4];
+    // (rows − 1)·row_stride + (cols − 1)·col_stride = isize::MAX + 1.
+    let (e, msg) = gemm_err(
+        MatRef::new(&a, 2, 2, isize::MAX, 1),
+        MatRef::row_major(&b, 2, 2),
+        MatMut::row_major(&mut c, 2, 2),
+    );
+    assert_eq!(
+        e,
+        GemmError::Overflow {
+            what: "matrix view offsets"
+        }
+    );
+    assert_mentions(&msg, &["matrix view offsets", "overflow"]);
+    // More rows than isize can index.
+    let (e, _) = gemm_err(
+        MatRef::new(&a, usize::MAX, 1, 1, 1),
+        MatRef::row_major(&b, 1, 1),
+        MatMut::new(&mut c, usize::MAX, 1, 1, 1),
+    );
+    assert_eq!(
+        e,
+        GemmError::Overflow {
+            what: "matrix view offsets"
+        }
+    );
+    assert_eq!(c, [0.0; 4]);
+}
+
+/// An interleaved C whose elements are all distinct — 2×2 with row stride 3
+/// and column stride 2 touches offsets {0, 2, 3, 5} — is not overlapping and
+/// must be accepted (the overlap check is exact, not just sufficient).
+#[test]
+fn gemm_injective_interleaved_output_is_accepted() {
+    let a = [1.0, 2.0, 3.0, 4.0];
+    let b = [1.0, 0.0, 0.0, 1.0];
+    let mut c = [-1.0; 6];
+    sgemm(
+        1.0,
+        MatRef::row_major(&a, 2, 2),
+        MatRef::row_major(&b, 2, 2),
+        0.0,
+        MatMut::new(&mut c, 2, 2, 3, 2),
+        &GemmOptions::default(),
+    )
+    .expect("an injective view must be accepted");
+    // C = A: (0,0)->0, (0,1)->2, (1,0)->3, (1,1)->5; offsets 1 and 4 untouched.
+    assert_eq!(c, [1.0, -1.0, 2.0, 3.0, -1.0, 4.0]);
+}

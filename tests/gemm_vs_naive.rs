@@ -1,0 +1,901 @@
+//! Property test: `gemm::sgemm` (and `sgemm_raw` for negative strides) against
+//! a naive triple loop accumulated in f64, over random shapes, layouts, α and
+//! β, on every ISA this CPU supports, both backends, and both threading modes.
+//!
+//! Error bound. For element (i, j), with `M = |α|·Σ_p |a_ip·b_pj| + |β·c_ij|`,
+//! an f32 dot product of length k is within `k·ε·Σ|ab|` of the exact one, the
+//! scaling by α and the update with β·c add at most two more roundings, so
+//!
+//! ```text
+//! |got − want| ≤ 2·(k + 2)·ε·M + 1e-6        (ε = f32::EPSILON)
+//! ```
+//!
+//! (at least the `2·k·ε·Σ|a·b| + |β|·ε·|c| + 1e-6` of a textbook analysis,
+//! with the factor 2 as slack for the reference's own rounding).
+
+mod common;
+
+use common::{engine_combos, proptest_cases, Rng};
+use cpuconv::gemm::kernels::{calls_on, supported_isas};
+use cpuconv::gemm::{sgemm, sgemm_raw, GemmOptions, MatMut, MatRef};
+use cpuconv::{GemmBackend, GemmError, Isa, Parallelism};
+use proptest::prelude::*;
+use proptest::test_runner::{FileFailurePersistence, TestCaseError};
+use rayon::prelude::*;
+use std::num::NonZeroUsize;
+
+/// Value of every element of a buffer that lies outside the matrix view; the
+/// GEMM must leave them bit-for-bit alone.
+const SENTINEL: f32 = -12345.678;
+
+/// How a `rows × cols` matrix sits in its buffer.
+#[derive(Clone, Copy, Debug)]
+struct Layout {
+    /// Consecutive columns (row-major) or consecutive rows (column-major) are
+    /// `inner` apart.
+    row_major: bool,
+    /// Stride along the contiguous axis: 1, or 2–3 for gaps between elements.
+    inner: usize,
+    /// Extra elements between the end of one row (column) and the next.
+    pad: usize,
+    /// Store the transpose and view it through `MatRef::t()` (A and B only).
+    transposed: bool,
+    /// Reverse the rows / the columns: negative strides (these go through
+    /// `sgemm_raw`, since a safe view starts at `data[0]` and can only grow
+    /// upwards).
+    neg_rows: bool,
+    neg_cols: bool,
+    /// Extra elements after the last one.
+    slack: usize,
+}
+
+impl Layout {
+    const DENSE: Layout = Layout {
+        row_major: true,
+        inner: 1,
+        pad: 0,
+        transposed: false,
+        neg_rows: false,
+        neg_cols: false,
+        slack: 0,
+    };
+}
+
+/// A matrix in a buffer: element (i, j) at `origin + i·rs + j·cs`.
+#[derive(Clone, Debug)]
+struct Stored {
+    data: Vec<f32>,
+    rows: usize,
+    cols: usize,
+    rs: isize,
+    cs: isize,
+    origin: usize,
+    layout: Layout,
+}
+
+impl Stored {
+    /// Lays out a `rows × cols` matrix; the view gets `value(i, j)`, the rest
+    /// of the buffer [`SENTINEL`].
+    fn new(
+        rows: usize,
+        cols: usize,
+        layout: Layout,
+        mut value: impl FnMut(usize, usize) -> f32,
+    ) -> Stored {
+        // The storage shape: the transpose when viewed through `t()`.
+        let (sr, sc) = if layout.transposed {
+            (cols, rows)
+        } else {
+            (rows, cols)
+        };
+        // Outer stride at least 1 so that an empty axis never yields a zero
+        // stride (zero-size views are covered by their own tests).
+        let (srs, scs) = if layout.row_major {
+            ((sc * layout.inner + layout.pad).max(1), layout.inner)
+        } else {
+            (layout.inner, (sr * layout.inner + layout.pad).max(1))
+        };
+        let (rs, cs) = if layout.transposed {
+            (scs, srs)
+        } else {
+            (srs, scs)
+        };
+        let span = if rows == 0 || cols == 0 {
+            0
+        } else {
+            (rows - 1) * rs + (cols - 1) * cs + 1
+        };
+        let origin = if rows == 0 || cols == 0 {
+            0
+        } else {
+            usize::from(layout.neg_rows) * (rows - 1) * rs
+                + usize::from(layout.neg_cols) * (cols - 1) * cs
+        };
+        let rs = if layout.neg_rows {
+            -(rs as isize)
+        } else {
+            rs as isize
+        };
+        let cs = if layout.neg_cols {
+            -(cs as isize)
+        } else {
+            cs as isize
+        };
+        let mut s = Stored {
+            data: vec![SENTINEL; span + layout.slack],
+            rows,
+            cols,
+            rs,
+            cs,
+            origin,
+            layout,
+        };
+        for i in 0..rows {
+            for j in 0..cols {
+                let o = s.offset(i, j);
+                s.data[o] = value(i, j);
+            }
+        }
+        s
+    }
+
+    fn offset(&self, i: usize, j: usize) -> usize {
+        (self.origin as isize + i as isize * self.rs + j as isize * self.cs) as usize
+    }
+
+    fn get(&self, i: usize, j: usize) -> f32 {
+        self.data[self.offset(i, j)]
+    }
+
+    fn negative(&self) -> bool {
+        self.rs < 0 || self.cs < 0
+    }
+
+    /// The safe view; negative strides place element (0, 0) at `origin`.
+    fn view(&self) -> MatRef<'_> {
+        if self.layout.transposed {
+            MatRef::with_offset(
+                &self.data,
+                self.origin,
+                self.cols,
+                self.rows,
+                self.cs,
+                self.rs,
+            )
+            .t()
+        } else {
+            MatRef::with_offset(
+                &self.data,
+                self.origin,
+                self.rows,
+                self.cols,
+                self.rs,
+                self.cs,
+            )
+        }
+    }
+
+    fn view_mut(&mut self) -> MatMut<'_> {
+        assert!(!self.layout.transposed);
+        MatMut::with_offset(
+            &mut self.data,
+            self.origin,
+            self.rows,
+            self.cols,
+            self.rs,
+            self.cs,
+        )
+    }
+
+    /// Pointer to element (0, 0), for `sgemm_raw`.
+    fn ptr(&self) -> *const f32 {
+        self.data.as_ptr().wrapping_add(self.origin)
+    }
+
+    /// Every buffer index inside the view.
+    fn in_view(&self) -> Vec<bool> {
+        let mut v = vec![false; self.data.len()];
+        for i in 0..self.rows {
+            for j in 0..self.cols {
+                v[self.offset(i, j)] = true;
+            }
+        }
+        v
+    }
+}
+
+/// `C ← α·A·B + β·C`: the safe entry point, or, for half of the
+/// negative-stride cases (odd row count of C), `sgemm_raw`, so both entry
+/// points see reversed views.
+fn run_gemm(
+    alpha: f32,
+    a: &Stored,
+    b: &Stored,
+    beta: f32,
+    c: &mut Stored,
+    options: &GemmOptions,
+) -> Result<(), GemmError> {
+    if (a.negative() || b.negative() || c.negative()) && c.rows % 2 == 1 {
+        assert_eq!((a.cols, c.rows, c.cols), (b.rows, a.rows, b.cols));
+        let cp = c.data.as_mut_ptr().wrapping_add(c.origin);
+        // SAFETY: every (i, p), (p, j) and (i, j) offset from the origins lies
+        // in its buffer (by construction of `Stored`); C is injective (outer
+        // stride ≥ inner stride · extent, whatever the signs) and a separate
+        // allocation.
+        unsafe {
+            sgemm_raw(
+                a.rows,
+                a.cols,
+                b.cols,
+                alpha,
+                a.ptr(),
+                a.rs,
+                a.cs,
+                b.ptr(),
+                b.rs,
+                b.cs,
+                beta,
+                cp,
+                c.rs,
+                c.cs,
+                options,
+            );
+        }
+        Ok(())
+    } else {
+        let (av, bv) = (a.view(), b.view());
+        sgemm(alpha, av, bv, beta, c.view_mut(), options)
+    }
+}
+
+/// Naive f64 product: per element of C, `(α·Σ a·b + β·c, |α|·Σ|a·b| + |β·c|)`,
+/// row-major `m × n`. With `β = 0`, C is not read (it may hold NaN).
+fn naive(alpha: f32, a: &Stored, b: &Stored, beta: f32, c: &Stored) -> (Vec<f64>, Vec<f64>) {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    let mut sum = vec![0.0f64; m * n];
+    let mut mag = vec![0.0f64; m * n];
+    let bd: Vec<f64> = (0..k)
+        .flat_map(|p| (0..n).map(move |j| (p, j)))
+        .map(|(p, j)| b.get(p, j) as f64)
+        .collect();
+    for i in 0..m {
+        let (srow, mrow) = (&mut sum[i * n..][..n], &mut mag[i * n..][..n]);
+        for p in 0..k {
+            let aip = a.get(i, p) as f64;
+            let brow = &bd[p * n..][..n];
+            for j in 0..n {
+                let t = aip * brow[j];
+                srow[j] += t;
+                mrow[j] += t.abs();
+            }
+        }
+    }
+    let (alpha, beta) = (alpha as f64, beta as f64);
+    for i in 0..m {
+        for j in 0..n {
+            let idx = i * n + j;
+            let cterm = if beta == 0.0 {
+                0.0
+            } else {
+                beta * c.get(i, j) as f64
+            };
+            sum[idx] = alpha * sum[idx] + cterm;
+            mag[idx] = alpha.abs() * mag[idx] + cterm.abs();
+        }
+    }
+    (sum, mag)
+}
+
+fn tolerance(k: usize, magnitude: f64) -> f64 {
+    2.0 * (k + 2) as f64 * f32::EPSILON as f64 * magnitude + 1e-6
+}
+
+/// Checks every element of the view against the reference and every element
+/// outside it against the sentinel.
+fn check_c(
+    what: &str,
+    got: &Stored,
+    k: usize,
+    want: &[f64],
+    magnitude: &[f64],
+    in_view: &[bool],
+) -> Result<(), TestCaseError> {
+    let n = got.cols;
+    for i in 0..got.rows {
+        for j in 0..n {
+            let v = got.get(i, j);
+            let (w, tol) = (want[i * n + j], tolerance(k, magnitude[i * n + j]));
+            prop_assert!(
+                (v as f64 - w).abs() <= tol,
+                "{}: C[{}][{}] = {}, want {} (±{})",
+                what,
+                i,
+                j,
+                v,
+                w,
+                tol
+            );
+        }
+    }
+    for (idx, (&x, &inside)) in got.data.iter().zip(in_view).enumerate() {
+        if !inside {
+            prop_assert_eq!(
+                x.to_bits(),
+                SENTINEL.to_bits(),
+                "{}: buffer element {} outside the view was written ({})",
+                what,
+                idx,
+                x
+            );
+        }
+    }
+    Ok(())
+}
+
+// --- strategies -------------------------------------------------------------------------
+
+/// Matrix sizes: mostly small, often near a multiple of 16 (register tiles
+/// are 8/16/32 wide; 192 and 256 are cache-block depths), sometimes 180–300.
+fn dim() -> impl Strategy<Value = usize> {
+    prop_oneof![
+        4 => 0usize..=40,
+        2 => (1usize..=16, -1isize..=1).prop_map(|(q, d)| (q as isize * 16 + d) as usize),
+        1 => 180usize..=300,
+    ]
+}
+
+fn scalar() -> impl Strategy<Value = f32> {
+    prop_oneof![Just(0.0f32), Just(1.0), Just(-1.5), -2.0f32..2.0]
+}
+
+/// Layouts for A and B: any order, gaps, transposed views, reversed axes.
+fn ab_layout() -> impl Strategy<Value = Layout> {
+    (
+        any::<bool>(),
+        prop_oneof![3 => Just(1usize), 1 => 2usize..=3],
+        prop_oneof![1 => Just(0usize), 1 => 1usize..=3],
+        any::<bool>(),
+        prop::bool::weighted(0.15),
+        prop::bool::weighted(0.15),
+        0usize..=2,
+    )
+        .prop_map(
+            |(row_major, inner, pad, transposed, neg_rows, neg_cols, slack)| Layout {
+                row_major,
+                inner,
+                pad,
+                transposed,
+                neg_rows,
+                neg_cols,
+                slack,
+            },
+        )
+}
+
+/// Layouts for C: row- or column-major, gaps, now and then reversed axes.
+fn c_layout() -> impl Strategy<Value = Layout> {
+    (
+        any::<bool>(),
+        prop_oneof![3 => Just(1usize), 1 => 2usize..=3],
+        prop_oneof![1 => Just(0usize), 1 => 1usize..=3],
+        prop::bool::weighted(0.1),
+        prop::bool::weighted(0.1),
+        0usize..=2,
+    )
+        .prop_map(
+            |(row_major, inner, pad, neg_rows, neg_cols, slack)| Layout {
+                row_major,
+                inner,
+                pad,
+                neg_rows,
+                neg_cols,
+                slack,
+                ..Layout::DENSE
+            },
+        )
+}
+
+#[derive(Clone, Debug)]
+struct Case {
+    m: usize,
+    k: usize,
+    n: usize,
+    alpha: f32,
+    beta: f32,
+    a: Layout,
+    b: Layout,
+    c: Layout,
+    seed: u64,
+}
+
+fn case_strategy() -> impl Strategy<Value = Case> {
+    (
+        (dim(), dim(), dim()),
+        (scalar(), scalar()),
+        (ab_layout(), ab_layout(), c_layout()),
+        any::<u64>(),
+    )
+        .prop_map(|((m, k, n), (alpha, beta), (a, b, c), seed)| Case {
+            m,
+            k,
+            n,
+            alpha,
+            beta,
+            a,
+            b,
+            c,
+            seed,
+        })
+}
+
+fn run_case(case: &Case) -> Result<(), TestCaseError> {
+    let (m, k, n) = (case.m, case.k, case.n);
+    let mut rng = Rng::new(case.seed);
+    let a = Stored::new(m, k, case.a, |_, _| rng.next_f32());
+    let b = Stored::new(k, n, case.b, |_, _| rng.next_f32());
+    // β = 0: C must not be read, so fill it with NaN.
+    let beta_zero = case.beta == 0.0;
+    let c0 = Stored::new(m, n, case.c, |_, _| {
+        if beta_zero {
+            f32::NAN
+        } else {
+            rng.next_f32()
+        }
+    });
+    let (want, magnitude) = naive(case.alpha, &a, &b, case.beta, &c0);
+    let in_view = c0.in_view();
+    for (isa, backend, parallelism) in engine_combos() {
+        let options = GemmOptions {
+            backend,
+            parallelism,
+            isa: Some(isa),
+        };
+        let mut c = c0.clone();
+        let before = calls_on(isa);
+        run_gemm(case.alpha, &a, &b, case.beta, &mut c, &options)
+            .map_err(|e| TestCaseError::fail(format!("{options:?}: {e}")))?;
+        if backend == GemmBackend::Native && m > 0 && n > 0 && k > 0 && case.alpha != 0.0 {
+            prop_assert!(calls_on(isa) > before, "{:?}: no {} call", options, isa);
+        }
+        check_c(&format!("{options:?}"), &c, k, &want, &magnitude, &in_view)?;
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig {
+        cases: proptest_cases(512),
+        // Failing seeds go to tests/gemm_vs_naive.proptest-regressions.
+        failure_persistence: Some(Box::new(FileFailurePersistence::WithSource(
+            "proptest-regressions"
+        ))),
+        ..ProptestConfig::default()
+    })]
+
+    #[test]
+    fn sgemm_matches_naive(case in case_strategy()) {
+        run_case(&case)?;
+    }
+}
+
+// --- fixed cases --------------------------------------------------------------------------
+
+fn options_everywhere() -> Vec<GemmOptions> {
+    engine_combos()
+        .into_iter()
+        .map(|(isa, backend, parallelism)| GemmOptions {
+            backend,
+            parallelism,
+            isa: Some(isa),
+        })
+        .collect()
+}
+
+#[test]
+fn k_zero_scales_c_by_beta() {
+    let (m, n) = (5, 7);
+    for options in options_everywhere() {
+        for beta in [1.0f32, -1.5, 0.25] {
+            let mut c: Vec<f32> = (0..m * n).map(|v| v as f32 - 10.0).collect();
+            let before = c.clone();
+            sgemm(
+                2.0,
+                MatRef::row_major(&[], m, 0),
+                MatRef::row_major(&[], 0, n),
+                beta,
+                MatMut::row_major(&mut c, m, n),
+                &options,
+            )
+            .unwrap();
+            for (x, y) in c.iter().zip(&before) {
+                assert_eq!(*x, beta * y, "{options:?} β {beta}");
+            }
+        }
+        // β = 0 writes zeros, even over NaN.
+        let mut c = vec![f32::NAN; m * n];
+        sgemm(
+            2.0,
+            MatRef::row_major(&[], m, 0),
+            MatRef::row_major(&[], 0, n),
+            0.0,
+            MatMut::row_major(&mut c, m, n),
+            &options,
+        )
+        .unwrap();
+        assert!(c.iter().all(|&v| v == 0.0), "{options:?}: {c:?}");
+    }
+}
+
+#[test]
+fn alpha_zero_does_not_read_a_or_b() {
+    let (m, k, n) = (19, 33, 37);
+    let a = vec![f32::NAN; m * k];
+    let b = vec![f32::INFINITY; k * n];
+    for options in options_everywhere() {
+        let mut c: Vec<f32> = (0..m * n).map(|v| (v % 13) as f32 - 6.0).collect();
+        let before = c.clone();
+        sgemm(
+            0.0,
+            MatRef::row_major(&a, m, k),
+            MatRef::row_major(&b, k, n),
+            -1.5,
+            MatMut::row_major(&mut c, m, n),
+            &options,
+        )
+        .unwrap();
+        for (x, y) in c.iter().zip(&before) {
+            assert_eq!(*x, -1.5 * y, "{options:?}");
+        }
+        // α = 0 and β = 0: zeros, whatever A, B and C hold.
+        let mut c = vec![f32::NAN; m * n];
+        sgemm(
+            0.0,
+            MatRef::row_major(&a, m, k),
+            MatRef::row_major(&b, k, n),
+            0.0,
+            MatMut::row_major(&mut c, m, n),
+            &options,
+        )
+        .unwrap();
+        assert!(c.iter().all(|&v| v == 0.0), "{options:?}");
+    }
+}
+
+#[test]
+fn beta_zero_ignores_nan_in_c() {
+    let (m, k, n) = (21, 17, 45);
+    let mut rng = Rng::new(3);
+    let a = rng.vec(m * k);
+    let b = rng.vec(k * n);
+    let mut want = vec![0.0f32; m * n];
+    sgemm(
+        1.0,
+        MatRef::row_major(&a, m, k),
+        MatRef::row_major(&b, k, n),
+        0.0,
+        MatMut::row_major(&mut want, m, n),
+        &GemmOptions::default(),
+    )
+    .unwrap();
+    for options in options_everywhere() {
+        for fill in [f32::NAN, f32::INFINITY, -f32::INFINITY] {
+            let mut c = vec![fill; m * n];
+            sgemm(
+                1.0,
+                MatRef::row_major(&a, m, k),
+                MatRef::row_major(&b, k, n),
+                0.0,
+                MatMut::row_major(&mut c, m, n),
+                &options,
+            )
+            .unwrap();
+            for (x, y) in c.iter().zip(&want) {
+                assert!(
+                    x.is_finite() && (x - y).abs() <= 1e-5,
+                    "{options:?}: {x} vs {y}"
+                );
+            }
+        }
+    }
+}
+
+/// `m = 0` or `n = 0`: Ok, nothing read or written. Uses the dense
+/// constructors a caller would use, so the views' strides come from
+/// `row_major` / `col_major` of a zero extent (e.g. `row_major(c, 3, 0)` has
+/// row stride 0, `col_major(c, 0, 4)` column stride 0): a view with no
+/// elements cannot map two elements to one place.
+#[test]
+fn empty_output_is_ok_and_touches_nothing() {
+    let nan = [f32::NAN; 64];
+    let mut failures = std::collections::BTreeSet::new();
+    for options in options_everywhere() {
+        for (m, k, n) in [
+            (0, 3, 4),
+            (3, 5, 0),
+            (0, 0, 0),
+            (0, 4, 0),
+            (4, 0, 0),
+            (0, 0, 4),
+        ] {
+            let a = &nan[..m * k];
+            let b = &nan[..k * n];
+            for col_major in [false, true] {
+                let mut c = [SENTINEL; 8];
+                let cv = if col_major {
+                    MatMut::col_major(&mut c[..m * n], m, n)
+                } else {
+                    MatMut::row_major(&mut c[..m * n], m, n)
+                };
+                let (av, bv) = if col_major {
+                    (MatRef::col_major(a, m, k), MatRef::col_major(b, k, n))
+                } else {
+                    (MatRef::row_major(a, m, k), MatRef::row_major(b, k, n))
+                };
+                let r = sgemm(1.0, av, bv, 0.5, cv, &options);
+                if let Err(e) = r {
+                    let order = if col_major { "col_major" } else { "row_major" };
+                    // Checked before any engine runs: one line per shape.
+                    failures.insert(format!("{m}×{k}×{n} {order}: {e:?}"));
+                }
+                assert!(c.iter().all(|v| v.to_bits() == SENTINEL.to_bits()));
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "sgemm rejects empty outputs built with the dense constructors:\n{}",
+        failures.into_iter().collect::<Vec<_>>().join("\n")
+    );
+}
+
+/// The same with explicit unit strides, which are unambiguous.
+#[test]
+fn empty_output_with_explicit_strides_is_ok() {
+    let mut c = [SENTINEL; 4];
+    for options in options_everywhere() {
+        for (m, n) in [(0usize, 4usize), (4, 0), (0, 0)] {
+            let r = sgemm(
+                1.0,
+                MatRef::new(&[1.0; 8], m, 2, 2, 1),
+                MatRef::new(&[1.0; 8], 2, n, 4, 1),
+                1.0,
+                MatMut::new(&mut c, m, n, 4, 1),
+                &options,
+            );
+            assert_eq!(r, Ok(()), "{m}×{n} {options:?}");
+            assert!(c.iter().all(|v| v.to_bits() == SENTINEL.to_bits()));
+        }
+    }
+}
+
+/// A single dense case compared with the naive reference.
+fn check_dense(m: usize, k: usize, n: usize, options: &GemmOptions, seed: u64) {
+    let mut rng = Rng::new(seed);
+    let a = Stored::new(m, k, Layout::DENSE, |_, _| rng.next_f32());
+    let b = Stored::new(k, n, Layout::DENSE, |_, _| rng.next_f32());
+    let c0 = Stored::new(m, n, Layout::DENSE, |_, _| rng.next_f32());
+    let (want, magnitude) = naive(0.75, &a, &b, -0.5, &c0);
+    let mut c = c0.clone();
+    run_gemm(0.75, &a, &b, -0.5, &mut c, options).unwrap();
+    check_c(
+        &format!("{m}×{k}×{n} {options:?}"),
+        &c,
+        k,
+        &want,
+        &magnitude,
+        &c0.in_view(),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// Shapes that cross every cache-blocking boundary of every kernel on this
+/// machine class (KC 192–512, MC 252–680, NC 1024–2720): several KC blocks
+/// with β = 0 and NaN in C (only the first block may use β), more rows than
+/// MC, more columns than NC, with strided layouts.
+#[test]
+fn blocking_edges_match_naive() {
+    let col_major = Layout {
+        row_major: false,
+        ..Layout::DENSE
+    };
+    let gapped = Layout {
+        inner: 2,
+        pad: 3,
+        slack: 1,
+        ..Layout::DENSE
+    };
+    let padded = Layout {
+        pad: 5,
+        slack: 2,
+        ..Layout::DENSE
+    };
+    let cases = [
+        Case {
+            m: 9,
+            k: 1030,
+            n: 1100,
+            alpha: -1.5,
+            beta: 0.0,
+            a: col_major,
+            b: gapped,
+            c: padded,
+            seed: 1,
+        },
+        Case {
+            m: 700,
+            k: 200,
+            n: 40,
+            alpha: 1.0,
+            beta: -1.5,
+            a: gapped,
+            b: Layout {
+                transposed: true,
+                ..Layout::DENSE
+            },
+            c: col_major,
+            seed: 2,
+        },
+        Case {
+            m: 7,
+            k: 530,
+            n: 2800,
+            alpha: 0.5,
+            beta: 0.0,
+            a: Layout {
+                neg_rows: true,
+                neg_cols: true,
+                ..Layout::DENSE
+            },
+            b: padded,
+            c: Layout::DENSE,
+            seed: 3,
+        },
+    ];
+    for case in &cases {
+        run_case(case).unwrap_or_else(|e| panic!("{case:?}: {e}"));
+    }
+}
+
+#[test]
+fn large_threaded_case_matches_naive() {
+    // M×K×N = 513×1000×700: several cache blocks in every direction, ragged
+    // edges (513 = 64·8 + 1), split across the pool's threads.
+    let (m, k, n) = (513, 1000, 700);
+    let mut rng = Rng::new(99);
+    let a = Stored::new(m, k, Layout::DENSE, |_, _| rng.next_f32());
+    let b = Stored::new(k, n, Layout::DENSE, |_, _| rng.next_f32());
+    let c0 = Stored::new(m, n, Layout::DENSE, |_, _| rng.next_f32());
+    let (want, magnitude) = naive(1.0, &a, &b, 1.0, &c0);
+    let in_view = c0.in_view();
+    for isa in supported_isas() {
+        for backend in [GemmBackend::Native, GemmBackend::Matrixmultiply] {
+            let options = GemmOptions {
+                backend,
+                parallelism: Parallelism::Rayon,
+                isa: Some(isa),
+            };
+            let mut c = c0.clone();
+            run_gemm(1.0, &a, &b, 1.0, &mut c, &options).unwrap();
+            check_c(&format!("{options:?}"), &c, k, &want, &magnitude, &in_view)
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
+    }
+}
+
+#[test]
+fn sgemm_inside_rayon_workers() {
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(2)
+        .build()
+        .unwrap();
+    // Big enough (128·160·256 ≈ 5M FMAs) that each call wants to split too.
+    let (m, k, n) = (128, 160, 256);
+    let mut rng = Rng::new(5);
+    let a = rng.vec(m * k);
+    let b = rng.vec(k * n);
+    let mut want = vec![0.0f32; m * n];
+    sgemm(
+        1.0,
+        MatRef::row_major(&a, m, k),
+        MatRef::row_major(&b, k, n),
+        0.0,
+        MatMut::row_major(&mut want, m, n),
+        &GemmOptions {
+            parallelism: Parallelism::Sequential,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let options = options_everywhere();
+    let results: Vec<(GemmOptions, Vec<f32>)> = pool.install(|| {
+        options
+            .par_iter()
+            .map(|opt| {
+                let mut c = vec![f32::NAN; m * n];
+                sgemm(
+                    1.0,
+                    MatRef::row_major(&a, m, k),
+                    MatRef::row_major(&b, k, n),
+                    0.0,
+                    MatMut::row_major(&mut c, m, n),
+                    opt,
+                )
+                .unwrap();
+                (*opt, c)
+            })
+            .collect()
+    });
+    assert_eq!(results.len(), options.len());
+    for (opt, c) in results {
+        for (x, y) in c.iter().zip(&want) {
+            // Different kernels round differently; K = 160 values in [-1, 1).
+            assert!((x - y).abs() <= 1e-3, "{opt:?}: {x} vs {y}");
+        }
+    }
+}
+
+#[test]
+fn rayon_capped_matches() {
+    let caps = [1usize, 2, 3, 64];
+    for cap in caps {
+        for isa in supported_isas() {
+            for backend in [GemmBackend::Native, GemmBackend::Matrixmultiply] {
+                let options = GemmOptions {
+                    backend,
+                    parallelism: Parallelism::RayonCapped(NonZeroUsize::new(cap).unwrap()),
+                    isa: Some(isa),
+                };
+                check_dense(130, 150, 270, &options, cap as u64);
+            }
+        }
+    }
+}
+
+#[test]
+fn parallelism_helpers() {
+    assert_eq!(Parallelism::threads(0), Parallelism::Rayon);
+    assert_eq!(Parallelism::threads(1), Parallelism::Sequential);
+    assert_eq!(
+        Parallelism::threads(3),
+        Parallelism::RayonCapped(NonZeroUsize::new(3).unwrap())
+    );
+    assert_eq!(Parallelism::Sequential.max_threads(), 1);
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(3)
+        .build()
+        .unwrap();
+    pool.install(|| {
+        assert_eq!(Parallelism::Rayon.max_threads(), 3);
+        assert_eq!(Parallelism::threads(2).max_threads(), 2);
+        assert_eq!(Parallelism::threads(64).max_threads(), 3);
+    });
+}
+
+#[test]
+fn every_supported_isa_really_runs() {
+    let mut ran = Vec::new();
+    for isa in supported_isas() {
+        for parallelism in [Parallelism::Sequential, Parallelism::Rayon] {
+            let before = calls_on(isa);
+            check_dense(
+                70,
+                90,
+                110,
+                &GemmOptions {
+                    backend: GemmBackend::Native,
+                    parallelism,
+                    isa: Some(isa),
+                },
+                11,
+            );
+            let after = calls_on(isa);
+            assert!(
+                after > before,
+                "forcing {isa} ran no {isa} GEMM (calls_on {before} -> {after})"
+            );
+        }
+        ran.push(format!("{isa} (calls_on = {})", calls_on(isa)));
+    }
+    println!("GEMM ISAs that ran: {}", ran.join(", "));
+    assert!(supported_isas().contains(&Isa::Portable));
+}
