@@ -1,4 +1,5 @@
-//! Data-cache sizes, read once from the OS, for the blocking arithmetic.
+//! Data-cache sizes, read once from the OS (Linux sysfs), for the blocking
+//! arithmetic; defaults where the OS says nothing.
 
 use std::sync::OnceLock;
 

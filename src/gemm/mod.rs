@@ -32,7 +32,7 @@
 //! assert_eq!(c, [19.0, 22.0, 43.0, 50.0]);
 //! ```
 
-pub(crate) mod cache;
+pub mod cache;
 pub(crate) mod driver;
 pub mod kernels;
 pub(crate) mod pack;
