@@ -374,9 +374,33 @@ pub fn sgemm(
             c: (c.rows, c.cols),
         });
     }
-    check_view("a", a.offset, m, k, a.row_stride, a.col_stride, a.data.len())?;
-    check_view("b", b.offset, k, n, b.row_stride, b.col_stride, b.data.len())?;
-    check_view("c", c.offset, m, n, c.row_stride, c.col_stride, c.data.len())?;
+    check_view(
+        "a",
+        a.offset,
+        m,
+        k,
+        a.row_stride,
+        a.col_stride,
+        a.data.len(),
+    )?;
+    check_view(
+        "b",
+        b.offset,
+        k,
+        n,
+        b.row_stride,
+        b.col_stride,
+        b.data.len(),
+    )?;
+    check_view(
+        "c",
+        c.offset,
+        m,
+        n,
+        c.row_stride,
+        c.col_stride,
+        c.data.len(),
+    )?;
     if m == 0 || n == 0 {
         return Ok(());
     }
@@ -388,7 +412,10 @@ pub fn sgemm(
     }
     // Views with k = 0 are never read, and their offset may sit anywhere.
     let origin = |data_len: usize, offset: usize| offset.min(data_len.saturating_sub(1));
-    let (oa, ob) = (origin(a.data.len(), a.offset), origin(b.data.len(), b.offset));
+    let (oa, ob) = (
+        origin(a.data.len(), a.offset),
+        origin(b.data.len(), b.offset),
+    );
     // SAFETY: every (i, j) of each view was checked to lie inside its slice,
     // relative to its (0, 0) offset (A and B are not read when k = 0); C is
     // injective, exclusively borrowed, and cannot alias the shared A and B.

@@ -19,6 +19,7 @@ use std::sync::OnceLock;
 pub(crate) mod avx2;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx512;
+pub mod peak;
 pub(crate) mod portable;
 
 /// An instruction-set path of the GEMM and direct kernels.

@@ -1,0 +1,283 @@
+//! `cpuconv compare`: every algorithm on every layer, timed, checked against
+//! the direct reference.
+
+use crate::suite::{self, Layer, SEED_OUTPUT, SHAPE_SYNTAX};
+use crate::table::{left, right, sig, Table};
+use crate::timing::{measure, Budget};
+use crate::{
+    all_algorithms, effective_isa, parse_algorithm, parse_isa, pool, progress, BackendArg,
+};
+use clap::Args;
+use cpuconv::{Activation, Algorithm, Conv2d, ForwardOptions, Isa, Parallelism};
+use std::time::Duration;
+
+#[derive(Args, Debug)]
+#[command(after_long_help = SHAPE_SYNTAX)]
+pub struct CompareArgs {
+    /// Run only this suite layer (repeatable); see --list for the names.
+    #[arg(long = "layer", value_name = "NAME")]
+    layers: Vec<String>,
+
+    /// A custom layer, `[NAME=]N,C,H,W:K,RxS[,sS][,pP|pT,B,L,R][,dD][,gG]`
+    /// (repeatable); see --help for the syntax. Without --layer, only the
+    /// custom layers run.
+    #[arg(long = "shape", value_name = "SPEC")]
+    shapes: Vec<String>,
+
+    /// Run only this algorithm (repeatable): direct, im2col, implicit, auto.
+    /// The direct reference still runs once (untimed) for the error column.
+    #[arg(long = "algo", value_name = "NAME", value_parser = parse_algorithm)]
+    algos: Vec<Algorithm>,
+
+    /// Threads (0 = every CPU): the size of the rayon pool and the cap passed
+    /// to the library.
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+
+    /// GEMM engine of the GEMM-based algorithms.
+    #[arg(long, value_enum, default_value_t = BackendArg::Native)]
+    backend: BackendArg,
+
+    /// Force a kernel path (avx512, avx2, portable); clamped to the CPU.
+    /// Default: the active path (CPUCONV_ISA or the best detected).
+    #[arg(long, value_parser = parse_isa)]
+    isa: Option<Isa>,
+
+    /// One JSON object per row on stdout instead of the Markdown table.
+    #[arg(long)]
+    json: bool,
+
+    /// Rough time budget per (layer, algorithm), in milliseconds. Slow calls
+    /// still get one warm-up and 3 samples.
+    #[arg(long, value_name = "MS", default_value_t = 1000)]
+    budget_ms: u64,
+
+    /// List the suite's layers and exit.
+    #[arg(long)]
+    list: bool,
+}
+
+/// The layers to run: `--layer` picks from the suite, `--shape` adds custom
+/// ones, neither runs the whole suite.
+fn select_layers(args: &CompareArgs) -> Result<Vec<Layer>, String> {
+    let all = suite::suite();
+    let mut layers = Vec::new();
+    for name in &args.layers {
+        let layer = all.iter().find(|l| l.name == *name).ok_or_else(|| {
+            let names: Vec<&str> = all.iter().map(|l| l.name.as_str()).collect();
+            format!("unknown layer {name:?}; the suite has {}", names.join(", "))
+        })?;
+        layers.push(layer.clone());
+    }
+    for (i, spec) in args.shapes.iter().enumerate() {
+        layers.push(suite::parse_shape(spec, i + 1)?);
+    }
+    if layers.is_empty() {
+        layers = all;
+    }
+    Ok(layers)
+}
+
+fn describe(conv: &Conv2d) -> String {
+    let g = conv.geometry();
+    let p = g.padding;
+    let pad = if p.top == p.bottom && p.left == p.right && p.top == p.left {
+        format!("p{}", p.top)
+    } else {
+        format!("p{},{},{},{}", p.top, p.bottom, p.left, p.right)
+    };
+    format!(
+        "{}x{}x{}x{} -> {}, {}x{} s{}x{} {pad} d{}x{} g{} ({:.1} MFLOP)",
+        g.batch,
+        g.in_channels,
+        g.in_h,
+        g.in_w,
+        g.out_channels,
+        g.kernel_h,
+        g.kernel_w,
+        g.stride_h,
+        g.stride_w,
+        g.dilation_h,
+        g.dilation_w,
+        g.groups,
+        conv.flops() as f64 / 1e6
+    )
+}
+
+/// Largest `|a − b|`; NaN if any difference is NaN (an unwritten or broken output).
+fn max_abs_error(a: &[f32], b: &[f32]) -> f32 {
+    let mut worst = 0.0f32;
+    for (x, y) in a.iter().zip(b) {
+        let d = (x - y).abs();
+        if d.is_nan() {
+            return f32::NAN;
+        }
+        worst = worst.max(d);
+    }
+    worst
+}
+
+fn list() {
+    println!("{SHAPE_SYNTAX}\n\nSuite:");
+    for l in suite::suite() {
+        match l.build() {
+            Ok(conv) => println!("  {:<12} {}", l.name, describe(&conv)),
+            Err(e) => println!("  {:<12} invalid: {e}", l.name),
+        }
+    }
+}
+
+/// Entry point of `cpuconv compare`.
+pub fn run(args: &CompareArgs) -> Result<(), String> {
+    if args.list {
+        list();
+        return Ok(());
+    }
+    // Validate every layer before printing anything.
+    let layers = select_layers(args)?
+        .into_iter()
+        .map(|l| match l.build() {
+            Ok(conv) => Ok((l, conv)),
+            Err(e) => Err(format!("layer {}: {e}", l.name)),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let algos = if args.algos.is_empty() {
+        all_algorithms()
+    } else {
+        let mut v = Vec::new();
+        for a in &args.algos {
+            if !v.contains(a) {
+                v.push(*a);
+            }
+        }
+        v
+    };
+    let time_direct = algos.contains(&Algorithm::Direct);
+    let pool = pool(args.threads)?;
+    let threads = pool.current_num_threads();
+    let isa = effective_isa(args.isa);
+    let budget = Budget::new(Duration::from_millis(args.budget_ms));
+    let base = ForwardOptions {
+        algorithm: Algorithm::Direct,
+        parallelism: Parallelism::threads(args.threads),
+        backend: args.backend.into(),
+        activation: Activation::None,
+        isa: args.isa,
+    };
+    let table = Table::new(&[
+        left("layer", 12),
+        left("algorithm", 18),
+        right("median ms", 10),
+        right("GFLOP/s", 8),
+        right("speedup", 8),
+        right("max abs err", 11),
+    ]);
+    if !args.json {
+        println!(
+            "cpuconv {} compare: isa {isa}, {threads} thread{}, backend {}, \
+             median of samples; speedup and error are relative to direct.\n",
+            env!("CARGO_PKG_VERSION"),
+            if threads == 1 { "" } else { "s" },
+            args.backend.name(),
+        );
+        println!("{}", table.header());
+    }
+    let pb = progress((layers.len() * algos.len()) as u64);
+    let result = pool.install(|| -> Result<(), String> {
+        for (layer, conv) in &layers {
+            let data = layer.data(conv);
+            let len = conv.geometry().output_len();
+            let bias = data.bias.as_deref();
+            let run_once = |options: &ForwardOptions, out: &mut [f32]| {
+                conv.forward_with(&data.input, &data.weight, bias, out, options)
+                    .map_err(|e| {
+                        format!("layer {} / {}: {e}", layer.name, options.algorithm.name())
+                    })
+            };
+
+            // Direct first: its output is the reference, its time the baseline.
+            let mut reference = vec![f32::NAN; len];
+            let mut direct_s = None;
+            let mut order: Vec<Algorithm> = algos.clone();
+            order.sort_by_key(|a| *a != Algorithm::Direct);
+            if !time_direct {
+                pb.set_message(format!("{} / direct (reference)", layer.name));
+                run_once(&base, &mut reference)?;
+            }
+            for algo in order {
+                pb.set_message(format!("{} / {}", layer.name, algo.name()));
+                let options = ForwardOptions {
+                    algorithm: algo,
+                    ..base
+                };
+                let mut out = vec![f32::NAN; len];
+                let mut failure = None;
+                let t = measure(&budget, || {
+                    if let Err(e) = run_once(&options, &mut out) {
+                        failure.get_or_insert(e);
+                    }
+                });
+                if let Some(e) = failure {
+                    return Err(e);
+                }
+                if algo == Algorithm::Direct {
+                    reference.copy_from_slice(&out);
+                    direct_s = Some(t.median_s);
+                    if layer.name == "seed" && len == 4 && reference != SEED_OUTPUT {
+                        pb.suspend(|| {
+                            eprintln!(
+                                "cpuconv: seed layer gave {reference:?}, expected {SEED_OUTPUT:?}"
+                            )
+                        });
+                    }
+                }
+                let err = max_abs_error(&out, &reference);
+                let gflops = conv.flops() as f64 / t.median_s / 1e9;
+                let speedup = direct_s.map(|d| d / t.median_s);
+                let (label, picked) = if algo == Algorithm::Auto {
+                    let pick = conv.auto_algorithm();
+                    (format!("auto ({})", pick.name()), Some(pick.name()))
+                } else {
+                    (algo.name().to_string(), None)
+                };
+                let line = if args.json {
+                    serde_json::json!({
+                        "layer": layer.name,
+                        "algorithm": algo.name(),
+                        "picked": picked,
+                        "median_ms": t.median_s * 1e3,
+                        "min_ms": t.min_s * 1e3,
+                        "gflops": gflops,
+                        "speedup": speedup,
+                        "max_abs_err": err,
+                        "flops": conv.flops(),
+                        "samples": t.samples,
+                        "reps": t.reps,
+                        "threads": threads,
+                        "isa": isa.name(),
+                        "backend": args.backend.name(),
+                    })
+                    .to_string()
+                } else {
+                    table.row(&[
+                        layer.name.clone(),
+                        label,
+                        sig(t.median_s * 1e3),
+                        sig(gflops),
+                        speedup.map_or("–".into(), |s| format!("{}x", sig(s))),
+                        if err == 0.0 {
+                            "0".into()
+                        } else {
+                            format!("{err:.1e}")
+                        },
+                    ])
+                };
+                pb.suspend(|| println!("{line}"));
+                pb.inc(1);
+            }
+        }
+        Ok(())
+    });
+    pb.finish_and_clear();
+    result
+}

@@ -1,0 +1,231 @@
+//! `cpuconv gemm`: our GEMM against matrixmultiply, as GFLOP/s and as a
+//! share of the FMA peak measured in the same run.
+
+use crate::suite::{self, Rng};
+use crate::table::{left, right, sig, Table};
+use crate::timing::{measure, Budget, Timing};
+use crate::{all_threads, effective_isa, parse_isa, pool, progress};
+use clap::Args;
+use cpuconv::gemm::kernels::peak::fma_peak_gflops;
+use cpuconv::gemm::{sgemm, MatMut, MatRef};
+use cpuconv::{GemmBackend, GemmOptions, Isa, Parallelism};
+use std::time::Duration;
+
+#[derive(Args, Debug)]
+pub struct GemmArgs {
+    /// Thread counts to run, comma-separated; `all` is every CPU.
+    #[arg(long, value_name = "LIST", default_value = "1,all")]
+    threads: String,
+
+    /// Kernel path of our GEMM (avx512, avx2, portable); clamped to the CPU.
+    /// Default: the active path. matrixmultiply picks its own.
+    #[arg(long, value_parser = parse_isa)]
+    isa: Option<Isa>,
+
+    /// A shape `MxKxN`, or one number for a square (repeatable); replaces
+    /// the default list (squares 64..2048 and the suite's im2col GEMMs).
+    #[arg(long = "shape", value_name = "MxKxN", value_parser = suite::parse_gemm_shape)]
+    shapes: Vec<(usize, usize, usize)>,
+
+    /// One JSON object per row on stdout instead of the Markdown table.
+    #[arg(long)]
+    json: bool,
+
+    /// Rough time budget per (shape, threads, engine), in milliseconds.
+    #[arg(long, value_name = "MS", default_value_t = 600)]
+    budget_ms: u64,
+}
+
+fn parse_threads(list: &str) -> Result<Vec<usize>, String> {
+    let mut v = Vec::new();
+    for part in list.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let n = if part.eq_ignore_ascii_case("all") {
+            all_threads()
+        } else {
+            part.parse::<usize>()
+                .ok()
+                .filter(|&n| n > 0)
+                .ok_or_else(|| format!("--threads: {part:?} is not a positive count or `all`"))?
+        };
+        if !v.contains(&n) {
+            v.push(n);
+        }
+    }
+    if v.is_empty() {
+        return Err("--threads: empty list".into());
+    }
+    Ok(v)
+}
+
+/// Times `C = A·B` on one engine.
+fn time_gemm(
+    budget: &Budget,
+    (m, k, n): (usize, usize, usize),
+    a: &[f32],
+    b: &[f32],
+    c: &mut [f32],
+    options: &GemmOptions,
+) -> Result<Timing, String> {
+    let mut failure = None;
+    let t = measure(budget, || {
+        let r = sgemm(
+            1.0,
+            MatRef::row_major(a, m, k),
+            MatRef::row_major(b, k, n),
+            0.0,
+            MatMut::row_major(c, m, n),
+            options,
+        );
+        if let Err(e) = r {
+            failure.get_or_insert(e);
+        }
+    });
+    match failure {
+        Some(e) => Err(format!("{m}x{k}x{n}: {e}")),
+        None => Ok(t),
+    }
+}
+
+/// Entry point of `cpuconv gemm`.
+pub fn run(args: &GemmArgs) -> Result<(), String> {
+    let threads = parse_threads(&args.threads)?;
+    let isa = effective_isa(args.isa);
+    let shapes = if args.shapes.is_empty() {
+        suite::gemm_shapes()
+    } else {
+        args.shapes.clone()
+    };
+    if let Some(&(m, k, n)) = shapes.iter().find(|&&(m, k, n)| m * k * n == 0) {
+        return Err(format!("{m}x{k}x{n}: every dimension must be positive"));
+    }
+    let budget = Budget::new(Duration::from_millis(args.budget_ms));
+
+    // Peaks first, so the table can quote them from its first row.
+    let pb = progress((threads.len() * (shapes.len() + 1)) as u64);
+    let mut peaks = Vec::new();
+    for &t in &threads {
+        pb.set_message(format!("FMA peak, {t} thread(s)"));
+        peaks.push(fma_peak_gflops(isa, t));
+        pb.inc(1);
+    }
+    let table = Table::new(&[
+        left("shape MxKxN", 16),
+        right("threads", 7),
+        right("ours GFLOP/s", 12),
+        right("mm GFLOP/s", 10),
+        right("ours/mm", 7),
+        right("ours % peak", 11),
+        right("mm % peak", 9),
+    ]);
+    if !args.json {
+        pb.suspend(|| {
+            println!(
+                "cpuconv {} gemm: ours = native {isa} kernels, mm = matrixmultiply (it picks \
+                 its own ISA); C = A·B, row-major f32, median of samples; % peak is of the \
+                 {isa} FMA peak.",
+                env!("CARGO_PKG_VERSION")
+            );
+            for (&t, &p) in threads.iter().zip(&peaks) {
+                println!(
+                    "Measured {isa} FMA peak, {t} thread{}: {} GFLOP/s",
+                    if t == 1 { "" } else { "s" },
+                    sig(p)
+                );
+            }
+            println!("\n{}", table.header());
+        });
+    }
+
+    for (&t, &peak) in threads.iter().zip(&peaks) {
+        let pool = pool(t)?;
+        let result = pool.install(|| -> Result<(), String> {
+            for &(m, k, n) in &shapes {
+                pb.set_message(format!("{m}x{k}x{n}, {t} thread(s)"));
+                let mut rng = Rng::new((m * 31 + k * 17 + n) as u64);
+                let a = rng.vec(m * k);
+                let b = rng.vec(k * n);
+                let mut c = vec![0.0f32; m * n];
+                let options = |backend| GemmOptions {
+                    backend,
+                    parallelism: Parallelism::threads(t),
+                    isa: Some(isa),
+                };
+                let ours = time_gemm(
+                    &budget,
+                    (m, k, n),
+                    &a,
+                    &b,
+                    &mut c,
+                    &options(GemmBackend::Native),
+                )?;
+                let mm = time_gemm(
+                    &budget,
+                    (m, k, n),
+                    &a,
+                    &b,
+                    &mut c,
+                    &options(GemmBackend::Matrixmultiply),
+                )?;
+                let flops = 2.0 * m as f64 * k as f64 * n as f64;
+                let (g_ours, g_mm) = (flops / ours.median_s / 1e9, flops / mm.median_s / 1e9);
+                let line = if args.json {
+                    serde_json::json!({
+                        "m": m,
+                        "k": k,
+                        "n": n,
+                        "threads": t,
+                        "isa": isa.name(),
+                        "ours_gflops": g_ours,
+                        "mm_gflops": g_mm,
+                        "ratio": g_ours / g_mm,
+                        "ours_pct_peak": 100.0 * g_ours / peak,
+                        "mm_pct_peak": 100.0 * g_mm / peak,
+                        "peak_gflops": peak,
+                        "ours_median_ms": ours.median_s * 1e3,
+                        "mm_median_ms": mm.median_s * 1e3,
+                    })
+                    .to_string()
+                } else {
+                    table.row(&[
+                        format!("{m}x{k}x{n}"),
+                        t.to_string(),
+                        sig(g_ours),
+                        sig(g_mm),
+                        format!("{:.2}", g_ours / g_mm),
+                        format!("{:.0}%", 100.0 * g_ours / peak),
+                        format!("{:.0}%", 100.0 * g_mm / peak),
+                    ])
+                };
+                pb.suspend(|| println!("{line}"));
+                pb.inc(1);
+            }
+            Ok(())
+        });
+        if let Err(e) = result {
+            pb.finish_and_clear();
+            return Err(e);
+        }
+    }
+    pb.finish_and_clear();
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn thread_lists_parse() {
+        assert_eq!(parse_threads("1,2"), Ok(vec![1, 2]));
+        assert_eq!(
+            parse_threads("1, all"),
+            Ok(vec![1, all_threads()]).map(|mut v| {
+                v.dedup();
+                v
+            })
+        );
+        assert!(parse_threads("0").is_err());
+        assert!(parse_threads("x").is_err());
+        assert!(parse_threads("").is_err());
+    }
+}

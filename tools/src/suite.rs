@@ -1,0 +1,384 @@
+//! The benchmark suite: convolution layers, GEMM shapes, deterministic data
+//! and the `--shape` syntax.
+//!
+//! This file depends only on `std` and `cpuconv`: `benches/conv.rs` and
+//! `benches/gemm.rs` include it with `#[path]`, so the tool and the criterion
+//! benchmarks run exactly the same shapes. Keep it free of the tool's other
+//! dependencies.
+
+use cpuconv::{Conv2d, Conv2dParams, ConvError, Padding};
+
+/// One row of the built-in suite: `N,C,H,W -> K, R×R, stride, pad, dilation, groups`.
+#[derive(Clone, Copy, Debug)]
+pub struct LayerSpec {
+    /// Name used by `--layer` and in the tables.
+    pub name: &'static str,
+    /// `[N, C, H, W]`.
+    pub input: [usize; 4],
+    /// Output channels K.
+    pub out_channels: usize,
+    /// Square kernel size R = S.
+    pub kernel: usize,
+    /// Stride (both axes).
+    pub stride: usize,
+    /// Symmetric padding (all four sides).
+    pub pad: usize,
+    /// Dilation (both axes).
+    pub dilation: usize,
+    /// Groups.
+    pub groups: usize,
+}
+
+#[allow(clippy::too_many_arguments)]
+const fn layer(
+    name: &'static str,
+    input: [usize; 4],
+    out_channels: usize,
+    kernel: usize,
+    stride: usize,
+    pad: usize,
+    dilation: usize,
+    groups: usize,
+) -> LayerSpec {
+    LayerSpec {
+        name,
+        input,
+        out_channels,
+        kernel,
+        stride,
+        pad,
+        dilation,
+        groups,
+    }
+}
+
+/// The built-in layers: the classic hand-worked example, the ResNet-50 layer
+/// types, a MobileNetV2 depthwise layer, a dilated, a batched and a grouped one.
+#[rustfmt::skip]
+pub const SUITE: &[LayerSpec] = &[
+    //     name           N    C    H    W      K   R  s  p  d  groups
+    layer("seed",        [1,   1,   3,   3],    1,  2, 1, 0, 1, 1),
+    layer("r50_conv1",   [1,   3, 224, 224],   64,  7, 2, 3, 1, 1),
+    layer("r50_3x3",     [1,  64,  56,  56],   64,  3, 1, 1, 1, 1),
+    layer("r50_1x1",     [1, 256,  56,  56],   64,  1, 1, 0, 1, 1),
+    layer("r50_3x3_s2",  [1, 128,  56,  56],  128,  3, 2, 1, 1, 1),
+    layer("r50_deep",    [1, 256,  14,  14],  256,  3, 1, 1, 1, 1),
+    layer("r50_last1x1", [1, 512,   7,   7], 2048,  1, 1, 0, 1, 1),
+    layer("mbv2_dw",     [1, 144,  56,  56],  144,  3, 1, 1, 1, 144),
+    layer("dilated",     [1,  64,  56,  56],   64,  3, 1, 2, 2, 1),
+    layer("batch16",     [16, 32,  32,  32],   64,  3, 1, 1, 1, 1),
+    layer("grouped",     [1, 128,  28,  28],  128,  3, 1, 1, 1, 32),
+];
+
+impl LayerSpec {
+    /// The descriptor of this layer.
+    pub fn params(&self) -> Conv2dParams {
+        let [n, c, h, w] = self.input;
+        Conv2dParams::new(n, c, (h, w), self.out_channels, (self.kernel, self.kernel))
+            .stride(self.stride, self.stride)
+            .padding(Padding::symmetric(self.pad, self.pad))
+            .dilation(self.dilation, self.dilation)
+            .groups(self.groups)
+    }
+
+    /// The layer as a named [`Layer`].
+    pub fn to_layer(self) -> Layer {
+        Layer {
+            name: self.name.to_string(),
+            params: self.params(),
+        }
+    }
+}
+
+/// A named convolution: a suite row or a `--shape`.
+#[derive(Clone, Debug)]
+pub struct Layer {
+    /// Name in the tables.
+    pub name: String,
+    /// The descriptor.
+    pub params: Conv2dParams,
+}
+
+/// The tensors one layer runs on.
+pub struct LayerData {
+    /// `[N, C, H, W]`.
+    pub input: Vec<f32>,
+    /// `[K, C/groups, R, S]`.
+    pub weight: Vec<f32>,
+    /// `[K]`, or `None` (only the seed layer, to keep its textbook result).
+    pub bias: Option<Vec<f32>>,
+}
+
+/// The seed layer's textbook input `[[1,0,1],[2,1,0],[0,1,1]]`.
+pub const SEED_INPUT: [f32; 9] = [1.0, 0.0, 1.0, 2.0, 1.0, 0.0, 0.0, 1.0, 1.0];
+/// The seed layer's kernel `[[1,0],[0,1]]`.
+pub const SEED_WEIGHT: [f32; 4] = [1.0, 0.0, 0.0, 1.0];
+/// What the seed layer must produce: `[[2,0],[3,2]]`.
+pub const SEED_OUTPUT: [f32; 4] = [2.0, 0.0, 3.0, 2.0];
+
+/// SplitMix64: a tiny deterministic generator, good enough for test data.
+pub struct Rng(u64);
+
+impl Rng {
+    /// A generator seeded with `seed`.
+    pub fn new(seed: u64) -> Self {
+        Rng(seed)
+    }
+
+    /// The next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `[-1, 1)`, with 24 random bits.
+    pub fn next_f32(&mut self) -> f32 {
+        (self.next_u64() >> 40) as f32 * (2.0 / (1u32 << 24) as f32) - 1.0
+    }
+
+    /// `len` values in `[-1, 1)`.
+    pub fn vec(&mut self, len: usize) -> Vec<f32> {
+        (0..len).map(|_| self.next_f32()).collect()
+    }
+}
+
+/// FNV-1a of a name: a per-layer seed, so every layer gets its own data.
+fn name_seed(name: &str) -> u64 {
+    name.bytes().fold(0xCBF2_9CE4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01B3)
+    })
+}
+
+impl Layer {
+    /// Validates the descriptor.
+    pub fn build(&self) -> Result<Conv2d, ConvError> {
+        self.params.build()
+    }
+
+    /// Deterministic data for the layer: random values in `[-1, 1)` and a
+    /// bias, except for the seed layer, which gets its textbook input and
+    /// kernel and no bias.
+    pub fn data(&self, conv: &Conv2d) -> LayerData {
+        let g = conv.geometry();
+        if self.name == "seed" && g.input_len() == 9 && g.weight_len() == 4 {
+            return LayerData {
+                input: SEED_INPUT.to_vec(),
+                weight: SEED_WEIGHT.to_vec(),
+                bias: None,
+            };
+        }
+        let mut rng = Rng::new(name_seed(&self.name));
+        LayerData {
+            input: rng.vec(g.input_len()),
+            weight: rng.vec(g.weight_len()),
+            bias: Some(rng.vec(g.out_channels)),
+        }
+    }
+}
+
+/// The suite as [`Layer`]s.
+pub fn suite() -> Vec<Layer> {
+    SUITE.iter().map(|l| l.to_layer()).collect()
+}
+
+/// Square GEMM sizes of `cpuconv gemm` and the GEMM benchmark.
+pub const GEMM_SQUARE: [usize; 6] = [64, 128, 256, 512, 1024, 2048];
+
+/// The GEMMs the suite's convolutions lower to, `M×K×N` = `K × C·R·S × OH·OW`:
+/// r50_3x3, r50_conv1, r50_deep, r50_1x1, r50_last1x1, r50_3x3_s2.
+pub const GEMM_IM2COL: [(usize, usize, usize); 6] = [
+    (64, 576, 3136),
+    (64, 147, 12544),
+    (256, 2304, 196),
+    (64, 256, 3136),
+    (2048, 512, 49),
+    (128, 1152, 784),
+];
+
+/// Every default GEMM shape `(M, K, N)`: the squares, then the im2col shapes.
+pub fn gemm_shapes() -> Vec<(usize, usize, usize)> {
+    GEMM_SQUARE
+        .iter()
+        .map(|&s| (s, s, s))
+        .chain(GEMM_IM2COL)
+        .collect()
+}
+
+/// Help text of the `--shape` syntax.
+pub const SHAPE_SYNTAX: &str = "\
+Custom layer: [NAME=]N,C,H,W:K,RxS[,sS][,pP|pT,B,L,R][,dD][,gG]
+
+  N,C,H,W   input batch, channels, height, width
+  K         output channels
+  RxS       kernel height x width (a single number means square)
+  sS        stride; sHxW for different vertical/horizontal strides
+  pP        symmetric padding; pHxW per axis; pT,B,L,R top, bottom, left, right
+  dD        dilation; dHxW per axis
+  gG        groups (must divide C and K)
+
+Example: --shape mylayer=1,64,56,56:128,3x3,s2,p1  --shape 8,16,32,32:16,5x5,p2,g16";
+
+fn num(s: &str, what: &str) -> Result<usize, String> {
+    s.trim()
+        .parse::<usize>()
+        .map_err(|_| format!("{what}: expected a number, got {s:?}"))
+}
+
+/// `"3"` or `"3x2"`.
+fn pair(s: &str, what: &str) -> Result<(usize, usize), String> {
+    match s.split_once(['x', 'X']) {
+        Some((a, b)) => Ok((num(a, what)?, num(b, what)?)),
+        None => {
+            let v = num(s, what)?;
+            Ok((v, v))
+        }
+    }
+}
+
+/// Parses a `--shape` (see [`SHAPE_SYNTAX`]); `index` names unnamed shapes.
+pub fn parse_shape(spec: &str, index: usize) -> Result<Layer, String> {
+    let (name, rest) = match spec.split_once('=') {
+        Some((n, r)) if !n.trim().is_empty() => (n.trim().to_string(), r),
+        Some((_, r)) => (format!("shape{index}"), r),
+        None => (format!("shape{index}"), spec),
+    };
+    let (input, conv) = rest
+        .split_once(':')
+        .ok_or_else(|| format!("{spec:?}: expected N,C,H,W:K,RxS[,...]"))?;
+    let dims: Vec<usize> = input
+        .split(',')
+        .map(|d| num(d, "input N,C,H,W"))
+        .collect::<Result<_, _>>()?;
+    let [n, c, h, w] = dims[..] else {
+        return Err(format!("{spec:?}: the input needs 4 numbers N,C,H,W"));
+    };
+    let mut tokens = conv.split(',').map(str::trim);
+    let k = num(tokens.next().unwrap_or(""), "output channels K")?;
+    let kernel = pair(
+        tokens
+            .next()
+            .ok_or_else(|| format!("{spec:?}: missing the kernel RxS"))?,
+        "kernel RxS",
+    )?;
+    let mut params = Conv2dParams::new(n, c, (h, w), k, kernel);
+    let mut pads: Option<Vec<usize>> = None;
+    for tok in tokens {
+        if tok.is_empty() {
+            continue;
+        }
+        if tok.bytes().all(|b| b.is_ascii_digit()) {
+            // A bare number continues the pT,B,L,R list.
+            match pads.as_mut() {
+                Some(p) if p.len() < 4 => p.push(num(tok, "padding")?),
+                _ => return Err(format!("{spec:?}: unexpected number {tok:?}")),
+            }
+            continue;
+        }
+        let (key, value) = tok.split_at(1);
+        match key {
+            "s" => {
+                let (a, b) = pair(value, "stride")?;
+                params = params.stride(a, b);
+            }
+            "d" => {
+                let (a, b) = pair(value, "dilation")?;
+                params = params.dilation(a, b);
+            }
+            "g" => params = params.groups(num(value, "groups")?),
+            "p" if value.contains(['x', 'X']) => {
+                let (a, b) = pair(value, "padding")?;
+                pads = Some(vec![a, a, b, b]);
+            }
+            "p" => pads = Some(vec![num(value, "padding")?]),
+            _ => return Err(format!("{spec:?}: unknown option {tok:?} (use s, p, d, g)")),
+        }
+    }
+    match pads.as_deref() {
+        None => {}
+        Some(&[p]) => params = params.padding(Padding::symmetric(p, p)),
+        Some(&[t, b, l, r]) => params = params.padding(Padding::explicit(t, b, l, r)),
+        Some(p) => {
+            return Err(format!(
+                "{spec:?}: padding takes 1 value or 4 (T,B,L,R), got {}",
+                p.len()
+            ))
+        }
+    }
+    Ok(Layer { name, params })
+}
+
+/// Parses a GEMM `--shape`: `MxKxN`, or one number for a square.
+pub fn parse_gemm_shape(s: &str) -> Result<(usize, usize, usize), String> {
+    let parts: Vec<&str> = s.split(['x', 'X']).collect();
+    match parts[..] {
+        [n] => {
+            let n = num(n, "size")?;
+            Ok((n, n, n))
+        }
+        [m, k, n] => Ok((num(m, "M")?, num(k, "K")?, num(n, "N")?)),
+        _ => Err(format!("{s:?}: expected MxKxN or a single size")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn suite_layers_build() {
+        for l in suite() {
+            let conv = l.build().unwrap_or_else(|e| panic!("{}: {e}", l.name));
+            let d = l.data(&conv);
+            assert_eq!(d.input.len(), conv.geometry().input_len());
+        }
+    }
+
+    #[test]
+    fn suite_matches_gemm_shapes() {
+        // The im2col shapes are the suite's GEMMs.
+        for (name, shape) in [
+            ("r50_3x3", GEMM_IM2COL[0]),
+            ("r50_conv1", GEMM_IM2COL[1]),
+            ("r50_deep", GEMM_IM2COL[2]),
+            ("r50_1x1", GEMM_IM2COL[3]),
+            ("r50_last1x1", GEMM_IM2COL[4]),
+            ("r50_3x3_s2", GEMM_IM2COL[5]),
+        ] {
+            let l = SUITE.iter().find(|l| l.name == name).unwrap();
+            let g = *l.params().build().unwrap().geometry();
+            assert_eq!(
+                (g.out_channels_per_group(), g.gemm_k(), g.out_plane()),
+                shape,
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
+    fn shapes_parse() {
+        let l = parse_shape("x=1,64,56,56:128,3x3,s2,p1", 0).unwrap();
+        assert_eq!(l.name, "x");
+        let c = l.build().unwrap();
+        assert_eq!(c.output_shape(), [1, 128, 28, 28]);
+
+        let l = parse_shape("2,8,10,12:4,3x5,p1,2,0,3,d2,g2", 7).unwrap();
+        assert_eq!(l.name, "shape7");
+        assert_eq!(l.params.padding, Padding::explicit(1, 2, 0, 3).into());
+        assert_eq!(l.params.dilation, (2, 2));
+        assert_eq!(l.params.groups, 2);
+        assert_eq!(l.params.kernel_size, (3, 5));
+
+        let l = parse_shape("1,1,8,8:1,3,s2x1,p1x2", 0).unwrap();
+        assert_eq!(l.params.stride, (2, 1));
+        assert_eq!(l.params.padding, Padding::explicit(1, 1, 2, 2).into());
+
+        assert!(parse_shape("1,1,8:1,3", 0).is_err());
+        assert!(parse_shape("1,1,8,8:1,3,p1,2", 0).is_err());
+        assert!(parse_shape("1,1,8,8:1,3,q1", 0).is_err());
+        assert_eq!(parse_gemm_shape("64x576x3136"), Ok((64, 576, 3136)));
+        assert_eq!(parse_gemm_shape("512"), Ok((512, 512, 512)));
+    }
+}

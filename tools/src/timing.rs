@@ -1,0 +1,112 @@
+//! Wall-clock measurement: warm-up, then the median of samples that are each
+//! long enough to sit well above timer and scheduler noise.
+
+use std::time::{Duration, Instant};
+
+/// How long a measurement may take and how long each sample must be.
+#[derive(Clone, Copy, Debug)]
+pub struct Budget {
+    /// Rough bound on the timed samples of one measurement (the warm-up
+    /// and the minimum sample count can exceed it for slow calls).
+    pub total: Duration,
+    /// Shortest sample: calls are repeated inside a sample until it is this long.
+    pub min_sample: Duration,
+    /// Fewest samples, however slow a call is.
+    pub min_samples: usize,
+    /// Most samples, however fast a call is.
+    pub max_samples: usize,
+}
+
+impl Budget {
+    /// `total` per measurement, samples of at least 20 ms, 3 to 25 of them.
+    pub fn new(total: Duration) -> Self {
+        Budget {
+            total,
+            min_sample: Duration::from_millis(20),
+            min_samples: 3,
+            max_samples: 25,
+        }
+    }
+}
+
+/// The result of one measurement.
+#[derive(Clone, Copy, Debug)]
+pub struct Timing {
+    /// Median seconds per call.
+    pub median_s: f64,
+    /// Fastest sample, seconds per call.
+    pub min_s: f64,
+    /// Samples taken.
+    pub samples: usize,
+    /// Calls per sample.
+    pub reps: usize,
+}
+
+/// Times `f`: warms up (one call, then more for up to ~100 ms when calls are
+/// short), picks how many calls make a sample of at least
+/// `budget.min_sample`, and returns the median seconds per call over as many
+/// samples as fit in `budget.total` (clamped to the budget's sample range).
+pub fn measure(budget: &Budget, mut f: impl FnMut()) -> Timing {
+    // Warm-up: the first call pays for page faults, kernel tables, packing
+    // buffers; short calls get more warm-up to settle caches and clocks.
+    let start = Instant::now();
+    f();
+    let mut per_call = start.elapsed();
+    let warm_until = Instant::now() + Duration::from_millis(100);
+    if per_call < Duration::from_millis(20) {
+        while Instant::now() < warm_until {
+            let t = Instant::now();
+            f();
+            per_call = per_call.min(t.elapsed());
+        }
+    }
+    let per_call = per_call.max(Duration::from_nanos(1));
+    let reps = (budget.min_sample.as_secs_f64() / per_call.as_secs_f64())
+        .ceil()
+        .max(1.0) as usize;
+    let sample = per_call.as_secs_f64() * reps as f64;
+    let samples = ((budget.total.as_secs_f64() / sample) as usize).clamp(
+        budget.min_samples,
+        budget.max_samples.max(budget.min_samples),
+    );
+    let mut times: Vec<f64> = (0..samples)
+        .map(|_| {
+            let t = Instant::now();
+            for _ in 0..reps {
+                f();
+            }
+            t.elapsed().as_secs_f64() / reps as f64
+        })
+        .collect();
+    times.sort_by(f64::total_cmp);
+    let mid = times.len() / 2;
+    let median_s = if times.len() % 2 == 1 {
+        times[mid]
+    } else {
+        (times[mid - 1] + times[mid]) / 2.0
+    };
+    Timing {
+        median_s,
+        min_s: times[0],
+        samples,
+        reps,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn short_calls_are_batched_and_bounded() {
+        let b = Budget::new(Duration::from_millis(100));
+        let mut calls = 0u64;
+        let t = measure(&b, || {
+            calls += 1;
+            std::hint::black_box(calls);
+        });
+        assert!(t.reps > 1);
+        assert!((3..=25).contains(&t.samples));
+        assert!(t.median_s > 0.0 && t.min_s <= t.median_s);
+    }
+}
