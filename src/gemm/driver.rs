@@ -264,9 +264,14 @@ unsafe fn gemm_block<B: BSource>(
     ep: &Epilogue,
     kernel: &Kernel,
 ) {
-    let KernelInfo {
-        mr, nr, mc, kc, nc, ..
-    } = kernel.info;
+    let KernelInfo { mr, nr, mc, nc, .. } = kernel.info;
+    // Split k into equal blocks no deeper than KC rather than full blocks
+    // plus a thin remainder, whose epilogue and C traffic cost as much as a
+    // full block's while doing little work.
+    let kc = k
+        .div_ceil(k.div_ceil(kernel.info.kc))
+        .next_multiple_of(8)
+        .min(kernel.info.kc);
     with_pack_buffers(|abuf: &mut AlignedBuf, bbuf: &mut AlignedBuf| {
         for jc in (n0..n1).step_by(nc) {
             let ncur = nc.min(n1 - jc);
