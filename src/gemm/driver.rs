@@ -310,6 +310,10 @@ unsafe fn gemm_block<B: BSource>(
                         let bp = unsafe { bpack.as_ptr().add(jr * kcur * nr) };
                         let col = jc + jr * nr;
                         let cols = nr.min(n1 - col);
+                        let func = match kernel.narrow {
+                            Some((width, narrow)) if cols <= width => narrow,
+                            _ => kernel.func,
+                        };
                         for ir in 0..mpanels {
                             let row = ic + ir * mr;
                             let tile = TileEpilogue {
@@ -326,7 +330,7 @@ unsafe fn gemm_block<B: BSource>(
                             // SAFETY: the panels hold kcur steps; the tile at
                             // (row, col) is inside this task's block of C.
                             unsafe {
-                                (kernel.func)(
+                                func(
                                     kcur,
                                     apanels.add(ir * panel_stride),
                                     bp,

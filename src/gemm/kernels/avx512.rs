@@ -51,17 +51,44 @@ pub(crate) unsafe fn kernel(
     epilogue: &TileEpilogue,
 ) {
     // SAFETY: forwarded; dispatch only selects this kernel when AVX-512F is present.
-    unsafe { kernel_mr::<MR, 2>(kc, a, b, c, rsc, csc, rows, cols, epilogue) }
+    unsafe { kernel_mr::<MR, 2, NR>(kc, a, b, c, rsc, csc, rows, cols, epilogue) }
 }
 
-/// `MR × 32` kernel for any `MR ≤ 16`.
+/// Columns the narrow kernel computes: one zmm.
+pub(crate) const NR_NARROW: usize = 16;
+
+/// `MR × 16` over the same 32-wide B panels, for a right-edge panel with at
+/// most 16 real columns (e.g. 196 = 6·32 + 4 output pixels of a 14×14 layer):
+/// half the FMAs of the full kernel on a mostly-zero panel.
+///
+/// # Safety
+/// As [`kernel`], with `cols ≤ 16`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn kernel_narrow(
+    kc: usize,
+    a: *const f32,
+    b: *const f32,
+    c: *mut f32,
+    rsc: isize,
+    csc: isize,
+    rows: usize,
+    cols: usize,
+    epilogue: &TileEpilogue,
+) {
+    // SAFETY: forwarded; the B panel has NR floats per step, of which this
+    // kernel reads the first 16.
+    unsafe { kernel_mr::<MR, 1, NR>(kc, a, b, c, rsc, csc, rows, cols, epilogue) }
+}
+
+/// `R × 16·V` kernel for any `R ≤ 16`, `V ≤ 4`, over B panels of `BS ≥ 16·V`
+/// floats per step.
 ///
 /// # Safety
 /// As [`kernel`].
 #[target_feature(enable = "avx512f,fma")]
 #[allow(clippy::too_many_arguments)]
 #[inline]
-pub(crate) unsafe fn kernel_mr<const R: usize, const V: usize>(
+pub(crate) unsafe fn kernel_mr<const R: usize, const V: usize, const BS: usize>(
     kc: usize,
     a: *const f32,
     b: *const f32,
@@ -88,8 +115,9 @@ pub(crate) unsafe fn kernel_mr<const R: usize, const V: usize>(
     let mut acc = [[_mm512_setzero_ps(); V]; R];
     let (mut ap, mut bp) = (a, b);
     for _ in 0..kc {
-        // SAFETY: the panels hold kc steps of R (A) and 16·V (B) floats; B is
-        // 64-byte aligned and each step is 64·V bytes, so every load is aligned.
+        // SAFETY: the panels hold kc steps of R (A) and BS (B) floats; B is
+        // 64-byte aligned and each step is 4·BS bytes, a multiple of 64, so
+        // every load is aligned.
         unsafe {
             let bv: [__m512; V] = core::array::from_fn(|v| _mm512_load_ps(bp.add(16 * v)));
             for (i, row) in acc.iter_mut().enumerate() {
@@ -99,7 +127,7 @@ pub(crate) unsafe fn kernel_mr<const R: usize, const V: usize>(
                 }
             }
             ap = ap.add(R);
-            bp = bp.add(nr);
+            bp = bp.add(BS);
         }
     }
 

@@ -190,6 +190,9 @@ pub struct KernelInfo {
 pub(crate) struct Kernel {
     pub info: KernelInfo,
     pub func: MicroKernelFn,
+    /// A kernel for right-edge tiles of at most `.0` columns, reading the
+    /// same packed panels, where the full tile would be mostly padding.
+    pub narrow: Option<(usize, MicroKernelFn)>,
 }
 
 /// Cache blocking for an `mr × nr` kernel, after the BLIS analytical model,
@@ -246,9 +249,15 @@ fn build_kernel(isa: Isa) -> Kernel {
         Isa::Avx2 => (avx2::MR, avx2::NR, avx2::kernel),
         _ => (portable::MR, portable::NR, portable::kernel),
     };
+    let narrow: Option<(usize, MicroKernelFn)> = match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => Some((avx512::NR_NARROW, avx512::kernel_narrow)),
+        _ => None,
+    };
     Kernel {
         info: blocking(isa, mr, nr, caches),
         func,
+        narrow,
     }
 }
 
