@@ -24,6 +24,9 @@ impl AlignedBuf {
     pub(crate) fn get(&mut self, len: usize) -> &mut [f32] {
         let lines = len.div_ceil(16);
         if self.lines.len() < lines {
+            // Exact growth: the buffer's size is the blocking's bound, not
+            // twice it.
+            self.lines.reserve_exact(lines - self.lines.len());
             self.lines.resize(lines, Line([0.0; 16]));
         }
         // SAFETY: `Line` is `repr(C)` over `[f32; 16]` with no padding, so the
