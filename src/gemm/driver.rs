@@ -247,6 +247,12 @@ pub(crate) unsafe fn gemm<B: BSource>(
 
 /// The sequential loop nest over rows `m0..m1` and columns `n0..n1` of C.
 ///
+/// When the rows fit in one MC block (the usual convolution: M = output
+/// channels ≤ MC), the KC loop goes outside the NC loop and B is packed in
+/// blocks of about MC columns: A is then packed once per KC block, and each
+/// packed B block (≤ L2/2) is consumed while it is still in L2 instead of
+/// being written out to L3 and read back.
+///
 /// # Safety
 /// As [`gemm`]; `m0` is a multiple of the kernel's MR.
 #[allow(clippy::too_many_arguments)]
@@ -264,7 +270,7 @@ unsafe fn gemm_block<B: BSource>(
     ep: &Epilogue,
     kernel: &Kernel,
 ) {
-    let KernelInfo { mr, nr, mc, nc, .. } = kernel.info;
+    let KernelInfo { nr, mc, nc, .. } = kernel.info;
     // Split k into equal blocks no deeper than KC rather than full blocks
     // plus a thin remainder, whose epilogue and C traffic cost as much as a
     // full block's while doing little work.
@@ -272,82 +278,164 @@ unsafe fn gemm_block<B: BSource>(
         .div_ceil(k.div_ceil(kernel.info.kc))
         .next_multiple_of(8)
         .min(kernel.info.kc);
+    let ctx = MacroKernel {
+        alpha,
+        beta,
+        c,
+        ep,
+        kernel,
+        k,
+        m1,
+        n1,
+    };
     with_pack_buffers(|abuf: &mut AlignedBuf, bbuf: &mut AlignedBuf| {
-        for jc in (n0..n1).step_by(nc) {
-            let ncur = nc.min(n1 - jc);
-            let npanels = ncur.div_ceil(nr);
+        if m1 - m0 <= mc {
+            let nc_small = mc.next_multiple_of(nr).min(nc);
             for pc in (0..k).step_by(kc) {
                 let kcur = kc.min(k - pc);
-                let bpack = bbuf.get(npanels * kcur * nr);
+                // SAFETY: rows m0..m1 and depth pc..pc+kcur are inside A.
+                let (apanels, stride) = unsafe { a_block(a, m0, m1 - m0, pc, kcur, kernel, abuf) };
+                for jc in (n0..n1).step_by(nc_small) {
+                    let ncur = nc_small.min(n1 - jc);
+                    let bpack = bbuf.get(ncur.div_ceil(nr) * kcur * nr);
+                    // SAFETY: the block is inside B and bpack has the room.
+                    unsafe { b.pack_block(pc, kcur, jc, ncur, nr, bpack) };
+                    // SAFETY: forwarded; the panels were packed above.
+                    unsafe { ctx.run(apanels, stride, m0, m1 - m0, bpack, jc, ncur, pc, kcur) };
+                }
+            }
+            return;
+        }
+        for jc in (n0..n1).step_by(nc) {
+            let ncur = nc.min(n1 - jc);
+            for pc in (0..k).step_by(kc) {
+                let kcur = kc.min(k - pc);
+                let bpack = bbuf.get(ncur.div_ceil(nr) * kcur * nr);
                 // SAFETY: the block is inside B and bpack has the room.
                 unsafe { b.pack_block(pc, kcur, jc, ncur, nr, bpack) };
-                let first = pc == 0;
-                let last = pc + kcur == k;
                 for ic in (m0..m1).step_by(mc) {
                     let mcur = mc.min(m1 - ic);
-                    let mpanels = mcur.div_ceil(mr);
-                    let (apanels, panel_stride) = match *a {
-                        ASource::Strided { ptr, rs, cs } => {
-                            let apack = abuf.get(mpanels * kcur * mr);
-                            // SAFETY: (ic, pc) and the mcur × kcur block are inside A.
-                            unsafe {
-                                let origin = ptr.offset(ic as isize * rs + pc as isize * cs);
-                                pack_a_strided(origin, rs, cs, mcur, kcur, mr, apack);
-                            }
-                            (apack.as_ptr(), kcur * mr)
-                        }
-                        ASource::Packed { ptr, k: kfull, .. } => {
-                            // SAFETY: ic is a multiple of mr; the panels cover
-                            // every row of A at full depth.
-                            (
-                                unsafe { ptr.add((ic / mr) * kfull * mr + pc * mr) },
-                                kfull * mr,
-                            )
-                        }
-                    };
-                    for jr in 0..npanels {
-                        // SAFETY: panel jr of the packed B block.
-                        let bp = unsafe { bpack.as_ptr().add(jr * kcur * nr) };
-                        let col = jc + jr * nr;
-                        let cols = nr.min(n1 - col);
-                        let func = match kernel.narrow {
-                            Some((width, narrow)) if cols <= width => narrow,
-                            _ => kernel.func,
-                        };
-                        for ir in 0..mpanels {
-                            let row = ic + ir * mr;
-                            let tile = TileEpilogue {
-                                alpha,
-                                beta: if first { beta } else { 1.0 },
-                                bias: if first && !ep.bias.is_null() {
-                                    // SAFETY: row < m and bias holds m values.
-                                    unsafe { ep.bias.add(row) }
-                                } else {
-                                    std::ptr::null()
-                                },
-                                clamp: if last { ep.clamp } else { None },
-                            };
-                            // SAFETY: the panels hold kcur steps; the tile at
-                            // (row, col) is inside this task's block of C.
-                            unsafe {
-                                func(
-                                    kcur,
-                                    apanels.add(ir * panel_stride),
-                                    bp,
-                                    c.ptr.offset(row as isize * c.rs + col as isize * c.cs),
-                                    c.rs,
-                                    c.cs,
-                                    mr.min(m1 - row),
-                                    cols,
-                                    &tile,
-                                )
-                            };
-                        }
-                    }
+                    // SAFETY: rows ic..ic+mcur and depth pc..pc+kcur are inside A.
+                    let (apanels, stride) = unsafe { a_block(a, ic, mcur, pc, kcur, kernel, abuf) };
+                    // SAFETY: forwarded; the panels were packed above.
+                    unsafe { ctx.run(apanels, stride, ic, mcur, bpack, jc, ncur, pc, kcur) };
                 }
             }
         }
     });
+}
+
+/// The A panels of rows `ic..ic+mcur` at depth `pc..pc+kcur`: packed into
+/// `abuf` from a strided A, or found in place in a pre-packed one. Returns
+/// the first panel and the distance between panels.
+///
+/// # Safety
+/// The block is inside A; `ic` is a multiple of MR.
+unsafe fn a_block(
+    a: &ASource,
+    ic: usize,
+    mcur: usize,
+    pc: usize,
+    kcur: usize,
+    kernel: &Kernel,
+    abuf: &mut AlignedBuf,
+) -> (*const f32, usize) {
+    let mr = kernel.info.mr;
+    match *a {
+        ASource::Strided { ptr, rs, cs } => {
+            let apack = abuf.get(mcur.div_ceil(mr) * kcur * mr);
+            // SAFETY: (ic, pc) and the mcur × kcur block are inside A.
+            unsafe {
+                let origin = ptr.offset(ic as isize * rs + pc as isize * cs);
+                pack_a_strided(origin, rs, cs, mcur, kcur, mr, apack);
+            }
+            (apack.as_ptr(), kcur * mr)
+        }
+        ASource::Packed { ptr, k: kfull, .. } => (
+            // SAFETY: ic is a multiple of mr; the panels cover every row of
+            // A at full depth.
+            unsafe { ptr.add((ic / mr) * kfull * mr + pc * mr) },
+            kfull * mr,
+        ),
+    }
+}
+
+/// What the innermost two loops need besides the packed panels.
+struct MacroKernel<'a> {
+    alpha: f32,
+    beta: f32,
+    c: CTile,
+    ep: &'a Epilogue,
+    kernel: &'a Kernel,
+    k: usize,
+    m1: usize,
+    n1: usize,
+}
+
+impl MacroKernel<'_> {
+    /// The NR and MR loops over one packed A block (rows `ic..ic+mcur`) and
+    /// one packed B block (columns `jc..jc+ncur`) at depth `pc..pc+kcur`.
+    ///
+    /// # Safety
+    /// The panels hold the blocks described; the tiles are inside this
+    /// task's block of C.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn run(
+        &self,
+        apanels: *const f32,
+        panel_stride: usize,
+        ic: usize,
+        mcur: usize,
+        bpack: &[f32],
+        jc: usize,
+        ncur: usize,
+        pc: usize,
+        kcur: usize,
+    ) {
+        let KernelInfo { mr, nr, .. } = self.kernel.info;
+        let (first, last) = (pc == 0, pc + kcur == self.k);
+        let ep = self.ep;
+        for jr in 0..ncur.div_ceil(nr) {
+            let bp = bpack[jr * kcur * nr..].as_ptr();
+            let col = jc + jr * nr;
+            let cols = nr.min(self.n1 - col);
+            let func = match self.kernel.narrow {
+                Some((width, narrow)) if cols <= width => narrow,
+                _ => self.kernel.func,
+            };
+            for ir in 0..mcur.div_ceil(mr) {
+                let row = ic + ir * mr;
+                let tile = TileEpilogue {
+                    alpha: self.alpha,
+                    beta: if first { self.beta } else { 1.0 },
+                    bias: if first && !ep.bias.is_null() {
+                        // SAFETY: row < m and bias holds m values.
+                        unsafe { ep.bias.add(row) }
+                    } else {
+                        std::ptr::null()
+                    },
+                    clamp: if last { ep.clamp } else { None },
+                };
+                // SAFETY: the panels hold kcur steps; the tile at (row, col)
+                // is inside this task's block of C.
+                unsafe {
+                    func(
+                        kcur,
+                        apanels.add(ir * panel_stride),
+                        bp,
+                        self.c
+                            .ptr
+                            .offset(row as isize * self.c.rs + col as isize * self.c.cs),
+                        self.c.rs,
+                        self.c.cs,
+                        mr.min(self.m1 - row),
+                        cols,
+                        &tile,
+                    )
+                };
+            }
+        }
+    }
 }
 
 /// The `matrixmultiply` backend, threaded by splitting C's columns across
