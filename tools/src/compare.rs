@@ -8,6 +8,7 @@ use crate::{
     all_algorithms, effective_isa, parse_algorithm, parse_isa, pool, progress, BackendArg,
 };
 use clap::Args;
+use cpuconv::gemm::kernels::peak::fma_peak_gflops;
 use cpuconv::{Activation, Algorithm, Conv2d, ForwardOptions, Isa, Parallelism};
 use std::time::Duration;
 
@@ -55,6 +56,12 @@ pub struct CompareArgs {
     /// List the suite's layers and exit.
     #[arg(long)]
     list: bool,
+
+    /// Time every algorithm but Direct through a plan (`Conv2d::plan`, made
+    /// once, untimed): weights pre-packed, `Auto` resolved, bias bound. This
+    /// is how a framework runs a layer repeatedly.
+    #[arg(long)]
+    plan: bool,
 }
 
 /// The layers to run: `--layer` picks from the suite, `--shape` adds custom
@@ -166,19 +173,30 @@ pub fn run(args: &CompareArgs) -> Result<(), String> {
     };
     let table = Table::new(&[
         left("layer", 12),
-        left("algorithm", 18),
+        left("algorithm", 22),
         right("median ms", 10),
         right("GFLOP/s", 8),
+        right("% peak", 6),
         right("speedup", 8),
         right("max abs err", 11),
     ]);
+    // The FMA peak of the same ISA and thread count, measured in this run,
+    // so the table says how much of the machine each algorithm uses.
+    let peak = fma_peak_gflops(isa, threads);
     if !args.json {
         println!(
-            "cpuconv {} compare: isa {isa}, {threads} thread{}, backend {}, \
-             median of samples; speedup and error are relative to direct.\n",
+            "cpuconv {} compare: isa {isa}, {threads} thread{}, backend {}, {}, \
+             median of samples; speedup and error are relative to direct; \
+             % peak is of the measured {isa} FMA peak, {} GFLOP/s.\n",
             env!("CARGO_PKG_VERSION"),
             if threads == 1 { "" } else { "s" },
             args.backend.name(),
+            if args.plan {
+                "planned (pre-packed weights)"
+            } else {
+                "one-shot forward"
+            },
+            sig(peak),
         );
         println!("{}", table.header());
     }
@@ -212,8 +230,22 @@ pub fn run(args: &CompareArgs) -> Result<(), String> {
                 };
                 let mut out = vec![f32::NAN; len];
                 let mut failure = None;
+                let planned = if args.plan && algo != Algorithm::Direct {
+                    let plan = conv
+                        .plan(&data.weight, bias, &options)
+                        .map_err(|e| format!("layer {} / {}: {e}", layer.name, algo.name()))?;
+                    Some(plan)
+                } else {
+                    None
+                };
                 let t = measure(&budget, || {
-                    if let Err(e) = run_once(&options, &mut out) {
+                    let result = match &planned {
+                        Some(plan) => plan
+                            .forward(&data.input, &mut out)
+                            .map_err(|e| format!("layer {} / {}: {e}", layer.name, algo.name())),
+                        None => run_once(&options, &mut out),
+                    };
+                    if let Err(e) = result {
                         failure.get_or_insert(e);
                     }
                 });
@@ -240,6 +272,11 @@ pub fn run(args: &CompareArgs) -> Result<(), String> {
                 } else {
                     (algo.name().to_string(), None)
                 };
+                let label = if planned.is_some() {
+                    format!("{label}+plan")
+                } else {
+                    label
+                };
                 let line = if args.json {
                     serde_json::json!({
                         "layer": layer.name,
@@ -248,6 +285,8 @@ pub fn run(args: &CompareArgs) -> Result<(), String> {
                         "median_ms": t.median_s * 1e3,
                         "min_ms": t.min_s * 1e3,
                         "gflops": gflops,
+                        "peak_fraction": gflops / peak,
+                        "planned": planned.is_some(),
                         "speedup": speedup,
                         "max_abs_err": err,
                         "flops": conv.flops(),
@@ -264,6 +303,7 @@ pub fn run(args: &CompareArgs) -> Result<(), String> {
                         label,
                         sig(t.median_s * 1e3),
                         sig(gflops),
+                        format!("{:.0}%", 100.0 * gflops / peak),
                         speedup.map_or("–".into(), |s| format!("{}x", sig(s))),
                         if err == 0.0 {
                             "0".into()
