@@ -53,32 +53,41 @@ pub(crate) fn im2col_row(g: &ConvGeometry, image: &[f32], kk: usize, j0: usize, 
     let channel = &image[c * g.in_plane()..][..g.in_plane()];
     // Output columns whose input column is in bounds for this tap.
     let (w_lo, w_hi) = valid_range(g.out_w, g.stride_w, dx, g.in_w);
-    let mut col = j0;
+    // One division to find where the segment starts; after that each run
+    // ends at an output row boundary, so the position just advances.
+    let (mut oh, mut ow0) = (j0 / g.out_w, j0 % g.out_w);
     let mut rest = out;
     while !rest.is_empty() {
-        let (oh, ow0) = (col / g.out_w, col % g.out_w);
         let run = (g.out_w - ow0).min(rest.len());
         let (seg, tail) = rest.split_at_mut(run);
         rest = tail;
-        col += run;
         let ih = (oh * g.stride_h) as isize + dy;
         let (lo, hi) = (w_lo.clamp(ow0, ow0 + run), w_hi.clamp(ow0, ow0 + run));
         if ih < 0 || ih >= g.in_h as isize || lo == hi {
             seg.fill(0.0);
-            continue;
-        }
-        let src = &channel[ih as usize * g.in_w..][..g.in_w];
-        seg[..lo - ow0].fill(0.0);
-        seg[hi - ow0..].fill(0.0);
-        let interior = &mut seg[lo - ow0..hi - ow0];
-        let iw0 = ((lo * g.stride_w) as isize + dx) as usize;
-        if g.stride_w == 1 {
-            interior.copy_from_slice(&src[iw0..][..interior.len()]);
         } else {
-            for (o, x) in interior.iter_mut().enumerate() {
-                *x = src[iw0 + o * g.stride_w];
+            let src = &channel[ih as usize * g.in_w..][..g.in_w];
+            seg[..lo - ow0].fill(0.0);
+            seg[hi - ow0..].fill(0.0);
+            let interior = &mut seg[lo - ow0..hi - ow0];
+            let iw0 = ((lo * g.stride_w) as isize + dx) as usize;
+            if g.stride_w == 1 {
+                // An element loop, not `copy_from_slice`: runs are short (one
+                // output row), and a vectorised loop beats a `memcpy` call.
+                for (x, &v) in interior.iter_mut().zip(&src[iw0..]) {
+                    *x = v;
+                }
+            } else {
+                for (x, &v) in interior
+                    .iter_mut()
+                    .zip(src[iw0..].iter().step_by(g.stride_w))
+                {
+                    *x = v;
+                }
             }
         }
+        oh += 1;
+        ow0 = 0;
     }
 }
 
