@@ -29,7 +29,7 @@ pub mod error;
 pub mod gemm;
 pub mod geometry;
 
-pub use conv::{Algorithm, Conv2d, Conv2dPlan, ForwardOptions};
+pub use conv::{Algorithm, Conv2d, Conv2dPlan, ForwardOptions, Workspace};
 pub use error::{ConvError, GemmError};
 pub use gemm::{isa, Activation, GemmBackend, GemmOptions, Isa, Parallelism};
 pub use geometry::{Conv2dParams, ConvGeometry, ConvMode, OnnxAutoPad, Padding, PaddingSpec};

@@ -49,6 +49,8 @@ fn largest_allocation(f: impl FnOnce()) -> usize {
 /// a single test rather than as parallel tests.
 #[test]
 fn implicit_memory_is_bounded_by_the_packing_panels() {
+    // First, while every thread's own packing buffers are still cold.
+    caller_workspace_means_no_allocation_at_all();
     implicit_allocates_no_column_matrix();
     planned_implicit_forward_allocates_nothing_once_warm();
 }
@@ -136,4 +138,52 @@ fn planned_implicit_forward_allocates_nothing_once_warm() {
         }
     });
     assert_eq!(largest, 0, "a warm planned forward allocated {largest} B");
+}
+
+/// With a workspace from the plan, even the first call allocates nothing,
+/// for both GEMM lowerings, and gives the one-shot forward's values.
+fn caller_workspace_means_no_allocation_at_all() {
+    // K_gemm = 32·4·4 = 512: a full-depth KC block.
+    let conv = Conv2dParams::new(2, 32, (20, 20), 24, (4, 4))
+        .padding(Padding::symmetric(1, 1))
+        .build()
+        .unwrap();
+    let g = *conv.geometry();
+    let x: Vec<f32> = (0..g.input_len()).map(|i| (i % 13) as f32 - 6.0).collect();
+    let w: Vec<f32> = (0..g.weight_len()).map(|i| (i % 7) as f32 * 0.1).collect();
+    let b: Vec<f32> = (0..g.out_channels).map(|i| i as f32).collect();
+    for algorithm in [Algorithm::Implicit, Algorithm::Im2col] {
+        let opts = ForwardOptions::new(algorithm);
+        let plan = conv.plan(&w, Some(&b), &opts).unwrap();
+        // The reference runs Direct, so no thread's packing buffers get warm.
+        let want = conv
+            .forward_to_vec(&x, &w, Some(&b), Algorithm::Direct)
+            .unwrap();
+        let mut ws = plan.workspace();
+        assert!(ws.bytes() >= plan.workspace_bytes_per_thread());
+        let mut out = vec![0.0f32; g.output_len()];
+        // On a fresh thread, whose per-thread packing buffers are cold: any
+        // use of them instead of the workspace would allocate.
+        let largest = std::thread::scope(|s| {
+            s.spawn(|| {
+                largest_allocation(|| {
+                    for _ in 0..2 {
+                        plan.forward_in(&x, &mut out, &mut ws).unwrap();
+                    }
+                })
+            })
+            .join()
+            .unwrap()
+        });
+        assert_eq!(
+            largest, 0,
+            "{algorithm:?}: forward_in allocated {largest} B"
+        );
+        for (o, r) in out.iter().zip(&want) {
+            assert!(
+                (o - r).abs() <= 1e-4 * (1.0 + r.abs()),
+                "{algorithm:?}: {o} vs {r}"
+            );
+        }
+    }
 }

@@ -11,7 +11,7 @@ use super::im2col::im2col_group;
 use super::implicit::Im2colView;
 use super::ForwardOptions;
 use crate::gemm::driver::{ASource, CTile, Epilogue};
-use crate::gemm::pack::{BSource, StridedB};
+use crate::gemm::pack::{BSource, PackBuffers, StridedB};
 use crate::gemm::{gemm_with_epilogue, GemmOptions, Parallelism};
 use crate::geometry::ConvGeometry;
 use rayon::prelude::*;
@@ -71,7 +71,18 @@ fn split_over_pairs(pairs: usize, threads: usize) -> bool {
     threads > 1 && (pairs.is_multiple_of(threads) || pairs >= 4 * threads)
 }
 
-/// Runs the convolution as GEMMs. Buffers are checked by the caller.
+/// Everything one thread needs to run the convolution's GEMMs without
+/// allocating: the GEMM's packing buffers and, for the explicit lowering,
+/// the column matrix of one image group.
+#[derive(Default)]
+pub(crate) struct ConvScratch {
+    pub pack: PackBuffers,
+    pub col: Vec<f32>,
+}
+
+/// Runs the convolution as GEMMs. Buffers are checked by the caller. With
+/// `scratch`, everything runs on the calling thread and packs into it.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn forward_gemm(
     g: &ConvGeometry,
     input: &[f32],
@@ -80,14 +91,41 @@ pub(crate) fn forward_gemm(
     output: &mut [f32],
     opts: &ForwardOptions,
     lowering: Lowering,
+    scratch: Option<&mut ConvScratch>,
 ) {
     let pairs = g.batch * g.groups;
-    let threads = opts.parallelism.max_threads().min(pairs);
     let out = CTile {
         ptr: output.as_mut_ptr(),
         rs: g.out_plane() as isize,
         cs: 1,
     };
+    if let Some(scratch) = scratch {
+        let gemm_opts = GemmOptions {
+            backend: opts.backend,
+            parallelism: Parallelism::Sequential,
+            isa: opts.isa,
+        };
+        for pair in 0..pairs {
+            // SAFETY: `output` is exclusively borrowed and pairs run one at a time.
+            unsafe {
+                run_pair(
+                    g,
+                    input,
+                    weights,
+                    bias,
+                    out,
+                    opts,
+                    &gemm_opts,
+                    lowering,
+                    pair,
+                    &mut scratch.col,
+                    Some(&mut scratch.pack),
+                )
+            };
+        }
+        return;
+    }
+    let threads = opts.parallelism.max_threads().min(pairs);
     if split_over_pairs(pairs, threads) {
         let gemm_opts = GemmOptions {
             backend: opts.backend,
@@ -103,6 +141,7 @@ pub(crate) fn forward_gemm(
                 unsafe {
                     run_pair(
                         g, input, weights, bias, *out, opts, &gemm_opts, lowering, pair, &mut col,
+                        None,
                     )
                 };
             }
@@ -118,7 +157,7 @@ pub(crate) fn forward_gemm(
             // SAFETY: `output` is exclusively borrowed and pairs run one at a time.
             unsafe {
                 run_pair(
-                    g, input, weights, bias, out, opts, &gemm_opts, lowering, pair, &mut col,
+                    g, input, weights, bias, out, opts, &gemm_opts, lowering, pair, &mut col, None,
                 )
             };
         }
@@ -142,6 +181,7 @@ unsafe fn run_pair(
     lowering: Lowering,
     pair: usize,
     col: &mut Vec<f32>,
+    pack: Option<&mut PackBuffers>,
 ) {
     let (n, grp) = (pair / g.groups, pair % g.groups);
     let (cg, kg) = (g.channels_per_group(), g.out_channels_per_group());
@@ -168,7 +208,7 @@ unsafe fn run_pair(
                 rs: plane as isize,
                 cs: 1,
             };
-            unsafe { gemm_group(g, &a, &b, c, &epilogue, gemm_opts) }
+            unsafe { gemm_group(g, &a, &b, c, &epilogue, gemm_opts, pack) }
         }
         Lowering::Implicit if g.is_pointwise_identity() => {
             let b = StridedB {
@@ -176,11 +216,11 @@ unsafe fn run_pair(
                 rs: g.in_plane() as isize,
                 cs: 1,
             };
-            unsafe { gemm_group(g, &a, &b, c, &epilogue, gemm_opts) }
+            unsafe { gemm_group(g, &a, &b, c, &epilogue, gemm_opts, pack) }
         }
         Lowering::Implicit => {
             let b = Im2colView { g, image };
-            unsafe { gemm_group(g, &a, &b, c, &epilogue, gemm_opts) }
+            unsafe { gemm_group(g, &a, &b, c, &epilogue, gemm_opts, pack) }
         }
     }
 }
@@ -194,6 +234,7 @@ unsafe fn gemm_group<B: BSource>(
     c: CTile,
     epilogue: &Epilogue,
     opts: &GemmOptions,
+    pack: Option<&mut PackBuffers>,
 ) {
     // SAFETY: forwarded.
     unsafe {
@@ -208,6 +249,7 @@ unsafe fn gemm_group<B: BSource>(
             c,
             epilogue,
             opts,
+            pack,
         )
     }
 }

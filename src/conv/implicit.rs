@@ -7,7 +7,6 @@
 use super::im2col::im2col_row;
 use crate::gemm::pack::BSource;
 use crate::geometry::ConvGeometry;
-use std::cell::RefCell;
 
 /// The column matrix of one group of one image, never materialised: element
 /// `(row, col)` with `row = (c·R + r)·S + s` and `col = oh·OW + ow` is the input
@@ -19,14 +18,10 @@ pub(crate) struct Im2colView<'a> {
     pub image: &'a [f32],
 }
 
-thread_local! {
-    /// One im2col row segment per thread: the packer writes a row of the
-    /// block here first (an L1-resident scratch of at most NC floats), then
-    /// deals it out to the panels in fixed-width copies.
-    static ROW_SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
-}
-
 impl BSource for Im2colView<'_> {
+    /// Each row of the block is first built in `staging` (at most NC floats,
+    /// L1-resident) by the same row filler the explicit lowering uses, then
+    /// dealt out to the panels in fixed-width copies.
     unsafe fn pack_block(
         &self,
         k0: usize,
@@ -35,24 +30,17 @@ impl BSource for Im2colView<'_> {
         nc: usize,
         nr: usize,
         dst: &mut [f32],
+        staging: &mut Vec<f32>,
     ) {
         let panels = nc.div_ceil(nr);
         let panel_len = kc * nr;
-        ROW_SCRATCH.with(|cell| {
-            let mut fresh = Vec::new();
-            let mut guard = cell.try_borrow_mut();
-            let row = match guard.as_deref_mut() {
-                Ok(v) => v,
-                Err(_) => &mut fresh,
-            };
-            // Round up to whole panels so the last one is zero-padded.
-            row.clear();
-            row.resize(panels * nr, 0.0);
-            for p in 0..kc {
-                im2col_row(self.g, self.image, k0 + p, j0, &mut row[..nc]);
-                deal_row(row, nr, &mut dst[p * nr..], panel_len);
-            }
-        });
+        // Round up to whole panels so the last one is zero-padded.
+        staging.clear();
+        staging.resize(panels * nr, 0.0);
+        for p in 0..kc {
+            im2col_row(self.g, self.image, k0 + p, j0, &mut staging[..nc]);
+            deal_row(staging, nr, &mut dst[p * nr..], panel_len);
+        }
     }
 }
 

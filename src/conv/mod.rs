@@ -7,7 +7,7 @@ pub mod im2col;
 pub(crate) mod implicit;
 pub mod plan;
 
-pub use plan::Conv2dPlan;
+pub use plan::{Conv2dPlan, Workspace};
 
 use crate::error::ConvError;
 use crate::gemm::{Activation, GemmBackend, Isa, Parallelism};
@@ -220,7 +220,9 @@ impl Conv2d {
                     gemm_lowering::Lowering::Implicit
                 };
                 let weights = gemm_lowering::Weights::Raw(weight);
-                gemm_lowering::forward_gemm(g, input, weights, bias, output, options, lowering)
+                gemm_lowering::forward_gemm(
+                    g, input, weights, bias, output, options, lowering, None,
+                )
             }
         }
         Ok(())

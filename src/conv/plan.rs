@@ -2,9 +2,10 @@
 //! the weights pre-packed into the A-panel layout of the selected GEMM
 //! micro-kernel, so every `forward` goes straight to the packed loops.
 
-use super::gemm_lowering::{forward_gemm, packed_group_len, Lowering, Weights};
+use super::gemm_lowering::{forward_gemm, packed_group_len, ConvScratch, Lowering, Weights};
 use super::{Algorithm, Conv2d, ForwardOptions};
 use crate::error::ConvError;
+use crate::gemm::driver::pack_bounds;
 use crate::gemm::kernels::{kernel_for, KernelInfo};
 use crate::gemm::pack::pack_a_strided;
 use crate::gemm::{GemmBackend, Isa};
@@ -28,6 +29,28 @@ pub struct Conv2dPlan {
     weights: PlanWeights,
     bias: Option<Vec<f32>>,
     kernel: KernelInfo,
+}
+
+/// Caller-owned scratch memory for [`Conv2dPlan::forward_in`]: the GEMM's
+/// packing panels (and, for `Im2col`, one column matrix), sized by the plan
+/// that made it. One workspace serves one thread at a time.
+pub struct Workspace {
+    scratch: ConvScratch,
+}
+
+impl Workspace {
+    /// Bytes currently held.
+    pub fn bytes(&self) -> usize {
+        self.scratch.pack.bytes() + self.scratch.col.capacity() * std::mem::size_of::<f32>()
+    }
+}
+
+impl std::fmt::Debug for Workspace {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Workspace")
+            .field("bytes", &self.bytes())
+            .finish()
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -128,31 +151,74 @@ impl Conv2dPlan {
         self.kernel.isa
     }
 
+    /// Floats of packing buffers (A, B, staging row) and column matrix one
+    /// thread needs for this plan's GEMMs.
+    fn scratch_floats(&self) -> (usize, usize, usize, usize) {
+        let g = self.conv.geometry();
+        let prepacked = matches!(self.weights, PlanWeights::Packed { .. });
+        let (a, b, staging) = pack_bounds(
+            g.out_channels_per_group(),
+            g.gemm_k(),
+            g.out_plane(),
+            &self.kernel,
+            prepacked,
+        );
+        match self.options.algorithm {
+            Algorithm::Implicit => (a, b, staging, 0),
+            Algorithm::Im2col => (a, b, 0, g.gemm_k() * g.out_plane()),
+            _ => (0, 0, 0, 0),
+        }
+    }
+
     /// Bytes of scratch memory one thread uses per call, beyond the output:
     /// for `Implicit` only the packing panels (bounded by the blocking:
     /// `KC·NC` floats of B plus `MC·KC` of A, independent of image size and
     /// batch); for `Im2col` also the column matrix of one image and group;
-    /// none for the direct algorithms. Packing panels are kept per thread and
-    /// reused, so repeated calls allocate nothing for them.
+    /// none for the direct algorithms. With [`Conv2dPlan::forward`] the
+    /// panels are kept per thread and reused, so repeated calls allocate
+    /// nothing; [`Conv2dPlan::forward_in`] uses a caller-owned
+    /// [`Workspace`] of this size instead.
     pub fn workspace_bytes_per_thread(&self) -> usize {
-        let g = self.conv.geometry();
-        let k = &self.kernel;
-        let kc = k.kc.min(g.gemm_k());
-        let b = kc * k.nc.min(g.out_plane().next_multiple_of(k.nr));
-        let a = match self.weights {
-            PlanWeights::Packed { .. } => 0,
-            PlanWeights::Raw(_) => kc * k.mc.min(g.out_channels_per_group().next_multiple_of(k.mr)),
-        };
-        let floats = match self.options.algorithm {
-            Algorithm::Implicit => a + b,
-            Algorithm::Im2col => a + b + g.gemm_k() * g.out_plane(),
-            _ => 0,
-        };
-        floats * std::mem::size_of::<f32>()
+        let (a, b, staging, col) = self.scratch_floats();
+        (a + b + staging + col) * std::mem::size_of::<f32>()
+    }
+
+    /// A workspace for [`Conv2dPlan::forward_in`], allocated here, once, at
+    /// the size [`Conv2dPlan::workspace_bytes_per_thread`] states.
+    pub fn workspace(&self) -> Workspace {
+        let (a, b, staging, col) = self.scratch_floats();
+        let mut scratch = ConvScratch::default();
+        scratch.pack.a.get(a);
+        scratch.pack.b.get(b);
+        scratch.pack.staging.reserve_exact(staging);
+        scratch.col.reserve_exact(col);
+        Workspace { scratch }
+    }
+
+    /// As [`Conv2dPlan::forward`], on the calling thread only, packing into
+    /// the caller's `workspace` instead of per-thread buffers: for callers
+    /// that manage their own threads and memory. Nothing is allocated when
+    /// the workspace came from [`Conv2dPlan::workspace`] of this plan.
+    pub fn forward_in(
+        &self,
+        input: &[f32],
+        output: &mut [f32],
+        workspace: &mut Workspace,
+    ) -> Result<(), ConvError> {
+        self.run(input, output, Some(&mut workspace.scratch))
     }
 
     /// `output = act(conv(input, weight) + bias)` with the planned weights.
     pub fn forward(&self, input: &[f32], output: &mut [f32]) -> Result<(), ConvError> {
+        self.run(input, output, None)
+    }
+
+    fn run(
+        &self,
+        input: &[f32],
+        output: &mut [f32],
+        scratch: Option<&mut ConvScratch>,
+    ) -> Result<(), ConvError> {
         let g = self.conv.geometry();
         for (buffer, expected, actual) in [
             ("input", g.input_len(), input.len()),
@@ -175,12 +241,29 @@ impl Conv2dPlan {
                     Lowering::Implicit
                 };
                 let weights = Weights::Packed { data, mr: *mr };
-                forward_gemm(g, input, weights, bias, output, &self.options, lowering);
+                forward_gemm(
+                    g,
+                    input,
+                    weights,
+                    bias,
+                    output,
+                    &self.options,
+                    lowering,
+                    scratch,
+                );
                 Ok(())
             }
             (PlanWeights::Raw(w), _) => {
-                self.conv
-                    .forward_with(input, w, bias, output, &self.options)
+                let options = if scratch.is_some() {
+                    // A workspace means the caller's thread only.
+                    ForwardOptions {
+                        parallelism: crate::gemm::Parallelism::Sequential,
+                        ..self.options
+                    }
+                } else {
+                    self.options
+                };
+                self.conv.forward_with(input, w, bias, output, &options)
             }
         }
     }

@@ -17,7 +17,7 @@
 //! pack all of its A rows, so the cheaper one wins.
 
 use super::kernels::{record_call, Kernel, KernelInfo, TileEpilogue};
-use super::pack::{pack_a_strided, with_pack_buffers, AlignedBuf, BSource, StridedB};
+use super::pack::{pack_a_strided, with_pack_buffers, AlignedBuf, BSource, PackBuffers, StridedB};
 use super::{clamp_keep_nan, GemmOptions, Parallelism};
 use rayon::prelude::*;
 
@@ -189,6 +189,7 @@ pub(crate) unsafe fn gemm<B: BSource>(
     ep: &Epilogue,
     kernel: &Kernel,
     par: Parallelism,
+    bufs: Option<&mut PackBuffers>,
 ) {
     if m == 0 || n == 0 {
         return;
@@ -218,7 +219,7 @@ pub(crate) unsafe fn gemm<B: BSource>(
                 cs: c.rs,
             };
             // SAFETY: the same memory, viewed transposed.
-            unsafe { gemm(n, k, m, alpha, &bt, &at, beta, ct, ep, kernel, par) };
+            unsafe { gemm(n, k, m, alpha, &bt, &at, beta, ct, ep, kernel, par, bufs) };
             return;
         }
     }
@@ -227,6 +228,13 @@ pub(crate) unsafe fn gemm<B: BSource>(
         assert_eq!(*mr, kernel.info.mr, "A was packed for another kernel");
     }
     record_call(kernel.info.isa);
+    if let Some(bufs) = bufs {
+        // The caller's buffers serve one thread: this call runs on the
+        // calling thread only.
+        // SAFETY: forwarded; the single task covers all of C.
+        unsafe { gemm_block(0, m, 0, n, k, alpha, a, b, beta, c, ep, kernel, bufs) };
+        return;
+    }
     let threads = thread_count(m, n, k, par);
     let prepacked = matches!(a, ASource::Packed { .. });
     let (tm, tn) = thread_grid(m, n, threads, &kernel.info, prepacked);
@@ -234,8 +242,10 @@ pub(crate) unsafe fn gemm<B: BSource>(
         let (m0, m1) = split_range(m, kernel.info.mr, tm, t / tn);
         let (n0, n1) = split_range(n, kernel.info.nr, tn, t % tn);
         if m0 < m1 && n0 < n1 {
-            // SAFETY: tasks cover disjoint blocks of C; the rest is forwarded.
-            unsafe { gemm_block(m0, m1, n0, n1, k, alpha, a, b, beta, c, ep, kernel) };
+            with_pack_buffers(|bufs| {
+                // SAFETY: tasks cover disjoint blocks of C; the rest is forwarded.
+                unsafe { gemm_block(m0, m1, n0, n1, k, alpha, a, b, beta, c, ep, kernel, bufs) };
+            });
         }
     };
     if tm * tn == 1 {
@@ -269,15 +279,13 @@ unsafe fn gemm_block<B: BSource>(
     c: CTile,
     ep: &Epilogue,
     kernel: &Kernel,
+    bufs: &mut PackBuffers,
 ) {
     let KernelInfo { nr, mc, nc, .. } = kernel.info;
     // Split k into equal blocks no deeper than KC rather than full blocks
     // plus a thin remainder, whose epilogue and C traffic cost as much as a
     // full block's while doing little work.
-    let kc = k
-        .div_ceil(k.div_ceil(kernel.info.kc))
-        .next_multiple_of(8)
-        .min(kernel.info.kc);
+    let kc = block_depth(k, &kernel.info);
     let ctx = MacroKernel {
         alpha,
         beta,
@@ -288,41 +296,73 @@ unsafe fn gemm_block<B: BSource>(
         m1,
         n1,
     };
-    with_pack_buffers(|abuf: &mut AlignedBuf, bbuf: &mut AlignedBuf| {
-        if m1 - m0 <= mc {
-            let nc_small = mc.next_multiple_of(nr).min(nc);
-            for pc in (0..k).step_by(kc) {
-                let kcur = kc.min(k - pc);
-                // SAFETY: rows m0..m1 and depth pc..pc+kcur are inside A.
-                let (apanels, stride) = unsafe { a_block(a, m0, m1 - m0, pc, kcur, kernel, abuf) };
-                for jc in (n0..n1).step_by(nc_small) {
-                    let ncur = nc_small.min(n1 - jc);
-                    let bpack = bbuf.get(ncur.div_ceil(nr) * kcur * nr);
-                    // SAFETY: the block is inside B and bpack has the room.
-                    unsafe { b.pack_block(pc, kcur, jc, ncur, nr, bpack) };
-                    // SAFETY: forwarded; the panels were packed above.
-                    unsafe { ctx.run(apanels, stride, m0, m1 - m0, bpack, jc, ncur, pc, kcur) };
-                }
-            }
-            return;
-        }
-        for jc in (n0..n1).step_by(nc) {
-            let ncur = nc.min(n1 - jc);
-            for pc in (0..k).step_by(kc) {
-                let kcur = kc.min(k - pc);
+    let PackBuffers {
+        a: abuf,
+        b: bbuf,
+        staging,
+    } = bufs;
+    if m1 - m0 <= mc {
+        let nc_small = mc.next_multiple_of(nr).min(nc);
+        for pc in (0..k).step_by(kc) {
+            let kcur = kc.min(k - pc);
+            // SAFETY: rows m0..m1 and depth pc..pc+kcur are inside A.
+            let (apanels, stride) = unsafe { a_block(a, m0, m1 - m0, pc, kcur, kernel, abuf) };
+            for jc in (n0..n1).step_by(nc_small) {
+                let ncur = nc_small.min(n1 - jc);
                 let bpack = bbuf.get(ncur.div_ceil(nr) * kcur * nr);
                 // SAFETY: the block is inside B and bpack has the room.
-                unsafe { b.pack_block(pc, kcur, jc, ncur, nr, bpack) };
-                for ic in (m0..m1).step_by(mc) {
-                    let mcur = mc.min(m1 - ic);
-                    // SAFETY: rows ic..ic+mcur and depth pc..pc+kcur are inside A.
-                    let (apanels, stride) = unsafe { a_block(a, ic, mcur, pc, kcur, kernel, abuf) };
-                    // SAFETY: forwarded; the panels were packed above.
-                    unsafe { ctx.run(apanels, stride, ic, mcur, bpack, jc, ncur, pc, kcur) };
-                }
+                unsafe { b.pack_block(pc, kcur, jc, ncur, nr, bpack, staging) };
+                // SAFETY: forwarded; the panels were packed above.
+                unsafe { ctx.run(apanels, stride, m0, m1 - m0, bpack, jc, ncur, pc, kcur) };
             }
         }
-    });
+        return;
+    }
+    for jc in (n0..n1).step_by(nc) {
+        let ncur = nc.min(n1 - jc);
+        for pc in (0..k).step_by(kc) {
+            let kcur = kc.min(k - pc);
+            let bpack = bbuf.get(ncur.div_ceil(nr) * kcur * nr);
+            // SAFETY: the block is inside B and bpack has the room.
+            unsafe { b.pack_block(pc, kcur, jc, ncur, nr, bpack, staging) };
+            for ic in (m0..m1).step_by(mc) {
+                let mcur = mc.min(m1 - ic);
+                // SAFETY: rows ic..ic+mcur and depth pc..pc+kcur are inside A.
+                let (apanels, stride) = unsafe { a_block(a, ic, mcur, pc, kcur, kernel, abuf) };
+                // SAFETY: forwarded; the panels were packed above.
+                unsafe { ctx.run(apanels, stride, ic, mcur, bpack, jc, ncur, pc, kcur) };
+            }
+        }
+    }
+}
+
+/// The depth of the K blocks for a GEMM of depth `k`: equal blocks no
+/// deeper than KC.
+pub(crate) fn block_depth(k: usize, info: &KernelInfo) -> usize {
+    k.div_ceil(k.div_ceil(info.kc).max(1))
+        .next_multiple_of(8)
+        .min(info.kc)
+}
+
+/// The most floats one task's packing buffers (A, B, staging row) hold for
+/// an `m × k × n` GEMM: bounded by the blocking, whatever the problem size.
+pub(crate) fn pack_bounds(
+    m: usize,
+    k: usize,
+    n: usize,
+    info: &KernelInfo,
+    a_prepacked: bool,
+) -> (usize, usize, usize) {
+    let kc = block_depth(k, info).min(k.max(1));
+    let mc = info.mc.min(m.next_multiple_of(info.mr));
+    let nc = if m <= info.mc {
+        info.mc.next_multiple_of(info.nr).min(info.nc)
+    } else {
+        info.nc
+    }
+    .min(n.next_multiple_of(info.nr));
+    let a = if a_prepacked { 0 } else { mc * kc };
+    (a, kc * nc, nc)
 }
 
 /// The A panels of rows `ic..ic+mcur` at depth `pc..pc+kcur`: packed into
@@ -472,7 +512,7 @@ pub(crate) unsafe fn gemm_matrixmultiply<B: BSource>(
         None => {
             let buf = materialised.get(k * n);
             // SAFETY: one panel of width n is the whole k × n matrix, row-major.
-            unsafe { b.pack_block(0, k, 0, n, n, buf) };
+            unsafe { b.pack_block(0, k, 0, n, n, buf, &mut Vec::new()) };
             StridedB {
                 ptr: buf.as_ptr(),
                 rs: n as isize,

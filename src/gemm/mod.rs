@@ -497,6 +497,7 @@ pub unsafe fn sgemm_raw(
             c,
             &driver::Epilogue::NONE,
             options,
+            None,
         )
     }
 }
@@ -506,7 +507,8 @@ pub unsafe fn sgemm_raw(
 ///
 /// # Safety
 /// As [`sgemm_raw`]; `a` and `b` describe readable memory for `m × k` and
-/// `k × n`, and `epilogue.bias`, when set, holds at least `m` values.
+/// `k × n`, and `epilogue.bias`, when set, holds at least `m` values. With
+/// `bufs`, the native engine packs into them on the calling thread only.
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn gemm_with_epilogue<B: pack::BSource>(
     m: usize,
@@ -519,6 +521,7 @@ pub(crate) unsafe fn gemm_with_epilogue<B: pack::BSource>(
     c: driver::CTile,
     epilogue: &driver::Epilogue,
     options: &GemmOptions,
+    bufs: Option<&mut pack::PackBuffers>,
 ) {
     if m == 0 || n == 0 {
         return;
@@ -539,6 +542,7 @@ pub(crate) unsafe fn gemm_with_epilogue<B: pack::BSource>(
                     epilogue,
                     kernels::select(options.isa),
                     options.parallelism,
+                    bufs,
                 )
             }
         }

@@ -36,23 +36,38 @@ impl AlignedBuf {
     }
 }
 
+/// The scratch one GEMM task packs into: A panels, B panels (both 64-byte
+/// aligned), and a staging row for B sources that build rows before dealing
+/// them to panels (the implicit convolution). Sized by the blocking, never
+/// by the problem.
+#[derive(Default)]
+pub(crate) struct PackBuffers {
+    pub a: AlignedBuf,
+    pub b: AlignedBuf,
+    pub staging: Vec<f32>,
+}
+
+impl PackBuffers {
+    /// Bytes held.
+    pub(crate) fn bytes(&self) -> usize {
+        4 * (self.a.lines.len() * 16 + self.b.lines.len() * 16 + self.staging.capacity())
+    }
+}
+
 thread_local! {
-    /// One A and one B packing buffer per thread, reused by every GEMM the
+    /// One set of packing buffers per thread, reused by every GEMM the
     /// thread runs.
-    static PACK_BUFFERS: RefCell<(AlignedBuf, AlignedBuf)> = RefCell::default();
+    static PACK_BUFFERS: RefCell<PackBuffers> = RefCell::default();
 }
 
 /// Runs `f` with this thread's packing buffers. The GEMM never re-enters
 /// rayon while it holds them, but if it is ever re-entered on one thread
 /// (a caller's callback, say) the inner call gets fresh buffers instead of
 /// panicking.
-pub(crate) fn with_pack_buffers<R>(f: impl FnOnce(&mut AlignedBuf, &mut AlignedBuf) -> R) -> R {
+pub(crate) fn with_pack_buffers<R>(f: impl FnOnce(&mut PackBuffers) -> R) -> R {
     PACK_BUFFERS.with(|cell| match cell.try_borrow_mut() {
-        Ok(mut bufs) => {
-            let (a, b) = &mut *bufs;
-            f(a, b)
-        }
-        Err(_) => f(&mut AlignedBuf::default(), &mut AlignedBuf::default()),
+        Ok(mut bufs) => f(&mut bufs),
+        Err(_) => f(&mut PackBuffers::default()),
     })
 }
 
@@ -63,8 +78,11 @@ pub(crate) trait BSource: Sync {
     /// `nc.div_ceil(nr)` panels of `kc × nr`, panel `q` at `dst[q·kc·nr..]`,
     /// zero-filling the columns past `nc` in the last panel.
     ///
+    /// `staging` is scratch the source may use (and grow) as it likes.
+    ///
     /// # Safety
     /// The block lies inside B, and `dst` holds `nc.div_ceil(nr)·kc·nr` floats.
+    #[allow(clippy::too_many_arguments)]
     unsafe fn pack_block(
         &self,
         k0: usize,
@@ -73,6 +91,7 @@ pub(crate) trait BSource: Sync {
         nc: usize,
         nr: usize,
         dst: &mut [f32],
+        staging: &mut Vec<f32>,
     );
 
     /// The source as a strided matrix, if it is one (for backends that need it).
@@ -104,6 +123,7 @@ impl BSource for StridedB {
         nc: usize,
         nr: usize,
         dst: &mut [f32],
+        _staging: &mut Vec<f32>,
     ) {
         for (q, panel) in dst
             .chunks_exact_mut(kc * nr)
