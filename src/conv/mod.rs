@@ -39,8 +39,12 @@ pub enum Algorithm {
 
 impl Algorithm {
     /// Every concrete algorithm (not `Auto`).
-    pub const CONCRETE: [Algorithm; 3] =
-        [Algorithm::Direct, Algorithm::Im2col, Algorithm::Implicit];
+    pub const CONCRETE: [Algorithm; 4] = [
+        Algorithm::Direct,
+        Algorithm::DirectSimd,
+        Algorithm::Im2col,
+        Algorithm::Implicit,
+    ];
 
     /// Lower-case name, as the tool prints it.
     pub fn name(self) -> &'static str {
