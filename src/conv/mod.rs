@@ -153,7 +153,10 @@ impl Conv2d {
     ///   micro-kernel's tile or amortise the packing. Measured on Zen 5
     ///   (AVX-512, 1 thread, GFLOP/s, SIMD direct vs implicit GEMM):
     ///   depthwise 3×3 82 vs 7, 4 channels per group 126 vs 24, 8: 133 vs
-    ///   48, 16: 141 vs 81, 32: 145 vs 123, 64: even;
+    ///   48, 16: 141 vs 81, 32: 145 vs 123, 64: even; and also for at most 4
+    ///   input channels per group whatever the output count (the RGB stem
+    ///   r50_conv1, 3 → 64 channels 7×7/2: 147 vs 130), where the GEMM's K
+    ///   is too shallow to amortise the im2col packing;
     /// * [`Algorithm::Implicit`] otherwise: as fast as the explicit im2col
     ///   (the packing does the same copies), without the column matrix; an
     ///   unpadded stride-1 1×1 convolution multiplies the input directly.
@@ -161,7 +164,9 @@ impl Conv2d {
         let g = &self.geom;
         if g.flops() < 4 * 1024 {
             Algorithm::Direct
-        } else if g.channels_per_group() <= 16 && g.out_channels_per_group() <= 16 {
+        } else if g.channels_per_group() <= 4
+            || g.channels_per_group() <= 16 && g.out_channels_per_group() <= 16
+        {
             Algorithm::DirectSimd
         } else {
             Algorithm::Implicit
