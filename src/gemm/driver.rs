@@ -238,9 +238,13 @@ pub(crate) unsafe fn gemm<B: BSource>(
     let threads = thread_count(m, n, k, par);
     let prepacked = matches!(a, ASource::Packed { .. });
     let (tm, tn) = thread_grid(m, n, threads, &kernel.info, prepacked);
+    // Column blocks may end mid-panel where a narrow kernel finishes the
+    // partial panel at half cost: 196 columns split 112 + 84 (3.5 and 3
+    // panels of work) instead of 128 + 68 (4 and 3).
+    let column_unit = kernel.narrow.map_or(kernel.info.nr, |(width, _)| width);
     let task = |t: usize| {
         let (m0, m1) = split_range(m, kernel.info.mr, tm, t / tn);
-        let (n0, n1) = split_range(n, kernel.info.nr, tn, t % tn);
+        let (n0, n1) = split_range(n, column_unit, tn, t % tn);
         if m0 < m1 && n0 < n1 {
             with_pack_buffers(|bufs| {
                 // SAFETY: tasks cover disjoint blocks of C; the rest is forwarded.
