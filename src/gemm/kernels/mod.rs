@@ -2,9 +2,10 @@
 //! dispatch that picks one.
 //!
 //! Every micro-kernel computes one full `MR × NR` tile `A_panel · B_panel`
-//! from packed panels (A: `kc` steps of `MR` values, B: `kc` steps of `NR`
-//! values, both 64-byte aligned) and applies the [`TileEpilogue`] on the way
-//! out. Only the store is partial at a matrix edge.
+//! from packed panels (A: `kc` steps of `MR` values, read by broadcasts;
+//! B: `kc` steps of `NR` values, 64-byte aligned for vector loads) and
+//! applies the tile epilogue (α, β, bias, clamp) on the way out. Only the
+//! store is partial at a matrix edge.
 //!
 //! The CPU's features are detected once. `CPUCONV_ISA=avx512|avx2|portable`
 //! forces a path no higher than the CPU supports; a request above that falls
@@ -152,7 +153,8 @@ pub(crate) struct TileEpilogue {
 /// into the `rows × cols` corner (`rows ≤ MR`, `cols ≤ NR`) of the tile at `c`.
 ///
 /// # Safety
-/// `a` holds `kc·MR` and `b` `kc·NR` readable floats, both 64-byte aligned;
+/// `a` holds `kc·MR` readable floats (f32-aligned: A is only broadcast) and
+/// `b` `kc·NR` readable floats, 64-byte aligned;
 /// `c.offset(i·rsc + j·csc)` is writable (and readable unless `beta == 0`) for
 /// `i < rows, j < cols`; `bias`, when set, holds `rows` values; the CPU
 /// supports the kernel's ISA.
