@@ -783,6 +783,44 @@ fn large_threaded_case_matches_naive() {
 }
 
 #[test]
+fn few_column_panels_share_b_across_threads() {
+    // 13 and 100 columns are 1 and 4 panels of 32: too few to share out
+    // evenly, so the threads share one packed B and split the rows (513 =
+    // 64·8 + 1 rows, ragged); 3 threads, so the row split is uneven too.
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(3)
+        .build()
+        .unwrap();
+    for (m, k, n) in [(513, 700, 100), (300, 1100, 13)] {
+        let mut rng = Rng::new(7 + n as u64);
+        let a = Stored::new(m, k, Layout::DENSE, |_, _| rng.next_f32());
+        let b = Stored::new(k, n, Layout::DENSE, |_, _| rng.next_f32());
+        let c0 = Stored::new(m, n, Layout::DENSE, |_, _| rng.next_f32());
+        let (want, magnitude) = naive(0.5, &a, &b, -1.5, &c0);
+        let in_view = c0.in_view();
+        for isa in supported_isas() {
+            let options = GemmOptions {
+                backend: GemmBackend::Native,
+                parallelism: Parallelism::Rayon,
+                isa: Some(isa),
+            };
+            let mut c = c0.clone();
+            pool.install(|| run_gemm(0.5, &a, &b, -1.5, &mut c, &options))
+                .unwrap();
+            check_c(
+                &format!("{m}x{k}x{n} {options:?}"),
+                &c,
+                k,
+                &want,
+                &magnitude,
+                &in_view,
+            )
+            .unwrap_or_else(|e| panic!("{e}"));
+        }
+    }
+}
+
+#[test]
 fn sgemm_inside_rayon_workers() {
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(2)

@@ -236,6 +236,13 @@ pub(crate) unsafe fn gemm<B: BSource>(
         return;
     }
     let threads = thread_count(m, n, k, par);
+    let (mp, np) = (m.div_ceil(kernel.info.mr), n.div_ceil(kernel.info.nr));
+    if threads > 1 && np < 4 * threads && mp >= 2 * threads {
+        // Too few column panels to share out evenly: share B instead.
+        // SAFETY: forwarded.
+        unsafe { gemm_shared_b(m, k, n, alpha, a, b, beta, c, ep, kernel, threads) };
+        return;
+    }
     let prepacked = matches!(a, ASource::Packed { .. });
     let (tm, tn) = thread_grid(m, n, threads, &kernel.info, prepacked);
     // Column blocks may end mid-panel where a narrow kernel finishes the
@@ -257,6 +264,104 @@ pub(crate) unsafe fn gemm<B: BSource>(
     } else {
         (0..tm * tn).into_par_iter().with_max_len(1).for_each(task);
     }
+}
+
+/// BLIS-style threading for a C with few column panels (a 14×14 or 7×7
+/// output plane): every KC × NC block of B is packed once, by all threads
+/// in parallel, into one shared buffer, and the threads then split the rows
+/// of C over it. Splitting columns instead would leave 7 panels on 2
+/// threads (4 + 3), and splitting rows with private B blocks would pack
+/// (im2col) B once per thread.
+///
+/// # Safety
+/// As [`gemm`].
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_shared_b<B: BSource>(
+    m: usize,
+    k: usize,
+    n: usize,
+    alpha: f32,
+    a: &ASource,
+    b: &B,
+    beta: f32,
+    c: CTile,
+    ep: &Epilogue,
+    kernel: &Kernel,
+    threads: usize,
+) {
+    let KernelInfo { mr, nr, mc, nc, .. } = kernel.info;
+    let kc = block_depth(k, &kernel.info);
+    let ctx = MacroKernel {
+        alpha,
+        beta,
+        c,
+        ep,
+        kernel,
+        k,
+        m1: m,
+        n1: n,
+    };
+    // The calling thread lends its B buffer to the shared block, so that
+    // every thread (the caller included) still has its own A and staging
+    // buffers for the parallel parts; it is handed back at the end.
+    let mut shared = with_pack_buffers(|bufs| std::mem::take(&mut bufs.b));
+    for jc in (0..n).step_by(nc) {
+        let ncur = nc.min(n - jc);
+        let npanels = ncur.div_ceil(nr);
+        for pc in (0..k).step_by(kc) {
+            let kcur = kc.min(k - pc);
+            let bpack = shared.get(npanels * kcur * nr);
+            let per_task = npanels.div_ceil(threads);
+            bpack
+                .par_chunks_mut(per_task * kcur * nr)
+                .with_max_len(1)
+                .enumerate()
+                .for_each(|(t, dst)| {
+                    let first = t * per_task;
+                    let cols = (npanels - first).min(per_task) * nr;
+                    let cols = cols.min(ncur - first * nr);
+                    with_pack_buffers(|bufs| {
+                        // SAFETY: panels first.. of the block, inside B; dst
+                        // holds exactly their floats.
+                        unsafe {
+                            b.pack_block(
+                                pc,
+                                kcur,
+                                jc + first * nr,
+                                cols,
+                                nr,
+                                dst,
+                                &mut bufs.staging,
+                            )
+                        };
+                    });
+                });
+            let bpack: &[f32] = bpack;
+            (0..threads).into_par_iter().with_max_len(1).for_each(|t| {
+                let (m0, m1) = split_range(m, mr, threads, t);
+                if m0 == m1 {
+                    return;
+                }
+                with_pack_buffers(|bufs| {
+                    for ic in (m0..m1).step_by(mc) {
+                        let mcur = mc.min(m1 - ic);
+                        // SAFETY: rows ic..ic+mcur and depth pc..pc+kcur are
+                        // inside A; this task owns rows m0..m1 of C.
+                        unsafe {
+                            let (apanels, stride) =
+                                a_block(a, ic, mcur, pc, kcur, kernel, &mut bufs.a);
+                            ctx.run(apanels, stride, ic, mcur, bpack, jc, ncur, pc, kcur);
+                        }
+                    }
+                });
+            });
+        }
+    }
+    with_pack_buffers(|bufs| {
+        if shared.capacity() > bufs.b.capacity() {
+            bufs.b = shared;
+        }
+    });
 }
 
 /// The sequential loop nest over rows `m0..m1` and columns `n0..n1` of C.

@@ -20,6 +20,11 @@ pub(crate) struct AlignedBuf {
 }
 
 impl AlignedBuf {
+    /// Floats allocated.
+    pub(crate) fn capacity(&self) -> usize {
+        self.lines.len() * 16
+    }
+
     /// The first `len` floats, growing (never shrinking) the allocation.
     pub(crate) fn get(&mut self, len: usize) -> &mut [f32] {
         let lines = len.div_ceil(16);
