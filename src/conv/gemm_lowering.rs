@@ -208,6 +208,7 @@ unsafe fn run_pair(
                 rs: plane as isize,
                 cs: 1,
             };
+            // SAFETY: as above; col is the kk × plane column matrix.
             unsafe { gemm_group(g, &a, &b, c, &epilogue, gemm_opts, pack) }
         }
         Lowering::Implicit if g.is_pointwise_identity() => {
@@ -216,10 +217,13 @@ unsafe fn run_pair(
                 rs: g.in_plane() as isize,
                 cs: 1,
             };
+            // SAFETY: as above; for a 1×1 kernel, stride 1 and no padding the
+            // group's cg = kk input planes of H·W = plane pixels are B.
             unsafe { gemm_group(g, &a, &b, c, &epilogue, gemm_opts, pack) }
         }
         Lowering::Implicit => {
             let b = Im2colView { g, image };
+            // SAFETY: as above; the view reads only inside `image`.
             unsafe { gemm_group(g, &a, &b, c, &epilogue, gemm_opts, pack) }
         }
     }
