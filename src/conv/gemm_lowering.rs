@@ -99,33 +99,12 @@ pub(crate) fn forward_gemm(
         rs: g.out_plane() as isize,
         cs: 1,
     };
-    if let Some(scratch) = scratch {
-        let gemm_opts = GemmOptions {
-            backend: opts.backend,
-            parallelism: Parallelism::Sequential,
-            isa: opts.isa,
-        };
-        for pair in 0..pairs {
-            // SAFETY: `output` is exclusively borrowed and pairs run one at a time.
-            unsafe {
-                run_pair(
-                    g,
-                    input,
-                    weights,
-                    bias,
-                    out,
-                    opts,
-                    &gemm_opts,
-                    lowering,
-                    pair,
-                    &mut scratch.col,
-                    Some(&mut scratch.pack),
-                )
-            };
-        }
-        return;
-    }
-    let threads = opts.parallelism.max_threads().min(pairs);
+    // Only without a workspace: asking rayon for its pool size may
+    // allocate on a thread that has never used rayon.
+    let threads = match scratch {
+        Some(_) => 1,
+        None => opts.parallelism.max_threads().min(pairs),
+    };
     if split_over_pairs(pairs, threads) {
         let gemm_opts = GemmOptions {
             backend: opts.backend,
@@ -146,21 +125,37 @@ pub(crate) fn forward_gemm(
                 };
             }
         });
-    } else {
-        let gemm_opts = GemmOptions {
-            backend: opts.backend,
-            parallelism: opts.parallelism,
-            isa: opts.isa,
+        return;
+    }
+    // One GEMM at a time: on the calling thread only with the caller's
+    // scratch, otherwise each GEMM threads itself.
+    let mut own_col = Vec::new();
+    let (parallelism, col, mut pack) = match scratch {
+        Some(s) => (Parallelism::Sequential, &mut s.col, Some(&mut s.pack)),
+        None => (opts.parallelism, &mut own_col, None),
+    };
+    let gemm_opts = GemmOptions {
+        backend: opts.backend,
+        parallelism,
+        isa: opts.isa,
+    };
+    for pair in 0..pairs {
+        // SAFETY: `output` is exclusively borrowed and pairs run one at a time.
+        unsafe {
+            run_pair(
+                g,
+                input,
+                weights,
+                bias,
+                out,
+                opts,
+                &gemm_opts,
+                lowering,
+                pair,
+                col,
+                pack.as_deref_mut(),
+            )
         };
-        let mut col = Vec::new();
-        for pair in 0..pairs {
-            // SAFETY: `output` is exclusively borrowed and pairs run one at a time.
-            unsafe {
-                run_pair(
-                    g, input, weights, bias, out, opts, &gemm_opts, lowering, pair, &mut col, None,
-                )
-            };
-        }
     }
 }
 

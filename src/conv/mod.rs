@@ -14,6 +14,22 @@ use crate::error::ConvError;
 use crate::gemm::{Activation, GemmBackend, Isa, Parallelism};
 use crate::geometry::{ConvGeometry, Padding};
 
+/// `Ok` when every `(buffer, expected, actual)` length matches, else the
+/// first mismatch as [`ConvError::BufferLength`].
+pub(crate) fn check_lengths(checks: &[(&'static str, usize, usize)]) -> Result<(), ConvError> {
+    match checks
+        .iter()
+        .find(|(_, expected, actual)| expected != actual)
+    {
+        Some(&(buffer, expected, actual)) => Err(ConvError::BufferLength {
+            buffer,
+            expected,
+            actual,
+        }),
+        None => Ok(()),
+    }
+}
+
 /// How a convolution is computed. Every algorithm gives the same values up to
 /// floating-point rounding.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -191,16 +207,7 @@ impl Conv2d {
             ),
             ("output", g.output_len(), output.len()),
         ];
-        for (buffer, expected, actual) in checks {
-            if expected != actual {
-                return Err(ConvError::BufferLength {
-                    buffer,
-                    expected,
-                    actual,
-                });
-            }
-        }
-        Ok(())
+        check_lengths(&checks)
     }
 
     /// Computes the convolution into `output` with the default options and

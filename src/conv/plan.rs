@@ -3,7 +3,7 @@
 //! micro-kernel, so every `forward` goes straight to the packed loops.
 
 use super::gemm_lowering::{forward_gemm, packed_group_len, ConvScratch, Lowering, Weights};
-use super::{Algorithm, Conv2d, ForwardOptions};
+use super::{check_lengths, Algorithm, Conv2d, ForwardOptions};
 use crate::error::ConvError;
 use crate::gemm::driver::pack_bounds;
 use crate::gemm::kernels::{kernel_for, KernelInfo};
@@ -72,22 +72,14 @@ impl Conv2d {
         options: &ForwardOptions,
     ) -> Result<Conv2dPlan, ConvError> {
         let g = self.geometry();
-        if weight.len() != g.weight_len() {
-            return Err(ConvError::BufferLength {
-                buffer: "weight",
-                expected: g.weight_len(),
-                actual: weight.len(),
-            });
-        }
-        if let Some(b) = bias {
-            if b.len() != g.out_channels {
-                return Err(ConvError::BufferLength {
-                    buffer: "bias",
-                    expected: g.out_channels,
-                    actual: b.len(),
-                });
-            }
-        }
+        check_lengths(&[
+            ("weight", g.weight_len(), weight.len()),
+            (
+                "bias",
+                g.out_channels,
+                bias.map_or(g.out_channels, <[f32]>::len),
+            ),
+        ])?;
         let algorithm = match options.algorithm {
             Algorithm::Auto => self.auto_algorithm(),
             a => a,
@@ -220,18 +212,10 @@ impl Conv2dPlan {
         scratch: Option<&mut ConvScratch>,
     ) -> Result<(), ConvError> {
         let g = self.conv.geometry();
-        for (buffer, expected, actual) in [
+        check_lengths(&[
             ("input", g.input_len(), input.len()),
             ("output", g.output_len(), output.len()),
-        ] {
-            if expected != actual {
-                return Err(ConvError::BufferLength {
-                    buffer,
-                    expected,
-                    actual,
-                });
-            }
-        }
+        ])?;
         let bias = self.bias.as_deref();
         match (&self.weights, self.options.algorithm) {
             (PlanWeights::Packed { data, mr }, algo) => {

@@ -16,9 +16,9 @@
 //! thread pack all of its B columns, splitting columns makes every thread
 //! pack all of its A rows, so the cheaper one wins.
 
-use super::kernels::{record_call, Kernel, KernelInfo, TileEpilogue};
+use super::kernels::{record_call, store_scalar, Kernel, KernelInfo, TileEpilogue};
 use super::pack::{pack_a_strided, with_pack_buffers, AlignedBuf, BSource, PackBuffers, StridedB};
-use super::{clamp_keep_nan, GemmOptions, Parallelism};
+use super::{GemmOptions, Parallelism};
 use rayon::prelude::*;
 
 /// Where A comes from.
@@ -154,20 +154,16 @@ pub(crate) unsafe fn scale_c(m: usize, n: usize, beta: f32, c: CTile, ep: &Epilo
             unsafe { *ep.bias.add(i) }
         };
         for j in 0..n {
-            // SAFETY: (i, j) is inside C.
-            let dst = unsafe { c.ptr.offset(i as isize * c.rs + j as isize * c.cs) };
-            // SAFETY: as above; C is read only when beta != 0.
-            let mut v = if beta == 0.0 {
-                0.0
-            } else {
-                beta * unsafe { *dst }
+            // SAFETY: (i, j) is inside C; C is read only when beta != 0.
+            unsafe {
+                store_scalar(
+                    c.ptr.offset(i as isize * c.rs + j as isize * c.cs),
+                    0.0,
+                    beta,
+                    bias,
+                    ep.clamp,
+                )
             };
-            v += bias;
-            if let Some((lo, hi)) = ep.clamp {
-                v = clamp_keep_nan(v, lo, hi);
-            }
-            // SAFETY: as above.
-            unsafe { *dst = v };
         }
     }
 }
@@ -699,16 +695,13 @@ pub(crate) unsafe fn gemm_matrixmultiply<B: BSource>(
             }
         });
     }
-    if let Some((lo, hi)) = ep.clamp {
-        for i in 0..m {
-            for j in 0..n {
-                // SAFETY: (i, j) is inside C.
-                unsafe {
-                    let p = c.ptr.offset(i as isize * c.rs + j as isize * c.cs);
-                    *p = clamp_keep_nan(*p, lo, hi);
-                }
-            }
-        }
+    if ep.clamp.is_some() {
+        let clamp_only = Epilogue {
+            bias: std::ptr::null(),
+            clamp: ep.clamp,
+        };
+        // SAFETY: forwarded; C = clamp(1·C).
+        unsafe { scale_c(m, n, 1.0, c, &clamp_only) };
     }
 }
 

@@ -298,6 +298,33 @@ pub fn calls_on(isa: Isa) -> usize {
     CALLS[isa.index()].load(Ordering::Relaxed)
 }
 
+/// The epilogue of one element, written once for every scalar path:
+/// `*dst = clamp(product + β·*dst + bias)`, where `product` is α·(A·B) and C
+/// is not read when `β = 0`.
+///
+/// # Safety
+/// `dst` is valid for writes, and for reads unless `beta == 0`.
+#[inline(always)]
+pub(crate) unsafe fn store_scalar(
+    dst: *mut f32,
+    product: f32,
+    beta: f32,
+    bias: f32,
+    clamp: Option<(f32, f32)>,
+) {
+    let mut v = product;
+    if beta != 0.0 {
+        // SAFETY: C is readable when beta != 0 (contract).
+        v += beta * unsafe { *dst };
+    }
+    v += bias;
+    if let Some((lo, hi)) = clamp {
+        v = super::clamp_keep_nan(v, lo, hi);
+    }
+    // SAFETY: writable (contract).
+    unsafe { *dst = v };
+}
+
 /// Writes the `rows × cols` corner of a computed tile (`tile[i·stride + j]`)
 /// to C through the epilogue, one element at a time. Kernels use it for any
 /// tile their vector store cannot handle (a partial tile, or C with a
@@ -326,19 +353,17 @@ pub(crate) unsafe fn store_tile_scalar(
             unsafe { *epilogue.bias.add(i) }
         };
         for j in 0..cols {
-            // SAFETY: (i, j) is inside the tile's valid corner (contract).
-            let dst = unsafe { c.offset(i as isize * rsc + j as isize * csc) };
-            let mut v = epilogue.alpha * tile[i * stride + j];
-            if epilogue.beta != 0.0 {
-                // SAFETY: as above; C is readable when beta != 0.
-                v += epilogue.beta * unsafe { *dst };
-            }
-            v += bias;
-            if let Some((lo, hi)) = epilogue.clamp {
-                v = super::clamp_keep_nan(v, lo, hi);
-            }
-            // SAFETY: as above.
-            unsafe { *dst = v };
+            // SAFETY: (i, j) is inside the tile's valid corner (contract);
+            // C is readable when beta != 0.
+            unsafe {
+                store_scalar(
+                    c.offset(i as isize * rsc + j as isize * csc),
+                    epilogue.alpha * tile[i * stride + j],
+                    epilogue.beta,
+                    bias,
+                    epilogue.clamp,
+                )
+            };
         }
     }
 }
