@@ -783,6 +783,46 @@ fn large_threaded_case_matches_naive() {
 }
 
 #[test]
+fn row_major_b_read_in_place() {
+    // M ≤ MC with a row-major B: the kernels read B where it lies instead of
+    // packing it. An odd row pad leaves the rows unaligned; 1100 columns end
+    // mid-panel (the last panel is packed); k = 1300 spans several K blocks,
+    // so C is accumulated across blocks; the sentinel slack after B checks
+    // that no read runs past its last row.
+    let b_layout = Layout {
+        pad: 3,
+        slack: 5,
+        ..Layout::DENSE
+    };
+    for (m, k, n) in [(64, 1300, 1100), (9, 150, 64), (200, 40, 33)] {
+        let mut rng = Rng::new(11 + m as u64);
+        let a = Stored::new(m, k, Layout::DENSE, |_, _| rng.next_f32());
+        let b = Stored::new(k, n, b_layout, |_, _| rng.next_f32());
+        let c0 = Stored::new(m, n, Layout::DENSE, |_, _| rng.next_f32());
+        let (want, magnitude) = naive(1.25, &a, &b, 0.5, &c0);
+        let in_view = c0.in_view();
+        for isa in supported_isas() {
+            let options = GemmOptions {
+                backend: GemmBackend::Native,
+                parallelism: Parallelism::Sequential,
+                isa: Some(isa),
+            };
+            let mut c = c0.clone();
+            run_gemm(1.25, &a, &b, 0.5, &mut c, &options).unwrap();
+            check_c(
+                &format!("{m}x{k}x{n} {options:?}"),
+                &c,
+                k,
+                &want,
+                &magnitude,
+                &in_view,
+            )
+            .unwrap_or_else(|e| panic!("{e}"));
+        }
+    }
+}
+
+#[test]
 fn few_column_panels_share_b_across_threads() {
     // 13 and 100 columns are 1 and 4 panels of 32: too few to share out
     // evenly, so the threads share one packed B and split the rows (513 =

@@ -24,6 +24,7 @@ pub(crate) unsafe fn kernel(
     kc: usize,
     a: *const f32,
     b: *const f32,
+    ldb: usize,
     c: *mut f32,
     rsc: isize,
     csc: isize,
@@ -34,18 +35,17 @@ pub(crate) unsafe fn kernel(
     let mut acc = [[_mm256_setzero_ps(); 2]; MR];
     let (mut ap, mut bp) = (a, b);
     for _ in 0..kc {
-        // SAFETY: the panels hold kc steps of MR (A) and 16 (B) floats; B is
-        // 64-byte aligned and each step is 64 bytes, so every load is aligned.
+        // SAFETY: the panels hold kc steps of MR (A) and 16 (B) floats.
         unsafe {
-            let b0 = _mm256_load_ps(bp);
-            let b1 = _mm256_load_ps(bp.add(8));
+            let b0 = _mm256_loadu_ps(bp);
+            let b1 = _mm256_loadu_ps(bp.add(8));
             for (i, row) in acc.iter_mut().enumerate() {
                 let ai = _mm256_broadcast_ss(&*ap.add(i));
                 row[0] = _mm256_fmadd_ps(ai, b0, row[0]);
                 row[1] = _mm256_fmadd_ps(ai, b1, row[1]);
             }
             ap = ap.add(MR);
-            bp = bp.add(NR);
+            bp = bp.add(ldb);
         }
     }
 

@@ -43,6 +43,7 @@ pub(crate) unsafe fn kernel(
     kc: usize,
     a: *const f32,
     b: *const f32,
+    ldb: usize,
     c: *mut f32,
     rsc: isize,
     csc: isize,
@@ -51,7 +52,7 @@ pub(crate) unsafe fn kernel(
     epilogue: &TileEpilogue,
 ) {
     // SAFETY: forwarded; dispatch only selects this kernel when AVX-512F is present.
-    unsafe { kernel_mr::<MR, 2, NR>(kc, a, b, c, rsc, csc, rows, cols, epilogue) }
+    unsafe { kernel_mr::<MR, 2>(kc, a, b, ldb, c, rsc, csc, rows, cols, epilogue) }
 }
 
 /// Columns the narrow kernel computes: one zmm.
@@ -68,6 +69,7 @@ pub(crate) unsafe fn kernel_narrow(
     kc: usize,
     a: *const f32,
     b: *const f32,
+    ldb: usize,
     c: *mut f32,
     rsc: isize,
     csc: isize,
@@ -75,23 +77,23 @@ pub(crate) unsafe fn kernel_narrow(
     cols: usize,
     epilogue: &TileEpilogue,
 ) {
-    // SAFETY: forwarded; the B panel has NR floats per step, of which this
-    // kernel reads the first 16.
-    unsafe { kernel_mr::<MR, 1, NR>(kc, a, b, c, rsc, csc, rows, cols, epilogue) }
+    // SAFETY: forwarded; of the NR floats per B step this kernel reads the
+    // first 16.
+    unsafe { kernel_mr::<MR, 1>(kc, a, b, ldb, c, rsc, csc, rows, cols, epilogue) }
 }
 
-/// `R × 16·V` kernel for any `R ≤ 16`, `V ≤ 4`, over B panels of `BS ≥ 16·V`
-/// floats per step.
+/// `R × 16·V` kernel for any `R ≤ 16`, `V ≤ 4`.
 ///
 /// # Safety
 /// As [`kernel`].
 #[target_feature(enable = "avx512f,fma")]
 #[allow(clippy::too_many_arguments)]
 #[inline]
-pub(crate) unsafe fn kernel_mr<const R: usize, const V: usize, const BS: usize>(
+pub(crate) unsafe fn kernel_mr<const R: usize, const V: usize>(
     kc: usize,
     a: *const f32,
     b: *const f32,
+    ldb: usize,
     c: *mut f32,
     rsc: isize,
     csc: isize,
@@ -115,11 +117,11 @@ pub(crate) unsafe fn kernel_mr<const R: usize, const V: usize, const BS: usize>(
     let mut acc = [[_mm512_setzero_ps(); V]; R];
     let (mut ap, mut bp) = (a, b);
     for _ in 0..kc {
-        // SAFETY: the panels hold kc steps of R (A) and BS (B) floats; B is
-        // 64-byte aligned and each step is 4·BS bytes, a multiple of 64, so
-        // every load is aligned.
+        // SAFETY: the panels hold kc steps of R (A) and 16·V (B) floats. A
+        // packed B is 64-byte aligned, so its unaligned loads cost nothing
+        // extra; an in-place B may not be.
         unsafe {
-            let bv: [__m512; V] = core::array::from_fn(|v| _mm512_load_ps(bp.add(16 * v)));
+            let bv: [__m512; V] = core::array::from_fn(|v| _mm512_loadu_ps(bp.add(16 * v)));
             for (i, row) in acc.iter_mut().enumerate() {
                 let ai = _mm512_set1_ps(*ap.add(i));
                 for (v, x) in row.iter_mut().enumerate() {
@@ -127,7 +129,7 @@ pub(crate) unsafe fn kernel_mr<const R: usize, const V: usize, const BS: usize>(
                 }
             }
             ap = ap.add(R);
-            bp = bp.add(BS);
+            bp = bp.add(ldb);
         }
     }
 

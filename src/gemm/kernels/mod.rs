@@ -149,12 +149,16 @@ pub(crate) struct TileEpilogue {
     pub clamp: Option<(f32, f32)>,
 }
 
-/// A micro-kernel: `kc` steps over packed panels `a` and `b`, then the epilogue
+/// A micro-kernel: `kc` steps over panels `a` and `b`, then the epilogue
 /// into the `rows × cols` corner (`rows ≤ MR`, `cols ≤ NR`) of the tile at `c`.
 ///
+/// `a` is a packed A panel. Step `p` of the B panel is the `NR` floats at
+/// `b + p·ldb`: `ldb = NR` for a packed panel, or B's row stride when the
+/// driver lets the kernel read a row-major B in place.
+///
 /// # Safety
-/// `a` holds `kc·MR` readable floats (f32-aligned: A is only broadcast) and
-/// `b` `kc·NR` readable floats, 64-byte aligned;
+/// `a` holds `kc·MR` readable floats and `b + p·ldb` holds `NR` readable
+/// floats for every `p < kc` (f32 alignment is enough for both);
 /// `c.offset(i·rsc + j·csc)` is writable (and readable unless `beta == 0`) for
 /// `i < rows, j < cols`; `bias`, when set, holds `rows` values; the CPU
 /// supports the kernel's ISA.
@@ -162,6 +166,7 @@ pub(crate) type MicroKernelFn = unsafe fn(
     kc: usize,
     a: *const f32,
     b: *const f32,
+    ldb: usize,
     c: *mut f32,
     rsc: isize,
     csc: isize,

@@ -33,6 +33,7 @@ pub(crate) unsafe fn kernel(
     kc: usize,
     a: *const f32,
     b: *const f32,
+    ldb: usize,
     c: *mut f32,
     rsc: isize,
     csc: isize,
@@ -43,13 +44,12 @@ pub(crate) unsafe fn kernel(
     let mut acc = [[f32x8::ZERO; NV]; MR];
     let (mut ap, mut bp) = (a, b);
     for _ in 0..kc {
-        // SAFETY: the panels hold kc steps of MR (A) and NR (B) floats; the B
-        // panel is 64-byte aligned and each step is a multiple of 32 bytes, so
-        // the f32x8 reads are aligned for f32x8 (32-byte alignment).
+        // SAFETY: the panels hold kc steps of MR (A) and NR (B) floats; B
+        // may be only f32-aligned, so its vectors are read unaligned.
         unsafe {
             let mut bv = [f32x8::ZERO; NV];
             for (v, slot) in bv.iter_mut().enumerate() {
-                *slot = *(bp.add(8 * v) as *const f32x8);
+                *slot = (bp.add(8 * v) as *const f32x8).read_unaligned();
             }
             for (i, row) in acc.iter_mut().enumerate() {
                 let ai = f32x8::splat(*ap.add(i));
@@ -58,7 +58,7 @@ pub(crate) unsafe fn kernel(
                 }
             }
             ap = ap.add(MR);
-            bp = bp.add(NR);
+            bp = bp.add(ldb);
         }
     }
     let mut tile = [0.0f32; MR * NR];
