@@ -113,7 +113,6 @@ pub(crate) unsafe fn kernel_mr<const R: usize, const V: usize>(
             }
         }
     }
-    let nr = 16 * V;
     let mut acc = [[_mm512_setzero_ps(); V]; R];
     let (mut ap, mut bp) = (a, b);
     for _ in 0..kc {
@@ -134,19 +133,15 @@ pub(crate) unsafe fn kernel_mr<const R: usize, const V: usize>(
     }
 
     if csc != 1 {
-        let mut tile = [0.0f32; 16 * 64];
-        for (i, row) in acc.iter().enumerate() {
-            for (v, x) in row.iter().enumerate() {
-                // SAFETY: tile has room for 16 rows of 64; R ≤ 16 and V ≤ 4.
-                unsafe { _mm512_storeu_ps(tile.as_mut_ptr().add(i * nr + 16 * v), *x) };
-            }
-        }
         // SAFETY: forwarded contract.
-        unsafe { store_tile_scalar(&tile, nr, c, rsc, csc, rows, cols, ep) };
+        unsafe { store_acc_strided(&acc, c, rsc, csc, rows, cols, ep) };
         return;
     }
 
-    // Unit column stride: vector epilogue, masked on a right edge.
+    // Unit column stride: vector epilogue, masked on a right edge. The row
+    // loop has a constant trip count so that it unrolls and the
+    // accumulators stay in registers (a loop that breaks at `rows` spills
+    // all of them to the stack first).
     let masks: [__mmask16; V] = core::array::from_fn(|v| {
         let here = cols.saturating_sub(16 * v).min(16);
         ((1u32 << here) - 1) as u16
@@ -155,37 +150,66 @@ pub(crate) unsafe fn kernel_mr<const R: usize, const V: usize>(
     let beta = _mm512_set1_ps(ep.beta);
     let read_c = ep.beta != 0.0;
     for (i, row) in acc.iter().enumerate() {
-        if i >= rows {
-            break;
-        }
-        // SAFETY: row i < rows of the tile; masked lanes beyond `cols` are
-        // neither read nor written.
-        unsafe {
-            let cp = c.offset(i as isize * rsc);
-            let bias = if ep.bias.is_null() {
-                None
-            } else {
-                Some(_mm512_set1_ps(*ep.bias.add(i)))
-            };
-            for (h, &mask) in masks.iter().enumerate() {
-                if mask == 0 {
-                    continue;
+        if i < rows {
+            // SAFETY: row i < rows of the tile; masked lanes beyond `cols`
+            // are neither read nor written.
+            unsafe {
+                let cp = c.offset(i as isize * rsc);
+                let bias = if ep.bias.is_null() {
+                    None
+                } else {
+                    Some(_mm512_set1_ps(*ep.bias.add(i)))
+                };
+                for (h, &mask) in masks.iter().enumerate() {
+                    if mask == 0 {
+                        continue;
+                    }
+                    let dst = cp.add(16 * h);
+                    let mut v = _mm512_mul_ps(row[h], alpha);
+                    if read_c {
+                        v = _mm512_fmadd_ps(beta, _mm512_maskz_loadu_ps(mask, dst), v);
+                    }
+                    if let Some(bv) = bias {
+                        v = _mm512_add_ps(v, bv);
+                    }
+                    if let Some((lo, hi)) = ep.clamp {
+                        // max(lo, v) / min(hi, v) return v when v is NaN.
+                        v = _mm512_max_ps(_mm512_set1_ps(lo), v);
+                        v = _mm512_min_ps(_mm512_set1_ps(hi), v);
+                    }
+                    _mm512_mask_storeu_ps(dst, mask, v);
                 }
-                let dst = cp.add(16 * h);
-                let mut v = _mm512_mul_ps(row[h], alpha);
-                if read_c {
-                    v = _mm512_fmadd_ps(beta, _mm512_maskz_loadu_ps(mask, dst), v);
-                }
-                if let Some(bv) = bias {
-                    v = _mm512_add_ps(v, bv);
-                }
-                if let Some((lo, hi)) = ep.clamp {
-                    // max(lo, v) / min(hi, v) return v when v is NaN.
-                    v = _mm512_max_ps(_mm512_set1_ps(lo), v);
-                    v = _mm512_min_ps(_mm512_set1_ps(hi), v);
-                }
-                _mm512_mask_storeu_ps(dst, mask, v);
             }
         }
     }
+}
+
+/// The epilogue for a C with non-unit column stride, through a scalar
+/// store; out of line, so that its 4 KiB staging tile does not weigh on the
+/// frame of every kernel call.
+///
+/// # Safety
+/// As [`kernel`] for `c`, `rsc`, `csc`, `rows`, `cols` and `ep`.
+#[cold]
+#[inline(never)]
+#[target_feature(enable = "avx512f")]
+unsafe fn store_acc_strided<const R: usize, const V: usize>(
+    acc: &[[__m512; V]; R],
+    c: *mut f32,
+    rsc: isize,
+    csc: isize,
+    rows: usize,
+    cols: usize,
+    ep: &TileEpilogue,
+) {
+    let nr = 16 * V;
+    let mut tile = [0.0f32; 16 * 64];
+    for (i, row) in acc.iter().enumerate() {
+        for (v, x) in row.iter().enumerate() {
+            // SAFETY: tile has room for 16 rows of 64; R ≤ 16 and V ≤ 4.
+            unsafe { _mm512_storeu_ps(tile.as_mut_ptr().add(i * nr + 16 * v), *x) };
+        }
+    }
+    // SAFETY: forwarded contract.
+    unsafe { store_tile_scalar(&tile, nr, c, rsc, csc, rows, cols, ep) };
 }
