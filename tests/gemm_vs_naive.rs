@@ -16,7 +16,7 @@
 mod common;
 
 use common::{engine_combos, proptest_cases, Rng};
-use cpuconv::gemm::kernels::{calls_on, supported_isas};
+use cpuconv::gemm::kernels::{calls_on, kernel_info, kernel_info_for_shape, supported_isas};
 use cpuconv::gemm::{sgemm, sgemm_raw, GemmOptions, MatMut, MatRef};
 use cpuconv::{GemmBackend, GemmError, Isa, Parallelism};
 use proptest::prelude::*;
@@ -779,6 +779,22 @@ fn large_threaded_case_matches_naive() {
             check_c(&format!("{options:?}"), &c, k, &want, &magnitude, &in_view)
                 .unwrap_or_else(|e| panic!("{e}"));
         }
+    }
+}
+
+#[test]
+fn column_kernel_only_for_few_columns() {
+    // AVX-512's 32 × 8 column kernel serves pre-packed A (convolution plans)
+    // when C has few columns; tests/plan.rs checks its values.
+    if supported_isas().contains(&Isa::Avx512) {
+        let tile = kernel_info_for_shape(Isa::Avx512, 2048, 49);
+        assert_eq!((tile.mr, tile.nr), (32, 8));
+        assert_eq!(kernel_info_for_shape(Isa::Avx512, 95, 7).mr, 32);
+        assert_eq!(kernel_info_for_shape(Isa::Avx512, 2048, 2048).mr, 8);
+        assert_eq!(kernel_info_for_shape(Isa::Avx512, 256, 196).mr, 8);
+    }
+    for isa in supported_isas().into_iter().filter(|&i| i != Isa::Avx512) {
+        assert_eq!(kernel_info_for_shape(isa, 2048, 49).nr, kernel_info(isa).nr);
     }
 }
 

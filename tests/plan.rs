@@ -35,6 +35,12 @@ fn shapes() -> Vec<Conv2dParams> {
             .padding(Padding::symmetric(1, 1)),
         // Unpadded 1×1: the input planes are B directly.
         Conv2dParams::new(2, 16, (7, 7), 40, (1, 1)),
+        // Few output pixels, many channels: on AVX-512 the pre-packed
+        // weights take the 32 × 8 column kernel (49 = 6·8 + 1 columns; 7
+        // columns and 95 = 2·32 + 31 rows), while the one-shot forward runs
+        // the row kernel.
+        Conv2dParams::new(2, 12, (7, 7), 64, (3, 3)).padding(Padding::symmetric(1, 1)),
+        Conv2dParams::new(1, 5, (3, 9), 95, (3, 3)).stride(2, 1),
     ]
 }
 

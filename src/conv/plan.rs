@@ -6,7 +6,7 @@ use super::gemm_lowering::{forward_gemm, packed_group_len, ConvScratch, Lowering
 use super::{check_lengths, Algorithm, Conv2d, ForwardOptions};
 use crate::error::ConvError;
 use crate::gemm::driver::pack_bounds;
-use crate::gemm::kernels::{kernel_for, KernelInfo};
+use crate::gemm::kernels::{kernel_for_shape, KernelInfo};
 use crate::gemm::pack::pack_a_strided;
 use crate::gemm::{GemmBackend, Isa};
 
@@ -85,9 +85,12 @@ impl Conv2d {
             a => a,
         };
         let isa = crate::gemm::kernels::clamp_isa(options.isa.unwrap_or_else(crate::isa));
-        let kernel = kernel_for(isa).info;
         let gemm_based = matches!(algorithm, Algorithm::Im2col | Algorithm::Implicit);
-        let weights = if gemm_based && options.backend == GemmBackend::Native {
+        let prepack = gemm_based && options.backend == GemmBackend::Native;
+        // The kernel every forward will select for these weights (the
+        // workspace is sized for its blocking).
+        let kernel = kernel_for_shape(isa, g.out_channels_per_group(), g.out_plane(), prepack).info;
+        let weights = if prepack {
             PlanWeights::Packed {
                 data: pack_weights(self, weight, kernel.mr)?,
                 mr: kernel.mr,

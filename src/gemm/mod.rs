@@ -540,7 +540,12 @@ pub(crate) unsafe fn gemm_with_epilogue<B: pack::BSource>(
                     beta,
                     c,
                     epilogue,
-                    kernels::select(options.isa),
+                    kernels::select(
+                        options.isa,
+                        m,
+                        n,
+                        matches!(a, driver::ASource::Packed { .. }),
+                    ),
                     options.parallelism,
                     bufs,
                 )

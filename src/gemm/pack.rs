@@ -235,6 +235,7 @@ pub(crate) unsafe fn pack_a_strided(
         match (mr, height) {
             (8, 8) => unsafe { pack_a_panel_full::<8>(first_row, rs, cs, kc, panel) },
             (6, 6) => unsafe { pack_a_panel_full::<6>(first_row, rs, cs, kc, panel) },
+            (32, 32) => unsafe { pack_a_panel_full::<32>(first_row, rs, cs, kc, panel) },
             _ => unsafe { pack_a_panel_edge(first_row, rs, cs, kc, mr, height, panel) },
         }
     }

@@ -232,3 +232,197 @@ unsafe fn store_acc_strided<const R: usize, const V: usize>(
     // SAFETY: forwarded contract.
     unsafe { store_tile_scalar(&tile, nr, c, rsc, csc, rows, cols, ep) };
 }
+
+/// Rows of the column kernel's tile: two zmm down a column of C.
+pub(crate) const MR_COLUMNS: usize = 32;
+/// Columns of the column kernel's tile: one broadcast of B each.
+pub(crate) const NR_COLUMNS: usize = 8;
+
+/// `32 × 8` tiles vectorised down the columns of C, for a C with few
+/// columns: 49 columns (a 7×7 output plane) cost 64 in 32-wide row tiles
+/// but 56 in 8-wide column tiles.
+///
+/// Each k-step loads 32 values of the A panel (two zmm) and broadcasts the 8
+/// values of the B panel, so the tile lives in 16 accumulators, one per
+/// (column, half). The epilogue applies α and the bias down the columns,
+/// transposes the tile in registers (three shuffle stages per 16 × 8 half)
+/// and finishes β·C and the clamp on the rows of C, with masked row stores.
+///
+/// # Safety
+/// As [`kernel`], for a 32-row A panel and an 8-column B panel.
+#[target_feature(enable = "avx512f,fma")]
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn kernel_columns(
+    kc: usize,
+    a: *const f32,
+    b: *const f32,
+    ldb: usize,
+    c: *mut f32,
+    rsc: isize,
+    csc: isize,
+    rows: usize,
+    cols: usize,
+    ep: &TileEpilogue,
+) {
+    // acc[j][h]: column j of the tile, rows 16h..16h+16.
+    let mut acc = [[_mm512_setzero_ps(); 2]; NR_COLUMNS];
+    let (mut ap, mut bp) = (a, b);
+    let mut step = |acc: &mut [[__m512; 2]; NR_COLUMNS]| {
+        // SAFETY: the panels hold kc steps of 32 (A) and 8 (B) floats, and
+        // the caller runs at most kc steps. A pre-packed A may be only
+        // f32-aligned, hence the unaligned loads.
+        unsafe {
+            let av = [_mm512_loadu_ps(ap), _mm512_loadu_ps(ap.add(16))];
+            for (j, col) in acc.iter_mut().enumerate() {
+                let bj = _mm512_set1_ps(*bp.add(j));
+                col[0] = _mm512_fmadd_ps(av[0], bj, col[0]);
+                col[1] = _mm512_fmadd_ps(av[1], bj, col[1]);
+            }
+            ap = ap.add(MR_COLUMNS);
+            bp = bp.add(ldb);
+        }
+    };
+    let tail = kc.min(PREFETCH_C_STEPS);
+    for _ in 0..kc - tail {
+        step(&mut acc);
+    }
+    if csc == 1 {
+        for i in 0..rows {
+            // SAFETY: prefetch never faults; the address is inside row i of the tile.
+            unsafe {
+                let row = c.offset(i as isize * rsc) as *const i8;
+                _mm_prefetch::<_MM_HINT_T0>(row);
+                _mm_prefetch::<_MM_HINT_T0>(row.add(4 * NR_COLUMNS - 4));
+            }
+        }
+    }
+    for _ in 0..tail {
+        step(&mut acc);
+    }
+
+    if csc != 1 {
+        // SAFETY: forwarded contract.
+        unsafe { store_columns_strided(&acc, c, rsc, csc, rows, cols, ep) };
+        return;
+    }
+
+    // α·acc + bias, down the columns, where the bias is a vector.
+    let alpha = _mm512_set1_ps(ep.alpha);
+    let row_masks: [__mmask16; 2] = core::array::from_fn(|h| {
+        let here = rows.saturating_sub(16 * h).min(16);
+        ((1u32 << here) - 1) as u16
+    });
+    let bias: [__m512; 2] = core::array::from_fn(|h| {
+        if ep.bias.is_null() {
+            _mm512_setzero_ps()
+        } else {
+            // SAFETY: bias holds `rows` values; masked lanes are not read.
+            unsafe { _mm512_maskz_loadu_ps(row_masks[h], ep.bias.add(16 * h)) }
+        }
+    });
+    let col_mask: __mmask16 = ((1u32 << cols) - 1) as u16;
+    let beta = _mm512_set1_ps(ep.beta);
+    let read_c = ep.beta != 0.0;
+    // One row of the tile, in the low 8 lanes of `v`, through β·C and the
+    // clamp into row `i` of C.
+    let store_row = |v: __m512, i: usize| {
+        if i >= rows {
+            return;
+        }
+        // SAFETY: row i < rows of the tile; lanes past `cols` are masked.
+        unsafe {
+            let dst = c.offset(i as isize * rsc);
+            let mut v = v;
+            if read_c {
+                v = _mm512_fmadd_ps(beta, _mm512_maskz_loadu_ps(col_mask, dst), v);
+            }
+            if let Some((lo, hi)) = ep.clamp {
+                // max(lo, v) / min(hi, v) return v when v is NaN.
+                v = _mm512_max_ps(_mm512_set1_ps(lo), v);
+                v = _mm512_min_ps(_mm512_set1_ps(hi), v);
+            }
+            _mm512_mask_storeu_ps(dst, col_mask, v);
+        }
+    };
+    // Lane indices that interleave the 128-bit lanes of two vectors:
+    // [x.0, y.0, x.2, y.2] and [x.1, y.1, x.3, y.3].
+    let even_lanes = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27);
+    let odd_lanes = _mm512_setr_epi32(4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31);
+    for h in 0..2 {
+        if 16 * h >= rows {
+            break;
+        }
+        let x: [__m512; NR_COLUMNS] =
+            core::array::from_fn(|j| _mm512_fmadd_ps(acc[j][h], alpha, bias[h]));
+        // Stage 1: within each 128-bit lane, interleave column pairs.
+        let t: [__m512; NR_COLUMNS] = core::array::from_fn(|q| {
+            let (x0, x1) = (x[q / 2 * 2], x[q / 2 * 2 + 1]);
+            if q % 2 == 0 {
+                _mm512_unpacklo_ps(x0, x1)
+            } else {
+                _mm512_unpackhi_ps(x0, x1)
+            }
+        });
+        // Stage 2: lane row r of columns 0–3 (u[r]) and 4–7 (u[4 + r]);
+        // 128-bit lane l of each holds tile row 4l + r.
+        let u: [__m512; NR_COLUMNS] = core::array::from_fn(|q| {
+            let (half, r) = (q / 4, q % 4);
+            let (lo, hi) = (t[4 * half + r / 2], t[4 * half + 2 + r / 2]);
+            if r % 2 == 0 {
+                _mm512_shuffle_ps::<0x44>(lo, hi)
+            } else {
+                _mm512_shuffle_ps::<0xEE>(lo, hi)
+            }
+        });
+        // Stage 3: whole rows of 8: rows (r, r + 8) and (r + 4, r + 12).
+        for r in 0..4 {
+            let pair_low = _mm512_permutex2var_ps(u[r], even_lanes, u[4 + r]);
+            let pair_high = _mm512_permutex2var_ps(u[r], odd_lanes, u[4 + r]);
+            let base = 16 * h;
+            store_row(pair_low, base + r);
+            store_row(
+                _mm512_shuffle_f32x4::<0xEE>(pair_low, pair_low),
+                base + r + 8,
+            );
+            store_row(pair_high, base + r + 4);
+            store_row(
+                _mm512_shuffle_f32x4::<0xEE>(pair_high, pair_high),
+                base + r + 12,
+            );
+        }
+    }
+}
+
+/// [`kernel_columns`]'s epilogue for a C with non-unit column stride,
+/// through the scalar store.
+///
+/// # Safety
+/// As [`kernel`] for `c`, `rsc`, `csc`, `rows`, `cols` and `ep`.
+#[cold]
+#[inline(never)]
+#[target_feature(enable = "avx512f")]
+unsafe fn store_columns_strided(
+    acc: &[[__m512; 2]; NR_COLUMNS],
+    c: *mut f32,
+    rsc: isize,
+    csc: isize,
+    rows: usize,
+    cols: usize,
+    ep: &TileEpilogue,
+) {
+    let mut columns = [0.0f32; MR_COLUMNS * NR_COLUMNS];
+    for (j, col) in acc.iter().enumerate() {
+        for (h, x) in col.iter().enumerate() {
+            // SAFETY: 16 floats at j·32 + 16h, inside `columns`.
+            unsafe { _mm512_storeu_ps(columns.as_mut_ptr().add(j * MR_COLUMNS + 16 * h), *x) };
+        }
+    }
+    let mut tile = [0.0f32; MR_COLUMNS * NR_COLUMNS];
+    for i in 0..MR_COLUMNS {
+        for j in 0..NR_COLUMNS {
+            tile[i * NR_COLUMNS + j] = columns[j * MR_COLUMNS + i];
+        }
+    }
+    // SAFETY: forwarded contract.
+    unsafe { store_tile_scalar(&tile, NR_COLUMNS, c, rsc, csc, rows, cols, ep) };
+}

@@ -275,15 +275,82 @@ pub(crate) fn kernel_for(isa: Isa) -> &'static Kernel {
     TABLE[isa.index()].get_or_init(|| build_kernel(isa))
 }
 
-/// The kernel for a call: the requested path (clamped to the CPU) or the
-/// active one.
-pub(crate) fn select(requested: Option<Isa>) -> &'static Kernel {
-    kernel_for(requested.unwrap_or_else(isa))
+/// The path's kernel vectorised down the columns of C, where it has one.
+fn column_kernel_for(isa: Isa) -> Option<&'static Kernel> {
+    match clamp_isa(isa) {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => {
+            static COLUMNS: OnceLock<Kernel> = OnceLock::new();
+            Some(COLUMNS.get_or_init(|| {
+                let (mr, nr) = (avx512::MR_COLUMNS, avx512::NR_COLUMNS);
+                Kernel {
+                    info: blocking(Isa::Avx512, mr, nr, cache_sizes()),
+                    func: avx512::kernel_columns,
+                    narrow: None,
+                }
+            }))
+        }
+        _ => None,
+    }
+}
+
+/// Multiply-adds a kernel spends on an `m × n` C, padding included.
+fn padded_work(kernel: &Kernel, m: usize, n: usize) -> usize {
+    let KernelInfo { mr, nr, .. } = kernel.info;
+    let rem = n % nr;
+    let last = match kernel.narrow {
+        Some((width, _)) if rem > 0 && rem <= width => width,
+        _ if rem > 0 => nr,
+        _ => 0,
+    };
+    m.next_multiple_of(mr) * (n - rem + last)
+}
+
+/// The kernel of path `isa` for an `m × n` C: the row kernel, unless A
+/// comes pre-packed and the path's column kernel wastes at least 10% less
+/// on padding (C with few columns, such as the 49 of a 7×7 output plane: 64
+/// padded columns in 32-wide row tiles, 56 in 8-wide column tiles). The
+/// margin covers the column kernel's transposing epilogue.
+///
+/// Only for a pre-packed A (convolution plans): the column kernel's A
+/// panels are 32 rows tall, and packing them from a row-major A per call
+/// costs more than the padding saves (2048×512×49, 1 thread: packing A takes
+/// 40% of the time against 15% for 8-row panels, 131 against 167 GFLOP/s).
+pub(crate) fn kernel_for_shape(isa: Isa, m: usize, n: usize, a_prepacked: bool) -> &'static Kernel {
+    let rows = kernel_for(isa);
+    match column_kernel_for(isa) {
+        Some(columns)
+            if a_prepacked && padded_work(columns, m, n) * 10 <= padded_work(rows, m, n) * 9 =>
+        {
+            columns
+        }
+        _ => rows,
+    }
+}
+
+/// The kernel for an `m × n` C: of the requested path (clamped to the CPU)
+/// or of the active one.
+pub(crate) fn select(
+    requested: Option<Isa>,
+    m: usize,
+    n: usize,
+    a_prepacked: bool,
+) -> &'static Kernel {
+    kernel_for_shape(requested.unwrap_or_else(isa), m, n, a_prepacked)
 }
 
 /// Register tile and blocking of a path (clamped to what the CPU supports).
 pub fn kernel_info(isa: Isa) -> KernelInfo {
     kernel_for(isa).info
+}
+
+/// Register tile and blocking the GEMM uses for an `m × n` C on path `isa`
+/// with A pre-packed (as a convolution plan does): [`kernel_info`]'s, or
+/// that of the path's column kernel (AVX-512: `32 × 8` tiles vectorised down
+/// the columns of C) when C has so few columns that row tiles would be
+/// mostly padding.
+pub fn kernel_info_for_shape(isa: Isa, m: usize, n: usize) -> KernelInfo {
+    kernel_for_shape(isa, m, n, true).info
 }
 
 static CALLS: [AtomicUsize; 3] = [
