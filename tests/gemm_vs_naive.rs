@@ -799,6 +799,49 @@ fn column_kernel_only_for_few_columns() {
 }
 
 #[test]
+fn row_major_a_read_in_place() {
+    // Few column panels: the row kernels read a row-major A where it lies.
+    // 1001 and 70 rows end mid-panel (the last panel is packed); an odd row
+    // pad leaves rows unaligned; k = 1300 spans several K blocks; 600 rows
+    // of 512 exercise the multi-block path with whole-row blocks.
+    let a_layout = Layout {
+        pad: 3,
+        slack: 5,
+        ..Layout::DENSE
+    };
+    for (m, k, n, layout) in [
+        (1001, 1300, 49, a_layout),
+        (70, 33, 200, a_layout),
+        (600, 512, 20, Layout::DENSE),
+    ] {
+        let mut rng = Rng::new(17 + m as u64);
+        let a = Stored::new(m, k, layout, |_, _| rng.next_f32());
+        let b = Stored::new(k, n, Layout::DENSE, |_, _| rng.next_f32());
+        let c0 = Stored::new(m, n, Layout::DENSE, |_, _| rng.next_f32());
+        let (want, magnitude) = naive(0.5, &a, &b, 2.0, &c0);
+        let in_view = c0.in_view();
+        for isa in supported_isas() {
+            let options = GemmOptions {
+                backend: GemmBackend::Native,
+                parallelism: Parallelism::Sequential,
+                isa: Some(isa),
+            };
+            let mut c = c0.clone();
+            run_gemm(0.5, &a, &b, 2.0, &mut c, &options).unwrap();
+            check_c(
+                &format!("{m}x{k}x{n} {options:?}"),
+                &c,
+                k,
+                &want,
+                &magnitude,
+                &in_view,
+            )
+            .unwrap_or_else(|e| panic!("{e}"));
+        }
+    }
+}
+
+#[test]
 fn row_major_b_read_in_place() {
     // M ≤ MC with a row-major B: the kernels read B where it lies instead of
     // packing it. An odd row pad leaves the rows unaligned; 1100 columns end

@@ -344,10 +344,11 @@ unsafe fn gemm_shared_b<B: BSource>(
                         // SAFETY: rows ic..ic+mcur and depth pc..pc+kcur are
                         // inside A; this task owns rows m0..m1 of C.
                         unsafe {
-                            let (apanels, stride) =
-                                a_block(a, ic, mcur, pc, kcur, kernel, &mut bufs.a);
+                            let a_here = a_in_place(a, kernel, kcur, npanels);
+                            let apanels =
+                                a_block(a, ic, mcur, pc, kcur, kernel, a_here, &mut bufs.a);
                             let bpanels = BPanels::packed(bpack, kcur, nr);
-                            ctx.run(apanels, stride, ic, mcur, bpanels, jc, ncur, pc, kcur);
+                            ctx.run(apanels, ic, mcur, bpanels, jc, ncur, pc, kcur);
                         }
                     }
                 });
@@ -422,7 +423,8 @@ unsafe fn gemm_block<B: BSource>(
         for pc in (0..k).step_by(kc) {
             let kcur = kc.min(k - pc);
             // SAFETY: rows m0..m1 and depth pc..pc+kcur are inside A.
-            let (apanels, stride) = unsafe { a_block(a, m0, m1 - m0, pc, kcur, kernel, abuf) };
+            let a_here = a_in_place(a, kernel, kcur, (n1 - n0).div_ceil(nr));
+            let apanels = unsafe { a_block(a, m0, m1 - m0, pc, kcur, kernel, a_here, abuf) };
             for jc in (n0..n1).step_by(nc_small) {
                 let ncur = nc_small.min(n1 - jc);
                 let bpanels = match in_place {
@@ -461,7 +463,7 @@ unsafe fn gemm_block<B: BSource>(
                     }
                 };
                 // SAFETY: forwarded; the panels were packed above.
-                unsafe { ctx.run(apanels, stride, m0, m1 - m0, bpanels, jc, ncur, pc, kcur) };
+                unsafe { ctx.run(apanels, m0, m1 - m0, bpanels, jc, ncur, pc, kcur) };
             }
         }
         return;
@@ -477,12 +479,12 @@ unsafe fn gemm_block<B: BSource>(
             for ic in (m0..m1).step_by(mc) {
                 let mcur = mc.min(m1 - ic);
                 // SAFETY: rows ic..ic+mcur and depth pc..pc+kcur are inside A.
-                let (apanels, stride) = unsafe { a_block(a, ic, mcur, pc, kcur, kernel, abuf) };
+                let a_here = a_in_place(a, kernel, kcur, ncur.div_ceil(nr));
+                let apanels = unsafe { a_block(a, ic, mcur, pc, kcur, kernel, a_here, abuf) };
                 // SAFETY: forwarded; the panels were packed above.
                 unsafe {
                     ctx.run(
                         apanels,
-                        stride,
                         ic,
                         mcur,
                         BPanels::packed(bpack, kcur, nr),
@@ -526,12 +528,37 @@ pub(crate) fn pack_bounds(
     (a, kc * nc, nc)
 }
 
-/// The A panels of rows `ic..ic+mcur` at depth `pc..pc+kcur`: packed into
-/// `abuf` from a strided A, or found in place in a pre-packed one. Returns
-/// the first panel and the distance between panels.
+/// Reading A in place pays when each packed A block would serve at most
+/// this many B panels: 2048×512×49 (2 panels) spends 15% of its time
+/// packing A, 256×2304×196 (7 panels) 5%.
+const A_IN_PLACE_MAX_PANELS: usize = 8;
+
+/// Whether the kernel reads the A block at depth `pc..pc+kcur` in place
+/// rather than packed, for a block that serves `column_panels` B panels:
+/// for a row-major A whose rows do not fall into a few cache sets (a
+/// multiple of 1 KiB apart, unless the block spans whole rows; see
+/// `in_place` in [`gemm_block`]).
+fn a_in_place(a: &ASource, kernel: &Kernel, kcur: usize, column_panels: usize) -> bool {
+    match *a {
+        ASource::Strided { rs, cs, .. } => {
+            kernel.a_strided
+                && cs == 1
+                && rs > 0
+                && column_panels <= A_IN_PLACE_MAX_PANELS
+                && (rs % 256 != 0 || rs as usize == kcur)
+        }
+        ASource::Packed { .. } => false,
+    }
+}
+
+/// The A panels of rows `ic..ic+mcur` at depth `pc..pc+kcur`: read in place
+/// (`in_place`, a row-major A), packed into `abuf` from a strided A, or
+/// found in a pre-packed one.
 ///
 /// # Safety
-/// The block is inside A; `ic` is a multiple of MR.
+/// The block is inside A; `ic` is a multiple of MR; `in_place` only for a
+/// strided A with unit column stride.
+#[allow(clippy::too_many_arguments)]
 unsafe fn a_block(
     a: &ASource,
     ic: usize,
@@ -539,10 +566,32 @@ unsafe fn a_block(
     pc: usize,
     kcur: usize,
     kernel: &Kernel,
+    in_place: bool,
     abuf: &mut AlignedBuf,
-) -> (*const f32, usize) {
+) -> APanels {
     let mr = kernel.info.mr;
     match *a {
+        ASource::Strided { ptr, rs, cs } if in_place => {
+            // SAFETY: (ic, pc) is inside A.
+            let origin = unsafe { ptr.offset(ic as isize * rs + pc as isize * cs) };
+            let full = mcur / mr;
+            let packed_tail = (full * mr < mcur).then(|| {
+                let tail = abuf.get(kcur * mr);
+                // SAFETY: the last panel's rows, at this depth, are inside A.
+                unsafe {
+                    let first_row = origin.offset((full * mr) as isize * rs);
+                    pack_a_strided(first_row, rs, cs, mcur - full * mr, kcur, mr, tail);
+                }
+                tail.as_ptr()
+            });
+            APanels {
+                first: origin,
+                panel_stride: mr * rs as usize,
+                rs: rs as usize,
+                cs: 1,
+                packed_tail,
+            }
+        }
         ASource::Strided { ptr, rs, cs } => {
             let apack = abuf.get(mcur.div_ceil(mr) * kcur * mr);
             // SAFETY: (ic, pc) and the mcur × kcur block are inside A.
@@ -550,14 +599,55 @@ unsafe fn a_block(
                 let origin = ptr.offset(ic as isize * rs + pc as isize * cs);
                 pack_a_strided(origin, rs, cs, mcur, kcur, mr, apack);
             }
-            (apack.as_ptr(), kcur * mr)
+            APanels::packed(apack.as_ptr(), kcur * mr, mr)
         }
-        ASource::Packed { ptr, k: kfull, .. } => (
+        ASource::Packed { ptr, k: kfull, .. } => APanels::packed(
             // SAFETY: ic is a multiple of mr; the panels cover every row of
             // A at full depth.
             unsafe { ptr.add((ic / mr) * kfull * mr + pc * mr) },
             kfull * mr,
+            mr,
         ),
+    }
+}
+
+/// Where the micro-kernels find the A panels of one block.
+#[derive(Clone, Copy)]
+struct APanels {
+    /// Panel `q` starts at `first + q·panel_stride`.
+    first: *const f32,
+    panel_stride: usize,
+    /// Value `(i, p)` of a panel is at `panel + i·rs + p·cs`.
+    rs: usize,
+    cs: usize,
+    /// A packed copy (`rs = 1`, `cs = mr`, rows past the matrix zero) of
+    /// the last panel, used instead of the in-place one when A is read in
+    /// place and the block ends mid-panel.
+    packed_tail: Option<*const f32>,
+}
+
+impl APanels {
+    /// Packed panels, `panel_stride` floats apart.
+    fn packed(first: *const f32, panel_stride: usize, mr: usize) -> APanels {
+        APanels {
+            first,
+            panel_stride,
+            rs: 1,
+            cs: mr,
+            packed_tail: None,
+        }
+    }
+
+    /// The start and strides of panel `ir` of `npanels`.
+    fn panel(&self, ir: usize, npanels: usize, mr: usize) -> (*const f32, usize, usize) {
+        match self.packed_tail {
+            Some(tail) if ir + 1 == npanels => (tail, 1, mr),
+            _ => (
+                self.first.wrapping_add(ir * self.panel_stride),
+                self.rs,
+                self.cs,
+            ),
+        }
     }
 }
 
@@ -616,8 +706,7 @@ impl MacroKernel<'_> {
     #[allow(clippy::too_many_arguments)]
     unsafe fn run(
         &self,
-        apanels: *const f32,
-        panel_stride: usize,
+        apanels: APanels,
         ic: usize,
         mcur: usize,
         bpanels: BPanels,
@@ -638,7 +727,9 @@ impl MacroKernel<'_> {
                 Some((width, narrow)) if cols <= width => narrow,
                 _ => self.kernel.func,
             };
-            for ir in 0..mcur.div_ceil(mr) {
+            let row_panels = mcur.div_ceil(mr);
+            for ir in 0..row_panels {
+                let (ap, ars, acs) = apanels.panel(ir, row_panels, mr);
                 let row = ic + ir * mr;
                 let tile = TileEpilogue {
                     alpha: self.alpha,
@@ -656,7 +747,9 @@ impl MacroKernel<'_> {
                 unsafe {
                     func(
                         kcur,
-                        apanels.add(ir * panel_stride),
+                        ap,
+                        ars,
+                        acs,
                         bp,
                         ldb,
                         self.c

@@ -23,6 +23,8 @@ pub(crate) const MR: usize = 6;
 pub(crate) unsafe fn kernel(
     kc: usize,
     a: *const f32,
+    ars: usize,
+    acs: usize,
     b: *const f32,
     ldb: usize,
     c: *mut f32,
@@ -33,18 +35,19 @@ pub(crate) unsafe fn kernel(
     ep: &TileEpilogue,
 ) {
     let mut acc = [[_mm256_setzero_ps(); 2]; MR];
-    let (mut ap, mut bp) = (a, b);
+    let a_rows: [*const f32; MR] = core::array::from_fn(|i| a.wrapping_add(i * ars));
+    let (mut ak, mut bp) = (0, b);
     for _ in 0..kc {
         // SAFETY: the panels hold kc steps of MR (A) and 16 (B) floats.
         unsafe {
             let b0 = _mm256_loadu_ps(bp);
             let b1 = _mm256_loadu_ps(bp.add(8));
             for (i, row) in acc.iter_mut().enumerate() {
-                let ai = _mm256_broadcast_ss(&*ap.add(i));
+                let ai = _mm256_broadcast_ss(&*a_rows[i].add(ak));
                 row[0] = _mm256_fmadd_ps(ai, b0, row[0]);
                 row[1] = _mm256_fmadd_ps(ai, b1, row[1]);
             }
-            ap = ap.add(MR);
+            ak += acs;
             bp = bp.add(ldb);
         }
     }

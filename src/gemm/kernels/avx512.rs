@@ -42,6 +42,8 @@ pub(crate) const MR: usize = 8;
 pub(crate) unsafe fn kernel(
     kc: usize,
     a: *const f32,
+    ars: usize,
+    acs: usize,
     b: *const f32,
     ldb: usize,
     c: *mut f32,
@@ -52,7 +54,7 @@ pub(crate) unsafe fn kernel(
     epilogue: &TileEpilogue,
 ) {
     // SAFETY: forwarded; dispatch only selects this kernel when AVX-512F is present.
-    unsafe { kernel_mr::<MR, 2>(kc, a, b, ldb, c, rsc, csc, rows, cols, epilogue) }
+    unsafe { kernel_mr::<MR, 2>(kc, a, ars, acs, b, ldb, c, rsc, csc, rows, cols, epilogue) }
 }
 
 /// How many k-steps before the end of the loop the C tile is prefetched.
@@ -77,6 +79,8 @@ pub(crate) const NR_NARROW: usize = 16;
 pub(crate) unsafe fn kernel_narrow(
     kc: usize,
     a: *const f32,
+    ars: usize,
+    acs: usize,
     b: *const f32,
     ldb: usize,
     c: *mut f32,
@@ -88,7 +92,7 @@ pub(crate) unsafe fn kernel_narrow(
 ) {
     // SAFETY: forwarded; of the NR floats per B step this kernel reads the
     // first 16.
-    unsafe { kernel_mr::<MR, 1>(kc, a, b, ldb, c, rsc, csc, rows, cols, epilogue) }
+    unsafe { kernel_mr::<MR, 1>(kc, a, ars, acs, b, ldb, c, rsc, csc, rows, cols, epilogue) }
 }
 
 /// `R × 16·V` kernel for any `R ≤ 16`, `V ≤ 4`.
@@ -101,6 +105,8 @@ pub(crate) unsafe fn kernel_narrow(
 pub(crate) unsafe fn kernel_mr<const R: usize, const V: usize>(
     kc: usize,
     a: *const f32,
+    ars: usize,
+    acs: usize,
     b: *const f32,
     ldb: usize,
     c: *mut f32,
@@ -111,7 +117,8 @@ pub(crate) unsafe fn kernel_mr<const R: usize, const V: usize>(
     ep: &TileEpilogue,
 ) {
     let mut acc = [[_mm512_setzero_ps(); V]; R];
-    let (mut ap, mut bp) = (a, b);
+    let a_rows: [*const f32; R] = core::array::from_fn(|i| a.wrapping_add(i * ars));
+    let (mut ak, mut bp) = (0, b);
     // One k-step: V vector loads of B, R broadcasts of A, R·V FMAs.
     let mut step = |acc: &mut [[__m512; V]; R]| {
         // SAFETY: the panels hold kc steps of R (A) and 16·V (B) floats, and
@@ -120,12 +127,12 @@ pub(crate) unsafe fn kernel_mr<const R: usize, const V: usize>(
         unsafe {
             let bv: [__m512; V] = core::array::from_fn(|v| _mm512_loadu_ps(bp.add(16 * v)));
             for (i, row) in acc.iter_mut().enumerate() {
-                let ai = _mm512_set1_ps(*ap.add(i));
+                let ai = _mm512_set1_ps(*a_rows[i].add(ak));
                 for (v, x) in row.iter_mut().enumerate() {
                     *x = _mm512_fmadd_ps(ai, bv[v], *x);
                 }
             }
-            ap = ap.add(R);
+            ak += acs;
             bp = bp.add(ldb);
         }
     };
@@ -249,12 +256,15 @@ pub(crate) const NR_COLUMNS: usize = 8;
 /// and finishes β·C and the clamp on the rows of C, with masked row stores.
 ///
 /// # Safety
-/// As [`kernel`], for a 32-row A panel and an 8-column B panel.
+/// As [`kernel`], for a packed 32-row A panel (`ars = 1`, `acs = 32`: its
+/// k-steps are loaded as vectors) and an 8-column B panel.
 #[target_feature(enable = "avx512f,fma")]
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn kernel_columns(
     kc: usize,
     a: *const f32,
+    ars: usize,
+    acs: usize,
     b: *const f32,
     ldb: usize,
     c: *mut f32,
@@ -264,6 +274,11 @@ pub(crate) unsafe fn kernel_columns(
     cols: usize,
     ep: &TileEpilogue,
 ) {
+    // The A panel's k-steps are read as vectors: packed layout only.
+    debug_assert!(
+        ars == 1 && acs == MR_COLUMNS,
+        "column kernel needs packed A"
+    );
     // acc[j][h]: column j of the tile, rows 16h..16h+16.
     let mut acc = [[_mm512_setzero_ps(); 2]; NR_COLUMNS];
     let (mut ap, mut bp) = (a, b);

@@ -152,19 +152,25 @@ pub(crate) struct TileEpilogue {
 /// A micro-kernel: `kc` steps over panels `a` and `b`, then the epilogue
 /// into the `rows × cols` corner (`rows ≤ MR`, `cols ≤ NR`) of the tile at `c`.
 ///
-/// `a` is a packed A panel. Step `p` of the B panel is the `NR` floats at
-/// `b + p·ldb`: `ldb = NR` for a packed panel, or B's row stride when the
-/// driver lets the kernel read a row-major B in place.
+/// Value `(i, p)` of the A panel is at `a + i·ars + p·acs`: `(1, MR)` for a
+/// packed panel, `(row stride, 1)` when the driver lets a kernel with
+/// [`Kernel::a_strided`] read a row-major A in place. Step `p` of the B
+/// panel is the `NR` floats at `b + p·ldb`: `ldb = NR` for a packed panel,
+/// or B's row stride when the driver lets the kernel read a row-major B in
+/// place.
 ///
 /// # Safety
-/// `a` holds `kc·MR` readable floats and `b + p·ldb` holds `NR` readable
-/// floats for every `p < kc` (f32 alignment is enough for both);
+/// `a + i·ars + p·acs` is readable for every `i < MR`, `p < kc`, and
+/// `b + p·ldb` holds `NR` readable floats for every `p < kc` (f32
+/// alignment is enough for both);
 /// `c.offset(i·rsc + j·csc)` is writable (and readable unless `beta == 0`) for
 /// `i < rows, j < cols`; `bias`, when set, holds `rows` values; the CPU
 /// supports the kernel's ISA.
 pub(crate) type MicroKernelFn = unsafe fn(
     kc: usize,
     a: *const f32,
+    ars: usize,
+    acs: usize,
     b: *const f32,
     ldb: usize,
     c: *mut f32,
@@ -200,6 +206,9 @@ pub(crate) struct Kernel {
     /// A kernel for right-edge tiles of at most `.0` columns, reading the
     /// same packed panels, where the full tile would be mostly padding.
     pub narrow: Option<(usize, MicroKernelFn)>,
+    /// The kernel honours any A strides (`ars`, `acs`), so the driver may
+    /// hand it a row-major A in place; otherwise A must be packed.
+    pub a_strided: bool,
 }
 
 /// Cache blocking for an `mr × nr` kernel, after the BLIS analytical model,
@@ -265,6 +274,7 @@ fn build_kernel(isa: Isa) -> Kernel {
         info: blocking(isa, mr, nr, caches),
         func,
         narrow,
+        a_strided: true,
     }
 }
 
@@ -287,6 +297,7 @@ fn column_kernel_for(isa: Isa) -> Option<&'static Kernel> {
                     info: blocking(Isa::Avx512, mr, nr, cache_sizes()),
                     func: avx512::kernel_columns,
                     narrow: None,
+                    a_strided: false,
                 }
             }))
         }

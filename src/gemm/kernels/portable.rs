@@ -32,6 +32,8 @@ pub(crate) const MR: usize = 6;
 pub(crate) unsafe fn kernel(
     kc: usize,
     a: *const f32,
+    ars: usize,
+    acs: usize,
     b: *const f32,
     ldb: usize,
     c: *mut f32,
@@ -42,7 +44,8 @@ pub(crate) unsafe fn kernel(
     ep: &TileEpilogue,
 ) {
     let mut acc = [[f32x8::ZERO; NV]; MR];
-    let (mut ap, mut bp) = (a, b);
+    let a_rows: [*const f32; MR] = core::array::from_fn(|i| a.wrapping_add(i * ars));
+    let (mut ak, mut bp) = (0, b);
     for _ in 0..kc {
         // SAFETY: the panels hold kc steps of MR (A) and NR (B) floats; B
         // may be only f32-aligned, so its vectors are read unaligned.
@@ -52,12 +55,12 @@ pub(crate) unsafe fn kernel(
                 *slot = (bp.add(8 * v) as *const f32x8).read_unaligned();
             }
             for (i, row) in acc.iter_mut().enumerate() {
-                let ai = f32x8::splat(*ap.add(i));
+                let ai = f32x8::splat(*a_rows[i].add(ak));
                 for (v, slot) in row.iter_mut().enumerate() {
                     *slot = ai.mul_add(bv[v], *slot);
                 }
             }
-            ap = ap.add(MR);
+            ak += acs;
             bp = bp.add(ldb);
         }
     }
