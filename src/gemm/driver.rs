@@ -10,6 +10,12 @@
 //!           micro-kernel(MR × NR tile)
 //! ```
 //!
+//! Packing pays for itself only when a panel is reused often. A row-major
+//! operand whose packed panels would serve few tiles is read in place by
+//! the kernels instead (only a partial last panel is packed): B when M fits
+//! one MC block (each B panel then serves at most MC/MR tiles), A when C has
+//! at most [`A_IN_PLACE_MAX_PANELS`] column panels per block.
+//!
 //! Threads split C into a grid of `tm × tn` blocks aligned to the register
 //! tile; each thread runs the whole nest on its block with its own packing
 //! buffers. The grid shape minimises repacking: splitting rows makes every

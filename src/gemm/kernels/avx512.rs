@@ -1,4 +1,6 @@
-//! AVX-512F micro-kernel: `MR × 32` tiles, C vectorised along its rows.
+//! AVX-512F micro-kernels: `MR × 32` tiles with C vectorised along its
+//! rows, and `32 × 8` tiles vectorised down its columns (see
+//! [`kernel_columns`]).
 //!
 //! Each k-step loads one 32-wide row of the B panel (two zmm) and, for each of
 //! the MR rows, broadcasts one A value and issues two FMAs, so the tile lives

@@ -2,10 +2,15 @@
 //! dispatch that picks one.
 //!
 //! Every micro-kernel computes one full `MR × NR` tile `A_panel · B_panel`
-//! from packed panels (A: `kc` steps of `MR` values, read by broadcasts;
-//! B: `kc` steps of `NR` values, 64-byte aligned for vector loads) and
-//! applies the tile epilogue (α, β, bias, clamp) on the way out. Only the
-//! store is partial at a matrix edge.
+//! (`kc` steps of `MR` values of A and `NR` values of B, packed or, for a
+//! row-major operand the driver reads in place, strided; see
+//! `MicroKernelFn`) and applies the tile epilogue (α, β, bias, clamp) on
+//! the way out. Only the store is partial at a matrix edge.
+//!
+//! Each path has a row kernel, vectorised along the rows of C (B loaded as
+//! vectors, A broadcast). AVX-512 also has a column kernel, vectorised down
+//! the columns of C, for pre-packed A and a C with few columns, where row
+//! tiles would be mostly padding ([`kernel_info_for_shape`]).
 //!
 //! The CPU's features are detected once. `CPUCONV_ISA=avx512|avx2|portable`
 //! forces a path no higher than the CPU supports; a request above that falls
