@@ -7,16 +7,12 @@
 #[cfg(target_arch = "x86_64")]
 use core::arch::x86_64::*;
 
-use super::{store_tile_scalar, TileEpilogue};
+use super::{run_steps_prefetching_c, store_tile_scalar, TileEpilogue};
 
 /// Columns of a B panel: two ymm registers.
 pub(crate) const NR: usize = 16;
 /// Rows of an A panel.
 pub(crate) const MR: usize = 6;
-
-/// k-steps before the end of the loop at which the C tile is prefetched
-/// (about 1000 cycles at AVX2's FMA rate, as for AVX-512).
-const PREFETCH_C_STEPS: usize = 128;
 
 /// The dispatched micro-kernel; see [`super::MicroKernelFn`].
 ///
@@ -41,7 +37,7 @@ pub(crate) unsafe fn kernel(
     let mut acc = [[_mm256_setzero_ps(); 2]; MR];
     let a_rows: [*const f32; MR] = core::array::from_fn(|i| a.wrapping_add(i * ars));
     let (mut ak, mut bp) = (0, b);
-    let mut step = |acc: &mut [[__m256; 2]; MR]| {
+    let step = |acc: &mut [[__m256; 2]; MR]| {
         // SAFETY: the panels hold kc steps of MR (A) and 16 (B) floats, and
         // the caller runs at most kc steps.
         unsafe {
@@ -56,21 +52,8 @@ pub(crate) unsafe fn kernel(
             bp = bp.add(ldb);
         }
     };
-    // As in the AVX-512 kernel: pull the C tile into L1 shortly before the
-    // epilogue, late enough that the streaming panels do not evict it again.
-    let tail = kc.min(PREFETCH_C_STEPS);
-    for _ in 0..kc - tail {
-        step(&mut acc);
-    }
-    if csc == 1 {
-        for i in 0..rows {
-            // SAFETY: prefetch never faults; the address is inside row i of the tile.
-            unsafe { _mm_prefetch::<_MM_HINT_T0>(c.offset(i as isize * rsc) as *const i8) };
-        }
-    }
-    for _ in 0..tail {
-        step(&mut acc);
-    }
+    // SAFETY: the step runs kc times.
+    unsafe { run_steps_prefetching_c(kc, c, rsc, csc, rows, 4 * NR, &mut acc, step) };
 
     if csc != 1 || cols != NR {
         let mut tile = [0.0f32; MR * NR];

@@ -14,7 +14,7 @@
 #[cfg(target_arch = "x86_64")]
 use core::arch::x86_64::*;
 
-use super::{store_tile_scalar, TileEpilogue};
+use super::{run_steps_prefetching_c, store_tile_scalar, TileEpilogue};
 
 /// Columns of a B panel: two zmm registers.
 pub(crate) const NR: usize = 32;
@@ -58,15 +58,6 @@ pub(crate) unsafe fn kernel(
     // SAFETY: forwarded; dispatch only selects this kernel when AVX-512F is present.
     unsafe { kernel_mr::<MR, 2>(kc, a, ars, acs, b, ldb, c, rsc, csc, rows, cols, epilogue) }
 }
-
-/// How many k-steps before the end of the loop the C tile is prefetched.
-/// 128 steps are about 1000 cycles at two FMAs per cycle, longer than a
-/// memory access, while the A and B panels stream only 20 KiB through L1 in
-/// that time, too little to evict the tile again. Measured at 2048³
-/// (1 thread, near-best of 30 runs): prefetching at the start of the loop
-/// 81%, 32 steps before the end 86%, 128 steps within noise of that or up
-/// to 3% better.
-const PREFETCH_C_STEPS: usize = 128;
 
 /// Columns the narrow kernel computes: one zmm.
 pub(crate) const NR_NARROW: usize = 16;
@@ -122,7 +113,7 @@ pub(crate) unsafe fn kernel_mr<const R: usize, const V: usize>(
     let a_rows: [*const f32; R] = core::array::from_fn(|i| a.wrapping_add(i * ars));
     let (mut ak, mut bp) = (0, b);
     // One k-step: V vector loads of B, R broadcasts of A, R·V FMAs.
-    let mut step = |acc: &mut [[__m512; V]; R]| {
+    let step = |acc: &mut [[__m512; V]; R]| {
         // SAFETY: the panels hold kc steps of R (A) and 16·V (B) floats, and
         // the caller runs at most kc steps. A packed B is 64-byte aligned,
         // so its unaligned loads cost nothing extra; an in-place B may not be.
@@ -138,27 +129,8 @@ pub(crate) unsafe fn kernel_mr<const R: usize, const V: usize>(
             bp = bp.add(ldb);
         }
     };
-    let tail = kc.min(PREFETCH_C_STEPS);
-    for _ in 0..kc - tail {
-        step(&mut acc);
-    }
-    // Pull the C tile into L1 a few hundred cycles before the epilogue
-    // reads it. Prefetched at the start, it would be evicted again by the
-    // A and B panels streaming through L1 (tens of KiB), and each tile of a
-    // β = 1 pass would wait on C from L3 or memory.
-    if csc == 1 {
-        for i in 0..rows {
-            // SAFETY: prefetch never faults; the address is inside row i of the tile.
-            unsafe {
-                let row = c.offset(i as isize * rsc) as *const i8;
-                _mm_prefetch::<_MM_HINT_T0>(row);
-                _mm_prefetch::<_MM_HINT_T0>(row.add(4 * 16 * V - 4));
-            }
-        }
-    }
-    for _ in 0..tail {
-        step(&mut acc);
-    }
+    // SAFETY: the step runs kc times.
+    unsafe { run_steps_prefetching_c(kc, c, rsc, csc, rows, 4 * 16 * V, &mut acc, step) };
 
     if csc != 1 {
         // SAFETY: forwarded contract.
@@ -284,7 +256,7 @@ pub(crate) unsafe fn kernel_columns(
     // acc[j][h]: column j of the tile, rows 16h..16h+16.
     let mut acc = [[_mm512_setzero_ps(); 2]; NR_COLUMNS];
     let (mut ap, mut bp) = (a, b);
-    let mut step = |acc: &mut [[__m512; 2]; NR_COLUMNS]| {
+    let step = |acc: &mut [[__m512; 2]; NR_COLUMNS]| {
         // SAFETY: the panels hold kc steps of 32 (A) and 8 (B) floats, and
         // the caller runs at most kc steps. A pre-packed A may be only
         // f32-aligned, hence the unaligned loads.
@@ -299,23 +271,8 @@ pub(crate) unsafe fn kernel_columns(
             bp = bp.add(ldb);
         }
     };
-    let tail = kc.min(PREFETCH_C_STEPS);
-    for _ in 0..kc - tail {
-        step(&mut acc);
-    }
-    if csc == 1 {
-        for i in 0..rows {
-            // SAFETY: prefetch never faults; the address is inside row i of the tile.
-            unsafe {
-                let row = c.offset(i as isize * rsc) as *const i8;
-                _mm_prefetch::<_MM_HINT_T0>(row);
-                _mm_prefetch::<_MM_HINT_T0>(row.add(4 * NR_COLUMNS - 4));
-            }
-        }
-    }
-    for _ in 0..tail {
-        step(&mut acc);
-    }
+    // SAFETY: the step runs kc times.
+    unsafe { run_steps_prefetching_c(kc, c, rsc, csc, rows, 4 * NR_COLUMNS, &mut acc, step) };
 
     if csc != 1 {
         // SAFETY: forwarded contract.
