@@ -782,6 +782,45 @@ fn large_threaded_case_matches_naive() {
     }
 }
 
+/// Runs `C ← α·A·B + β·C` on the native engine on every ISA path with
+/// `parallelism` (inside `pool` when given) and checks each result against
+/// the naive product.
+fn check_every_isa(
+    alpha: f32,
+    a: &Stored,
+    b: &Stored,
+    beta: f32,
+    c0: &Stored,
+    parallelism: Parallelism,
+    pool: Option<&rayon::ThreadPool>,
+) {
+    let (want, magnitude) = naive(alpha, a, b, beta, c0);
+    let in_view = c0.in_view();
+    for isa in supported_isas() {
+        let options = GemmOptions {
+            backend: GemmBackend::Native,
+            parallelism,
+            isa: Some(isa),
+        };
+        let mut c = c0.clone();
+        let mut run = || run_gemm(alpha, a, b, beta, &mut c, &options);
+        match pool {
+            Some(pool) => pool.install(run),
+            None => run(),
+        }
+        .unwrap();
+        check_c(
+            &format!("{}x{}x{} {options:?}", a.rows, a.cols, b.cols),
+            &c,
+            a.cols,
+            &want,
+            &magnitude,
+            &in_view,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+    }
+}
+
 #[test]
 fn column_kernel_only_for_few_columns() {
     // AVX-512's 32 × 8 column kernel serves pre-packed A (convolution plans)
@@ -818,26 +857,7 @@ fn row_major_a_read_in_place() {
         let a = Stored::new(m, k, layout, |_, _| rng.next_f32());
         let b = Stored::new(k, n, Layout::DENSE, |_, _| rng.next_f32());
         let c0 = Stored::new(m, n, Layout::DENSE, |_, _| rng.next_f32());
-        let (want, magnitude) = naive(0.5, &a, &b, 2.0, &c0);
-        let in_view = c0.in_view();
-        for isa in supported_isas() {
-            let options = GemmOptions {
-                backend: GemmBackend::Native,
-                parallelism: Parallelism::Sequential,
-                isa: Some(isa),
-            };
-            let mut c = c0.clone();
-            run_gemm(0.5, &a, &b, 2.0, &mut c, &options).unwrap();
-            check_c(
-                &format!("{m}x{k}x{n} {options:?}"),
-                &c,
-                k,
-                &want,
-                &magnitude,
-                &in_view,
-            )
-            .unwrap_or_else(|e| panic!("{e}"));
-        }
+        check_every_isa(0.5, &a, &b, 2.0, &c0, Parallelism::Sequential, None);
     }
 }
 
@@ -858,26 +878,7 @@ fn row_major_b_read_in_place() {
         let a = Stored::new(m, k, Layout::DENSE, |_, _| rng.next_f32());
         let b = Stored::new(k, n, b_layout, |_, _| rng.next_f32());
         let c0 = Stored::new(m, n, Layout::DENSE, |_, _| rng.next_f32());
-        let (want, magnitude) = naive(1.25, &a, &b, 0.5, &c0);
-        let in_view = c0.in_view();
-        for isa in supported_isas() {
-            let options = GemmOptions {
-                backend: GemmBackend::Native,
-                parallelism: Parallelism::Sequential,
-                isa: Some(isa),
-            };
-            let mut c = c0.clone();
-            run_gemm(1.25, &a, &b, 0.5, &mut c, &options).unwrap();
-            check_c(
-                &format!("{m}x{k}x{n} {options:?}"),
-                &c,
-                k,
-                &want,
-                &magnitude,
-                &in_view,
-            )
-            .unwrap_or_else(|e| panic!("{e}"));
-        }
+        check_every_isa(1.25, &a, &b, 0.5, &c0, Parallelism::Sequential, None);
     }
 }
 
@@ -895,27 +896,7 @@ fn few_column_panels_share_b_across_threads() {
         let a = Stored::new(m, k, Layout::DENSE, |_, _| rng.next_f32());
         let b = Stored::new(k, n, Layout::DENSE, |_, _| rng.next_f32());
         let c0 = Stored::new(m, n, Layout::DENSE, |_, _| rng.next_f32());
-        let (want, magnitude) = naive(0.5, &a, &b, -1.5, &c0);
-        let in_view = c0.in_view();
-        for isa in supported_isas() {
-            let options = GemmOptions {
-                backend: GemmBackend::Native,
-                parallelism: Parallelism::Rayon,
-                isa: Some(isa),
-            };
-            let mut c = c0.clone();
-            pool.install(|| run_gemm(0.5, &a, &b, -1.5, &mut c, &options))
-                .unwrap();
-            check_c(
-                &format!("{m}x{k}x{n} {options:?}"),
-                &c,
-                k,
-                &want,
-                &magnitude,
-                &in_view,
-            )
-            .unwrap_or_else(|e| panic!("{e}"));
-        }
+        check_every_isa(0.5, &a, &b, -1.5, &c0, Parallelism::Rayon, Some(&pool));
     }
 }
 
