@@ -164,24 +164,45 @@ pub(crate) unsafe fn kernel_mr<const R: usize, const V: usize>(
                     if mask == 0 {
                         continue;
                     }
-                    let dst = cp.add(16 * h);
-                    let mut v = _mm512_mul_ps(row[h], alpha);
-                    if read_c {
-                        v = _mm512_fmadd_ps(beta, _mm512_maskz_loadu_ps(mask, dst), v);
-                    }
-                    if let Some(bv) = bias {
-                        v = _mm512_add_ps(v, bv);
-                    }
-                    if let Some((lo, hi)) = ep.clamp {
-                        // max(lo, v) / min(hi, v) return v when v is NaN.
-                        v = _mm512_max_ps(_mm512_set1_ps(lo), v);
-                        v = _mm512_min_ps(_mm512_set1_ps(hi), v);
-                    }
-                    _mm512_mask_storeu_ps(dst, mask, v);
+                    let product = _mm512_mul_ps(row[h], alpha);
+                    finish_store(cp.add(16 * h), mask, product, read_c, beta, bias, ep.clamp);
                 }
             }
         }
     }
+}
+
+/// `clamp(v + β·C + bias)` into the lanes of `dst` that `mask` selects; C
+/// is read only when `read_c`.
+///
+/// # Safety
+/// The selected lanes of `dst` are writable, and readable when `read_c`.
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn finish_store(
+    dst: *mut f32,
+    mask: __mmask16,
+    v: __m512,
+    read_c: bool,
+    beta: __m512,
+    bias: Option<__m512>,
+    clamp: Option<(f32, f32)>,
+) {
+    let mut v = v;
+    if read_c {
+        // SAFETY: the selected lanes are readable when read_c (contract).
+        v = _mm512_fmadd_ps(beta, unsafe { _mm512_maskz_loadu_ps(mask, dst) }, v);
+    }
+    if let Some(b) = bias {
+        v = _mm512_add_ps(v, b);
+    }
+    if let Some((lo, hi)) = clamp {
+        // max(lo, v) / min(hi, v) return v when v is NaN.
+        v = _mm512_max_ps(_mm512_set1_ps(lo), v);
+        v = _mm512_min_ps(_mm512_set1_ps(hi), v);
+    }
+    // SAFETY: the selected lanes are writable (contract).
+    unsafe { _mm512_mask_storeu_ps(dst, mask, v) };
 }
 
 /// The epilogue for a C with non-unit column stride, through a scalar
@@ -306,16 +327,7 @@ pub(crate) unsafe fn kernel_columns(
         // SAFETY: row i < rows of the tile; lanes past `cols` are masked.
         unsafe {
             let dst = c.offset(i as isize * rsc);
-            let mut v = v;
-            if read_c {
-                v = _mm512_fmadd_ps(beta, _mm512_maskz_loadu_ps(col_mask, dst), v);
-            }
-            if let Some((lo, hi)) = ep.clamp {
-                // max(lo, v) / min(hi, v) return v when v is NaN.
-                v = _mm512_max_ps(_mm512_set1_ps(lo), v);
-                v = _mm512_min_ps(_mm512_set1_ps(hi), v);
-            }
-            _mm512_mask_storeu_ps(dst, col_mask, v);
+            finish_store(dst, col_mask, v, read_c, beta, None, ep.clamp);
         }
     };
     // Lane indices that interleave the 128-bit lanes of two vectors:
