@@ -22,6 +22,7 @@
 //! thread pack all of its B columns, splitting columns makes every thread
 //! pack all of its A rows, so the cheaper one wins.
 
+use super::cache::cache_sizes;
 use super::kernels::{record_call, store_scalar, Kernel, KernelInfo, TileEpilogue};
 use super::pack::{pack_a_strided, with_pack_buffers, AlignedBuf, BSource, PackBuffers, StridedB};
 use super::{GemmOptions, Parallelism};
@@ -350,7 +351,7 @@ unsafe fn gemm_shared_b<B: BSource>(
                         // SAFETY: rows ic..ic+mcur and depth pc..pc+kcur are
                         // inside A; this task owns rows m0..m1 of C.
                         unsafe {
-                            let a_here = a_in_place(a, kernel, kcur, npanels);
+                            let a_here = a_in_place(a, kernel, mcur, npanels);
                             let apanels =
                                 a_block(a, ic, mcur, pc, kcur, kernel, a_here, &mut bufs.a);
                             let bpanels = BPanels::packed(bpack, kcur, nr);
@@ -416,20 +417,20 @@ unsafe fn gemm_block<B: BSource>(
     } = bufs;
     if m1 - m0 <= mc {
         // A row-major B is read in place: each B panel serves only
-        // `(m1 - m0) / mr` tiles here, too few to repay copying it. Not when
-        // its rows are a multiple of 1 KiB apart, though: the rows of a panel
-        // then fall into a sixteenth (or less) of L2's sets, the panel no
-        // longer stays in L2 between tiles, and every tile reads it from L3.
+        // `(m1 - m0) / mr` tiles here, too few to repay copying it, as long
+        // as its rows stay in L2 between tiles (see `rows_stay_in_l2`).
         // Measured, 1 thread AVX-512, in place vs packed: 64×576×3136
-        // +7%, 64×147×12544 +17%, 128×512×1000 +6%, but 256×512×1024 −22%.
-        let in_place = b
-            .as_strided()
-            .filter(|bs| bs.cs == 1 && bs.rs > 0 && bs.rs % 256 != 0);
+        // +7%, 64×147×12544 +17%, 128×512×1000 +6%, but 256×512×1024 −22%
+        // (rows 4 KiB apart).
+        let depth = block_depth(k, &kernel.info);
+        let in_place = b.as_strided().filter(|bs| {
+            bs.cs == 1 && bs.rs > 0 && rows_stay_in_l2(bs.rs as usize, depth, cache_sizes().l2)
+        });
         let nc_small = mc.next_multiple_of(nr).min(nc);
         for pc in (0..k).step_by(kc) {
             let kcur = kc.min(k - pc);
             // SAFETY: rows m0..m1 and depth pc..pc+kcur are inside A.
-            let a_here = a_in_place(a, kernel, kcur, (n1 - n0).div_ceil(nr));
+            let a_here = a_in_place(a, kernel, m1 - m0, (n1 - n0).div_ceil(nr));
             let apanels = unsafe { a_block(a, m0, m1 - m0, pc, kcur, kernel, a_here, abuf) };
             for jc in (n0..n1).step_by(nc_small) {
                 let ncur = nc_small.min(n1 - jc);
@@ -485,7 +486,7 @@ unsafe fn gemm_block<B: BSource>(
             for ic in (m0..m1).step_by(mc) {
                 let mcur = mc.min(m1 - ic);
                 // SAFETY: rows ic..ic+mcur and depth pc..pc+kcur are inside A.
-                let a_here = a_in_place(a, kernel, kcur, ncur.div_ceil(nr));
+                let a_here = a_in_place(a, kernel, mcur, ncur.div_ceil(nr));
                 let apanels = unsafe { a_block(a, ic, mcur, pc, kcur, kernel, a_here, abuf) };
                 // SAFETY: forwarded; the panels were packed above.
                 unsafe {
@@ -539,22 +540,38 @@ pub(crate) fn pack_bounds(
 /// packing A, 256×2304×196 (7 panels) 5%.
 const A_IN_PLACE_MAX_PANELS: usize = 8;
 
-/// Whether the kernel reads the A block at depth `pc..pc+kcur` in place
-/// rather than packed, for a block that serves `column_panels` B panels:
-/// for a row-major A whose rows do not fall into a few cache sets (a
-/// multiple of 1 KiB apart, unless the block spans whole rows; see
-/// `in_place` in [`gemm_block`]).
-fn a_in_place(a: &ASource, kernel: &Kernel, kcur: usize, column_panels: usize) -> bool {
+/// Whether the kernel reads the `rows`-row A block in place rather than
+/// packed, for a block that serves `column_panels` B panels: a row-major A
+/// whose rows stay in L2 ([`rows_stay_in_l2`]).
+fn a_in_place(a: &ASource, kernel: &Kernel, rows: usize, column_panels: usize) -> bool {
     match *a {
         ASource::Strided { rs, cs, .. } => {
             kernel.a_strided
                 && cs == 1
                 && rs > 0
                 && column_panels <= A_IN_PLACE_MAX_PANELS
-                && (rs % 256 != 0 || rs as usize == kcur)
+                && rows_stay_in_l2(rs as usize, rows, cache_sizes().l2)
         }
         ASource::Packed { .. } => false,
     }
+}
+
+/// Whether `rows` rows of an operand read in place, `rs` floats apart, can
+/// stay in L2 together. Rows whose starts are `2^t` cache lines apart (and
+/// line-aligned) fall into only `sets / 2^t` of L2's sets, whatever their
+/// width; with 16 ways, and a factor 2 of room for everything else, that
+/// holds `rows` rows while `2^t · 2 · rows ≤ L2 lines`. A packed panel is
+/// contiguous and spreads over every set. For B panels of 512 rows 4 KiB
+/// apart (64 lines) this fails (64·1024 > 16384 lines of a 1 MiB L2), and
+/// reading in place was measured 22% slower than packing.
+fn rows_stay_in_l2(rs: usize, rows: usize, l2: usize) -> bool {
+    let bytes = rs.saturating_mul(4);
+    let line_stride_pow2 = if bytes.is_multiple_of(64) {
+        1usize << (bytes / 64).trailing_zeros().min(usize::BITS - 1)
+    } else {
+        1
+    };
+    line_stride_pow2.saturating_mul(2 * rows) <= l2 / 64
 }
 
 /// The A panels of rows `ic..ic+mcur` at depth `pc..pc+kcur`: read in place
@@ -913,6 +930,21 @@ mod tests {
                 assert_eq!(next, len);
             }
         }
+    }
+
+    #[test]
+    fn in_place_rows_must_spread_over_l2_sets() {
+        let l2 = 1 << 20;
+        // B panels of 512 rows 4 KiB or 8 KiB apart: 16 or 8 set groups.
+        assert!(!rows_stay_in_l2(1024, 512, l2));
+        assert!(!rows_stay_in_l2(2048, 512, l2));
+        // 64×147×12544 and 64×576×3136: 16 and 4 lines' power of two.
+        assert!(rows_stay_in_l2(12544, 152, l2));
+        assert!(rows_stay_in_l2(3136, 288, l2));
+        // Not line-aligned rows drift across the sets.
+        assert!(rows_stay_in_l2(1000, 512, l2));
+        // An A block of 256 whole rows of 512 floats.
+        assert!(rows_stay_in_l2(512, 256, l2));
     }
 
     #[test]
