@@ -862,6 +862,47 @@ fn row_major_a_read_in_place() {
 }
 
 #[test]
+fn columns_past_a_multiple_of_16_as_dot_products() {
+    // 17, 18, 33, 49 and 50 columns: on AVX-512 the last one or two are
+    // peeled off the tiles and computed as dot products of A's rows (the
+    // rest as usual). Odd k exercises the masked tail of the dot product;
+    // padded rows of C, the scalar store; 3 threads split the dot products'
+    // rows. (A column-major C is computed transposed, without the peel.)
+    let c_layouts = [
+        Layout::DENSE,
+        Layout {
+            pad: 3,
+            ..Layout::DENSE
+        },
+        Layout {
+            row_major: false,
+            pad: 1,
+            ..Layout::DENSE
+        },
+    ];
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(3)
+        .build()
+        .unwrap();
+    for (m, k, n) in [
+        (70, 37, 17),
+        (9, 16, 18),
+        (301, 5, 33),
+        (1030, 513, 49),
+        (64, 100, 50),
+    ] {
+        let mut rng = Rng::new(23 + n as u64);
+        let a = Stored::new(m, k, Layout::DENSE, |_, _| rng.next_f32());
+        let b = Stored::new(k, n, Layout::DENSE, |_, _| rng.next_f32());
+        for layout in c_layouts {
+            let c0 = Stored::new(m, n, layout, |_, _| rng.next_f32());
+            check_every_isa(1.5, &a, &b, -0.25, &c0, Parallelism::Sequential, None);
+            check_every_isa(1.0, &a, &b, 0.0, &c0, Parallelism::Rayon, Some(&pool));
+        }
+    }
+}
+
+#[test]
 fn row_major_b_read_in_place() {
     // M ≤ MC with a row-major B: the kernels read B where it lies instead of
     // packing it. An odd row pad leaves the rows unaligned; 1100 columns end

@@ -230,6 +230,39 @@ pub(crate) unsafe fn gemm<B: BSource>(
         // Packed panels of another height would be read out of bounds.
         assert_eq!(*mr, kernel.info.mr, "A was packed for another kernel");
     }
+    let mut bufs = bufs;
+    if let (ASource::Strided { ptr, rs, cs: 1 }, Some(bs), Some(dot)) =
+        (*a, b.as_strided(), kernel.dot)
+    {
+        let peel = peeled_columns(kernel, n);
+        if peel > 0 && rs > 0 {
+            let n0 = n - peel;
+            // SAFETY: forwarded; columns 0..n0 of the same operands.
+            unsafe {
+                gemm(
+                    m,
+                    k,
+                    n0,
+                    alpha,
+                    a,
+                    b,
+                    beta,
+                    c,
+                    ep,
+                    kernel,
+                    par,
+                    bufs.as_deref_mut(),
+                )
+            };
+            let rows = RowMajorA {
+                ptr,
+                lda: rs as usize,
+            };
+            // SAFETY: forwarded; columns n0..n of B and C.
+            unsafe { dot_columns(m, k, n0..n, alpha, rows, &bs, beta, c, ep, dot, par, bufs) };
+            return;
+        }
+    }
     record_call(kernel.info.isa);
     if let Some(bufs) = bufs {
         // The caller's buffers serve one thread: this call runs on the
@@ -266,6 +299,118 @@ pub(crate) unsafe fn gemm<B: BSource>(
         task(0);
     } else {
         (0..tm * tn).into_par_iter().with_max_len(1).for_each(task);
+    }
+}
+
+/// How many of C's last columns the driver computes as dot products rather
+/// than in tiles: the one or two columns just past a multiple of the narrow
+/// kernel's width, which a tile would pad to a whole vector per row (49 =
+/// 3·16 + 1 columns: four vectors per row in tiles, three plus one dot
+/// product peeled off).
+fn peeled_columns(kernel: &Kernel, n: usize) -> usize {
+    match (kernel.narrow, kernel.dot) {
+        (Some((width, _)), Some(_)) if n > width && n % width <= 2 => n % width,
+        _ => 0,
+    }
+}
+
+/// A row-major A, for the dot products.
+#[derive(Clone, Copy)]
+struct RowMajorA {
+    ptr: *const f32,
+    lda: usize,
+}
+
+// SAFETY: a read-only view the GEMM's callers vouch for, as `ASource`.
+unsafe impl Send for RowMajorA {}
+// SAFETY: as above.
+unsafe impl Sync for RowMajorA {}
+
+/// Columns `cols` of `C ← act(α·A·B + β·C + bias)` as dot products of A's
+/// rows with each column of B, staged contiguous first. Rows are split
+/// across threads like any GEMM of this size.
+///
+/// # Safety
+/// As [`gemm`]; A is row-major with `lda ≥ k`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn dot_columns(
+    m: usize,
+    k: usize,
+    cols: std::ops::Range<usize>,
+    alpha: f32,
+    a: RowMajorA,
+    b: &StridedB,
+    beta: f32,
+    c: CTile,
+    ep: &Epilogue,
+    dot: super::kernels::DotKernelFn,
+    par: Parallelism,
+    bufs: Option<&mut PackBuffers>,
+) {
+    let threads = thread_count(m, cols.len(), k, par);
+    let run = |column: &mut Vec<f32>| {
+        for j in cols.clone() {
+            column.clear();
+            // SAFETY: (p, j) is inside B for p < k.
+            column.extend(
+                (0..k).map(|p| unsafe { *b.ptr.offset(p as isize * b.rs + j as isize * b.cs) }),
+            );
+            let column: &[f32] = column;
+            let rows = |i0: usize, i1: usize| {
+                // Use the views whole, so the closure captures the Sync
+                // wrappers and not their raw-pointer fields.
+                let (a, c) = (&a, &c);
+                // Dot products in stack-sized groups of rows.
+                const GROUP: usize = 64;
+                let mut out = [0.0f32; GROUP];
+                for g0 in (i0..i1).step_by(GROUP) {
+                    let g1 = (g0 + GROUP).min(i1);
+                    // SAFETY: rows g0..g1 of A, k values each; the column
+                    // holds k; the CPU runs the kernel's path.
+                    unsafe {
+                        dot(
+                            k,
+                            a.ptr.add(g0 * a.lda),
+                            a.lda,
+                            g1 - g0,
+                            column.as_ptr(),
+                            &mut out,
+                        )
+                    };
+                    for (i, &x) in (g0..g1).zip(&out) {
+                        let bias = if ep.bias.is_null() {
+                            0.0
+                        } else {
+                            // SAFETY: bias holds m values.
+                            unsafe { *ep.bias.add(i) }
+                        };
+                        // SAFETY: (i, j) is inside C; this task owns rows i0..i1
+                        // of column j.
+                        unsafe {
+                            store_scalar(
+                                c.ptr.offset(i as isize * c.rs + j as isize * c.cs),
+                                alpha * x,
+                                beta,
+                                bias,
+                                ep.clamp,
+                            )
+                        };
+                    }
+                }
+            };
+            if threads <= 1 {
+                rows(0, m);
+            } else {
+                (0..threads).into_par_iter().with_max_len(1).for_each(|t| {
+                    let (i0, i1) = split_range(m, 4, threads, t);
+                    rows(i0, i1);
+                });
+            }
+        }
+    };
+    match bufs {
+        Some(bufs) => run(&mut bufs.staging),
+        None => with_pack_buffers(|bufs| run(&mut bufs.staging)),
     }
 }
 

@@ -412,3 +412,54 @@ unsafe fn store_columns_strided(
     // SAFETY: forwarded contract.
     unsafe { store_tile_scalar(&tile, NR_COLUMNS, c, rsc, csc, rows, cols, ep) };
 }
+
+/// Dot products of `rows` rows of a row-major A (`lda` apart) with one
+/// contiguous column `b` of `k` values: `out[i] = Σ_p a[i·lda + p]·b[p]`.
+///
+/// The driver peels the last one or two columns of a C whose width is just
+/// past a multiple of 16 off the GEMM and computes them here: 49 columns cost
+/// four 16-wide vectors per row in tiles, but three plus two dot products.
+///
+/// # Safety
+/// `a + i·lda + p` is readable for `i < rows`, `p < k`; `b` holds `k`
+/// floats; `out` holds `rows`; the CPU supports AVX-512F.
+#[target_feature(enable = "avx512f,fma")]
+pub(crate) unsafe fn dot_rows(
+    k: usize,
+    a: *const f32,
+    lda: usize,
+    rows: usize,
+    b: *const f32,
+    out: &mut [f32],
+) {
+    // Four rows at a time: four independent FMA chains, each B vector
+    // loaded once for all four.
+    const G: usize = 4;
+    let full = k / 16 * 16;
+    let tail: __mmask16 = ((1u32 << (k - full)) - 1) as u16;
+    for i0 in (0..rows).step_by(G) {
+        let group = G.min(rows - i0);
+        let row_ptrs: [*const f32; G] =
+            core::array::from_fn(|r| a.wrapping_add((i0 + r.min(group - 1)) * lda));
+        let mut acc = [_mm512_setzero_ps(); G];
+        // SAFETY: p + 16 ≤ full ≤ k for every load below, and the masked
+        // tail reads only p < k; rows past `group` repeat the last row.
+        unsafe {
+            for p in (0..full).step_by(16) {
+                let bv = _mm512_loadu_ps(b.add(p));
+                for (x, row) in acc.iter_mut().zip(row_ptrs) {
+                    *x = _mm512_fmadd_ps(_mm512_loadu_ps(row.add(p)), bv, *x);
+                }
+            }
+            if tail != 0 {
+                let bv = _mm512_maskz_loadu_ps(tail, b.add(full));
+                for (x, row) in acc.iter_mut().zip(row_ptrs) {
+                    *x = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, row.add(full)), bv, *x);
+                }
+            }
+        }
+        for (r, x) in acc.iter().enumerate().take(group) {
+            out[i0 + r] = _mm512_reduce_add_ps(*x);
+        }
+    }
+}

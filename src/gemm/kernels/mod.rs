@@ -186,6 +186,15 @@ pub(crate) type MicroKernelFn = unsafe fn(
     epilogue: &TileEpilogue,
 );
 
+/// Dot products of `rows` rows of a row-major A (`lda` apart) with one
+/// contiguous column of `k` values, into `out[..rows]`.
+///
+/// # Safety
+/// `a + i·lda + p` is readable for `i < rows`, `p < k`; `b` holds `k`
+/// floats; `out` holds `rows`; the CPU supports the kernel's ISA.
+pub(crate) type DotKernelFn =
+    unsafe fn(k: usize, a: *const f32, lda: usize, rows: usize, b: *const f32, out: &mut [f32]);
+
 /// Register tile and cache blocking of one micro-kernel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct KernelInfo {
@@ -214,6 +223,9 @@ pub(crate) struct Kernel {
     /// The kernel honours any A strides (`ars`, `acs`), so the driver may
     /// hand it a row-major A in place; otherwise A must be packed.
     pub a_strided: bool,
+    /// Dot products for the one or two columns of C just past a multiple of
+    /// the narrow width, which tiles would pad to a whole vector.
+    pub dot: Option<DotKernelFn>,
 }
 
 /// Cache blocking for an `mr × nr` kernel, after the BLIS analytical model,
@@ -275,11 +287,17 @@ fn build_kernel(isa: Isa) -> Kernel {
         Isa::Avx512 => Some((avx512::NR_NARROW, avx512::kernel_narrow)),
         _ => None,
     };
+    let dot: Option<DotKernelFn> = match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => Some(avx512::dot_rows),
+        _ => None,
+    };
     Kernel {
         info: blocking(isa, mr, nr, caches),
         func,
         narrow,
         a_strided: true,
+        dot,
     }
 }
 
@@ -303,6 +321,7 @@ fn column_kernel_for(isa: Isa) -> Option<&'static Kernel> {
                     func: avx512::kernel_columns,
                     narrow: None,
                     a_strided: false,
+                    dot: None,
                 }
             }))
         }
