@@ -41,6 +41,12 @@ fn shapes() -> Vec<Conv2dParams> {
         // the row kernel.
         Conv2dParams::new(2, 12, (7, 7), 64, (3, 3)).padding(Padding::symmetric(1, 1)),
         Conv2dParams::new(1, 5, (3, 9), 95, (3, 3)).stride(2, 1),
+        // Right-edge column tiles of 2, 3 and 4 real columns (50, 51 and 36
+        // output pixels), each with its own number of k-chains; k = 6 and
+        // 7 leave k-steps over after the chained rounds.
+        Conv2dParams::new(1, 6, (5, 10), 64, (1, 1)),
+        Conv2dParams::new(1, 7, (3, 17), 64, (1, 1)),
+        Conv2dParams::new(2, 6, (6, 6), 64, (1, 1)),
     ]
 }
 

@@ -274,26 +274,18 @@ pub(crate) unsafe fn kernel_columns(
         ars == 1 && acs == MR_COLUMNS,
         "column kernel needs packed A"
     );
-    // acc[j][h]: column j of the tile, rows 16h..16h+16.
-    let mut acc = [[_mm512_setzero_ps(); 2]; NR_COLUMNS];
-    let (mut ap, mut bp) = (a, b);
-    let step = |acc: &mut [[__m512; 2]; NR_COLUMNS]| {
-        // SAFETY: the panels hold kc steps of 32 (A) and 8 (B) floats, and
-        // the caller runs at most kc steps. A pre-packed A may be only
-        // f32-aligned, hence the unaligned loads.
-        unsafe {
-            let av = [_mm512_loadu_ps(ap), _mm512_loadu_ps(ap.add(16))];
-            for (j, col) in acc.iter_mut().enumerate() {
-                let bj = _mm512_set1_ps(*bp.add(j));
-                col[0] = _mm512_fmadd_ps(av[0], bj, col[0]);
-                col[1] = _mm512_fmadd_ps(av[1], bj, col[1]);
-            }
-            ap = ap.add(MR_COLUMNS);
-            bp = bp.add(ldb);
+    // A right-edge tile with few real columns broadcasts only those, with
+    // k split over independent chains so that 8 accumulators still hide
+    // the FMA latency: 49 = 6·8 + 1 columns then cost about 49, not 56.
+    // SAFETY (each arm): forwarded; `cols ≤ NB` columns of each B step are read.
+    let acc = unsafe {
+        match cols {
+            1 => accumulate_columns::<1, 4>(kc, a, b, ldb, c, rsc, csc, rows),
+            2 => accumulate_columns::<2, 2>(kc, a, b, ldb, c, rsc, csc, rows),
+            3 | 4 => accumulate_columns::<4, 1>(kc, a, b, ldb, c, rsc, csc, rows),
+            _ => accumulate_columns::<NR_COLUMNS, 1>(kc, a, b, ldb, c, rsc, csc, rows),
         }
     };
-    // SAFETY: the step runs kc times.
-    unsafe { run_steps_prefetching_c(kc, c, rsc, csc, rows, 4 * NR_COLUMNS, &mut acc, step) };
 
     if csc != 1 {
         // SAFETY: forwarded contract.
@@ -377,6 +369,75 @@ pub(crate) unsafe fn kernel_columns(
             );
         }
     }
+}
+
+/// The k loop of [`kernel_columns`] for the first `NB` columns of the B
+/// panel, over `CH` chains of k-steps (step `p` goes to chain `p mod CH`,
+/// summed at the end). Returns the tile's columns, `acc[j][h]` = column `j`,
+/// rows `16h..16h+16`, zero past `NB`.
+///
+/// # Safety
+/// As [`kernel_columns`]; `NB ≤ 8`.
+#[target_feature(enable = "avx512f,fma")]
+#[inline]
+#[allow(clippy::too_many_arguments)]
+unsafe fn accumulate_columns<const NB: usize, const CH: usize>(
+    kc: usize,
+    a: *const f32,
+    b: *const f32,
+    ldb: usize,
+    c: *mut f32,
+    rsc: isize,
+    csc: isize,
+    rows: usize,
+) -> [[__m512; 2]; NR_COLUMNS] {
+    let mut chains = [[[_mm512_setzero_ps(); 2]; NB]; CH];
+    let (mut ap, mut bp) = (a, b);
+    // SAFETY (both loops): the panels hold kc steps of 32 (A) and at least
+    // NB (B) floats, and the two loops run kc steps in all. A pre-packed A
+    // may be only f32-aligned, hence the unaligned loads.
+    let mut one_step = |acc: &mut [[__m512; 2]; NB]| unsafe {
+        let av = [_mm512_loadu_ps(ap), _mm512_loadu_ps(ap.add(16))];
+        for (j, col) in acc.iter_mut().enumerate() {
+            let bj = _mm512_set1_ps(*bp.add(j));
+            col[0] = _mm512_fmadd_ps(av[0], bj, col[0]);
+            col[1] = _mm512_fmadd_ps(av[1], bj, col[1]);
+        }
+        ap = ap.add(MR_COLUMNS);
+        bp = bp.add(ldb);
+    };
+    for _ in 0..kc % CH {
+        one_step(&mut chains[0]);
+    }
+    let steps = |chains: &mut [[[__m512; 2]; NB]; CH]| {
+        for chain in chains.iter_mut() {
+            one_step(chain);
+        }
+    };
+    // SAFETY: kc / CH rounds of CH steps.
+    unsafe {
+        run_steps_prefetching_c(
+            kc / CH,
+            c,
+            rsc,
+            csc,
+            rows,
+            4 * NR_COLUMNS,
+            &mut chains,
+            steps,
+        )
+    };
+    core::array::from_fn(|j| {
+        core::array::from_fn(|h| {
+            if j < NB {
+                chains[1..].iter().fold(chains[0][j][h], |sum, chain| {
+                    _mm512_add_ps(sum, chain[j][h])
+                })
+            } else {
+                _mm512_setzero_ps()
+            }
+        })
+    })
 }
 
 /// [`kernel_columns`]'s epilogue for a C with non-unit column stride,
