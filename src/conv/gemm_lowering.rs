@@ -189,6 +189,7 @@ unsafe fn run_pair(
     let epilogue = Epilogue {
         bias: bias.map_or(std::ptr::null(), |b| b[grp * kg..].as_ptr()),
         clamp: opts.activation.bounds(),
+        ..Epilogue::NONE
     };
     let a = weights.group(g, grp);
     let (kk, plane) = (g.gemm_k(), g.out_plane());

@@ -61,6 +61,9 @@ pub(crate) struct Epilogue {
     pub bias: *const f32,
     /// `(lo, hi)` or `None`.
     pub clamp: Option<(f32, f32)>,
+    /// Columns of C past the tiles' last column, finished as dot products
+    /// next to the tiles (see [`peeled_columns`]); the driver sets it.
+    pub peel: Option<PeeledColumns>,
 }
 
 impl Epilogue {
@@ -68,7 +71,21 @@ impl Epilogue {
     pub const NONE: Epilogue = Epilogue {
         bias: std::ptr::null(),
         clamp: None,
+        peel: None,
     };
+}
+
+/// The last `count` columns of C, from `col0` on, computed as dot products:
+/// right after the tile that ends at `col0` for a micro-panel of A, while
+/// those `mr` rows of A are still in L1. The columns of B are staged
+/// contiguous, column `q` at `columns + q·k`.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct PeeledColumns {
+    columns: *const f32,
+    k: usize,
+    col0: usize,
+    count: usize,
+    dot: super::kernels::DotKernelFn,
 }
 
 // SAFETY: these are views the GEMM's callers vouch for (see `sgemm_raw`): A,
@@ -230,36 +247,34 @@ pub(crate) unsafe fn gemm<B: BSource>(
         // Packed panels of another height would be read out of bounds.
         assert_eq!(*mr, kernel.info.mr, "A was packed for another kernel");
     }
-    let mut bufs = bufs;
-    if let (ASource::Strided { ptr, rs, cs: 1 }, Some(bs), Some(dot)) =
-        (*a, b.as_strided(), kernel.dot)
+    if let (ASource::Strided { rs, cs: 1, .. }, Some(bs), Some(dot), None) =
+        (*a, b.as_strided(), kernel.dot, ep.peel)
     {
-        let peel = peeled_columns(kernel, n);
-        if peel > 0 && rs > 0 {
-            let n0 = n - peel;
-            // SAFETY: forwarded; columns 0..n0 of the same operands.
+        let count = peeled_columns(kernel, n);
+        if count > 0 && rs > 0 {
+            let col0 = n - count;
+            // SAFETY: (p, j) is inside B for p < k and j < n.
+            let columns: Vec<f32> = (col0..n)
+                .flat_map(|j| (0..k).map(move |p| (p, j)))
+                .map(|(p, j)| unsafe { *bs.ptr.offset(p as isize * bs.rs + j as isize * bs.cs) })
+                .collect();
+            let with_peel = Epilogue {
+                peel: Some(PeeledColumns {
+                    columns: columns.as_ptr(),
+                    k,
+                    col0,
+                    count,
+                    dot,
+                }),
+                ..*ep
+            };
+            // SAFETY: forwarded; the tiles cover columns 0..col0 and finish
+            // the rest through the peel, whose staged columns outlive the call.
             unsafe {
                 gemm(
-                    m,
-                    k,
-                    n0,
-                    alpha,
-                    a,
-                    b,
-                    beta,
-                    c,
-                    ep,
-                    kernel,
-                    par,
-                    bufs.as_deref_mut(),
+                    m, k, col0, alpha, a, b, beta, c, &with_peel, kernel, par, bufs,
                 )
             };
-            let rows = RowMajorA {
-                ptr,
-                lda: rs as usize,
-            };
-            // SAFETY: forwarded; columns n0..n of B and C.
-            unsafe { dot_columns(m, k, n0..n, alpha, rows, &bs, beta, c, ep, dot, par, bufs) };
             return;
         }
     }
@@ -311,106 +326,6 @@ fn peeled_columns(kernel: &Kernel, n: usize) -> usize {
     match (kernel.narrow, kernel.dot) {
         (Some((width, _)), Some(_)) if n > width && n % width <= 2 => n % width,
         _ => 0,
-    }
-}
-
-/// A row-major A, for the dot products.
-#[derive(Clone, Copy)]
-struct RowMajorA {
-    ptr: *const f32,
-    lda: usize,
-}
-
-// SAFETY: a read-only view the GEMM's callers vouch for, as `ASource`.
-unsafe impl Send for RowMajorA {}
-// SAFETY: as above.
-unsafe impl Sync for RowMajorA {}
-
-/// Columns `cols` of `C ← act(α·A·B + β·C + bias)` as dot products of A's
-/// rows with each column of B, staged contiguous first. Rows are split
-/// across threads like any GEMM of this size.
-///
-/// # Safety
-/// As [`gemm`]; A is row-major with `lda ≥ k`.
-#[allow(clippy::too_many_arguments)]
-unsafe fn dot_columns(
-    m: usize,
-    k: usize,
-    cols: std::ops::Range<usize>,
-    alpha: f32,
-    a: RowMajorA,
-    b: &StridedB,
-    beta: f32,
-    c: CTile,
-    ep: &Epilogue,
-    dot: super::kernels::DotKernelFn,
-    par: Parallelism,
-    bufs: Option<&mut PackBuffers>,
-) {
-    let threads = thread_count(m, cols.len(), k, par);
-    let run = |column: &mut Vec<f32>| {
-        for j in cols.clone() {
-            column.clear();
-            // SAFETY: (p, j) is inside B for p < k.
-            column.extend(
-                (0..k).map(|p| unsafe { *b.ptr.offset(p as isize * b.rs + j as isize * b.cs) }),
-            );
-            let column: &[f32] = column;
-            let rows = |i0: usize, i1: usize| {
-                // Use the views whole, so the closure captures the Sync
-                // wrappers and not their raw-pointer fields.
-                let (a, c) = (&a, &c);
-                // Dot products in stack-sized groups of rows.
-                const GROUP: usize = 64;
-                let mut out = [0.0f32; GROUP];
-                for g0 in (i0..i1).step_by(GROUP) {
-                    let g1 = (g0 + GROUP).min(i1);
-                    // SAFETY: rows g0..g1 of A, k values each; the column
-                    // holds k; the CPU runs the kernel's path.
-                    unsafe {
-                        dot(
-                            k,
-                            a.ptr.add(g0 * a.lda),
-                            a.lda,
-                            g1 - g0,
-                            column.as_ptr(),
-                            &mut out,
-                        )
-                    };
-                    for (i, &x) in (g0..g1).zip(&out) {
-                        let bias = if ep.bias.is_null() {
-                            0.0
-                        } else {
-                            // SAFETY: bias holds m values.
-                            unsafe { *ep.bias.add(i) }
-                        };
-                        // SAFETY: (i, j) is inside C; this task owns rows i0..i1
-                        // of column j.
-                        unsafe {
-                            store_scalar(
-                                c.ptr.offset(i as isize * c.rs + j as isize * c.cs),
-                                alpha * x,
-                                beta,
-                                bias,
-                                ep.clamp,
-                            )
-                        };
-                    }
-                }
-            };
-            if threads <= 1 {
-                rows(0, m);
-            } else {
-                (0..threads).into_par_iter().with_max_len(1).for_each(|t| {
-                    let (i0, i1) = split_range(m, 4, threads, t);
-                    rows(i0, i1);
-                });
-            }
-        }
-    };
-    match bufs {
-        Some(bufs) => run(&mut bufs.staging),
-        None => with_pack_buffers(|bufs| run(&mut bufs.staging)),
     }
 }
 
@@ -930,6 +845,72 @@ impl MacroKernel<'_> {
                         &tile,
                     )
                 };
+                if let Some(peel) = ep.peel.filter(|p| col + cols == p.col0) {
+                    // SAFETY: the panel is as described above; its rows and
+                    // the peeled columns are inside this task's rows of C.
+                    unsafe { self.finish_peel(&peel, ap, ars, acs, row, pc, kcur, &tile) };
+                }
+            }
+        }
+    }
+
+    /// The peeled columns of the `mr` rows from `row` (one A micro-panel)
+    /// at depth `pc..pc+kcur`, through the same epilogue as their tile.
+    ///
+    /// # Safety
+    /// Value `(i, p)` of the panel is at `ap + i·ars + p·acs` for the
+    /// panel's rows and `p < kcur`; the rows and columns are inside C.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn finish_peel(
+        &self,
+        peel: &PeeledColumns,
+        ap: *const f32,
+        ars: usize,
+        acs: usize,
+        row: usize,
+        pc: usize,
+        kcur: usize,
+        tile: &TileEpilogue,
+    ) {
+        const MAX_MR: usize = 32;
+        let rows = self.kernel.info.mr.min(self.m1 - row).min(MAX_MR);
+        let mut out = [0.0f32; MAX_MR];
+        for q in 0..peel.count {
+            // SAFETY: column q holds k staged values; pc + kcur ≤ k.
+            let column = unsafe { peel.columns.add(q * peel.k + pc) };
+            if acs == 1 {
+                // A read in place: rows are contiguous, the dot kernel's
+                // layout.
+                // SAFETY: forwarded.
+                unsafe { (peel.dot)(kcur, ap, ars, rows, column, &mut out) };
+            } else {
+                // A packed (a packed last panel, or a packed block): rare.
+                for (i, x) in out.iter_mut().enumerate().take(rows) {
+                    *x = (0..kcur)
+                        // SAFETY: (i, p) is inside the panel.
+                        .map(|p| unsafe { *ap.add(i * ars + p * acs) * *column.add(p) })
+                        .sum();
+                }
+            }
+            for (i, &x) in out.iter().enumerate().take(rows) {
+                let bias = if tile.bias.is_null() {
+                    0.0
+                } else {
+                    // SAFETY: the tile's bias holds its rows' values.
+                    unsafe { *tile.bias.add(i) }
+                };
+                // SAFETY: (row + i, col0 + q) is inside this task's rows of C.
+                unsafe {
+                    store_scalar(
+                        self.c.ptr.offset(
+                            (row + i) as isize * self.c.rs + (peel.col0 + q) as isize * self.c.cs,
+                        ),
+                        tile.alpha * x,
+                        tile.beta,
+                        bias,
+                        tile.clamp,
+                    )
+                };
             }
         }
     }
@@ -981,7 +962,7 @@ pub(crate) unsafe fn gemm_matrixmultiply<B: BSource>(
     if !ep.bias.is_null() {
         let with_bias = Epilogue {
             bias: ep.bias,
-            clamp: None,
+            ..Epilogue::NONE
         };
         // SAFETY: forwarded.
         unsafe { scale_c(m, n, beta, c, &with_bias) };
@@ -1049,8 +1030,8 @@ pub(crate) unsafe fn gemm_matrixmultiply<B: BSource>(
     }
     if ep.clamp.is_some() {
         let clamp_only = Epilogue {
-            bias: std::ptr::null(),
             clamp: ep.clamp,
+            ..Epilogue::NONE
         };
         // SAFETY: forwarded; C = clamp(1·C).
         unsafe { scale_c(m, n, 1.0, c, &clamp_only) };
