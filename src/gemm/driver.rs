@@ -247,12 +247,17 @@ pub(crate) unsafe fn gemm<B: BSource>(
         // Packed panels of another height would be read out of bounds.
         assert_eq!(*mr, kernel.info.mr, "A was packed for another kernel");
     }
-    if let (ASource::Strided { rs, cs: 1, .. }, Some(bs), Some(dot), None) =
+    if let (ASource::Strided { cs: 1, .. }, Some(bs), Some(dot), None) =
         (*a, b.as_strided(), kernel.dot, ep.peel)
     {
         let count = peeled_columns(kernel, n);
-        if count > 0 && rs > 0 {
-            let col0 = n - count;
+        let col0 = n - count;
+        // Only where every A block is read in place, so that each micro-panel
+        // reaches the dot kernel in rows (a packed panel takes a scalar
+        // loop). Blocks have at most MC rows and col0's panels, and fewer
+        // rows or panels only make `a_in_place` easier to satisfy.
+        let rows = m.min(kernel.info.mc);
+        if count > 0 && a_in_place(a, kernel, rows, col0.div_ceil(kernel.info.nr)) {
             // SAFETY: (p, j) is inside B for p < k and j < n.
             let columns: Vec<f32> = (col0..n)
                 .flat_map(|j| (0..k).map(move |p| (p, j)))
