@@ -877,8 +877,12 @@ impl MacroKernel<'_> {
         kcur: usize,
         tile: &TileEpilogue,
     ) {
+        // Room for the tallest register tile; only the row kernels (8 rows
+        // at most) have a dot kernel, and a taller one must fail loudly
+        // rather than leave rows unwritten.
         const MAX_MR: usize = 32;
-        let rows = self.kernel.info.mr.min(self.m1 - row).min(MAX_MR);
+        let rows = self.kernel.info.mr.min(self.m1 - row);
+        assert!(rows <= MAX_MR, "peeled columns for a {rows}-row tile");
         let mut out = [0.0f32; MAX_MR];
         for q in 0..peel.count {
             // SAFETY: column q holds k staged values; pc + kcur ≤ k.
