@@ -47,6 +47,9 @@ fn shapes() -> Vec<Conv2dParams> {
         Conv2dParams::new(1, 6, (5, 10), 64, (1, 1)),
         Conv2dParams::new(1, 7, (3, 17), 64, (1, 1)),
         Conv2dParams::new(2, 6, (6, 6), 64, (1, 1)),
+        // k = 96·9 = 864, deeper than any KC: the second K block adds to C
+        // (β = 1), through whole 8-column rows and the 1-column edge.
+        Conv2dParams::new(1, 96, (7, 7), 64, (3, 3)).padding(Padding::symmetric(1, 1)),
     ]
 }
 
