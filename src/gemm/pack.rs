@@ -6,6 +6,7 @@
 //! * A panel: `kc` steps of `mr` values, element `(i, p)` at `p·mr + i`.
 //! * B panel: `kc` steps of `nr` values, element `(p, j)` at `p·nr + j`.
 
+use super::kernels::prefetch_read;
 use std::cell::RefCell;
 
 /// 64 bytes: one cache line, one zmm register.
@@ -130,10 +131,26 @@ impl BSource for StridedB {
         dst: &mut [f32],
         _staging: &mut Vec<f32>,
     ) {
+        let panels = nc.div_ceil(nr);
+        // SAFETY (both arms): rows k0..k0+kc and columns j0..j0+(nc/nr)·nr
+        // are inside B (contract), and dst holds `panels·kc·nr` floats.
+        let packed = match (
+            if std::env::var("PANELWISE").is_ok() {
+                99
+            } else {
+                self.cs
+            },
+            nr,
+        ) {
+            (1, 32) => unsafe { pack_full_panels_by_rows::<32>(self, k0, kc, j0, nc / nr, dst) },
+            (1, 16) => unsafe { pack_full_panels_by_rows::<16>(self, k0, kc, j0, nc / nr, dst) },
+            _ => 0,
+        };
         for (q, panel) in dst
             .chunks_exact_mut(kc * nr)
-            .take(nc.div_ceil(nr))
+            .take(panels)
             .enumerate()
+            .skip(packed)
         {
             let col0 = j0 + q * nr;
             let width = nr.min(nc - q * nr);
@@ -145,6 +162,56 @@ impl BSource for StridedB {
     fn as_strided(&self) -> Option<StridedB> {
         Some(*self)
     }
+}
+
+/// Panels packed side by side by [`pack_full_panels_by_rows`].
+const PANELS_PER_PASS: usize = 8;
+
+/// How far ahead [`pack_full_panels_by_rows`] prefetches B's rows. Rows
+/// 4 KiB or more apart each start a new page, where the hardware
+/// prefetchers stop, so without a hint every row waits on memory. Measured
+/// in one process, alternating (1 thread AVX-512, share of the GEMM's time
+/// spent packing B): 1024³ 4.4% → 3.2%, 1024×512×1024 4.9% → 3.3%, 2048³
+/// 2.4% → 1.7%; 4, 16 or 32 rows ahead do the same within noise.
+const PREFETCH_ROWS_AHEAD: isize = 8;
+
+/// Packs `panels` full `W`-column panels of a row-major B, starting at
+/// column `j0`, into `dst` (panel `q` at `dst[q·kc·W..]`), a few panels at
+/// a time, row by row, and returns `panels`. Each source row is then read
+/// in runs of 8 panels (1 KiB for W = 32) rather than the panel-at-a-time
+/// copy's runs of one panel, each on another page when B's rows are 4 KiB
+/// apart. Measured on a 1024-wide B (two 512 × 1024 blocks, L3-resident,
+/// W = 32): 129 µs panel by panel, 91 µs by rows of 8 panels, 80 µs for a
+/// plain copy of the same bytes.
+///
+/// # Safety
+/// `b.cs == 1`; rows `k0..k0+kc` and columns `j0..j0+W·panels` lie inside
+/// B, and `dst` holds `panels·kc·W` floats.
+unsafe fn pack_full_panels_by_rows<const W: usize>(
+    b: &StridedB,
+    k0: usize,
+    kc: usize,
+    j0: usize,
+    panels: usize,
+    dst: &mut [f32],
+) -> usize {
+    for q0 in (0..panels).step_by(PANELS_PER_PASS) {
+        let q1 = panels.min(q0 + PANELS_PER_PASS);
+        for p in 0..kc {
+            // SAFETY: element (k0 + p, j0) is inside B.
+            let row = unsafe { b.ptr.offset((k0 + p) as isize * b.rs + j0 as isize) };
+            let ahead = row.wrapping_offset(PREFETCH_ROWS_AHEAD * b.rs);
+            for line in (q0 * W..q1 * W).step_by(16) {
+                prefetch_read(ahead.wrapping_add(line));
+            }
+            for q in q0..q1 {
+                // SAFETY: columns j0 + W·q .. j0 + W·(q + 1) of the row are inside B.
+                let run = unsafe { &*(row.add(q * W) as *const [f32; W]) };
+                dst[(q * kc + p) * W..][..W].copy_from_slice(run);
+            }
+        }
+    }
+    panels
 }
 
 /// Packs one `kc × width` panel of a strided B, zero-padding to `nr` columns.
@@ -164,21 +231,12 @@ unsafe fn pack_b_panel(
     let origin = unsafe { b.ptr.offset(k0 as isize * b.rs + col0 as isize * b.cs) };
     if b.cs == 1 {
         // Row-major B: each panel row is a contiguous run of the source row.
-        match (nr, width) {
-            // SAFETY: rows k0.., columns col0..col0+nr are inside B.
-            (32, 32) => unsafe { copy_rows::<32>(origin, b.rs, kc, panel) },
-            // SAFETY: as above.
-            (16, 16) => unsafe { copy_rows::<16>(origin, b.rs, kc, panel) },
-            _ => {
-                for (p, row) in panel.chunks_exact_mut(nr).take(kc).enumerate() {
-                    // SAFETY: the run (k0+p, col0..col0+width) is inside B.
-                    let src = unsafe {
-                        std::slice::from_raw_parts(origin.offset(p as isize * b.rs), width)
-                    };
-                    row[..width].copy_from_slice(src);
-                    row[width..].fill(0.0);
-                }
-            }
+        for (p, row) in panel.chunks_exact_mut(nr).take(kc).enumerate() {
+            // SAFETY: the run (k0+p, col0..col0+width) is inside B.
+            let src =
+                unsafe { std::slice::from_raw_parts(origin.offset(p as isize * b.rs), width) };
+            row[..width].copy_from_slice(src);
+            row[width..].fill(0.0);
         }
     } else {
         for (p, row) in panel.chunks_exact_mut(nr).take(kc).enumerate() {
@@ -191,19 +249,6 @@ unsafe fn pack_b_panel(
                 };
             }
         }
-    }
-}
-
-/// Copies `kc` runs of `W` floats, `rs` apart, into consecutive rows of `panel`.
-///
-/// # Safety
-/// Each run is readable; `panel` holds `kc·W` floats.
-#[inline(always)]
-unsafe fn copy_rows<const W: usize>(src: *const f32, rs: isize, kc: usize, panel: &mut [f32]) {
-    for (p, row) in panel.chunks_exact_mut(W).take(kc).enumerate() {
-        // SAFETY: run p is readable and W floats long.
-        let run = unsafe { &*(src.offset(p as isize * rs) as *const [f32; W]) };
-        row.copy_from_slice(run);
     }
 }
 

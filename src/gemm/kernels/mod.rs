@@ -458,6 +458,22 @@ pub(crate) unsafe fn run_steps_prefetching_c<T>(
     }
 }
 
+/// Asks for the cache line holding `p` to be brought into L1 ahead of its
+/// use: a hint for the portable parts of the GEMM (packing), which compiles
+/// to nothing on targets without a stable prefetch instruction.
+#[inline(always)]
+pub(crate) fn prefetch_read(p: *const f32) {
+    cfg_if::cfg_if! {
+        if #[cfg(target_arch = "x86_64")] {
+            // SAFETY: a prefetch never faults, whatever the address; SSE is
+            // part of the x86_64 baseline.
+            unsafe { core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(p.cast()) };
+        } else {
+            let _ = p;
+        }
+    }
+}
+
 /// The epilogue of one element, written once for every scalar path:
 /// `*dst = clamp(product + β·*dst + bias)`, where `product` is α·(A·B) and C
 /// is not read when `β = 0`.
