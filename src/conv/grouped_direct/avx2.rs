@@ -111,13 +111,15 @@ impl Simd for Avx2 {
 
     #[inline(always)]
     unsafe fn load_stride2(self, p: *const f32) -> __m256 {
-        // SAFETY: p[0..15] is readable (contract): the first load reads
-        // p[0..8], the masked one p[8..15] and never touches p[15].
+        // SAFETY: p[0..15] is readable (contract): the loads read p[0..8]
+        // and p[7..15]; p[15] is never touched. Two plain loads rather than
+        // a masked one, as on the AVX-512 path.
         unsafe {
             let a = _mm256_loadu_ps(p);
-            let b = _mm256_maskload_ps(p.add(8), self.mask(0, 7));
-            // [a0 a2 b0 b2 | a4 a6 b4 b6], then 64-bit pieces in order 0 2 1 3.
-            let mixed = _mm256_shuffle_ps::<0b10_00_10_00>(a, b);
+            let b = _mm256_loadu_ps(p.add(7));
+            // [a0 a2 b1 b3 | a4 a6 b5 b7] = [p0 p2 p8 p10 | p4 p6 p12 p14],
+            // then 64-bit pieces in order 0 2 1 3.
+            let mixed = _mm256_shuffle_ps::<0b11_01_10_00>(a, b);
             _mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(_mm256_castps_pd(
                 mixed,
             )))
