@@ -41,16 +41,65 @@ pub(crate) fn window_offset(g: &ConvGeometry, r: usize, s: usize) -> (isize, isi
     )
 }
 
+/// The weight tap `(c, r, s)` behind one row `kk = (c·R + r)·S + s` of the
+/// column matrix. Packing walks consecutive rows, so it steps the tap with
+/// [`ColumnTap::next`] instead of dividing `kk` again for every row.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct ColumnTap {
+    c: usize,
+    r: usize,
+    s: usize,
+}
+
+impl ColumnTap {
+    /// The tap of row `kk`.
+    pub(crate) fn of_row(g: &ConvGeometry, kk: usize) -> ColumnTap {
+        let (r_len, s_len) = (g.kernel_h, g.kernel_w);
+        ColumnTap {
+            c: kk / (r_len * s_len),
+            r: (kk / s_len) % r_len,
+            s: kk % s_len,
+        }
+    }
+
+    /// The tap of the next row.
+    pub(crate) fn next(self, g: &ConvGeometry) -> ColumnTap {
+        let ColumnTap {
+            mut c,
+            mut r,
+            mut s,
+        } = self;
+        s += 1;
+        if s == g.kernel_w {
+            s = 0;
+            r += 1;
+            if r == g.kernel_h {
+                r = 0;
+                c += 1;
+            }
+        }
+        ColumnTap { c, r, s }
+    }
+}
+
 /// Fills `out` with columns `j0..j0 + out.len()` of row `kk` of the column
 /// matrix of one image group (`image` is `[C/g, H, W]`). Both lowerings call
-/// it: the explicit one for whole rows, the implicit one for the columns of
-/// one packing block.
+/// it: the explicit one for whole rows, the implicit one (through
+/// [`im2col_row_at`]) for the columns of one packing block.
 pub(crate) fn im2col_row(g: &ConvGeometry, image: &[f32], kk: usize, j0: usize, out: &mut [f32]) {
-    let (r_len, s_len) = (g.kernel_h, g.kernel_w);
-    let c = kk / (r_len * s_len);
-    let (r, s) = ((kk / s_len) % r_len, kk % s_len);
-    let (dy, dx) = window_offset(g, r, s);
-    let channel = &image[c * g.in_plane()..][..g.in_plane()];
+    im2col_row_at(g, image, ColumnTap::of_row(g, kk), j0, out);
+}
+
+/// [`im2col_row`] for the row of weight tap `tap`.
+pub(crate) fn im2col_row_at(
+    g: &ConvGeometry,
+    image: &[f32],
+    tap: ColumnTap,
+    j0: usize,
+    out: &mut [f32],
+) {
+    let (dy, dx) = window_offset(g, tap.r, tap.s);
+    let channel = &image[tap.c * g.in_plane()..][..g.in_plane()];
     // Output columns whose input column is in bounds for this tap.
     let (w_lo, w_hi) = valid_range(g.out_w, g.stride_w, dx, g.in_w);
     // One division to find where the segment starts; after that each run
@@ -71,24 +120,70 @@ pub(crate) fn im2col_row(g: &ConvGeometry, image: &[f32], kk: usize, j0: usize, 
             seg[hi - ow0..].fill(0.0);
             let interior = &mut seg[lo - ow0..hi - ow0];
             let iw0 = ((lo * g.stride_w) as isize + dx) as usize;
-            if g.stride_w == 1 {
-                // An element loop, not `copy_from_slice`: runs are short (one
-                // output row), and a vectorised loop beats a `memcpy` call.
-                for (x, &v) in interior.iter_mut().zip(&src[iw0..]) {
-                    *x = v;
-                }
-            } else {
-                for (x, &v) in interior
-                    .iter_mut()
-                    .zip(src[iw0..].iter().step_by(g.stride_w))
-                {
-                    *x = v;
+            match g.stride_w {
+                1 => copy_run(interior, &src[iw0..][..interior.len()]),
+                2 => copy_every_second(interior, &src[iw0..][..2 * interior.len() - 1]),
+                sw => {
+                    for (x, &v) in interior.iter_mut().zip(src[iw0..].iter().step_by(sw)) {
+                        *x = v;
+                    }
                 }
             }
         }
         oh += 1;
         ow0 = 0;
     }
+}
+
+/// Floats moved per fixed-size copy in [`copy_run`] and
+/// [`copy_every_second`]: fixed sizes compile to vector moves, where a
+/// loop over a run of runtime length (one output row, often 7–56 floats)
+/// spends more time in its scalar remainder than in its vector body.
+const CHUNK: usize = 16;
+
+/// `dst ← src` (equal lengths) in whole chunks, the last one overlapping
+/// its predecessor rather than finishing element by element.
+#[inline]
+fn copy_run(dst: &mut [f32], src: &[f32]) {
+    let n = dst.len();
+    if n < CHUNK {
+        dst.copy_from_slice(src);
+        return;
+    }
+    let chunk = |dst: &mut [f32], src: &[f32], at: usize| {
+        let to: &mut [f32; CHUNK] = (&mut dst[at..at + CHUNK]).try_into().expect("chunk");
+        *to = src[at..at + CHUNK].try_into().expect("chunk");
+    };
+    for at in (0..n - CHUNK).step_by(CHUNK) {
+        chunk(dst, src, at);
+    }
+    chunk(dst, src, n - CHUNK);
+}
+
+/// `dst[i] ← src[2·i]` (`src.len() == 2·dst.len() − 1`), in chunks as
+/// [`copy_run`].
+#[inline]
+fn copy_every_second(dst: &mut [f32], src: &[f32]) {
+    let n = dst.len();
+    let chunk = |dst: &mut [f32], src: &[f32], at: usize| {
+        let to: &mut [f32; CHUNK] = (&mut dst[at..at + CHUNK]).try_into().expect("chunk");
+        let from: &[f32; 2 * CHUNK - 1] = src[2 * at..2 * at + 2 * CHUNK - 1]
+            .try_into()
+            .expect("chunk");
+        for (i, x) in to.iter_mut().enumerate() {
+            *x = from[2 * i];
+        }
+    };
+    if n < CHUNK {
+        for (i, x) in dst.iter_mut().enumerate() {
+            *x = src[2 * i];
+        }
+        return;
+    }
+    for at in (0..n - CHUNK).step_by(CHUNK) {
+        chunk(dst, src, at);
+    }
+    chunk(dst, src, n - CHUNK);
 }
 
 /// Fills `col` (`[C/g·R·S] × [OH·OW]`, row-major) from the channels of one
@@ -101,7 +196,73 @@ pub(crate) fn im2col_group(g: &ConvGeometry, image: &[f32], col: &mut [f32]) {
 
 #[cfg(test)]
 mod tests {
-    use super::valid_range;
+    use super::{im2col_row, im2col_row_at, valid_range, ColumnTap};
+    use crate::geometry::ConvGeometry;
+    use crate::{Conv2dParams, ConvMode, Padding};
+
+    /// Element `(kk, j)` of the column matrix, straight from its definition.
+    fn column_element(g: &ConvGeometry, image: &[f32], kk: usize, j: usize) -> f32 {
+        let (rs, s_len) = (g.kernel_h * g.kernel_w, g.kernel_w);
+        let (c, r, s) = (kk / rs, (kk / s_len) % g.kernel_h, kk % s_len);
+        let (r, s) = g.weight_tap(r, s);
+        let (oh, ow) = (j / g.out_w, j % g.out_w);
+        let ih = (oh * g.stride_h + r * g.dilation_h) as isize - g.padding.top as isize;
+        let iw = (ow * g.stride_w + s * g.dilation_w) as isize - g.padding.left as isize;
+        if ih < 0 || iw < 0 || ih >= g.in_h as isize || iw >= g.in_w as isize {
+            0.0
+        } else {
+            image[c * g.in_plane() + ih as usize * g.in_w + iw as usize]
+        }
+    }
+
+    /// Every row and every column window of the row filler, for output rows
+    /// shorter and longer than its fixed-size chunks (1–40 wide), strides 1–3
+    /// (each has its own copy loop), padding, dilation and both modes; also
+    /// the stepped taps the implicit packing walks.
+    #[test]
+    fn rows_match_the_definition() {
+        for in_w in [1, 6, 16, 17, 31, 40, 45, 81] {
+            for stride in 1..=3 {
+                for (pad, dilation, mode) in [
+                    (0, 1, ConvMode::CrossCorrelation),
+                    (1, 1, ConvMode::CrossCorrelation),
+                    (2, 2, ConvMode::Convolution),
+                ] {
+                    let p = Conv2dParams::new(1, 2, (4, in_w), 1, (2, 3))
+                        .stride(stride, stride)
+                        .dilation(dilation, dilation)
+                        .padding(Padding::explicit(pad, 1, pad, 0))
+                        .mode(mode);
+                    let Ok(g) = ConvGeometry::new(&p) else {
+                        continue;
+                    };
+                    let image: Vec<f32> = (0..g.input_len()).map(|i| i as f32 + 1.0).collect();
+                    let n = g.out_plane();
+                    let mut tap = ColumnTap::of_row(&g, 0);
+                    for kk in 0..g.gemm_k() {
+                        assert_eq!(tap, ColumnTap::of_row(&g, kk));
+                        for (j0, len) in [
+                            (0, n),
+                            (1, n - 1),
+                            (n / 3, n - n / 3),
+                            (n / 2, n.div_ceil(4)),
+                        ] {
+                            let mut got = vec![f32::NAN; len];
+                            im2col_row(&g, &image, kk, j0, &mut got);
+                            let mut stepped = vec![f32::NAN; len];
+                            im2col_row_at(&g, &image, tap, j0, &mut stepped);
+                            for (j, (&a, &b)) in got.iter().zip(&stepped).enumerate() {
+                                let want = column_element(&g, &image, kk, j0 + j);
+                                assert_eq!(a, want, "{p:?} row {kk} column {}", j0 + j);
+                                assert_eq!(b, want, "{p:?} row {kk} column {} (stepped)", j0 + j);
+                            }
+                        }
+                        tap = tap.next(&g);
+                    }
+                }
+            }
+        }
+    }
 
     /// Brute force: the outputs whose input position is in bounds.
     fn brute(out_len: usize, stride: usize, offset: isize, in_len: usize) -> (usize, usize) {

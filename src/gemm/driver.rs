@@ -528,10 +528,28 @@ unsafe fn gemm_block<B: BSource>(
                         }
                     }
                     None => {
-                        let bpack = bbuf.get(ncur.div_ceil(nr) * kcur * nr);
-                        // SAFETY: the block is inside B and bpack has the room.
-                        unsafe { b.pack_block(pc, kcur, jc, ncur, nr, bpack, staging) };
-                        BPanels::packed(bpack, kcur, nr)
+                        // A source that builds B row by row (the implicit
+                        // convolution) writes whole rows of the block for
+                        // the kernels to read in place, rather than building
+                        // each row and then dealing it out to the panels.
+                        // Rows 1 KiB apart (256 columns) measured no slower
+                        // than rows padded off that stride.
+                        let ld = ncur.next_multiple_of(nr);
+                        let rows = bbuf.get(kcur * ld);
+                        // SAFETY: the block is inside B and `rows` has the room.
+                        if unsafe { b.fill_rows(pc, kcur, jc, ncur, ld, rows) } {
+                            BPanels {
+                                first: rows.as_ptr(),
+                                panel_stride: nr,
+                                ldb: ld,
+                                packed_tail: None,
+                            }
+                        } else {
+                            let bpack = bbuf.get(ncur.div_ceil(nr) * kcur * nr);
+                            // SAFETY: the block is inside B and bpack has the room.
+                            unsafe { b.pack_block(pc, kcur, jc, ncur, nr, bpack, staging) };
+                            BPanels::packed(bpack, kcur, nr)
+                        }
                     }
                 };
                 // SAFETY: forwarded; the panels were packed above.

@@ -100,6 +100,26 @@ pub(crate) trait BSource: Sync {
         staging: &mut Vec<f32>,
     );
 
+    /// Writes rows `k0..k0+kc`, columns `j0..j0+nc` of B into `dst` as a
+    /// row-major block, row `p` at `dst[p·ld..]`, zero in columns `nc..ld`,
+    /// for the micro-kernels to read in place; returns `false` (writing
+    /// nothing) for a source with no cheaper way to do that than packing.
+    ///
+    /// # Safety
+    /// The block lies inside B, `ld ≥ nc`, and `dst` holds `kc·ld` floats.
+    unsafe fn fill_rows(
+        &self,
+        k0: usize,
+        kc: usize,
+        j0: usize,
+        nc: usize,
+        ld: usize,
+        dst: &mut [f32],
+    ) -> bool {
+        let _ = (k0, kc, j0, nc, ld, dst);
+        false
+    }
+
     /// The source as a strided matrix, if it is one (for backends that need it).
     fn as_strided(&self) -> Option<StridedB> {
         None
