@@ -2,7 +2,9 @@
 //! *view*, so the `[C/g·R·S, OH·OW]` column matrix never exists. The only
 //! extra memory is the packing panels of each thread (bounded by the
 //! blocking: `KC × NC` of B plus `MC × KC` of A), whatever the image size or
-//! batch.
+//! batch. Where the output channels fit one MC block (the usual layer), the
+//! view writes the rows of each `KC × NC` block of B straight into that
+//! buffer for the kernels to read in place; otherwise it packs panels.
 
 use super::im2col::{im2col_row_at, ColumnTap};
 use crate::gemm::pack::BSource;
