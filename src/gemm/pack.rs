@@ -154,14 +154,7 @@ impl BSource for StridedB {
         let panels = nc.div_ceil(nr);
         // SAFETY (both arms): rows k0..k0+kc and columns j0..j0+(nc/nr)·nr
         // are inside B (contract), and dst holds `panels·kc·nr` floats.
-        let packed = match (
-            if std::env::var("PANELWISE").is_ok() {
-                99
-            } else {
-                self.cs
-            },
-            nr,
-        ) {
+        let packed = match (self.cs, nr) {
             (1, 32) => unsafe { pack_full_panels_by_rows::<32>(self, k0, kc, j0, nc / nr, dst) },
             (1, 16) => unsafe { pack_full_panels_by_rows::<16>(self, k0, kc, j0, nc / nr, dst) },
             _ => 0,
@@ -200,9 +193,12 @@ const PREFETCH_ROWS_AHEAD: isize = 8;
 /// a time, row by row, and returns `panels`. Each source row is then read
 /// in runs of 8 panels (1 KiB for W = 32) rather than the panel-at-a-time
 /// copy's runs of one panel, each on another page when B's rows are 4 KiB
-/// apart. Measured on a 1024-wide B (two 512 × 1024 blocks, L3-resident,
-/// W = 32): 129 µs panel by panel, 91 µs by rows of 8 panels, 80 µs for a
-/// plain copy of the same bytes.
+/// apart. Measured alone on a 1024-wide B (two 512 × 1024 blocks,
+/// L3-resident, W = 32): 129 µs panel by panel, 91 µs by rows of 8 panels,
+/// 80 µs for a plain copy of the same bytes. Inside the GEMM, where B comes
+/// from further away, the order alone gained nothing; the row prefetch
+/// ([`PREFETCH_ROWS_AHEAD`]) is what cut the packing time, and the order
+/// keeps it to one hint per line of a 1 KiB run.
 ///
 /// # Safety
 /// `b.cs == 1`; rows `k0..k0+kc` and columns `j0..j0+W·panels` lie inside
