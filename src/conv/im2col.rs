@@ -82,16 +82,11 @@ impl ColumnTap {
     }
 }
 
-/// Fills `out` with columns `j0..j0 + out.len()` of row `kk` of the column
-/// matrix of one image group (`image` is `[C/g, H, W]`). Both lowerings call
-/// it: the explicit one for whole rows, the implicit one (through
-/// [`im2col_row_at`]) for the columns of one packing block.
-pub(crate) fn im2col_row(g: &ConvGeometry, image: &[f32], kk: usize, j0: usize, out: &mut [f32]) {
-    im2col_row_at(g, image, ColumnTap::of_row(g, kk), j0, out);
-}
-
-/// [`im2col_row`] for the row of weight tap `tap`.
-pub(crate) fn im2col_row_at(
+/// Fills `out` with columns `j0..j0 + out.len()` of the column-matrix row
+/// of weight tap `tap`, for one image group (`image` is `[C/g, H, W]`).
+/// Both lowerings fill rows with it, stepping the tap: the explicit one
+/// whole rows, the implicit one the columns of one block.
+pub(crate) fn im2col_row(
     g: &ConvGeometry,
     image: &[f32],
     tap: ColumnTap,
@@ -178,14 +173,16 @@ fn copy_every_second(dst: &mut [f32], src: &[f32]) {
 /// Fills `col` (`[C/g·R·S] × [OH·OW]`, row-major) from the channels of one
 /// group of one image (`image` is `[C/g, H, W]`).
 pub(crate) fn im2col_group(g: &ConvGeometry, image: &[f32], col: &mut [f32]) {
-    for (kk, row) in col.chunks_exact_mut(g.out_plane()).enumerate() {
-        im2col_row(g, image, kk, 0, row);
+    let mut tap = ColumnTap::of_row(g, 0);
+    for row in col.chunks_exact_mut(g.out_plane()) {
+        im2col_row(g, image, tap, 0, row);
+        tap = tap.next(g);
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::{im2col_row, im2col_row_at, valid_range, ColumnTap};
+    use super::{im2col_row, valid_range, ColumnTap};
     use crate::geometry::ConvGeometry;
     use crate::{Conv2dParams, ConvMode, Padding};
 
@@ -238,9 +235,9 @@ mod tests {
                             (n / 2, n.div_ceil(4)),
                         ] {
                             let mut got = vec![f32::NAN; len];
-                            im2col_row(&g, &image, kk, j0, &mut got);
+                            im2col_row(&g, &image, ColumnTap::of_row(&g, kk), j0, &mut got);
                             let mut stepped = vec![f32::NAN; len];
-                            im2col_row_at(&g, &image, tap, j0, &mut stepped);
+                            im2col_row(&g, &image, tap, j0, &mut stepped);
                             for (j, (&a, &b)) in got.iter().zip(&stepped).enumerate() {
                                 let want = column_element(&g, &image, kk, j0 + j);
                                 assert_eq!(a, want, "{p:?} row {kk} column {}", j0 + j);

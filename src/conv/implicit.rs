@@ -6,7 +6,7 @@
 //! view writes the rows of each `KC × NC` block of B straight into that
 //! buffer for the kernels to read in place; otherwise it packs panels.
 
-use super::im2col::{im2col_row_at, ColumnTap};
+use super::im2col::{im2col_row, ColumnTap};
 use crate::gemm::pack::BSource;
 use crate::geometry::ConvGeometry;
 
@@ -41,7 +41,7 @@ impl BSource for Im2colView<'_> {
         staging.resize(panels * nr, 0.0);
         let mut tap = ColumnTap::of_row(self.g, k0);
         for p in 0..kc {
-            im2col_row_at(self.g, self.image, tap, j0, &mut staging[..nc]);
+            im2col_row(self.g, self.image, tap, j0, &mut staging[..nc]);
             deal_row(staging, nr, &mut dst[p * nr..], panel_len);
             tap = tap.next(self.g);
         }
@@ -63,7 +63,7 @@ impl BSource for Im2colView<'_> {
         let mut tap = ColumnTap::of_row(self.g, k0);
         for row in dst.chunks_exact_mut(ld).take(kc) {
             let (columns, pad) = row.split_at_mut(nc);
-            im2col_row_at(self.g, self.image, tap, j0, columns);
+            im2col_row(self.g, self.image, tap, j0, columns);
             pad.fill(0.0);
             tap = tap.next(self.g);
         }
