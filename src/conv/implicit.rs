@@ -6,7 +6,7 @@
 //! view writes the rows of each `KC × NC` block of B straight into that
 //! buffer for the kernels to read in place; otherwise it packs panels.
 
-use super::im2col::{im2col_row, ColumnTap};
+use super::im2col::{im2col_row_after, im2col_rows, ColumnTap};
 use crate::gemm::pack::BSource;
 use crate::geometry::ConvGeometry;
 
@@ -21,9 +21,10 @@ pub(crate) struct Im2colView<'a> {
 }
 
 impl BSource for Im2colView<'_> {
-    /// Each row of the block is first built in `staging` (at most NC floats,
-    /// L1-resident) by the same row filler the explicit lowering uses, then
-    /// dealt out to the panels in fixed-width copies.
+    /// Each row of the block is first built in `staging` (two rows of at
+    /// most NC floats, L1-resident, used in turn so that a row can be
+    /// shifted from the one before) by the same row filler the explicit
+    /// lowering uses, then dealt out to the panels in fixed-width copies.
     unsafe fn pack_block(
         &self,
         k0: usize,
@@ -36,13 +37,19 @@ impl BSource for Im2colView<'_> {
     ) {
         let panels = nc.div_ceil(nr);
         let panel_len = kc * nr;
-        // Round up to whole panels so the last one is zero-padded.
+        // Two staging rows, used in turn, so that each row can be built from
+        // the one before it (`im2col_row_after`). Rounded up to whole panels
+        // so the last one is zero-padded.
+        let width = panels * nr;
         staging.clear();
-        staging.resize(panels * nr, 0.0);
+        staging.resize(2 * width, 0.0);
         let mut tap = ColumnTap::of_row(self.g, k0);
         for p in 0..kc {
-            im2col_row(self.g, self.image, tap, j0, &mut staging[..nc]);
-            deal_row(staging, nr, &mut dst[p * nr..], panel_len);
+            let (even, odd) = staging.split_at_mut(width);
+            let (cur, prev) = if p % 2 == 0 { (even, odd) } else { (odd, even) };
+            let prev = (p > 0).then_some(&prev[..nc]);
+            im2col_row_after(self.g, self.image, tap, j0, prev, &mut cur[..nc]);
+            deal_row(cur, nr, &mut dst[p * nr..], panel_len);
             tap = tap.next(self.g);
         }
     }
@@ -60,12 +67,17 @@ impl BSource for Im2colView<'_> {
         ld: usize,
         dst: &mut [f32],
     ) -> bool {
-        let mut tap = ColumnTap::of_row(self.g, k0);
+        im2col_rows(
+            self.g,
+            self.image,
+            ColumnTap::of_row(self.g, k0),
+            j0..j0 + nc,
+            ld,
+            kc,
+            dst,
+        );
         for row in dst.chunks_exact_mut(ld).take(kc) {
-            let (columns, pad) = row.split_at_mut(nc);
-            im2col_row(self.g, self.image, tap, j0, columns);
-            pad.fill(0.0);
-            tap = tap.next(self.g);
+            row[nc..].fill(0.0);
         }
         true
     }

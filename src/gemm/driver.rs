@@ -632,7 +632,9 @@ pub(crate) fn pack_bounds(
     }
     .min(n.next_multiple_of(info.nr));
     let a = if a_prepacked { 0 } else { mc * kc };
-    (a, kc * nc, nc)
+    // Staging: two rows of a block, for sources that build a row from the
+    // one before it.
+    (a, kc * nc, 2 * nc)
 }
 
 /// Reading A in place pays when each packed A block would serve at most
