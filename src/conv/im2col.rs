@@ -142,17 +142,20 @@ pub(crate) fn im2col_row(
 /// `columns` (`j0..j0 + nc`) of each, into `dst` (row `p` at `dst[p·ld..]`,
 /// `ld ≥ nc`; the floats past `nc` are left alone).
 ///
-/// With stride 1 in width, the rows of taps `(c, r, s − 1)` and `(c, r, s)`
-/// hold the same input pixels shifted by the dilation: inside each output
-/// row, `row_s[j] = row_{s−1}[j + δ]` with `δ = dx_s − dx_{s−1}`. Such a
-/// row is one contiguous copy of its predecessor, then only the `|δ|`
-/// positions per output row whose neighbour lies in another output row (or
-/// outside this block) are recomputed; every other row goes through
-/// [`im2col_row`]. A 3×3 window builds two of every three rows this way.
+/// The rows of taps `(c, r, s − σ)` and `(c, r, s)`, with `σ` the stride in
+/// width, hold the same input pixels shifted by the dilation: inside each
+/// output row, `row_s[j] = row_{s−σ}[j + δ]` with `δ = (dx_s − dx_{s−σ})/σ`
+/// (±the dilation). Such a row is one contiguous copy of that earlier row,
+/// then only the `|δ|` positions per output row whose neighbour lies in
+/// another output row (or outside this block) are recomputed; every other
+/// row goes through [`im2col_row`]. A 3×3 window builds two of every three
+/// rows this way at stride 1 and one of three at stride 2; the 7×7/2 stem
+/// five of seven.
 /// Measured against building every row with [`im2col_row`] (implicit
-/// plans, 1 thread AVX-512, one process, alternating): r50_3x3 +5.5–7.7%,
-/// batch16 +6.7%, r50_deep +4.6%, 3×3 layers on 14² and 7² planes +7%;
-/// stride-2 layers (not shifted) within ±1.5%.
+/// plans, 1 thread AVX-512, one process, alternating), at stride 1:
+/// r50_3x3 +5.5–7.7%, batch16 +6.7%, r50_deep +4.6%, 3×3 layers on 14² and
+/// 7² planes +7%; at stride 2, against shifting only at stride 1:
+/// r50_conv1 (7×7/2) +13%, r50_3x3_s2 +4–5%.
 pub(crate) fn im2col_rows(
     g: &ConvGeometry,
     image: &[f32],
@@ -166,25 +169,25 @@ pub(crate) fn im2col_rows(
     let mut tap = first;
     for p in 0..rows {
         let (done, rest) = dst.split_at_mut(p * ld);
-        let prev = p.checked_sub(1).map(|q| &done[q * ld..][..nc]);
-        im2col_row_after(g, image, tap, j0, prev, &mut rest[..nc]);
+        let earlier = p.checked_sub(g.stride_w).map(|q| &done[q * ld..][..nc]);
+        im2col_row_after(g, image, tap, j0, earlier, &mut rest[..nc]);
         tap = tap.next(g);
     }
 }
 
-/// [`im2col_row`] for tap `tap`, given `prev`, the same columns of the row
-/// before (tap order), when the caller still has it: then a row that is a
-/// shift of it is built as one (see [`im2col_rows`]).
+/// [`im2col_row`] for tap `tap`, given `earlier`, the same columns of the
+/// row `stride_w` rows before it (tap order), when the caller still has it:
+/// then a row that is a shift of it is built as one (see [`im2col_rows`]).
 pub(crate) fn im2col_row_after(
     g: &ConvGeometry,
     image: &[f32],
     tap: ColumnTap,
     j0: usize,
-    prev: Option<&[f32]>,
+    earlier: Option<&[f32]>,
     out: &mut [f32],
 ) {
-    let shifted = match prev {
-        Some(prev) if g.stride_w == 1 && tap.s > 0 => shift_row(g, image, tap, j0, prev, out),
+    let shifted = match earlier {
+        Some(earlier) if tap.s >= g.stride_w => shift_row(g, image, tap, j0, earlier, out),
         _ => false,
     };
     if !shifted {
@@ -192,35 +195,40 @@ pub(crate) fn im2col_row_after(
     }
 }
 
-/// Row `tap` (with `tap.s > 0`, stride 1 in width) from `prev`, the row of
-/// tap `(c, r, s − 1)` over the same columns; see [`im2col_rows`]. Returns
-/// `false`, writing nothing, where the shift would not pay (a shift as wide
-/// as an output row or as the block).
+/// Row `tap` (with `tap.s ≥ σ`, the stride in width) from `earlier`, the
+/// row of tap `(c, r, s − σ)` over the same columns; see [`im2col_rows`].
+/// Returns `false`, writing nothing, where the shift would not pay (a shift
+/// as wide as an output row or as the block).
 fn shift_row(
     g: &ConvGeometry,
     image: &[f32],
     tap: ColumnTap,
     j0: usize,
-    prev: &[f32],
+    earlier: &[f32],
     out: &mut [f32],
 ) -> bool {
+    let sw = g.stride_w;
     let (dy, dx) = window_offset(g, tap.r, tap.s);
-    let (_, dx_prev) = window_offset(g, tap.r, tap.s - 1);
-    let delta = dx - dx_prev;
+    let (_, dx_earlier) = window_offset(g, tap.r, tap.s - sw);
+    let step = dx - dx_earlier;
+    if step % sw as isize != 0 {
+        return false;
+    }
+    let delta = step / sw as isize;
     let (nc, shift) = (out.len(), delta.unsigned_abs());
     if shift == 0 || shift >= g.out_w || shift >= nc {
         return false;
     }
     if delta > 0 {
-        out[..nc - shift].copy_from_slice(&prev[shift..]);
+        out[..nc - shift].copy_from_slice(&earlier[shift..]);
     } else {
-        out[shift..].copy_from_slice(&prev[..nc - shift]);
+        out[shift..].copy_from_slice(&earlier[..nc - shift]);
     }
     // The value of output column j of this row, from its definition.
     let channel = &image[tap.c * g.in_plane()..][..g.in_plane()];
     let exact = |j: usize| {
         let (oh, ow) = ((j0 + j) / g.out_w, (j0 + j) % g.out_w);
-        let (ih, iw) = ((oh * g.stride_h) as isize + dy, ow as isize + dx);
+        let (ih, iw) = ((oh * g.stride_h) as isize + dy, (ow * sw) as isize + dx);
         if ih < 0 || iw < 0 || ih >= g.in_h as isize || iw >= g.in_w as isize {
             0.0
         } else {
@@ -369,19 +377,35 @@ mod tests {
         }
     }
 
-    /// Blocks of consecutive rows, where most rows of a stride-1 window are
-    /// shifted copies of the row before with the output-row boundaries
-    /// recomputed: every window of columns (mid-row starts, blocks shorter
-    /// than the shift, a whole plane), dilations 1–3 (shifts of 1–3), both
-    /// modes (shifts forward and back), asymmetric padding, output rows
-    /// narrower than the shift, and blocks starting at any tap.
+    /// Blocks of consecutive rows, where most rows of a window are shifted
+    /// copies of an earlier row with the output-row boundaries recomputed:
+    /// every window of columns (mid-row starts, blocks shorter than the
+    /// shift, a whole plane), dilations 1–3 (shifts of 1–3), strides 1–3,
+    /// both modes (shifts forward and back), asymmetric padding, output
+    /// rows narrower than the shift, and blocks starting at any tap.
     #[test]
     fn row_blocks_match_the_definition() {
-        for in_w in [1, 2, 3, 5, 9, 16, 23] {
-            for (kw, dilation) in [(2, 1), (3, 1), (3, 2), (5, 1), (2, 3)] {
+        let windows = [
+            // (width, dilation, stride): shifts of 1–3 at stride 1, then
+            // strides 2 and 3, whose shifts skip `stride` rows back.
+            (2, 1, 1),
+            (3, 1, 1),
+            (3, 2, 1),
+            (5, 1, 1),
+            (2, 3, 1),
+            (3, 1, 2),
+            (5, 1, 2),
+            (7, 1, 2),
+            (5, 2, 2),
+            (4, 1, 3),
+            (7, 1, 3),
+        ];
+        for in_w in [1, 2, 3, 5, 9, 16, 23, 31] {
+            for (kw, dilation, stride) in windows {
                 for (left, right) in [(0, 0), (1, 1), (2, 0), (0, 3)] {
                     for mode in [ConvMode::CrossCorrelation, ConvMode::Convolution] {
                         let p = Conv2dParams::new(1, 2, (3, in_w), 1, (2, kw))
+                            .stride(1, stride)
                             .dilation(1, dilation)
                             .padding(Padding::explicit(1, 0, left, right))
                             .mode(mode);

@@ -37,8 +37,8 @@ impl BSource for Im2colView<'_> {
     ) {
         let panels = nc.div_ceil(nr);
         let panel_len = kc * nr;
-        // Two staging rows, used in turn, so that each row can be built from
-        // the one before it (`im2col_row_after`). Rounded up to whole panels
+        // Two staging rows, used in turn, so that at stride 1 each row can
+        // be built from the one before it (`im2col_row_after`). Rounded up to whole panels
         // so the last one is zero-padded.
         let width = panels * nr;
         staging.clear();
@@ -47,7 +47,8 @@ impl BSource for Im2colView<'_> {
         for p in 0..kc {
             let (even, odd) = staging.split_at_mut(width);
             let (cur, prev) = if p % 2 == 0 { (even, odd) } else { (odd, even) };
-            let prev = (p > 0).then_some(&prev[..nc]);
+            // Only the row just before is kept: enough for stride 1.
+            let prev = (p > 0 && self.g.stride_w == 1).then_some(&prev[..nc]);
             im2col_row_after(self.g, self.image, tap, j0, prev, &mut cur[..nc]);
             deal_row(cur, nr, &mut dst[p * nr..], panel_len);
             tap = tap.next(self.g);
