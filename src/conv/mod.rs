@@ -169,35 +169,34 @@ impl Conv2d {
     ///   micro-kernel's tile or amortise the packing. Measured on Zen 5
     ///   (AVX-512, 1 thread, GFLOP/s, SIMD direct vs implicit GEMM):
     ///   depthwise 3×3 82 vs 7, 4 channels per group 126 vs 24, 8: 133 vs
-    ///   48, 16: 141 vs 81, 32: 145 vs 123, 64: even; and also for at most 4
-    ///   input channels per group and fewer than 64 output channels, where
-    ///   the GEMM's K is too shallow to amortise the im2col packing over so
-    ///   few rows of A. From 64 output channels on, the implicit GEMM's
-    ///   packing is shared by enough rows to win (plans, Zen 5 AVX-512, 1
+    ///   48, 16: 141 vs 81, 32: 145 vs 123, 64: even;
+    /// * [`Algorithm::Implicit`] otherwise, including the few-channel stems:
+    ///   since its B rows are shifted copies of each other (see
+    ///   `im2col_rows`), the implicit GEMM also beats the SIMD direct kernel
+    ///   on a GEMM as shallow as an RGB input's (plans, Zen 5 AVX-512, 1
     ///   thread, GFLOP/s, SIMD direct vs implicit GEMM; C → K, window):
     ///
-    ///   | layer                 | < 64 outputs          | ≥ 64 outputs           |
+    ///   | layer                 | K = 32                | K = 64                 |
     ///   |-----------------------|-----------------------|------------------------|
-    ///   | 3 → K, 7×7/2, 224²    | K = 32: 144 vs 121    | K = 64: 143 vs 160     |
-    ///   | 3 → K, 3×3, 224²      | K = 32: 140 vs 132    | K = 64: 104 vs 140     |
-    ///   | 4 → K, 3×3, 56²       | K = 32: 131 vs 132    | K = 64: 129 vs 159     |
-    ///   | 3 → K, 5×5, 112²      | K = 32: 191 vs 148    | K = 64: 192 vs 182     |
-    ///   | 1 → K, 3×3, 128²      | K = 32: 89 vs 76      | K = 64: 89 vs 84       |
+    ///   | 3 → K, 7×7/2, 224²    | 149 vs 174            | 150 vs 202             |
+    ///   | 3 → K, 3×3, 224²      | 125 vs 143            | 61–104 vs 133–140      |
+    ///   | 4 → K, 3×3, 56²       | 135 vs 150            | 131 vs 166             |
+    ///   | 1 → K, 3×3, 128²      | 93 vs 87              | 93 vs 98               |
+    ///   | 3 → K, 5×5, 112²      | 198 vs 176            | 197 vs 192             |
     ///
-    ///   (K = 48 on the 7×7/2 stem: even; a batch of 8 on the 64-output
-    ///   stem: 123 vs 154; 4 → 64, 3×3/2: 88 vs 134.) The 5×5 and
-    ///   one-channel layers lose about 5% at 64 outputs under this rule; the
-    ///   others gain 12–50%.
-    /// * [`Algorithm::Implicit`] otherwise: as fast as the explicit im2col
-    ///   (the packing does the same copies), without the column matrix; an
-    ///   unpadded stride-1 1×1 convolution multiplies the input directly.
+    ///   (4 → 64, 3×3/2: 91 vs 142; a batch of 8 on the 7×7/2 stem: 117 vs
+    ///   196.) The one-channel 32-filter layer and the 5×5 layers run 3–11%
+    ///   slower than they would with the direct kernel; a rule for them
+    ///   would rest on these two shapes alone.
+    ///
+    ///   The implicit GEMM is as fast as the explicit im2col (the packing
+    ///   does the same copies), without the column matrix; an unpadded
+    ///   stride-1 1×1 convolution multiplies the input directly.
     pub fn auto_algorithm(&self) -> Algorithm {
         let g = &self.geom;
         if g.flops() < 4 * 1024 {
             Algorithm::Direct
-        } else if g.channels_per_group() <= 4 && g.out_channels_per_group() < 64
-            || g.channels_per_group() <= 16 && g.out_channels_per_group() <= 16
-        {
+        } else if g.channels_per_group() <= 16 && g.out_channels_per_group() <= 16 {
             Algorithm::DirectSimd
         } else {
             Algorithm::Implicit
