@@ -146,7 +146,7 @@ impl Conv2dPlan {
         self.kernel.isa
     }
 
-    /// Floats of packing buffers (A, B, staging row) and column matrix one
+    /// Floats of packing buffers (A, B, staging rows) and column matrix one
     /// thread needs for this plan's GEMMs.
     fn scratch_floats(&self) -> (usize, usize, usize, usize) {
         let g = self.conv.geometry();

@@ -487,9 +487,8 @@ unsafe fn gemm_block<B: BSource>(
         // Measured, 1 thread AVX-512, in place vs packed: 64×576×3136
         // +7%, 64×147×12544 +17%, 128×512×1000 +6%, but 256×512×1024 −22%
         // (rows 4 KiB apart).
-        let depth = block_depth(k, &kernel.info);
         let in_place = b.as_strided().filter(|bs| {
-            bs.cs == 1 && bs.rs > 0 && rows_stay_in_l2(bs.rs as usize, depth, cache_sizes().l2)
+            bs.cs == 1 && bs.rs > 0 && rows_stay_in_l2(bs.rs as usize, kc, cache_sizes().l2)
         });
         let nc_small = single_block_columns(kc, &kernel.info);
         for pc in (0..k).step_by(kc) {
@@ -614,7 +613,7 @@ pub(crate) fn single_block_columns(kc: usize, info: &KernelInfo) -> usize {
     (floats / kc.max(1) / info.nr * info.nr).clamp(info.nr, info.nc.max(info.nr))
 }
 
-/// The most floats one task's packing buffers (A, B, staging row) hold for
+/// The most floats one task's packing buffers (A, B, staging rows) hold for
 /// an `m × k × n` GEMM: bounded by the blocking, whatever the problem size.
 pub(crate) fn pack_bounds(
     m: usize,

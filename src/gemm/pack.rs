@@ -43,7 +43,7 @@ impl AlignedBuf {
 }
 
 /// The scratch one GEMM task packs into: A panels, B panels (both 64-byte
-/// aligned), and a staging row for B sources that build rows before dealing
+/// aligned), and staging rows for B sources that build rows before dealing
 /// them to panels (the implicit convolution). Sized by the blocking, never
 /// by the problem.
 #[derive(Default)]

@@ -272,7 +272,8 @@ pub(crate) const NR_COLUMNS: usize = 8;
 /// values of the B panel, so the tile lives in 16 accumulators, one per
 /// (column, half). The epilogue applies α and the bias down the columns,
 /// transposes the tile in registers (three shuffle stages per 16 × 8 half)
-/// and finishes β·C and the clamp on the rows of C, with masked row stores.
+/// and finishes β·C and the clamp on the rows of C, with row stores masked
+/// only at a right edge.
 ///
 /// # Safety
 /// As [`kernel`], for a packed 32-row A panel (`ars = 1`, `acs = 32`: its

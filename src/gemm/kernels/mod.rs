@@ -442,19 +442,15 @@ pub(crate) unsafe fn run_steps_prefetching_c<T>(
     acc: &mut T,
     mut step: impl FnMut(&mut T),
 ) {
-    use core::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
     let tail = kc.min(PREFETCH_C_STEPS);
     for _ in 0..kc - tail {
         step(acc);
     }
     if csc == 1 {
         for i in 0..rows {
-            let row = c.wrapping_offset(i as isize * rsc) as *const i8;
-            // SAFETY: prefetch never faults.
-            unsafe {
-                _mm_prefetch::<_MM_HINT_T0>(row);
-                _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(row_bytes - 4));
-            }
+            let row = c.wrapping_offset(i as isize * rsc).cast_const();
+            prefetch_read(row);
+            prefetch_read(row.wrapping_add(row_bytes / 4 - 1));
         }
     }
     for _ in 0..tail {
