@@ -36,11 +36,10 @@ fn bench_gemm(c: &mut Criterion) {
                 ("ours", GemmBackend::Native),
                 ("matrixmultiply", GemmBackend::Matrixmultiply),
             ] {
-                let options = GemmOptions {
-                    backend,
-                    parallelism,
-                    isa: None,
-                };
+                let options = GemmOptions::default()
+                    .backend(backend)
+                    .parallelism(parallelism)
+                    .isa(None);
                 group.bench_function(BenchmarkId::new(name, format!("{m}x{k}x{n}")), |bench| {
                     bench.iter(|| {
                         sgemm(

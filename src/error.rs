@@ -6,7 +6,7 @@
 use std::fmt;
 
 /// Why a convolution descriptor or a `forward` call was rejected.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 #[non_exhaustive]
 pub enum ConvError {
     /// One of N, C, H, W, K, R, S is zero; `name` says which.
@@ -70,10 +70,29 @@ pub enum ConvError {
         /// What was being computed, e.g. `"input length"`.
         what: &'static str,
     },
-    /// A pre-packed plan was built for another weight shape or ISA.
-    PlanMismatch {
-        /// What differs.
+    /// A size, stride, dilation or padding (or an extent derived from them)
+    /// is above `isize::MAX`, the largest offset the kernels can form
+    /// exactly (and PyTorch's own limit: its sizes are `i64`).
+    TooLarge {
+        /// Which value, e.g. `"horizontal stride"`.
         what: &'static str,
+        /// The value given or derived.
+        value: usize,
+    },
+    /// Memory the call needed for its own use (a column matrix, a returned
+    /// output, a plan's packed weights) could not be allocated.
+    OutOfMemory {
+        /// What the memory was for, e.g. `"im2col column matrix"`.
+        what: &'static str,
+        /// How many bytes were asked for.
+        bytes: usize,
+    },
+    /// An `Activation::Clamp` bound is NaN, which has no clamp order.
+    InvalidActivation {
+        /// The lower bound given.
+        min: f32,
+        /// The upper bound given.
+        max: f32,
     },
 }
 
@@ -123,9 +142,18 @@ impl fmt::Display for ConvError {
                  use ONNX SAME_UPPER/SAME_LOWER for strided convolutions"
             ),
             ConvError::Overflow { what } => write!(f, "{what} overflows usize"),
-            ConvError::PlanMismatch { what } => {
-                write!(f, "the plan does not match this call: {what}")
+            ConvError::TooLarge { what, value } => write!(
+                f,
+                "{what} = {value} is above isize::MAX = {}, the largest offset the kernels can form",
+                isize::MAX
+            ),
+            ConvError::OutOfMemory { what, bytes } => {
+                write!(f, "could not allocate {bytes} bytes for the {what}")
             }
+            ConvError::InvalidActivation { min, max } => write!(
+                f,
+                "Activation::Clamp bounds must not be NaN, got min = {min}, max = {max}"
+            ),
         }
     }
 }

@@ -146,9 +146,52 @@ fn effective_extent(kernel: usize, dilation: usize) -> Option<usize> {
     dilation.checked_mul(kernel - 1)?.checked_add(1)
 }
 
+/// `Err` for the first zero among the input size, kernel size, stride and
+/// dilation: every rule below divides by the stride or subtracts 1 from the
+/// kernel.
+fn check_axes_nonzero(
+    input: (usize, usize),
+    kernel: (usize, usize),
+    stride: (usize, usize),
+    dilation: (usize, usize),
+) -> Result<(), ConvError> {
+    let dims = [
+        ("input height", input.0),
+        ("input width", input.1),
+        ("kernel height", kernel.0),
+        ("kernel width", kernel.1),
+    ];
+    if let Some(&(name, _)) = dims.iter().find(|(_, v)| *v == 0) {
+        return Err(ConvError::ZeroDimension { name });
+    }
+    if stride.0 == 0 || stride.1 == 0 {
+        return Err(ConvError::ZeroStride {
+            h: stride.0,
+            w: stride.1,
+        });
+    }
+    if dilation.0 == 0 || dilation.1 == 0 {
+        return Err(ConvError::ZeroDilation {
+            h: dilation.0,
+            w: dilation.1,
+        });
+    }
+    Ok(())
+}
+
 impl PaddingSpec {
     /// Resolves the rule into four explicit values for the given geometry.
-    /// All sizes must already be non-zero.
+    /// A zero size, stride or dilation is an error, as in
+    /// [`Conv2dParams::build`].
+    ///
+    /// ```
+    /// use cpuconv::{OnnxAutoPad, Padding, PaddingSpec};
+    /// let same = PaddingSpec::OnnxAuto(OnnxAutoPad::SameUpper);
+    /// // 7 → ⌈7/2⌉ = 4 outputs of a 3-wide window need 2 pixels of padding.
+    /// let p = same.resolve((7, 7), (3, 3), (2, 2), (1, 1)).unwrap();
+    /// assert_eq!(p, Padding::symmetric(1, 1));
+    /// assert!(same.resolve((7, 7), (3, 3), (0, 2), (1, 1)).is_err());
+    /// ```
     pub fn resolve(
         &self,
         input: (usize, usize),
@@ -156,6 +199,7 @@ impl PaddingSpec {
         stride: (usize, usize),
         dilation: (usize, usize),
     ) -> Result<Padding, ConvError> {
+        check_axes_nonzero(input, kernel, stride, dilation)?;
         match *self {
             PaddingSpec::Explicit(p) => Ok(p),
             PaddingSpec::TorchValid | PaddingSpec::OnnxAuto(OnnxAutoPad::Valid) => {
@@ -297,8 +341,9 @@ impl Conv2dParams {
 }
 
 /// A validated convolution: every size is non-zero, every derived length fits
-/// in `usize`, and the output is non-empty. Built only through
-/// [`Conv2dParams::build`].
+/// in `usize`, every size, stride, dilation and padding (and both padded
+/// input extents) is at most `isize::MAX`, and the output is non-empty.
+/// Built only through [`Conv2dParams::build`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct ConvGeometry {
     /// N
@@ -333,6 +378,14 @@ pub struct ConvGeometry {
     pub out_h: usize,
     /// Output width OW.
     pub out_w: usize,
+}
+
+/// `Err(TooLarge)` for the first value above `isize::MAX`.
+fn fits_isize(values: &[(&'static str, usize)]) -> Result<(), ConvError> {
+    match values.iter().find(|(_, v)| isize::try_from(*v).is_err()) {
+        Some(&(what, value)) => Err(ConvError::TooLarge { what, value }),
+        None => Ok(()),
+    }
 }
 
 fn mul(a: usize, b: usize, what: &'static str) -> Result<usize, ConvError> {
@@ -376,27 +429,12 @@ impl ConvGeometry {
         let dims = [
             ("batch", p.batch),
             ("in_channels", p.in_channels),
-            ("input height", p.input_size.0),
-            ("input width", p.input_size.1),
             ("out_channels", p.out_channels),
-            ("kernel height", p.kernel_size.0),
-            ("kernel width", p.kernel_size.1),
         ];
         if let Some(&(name, _)) = dims.iter().find(|(_, v)| *v == 0) {
             return Err(ConvError::ZeroDimension { name });
         }
-        if p.stride.0 == 0 || p.stride.1 == 0 {
-            return Err(ConvError::ZeroStride {
-                h: p.stride.0,
-                w: p.stride.1,
-            });
-        }
-        if p.dilation.0 == 0 || p.dilation.1 == 0 {
-            return Err(ConvError::ZeroDilation {
-                h: p.dilation.0,
-                w: p.dilation.1,
-            });
-        }
+        check_axes_nonzero(p.input_size, p.kernel_size, p.stride, p.dilation)?;
         if p.groups == 0 {
             return Err(ConvError::ZeroGroups);
         }
@@ -407,9 +445,34 @@ impl ConvGeometry {
                 out_channels: p.out_channels,
             });
         }
+        // Offsets inside a padded plane are formed in `isize` (a window's
+        // first pixel lies up to `padding` before the input), so every
+        // per-axis value must fit one, as it must in PyTorch's `i64` sizes.
+        let per_axis = [
+            ("input height", p.input_size.0),
+            ("input width", p.input_size.1),
+            ("kernel height", p.kernel_size.0),
+            ("kernel width", p.kernel_size.1),
+            ("vertical stride", p.stride.0),
+            ("horizontal stride", p.stride.1),
+            ("vertical dilation", p.dilation.0),
+            ("horizontal dilation", p.dilation.1),
+        ];
+        fits_isize(&per_axis)?;
         let padding = p
             .padding
             .resolve(p.input_size, p.kernel_size, p.stride, p.dilation)?;
+        let padded = |input: usize, lo: usize, hi: usize| input.checked_add(lo)?.checked_add(hi);
+        let overflow = ConvError::Overflow {
+            what: "padded input size",
+        };
+        let padded_h =
+            padded(p.input_size.0, padding.top, padding.bottom).ok_or(overflow.clone())?;
+        let padded_w = padded(p.input_size.1, padding.left, padding.right).ok_or(overflow)?;
+        fits_isize(&[
+            ("padded input height", padded_h),
+            ("padded input width", padded_w),
+        ])?;
         let out_h = output_extent(
             "height",
             p.input_size.0,

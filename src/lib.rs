@@ -24,12 +24,16 @@
 #[doc = include_str!("../README.md")]
 struct ReadmeDoctests;
 
+pub mod arch;
 pub mod conv;
 pub mod error;
 pub mod gemm;
 pub mod geometry;
+#[doc(hidden)]
+pub mod testing;
 
+pub use arch::{isa, Isa};
 pub use conv::{Algorithm, Conv2d, Conv2dPlan, ForwardOptions, Workspace};
 pub use error::{ConvError, GemmError};
-pub use gemm::{isa, Activation, GemmBackend, GemmOptions, Isa, Parallelism};
+pub use gemm::{Activation, GemmBackend, GemmOptions, Parallelism};
 pub use geometry::{Conv2dParams, ConvGeometry, ConvMode, OnnxAutoPad, Padding, PaddingSpec};

@@ -503,12 +503,98 @@ fn overflow_flop_count() {
 
 #[test]
 fn overflow_dilated_kernel() {
-    // d·(R−1)+1 with d = usize::MAX overflows.
-    check_overflow(base().dilation(usize::MAX, 1), "dilated kernel size");
+    // d·(R−1)+1 with d = isize::MAX and R = 5 overflows usize.
+    let big = isize::MAX as usize;
     check_overflow(
-        base().dilation(1, usize::MAX / 2 + 1),
+        Conv2dParams::new(1, 1, (8, 8), 1, (5, 1)).dilation(big, 1),
         "dilated kernel size",
     );
+    check_overflow(
+        Conv2dParams::new(1, 1, (8, 8), 1, (1, 5)).dilation(1, big),
+        "dilated kernel size",
+    );
+}
+
+/// Every per-axis value and padded extent above `isize::MAX` is refused by
+/// name (PyTorch's sizes are `i64`): the kernels form offsets in `isize`.
+/// Regressions: a horizontal stride of 2^63 gave `[0, 0]` on the GEMM
+/// lowerings (and a panic in im2col's range arithmetic) where Direct gave
+/// `[10, 30]`; a dilation of `usize::MAX/3` with ONNX SAME_LOWER padding
+/// panicked on a subtraction overflow in debug builds.
+#[test]
+fn values_above_isize_max_are_too_large() {
+    let cases = [
+        (
+            Conv2dParams::new(1, 1, (2, 2), 1, (1, 1)).stride(1, 1 << 63),
+            "horizontal stride",
+            1usize << 63,
+        ),
+        (
+            Conv2dParams::new(1, 1, (2, 2), 1, (1, 1)).stride(usize::MAX, 1),
+            "vertical stride",
+            usize::MAX,
+        ),
+        (
+            base().dilation(usize::MAX, 1),
+            "vertical dilation",
+            usize::MAX,
+        ),
+        (
+            base().dilation(1, usize::MAX / 2 + 1),
+            "horizontal dilation",
+            usize::MAX / 2 + 1,
+        ),
+        (
+            base().padding(Padding::explicit(0, 0, 1 << 63, 0)),
+            "padded input width",
+            (1 << 63) + 8,
+        ),
+        (
+            Conv2dParams::new(1, 1, (1, 1), 1, (3, 1))
+                .dilation(usize::MAX / 3, 1)
+                .padding(OnnxAutoPad::SameLower),
+            "padded input height",
+            2 * (usize::MAX / 3) + 1,
+        ),
+    ];
+    for (p, what, value) in cases {
+        let (e, msg) = build_err(p);
+        assert_eq!(e, ConvError::TooLarge { what, value }, "{p:?}");
+        assert_mentions(&msg, &[what, &value.to_string(), "isize::MAX"]);
+    }
+    // Just inside the limit the stride is accepted and every algorithm
+    // agrees with the definition: one output column per row.
+    let conv = Conv2dParams::new(1, 1, (2, 2), 1, (1, 1))
+        .stride(1, isize::MAX as usize)
+        .build()
+        .unwrap();
+    for algorithm in Algorithm::CONCRETE.into_iter().chain([Algorithm::Auto]) {
+        let out = conv
+            .forward_to_vec(&[1.0, 2.0, 3.0, 4.0], &[10.0], None, algorithm)
+            .unwrap();
+        assert_eq!(out, [10.0, 30.0], "{algorithm:?}");
+    }
+}
+
+/// Padding just inside the limit: no overflow panic in any algorithm's
+/// offset arithmetic (tests build with overflow checks), and the window
+/// that meets the input is computed.
+#[test]
+fn padding_near_isize_max_computes() {
+    let pad = (isize::MAX as usize) - 8;
+    let conv = Conv2dParams::new(1, 1, (2, 2), 1, (1, 1))
+        .padding(Padding::explicit(0, 0, pad, 0))
+        .stride(1, pad)
+        .build()
+        .unwrap();
+    assert_eq!(conv.output_shape(), [1, 1, 2, 2]);
+    for algorithm in Algorithm::CONCRETE.into_iter().chain([Algorithm::Auto]) {
+        let out = conv
+            .forward_to_vec(&[1.0, 2.0, 3.0, 4.0], &[10.0], None, algorithm)
+            .unwrap();
+        // Column 0 reads padding, column 1 reads input column pad − pad = 0.
+        assert_eq!(out, [0.0, 10.0, 0.0, 30.0], "{algorithm:?}");
+    }
 }
 
 #[test]
@@ -525,22 +611,23 @@ fn overflow_padding() {
 
 #[test]
 fn overflow_in_same_padding_rules() {
+    let big = isize::MAX as usize;
     check_overflow(
-        base()
+        Conv2dParams::new(1, 1, (8, 8), 1, (5, 1))
             .padding(PaddingSpec::TorchSame)
-            .dilation(usize::MAX, 1),
+            .dilation(big, 1),
         "PyTorch same padding",
     );
     check_overflow(
-        base()
+        Conv2dParams::new(1, 1, (8, 8), 1, (5, 1))
             .padding(OnnxAutoPad::SameUpper)
-            .dilation(usize::MAX, 1),
+            .dilation(big, 1),
         "ONNX SAME padding",
     );
     check_overflow(
-        base()
+        Conv2dParams::new(1, 1, (8, 8), 1, (1, 5))
             .padding(OnnxAutoPad::SameLower)
-            .dilation(1, usize::MAX),
+            .dilation(1, big),
         "ONNX SAME padding",
     );
 }

@@ -18,10 +18,10 @@
 mod common;
 
 use common::{engine_combos, proptest_cases, Rng};
-use cpuconv::gemm::kernels::{calls_on, supported_isas};
+use cpuconv::testing::{isas_under_test, traced, KernelTrace};
 use cpuconv::{
     Activation, Algorithm, Conv2d, Conv2dParams, ConvError, ConvMode, ForwardOptions, GemmBackend,
-    Padding, Parallelism,
+    Isa, Padding, Parallelism,
 };
 use proptest::prelude::*;
 use proptest::test_runner::{FileFailurePersistence, TestCaseError};
@@ -209,6 +209,45 @@ fn algorithms() -> Vec<Algorithm> {
     v
 }
 
+/// The kernels a call must have run on the calling thread: a sequential
+/// call of a GEMM lowering on the native backend runs the forced ISA's GEMM
+/// blocks, and one of `DirectSimd` its SIMD jobs (evidence is kept per
+/// thread, so threaded calls prove nothing here).
+fn check_evidence(
+    conv: &Conv2d,
+    options: &ForwardOptions,
+    trace: &KernelTrace,
+) -> Result<(), TestCaseError> {
+    if options.parallelism != Parallelism::Sequential {
+        return Ok(());
+    }
+    let isa = options.isa.expect("the tests force an ISA");
+    let resolved = match options.algorithm {
+        Algorithm::Auto => conv.auto_algorithm(),
+        a => a,
+    };
+    match resolved {
+        Algorithm::Im2col | Algorithm::Implicit if options.backend == GemmBackend::Native => {
+            prop_assert!(
+                trace.gemm_ran_on(isa),
+                "{:?}: no {} GEMM block ran",
+                options,
+                isa
+            );
+        }
+        Algorithm::DirectSimd => {
+            prop_assert!(
+                trace.direct_simd_ran_on(isa),
+                "{:?}: no {} SIMD job ran",
+                options,
+                isa
+            );
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
 /// Asserts `got` is within the bound of `want`, element by element.
 fn compare(
     what: &str,
@@ -263,11 +302,7 @@ fn run_case(case: &Case) -> Result<(), TestCaseError> {
         &weight,
         bias,
         &mut direct,
-        &ForwardOptions {
-            algorithm: Algorithm::Direct,
-            activation: act,
-            ..Default::default()
-        },
+        &ForwardOptions::new(Algorithm::Direct).activation(act),
     )
     .map_err(|e| TestCaseError::fail(e.to_string()))?;
     compare(
@@ -282,31 +317,16 @@ fn run_case(case: &Case) -> Result<(), TestCaseError> {
     let mut out = vec![0.0f32; g.output_len()];
     for algorithm in algorithms() {
         for (isa, backend, parallelism) in engine_combos() {
-            let options = ForwardOptions {
-                algorithm,
-                parallelism,
-                backend,
-                activation: act,
-                isa: Some(isa),
-            };
+            let options = ForwardOptions::new(algorithm)
+                .parallelism(parallelism)
+                .backend(backend)
+                .activation(act)
+                .isa(Some(isa));
             out.fill(f32::NAN);
-            let before = calls_on(isa);
-            conv.forward_with(&input, &weight, bias, &mut out, &options)
-                .map_err(|e| TestCaseError::fail(format!("{options:?}: {e}")))?;
-            // The GEMM lowerings must have run the forced ISA's kernel.
-            let resolved = match algorithm {
-                Algorithm::Auto => conv.auto_algorithm(),
-                a => a,
-            };
-            let lowers_to_gemm = matches!(resolved, Algorithm::Im2col | Algorithm::Implicit);
-            if lowers_to_gemm && backend == GemmBackend::Native {
-                prop_assert!(
-                    calls_on(isa) > before,
-                    "{:?} ran without a native GEMM call on {:?}",
-                    options,
-                    isa
-                );
-            }
+            let (result, trace) =
+                traced(|| conv.forward_with(&input, &weight, bias, &mut out, &options));
+            result.map_err(|e| TestCaseError::fail(format!("{options:?}: {e}")))?;
+            check_evidence(&conv, &options, &trace)?;
             compare(
                 &format!("{options:?} vs direct"),
                 &out,
@@ -454,51 +474,54 @@ fn fixed_shapes_match_direct() {
 /// forced through `ForwardOptions::isa`.
 #[test]
 fn every_supported_isa_really_runs() {
-    let conv = Conv2dParams::new(1, 8, (12, 12), 16, (3, 3))
+    // A dense layer (the GEMM lowerings) and a depthwise one (DirectSimd).
+    let dense = Conv2dParams::new(1, 8, (12, 12), 16, (3, 3)).padding(Padding::symmetric(1, 1));
+    let depthwise = Conv2dParams::new(1, 8, (12, 12), 8, (3, 3))
         .padding(Padding::symmetric(1, 1))
-        .build()
-        .unwrap();
-    let g = conv.geometry();
-    let mut rng = Rng::new(42);
-    let input = rng.vec(g.input_len());
-    let weight = rng.vec(g.weight_len());
-    let mut reference_out = vec![0.0; g.output_len()];
-    conv.forward(&input, &weight, None, &mut reference_out, Algorithm::Direct)
-        .unwrap();
+        .groups(8);
     let mut ran = Vec::new();
-    for isa in supported_isas() {
-        for algorithm in [Algorithm::Im2col, Algorithm::Implicit, Algorithm::Auto] {
-            for parallelism in [Parallelism::Sequential, Parallelism::Rayon] {
-                let before = calls_on(isa);
+    for (params, algorithms) in [
+        (
+            dense,
+            &[Algorithm::Im2col, Algorithm::Implicit, Algorithm::Auto][..],
+        ),
+        (depthwise, &[Algorithm::DirectSimd, Algorithm::Auto][..]),
+    ] {
+        let conv = params.build().unwrap();
+        let g = conv.geometry();
+        let mut rng = Rng::new(42);
+        let input = rng.vec(g.input_len());
+        let weight = rng.vec(g.weight_len());
+        let mut reference_out = vec![0.0; g.output_len()];
+        conv.forward(&input, &weight, None, &mut reference_out, Algorithm::Direct)
+            .unwrap();
+        for isa in isas_under_test() {
+            for &algorithm in algorithms {
+                let options = ForwardOptions::new(algorithm)
+                    .parallelism(Parallelism::Sequential)
+                    .isa(isa);
                 let mut out = vec![f32::NAN; g.output_len()];
-                conv.forward_with(
-                    &input,
-                    &weight,
-                    None,
-                    &mut out,
-                    &ForwardOptions {
-                        algorithm,
-                        parallelism,
-                        isa: Some(isa),
-                        ..Default::default()
-                    },
-                )
-                .unwrap();
-                let after = calls_on(isa);
+                let (result, trace) =
+                    traced(|| conv.forward_with(&input, &weight, None, &mut out, &options));
+                result.unwrap();
                 assert!(
-                    after > before,
-                    "{algorithm:?} with isa {isa} forced did not run a {isa} GEMM \
-                     (calls_on {before} -> {after})"
+                    trace.ran_on(isa),
+                    "{algorithm:?} with {isa} forced ran no {isa} kernel: {trace:?}"
                 );
+                for other in Isa::ALL.into_iter().filter(|&o| o != isa) {
+                    assert!(
+                        !trace.ran_on(other),
+                        "{algorithm:?} forced to {isa} ran {other}"
+                    );
+                }
                 for (a, b) in out.iter().zip(&reference_out) {
                     assert!((a - b).abs() <= 1e-4, "{isa} {algorithm:?}: {a} vs {b}");
                 }
+                ran.push(format!("{isa} {}", algorithm.name()));
             }
         }
-        ran.push(format!("{isa} (calls_on = {})", calls_on(isa)));
     }
-    println!("conv ISAs that ran: {}", ran.join(", "));
-    assert!(!ran.is_empty());
+    println!("conv kernels that ran: {}", ran.join(", "));
 }
 
 /// A NaN in the input reaches exactly the outputs whose window covers it, on
@@ -532,13 +555,11 @@ fn nan_input_propagates_through_every_path_and_activation() {
     for activation in activations {
         for algorithm in algorithms() {
             for (isa, backend, parallelism) in engine_combos() {
-                let options = ForwardOptions {
-                    algorithm,
-                    parallelism,
-                    backend,
-                    activation,
-                    isa: Some(isa),
-                };
+                let options = ForwardOptions::new(algorithm)
+                    .parallelism(parallelism)
+                    .backend(backend)
+                    .activation(activation)
+                    .isa(Some(isa));
                 out.fill(0.0);
                 conv.forward_with(&input, &weight, Some(&bias), &mut out, &options)
                     .unwrap();

@@ -16,8 +16,9 @@
 mod common;
 
 use common::{engine_combos, proptest_cases, Rng};
-use cpuconv::gemm::kernels::{calls_on, kernel_info, kernel_info_for_shape, supported_isas};
+use cpuconv::gemm::kernels::{kernel_info, kernel_info_for_shape};
 use cpuconv::gemm::{sgemm, sgemm_raw, GemmOptions, MatMut, MatRef};
+use cpuconv::testing::{isas_under_test, traced};
 use cpuconv::{GemmBackend, GemmError, Isa, Parallelism};
 use proptest::prelude::*;
 use proptest::test_runner::{FileFailurePersistence, TestCaseError};
@@ -445,17 +446,22 @@ fn run_case(case: &Case) -> Result<(), TestCaseError> {
     let (want, magnitude) = naive(case.alpha, &a, &b, case.beta, &c0);
     let in_view = c0.in_view();
     for (isa, backend, parallelism) in engine_combos() {
-        let options = GemmOptions {
-            backend,
-            parallelism,
-            isa: Some(isa),
-        };
+        let options = GemmOptions::default()
+            .backend(backend)
+            .parallelism(parallelism)
+            .isa(Some(isa));
         let mut c = c0.clone();
-        let before = calls_on(isa);
-        run_gemm(case.alpha, &a, &b, case.beta, &mut c, &options)
-            .map_err(|e| TestCaseError::fail(format!("{options:?}: {e}")))?;
-        if backend == GemmBackend::Native && m > 0 && n > 0 && k > 0 && case.alpha != 0.0 {
-            prop_assert!(calls_on(isa) > before, "{:?}: no {} call", options, isa);
+        let (result, trace) = traced(|| run_gemm(case.alpha, &a, &b, case.beta, &mut c, &options));
+        result.map_err(|e| TestCaseError::fail(format!("{options:?}: {e}")))?;
+        // Evidence is per thread: only a sequential call runs every block here.
+        let computes = m > 0 && n > 0 && k > 0 && case.alpha != 0.0;
+        if backend == GemmBackend::Native && parallelism == Parallelism::Sequential && computes {
+            prop_assert!(
+                trace.gemm_ran_on(isa),
+                "{:?}: no {} block ran",
+                options,
+                isa
+            );
         }
         check_c(&format!("{options:?}"), &c, k, &want, &magnitude, &in_view)?;
     }
@@ -483,10 +489,11 @@ proptest! {
 fn options_everywhere() -> Vec<GemmOptions> {
     engine_combos()
         .into_iter()
-        .map(|(isa, backend, parallelism)| GemmOptions {
-            backend,
-            parallelism,
-            isa: Some(isa),
+        .map(|(isa, backend, parallelism)| {
+            GemmOptions::default()
+                .backend(backend)
+                .parallelism(parallelism)
+                .isa(Some(isa))
         })
         .collect()
 }
@@ -767,13 +774,12 @@ fn large_threaded_case_matches_naive() {
     let c0 = Stored::new(m, n, Layout::DENSE, |_, _| rng.next_f32());
     let (want, magnitude) = naive(1.0, &a, &b, 1.0, &c0);
     let in_view = c0.in_view();
-    for isa in supported_isas() {
+    for isa in isas_under_test() {
         for backend in [GemmBackend::Native, GemmBackend::Matrixmultiply] {
-            let options = GemmOptions {
-                backend,
-                parallelism: Parallelism::Rayon,
-                isa: Some(isa),
-            };
+            let options = GemmOptions::default()
+                .backend(backend)
+                .parallelism(Parallelism::Rayon)
+                .isa(Some(isa));
             let mut c = c0.clone();
             run_gemm(1.0, &a, &b, 1.0, &mut c, &options).unwrap();
             check_c(&format!("{options:?}"), &c, k, &want, &magnitude, &in_view)
@@ -796,12 +802,11 @@ fn check_every_isa(
 ) {
     let (want, magnitude) = naive(alpha, a, b, beta, c0);
     let in_view = c0.in_view();
-    for isa in supported_isas() {
-        let options = GemmOptions {
-            backend: GemmBackend::Native,
-            parallelism,
-            isa: Some(isa),
-        };
+    for isa in isas_under_test() {
+        let options = GemmOptions::default()
+            .backend(GemmBackend::Native)
+            .parallelism(parallelism)
+            .isa(Some(isa));
         let mut c = c0.clone();
         let mut run = || run_gemm(alpha, a, b, beta, &mut c, &options);
         match pool {
@@ -825,14 +830,14 @@ fn check_every_isa(
 fn column_kernel_only_for_few_columns() {
     // AVX-512's 32 × 8 column kernel serves pre-packed A (convolution plans)
     // when C has few columns; tests/plan.rs checks its values.
-    if supported_isas().contains(&Isa::Avx512) {
+    if isas_under_test().contains(&Isa::Avx512) {
         let tile = kernel_info_for_shape(Isa::Avx512, 2048, 49);
         assert_eq!((tile.mr, tile.nr), (32, 8));
         assert_eq!(kernel_info_for_shape(Isa::Avx512, 95, 7).mr, 32);
         assert_eq!(kernel_info_for_shape(Isa::Avx512, 2048, 2048).mr, 8);
         assert_eq!(kernel_info_for_shape(Isa::Avx512, 256, 196).mr, 8);
     }
-    for isa in supported_isas().into_iter().filter(|&i| i != Isa::Avx512) {
+    for isa in isas_under_test().into_iter().filter(|&i| i != Isa::Avx512) {
         assert_eq!(kernel_info_for_shape(isa, 2048, 49).nr, kernel_info(isa).nr);
     }
 }
@@ -959,10 +964,7 @@ fn sgemm_inside_rayon_workers() {
         MatRef::row_major(&b, k, n),
         0.0,
         MatMut::row_major(&mut want, m, n),
-        &GemmOptions {
-            parallelism: Parallelism::Sequential,
-            ..Default::default()
-        },
+        &GemmOptions::default().parallelism(Parallelism::Sequential),
     )
     .unwrap();
     let options = options_everywhere();
@@ -997,13 +999,12 @@ fn sgemm_inside_rayon_workers() {
 fn rayon_capped_matches() {
     let caps = [1usize, 2, 3, 64];
     for cap in caps {
-        for isa in supported_isas() {
+        for isa in isas_under_test() {
             for backend in [GemmBackend::Native, GemmBackend::Matrixmultiply] {
-                let options = GemmOptions {
-                    backend,
-                    parallelism: Parallelism::RayonCapped(NonZeroUsize::new(cap).unwrap()),
-                    isa: Some(isa),
-                };
+                let options = GemmOptions::default()
+                    .backend(backend)
+                    .parallelism(Parallelism::RayonCapped(NonZeroUsize::new(cap).unwrap()))
+                    .isa(Some(isa));
                 check_dense(130, 150, 270, &options, cap as u64);
             }
         }
@@ -1033,28 +1034,33 @@ fn parallelism_helpers() {
 #[test]
 fn every_supported_isa_really_runs() {
     let mut ran = Vec::new();
-    for isa in supported_isas() {
+    for isa in isas_under_test() {
         for parallelism in [Parallelism::Sequential, Parallelism::Rayon] {
-            let before = calls_on(isa);
-            check_dense(
-                70,
-                90,
-                110,
-                &GemmOptions {
-                    backend: GemmBackend::Native,
-                    parallelism,
-                    isa: Some(isa),
-                },
-                11,
-            );
-            let after = calls_on(isa);
-            assert!(
-                after > before,
-                "forcing {isa} ran no {isa} GEMM (calls_on {before} -> {after})"
-            );
+            let options = GemmOptions::default()
+                .backend(GemmBackend::Native)
+                .parallelism(parallelism)
+                .isa(isa);
+            let ((), trace) = traced(|| check_dense(70, 90, 110, &options, 11));
+            // Work handed to other threads is recorded there, so only the
+            // sequential call must show every block on this thread.
+            if parallelism == Parallelism::Sequential {
+                assert!(
+                    trace.gemm_ran_on(isa),
+                    "forcing {isa} ran no {isa} GEMM: {trace:?}"
+                );
+                for other in Isa::ALL.into_iter().filter(|&o| o != isa) {
+                    assert!(
+                        !trace.gemm_ran_on(other),
+                        "forcing {isa} ran {other}: {trace:?}"
+                    );
+                }
+                ran.push(format!(
+                    "{isa} ({} blocks)",
+                    trace.gemm_blocks[isa as usize]
+                ));
+            }
         }
-        ran.push(format!("{isa} (calls_on = {})", calls_on(isa)));
     }
     println!("GEMM ISAs that ran: {}", ran.join(", "));
-    assert!(supported_isas().contains(&Isa::Portable));
+    assert!(isas_under_test().contains(&Isa::Portable));
 }

@@ -71,19 +71,12 @@ fn implicit_allocates_no_column_matrix() {
         let mut out = vec![0.0f32; g.output_len()];
         let column_matrix = g.gemm_k() * g.out_plane() * 4;
         for parallelism in [Parallelism::Sequential, Parallelism::Rayon] {
-            let opts = ForwardOptions {
-                algorithm: Algorithm::Implicit,
-                parallelism,
-                ..Default::default()
-            };
+            let opts = ForwardOptions::new(Algorithm::Implicit).parallelism(parallelism);
             let implicit = largest_allocation(|| {
                 conv.forward_with(&x, &w, None, &mut out, &opts).unwrap();
             });
             let explicit = largest_allocation(|| {
-                let o = ForwardOptions {
-                    algorithm: Algorithm::Im2col,
-                    ..opts
-                };
+                let o = ForwardOptions::new(Algorithm::Im2col);
                 conv.forward_with(&x, &w, None, &mut out, &o).unwrap();
             });
             let plan = conv.plan(&w, None, &opts).unwrap();
@@ -124,11 +117,7 @@ fn planned_implicit_forward_allocates_nothing_once_warm() {
     let g = *conv.geometry();
     let x = vec![0.5f32; g.input_len()];
     let w = vec![0.25f32; g.weight_len()];
-    let opts = ForwardOptions {
-        algorithm: Algorithm::Implicit,
-        parallelism: Parallelism::Sequential,
-        ..Default::default()
-    };
+    let opts = ForwardOptions::new(Algorithm::Implicit).parallelism(Parallelism::Sequential);
     let plan = conv.plan(&w, None, &opts).unwrap();
     let mut out = vec![0.0f32; g.output_len()];
     plan.forward(&x, &mut out).unwrap(); // warms this thread's packing buffers

@@ -1,7 +1,7 @@
 //! Plans: pre-packed weights give the same values as the one-shot forward,
 //! across many calls and from many threads at once.
 
-use cpuconv::gemm::kernels::supported_isas;
+use cpuconv::testing::isas_under_test;
 use cpuconv::{
     Activation, Algorithm, Conv2dParams, ConvMode, ForwardOptions, Padding, Parallelism,
 };
@@ -61,16 +61,13 @@ fn plan_matches_one_shot_forward_on_every_isa_and_algorithm() {
         let x = data(g.input_len(), 1);
         let w = data(g.weight_len(), 2);
         let b = data(g.out_channels, 3);
-        for isa in supported_isas() {
+        for isa in isas_under_test() {
             for algorithm in Algorithm::CONCRETE.into_iter().chain([Algorithm::Auto]) {
                 for activation in [Activation::None, Activation::Relu6] {
-                    let opts = ForwardOptions {
-                        algorithm,
-                        isa: Some(isa),
-                        activation,
-                        parallelism: Parallelism::Sequential,
-                        ..Default::default()
-                    };
+                    let opts = ForwardOptions::new(algorithm)
+                        .isa(Some(isa))
+                        .activation(activation)
+                        .parallelism(Parallelism::Sequential);
                     let mut want = vec![0.0; g.output_len()];
                     conv.forward_with(&x, &w, Some(&b), &mut want, &opts)
                         .unwrap();
@@ -101,10 +98,7 @@ fn one_plan_serves_many_threads_at_once() {
     let g = *conv.geometry();
     let w = data(g.weight_len(), 5);
     let b = data(g.out_channels, 6);
-    let opts = ForwardOptions {
-        algorithm: Algorithm::Implicit,
-        ..Default::default()
-    };
+    let opts = ForwardOptions::new(Algorithm::Implicit);
     let plan = conv.plan(&w, Some(&b), &opts).unwrap();
     let inputs: Vec<Vec<f32>> = (0..6).map(|t| data(g.input_len(), 100 + t)).collect();
     let expected: Vec<Vec<f32>> = inputs

@@ -5,7 +5,7 @@
 
 mod common;
 
-use cpuconv::gemm::kernels::supported_isas;
+use cpuconv::testing::isas_under_test;
 use cpuconv::{
     Activation, Algorithm, Conv2dParams, ConvMode, ForwardOptions, GemmBackend, Padding,
     Parallelism,
@@ -52,19 +52,17 @@ fn check_everywhere(
         expected_shape.iter().product::<usize>(),
         "test table is inconsistent"
     );
-    let isas = supported_isas();
+    let isas = isas_under_test();
     assert!(!isas.is_empty());
     for algorithm in algorithms() {
         for &isa in &isas {
             for backend in [GemmBackend::Native, GemmBackend::Matrixmultiply] {
                 for parallelism in [Parallelism::Sequential, Parallelism::Rayon] {
-                    let options = ForwardOptions {
-                        algorithm,
-                        parallelism,
-                        backend,
-                        activation,
-                        isa: Some(isa),
-                    };
+                    let options = ForwardOptions::new(algorithm)
+                        .parallelism(parallelism)
+                        .backend(backend)
+                        .activation(activation)
+                        .isa(Some(isa));
                     // Garbage in the output buffer must be overwritten.
                     let mut out = vec![f32::NAN; expected.len()];
                     conv.forward_with(input, weight, bias, &mut out, &options)

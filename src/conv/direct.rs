@@ -8,7 +8,7 @@ use crate::geometry::ConvGeometry;
 /// `output = act(conv(input, weight) + bias)`, one output element at a time.
 ///
 /// Slices must already have the lengths `g` requires (checked by the caller).
-pub fn conv2d_direct(
+pub(crate) fn conv2d_direct(
     g: &ConvGeometry,
     input: &[f32],
     weight: &[f32],

@@ -10,6 +10,7 @@
 use super::im2col::im2col_group;
 use super::implicit::Im2colView;
 use super::ForwardOptions;
+use crate::error::ConvError;
 use crate::gemm::driver::{ASource, CTile, Epilogue};
 use crate::gemm::pack::{BSource, PackBuffers, StridedB};
 use crate::gemm::{gemm_with_epilogue, GemmOptions, Parallelism};
@@ -80,8 +81,27 @@ pub(crate) struct ConvScratch {
     pub col: Vec<f32>,
 }
 
+/// Makes `col` hold the `len` floats of a column matrix, with its memory
+/// asked for fallibly: the matrix grows with the kernel and the output
+/// plane, not with any buffer the caller handed in.
+pub(crate) fn column_matrix(col: &mut Vec<f32>, len: usize) -> Result<(), ConvError> {
+    if col.len() < len {
+        let oom = ConvError::OutOfMemory {
+            what: "im2col column matrix",
+            bytes: len.saturating_mul(std::mem::size_of::<f32>()),
+        };
+        col.try_reserve_exact(len - col.len()).map_err(|_| oom)?;
+    }
+    col.resize(len, 0.0);
+    Ok(())
+}
+
 /// Runs the convolution as GEMMs. Buffers are checked by the caller. With
 /// `scratch`, everything runs on the calling thread and packs into it.
+///
+/// # Errors
+/// [`ConvError::OutOfMemory`] when the explicit lowering's column matrix
+/// cannot be allocated.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn forward_gemm(
     g: &ConvGeometry,
@@ -92,7 +112,7 @@ pub(crate) fn forward_gemm(
     opts: &ForwardOptions,
     lowering: Lowering,
     scratch: Option<&mut ConvScratch>,
-) {
+) -> Result<(), ConvError> {
     let pairs = g.batch * g.groups;
     let out = CTile {
         ptr: output.as_mut_ptr(),
@@ -106,26 +126,25 @@ pub(crate) fn forward_gemm(
         None => opts.parallelism.max_threads().min(pairs),
     };
     if split_over_pairs(pairs, threads) {
-        let gemm_opts = GemmOptions {
-            backend: opts.backend,
-            parallelism: Parallelism::Sequential,
-            isa: opts.isa,
-        };
-        (0..threads).into_par_iter().with_max_len(1).for_each(|t| {
-            let out = &out;
-            let mut col = Vec::new();
-            let (lo, hi) = (pairs * t / threads, pairs * (t + 1) / threads);
-            for pair in lo..hi {
-                // SAFETY: each pair writes its own disjoint block of the output.
-                unsafe {
-                    run_pair(
-                        g, input, weights, bias, *out, opts, &gemm_opts, lowering, pair, &mut col,
-                        None,
-                    )
-                };
-            }
-        });
-        return;
+        let gemm_opts = opts.gemm_options(Parallelism::Sequential);
+        return (0..threads)
+            .into_par_iter()
+            .with_max_len(1)
+            .try_for_each(|t| {
+                let out = &out;
+                let mut col = Vec::new();
+                let (lo, hi) = (pairs * t / threads, pairs * (t + 1) / threads);
+                for pair in lo..hi {
+                    // SAFETY: each pair writes its own disjoint block of the output.
+                    unsafe {
+                        run_pair(
+                            g, input, weights, bias, *out, opts, &gemm_opts, lowering, pair,
+                            &mut col, None,
+                        )
+                    }?;
+                }
+                Ok(())
+            });
     }
     // One GEMM at a time: on the calling thread only with the caller's
     // scratch, otherwise each GEMM threads itself.
@@ -134,11 +153,7 @@ pub(crate) fn forward_gemm(
         Some(s) => (Parallelism::Sequential, &mut s.col, Some(&mut s.pack)),
         None => (opts.parallelism, &mut own_col, None),
     };
-    let gemm_opts = GemmOptions {
-        backend: opts.backend,
-        parallelism,
-        isa: opts.isa,
-    };
+    let gemm_opts = opts.gemm_options(parallelism);
     for pair in 0..pairs {
         // SAFETY: `output` is exclusively borrowed and pairs run one at a time.
         unsafe {
@@ -155,8 +170,9 @@ pub(crate) fn forward_gemm(
                 col,
                 pack.as_deref_mut(),
             )
-        };
+        }?;
     }
+    Ok(())
 }
 
 /// One (image, group) GEMM into its block of the output.
@@ -177,7 +193,7 @@ unsafe fn run_pair(
     pair: usize,
     col: &mut Vec<f32>,
     pack: Option<&mut PackBuffers>,
-) {
+) -> Result<(), ConvError> {
     let (n, grp) = (pair / g.groups, pair % g.groups);
     let (cg, kg) = (g.channels_per_group(), g.out_channels_per_group());
     let image = &input[(n * g.in_channels + grp * cg) * g.in_plane()..][..cg * g.in_plane()];
@@ -197,7 +213,7 @@ unsafe fn run_pair(
     // B is kk × plane, C is this pair's kg × plane block; bias has kg values.
     match lowering {
         Lowering::Explicit => {
-            col.resize(kk * plane, 0.0);
+            column_matrix(col, kk * plane)?;
             im2col_group(g, image, col);
             let b = StridedB {
                 ptr: col.as_ptr(),
@@ -205,7 +221,7 @@ unsafe fn run_pair(
                 cs: 1,
             };
             // SAFETY: as above; col is the kk × plane column matrix.
-            unsafe { gemm_group(g, &a, &b, c, &epilogue, gemm_opts, pack) }
+            unsafe { gemm_group(g, &a, &b, c, &epilogue, gemm_opts, pack) };
         }
         Lowering::Implicit if g.is_pointwise_identity() => {
             let b = StridedB {
@@ -215,14 +231,15 @@ unsafe fn run_pair(
             };
             // SAFETY: as above; for a 1×1 kernel, stride 1 and no padding the
             // group's cg = kk input planes of H·W = plane pixels are B.
-            unsafe { gemm_group(g, &a, &b, c, &epilogue, gemm_opts, pack) }
+            unsafe { gemm_group(g, &a, &b, c, &epilogue, gemm_opts, pack) };
         }
         Lowering::Implicit => {
             let b = Im2colView { g, image };
             // SAFETY: as above; the view reads only inside `image`.
-            unsafe { gemm_group(g, &a, &b, c, &epilogue, gemm_opts, pack) }
+            unsafe { gemm_group(g, &a, &b, c, &epilogue, gemm_opts, pack) };
         }
     }
+    Ok(())
 }
 
 /// # Safety

@@ -41,9 +41,10 @@
 //! [`Simd::three`]), so the intrinsics inline there.
 
 use super::im2col::valid_range;
-use crate::gemm::kernels::{clamp_isa, record_call, Isa};
+use crate::arch::{clamp_isa, Isa};
 use crate::gemm::{Activation, Parallelism};
 use crate::geometry::ConvGeometry;
+use crate::testing::record_direct_simd_jobs;
 use rayon::prelude::*;
 
 #[cfg(target_arch = "x86_64")]
@@ -75,7 +76,6 @@ pub(crate) fn forward_grouped_direct(
     par: Parallelism,
 ) {
     let isa = clamp_isa(isa);
-    record_call(isa);
     if !offsets_fit(g) {
         // Padding or strides near `usize::MAX`: the kernels' signed offset
         // arithmetic could overflow, so take the reference loops instead.
@@ -400,6 +400,7 @@ impl Kernel {
             run(job, out);
             return;
         }
+        record_direct_simd_jobs(self.isa, 1);
         match self.isa {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: `isa` was clamped to what the CPU supports, so it has

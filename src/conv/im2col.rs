@@ -15,18 +15,23 @@ pub(crate) fn valid_range(
     offset: isize,
     in_len: usize,
 ) -> (usize, usize) {
-    let s = stride as isize;
-    // First o with o·s + offset ≥ 0.
+    // Unsigned steps throughout: the geometry keeps every extent within
+    // `isize`, but a stride plus a padding need not be.
+    // First o with o·stride + offset ≥ 0.
     let lo = if offset >= 0 {
         0
     } else {
-        (-offset + s - 1) / s
+        offset.unsigned_abs().div_ceil(stride)
     };
-    // First o with o·s + offset ≥ in_len.
-    let room = in_len as isize - offset;
-    let hi = if room <= 0 { 0 } else { (room + s - 1) / s };
-    let hi = (hi as usize).min(out_len);
-    ((lo as usize).min(hi), hi)
+    // First o with o·stride + offset ≥ in_len.
+    let hi = match usize::try_from(offset) {
+        Ok(ahead) => in_len.saturating_sub(ahead).div_ceil(stride),
+        Err(_) => in_len
+            .saturating_add(offset.unsigned_abs())
+            .div_ceil(stride),
+    };
+    let hi = hi.min(out_len);
+    (lo.min(hi), hi)
 }
 
 /// Row `(c, r, s)` of the column matrix reads input offset `(r', s')` of each

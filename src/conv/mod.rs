@@ -1,10 +1,10 @@
 //! The convolution operator: a validated [`Conv2d`] descriptor and the
 //! algorithms that compute it.
 
-pub mod direct;
+pub(crate) mod direct;
 pub(crate) mod gemm_lowering;
 pub(crate) mod grouped_direct;
-pub mod im2col;
+pub(crate) mod im2col;
 pub(crate) mod implicit;
 pub mod plan;
 
@@ -82,8 +82,20 @@ impl Algorithm {
     }
 }
 
-/// Everything about a `forward` call beyond the tensors.
+/// Everything about a `forward` call beyond the tensors. Built with
+/// [`ForwardOptions::new`] (or `default()`) and the chained setters, so that
+/// later versions can add options without breaking callers.
+///
+/// ```
+/// use cpuconv::{Activation, Algorithm, ForwardOptions, Isa, Parallelism};
+/// let options = ForwardOptions::new(Algorithm::Implicit)
+///     .parallelism(Parallelism::threads(1))
+///     .activation(Activation::Relu)
+///     .isa(Isa::Portable);
+/// assert_eq!(options.isa, Some(Isa::Portable));
+/// ```
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
+#[non_exhaustive]
 pub struct ForwardOptions {
     /// Which algorithm computes it.
     pub algorithm: Algorithm,
@@ -95,6 +107,10 @@ pub struct ForwardOptions {
     pub activation: Activation,
     /// Force a kernel path (clamped to the CPU); `None` uses [`crate::isa()`].
     pub isa: Option<Isa>,
+    /// Tests only: cache blocking for the GEMM-based algorithms in place of
+    /// the cache model's.
+    #[doc(hidden)]
+    pub blocking: Option<crate::testing::Blocking>,
 }
 
 impl ForwardOptions {
@@ -103,6 +119,53 @@ impl ForwardOptions {
         ForwardOptions {
             algorithm,
             ..Default::default()
+        }
+    }
+
+    /// Sets the algorithm.
+    pub fn algorithm(mut self, algorithm: Algorithm) -> Self {
+        self.algorithm = algorithm;
+        self
+    }
+
+    /// Sets how many threads the call may use.
+    pub fn parallelism(mut self, parallelism: Parallelism) -> Self {
+        self.parallelism = parallelism;
+        self
+    }
+
+    /// Sets the GEMM engine of the GEMM-based algorithms.
+    pub fn backend(mut self, backend: GemmBackend) -> Self {
+        self.backend = backend;
+        self
+    }
+
+    /// Sets the activation applied after the bias.
+    pub fn activation(mut self, activation: Activation) -> Self {
+        self.activation = activation;
+        self
+    }
+
+    /// Forces a kernel path (clamped to what the CPU supports).
+    pub fn isa(mut self, isa: impl Into<Option<Isa>>) -> Self {
+        self.isa = isa.into();
+        self
+    }
+
+    /// Tests only: forces the GEMM's cache blocking.
+    #[doc(hidden)]
+    pub fn blocking(mut self, blocking: crate::testing::Blocking) -> Self {
+        self.blocking = Some(blocking);
+        self
+    }
+
+    /// The options of the GEMMs a convolution lowers to, with `parallelism`.
+    pub(crate) fn gemm_options(&self, parallelism: Parallelism) -> crate::GemmOptions {
+        crate::GemmOptions {
+            backend: self.backend,
+            parallelism,
+            isa: self.isa,
+            blocking: self.blocking,
         }
     }
 }
@@ -203,6 +266,34 @@ impl Conv2d {
         }
     }
 
+    /// The algorithm that computes a call asked to run `requested` with
+    /// `weight`: `Auto` resolved, and a GEMM lowering replaced by
+    /// `DirectSimd` when a non-finite weight could meet the padding.
+    ///
+    /// The rule every algorithm follows: a tap that falls in the padding
+    /// contributes nothing, whatever its weight, as if the sum ran only over
+    /// real input pixels (the reference loops, the SIMD direct kernels and
+    /// oneDNN, PyTorch's default CPU path for `f32`, skip such taps). The GEMM
+    /// lowerings instead multiply the column matrix's zeros, and `0 × ±∞` or
+    /// `0 × NaN` is NaN; so when the weights hold an infinity or a NaN and
+    /// the convolution is padded, they hand the call to `DirectSimd`, which
+    /// skips padding taps. Checking costs one pass over the weights.
+    pub(crate) fn resolve_algorithm(&self, requested: Algorithm, weight: &[f32]) -> Algorithm {
+        let algorithm = match requested {
+            Algorithm::Auto => self.auto_algorithm(),
+            a => a,
+        };
+        let lowers_to_gemm = matches!(algorithm, Algorithm::Im2col | Algorithm::Implicit);
+        if lowers_to_gemm
+            && self.geom.padding != Padding::ZERO
+            && weight.iter().any(|w| !w.is_finite())
+        {
+            Algorithm::DirectSimd
+        } else {
+            algorithm
+        }
+    }
+
     fn check_buffers(
         &self,
         input: &[f32],
@@ -247,10 +338,8 @@ impl Conv2d {
         options: &ForwardOptions,
     ) -> Result<(), ConvError> {
         self.check_buffers(input, weight, bias, output)?;
-        let algorithm = match options.algorithm {
-            Algorithm::Auto => self.auto_algorithm(),
-            a => a,
-        };
+        options.activation.validate()?;
+        let algorithm = self.resolve_algorithm(options.algorithm, weight);
         let g = &self.geom;
         match algorithm {
             Algorithm::Direct => {
@@ -275,7 +364,7 @@ impl Conv2d {
                 let weights = gemm_lowering::Weights::Raw(weight);
                 gemm_lowering::forward_gemm(
                     g, input, weights, bias, output, options, lowering, None,
-                )
+                )?
             }
         }
         Ok(())
@@ -289,7 +378,26 @@ impl Conv2d {
         bias: Option<&[f32]>,
         algorithm: Algorithm,
     ) -> Result<Vec<f32>, ConvError> {
-        let mut out = vec![0.0; self.geom.output_len()];
+        // The lengths first: a valid geometry may describe an output far
+        // larger than memory, and a short input must say so, not abort.
+        let g = &self.geom;
+        check_lengths(&[
+            ("input", g.input_len(), input.len()),
+            ("weight", g.weight_len(), weight.len()),
+            (
+                "bias",
+                g.out_channels,
+                bias.map_or(g.out_channels, <[f32]>::len),
+            ),
+        ])?;
+        let len = g.output_len();
+        let mut out = Vec::new();
+        out.try_reserve_exact(len)
+            .map_err(|_| ConvError::OutOfMemory {
+                what: "output",
+                bytes: len.saturating_mul(std::mem::size_of::<f32>()),
+            })?;
+        out.resize(len, 0.0);
         self.forward(input, weight, bias, &mut out, algorithm)?;
         Ok(out)
     }

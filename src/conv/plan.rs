@@ -6,7 +6,7 @@ use super::gemm_lowering::{forward_gemm, packed_group_len, ConvScratch, Lowering
 use super::{check_lengths, Algorithm, Conv2d, ForwardOptions};
 use crate::error::ConvError;
 use crate::gemm::driver::pack_bounds;
-use crate::gemm::kernels::{kernel_for_shape, KernelInfo};
+use crate::gemm::kernels::{select, KernelInfo};
 use crate::gemm::pack::pack_a_strided;
 use crate::gemm::{GemmBackend, Isa};
 
@@ -80,16 +80,21 @@ impl Conv2d {
                 bias.map_or(g.out_channels, <[f32]>::len),
             ),
         ])?;
-        let algorithm = match options.algorithm {
-            Algorithm::Auto => self.auto_algorithm(),
-            a => a,
-        };
-        let isa = crate::gemm::kernels::clamp_isa(options.isa.unwrap_or_else(crate::isa));
+        options.activation.validate()?;
+        let algorithm = self.resolve_algorithm(options.algorithm, weight);
+        let isa = crate::arch::clamp_isa(options.isa.unwrap_or_else(crate::isa));
         let gemm_based = matches!(algorithm, Algorithm::Im2col | Algorithm::Implicit);
         let prepack = gemm_based && options.backend == GemmBackend::Native;
         // The kernel every forward will select for these weights (the
         // workspace is sized for its blocking).
-        let kernel = kernel_for_shape(isa, g.out_channels_per_group(), g.out_plane(), prepack).info;
+        let kernel = *select(
+            Some(isa),
+            g.out_channels_per_group(),
+            g.out_plane(),
+            prepack,
+            options.blocking,
+        )
+        .info();
         let weights = if prepack {
             PlanWeights::Packed {
                 data: pack_weights(self, weight, kernel.mr)?,
@@ -237,8 +242,7 @@ impl Conv2dPlan {
                     &self.options,
                     lowering,
                     scratch,
-                );
-                Ok(())
+                )
             }
             (PlanWeights::Raw(w), _) => {
                 let options = if scratch.is_some() {

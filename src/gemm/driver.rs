@@ -23,9 +23,10 @@
 //! pack all of its A rows, so the cheaper one wins.
 
 use super::cache::cache_sizes;
-use super::kernels::{record_call, store_scalar, Kernel, KernelInfo, TileEpilogue};
+use super::kernels::{store_scalar, Kernel, KernelInfo, TileEpilogue};
 use super::pack::{pack_a_strided, with_pack_buffers, AlignedBuf, BSource, PackBuffers, StridedB};
 use super::{GemmOptions, Parallelism};
+use crate::testing::record_gemm_block;
 use rayon::prelude::*;
 
 /// Where A comes from.
@@ -245,10 +246,10 @@ pub(crate) unsafe fn gemm<B: BSource>(
     }
     if let ASource::Packed { mr, .. } = a {
         // Packed panels of another height would be read out of bounds.
-        assert_eq!(*mr, kernel.info.mr, "A was packed for another kernel");
+        assert_eq!(*mr, kernel.info().mr, "A was packed for another kernel");
     }
     if let (ASource::Strided { cs: 1, .. }, Some(bs), Some(dot), None) =
-        (*a, b.as_strided(), kernel.dot, ep.peel)
+        (*a, b.as_strided(), kernel.dot(), ep.peel)
     {
         let count = peeled_columns(kernel, n);
         let col0 = n - count;
@@ -256,8 +257,8 @@ pub(crate) unsafe fn gemm<B: BSource>(
         // reaches the dot kernel in rows (a packed panel takes a scalar
         // loop). Blocks have at most MC rows and col0's panels, and fewer
         // rows or panels only make `a_in_place` easier to satisfy.
-        let rows = m.min(kernel.info.mc);
-        if count > 0 && a_in_place(a, kernel, rows, col0.div_ceil(kernel.info.nr)) {
+        let rows = m.min(kernel.info().mc);
+        if count > 0 && a_in_place(a, kernel, rows, col0.div_ceil(kernel.info().nr)) {
             // SAFETY: (p, j) is inside B for p < k and j < n.
             let columns: Vec<f32> = (col0..n)
                 .flat_map(|j| (0..k).map(move |p| (p, j)))
@@ -283,7 +284,6 @@ pub(crate) unsafe fn gemm<B: BSource>(
             return;
         }
     }
-    record_call(kernel.info.isa);
     if let Some(bufs) = bufs {
         // The caller's buffers serve one thread: this call runs on the
         // calling thread only.
@@ -292,7 +292,7 @@ pub(crate) unsafe fn gemm<B: BSource>(
         return;
     }
     let threads = thread_count(m, n, k, par);
-    let (mp, np) = (m.div_ceil(kernel.info.mr), n.div_ceil(kernel.info.nr));
+    let (mp, np) = (m.div_ceil(kernel.info().mr), n.div_ceil(kernel.info().nr));
     if threads > 1 && np < 4 * threads && mp >= 2 * threads {
         // Too few column panels to share out evenly: share B instead.
         // SAFETY: forwarded.
@@ -300,13 +300,13 @@ pub(crate) unsafe fn gemm<B: BSource>(
         return;
     }
     let prepacked = matches!(a, ASource::Packed { .. });
-    let (tm, tn) = thread_grid(m, n, threads, &kernel.info, prepacked);
+    let (tm, tn) = thread_grid(m, n, threads, kernel.info(), prepacked);
     // Column blocks may end mid-panel where a narrow kernel finishes the
     // partial panel at half cost: 196 columns split 112 + 84 (3.5 and 3
     // panels of work) instead of 128 + 68 (4 and 3).
-    let column_unit = kernel.narrow.map_or(kernel.info.nr, |(width, _)| width);
+    let column_unit = kernel.narrow().map_or(kernel.info().nr, |(width, _)| width);
     let task = |t: usize| {
-        let (m0, m1) = split_range(m, kernel.info.mr, tm, t / tn);
+        let (m0, m1) = split_range(m, kernel.info().mr, tm, t / tn);
         let (n0, n1) = split_range(n, column_unit, tn, t % tn);
         if m0 < m1 && n0 < n1 {
             with_pack_buffers(|bufs| {
@@ -328,7 +328,7 @@ pub(crate) unsafe fn gemm<B: BSource>(
 /// 3·16 + 1 columns: four vectors per row in tiles, three plus one dot
 /// product peeled off).
 fn peeled_columns(kernel: &Kernel, n: usize) -> usize {
-    match (kernel.narrow, kernel.dot) {
+    match (kernel.narrow(), kernel.dot()) {
         (Some((width, _)), Some(_)) if n > width && n % width <= 2 => n % width,
         _ => 0,
     }
@@ -357,8 +357,8 @@ unsafe fn gemm_shared_b<B: BSource>(
     kernel: &Kernel,
     threads: usize,
 ) {
-    let KernelInfo { mr, nr, mc, nc, .. } = kernel.info;
-    let kc = block_depth(k, &kernel.info);
+    let KernelInfo { mr, nr, mc, nc, .. } = *kernel.info();
+    let kc = block_depth(k, kernel.info());
     let ctx = MacroKernel {
         alpha,
         beta,
@@ -420,6 +420,7 @@ unsafe fn gemm_shared_b<B: BSource>(
                             let apanels =
                                 a_block(a, ic, mcur, pc, kcur, kernel, a_here, &mut bufs.a);
                             let bpanels = BPanels::packed(bpack, kcur, nr);
+                            record_gemm_block(kernel.info().isa, pc > 0, ic > m0, jc > 0);
                             ctx.run(apanels, ic, mcur, bpanels, jc, ncur, pc, kcur);
                         }
                     }
@@ -460,11 +461,11 @@ unsafe fn gemm_block<B: BSource>(
     kernel: &Kernel,
     bufs: &mut PackBuffers,
 ) {
-    let KernelInfo { nr, mc, nc, .. } = kernel.info;
+    let KernelInfo { nr, mc, nc, .. } = *kernel.info();
     // Split k into equal blocks no deeper than KC rather than full blocks
     // plus a thin remainder, whose epilogue and C traffic cost as much as a
     // full block's while doing little work.
-    let kc = block_depth(k, &kernel.info);
+    let kc = block_depth(k, kernel.info());
     let ctx = MacroKernel {
         alpha,
         beta,
@@ -490,7 +491,7 @@ unsafe fn gemm_block<B: BSource>(
         let in_place = b.as_strided().filter(|bs| {
             bs.cs == 1 && bs.rs > 0 && rows_stay_in_l2(bs.rs as usize, kc, cache_sizes().l2)
         });
-        let nc_small = single_block_columns(kc, &kernel.info);
+        let nc_small = single_block_columns(kc, kernel.info());
         for pc in (0..k).step_by(kc) {
             let kcur = kc.min(k - pc);
             // SAFETY: rows m0..m1 and depth pc..pc+kcur are inside A.
@@ -551,6 +552,7 @@ unsafe fn gemm_block<B: BSource>(
                         }
                     }
                 };
+                record_gemm_block(kernel.info().isa, pc > 0, false, jc > n0);
                 // SAFETY: forwarded; the panels were packed above.
                 unsafe { ctx.run(apanels, m0, m1 - m0, bpanels, jc, ncur, pc, kcur) };
             }
@@ -570,6 +572,7 @@ unsafe fn gemm_block<B: BSource>(
                 // SAFETY: rows ic..ic+mcur and depth pc..pc+kcur are inside A.
                 let a_here = a_in_place(a, kernel, mcur, ncur.div_ceil(nr));
                 let apanels = unsafe { a_block(a, ic, mcur, pc, kcur, kernel, a_here, abuf) };
+                record_gemm_block(kernel.info().isa, pc > 0, ic > m0, jc > n0);
                 // SAFETY: forwarded; the panels were packed above.
                 unsafe {
                     ctx.run(
@@ -647,7 +650,7 @@ const A_IN_PLACE_MAX_PANELS: usize = 8;
 fn a_in_place(a: &ASource, kernel: &Kernel, rows: usize, column_panels: usize) -> bool {
     match *a {
         ASource::Strided { rs, cs, .. } => {
-            kernel.a_strided
+            kernel.a_strided()
                 && cs == 1
                 && rs > 0
                 && column_panels <= A_IN_PLACE_MAX_PANELS
@@ -693,7 +696,7 @@ unsafe fn a_block(
     in_place: bool,
     abuf: &mut AlignedBuf,
 ) -> APanels {
-    let mr = kernel.info.mr;
+    let mr = kernel.info().mr;
     match *a {
         ASource::Strided { ptr, rs, cs } if in_place => {
             // SAFETY: (ic, pc) is inside A.
@@ -839,7 +842,7 @@ impl MacroKernel<'_> {
         pc: usize,
         kcur: usize,
     ) {
-        let KernelInfo { mr, nr, .. } = self.kernel.info;
+        let KernelInfo { mr, nr, .. } = *self.kernel.info();
         let (first, last) = (pc == 0, pc + kcur == self.k);
         let ep = self.ep;
         let npanels = ncur.div_ceil(nr);
@@ -847,9 +850,9 @@ impl MacroKernel<'_> {
             let (bp, ldb) = bpanels.panel(jr, npanels, nr);
             let col = jc + jr * nr;
             let cols = nr.min(self.n1 - col);
-            let func = match self.kernel.narrow {
+            let func = match self.kernel.narrow() {
                 Some((width, narrow)) if cols <= width => narrow,
-                _ => self.kernel.func,
+                _ => self.kernel.func(),
             };
             let row_panels = mcur.div_ceil(mr);
             for ir in 0..row_panels {
@@ -917,7 +920,7 @@ impl MacroKernel<'_> {
         // at most) have a dot kernel, and a taller one must fail loudly
         // rather than leave rows unwritten.
         const MAX_MR: usize = 32;
-        let rows = self.kernel.info.mr.min(self.m1 - row);
+        let rows = self.kernel.info().mr.min(self.m1 - row);
         assert!(rows <= MAX_MR, "peeled columns for a {rows}-row tile");
         let mut out = [0.0f32; MAX_MR];
         for q in 0..peel.count {

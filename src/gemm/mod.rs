@@ -40,7 +40,7 @@ pub(crate) mod pack;
 use crate::error::GemmError;
 use std::num::NonZeroUsize;
 
-pub use kernels::{isa, Isa};
+pub use crate::arch::{isa, Isa};
 
 /// Which engine computes a GEMM.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -89,8 +89,18 @@ impl Parallelism {
     }
 }
 
-/// Engine and threading for one GEMM call.
+/// Engine and threading for one GEMM call, built with `default()` and the
+/// chained setters so that later versions can add options.
+///
+/// ```
+/// use cpuconv::{GemmBackend, GemmOptions, Parallelism};
+/// let options = GemmOptions::default()
+///     .backend(GemmBackend::Native)
+///     .parallelism(Parallelism::threads(2));
+/// assert_eq!(options.isa, None);
+/// ```
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub struct GemmOptions {
     /// Which engine computes the product.
     pub backend: GemmBackend,
@@ -99,9 +109,46 @@ pub struct GemmOptions {
     /// Force a micro-kernel path for this call (clamped to what the CPU
     /// supports); `None` uses [`isa()`].
     pub isa: Option<Isa>,
+    /// Tests only: cache blocking in place of the cache model's.
+    #[doc(hidden)]
+    pub blocking: Option<crate::testing::Blocking>,
+}
+
+impl GemmOptions {
+    /// Sets the engine.
+    pub fn backend(mut self, backend: GemmBackend) -> Self {
+        self.backend = backend;
+        self
+    }
+
+    /// Sets how many threads the call may use.
+    pub fn parallelism(mut self, parallelism: Parallelism) -> Self {
+        self.parallelism = parallelism;
+        self
+    }
+
+    /// Forces a micro-kernel path (clamped to what the CPU supports).
+    pub fn isa(mut self, isa: impl Into<Option<Isa>>) -> Self {
+        self.isa = isa.into();
+        self
+    }
+
+    /// Tests only: forces the cache blocking.
+    #[doc(hidden)]
+    pub fn blocking(mut self, blocking: crate::testing::Blocking) -> Self {
+        self.blocking = Some(blocking);
+        self
+    }
 }
 
 /// A non-linearity applied to every output element as it is stored.
+///
+/// One rule on every algorithm, ISA and tile (interior, edge, strided),
+/// PyTorch's: the clamp is `min(max(x, lo), hi)`, so when `min > max` every
+/// element becomes `max` (as `torch.clamp` does), and a NaN input stays NaN
+/// through `Relu`, `Relu6` and `Clamp` (as `torch.relu`, `relu6` and `clamp`
+/// propagate it). A NaN bound is refused when a convolution or plan is
+/// asked for it ([`crate::ConvError::InvalidActivation`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub enum Activation {
     /// Identity.
@@ -111,7 +158,7 @@ pub enum Activation {
     Relu,
     /// `min(max(x, 0), 6)`.
     Relu6,
-    /// `min(max(x, min), max)`.
+    /// `min(max(x, min), max)`: every element is `max` when `min > max`.
     Clamp {
         /// Lower bound.
         min: f32,
@@ -131,7 +178,25 @@ impl Activation {
         }
     }
 
-    /// Applies the activation to one value (NaN passes through).
+    /// `Err` naming the bounds when a `Clamp` bound is NaN.
+    pub(crate) fn validate(self) -> Result<(), crate::ConvError> {
+        match self {
+            Activation::Clamp { min, max } if min.is_nan() || max.is_nan() => {
+                Err(crate::ConvError::InvalidActivation { min, max })
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Applies the activation to one value, as every path's store does.
+    ///
+    /// ```
+    /// use cpuconv::Activation;
+    /// assert_eq!(Activation::Relu6.apply(7.5), 6.0);
+    /// assert!(Activation::Relu.apply(f32::NAN).is_nan());
+    /// // min > max: everything becomes max, as torch.clamp does.
+    /// assert_eq!(Activation::Clamp { min: 2.0, max: 1.0 }.apply(-5.0), 1.0);
+    /// ```
     #[inline]
     pub fn apply(self, x: f32) -> f32 {
         match self.bounds() {
@@ -141,15 +206,16 @@ impl Activation {
     }
 }
 
-/// `min(max(x, lo), hi)`, but NaN stays NaN, matching what the SIMD kernels do.
+/// `min(max(x, lo), hi)` with NaN in `x` kept: what the vector stores
+/// compute (`max(lo, x)` then `min(hi, ·)`, the x86 forms returning their
+/// second operand on NaN). With `lo > hi` the result is `hi`.
 #[inline]
 pub(crate) fn clamp_keep_nan(x: f32, lo: f32, hi: f32) -> f32 {
-    if x < lo {
-        lo
-    } else if x > hi {
+    let v = if x < lo { lo } else { x };
+    if v > hi {
         hi
     } else {
-        x
+        v
     }
 }
 
@@ -540,11 +606,12 @@ pub(crate) unsafe fn gemm_with_epilogue<B: pack::BSource>(
                     beta,
                     c,
                     epilogue,
-                    kernels::select(
+                    &kernels::select(
                         options.isa,
                         m,
                         n,
                         matches!(a, driver::ASource::Packed { .. }),
+                        options.blocking,
                     ),
                     options.parallelism,
                     bufs,

@@ -1,7 +1,7 @@
 //! Helpers shared by the integration tests (each test crate uses a subset).
 #![allow(dead_code)]
 
-use cpuconv::gemm::kernels::supported_isas;
+use cpuconv::testing::isas_under_test;
 use cpuconv::{GemmBackend, Isa, Parallelism};
 
 /// Number of proptest cases: `PROPTEST_CASES` when it parses, else `default`.
@@ -45,7 +45,7 @@ impl Rng {
 /// Every (ISA, backend, parallelism) combination the fast paths must agree on.
 pub fn engine_combos() -> Vec<(Isa, GemmBackend, Parallelism)> {
     let mut v = Vec::new();
-    for isa in supported_isas() {
+    for isa in isas_under_test() {
         for backend in [GemmBackend::Native, GemmBackend::Matrixmultiply] {
             for par in [Parallelism::Sequential, Parallelism::Rayon] {
                 v.push((isa, backend, par));

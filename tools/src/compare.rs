@@ -164,13 +164,11 @@ pub fn run(args: &CompareArgs) -> Result<(), String> {
     let threads = pool.current_num_threads();
     let isa = effective_isa(args.isa);
     let budget = Budget::new(Duration::from_millis(args.budget_ms));
-    let base = ForwardOptions {
-        algorithm: Algorithm::Direct,
-        parallelism: Parallelism::threads(args.threads),
-        backend: args.backend.into(),
-        activation: Activation::None,
-        isa: args.isa,
-    };
+    let base = ForwardOptions::new(Algorithm::Direct)
+        .parallelism(Parallelism::threads(args.threads))
+        .backend(args.backend.into())
+        .activation(Activation::None)
+        .isa(args.isa);
     let table = Table::new(&[
         left("layer", 12),
         left("algorithm", 22),
@@ -224,10 +222,7 @@ pub fn run(args: &CompareArgs) -> Result<(), String> {
             }
             for algo in order {
                 pb.set_message(format!("{} / {}", layer.name, algo.name()));
-                let options = ForwardOptions {
-                    algorithm: algo,
-                    ..base
-                };
+                let options = ForwardOptions::new(algo);
                 let mut out = vec![f32::NAN; len];
                 let mut failure = None;
                 let planned = if args.plan && algo != Algorithm::Direct {

@@ -145,10 +145,11 @@ pub fn run(args: &GemmArgs) -> Result<(), String> {
                 let a = rng.vec(m * k);
                 let b = rng.vec(k * n);
                 let mut c = vec![0.0f32; m * n];
-                let options = |backend| GemmOptions {
-                    backend,
-                    parallelism: Parallelism::threads(t),
-                    isa: Some(isa),
+                let options = |backend| {
+                    GemmOptions::default()
+                        .backend(backend)
+                        .parallelism(Parallelism::threads(t))
+                        .isa(Some(isa))
                 };
                 let ours = time_gemm(
                     &budget,

@@ -4,9 +4,10 @@
 use crate::all_threads;
 use crate::table::{left, right, sig, Table};
 use clap::Args;
+use cpuconv::arch::{detected_isa, supported_isas};
 use cpuconv::gemm::cache::cache_sizes;
+use cpuconv::gemm::kernels::kernel_info;
 use cpuconv::gemm::kernels::peak::fma_peak_gflops;
-use cpuconv::gemm::kernels::{detected_isa, kernel_info, supported_isas};
 
 #[derive(Args, Debug)]
 pub struct InfoArgs {

@@ -9,7 +9,7 @@ mod table;
 mod timing;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use cpuconv::gemm::kernels::clamp_isa;
+use cpuconv::arch::clamp_isa;
 use cpuconv::{Algorithm, GemmBackend, Isa};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::process::ExitCode;

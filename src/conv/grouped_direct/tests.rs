@@ -3,9 +3,9 @@
 
 use super::forward_grouped_direct;
 use crate::conv::direct::conv2d_direct;
-use crate::gemm::kernels::{calls_on, supported_isas};
 use crate::gemm::{Activation, Parallelism};
 use crate::geometry::{Conv2dParams, ConvGeometry, ConvMode, Padding};
+use crate::testing::{isas_under_test, traced};
 
 /// xorshift64*: deterministic, dependency-free.
 struct Rng(u64);
@@ -113,12 +113,19 @@ fn run_with(case: &Case, g: &ConvGeometry, input: &[f32], weight: &[f32], bias: 
         &mut scale,
         Activation::None,
     );
-    for isa in supported_isas() {
+    for isa in isas_under_test() {
         for par in [Parallelism::Sequential, Parallelism::threads(3)] {
             let mut got = vec![f32::NAN; g.output_len()];
-            let before = calls_on(isa);
-            forward_grouped_direct(g, input, weight, bias, &mut got, case.activation, isa, par);
-            assert!(calls_on(isa) > before, "{isa} did not run");
+            let ((), trace) = traced(|| {
+                forward_grouped_direct(g, input, weight, bias, &mut got, case.activation, isa, par)
+            });
+            // Work handed to other threads is recorded there.
+            if par == Parallelism::Sequential {
+                // Geometry beyond the kernels' offsets takes the reference
+                // loops, and must not count as a SIMD run.
+                let simd = super::offsets_fit(g);
+                assert_eq!(trace.direct_simd_ran_on(isa), simd, "{isa}: {trace:?}");
+            }
             check(case, &format!("{isa} {par:?}"), &got, &want, &scale);
         }
     }

@@ -12,135 +12,23 @@
 //! the columns of C, for pre-packed A and a C with few columns, where row
 //! tiles would be mostly padding ([`kernel_info_for_shape`]).
 //!
-//! The CPU's features are detected once. `CPUCONV_ISA=avx512|avx2|portable`
-//! forces a path no higher than the CPU supports; a request above that falls
-//! back to the best available path with a warning on stderr, never a SIGILL.
+//! Which paths the CPU can run is [`crate::arch`]'s business; a [`Kernel`]
+//! is only ever built here, for a path `clamp_isa` admitted, so holding one
+//! means its instructions are safe to execute.
 
 use super::cache::{cache_sizes, CacheSizes};
-use std::fmt;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use crate::arch::clamp_isa;
+pub use crate::arch::Isa;
+use crate::testing::Blocking;
 use std::sync::OnceLock;
 
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx2;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx512;
+#[doc(hidden)]
 pub mod peak;
 pub(crate) mod portable;
-
-/// An instruction-set path of the GEMM and direct kernels.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Isa {
-    /// `wide` vectors: what every target compiles (NEON on aarch64, SSE2 on baseline x86-64).
-    Portable,
-    /// x86-64 AVX2 + FMA, 256-bit registers.
-    Avx2,
-    /// x86-64 AVX-512F, 512-bit registers.
-    Avx512,
-}
-
-impl Isa {
-    /// Every path, lowest first.
-    pub const ALL: [Isa; 3] = [Isa::Portable, Isa::Avx2, Isa::Avx512];
-
-    /// The name `CPUCONV_ISA` accepts.
-    pub fn name(self) -> &'static str {
-        match self {
-            Isa::Portable => "portable",
-            Isa::Avx2 => "avx2",
-            Isa::Avx512 => "avx512",
-        }
-    }
-
-    /// Parses a `CPUCONV_ISA` value.
-    pub fn from_name(s: &str) -> Option<Isa> {
-        Isa::ALL
-            .into_iter()
-            .find(|i| i.name().eq_ignore_ascii_case(s.trim()))
-    }
-
-    /// Whether this CPU can run the path.
-    pub fn is_supported(self) -> bool {
-        match self {
-            Isa::Portable => true,
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => {
-                std::arch::is_x86_feature_detected!("avx2")
-                    && std::arch::is_x86_feature_detected!("fma")
-            }
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => {
-                std::arch::is_x86_feature_detected!("avx512f")
-                    && std::arch::is_x86_feature_detected!("fma")
-            }
-            #[cfg(not(target_arch = "x86_64"))]
-            _ => false,
-        }
-    }
-
-    fn index(self) -> usize {
-        self as usize
-    }
-}
-
-impl fmt::Display for Isa {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-/// The best path this CPU supports, ignoring `CPUCONV_ISA`.
-pub fn detected_isa() -> Isa {
-    static DETECTED: OnceLock<Isa> = OnceLock::new();
-    *DETECTED.get_or_init(|| {
-        Isa::ALL
-            .into_iter()
-            .rev()
-            .find(|i| i.is_supported())
-            .unwrap_or(Isa::Portable)
-    })
-}
-
-/// Every path this CPU supports, lowest first.
-pub fn supported_isas() -> Vec<Isa> {
-    Isa::ALL.into_iter().filter(|i| i.is_supported()).collect()
-}
-
-/// The highest supported path not above `wanted`.
-pub fn clamp_isa(wanted: Isa) -> Isa {
-    wanted.min(detected_isa())
-}
-
-/// The path in use when a call does not name one: the detected path, or the
-/// one `CPUCONV_ISA` forces (never above what the CPU supports).
-pub fn isa() -> Isa {
-    static ACTIVE: OnceLock<Isa> = OnceLock::new();
-    *ACTIVE.get_or_init(|| {
-        let best = detected_isa();
-        let Ok(value) = std::env::var("CPUCONV_ISA") else {
-            return best;
-        };
-        if value.trim().is_empty() || value.trim().eq_ignore_ascii_case("native") {
-            return best;
-        }
-        match Isa::from_name(&value) {
-            Some(wanted) if wanted <= best => wanted,
-            Some(wanted) => {
-                eprintln!(
-                    "cpuconv: CPUCONV_ISA={wanted} is not supported by this CPU; using {best}"
-                );
-                best
-            }
-            None => {
-                eprintln!(
-                    "cpuconv: CPUCONV_ISA={value:?} is not one of avx512, avx2, portable; \
-                     using {best}"
-                );
-                best
-            }
-        }
-    })
-}
 
 /// What the epilogue of one tile does: `C = clamp(α·acc + β·C + bias[row])`.
 ///
@@ -212,20 +100,65 @@ pub struct KernelInfo {
     pub nc: usize,
 }
 
-/// A micro-kernel and the blocking that feeds it.
+/// A micro-kernel and the blocking that feeds it. Its fields are private to
+/// this module: a `Kernel` exists only for a path the CPU supports (built by
+/// [`kernel_for`] after `clamp_isa`), so the rest of the crate may call its
+/// functions without re-checking the CPU.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Kernel {
-    pub info: KernelInfo,
-    pub func: MicroKernelFn,
+    info: KernelInfo,
+    func: MicroKernelFn,
     /// A kernel for right-edge tiles of at most `.0` columns, reading the
     /// same packed panels, where the full tile would be mostly padding.
-    pub narrow: Option<(usize, MicroKernelFn)>,
+    narrow: Option<(usize, MicroKernelFn)>,
     /// The kernel honours any A strides (`ars`, `acs`), so the driver may
     /// hand it a row-major A in place; otherwise A must be packed.
-    pub a_strided: bool,
+    a_strided: bool,
     /// Dot products for the one or two columns of C just past a multiple of
     /// the narrow width, which tiles would pad to a whole vector.
-    pub dot: Option<DotKernelFn>,
+    dot: Option<DotKernelFn>,
+}
+
+impl Kernel {
+    /// Register tile and blocking.
+    #[inline]
+    pub(crate) fn info(&self) -> &KernelInfo {
+        &self.info
+    }
+
+    /// The full-tile micro-kernel.
+    #[inline]
+    pub(crate) fn func(&self) -> MicroKernelFn {
+        self.func
+    }
+
+    /// The narrow right-edge kernel and the widest tile it serves.
+    #[inline]
+    pub(crate) fn narrow(&self) -> Option<(usize, MicroKernelFn)> {
+        self.narrow
+    }
+
+    /// Whether the kernel reads a row-major A in place.
+    #[inline]
+    pub(crate) fn a_strided(&self) -> bool {
+        self.a_strided
+    }
+
+    /// The dot-product kernel for peeled columns.
+    #[inline]
+    pub(crate) fn dot(&self) -> Option<DotKernelFn> {
+        self.dot
+    }
+
+    /// This kernel with its cache blocking replaced by `b` (rounded up to
+    /// whole register tiles, KC to a multiple of 8; see [`Blocking`]).
+    fn with_blocking(mut self, b: Blocking) -> Kernel {
+        let KernelInfo { mr, nr, .. } = self.info;
+        self.info.mc = b.mc.max(1).next_multiple_of(mr);
+        self.info.kc = b.kc.max(1).next_multiple_of(8);
+        self.info.nc = b.nc.max(1).next_multiple_of(nr);
+        self
+    }
 }
 
 /// Cache blocking for an `mr × nr` kernel, after the BLIS analytical model,
@@ -364,14 +297,19 @@ pub(crate) fn kernel_for_shape(isa: Isa, m: usize, n: usize, a_prepacked: bool) 
 }
 
 /// The kernel for an `m × n` C: of the requested path (clamped to the CPU)
-/// or of the active one.
+/// or of the active one, with the blocking forced by `blocking` if set.
 pub(crate) fn select(
     requested: Option<Isa>,
     m: usize,
     n: usize,
     a_prepacked: bool,
-) -> &'static Kernel {
-    kernel_for_shape(requested.unwrap_or_else(isa), m, n, a_prepacked)
+    blocking: Option<Blocking>,
+) -> Kernel {
+    let kernel = *kernel_for_shape(requested.unwrap_or_else(crate::isa), m, n, a_prepacked);
+    match blocking {
+        Some(b) => kernel.with_blocking(b),
+        None => kernel,
+    }
 }
 
 /// Register tile and blocking of a path (clamped to what the CPU supports).
@@ -386,23 +324,6 @@ pub fn kernel_info(isa: Isa) -> KernelInfo {
 /// mostly padding.
 pub fn kernel_info_for_shape(isa: Isa, m: usize, n: usize) -> KernelInfo {
     kernel_for_shape(isa, m, n, true).info
-}
-
-static CALLS: [AtomicUsize; 3] = [
-    AtomicUsize::new(0),
-    AtomicUsize::new(0),
-    AtomicUsize::new(0),
-];
-
-/// Counts a native GEMM or direct-kernel call on `isa`.
-pub(crate) fn record_call(isa: Isa) {
-    CALLS[isa.index()].fetch_add(1, Ordering::Relaxed);
-}
-
-/// How many native GEMM (and SIMD direct) calls have run on `isa` in this
-/// process. Tests use it to prove that a path they claim to test really ran.
-pub fn calls_on(isa: Isa) -> usize {
-    CALLS[isa.index()].load(Ordering::Relaxed)
 }
 
 /// How many k-steps before the end of a tile's loop the x86 kernels
@@ -564,16 +485,5 @@ mod tests {
         assert!(b.mc * b.kc * 4 <= 512 * 1024);
         assert_eq!(b.nc % 32, 0);
         assert!(b.nc * b.kc * 4 <= 2 * 1024 * 1024);
-    }
-
-    #[test]
-    fn isa_names_round_trip() {
-        for isa in Isa::ALL {
-            assert_eq!(Isa::from_name(isa.name()), Some(isa));
-        }
-        assert_eq!(Isa::from_name("AVX512"), Some(Isa::Avx512));
-        assert_eq!(Isa::from_name("sse"), None);
-        assert!(Isa::Portable.is_supported());
-        assert!(clamp_isa(Isa::Avx512) <= detected_isa());
     }
 }

@@ -10,7 +10,7 @@
 //! `acc = acc·x + y` with `x` just below 1 and `y` small, so the values stay
 //! normal (no denormal slow path) and bounded.
 
-use super::{clamp_isa, Isa};
+use crate::arch::{clamp_isa, Isa};
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
@@ -200,7 +200,7 @@ mod tests {
 
     #[test]
     fn every_supported_path_measures_a_positive_rate() {
-        for isa in super::super::supported_isas() {
+        for isa in crate::arch::supported_isas() {
             let g = fma_peak_gflops(isa, 1);
             assert!(g.is_finite() && g > 0.1, "{isa}: {g}");
         }
@@ -223,7 +223,7 @@ mod tests {
             * 8.0;
         let got = fma_loop_portable(iters, X, Y);
         assert!((got - expect).abs() < 1e-3, "{got} vs {expect}");
-        for isa in super::super::supported_isas() {
+        for isa in crate::arch::supported_isas() {
             let v = run(isa, iters);
             assert!(v.is_finite() && v > 0.0, "{isa}: {v}");
         }
