@@ -1,6 +1,7 @@
 //! `cpuconv compare`: every algorithm on every layer, timed, checked against
 //! the direct reference.
 
+use crate::out::{outln, Stop};
 use crate::suite::{self, Layer, SEED_OUTPUT, SHAPE_SYNTAX};
 use crate::table::{left, right, sig, Table};
 use crate::timing::{measure, Budget};
@@ -124,21 +125,21 @@ fn max_abs_error(a: &[f32], b: &[f32]) -> f32 {
     worst
 }
 
-fn list() {
-    println!("{SHAPE_SYNTAX}\n\nSuite:");
+fn list() -> Result<(), Stop> {
+    outln!("{SHAPE_SYNTAX}\n\nSuite:")?;
     for l in suite::suite() {
         match l.build() {
-            Ok(conv) => println!("  {:<12} {}", l.name, describe(&conv)),
-            Err(e) => println!("  {:<12} invalid: {e}", l.name),
+            Ok(conv) => outln!("  {:<12} {}", l.name, describe(&conv))?,
+            Err(e) => outln!("  {:<12} invalid: {e}", l.name)?,
         }
     }
+    Ok(())
 }
 
 /// Entry point of `cpuconv compare`.
-pub fn run(args: &CompareArgs) -> Result<(), String> {
+pub fn run(args: &CompareArgs) -> Result<(), Stop> {
     if args.list {
-        list();
-        return Ok(());
+        return list();
     }
     // Validate every layer before printing anything.
     let layers = select_layers(args)?
@@ -184,7 +185,7 @@ pub fn run(args: &CompareArgs) -> Result<(), String> {
     // so the table says how much of the machine each algorithm uses.
     let peak = fma_peak_gflops(isa, threads);
     if !args.json {
-        println!(
+        outln!(
             "cpuconv {} compare: isa {isa}, {threads} thread{}, backend {}, {}, \
              median of samples; speedup and error are relative to direct; \
              % peak is of the measured {isa} FMA peak, {} GFLOP/s.\n",
@@ -197,11 +198,11 @@ pub fn run(args: &CompareArgs) -> Result<(), String> {
                 "one-shot forward"
             },
             sig(peak),
-        );
-        println!("{}", table.header());
+        )?;
+        outln!("{}", table.header())?;
     }
     let pb = progress((layers.len() * algos.len()) as u64);
-    let result = pool.install(|| -> Result<(), String> {
+    let result = pool.install(|| -> Result<(), Stop> {
         for (layer, conv) in &layers {
             let data = layer.data(conv);
             let len = conv.geometry().output_len();
@@ -250,7 +251,7 @@ pub fn run(args: &CompareArgs) -> Result<(), String> {
                     }
                 });
                 if let Some(e) = failure {
-                    return Err(e);
+                    return Err(e.into());
                 }
                 if algo == Algorithm::Direct {
                     reference.copy_from_slice(&out);
@@ -312,7 +313,7 @@ pub fn run(args: &CompareArgs) -> Result<(), String> {
                         },
                     ])
                 };
-                pb.suspend(|| println!("{line}"));
+                pb.suspend(|| outln!("{line}"))?;
                 pb.inc(1);
             }
         }

@@ -1,6 +1,7 @@
 //! `cpuconv gemm`: our GEMM against matrixmultiply, as GFLOP/s and as a
 //! share of the FMA peak measured in the same run.
 
+use crate::out::{outln, Stop};
 use crate::suite::{self, Rng};
 use crate::table::{left, right, sig, Table};
 use crate::timing::{measure, Budget, Timing};
@@ -87,7 +88,7 @@ fn time_gemm(
 }
 
 /// Entry point of `cpuconv gemm`.
-pub fn run(args: &GemmArgs) -> Result<(), String> {
+pub fn run(args: &GemmArgs) -> Result<(), Stop> {
     let threads = parse_threads(&args.threads)?;
     let isa = effective_isa(args.isa);
     let shapes = if args.shapes.is_empty() {
@@ -96,7 +97,7 @@ pub fn run(args: &GemmArgs) -> Result<(), String> {
         args.shapes.clone()
     };
     if let Some(&(m, k, n)) = shapes.iter().find(|&&(m, k, n)| m * k * n == 0) {
-        return Err(format!("{m}x{k}x{n}: every dimension must be positive"));
+        return Err(format!("{m}x{k}x{n}: every dimension must be positive").into());
     }
     let budget = Budget::new(Duration::from_millis(args.budget_ms));
 
@@ -118,27 +119,28 @@ pub fn run(args: &GemmArgs) -> Result<(), String> {
         right("mm % peak", 9),
     ]);
     if !args.json {
-        pb.suspend(|| {
-            println!(
+        pb.suspend(|| -> Result<(), Stop> {
+            outln!(
                 "cpuconv {} gemm: ours = native {isa} kernels, mm = matrixmultiply (it picks \
                  its own ISA); C = A·B, row-major f32, median of samples; % peak is of the \
                  {isa} FMA peak.",
                 env!("CARGO_PKG_VERSION")
-            );
+            )?;
             for (&t, &p) in threads.iter().zip(&peaks) {
-                println!(
+                outln!(
                     "Measured {isa} FMA peak, {t} thread{}: {} GFLOP/s",
                     if t == 1 { "" } else { "s" },
                     sig(p)
-                );
+                )?;
             }
-            println!("\n{}", table.header());
-        });
+            outln!("\n{}", table.header())
+        })
+        .inspect_err(|_| pb.finish_and_clear())?;
     }
 
     for (&t, &peak) in threads.iter().zip(&peaks) {
         let pool = pool(t)?;
-        let result = pool.install(|| -> Result<(), String> {
+        let result = pool.install(|| -> Result<(), Stop> {
             for &(m, k, n) in &shapes {
                 pb.set_message(format!("{m}x{k}x{n}, {t} thread(s)"));
                 let mut rng = Rng::new((m * 31 + k * 17 + n) as u64);
@@ -196,7 +198,7 @@ pub fn run(args: &GemmArgs) -> Result<(), String> {
                         format!("{:.0}%", 100.0 * g_mm / peak),
                     ])
                 };
-                pb.suspend(|| println!("{line}"));
+                pb.suspend(|| outln!("{line}"))?;
                 pb.inc(1);
             }
             Ok(())

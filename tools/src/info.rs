@@ -2,6 +2,7 @@
 //! fast the core's FMA units really are.
 
 use crate::all_threads;
+use crate::out::{outln, Stop};
 use crate::table::{left, right, sig, Table};
 use clap::Args;
 use cpuconv::gemm::cache::cache_sizes;
@@ -53,35 +54,35 @@ fn cpu_features() -> Vec<(&'static str, bool)> {
 }
 
 /// Entry point of `cpuconv info`.
-pub fn run(args: &InfoArgs) -> Result<(), String> {
-    println!("cpuconv {}", env!("CARGO_PKG_VERSION"));
+pub fn run(args: &InfoArgs) -> Result<(), Stop> {
+    outln!("cpuconv {}", env!("CARGO_PKG_VERSION"))?;
     if let Some(model) = cpu_model() {
-        println!("CPU:          {model}");
+        outln!("CPU:          {model}")?;
     }
-    println!("arch:         {}", std::env::consts::ARCH);
-    println!(
+    outln!("arch:         {}", std::env::consts::ARCH)?;
+    outln!(
         "threads:      {} available, rayon pool {}",
         all_threads(),
         rayon::current_num_threads()
-    );
-    println!("active ISA:   {}", cpuconv::isa());
-    println!("detected ISA: {}", detected_isa());
+    )?;
+    outln!("active ISA:   {}", cpuconv::isa())?;
+    outln!("detected ISA: {}", detected_isa())?;
     match std::env::var("CPUCONV_ISA") {
-        Ok(v) => println!("CPUCONV_ISA:  {v:?}"),
-        Err(_) => println!("CPUCONV_ISA:  (unset)"),
+        Ok(v) => outln!("CPUCONV_ISA:  {v:?}")?,
+        Err(_) => outln!("CPUCONV_ISA:  (unset)")?,
     }
     let supported = supported_isas();
     let names: Vec<&str> = supported.iter().map(|i| i.name()).collect();
-    println!("supported:    {}", names.join(", "));
+    outln!("supported:    {}", names.join(", "))?;
     let features = cpu_features();
     if features.is_empty() {
-        println!("features:     (not x86-64: the portable path only)");
+        outln!("features:     (not x86-64: the portable path only)")?;
     } else {
         let f: Vec<String> = features
             .iter()
             .map(|(name, on)| format!("{name}{}", if *on { "+" } else { "-" }))
             .collect();
-        println!("features:     {}", f.join(" "));
+        outln!("features:     {}", f.join(" "))?;
     }
 
     let caches = cache_sizes();
@@ -92,7 +93,7 @@ pub fn run(args: &InfoArgs) -> Result<(), String> {
             format!("{} KiB", b / 1024)
         }
     };
-    println!(
+    outln!(
         "caches:       L1d {}, L2 {}, L3 {} per core ({})",
         kib(caches.l1d),
         kib(caches.l2),
@@ -102,9 +103,9 @@ pub fn run(args: &InfoArgs) -> Result<(), String> {
         } else {
             "defaults: the OS reported none"
         }
-    );
+    )?;
 
-    println!("\nBlocking (per supported path, from those cache sizes):\n");
+    outln!("\nBlocking (per supported path, from those cache sizes):\n")?;
     let blocking = Table::new(&[
         left("isa", 8),
         right("MR", 3),
@@ -115,10 +116,10 @@ pub fn run(args: &InfoArgs) -> Result<(), String> {
         right("A block KiB", 11),
         right("B block KiB", 11),
     ]);
-    println!("{}", blocking.header());
+    outln!("{}", blocking.header())?;
     for &isa in &supported {
         let k = kernel_info(isa);
-        println!(
+        outln!(
             "{}",
             blocking.row(&[
                 isa.name().to_string(),
@@ -130,24 +131,24 @@ pub fn run(args: &InfoArgs) -> Result<(), String> {
                 (k.mc * k.kc * 4 / 1024).to_string(),
                 (k.kc * k.nc * 4 / 1024).to_string(),
             ])
-        );
+        )?;
     }
 
     if args.no_peak {
         return Ok(());
     }
     let all = all_threads();
-    println!(
+    outln!(
         "\nMeasured FMA peak (GFLOP/s, fp32, one FMA = 2 FLOPs, best of 5 × ~50 ms; \
          all threads = {all}):\n"
-    );
+    )?;
     let peak = Table::new(&[
         left("isa", 8),
         right("1 thread", 9),
         right("all threads", 11),
         right("per thread", 10),
     ]);
-    println!("{}", peak.header());
+    outln!("{}", peak.header())?;
     for &isa in supported.iter().rev() {
         let one = fma_peak_gflops(isa, 1);
         let many = if all > 1 {
@@ -155,7 +156,7 @@ pub fn run(args: &InfoArgs) -> Result<(), String> {
         } else {
             one
         };
-        println!(
+        outln!(
             "{}",
             peak.row(&[
                 isa.name().to_string(),
@@ -163,7 +164,7 @@ pub fn run(args: &InfoArgs) -> Result<(), String> {
                 sig(many),
                 sig(many / all as f64),
             ])
-        );
+        )?;
     }
     Ok(())
 }

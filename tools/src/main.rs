@@ -4,6 +4,7 @@
 mod compare;
 mod gemm;
 mod info;
+mod out;
 mod suite;
 mod table;
 mod timing;
@@ -12,6 +13,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use cpuconv::gemm::kernels::clamp_isa;
 use cpuconv::{Algorithm, GemmBackend, Isa};
 use indicatif::{ProgressBar, ProgressStyle};
+use out::Stop;
 use std::process::ExitCode;
 
 #[derive(Parser)]
@@ -141,8 +143,8 @@ fn main() -> ExitCode {
         Command::Gemm(args) => gemm::run(&args),
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
+        Ok(()) | Err(Stop::Closed) => ExitCode::SUCCESS,
+        Err(Stop::Failed(e)) => {
             eprintln!("cpuconv: {e}");
             ExitCode::FAILURE
         }

@@ -1,0 +1,72 @@
+//! The `cpuconv` binary as a user and a script see it: help text, exit
+//! status, JSON fields, closed pipes, shapes too big to allocate. Every run
+//! is tiny (the seed layer, 8×8×8 GEMMs, 1 ms budgets); the FMA peak that
+//! `compare` and `gemm` measure first is the slowest part, about a third
+//! of a second.
+
+use std::process::{Command, Output, Stdio};
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Runs `args` with stdout a pipe whose read end is already closed, so the
+/// first line written meets a broken pipe.
+fn into_closed_pipe(args: &[&str]) -> Output {
+    let (reader, writer) = std::io::pipe().expect("a pipe");
+    drop(reader);
+    Command::new(env!("CARGO_BIN_EXE_cpuconv"))
+        .args(args)
+        .stdout(writer)
+        .stderr(Stdio::piped())
+        .output()
+        .expect("the cpuconv binary runs")
+}
+
+#[test]
+fn a_closed_stdout_stops_quietly() {
+    let runs: &[&[&str]] = &[
+        &["compare", "--list"],
+        &["compare", "--help"],
+        &["info", "--no-peak"],
+        &[
+            "compare",
+            "--layer",
+            "seed",
+            "--algo",
+            "direct",
+            "--threads",
+            "1",
+            "--budget-ms",
+            "1",
+        ],
+        &["gemm", "--shape", "8", "--threads", "1", "--budget-ms", "1"],
+    ];
+    for args in runs {
+        let out = into_closed_pipe(args);
+        let err = stderr(&out);
+        assert!(out.status.success(), "{args:?}: {}\n{err}", out.status);
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
+}
+
+#[test]
+fn a_reader_that_leaves_early_stops_the_list_quietly() {
+    use std::io::Read;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_cpuconv"))
+        .args(["compare", "--list"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the cpuconv binary runs");
+    let mut first = [0u8; 8];
+    child
+        .stdout
+        .take()
+        .expect("piped")
+        .read_exact(&mut first)
+        .expect("some output");
+    let out = child.wait_with_output().expect("it exits");
+    assert!(out.status.success(), "{}", out.status);
+    assert!(!stderr(&out).contains("panicked"), "{}", stderr(&out));
+}
