@@ -6,7 +6,7 @@ use crate::suite::{self, Layer, SEED_OUTPUT, SHAPE_SYNTAX};
 use crate::table::{left, right, sig, Table};
 use crate::timing::{measure, Budget};
 use crate::{
-    all_algorithms, effective_isa, parse_algorithm, parse_isa, pool, progress, BackendArg,
+    algorithm_parser, all_algorithms, effective_isa, isa_parser, pool, progress, BackendArg,
 };
 use clap::Args;
 use cpuconv::gemm::kernels::peak::fma_peak_gflops;
@@ -26,9 +26,9 @@ pub struct CompareArgs {
     #[arg(long = "shape", value_name = "SPEC")]
     shapes: Vec<String>,
 
-    /// Run only this algorithm (repeatable): direct, im2col, implicit, auto.
-    /// The direct reference still runs once (untimed) for the error column.
-    #[arg(long = "algo", value_name = "NAME", value_parser = parse_algorithm)]
+    /// Run only this algorithm (repeatable). The direct reference still runs
+    /// once (untimed) for the error column.
+    #[arg(long = "algo", value_name = "NAME", value_parser = algorithm_parser())]
     algos: Vec<Algorithm>,
 
     /// Threads (0 = every CPU): the size of the rayon pool and the cap passed
@@ -40,9 +40,9 @@ pub struct CompareArgs {
     #[arg(long, value_enum, default_value_t = BackendArg::Native)]
     backend: BackendArg,
 
-    /// Force a kernel path (avx512, avx2, portable); clamped to the CPU.
-    /// Default: the active path (CPUCONV_ISA or the best detected).
-    #[arg(long, value_parser = parse_isa)]
+    /// Force a kernel path; clamped to the CPU. Default: the active path
+    /// (CPUCONV_ISA or the best detected).
+    #[arg(long, value_parser = isa_parser())]
     isa: Option<Isa>,
 
     /// One JSON object per row on stdout instead of the Markdown table.

@@ -5,7 +5,7 @@ use crate::out::{outln, Stop};
 use crate::suite::{self, Rng};
 use crate::table::{left, right, sig, Table};
 use crate::timing::{measure, Budget, Timing};
-use crate::{all_threads, effective_isa, parse_isa, pool, progress};
+use crate::{all_threads, effective_isa, isa_parser, pool, progress};
 use clap::Args;
 use cpuconv::gemm::kernels::peak::fma_peak_gflops;
 use cpuconv::gemm::{sgemm, MatMut, MatRef};
@@ -18,9 +18,9 @@ pub struct GemmArgs {
     #[arg(long, value_name = "LIST", default_value = "1,all")]
     threads: String,
 
-    /// Kernel path of our GEMM (avx512, avx2, portable); clamped to the CPU.
-    /// Default: the active path. matrixmultiply picks its own.
-    #[arg(long, value_parser = parse_isa)]
+    /// Kernel path of our GEMM; clamped to the CPU. Default: the active
+    /// path. matrixmultiply picks its own.
+    #[arg(long, value_parser = isa_parser())]
     isa: Option<Isa>,
 
     /// A shape `MxKxN`, or one number for a square (repeatable); replaces

@@ -4,10 +4,58 @@
 //! `compare` and `gemm` measure first is the slowest part, about a third
 //! of a second.
 
+use cpuconv::Algorithm;
 use std::process::{Command, Output, Stdio};
+
+fn cpuconv(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_cpuconv"))
+        .args(args)
+        .env_remove("CPUCONV_ISA")
+        .output()
+        .expect("the cpuconv binary runs")
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
 
 fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Runs `args` and expects success, returning stdout.
+fn ok(args: &[&str]) -> String {
+    let out = cpuconv(args);
+    assert!(
+        out.status.success(),
+        "cpuconv {args:?}: {}\n{}",
+        out.status,
+        stderr(&out)
+    );
+    stdout(&out)
+}
+
+#[test]
+fn compare_help_lists_every_algorithm() {
+    let help = ok(&["compare", "--help"]);
+    let line = help
+        .lines()
+        .find(|l| l.contains("[possible values: direct"))
+        .unwrap_or_else(|| panic!("no --algo value list in:\n{help}"));
+    let names: Vec<&str> = Algorithm::CONCRETE
+        .into_iter()
+        .chain([Algorithm::Auto])
+        .map(Algorithm::name)
+        .collect();
+    assert!(line.contains(&names.join(", ")), "{line}");
+    assert!(line.contains("direct-simd"), "{line}");
+}
+
+#[test]
+fn algo_names_parse_and_bad_ones_are_refused() {
+    let out = cpuconv(&["compare", "--algo", "nonsense", "--layer", "seed"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("direct-simd"), "{}", stderr(&out));
 }
 
 /// Runs `args` with stdout a pipe whose read end is already closed, so the
