@@ -20,10 +20,17 @@ pub struct CompareArgs {
     #[arg(long = "layer", value_name = "NAME")]
     layers: Vec<String>,
 
-    /// A custom layer, `[NAME=]N,C,H,W:K,RxS[,sS][,pP|pT,B,L,R][,dD][,gG]`
-    /// (repeatable); see --help for the syntax. Without --layer, only the
-    /// custom layers run.
-    #[arg(long = "shape", value_name = "SPEC")]
+    // `-h` shows only `help`, so it carries the syntax; `--help` appends
+    // SHAPE_SYNTAX, which opens with the same line, so `long_help` leaves it out.
+    #[arg(
+        long = "shape",
+        value_name = "SPEC",
+        help = "A custom layer, `[NAME=]N,C,H,W:K,RxS[,sS][,pP|pT,B,L,R][,dD][,gG]` \
+                (repeatable); see --help for the syntax. Without --layer, only the \
+                custom layers run",
+        long_help = "A custom layer (repeatable), in the syntax below. Without --layer, \
+                     only the custom layers run"
+    )]
     shapes: Vec<String>,
 
     /// Run only this algorithm (repeatable). The direct reference still runs

@@ -58,6 +58,17 @@ fn algo_names_parse_and_bad_ones_are_refused() {
     assert!(stderr(&out).contains("direct-simd"), "{}", stderr(&out));
 }
 
+#[test]
+fn compare_help_gives_the_shape_syntax_once() {
+    let syntax = "[NAME=]N,C,H,W:K,RxS";
+    let long = ok(&["compare", "--help"]);
+    assert_eq!(long.matches(syntax).count(), 1, "{long}");
+    assert_eq!(long.matches("Custom layer:").count(), 1, "{long}");
+    // `-h` has no syntax block after the options, so --shape's line keeps it.
+    let short = ok(&["compare", "-h"]);
+    assert_eq!(short.matches(syntax).count(), 1, "{short}");
+}
+
 /// Runs `args` with stdout a pipe whose read end is already closed, so the
 /// first line written meets a broken pipe.
 fn into_closed_pipe(args: &[&str]) -> Output {
