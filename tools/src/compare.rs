@@ -38,9 +38,9 @@ pub struct CompareArgs {
     #[arg(long = "algo", value_name = "NAME", value_parser = algorithm_parser())]
     algos: Vec<Algorithm>,
 
-    /// Threads (0 = every CPU): the size of the rayon pool and the cap passed
-    /// to the library.
-    #[arg(long, default_value_t = 0)]
+    /// Threads; 0 (or `all`) is every CPU: the size of the rayon pool and the
+    /// cap passed to the library.
+    #[arg(long, value_name = "N", default_value = "0", value_parser = parse_thread_count)]
     threads: usize,
 
     /// GEMM engine of the GEMM-based algorithms.
@@ -70,6 +70,17 @@ pub struct CompareArgs {
     /// is how a framework runs a layer repeatedly.
     #[arg(long)]
     plan: bool,
+}
+
+/// `--threads`: a count, or `all` for 0, which the pool and the library
+/// both read as every CPU; `gemm --threads` takes the same words.
+fn parse_thread_count(s: &str) -> Result<usize, String> {
+    if s.trim().eq_ignore_ascii_case("all") {
+        return Ok(0);
+    }
+    s.trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a thread count, 0 or `all`"))
 }
 
 /// The layers to run: `--layer` picks from the suite, `--shape` adds custom

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 #[derive(Args, Debug)]
 pub struct GemmArgs {
-    /// Thread counts to run, comma-separated; `all` is every CPU.
+    /// Thread counts to run, comma-separated; 0 (or `all`) is every CPU.
     #[arg(long, value_name = "LIST", default_value = "1,all")]
     threads: String,
 
@@ -37,16 +37,19 @@ pub struct GemmArgs {
     budget_ms: u64,
 }
 
+/// `--threads`: 0 means every CPU, as in `compare --threads`; each count
+/// is resolved here, since the table and the peak need the real number.
 fn parse_threads(list: &str) -> Result<Vec<usize>, String> {
     let mut v = Vec::new();
     for part in list.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         let n = if part.eq_ignore_ascii_case("all") {
             all_threads()
         } else {
-            part.parse::<usize>()
-                .ok()
-                .filter(|&n| n > 0)
-                .ok_or_else(|| format!("--threads: {part:?} is not a positive count or `all`"))?
+            match part.parse::<usize>() {
+                Ok(0) => all_threads(),
+                Ok(n) => n,
+                Err(_) => return Err(format!("--threads: {part:?} is not a count, 0 or `all`")),
+            }
         };
         if !v.contains(&n) {
             v.push(n);
@@ -226,7 +229,8 @@ mod tests {
                 v
             })
         );
-        assert!(parse_threads("0").is_err());
+        assert_eq!(parse_threads("0"), Ok(vec![all_threads()]));
+        assert_eq!(parse_threads("0,all"), Ok(vec![all_threads()]));
         assert!(parse_threads("x").is_err());
         assert!(parse_threads("").is_err());
     }

@@ -5,6 +5,7 @@
 //! of a second.
 
 use cpuconv::Algorithm;
+use serde_json::Value;
 use std::process::{Command, Output, Stdio};
 
 fn cpuconv(args: &[&str]) -> Output {
@@ -33,6 +34,17 @@ fn ok(args: &[&str]) -> String {
         stderr(&out)
     );
     stdout(&out)
+}
+
+/// Each stdout line as JSON.
+fn json_lines(text: &str) -> Vec<Value> {
+    text.lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
+}
+
+fn all_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 #[test]
@@ -67,6 +79,39 @@ fn compare_help_gives_the_shape_syntax_once() {
     // `-h` has no syntax block after the options, so --shape's line keeps it.
     let short = ok(&["compare", "-h"]);
     assert_eq!(short.matches(syntax).count(), 1, "{short}");
+}
+
+#[test]
+fn threads_zero_means_every_cpu_in_both_commands() {
+    for cmd in ["compare", "gemm"] {
+        let help = ok(&[cmd, "--help"]);
+        assert!(help.contains("0 (or `all`) is every CPU"), "{cmd}: {help}");
+    }
+    let rows = json_lines(&ok(&[
+        "gemm",
+        "--threads",
+        "0",
+        "--shape",
+        "8",
+        "--budget-ms",
+        "1",
+        "--json",
+    ]));
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0]["threads"], all_threads());
+    let rows = json_lines(&ok(&[
+        "compare",
+        "--threads",
+        "0",
+        "--layer",
+        "seed",
+        "--algo",
+        "direct",
+        "--budget-ms",
+        "1",
+        "--json",
+    ]));
+    assert_eq!(rows[0]["threads"], all_threads());
 }
 
 /// Runs `args` with stdout a pipe whose read end is already closed, so the
