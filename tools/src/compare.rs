@@ -1,8 +1,9 @@
 //! `cpuconv compare`: every algorithm on every layer, timed, checked against
 //! the direct reference.
 
+use crate::mem::check_room;
 use crate::out::{outln, Stop};
-use crate::suite::{self, Layer, SEED_OUTPUT, SHAPE_SYNTAX};
+use crate::suite::{self, try_filled, Layer, SEED_OUTPUT, SHAPE_SYNTAX};
 use crate::table::{left, right, sig, Table};
 use crate::timing::{measure, Budget};
 use crate::{
@@ -154,19 +155,33 @@ fn list() -> Result<(), Stop> {
     Ok(())
 }
 
+/// The buffers a layer needs at once, in `f32`s: what [`Layer::try_data`]
+/// and the timing loop allocate.
+fn buffers(conv: &Conv2d) -> [(&'static str, usize); 5] {
+    let g = conv.geometry();
+    [
+        ("input", g.input_len()),
+        ("weight", g.weight_len()),
+        ("bias", g.out_channels),
+        ("output", g.output_len()),
+        ("reference output", g.output_len()),
+    ]
+}
+
 /// Entry point of `cpuconv compare`.
 pub fn run(args: &CompareArgs) -> Result<(), Stop> {
     if args.list {
         return list();
     }
-    // Validate every layer before printing anything.
+    // Validate every layer, and that its tensors fit, before printing anything.
     let layers = select_layers(args)?
         .into_iter()
-        .map(|l| match l.build() {
-            Ok(conv) => Ok((l, conv)),
-            Err(e) => Err(format!("layer {}: {e}", l.name)),
+        .map(|l| {
+            let conv = l.build().map_err(|e| format!("layer {}: {e}", l.name))?;
+            check_room(&buffers(&conv)).map_err(|e| format!("layer {}: {e}", l.name))?;
+            Ok((l, conv))
         })
-        .collect::<Result<Vec<_>, _>>()?;
+        .collect::<Result<Vec<_>, String>>()?;
     let algos = if args.algos.is_empty() {
         all_algorithms()
     } else {
@@ -222,7 +237,8 @@ pub fn run(args: &CompareArgs) -> Result<(), Stop> {
     let pb = progress((layers.len() * algos.len()) as u64);
     let result = pool.install(|| -> Result<(), Stop> {
         for (layer, conv) in &layers {
-            let data = layer.data(conv);
+            let in_layer = |e: String| format!("layer {}: {e}", layer.name);
+            let data = layer.try_data(conv).map_err(in_layer)?;
             let len = conv.geometry().output_len();
             let bias = data.bias.as_deref();
             let run_once = |options: &ForwardOptions, out: &mut [f32]| {
@@ -233,7 +249,8 @@ pub fn run(args: &CompareArgs) -> Result<(), Stop> {
             };
 
             // Direct first: its output is the reference, its time the baseline.
-            let mut reference = vec![f32::NAN; len];
+            let mut reference = try_filled("reference output", len, f32::NAN).map_err(in_layer)?;
+            let mut out = try_filled("output", len, f32::NAN).map_err(in_layer)?;
             let mut direct_s = None;
             let mut order: Vec<Algorithm> = algos.clone();
             order.sort_by_key(|a| *a != Algorithm::Direct);
@@ -247,7 +264,7 @@ pub fn run(args: &CompareArgs) -> Result<(), Stop> {
                     algorithm: algo,
                     ..base
                 };
-                let mut out = vec![f32::NAN; len];
+                out.fill(f32::NAN);
                 let mut failure = None;
                 let planned = if args.plan && algo != Algorithm::Direct {
                     let plan = conv

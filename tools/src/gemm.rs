@@ -1,8 +1,9 @@
 //! `cpuconv gemm`: our GEMM against matrixmultiply, as GFLOP/s and as a
 //! share of the FMA peak measured in the same run.
 
+use crate::mem::check_room;
 use crate::out::{outln, Stop};
-use crate::suite::{self, Rng};
+use crate::suite::{self, try_filled, Rng};
 use crate::table::{left, right, sig, Table};
 use crate::timing::{measure, Budget, Timing};
 use crate::{all_threads, effective_isa, isa_parser, pool, progress};
@@ -90,6 +91,11 @@ fn time_gemm(
     }
 }
 
+/// The name of a shape in the table and in messages.
+fn shape_name((m, k, n): (usize, usize, usize)) -> String {
+    format!("{m}x{k}x{n}")
+}
+
 /// Entry point of `cpuconv gemm`.
 pub fn run(args: &GemmArgs) -> Result<(), Stop> {
     let threads = parse_threads(&args.threads)?;
@@ -99,8 +105,22 @@ pub fn run(args: &GemmArgs) -> Result<(), Stop> {
     } else {
         args.shapes.clone()
     };
-    if let Some(&(m, k, n)) = shapes.iter().find(|&&(m, k, n)| m * k * n == 0) {
-        return Err(format!("{m}x{k}x{n}: every dimension must be positive").into());
+    // Every shape must be runnable before the peaks take their seconds.
+    for &(m, k, n) in &shapes {
+        let name = shape_name((m, k, n));
+        if m == 0 || k == 0 || n == 0 {
+            return Err(format!("{name}: every dimension must be positive").into());
+        }
+        let len = |rows: usize, cols: usize, what: &str| {
+            rows.checked_mul(cols)
+                .ok_or_else(|| format!("{name}: {what} has more elements than fit in usize"))
+        };
+        check_room(&[
+            ("A", len(m, k, "A")?),
+            ("B", len(k, n, "B")?),
+            ("C", len(m, n, "C")?),
+        ])
+        .map_err(|e| format!("{name}: {e}"))?;
     }
     let budget = Budget::new(Duration::from_millis(args.budget_ms));
 
@@ -145,11 +165,20 @@ pub fn run(args: &GemmArgs) -> Result<(), Stop> {
         let pool = pool(t)?;
         let result = pool.install(|| -> Result<(), Stop> {
             for &(m, k, n) in &shapes {
-                pb.set_message(format!("{m}x{k}x{n}, {t} thread(s)"));
-                let mut rng = Rng::new((m * 31 + k * 17 + n) as u64);
-                let a = rng.vec(m * k);
-                let b = rng.vec(k * n);
-                let mut c = vec![0.0f32; m * n];
+                let name = shape_name((m, k, n));
+                pb.set_message(format!("{name}, {t} thread(s)"));
+                // The benchmark's seed; wrapping only matters for shapes too
+                // big to allocate, which the checks above already refused.
+                let seed = m
+                    .wrapping_mul(31)
+                    .wrapping_add(k.wrapping_mul(17))
+                    .wrapping_add(n);
+                let mut rng = Rng::new(seed as u64);
+                // The sizes were checked above; the allocations can still fail.
+                let in_shape = |e: String| format!("{name}: {e}");
+                let a = rng.try_vec("A", m * k).map_err(in_shape)?;
+                let b = rng.try_vec("B", k * n).map_err(in_shape)?;
+                let mut c = try_filled("C", m * n, 0.0).map_err(in_shape)?;
                 let options = |backend| GemmOptions {
                     backend,
                     parallelism: Parallelism::threads(t),
@@ -192,7 +221,7 @@ pub fn run(args: &GemmArgs) -> Result<(), Stop> {
                     .to_string()
                 } else {
                     table.row(&[
-                        format!("{m}x{k}x{n}"),
+                        name.clone(),
                         t.to_string(),
                         sig(g_ours),
                         sig(g_mm),

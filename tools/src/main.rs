@@ -4,6 +4,7 @@
 mod compare;
 mod gemm;
 mod info;
+mod mem;
 mod out;
 mod suite;
 mod table;

@@ -114,6 +114,41 @@ fn threads_zero_means_every_cpu_in_both_commands() {
     assert_eq!(rows[0]["threads"], all_threads());
 }
 
+#[test]
+fn compare_json_keeps_its_fields() {
+    let rows = json_lines(&ok(&[
+        "compare",
+        "--layer",
+        "seed",
+        "--algo",
+        "direct",
+        "--algo",
+        "auto",
+        "--threads",
+        "1",
+        "--budget-ms",
+        "1",
+        "--json",
+    ]));
+    assert_eq!(rows.len(), 2);
+    for row in &rows {
+        for key in [
+            "algorithm",
+            "picked",
+            "median_ms",
+            "gflops",
+            "peak_fraction",
+        ] {
+            assert!(row.get(key).is_some(), "no {key} in {row}");
+        }
+        assert!(row["median_ms"].as_f64().unwrap() > 0.0, "{row}");
+    }
+    assert_eq!(rows[0]["algorithm"], "direct");
+    assert_eq!(rows[0]["picked"], Value::Null);
+    assert_eq!(rows[1]["algorithm"], "auto");
+    assert!(rows[1]["picked"].is_string(), "{}", rows[1]);
+}
+
 /// Runs `args` with stdout a pipe whose read end is already closed, so the
 /// first line written meets a broken pipe.
 fn into_closed_pipe(args: &[&str]) -> Output {
@@ -173,4 +208,36 @@ fn a_reader_that_leaves_early_stops_the_list_quietly() {
     let out = child.wait_with_output().expect("it exits");
     assert!(out.status.success(), "{}", out.status);
     assert!(!stderr(&out).contains("panicked"), "{}", stderr(&out));
+}
+
+#[test]
+fn an_enormous_layer_is_an_error_not_an_abort() {
+    // 2^42 input values (16 TiB): no machine holds it, whatever its
+    // overcommit policy lets it reserve.
+    let out = cpuconv(&["compare", "--shape", "1,1024,65536,65536:1024,3x3,p1"]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("layer shape1: "), "{err}");
+    assert!(err.contains(" bytes"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(out.stdout.is_empty(), "{}", stdout(&out));
+}
+
+#[test]
+fn an_enormous_gemm_is_an_error_not_an_abort() {
+    let out = cpuconv(&["gemm", "--shape", "100000000", "--threads", "1"]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("100000000x100000000x100000000: A needs 40000000000000000 bytes"),
+        "{err}"
+    );
+    assert!(out.stdout.is_empty(), "{}", stdout(&out));
+}
+
+#[test]
+fn gemm_refuses_a_zero_dimension() {
+    let out = cpuconv(&["gemm", "--shape", "0x8x8", "--threads", "1"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("positive"), "{}", stderr(&out));
 }
