@@ -8,12 +8,23 @@ use clap::Args;
 use cpuconv::gemm::cache::cache_sizes;
 use cpuconv::gemm::kernels::peak::fma_peak_gflops;
 use cpuconv::gemm::kernels::{detected_isa, kernel_info, supported_isas};
+use cpuconv::Isa;
 
 #[derive(Args, Debug)]
 pub struct InfoArgs {
     /// Skip the FMA peak measurement (about a second per path).
     #[arg(long)]
     no_peak: bool,
+
+    /// Everything as one JSON object on stdout: the same facts as the text,
+    /// with `peaks` null under --no-peak.
+    #[arg(long, conflicts_with = "isas")]
+    json: bool,
+
+    /// Print only the ISA paths this CPU supports, comma-separated, lowest
+    /// first (e.g. `portable,avx2,avx512`), for scripts; measures nothing.
+    #[arg(long)]
+    isas: bool,
 }
 
 /// The CPU model from `/proc/cpuinfo`, where there is one.
@@ -53,8 +64,103 @@ fn cpu_features() -> Vec<(&'static str, bool)> {
     Vec::new()
 }
 
+/// The measured FMA peak of one path.
+struct Peak {
+    isa: Isa,
+    one: f64,
+    all: f64,
+}
+
+/// The peak of `isa` at one thread and at all of them.
+fn measure_peak(isa: Isa) -> Peak {
+    let all = all_threads();
+    let one = fma_peak_gflops(isa, 1);
+    let many = if all > 1 {
+        fma_peak_gflops(isa, all)
+    } else {
+        one
+    };
+    Peak {
+        isa,
+        one,
+        all: many,
+    }
+}
+
+/// `--json`: the facts of the text output, as numbers where they are numbers.
+fn json(args: &InfoArgs) -> serde_json::Value {
+    use serde_json::{json, Map, Value};
+    let supported = supported_isas();
+    let caches = cache_sizes();
+    let mut blocking = Map::new();
+    for &isa in &supported {
+        let k = kernel_info(isa);
+        blocking.insert(
+            isa.name().to_string(),
+            json!({
+                "mr": k.mr,
+                "nr": k.nr,
+                "mc": k.mc,
+                "kc": k.kc,
+                "nc": k.nc,
+                "a_block_bytes": k.mc * k.kc * 4,
+                "b_block_bytes": k.kc * k.nc * 4,
+            }),
+        );
+    }
+    let peaks = if args.no_peak {
+        Value::Null
+    } else {
+        let all = all_threads();
+        let mut m = Map::new();
+        for p in supported.iter().rev().map(|&isa| measure_peak(isa)) {
+            m.insert(
+                p.isa.name().to_string(),
+                json!({
+                    "one_thread_gflops": p.one,
+                    "all_threads_gflops": p.all,
+                    "per_thread_gflops": p.all / all as f64,
+                }),
+            );
+        }
+        Value::Object(m)
+    };
+    let features: Map<String, Value> = cpu_features()
+        .into_iter()
+        .map(|(name, on)| (name.to_string(), Value::Bool(on)))
+        .collect();
+    json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "cpu_model": cpu_model(),
+        "arch": std::env::consts::ARCH,
+        "threads_available": all_threads(),
+        "rayon_threads": rayon::current_num_threads(),
+        "active_isa": cpuconv::isa().name(),
+        "detected_isa": detected_isa().name(),
+        "supported_isas": supported.iter().map(|i| i.name()).collect::<Vec<_>>(),
+        "cpuconv_isa_env": std::env::var("CPUCONV_ISA").ok(),
+        "cpu_features": features,
+        "caches": {
+            "l1d_bytes": caches.l1d,
+            "l2_bytes": caches.l2,
+            "l3_per_core_bytes": caches.l3_per_core,
+            "from_os": caches.from_os,
+        },
+        "blocking": blocking,
+        "peaks": peaks,
+        "peak_threads": all_threads(),
+    })
+}
+
 /// Entry point of `cpuconv info`.
 pub fn run(args: &InfoArgs) -> Result<(), Stop> {
+    if args.isas {
+        let names: Vec<&str> = supported_isas().iter().map(|i| i.name()).collect();
+        return outln!("{}", names.join(","));
+    }
+    if args.json {
+        return outln!("{}", json(args));
+    }
     outln!("cpuconv {}", env!("CARGO_PKG_VERSION"))?;
     if let Some(model) = cpu_model() {
         outln!("CPU:          {model}")?;
@@ -150,19 +256,14 @@ pub fn run(args: &InfoArgs) -> Result<(), Stop> {
     ]);
     outln!("{}", peak.header())?;
     for &isa in supported.iter().rev() {
-        let one = fma_peak_gflops(isa, 1);
-        let many = if all > 1 {
-            fma_peak_gflops(isa, all)
-        } else {
-            one
-        };
+        let p = measure_peak(isa);
         outln!(
             "{}",
             peak.row(&[
                 isa.name().to_string(),
-                sig(one),
-                sig(many),
-                sig(many / all as f64),
+                sig(p.one),
+                sig(p.all),
+                sig(p.all / all as f64),
             ])
         )?;
     }

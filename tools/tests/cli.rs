@@ -4,6 +4,7 @@
 //! `compare` and `gemm` measure first is the slowest part, about a third
 //! of a second.
 
+use cpuconv::gemm::kernels::supported_isas;
 use cpuconv::Algorithm;
 use serde_json::Value;
 use std::process::{Command, Output, Stdio};
@@ -168,6 +169,8 @@ fn a_closed_stdout_stops_quietly() {
         &["compare", "--list"],
         &["compare", "--help"],
         &["info", "--no-peak"],
+        &["info", "--json", "--no-peak"],
+        &["info", "--isas"],
         &[
             "compare",
             "--layer",
@@ -240,4 +243,53 @@ fn gemm_refuses_a_zero_dimension() {
     let out = cpuconv(&["gemm", "--shape", "0x8x8", "--threads", "1"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("positive"), "{}", stderr(&out));
+}
+
+fn supported_names() -> Vec<&'static str> {
+    supported_isas().iter().map(|i| i.name()).collect()
+}
+
+#[test]
+fn info_isas_is_one_line_for_scripts() {
+    let text = ok(&["info", "--isas"]);
+    assert_eq!(text, format!("{}\n", supported_names().join(",")));
+    assert!(text.starts_with("portable"), "{text}");
+}
+
+#[test]
+fn info_json_is_one_object() {
+    let text = ok(&["info", "--json", "--no-peak"]);
+    let rows = json_lines(&text);
+    assert_eq!(rows.len(), 1, "{text}");
+    let info = &rows[0];
+    let supported = supported_names();
+    assert_eq!(info["supported_isas"], serde_json::json!(supported));
+    // CPUCONV_ISA is unset for the tool, so it runs the detected path.
+    let detected = cpuconv::gemm::kernels::detected_isa().name();
+    assert_eq!(info["active_isa"], detected);
+    assert_eq!(info["detected_isa"], detected);
+    assert_eq!(info["cpuconv_isa_env"], Value::Null);
+    assert_eq!(info["peaks"], Value::Null);
+    for key in ["l1d_bytes", "l2_bytes", "l3_per_core_bytes"] {
+        assert!(info["caches"][key].as_u64().unwrap() > 0, "{key}: {info}");
+    }
+    for isa in &supported {
+        let b = &info["blocking"][isa];
+        for key in ["mr", "nr", "mc", "kc", "nc"] {
+            assert!(b[key].as_u64().unwrap() > 0, "{isa} {key}: {info}");
+        }
+    }
+}
+
+#[test]
+fn info_json_reports_cpuconv_isa() {
+    let out = Command::new(env!("CARGO_BIN_EXE_cpuconv"))
+        .args(["info", "--json", "--no-peak"])
+        .env("CPUCONV_ISA", "portable")
+        .output()
+        .expect("the cpuconv binary runs");
+    assert!(out.status.success(), "{}", stderr(&out));
+    let info: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(info["cpuconv_isa_env"], "portable");
+    assert_eq!(info["active_isa"], "portable");
 }
