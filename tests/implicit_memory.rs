@@ -76,7 +76,7 @@ fn implicit_allocates_no_column_matrix() {
                 conv.forward_with(&x, &w, None, &mut out, &opts).unwrap();
             });
             let explicit = largest_allocation(|| {
-                let o = ForwardOptions::new(Algorithm::Im2col);
+                let o = opts.algorithm(Algorithm::Im2col);
                 conv.forward_with(&x, &w, None, &mut out, &o).unwrap();
             });
             let plan = conv.plan(&w, None, &opts).unwrap();

@@ -1,11 +1,13 @@
 //! `cpuconv compare`: every algorithm on every layer, timed, checked against
 //! the direct reference.
 
-use crate::suite::{self, Layer, SEED_OUTPUT, SHAPE_SYNTAX};
+use crate::mem::check_room;
+use crate::out::{outln, Stop};
+use crate::suite::{self, try_filled, Layer, SEED_OUTPUT, SHAPE_SYNTAX};
 use crate::table::{left, right, sig, Table};
 use crate::timing::{measure, Budget};
 use crate::{
-    all_algorithms, effective_isa, parse_algorithm, parse_isa, pool, progress, BackendArg,
+    algorithm_parser, all_algorithms, effective_isa, isa_parser, pool, progress, BackendArg,
 };
 use clap::Args;
 use cpuconv::gemm::kernels::peak::fma_peak_gflops;
@@ -19,29 +21,36 @@ pub struct CompareArgs {
     #[arg(long = "layer", value_name = "NAME")]
     layers: Vec<String>,
 
-    /// A custom layer, `[NAME=]N,C,H,W:K,RxS[,sS][,pP|pT,B,L,R][,dD][,gG]`
-    /// (repeatable); see --help for the syntax. Without --layer, only the
-    /// custom layers run.
-    #[arg(long = "shape", value_name = "SPEC")]
+    // `-h` shows only `help`, so it carries the syntax; `--help` appends
+    // SHAPE_SYNTAX, which opens with the same line, so `long_help` leaves it out.
+    #[arg(
+        long = "shape",
+        value_name = "SPEC",
+        help = "A custom layer, `[NAME=]N,C,H,W:K,RxS[,sS][,pP|pT,B,L,R][,dD][,gG]` \
+                (repeatable); see --help for the syntax. Without --layer, only the \
+                custom layers run",
+        long_help = "A custom layer (repeatable), in the syntax below. Without --layer, \
+                     only the custom layers run"
+    )]
     shapes: Vec<String>,
 
-    /// Run only this algorithm (repeatable): direct, im2col, implicit, auto.
-    /// The direct reference still runs once (untimed) for the error column.
-    #[arg(long = "algo", value_name = "NAME", value_parser = parse_algorithm)]
+    /// Run only this algorithm (repeatable). The direct reference still runs
+    /// once (untimed) for the error column.
+    #[arg(long = "algo", value_name = "NAME", value_parser = algorithm_parser())]
     algos: Vec<Algorithm>,
 
-    /// Threads (0 = every CPU): the size of the rayon pool and the cap passed
-    /// to the library.
-    #[arg(long, default_value_t = 0)]
+    /// Threads; 0 (or `all`) is every CPU: the size of the rayon pool and the
+    /// cap passed to the library.
+    #[arg(long, value_name = "N", default_value = "0", value_parser = parse_thread_count)]
     threads: usize,
 
     /// GEMM engine of the GEMM-based algorithms.
     #[arg(long, value_enum, default_value_t = BackendArg::Native)]
     backend: BackendArg,
 
-    /// Force a kernel path (avx512, avx2, portable); clamped to the CPU.
-    /// Default: the active path (CPUCONV_ISA or the best detected).
-    #[arg(long, value_parser = parse_isa)]
+    /// Force a kernel path; clamped to the CPU. Default: the active path
+    /// (CPUCONV_ISA or the best detected).
+    #[arg(long, value_parser = isa_parser())]
     isa: Option<Isa>,
 
     /// One JSON object per row on stdout instead of the Markdown table.
@@ -62,6 +71,17 @@ pub struct CompareArgs {
     /// is how a framework runs a layer repeatedly.
     #[arg(long)]
     plan: bool,
+}
+
+/// `--threads`: a count, or `all` for 0, which the pool and the library
+/// both read as every CPU; `gemm --threads` takes the same words.
+fn parse_thread_count(s: &str) -> Result<usize, String> {
+    if s.trim().eq_ignore_ascii_case("all") {
+        return Ok(0);
+    }
+    s.trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a thread count, 0 or `all`"))
 }
 
 /// The layers to run: `--layer` picks from the suite, `--shape` adds custom
@@ -124,30 +144,44 @@ fn max_abs_error(a: &[f32], b: &[f32]) -> f32 {
     worst
 }
 
-fn list() {
-    println!("{SHAPE_SYNTAX}\n\nSuite:");
+fn list() -> Result<(), Stop> {
+    outln!("{SHAPE_SYNTAX}\n\nSuite:")?;
     for l in suite::suite() {
         match l.build() {
-            Ok(conv) => println!("  {:<12} {}", l.name, describe(&conv)),
-            Err(e) => println!("  {:<12} invalid: {e}", l.name),
+            Ok(conv) => outln!("  {:<12} {}", l.name, describe(&conv))?,
+            Err(e) => outln!("  {:<12} invalid: {e}", l.name)?,
         }
     }
+    Ok(())
+}
+
+/// The buffers a layer needs at once, in `f32`s: what [`Layer::try_data`]
+/// and the timing loop allocate.
+fn buffers(conv: &Conv2d) -> [(&'static str, usize); 5] {
+    let g = conv.geometry();
+    [
+        ("input", g.input_len()),
+        ("weight", g.weight_len()),
+        ("bias", g.out_channels),
+        ("output", g.output_len()),
+        ("reference output", g.output_len()),
+    ]
 }
 
 /// Entry point of `cpuconv compare`.
-pub fn run(args: &CompareArgs) -> Result<(), String> {
+pub fn run(args: &CompareArgs) -> Result<(), Stop> {
     if args.list {
-        list();
-        return Ok(());
+        return list();
     }
-    // Validate every layer before printing anything.
+    // Validate every layer, and that its tensors fit, before printing anything.
     let layers = select_layers(args)?
         .into_iter()
-        .map(|l| match l.build() {
-            Ok(conv) => Ok((l, conv)),
-            Err(e) => Err(format!("layer {}: {e}", l.name)),
+        .map(|l| {
+            let conv = l.build().map_err(|e| format!("layer {}: {e}", l.name))?;
+            check_room(&buffers(&conv)).map_err(|e| format!("layer {}: {e}", l.name))?;
+            Ok((l, conv))
         })
-        .collect::<Result<Vec<_>, _>>()?;
+        .collect::<Result<Vec<_>, String>>()?;
     let algos = if args.algos.is_empty() {
         all_algorithms()
     } else {
@@ -182,7 +216,7 @@ pub fn run(args: &CompareArgs) -> Result<(), String> {
     // so the table says how much of the machine each algorithm uses.
     let peak = fma_peak_gflops(isa, threads);
     if !args.json {
-        println!(
+        outln!(
             "cpuconv {} compare: isa {isa}, {threads} thread{}, backend {}, {}, \
              median of samples; speedup and error are relative to direct; \
              % peak is of the measured {isa} FMA peak, {} GFLOP/s.\n",
@@ -195,13 +229,14 @@ pub fn run(args: &CompareArgs) -> Result<(), String> {
                 "one-shot forward"
             },
             sig(peak),
-        );
-        println!("{}", table.header());
+        )?;
+        outln!("{}", table.header())?;
     }
     let pb = progress((layers.len() * algos.len()) as u64);
-    let result = pool.install(|| -> Result<(), String> {
+    let result = pool.install(|| -> Result<(), Stop> {
         for (layer, conv) in &layers {
-            let data = layer.data(conv);
+            let in_layer = |e: String| format!("layer {}: {e}", layer.name);
+            let data = layer.try_data(conv).map_err(in_layer)?;
             let len = conv.geometry().output_len();
             let bias = data.bias.as_deref();
             let run_once = |options: &ForwardOptions, out: &mut [f32]| {
@@ -212,7 +247,8 @@ pub fn run(args: &CompareArgs) -> Result<(), String> {
             };
 
             // Direct first: its output is the reference, its time the baseline.
-            let mut reference = vec![f32::NAN; len];
+            let mut reference = try_filled("reference output", len, f32::NAN).map_err(in_layer)?;
+            let mut out = try_filled("output", len, f32::NAN).map_err(in_layer)?;
             let mut direct_s = None;
             let mut order: Vec<Algorithm> = algos.clone();
             order.sort_by_key(|a| *a != Algorithm::Direct);
@@ -222,8 +258,8 @@ pub fn run(args: &CompareArgs) -> Result<(), String> {
             }
             for algo in order {
                 pb.set_message(format!("{} / {}", layer.name, algo.name()));
-                let options = ForwardOptions::new(algo);
-                let mut out = vec![f32::NAN; len];
+                let options = base.algorithm(algo);
+                out.fill(f32::NAN);
                 let mut failure = None;
                 let planned = if args.plan && algo != Algorithm::Direct {
                     let plan = conv
@@ -245,7 +281,7 @@ pub fn run(args: &CompareArgs) -> Result<(), String> {
                     }
                 });
                 if let Some(e) = failure {
-                    return Err(e);
+                    return Err(e.into());
                 }
                 if algo == Algorithm::Direct {
                     reference.copy_from_slice(&out);
@@ -307,7 +343,7 @@ pub fn run(args: &CompareArgs) -> Result<(), String> {
                         },
                     ])
                 };
-                pb.suspend(|| println!("{line}"));
+                pb.suspend(|| outln!("{line}"))?;
                 pb.inc(1);
             }
         }

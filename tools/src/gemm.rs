@@ -1,10 +1,12 @@
 //! `cpuconv gemm`: our GEMM against matrixmultiply, as GFLOP/s and as a
 //! share of the FMA peak measured in the same run.
 
-use crate::suite::{self, Rng};
+use crate::mem::check_room;
+use crate::out::{outln, Stop};
+use crate::suite::{self, try_filled, Rng};
 use crate::table::{left, right, sig, Table};
 use crate::timing::{measure, Budget, Timing};
-use crate::{all_threads, effective_isa, parse_isa, pool, progress};
+use crate::{all_threads, effective_isa, isa_parser, pool, progress};
 use clap::Args;
 use cpuconv::gemm::kernels::peak::fma_peak_gflops;
 use cpuconv::gemm::{sgemm, MatMut, MatRef};
@@ -13,13 +15,13 @@ use std::time::Duration;
 
 #[derive(Args, Debug)]
 pub struct GemmArgs {
-    /// Thread counts to run, comma-separated; `all` is every CPU.
+    /// Thread counts to run, comma-separated; 0 (or `all`) is every CPU.
     #[arg(long, value_name = "LIST", default_value = "1,all")]
     threads: String,
 
-    /// Kernel path of our GEMM (avx512, avx2, portable); clamped to the CPU.
-    /// Default: the active path. matrixmultiply picks its own.
-    #[arg(long, value_parser = parse_isa)]
+    /// Kernel path of our GEMM; clamped to the CPU. Default: the active
+    /// path. matrixmultiply picks its own.
+    #[arg(long, value_parser = isa_parser())]
     isa: Option<Isa>,
 
     /// A shape `MxKxN`, or one number for a square (repeatable); replaces
@@ -36,16 +38,19 @@ pub struct GemmArgs {
     budget_ms: u64,
 }
 
+/// `--threads`: 0 means every CPU, as in `compare --threads`; each count
+/// is resolved here, since the table and the peak need the real number.
 fn parse_threads(list: &str) -> Result<Vec<usize>, String> {
     let mut v = Vec::new();
     for part in list.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         let n = if part.eq_ignore_ascii_case("all") {
             all_threads()
         } else {
-            part.parse::<usize>()
-                .ok()
-                .filter(|&n| n > 0)
-                .ok_or_else(|| format!("--threads: {part:?} is not a positive count or `all`"))?
+            match part.parse::<usize>() {
+                Ok(0) => all_threads(),
+                Ok(n) => n,
+                Err(_) => return Err(format!("--threads: {part:?} is not a count, 0 or `all`")),
+            }
         };
         if !v.contains(&n) {
             v.push(n);
@@ -86,8 +91,13 @@ fn time_gemm(
     }
 }
 
+/// The name of a shape in the table and in messages.
+fn shape_name((m, k, n): (usize, usize, usize)) -> String {
+    format!("{m}x{k}x{n}")
+}
+
 /// Entry point of `cpuconv gemm`.
-pub fn run(args: &GemmArgs) -> Result<(), String> {
+pub fn run(args: &GemmArgs) -> Result<(), Stop> {
     let threads = parse_threads(&args.threads)?;
     let isa = effective_isa(args.isa);
     let shapes = if args.shapes.is_empty() {
@@ -95,8 +105,22 @@ pub fn run(args: &GemmArgs) -> Result<(), String> {
     } else {
         args.shapes.clone()
     };
-    if let Some(&(m, k, n)) = shapes.iter().find(|&&(m, k, n)| m * k * n == 0) {
-        return Err(format!("{m}x{k}x{n}: every dimension must be positive"));
+    // Every shape must be runnable before the peaks take their seconds.
+    for &(m, k, n) in &shapes {
+        let name = shape_name((m, k, n));
+        if m == 0 || k == 0 || n == 0 {
+            return Err(format!("{name}: every dimension must be positive").into());
+        }
+        let len = |rows: usize, cols: usize, what: &str| {
+            rows.checked_mul(cols)
+                .ok_or_else(|| format!("{name}: {what} has more elements than fit in usize"))
+        };
+        check_room(&[
+            ("A", len(m, k, "A")?),
+            ("B", len(k, n, "B")?),
+            ("C", len(m, n, "C")?),
+        ])
+        .map_err(|e| format!("{name}: {e}"))?;
     }
     let budget = Budget::new(Duration::from_millis(args.budget_ms));
 
@@ -118,33 +142,43 @@ pub fn run(args: &GemmArgs) -> Result<(), String> {
         right("mm % peak", 9),
     ]);
     if !args.json {
-        pb.suspend(|| {
-            println!(
+        pb.suspend(|| -> Result<(), Stop> {
+            outln!(
                 "cpuconv {} gemm: ours = native {isa} kernels, mm = matrixmultiply (it picks \
                  its own ISA); C = A·B, row-major f32, median of samples; % peak is of the \
                  {isa} FMA peak.",
                 env!("CARGO_PKG_VERSION")
-            );
+            )?;
             for (&t, &p) in threads.iter().zip(&peaks) {
-                println!(
+                outln!(
                     "Measured {isa} FMA peak, {t} thread{}: {} GFLOP/s",
                     if t == 1 { "" } else { "s" },
                     sig(p)
-                );
+                )?;
             }
-            println!("\n{}", table.header());
-        });
+            outln!("\n{}", table.header())
+        })
+        .inspect_err(|_| pb.finish_and_clear())?;
     }
 
     for (&t, &peak) in threads.iter().zip(&peaks) {
         let pool = pool(t)?;
-        let result = pool.install(|| -> Result<(), String> {
+        let result = pool.install(|| -> Result<(), Stop> {
             for &(m, k, n) in &shapes {
-                pb.set_message(format!("{m}x{k}x{n}, {t} thread(s)"));
-                let mut rng = Rng::new((m * 31 + k * 17 + n) as u64);
-                let a = rng.vec(m * k);
-                let b = rng.vec(k * n);
-                let mut c = vec![0.0f32; m * n];
+                let name = shape_name((m, k, n));
+                pb.set_message(format!("{name}, {t} thread(s)"));
+                // The benchmark's seed; wrapping only matters for shapes too
+                // big to allocate, which the checks above already refused.
+                let seed = m
+                    .wrapping_mul(31)
+                    .wrapping_add(k.wrapping_mul(17))
+                    .wrapping_add(n);
+                let mut rng = Rng::new(seed as u64);
+                // The sizes were checked above; the allocations can still fail.
+                let in_shape = |e: String| format!("{name}: {e}");
+                let a = rng.try_vec("A", m * k).map_err(in_shape)?;
+                let b = rng.try_vec("B", k * n).map_err(in_shape)?;
+                let mut c = try_filled("C", m * n, 0.0).map_err(in_shape)?;
                 let options = |backend| {
                     GemmOptions::default()
                         .backend(backend)
@@ -188,7 +222,7 @@ pub fn run(args: &GemmArgs) -> Result<(), String> {
                     .to_string()
                 } else {
                     table.row(&[
-                        format!("{m}x{k}x{n}"),
+                        name.clone(),
                         t.to_string(),
                         sig(g_ours),
                         sig(g_mm),
@@ -197,7 +231,7 @@ pub fn run(args: &GemmArgs) -> Result<(), String> {
                         format!("{:.0}%", 100.0 * g_mm / peak),
                     ])
                 };
-                pb.suspend(|| println!("{line}"));
+                pb.suspend(|| outln!("{line}"))?;
                 pb.inc(1);
             }
             Ok(())
@@ -225,7 +259,8 @@ mod tests {
                 v
             })
         );
-        assert!(parse_threads("0").is_err());
+        assert_eq!(parse_threads("0"), Ok(vec![all_threads()]));
+        assert_eq!(parse_threads("0,all"), Ok(vec![all_threads()]));
         assert!(parse_threads("x").is_err());
         assert!(parse_threads("").is_err());
     }

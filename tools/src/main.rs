@@ -4,14 +4,20 @@
 mod compare;
 mod gemm;
 mod info;
+mod mem;
+mod out;
 mod suite;
 mod table;
 mod timing;
 
+use clap::builder::{PossibleValue, TypedValueParser};
+use clap::error::ErrorKind;
 use clap::{Parser, Subcommand, ValueEnum};
 use cpuconv::arch::clamp_isa;
 use cpuconv::{Algorithm, GemmBackend, Isa};
 use indicatif::{ProgressBar, ProgressStyle};
+use out::Stop;
+use std::ffi::OsStr;
 use std::process::ExitCode;
 
 #[derive(Parser)]
@@ -65,6 +71,61 @@ impl From<BackendArg> for GemmBackend {
             BackendArg::Native => GemmBackend::Native,
             BackendArg::Matrixmultiply => GemmBackend::Matrixmultiply,
         }
+    }
+}
+
+/// A `value_parser` over the values of a library enum, by the names the
+/// library gives them: `--help` lists the library's own list, so a new
+/// algorithm or ISA shows up there without touching the tool.
+#[derive(Clone)]
+pub struct Named<T: 'static> {
+    values: Vec<T>,
+    name: fn(T) -> &'static str,
+    parse: fn(&str) -> Result<T, String>,
+}
+
+impl<T: Copy + Send + Sync + 'static> TypedValueParser for Named<T> {
+    type Value = T;
+
+    fn parse_ref(
+        &self,
+        cmd: &clap::Command,
+        arg: Option<&clap::Arg>,
+        value: &OsStr,
+    ) -> Result<T, clap::Error> {
+        let flag = arg.map_or_else(|| "value".to_string(), |a| a.to_string());
+        let text = value.to_str().ok_or_else(|| {
+            clap::Error::raw(ErrorKind::InvalidUtf8, format!("{flag}: not UTF-8\n")).with_cmd(cmd)
+        })?;
+        (self.parse)(text).map_err(|e| {
+            clap::Error::raw(ErrorKind::InvalidValue, format!("{flag}: {e}\n")).with_cmd(cmd)
+        })
+    }
+
+    fn possible_values(&self) -> Option<Box<dyn Iterator<Item = PossibleValue> + '_>> {
+        Some(Box::new(
+            self.values
+                .iter()
+                .map(|&v| PossibleValue::new((self.name)(v))),
+        ))
+    }
+}
+
+/// `--algo`: [`all_algorithms`] by name.
+pub fn algorithm_parser() -> Named<Algorithm> {
+    Named {
+        values: all_algorithms(),
+        name: Algorithm::name,
+        parse: parse_algorithm,
+    }
+}
+
+/// `--isa`: [`Isa::ALL`] by name.
+pub fn isa_parser() -> Named<Isa> {
+    Named {
+        values: Isa::ALL.to_vec(),
+        name: Isa::name,
+        parse: parse_isa,
     }
 }
 
@@ -141,8 +202,8 @@ fn main() -> ExitCode {
         Command::Gemm(args) => gemm::run(&args),
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
+        Ok(()) | Err(Stop::Closed) => ExitCode::SUCCESS,
+        Err(Stop::Failed(e)) => {
             eprintln!("cpuconv: {e}");
             ExitCode::FAILURE
         }

@@ -140,9 +140,37 @@ impl Rng {
     }
 
     /// `len` values in `[-1, 1)`.
+    #[allow(dead_code)] // the benchmarks' form; the tool uses `try_vec`
     pub fn vec(&mut self, len: usize) -> Vec<f32> {
         (0..len).map(|_| self.next_f32()).collect()
     }
+
+    /// The values [`Rng::vec`] gives, allocated as [`try_alloc`] does.
+    pub fn try_vec(&mut self, what: &str, len: usize) -> Result<Vec<f32>, String> {
+        let mut v = try_alloc(what, len)?;
+        v.extend((0..len).map(|_| self.next_f32()));
+        Ok(v)
+    }
+}
+
+/// An empty vector with room for exactly `len` values, or an error naming
+/// `what` and the bytes it needs. A valid `--shape` can need more memory
+/// than the machine has, and `vec!` would abort the process there.
+pub fn try_alloc(what: &str, len: usize) -> Result<Vec<f32>, String> {
+    let bytes = len
+        .checked_mul(std::mem::size_of::<f32>())
+        .ok_or_else(|| format!("{what} needs {len} × 4 bytes, more than the address space"))?;
+    let mut v = Vec::new();
+    v.try_reserve_exact(len)
+        .map_err(|_| format!("{what} needs {bytes} bytes: allocation failed"))?;
+    Ok(v)
+}
+
+/// `len` copies of `value`, allocated as [`try_alloc`] does.
+pub fn try_filled(what: &str, len: usize, value: f32) -> Result<Vec<f32>, String> {
+    let mut v = try_alloc(what, len)?;
+    v.resize(len, value);
+    Ok(v)
 }
 
 /// FNV-1a of a name: a per-layer seed, so every layer gets its own data.
@@ -160,22 +188,29 @@ impl Layer {
 
     /// Deterministic data for the layer: random values in `[-1, 1)` and a
     /// bias, except for the seed layer, which gets its textbook input and
-    /// kernel and no bias.
+    /// kernel and no bias. Panics where [`Layer::try_data`] fails.
+    #[allow(dead_code)] // the benchmarks' form; the tool uses `try_data`
     pub fn data(&self, conv: &Conv2d) -> LayerData {
+        self.try_data(conv)
+            .unwrap_or_else(|e| panic!("layer {}: {e}", self.name))
+    }
+
+    /// [`Layer::data`], or which tensor could not be allocated.
+    pub fn try_data(&self, conv: &Conv2d) -> Result<LayerData, String> {
         let g = conv.geometry();
         if self.name == "seed" && g.input_len() == 9 && g.weight_len() == 4 {
-            return LayerData {
+            return Ok(LayerData {
                 input: SEED_INPUT.to_vec(),
                 weight: SEED_WEIGHT.to_vec(),
                 bias: None,
-            };
+            });
         }
         let mut rng = Rng::new(name_seed(&self.name));
-        LayerData {
-            input: rng.vec(g.input_len()),
-            weight: rng.vec(g.weight_len()),
-            bias: Some(rng.vec(g.out_channels)),
-        }
+        Ok(LayerData {
+            input: rng.try_vec("input", g.input_len())?,
+            weight: rng.try_vec("weight", g.weight_len())?,
+            bias: Some(rng.try_vec("bias", g.out_channels)?),
+        })
     }
 }
 

@@ -1,0 +1,295 @@
+//! The `cpuconv` binary as a user and a script see it: help text, exit
+//! status, JSON fields, closed pipes, shapes too big to allocate. Every run
+//! is tiny (the seed layer, 8×8×8 GEMMs, 1 ms budgets); the FMA peak that
+//! `compare` and `gemm` measure first is the slowest part, about a third
+//! of a second.
+
+use cpuconv::arch::supported_isas;
+use cpuconv::Algorithm;
+use serde_json::Value;
+use std::process::{Command, Output, Stdio};
+
+fn cpuconv(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_cpuconv"))
+        .args(args)
+        .env_remove("CPUCONV_ISA")
+        .output()
+        .expect("the cpuconv binary runs")
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Runs `args` and expects success, returning stdout.
+fn ok(args: &[&str]) -> String {
+    let out = cpuconv(args);
+    assert!(
+        out.status.success(),
+        "cpuconv {args:?}: {}\n{}",
+        out.status,
+        stderr(&out)
+    );
+    stdout(&out)
+}
+
+/// Each stdout line as JSON.
+fn json_lines(text: &str) -> Vec<Value> {
+    text.lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
+}
+
+fn all_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+#[test]
+fn compare_help_lists_every_algorithm() {
+    let help = ok(&["compare", "--help"]);
+    let line = help
+        .lines()
+        .find(|l| l.contains("[possible values: direct"))
+        .unwrap_or_else(|| panic!("no --algo value list in:\n{help}"));
+    let names: Vec<&str> = Algorithm::CONCRETE
+        .into_iter()
+        .chain([Algorithm::Auto])
+        .map(Algorithm::name)
+        .collect();
+    assert!(line.contains(&names.join(", ")), "{line}");
+    assert!(line.contains("direct-simd"), "{line}");
+}
+
+#[test]
+fn algo_names_parse_and_bad_ones_are_refused() {
+    let out = cpuconv(&["compare", "--algo", "nonsense", "--layer", "seed"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("direct-simd"), "{}", stderr(&out));
+}
+
+#[test]
+fn compare_help_gives_the_shape_syntax_once() {
+    let syntax = "[NAME=]N,C,H,W:K,RxS";
+    let long = ok(&["compare", "--help"]);
+    assert_eq!(long.matches(syntax).count(), 1, "{long}");
+    assert_eq!(long.matches("Custom layer:").count(), 1, "{long}");
+    // `-h` has no syntax block after the options, so --shape's line keeps it.
+    let short = ok(&["compare", "-h"]);
+    assert_eq!(short.matches(syntax).count(), 1, "{short}");
+}
+
+#[test]
+fn threads_zero_means_every_cpu_in_both_commands() {
+    for cmd in ["compare", "gemm"] {
+        let help = ok(&[cmd, "--help"]);
+        assert!(help.contains("0 (or `all`) is every CPU"), "{cmd}: {help}");
+    }
+    let rows = json_lines(&ok(&[
+        "gemm",
+        "--threads",
+        "0",
+        "--shape",
+        "8",
+        "--budget-ms",
+        "1",
+        "--json",
+    ]));
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0]["threads"], all_threads());
+    let rows = json_lines(&ok(&[
+        "compare",
+        "--threads",
+        "0",
+        "--layer",
+        "seed",
+        "--algo",
+        "direct",
+        "--budget-ms",
+        "1",
+        "--json",
+    ]));
+    assert_eq!(rows[0]["threads"], all_threads());
+}
+
+#[test]
+fn compare_json_keeps_its_fields() {
+    let rows = json_lines(&ok(&[
+        "compare",
+        "--layer",
+        "seed",
+        "--algo",
+        "direct",
+        "--algo",
+        "auto",
+        "--threads",
+        "1",
+        "--budget-ms",
+        "1",
+        "--json",
+    ]));
+    assert_eq!(rows.len(), 2);
+    for row in &rows {
+        for key in [
+            "algorithm",
+            "picked",
+            "median_ms",
+            "gflops",
+            "peak_fraction",
+        ] {
+            assert!(row.get(key).is_some(), "no {key} in {row}");
+        }
+        assert!(row["median_ms"].as_f64().unwrap() > 0.0, "{row}");
+    }
+    assert_eq!(rows[0]["algorithm"], "direct");
+    assert_eq!(rows[0]["picked"], Value::Null);
+    assert_eq!(rows[1]["algorithm"], "auto");
+    assert!(rows[1]["picked"].is_string(), "{}", rows[1]);
+}
+
+/// Runs `args` with stdout a pipe whose read end is already closed, so the
+/// first line written meets a broken pipe.
+fn into_closed_pipe(args: &[&str]) -> Output {
+    let (reader, writer) = std::io::pipe().expect("a pipe");
+    drop(reader);
+    Command::new(env!("CARGO_BIN_EXE_cpuconv"))
+        .args(args)
+        .stdout(writer)
+        .stderr(Stdio::piped())
+        .output()
+        .expect("the cpuconv binary runs")
+}
+
+#[test]
+fn a_closed_stdout_stops_quietly() {
+    let runs: &[&[&str]] = &[
+        &["compare", "--list"],
+        &["compare", "--help"],
+        &["info", "--no-peak"],
+        &["info", "--json", "--no-peak"],
+        &["info", "--isas"],
+        &[
+            "compare",
+            "--layer",
+            "seed",
+            "--algo",
+            "direct",
+            "--threads",
+            "1",
+            "--budget-ms",
+            "1",
+        ],
+        &["gemm", "--shape", "8", "--threads", "1", "--budget-ms", "1"],
+    ];
+    for args in runs {
+        let out = into_closed_pipe(args);
+        let err = stderr(&out);
+        assert!(out.status.success(), "{args:?}: {}\n{err}", out.status);
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
+}
+
+#[test]
+fn a_reader_that_leaves_early_stops_the_list_quietly() {
+    use std::io::Read;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_cpuconv"))
+        .args(["compare", "--list"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the cpuconv binary runs");
+    let mut first = [0u8; 8];
+    child
+        .stdout
+        .take()
+        .expect("piped")
+        .read_exact(&mut first)
+        .expect("some output");
+    let out = child.wait_with_output().expect("it exits");
+    assert!(out.status.success(), "{}", out.status);
+    assert!(!stderr(&out).contains("panicked"), "{}", stderr(&out));
+}
+
+#[test]
+fn an_enormous_layer_is_an_error_not_an_abort() {
+    // 2^42 input values (16 TiB): no machine holds it, whatever its
+    // overcommit policy lets it reserve.
+    let out = cpuconv(&["compare", "--shape", "1,1024,65536,65536:1024,3x3,p1"]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("layer shape1: "), "{err}");
+    assert!(err.contains(" bytes"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(out.stdout.is_empty(), "{}", stdout(&out));
+}
+
+#[test]
+fn an_enormous_gemm_is_an_error_not_an_abort() {
+    let out = cpuconv(&["gemm", "--shape", "100000000", "--threads", "1"]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("100000000x100000000x100000000: A needs 40000000000000000 bytes"),
+        "{err}"
+    );
+    assert!(out.stdout.is_empty(), "{}", stdout(&out));
+}
+
+#[test]
+fn gemm_refuses_a_zero_dimension() {
+    let out = cpuconv(&["gemm", "--shape", "0x8x8", "--threads", "1"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("positive"), "{}", stderr(&out));
+}
+
+fn supported_names() -> Vec<&'static str> {
+    supported_isas().iter().map(|i| i.name()).collect()
+}
+
+#[test]
+fn info_isas_is_one_line_for_scripts() {
+    let text = ok(&["info", "--isas"]);
+    assert_eq!(text, format!("{}\n", supported_names().join(",")));
+    assert!(text.starts_with("portable"), "{text}");
+}
+
+#[test]
+fn info_json_is_one_object() {
+    let text = ok(&["info", "--json", "--no-peak"]);
+    let rows = json_lines(&text);
+    assert_eq!(rows.len(), 1, "{text}");
+    let info = &rows[0];
+    let supported = supported_names();
+    assert_eq!(info["supported_isas"], serde_json::json!(supported));
+    // CPUCONV_ISA is unset for the tool, so it runs the detected path.
+    let detected = cpuconv::arch::detected_isa().name();
+    assert_eq!(info["active_isa"], detected);
+    assert_eq!(info["detected_isa"], detected);
+    assert_eq!(info["cpuconv_isa_env"], Value::Null);
+    assert_eq!(info["peaks"], Value::Null);
+    for key in ["l1d_bytes", "l2_bytes", "l3_per_core_bytes"] {
+        assert!(info["caches"][key].as_u64().unwrap() > 0, "{key}: {info}");
+    }
+    for isa in &supported {
+        let b = &info["blocking"][isa];
+        for key in ["mr", "nr", "mc", "kc", "nc"] {
+            assert!(b[key].as_u64().unwrap() > 0, "{isa} {key}: {info}");
+        }
+    }
+}
+
+#[test]
+fn info_json_reports_cpuconv_isa() {
+    let out = Command::new(env!("CARGO_BIN_EXE_cpuconv"))
+        .args(["info", "--json", "--no-peak"])
+        .env("CPUCONV_ISA", "portable")
+        .output()
+        .expect("the cpuconv binary runs");
+    assert!(out.status.success(), "{}", stderr(&out));
+    let info: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(info["cpuconv_isa_env"], "portable");
+    assert_eq!(info["active_isa"], "portable");
+}
