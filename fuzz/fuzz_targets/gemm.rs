@@ -464,8 +464,11 @@ fn run(inp: &GemmInput) {
             } else {
                 (0.0, 0.0)
             };
+            // A·B is summed in f32 before α scales it, so it may overflow
+            // even where α·A·B would not.
+            let ab_mag = mag;
             let mag = alpha.abs() as f64 * mag + cmag;
-            if !finite || mag > 1e36 {
+            if !finite || mag > 1e36 || ab_mag > 1e36 {
                 continue;
             }
             let want = alpha as f64 * ab + cterm;
