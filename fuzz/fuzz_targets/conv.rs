@@ -218,7 +218,8 @@ impl ConvInput {
             }
             GroupSpec::Divisor { pick } => {
                 let g = gcd(c, k);
-                let mut divisors: Vec<usize> = (1..=g.min(64)).filter(|d| g % d == 0).collect();
+                let mut divisors: Vec<usize> =
+                    (1..=g.min(64)).filter(|d| g.is_multiple_of(*d)).collect();
                 divisors.push(g);
                 divisors[pick as usize % divisors.len()]
             }
@@ -275,7 +276,10 @@ fn model(p: &Conv2dParams) -> Model {
     if p.dilation.0 == 0 || p.dilation.1 == 0 {
         return Model::Invalid("zero dilation");
     }
-    if p.groups == 0 || p.in_channels % p.groups != 0 || p.out_channels % p.groups != 0 {
+    if p.groups == 0
+        || !p.in_channels.is_multiple_of(p.groups)
+        || !p.out_channels.is_multiple_of(p.groups)
+    {
         return Model::Invalid("groups");
     }
     let u = |v: usize| v as u128;
@@ -402,6 +406,14 @@ fn activation_ref(act: Activation, v: f64) -> f64 {
     v.max(lo as f64).min(hi as f64)
 }
 
+/// Whether a guard is on: its constant, unless `CPUCONV_FUZZ_NO_GUARDS` is
+/// set in the environment (to check a library fix against the crashes the
+/// guard hides).
+fn guard(on: bool) -> bool {
+    static ALL_OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    on && !*ALL_OFF.get_or_init(|| std::env::var_os("CPUCONV_FUZZ_NO_GUARDS").is_some())
+}
+
 /// GUARD (remove once the library settles `Clamp { min > max }`): `Direct`
 /// computes `x < min ? min : x > max ? max : x`, which gives `min` where the
 /// documented `min(max(x, min), max)` gives `max`. Until one rule holds
@@ -418,7 +430,7 @@ const GUARD_HUGE_STRIDE_W: bool = true;
 
 /// Whether a guard says not to run `algorithm` (`Auto` resolved) on `g`.
 fn guarded(g: &ConvGeometry, algorithm: Algorithm) -> bool {
-    GUARD_HUGE_STRIDE_W
+    guard(GUARD_HUGE_STRIDE_W)
         && matches!(algorithm, Algorithm::Im2col | Algorithm::Implicit)
         && g.stride_w > isize::MAX as usize / 2
 }
@@ -438,7 +450,7 @@ fn plan_guarded(conv: &Conv2d, algorithm: Algorithm, backend: GemmBackend) -> bo
         Algorithm::Auto => conv.auto_algorithm(),
         a => a,
     };
-    GUARD_PLAN_PADDED_WORK
+    guard(GUARD_PLAN_PADDED_WORK)
         && backend == GemmBackend::Native
         && matches!(resolved, Algorithm::Im2col | Algorithm::Implicit)
         && (g.out_channels_per_group() as u128 + 32) * (g.out_plane() as u128 + 32) * 10
@@ -456,7 +468,7 @@ const GUARD_PADDED_EXTENT: bool = true;
 
 fn extent_guarded(g: &ConvGeometry) -> bool {
     let p = g.padding;
-    GUARD_PADDED_EXTENT
+    guard(GUARD_PADDED_EXTENT)
         && [
             g.in_h as u128 + p.top as u128 + p.bottom as u128,
             g.in_w as u128 + p.left as u128 + p.right as u128,
@@ -474,7 +486,7 @@ const GUARD_WORKSPACE_BYTES: bool = true;
 
 fn workspace_bytes_guarded(plan: &Conv2dPlan) -> bool {
     let g = plan.conv().geometry();
-    GUARD_WORKSPACE_BYTES
+    guard(GUARD_WORKSPACE_BYTES)
         && plan.algorithm() == Algorithm::Im2col
         && (g.gemm_k() as u128 * g.out_plane() as u128 + (1 << 40)) * 4 > usize::MAX as u128
 }
@@ -482,7 +494,7 @@ fn workspace_bytes_guarded(plan: &Conv2dPlan) -> bool {
 /// The scalar rule `Direct` uses, for [`GUARD_INVERTED_CLAMP`].
 fn inverted_clamp_alternative(act: Activation, v: f64) -> Option<f64> {
     match act {
-        Activation::Clamp { min, max } if GUARD_INVERTED_CLAMP && min > max => {
+        Activation::Clamp { min, max } if guard(GUARD_INVERTED_CLAMP) && min > max => {
             Some(if v < min as f64 {
                 min as f64
             } else if v > max as f64 {
