@@ -263,7 +263,9 @@ fn column_kernel_for(isa: Isa) -> Option<&'static Kernel> {
 }
 
 /// Multiply-adds a kernel spends on an `m × n` C, padding included.
-fn padded_work(kernel: &Kernel, m: usize, n: usize) -> usize {
+/// In `u128`, saturating: a plan may describe a far larger output than it
+/// will ever run on, and the public `kernel_info_for_shape` takes any sizes.
+fn padded_work(kernel: &Kernel, m: usize, n: usize) -> u128 {
     let KernelInfo { mr, nr, .. } = kernel.info;
     let rem = n % nr;
     let last = match kernel.narrow {
@@ -271,7 +273,8 @@ fn padded_work(kernel: &Kernel, m: usize, n: usize) -> usize {
         _ if rem > 0 => nr,
         _ => 0,
     };
-    m.next_multiple_of(mr) * (n - rem + last)
+    let rows = (m as u128).div_ceil(mr as u128) * mr as u128;
+    rows.saturating_mul((n - rem) as u128 + last as u128)
 }
 
 /// The kernel of path `isa` for an `m × n` C: the row kernel, unless A
@@ -288,7 +291,9 @@ pub(crate) fn kernel_for_shape(isa: Isa, m: usize, n: usize, a_prepacked: bool) 
     let rows = kernel_for(isa);
     match column_kernel_for(isa) {
         Some(columns)
-            if a_prepacked && padded_work(columns, m, n) * 10 <= padded_work(rows, m, n) * 9 =>
+            if a_prepacked
+                && padded_work(columns, m, n).saturating_mul(10)
+                    <= padded_work(rows, m, n).saturating_mul(9) =>
         {
             columns
         }
@@ -468,6 +473,19 @@ pub(crate) unsafe fn store_tile_scalar(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Regression (found by the conv fuzz target): choosing the kernel of a
+    /// plan whose output plane has 2^62 pixels overflowed the padded-work
+    /// product.
+    #[test]
+    fn kernel_choice_on_huge_planes_does_not_overflow() {
+        for isa in Isa::ALL {
+            for (m, n) in [(1, 1usize << 62), (usize::MAX, usize::MAX), (1 << 40, 49)] {
+                let info = kernel_info_for_shape(isa, m, n);
+                assert!(info.mr > 0 && info.nr > 0);
+            }
+        }
+    }
 
     #[test]
     fn blocking_follows_the_cache_rules() {
