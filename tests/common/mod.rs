@@ -5,7 +5,8 @@ use cpuconv::gemm::cache::cache_sizes;
 use cpuconv::gemm::kernels::KernelInfo;
 use cpuconv::testing::{isas_under_test, Blocking, KernelTrace};
 use cpuconv::{
-    Algorithm, Conv2dPlan, ConvGeometry, ConvMode, GemmBackend, Isa, Parallelism, Workspace,
+    Algorithm, Conv2dPlan, ConvError, ConvGeometry, ConvMode, GemmBackend, Isa, Parallelism,
+    Workspace,
 };
 
 /// Number of proptest cases: `PROPTEST_CASES` when it parses, else `default`.
@@ -74,11 +75,53 @@ pub fn assert_mentions(msg: &str, needles: &[&str]) {
     }
 }
 
-/// The workspace for `plan.forward_in`: the one place the tests call
-/// `Conv2dPlan::workspace`, so a change of its signature (to a `Result`,
-/// say) is one edit here.
+/// The workspace for `plan.forward_in`, or why it could not be allocated:
+/// the one place the tests call `Conv2dPlan::workspace`, so a change of its
+/// signature (to a `Result`, say) is one edit here. Today it returns the
+/// workspace itself, and a workspace too large to allocate aborts the
+/// process.
+pub fn try_workspace(plan: &Conv2dPlan) -> Result<Workspace, ConvError> {
+    Ok(plan.workspace())
+}
+
+/// [`try_workspace`] for plans whose workspace must fit.
 pub fn workspace(plan: &Conv2dPlan) -> Workspace {
-    plan.workspace()
+    try_workspace(plan).unwrap_or_else(|e| panic!("{:?} plan's workspace: {e}", plan.algorithm()))
+}
+
+/// Runs `f` in a child process: this test binary, run again on the one
+/// test `name` (which must be the calling test, and must call this first
+/// thing), with an environment variable telling it to run `f` itself. A
+/// failed allocation aborts the process rather than panicking, so a test
+/// of what a huge allocation does runs there: if the library aborts, the
+/// test fails with the child's message instead of taking every other test
+/// of the binary down with it. `Err` holds the child's exit status and
+/// stderr when it did not succeed.
+pub fn in_child_process(name: &str, f: impl FnOnce()) -> Result<(), String> {
+    const VAR: &str = "CPUCONV_TEST_CHILD";
+    if std::env::var(VAR).as_deref() == Ok(name) {
+        f();
+        return Ok(());
+    }
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let out = std::process::Command::new(exe)
+        .args([name, "--exact", "--include-ignored", "--nocapture"])
+        .env(VAR, name)
+        .output()
+        .map_err(|e| e.to_string())?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        return Err(format!(
+            "{}:\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    // The child must really have run the test (a wrong name runs nothing).
+    if !stdout.contains("1 passed") {
+        return Err(format!("the child ran no test {name:?}:\n{stdout}"));
+    }
+    Ok(())
 }
 
 // --- an independent convolution reference ------------------------------------------------
