@@ -208,13 +208,7 @@ pub struct BlockCounts {
 }
 
 impl BlockCounts {
-    pub fn add(&mut self, other: BlockCounts) {
-        self.blocks += other.blocks;
-        self.kc_edges += other.kc_edges;
-        self.mc_edges += other.mc_edges;
-        self.nc_edges += other.nc_edges;
-    }
-
+    /// The counts of `n` identical GEMMs (a convolution's image-group pairs).
     pub fn times(self, n: u64) -> BlockCounts {
         BlockCounts {
             blocks: self.blocks * n,
@@ -342,7 +336,9 @@ pub fn column_block(info: &KernelInfo, call: &GemmCall) -> usize {
 ///
 /// * nothing when `m`, `n` or `k` is 0 or α is 0 (C is only scaled);
 /// * the tiles cover [`tiled_columns`];
-/// * K is split into `⌈k / KC⌉` equal blocks (`block_depth`);
+/// * K is split into `⌈k / KC⌉` blocks: `block_depth` evens their depth to
+///   `⌈k / ⌈k / KC⌉⌉` rounded up to a multiple of 8, never above KC (itself
+///   a multiple of 8), which leaves the count at `⌈k / KC⌉`;
 /// * `m ≤ MC`: the single-MC path, K blocks outside column blocks of
 ///   [`single_mc_block_columns`], counting an NC edge per column block past
 ///   the first and never an MC edge;
