@@ -1,6 +1,10 @@
 //! Property test: every algorithm agrees with `Algorithm::Direct` (and Direct
 //! with an independent f64 reference) on random descriptors, on every ISA this
-//! CPU supports, both GEMM backends and both threading modes.
+//! CPU supports, both GEMM backends and both threading modes, through the
+//! one-shot forward and through plans (`forward`, and `forward_in` with a
+//! caller's workspace), with up to 64 channels per group; and, with a forced
+//! small cache blocking, the GEMM lowerings cross every KC, MC and NC block
+//! edge, which the kernel trace confirms block by block.
 //!
 //! Error bound. Let `K = (C/groups)·R·S` be the GEMM depth and, for one output
 //! element, `M = Σ_taps |x·w| + |bias|`. Any order of `K + 1` f32 additions of
@@ -17,14 +21,20 @@
 
 mod common;
 
-use common::{engine_combos, proptest_cases, Rng};
-use cpuconv::testing::{isas_under_test, traced, KernelTrace};
+use common::{
+    algorithms, column_block, engine_combos, proptest_cases, sequential_blocks, tiled_columns,
+    with_blocking, workspace, AOperand, BlockCounts, GemmCall, Rng,
+};
+use cpuconv::gemm::kernels::{kernel_info, kernel_info_for_shape};
+use cpuconv::testing::{isas_under_test, traced, Blocking, KernelTrace};
 use cpuconv::{
     Activation, Algorithm, Conv2d, Conv2dParams, ConvError, ConvMode, ForwardOptions, GemmBackend,
     Isa, Padding, Parallelism,
 };
 use proptest::prelude::*;
-use proptest::test_runner::{FileFailurePersistence, TestCaseError};
+use proptest::test_runner::{FileFailurePersistence, TestCaseError, TestRunner};
+use std::cell::Cell;
+use std::ops::RangeInclusive;
 
 /// One random convolution problem.
 #[derive(Clone, Debug)]
@@ -71,20 +81,44 @@ fn activation_strategy() -> impl Strategy<Value = Activation> {
 }
 
 /// Channels per group: 1 a third of the time (depthwise when both are 1).
-fn per_group() -> impl Strategy<Value = usize> {
-    prop_oneof![1 => Just(1usize), 2 => 1usize..=8]
+fn per_group() -> BoxedStrategy<usize> {
+    prop_oneof![1 => Just(1usize), 2 => 1usize..=8].boxed()
 }
 
-fn case_strategy() -> impl Strategy<Value = Case> {
+/// Channels per group for the wide cases: up to 64, with 64 itself and
+/// 15–17 (around `Auto`'s switch from the SIMD direct kernel to the GEMM
+/// at 16 channels per group) drawn often.
+fn wide_per_group() -> BoxedStrategy<usize> {
+    prop_oneof![2 => 9usize..=64, 1 => Just(64usize), 1 => 15usize..=17].boxed()
+}
+
+/// The ranges one family of cases draws from.
+struct Shapes {
+    batch: RangeInclusive<usize>,
+    channels: fn() -> BoxedStrategy<usize>,
+    groups: RangeInclusive<usize>,
+    kernel: RangeInclusive<usize>,
+    stride: RangeInclusive<usize>,
+    dilation: RangeInclusive<usize>,
+    padding: RangeInclusive<usize>,
+    input: RangeInclusive<usize>,
+}
+
+fn shaped_cases(s: Shapes) -> impl Strategy<Value = Case> {
     (
-        (1usize..=3, per_group(), 1usize..=4, per_group()),
+        (s.batch, (s.channels)(), s.groups, (s.channels)()),
         (
-            (1usize..=5, 1usize..=5),
-            (1usize..=3, 1usize..=3),
-            (1usize..=3, 1usize..=3),
+            (s.kernel.clone(), s.kernel),
+            (s.stride.clone(), s.stride),
+            (s.dilation.clone(), s.dilation),
         ),
-        (0usize..=3, 0usize..=3, 0usize..=3, 0usize..=3),
-        (1usize..=24, 1usize..=24),
+        (
+            s.padding.clone(),
+            s.padding.clone(),
+            s.padding.clone(),
+            s.padding,
+        ),
+        (s.input.clone(), s.input),
         (
             any::<bool>(),
             prop_oneof![
@@ -130,6 +164,34 @@ fn case_strategy() -> impl Strategy<Value = Case> {
                 }
             },
         )
+}
+
+/// Mostly few channels on images up to 24×24; one case in eight has 9–64
+/// channels per group on images up to 8×8 with kernels up to 3×3, so that
+/// a case costs at most about 64·576·100 multiply-adds per image and group.
+fn case_strategy() -> impl Strategy<Value = Case> {
+    prop_oneof![
+        7 => shaped_cases(Shapes {
+            batch: 1..=3,
+            channels: per_group,
+            groups: 1..=4,
+            kernel: 1..=5,
+            stride: 1..=3,
+            dilation: 1..=3,
+            padding: 0..=3,
+            input: 1..=24,
+        }),
+        1 => shaped_cases(Shapes {
+            batch: 1..=2,
+            channels: wide_per_group,
+            groups: 1..=2,
+            kernel: 1..=3,
+            stride: 1..=2,
+            dilation: 1..=2,
+            padding: 0..=1,
+            input: 1..=8,
+        }),
+    ]
 }
 
 /// Per output element (`[N, K, OH, OW]` order): the exact-ish value in f64
@@ -203,47 +265,62 @@ fn bound(gemm_k: usize, magnitude: f64) -> f64 {
     2.0 * (gemm_k + 1) as f64 * f32::EPSILON as f64 * magnitude + 1e-6
 }
 
-fn algorithms() -> Vec<Algorithm> {
-    let mut v = Algorithm::CONCRETE.to_vec();
-    v.push(Algorithm::Auto);
-    v
-}
-
-/// The kernels a call must have run on the calling thread: a sequential
-/// call of a GEMM lowering on the native backend runs the forced ISA's GEMM
-/// blocks, and one of `DirectSimd` its SIMD jobs (evidence is kept per
-/// thread, so threaded calls prove nothing here).
+/// What a call must have run, from the kernels it recorded on the calling
+/// thread (evidence is kept per thread, so only a call that ran entirely
+/// here proves anything: `sequential`). A GEMM lowering on the native
+/// backend runs the forced ISA's GEMM blocks and no SIMD direct job; on
+/// the `matrixmultiply` backend no native block at all; `DirectSimd` runs
+/// the forced ISA's SIMD jobs and no GEMM; `Direct` no kernel. Nothing
+/// runs on another ISA.
 fn check_evidence(
-    conv: &Conv2d,
-    options: &ForwardOptions,
+    what: &str,
+    resolved: Algorithm,
+    isa: Isa,
+    backend: GemmBackend,
+    sequential: bool,
     trace: &KernelTrace,
 ) -> Result<(), TestCaseError> {
-    if options.parallelism != Parallelism::Sequential {
+    if !sequential {
         return Ok(());
     }
-    let isa = options.isa.expect("the tests force an ISA");
-    let resolved = match options.algorithm {
-        Algorithm::Auto => conv.auto_algorithm(),
-        a => a,
-    };
+    let gemm_blocks: u64 = trace.gemm_blocks.iter().sum();
+    let simd_jobs: u64 = trace.direct_simd_jobs.iter().sum();
     match resolved {
-        Algorithm::Im2col | Algorithm::Implicit if options.backend == GemmBackend::Native => {
+        Algorithm::Im2col | Algorithm::Implicit if backend == GemmBackend::Native => {
             prop_assert!(
                 trace.gemm_ran_on(isa),
-                "{:?}: no {} GEMM block ran",
-                options,
+                "{}: no {} GEMM block ran",
+                what,
                 isa
             );
+            prop_assert_eq!(simd_jobs, 0, "{}: SIMD direct jobs ran", what);
+        }
+        Algorithm::Im2col | Algorithm::Implicit => {
+            prop_assert_eq!(gemm_blocks, 0, "{}: native blocks on matrixmultiply", what);
+            prop_assert_eq!(simd_jobs, 0, "{}: SIMD direct jobs ran", what);
         }
         Algorithm::DirectSimd => {
             prop_assert!(
                 trace.direct_simd_ran_on(isa),
-                "{:?}: no {} SIMD job ran",
-                options,
+                "{}: no {} SIMD job ran",
+                what,
                 isa
             );
+            prop_assert_eq!(gemm_blocks, 0, "{}: GEMM blocks ran", what);
         }
-        _ => {}
+        _ => {
+            prop_assert_eq!(
+                gemm_blocks + simd_jobs,
+                0,
+                "{}: {:?} ran kernels: {:?}",
+                what,
+                resolved,
+                trace
+            );
+        }
+    }
+    for other in Isa::ALL.into_iter().filter(|&o| o != isa) {
+        prop_assert!(!trace.ran_on(other), "{}: {} ran: {:?}", what, other, trace);
     }
     Ok(())
 }
@@ -313,27 +390,55 @@ fn run_case(case: &Case) -> Result<(), TestCaseError> {
         gemm_k,
     )?;
 
-    // Every algorithm, ISA, backend and threading mode against Direct.
+    // Every algorithm, ISA, backend and threading mode against Direct: the
+    // one-shot forward, a plan's forward, and its forward_in with a
+    // caller's workspace (which runs on the calling thread only).
     let mut out = vec![0.0f32; g.output_len()];
     for algorithm in algorithms() {
+        let resolved = match algorithm {
+            Algorithm::Auto => conv.auto_algorithm(),
+            a => a,
+        };
         for (isa, backend, parallelism) in engine_combos() {
             let options = ForwardOptions::new(algorithm)
                 .parallelism(parallelism)
                 .backend(backend)
                 .activation(act)
                 .isa(Some(isa));
+            let sequential = parallelism == Parallelism::Sequential;
+            let check = |what: &str, out: &[f32], trace: &KernelTrace, sequential: bool| {
+                let what = format!("{what} {options:?}");
+                check_evidence(&what, resolved, isa, backend, sequential, trace)?;
+                compare(
+                    &format!("{what} vs direct"),
+                    out,
+                    |i| direct[i] as f64,
+                    &magnitude,
+                    gemm_k,
+                )
+            };
+
             out.fill(f32::NAN);
             let (result, trace) =
                 traced(|| conv.forward_with(&input, &weight, bias, &mut out, &options));
             result.map_err(|e| TestCaseError::fail(format!("{options:?}: {e}")))?;
-            check_evidence(&conv, &options, &trace)?;
-            compare(
-                &format!("{options:?} vs direct"),
-                &out,
-                |i| direct[i] as f64,
-                &magnitude,
-                gemm_k,
-            )?;
+            check("forward_with", &out, &trace, sequential)?;
+
+            let plan = conv
+                .plan(&weight, bias, &options)
+                .map_err(|e| TestCaseError::fail(format!("plan {options:?}: {e}")))?;
+            prop_assert_eq!(plan.algorithm(), resolved, "plan {:?}", options);
+            prop_assert_eq!(plan.isa(), isa, "plan {:?}", options);
+            out.fill(f32::NAN);
+            let (result, trace) = traced(|| plan.forward(&input, &mut out));
+            result.map_err(|e| TestCaseError::fail(format!("plan {options:?}: {e}")))?;
+            check("plan.forward", &out, &trace, sequential)?;
+
+            let mut ws = workspace(&plan);
+            out.fill(f32::NAN);
+            let (result, trace) = traced(|| plan.forward_in(&input, &mut out, &mut ws));
+            result.map_err(|e| TestCaseError::fail(format!("forward_in {options:?}: {e}")))?;
+            check("plan.forward_in", &out, &trace, true)?;
         }
     }
     Ok(())
@@ -577,6 +682,226 @@ fn nan_input_propagates_through_every_path_and_activation() {
                     }
                 }
             }
+        }
+    }
+}
+
+// --- forced small blocking: the lowerings cross every cache-block edge --------------------
+
+/// Convolutions whose GEMMs (`K/g × (C/g)·R·S × OH·OW` per image and
+/// group) reach past blocks of 8–24 rows or depth and 32–96 columns: up to
+/// 40 output and 16 input channels per group, kernels up to 3×3, images of
+/// 5×5 to 18×18 (at most 40·144·484 multiply-adds per image and group).
+fn blocked_case_strategy() -> impl Strategy<Value = (Case, Blocking)> {
+    (
+        shaped_cases(Shapes {
+            batch: 1..=2,
+            channels: || prop_oneof![1 => 1usize..=4, 2 => 5usize..=16].boxed(),
+            groups: 1..=2,
+            kernel: 1..=3,
+            stride: 1..=2,
+            dilation: 1..=2,
+            padding: 0..=2,
+            input: 5..=18,
+        }),
+        prop_oneof![1 => 1usize..=8, 3 => 9usize..=40],
+        (
+            prop::sample::select(vec![8usize, 16, 24]),
+            prop::sample::select(vec![8usize, 16, 24]),
+            prop::sample::select(vec![32usize, 64, 96]),
+        ),
+    )
+        .prop_map(|(case, out_per_group, (mc, kc, nc))| {
+            (
+                Case {
+                    out_per_group,
+                    ..case
+                },
+                Blocking { mc, kc, nc },
+            )
+        })
+}
+
+/// The GEMM each (image, group) pair of `conv` runs when `resolved` is a
+/// GEMM lowering on the native backend, with the kernel it runs on: raw
+/// weights (row-major, read as a strided A) and the row kernel for a
+/// one-shot forward; for a plan, weights packed for the kernel
+/// `kernel_info_for_shape` picks (on AVX-512 the 32 × 8 column kernel when
+/// the output plane has few pixels). B is strided for the explicit column
+/// matrix and for an unpadded stride-1 1×1 convolution (the input planes),
+/// otherwise the implicit im2col view.
+fn lowered_gemm(
+    conv: &Conv2d,
+    resolved: Algorithm,
+    isa: Isa,
+    blocking: Blocking,
+    planned: bool,
+) -> Option<(cpuconv::gemm::kernels::KernelInfo, GemmCall)> {
+    let g = conv.geometry();
+    if !matches!(resolved, Algorithm::Im2col | Algorithm::Implicit) {
+        return None;
+    }
+    let (m, k, n) = (g.out_channels_per_group(), g.gemm_k(), g.out_plane());
+    let info = if planned {
+        kernel_info_for_shape(isa, m, n)
+    } else {
+        kernel_info(isa)
+    };
+    let call = GemmCall {
+        m,
+        k,
+        n,
+        alpha_nonzero: true,
+        a: if planned {
+            AOperand::Packed
+        } else {
+            AOperand::Strided {
+                rs: k as isize,
+                cs: 1,
+            }
+        },
+        b_strided: resolved == Algorithm::Im2col || g.is_pointwise_identity(),
+    };
+    Some((with_blocking(info, blocking), call))
+}
+
+/// Runs `case` sequentially on the native engine with `blocking` forced,
+/// through the GEMM lowerings and `Auto`, one-shot and planned (`forward`
+/// and `forward_in`), on every ISA: values against Direct, and the GEMM
+/// blocks that ran against those the driver's loop nest must run for every
+/// (image, group) pair ([`sequential_blocks`]): a KC edge iff the depth
+/// exceeds KC, an MC edge iff the output channels per group exceed MC, an
+/// NC edge iff the output plane exceeds the column block.
+fn run_blocked_case(
+    case: &Case,
+    blocking: Blocking,
+    stats: &Cell<[u32; 5]>,
+) -> Result<(), TestCaseError> {
+    let conv: Conv2d = match case.params().build() {
+        Ok(c) => c,
+        Err(ConvError::KernelLargerThanInput { .. }) => {
+            return Err(TestCaseError::reject("kernel larger than the padded input"))
+        }
+        Err(e) => return Err(TestCaseError::fail(format!("{case:?}: {e}"))),
+    };
+    let g = *conv.geometry();
+    let mut rng = Rng::new(case.seed);
+    let input = rng.vec(g.input_len());
+    let weight = rng.vec(g.weight_len());
+    let bias_vec = rng.vec(g.out_channels);
+    let bias = case.bias.then_some(&bias_vec[..]);
+    let (value, magnitude, _) = reference(case, &input, &weight, bias);
+    let act = case.activation;
+    let mut direct = vec![f32::NAN; g.output_len()];
+    conv.forward_with(
+        &input,
+        &weight,
+        bias,
+        &mut direct,
+        &ForwardOptions::new(Algorithm::Direct).activation(act),
+    )
+    .map_err(|e| TestCaseError::fail(e.to_string()))?;
+    compare(
+        "direct vs f64 reference",
+        &direct,
+        |i| act.apply(value[i] as f32) as f64,
+        &magnitude,
+        g.gemm_k(),
+    )?;
+    let pairs = (g.batch * g.groups) as u64;
+    let mut out = vec![0.0f32; g.output_len()];
+    for isa in isas_under_test() {
+        for algorithm in [Algorithm::Im2col, Algorithm::Implicit, Algorithm::Auto] {
+            let options = ForwardOptions::new(algorithm)
+                .parallelism(Parallelism::Sequential)
+                .activation(act)
+                .isa(isa)
+                .blocking(blocking);
+            let resolved = match algorithm {
+                Algorithm::Auto => conv.auto_algorithm(),
+                a => a,
+            };
+            let plan = conv
+                .plan(&weight, bias, &options)
+                .map_err(|e| TestCaseError::fail(format!("plan {options:?}: {e}")))?;
+            let mut ws = workspace(&plan);
+            for entry in ["forward_with", "plan.forward", "plan.forward_in"] {
+                out.fill(f32::NAN);
+                let (result, trace) = traced(|| match entry {
+                    "forward_with" => conv.forward_with(&input, &weight, bias, &mut out, &options),
+                    "plan.forward" => plan.forward(&input, &mut out),
+                    _ => plan.forward_in(&input, &mut out, &mut ws),
+                });
+                let what = format!("{entry} {options:?}");
+                result.map_err(|e| TestCaseError::fail(format!("{what}: {e}")))?;
+                compare(&what, &out, |i| direct[i] as f64, &magnitude, g.gemm_k())?;
+                check_evidence(&what, resolved, isa, GemmBackend::Native, true, &trace)?;
+                let got = BlockCounts::of_trace(&trace, isa);
+                let Some((info, call)) =
+                    lowered_gemm(&conv, resolved, isa, blocking, entry != "forward_with")
+                else {
+                    prop_assert_eq!(got, BlockCounts::default(), "{}", what);
+                    continue;
+                };
+                let what = format!("{what} {info:?} {call:?}: {trace:?}");
+                prop_assert_eq!(got.kc_edges > 0, call.k > info.kc, "KC edge: {}", what);
+                prop_assert_eq!(got.mc_edges > 0, call.m > info.mc, "MC edge: {}", what);
+                prop_assert_eq!(
+                    got.nc_edges > 0,
+                    tiled_columns(&info, &call) > column_block(&info, &call),
+                    "NC edge: {}",
+                    what
+                );
+                prop_assert_eq!(
+                    got,
+                    sequential_blocks(&info, &call).times(pairs),
+                    "{}",
+                    what
+                );
+                let mut s = stats.get();
+                s[0] += 1;
+                s[1] += u32::from(got.kc_edges > 0);
+                s[2] += u32::from(got.mc_edges > 0);
+                s[3] += u32::from(got.nc_edges > 0);
+                s[4] += u32::from(got.kc_edges > 0 && got.mc_edges > 0 && got.nc_edges > 0);
+                stats.set(s);
+            }
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn lowerings_with_small_blocks_cross_every_edge() {
+    let cases = proptest_cases(512);
+    let mut runner = TestRunner::new(ProptestConfig {
+        cases,
+        max_global_rejects: 1 << 14,
+        source_file: Some(file!()),
+        failure_persistence: Some(Box::new(FileFailurePersistence::WithSource(
+            "proptest-regressions",
+        ))),
+        ..ProptestConfig::default()
+    });
+    let stats = Cell::new([0u32; 5]);
+    if let Err(e) = runner.run(&blocked_case_strategy(), |(case, blocking)| {
+        run_blocked_case(&case, blocking, &stats)
+    }) {
+        panic!("{e}");
+    }
+    let [runs, kc, mc, nc, all] = stats.get();
+    println!("GEMM runs {runs}, crossing KC {kc}, MC {mc}, NC {nc}, all three {all}");
+    if cases >= 64 {
+        for (edge, count, floor) in [
+            ("KC", kc, 8),
+            ("MC", mc, 8),
+            ("NC", nc, 8),
+            ("all", all, 16),
+        ] {
+            assert!(
+                count * floor >= runs,
+                "only {count} of {runs} GEMM runs crossed {edge}"
+            );
         }
     }
 }

@@ -15,14 +15,18 @@
 
 mod common;
 
-use common::{engine_combos, proptest_cases, Rng};
+use common::{
+    column_block, engine_combos, proptest_cases, sequential_blocks, single_mc_block_columns,
+    tiled_columns, with_blocking, AOperand, BlockCounts, GemmCall, Rng,
+};
 use cpuconv::gemm::kernels::{kernel_info, kernel_info_for_shape};
 use cpuconv::gemm::{sgemm, sgemm_raw, GemmOptions, MatMut, MatRef};
-use cpuconv::testing::{isas_under_test, traced};
+use cpuconv::testing::{isas_under_test, traced, Blocking, KernelTrace};
 use cpuconv::{GemmBackend, GemmError, Isa, Parallelism};
 use proptest::prelude::*;
-use proptest::test_runner::{FileFailurePersistence, TestCaseError};
+use proptest::test_runner::{FileFailurePersistence, TestCaseError, TestRunner};
 use rayon::prelude::*;
+use std::cell::Cell;
 use std::num::NonZeroUsize;
 
 /// Value of every element of a buffer that lies outside the matrix view; the
@@ -481,6 +485,345 @@ proptest! {
     #[test]
     fn sgemm_matches_naive(case in case_strategy()) {
         run_case(&case)?;
+    }
+}
+
+// --- forced small blocking: every cache-block edge ---------------------------------------
+
+/// Sizes up to 100 for problems run with a forced blocking of 8–24 rows or
+/// depth and 32–96 columns: below one block (the single-MC path, one K
+/// block), between, and past several, often one off a multiple of 8 (the
+/// block sizes are multiples of 8; the register tiles 6, 8, 16 or 32 wide).
+fn blocked_dim() -> impl Strategy<Value = usize> {
+    prop_oneof![
+        2 => 1usize..=24,
+        3 => 25usize..=100,
+        2 => (1usize..=12, -1isize..=1).prop_map(|(q, d)| (q as isize * 8 + d) as usize),
+    ]
+}
+
+/// The forced blocking, drawn per case. MC and NC are rounded up to whole
+/// register tiles (MC 8 → 12 on the 6-row kernels), KC to a multiple of 8.
+fn small_blocking() -> impl Strategy<Value = Blocking> {
+    (
+        prop::sample::select(vec![8usize, 16, 24]),
+        prop::sample::select(vec![8usize, 16, 24]),
+        prop::sample::select(vec![32usize, 64, 96]),
+    )
+        .prop_map(|(mc, kc, nc)| Blocking { mc, kc, nc })
+}
+
+fn blocked_case_strategy() -> impl Strategy<Value = (Case, Blocking)> {
+    (
+        (blocked_dim(), blocked_dim(), blocked_dim()),
+        (scalar(), scalar()),
+        (ab_layout(), ab_layout(), c_layout()),
+        any::<u64>(),
+        small_blocking(),
+    )
+        .prop_map(|((m, k, n), (alpha, beta), (a, b, c), seed, blocking)| {
+            (
+                Case {
+                    m,
+                    k,
+                    n,
+                    alpha,
+                    beta,
+                    a,
+                    b,
+                    c,
+                    seed,
+                },
+                blocking,
+            )
+        })
+}
+
+/// The GEMM the driver runs for `C ← α·A·B + β·C` on these operands: a C
+/// with unit row stride and any other column stride is computed as
+/// `Cᵀ = Bᵀ·Aᵀ` (the kernels store rows of C), so rows and columns swap and
+/// Bᵀ becomes A.
+fn driver_call(alpha: f32, a: &Stored, b: &Stored, c: &Stored) -> GemmCall {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    let transposed = c.cs != 1 && c.rs == 1;
+    let (m, n, a) = if transposed {
+        (n, m, AOperand::Strided { rs: b.cs, cs: b.rs })
+    } else {
+        (m, n, AOperand::Strided { rs: a.rs, cs: a.cs })
+    };
+    GemmCall {
+        m,
+        k,
+        n,
+        alpha_nonzero: alpha != 0.0,
+        a,
+        b_strided: true,
+    }
+}
+
+/// How many (case, ISA) runs crossed each edge, to show the strategy is not
+/// vacuous.
+#[derive(Clone, Copy, Debug, Default)]
+struct EdgeStats {
+    runs: u32,
+    kc: u32,
+    mc: u32,
+    nc: u32,
+    all: u32,
+}
+
+/// Runs the case sequentially on the native engine of every ISA under test
+/// with `blocking` forced, checks C against the naive product, and checks
+/// that the blocks that ran on this thread are exactly those the driver's
+/// loop nest must run ([`sequential_blocks`]), all on the forced ISA: in
+/// particular a KC edge is crossed iff k > KC, an MC edge iff the rows
+/// exceed MC, and an NC edge iff the columns the tiles cover exceed the
+/// column block of the path taken.
+fn run_blocked_case(
+    case: &Case,
+    blocking: Blocking,
+    stats: &Cell<EdgeStats>,
+) -> Result<(), TestCaseError> {
+    let (m, k, n) = (case.m, case.k, case.n);
+    let mut rng = Rng::new(case.seed);
+    let a = Stored::new(m, k, case.a, |_, _| rng.next_f32());
+    let b = Stored::new(k, n, case.b, |_, _| rng.next_f32());
+    let beta_zero = case.beta == 0.0;
+    let c0 = Stored::new(m, n, case.c, |_, _| {
+        if beta_zero {
+            f32::NAN
+        } else {
+            rng.next_f32()
+        }
+    });
+    let (want, magnitude) = naive(case.alpha, &a, &b, case.beta, &c0);
+    let in_view = c0.in_view();
+    let call = driver_call(case.alpha, &a, &b, &c0);
+    for isa in isas_under_test() {
+        let options = GemmOptions::default()
+            .backend(GemmBackend::Native)
+            .parallelism(Parallelism::Sequential)
+            .isa(isa)
+            .blocking(blocking);
+        let mut c = c0.clone();
+        let (result, trace) = traced(|| run_gemm(case.alpha, &a, &b, case.beta, &mut c, &options));
+        result.map_err(|e| TestCaseError::fail(format!("{options:?}: {e}")))?;
+        check_c(&format!("{options:?}"), &c, k, &want, &magnitude, &in_view)?;
+
+        let info = with_blocking(kernel_info(isa), blocking);
+        let expected = sequential_blocks(&info, &call);
+        let got = BlockCounts::of_trace(&trace, isa);
+        let what = format!("{isa} {info:?} {call:?}: trace {trace:?}");
+        if expected.blocks > 0 {
+            prop_assert!(trace.gemm_ran_on(isa), "no {} block ran: {}", isa, what);
+            // The plain statements first, for a readable failure.
+            prop_assert_eq!(got.kc_edges > 0, k > info.kc, "KC edge: {}", what);
+            prop_assert_eq!(got.mc_edges > 0, call.m > info.mc, "MC edge: {}", what);
+            prop_assert_eq!(
+                got.nc_edges > 0,
+                tiled_columns(&info, &call) > column_block(&info, &call),
+                "NC edge: {}",
+                what
+            );
+        }
+        for other in Isa::ALL.into_iter().filter(|&o| o != isa) {
+            prop_assert!(!trace.gemm_ran_on(other), "{} ran: {}", other, what);
+        }
+        prop_assert_eq!(got, expected, "{}", what);
+
+        let mut s = stats.get();
+        s.runs += 1;
+        s.kc += u32::from(got.kc_edges > 0);
+        s.mc += u32::from(got.mc_edges > 0);
+        s.nc += u32::from(got.nc_edges > 0);
+        s.all += u32::from(got.kc_edges > 0 && got.mc_edges > 0 && got.nc_edges > 0);
+        stats.set(s);
+    }
+    Ok(())
+}
+
+#[test]
+fn sgemm_with_small_blocks_crosses_every_edge() {
+    let cases = proptest_cases(512);
+    let mut runner = TestRunner::new(ProptestConfig {
+        cases,
+        source_file: Some(file!()),
+        failure_persistence: Some(Box::new(FileFailurePersistence::WithSource(
+            "proptest-regressions",
+        ))),
+        ..ProptestConfig::default()
+    });
+    let stats = Cell::new(EdgeStats::default());
+    if let Err(e) = runner.run(&blocked_case_strategy(), |(case, blocking)| {
+        run_blocked_case(&case, blocking, &stats)
+    }) {
+        panic!("{e}");
+    }
+    let s = stats.get();
+    println!("runs crossing edges: {s:?}");
+    // Measured over 4096 cases: KC and MC edges in about 58% of the runs,
+    // NC in 23%, all three at once in 14%. Floors of 1/8 (1/16 for all
+    // three) sit at least five standard deviations below at 512 cases and
+    // catch a strategy or a blocking override that stopped working.
+    if cases >= 256 {
+        for (edge, count, floor) in [
+            ("KC", s.kc, 8),
+            ("MC", s.mc, 8),
+            ("NC", s.nc, 8),
+            ("all three", s.all, 16),
+        ] {
+            assert!(
+                count * floor >= s.runs,
+                "only {count} of {} runs crossed {edge}: {s:?}",
+                s.runs
+            );
+        }
+    }
+}
+
+/// One call that crosses a KC, an MC and an NC edge at once on every ISA,
+/// with β ≠ 0 (only the first K block may apply β) and with β = 0 over a
+/// NaN C, row-major and column-major (computed transposed) C, checked
+/// value by value and block by block.
+#[test]
+fn one_call_crosses_kc_mc_and_nc_edges() {
+    let blocking = Blocking {
+        mc: 16,
+        kc: 16,
+        nc: 32,
+    };
+    // 50 rows: four MC blocks, the last of 2 rows (a partial register
+    // tile); depth 41: three K blocks (16, 16 and 9); 100 columns: four NC
+    // blocks, the last of 4 columns (100 % 16 = 4: AVX-512 peels nothing).
+    // A column-major C is computed as Cᵀ, 100 × 50: the same edges.
+    let (m, k, n) = (50, 41, 100);
+    let col_major = Layout {
+        row_major: false,
+        ..Layout::DENSE
+    };
+    for (c_layout, beta) in [
+        (Layout::DENSE, -0.5f32),
+        (Layout::DENSE, 0.0),
+        (col_major, 1.25),
+        (col_major, 0.0),
+    ] {
+        let mut rng = Rng::new(31);
+        let a = Stored::new(m, k, Layout::DENSE, |_, _| rng.next_f32());
+        let b = Stored::new(k, n, Layout::DENSE, |_, _| rng.next_f32());
+        let c0 = Stored::new(m, n, c_layout, |_, _| {
+            if beta == 0.0 {
+                f32::NAN
+            } else {
+                rng.next_f32()
+            }
+        });
+        let (want, magnitude) = naive(0.75, &a, &b, beta, &c0);
+        let call = driver_call(0.75, &a, &b, &c0);
+        for isa in isas_under_test() {
+            let options = GemmOptions::default()
+                .parallelism(Parallelism::Sequential)
+                .isa(isa)
+                .blocking(blocking);
+            let mut c = c0.clone();
+            let (result, trace): (_, KernelTrace) =
+                traced(|| run_gemm(0.75, &a, &b, beta, &mut c, &options));
+            result.unwrap();
+            let what = format!("{isa} β {beta} {c_layout:?}: {trace:?}");
+            check_c(&what, &c, k, &want, &magnitude, &c0.in_view())
+                .unwrap_or_else(|e| panic!("{e}"));
+            assert!(trace.gemm_ran_on(isa), "{what}");
+            assert!(trace.kc_edges > 0, "no KC edge: {what}");
+            assert!(trace.mc_edges > 0, "no MC edge: {what}");
+            assert!(trace.nc_edges > 0, "no NC edge: {what}");
+            let info = with_blocking(kernel_info(isa), blocking);
+            assert_eq!(
+                BlockCounts::of_trace(&trace, isa),
+                sequential_blocks(&info, &call),
+                "{what}"
+            );
+        }
+    }
+}
+
+/// A problem whose rows fit one MC block takes the single-MC path, whose B
+/// blocks are `single_block_columns` wide: with a forced NC that is at most
+/// NC, so 100 columns against NC = 32 still cross column-block edges.
+#[test]
+fn single_mc_block_path_crosses_its_column_blocks() {
+    let blocking = Blocking {
+        mc: 24,
+        kc: 8,
+        nc: 32,
+    };
+    let (m, k, n) = (13, 30, 100);
+    let mut rng = Rng::new(5);
+    let a = Stored::new(m, k, Layout::DENSE, |_, _| rng.next_f32());
+    let b = Stored::new(k, n, Layout::DENSE, |_, _| rng.next_f32());
+    let c0 = Stored::new(m, n, Layout::DENSE, |_, _| rng.next_f32());
+    let (want, magnitude) = naive(1.0, &a, &b, 1.0, &c0);
+    for isa in isas_under_test() {
+        let info = with_blocking(kernel_info(isa), blocking);
+        assert!(m <= info.mc);
+        let width = single_mc_block_columns(&info, k);
+        assert!(width <= info.nc && n > width, "{info:?}: blocks of {width}");
+        let options = GemmOptions::default()
+            .parallelism(Parallelism::Sequential)
+            .isa(isa)
+            .blocking(blocking);
+        let mut c = c0.clone();
+        let (result, trace) = traced(|| run_gemm(1.0, &a, &b, 1.0, &mut c, &options));
+        result.unwrap();
+        check_c(&format!("{isa}"), &c, k, &want, &magnitude, &c0.in_view())
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(trace.mc_edges, 0, "{isa}: {trace:?}");
+        assert!(trace.kc_edges > 0 && trace.nc_edges > 0, "{isa}: {trace:?}");
+    }
+}
+
+/// The threaded paths with a forced small blocking, checked by value (their
+/// blocks run on pool threads, where `traced` cannot see them): few column
+/// panels and many rows share one packed B across the threads, each
+/// thread's rows crossing MC blocks of their own; many column panels split
+/// C into a grid of blocks. Three threads, so the splits are uneven.
+#[test]
+fn threaded_paths_with_small_blocks_match_naive() {
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(3)
+        .build()
+        .unwrap();
+    let blocking = Blocking {
+        mc: 16,
+        kc: 16,
+        nc: 32,
+    };
+    // 240×100×50 is 1.2M multiply-adds: two threads' worth (2^19 each).
+    // Its 50 columns are 2, 4 or 7 panels (of 32, 16, 8): fewer than 4 per
+    // thread, with ≥ 2 row panels per thread, so B is shared. 64×100×300
+    // has 10–38 column panels: the grid split.
+    for (m, k, n) in [(240, 100, 50), (241, 97, 49), (64, 100, 300), (70, 90, 333)] {
+        let mut rng = Rng::new(m as u64 * 7 + n as u64);
+        let a = Stored::new(m, k, Layout::DENSE, |_, _| rng.next_f32());
+        let b = Stored::new(k, n, Layout::DENSE, |_, _| rng.next_f32());
+        let c0 = Stored::new(m, n, Layout::DENSE, |_, _| f32::NAN);
+        let (want, magnitude) = naive(1.5, &a, &b, 0.0, &c0);
+        for isa in isas_under_test() {
+            let options = GemmOptions::default()
+                .parallelism(Parallelism::Rayon)
+                .isa(isa)
+                .blocking(blocking);
+            let mut c = c0.clone();
+            pool.install(|| run_gemm(1.5, &a, &b, 0.0, &mut c, &options))
+                .unwrap();
+            check_c(
+                &format!("{m}×{k}×{n} {isa}"),
+                &c,
+                k,
+                &want,
+                &magnitude,
+                &c0.in_view(),
+            )
+            .unwrap_or_else(|e| panic!("{e}"));
+        }
     }
 }
 

@@ -1,8 +1,13 @@
 //! Helpers shared by the integration tests (each test crate uses a subset).
 #![allow(dead_code)]
 
-use cpuconv::testing::isas_under_test;
-use cpuconv::{GemmBackend, Isa, Parallelism};
+use cpuconv::gemm::cache::cache_sizes;
+use cpuconv::gemm::kernels::KernelInfo;
+use cpuconv::testing::{isas_under_test, Blocking, KernelTrace};
+use cpuconv::{
+    Algorithm, Conv2dPlan, ConvError, ConvGeometry, ConvMode, GemmBackend, Isa, Parallelism,
+    Workspace,
+};
 
 /// Number of proptest cases: `PROPTEST_CASES` when it parses, else `default`.
 pub fn proptest_cases(default: u32) -> u32 {
@@ -53,4 +58,314 @@ pub fn engine_combos() -> Vec<(Isa, GemmBackend, Parallelism)> {
         }
     }
     v
+}
+
+/// Every concrete algorithm plus `Auto`; new algorithms join through
+/// `Algorithm::CONCRETE`.
+pub fn algorithms() -> Vec<Algorithm> {
+    let mut v = Algorithm::CONCRETE.to_vec();
+    v.push(Algorithm::Auto);
+    v
+}
+
+/// Asserts that an error message names every one of `needles`.
+pub fn assert_mentions(msg: &str, needles: &[&str]) {
+    for n in needles {
+        assert!(msg.contains(n), "message {msg:?} should mention {n:?}");
+    }
+}
+
+/// The workspace for `plan.forward_in`, or why it could not be allocated:
+/// the one place the tests call `Conv2dPlan::workspace`, so a change of its
+/// signature (to a `Result`, say) is one edit here. Today it returns the
+/// workspace itself, and a workspace too large to allocate aborts the
+/// process.
+pub fn try_workspace(plan: &Conv2dPlan) -> Result<Workspace, ConvError> {
+    Ok(plan.workspace())
+}
+
+/// [`try_workspace`] for plans whose workspace must fit.
+pub fn workspace(plan: &Conv2dPlan) -> Workspace {
+    try_workspace(plan).unwrap_or_else(|e| panic!("{:?} plan's workspace: {e}", plan.algorithm()))
+}
+
+/// Runs `f` in a child process: this test binary, run again on the one
+/// test `name` (which must be the calling test, and must call this first
+/// thing), with an environment variable telling it to run `f` itself. A
+/// failed allocation aborts the process rather than panicking, so a test
+/// of what a huge allocation does runs there: if the library aborts, the
+/// test fails with the child's message instead of taking every other test
+/// of the binary down with it. `Err` holds the child's exit status and
+/// stderr when it did not succeed.
+pub fn in_child_process(name: &str, f: impl FnOnce()) -> Result<(), String> {
+    const VAR: &str = "CPUCONV_TEST_CHILD";
+    if std::env::var(VAR).as_deref() == Ok(name) {
+        f();
+        return Ok(());
+    }
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let out = std::process::Command::new(exe)
+        .args([name, "--exact", "--include-ignored", "--nocapture"])
+        .env(VAR, name)
+        .output()
+        .map_err(|e| e.to_string())?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        return Err(format!(
+            "{}:\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    // The child must really have run the test (a wrong name runs nothing).
+    if !stdout.contains("1 passed") {
+        return Err(format!("the child ran no test {name:?}:\n{stdout}"));
+    }
+    Ok(())
+}
+
+// --- an independent convolution reference ------------------------------------------------
+
+/// Per output element (`[N, K, OH, OW]` order) of the convolution `g`
+/// describes: the value in f64 before any activation, and
+/// `M = Σ_taps |x·w| + |bias|`, straight from the definition. Taps whose
+/// input position falls in the padding are skipped, whatever their weight
+/// (the documented rule: a padding tap contributes nothing). Uses only the
+/// geometry's plain fields, not the library's arithmetic.
+pub fn conv_reference(
+    g: &ConvGeometry,
+    input: &[f32],
+    weight: &[f32],
+    bias: Option<&[f32]>,
+) -> (Vec<f64>, Vec<f64>) {
+    let (cg, kg) = (g.in_channels / g.groups, g.out_channels / g.groups);
+    let (h, w) = (g.in_h, g.in_w);
+    let (r_len, s_len) = (g.kernel_h, g.kernel_w);
+    let p = g.padding;
+    let len = g.batch * g.out_channels * g.out_h * g.out_w;
+    let (mut value, mut magnitude) = (Vec::with_capacity(len), Vec::with_capacity(len));
+    for n in 0..g.batch {
+        for k in 0..g.out_channels {
+            let grp = k / kg;
+            for oh in 0..g.out_h {
+                for ow in 0..g.out_w {
+                    let (mut acc, mut mag) = (0.0f64, 0.0f64);
+                    for c in 0..cg {
+                        for r in 0..r_len {
+                            for s in 0..s_len {
+                                let iy =
+                                    (oh * g.stride_h + r * g.dilation_h) as i128 - p.top as i128;
+                                let ix =
+                                    (ow * g.stride_w + s * g.dilation_w) as i128 - p.left as i128;
+                                if iy < 0 || ix < 0 || iy >= h as i128 || ix >= w as i128 {
+                                    continue;
+                                }
+                                let x = input[((n * g.in_channels + grp * cg + c) * h
+                                    + iy as usize)
+                                    * w
+                                    + ix as usize] as f64;
+                                let (wr, ws) = match g.mode {
+                                    ConvMode::CrossCorrelation => (r, s),
+                                    ConvMode::Convolution => (r_len - 1 - r, s_len - 1 - s),
+                                };
+                                let wv = weight[((k * cg + c) * r_len + wr) * s_len + ws] as f64;
+                                acc += x * wv;
+                                mag += (x * wv).abs();
+                            }
+                        }
+                    }
+                    if let Some(b) = bias {
+                        acc += b[k] as f64;
+                        mag += (b[k] as f64).abs();
+                    }
+                    value.push(acc);
+                    magnitude.push(mag);
+                }
+            }
+        }
+    }
+    (value, magnitude)
+}
+
+/// `2·(K + 1)·ε·M + 1e-6` for a GEMM depth `K = (C/g)·R·S`: any order of
+/// the `K + 1` f32 additions of an output (its products and the bias) is
+/// within `(K + 1)·ε·M` of the exact sum, so two such results, or one and
+/// the exact value, differ by at most twice that; a clamp is 1-Lipschitz.
+pub fn conv_bound(gemm_k: usize, magnitude: f64) -> f64 {
+    2.0 * (gemm_k + 1) as f64 * f32::EPSILON as f64 * magnitude + 1e-6
+}
+
+// --- what the native GEMM's sequential loop nest runs ------------------------------------
+
+/// GEMM macro-kernel blocks and the edges they lie past, as `KernelTrace`
+/// counts them for one ISA.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BlockCounts {
+    pub blocks: u64,
+    pub kc_edges: u64,
+    pub mc_edges: u64,
+    pub nc_edges: u64,
+}
+
+impl BlockCounts {
+    /// The counts of `n` identical GEMMs (a convolution's image-group pairs).
+    pub fn times(self, n: u64) -> BlockCounts {
+        BlockCounts {
+            blocks: self.blocks * n,
+            kc_edges: self.kc_edges * n,
+            mc_edges: self.mc_edges * n,
+            nc_edges: self.nc_edges * n,
+        }
+    }
+
+    /// The same counts read from a trace of a call on `isa`.
+    pub fn of_trace(trace: &KernelTrace, isa: Isa) -> BlockCounts {
+        BlockCounts {
+            blocks: trace.gemm_blocks[isa as usize],
+            kc_edges: trace.kc_edges,
+            mc_edges: trace.mc_edges,
+            nc_edges: trace.nc_edges,
+        }
+    }
+}
+
+/// `info` with a forced blocking, rounded as `testing::Blocking` documents:
+/// MC and NC up to whole register tiles, KC up to a multiple of 8.
+pub fn with_blocking(info: KernelInfo, b: Blocking) -> KernelInfo {
+    KernelInfo {
+        mc: b.mc.max(1).next_multiple_of(info.mr),
+        kc: b.kc.max(1).next_multiple_of(8),
+        nc: b.nc.max(1).next_multiple_of(info.nr),
+        ..info
+    }
+}
+
+/// How A reaches the native GEMM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AOperand {
+    /// A strided matrix with these element strides.
+    Strided { rs: isize, cs: isize },
+    /// Pre-packed panels (a plan's weights).
+    Packed,
+}
+
+/// One GEMM as the native engine's sequential driver (`src/gemm/driver.rs`)
+/// sees it, after any transposition of a column-major C: `C` is `m × n`,
+/// and C has unit column stride.
+#[derive(Clone, Copy, Debug)]
+pub struct GemmCall {
+    pub m: usize,
+    pub k: usize,
+    pub n: usize,
+    pub alpha_nonzero: bool,
+    pub a: AOperand,
+    /// B is a strided matrix (not the implicit convolution's im2col view).
+    pub b_strided: bool,
+}
+
+/// Whether `rows` rows of an operand read in place, `rs` floats apart, stay
+/// in L2: the driver's `rows_stay_in_l2`, mirrored.
+fn rows_stay_in_l2(rs: usize, rows: usize, l2: usize) -> bool {
+    let bytes = rs.saturating_mul(4);
+    let line_stride_pow2 = if bytes.is_multiple_of(64) {
+        1usize << (bytes / 64).trailing_zeros().min(usize::BITS - 1)
+    } else {
+        1
+    };
+    line_stride_pow2.saturating_mul(2 * rows) <= l2 / 64
+}
+
+/// The columns the register tiles of a sequential native GEMM cover on the
+/// kernel `info` (its blocking already forced): all `n`, except on the
+/// AVX-512 row kernel (the only one with a narrow right-edge tile of 16
+/// columns and a dot-product kernel), where the one or two columns just
+/// past a multiple of 16 (`n > 16`) are peeled off the tiles and computed
+/// as dot products when A is strided with unit column stride, B is
+/// strided, and A's rows can be read in place (at most 8 column panels,
+/// rows that stay in L2). Mirrors `peeled_columns` and `a_in_place` in
+/// `src/gemm/driver.rs`.
+pub fn tiled_columns(info: &KernelInfo, call: &GemmCall) -> usize {
+    const NARROW: usize = 16;
+    let GemmCall { m, n, .. } = *call;
+    let row_kernel_with_peel = info.isa == Isa::Avx512 && (info.mr, info.nr) == (8, 32);
+    match call.a {
+        AOperand::Strided { rs, cs: 1 }
+            if row_kernel_with_peel && call.b_strided && n > NARROW && n % NARROW <= 2 =>
+        {
+            let col0 = n - n % NARROW;
+            let in_place = rs > 0
+                && col0.div_ceil(info.nr) <= 8
+                && rows_stay_in_l2(rs as usize, m.min(info.mc), cache_sizes().l2);
+            if in_place {
+                col0
+            } else {
+                n
+            }
+        }
+        _ => n,
+    }
+}
+
+/// The width of the B blocks the single-MC path (`m ≤ MC`) uses for a
+/// `k`-deep GEMM on `info`: `single_block_columns` of the driver, as many
+/// columns as keep a K block of B within half of L2, between NR and NC.
+pub fn single_mc_block_columns(info: &KernelInfo, k: usize) -> usize {
+    // `block_depth`: K split into equal blocks no deeper than KC.
+    let kc = k
+        .div_ceil(k.div_ceil(info.kc).max(1))
+        .next_multiple_of(8)
+        .min(info.kc);
+    let floats = cache_sizes().l2 / 2 / 4;
+    (floats / kc.max(1) / info.nr * info.nr).clamp(info.nr, info.nc.max(info.nr))
+}
+
+/// The width of the column blocks whose edges a sequential native GEMM
+/// counts: [`single_mc_block_columns`] when the rows fit one MC block, NC
+/// otherwise.
+pub fn column_block(info: &KernelInfo, call: &GemmCall) -> usize {
+    if call.m <= info.mc {
+        single_mc_block_columns(info, call.k)
+    } else {
+        info.nc
+    }
+}
+
+/// The blocks a sequential native GEMM runs on the kernel `info` (its
+/// blocking already forced), mirroring the loop nest of `gemm_block` in
+/// `src/gemm/driver.rs`:
+///
+/// * nothing when `m`, `n` or `k` is 0 or α is 0 (C is only scaled);
+/// * the tiles cover [`tiled_columns`];
+/// * K is split into `⌈k / KC⌉` blocks: `block_depth` evens their depth to
+///   `⌈k / ⌈k / KC⌉⌉` rounded up to a multiple of 8, never above KC (itself
+///   a multiple of 8), which leaves the count at `⌈k / KC⌉`;
+/// * `m ≤ MC`: the single-MC path, K blocks outside column blocks of
+///   [`single_mc_block_columns`], counting an NC edge per column block past
+///   the first and never an MC edge;
+/// * `m > MC`: the classic nest, NC blocks × K blocks × MC blocks, each
+///   block past the first of its loop counting that loop's edge.
+pub fn sequential_blocks(info: &KernelInfo, call: &GemmCall) -> BlockCounts {
+    let GemmCall { m, k, n, .. } = *call;
+    if m == 0 || n == 0 || k == 0 || !call.alpha_nonzero {
+        return BlockCounts::default();
+    }
+    let n = tiled_columns(info, call);
+    let kb = k.div_ceil(info.kc) as u64;
+    let nb = n.div_ceil(column_block(info, call)) as u64;
+    if m <= info.mc {
+        BlockCounts {
+            blocks: kb * nb,
+            kc_edges: (kb - 1) * nb,
+            mc_edges: 0,
+            nc_edges: kb * (nb - 1),
+        }
+    } else {
+        let mb = m.div_ceil(info.mc) as u64;
+        BlockCounts {
+            blocks: nb * kb * mb,
+            kc_edges: nb * (kb - 1) * mb,
+            mc_edges: nb * kb * (mb - 1),
+            nc_edges: (nb - 1) * kb * mb,
+        }
+    }
 }

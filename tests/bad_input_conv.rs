@@ -1,11 +1,16 @@
-//! Every way a descriptor, a `forward` call or an `sgemm` call can be refused:
-//! each test asserts the error variant with its payload, and that the
-//! `Display` message names the offending value(s). Nothing may panic.
+//! Every way a convolution descriptor, a padding rule, a `forward` call or a
+//! plan can be refused: each test asserts the error variant with its
+//! payload, and that the `Display` message names the offending value(s).
+//! Nothing may panic, and sizes too large for memory are errors, not
+//! aborts.
+//! (`sgemm`'s refusals are in `bad_input_gemm.rs`.)
 
-use cpuconv::gemm::{sgemm, GemmOptions, MatMut, MatRef};
+mod common;
+
+use common::{algorithms, assert_mentions, in_child_process, try_workspace, workspace};
 use cpuconv::{
-    Algorithm, Conv2d, Conv2dParams, ConvError, ForwardOptions, GemmError, OnnxAutoPad, Padding,
-    PaddingSpec,
+    Algorithm, Conv2d, Conv2dParams, ConvError, ForwardOptions, OnnxAutoPad, Padding, PaddingSpec,
+    Parallelism,
 };
 
 /// A valid baseline: N=2, C=4, 8×8 input, K=6, 3×3 kernel (output 2×6×6×6).
@@ -21,12 +26,6 @@ fn build_err(p: Conv2dParams) -> (ConvError, String) {
             let msg = e.to_string();
             (e, msg)
         }
-    }
-}
-
-fn assert_mentions(msg: &str, needles: &[&str]) {
-    for n in needles {
-        assert!(msg.contains(n), "message {msg:?} should mention {n:?}");
     }
 }
 
@@ -232,8 +231,10 @@ fn base_buffers() -> (Conv2d, Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>) {
     (conv, input, weight, bias, output)
 }
 
-/// Runs every algorithm through every entry point and expects the same
-/// `BufferLength` error from each, without touching the output.
+/// Runs every algorithm through every entry point (one-shot, and a plan's
+/// `forward` and `forward_in`, or the plan itself for a bad weight or bias)
+/// and expects the same `BufferLength` error from each, without touching
+/// the output.
 fn check_buffer_error(
     conv: &Conv2d,
     input: &[f32],
@@ -244,16 +245,22 @@ fn check_buffer_error(
     needles: &[&str],
 ) {
     let before = output.to_vec();
-    let mut algorithms = Algorithm::CONCRETE.to_vec();
-    algorithms.push(Algorithm::Auto);
-    for a in algorithms {
+    let bad_operand = matches!(
+        expected,
+        ConvError::BufferLength {
+            buffer: "weight" | "bias",
+            ..
+        }
+    );
+    for a in algorithms() {
         let e = conv
             .forward(input, weight, bias, output, a)
             .expect_err("must be rejected");
         assert_eq!(e, expected, "{a:?}");
         assert_mentions(&e.to_string(), needles);
+        let options = ForwardOptions::new(a);
         let e = conv
-            .forward_with(input, weight, bias, output, &ForwardOptions::new(a))
+            .forward_with(input, weight, bias, output, &options)
             .expect_err("must be rejected");
         assert_eq!(e, expected, "{a:?}");
         assert_eq!(output, &before[..], "a rejected call wrote the output");
@@ -262,6 +269,21 @@ fn check_buffer_error(
                 .forward_to_vec(input, weight, bias, a)
                 .expect_err("must be rejected");
             assert_eq!(e, expected, "{a:?}");
+        }
+        if bad_operand {
+            let e = conv
+                .plan(weight, bias, &options)
+                .expect_err("the plan must be refused");
+            assert_eq!(e, expected, "plan {a:?}");
+        } else {
+            let plan = conv.plan(weight, bias, &options).unwrap();
+            let e = plan.forward(input, output).expect_err("must be rejected");
+            assert_eq!(e, expected, "plan.forward {a:?}");
+            let e = plan
+                .forward_in(input, output, &mut workspace(&plan))
+                .expect_err("must be rejected");
+            assert_eq!(e, expected, "plan.forward_in {a:?}");
+            assert_eq!(output, &before[..], "a rejected plan wrote the output");
         }
     }
 }
@@ -672,335 +694,364 @@ fn extreme_values_never_panic() {
     assert!(errors > 0);
 }
 
-// --- GEMM ---------------------------------------------------------------------------------------
+// --- padding rules on their own -----------------------------------------------------------
 
-fn gemm_err(a: MatRef<'_>, b: MatRef<'_>, c: MatMut<'_>) -> (GemmError, String) {
-    let e = sgemm(1.0, a, b, 0.0, c, &GemmOptions::default()).expect_err("must be rejected");
-    let msg = e.to_string();
-    (e, msg)
+/// `PaddingSpec::resolve` is public: a zero stride, size or dilation must be
+/// an error from every rule, never a division by zero or a `k − 1`
+/// underflow.
+#[test]
+fn padding_resolve_refuses_zero_sizes_and_strides() {
+    let specs = [
+        PaddingSpec::Explicit(Padding::symmetric(1, 1)),
+        PaddingSpec::TorchValid,
+        PaddingSpec::TorchSame,
+        PaddingSpec::OnnxAuto(OnnxAutoPad::SameUpper),
+        PaddingSpec::OnnxAuto(OnnxAutoPad::SameLower),
+        PaddingSpec::OnnxAuto(OnnxAutoPad::Valid),
+    ];
+    // (input, kernel, stride, dilation) and the error each must give.
+    let cases = [
+        (
+            (7, 7),
+            (3, 3),
+            (0, 1),
+            (1, 1),
+            ConvError::ZeroStride { h: 0, w: 1 },
+        ),
+        (
+            (7, 7),
+            (3, 3),
+            (2, 0),
+            (1, 1),
+            ConvError::ZeroStride { h: 2, w: 0 },
+        ),
+        (
+            (7, 7),
+            (0, 3),
+            (1, 1),
+            (1, 1),
+            ConvError::ZeroDimension {
+                name: "kernel height",
+            },
+        ),
+        (
+            (7, 7),
+            (3, 0),
+            (2, 2),
+            (1, 1),
+            ConvError::ZeroDimension {
+                name: "kernel width",
+            },
+        ),
+        (
+            (0, 7),
+            (3, 3),
+            (2, 2),
+            (1, 1),
+            ConvError::ZeroDimension {
+                name: "input height",
+            },
+        ),
+        (
+            (7, 0),
+            (3, 3),
+            (1, 1),
+            (1, 1),
+            ConvError::ZeroDimension {
+                name: "input width",
+            },
+        ),
+        (
+            (7, 7),
+            (3, 3),
+            (1, 1),
+            (1, 0),
+            ConvError::ZeroDilation { h: 1, w: 0 },
+        ),
+        // Everything zero: the first zero in the documented order.
+        (
+            (0, 0),
+            (0, 0),
+            (0, 0),
+            (0, 0),
+            ConvError::ZeroDimension {
+                name: "input height",
+            },
+        ),
+    ];
+    for spec in specs {
+        for (input, kernel, stride, dilation, expected) in cases.clone() {
+            let r = std::panic::catch_unwind(|| spec.resolve(input, kernel, stride, dilation));
+            match r {
+                Err(_) => panic!(
+                    "{spec:?}.resolve({input:?}, {kernel:?}, {stride:?}, {dilation:?}) panicked"
+                ),
+                Ok(r) => assert_eq!(
+                    r,
+                    Err(expected.clone()),
+                    "{spec:?} {input:?} {kernel:?} {stride:?} {dilation:?}"
+                ),
+            }
+        }
+    }
 }
 
+// --- sizes too large for memory -------------------------------------------------------------
+
+/// A valid geometry whose tensors are far larger than memory: a short
+/// input is a `BufferLength` error on every entry point, found before any
+/// allocation is attempted (not a "capacity overflow" panic).
 #[test]
-fn gemm_dimension_mismatch() {
-    let a = [1.0; 6];
-    let b = [1.0; 8];
-    let mut c = [0.0; 4];
-    // A 2×3, B 4×2: inner dimensions disagree.
-    let (e, msg) = gemm_err(
-        MatRef::row_major(&a, 2, 3),
-        MatRef::row_major(&b, 4, 2),
-        MatMut::row_major(&mut c, 2, 2),
-    );
-    assert_eq!(
-        e,
-        GemmError::DimensionMismatch {
-            a: (2, 3),
-            b: (4, 2),
-            c: (2, 2)
-        }
-    );
-    assert_mentions(&msg, &["2×3", "4×2", "2×2"]);
-    // A 2×3, B 3×2, C 2×1... wrong C rows/cols.
-    let b = [1.0; 6];
-    let (e, msg) = gemm_err(
-        MatRef::row_major(&a, 2, 3),
-        MatRef::row_major(&b, 3, 2),
-        MatMut::row_major(&mut c, 1, 2),
-    );
-    assert_eq!(
-        e,
-        GemmError::DimensionMismatch {
-            a: (2, 3),
-            b: (3, 2),
-            c: (1, 2)
-        }
-    );
-    assert_mentions(&msg, &["2×3", "3×2", "1×2"]);
-    let (e, _) = gemm_err(
-        MatRef::row_major(&a, 2, 3),
-        MatRef::row_major(&b, 3, 2),
-        MatMut::row_major(&mut c, 2, 1),
-    );
-    assert!(matches!(e, GemmError::DimensionMismatch { .. }), "{e:?}");
-    assert_eq!(c, [0.0; 4], "a rejected call wrote C");
+fn huge_valid_geometry_with_a_short_input_is_a_length_error() {
+    let conv = Conv2dParams::new(1 << 62, 1, (1, 1), 1, (1, 1))
+        .build()
+        .expect("2^62 images of one pixel is a valid geometry");
+    let g = *conv.geometry();
+    assert_eq!((g.input_len(), g.output_len()), (1 << 62, 1 << 62));
+    let expected = ConvError::BufferLength {
+        buffer: "input",
+        expected: 1 << 62,
+        actual: 1,
+    };
+    let mut out = [0.0f32; 1];
+    for a in algorithms() {
+        let r = std::panic::catch_unwind(|| conv.forward_to_vec(&[1.0], &[2.0], None, a));
+        assert_eq!(r.expect("no panic"), Err(expected.clone()), "{a:?}");
+        let options = ForwardOptions::new(a);
+        assert_eq!(
+            conv.forward_with(&[1.0], &[2.0], None, &mut out, &options),
+            Err(expected.clone()),
+            "{a:?}"
+        );
+        let plan = conv.plan(&[2.0], None, &options).expect("one weight fits");
+        assert_eq!(plan.forward(&[1.0], &mut out), Err(expected.clone()));
+        assert_eq!(
+            plan.forward_in(&[1.0], &mut out, &mut workspace(&plan)),
+            Err(expected.clone())
+        );
+    }
+    assert_eq!(out, [0.0]);
 }
 
+/// `forward_to_vec` allocates the output itself: when that needs more bytes
+/// than `isize::MAX` (an output of (2^31 + 1)² floats from a one-pixel image
+/// padded by 2^30 on every side, a valid geometry), the allocation is
+/// refused with `OutOfMemory` on every algorithm, deterministically
+/// whatever the machine's memory (no allocator is asked).
 #[test]
-fn gemm_view_past_the_end() {
-    let a = [1.0; 5];
-    let b = [1.0; 6];
-    let mut c = [0.0; 4];
-    // A 2×3 row-major needs offsets 0..=5, the slice has 5.
-    let (e, msg) = gemm_err(
-        MatRef::row_major(&a, 2, 3),
-        MatRef::row_major(&b, 3, 2),
-        MatMut::row_major(&mut c, 2, 2),
-    );
-    assert_eq!(
-        e,
-        GemmError::OutOfBounds {
-            matrix: "a",
-            min_offset: 0,
-            max_offset: 5,
-            len: 5
-        }
-    );
-    assert_mentions(&msg, &["a", "0..=5", "5 elements"]);
-    // B with a padded row stride of 4: offsets up to 2·4 + 1 = 9, slice 6.
-    let a = [1.0; 6];
-    let (e, msg) = gemm_err(
-        MatRef::row_major(&a, 2, 3),
-        MatRef::new(&b, 3, 2, 4, 1),
-        MatMut::row_major(&mut c, 2, 2),
-    );
-    assert_eq!(
-        e,
-        GemmError::OutOfBounds {
-            matrix: "b",
-            min_offset: 0,
-            max_offset: 9,
-            len: 6
-        }
-    );
-    assert_mentions(&msg, &["b", "0..=9", "6"]);
-    // C too short.
-    let mut short = [0.0; 3];
-    let (e, msg) = gemm_err(
-        MatRef::row_major(&a, 2, 3),
-        MatRef::row_major(&b, 3, 2),
-        MatMut::row_major(&mut short, 2, 2),
-    );
-    assert_eq!(
-        e,
-        GemmError::OutOfBounds {
-            matrix: "c",
-            min_offset: 0,
-            max_offset: 3,
-            len: 3
-        }
-    );
-    assert_mentions(&msg, &["c", "0..=3", "3"]);
-    assert_eq!(short, [0.0; 3]);
+fn forward_to_vec_refuses_an_output_beyond_isize_max_bytes() {
+    let conv = Conv2dParams::new(1, 1, (1, 1), 1, (1, 1))
+        .padding(Padding::symmetric(1 << 30, 1 << 30))
+        .build()
+        .expect("a valid geometry");
+    let len = conv.geometry().output_len();
+    assert_eq!(len, ((1usize << 31) + 1) * ((1 << 31) + 1));
+    for a in algorithms() {
+        let r = std::panic::catch_unwind(|| conv.forward_to_vec(&[1.0], &[2.0], None, a));
+        let e = r
+            .expect("no panic")
+            .expect_err("the output cannot be allocated");
+        assert!(
+            matches!(e, ConvError::OutOfMemory { what: "output", bytes } if bytes >= len),
+            "{a:?}: {e:?}"
+        );
+        assert_mentions(&e.to_string(), &["output", "allocate"]);
+    }
 }
 
-#[test]
-fn gemm_negative_stride_reaching_before_the_start() {
-    // Element (0, 0) of a view is data[0]; a negative row stride puts row 1
-    // at offset −3, before the slice.
-    let a = [1.0; 6];
-    let b = [1.0; 6];
-    let mut c = [0.0; 4];
-    let (e, msg) = gemm_err(
-        MatRef::new(&a, 2, 3, -3, 1),
-        MatRef::row_major(&b, 3, 2),
-        MatMut::row_major(&mut c, 2, 2),
-    );
-    assert_eq!(
-        e,
-        GemmError::OutOfBounds {
-            matrix: "a",
-            min_offset: -3,
-            max_offset: 2,
-            len: 6
-        }
-    );
-    assert_mentions(&msg, &["a", "-3..=2", "6"]);
-    // Negative column stride on B.
-    let (e, msg) = gemm_err(
-        MatRef::row_major(&a, 2, 3),
-        MatRef::new(&b, 3, 2, 2, -1),
-        MatMut::row_major(&mut c, 2, 2),
-    );
-    assert_eq!(
-        e,
-        GemmError::OutOfBounds {
-            matrix: "b",
-            min_offset: -1,
-            max_offset: 4,
-            len: 6
-        }
-    );
-    assert_mentions(&msg, &["b", "-1..=4"]);
-    // And on C.
-    let (e, _) = gemm_err(
-        MatRef::row_major(&a, 2, 3),
-        MatRef::row_major(&b, 3, 2),
-        MatMut::new(&mut c, 2, 2, -2, 1),
-    );
-    assert_eq!(
-        e,
-        GemmError::OutOfBounds {
-            matrix: "c",
-            min_offset: -2,
-            max_offset: 1,
-            len: 4
-        }
-    );
-    assert_eq!(c, [0.0; 4]);
+/// Whether this machine refuses an allocation of `bytes` up front: Linux
+/// with heuristic (0) or strict (2) overcommit refuses a request above
+/// RAM + swap. With overcommit always on (1), or elsewhere, a huge request
+/// may be granted lazily and only fail when touched, which no library can
+/// turn into an error.
+fn allocation_refused_up_front(bytes: u64) -> bool {
+    let Ok(mode) = std::fs::read_to_string("/proc/sys/vm/overcommit_memory") else {
+        return false;
+    };
+    let Ok(meminfo) = std::fs::read_to_string("/proc/meminfo") else {
+        return false;
+    };
+    let kib = |key: &str| -> u64 {
+        meminfo
+            .lines()
+            .find(|l| l.starts_with(key))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(u64::MAX / 2048)
+    };
+    let total = (kib("MemTotal:") + kib("SwapTotal:")).saturating_mul(1024);
+    matches!(mode.trim(), "0" | "2") && bytes > 2 * total
 }
 
+/// A 512×512 kernel with padding 512 on a 1×1 image: the im2col column
+/// matrix would be 262144 × 514² floats (about 277 GB), far past memory.
+/// The explicit lowering must say `OutOfMemory`, on the one-shot forward
+/// and on a plan, rather than abort the process. Runs in a child process,
+/// so that an abort fails this test alone.
 #[test]
-fn gemm_negative_strides_with_an_offset_are_accepted() {
-    // A = [1 2 3; 4 5 6] read with both strides negative from the last
-    // element: the view is [6 5 4; 3 2 1].
-    let a = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0];
-    let b = [1.0, 0.0, 0.0, 1.0, 1.0, 1.0]; // 3×2
-    let mut c = [0.0; 4];
-    sgemm(
-        1.0,
-        MatRef::with_offset(&a, 5, 2, 3, -3, -1),
-        MatRef::row_major(&b, 3, 2),
-        0.0,
-        MatMut::row_major(&mut c, 2, 2),
-        &GemmOptions::default(),
+fn im2col_column_matrix_beyond_memory_is_out_of_memory() {
+    let conv = Conv2dParams::new(1, 1, (1, 1), 1, (512, 512))
+        .padding(Padding::symmetric(512, 512))
+        .build()
+        .unwrap();
+    let g = *conv.geometry();
+    assert_eq!((g.out_h, g.out_w), (514, 514));
+    let column_bytes = (g.gemm_k() * g.out_plane() * 4) as u64;
+    assert_eq!(column_bytes, 262_144 * 514 * 514 * 4);
+    if !allocation_refused_up_front(column_bytes) {
+        println!("skipped: this machine may grant {column_bytes} bytes lazily");
+        return;
+    }
+    in_child_process(
+        "im2col_column_matrix_beyond_memory_is_out_of_memory",
+        || {
+            let input = [1.0f32];
+            let weight = vec![0.5f32; g.weight_len()];
+            let mut out = vec![-7.0f32; g.output_len()];
+            let options =
+                ForwardOptions::new(Algorithm::Im2col).parallelism(Parallelism::Sequential);
+            let is_oom = |e: &ConvError| {
+                matches!(*e, ConvError::OutOfMemory { what: "im2col column matrix", bytes }
+                if bytes as u64 == column_bytes)
+            };
+            let e = conv
+                .forward_with(&input, &weight, None, &mut out, &options)
+                .expect_err("the column matrix cannot be allocated");
+            assert!(is_oom(&e), "{e:?}");
+            assert_mentions(
+                &e.to_string(),
+                &["im2col column matrix", &column_bytes.to_string()],
+            );
+            let plan = conv.plan(&weight, None, &options).unwrap();
+            let e = plan
+                .forward(&input, &mut out)
+                .expect_err("nor through a plan");
+            assert!(is_oom(&e), "plan: {e:?}");
+        },
     )
-    .unwrap();
-    // [6 5 4]·B = [6+4, 5+4], [3 2 1]·B = [3+1, 2+1]
-    assert_eq!(c, [10.0, 9.0, 4.0, 3.0]);
-    // The same offset with a stride reaching past the start is refused.
-    assert!(sgemm(
-        1.0,
-        MatRef::with_offset(&a, 4, 2, 3, -3, -1),
-        MatRef::row_major(&b, 3, 2),
-        0.0,
-        MatMut::row_major(&mut c, 2, 2),
-        &GemmOptions::default(),
-    )
-    .is_err());
+    .unwrap_or_else(|e| panic!("{e}"));
 }
 
+/// The same column matrix is what a plan's workspace for `forward_in`
+/// holds: asking for that workspace must be refused, not abort.
 #[test]
-fn gemm_overlapping_output() {
-    let a = [1.0; 6];
-    let b = [1.0; 9];
-    let mut c = [0.0; 9];
-    // Row stride 0 with 2 rows: rows 0 and 1 share memory.
-    let (e, msg) = gemm_err(
-        MatRef::row_major(&a, 2, 3),
-        MatRef::row_major(&b, 3, 3),
-        MatMut::new(&mut c, 2, 3, 0, 1),
-    );
-    assert_eq!(
-        e,
-        GemmError::OverlappingOutput {
-            row_stride: 0,
-            col_stride: 1
-        }
-    );
-    assert_mentions(&msg, &["row stride 0", "column stride 1"]);
-    // Column stride 0 with 3 columns.
-    let (e, msg) = gemm_err(
-        MatRef::row_major(&a, 2, 3),
-        MatRef::row_major(&b, 3, 3),
-        MatMut::new(&mut c, 2, 3, 3, 0),
-    );
-    assert_eq!(
-        e,
-        GemmError::OverlappingOutput {
-            row_stride: 3,
-            col_stride: 0
-        }
-    );
-    assert_mentions(&msg, &["row stride 3", "column stride 0"]);
-    // Row stride 2 with 3 columns of stride 1: (0, 2) and (1, 0) collide.
-    let (e, _) = gemm_err(
-        MatRef::row_major(&a, 2, 3),
-        MatRef::row_major(&b, 3, 3),
-        MatMut::new(&mut c, 2, 3, 2, 1),
-    );
-    assert_eq!(
-        e,
-        GemmError::OverlappingOutput {
-            row_stride: 2,
-            col_stride: 1
-        }
-    );
-    assert_eq!(c, [0.0; 9], "a rejected call wrote C");
+#[ignore = "bug: Conv2dPlan::workspace() reserves the im2col column matrix with an \
+            infallible Vec::reserve_exact, so a workspace too large for memory aborts \
+            the process (\"memory allocation of 277029584896 bytes failed\") instead of \
+            returning ConvError::OutOfMemory; it needs to return a Result"]
+fn im2col_plan_workspace_beyond_memory_is_out_of_memory() {
+    let conv = Conv2dParams::new(1, 1, (1, 1), 1, (512, 512))
+        .padding(Padding::symmetric(512, 512))
+        .build()
+        .unwrap();
+    let g = *conv.geometry();
+    let column_bytes = (g.gemm_k() * g.out_plane() * 4) as u64;
+    if !allocation_refused_up_front(column_bytes) {
+        println!("skipped: this machine may grant {column_bytes} bytes lazily");
+        return;
+    }
+    in_child_process(
+        "im2col_plan_workspace_beyond_memory_is_out_of_memory",
+        || {
+            let weight = vec![0.5f32; g.weight_len()];
+            let options = ForwardOptions::new(Algorithm::Im2col);
+            let plan = conv.plan(&weight, None, &options).unwrap();
+            assert!(plan.workspace_bytes_per_thread() as u64 >= column_bytes);
+            let e = try_workspace(&plan).expect_err("the workspace cannot be allocated");
+            assert!(
+                matches!(e, ConvError::OutOfMemory { bytes, .. } if bytes as u64 >= column_bytes),
+                "{e:?}"
+            );
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
 }
 
-#[test]
-fn gemm_degenerate_strides_that_do_not_overlap_are_accepted() {
-    // A single row may have any row stride (even 0); a single column any
-    // column stride. A may use stride 0 (a broadcast row).
-    let a = [2.0, 3.0];
-    let b = [1.0, 10.0, 100.0, 1000.0];
-    let mut c = [0.0; 2];
-    // A: 1×2 with row stride 0; B 2×2 row-major; C 1×2 with row stride 0.
-    sgemm(
-        1.0,
-        MatRef::new(&a, 1, 2, 0, 1),
-        MatRef::row_major(&b, 2, 2),
-        0.0,
-        MatMut::new(&mut c, 1, 2, 0, 1),
-        &GemmOptions::default(),
-    )
-    .unwrap();
-    // [2 3]·[1 10; 100 1000] = [302, 3020]
-    assert_eq!(c, [302.0, 3020.0]);
-    // A broadcast: 2×2 with row stride 0 (both rows [2 3]).
-    let mut c = [0.0; 4];
-    sgemm(
-        1.0,
-        MatRef::new(&a, 2, 2, 0, 1),
-        MatRef::row_major(&b, 2, 2),
-        0.0,
-        MatMut::row_major(&mut c, 2, 2),
-        &GemmOptions::default(),
-    )
-    .unwrap();
-    assert_eq!(c, [302.0, 3020.0, 302.0, 3020.0]);
-}
+// --- every fallible entry point -------------------------------------------------------------
 
+/// Every public function that can be given bad input returns `Err` for it
+/// and does not panic: an inventory, one bad call per entry point (the
+/// tests above go through each error in detail; `sgemm`'s are in
+/// `bad_input_gemm.rs`).
 #[test]
-fn gemm_view_offset_overflow() {
-    let a = [1.0; 4];
-    let b = [1.0; 4];
-    let mut c = [0.0; 4];
-    // (rows − 1)·row_stride + (cols − 1)·col_stride = isize::MAX + 1.
-    let (e, msg) = gemm_err(
-        MatRef::new(&a, 2, 2, isize::MAX, 1),
-        MatRef::row_major(&b, 2, 2),
-        MatMut::row_major(&mut c, 2, 2),
-    );
-    assert_eq!(
-        e,
-        GemmError::Overflow {
-            what: "matrix view offsets"
+fn every_public_entry_point_refuses_bad_input_with_an_error() {
+    use cpuconv::{Activation, ConvGeometry};
+    let (conv, input, weight, bias, output) = base_buffers();
+    let nan_clamp = ForwardOptions::default().activation(Activation::Clamp {
+        min: f32::NAN,
+        max: 1.0,
+    });
+    let plan = conv
+        .plan(&weight, Some(&bias), &ForwardOptions::default())
+        .unwrap();
+    let mut ws = workspace(&plan);
+    type Call<'a> = Box<dyn FnMut() -> Result<(), ConvError> + 'a>;
+    let calls: Vec<(&str, Call<'_>)> = vec![
+        (
+            "Conv2dParams::build",
+            Box::new(|| base().stride(0, 1).build().map(drop)),
+        ),
+        (
+            "ConvGeometry::new",
+            Box::new(|| ConvGeometry::new(&base().groups(0)).map(drop)),
+        ),
+        (
+            "PaddingSpec::resolve",
+            Box::new(|| {
+                PaddingSpec::TorchSame
+                    .resolve((8, 8), (3, 3), (0, 0), (1, 1))
+                    .map(drop)
+            }),
+        ),
+        (
+            "Conv2d::forward",
+            Box::new(|| {
+                conv.forward(
+                    &input[1..],
+                    &weight,
+                    None,
+                    &mut output.clone(),
+                    Algorithm::Auto,
+                )
+            }),
+        ),
+        (
+            "Conv2d::forward_with",
+            Box::new(|| {
+                conv.forward_with(
+                    &input,
+                    &weight,
+                    Some(&bias),
+                    &mut output.clone(),
+                    &nan_clamp,
+                )
+            }),
+        ),
+        (
+            "Conv2d::forward_to_vec",
+            Box::new(|| {
+                conv.forward_to_vec(&input, &weight[1..], None, Algorithm::Implicit)
+                    .map(drop)
+            }),
+        ),
+        (
+            "Conv2d::plan",
+            Box::new(|| conv.plan(&weight, Some(&bias), &nan_clamp).map(drop)),
+        ),
+        (
+            "Conv2dPlan::forward",
+            Box::new(|| plan.forward(&input, &mut output.clone()[1..])),
+        ),
+        (
+            "Conv2dPlan::forward_in",
+            Box::new(|| plan.forward_in(&input[..7], &mut output.clone(), &mut ws)),
+        ),
+    ];
+    for (name, mut call) in calls {
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(&mut call)) {
+            Err(_) => panic!("{name} panicked on bad input"),
+            Ok(Ok(())) => panic!("{name} accepted bad input"),
+            Ok(Err(e)) => assert!(!e.to_string().is_empty(), "{name}"),
         }
-    );
-    assert_mentions(&msg, &["matrix view offsets", "overflow"]);
-    // More rows than isize can index.
-    let (e, _) = gemm_err(
-        MatRef::new(&a, usize::MAX, 1, 1, 1),
-        MatRef::row_major(&b, 1, 1),
-        MatMut::new(&mut c, usize::MAX, 1, 1, 1),
-    );
-    assert_eq!(
-        e,
-        GemmError::Overflow {
-            what: "matrix view offsets"
-        }
-    );
-    assert_eq!(c, [0.0; 4]);
-}
-
-/// An interleaved C whose elements are all distinct — 2×2 with row stride 3
-/// and column stride 2 touches offsets {0, 2, 3, 5} — is not overlapping and
-/// must be accepted (the overlap check is exact, not just sufficient).
-#[test]
-fn gemm_injective_interleaved_output_is_accepted() {
-    let a = [1.0, 2.0, 3.0, 4.0];
-    let b = [1.0, 0.0, 0.0, 1.0];
-    let mut c = [-1.0; 6];
-    sgemm(
-        1.0,
-        MatRef::row_major(&a, 2, 2),
-        MatRef::row_major(&b, 2, 2),
-        0.0,
-        MatMut::new(&mut c, 2, 2, 3, 2),
-        &GemmOptions::default(),
-    )
-    .expect("an injective view must be accepted");
-    // C = A: (0,0)->0, (0,1)->2, (1,0)->3, (1,1)->5; offsets 1 and 4 untouched.
-    assert_eq!(c, [1.0, -1.0, 2.0, 3.0, -1.0, 4.0]);
+    }
 }
