@@ -1,4 +1,4 @@
-//! AVX2 + FMA operations of the grouped direct convolution: 8 lanes;
+//! AVX2 + FMA operations of the SIMD direct convolution: 8 lanes;
 //! `maskload`/masked gathers and a blend after the FMA for the edge vectors.
 
 use super::{run_general, run_job, run_three, Job, Simd};

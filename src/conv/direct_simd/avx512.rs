@@ -1,4 +1,4 @@
-//! AVX-512F operations of the grouped direct convolution: 16 lanes, masked
+//! AVX-512F operations of the SIMD direct convolution: 16 lanes, masked
 //! loads and merge-masked FMAs for the edge vectors.
 
 use super::{run_general, run_job, run_three, Job, Simd};

@@ -1,4 +1,4 @@
-//! The grouped direct kernels against the reference `conv2d_direct`, on every
+//! The SIMD direct kernels against the reference `conv2d_direct`, on every
 //! ISA this CPU supports, sequential and threaded.
 
 use super::forward_grouped_direct;

@@ -1,4 +1,4 @@
-//! Portable operations of the grouped direct convolution on `wide::f32x8`:
+//! Portable operations of the SIMD direct convolution on `wide::f32x8`:
 //! what every target without AVX2 runs. Edge vectors load lane by lane and
 //! keep the padding lanes with a select.
 
