@@ -256,7 +256,7 @@ impl Conv2d {
             Algorithm::Direct => {
                 direct::conv2d_direct(g, input, weight, bias, output, options.activation)
             }
-            Algorithm::DirectSimd => direct_simd::forward_grouped_direct(
+            Algorithm::DirectSimd => direct_simd::forward(
                 g,
                 input,
                 weight,

@@ -227,7 +227,7 @@ impl Simd for Avx2 {
 ///
 /// # Safety
 /// The CPU supports AVX2 and FMA; the buffers match the geometry as
-/// `Kernel::run` checks.
+/// `check_job` checks.
 pub(super) unsafe fn run(job: &Job<'_>, out: &mut [f32]) {
     // SAFETY: forwarded contract.
     unsafe { run_job::<Avx2, 8, 4, 3, 2, 8>(job, out) }

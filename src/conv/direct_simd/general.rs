@@ -10,7 +10,7 @@ use super::{Geo, Job, Simd};
 /// geometry).
 ///
 /// # Safety
-/// The buffers match the geometry as [`Kernel::run`](super::Kernel::run)
+/// The buffers match the geometry as [`check_job`](super::check_job)
 /// checks; `out` holds the unit's `kb` output planes; `KB == job.kb`.
 #[inline(always)]
 pub(super) unsafe fn run_general<S: Simd, const KB: usize, const RB: usize, const SW: usize>(
@@ -28,7 +28,7 @@ pub(super) unsafe fn run_general<S: Simd, const KB: usize, const RB: usize, cons
     let mut oh0 = 0;
     while oh0 < geo.out_h {
         let rows = (geo.out_h - oh0).min(RB);
-        for (v, cv) in job.plan.vecs.iter().enumerate() {
+        for (v, cv) in job.cols.vecs.iter().enumerate() {
             let t = TileAt::new(job, oh0, rows, v, cv);
             let acc = if cv.interior {
                 // SAFETY: forwarded contract; the vector is interior.

@@ -33,7 +33,11 @@
 //!
 //! Work is split over `(image, chunk of up to 4 output channels)` units, in
 //! output order, so a thread's contiguous range of units writes a contiguous
-//! slice of the output.
+//! slice of the output. Everything a call needs besides its tensors (the
+//! weights gathered per chunk in the order the tiles read them, the column
+//! plan, the kernel) is a [`Prepared`], built once by a plan; units are
+//! index arithmetic and the threads split the output with `rayon::join`, so
+//! running a `Prepared` allocates nothing.
 //!
 //! Each ISA's operations implement [`Simd`] on a zero-sized token; the
 //! generic tile code is `#[inline(always)]` all the way down into one
@@ -49,7 +53,7 @@ use super::im2col::valid_range;
 use crate::gemm::kernels::{clamp_isa, record_call, Isa};
 use crate::gemm::{Activation, Parallelism};
 use crate::geometry::ConvGeometry;
-use rayon::prelude::*;
+use std::ops::Range;
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
@@ -74,9 +78,10 @@ const MIN_FLOPS_PER_THREAD: u64 = 1 << 20;
 /// [`conv2d_direct`](super::direct::conv2d_direct) computes (up to the order
 /// of the additions), for any geometry; fast for depthwise and small-group
 /// convolutions. Slices must have the lengths `g` requires (checked by the
-/// caller). `isa` is clamped to the CPU.
+/// caller). `isa` is clamped to the CPU. Prepares the convolution for this
+/// one call; a plan keeps a [`Prepared`] instead.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn forward_grouped_direct(
+pub(crate) fn forward(
     g: &ConvGeometry,
     input: &[f32],
     weight: &[f32],
@@ -86,64 +91,178 @@ pub(crate) fn forward_grouped_direct(
     isa: Isa,
     par: Parallelism,
 ) {
-    let isa = clamp_isa(isa);
-    record_call(isa);
-    if !offsets_fit(g) {
-        // Padding or strides near `usize::MAX`: the kernels' signed offset
-        // arithmetic could overflow, so take the reference loops instead.
-        super::direct::conv2d_direct(g, input, weight, bias, output, activation);
-        return;
+    match Prepared::new(g, weight, activation, isa) {
+        Some(prepared) => prepared.run(input, bias, output, par),
+        None => super::direct::conv2d_direct(g, input, weight, bias, output, activation),
     }
-    let kernel = Kernel::for_isa(isa);
-    forward_with(g, input, weight, bias, output, activation, kernel, par);
 }
 
-/// [`forward_grouped_direct`] on a chosen kernel, once the geometry is known
-/// to suit the kernels.
-#[allow(clippy::too_many_arguments)]
-fn forward_with(
-    g: &ConvGeometry,
-    input: &[f32],
-    weight: &[f32],
-    bias: Option<&[f32]>,
-    output: &mut [f32],
-    activation: Activation,
+/// A convolution made ready for the SIMD kernels, once: the weights gathered
+/// in the order the tiles read them, how every output row splits into
+/// vectors, and the kernel of the ISA. Running it allocates nothing.
+#[derive(Clone, Debug)]
+pub(crate) struct Prepared {
+    geo: Geo,
+    cols: ColPlan,
+    /// Every chunk's weights (see [`gather_weights`]).
+    weights: Vec<f32>,
     kernel: Kernel,
-    par: Parallelism,
-) {
-    let geo = Geo::new(g, activation);
-    let plan = ColPlan::new(&geo, kernel.lanes);
-    let units = units(g);
-    let threads = thread_count(g, units.len(), par);
-    let shared = Shared {
-        geo: &geo,
-        plan: &plan,
-        input,
-        weight,
-        bias,
-        kernel,
-    };
-    if threads <= 1 {
-        run_units(&shared, &units, output);
-        return;
+    /// FLOPs of one call, which decide how many threads pay.
+    flops: u64,
+}
+
+impl Prepared {
+    /// Prepares `weight` (PyTorch layout) for the kernels of `isa` (clamped
+    /// to the CPU), or `None` when padding or strides near `usize::MAX`
+    /// could overflow the kernels' signed offset arithmetic: the reference
+    /// loops must take such a geometry.
+    pub(crate) fn new(
+        g: &ConvGeometry,
+        weight: &[f32],
+        activation: Activation,
+        isa: Isa,
+    ) -> Option<Prepared> {
+        offsets_fit(g).then(|| Prepared::with_kernel(g, weight, activation, Kernel::for_isa(isa)))
     }
-    // Contiguous ranges of units write contiguous ranges of the output.
-    let mut tasks = Vec::with_capacity(threads);
-    let mut rest = output;
-    let mut done = 0;
-    for t in 0..threads {
-        let hi = units.len() * (t + 1) / threads;
-        let (lo, span) = (done, &units[done..hi]);
-        let len: usize = span.iter().map(|u| u.kb * geo.out_plane).sum();
-        let (mine, tail) = rest.split_at_mut(len);
-        rest = tail;
-        tasks.push((&units[lo..hi], mine));
-        done = hi;
+
+    /// [`Prepared::new`] on a chosen kernel, once the geometry is known to
+    /// suit the kernels.
+    fn with_kernel(
+        g: &ConvGeometry,
+        weight: &[f32],
+        activation: Activation,
+        kernel: Kernel,
+    ) -> Prepared {
+        let geo = Geo::new(g, activation);
+        Prepared {
+            cols: ColPlan::new(&geo, kernel.lanes),
+            weights: gather_weights(&geo, weight),
+            geo,
+            kernel,
+            flops: g.flops(),
+        }
     }
-    tasks
-        .into_par_iter()
-        .with_max_len(1)
-        .for_each(|(span, out)| run_units(&shared, span, out));
+
+    /// `output = act(conv(input, weight) + bias)` with the prepared weights,
+    /// on up to the threads `par` allows. Slices must have the lengths the
+    /// geometry requires (checked by the caller; a wrong one panics).
+    pub(crate) fn run(
+        &self,
+        input: &[f32],
+        bias: Option<&[f32]>,
+        output: &mut [f32],
+        par: Parallelism,
+    ) {
+        let threads = thread_count(self.flops, self.units(), par);
+        self.run_tasks(0..threads, threads, input, bias, output);
+    }
+
+    /// Units: per image, per group, per chunk of up to `MAX_KB` channels.
+    fn units(&self) -> usize {
+        self.geo.batch * self.geo.chunks()
+    }
+
+    /// Unit `u`, in output order: image, then chunk.
+    fn unit(&self, u: usize) -> Unit {
+        let chunks = self.geo.chunks();
+        let (k0, kb) = self.geo.chunk(u % chunks);
+        Unit {
+            n: u / chunks,
+            k0,
+            kb,
+        }
+    }
+
+    /// Where unit `u`'s first output plane starts; the output's length for
+    /// `u == units()`.
+    fn unit_start(&self, u: usize) -> usize {
+        let unit = self.unit(u);
+        (unit.n * self.geo.groups * self.geo.kg + unit.k0) * self.geo.out_plane
+    }
+
+    /// Runs tasks `tasks` of `threads` into `out`, which starts at the first
+    /// task's first unit. Task `t` takes units `U·t/threads..U·(t+1)/threads`
+    /// of the `U`, so a task writes one contiguous slice of the output; the
+    /// tasks are halved with `rayon::join` until one is left, splitting the
+    /// output where the second half's units start. Nothing is allocated:
+    /// `join` keeps its jobs on the stack.
+    fn run_tasks(
+        &self,
+        tasks: Range<usize>,
+        threads: usize,
+        input: &[f32],
+        bias: Option<&[f32]>,
+        out: &mut [f32],
+    ) {
+        let first_unit = |t: usize| self.units() * t / threads;
+        if tasks.len() <= 1 {
+            let units = first_unit(tasks.start)..first_unit(tasks.end);
+            self.run_units(units, input, bias, out);
+            return;
+        }
+        let mid = tasks.start + tasks.len() / 2;
+        let split = self.unit_start(first_unit(mid)) - self.unit_start(first_unit(tasks.start));
+        let (left, right) = out.split_at_mut(split);
+        rayon::join(
+            || self.run_tasks(tasks.start..mid, threads, input, bias, left),
+            || self.run_tasks(mid..tasks.end, threads, input, bias, right),
+        );
+    }
+
+    /// Runs `units` in order into `out`, which starts at the first unit's
+    /// planes.
+    fn run_units(&self, units: Range<usize>, input: &[f32], bias: Option<&[f32]>, out: &mut [f32]) {
+        let geo = &self.geo;
+        let taps = geo.taps();
+        let group_in = geo.cg * geo.in_plane;
+        let mut rest = out;
+        let jobs = units.map(|u| {
+            let Unit { n, k0, kb } = self.unit(u);
+            let (mine, tail) = std::mem::take(&mut rest).split_at_mut(kb * geo.out_plane);
+            rest = tail;
+            let image_group = (n * geo.groups + k0 / geo.kg) * group_in;
+            let job = Job {
+                geo,
+                cols: &self.cols,
+                input: &input[image_group..][..group_in],
+                weights: &self.weights[k0 * taps..][..kb * taps],
+                bias: bias.map(|b| {
+                    let mut v = [0.0f32; MAX_KB];
+                    v[..kb].copy_from_slice(&b[k0..k0 + kb]);
+                    v
+                }),
+                kb,
+            };
+            (job, mine)
+        });
+        self.kernel.run_jobs(jobs);
+    }
+}
+
+/// The weights in the order the tiles read them, gathered once: for each
+/// chunk `k0..k0 + kb` of a group's output channels, at `k0·taps`,
+/// `[cg][R][S][kb]`: for each input channel and input offset `(r, s)`, the
+/// `kb` weights that meet it (the tap mirrored for true convolution).
+fn gather_weights(geo: &Geo, weight: &[f32]) -> Vec<f32> {
+    let taps = geo.taps();
+    let mut gathered = vec![0.0f32; geo.groups * geo.kg * taps];
+    for chunk in 0..geo.chunks() {
+        let (k0, kb) = geo.chunk(chunk);
+        let raw = &weight[k0 * taps..][..kb * taps];
+        let dst = &mut gathered[k0 * taps..][..kb * taps];
+        for c in 0..geo.cg {
+            for r in 0..geo.r_len {
+                for s in 0..geo.s_len {
+                    let (wr, ws) = geo.weight_tap(r, s);
+                    let at = ((c * geo.r_len + r) * geo.s_len + s) * kb;
+                    for kk in 0..kb {
+                        dst[at + kk] = raw[kk * taps + (c * geo.r_len + wr) * geo.s_len + ws];
+                    }
+                }
+            }
+        }
+    }
+    gathered
 }
 
 /// Whether every offset the kernels form fits comfortably in `isize`: a
@@ -163,14 +282,14 @@ fn offsets_fit(g: &ConvGeometry) -> bool {
     rows.is_some_and(|v| v <= limit) && cols.is_some_and(|v| v <= limit)
 }
 
-/// Threads for a call: no more than `par` allows, than there are units, or
-/// than the work pays for.
-fn thread_count(g: &ConvGeometry, units: usize, par: Parallelism) -> usize {
+/// Threads for a call of `flops` in `units` units: no more than `par`
+/// allows, than there are units, or than the work pays for.
+fn thread_count(flops: u64, units: usize, par: Parallelism) -> usize {
     let max = par.max_threads();
     if max <= 1 {
         return 1;
     }
-    let by_work = usize::try_from(g.flops() / MIN_FLOPS_PER_THREAD).unwrap_or(usize::MAX);
+    let by_work = usize::try_from(flops / MIN_FLOPS_PER_THREAD).unwrap_or(usize::MAX);
     max.min(units).min(by_work).max(1)
 }
 
@@ -182,79 +301,10 @@ struct Unit {
     kb: usize,
 }
 
-/// Every unit, in output order: image, then channel.
-fn units(g: &ConvGeometry) -> Vec<Unit> {
-    let kg = g.out_channels_per_group();
-    let mut units = Vec::new();
-    for n in 0..g.batch {
-        for group in 0..g.groups {
-            let mut k = group * kg;
-            let end = k + kg;
-            while k < end {
-                let kb = (end - k).min(MAX_KB);
-                units.push(Unit { n, k0: k, kb });
-                k += kb;
-            }
-        }
-    }
-    units
-}
-
-/// What every unit of a call shares.
-struct Shared<'a> {
-    geo: &'a Geo,
-    plan: &'a ColPlan,
-    input: &'a [f32],
-    weight: &'a [f32],
-    bias: Option<&'a [f32]>,
-    kernel: Kernel,
-}
-
-/// Runs `units` in order into `out`, which starts at the first unit's planes.
-fn run_units(sh: &Shared<'_>, units: &[Unit], out: &mut [f32]) {
-    let geo = sh.geo;
-    let taps = geo.cg * geo.r_len * geo.s_len;
-    let group_in = geo.cg * geo.in_plane;
-    let mut scratch = vec![0.0f32; taps * MAX_KB];
-    let mut rest = out;
-    for u in units {
-        let (mine, tail) = rest.split_at_mut(u.kb * geo.out_plane);
-        rest = tail;
-        let group = u.k0 / geo.kg;
-        let image_group = (u.n * geo.groups + group) * group_in;
-        let mut bias = [0.0f32; MAX_KB];
-        if let Some(b) = sh.bias {
-            bias[..u.kb].copy_from_slice(&b[u.k0..u.k0 + u.kb]);
-        }
-        // Weights of the unit in the order the tile reads them: for each
-        // input channel and input offset (r, s), the `kb` weights that meet it.
-        let wt = &mut scratch[..taps * u.kb];
-        let raw = &sh.weight[u.k0 * taps..(u.k0 + u.kb) * taps];
-        for c in 0..geo.cg {
-            for r in 0..geo.r_len {
-                for s in 0..geo.s_len {
-                    let (wr, ws) = geo.weight_tap(r, s);
-                    let dst = ((c * geo.r_len + r) * geo.s_len + s) * u.kb;
-                    for kk in 0..u.kb {
-                        wt[dst + kk] = raw[kk * taps + (c * geo.r_len + wr) * geo.s_len + ws];
-                    }
-                }
-            }
-        }
-        let job = Job {
-            geo,
-            plan: sh.plan,
-            input: &sh.input[image_group..image_group + group_in],
-            weights: wt,
-            bias: sh.bias.map(|_| bias),
-            kb: u.kb,
-        };
-        sh.kernel.run(&job, mine);
-    }
-}
-
 /// The geometry as the kernels use it.
+#[derive(Clone, Debug)]
 struct Geo {
+    batch: usize,
     cg: usize,
     kg: usize,
     groups: usize,
@@ -279,6 +329,7 @@ struct Geo {
 impl Geo {
     fn new(g: &ConvGeometry, activation: Activation) -> Geo {
         Geo {
+            batch: g.batch,
             cg: g.channels_per_group(),
             kg: g.out_channels_per_group(),
             groups: g.groups,
@@ -299,6 +350,26 @@ impl Geo {
             flipped: g.mode == crate::geometry::ConvMode::Convolution,
             clamp: activation.bounds(),
         }
+    }
+
+    /// Weights of one output channel: `cg·R·S`.
+    fn taps(&self) -> usize {
+        self.cg * self.r_len * self.s_len
+    }
+
+    /// Chunks of up to `MAX_KB` output channels in one image: `⌈kg/MAX_KB⌉`
+    /// per group.
+    fn chunks(&self) -> usize {
+        self.groups * self.kg.div_ceil(MAX_KB)
+    }
+
+    /// Chunk `i` of an image, in channel order: its first output channel
+    /// and its channel count (`MAX_KB`, or what is left of the group).
+    fn chunk(&self, i: usize) -> (usize, usize) {
+        let per_group = self.kg.div_ceil(MAX_KB);
+        let (group, j) = (i / per_group, i % per_group);
+        let k0 = group * self.kg + j * MAX_KB;
+        (k0, (self.kg - j * MAX_KB).min(MAX_KB))
     }
 
     /// As [`ConvGeometry::weight_tap`].
@@ -325,6 +396,7 @@ struct ColVec {
 /// How every output row splits into vectors, and for each vector and kernel
 /// column the lanes that read inside the input row. The same for every row,
 /// channel and image.
+#[derive(Clone, Debug)]
 struct ColPlan {
     vecs: Vec<ColVec>,
     /// `ranges[v·S + s]`: lanes `lo..hi` of vector `v` whose input column
@@ -360,7 +432,7 @@ impl ColPlan {
 /// One unit, ready for a kernel.
 struct Job<'a> {
     geo: &'a Geo,
-    plan: &'a ColPlan,
+    cols: &'a ColPlan,
     /// The group's `cg` input channels of one image.
     input: &'a [f32],
     /// `[cg][R][S][kb]`: the weight each output channel gives input offset
@@ -372,7 +444,7 @@ struct Job<'a> {
 }
 
 /// The kernel of one ISA.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Debug)]
 struct Kernel {
     lanes: usize,
     isa: Isa,
@@ -382,7 +454,9 @@ struct Kernel {
 }
 
 impl Kernel {
+    /// The kernel of `isa`, clamped to what the CPU supports.
     fn for_isa(isa: Isa) -> Kernel {
+        let isa = clamp_isa(isa);
         let lanes = match isa {
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512 => avx512::Avx512::LANES,
@@ -398,31 +472,52 @@ impl Kernel {
         }
     }
 
-    /// Runs `job` into `out`, the unit's `kb` output planes.
-    fn run(&self, job: &Job<'_>, out: &mut [f32]) {
-        assert!(
-            job.input.len() >= job.geo.cg * job.geo.in_plane
-                && job.weights.len() >= job.geo.cg * job.geo.r_len * job.geo.s_len * job.kb
-                && out.len() >= job.kb * job.geo.out_plane
-                && (1..=MAX_KB).contains(&job.kb),
-            "direct SIMD: job buffers do not match the geometry"
-        );
+    /// Runs each job into its output, the unit's `kb` output planes, and
+    /// records one call on the ISA when any ran: the evidence tests read that
+    /// a SIMD path really computed (once per run, not per job, which can be
+    /// as small as one 7×7 plane).
+    fn run_jobs<'a>(&self, jobs: impl Iterator<Item = (Job<'a>, &'a mut [f32])>) {
         #[cfg(test)]
         if let Some(run) = self.test_run {
-            run(job, out);
+            for (job, out) in jobs {
+                check_job(&job, out);
+                run(&job, out);
+            }
             return;
         }
-        match self.isa {
+        let run: unsafe fn(&Job<'_>, &mut [f32]) = match self.isa {
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: `isa` was clamped to what the CPU supports, so it has
-            // AVX-512F and FMA; the buffers match the geometry (checked above).
-            Isa::Avx512 => unsafe { avx512::run(job, out) },
+            Isa::Avx512 => avx512::run,
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: as above, with AVX2 and FMA.
-            Isa::Avx2 => unsafe { avx2::run(job, out) },
-            _ => portable::run(job, out),
+            Isa::Avx2 => avx2::run,
+            _ => portable::run,
+        };
+        let mut ran = false;
+        for (job, out) in jobs {
+            check_job(&job, out);
+            // SAFETY: `isa` was clamped to what the CPU supports
+            // (`for_isa`), so it has the features `run` is compiled for
+            // (AVX-512F and FMA, AVX2 and FMA, or none); the job's buffers
+            // match the geometry (checked above).
+            unsafe { run(&job, out) };
+            ran = true;
+        }
+        if ran {
+            record_call(self.isa);
         }
     }
+}
+
+/// Panics unless `job`'s buffers hold what its geometry says the kernels
+/// read and write: the contract of every kernel.
+fn check_job(job: &Job<'_>, out: &[f32]) {
+    assert!(
+        job.input.len() >= job.geo.cg * job.geo.in_plane
+            && job.weights.len() >= job.geo.taps() * job.kb
+            && out.len() >= job.kb * job.geo.out_plane
+            && (1..=MAX_KB).contains(&job.kb),
+        "direct SIMD: job buffers do not match the geometry"
+    );
 }
 
 /// Runs one job on ISA `S`: picks the register tile for the unit's channel
@@ -433,7 +528,7 @@ impl Kernel {
 ///
 /// # Safety
 /// The CPU supports `S`'s ISA; the buffers match the geometry as
-/// [`Kernel::run`] checks; `out` holds the unit's `kb` output planes.
+/// [`check_job`] checks; `out` holds the unit's `kb` output planes.
 #[inline(always)]
 unsafe fn run_job<
     S: Simd,

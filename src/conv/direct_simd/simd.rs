@@ -106,7 +106,7 @@ impl<'a> TileAt<'a> {
             oh0,
             rows,
             cv: *cv,
-            ranges: &job.plan.ranges[v * s_len..(v + 1) * s_len],
+            ranges: &job.cols.ranges[v * s_len..(v + 1) * s_len],
         }
     }
 }

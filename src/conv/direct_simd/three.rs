@@ -53,7 +53,7 @@ unsafe fn row_block3<S: Simd, const RB: usize, const SW: usize, const SH: usize>
     bias: Option<&[f32; 1]>,
     out: *mut f32,
 ) {
-    for (v, cv) in job.plan.vecs.iter().enumerate() {
+    for (v, cv) in job.cols.vecs.iter().enumerate() {
         let t = TileAt::new(job, oh0, rows, v, cv);
         let acc = if cv.interior {
             // SAFETY: forwarded contract; the vector is interior.
