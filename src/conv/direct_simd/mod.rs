@@ -245,19 +245,33 @@ impl Prepared {
 /// `kb` weights that meet it (the tap mirrored for true convolution).
 fn gather_weights(geo: &Geo, weight: &[f32]) -> Vec<f32> {
     let taps = geo.taps();
-    let mut gathered = vec![0.0f32; geo.groups * geo.kg * taps];
+    // Chunks follow each other in channel order and each is written in
+    // order, so pushing fills the buffer front to back, with no zeroing
+    // first (it matters to the un-planned forward, which gathers per call).
+    let mut gathered = Vec::with_capacity(geo.groups * geo.kg * taps);
     for chunk in 0..geo.chunks() {
         let (k0, kb) = geo.chunk(chunk);
+        debug_assert_eq!(gathered.len(), k0 * taps);
         let raw = &weight[k0 * taps..][..kb * taps];
-        let dst = &mut gathered[k0 * taps..][..kb * taps];
+        if kb == 1 {
+            // One channel (depthwise layers): its own layout, or for true
+            // convolution each input channel's R·S taps reversed, since
+            // `weight_tap` mirrors both axes. A copy, not a loop per tap.
+            if geo.flipped {
+                for taps_c in raw.chunks_exact(geo.r_len * geo.s_len) {
+                    gathered.extend(taps_c.iter().rev());
+                }
+            } else {
+                gathered.extend_from_slice(raw);
+            }
+            continue;
+        }
         for c in 0..geo.cg {
             for r in 0..geo.r_len {
                 for s in 0..geo.s_len {
                     let (wr, ws) = geo.weight_tap(r, s);
-                    let at = ((c * geo.r_len + r) * geo.s_len + s) * kb;
-                    for kk in 0..kb {
-                        dst[at + kk] = raw[kk * taps + (c * geo.r_len + wr) * geo.s_len + ws];
-                    }
+                    let tap = (c * geo.r_len + wr) * geo.s_len + ws;
+                    gathered.extend((0..kb).map(|kk| raw[kk * taps + tap]));
                 }
             }
         }
