@@ -2,8 +2,8 @@
 //! algorithms that compute it.
 
 pub(crate) mod direct;
+pub(crate) mod direct_simd;
 pub(crate) mod gemm_lowering;
-pub(crate) mod grouped_direct;
 pub(crate) mod im2col;
 pub(crate) mod implicit;
 pub mod plan;
@@ -345,7 +345,7 @@ impl Conv2d {
             Algorithm::Direct => {
                 direct::conv2d_direct(g, input, weight, bias, output, options.activation)
             }
-            Algorithm::DirectSimd => grouped_direct::forward_grouped_direct(
+            Algorithm::DirectSimd => direct_simd::forward(
                 g,
                 input,
                 weight,

@@ -1,7 +1,9 @@
 //! Plans: a convolution prepared once for one weight tensor (and bias), with
 //! the weights pre-packed into the A-panel layout of the selected GEMM
-//! micro-kernel, so every `forward` goes straight to the packed loops.
+//! micro-kernel, or gathered into the order the SIMD direct kernels read
+//! them, so every `forward` goes straight to the loops.
 
+use super::direct_simd;
 use super::gemm_lowering::{forward_gemm, packed_group_len, ConvScratch, Lowering, Weights};
 use super::{check_lengths, Algorithm, Conv2d, ForwardOptions};
 use crate::error::ConvError;
@@ -59,12 +61,15 @@ enum PlanWeights {
     Raw(Vec<f32>),
     /// Packed per group for a kernel with `mr` rows.
     Packed { data: Vec<f32>, mr: usize },
+    /// Gathered for the SIMD direct kernels, with their column plan.
+    DirectSimd(Box<direct_simd::Prepared>),
 }
 
 impl Conv2d {
     /// Prepares this convolution for `weight` (and `bias`): resolves
-    /// `Algorithm::Auto`, fixes the ISA, and pre-packs the weights for the
-    /// GEMM-based algorithms on the native backend.
+    /// `Algorithm::Auto`, fixes the ISA, pre-packs the weights for the
+    /// GEMM-based algorithms on the native backend, and gathers them for
+    /// `DirectSimd` (which then allocates nothing per call).
     pub fn plan(
         &self,
         weight: &[f32],
@@ -95,12 +100,20 @@ impl Conv2d {
             options.blocking,
         )
         .info();
+        let simd = (algorithm == Algorithm::DirectSimd)
+            .then(|| direct_simd::Prepared::new(g, weight, options.activation, isa))
+            .flatten();
         let weights = if prepack {
             PlanWeights::Packed {
                 data: pack_weights(self, weight, kernel.mr)?,
                 mr: kernel.mr,
             }
+        } else if let Some(prepared) = simd {
+            PlanWeights::DirectSimd(Box::new(prepared))
         } else {
+            // Direct, the other backends, and a DirectSimd geometry whose
+            // padding is too large for the SIMD kernels (it runs the
+            // reference loops).
             PlanWeights::Raw(weight.to_vec())
         };
         Ok(Conv2dPlan {
@@ -174,10 +187,11 @@ impl Conv2dPlan {
     /// for `Implicit` only the packing panels (bounded by the blocking:
     /// `KC·NC` floats of B plus `MC·KC` of A, independent of image size and
     /// batch); for `Im2col` also the column matrix of one image and group;
-    /// none for the direct algorithms. With [`Conv2dPlan::forward`] the
-    /// panels are kept per thread and reused, so repeated calls allocate
-    /// nothing; [`Conv2dPlan::forward_in`] uses a caller-owned
-    /// [`Workspace`] of this size instead.
+    /// none for the direct algorithms (`DirectSimd` reads the weights the
+    /// plan gathered and keeps its partial sums in registers). With
+    /// [`Conv2dPlan::forward`] the panels are kept per thread and reused, so
+    /// repeated calls allocate nothing; [`Conv2dPlan::forward_in`] uses a
+    /// caller-owned [`Workspace`] of this size instead.
     pub fn workspace_bytes_per_thread(&self) -> usize {
         let (a, b, staging, col) = self.scratch_floats();
         (a + b + staging + col) * std::mem::size_of::<f32>()
@@ -243,6 +257,15 @@ impl Conv2dPlan {
                     lowering,
                     scratch,
                 )
+            }
+            (PlanWeights::DirectSimd(prepared), _) => {
+                // A workspace means the caller's thread only.
+                let par = match scratch {
+                    Some(_) => crate::gemm::Parallelism::Sequential,
+                    None => self.options.parallelism,
+                };
+                prepared.run(input, bias, output, par);
+                Ok(())
             }
             (PlanWeights::Raw(w), _) => {
                 let options = if scratch.is_some() {

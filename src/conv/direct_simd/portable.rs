@@ -1,4 +1,4 @@
-//! Portable operations of the grouped direct convolution on `wide::f32x8`:
+//! Portable operations of the SIMD direct convolution on `wide::f32x8`:
 //! what every target without AVX2 runs. Edge vectors load lane by lane and
 //! keep the padding lanes with a select.
 
@@ -147,10 +147,12 @@ impl Simd for Portable {
     }
 }
 
-/// Runs one unit on the portable path. The buffers match the geometry as
-/// `Kernel::run` checks (it asserts them before calling).
-pub(super) fn run(job: &Job<'_>, out: &mut [f32]) {
-    // SAFETY: the portable path needs no CPU feature, and the caller checked
-    // the buffers against the geometry.
+/// Runs one unit on the portable path.
+///
+/// # Safety
+/// The buffers match the geometry as `check_job` checks (no CPU feature is
+/// needed).
+pub(super) unsafe fn run(job: &Job<'_>, out: &mut [f32]) {
+    // SAFETY: forwarded contract; the portable path needs no CPU feature.
     unsafe { run_job::<Portable, R1, R2, R3, R4, 8>(job, out) }
 }

@@ -1,7 +1,7 @@
-//! The grouped direct kernels against the reference `conv2d_direct`, on every
+//! The SIMD direct kernels against the reference `conv2d_direct`, on every
 //! ISA this CPU supports, sequential and threaded.
 
-use super::forward_grouped_direct;
+use super::{forward, Prepared};
 use crate::conv::direct::conv2d_direct;
 use crate::gemm::{Activation, Parallelism};
 use crate::geometry::{Conv2dParams, ConvGeometry, ConvMode, Padding};
@@ -116,9 +116,8 @@ fn run_with(case: &Case, g: &ConvGeometry, input: &[f32], weight: &[f32], bias: 
     for isa in isas_under_test() {
         for par in [Parallelism::Sequential, Parallelism::threads(3)] {
             let mut got = vec![f32::NAN; g.output_len()];
-            let ((), trace) = traced(|| {
-                forward_grouped_direct(g, input, weight, bias, &mut got, case.activation, isa, par)
-            });
+            let ((), trace) =
+                traced(|| forward(g, input, weight, bias, &mut got, case.activation, isa, par));
             // Work handed to other threads is recorded there.
             if par == Parallelism::Sequential {
                 // Geometry beyond the kernels' offsets takes the reference
@@ -355,7 +354,8 @@ fn three_by_three_every_height() {
 }
 
 /// Padding so large that the kernels' offsets would not fit in `isize`
-/// still gives the reference's answer (through the fallback).
+/// still gives the reference's answer, through the reference loops: no
+/// kernel is prepared, so none runs or records a call.
 #[test]
 fn absurd_padding_falls_back() {
     let mut rng = Rng(5);
@@ -370,12 +370,35 @@ fn absurd_padding_falls_back() {
         Padding::explicit(huge - 1, 0, huge - 1, 0),
         ConvMode::CrossCorrelation,
     );
-    let case = Case {
-        p,
-        bias: true,
-        activation: Activation::None,
-    };
-    run_case(&case, &mut rng);
+    let g = ConvGeometry::new(&p).unwrap();
+    let input = rng.fill(g.input_len());
+    let weight = rng.fill(g.weight_len());
+    let bias = rng.fill(g.out_channels);
+    let mut want = vec![0.0; g.output_len()];
+    conv2d_direct(
+        &g,
+        &input,
+        &weight,
+        Some(&bias),
+        &mut want,
+        Activation::None,
+    );
+    for isa in isas_under_test() {
+        assert!(Prepared::new(&g, &weight, Activation::None, isa).is_none());
+        let mut got = vec![f32::NAN; g.output_len()];
+        let par = Parallelism::Sequential;
+        forward(
+            &g,
+            &input,
+            &weight,
+            Some(&bias),
+            &mut got,
+            Activation::None,
+            isa,
+            par,
+        );
+        assert_eq!(got, want, "{isa}");
+    }
 }
 
 /// A kernel that runs the generic tile code on plain arrays and checks every
@@ -555,7 +578,7 @@ mod checked {
 /// lanes; and it computes the reference's values.
 #[test]
 fn every_access_in_bounds() {
-    use super::{forward_with, Kernel};
+    use super::Kernel;
     use crate::gemm::Isa;
     let mut rng = Rng(0xb0_b5_ca_fe);
     let mut ran = 0;
@@ -609,14 +632,10 @@ fn every_access_in_bounds() {
                 test_run: Some(run),
             };
             let mut got = vec![f32::NAN; g.output_len()];
-            forward_with(
-                &g,
+            Prepared::with_kernel(&g, &weight, Activation::Relu6, kernel).run(
                 &input,
-                &weight,
                 Some(&bias),
                 &mut got,
-                Activation::Relu6,
-                kernel,
                 Parallelism::Sequential,
             );
             for (i, (a, b)) in got.iter().zip(&want).enumerate() {
@@ -627,5 +646,48 @@ fn every_access_in_bounds() {
             }
         }
         ran += 1;
+    }
+}
+
+/// Any number of threads gives the sequential result bit for bit: the tasks'
+/// output slices, cut where their first units start, tile the output
+/// exactly, with units of 4 and of fewer channels (6 per group), several
+/// groups and images.
+#[test]
+fn threads_split_the_output_exactly() {
+    let mut rng = Rng(11);
+    let p = params(
+        3,
+        (2, 6, 5),
+        (64, 48),
+        (3, 3),
+        (1, 1),
+        (1, 1),
+        Padding::symmetric(1, 1),
+        ConvMode::CrossCorrelation,
+    );
+    let g = ConvGeometry::new(&p).unwrap();
+    let input = rng.fill(g.input_len());
+    let weight = rng.fill(g.weight_len());
+    let bias = rng.fill(g.out_channels);
+    let prepared = Prepared::new(&g, &weight, Activation::Relu, crate::isa()).unwrap();
+    let mut want = vec![f32::NAN; g.output_len()];
+    prepared.run(&input, Some(&bias), &mut want, Parallelism::Sequential);
+    for threads in [2, 3, 5, 7] {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        let par = Parallelism::Rayon;
+        let split = pool.install(|| super::thread_count(prepared.flops, prepared.units(), par));
+        assert_eq!(split, threads);
+        let mut got = vec![f32::NAN; g.output_len()];
+        pool.install(|| prepared.run(&input, Some(&bias), &mut got, par));
+        assert!(
+            got.iter()
+                .zip(&want)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "{threads} threads"
+        );
     }
 }

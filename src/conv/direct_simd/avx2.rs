@@ -1,4 +1,4 @@
-//! AVX2 + FMA operations of the grouped direct convolution: 8 lanes;
+//! AVX2 + FMA operations of the SIMD direct convolution: 8 lanes;
 //! `maskload`/masked gathers and a blend after the FMA for the edge vectors.
 
 use super::{run_general, run_job, run_three, Job, Simd};
@@ -227,7 +227,7 @@ impl Simd for Avx2 {
 ///
 /// # Safety
 /// The CPU supports AVX2 and FMA; the buffers match the geometry as
-/// `Kernel::run` checks.
+/// `check_job` checks.
 pub(super) unsafe fn run(job: &Job<'_>, out: &mut [f32]) {
     // SAFETY: forwarded contract.
     unsafe { run_job::<Avx2, 8, 4, 3, 2, 8>(job, out) }

@@ -1,4 +1,4 @@
-//! AVX-512F operations of the grouped direct convolution: 16 lanes, masked
+//! AVX-512F operations of the SIMD direct convolution: 16 lanes, masked
 //! loads and merge-masked FMAs for the edge vectors.
 
 use super::{run_general, run_job, run_three, Job, Simd};
@@ -205,7 +205,7 @@ impl Simd for Avx512 {
 ///
 /// # Safety
 /// The CPU supports AVX-512F and FMA; the buffers match the geometry as
-/// `Kernel::run` checks.
+/// `check_job` checks.
 pub(super) unsafe fn run(job: &Job<'_>, out: &mut [f32]) {
     // SAFETY: forwarded contract.
     unsafe { run_job::<Avx512, 8, 6, 4, 4, 12>(job, out) }
