@@ -933,12 +933,9 @@ fn im2col_column_matrix_beyond_memory_is_out_of_memory() {
 }
 
 /// The same column matrix is what a plan's workspace for `forward_in`
-/// holds: asking for that workspace must be refused, not abort.
+/// holds: asking for that workspace must be refused, not abort
+/// (regression: `workspace()` reserved it infallibly and aborted).
 #[test]
-#[ignore = "bug: Conv2dPlan::workspace() reserves the im2col column matrix with an \
-            infallible Vec::reserve_exact, so a workspace too large for memory aborts \
-            the process (\"memory allocation of 277029584896 bytes failed\") instead of \
-            returning ConvError::OutOfMemory; it needs to return a Result"]
 fn im2col_plan_workspace_beyond_memory_is_out_of_memory() {
     let conv = Conv2dParams::new(1, 1, (1, 1), 1, (512, 512))
         .padding(Padding::symmetric(512, 512))
@@ -1053,5 +1050,33 @@ fn every_public_entry_point_refuses_bad_input_with_an_error() {
             Ok(Ok(())) => panic!("{name} accepted bad input"),
             Ok(Err(e)) => assert!(!e.to_string().is_empty(), "{name}"),
         }
+    }
+}
+
+/// Regression (found by the conv fuzz target): an `Im2col` plan whose
+/// column matrix has 2^62 + 1 floats made `workspace_bytes_per_thread`
+/// overflow. The plan is refused when it is made, naming the workspace;
+/// other algorithms on the same geometry still plan, and report their size.
+#[test]
+fn plan_whose_workspace_bytes_overflow_is_refused() {
+    let conv = Conv2dParams::new(1, 1, (1, 1), 1, (1, 1))
+        .padding(Padding::explicit(1 << 62, 0, 0, 0))
+        .build()
+        .unwrap();
+    assert_eq!(conv.output_shape(), [1, 1, (1 << 62) + 1, 1]);
+    for isa in cpuconv::testing::isas_under_test() {
+        let options = ForwardOptions::new(Algorithm::Im2col).isa(isa);
+        let e = conv.plan(&[1.0], None, &options).unwrap_err();
+        assert_eq!(
+            e,
+            ConvError::Overflow {
+                what: "workspace size"
+            }
+        );
+        assert!(e.to_string().contains("workspace size"), "{e}");
+        let plan = conv
+            .plan(&[1.0], None, &ForwardOptions::new(Algorithm::Direct))
+            .unwrap();
+        assert_eq!(plan.workspace_bytes_per_thread(), 0);
     }
 }

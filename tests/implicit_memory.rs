@@ -283,7 +283,7 @@ fn warm_plans_allocate_nothing() {
                 );
             }
 
-            let mut ws = plan.workspace();
+            let mut ws = plan.workspace().unwrap();
             assert_eq!(ws.bytes(), plan.workspace_bytes_per_thread());
             // A fresh thread: nothing of its own is warm.
             let cold = std::thread::scope(|s| {
@@ -322,7 +322,7 @@ fn caller_workspace_means_no_allocation_at_all() {
         let want = conv
             .forward_to_vec(&x, &w, Some(&b), Algorithm::Direct)
             .unwrap();
-        let mut ws = plan.workspace();
+        let mut ws = plan.workspace().unwrap();
         assert!(ws.bytes() >= plan.workspace_bytes_per_thread());
         let mut out = vec![0.0f32; g.output_len()];
         // On a fresh thread, whose per-thread packing buffers are cold: any

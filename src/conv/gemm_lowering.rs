@@ -85,12 +85,8 @@ pub(crate) struct ConvScratch {
 /// asked for fallibly: the matrix grows with the kernel and the output
 /// plane, not with any buffer the caller handed in.
 pub(crate) fn column_matrix(col: &mut Vec<f32>, len: usize) -> Result<(), ConvError> {
-    if col.len() < len {
-        let oom = ConvError::OutOfMemory {
-            what: "im2col column matrix",
-            bytes: len.saturating_mul(std::mem::size_of::<f32>()),
-        };
-        col.try_reserve_exact(len - col.len()).map_err(|_| oom)?;
+    if col.capacity() < len {
+        *col = super::try_with_capacity("im2col column matrix", len)?;
     }
     col.resize(len, 0.0);
     Ok(())

@@ -14,6 +14,19 @@ use crate::error::ConvError;
 use crate::gemm::{Activation, GemmBackend, Isa, Parallelism};
 use crate::geometry::{ConvGeometry, Padding};
 
+/// An empty `Vec` with room for `len` values, asked for fallibly: for the
+/// memory a call or a plan allocates for its own use, whose size follows the
+/// convolution's shape rather than any buffer the caller handed in.
+pub(crate) fn try_with_capacity<T>(what: &'static str, len: usize) -> Result<Vec<T>, ConvError> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(len)
+        .map_err(|_| ConvError::OutOfMemory {
+            what,
+            bytes: len.saturating_mul(std::mem::size_of::<T>()),
+        })?;
+    Ok(v)
+}
+
 /// `Ok` when every `(buffer, expected, actual)` length matches, else the
 /// first mismatch as [`ConvError::BufferLength`].
 pub(crate) fn check_lengths(checks: &[(&'static str, usize, usize)]) -> Result<(), ConvError> {
@@ -354,7 +367,7 @@ impl Conv2d {
                 options.activation,
                 options.isa.unwrap_or_else(crate::isa),
                 options.parallelism,
-            ),
+            )?,
             Algorithm::Im2col | Algorithm::Implicit | Algorithm::Auto => {
                 let lowering = if algorithm == Algorithm::Im2col {
                     gemm_lowering::Lowering::Explicit
@@ -391,12 +404,7 @@ impl Conv2d {
             ),
         ])?;
         let len = g.output_len();
-        let mut out = Vec::new();
-        out.try_reserve_exact(len)
-            .map_err(|_| ConvError::OutOfMemory {
-                what: "output",
-                bytes: len.saturating_mul(std::mem::size_of::<f32>()),
-            })?;
+        let mut out = try_with_capacity("output", len)?;
         out.resize(len, 0.0);
         self.forward(input, weight, bias, &mut out, algorithm)?;
         Ok(out)

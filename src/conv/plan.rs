@@ -5,7 +5,7 @@
 
 use super::direct_simd;
 use super::gemm_lowering::{forward_gemm, packed_group_len, ConvScratch, Lowering, Weights};
-use super::{check_lengths, Algorithm, Conv2d, ForwardOptions};
+use super::{check_lengths, try_with_capacity, Algorithm, Conv2d, ForwardOptions};
 use crate::error::ConvError;
 use crate::gemm::driver::pack_bounds;
 use crate::gemm::kernels::{select, KernelInfo};
@@ -31,6 +31,7 @@ pub struct Conv2dPlan {
     weights: PlanWeights,
     bias: Option<Vec<f32>>,
     kernel: KernelInfo,
+    scratch: ScratchFloats,
 }
 
 /// Caller-owned scratch memory for [`Conv2dPlan::forward_in`]: the GEMM's
@@ -100,9 +101,12 @@ impl Conv2d {
             options.blocking,
         )
         .info();
-        let simd = (algorithm == Algorithm::DirectSimd)
-            .then(|| direct_simd::Prepared::new(g, weight, options.activation, isa))
-            .flatten();
+        let simd = match algorithm {
+            Algorithm::DirectSimd => {
+                direct_simd::Prepared::new(g, weight, options.activation, isa)?
+            }
+            _ => None,
+        };
         let weights = if prepack {
             PlanWeights::Packed {
                 data: pack_weights(self, weight, kernel.mr)?,
@@ -114,8 +118,11 @@ impl Conv2d {
             // Direct, the other backends, and a DirectSimd geometry whose
             // padding is too large for the SIMD kernels (it runs the
             // reference loops).
-            PlanWeights::Raw(weight.to_vec())
+            PlanWeights::Raw(copy_of("plan weights", weight)?)
         };
+        let bias = bias.map(|b| copy_of("plan bias", b)).transpose()?;
+        let prepacked = matches!(weights, PlanWeights::Packed { .. });
+        let scratch = ScratchFloats::new(g, algorithm, &kernel, prepacked)?;
         Ok(Conv2dPlan {
             conv: *self,
             options: ForwardOptions {
@@ -124,8 +131,68 @@ impl Conv2d {
                 ..*options
             },
             weights,
-            bias: bias.map(<[f32]>::to_vec),
+            bias,
             kernel,
+            scratch,
+        })
+    }
+}
+
+/// `src` copied into memory asked for fallibly.
+fn copy_of(what: &'static str, src: &[f32]) -> Result<Vec<f32>, ConvError> {
+    let mut v = try_with_capacity(what, src.len())?;
+    v.extend_from_slice(src);
+    Ok(v)
+}
+
+/// Floats of scratch one thread needs per call of a plan: the GEMM's
+/// packing buffers (A, B, staging rows; bounded by the blocking) and, for
+/// `Im2col`, one column matrix. Computed once, checked, when the plan is
+/// made, so that the byte count a caller asks for cannot wrap.
+#[derive(Clone, Copy, Debug)]
+struct ScratchFloats {
+    a: usize,
+    b: usize,
+    staging: usize,
+    col: usize,
+    /// Their total in bytes.
+    bytes: usize,
+}
+
+impl ScratchFloats {
+    fn new(
+        g: &crate::geometry::ConvGeometry,
+        algorithm: Algorithm,
+        kernel: &KernelInfo,
+        prepacked: bool,
+    ) -> Result<ScratchFloats, ConvError> {
+        let (a, b, staging) = pack_bounds(
+            g.out_channels_per_group(),
+            g.gemm_k(),
+            g.out_plane(),
+            kernel,
+            prepacked,
+        );
+        let (a, b, staging, col) = match algorithm {
+            Algorithm::Implicit => (a, b, staging, 0),
+            // The geometry checked that the column matrix's float count fits.
+            Algorithm::Im2col => (a, b, 0, g.gemm_k() * g.out_plane()),
+            _ => (0, 0, 0, 0),
+        };
+        let overflow = ConvError::Overflow {
+            what: "workspace size",
+        };
+        let bytes = [a, b, staging, col]
+            .into_iter()
+            .try_fold(0usize, |sum, x| sum.checked_add(x))
+            .and_then(|floats| floats.checked_mul(std::mem::size_of::<f32>()))
+            .ok_or(overflow)?;
+        Ok(ScratchFloats {
+            a,
+            b,
+            staging,
+            col,
+            bytes,
         })
     }
 }
@@ -138,7 +205,8 @@ fn pack_weights(conv: &Conv2d, weight: &[f32], mr: usize) -> Result<Vec<f32>, Co
     let total = per_group.checked_mul(g.groups).ok_or(ConvError::Overflow {
         what: "packed weight size",
     })?;
-    let mut data = vec![0.0f32; total];
+    let mut data = try_with_capacity("packed weights", total)?;
+    data.resize(total, 0.0);
     for (grp, dst) in data.chunks_exact_mut(per_group).enumerate() {
         let src = &weight[grp * kg * kk..][..kg * kk];
         // SAFETY: src is a row-major kg × kk block and dst holds
@@ -164,25 +232,6 @@ impl Conv2dPlan {
         self.kernel.isa
     }
 
-    /// Floats of packing buffers (A, B, staging rows) and column matrix one
-    /// thread needs for this plan's GEMMs.
-    fn scratch_floats(&self) -> (usize, usize, usize, usize) {
-        let g = self.conv.geometry();
-        let prepacked = matches!(self.weights, PlanWeights::Packed { .. });
-        let (a, b, staging) = pack_bounds(
-            g.out_channels_per_group(),
-            g.gemm_k(),
-            g.out_plane(),
-            &self.kernel,
-            prepacked,
-        );
-        match self.options.algorithm {
-            Algorithm::Implicit => (a, b, staging, 0),
-            Algorithm::Im2col => (a, b, 0, g.gemm_k() * g.out_plane()),
-            _ => (0, 0, 0, 0),
-        }
-    }
-
     /// Bytes of scratch memory one thread uses per call, beyond the output:
     /// for `Implicit` only the packing panels (bounded by the blocking:
     /// `KC·NC` floats of B plus `MC·KC` of A, independent of image size and
@@ -191,22 +240,30 @@ impl Conv2dPlan {
     /// plan gathered and keeps its partial sums in registers). With
     /// [`Conv2dPlan::forward`] the panels are kept per thread and reused, so
     /// repeated calls allocate nothing; [`Conv2dPlan::forward_in`] uses a
-    /// caller-owned [`Workspace`] of this size instead.
+    /// caller-owned [`Workspace`] of this size instead. (A plan whose
+    /// workspace would not fit in `usize` bytes is refused when it is made.)
     pub fn workspace_bytes_per_thread(&self) -> usize {
-        let (a, b, staging, col) = self.scratch_floats();
-        (a + b + staging + col) * std::mem::size_of::<f32>()
+        self.scratch.bytes
     }
 
     /// A workspace for [`Conv2dPlan::forward_in`], allocated here, once, at
     /// the size [`Conv2dPlan::workspace_bytes_per_thread`] states.
-    pub fn workspace(&self) -> Workspace {
-        let (a, b, staging, col) = self.scratch_floats();
-        let mut scratch = ConvScratch::default();
+    ///
+    /// # Errors
+    /// [`ConvError::OutOfMemory`] when the memory cannot be had (an
+    /// `Im2col` column matrix grows with the kernel and the output plane).
+    pub fn workspace(&self) -> Result<Workspace, ConvError> {
+        let ScratchFloats {
+            a, b, staging, col, ..
+        } = self.scratch;
+        let mut scratch = ConvScratch {
+            col: try_with_capacity("im2col column matrix", col)?,
+            ..ConvScratch::default()
+        };
         scratch.pack.a.get(a);
         scratch.pack.b.get(b);
         scratch.pack.staging.reserve_exact(staging);
-        scratch.col.reserve_exact(col);
-        Workspace { scratch }
+        Ok(Workspace { scratch })
     }
 
     /// As [`Conv2dPlan::forward`], on the calling thread only, packing into

@@ -81,7 +81,7 @@ pub fn assert_mentions(msg: &str, needles: &[&str]) {
 /// workspace itself, and a workspace too large to allocate aborts the
 /// process.
 pub fn try_workspace(plan: &Conv2dPlan) -> Result<Workspace, ConvError> {
-    Ok(plan.workspace())
+    plan.workspace()
 }
 
 /// [`try_workspace`] for plans whose workspace must fit.

@@ -50,7 +50,9 @@
 //! `avx2.rs` and `portable.rs` each ISA's operations and tile heights.
 
 use super::im2col::valid_range;
+use super::try_with_capacity;
 use crate::arch::{clamp_isa, Isa};
+use crate::error::ConvError;
 use crate::gemm::{Activation, Parallelism};
 use crate::geometry::ConvGeometry;
 use crate::testing::record_direct_simd_jobs;
@@ -91,11 +93,12 @@ pub(crate) fn forward(
     activation: Activation,
     isa: Isa,
     par: Parallelism,
-) {
-    match Prepared::new(g, weight, activation, isa) {
+) -> Result<(), ConvError> {
+    match Prepared::new(g, weight, activation, isa)? {
         Some(prepared) => prepared.run(input, bias, output, par),
         None => super::direct::conv2d_direct(g, input, weight, bias, output, activation),
     }
+    Ok(())
 }
 
 /// A convolution made ready for the SIMD kernels, once: the weights gathered
@@ -122,8 +125,11 @@ impl Prepared {
         weight: &[f32],
         activation: Activation,
         isa: Isa,
-    ) -> Option<Prepared> {
-        offsets_fit(g).then(|| Prepared::with_kernel(g, weight, activation, Kernel::for_isa(isa)))
+    ) -> Result<Option<Prepared>, ConvError> {
+        if !offsets_fit(g) {
+            return Ok(None);
+        }
+        Prepared::with_kernel(g, weight, activation, Kernel::for_isa(isa)).map(Some)
     }
 
     /// [`Prepared::new`] on a chosen kernel, once the geometry is known to
@@ -133,15 +139,15 @@ impl Prepared {
         weight: &[f32],
         activation: Activation,
         kernel: Kernel,
-    ) -> Prepared {
+    ) -> Result<Prepared, ConvError> {
         let geo = Geo::new(g, activation);
-        Prepared {
-            cols: ColPlan::new(&geo, kernel.lanes),
-            weights: gather_weights(&geo, weight),
+        Ok(Prepared {
+            cols: ColPlan::new(&geo, kernel.lanes)?,
+            weights: gather_weights(&geo, weight)?,
             geo,
             kernel,
             flops: g.flops(),
-        }
+        })
     }
 
     /// `output = act(conv(input, weight) + bias)` with the prepared weights,
@@ -244,12 +250,12 @@ impl Prepared {
 /// chunk `k0..k0 + kb` of a group's output channels, at `k0·taps`,
 /// `[cg][R][S][kb]`: for each input channel and input offset `(r, s)`, the
 /// `kb` weights that meet it (the tap mirrored for true convolution).
-fn gather_weights(geo: &Geo, weight: &[f32]) -> Vec<f32> {
+fn gather_weights(geo: &Geo, weight: &[f32]) -> Result<Vec<f32>, ConvError> {
     let taps = geo.taps();
     // Chunks follow each other in channel order and each is written in
     // order, so pushing fills the buffer front to back, with no zeroing
     // first (it matters to the un-planned forward, which gathers per call).
-    let mut gathered = Vec::with_capacity(geo.groups * geo.kg * taps);
+    let mut gathered = try_with_capacity("gathered weights", geo.groups * geo.kg * taps)?;
     for chunk in 0..geo.chunks() {
         let (k0, kb) = geo.chunk(chunk);
         debug_assert_eq!(gathered.len(), k0 * taps);
@@ -277,7 +283,7 @@ fn gather_weights(geo: &Geo, weight: &[f32]) -> Vec<f32> {
             }
         }
     }
-    gathered
+    Ok(gathered)
 }
 
 /// Whether every offset the kernels form fits comfortably in `isize`: a
@@ -420,10 +426,13 @@ struct ColPlan {
 }
 
 impl ColPlan {
-    fn new(geo: &Geo, lanes: usize) -> ColPlan {
+    /// # Errors
+    /// [`ConvError::OutOfMemory`] for an output row too long to describe
+    /// (a plan may be made for a shape far larger than memory).
+    fn new(geo: &Geo, lanes: usize) -> Result<ColPlan, ConvError> {
         let count = geo.out_w.div_ceil(lanes);
-        let mut vecs = Vec::with_capacity(count);
-        let mut ranges = Vec::with_capacity(count * geo.s_len);
+        let mut vecs = try_with_capacity("column plan", count)?;
+        let mut ranges = try_with_capacity("column plan", count.saturating_mul(geo.s_len))?;
         for v in 0..count {
             let ow0 = v * lanes;
             let n = (geo.out_w - ow0).min(lanes);
@@ -440,7 +449,7 @@ impl ColPlan {
                 interior,
             });
         }
-        ColPlan { vecs, ranges }
+        Ok(ColPlan { vecs, ranges })
     }
 }
 

@@ -116,8 +116,9 @@ fn run_with(case: &Case, g: &ConvGeometry, input: &[f32], weight: &[f32], bias: 
     for isa in isas_under_test() {
         for par in [Parallelism::Sequential, Parallelism::threads(3)] {
             let mut got = vec![f32::NAN; g.output_len()];
-            let ((), trace) =
+            let (result, trace) =
                 traced(|| forward(g, input, weight, bias, &mut got, case.activation, isa, par));
+            result.unwrap();
             // Work handed to other threads is recorded there.
             if par == Parallelism::Sequential {
                 // Geometry beyond the kernels' offsets takes the reference
@@ -384,7 +385,9 @@ fn absurd_padding_falls_back() {
         Activation::None,
     );
     for isa in isas_under_test() {
-        assert!(Prepared::new(&g, &weight, Activation::None, isa).is_none());
+        assert!(Prepared::new(&g, &weight, Activation::None, isa)
+            .unwrap()
+            .is_none());
         let mut got = vec![f32::NAN; g.output_len()];
         let par = Parallelism::Sequential;
         forward(
@@ -396,7 +399,8 @@ fn absurd_padding_falls_back() {
             Activation::None,
             isa,
             par,
-        );
+        )
+        .unwrap();
         assert_eq!(got, want, "{isa}");
     }
 }
@@ -632,12 +636,9 @@ fn every_access_in_bounds() {
                 test_run: Some(run),
             };
             let mut got = vec![f32::NAN; g.output_len()];
-            Prepared::with_kernel(&g, &weight, Activation::Relu6, kernel).run(
-                &input,
-                Some(&bias),
-                &mut got,
-                Parallelism::Sequential,
-            );
+            Prepared::with_kernel(&g, &weight, Activation::Relu6, kernel)
+                .unwrap()
+                .run(&input, Some(&bias), &mut got, Parallelism::Sequential);
             for (i, (a, b)) in got.iter().zip(&want).enumerate() {
                 assert!(
                     (a - b).abs() <= 1e-4,
@@ -670,7 +671,9 @@ fn threads_split_the_output_exactly() {
     let input = rng.fill(g.input_len());
     let weight = rng.fill(g.weight_len());
     let bias = rng.fill(g.out_channels);
-    let prepared = Prepared::new(&g, &weight, Activation::Relu, crate::isa()).unwrap();
+    let prepared = Prepared::new(&g, &weight, Activation::Relu, crate::isa())
+        .unwrap()
+        .unwrap();
     let mut want = vec![f32::NAN; g.output_len()];
     prepared.run(&input, Some(&bias), &mut want, Parallelism::Sequential);
     for threads in [2, 3, 5, 7] {
