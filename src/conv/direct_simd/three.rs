@@ -25,7 +25,7 @@ pub(super) unsafe fn run_three<S: Simd, const RB: usize, const SW: usize, const 
     let mut oh0 = 0;
     while oh0 < geo.out_h {
         let rows = (geo.out_h - oh0).min(RB);
-        // SAFETY (all three): forwarded contract; rows ≤ the tile's rows.
+        // SAFETY: (all three calls) forwarded contract; rows ≤ the tile's rows.
         unsafe {
             if rows <= 4 && RB > 4 {
                 row_block3::<S, 4, SW, SH>(s, job, oh0, rows, bias.as_ref(), out);
