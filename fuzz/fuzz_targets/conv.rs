@@ -1,4 +1,5 @@
-//! Fuzzes `Conv2dParams::build`, every `forward` algorithm and plans.
+//! Fuzzes `Conv2dParams::build`, `PaddingSpec::resolve`, every `forward`
+//! algorithm and plans.
 //!
 //! The input decodes into a `ConvInput`: a convolution whose sizes are small
 //! most of the time and extreme some of the time, buffer lengths that are
@@ -7,14 +8,21 @@
 //!
 //! Oracles, beyond "no call panics":
 //! * `build()` agrees with an independent model of the shape rules in u128
-//!   arithmetic: Ok exactly when the model says valid, with its output shape,
-//!   padding and FLOP count.
-//! * A wrong buffer length gives `Err(BufferLength)`; right lengths give `Ok`.
-//! * With finite data, every algorithm × ISA × threading × GEMM backend, and
-//!   every plan (`forward`, `forward_in` with its own and with another
-//!   plan's workspace), is within `(K+1)·ε·Σ|x·w|` of an f64 reference
-//!   (so within twice that of `Algorithm::Direct`), element by element. The
-//!   output is filled with NaN before each call, so an unwritten element shows.
+//!   arithmetic: `Ok` exactly when the model says valid, with its output
+//!   shape, padding and FLOP count; otherwise the very error the model
+//!   predicts (variant and fields: the checks run in a documented order).
+//!   `PaddingSpec::resolve` agrees with the model's padding step the same way.
+//! * A wrong buffer length gives `Err(BufferLength)`; right lengths give `Ok`,
+//!   or `Err(InvalidActivation)` for a clamp with a NaN bound.
+//! * Every algorithm × ISA × threading × GEMM backend, every plan
+//!   (`forward`, `forward_in` with its own and with another plan's
+//!   workspace) and `forward_to_vec` is within `(K+1)·ε·Σ|x·w|` of an f64
+//!   reference (so within twice that of `Algorithm::Direct`), element by
+//!   element. The reference sums over real input pixels only (a tap in the
+//!   padding contributes nothing, whatever its weight), so a NaN or ±∞ in
+//!   the data must give exactly the NaN or ±∞ (or clamp bound) it gives. The
+//!   output is filled with NaN before each call, so an unwritten element
+//!   shows.
 #![no_main]
 
 mod common;
@@ -27,6 +35,10 @@ use cpuconv::{
 };
 use libfuzzer_sys::fuzz_target;
 
+// Size limits. None hides a library problem: they keep what one case
+// allocates (itself, or through the library) far below libFuzzer's
+// `-rss_limit_mb`/`-malloc_limit_mb`, and each case fast.
+
 /// The most elements of input, weight or output a run allocates.
 const MAX_ELEMS: usize = 1 << 18;
 /// The most multiply-adds (`N·K·OH·OW·C/g·R·S`) a case may take to be
@@ -38,6 +50,11 @@ const MAX_MACS: usize = 1 << 21;
 const MAX_IM2COL: usize = 1 << 22;
 /// The most bytes a plan's `workspace()` may ask for to be called.
 const MAX_WORKSPACE_BYTES: usize = 64 << 20;
+/// The most bytes a `DirectSimd` plan of a descriptor too big to compute
+/// may hold, by the estimate in [`plan_bytes`]: its column plan grows with
+/// the output width (`⌈OW/lanes⌉·(24 + 16·S)` bytes), which for a valid
+/// `OW` of 2^31 is gigabytes, past libFuzzer's malloc limit.
+const MAX_PLAN_BYTES: u128 = 256 << 20;
 
 type Batch = Val<1, 3, 8>;
 type Chan = Val<1, 6, 40>;
@@ -160,7 +177,6 @@ struct ConvInput {
     plan_isa: IsaSel,
     plan_threaded: bool,
 }
-
 // ---------------------------------------------------------------------------
 // The library's options, built in one place each so API changes (builders,
 // `#[non_exhaustive]`, a fallible `workspace()`) touch only these helpers.
@@ -172,17 +188,24 @@ fn forward_options(
     activation: Activation,
     isa: Option<Isa>,
 ) -> ForwardOptions {
-    ForwardOptions {
-        algorithm,
-        parallelism,
-        backend,
-        activation,
-        isa,
-    }
+    ForwardOptions::new(algorithm)
+        .parallelism(parallelism)
+        .backend(backend)
+        .activation(activation)
+        .isa(isa)
 }
 
-fn make_workspace(plan: &Conv2dPlan) -> Workspace {
-    plan.workspace()
+/// `plan.workspace()`, which must succeed: only asked for workspaces of at
+/// most [`MAX_WORKSPACE_BYTES`].
+fn make_workspace(plan: &Conv2dPlan, what: &dyn Fn() -> String) -> Workspace {
+    match plan.workspace() {
+        Ok(ws) => ws,
+        Err(e) => panic!(
+            "{}: workspace() of {} bytes failed: {e:?}",
+            what(),
+            plan.workspace_bytes_per_thread()
+        ),
+    }
 }
 
 /// `Algorithm::CONCRETE` and `Auto`.
@@ -244,122 +267,206 @@ impl ConvInput {
     }
 }
 
-/// What `build()` must give, computed in u128 from the documented rules.
+/// What a valid descriptor's geometry must say.
 #[derive(Debug, PartialEq, Eq)]
-enum Model {
-    Invalid(&'static str),
-    Valid {
-        padding: [usize; 4],
-        out: [usize; 2],
-        flops: u128,
-    },
+struct Shape {
+    padding: [usize; 4],
+    out: [usize; 2],
+    flops: u128,
 }
 
 const UMAX: u128 = usize::MAX as u128;
+const IMAX: u128 = isize::MAX as u128;
 
-fn model(p: &Conv2dParams) -> Model {
+fn u(v: usize) -> u128 {
+    v as u128
+}
+
+/// The product, `u128::MAX` once it passes that (every factor is at least
+/// 1 where it matters, so "above `usize::MAX`" is decided right).
+fn prod(vs: &[u128]) -> u128 {
+    vs.iter()
+        .try_fold(1u128, |acc, &v| acc.checked_mul(v))
+        .unwrap_or(u128::MAX)
+}
+
+/// `d·(k−1)+1`, exact (`k ≥ 1`).
+fn effective(kernel: usize, dilation: usize) -> u128 {
+    u(dilation) * (u(kernel) - 1) + 1
+}
+
+/// The first zero among input size, kernel size, stride and dilation, as
+/// both `build()` and `PaddingSpec::resolve` report it.
+fn model_axes_nonzero(p: &Conv2dParams) -> Result<(), ConvError> {
     let dims = [
-        p.batch,
-        p.in_channels,
-        p.input_size.0,
-        p.input_size.1,
-        p.out_channels,
-        p.kernel_size.0,
-        p.kernel_size.1,
+        ("input height", p.input_size.0),
+        ("input width", p.input_size.1),
+        ("kernel height", p.kernel_size.0),
+        ("kernel width", p.kernel_size.1),
     ];
-    if dims.contains(&0) {
-        return Model::Invalid("zero dimension");
+    if let Some(&(name, _)) = dims.iter().find(|(_, v)| *v == 0) {
+        return Err(ConvError::ZeroDimension { name });
     }
-    if p.stride.0 == 0 || p.stride.1 == 0 {
-        return Model::Invalid("zero stride");
+    let ((sh, sw), (dh, dw)) = (p.stride, p.dilation);
+    if sh == 0 || sw == 0 {
+        return Err(ConvError::ZeroStride { h: sh, w: sw });
     }
-    if p.dilation.0 == 0 || p.dilation.1 == 0 {
-        return Model::Invalid("zero dilation");
+    if dh == 0 || dw == 0 {
+        return Err(ConvError::ZeroDilation { h: dh, w: dw });
     }
-    if p.groups == 0
-        || !p.in_channels.is_multiple_of(p.groups)
-        || !p.out_channels.is_multiple_of(p.groups)
-    {
-        return Model::Invalid("groups");
-    }
-    let u = |v: usize| v as u128;
-    // One axis: (pad_lo, pad_hi, out) or why not.
-    let axis = |input: usize,
-                kernel: usize,
-                stride: usize,
-                dilation: usize,
-                lo: usize,
-                hi: usize|
-     -> Result<(u128, u128, u128), &'static str> {
-        let eff = u(dilation) * (u(kernel) - 1) + 1;
-        let (lo, hi) = match p.padding {
-            PaddingSpec::Explicit(_) => (u(lo), u(hi)),
-            PaddingSpec::TorchValid | PaddingSpec::OnnxAuto(OnnxAutoPad::Valid) => (0, 0),
-            PaddingSpec::TorchSame => {
-                if p.stride != (1, 1) {
-                    return Err("same with stride");
-                }
-                let total = eff - 1;
-                if total > UMAX {
-                    return Err("overflow");
-                }
-                (total / 2, total - total / 2)
+    Ok(())
+}
+
+/// What `p.padding.resolve(…)` must give: `[top, bottom, left, right]`.
+///
+/// * PyTorch `same` (stride 1 only): total `d·(k−1)` per axis, the odd pixel
+///   at the end; the total must fit `usize`.
+/// * ONNX `SAME_*`: total `max(0, (⌈in/s⌉−1)·s + d·(k−1)+1 − in)`, the odd
+///   pixel at the end (upper) or beginning (lower); `(⌈in/s⌉−1)·s +
+///   d·(k−1)+1` must fit `usize`. Height first.
+fn model_padding(p: &Conv2dParams) -> Result<[u128; 4], ConvError> {
+    model_axes_nonzero(p)?;
+    let (input, kernel, stride, dilation) = (p.input_size, p.kernel_size, p.stride, p.dilation);
+    let split = |total: u128, end: bool| {
+        let (small, large) = (total / 2, total - total / 2);
+        if end {
+            (small, large)
+        } else {
+            (large, small)
+        }
+    };
+    Ok(match p.padding {
+        PaddingSpec::Explicit(q) => [u(q.top), u(q.bottom), u(q.left), u(q.right)],
+        PaddingSpec::TorchValid | PaddingSpec::OnnxAuto(OnnxAutoPad::Valid) => [0; 4],
+        PaddingSpec::TorchSame => {
+            if stride != (1, 1) {
+                return Err(ConvError::SameWithStride {
+                    h: stride.0,
+                    w: stride.1,
+                });
             }
-            PaddingSpec::OnnxAuto(mode) => {
-                let out = u(input).div_ceil(u(stride));
-                let span = (out - 1) * u(stride) + eff;
-                if span > UMAX || eff > UMAX {
-                    return Err("overflow");
-                }
-                let total = span.saturating_sub(u(input));
-                let (small, large) = (total / 2, total - total / 2);
-                if mode == OnnxAutoPad::SameUpper {
-                    (small, large)
-                } else {
-                    (large, small)
+            let mut totals = [0u128; 2];
+            for (t, (k, d)) in totals
+                .iter_mut()
+                .zip([(kernel.0, dilation.0), (kernel.1, dilation.1)])
+            {
+                *t = effective(k, d) - 1;
+                if *t > UMAX {
+                    return Err(ConvError::Overflow {
+                        what: "PyTorch same padding",
+                    });
                 }
             }
+            let (top, bottom) = split(totals[0], true);
+            let (left, right) = split(totals[1], true);
+            [top, bottom, left, right]
+        }
+        PaddingSpec::OnnxAuto(mode) => {
+            let axis = |input: usize, kernel: usize, stride: usize, dilation: usize| {
+                let span =
+                    (u(input).div_ceil(u(stride)) - 1) * u(stride) + effective(kernel, dilation);
+                if span > UMAX {
+                    return Err(ConvError::Overflow {
+                        what: "ONNX SAME padding",
+                    });
+                }
+                Ok(split(
+                    span.saturating_sub(u(input)),
+                    mode == OnnxAutoPad::SameUpper,
+                ))
+            };
+            let (top, bottom) = axis(input.0, kernel.0, stride.0, dilation.0)?;
+            let (left, right) = axis(input.1, kernel.1, stride.1, dilation.1)?;
+            [top, bottom, left, right]
+        }
+    })
+}
+
+/// What `build()` must give, computed in u128 from the documented rules, in
+/// the library's order: zero N, C, K; zero sizes, strides, dilations;
+/// groups; any size, stride or dilation above `isize::MAX` (`TooLarge`);
+/// the padding rule; padded extents (above `usize::MAX`: `Overflow`, then
+/// above `isize::MAX`: `TooLarge`); per axis, height first, the dilated
+/// kernel (`Overflow` past `usize::MAX`) against the padded extent; then
+/// the lengths of input, output, weight, the FLOP count and the im2col
+/// matrix.
+fn model(p: &Conv2dParams) -> Result<Shape, ConvError> {
+    let dims = [
+        ("batch", p.batch),
+        ("in_channels", p.in_channels),
+        ("out_channels", p.out_channels),
+    ];
+    if let Some(&(name, _)) = dims.iter().find(|(_, v)| *v == 0) {
+        return Err(ConvError::ZeroDimension { name });
+    }
+    model_axes_nonzero(p)?;
+    if p.groups == 0 {
+        return Err(ConvError::ZeroGroups);
+    }
+    if !p.in_channels.is_multiple_of(p.groups) || !p.out_channels.is_multiple_of(p.groups) {
+        return Err(ConvError::GroupsMismatch {
+            groups: p.groups,
+            in_channels: p.in_channels,
+            out_channels: p.out_channels,
+        });
+    }
+    let per_axis = [
+        ("input height", p.input_size.0),
+        ("input width", p.input_size.1),
+        ("kernel height", p.kernel_size.0),
+        ("kernel width", p.kernel_size.1),
+        ("vertical stride", p.stride.0),
+        ("horizontal stride", p.stride.1),
+        ("vertical dilation", p.dilation.0),
+        ("horizontal dilation", p.dilation.1),
+    ];
+    if let Some(&(what, value)) = per_axis.iter().find(|(_, v)| u(*v) > IMAX) {
+        return Err(ConvError::TooLarge { what, value });
+    }
+    let [top, bottom, left, right] = model_padding(p)?;
+    let padded = [
+        u(p.input_size.0) + top + bottom,
+        u(p.input_size.1) + left + right,
+    ];
+    if padded.iter().any(|&v| v > UMAX) {
+        return Err(ConvError::Overflow {
+            what: "padded input size",
+        });
+    }
+    for (what, v) in [
+        ("padded input height", padded[0]),
+        ("padded input width", padded[1]),
+    ] {
+        if v > IMAX {
+            return Err(ConvError::TooLarge {
+                what,
+                value: v as usize,
+            });
+        }
+    }
+    let mut out = [0u128; 2];
+    for (i, axis) in ["height", "width"].into_iter().enumerate() {
+        let (kernel, stride, dilation) = if i == 0 {
+            (p.kernel_size.0, p.stride.0, p.dilation.0)
+        } else {
+            (p.kernel_size.1, p.stride.1, p.dilation.1)
         };
-        let padded = u(input) + lo + hi;
-        if padded > UMAX || eff > UMAX {
-            return Err("overflow");
+        let eff = effective(kernel, dilation);
+        if eff > UMAX {
+            return Err(ConvError::Overflow {
+                what: "dilated kernel size",
+            });
         }
-        if eff > padded {
-            return Err("kernel larger than input");
+        if eff > padded[i] {
+            return Err(ConvError::KernelLargerThanInput {
+                axis,
+                effective_kernel: eff as usize,
+                padded_input: padded[i] as usize,
+            });
         }
-        Ok((lo, hi, (padded - eff) / u(stride) + 1))
-    };
-    let explicit = match p.padding {
-        PaddingSpec::Explicit(q) => q,
-        _ => Padding::ZERO,
-    };
-    let (top, bottom, oh) = match axis(
-        p.input_size.0,
-        p.kernel_size.0,
-        p.stride.0,
-        p.dilation.0,
-        explicit.top,
-        explicit.bottom,
-    ) {
-        Ok(v) => v,
-        Err(e) => return Model::Invalid(e),
-    };
-    let (left, right, ow) = match axis(
-        p.input_size.1,
-        p.kernel_size.1,
-        p.stride.1,
-        p.dilation.1,
-        explicit.left,
-        explicit.right,
-    ) {
-        Ok(v) => v,
-        Err(e) => return Model::Invalid(e),
-    };
-    let prod = |vs: &[u128]| {
-        vs.iter()
-            .try_fold(1u128, |acc, &v| acc.checked_mul(v))
-            .unwrap_or(u128::MAX)
-    };
+        out[i] = (padded[i] - eff) / u(stride) + 1;
+    }
+    let [oh, ow] = out;
     let gemm_k = prod(&[
         u(p.in_channels / p.groups),
         u(p.kernel_size.0),
@@ -372,142 +479,108 @@ fn model(p: &Conv2dParams) -> Model {
         u(p.input_size.1),
     ]);
     let output_len = prod(&[u(p.batch), u(p.out_channels), oh, ow]);
-    let weight_len = prod(&[u(p.out_channels), gemm_k]);
-    let im2col = prod(&[gemm_k, oh, ow]);
-    let flops = prod(&[2, output_len, gemm_k]);
-    if [input_len, output_len, weight_len, im2col]
-        .iter()
-        .any(|&v| v > UMAX)
-        || flops > u64::MAX as u128
-    {
-        return Model::Invalid("overflow");
+    let lengths = [
+        ("input length", input_len, UMAX),
+        ("output length", output_len, UMAX),
+        ("weight length", gemm_k, UMAX),
+        ("weight length", prod(&[u(p.out_channels), gemm_k]), UMAX),
+        (
+            "FLOP count",
+            prod(&[2, output_len, gemm_k]),
+            u64::MAX as u128,
+        ),
+        ("im2col matrix size", prod(&[gemm_k, oh, ow]), UMAX),
+    ];
+    if let Some(&(what, _, _)) = lengths.iter().find(|(_, v, max)| v > max) {
+        return Err(ConvError::Overflow { what });
     }
-    Model::Valid {
+    Ok(Shape {
         padding: [top, bottom, left, right].map(|v| v as usize),
         out: [oh as usize, ow as usize],
-        flops,
+        flops: prod(&[2, output_len, gemm_k]),
+    })
+}
+
+/// Bytes of scratch an `Im2col` plan's workspace holds beyond its column
+/// matrix (packing panels bounded by the blocking) are far below this.
+const PANEL_SLACK: u128 = 1 << 40;
+
+/// What `plan()` with the right lengths and a valid activation must give,
+/// as far as the target can tell: `Some(err)` when it must be refused,
+/// `None` when it must succeed, and `Err(())` where either is right (an
+/// `Im2col` workspace within the panels' slack of `usize::MAX` bytes).
+fn plan_model(g: &ConvGeometry, resolved: Algorithm) -> Result<Option<ConvError>, ()> {
+    if resolved != Algorithm::Im2col {
+        return Ok(None);
+    }
+    let col = u(g.gemm_k()) * u(g.out_plane());
+    if col * 4 > UMAX {
+        Ok(Some(ConvError::Overflow {
+            what: "workspace size",
+        }))
+    } else if (col + PANEL_SLACK) * 4 > UMAX {
+        Err(())
+    } else {
+        Ok(None)
+    }
+}
+
+/// An upper bound on what a plan of `resolved` holds beyond its weights'
+/// own size: `DirectSimd`'s column plan, `⌈OW/8⌉` vectors of at most 32
+/// bytes and `S` ranges of 16 bytes each.
+fn plan_bytes(g: &ConvGeometry, resolved: Algorithm) -> u128 {
+    match resolved {
+        Algorithm::DirectSimd => (u(g.out_w) / 8 + 1) * (32 + 16 * u(g.kernel_w)),
+        _ => 0,
+    }
+}
+
+/// The algorithm `forward_with`/`plan` run for `requested` with `weight`:
+/// `Auto` resolved, and a GEMM lowering of a padded convolution with a
+/// non-finite weight handed to `DirectSimd` (README, "Rules at the edges").
+fn resolved(conv: &Conv2d, requested: Algorithm, weight: &[f32]) -> Algorithm {
+    let a = match requested {
+        Algorithm::Auto => conv.auto_algorithm(),
+        a => a,
+    };
+    if matches!(a, Algorithm::Im2col | Algorithm::Implicit)
+        && conv.padding() != Padding::ZERO
+        && weight.iter().any(|w| !w.is_finite())
+    {
+        Algorithm::DirectSimd
+    } else {
+        a
     }
 }
 
 // ---------------------------------------------------------------------------
 // The f64 reference.
 
-/// The documented activation, `min(max(x, lo), hi)` (what PyTorch's clamp
-/// does too: `max` wins when `lo > hi`), a NaN bound ignored.
+/// The documented activation, `min(max(x, lo), hi)` (PyTorch's clamp:
+/// `max` wins when `lo > hi`); NaN stays NaN. NaN bounds are refused before
+/// any of this runs.
 fn activation_ref(act: Activation, v: f64) -> f64 {
     let (lo, hi) = match act {
         Activation::None => return v,
         Activation::Relu => (0.0, f32::INFINITY),
         Activation::Relu6 => (0.0, 6.0),
         Activation::Clamp { min, max } => (min, max),
-        #[allow(unreachable_patterns)]
-        _ => return v,
     };
+    if v.is_nan() {
+        return v;
+    }
     v.max(lo as f64).min(hi as f64)
 }
 
-/// Whether a guard is on: its constant, unless `CPUCONV_FUZZ_NO_GUARDS` is
-/// set in the environment (to check a library fix against the crashes the
-/// guard hides).
-fn guard(on: bool) -> bool {
-    static ALL_OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    on && !*ALL_OFF.get_or_init(|| std::env::var_os("CPUCONV_FUZZ_NO_GUARDS").is_some())
+/// Whether the activation is refused (`Clamp` with a NaN bound).
+fn invalid_activation(act: Activation) -> bool {
+    matches!(act, Activation::Clamp { min, max } if min.is_nan() || max.is_nan())
 }
 
-/// GUARD (remove once the library settles `Clamp { min > max }`): `Direct`
-/// computes `x < min ? min : x > max ? max : x`, which gives `min` where the
-/// documented `min(max(x, min), max)` gives `max`. Until one rule holds
-/// everywhere, an inverted clamp accepts either.
-const GUARD_INVERTED_CLAMP: bool = true;
-
-/// GUARD (remove once fixed): the im2col helpers (`im2col::valid_range`)
-/// compute with `stride_w as isize`: a horizontal stride of `isize::MAX`
-/// overflows (`attempt to add with overflow`, im2col.rs:27) and one of 2^63
-/// or more turns negative and the output silently comes out zero. Until
-/// fixed, `Im2col` and `Implicit` (also through `Auto` and plans) are not
-/// run when `stride_w > isize::MAX / 2`.
-const GUARD_HUGE_STRIDE_W: bool = true;
-
-/// Whether a guard says not to run `algorithm` (`Auto` resolved) on `g`.
-fn guarded(g: &ConvGeometry, algorithm: Algorithm) -> bool {
-    guard(GUARD_HUGE_STRIDE_W)
-        && matches!(algorithm, Algorithm::Im2col | Algorithm::Implicit)
-        && g.stride_w > isize::MAX as usize / 2
-}
-
-/// GUARD (remove once fixed): `Conv2d::plan` of a GEMM algorithm on the
-/// native backend picks its kernel with `kernels::padded_work`, which
-/// multiplies `⌈K/g⌉_mr · ⌈OH·OW⌉_nr` (and that times 10) unchecked:
-/// `attempt to multiply with overflow` at gemm/kernels/mod.rs:341 for a
-/// valid geometry with a huge output plane. Until fixed, such plans are not
-/// made when that product could overflow.
-const GUARD_PLAN_PADDED_WORK: bool = true;
-
-/// Whether [`GUARD_PLAN_PADDED_WORK`] says not to plan `algorithm` on `backend`.
-fn plan_guarded(conv: &Conv2d, algorithm: Algorithm, backend: GemmBackend) -> bool {
-    let g = conv.geometry();
-    let resolved = match algorithm {
-        Algorithm::Auto => conv.auto_algorithm(),
-        a => a,
-    };
-    guard(GUARD_PLAN_PADDED_WORK)
-        && backend == GemmBackend::Native
-        && matches!(resolved, Algorithm::Im2col | Algorithm::Implicit)
-        && (g.out_channels_per_group() as u128 + 32) * (g.out_plane() as u128 + 32) * 10
-            > usize::MAX as u128
-}
-
-/// GUARD (remove once fixed): every algorithm computes input positions as
-/// `(oh·stride + r·dilation) as isize − pad as isize`, which overflows
-/// (`attempt to subtract with overflow` at conv/direct.rs:31 and :37, and
-/// conv/im2col.rs:40 and :41 in `window_offset`) once the padded input
-/// extent passes `isize::MAX` (huge padding, dilation or an ONNX SAME
-/// padding that grows with them). Until fixed, such geometries are only
-/// queried, as the huge ones are, not computed.
-const GUARD_PADDED_EXTENT: bool = true;
-
-fn extent_guarded(g: &ConvGeometry) -> bool {
-    let p = g.padding;
-    guard(GUARD_PADDED_EXTENT)
-        && [
-            g.in_h as u128 + p.top as u128 + p.bottom as u128,
-            g.in_w as u128 + p.left as u128 + p.right as u128,
-        ]
-        .iter()
-        .any(|&e| e > isize::MAX as u128)
-}
-
-/// GUARD (remove once fixed): `Conv2dPlan::workspace_bytes_per_thread` of
-/// an `Im2col` plan multiplies the column matrix's floats (`C/g·R·S·OH·OW`,
-/// which `build()` only checks against `usize`) by 4 unchecked: `attempt to
-/// multiply with overflow` at conv/plan.rs:178. Until fixed, it is not
-/// asked of such plans.
-const GUARD_WORKSPACE_BYTES: bool = true;
-
-fn workspace_bytes_guarded(plan: &Conv2dPlan) -> bool {
-    let g = plan.conv().geometry();
-    guard(GUARD_WORKSPACE_BYTES)
-        && plan.algorithm() == Algorithm::Im2col
-        && (g.gemm_k() as u128 * g.out_plane() as u128 + (1 << 40)) * 4 > usize::MAX as u128
-}
-
-/// The scalar rule `Direct` uses, for [`GUARD_INVERTED_CLAMP`].
-fn inverted_clamp_alternative(act: Activation, v: f64) -> Option<f64> {
-    match act {
-        Activation::Clamp { min, max } if guard(GUARD_INVERTED_CLAMP) && min > max => {
-            Some(if v < min as f64 {
-                min as f64
-            } else if v > max as f64 {
-                max as f64
-            } else {
-                v
-            })
-        }
-        _ => None,
-    }
-}
-
-/// `(value, Σ|terms|)` per output element, before the activation.
+/// `(value, Σ|finite terms|)` per output element, before the activation.
+/// Only real input pixels take part: a tap in the padding contributes
+/// nothing, whatever its weight. Non-finite data give the NaN or ±∞ of
+/// IEEE arithmetic (the f64 sum of finite f32 products cannot overflow).
 fn reference(
     g: &ConvGeometry,
     input: &[f32],
@@ -517,13 +590,14 @@ fn reference(
     let (cg, kg) = (g.channels_per_group(), g.out_channels_per_group());
     let mut out = Vec::with_capacity(g.output_len());
     let i = |v: usize| v as i128;
+    let finite_abs = |t: f64| if t.is_finite() { t.abs() } else { 0.0 };
     for n in 0..g.batch {
         for k in 0..g.out_channels {
             let grp = k / kg;
             for oh in 0..g.out_h {
                 for ow in 0..g.out_w {
                     let (mut acc, mut mag) = match bias {
-                        Some(b) => (b[k] as f64, (b[k] as f64).abs()),
+                        Some(b) => (b[k] as f64, finite_abs(b[k] as f64)),
                         None => (0.0, 0.0),
                     };
                     for c in 0..cg {
@@ -550,7 +624,7 @@ fn reference(
                                 let w = weight[((k * cg + c) * g.kernel_h + wr) * g.kernel_w + ws];
                                 let t = x as f64 * w as f64;
                                 acc += t;
-                                mag += t.abs();
+                                mag += finite_abs(t);
                             }
                         }
                     }
@@ -568,44 +642,42 @@ struct Case<'a> {
     weight: &'a [f32],
     bias: Option<&'a [f32]>,
     activation: Activation,
-    /// `Some` when every datum is finite: the reference to compare with.
-    reference: Option<Vec<(f64, f64)>>,
+    reference: Vec<(f64, f64)>,
 }
 
 impl Case<'_> {
-    /// Panics when `out` is not within the rounding bound of the reference.
-    fn check(&self, what: &dyn Fn() -> String, out: &[f32]) {
-        let Some(reference) = &self.reference else {
-            return;
-        };
+    /// Panics when `out` is not within the rounding bound of the reference
+    /// with `activation`.
+    fn check_with(&self, activation: Activation, what: &dyn Fn() -> String, out: &[f32]) {
         let g = self.conv.geometry();
         let terms = (g.gemm_k() + 1) as f64;
-        for (idx, (&got, &(want, mag))) in out.iter().zip(reference).enumerate() {
+        for (idx, (&got, &(before, mag))) in out.iter().zip(&self.reference).enumerate() {
             if mag > 1e36 {
                 // The f32 sums may overflow in one order and not another.
                 continue;
             }
-            let before = want;
-            let want = activation_ref(self.activation, before);
+            let want = activation_ref(activation, before);
             let tol = terms * f32::EPSILON as f64 * mag + (terms + 1.0) * f32::MIN_POSITIVE as f64;
-            let alternative = inverted_clamp_alternative(self.activation, before);
-            if !close(got, want, tol) && !alternative.is_some_and(|alt| close(got, alt, tol)) {
+            if !close(got, want, tol) {
                 let ow = idx % g.out_w;
                 let oh = idx / g.out_w % g.out_h;
                 let k = idx / (g.out_w * g.out_h) % g.out_channels;
                 let n = idx / (g.out_w * g.out_h * g.out_channels);
                 panic!(
                     "conv mismatch: {} gives {got:e} at output [n={n}, k={k}, oh={oh}, ow={ow}] \
-                     (flat {idx}), f64 reference {want:e} (before activation {:e}), tolerance \
-                     {tol:e} (Σ|x·w| = {mag:e}, K = {}); activation {:?}, bias {}, geometry {g:?}",
+                     (flat {idx}), f64 reference {want:e} (before activation {before:e}), \
+                     tolerance {tol:e} (Σ|x·w| = {mag:e}, K = {}); activation {activation:?}, \
+                     bias {}, geometry {g:?}",
                     what(),
-                    reference[idx].0,
                     g.gemm_k(),
-                    self.activation,
                     self.bias.is_some(),
                 );
             }
         }
+    }
+
+    fn check(&self, what: &dyn Fn() -> String, out: &[f32]) {
+        self.check_with(self.activation, what, out);
     }
 }
 
@@ -625,6 +697,74 @@ fn expect_len_err<T: std::fmt::Debug>(result: Result<T, ConvError>, what: &dyn F
     }
 }
 
+/// `result` must be `Err(InvalidActivation)` naming `act`'s bounds.
+fn expect_invalid_activation<T: std::fmt::Debug>(
+    result: Result<T, ConvError>,
+    act: Activation,
+    what: &dyn Fn() -> String,
+) {
+    let Activation::Clamp { min, max } = act else {
+        unreachable!("only a clamp can be invalid");
+    };
+    match result {
+        Err(ConvError::InvalidActivation { min: m, max: x })
+            if m.to_bits() == min.to_bits() && x.to_bits() == max.to_bits() => {}
+        other => panic!(
+            "{} with {act:?} gave {other:?}, want Err(InvalidActivation {{ min: {min:?}, max: \
+             {max:?} }})",
+            what()
+        ),
+    }
+}
+
+/// A plan of `conv` with the right lengths: the model's answer
+/// ([`plan_model`]) or `InvalidActivation`; `None` where refused as
+/// predicted.
+fn make_plan(
+    conv: &Conv2d,
+    weight: &[f32],
+    bias: Option<&[f32]>,
+    opts: &ForwardOptions,
+) -> Option<Conv2dPlan> {
+    let result = conv.plan(weight, bias, opts);
+    let what = || {
+        format!(
+            "plan({opts:?}) of {:?} with the right lengths",
+            conv.geometry()
+        )
+    };
+    if invalid_activation(opts.activation) {
+        expect_invalid_activation(result, opts.activation, &what);
+        return None;
+    }
+    match (
+        result,
+        plan_model(conv.geometry(), resolved(conv, opts.algorithm, weight)),
+    ) {
+        (Ok(plan), Ok(None) | Err(())) => {
+            let want = resolved(conv, opts.algorithm, weight);
+            assert_eq!(
+                plan.algorithm(),
+                want,
+                "{} runs the wrong algorithm",
+                what()
+            );
+            Some(plan)
+        }
+        (Err(got), Ok(Some(want))) if got == want => None,
+        (
+            Err(ConvError::Overflow {
+                what: "workspace size",
+            }),
+            Err(()),
+        ) => None,
+        (got, want) => panic!(
+            "{} gave {got:?}, the model says {want:?} (Ok(None): must succeed)",
+            what()
+        ),
+    }
+}
+
 // ---------------------------------------------------------------------------
 
 fuzz_target!(|inp: ConvInput| run(&inp));
@@ -632,16 +772,33 @@ fuzz_target!(|inp: ConvInput| run(&inp));
 fn run(inp: &ConvInput) {
     init_pool();
     let params = inp.params();
-    let want = model(&params);
-    let conv = match (params.build(), &want) {
-        (Err(_), Model::Invalid(_)) => return,
-        (Ok(conv), Model::Valid { .. }) => conv,
+    let want_padding = model_padding(&params)
+        .map(|[t, b, l, r]| Padding::explicit(t as usize, b as usize, l as usize, r as usize));
+    let got_padding = params.padding.resolve(
+        params.input_size,
+        params.kernel_size,
+        params.stride,
+        params.dilation,
+    );
+    assert_eq!(
+        got_padding, want_padding,
+        "PaddingSpec::resolve of {params:?} disagrees with the model"
+    );
+    let (conv, want) = match (params.build(), model(&params)) {
+        (Err(got), Err(want)) => {
+            assert_eq!(
+                got, want,
+                "build() of {params:?} refused it with the wrong error"
+            );
+            return;
+        }
+        (Ok(conv), Ok(want)) => (conv, want),
         (got, want) => panic!("build() of {params:?} gave {got:?}, the shape model says {want:?}"),
     };
     // Every query of a valid descriptor, whatever its size.
     let g = *conv.geometry();
     let p = conv.padding();
-    let got = Model::Valid {
+    let got = Shape {
         padding: [p.top, p.bottom, p.left, p.right],
         out: [g.out_h, g.out_w],
         flops: conv.flops() as u128,
@@ -670,8 +827,7 @@ fn run(inp: &ConvInput) {
     let small = g.input_len() <= MAX_ELEMS
         && g.weight_len() <= MAX_ELEMS
         && g.output_len() <= MAX_ELEMS
-        && (g.output_len() as u128 * g.gemm_k() as u128) <= MAX_MACS as u128
-        && !extent_guarded(&g);
+        && (g.output_len() as u128 * g.gemm_k() as u128) <= MAX_MACS as u128;
     if !small {
         huge(inp, &conv, activation);
         return;
@@ -714,31 +870,45 @@ fn run(inp: &ConvInput) {
         return;
     }
 
-    let finite = input
-        .iter()
-        .chain(&weight)
-        .chain(bias.unwrap_or(&[]))
-        .all(|v| v.is_finite());
     let case = Case {
         conv: &conv,
         input: &input,
         weight: &weight,
         bias,
         activation,
-        reference: finite.then(|| reference(&g, &input, &weight, bias)),
+        reference: reference(&g, &input, &weight, bias),
     };
     let im2col_ok = g.gemm_k() as u128 * g.out_plane() as u128 <= MAX_IM2COL as u128;
 
+    // `forward_to_vec` (default options: no activation), with `Auto`.
+    match conv.forward_to_vec(&input, &weight, bias, Algorithm::Auto) {
+        Ok(out) => case.check_with(Activation::None, &|| "forward_to_vec(Auto)".into(), &out),
+        Err(e) => panic!("forward_to_vec(Auto) failed with the right lengths: {e:?}"),
+    }
+
+    if invalid_activation(activation) {
+        // Refused by every entry point, before any work.
+        for algorithm in all_algorithms() {
+            let opts = forward_options(algorithm, threaded, GemmBackend::Native, activation, None);
+            let what = || format!("forward_with({opts:?})");
+            expect_invalid_activation(
+                conv.forward_with(&input, &weight, bias, &mut output, &opts),
+                activation,
+                &what,
+            );
+            assert!(
+                output.iter().all(|v| v.is_nan()),
+                "{} refused, but wrote the output",
+                what()
+            );
+            make_plan(&conv, &weight, bias, &opts);
+        }
+        return;
+    }
+
     // Every algorithm, ISA, threading and backend that differs.
     for algorithm in all_algorithms() {
-        if algorithm == Algorithm::Im2col && !im2col_ok {
-            continue;
-        }
-        let resolved = match algorithm {
-            Algorithm::Auto => conv.auto_algorithm(),
-            a => a,
-        };
-        if guarded(&g, resolved) {
+        if resolved(&conv, algorithm, &weight) == Algorithm::Im2col && !im2col_ok {
             continue;
         }
         let gemm_based = matches!(
@@ -778,31 +948,24 @@ fn run(inp: &ConvInput) {
     };
     // A workspace made by another plan (the direct one: empty), to check
     // that `forward_in` copes with one that is too small.
-    let foreign = conv
-        .plan(
-            &weight,
-            bias,
-            &forward_options(
-                Algorithm::Direct,
-                plan_par,
-                GemmBackend::Native,
-                activation,
-                None,
-            ),
-        )
-        .expect("plan(Direct) with the right lengths");
-    let mut foreign_ws = make_workspace(&foreign);
+    let direct = forward_options(
+        Algorithm::Direct,
+        plan_par,
+        GemmBackend::Native,
+        activation,
+        None,
+    );
+    let foreign = make_plan(&conv, &weight, bias, &direct).expect("plan(Direct)");
+    let mut foreign_ws = make_workspace(&foreign, &|| format!("plan({direct:?})"));
     for algorithm in all_algorithms() {
         for backend in BACKENDS {
             let opts =
                 forward_options(algorithm, plan_par, backend, activation, inp.plan_isa.get());
-            let plan = match conv.plan(&weight, bias, &opts) {
-                Ok(plan) => plan,
-                Err(e) => panic!("plan({opts:?}) failed with the right lengths: {e:?}"),
+            let Some(plan) = make_plan(&conv, &weight, bias, &opts) else {
+                panic!("plan({opts:?}) of a small convolution refused");
             };
             let bytes = plan.workspace_bytes_per_thread();
-            if plan.algorithm() == Algorithm::Im2col && !im2col_ok || guarded(&g, plan.algorithm())
-            {
+            if plan.algorithm() == Algorithm::Im2col && !im2col_ok {
                 continue;
             }
             let what = || format!("plan({opts:?}).forward");
@@ -810,7 +973,7 @@ fn run(inp: &ConvInput) {
             expect_ok(plan.forward(&input, &mut output), &what);
             case.check(&what, &output);
             if bytes <= MAX_WORKSPACE_BYTES {
-                let mut ws = make_workspace(&plan);
+                let mut ws = make_workspace(&plan, &what);
                 for pass in 0..2 {
                     let what = || format!("plan({opts:?}).forward_in, own workspace, pass {pass}");
                     output.fill(f32::NAN);
@@ -839,6 +1002,9 @@ fn wrong_lengths(
     let g = conv.geometry();
     let par = inp.threaded.get();
     let output_len = output.len();
+    let vec_lens_right = inp.input_len == LenSel::Exact
+        && inp.weight_len == LenSel::Exact
+        && inp.bias.is_none_or(|l| l == LenSel::Exact);
     for algorithm in all_algorithms() {
         let opts = forward_options(
             algorithm,
@@ -862,14 +1028,23 @@ fn wrong_lengths(
             )
         };
         expect_len_err(conv.forward_with(input, weight, bias, output, &opts), &what);
+        if !vec_lens_right {
+            // forward_to_vec has no output buffer to get wrong.
+            expect_len_err(conv.forward_to_vec(input, weight, bias, algorithm), &|| {
+                format!("forward_to_vec({algorithm:?})")
+            });
+        }
         let plan_lens_right =
             inp.weight_len == LenSel::Exact && inp.bias.is_none_or(|l| l == LenSel::Exact);
-        let plan = conv.plan(weight, bias, &opts);
         if !plan_lens_right {
-            expect_len_err(plan, &|| format!("plan({opts:?})"));
+            expect_len_err(conv.plan(weight, bias, &opts), &|| {
+                format!("plan({opts:?})")
+            });
             continue;
         }
-        let plan = plan.unwrap_or_else(|e| panic!("plan({opts:?}) with the right lengths: {e:?}"));
+        let Some(plan) = make_plan(conv, weight, bias, &opts) else {
+            continue;
+        };
         if inp.input_len == LenSel::Exact && inp.output_len == LenSel::Exact {
             continue;
         }
@@ -877,10 +1052,9 @@ fn wrong_lengths(
             format!("plan({opts:?}).forward")
         });
         if plan.workspace_bytes_per_thread() <= MAX_WORKSPACE_BYTES {
-            let mut ws = make_workspace(&plan);
-            expect_len_err(plan.forward_in(input, output, &mut ws), &|| {
-                format!("plan({opts:?}).forward_in")
-            });
+            let what = || format!("plan({opts:?}).forward_in");
+            let mut ws = make_workspace(&plan, &what);
+            expect_len_err(plan.forward_in(input, output, &mut ws), &what);
         }
     }
 }
@@ -892,6 +1066,9 @@ fn huge(inp: &ConvInput, conv: &Conv2d, activation: Activation) {
     let par = inp.threaded.get();
     let mut empty_out: [f32; 0] = [];
     for algorithm in all_algorithms() {
+        expect_len_err(conv.forward_to_vec(&[], &[], None, algorithm), &|| {
+            format!("forward_to_vec({algorithm:?}) with empty buffers")
+        });
         for backend in BACKENDS {
             let opts = forward_options(algorithm, par, backend, activation, inp.plan_isa.get());
             let what = || format!("forward_with({opts:?}) with empty buffers");
@@ -903,29 +1080,22 @@ fn huge(inp: &ConvInput, conv: &Conv2d, activation: Activation) {
             if g.weight_len() > MAX_ELEMS {
                 continue;
             }
-            if plan_guarded(conv, algorithm, backend) {
+            let weight = vec![0.5f32; g.weight_len()];
+            if plan_bytes(g, resolved(conv, algorithm, &weight)) > MAX_PLAN_BYTES {
                 continue;
             }
-            let weight = vec![0.5f32; g.weight_len()];
             let bias = vec![0.25f32; g.out_channels];
             let bias = inp.bias.map(|_| &bias[..]);
-            let plan = match conv.plan(&weight, bias, &opts) {
-                Ok(plan) => plan,
-                Err(e) => panic!("plan({opts:?}) of {g:?} with the right lengths: {e:?}"),
-            };
-            let bytes = if workspace_bytes_guarded(&plan) {
-                usize::MAX
-            } else {
-                plan.workspace_bytes_per_thread()
+            let Some(plan) = make_plan(conv, &weight, bias, &opts) else {
+                continue;
             };
             expect_len_err(plan.forward(&[], &mut empty_out), &|| {
                 format!("plan({opts:?}).forward with empty buffers")
             });
-            if bytes <= MAX_WORKSPACE_BYTES {
-                let mut ws = make_workspace(&plan);
-                expect_len_err(plan.forward_in(&[], &mut empty_out, &mut ws), &|| {
-                    format!("plan({opts:?}).forward_in with empty buffers")
-                });
+            if plan.workspace_bytes_per_thread() <= MAX_WORKSPACE_BYTES {
+                let what = || format!("plan({opts:?}).forward_in with empty buffers");
+                let mut ws = make_workspace(&plan, &what);
+                expect_len_err(plan.forward_in(&[], &mut empty_out, &mut ws), &what);
             }
         }
     }

@@ -160,11 +160,10 @@ struct GemmInput {
 // The library's options, built in one place so API changes touch only this.
 
 fn gemm_options(backend: GemmBackend, parallelism: Parallelism, isa: Option<Isa>) -> GemmOptions {
-    GemmOptions {
-        backend,
-        parallelism,
-        isa,
-    }
+    GemmOptions::default()
+        .backend(backend)
+        .parallelism(parallelism)
+        .isa(isa)
 }
 
 // ---------------------------------------------------------------------------
