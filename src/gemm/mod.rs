@@ -35,6 +35,7 @@
 pub mod cache;
 pub(crate) mod driver;
 pub mod kernels;
+mod matrixmultiply;
 pub(crate) mod pack;
 
 use crate::error::GemmError;
@@ -620,7 +621,11 @@ pub(crate) unsafe fn gemm_with_epilogue<B: pack::BSource>(
         }
         GemmBackend::Matrixmultiply => {
             // SAFETY: forwarded.
-            unsafe { driver::gemm_matrixmultiply(m, k, n, alpha, a, b, beta, c, epilogue, options) }
+            unsafe {
+                matrixmultiply::gemm_matrixmultiply(
+                    m, k, n, alpha, a, b, beta, c, epilogue, options,
+                )
+            }
         }
     }
 }

@@ -1,0 +1,318 @@
+//! The two innermost loops (over the NR and MR panels of one packed block),
+//! where the A and B panels of a block come from, and the columns peeled
+//! off C's right edge as dot products.
+
+use super::{ASource, CTile, Epilogue};
+use crate::gemm::kernels::{store_scalar, DotKernelFn, Kernel, KernelInfo, TileEpilogue};
+use crate::gemm::pack::{pack_a_strided, AlignedBuf};
+
+/// The last `count` columns of C, from `col0` on, computed as dot products:
+/// right after the tile that ends at `col0` for a micro-panel of A, while
+/// those `mr` rows of A are still in L1. The columns of B are staged
+/// contiguous, column `q` at `columns + q·k`.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct PeeledColumns {
+    pub(super) columns: *const f32,
+    pub(super) k: usize,
+    pub(super) col0: usize,
+    pub(super) count: usize,
+    pub(super) dot: DotKernelFn,
+}
+
+/// How many of C's last columns the driver computes as dot products rather
+/// than in tiles: the one or two columns just past a multiple of the narrow
+/// kernel's width, which a tile would pad to a whole vector per row (49 =
+/// 3·16 + 1 columns: four vectors per row in tiles, three plus one dot
+/// product peeled off).
+pub(super) fn peeled_columns(kernel: &Kernel, n: usize) -> usize {
+    match (kernel.narrow(), kernel.dot()) {
+        (Some((width, _)), Some(_)) if n > width && n % width <= 2 => n % width,
+        _ => 0,
+    }
+}
+
+/// The A panels of rows `ic..ic+mcur` at depth `pc..pc+kcur`: read in place
+/// (`in_place`, a row-major A), packed into `abuf` from a strided A, or
+/// found in a pre-packed one.
+///
+/// # Safety
+/// The block is inside A; `ic` is a multiple of MR; `in_place` only for a
+/// strided A with unit column stride.
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn a_block(
+    a: &ASource,
+    ic: usize,
+    mcur: usize,
+    pc: usize,
+    kcur: usize,
+    kernel: &Kernel,
+    in_place: bool,
+    abuf: &mut AlignedBuf,
+) -> APanels {
+    let mr = kernel.info().mr;
+    match *a {
+        ASource::Strided { ptr, rs, cs } if in_place => {
+            // SAFETY: (ic, pc) is inside A.
+            let origin = unsafe { ptr.offset(ic as isize * rs + pc as isize * cs) };
+            let full = mcur / mr;
+            let packed_tail = (full * mr < mcur).then(|| {
+                let tail = abuf.get(kcur * mr);
+                // SAFETY: the last panel's rows, at this depth, are inside A.
+                unsafe {
+                    let first_row = origin.offset((full * mr) as isize * rs);
+                    pack_a_strided(first_row, rs, cs, mcur - full * mr, kcur, mr, tail);
+                }
+                tail.as_ptr()
+            });
+            APanels {
+                first: origin,
+                panel_stride: mr * rs as usize,
+                rs: rs as usize,
+                cs: 1,
+                packed_tail,
+            }
+        }
+        ASource::Strided { ptr, rs, cs } => {
+            let apack = abuf.get(mcur.div_ceil(mr) * kcur * mr);
+            // SAFETY: (ic, pc) and the mcur × kcur block are inside A.
+            unsafe {
+                let origin = ptr.offset(ic as isize * rs + pc as isize * cs);
+                pack_a_strided(origin, rs, cs, mcur, kcur, mr, apack);
+            }
+            APanels::packed(apack.as_ptr(), kcur * mr, mr)
+        }
+        ASource::Packed { ptr, k: kfull, .. } => APanels::packed(
+            // SAFETY: ic is a multiple of mr; the panels cover every row of
+            // A at full depth.
+            unsafe { ptr.add((ic / mr) * kfull * mr + pc * mr) },
+            kfull * mr,
+            mr,
+        ),
+    }
+}
+
+/// Where the micro-kernels find the A panels of one block.
+#[derive(Clone, Copy)]
+pub(super) struct APanels {
+    /// Panel `q` starts at `first + q·panel_stride`.
+    first: *const f32,
+    panel_stride: usize,
+    /// Value `(i, p)` of a panel is at `panel + i·rs + p·cs`.
+    rs: usize,
+    cs: usize,
+    /// A packed copy (`rs = 1`, `cs = mr`, rows past the matrix zero) of
+    /// the last panel, used instead of the in-place one when A is read in
+    /// place and the block ends mid-panel.
+    packed_tail: Option<*const f32>,
+}
+
+impl APanels {
+    /// Packed panels, `panel_stride` floats apart.
+    fn packed(first: *const f32, panel_stride: usize, mr: usize) -> APanels {
+        APanels {
+            first,
+            panel_stride,
+            rs: 1,
+            cs: mr,
+            packed_tail: None,
+        }
+    }
+
+    /// The start and strides of panel `ir` of `npanels`.
+    fn panel(&self, ir: usize, npanels: usize, mr: usize) -> (*const f32, usize, usize) {
+        match self.packed_tail {
+            Some(tail) if ir + 1 == npanels => (tail, 1, mr),
+            _ => (
+                self.first.wrapping_add(ir * self.panel_stride),
+                self.rs,
+                self.cs,
+            ),
+        }
+    }
+}
+
+/// Where the micro-kernels find the B panels of one block.
+#[derive(Clone, Copy)]
+pub(super) struct BPanels {
+    /// Panel `q` starts at `first + q·panel_stride`.
+    pub(super) first: *const f32,
+    pub(super) panel_stride: usize,
+    /// Floats from one k-step of a panel to the next.
+    pub(super) ldb: usize,
+    /// A packed copy (`ldb = nr`) of the last panel, used instead of the
+    /// in-place one when B is read in place and the block ends mid-panel.
+    pub(super) packed_tail: Option<*const f32>,
+}
+
+impl BPanels {
+    /// Panels packed contiguously, `kc·nr` floats each.
+    pub(super) fn packed(bpack: &[f32], kc: usize, nr: usize) -> BPanels {
+        BPanels {
+            first: bpack.as_ptr(),
+            panel_stride: kc * nr,
+            ldb: nr,
+            packed_tail: None,
+        }
+    }
+
+    /// The start and k-step of panel `jr` of `npanels`.
+    fn panel(&self, jr: usize, npanels: usize, nr: usize) -> (*const f32, usize) {
+        match self.packed_tail {
+            Some(tail) if jr + 1 == npanels => (tail, nr),
+            _ => (self.first.wrapping_add(jr * self.panel_stride), self.ldb),
+        }
+    }
+}
+
+/// What the innermost two loops need besides the packed panels.
+pub(super) struct MacroKernel<'a> {
+    pub(super) alpha: f32,
+    pub(super) beta: f32,
+    pub(super) c: CTile,
+    pub(super) ep: &'a Epilogue,
+    pub(super) kernel: &'a Kernel,
+    pub(super) k: usize,
+    pub(super) m1: usize,
+    pub(super) n1: usize,
+}
+
+impl MacroKernel<'_> {
+    /// The NR and MR loops over one packed A block (rows `ic..ic+mcur`) and
+    /// one packed B block (columns `jc..jc+ncur`) at depth `pc..pc+kcur`.
+    ///
+    /// # Safety
+    /// The panels hold the blocks described; the tiles are inside this
+    /// task's block of C.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn run(
+        &self,
+        apanels: APanels,
+        ic: usize,
+        mcur: usize,
+        bpanels: BPanels,
+        jc: usize,
+        ncur: usize,
+        pc: usize,
+        kcur: usize,
+    ) {
+        let KernelInfo { mr, nr, .. } = *self.kernel.info();
+        let (first, last) = (pc == 0, pc + kcur == self.k);
+        let ep = self.ep;
+        let npanels = ncur.div_ceil(nr);
+        for jr in 0..npanels {
+            let (bp, ldb) = bpanels.panel(jr, npanels, nr);
+            let col = jc + jr * nr;
+            let cols = nr.min(self.n1 - col);
+            let func = match self.kernel.narrow() {
+                Some((width, narrow)) if cols <= width => narrow,
+                _ => self.kernel.func(),
+            };
+            let row_panels = mcur.div_ceil(mr);
+            for ir in 0..row_panels {
+                let (ap, ars, acs) = apanels.panel(ir, row_panels, mr);
+                let row = ic + ir * mr;
+                let tile = TileEpilogue {
+                    alpha: self.alpha,
+                    beta: if first { self.beta } else { 1.0 },
+                    bias: if first && !ep.bias.is_null() {
+                        // SAFETY: row < m and bias holds m values.
+                        unsafe { ep.bias.add(row) }
+                    } else {
+                        std::ptr::null()
+                    },
+                    clamp: if last { ep.clamp } else { None },
+                };
+                // SAFETY: the panels hold kcur steps; the tile at (row, col)
+                // is inside this task's block of C.
+                unsafe {
+                    func(
+                        kcur,
+                        ap,
+                        ars,
+                        acs,
+                        bp,
+                        ldb,
+                        self.c
+                            .ptr
+                            .offset(row as isize * self.c.rs + col as isize * self.c.cs),
+                        self.c.rs,
+                        self.c.cs,
+                        mr.min(self.m1 - row),
+                        cols,
+                        &tile,
+                    )
+                };
+                if let Some(peel) = ep.peel.filter(|p| col + cols == p.col0) {
+                    // SAFETY: the panel is as described above; its rows and
+                    // the peeled columns are inside this task's rows of C.
+                    unsafe { self.finish_peel(&peel, ap, ars, acs, row, pc, kcur, &tile) };
+                }
+            }
+        }
+    }
+
+    /// The peeled columns of the `mr` rows from `row` (one A micro-panel)
+    /// at depth `pc..pc+kcur`, through the same epilogue as their tile.
+    ///
+    /// # Safety
+    /// Value `(i, p)` of the panel is at `ap + i·ars + p·acs` for the
+    /// panel's rows and `p < kcur`; the rows and columns are inside C.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn finish_peel(
+        &self,
+        peel: &PeeledColumns,
+        ap: *const f32,
+        ars: usize,
+        acs: usize,
+        row: usize,
+        pc: usize,
+        kcur: usize,
+        tile: &TileEpilogue,
+    ) {
+        // Room for the tallest register tile; only the row kernels (8 rows
+        // at most) have a dot kernel, and a taller one must fail loudly
+        // rather than leave rows unwritten.
+        const MAX_MR: usize = 32;
+        let rows = self.kernel.info().mr.min(self.m1 - row);
+        assert!(rows <= MAX_MR, "peeled columns for a {rows}-row tile");
+        let mut out = [0.0f32; MAX_MR];
+        for q in 0..peel.count {
+            // SAFETY: column q holds k staged values; pc + kcur ≤ k.
+            let column = unsafe { peel.columns.add(q * peel.k + pc) };
+            if acs == 1 {
+                // A read in place: rows are contiguous, the dot kernel's
+                // layout.
+                // SAFETY: forwarded.
+                unsafe { (peel.dot)(kcur, ap, ars, rows, column, &mut out) };
+            } else {
+                // A packed (a packed last panel, or a packed block): rare.
+                for (i, x) in out.iter_mut().enumerate().take(rows) {
+                    *x = (0..kcur)
+                        // SAFETY: (i, p) is inside the panel.
+                        .map(|p| unsafe { *ap.add(i * ars + p * acs) * *column.add(p) })
+                        .sum();
+                }
+            }
+            for (i, &x) in out.iter().enumerate().take(rows) {
+                let bias = if tile.bias.is_null() {
+                    0.0
+                } else {
+                    // SAFETY: the tile's bias holds its rows' values.
+                    unsafe { *tile.bias.add(i) }
+                };
+                // SAFETY: (row + i, col0 + q) is inside this task's rows of C.
+                unsafe {
+                    store_scalar(
+                        self.c.ptr.offset(
+                            (row + i) as isize * self.c.rs + (peel.col0 + q) as isize * self.c.cs,
+                        ),
+                        tile.alpha * x,
+                        tile.beta,
+                        bias,
+                        tile.clamp,
+                    )
+                };
+            }
+        }
+    }
+}

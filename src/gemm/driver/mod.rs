@@ -1,0 +1,481 @@
+//! The GEMM loop nest, written once for every micro-kernel: the entry
+//! [`gemm`] and the two loop orders, [`gemm_block`] (one task's block of C)
+//! and [`gemm_shared_b`] (threads sharing each packed B block).
+//!
+//! ```text
+//! for jc in 0..n step NC        B block of NC columns      (L3)
+//!   for pc in 0..k step KC      pack B[pc.., jc..] → NR-column panels
+//!     for ic in 0..m step MC    pack A[ic.., pc..] → MR-row panels (L2)
+//!       for jr in NR panels     one B micro-panel stays in L1 ...
+//!         for ir in MR panels   ... while the A micro-panels stream past it
+//!           micro-kernel(MR × NR tile)
+//! ```
+//!
+//! Packing pays for itself only when a panel is reused often. A row-major
+//! operand whose packed panels would serve few tiles is read in place by
+//! the kernels instead (only a partial last panel is packed): B when M fits
+//! one MC block (each B panel then serves at most MC/MR tiles), A when C has
+//! at most [`blocking::A_IN_PLACE_MAX_PANELS`] column panels per block.
+//!
+//! The rest lives beside this file: `threading` shares the nest out over
+//! threads, `blocking` sizes the blocks and decides what is read in place,
+//! `macro_kernel` runs the two innermost loops over one block.
+
+mod blocking;
+mod macro_kernel;
+mod threading;
+
+pub(crate) use blocking::pack_bounds;
+pub(crate) use threading::{split_range, thread_count};
+
+use super::cache::cache_sizes;
+use super::kernels::{store_scalar, Kernel, KernelInfo};
+use super::pack::{with_pack_buffers, BSource, PackBuffers, StridedB};
+use super::Parallelism;
+use crate::testing::record_gemm_block;
+use blocking::{a_in_place, block_depth, rows_stay_in_l2, single_block_columns};
+use macro_kernel::{a_block, peeled_columns, BPanels, MacroKernel, PeeledColumns};
+use rayon::prelude::*;
+use threading::run_tasks;
+
+/// Where A comes from.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum ASource {
+    /// A strided matrix, packed block by block as the loops reach it.
+    Strided {
+        ptr: *const f32,
+        rs: isize,
+        cs: isize,
+    },
+    /// Already packed for the selected kernel (pre-packed convolution weights): `m.div_ceil(mr)` panels of
+    /// `k × mr`, panel `q` at `ptr + q·k·mr`, rows past `m` zero.
+    Packed {
+        ptr: *const f32,
+        k: usize,
+        mr: usize,
+    },
+}
+
+/// C as a pointer with element strides.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct CTile {
+    pub ptr: *mut f32,
+    pub rs: isize,
+    pub cs: isize,
+}
+
+/// Bias per row of C and the activation's clamp, applied as tiles are stored.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Epilogue {
+    /// Null, or `m` values.
+    pub bias: *const f32,
+    /// `(lo, hi)` or `None`.
+    pub clamp: Option<(f32, f32)>,
+    /// Columns of C past the tiles' last column, finished as dot products
+    /// next to the tiles (see [`peeled_columns`]); the driver sets it.
+    pub peel: Option<PeeledColumns>,
+}
+
+impl Epilogue {
+    /// Plain GEMM: no bias, no activation.
+    pub const NONE: Epilogue = Epilogue {
+        bias: std::ptr::null(),
+        clamp: None,
+        peel: None,
+    };
+}
+
+// SAFETY: these are views the GEMM's callers vouch for (see `sgemm_raw`): A,
+// B and bias are read-only for the whole call; C is written only in disjoint
+// blocks, one per task.
+unsafe impl Send for ASource {}
+// SAFETY: as above.
+unsafe impl Sync for ASource {}
+// SAFETY: as above.
+unsafe impl Send for CTile {}
+// SAFETY: as above.
+unsafe impl Sync for CTile {}
+// SAFETY: as above.
+unsafe impl Send for Epilogue {}
+// SAFETY: as above.
+unsafe impl Sync for Epilogue {}
+
+/// `C ← act(β·C + bias)` for the degenerate cases `k = 0` and `α = 0`, where
+/// A and B must not be read.
+///
+/// # Safety
+/// As `gemm` for C and the epilogue.
+pub(crate) unsafe fn scale_c(m: usize, n: usize, beta: f32, c: CTile, ep: &Epilogue) {
+    for i in 0..m {
+        let bias = if ep.bias.is_null() {
+            0.0
+        } else {
+            // SAFETY: bias holds m values.
+            unsafe { *ep.bias.add(i) }
+        };
+        for j in 0..n {
+            // SAFETY: (i, j) is inside C; C is read only when beta != 0.
+            unsafe {
+                store_scalar(
+                    c.ptr.offset(i as isize * c.rs + j as isize * c.cs),
+                    0.0,
+                    beta,
+                    bias,
+                    ep.clamp,
+                )
+            };
+        }
+    }
+}
+
+/// The native engine: `C ← act(α·A·B + β·C + bias)`.
+///
+/// # Safety
+/// As [`super::gemm_with_epilogue`]; a `Packed` A was packed for `kernel`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm<B: BSource>(
+    m: usize,
+    k: usize,
+    n: usize,
+    alpha: f32,
+    a: &ASource,
+    b: &B,
+    beta: f32,
+    c: CTile,
+    ep: &Epilogue,
+    kernel: &Kernel,
+    par: Parallelism,
+    bufs: Option<&mut PackBuffers>,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 || alpha == 0.0 {
+        // SAFETY: forwarded.
+        unsafe { scale_c(m, n, beta, c, ep) };
+        return;
+    }
+    // Kernels store rows of C with vector stores. For a column-major C,
+    // compute Cᵀ = Bᵀ·Aᵀ instead, which is row-major.
+    if c.cs != 1 && c.rs == 1 && ep.bias.is_null() {
+        if let (ASource::Strided { ptr, rs, cs }, Some(bs)) = (*a, b.as_strided()) {
+            let at = StridedB {
+                ptr,
+                rs: cs,
+                cs: rs,
+            };
+            let bt = ASource::Strided {
+                ptr: bs.ptr,
+                rs: bs.cs,
+                cs: bs.rs,
+            };
+            let ct = CTile {
+                ptr: c.ptr,
+                rs: c.cs,
+                cs: c.rs,
+            };
+            // SAFETY: the same memory, viewed transposed.
+            unsafe { gemm(n, k, m, alpha, &bt, &at, beta, ct, ep, kernel, par, bufs) };
+            return;
+        }
+    }
+    if let ASource::Packed { mr, .. } = a {
+        // Packed panels of another height would be read out of bounds.
+        assert_eq!(*mr, kernel.info().mr, "A was packed for another kernel");
+    }
+    if let (ASource::Strided { cs: 1, .. }, Some(bs), Some(dot), None) =
+        (*a, b.as_strided(), kernel.dot(), ep.peel)
+    {
+        let count = peeled_columns(kernel, n);
+        let col0 = n - count;
+        // Only where every A block is read in place, so that each micro-panel
+        // reaches the dot kernel in rows (a packed panel takes a scalar
+        // loop). Blocks have at most MC rows and col0's panels, and fewer
+        // rows or panels only make `a_in_place` easier to satisfy.
+        let rows = m.min(kernel.info().mc);
+        if count > 0 && a_in_place(a, kernel, rows, col0.div_ceil(kernel.info().nr)) {
+            // SAFETY: (p, j) is inside B for p < k and j < n.
+            let columns: Vec<f32> = (col0..n)
+                .flat_map(|j| (0..k).map(move |p| (p, j)))
+                .map(|(p, j)| unsafe { *bs.ptr.offset(p as isize * bs.rs + j as isize * bs.cs) })
+                .collect();
+            let with_peel = Epilogue {
+                peel: Some(PeeledColumns {
+                    columns: columns.as_ptr(),
+                    k,
+                    col0,
+                    count,
+                    dot,
+                }),
+                ..*ep
+            };
+            // SAFETY: forwarded; the tiles cover columns 0..col0 and finish
+            // the rest through the peel, whose staged columns outlive the call.
+            unsafe {
+                gemm(
+                    m, k, col0, alpha, a, b, beta, c, &with_peel, kernel, par, bufs,
+                )
+            };
+            return;
+        }
+    }
+    // SAFETY: forwarded.
+    unsafe { run_tasks(m, k, n, alpha, a, b, beta, c, ep, kernel, par, bufs) };
+}
+
+/// BLIS-style threading for a C with few column panels (a 14×14 or 7×7
+/// output plane): every KC × NC block of B is packed once, by all threads
+/// in parallel, into one shared buffer, and the threads then split the rows
+/// of C over it. Splitting columns instead would leave 7 panels on 2
+/// threads (4 + 3), and splitting rows with private B blocks would pack
+/// (im2col) B once per thread.
+///
+/// # Safety
+/// As [`gemm`].
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn gemm_shared_b<B: BSource>(
+    m: usize,
+    k: usize,
+    n: usize,
+    alpha: f32,
+    a: &ASource,
+    b: &B,
+    beta: f32,
+    c: CTile,
+    ep: &Epilogue,
+    kernel: &Kernel,
+    threads: usize,
+) {
+    let KernelInfo { mr, nr, mc, nc, .. } = *kernel.info();
+    let kc = block_depth(k, kernel.info());
+    let ctx = MacroKernel {
+        alpha,
+        beta,
+        c,
+        ep,
+        kernel,
+        k,
+        m1: m,
+        n1: n,
+    };
+    // The calling thread lends its B buffer to the shared block, so that
+    // every thread (the caller included) still has its own A and staging
+    // buffers for the parallel parts; it is handed back at the end.
+    let mut shared = with_pack_buffers(|bufs| std::mem::take(&mut bufs.b));
+    for jc in (0..n).step_by(nc) {
+        let ncur = nc.min(n - jc);
+        let npanels = ncur.div_ceil(nr);
+        for pc in (0..k).step_by(kc) {
+            let kcur = kc.min(k - pc);
+            let bpack = shared.get(npanels * kcur * nr);
+            let per_task = npanels.div_ceil(threads);
+            bpack
+                .par_chunks_mut(per_task * kcur * nr)
+                .with_max_len(1)
+                .enumerate()
+                .for_each(|(t, dst)| {
+                    let first = t * per_task;
+                    let cols = (npanels - first).min(per_task) * nr;
+                    let cols = cols.min(ncur - first * nr);
+                    with_pack_buffers(|bufs| {
+                        // SAFETY: panels first.. of the block, inside B; dst
+                        // holds exactly their floats.
+                        unsafe {
+                            b.pack_block(
+                                pc,
+                                kcur,
+                                jc + first * nr,
+                                cols,
+                                nr,
+                                dst,
+                                &mut bufs.staging,
+                            )
+                        };
+                    });
+                });
+            let bpack: &[f32] = bpack;
+            (0..threads).into_par_iter().with_max_len(1).for_each(|t| {
+                let (m0, m1) = split_range(m, mr, threads, t);
+                if m0 == m1 {
+                    return;
+                }
+                with_pack_buffers(|bufs| {
+                    for ic in (m0..m1).step_by(mc) {
+                        let mcur = mc.min(m1 - ic);
+                        // SAFETY: rows ic..ic+mcur and depth pc..pc+kcur are
+                        // inside A; this task owns rows m0..m1 of C.
+                        unsafe {
+                            let a_here = a_in_place(a, kernel, mcur, npanels);
+                            let apanels =
+                                a_block(a, ic, mcur, pc, kcur, kernel, a_here, &mut bufs.a);
+                            let bpanels = BPanels::packed(bpack, kcur, nr);
+                            record_gemm_block(kernel.info().isa, pc > 0, ic > m0, jc > 0);
+                            ctx.run(apanels, ic, mcur, bpanels, jc, ncur, pc, kcur);
+                        }
+                    }
+                });
+            });
+        }
+    }
+    with_pack_buffers(|bufs| {
+        if shared.capacity() > bufs.b.capacity() {
+            bufs.b = shared;
+        }
+    });
+}
+
+/// The sequential loop nest over rows `m0..m1` and columns `n0..n1` of C.
+///
+/// When the rows fit in one MC block (the usual convolution: M = output
+/// channels ≤ MC), the KC loop goes outside the NC loop and B is packed in
+/// blocks of [`single_block_columns`] columns: A is then packed once per KC
+/// block, and each packed B block (≤ L2/2) is consumed while it is still in
+/// L2 instead of being written out to L3 and read back.
+///
+/// # Safety
+/// As [`gemm`]; `m0` is a multiple of the kernel's MR.
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn gemm_block<B: BSource>(
+    m0: usize,
+    m1: usize,
+    n0: usize,
+    n1: usize,
+    k: usize,
+    alpha: f32,
+    a: &ASource,
+    b: &B,
+    beta: f32,
+    c: CTile,
+    ep: &Epilogue,
+    kernel: &Kernel,
+    bufs: &mut PackBuffers,
+) {
+    let KernelInfo { nr, mc, nc, .. } = *kernel.info();
+    // Split k into equal blocks no deeper than KC rather than full blocks
+    // plus a thin remainder, whose epilogue and C traffic cost as much as a
+    // full block's while doing little work.
+    let kc = block_depth(k, kernel.info());
+    let ctx = MacroKernel {
+        alpha,
+        beta,
+        c,
+        ep,
+        kernel,
+        k,
+        m1,
+        n1,
+    };
+    let PackBuffers {
+        a: abuf,
+        b: bbuf,
+        staging,
+    } = bufs;
+    if m1 - m0 <= mc {
+        // A row-major B is read in place: each B panel serves only
+        // `(m1 - m0) / mr` tiles here, too few to repay copying it, as long
+        // as its rows stay in L2 between tiles (see `rows_stay_in_l2`).
+        // Measured, 1 thread AVX-512, in place vs packed: 64×576×3136
+        // +7%, 64×147×12544 +17%, 128×512×1000 +6%, but 256×512×1024 −22%
+        // (rows 4 KiB apart).
+        let in_place = b.as_strided().filter(|bs| {
+            bs.cs == 1 && bs.rs > 0 && rows_stay_in_l2(bs.rs as usize, kc, cache_sizes().l2)
+        });
+        let nc_small = single_block_columns(kc, kernel.info());
+        for pc in (0..k).step_by(kc) {
+            let kcur = kc.min(k - pc);
+            // SAFETY: rows m0..m1 and depth pc..pc+kcur are inside A.
+            let a_here = a_in_place(a, kernel, m1 - m0, (n1 - n0).div_ceil(nr));
+            let apanels = unsafe { a_block(a, m0, m1 - m0, pc, kcur, kernel, a_here, abuf) };
+            for jc in (n0..n1).step_by(nc_small) {
+                let ncur = nc_small.min(n1 - jc);
+                let bpanels = match in_place {
+                    Some(bs) => {
+                        let full = ncur / nr;
+                        let packed_tail = if full * nr < ncur {
+                            let tail = bbuf.get(kcur * nr);
+                            // SAFETY: the last panel's columns are inside B.
+                            unsafe {
+                                b.pack_block(
+                                    pc,
+                                    kcur,
+                                    jc + full * nr,
+                                    ncur - full * nr,
+                                    nr,
+                                    tail,
+                                    staging,
+                                )
+                            };
+                            Some(tail.as_ptr())
+                        } else {
+                            None
+                        };
+                        BPanels {
+                            first: bs.ptr.wrapping_offset(pc as isize * bs.rs + jc as isize),
+                            panel_stride: nr,
+                            ldb: bs.rs as usize,
+                            packed_tail,
+                        }
+                    }
+                    None => {
+                        // A source that builds B row by row (the implicit
+                        // convolution) writes whole rows of the block for
+                        // the kernels to read in place, rather than building
+                        // each row and then dealing it out to the panels.
+                        // Rows 1 KiB apart (256 columns) measured no slower
+                        // than rows padded off that stride.
+                        let ld = ncur.next_multiple_of(nr);
+                        let rows = bbuf.get(kcur * ld);
+                        // SAFETY: the block is inside B and `rows` has the room.
+                        if unsafe { b.fill_rows(pc, kcur, jc, ncur, ld, rows) } {
+                            BPanels {
+                                first: rows.as_ptr(),
+                                panel_stride: nr,
+                                ldb: ld,
+                                packed_tail: None,
+                            }
+                        } else {
+                            let bpack = bbuf.get(ncur.div_ceil(nr) * kcur * nr);
+                            // SAFETY: the block is inside B and bpack has the room.
+                            unsafe { b.pack_block(pc, kcur, jc, ncur, nr, bpack, staging) };
+                            BPanels::packed(bpack, kcur, nr)
+                        }
+                    }
+                };
+                record_gemm_block(kernel.info().isa, pc > 0, false, jc > n0);
+                // SAFETY: forwarded; the panels were packed above.
+                unsafe { ctx.run(apanels, m0, m1 - m0, bpanels, jc, ncur, pc, kcur) };
+            }
+        }
+        return;
+    }
+    for jc in (n0..n1).step_by(nc) {
+        let ncur = nc.min(n1 - jc);
+        for pc in (0..k).step_by(kc) {
+            let kcur = kc.min(k - pc);
+            let bpack = bbuf.get(ncur.div_ceil(nr) * kcur * nr);
+            // SAFETY: the block is inside B and bpack has the room.
+            unsafe { b.pack_block(pc, kcur, jc, ncur, nr, bpack, staging) };
+            let bpack: &[f32] = bpack;
+            for ic in (m0..m1).step_by(mc) {
+                let mcur = mc.min(m1 - ic);
+                // SAFETY: rows ic..ic+mcur and depth pc..pc+kcur are inside A.
+                let a_here = a_in_place(a, kernel, mcur, ncur.div_ceil(nr));
+                let apanels = unsafe { a_block(a, ic, mcur, pc, kcur, kernel, a_here, abuf) };
+                record_gemm_block(kernel.info().isa, pc > 0, ic > m0, jc > n0);
+                // SAFETY: forwarded; the panels were packed above.
+                unsafe {
+                    ctx.run(
+                        apanels,
+                        ic,
+                        mcur,
+                        BPanels::packed(bpack, kcur, nr),
+                        jc,
+                        ncur,
+                        pc,
+                        kcur,
+                    )
+                };
+            }
+        }
+    }
+}
