@@ -77,7 +77,7 @@ fn split_over_pairs(pairs: usize, threads: usize) -> bool {
 /// the column matrix of one image group.
 #[derive(Default)]
 pub(crate) struct ConvScratch {
-    pub pack: PackBuffers,
+    pub pack: PackBuffers<f32>,
     pub col: Vec<f32>,
 }
 
@@ -192,7 +192,7 @@ unsafe fn run_pair(
     lowering: Lowering,
     pair: usize,
     col: &mut Vec<f32>,
-    pack: Option<&mut PackBuffers>,
+    pack: Option<&mut PackBuffers<f32>>,
 ) -> Result<(), ConvError> {
     let (n, grp) = (pair / g.groups, pair % g.groups);
     let (cg, kg) = (g.channels_per_group(), g.out_channels_per_group());
@@ -244,14 +244,14 @@ unsafe fn run_pair(
 
 /// # Safety
 /// As [`run_pair`], with the operands it describes.
-unsafe fn gemm_group<B: BSource>(
+unsafe fn gemm_group<B: BSource<f32>>(
     g: &ConvGeometry,
     a: &ASource,
     b: &B,
     c: CTile,
     epilogue: &Epilogue,
     opts: &GemmOptions,
-    pack: Option<&mut PackBuffers>,
+    pack: Option<&mut PackBuffers<f32>>,
 ) {
     // SAFETY: forwarded.
     unsafe {

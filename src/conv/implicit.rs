@@ -20,7 +20,7 @@ pub(crate) struct Im2colView<'a> {
     pub image: &'a [f32],
 }
 
-impl BSource for Im2colView<'_> {
+impl BSource<f32> for Im2colView<'_> {
     /// Each row of the block is first built in `staging` (two rows of at
     /// most NC floats, L1-resident, used in turn so that a row can be
     /// shifted from the one before) by the same row filler the explicit

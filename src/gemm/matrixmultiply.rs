@@ -14,7 +14,7 @@ use rayon::prelude::*;
 /// # Safety
 /// As [`super::driver::gemm`].
 #[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn gemm_matrixmultiply<B: BSource>(
+pub(crate) unsafe fn gemm_matrixmultiply<B: BSource<f32>>(
     m: usize,
     k: usize,
     n: usize,

@@ -34,6 +34,7 @@
 
 pub mod cache;
 pub(crate) mod driver;
+mod element;
 pub mod kernels;
 mod matrixmultiply;
 pub(crate) mod pack;
@@ -577,7 +578,7 @@ pub unsafe fn sgemm_raw(
 /// `k × n`, and `epilogue.bias`, when set, holds at least `m` values. With
 /// `bufs`, the native engine packs into them on the calling thread only.
 #[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn gemm_with_epilogue<B: pack::BSource>(
+pub(crate) unsafe fn gemm_with_epilogue<B: pack::BSource<f32>>(
     m: usize,
     k: usize,
     n: usize,
@@ -588,7 +589,7 @@ pub(crate) unsafe fn gemm_with_epilogue<B: pack::BSource>(
     c: driver::CTile,
     epilogue: &driver::Epilogue,
     options: &GemmOptions,
-    bufs: Option<&mut pack::PackBuffers>,
+    bufs: Option<&mut pack::PackBuffers<f32>>,
 ) {
     if m == 0 || n == 0 {
         return;

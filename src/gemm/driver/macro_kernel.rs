@@ -47,7 +47,7 @@ pub(super) unsafe fn a_block(
     kcur: usize,
     kernel: &Kernel,
     in_place: bool,
-    abuf: &mut AlignedBuf,
+    abuf: &mut AlignedBuf<f32>,
 ) -> APanels {
     let mr = kernel.info().mr;
     match *a {

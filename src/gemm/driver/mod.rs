@@ -133,7 +133,7 @@ pub(crate) unsafe fn scale_c(m: usize, n: usize, beta: f32, c: CTile, ep: &Epilo
 /// # Safety
 /// As [`super::gemm_with_epilogue`]; a `Packed` A was packed for `kernel`.
 #[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn gemm<B: BSource>(
+pub(crate) unsafe fn gemm<B: BSource<f32>>(
     m: usize,
     k: usize,
     n: usize,
@@ -145,7 +145,7 @@ pub(crate) unsafe fn gemm<B: BSource>(
     ep: &Epilogue,
     kernel: &Kernel,
     par: Parallelism,
-    bufs: Option<&mut PackBuffers>,
+    bufs: Option<&mut PackBuffers<f32>>,
 ) {
     if m == 0 || n == 0 {
         return;
@@ -233,7 +233,7 @@ pub(crate) unsafe fn gemm<B: BSource>(
 /// # Safety
 /// As [`gemm`].
 #[allow(clippy::too_many_arguments)]
-pub(super) unsafe fn gemm_shared_b<B: BSource>(
+pub(super) unsafe fn gemm_shared_b<B: BSource<f32>>(
     m: usize,
     k: usize,
     n: usize,
@@ -335,7 +335,7 @@ pub(super) unsafe fn gemm_shared_b<B: BSource>(
 /// # Safety
 /// As [`gemm`]; `m0` is a multiple of the kernel's MR.
 #[allow(clippy::too_many_arguments)]
-pub(super) unsafe fn gemm_block<B: BSource>(
+pub(super) unsafe fn gemm_block<B: BSource<f32>>(
     m0: usize,
     m1: usize,
     n0: usize,
@@ -348,7 +348,7 @@ pub(super) unsafe fn gemm_block<B: BSource>(
     c: CTile,
     ep: &Epilogue,
     kernel: &Kernel,
-    bufs: &mut PackBuffers,
+    bufs: &mut PackBuffers<f32>,
 ) {
     let KernelInfo { nr, mc, nc, .. } = *kernel.info();
     // Split k into equal blocks no deeper than KC rather than full blocks

@@ -80,7 +80,7 @@ pub(crate) fn split_range(len: usize, unit: usize, parts: usize, part: usize) ->
 /// As [`super::gemm`], past its degenerate cases: `m`, `n`, `k` > 0; a
 /// `Packed` A was packed for `kernel`.
 #[allow(clippy::too_many_arguments)]
-pub(super) unsafe fn run_tasks<B: BSource>(
+pub(super) unsafe fn run_tasks<B: BSource<f32>>(
     m: usize,
     k: usize,
     n: usize,
@@ -92,7 +92,7 @@ pub(super) unsafe fn run_tasks<B: BSource>(
     ep: &Epilogue,
     kernel: &Kernel,
     par: Parallelism,
-    bufs: Option<&mut PackBuffers>,
+    bufs: Option<&mut PackBuffers<f32>>,
 ) {
     if let Some(bufs) = bufs {
         // The caller's buffers serve one thread: this call runs on the

@@ -383,7 +383,7 @@ pub(crate) unsafe fn run_steps_prefetching_c<T>(
 /// use: a hint for the portable parts of the GEMM (packing), which compiles
 /// to nothing on targets without a stable prefetch instruction.
 #[inline(always)]
-pub(crate) fn prefetch_read(p: *const f32) {
+pub(crate) fn prefetch_read<T>(p: *const T) {
     cfg_if::cfg_if! {
         if #[cfg(target_arch = "x86_64")] {
             // SAFETY: a prefetch never faults, whatever the address; SSE is
