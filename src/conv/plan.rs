@@ -5,9 +5,7 @@
 use super::gemm_lowering::{forward_gemm, packed_group_len, ConvScratch, Lowering, Weights};
 use super::{check_lengths, Algorithm, Conv2d, ForwardOptions};
 use crate::error::ConvError;
-use crate::gemm::driver::pack_bounds;
-use crate::gemm::kernels::{select, KernelInfo};
-use crate::gemm::pack::pack_a_strided;
+use crate::gemm::engine::{pack_bounds, select_kernel, KernelInfo, PackBounds, PackedA};
 use crate::gemm::{GemmBackend, Isa};
 
 /// A convolution bound to its weights and options. `forward` takes `&self`;
@@ -87,14 +85,13 @@ impl Conv2d {
         let prepack = gemm_based && options.backend == GemmBackend::Native;
         // The kernel every forward will select for these weights (the
         // workspace is sized for its blocking).
-        let kernel = *select(
+        let kernel = select_kernel(
             Some(isa),
             g.out_channels_per_group(),
             g.out_plane(),
             prepack,
             options.blocking,
-        )
-        .info();
+        );
         let weights = if prepack {
             PlanWeights::Packed {
                 data: pack_weights(self, weight, kernel.mr)?,
@@ -127,10 +124,7 @@ fn pack_weights(conv: &Conv2d, weight: &[f32], mr: usize) -> Result<Vec<f32>, Co
     })?;
     let mut data = vec![0.0f32; total];
     for (grp, dst) in data.chunks_exact_mut(per_group).enumerate() {
-        let src = &weight[grp * kg * kk..][..kg * kk];
-        // SAFETY: src is a row-major kg × kk block and dst holds
-        // ⌈kg/mr⌉·kk·mr floats.
-        unsafe { pack_a_strided(src.as_ptr(), kk as isize, 1, kg, kk, mr, dst) };
+        PackedA::pack(&weight[grp * kg * kk..][..kg * kk], kg, kk, mr, dst);
     }
     Ok(data)
 }
@@ -156,7 +150,7 @@ impl Conv2dPlan {
     fn scratch_floats(&self) -> (usize, usize, usize, usize) {
         let g = self.conv.geometry();
         let prepacked = matches!(self.weights, PlanWeights::Packed { .. });
-        let (a, b, staging) = pack_bounds(
+        let PackBounds { a, b, staging } = pack_bounds(
             g.out_channels_per_group(),
             g.gemm_k(),
             g.out_plane(),
@@ -188,9 +182,7 @@ impl Conv2dPlan {
     pub fn workspace(&self) -> Workspace {
         let (a, b, staging, col) = self.scratch_floats();
         let mut scratch = ConvScratch::default();
-        scratch.pack.a.get(a);
-        scratch.pack.b.get(b);
-        scratch.pack.staging.reserve_exact(staging);
+        scratch.pack.reserve(PackBounds { a, b, staging });
         scratch.col.reserve_exact(col);
         Workspace { scratch }
     }

@@ -1,8 +1,9 @@
 //! The comparison backend: the `matrixmultiply` crate behind the same
 //! interface as the native engine.
 
-use super::driver::{scale_c, split_range, thread_count, ASource, CTile, Epilogue};
-use super::pack::{AlignedBuf, BSource, StridedB};
+use super::driver::{scale_c, split_range, thread_count};
+use super::engine::{ASource, BSource, Epilogue, StridedC, StridedMatrix};
+use super::pack::AlignedBuf;
 use super::GemmOptions;
 use rayon::prelude::*;
 
@@ -19,11 +20,11 @@ pub(crate) unsafe fn gemm_matrixmultiply<B: BSource<f32>>(
     k: usize,
     n: usize,
     alpha: f32,
-    a: &ASource,
+    a: &ASource<'_, f32>,
     b: &B,
     beta: f32,
-    c: CTile,
-    ep: &Epilogue,
+    c: StridedC<f32>,
+    ep: &Epilogue<f32>,
     options: &GemmOptions,
 ) {
     if m == 0 || n == 0 {
@@ -41,7 +42,7 @@ pub(crate) unsafe fn gemm_matrixmultiply<B: BSource<f32>>(
             let buf = materialised.get(k * n);
             // SAFETY: one panel of width n is the whole k × n matrix, row-major.
             unsafe { b.pack_block(0, k, 0, n, n, buf, &mut Vec::new()) };
-            StridedB {
+            StridedMatrix {
                 ptr: buf.as_ptr(),
                 rs: n as isize,
                 cs: 1,
@@ -68,7 +69,7 @@ pub(crate) unsafe fn gemm_matrixmultiply<B: BSource<f32>>(
             let bp = bs.ptr.offset(j0 as isize * bs.cs);
             let cp = c.ptr.offset(j0 as isize * c.cs);
             match *a {
-                ASource::Strided { ptr, rs, cs } => ::matrixmultiply::sgemm(
+                ASource::Strided(StridedMatrix { ptr, rs, cs }) => ::matrixmultiply::sgemm(
                     m,
                     k,
                     j1 - j0,
@@ -84,7 +85,8 @@ pub(crate) unsafe fn gemm_matrixmultiply<B: BSource<f32>>(
                     c.rs,
                     c.cs,
                 ),
-                ASource::Packed { ptr, k: kfull, mr } => {
+                ASource::Packed(packed) => {
+                    let (ptr, kfull, mr) = (packed.as_ptr(), packed.depth(), packed.mr());
                     for q in 0..m.div_ceil(mr) {
                         let rows = mr.min(m - q * mr);
                         ::matrixmultiply::sgemm(

@@ -33,11 +33,12 @@
 //! ```
 
 pub mod cache;
-pub(crate) mod driver;
+mod driver;
 mod element;
+pub(crate) mod engine;
 pub mod kernels;
 mod matrixmultiply;
-pub(crate) mod pack;
+mod pack;
 
 use crate::error::GemmError;
 use std::num::NonZeroUsize;
@@ -537,24 +538,24 @@ pub unsafe fn sgemm_raw(
     csc: isize,
     options: &GemmOptions,
 ) {
-    let c = driver::CTile {
+    let c = engine::StridedC {
         ptr: c,
         rs: rsc,
         cs: csc,
     };
-    let a = driver::ASource::Strided {
+    let a = engine::ASource::Strided(engine::StridedMatrix {
         ptr: a,
         rs: rsa,
         cs: csa,
-    };
-    let b = pack::StridedB {
+    });
+    let b = engine::StridedMatrix {
         ptr: b,
         rs: rsb,
         cs: csb,
     };
     // SAFETY: forwarded from this function's contract.
     unsafe {
-        gemm_with_epilogue(
+        engine::gemm_with_epilogue(
             m,
             k,
             n,
@@ -563,70 +564,9 @@ pub unsafe fn sgemm_raw(
             &b,
             beta,
             c,
-            &driver::Epilogue::NONE,
+            &engine::Epilogue::NONE,
             options,
             None,
         )
-    }
-}
-
-/// The crate-internal entry point every GEMM-based path goes through:
-/// `C ← act(α·A·B + β·C + bias)` with bias per row of C.
-///
-/// # Safety
-/// As [`sgemm_raw`]; `a` and `b` describe readable memory for `m × k` and
-/// `k × n`, and `epilogue.bias`, when set, holds at least `m` values. With
-/// `bufs`, the native engine packs into them on the calling thread only.
-#[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn gemm_with_epilogue<B: pack::BSource<f32>>(
-    m: usize,
-    k: usize,
-    n: usize,
-    alpha: f32,
-    a: &driver::ASource,
-    b: &B,
-    beta: f32,
-    c: driver::CTile,
-    epilogue: &driver::Epilogue,
-    options: &GemmOptions,
-    bufs: Option<&mut pack::PackBuffers<f32>>,
-) {
-    if m == 0 || n == 0 {
-        return;
-    }
-    match options.backend {
-        GemmBackend::Native => {
-            // SAFETY: forwarded.
-            unsafe {
-                driver::gemm(
-                    m,
-                    k,
-                    n,
-                    alpha,
-                    a,
-                    b,
-                    beta,
-                    c,
-                    epilogue,
-                    &kernels::select(
-                        options.isa,
-                        m,
-                        n,
-                        matches!(a, driver::ASource::Packed { .. }),
-                        options.blocking,
-                    ),
-                    options.parallelism,
-                    bufs,
-                )
-            }
-        }
-        GemmBackend::Matrixmultiply => {
-            // SAFETY: forwarded.
-            unsafe {
-                matrixmultiply::gemm_matrixmultiply(
-                    m, k, n, alpha, a, b, beta, c, epilogue, options,
-                )
-            }
-        }
     }
 }

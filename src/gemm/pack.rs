@@ -7,6 +7,7 @@
 //! * B panel: `kc` steps of `nr` values, element `(p, j)` at `p·nr + j`.
 
 use super::element::Element;
+use super::engine::{BSource, StridedMatrix};
 use super::kernels::prefetch_read;
 use std::cell::RefCell;
 
@@ -69,9 +70,9 @@ impl<T: Element> AlignedBuf<T> {
 /// them to panels. Sized by the blocking, never by the problem.
 #[derive(Default)]
 pub(crate) struct PackBuffers<T> {
-    pub a: AlignedBuf<T>,
-    pub b: AlignedBuf<T>,
-    pub staging: Vec<T>,
+    pub(in crate::gemm) a: AlignedBuf<T>,
+    pub(in crate::gemm) b: AlignedBuf<T>,
+    pub(in crate::gemm) staging: Vec<T>,
 }
 
 impl<T: Element> PackBuffers<T> {
@@ -98,70 +99,7 @@ pub(crate) fn with_pack_buffers<T: Element, R>(f: impl FnOnce(&mut PackBuffers<T
     })
 }
 
-/// Where the GEMM's B comes from. A plain strided matrix is one source; the
-/// implicit convolution reads the input image through an im2col view.
-pub(crate) trait BSource<T: Element>: Sync {
-    /// Packs rows `k0..k0+kc` and columns `j0..j0+nc` of B into
-    /// `nc.div_ceil(nr)` panels of `kc × nr`, panel `q` at `dst[q·kc·nr..]`,
-    /// zero-filling the columns past `nc` in the last panel.
-    ///
-    /// `staging` is scratch the source may use (and grow) as it likes.
-    ///
-    /// # Safety
-    /// The block lies inside B, and `dst` holds `nc.div_ceil(nr)·kc·nr` elements.
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn pack_block(
-        &self,
-        k0: usize,
-        kc: usize,
-        j0: usize,
-        nc: usize,
-        nr: usize,
-        dst: &mut [T],
-        staging: &mut Vec<T>,
-    );
-
-    /// Writes rows `k0..k0+kc`, columns `j0..j0+nc` of B into `dst` as a
-    /// row-major block, row `p` at `dst[p·ld..]`, zero in columns `nc..ld`,
-    /// for the micro-kernels to read in place; returns `false` (writing
-    /// nothing) for a source with no cheaper way to do that than packing.
-    ///
-    /// # Safety
-    /// The block lies inside B, `ld ≥ nc`, and `dst` holds `kc·ld` elements.
-    unsafe fn fill_rows(
-        &self,
-        k0: usize,
-        kc: usize,
-        j0: usize,
-        nc: usize,
-        ld: usize,
-        dst: &mut [T],
-    ) -> bool {
-        let _ = (k0, kc, j0, nc, ld, dst);
-        false
-    }
-
-    /// The source as a strided matrix, if it is one (for backends that need it).
-    fn as_strided(&self) -> Option<StridedB<T>> {
-        None
-    }
-}
-
-/// B as a pointer with element strides.
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct StridedB<T> {
-    pub ptr: *const T,
-    pub rs: isize,
-    pub cs: isize,
-}
-
-// SAFETY: a StridedB is a read-only view; the GEMM's contract guarantees the
-// memory stays valid and unmodified for the whole call, on every thread.
-unsafe impl<T: Sync> Sync for StridedB<T> {}
-// SAFETY: as above.
-unsafe impl<T: Sync> Send for StridedB<T> {}
-
-impl<T: Element> BSource<T> for StridedB<T> {
+impl<T: Element> BSource<T> for StridedMatrix<T> {
     unsafe fn pack_block(
         &self,
         k0: usize,
@@ -193,7 +131,7 @@ impl<T: Element> BSource<T> for StridedB<T> {
         }
     }
 
-    fn as_strided(&self) -> Option<StridedB<T>> {
+    fn as_strided(&self) -> Option<StridedMatrix<T>> {
         Some(*self)
     }
 }
@@ -225,7 +163,7 @@ const PREFETCH_ROWS_AHEAD: isize = 8;
 /// `b.cs == 1`; rows `k0..k0+kc` and columns `j0..j0+W·panels` lie inside
 /// B, and `dst` holds `panels·kc·W` elements.
 unsafe fn pack_full_panels_by_rows<T: Element, const W: usize>(
-    b: &StridedB<T>,
+    b: &StridedMatrix<T>,
     k0: usize,
     kc: usize,
     j0: usize,
@@ -256,7 +194,7 @@ unsafe fn pack_full_panels_by_rows<T: Element, const W: usize>(
 /// # Safety
 /// Rows `k0..k0+kc` and columns `col0..col0+width` lie inside B.
 unsafe fn pack_b_panel<T: Element>(
-    b: &StridedB<T>,
+    b: &StridedMatrix<T>,
     k0: usize,
     kc: usize,
     col0: usize,

@@ -1,8 +1,8 @@
 //! Block sizes and the rules for reading an operand in place, derived per
 //! problem from the kernel's blocking and the cache sizes.
 
-use super::ASource;
 use crate::gemm::cache::cache_sizes;
+use crate::gemm::engine::{ASource, PackBounds, StridedMatrix};
 use crate::gemm::kernels::{Kernel, KernelInfo};
 
 /// The depth of the K blocks for a GEMM of depth `k`: equal blocks no
@@ -30,15 +30,16 @@ pub(crate) fn single_block_columns(kc: usize, info: &KernelInfo) -> usize {
     (floats / kc.max(1) / info.nr * info.nr).clamp(info.nr, info.nc.max(info.nr))
 }
 
-/// The most floats one task's packing buffers (A, B, staging rows) hold for
-/// an `m × k × n` GEMM: bounded by the blocking, whatever the problem size.
+/// The most elements one task's packing buffers (A, B, staging rows) hold
+/// for an `m × k × n` GEMM on `info`'s kernel: bounded by the blocking,
+/// whatever the problem size.
 pub(crate) fn pack_bounds(
     m: usize,
     k: usize,
     n: usize,
     info: &KernelInfo,
     a_prepacked: bool,
-) -> (usize, usize, usize) {
+) -> PackBounds {
     let kc = block_depth(k, info).min(k.max(1));
     let mc = info.mc.min(m.next_multiple_of(info.mr));
     let nc = if m <= info.mc {
@@ -48,9 +49,13 @@ pub(crate) fn pack_bounds(
     }
     .min(n.next_multiple_of(info.nr));
     let a = if a_prepacked { 0 } else { mc * kc };
-    // Staging: two rows of a block, for sources that build a row from the
-    // one before it.
-    (a, kc * nc, 2 * nc)
+    PackBounds {
+        a,
+        b: kc * nc,
+        // Two rows of a block, for sources that build a row from the one
+        // before it.
+        staging: 2 * nc,
+    }
 }
 
 /// Reading A in place pays when each packed A block would serve at most
@@ -61,16 +66,21 @@ pub(super) const A_IN_PLACE_MAX_PANELS: usize = 8;
 /// Whether the kernel reads the `rows`-row A block in place rather than
 /// packed, for a block that serves `column_panels` B panels: a row-major A
 /// whose rows stay in L2 ([`rows_stay_in_l2`]).
-pub(super) fn a_in_place(a: &ASource, kernel: &Kernel, rows: usize, column_panels: usize) -> bool {
+pub(super) fn a_in_place(
+    a: &ASource<'_, f32>,
+    kernel: &Kernel,
+    rows: usize,
+    column_panels: usize,
+) -> bool {
     match *a {
-        ASource::Strided { rs, cs, .. } => {
+        ASource::Strided(StridedMatrix { rs, cs, .. }) => {
             kernel.a_strided()
                 && cs == 1
                 && rs > 0
                 && column_panels <= A_IN_PLACE_MAX_PANELS
                 && rows_stay_in_l2(rs as usize, rows, cache_sizes().l2)
         }
-        ASource::Packed { .. } => false,
+        ASource::Packed(_) => false,
     }
 }
 

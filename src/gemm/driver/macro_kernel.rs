@@ -2,7 +2,7 @@
 //! where the A and B panels of a block come from, and the columns peeled
 //! off C's right edge as dot products.
 
-use super::{ASource, CTile, Epilogue};
+use crate::gemm::engine::{ASource, Epilogue, StridedC, StridedMatrix};
 use crate::gemm::kernels::{store_scalar, DotKernelFn, Kernel, KernelInfo, TileEpilogue};
 use crate::gemm::pack::{pack_a_strided, AlignedBuf};
 
@@ -11,13 +11,20 @@ use crate::gemm::pack::{pack_a_strided, AlignedBuf};
 /// those `mr` rows of A are still in L1. The columns of B are staged
 /// contiguous, column `q` at `columns + q·k`.
 #[derive(Clone, Copy, Debug)]
-pub(crate) struct PeeledColumns {
+pub(super) struct PeeledColumns {
     pub(super) columns: *const f32,
     pub(super) k: usize,
     pub(super) col0: usize,
     pub(super) count: usize,
     pub(super) dot: DotKernelFn,
 }
+
+// SAFETY: the staged columns are written once, before any task starts, and
+// only read from then on; the driver keeps them alive until every task has
+// finished.
+unsafe impl Send for PeeledColumns {}
+// SAFETY: as above.
+unsafe impl Sync for PeeledColumns {}
 
 /// How many of C's last columns the driver computes as dot products rather
 /// than in tiles: the one or two columns just past a multiple of the narrow
@@ -40,7 +47,7 @@ pub(super) fn peeled_columns(kernel: &Kernel, n: usize) -> usize {
 /// strided A with unit column stride.
 #[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn a_block(
-    a: &ASource,
+    a: &ASource<'_, f32>,
     ic: usize,
     mcur: usize,
     pc: usize,
@@ -51,7 +58,7 @@ pub(super) unsafe fn a_block(
 ) -> APanels {
     let mr = kernel.info().mr;
     match *a {
-        ASource::Strided { ptr, rs, cs } if in_place => {
+        ASource::Strided(StridedMatrix { ptr, rs, cs }) if in_place => {
             // SAFETY: (ic, pc) is inside A.
             let origin = unsafe { ptr.offset(ic as isize * rs + pc as isize * cs) };
             let full = mcur / mr;
@@ -72,7 +79,7 @@ pub(super) unsafe fn a_block(
                 packed_tail,
             }
         }
-        ASource::Strided { ptr, rs, cs } => {
+        ASource::Strided(StridedMatrix { ptr, rs, cs }) => {
             let apack = abuf.get(mcur.div_ceil(mr) * kcur * mr);
             // SAFETY: (ic, pc) and the mcur × kcur block are inside A.
             unsafe {
@@ -81,13 +88,16 @@ pub(super) unsafe fn a_block(
             }
             APanels::packed(apack.as_ptr(), kcur * mr, mr)
         }
-        ASource::Packed { ptr, k: kfull, .. } => APanels::packed(
-            // SAFETY: ic is a multiple of mr; the panels cover every row of
-            // A at full depth.
-            unsafe { ptr.add((ic / mr) * kfull * mr + pc * mr) },
-            kfull * mr,
-            mr,
-        ),
+        ASource::Packed(packed) => {
+            let depth = packed.depth();
+            APanels::packed(
+                // SAFETY: ic is a multiple of mr; the panels cover every row
+                // of A at full depth.
+                unsafe { packed.as_ptr().add((ic / mr) * depth * mr + pc * mr) },
+                depth * mr,
+                mr,
+            )
+        }
     }
 }
 
@@ -168,8 +178,11 @@ impl BPanels {
 pub(super) struct MacroKernel<'a> {
     pub(super) alpha: f32,
     pub(super) beta: f32,
-    pub(super) c: CTile,
-    pub(super) ep: &'a Epilogue,
+    pub(super) c: StridedC<f32>,
+    pub(super) ep: &'a Epilogue<f32>,
+    /// Columns of C past the tiles' last column, finished as dot products
+    /// next to the tiles (see [`peeled_columns`]).
+    pub(super) peel: Option<PeeledColumns>,
     pub(super) kernel: &'a Kernel,
     pub(super) k: usize,
     pub(super) m1: usize,
@@ -242,7 +255,7 @@ impl MacroKernel<'_> {
                         &tile,
                     )
                 };
-                if let Some(peel) = ep.peel.filter(|p| col + cols == p.col0) {
+                if let Some(peel) = self.peel.filter(|p| col + cols == p.col0) {
                     // SAFETY: the panel is as described above; its rows and
                     // the peeled columns are inside this task's rows of C.
                     unsafe { self.finish_peel(&peel, ap, ars, acs, row, pc, kcur, &tile) };

@@ -29,8 +29,9 @@ pub(crate) use blocking::pack_bounds;
 pub(crate) use threading::{split_range, thread_count};
 
 use super::cache::cache_sizes;
+use super::engine::{ASource, BSource, Epilogue, PackBuffers, StridedC, StridedMatrix};
 use super::kernels::{store_scalar, Kernel, KernelInfo};
-use super::pack::{with_pack_buffers, BSource, PackBuffers, StridedB};
+use super::pack::with_pack_buffers;
 use super::Parallelism;
 use crate::testing::record_gemm_block;
 use blocking::{a_in_place, block_depth, rows_stay_in_l2, single_block_columns};
@@ -38,74 +39,12 @@ use macro_kernel::{a_block, peeled_columns, BPanels, MacroKernel, PeeledColumns}
 use rayon::prelude::*;
 use threading::run_tasks;
 
-/// Where A comes from.
-#[derive(Clone, Copy, Debug)]
-pub(crate) enum ASource {
-    /// A strided matrix, packed block by block as the loops reach it.
-    Strided {
-        ptr: *const f32,
-        rs: isize,
-        cs: isize,
-    },
-    /// Already packed for the selected kernel (pre-packed convolution weights): `m.div_ceil(mr)` panels of
-    /// `k × mr`, panel `q` at `ptr + q·k·mr`, rows past `m` zero.
-    Packed {
-        ptr: *const f32,
-        k: usize,
-        mr: usize,
-    },
-}
-
-/// C as a pointer with element strides.
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct CTile {
-    pub ptr: *mut f32,
-    pub rs: isize,
-    pub cs: isize,
-}
-
-/// Bias per row of C and the activation's clamp, applied as tiles are stored.
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct Epilogue {
-    /// Null, or `m` values.
-    pub bias: *const f32,
-    /// `(lo, hi)` or `None`.
-    pub clamp: Option<(f32, f32)>,
-    /// Columns of C past the tiles' last column, finished as dot products
-    /// next to the tiles (see [`peeled_columns`]); the driver sets it.
-    pub peel: Option<PeeledColumns>,
-}
-
-impl Epilogue {
-    /// Plain GEMM: no bias, no activation.
-    pub const NONE: Epilogue = Epilogue {
-        bias: std::ptr::null(),
-        clamp: None,
-        peel: None,
-    };
-}
-
-// SAFETY: these are views the GEMM's callers vouch for (see `sgemm_raw`): A,
-// B and bias are read-only for the whole call; C is written only in disjoint
-// blocks, one per task.
-unsafe impl Send for ASource {}
-// SAFETY: as above.
-unsafe impl Sync for ASource {}
-// SAFETY: as above.
-unsafe impl Send for CTile {}
-// SAFETY: as above.
-unsafe impl Sync for CTile {}
-// SAFETY: as above.
-unsafe impl Send for Epilogue {}
-// SAFETY: as above.
-unsafe impl Sync for Epilogue {}
-
 /// `C ← act(β·C + bias)` for the degenerate cases `k = 0` and `α = 0`, where
 /// A and B must not be read.
 ///
 /// # Safety
 /// As `gemm` for C and the epilogue.
-pub(crate) unsafe fn scale_c(m: usize, n: usize, beta: f32, c: CTile, ep: &Epilogue) {
+pub(crate) unsafe fn scale_c(m: usize, n: usize, beta: f32, c: StridedC<f32>, ep: &Epilogue<f32>) {
     for i in 0..m {
         let bias = if ep.bias.is_null() {
             0.0
@@ -131,18 +70,19 @@ pub(crate) unsafe fn scale_c(m: usize, n: usize, beta: f32, c: CTile, ep: &Epilo
 /// The native engine: `C ← act(α·A·B + β·C + bias)`.
 ///
 /// # Safety
-/// As [`super::gemm_with_epilogue`]; a `Packed` A was packed for `kernel`.
+/// As [`super::engine::gemm_with_epilogue`]; a `Packed` A was packed for
+/// `kernel`.
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn gemm<B: BSource<f32>>(
     m: usize,
     k: usize,
     n: usize,
     alpha: f32,
-    a: &ASource,
+    a: &ASource<'_, f32>,
     b: &B,
     beta: f32,
-    c: CTile,
-    ep: &Epilogue,
+    c: StridedC<f32>,
+    ep: &Epilogue<f32>,
     kernel: &Kernel,
     par: Parallelism,
     bufs: Option<&mut PackBuffers<f32>>,
@@ -158,18 +98,10 @@ pub(crate) unsafe fn gemm<B: BSource<f32>>(
     // Kernels store rows of C with vector stores. For a column-major C,
     // compute Cᵀ = Bᵀ·Aᵀ instead, which is row-major.
     if c.cs != 1 && c.rs == 1 && ep.bias.is_null() {
-        if let (ASource::Strided { ptr, rs, cs }, Some(bs)) = (*a, b.as_strided()) {
-            let at = StridedB {
-                ptr,
-                rs: cs,
-                cs: rs,
-            };
-            let bt = ASource::Strided {
-                ptr: bs.ptr,
-                rs: bs.cs,
-                cs: bs.rs,
-            };
-            let ct = CTile {
+        if let (ASource::Strided(a), Some(bs)) = (a, b.as_strided()) {
+            let at = a.t();
+            let bt = ASource::Strided(bs.t());
+            let ct = StridedC {
                 ptr: c.ptr,
                 rs: c.cs,
                 cs: c.rs,
@@ -179,12 +111,16 @@ pub(crate) unsafe fn gemm<B: BSource<f32>>(
             return;
         }
     }
-    if let ASource::Packed { mr, .. } = a {
+    if let ASource::Packed(packed) = a {
         // Packed panels of another height would be read out of bounds.
-        assert_eq!(*mr, kernel.info().mr, "A was packed for another kernel");
+        assert_eq!(
+            packed.mr(),
+            kernel.info().mr,
+            "A was packed for another kernel"
+        );
     }
-    if let (ASource::Strided { cs: 1, .. }, Some(bs), Some(dot), None) =
-        (*a, b.as_strided(), kernel.dot(), ep.peel)
+    if let (ASource::Strided(StridedMatrix { cs: 1, .. }), Some(bs), Some(dot)) =
+        (a, b.as_strided(), kernel.dot())
     {
         let count = peeled_columns(kernel, n);
         let col0 = n - count;
@@ -194,33 +130,44 @@ pub(crate) unsafe fn gemm<B: BSource<f32>>(
         // rows or panels only make `a_in_place` easier to satisfy.
         let rows = m.min(kernel.info().mc);
         if count > 0 && a_in_place(a, kernel, rows, col0.div_ceil(kernel.info().nr)) {
-            // SAFETY: (p, j) is inside B for p < k and j < n.
             let columns: Vec<f32> = (col0..n)
                 .flat_map(|j| (0..k).map(move |p| (p, j)))
-                .map(|(p, j)| unsafe { *bs.ptr.offset(p as isize * bs.rs + j as isize * bs.cs) })
+                .map(|(p, j)| {
+                    // SAFETY: (p, j) is inside B for p < k and j < n.
+                    unsafe { *bs.ptr.offset(p as isize * bs.rs + j as isize * bs.cs) }
+                })
                 .collect();
-            let with_peel = Epilogue {
-                peel: Some(PeeledColumns {
-                    columns: columns.as_ptr(),
-                    k,
-                    col0,
-                    count,
-                    dot,
-                }),
-                ..*ep
+            let peel = PeeledColumns {
+                columns: columns.as_ptr(),
+                k,
+                col0,
+                count,
+                dot,
             };
             // SAFETY: forwarded; the tiles cover columns 0..col0 and finish
             // the rest through the peel, whose staged columns outlive the call.
             unsafe {
-                gemm(
-                    m, k, col0, alpha, a, b, beta, c, &with_peel, kernel, par, bufs,
+                run_tasks(
+                    m,
+                    k,
+                    col0,
+                    alpha,
+                    a,
+                    b,
+                    beta,
+                    c,
+                    ep,
+                    Some(peel),
+                    kernel,
+                    par,
+                    bufs,
                 )
             };
             return;
         }
     }
     // SAFETY: forwarded.
-    unsafe { run_tasks(m, k, n, alpha, a, b, beta, c, ep, kernel, par, bufs) };
+    unsafe { run_tasks(m, k, n, alpha, a, b, beta, c, ep, None, kernel, par, bufs) };
 }
 
 /// BLIS-style threading for a C with few column panels (a 14×14 or 7×7
@@ -233,16 +180,17 @@ pub(crate) unsafe fn gemm<B: BSource<f32>>(
 /// # Safety
 /// As [`gemm`].
 #[allow(clippy::too_many_arguments)]
-pub(super) unsafe fn gemm_shared_b<B: BSource<f32>>(
+unsafe fn gemm_shared_b<B: BSource<f32>>(
     m: usize,
     k: usize,
     n: usize,
     alpha: f32,
-    a: &ASource,
+    a: &ASource<'_, f32>,
     b: &B,
     beta: f32,
-    c: CTile,
-    ep: &Epilogue,
+    c: StridedC<f32>,
+    ep: &Epilogue<f32>,
+    peel: Option<PeeledColumns>,
     kernel: &Kernel,
     threads: usize,
 ) {
@@ -253,6 +201,7 @@ pub(super) unsafe fn gemm_shared_b<B: BSource<f32>>(
         beta,
         c,
         ep,
+        peel,
         kernel,
         k,
         m1: m,
@@ -335,18 +284,19 @@ pub(super) unsafe fn gemm_shared_b<B: BSource<f32>>(
 /// # Safety
 /// As [`gemm`]; `m0` is a multiple of the kernel's MR.
 #[allow(clippy::too_many_arguments)]
-pub(super) unsafe fn gemm_block<B: BSource<f32>>(
+unsafe fn gemm_block<B: BSource<f32>>(
     m0: usize,
     m1: usize,
     n0: usize,
     n1: usize,
     k: usize,
     alpha: f32,
-    a: &ASource,
+    a: &ASource<'_, f32>,
     b: &B,
     beta: f32,
-    c: CTile,
-    ep: &Epilogue,
+    c: StridedC<f32>,
+    ep: &Epilogue<f32>,
+    peel: Option<PeeledColumns>,
     kernel: &Kernel,
     bufs: &mut PackBuffers<f32>,
 ) {
@@ -360,6 +310,7 @@ pub(super) unsafe fn gemm_block<B: BSource<f32>>(
         beta,
         c,
         ep,
+        peel,
         kernel,
         k,
         m1,
@@ -417,16 +368,17 @@ pub(super) unsafe fn gemm_block<B: BSource<f32>>(
                         }
                     }
                     None => {
-                        // A source that builds B row by row (the implicit
-                        // convolution) writes whole rows of the block for
-                        // the kernels to read in place, rather than building
-                        // each row and then dealing it out to the panels.
+                        // A source that can produce whole rows of the block
+                        // more cheaply than panels (one that builds B row by
+                        // row, such as the implicit convolution's view)
+                        // writes them for the kernels to read in place,
+                        // rather than dealing each row out to the panels.
                         // Rows 1 KiB apart (256 columns) measured no slower
                         // than rows padded off that stride.
                         let ld = ncur.next_multiple_of(nr);
                         let rows = bbuf.get(kcur * ld);
                         // SAFETY: the block is inside B and `rows` has the room.
-                        if unsafe { b.fill_rows(pc, kcur, jc, ncur, ld, rows) } {
+                        if unsafe { b.write_rows(pc, kcur, jc, ncur, ld, rows) } {
                             BPanels {
                                 first: rows.as_ptr(),
                                 panel_stride: nr,

@@ -6,9 +6,11 @@
 //! thread pack all of its B columns, splitting columns makes every thread
 //! pack all of its A rows, so the cheaper one wins.
 
-use super::{gemm_block, gemm_shared_b, ASource, CTile, Epilogue};
+use super::macro_kernel::PeeledColumns;
+use super::{gemm_block, gemm_shared_b};
+use crate::gemm::engine::{ASource, BSource, Epilogue, PackBuffers, StridedC};
 use crate::gemm::kernels::{Kernel, KernelInfo};
-use crate::gemm::pack::{with_pack_buffers, BSource, PackBuffers};
+use crate::gemm::pack::with_pack_buffers;
 use crate::gemm::Parallelism;
 use rayon::prelude::*;
 
@@ -74,7 +76,9 @@ pub(crate) fn split_range(len: usize, unit: usize, parts: usize, part: usize) ->
 }
 
 /// Runs the loop nest over all of C: on the calling thread in the caller's
-/// `bufs`, or split over threads, each packing into its own buffers.
+/// `bufs`, or split over threads, each packing into its own buffers. With
+/// `peel`, the tiles cover C's first `n` columns and the peeled columns
+/// after them are finished next to the tiles.
 ///
 /// # Safety
 /// As [`super::gemm`], past its degenerate cases: `m`, `n`, `k` > 0; a
@@ -85,11 +89,12 @@ pub(super) unsafe fn run_tasks<B: BSource<f32>>(
     k: usize,
     n: usize,
     alpha: f32,
-    a: &ASource,
+    a: &ASource<'_, f32>,
     b: &B,
     beta: f32,
-    c: CTile,
-    ep: &Epilogue,
+    c: StridedC<f32>,
+    ep: &Epilogue<f32>,
+    peel: Option<PeeledColumns>,
     kernel: &Kernel,
     par: Parallelism,
     bufs: Option<&mut PackBuffers<f32>>,
@@ -98,7 +103,7 @@ pub(super) unsafe fn run_tasks<B: BSource<f32>>(
         // The caller's buffers serve one thread: this call runs on the
         // calling thread only.
         // SAFETY: forwarded; the single task covers all of C.
-        unsafe { gemm_block(0, m, 0, n, k, alpha, a, b, beta, c, ep, kernel, bufs) };
+        unsafe { gemm_block(0, m, 0, n, k, alpha, a, b, beta, c, ep, peel, kernel, bufs) };
         return;
     }
     let threads = thread_count(m, n, k, par);
@@ -106,10 +111,10 @@ pub(super) unsafe fn run_tasks<B: BSource<f32>>(
     if threads > 1 && np < 4 * threads && mp >= 2 * threads {
         // Too few column panels to share out evenly: share B instead.
         // SAFETY: forwarded.
-        unsafe { gemm_shared_b(m, k, n, alpha, a, b, beta, c, ep, kernel, threads) };
+        unsafe { gemm_shared_b(m, k, n, alpha, a, b, beta, c, ep, peel, kernel, threads) };
         return;
     }
-    let prepacked = matches!(a, ASource::Packed { .. });
+    let prepacked = matches!(a, ASource::Packed(_));
     let (tm, tn) = thread_grid(m, n, threads, kernel.info(), prepacked);
     // Column blocks may end mid-panel where a narrow kernel finishes the
     // partial panel at half cost: 196 columns split 112 + 84 (3.5 and 3
@@ -121,7 +126,11 @@ pub(super) unsafe fn run_tasks<B: BSource<f32>>(
         if m0 < m1 && n0 < n1 {
             with_pack_buffers(|bufs| {
                 // SAFETY: tasks cover disjoint blocks of C; the rest is forwarded.
-                unsafe { gemm_block(m0, m1, n0, n1, k, alpha, a, b, beta, c, ep, kernel, bufs) };
+                unsafe {
+                    gemm_block(
+                        m0, m1, n0, n1, k, alpha, a, b, beta, c, ep, peel, kernel, bufs,
+                    )
+                };
             });
         }
     };

@@ -161,6 +161,15 @@ impl Kernel {
     }
 }
 
+/// The GEMM's bound on one task's packed B block, whatever the caches say.
+/// B's buffer is the largest of the packing buffers, which every thread
+/// keeps for its whole life and which a caller's workspace must hold (see
+/// `engine::pack_bounds`), so the GEMM keeps them bounded by the blocking and
+/// small. Wider blocks would only save packing A again for each block of
+/// NC columns: at NC = 1024 that is one packed element of A per 1024
+/// multiply-adds, already a negligible share.
+const MAX_B_BLOCK_BYTES: usize = 2 * 1024 * 1024;
+
 /// Cache blocking for an `mr × nr` kernel, after the BLIS analytical model,
 /// with KC set by measurement:
 ///
@@ -186,16 +195,15 @@ impl Kernel {
 ///   micro-panel, so it should stay in L2: `mc·kc·4 ≤ L2/2`. 1 MiB L2,
 ///   kc = 512: `mc = 256`.
 /// * NC: the packed B block (`kc·nc` floats) is re-read for every A block, so
-///   it should stay in this core's share of L3: `kc·nc·4 ≤ L3share/2`, capped
-///   so that one thread's B buffer stays under 2 MiB (the implicit
-///   convolution's memory budget): `nc ≤ 2 MiB / (4·kc)` = 1024 here.
+///   it should stay in this core's share of L3: `kc·nc·4 ≤ L3share/2`, and
+///   no larger than [`MAX_B_BLOCK_BYTES`]: `nc ≤ 2 MiB / (4·kc)` = 1024 here.
 pub(crate) fn blocking(isa: Isa, mr: usize, nr: usize, caches: CacheSizes) -> KernelInfo {
     let floats = |bytes: usize| bytes / 4;
     let kc = (floats(caches.l2 / 16) / nr).clamp(64, 512) / 16 * 16;
     let mc = ((floats(caches.l2 / 2) / kc).clamp(mr, 1024) / mr * mr).max(mr);
     let nc_l3 = floats(caches.l3_per_core / 2) / kc;
-    let nc_cap = floats(2 * 1024 * 1024) / kc;
-    let nc = (nc_l3.min(nc_cap).clamp(nr, 4096) / nr * nr).max(nr);
+    let nc_buffer = floats(MAX_B_BLOCK_BYTES) / kc;
+    let nc = (nc_l3.min(nc_buffer).clamp(nr, 4096) / nr * nr).max(nr);
     KernelInfo {
         isa,
         mr,
