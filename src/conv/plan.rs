@@ -150,7 +150,7 @@ impl Conv2dPlan {
     fn scratch_floats(&self) -> (usize, usize, usize, usize) {
         let g = self.conv.geometry();
         let prepacked = matches!(self.weights, PlanWeights::Packed { .. });
-        let PackBounds { a, b, staging } = pack_bounds(
+        let PackBounds { a, b, staging } = pack_bounds::<f32>(
             g.out_channels_per_group(),
             g.gemm_k(),
             g.out_plane(),

@@ -14,8 +14,9 @@
 //!   whatever the problem size.
 //! * [`gemm_with_epilogue`]: `C ← act(α·A·B + β·C + bias)`.
 //!
-//! The element type is a parameter of every operand type; the entry point
-//! and the kernels behind it are `f32` only today.
+//! The element type is a parameter of every operand type, and of the
+//! driver's loop nest behind them; the entry point, which picks the
+//! micro-kernels, is `f32` only today, as the kernels are.
 
 pub(crate) use super::driver::pack_bounds;
 pub(crate) use super::element::Element;

@@ -213,7 +213,7 @@ impl Activation {
 /// compute (`max(lo, x)` then `min(hi, ·)`, the x86 forms returning their
 /// second operand on NaN). With `lo > hi` the result is `hi`.
 #[inline]
-pub(crate) fn clamp_keep_nan(x: f32, lo: f32, hi: f32) -> f32 {
+pub(crate) fn clamp_keep_nan<T: PartialOrd>(x: T, lo: T, hi: T) -> T {
     let v = if x < lo { lo } else { x };
     if v > hi {
         hi

@@ -2,6 +2,7 @@
 //! where the A and B panels of a block come from, and the columns peeled
 //! off C's right edge as dot products.
 
+use crate::gemm::element::Element;
 use crate::gemm::engine::{ASource, Epilogue, StridedC, StridedMatrix};
 use crate::gemm::kernels::{store_scalar, DotKernelFn, Kernel, KernelInfo, TileEpilogue};
 use crate::gemm::pack::{pack_a_strided, AlignedBuf};
@@ -11,27 +12,27 @@ use crate::gemm::pack::{pack_a_strided, AlignedBuf};
 /// those `mr` rows of A are still in L1. The columns of B are staged
 /// contiguous, column `q` at `columns + q·k`.
 #[derive(Clone, Copy, Debug)]
-pub(super) struct PeeledColumns {
-    pub(super) columns: *const f32,
+pub(super) struct PeeledColumns<T> {
+    pub(super) columns: *const T,
     pub(super) k: usize,
     pub(super) col0: usize,
     pub(super) count: usize,
-    pub(super) dot: DotKernelFn,
+    pub(super) dot: DotKernelFn<T>,
 }
 
 // SAFETY: the staged columns are written once, before any task starts, and
 // only read from then on; the driver keeps them alive until every task has
 // finished.
-unsafe impl Send for PeeledColumns {}
+unsafe impl<T: Sync> Send for PeeledColumns<T> {}
 // SAFETY: as above.
-unsafe impl Sync for PeeledColumns {}
+unsafe impl<T: Sync> Sync for PeeledColumns<T> {}
 
 /// How many of C's last columns the driver computes as dot products rather
 /// than in tiles: the one or two columns just past a multiple of the narrow
 /// kernel's width, which a tile would pad to a whole vector per row (49 =
 /// 3·16 + 1 columns: four vectors per row in tiles, three plus one dot
 /// product peeled off).
-pub(super) fn peeled_columns(kernel: &Kernel, n: usize) -> usize {
+pub(super) fn peeled_columns<T>(kernel: &Kernel<T>, n: usize) -> usize {
     match (kernel.narrow(), kernel.dot()) {
         (Some((width, _)), Some(_)) if n > width && n % width <= 2 => n % width,
         _ => 0,
@@ -46,16 +47,16 @@ pub(super) fn peeled_columns(kernel: &Kernel, n: usize) -> usize {
 /// The block is inside A; `ic` is a multiple of MR; `in_place` only for a
 /// strided A with unit column stride.
 #[allow(clippy::too_many_arguments)]
-pub(super) unsafe fn a_block(
-    a: &ASource<'_, f32>,
+pub(super) unsafe fn a_block<T: Element>(
+    a: &ASource<'_, T>,
     ic: usize,
     mcur: usize,
     pc: usize,
     kcur: usize,
-    kernel: &Kernel,
+    kernel: &Kernel<T>,
     in_place: bool,
-    abuf: &mut AlignedBuf<f32>,
-) -> APanels {
+    abuf: &mut AlignedBuf<T>,
+) -> APanels<T> {
     let mr = kernel.info().mr;
     match *a {
         ASource::Strided(StridedMatrix { ptr, rs, cs }) if in_place => {
@@ -103,9 +104,9 @@ pub(super) unsafe fn a_block(
 
 /// Where the micro-kernels find the A panels of one block.
 #[derive(Clone, Copy)]
-pub(super) struct APanels {
+pub(super) struct APanels<T> {
     /// Panel `q` starts at `first + q·panel_stride`.
-    first: *const f32,
+    first: *const T,
     panel_stride: usize,
     /// Value `(i, p)` of a panel is at `panel + i·rs + p·cs`.
     rs: usize,
@@ -113,12 +114,12 @@ pub(super) struct APanels {
     /// A packed copy (`rs = 1`, `cs = mr`, rows past the matrix zero) of
     /// the last panel, used instead of the in-place one when A is read in
     /// place and the block ends mid-panel.
-    packed_tail: Option<*const f32>,
+    packed_tail: Option<*const T>,
 }
 
-impl APanels {
-    /// Packed panels, `panel_stride` floats apart.
-    fn packed(first: *const f32, panel_stride: usize, mr: usize) -> APanels {
+impl<T> APanels<T> {
+    /// Packed panels, `panel_stride` elements apart.
+    fn packed(first: *const T, panel_stride: usize, mr: usize) -> APanels<T> {
         APanels {
             first,
             panel_stride,
@@ -129,7 +130,7 @@ impl APanels {
     }
 
     /// The start and strides of panel `ir` of `npanels`.
-    fn panel(&self, ir: usize, npanels: usize, mr: usize) -> (*const f32, usize, usize) {
+    fn panel(&self, ir: usize, npanels: usize, mr: usize) -> (*const T, usize, usize) {
         match self.packed_tail {
             Some(tail) if ir + 1 == npanels => (tail, 1, mr),
             _ => (
@@ -143,20 +144,20 @@ impl APanels {
 
 /// Where the micro-kernels find the B panels of one block.
 #[derive(Clone, Copy)]
-pub(super) struct BPanels {
+pub(super) struct BPanels<T> {
     /// Panel `q` starts at `first + q·panel_stride`.
-    pub(super) first: *const f32,
+    pub(super) first: *const T,
     pub(super) panel_stride: usize,
     /// Floats from one k-step of a panel to the next.
     pub(super) ldb: usize,
     /// A packed copy (`ldb = nr`) of the last panel, used instead of the
     /// in-place one when B is read in place and the block ends mid-panel.
-    pub(super) packed_tail: Option<*const f32>,
+    pub(super) packed_tail: Option<*const T>,
 }
 
-impl BPanels {
-    /// Panels packed contiguously, `kc·nr` floats each.
-    pub(super) fn packed(bpack: &[f32], kc: usize, nr: usize) -> BPanels {
+impl<T> BPanels<T> {
+    /// Panels packed contiguously, `kc·nr` elements each.
+    pub(super) fn packed(bpack: &[T], kc: usize, nr: usize) -> BPanels<T> {
         BPanels {
             first: bpack.as_ptr(),
             panel_stride: kc * nr,
@@ -166,7 +167,7 @@ impl BPanels {
     }
 
     /// The start and k-step of panel `jr` of `npanels`.
-    fn panel(&self, jr: usize, npanels: usize, nr: usize) -> (*const f32, usize) {
+    fn panel(&self, jr: usize, npanels: usize, nr: usize) -> (*const T, usize) {
         match self.packed_tail {
             Some(tail) if jr + 1 == npanels => (tail, nr),
             _ => (self.first.wrapping_add(jr * self.panel_stride), self.ldb),
@@ -175,21 +176,21 @@ impl BPanels {
 }
 
 /// What the innermost two loops need besides the packed panels.
-pub(super) struct MacroKernel<'a> {
-    pub(super) alpha: f32,
-    pub(super) beta: f32,
-    pub(super) c: StridedC<f32>,
-    pub(super) ep: &'a Epilogue<f32>,
+pub(super) struct MacroKernel<'a, T> {
+    pub(super) alpha: T,
+    pub(super) beta: T,
+    pub(super) c: StridedC<T>,
+    pub(super) ep: &'a Epilogue<T>,
     /// Columns of C past the tiles' last column, finished as dot products
     /// next to the tiles (see [`peeled_columns`]).
-    pub(super) peel: Option<PeeledColumns>,
-    pub(super) kernel: &'a Kernel,
+    pub(super) peel: Option<PeeledColumns<T>>,
+    pub(super) kernel: &'a Kernel<T>,
     pub(super) k: usize,
     pub(super) m1: usize,
     pub(super) n1: usize,
 }
 
-impl MacroKernel<'_> {
+impl<T: Element> MacroKernel<'_, T> {
     /// The NR and MR loops over one packed A block (rows `ic..ic+mcur`) and
     /// one packed B block (columns `jc..jc+ncur`) at depth `pc..pc+kcur`.
     ///
@@ -199,10 +200,10 @@ impl MacroKernel<'_> {
     #[allow(clippy::too_many_arguments)]
     pub(super) unsafe fn run(
         &self,
-        apanels: APanels,
+        apanels: APanels<T>,
         ic: usize,
         mcur: usize,
-        bpanels: BPanels,
+        bpanels: BPanels<T>,
         jc: usize,
         ncur: usize,
         pc: usize,
@@ -226,7 +227,7 @@ impl MacroKernel<'_> {
                 let row = ic + ir * mr;
                 let tile = TileEpilogue {
                     alpha: self.alpha,
-                    beta: if first { self.beta } else { 1.0 },
+                    beta: if first { self.beta } else { T::ONE },
                     bias: if first && !ep.bias.is_null() {
                         // SAFETY: row < m and bias holds m values.
                         unsafe { ep.bias.add(row) }
@@ -273,14 +274,14 @@ impl MacroKernel<'_> {
     #[allow(clippy::too_many_arguments)]
     unsafe fn finish_peel(
         &self,
-        peel: &PeeledColumns,
-        ap: *const f32,
+        peel: &PeeledColumns<T>,
+        ap: *const T,
         ars: usize,
         acs: usize,
         row: usize,
         pc: usize,
         kcur: usize,
-        tile: &TileEpilogue,
+        tile: &TileEpilogue<T>,
     ) {
         // Room for the tallest register tile; only the row kernels (8 rows
         // at most) have a dot kernel, and a taller one must fail loudly
@@ -288,7 +289,7 @@ impl MacroKernel<'_> {
         const MAX_MR: usize = 32;
         let rows = self.kernel.info().mr.min(self.m1 - row);
         assert!(rows <= MAX_MR, "peeled columns for a {rows}-row tile");
-        let mut out = [0.0f32; MAX_MR];
+        let mut out = [T::ZERO; MAX_MR];
         for q in 0..peel.count {
             // SAFETY: column q holds k staged values; pc + kcur ≤ k.
             let column = unsafe { peel.columns.add(q * peel.k + pc) };
@@ -308,7 +309,7 @@ impl MacroKernel<'_> {
             }
             for (i, &x) in out.iter().enumerate().take(rows) {
                 let bias = if tile.bias.is_null() {
-                    0.0
+                    T::ZERO
                 } else {
                     // SAFETY: the tile's bias holds its rows' values.
                     unsafe { *tile.bias.add(i) }

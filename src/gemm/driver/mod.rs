@@ -29,6 +29,7 @@ pub(crate) use blocking::pack_bounds;
 pub(crate) use threading::{split_range, thread_count};
 
 use super::cache::cache_sizes;
+use super::element::Element;
 use super::engine::{ASource, BSource, Epilogue, PackBuffers, StridedC, StridedMatrix};
 use super::kernels::{store_scalar, Kernel, KernelInfo};
 use super::pack::with_pack_buffers;
@@ -44,10 +45,16 @@ use threading::run_tasks;
 ///
 /// # Safety
 /// As `gemm` for C and the epilogue.
-pub(crate) unsafe fn scale_c(m: usize, n: usize, beta: f32, c: StridedC<f32>, ep: &Epilogue<f32>) {
+pub(crate) unsafe fn scale_c<T: Element>(
+    m: usize,
+    n: usize,
+    beta: T,
+    c: StridedC<T>,
+    ep: &Epilogue<T>,
+) {
     for i in 0..m {
         let bias = if ep.bias.is_null() {
-            0.0
+            T::ZERO
         } else {
             // SAFETY: bias holds m values.
             unsafe { *ep.bias.add(i) }
@@ -57,7 +64,7 @@ pub(crate) unsafe fn scale_c(m: usize, n: usize, beta: f32, c: StridedC<f32>, ep
             unsafe {
                 store_scalar(
                     c.ptr.offset(i as isize * c.rs + j as isize * c.cs),
-                    0.0,
+                    T::ZERO,
                     beta,
                     bias,
                     ep.clamp,
@@ -73,24 +80,24 @@ pub(crate) unsafe fn scale_c(m: usize, n: usize, beta: f32, c: StridedC<f32>, ep
 /// As [`super::engine::gemm_with_epilogue`]; a `Packed` A was packed for
 /// `kernel`.
 #[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn gemm<B: BSource<f32>>(
+pub(crate) unsafe fn gemm<T: Element, B: BSource<T>>(
     m: usize,
     k: usize,
     n: usize,
-    alpha: f32,
-    a: &ASource<'_, f32>,
+    alpha: T,
+    a: &ASource<'_, T>,
     b: &B,
-    beta: f32,
-    c: StridedC<f32>,
-    ep: &Epilogue<f32>,
-    kernel: &Kernel,
+    beta: T,
+    c: StridedC<T>,
+    ep: &Epilogue<T>,
+    kernel: &Kernel<T>,
     par: Parallelism,
-    bufs: Option<&mut PackBuffers<f32>>,
+    bufs: Option<&mut PackBuffers<T>>,
 ) {
     if m == 0 || n == 0 {
         return;
     }
-    if k == 0 || alpha == 0.0 {
+    if k == 0 || alpha == T::ZERO {
         // SAFETY: forwarded.
         unsafe { scale_c(m, n, beta, c, ep) };
         return;
@@ -130,7 +137,7 @@ pub(crate) unsafe fn gemm<B: BSource<f32>>(
         // rows or panels only make `a_in_place` easier to satisfy.
         let rows = m.min(kernel.info().mc);
         if count > 0 && a_in_place(a, kernel, rows, col0.div_ceil(kernel.info().nr)) {
-            let columns: Vec<f32> = (col0..n)
+            let columns: Vec<T> = (col0..n)
                 .flat_map(|j| (0..k).map(move |p| (p, j)))
                 .map(|(p, j)| {
                     // SAFETY: (p, j) is inside B for p < k and j < n.
@@ -180,18 +187,18 @@ pub(crate) unsafe fn gemm<B: BSource<f32>>(
 /// # Safety
 /// As [`gemm`].
 #[allow(clippy::too_many_arguments)]
-unsafe fn gemm_shared_b<B: BSource<f32>>(
+unsafe fn gemm_shared_b<T: Element, B: BSource<T>>(
     m: usize,
     k: usize,
     n: usize,
-    alpha: f32,
-    a: &ASource<'_, f32>,
+    alpha: T,
+    a: &ASource<'_, T>,
     b: &B,
-    beta: f32,
-    c: StridedC<f32>,
-    ep: &Epilogue<f32>,
-    peel: Option<PeeledColumns>,
-    kernel: &Kernel,
+    beta: T,
+    c: StridedC<T>,
+    ep: &Epilogue<T>,
+    peel: Option<PeeledColumns<T>>,
+    kernel: &Kernel<T>,
     threads: usize,
 ) {
     let KernelInfo { mr, nr, mc, nc, .. } = *kernel.info();
@@ -228,7 +235,7 @@ unsafe fn gemm_shared_b<B: BSource<f32>>(
                     let cols = cols.min(ncur - first * nr);
                     with_pack_buffers(|bufs| {
                         // SAFETY: panels first.. of the block, inside B; dst
-                        // holds exactly their floats.
+                        // holds exactly their elements.
                         unsafe {
                             b.pack_block(
                                 pc,
@@ -242,7 +249,7 @@ unsafe fn gemm_shared_b<B: BSource<f32>>(
                         };
                     });
                 });
-            let bpack: &[f32] = bpack;
+            let bpack: &[T] = bpack;
             (0..threads).into_par_iter().with_max_len(1).for_each(|t| {
                 let (m0, m1) = split_range(m, mr, threads, t);
                 if m0 == m1 {
@@ -284,21 +291,21 @@ unsafe fn gemm_shared_b<B: BSource<f32>>(
 /// # Safety
 /// As [`gemm`]; `m0` is a multiple of the kernel's MR.
 #[allow(clippy::too_many_arguments)]
-unsafe fn gemm_block<B: BSource<f32>>(
+unsafe fn gemm_block<T: Element, B: BSource<T>>(
     m0: usize,
     m1: usize,
     n0: usize,
     n1: usize,
     k: usize,
-    alpha: f32,
-    a: &ASource<'_, f32>,
+    alpha: T,
+    a: &ASource<'_, T>,
     b: &B,
-    beta: f32,
-    c: StridedC<f32>,
-    ep: &Epilogue<f32>,
-    peel: Option<PeeledColumns>,
-    kernel: &Kernel,
-    bufs: &mut PackBuffers<f32>,
+    beta: T,
+    c: StridedC<T>,
+    ep: &Epilogue<T>,
+    peel: Option<PeeledColumns<T>>,
+    kernel: &Kernel<T>,
+    bufs: &mut PackBuffers<T>,
 ) {
     let KernelInfo { nr, mc, nc, .. } = *kernel.info();
     // Split k into equal blocks no deeper than KC rather than full blocks
@@ -329,9 +336,9 @@ unsafe fn gemm_block<B: BSource<f32>>(
         // +7%, 64×147×12544 +17%, 128×512×1000 +6%, but 256×512×1024 −22%
         // (rows 4 KiB apart).
         let in_place = b.as_strided().filter(|bs| {
-            bs.cs == 1 && bs.rs > 0 && rows_stay_in_l2(bs.rs as usize, kc, cache_sizes().l2)
+            bs.cs == 1 && bs.rs > 0 && rows_stay_in_l2::<T>(bs.rs as usize, kc, cache_sizes().l2)
         });
-        let nc_small = single_block_columns(kc, kernel.info());
+        let nc_small = single_block_columns::<T>(kc, kernel.info());
         for pc in (0..k).step_by(kc) {
             let kcur = kc.min(k - pc);
             // SAFETY: rows m0..m1 and depth pc..pc+kcur are inside A.
@@ -407,7 +414,7 @@ unsafe fn gemm_block<B: BSource<f32>>(
             let bpack = bbuf.get(ncur.div_ceil(nr) * kcur * nr);
             // SAFETY: the block is inside B and bpack has the room.
             unsafe { b.pack_block(pc, kcur, jc, ncur, nr, bpack, staging) };
-            let bpack: &[f32] = bpack;
+            let bpack: &[T] = bpack;
             for ic in (m0..m1).step_by(mc) {
                 let mcur = mc.min(m1 - ic);
                 // SAFETY: rows ic..ic+mcur and depth pc..pc+kcur are inside A.

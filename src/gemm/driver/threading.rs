@@ -8,6 +8,7 @@
 
 use super::macro_kernel::PeeledColumns;
 use super::{gemm_block, gemm_shared_b};
+use crate::gemm::element::Element;
 use crate::gemm::engine::{ASource, BSource, Epilogue, PackBuffers, StridedC};
 use crate::gemm::kernels::{Kernel, KernelInfo};
 use crate::gemm::pack::with_pack_buffers;
@@ -31,7 +32,7 @@ pub(crate) fn thread_count(m: usize, n: usize, k: usize, par: Parallelism) -> us
 }
 
 /// Picks the `tm × tn = threads` grid (or fewer, where a side has too few
-/// panels) that repacks least: each row split repacks B (`k·n` floats) and
+/// panels) that repacks least: each row split repacks B (`k·n` elements) and
 /// each column split repacks A (`m·k`, or nothing when A is pre-packed).
 pub(super) fn thread_grid(
     m: usize,
@@ -84,20 +85,20 @@ pub(crate) fn split_range(len: usize, unit: usize, parts: usize, part: usize) ->
 /// As [`super::gemm`], past its degenerate cases: `m`, `n`, `k` > 0; a
 /// `Packed` A was packed for `kernel`.
 #[allow(clippy::too_many_arguments)]
-pub(super) unsafe fn run_tasks<B: BSource<f32>>(
+pub(super) unsafe fn run_tasks<T: Element, B: BSource<T>>(
     m: usize,
     k: usize,
     n: usize,
-    alpha: f32,
-    a: &ASource<'_, f32>,
+    alpha: T,
+    a: &ASource<'_, T>,
     b: &B,
-    beta: f32,
-    c: StridedC<f32>,
-    ep: &Epilogue<f32>,
-    peel: Option<PeeledColumns>,
-    kernel: &Kernel,
+    beta: T,
+    c: StridedC<T>,
+    ep: &Epilogue<T>,
+    peel: Option<PeeledColumns<T>>,
+    kernel: &Kernel<T>,
     par: Parallelism,
-    bufs: Option<&mut PackBuffers<f32>>,
+    bufs: Option<&mut PackBuffers<T>>,
 ) {
     if let Some(bufs) = bufs {
         // The caller's buffers serve one thread: this call runs on the
