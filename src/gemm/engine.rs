@@ -343,3 +343,24 @@ pub(crate) unsafe fn gemm_with_epilogue<B: BSource<f32>>(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn packed_a_is_zero_padded_panels_of_mr_rows() {
+        // A 3 × 2 A in panels of 2 rows: [a00 a10 a01 a11], [a20 0 a21 0].
+        let a = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0f32];
+        let mut dst = vec![f32::NAN; PackedA::<f32>::packed_len(3, 2, 2)];
+        let packed = PackedA::pack(&a, 3, 2, 2, &mut dst);
+        assert_eq!((packed.rows(), packed.depth(), packed.mr()), (3, 2, 2));
+        assert_eq!(dst, [1.0, 3.0, 2.0, 4.0, 5.0, 0.0, 6.0, 0.0]);
+    }
+
+    #[test]
+    #[should_panic(expected = "packed A of 3×2 for mr = 2")]
+    fn packed_a_refuses_panels_of_another_shape() {
+        PackedA::from_panels(&[0.0f32; 6], 3, 2, 2);
+    }
+}

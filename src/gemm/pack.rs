@@ -111,10 +111,11 @@ impl<T: Element> BSource<T> for StridedMatrix<T> {
         _staging: &mut Vec<T>,
     ) {
         let panels = nc.div_ceil(nr);
-        // SAFETY (both arms): rows k0..k0+kc and columns j0..j0+(nc/nr)·nr
-        // are inside B (contract), and dst holds `panels·kc·nr` elements.
         let packed = match (self.cs, nr) {
+            // SAFETY: rows k0..k0+kc and columns j0..j0+(nc/nr)·nr are inside
+            // B (contract), and dst holds `panels·kc·nr` elements.
             (1, 32) => unsafe { pack_full_panels_by_rows::<T, 32>(self, k0, kc, j0, nc / nr, dst) },
+            // SAFETY: as for 32.
             (1, 16) => unsafe { pack_full_panels_by_rows::<T, 16>(self, k0, kc, j0, nc / nr, dst) },
             _ => 0,
         };
@@ -250,12 +251,15 @@ pub(crate) unsafe fn pack_a_strided<T: Element>(
         let height = mr.min(mc - q * mr);
         // SAFETY: row q·mr is inside the block.
         let first_row = unsafe { a.offset((q * mr) as isize * rs) };
-        // SAFETY (all three calls): rows q·mr.. q·mr+height and columns
-        // 0..kc are inside the block; the panel holds kc·mr elements.
         match (mr, height) {
+            // SAFETY: rows q·mr..q·mr+height and columns 0..kc are inside
+            // the block; the panel holds kc·mr elements.
             (8, 8) => unsafe { pack_a_panel_full::<T, 8>(first_row, rs, cs, kc, panel) },
+            // SAFETY: as for 8.
             (6, 6) => unsafe { pack_a_panel_full::<T, 6>(first_row, rs, cs, kc, panel) },
+            // SAFETY: as for 8.
             (32, 32) => unsafe { pack_a_panel_full::<T, 32>(first_row, rs, cs, kc, panel) },
+            // SAFETY: as for 8.
             _ => unsafe { pack_a_panel_edge(first_row, rs, cs, kc, mr, height, panel) },
         }
     }

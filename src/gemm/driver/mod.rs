@@ -341,8 +341,8 @@ unsafe fn gemm_block<T: Element, B: BSource<T>>(
         let nc_small = single_block_columns::<T>(kc, kernel.info());
         for pc in (0..k).step_by(kc) {
             let kcur = kc.min(k - pc);
-            // SAFETY: rows m0..m1 and depth pc..pc+kcur are inside A.
             let a_here = a_in_place(a, kernel, m1 - m0, (n1 - n0).div_ceil(nr));
+            // SAFETY: rows m0..m1 and depth pc..pc+kcur are inside A.
             let apanels = unsafe { a_block(a, m0, m1 - m0, pc, kcur, kernel, a_here, abuf) };
             for jc in (n0..n1).step_by(nc_small) {
                 let ncur = nc_small.min(n1 - jc);
@@ -417,8 +417,8 @@ unsafe fn gemm_block<T: Element, B: BSource<T>>(
             let bpack: &[T] = bpack;
             for ic in (m0..m1).step_by(mc) {
                 let mcur = mc.min(m1 - ic);
-                // SAFETY: rows ic..ic+mcur and depth pc..pc+kcur are inside A.
                 let a_here = a_in_place(a, kernel, mcur, ncur.div_ceil(nr));
+                // SAFETY: rows ic..ic+mcur and depth pc..pc+kcur are inside A.
                 let apanels = unsafe { a_block(a, ic, mcur, pc, kcur, kernel, a_here, abuf) };
                 record_gemm_block(kernel.info().isa, pc > 0, ic > m0, jc > n0);
                 // SAFETY: forwarded; the panels were packed above.
