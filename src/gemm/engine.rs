@@ -23,7 +23,7 @@ pub(crate) use super::element::Element;
 pub(crate) use super::kernels::KernelInfo;
 pub(crate) use super::pack::PackBuffers;
 
-use super::kernels::{self, select};
+use super::kernels::select;
 use super::{driver, matrixmultiply, GemmBackend, GemmOptions, Isa};
 use crate::testing::Blocking;
 
@@ -308,7 +308,7 @@ pub(crate) unsafe fn gemm_with_epilogue<B: BSource<f32>>(
     }
     match options.backend {
         GemmBackend::Native => {
-            let kernel = kernels::select(
+            let kernel = select(
                 options.isa,
                 m,
                 n,
