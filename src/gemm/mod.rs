@@ -14,6 +14,10 @@
 //! in C cannot leak into the result); with `α = 0`, A and B are never read;
 //! `k = 0` scales C by β.
 //!
+//! Inside the crate, the convolution (and every operator after it) reaches
+//! the same engines through one internal interface, the `engine` module:
+//! pre-packed A, B sources, workspace bounds and a fused epilogue.
+//!
 //! ```
 //! use cpuconv::gemm::{sgemm, GemmOptions, MatMut, MatRef};
 //! // [1 2; 3 4] · [5 6; 7 8] = [19 22; 43 50]
