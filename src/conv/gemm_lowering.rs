@@ -11,9 +11,10 @@ use super::im2col::im2col_group;
 use super::implicit::Im2colView;
 use super::ForwardOptions;
 use crate::error::ConvError;
-use crate::gemm::driver::{ASource, CTile, Epilogue};
-use crate::gemm::pack::{BSource, PackBuffers, StridedB};
-use crate::gemm::{gemm_with_epilogue, GemmOptions, Parallelism};
+use crate::gemm::engine::{
+    gemm_with_epilogue, ASource, BSource, Epilogue, PackBuffers, PackedA, StridedC, StridedMatrix,
+};
+use crate::gemm::{GemmOptions, Parallelism};
 use crate::geometry::ConvGeometry;
 use rayon::prelude::*;
 
@@ -39,21 +40,22 @@ pub(crate) enum Weights<'a> {
 }
 
 impl Weights<'_> {
-    fn group(&self, g: &ConvGeometry, grp: usize) -> ASource {
+    fn group(&self, g: &ConvGeometry, grp: usize) -> ASource<'_, f32> {
         let (kg, kk) = (g.out_channels_per_group(), g.gemm_k());
         match *self {
-            Weights::Raw(w) => ASource::Strided {
+            Weights::Raw(w) => ASource::Strided(StridedMatrix {
                 ptr: w[grp * kg * kk..][..kg * kk].as_ptr(),
                 rs: kk as isize,
                 cs: 1,
-            },
+            }),
             Weights::Packed { data, mr } => {
                 let stride = packed_group_len(g, mr);
-                ASource::Packed {
-                    ptr: data[grp * stride..][..stride].as_ptr(),
-                    k: kk,
+                ASource::Packed(PackedA::from_panels(
+                    &data[grp * stride..][..stride],
+                    kg,
+                    kk,
                     mr,
-                }
+                ))
             }
         }
     }
@@ -61,7 +63,7 @@ impl Weights<'_> {
 
 /// Floats of one group's packed weights for a kernel with `mr` rows.
 pub(crate) fn packed_group_len(g: &ConvGeometry, mr: usize) -> usize {
-    g.out_channels_per_group().div_ceil(mr) * mr * g.gemm_k()
+    PackedA::<f32>::packed_len(g.out_channels_per_group(), g.gemm_k(), mr)
 }
 
 /// Whether to run whole (image, group) GEMMs in parallel, each on one
@@ -77,7 +79,7 @@ fn split_over_pairs(pairs: usize, threads: usize) -> bool {
 /// the column matrix of one image group.
 #[derive(Default)]
 pub(crate) struct ConvScratch {
-    pub pack: PackBuffers,
+    pub pack: PackBuffers<f32>,
     pub col: Vec<f32>,
 }
 
@@ -110,7 +112,7 @@ pub(crate) fn forward_gemm(
     scratch: Option<&mut ConvScratch>,
 ) -> Result<(), ConvError> {
     let pairs = g.batch * g.groups;
-    let out = CTile {
+    let out = StridedC {
         ptr: output.as_mut_ptr(),
         rs: g.out_plane() as isize,
         cs: 1,
@@ -182,18 +184,18 @@ unsafe fn run_pair(
     input: &[f32],
     weights: Weights<'_>,
     bias: Option<&[f32]>,
-    out: CTile,
+    out: StridedC<f32>,
     opts: &ForwardOptions,
     gemm_opts: &GemmOptions,
     lowering: Lowering,
     pair: usize,
     col: &mut Vec<f32>,
-    pack: Option<&mut PackBuffers>,
+    pack: Option<&mut PackBuffers<f32>>,
 ) -> Result<(), ConvError> {
     let (n, grp) = (pair / g.groups, pair % g.groups);
     let (cg, kg) = (g.channels_per_group(), g.out_channels_per_group());
     let image = &input[(n * g.in_channels + grp * cg) * g.in_plane()..][..cg * g.in_plane()];
-    let c = CTile {
+    let c = StridedC {
         // SAFETY: the block starts inside the output tensor (length checked).
         ptr: unsafe { out.ptr.add((n * g.out_channels + grp * kg) * g.out_plane()) },
         ..out
@@ -201,7 +203,6 @@ unsafe fn run_pair(
     let epilogue = Epilogue {
         bias: bias.map_or(std::ptr::null(), |b| b[grp * kg..].as_ptr()),
         clamp: opts.activation.bounds(),
-        ..Epilogue::NONE
     };
     let a = weights.group(g, grp);
     let (kk, plane) = (g.gemm_k(), g.out_plane());
@@ -211,7 +212,7 @@ unsafe fn run_pair(
         Lowering::Explicit => {
             column_matrix(col, kk * plane)?;
             im2col_group(g, image, col);
-            let b = StridedB {
+            let b = StridedMatrix {
                 ptr: col.as_ptr(),
                 rs: plane as isize,
                 cs: 1,
@@ -220,7 +221,7 @@ unsafe fn run_pair(
             unsafe { gemm_group(g, &a, &b, c, &epilogue, gemm_opts, pack) };
         }
         Lowering::Implicit if g.is_pointwise_identity() => {
-            let b = StridedB {
+            let b = StridedMatrix {
                 ptr: image.as_ptr(),
                 rs: g.in_plane() as isize,
                 cs: 1,
@@ -240,14 +241,14 @@ unsafe fn run_pair(
 
 /// # Safety
 /// As [`run_pair`], with the operands it describes.
-unsafe fn gemm_group<B: BSource>(
+unsafe fn gemm_group<B: BSource<f32>>(
     g: &ConvGeometry,
-    a: &ASource,
+    a: &ASource<'_, f32>,
     b: &B,
-    c: CTile,
-    epilogue: &Epilogue,
+    c: StridedC<f32>,
+    epilogue: &Epilogue<f32>,
     opts: &GemmOptions,
-    pack: Option<&mut PackBuffers>,
+    pack: Option<&mut PackBuffers<f32>>,
 ) {
     // SAFETY: forwarded.
     unsafe {

@@ -7,7 +7,7 @@
 //! buffer for the kernels to read in place; otherwise it packs panels.
 
 use super::im2col::{im2col_row_after, im2col_rows, ColumnTap};
-use crate::gemm::pack::BSource;
+use crate::gemm::engine::BSource;
 use crate::geometry::ConvGeometry;
 
 /// The column matrix of one group of one image, never materialised: element
@@ -20,7 +20,7 @@ pub(crate) struct Im2colView<'a> {
     pub image: &'a [f32],
 }
 
-impl BSource for Im2colView<'_> {
+impl BSource<f32> for Im2colView<'_> {
     /// Each row of the block is first built in `staging` (two rows of at
     /// most NC floats, L1-resident, used in turn so that a row can be
     /// shifted from the one before) by the same row filler the explicit
@@ -59,7 +59,7 @@ impl BSource for Im2colView<'_> {
     /// process against `pack_block`, alternating (1 thread AVX-512, plans):
     /// r50_3x3 +6%, batch16 +6%, r50_conv1 (implicit) +6%, r50_3x3_s2 +2%,
     /// r50_deep within noise.
-    unsafe fn fill_rows(
+    unsafe fn write_rows(
         &self,
         k0: usize,
         kc: usize,

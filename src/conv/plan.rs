@@ -7,9 +7,9 @@ use super::direct_simd;
 use super::gemm_lowering::{forward_gemm, packed_group_len, ConvScratch, Lowering, Weights};
 use super::{check_lengths, try_with_capacity, Algorithm, Conv2d, ForwardOptions};
 use crate::error::ConvError;
-use crate::gemm::driver::pack_bounds;
-use crate::gemm::kernels::{select, KernelInfo};
-use crate::gemm::pack::pack_a_strided;
+use crate::gemm::engine::{
+    pack_bounds, select_kernel, KernelInfo, PackBounds, PackBuffers, PackedA,
+};
 use crate::gemm::{GemmBackend, Isa};
 
 /// A convolution bound to its weights and options. `forward` takes `&self`;
@@ -93,14 +93,13 @@ impl Conv2d {
         let prepack = gemm_based && options.backend == GemmBackend::Native;
         // The kernel every forward will select for these weights (the
         // workspace is sized for its blocking).
-        let kernel = *select(
+        let kernel = select_kernel(
             Some(isa),
             g.out_channels_per_group(),
             g.out_plane(),
             prepack,
             options.blocking,
-        )
-        .info();
+        );
         let simd = match algorithm {
             Algorithm::DirectSimd => {
                 direct_simd::Prepared::new(g, weight, options.activation, isa)?
@@ -166,7 +165,7 @@ impl ScratchFloats {
         kernel: &KernelInfo,
         prepacked: bool,
     ) -> Result<ScratchFloats, ConvError> {
-        let (a, b, staging) = pack_bounds(
+        let PackBounds { a, b, staging } = pack_bounds::<f32>(
             g.out_channels_per_group(),
             g.gemm_k(),
             g.out_plane(),
@@ -182,10 +181,12 @@ impl ScratchFloats {
         let overflow = ConvError::Overflow {
             what: "workspace size",
         };
-        let bytes = [a, b, staging, col]
-            .into_iter()
-            .try_fold(0usize, |sum, x| sum.checked_add(x))
-            .and_then(|floats| floats.checked_mul(std::mem::size_of::<f32>()))
+        // What `workspace()` allocates: the packing buffers with their
+        // alignment slack (bounded by the blocking), plus the column matrix.
+        let packing = PackBuffers::<f32>::bytes_for(PackBounds { a, b, staging });
+        let bytes = col
+            .checked_mul(std::mem::size_of::<f32>())
+            .and_then(|col| col.checked_add(packing))
             .ok_or(overflow)?;
         Ok(ScratchFloats {
             a,
@@ -208,10 +209,7 @@ fn pack_weights(conv: &Conv2d, weight: &[f32], mr: usize) -> Result<Vec<f32>, Co
     let mut data = try_with_capacity("packed weights", total)?;
     data.resize(total, 0.0);
     for (grp, dst) in data.chunks_exact_mut(per_group).enumerate() {
-        let src = &weight[grp * kg * kk..][..kg * kk];
-        // SAFETY: src is a row-major kg × kk block and dst holds
-        // ⌈kg/mr⌉·kk·mr floats.
-        unsafe { pack_a_strided(src.as_ptr(), kk as isize, 1, kg, kk, mr, dst) };
+        PackedA::pack(&weight[grp * kg * kk..][..kg * kk], kg, kk, mr, dst);
     }
     Ok(data)
 }
@@ -260,9 +258,7 @@ impl Conv2dPlan {
             col: try_with_capacity("im2col column matrix", col)?,
             ..ConvScratch::default()
         };
-        scratch.pack.a.get(a);
-        scratch.pack.b.get(b);
-        scratch.pack.staging.reserve_exact(staging);
+        scratch.pack.reserve(PackBounds { a, b, staging });
         Ok(Workspace { scratch })
     }
 

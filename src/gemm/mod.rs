@@ -14,6 +14,10 @@
 //! in C cannot leak into the result); with `α = 0`, A and B are never read;
 //! `k = 0` scales C by β.
 //!
+//! Inside the crate, the convolution (and every operator after it) reaches
+//! the same engines through one internal interface, the `engine` module:
+//! pre-packed A, B sources, workspace bounds and a fused epilogue.
+//!
 //! ```
 //! use cpuconv::gemm::{sgemm, GemmOptions, MatMut, MatRef};
 //! // [1 2; 3 4] · [5 6; 7 8] = [19 22; 43 50]
@@ -33,9 +37,12 @@
 //! ```
 
 pub mod cache;
-pub(crate) mod driver;
+mod driver;
+mod element;
+pub(crate) mod engine;
 pub mod kernels;
-pub(crate) mod pack;
+mod matrixmultiply;
+mod pack;
 
 use crate::error::GemmError;
 use std::num::NonZeroUsize;
@@ -210,7 +217,7 @@ impl Activation {
 /// compute (`max(lo, x)` then `min(hi, ·)`, the x86 forms returning their
 /// second operand on NaN). With `lo > hi` the result is `hi`.
 #[inline]
-pub(crate) fn clamp_keep_nan(x: f32, lo: f32, hi: f32) -> f32 {
+pub(crate) fn clamp_keep_nan<T: PartialOrd>(x: T, lo: T, hi: T) -> T {
     let v = if x < lo { lo } else { x };
     if v > hi {
         hi
@@ -535,24 +542,24 @@ pub unsafe fn sgemm_raw(
     csc: isize,
     options: &GemmOptions,
 ) {
-    let c = driver::CTile {
+    let c = engine::StridedC {
         ptr: c,
         rs: rsc,
         cs: csc,
     };
-    let a = driver::ASource::Strided {
+    let a = engine::ASource::Strided(engine::StridedMatrix {
         ptr: a,
         rs: rsa,
         cs: csa,
-    };
-    let b = pack::StridedB {
+    });
+    let b = engine::StridedMatrix {
         ptr: b,
         rs: rsb,
         cs: csb,
     };
     // SAFETY: forwarded from this function's contract.
     unsafe {
-        gemm_with_epilogue(
+        engine::gemm_with_epilogue(
             m,
             k,
             n,
@@ -561,66 +568,9 @@ pub unsafe fn sgemm_raw(
             &b,
             beta,
             c,
-            &driver::Epilogue::NONE,
+            &engine::Epilogue::NONE,
             options,
             None,
         )
-    }
-}
-
-/// The crate-internal entry point every GEMM-based path goes through:
-/// `C ← act(α·A·B + β·C + bias)` with bias per row of C.
-///
-/// # Safety
-/// As [`sgemm_raw`]; `a` and `b` describe readable memory for `m × k` and
-/// `k × n`, and `epilogue.bias`, when set, holds at least `m` values. With
-/// `bufs`, the native engine packs into them on the calling thread only.
-#[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn gemm_with_epilogue<B: pack::BSource>(
-    m: usize,
-    k: usize,
-    n: usize,
-    alpha: f32,
-    a: &driver::ASource,
-    b: &B,
-    beta: f32,
-    c: driver::CTile,
-    epilogue: &driver::Epilogue,
-    options: &GemmOptions,
-    bufs: Option<&mut pack::PackBuffers>,
-) {
-    if m == 0 || n == 0 {
-        return;
-    }
-    match options.backend {
-        GemmBackend::Native => {
-            // SAFETY: forwarded.
-            unsafe {
-                driver::gemm(
-                    m,
-                    k,
-                    n,
-                    alpha,
-                    a,
-                    b,
-                    beta,
-                    c,
-                    epilogue,
-                    &kernels::select(
-                        options.isa,
-                        m,
-                        n,
-                        matches!(a, driver::ASource::Packed { .. }),
-                        options.blocking,
-                    ),
-                    options.parallelism,
-                    bufs,
-                )
-            }
-        }
-        GemmBackend::Matrixmultiply => {
-            // SAFETY: forwarded.
-            unsafe { driver::gemm_matrixmultiply(m, k, n, alpha, a, b, beta, c, epilogue, options) }
-        }
     }
 }

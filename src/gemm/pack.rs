@@ -6,89 +6,114 @@
 //! * A panel: `kc` steps of `mr` values, element `(i, p)` at `p·mr + i`.
 //! * B panel: `kc` steps of `nr` values, element `(p, j)` at `p·nr + j`.
 
+use super::element::Element;
+use super::engine::{BSource, StridedMatrix};
 use super::kernels::prefetch_read;
 use std::cell::RefCell;
 
-/// 64 bytes: one cache line, one zmm register.
-#[derive(Clone, Copy)]
-#[repr(C, align(64))]
-struct Line([f32; 16]);
+/// Bytes every packed buffer's start is aligned to: one cache line, one zmm
+/// register.
+const ALIGN: usize = 64;
 
-/// A growable `f32` buffer whose start is 64-byte aligned.
+/// A growable buffer of `T` whose usable part starts 64-byte aligned: a
+/// vector with up to a line of slack in front, skipped.
 #[derive(Default)]
-pub(crate) struct AlignedBuf {
-    lines: Vec<Line>,
+pub(crate) struct AlignedBuf<T> {
+    data: Vec<T>,
 }
 
-impl AlignedBuf {
-    /// Floats allocated.
-    pub(crate) fn capacity(&self) -> usize {
-        self.lines.len() * 16
+impl<T: Element> AlignedBuf<T> {
+    /// Elements per cache line.
+    const PER_LINE: usize = {
+        let size = std::mem::size_of::<T>();
+        assert!(ALIGN.is_multiple_of(size) && std::mem::align_of::<T>() == size);
+        ALIGN / size
+    };
+
+    /// Elements of slack kept so that an aligned start always fits.
+    const SLACK: usize = Self::PER_LINE - 1;
+
+    /// Elements of the first one on a line boundary.
+    fn start(&self) -> usize {
+        let addr = self.data.as_ptr() as usize;
+        (addr.next_multiple_of(ALIGN) - addr) / std::mem::size_of::<T>()
     }
 
-    /// The first `len` floats, growing (never shrinking) the allocation.
-    pub(crate) fn get(&mut self, len: usize) -> &mut [f32] {
-        let lines = len.div_ceil(16);
-        if self.lines.len() < lines {
+    /// Elements allocated to serve `len` from an aligned start: whole
+    /// cache lines plus the slack, and nothing at all for `len = 0`.
+    pub(crate) fn allocation_for(len: usize) -> usize {
+        if len == 0 {
+            0
+        } else {
+            len.next_multiple_of(Self::PER_LINE)
+                .saturating_add(Self::SLACK)
+        }
+    }
+
+    /// Elements usable from the aligned start.
+    pub(crate) fn capacity(&self) -> usize {
+        self.data.len().saturating_sub(Self::SLACK)
+    }
+
+    /// Bytes allocated.
+    pub(crate) fn bytes(&self) -> usize {
+        self.data.capacity() * std::mem::size_of::<T>()
+    }
+
+    /// The first `len` elements from the aligned start, growing (never
+    /// shrinking) the allocation. The slice's last cache line is allocated
+    /// whole, so a vector access that ends on it never leaves the buffer.
+    pub(crate) fn get(&mut self, len: usize) -> &mut [T] {
+        if len == 0 {
+            return &mut [];
+        }
+        let need = Self::allocation_for(len);
+        if self.data.len() < need {
             // Exact growth: the buffer's size is the blocking's bound, not
             // twice it.
-            self.lines.reserve_exact(lines - self.lines.len());
-            self.lines.resize(lines, Line([0.0; 16]));
+            self.data.reserve_exact(need - self.data.len());
+            self.data.resize(need, T::ZERO);
         }
-        // SAFETY: `Line` is `repr(C)` over `[f32; 16]` with no padding, so the
-        // first `lines·16 ≥ len` floats of the vector are initialised f32s,
-        // and the borrow of `self` keeps them alive and unaliased.
-        unsafe { std::slice::from_raw_parts_mut(self.lines.as_mut_ptr().cast::<f32>(), len) }
+        let start = self.start();
+        &mut self.data[start..start + len]
     }
 }
 
 /// The scratch one GEMM task packs into: A panels, B panels (both 64-byte
 /// aligned), and staging rows for B sources that build rows before dealing
-/// them to panels (the implicit convolution). Sized by the blocking, never
-/// by the problem.
+/// them to panels. Sized by the blocking, never by the problem.
 #[derive(Default)]
-pub(crate) struct PackBuffers {
-    pub a: AlignedBuf,
-    pub b: AlignedBuf,
-    pub staging: Vec<f32>,
+pub(crate) struct PackBuffers<T> {
+    pub(in crate::gemm) a: AlignedBuf<T>,
+    pub(in crate::gemm) b: AlignedBuf<T>,
+    pub(in crate::gemm) staging: Vec<T>,
 }
 
-impl PackBuffers {
+impl<T: Element> PackBuffers<T> {
     /// Bytes held.
     pub(crate) fn bytes(&self) -> usize {
-        4 * (self.a.lines.len() * 16 + self.b.lines.len() * 16 + self.staging.capacity())
+        self.a.bytes() + self.b.bytes() + self.staging.capacity() * std::mem::size_of::<T>()
     }
 }
 
 thread_local! {
-    /// One set of packing buffers per thread, reused by every GEMM the
+    /// One set of `f32` packing buffers per thread, reused by every GEMM the
     /// thread runs.
-    static PACK_BUFFERS: RefCell<PackBuffers> = RefCell::default();
+    pub(crate) static F32_PACK_BUFFERS: RefCell<PackBuffers<f32>> = RefCell::default();
 }
 
 /// Runs `f` with this thread's packing buffers. The GEMM never re-enters
 /// rayon while it holds them, but if it is ever re-entered on one thread
 /// (a caller's callback, say) the inner call gets fresh buffers instead of
 /// panicking.
-pub(crate) fn with_pack_buffers<R>(f: impl FnOnce(&mut PackBuffers) -> R) -> R {
-    PACK_BUFFERS.with(|cell| match cell.try_borrow_mut() {
+pub(crate) fn with_pack_buffers<T: Element, R>(f: impl FnOnce(&mut PackBuffers<T>) -> R) -> R {
+    T::pack_buffers().with(|cell| match cell.try_borrow_mut() {
         Ok(mut bufs) => f(&mut bufs),
         Err(_) => f(&mut PackBuffers::default()),
     })
 }
 
-/// Where the GEMM's B comes from. A plain strided matrix is one source; the
-/// implicit convolution reads the input image through an im2col view.
-pub(crate) trait BSource: Sync {
-    /// Packs rows `k0..k0+kc` and columns `j0..j0+nc` of B into
-    /// `nc.div_ceil(nr)` panels of `kc × nr`, panel `q` at `dst[q·kc·nr..]`,
-    /// zero-filling the columns past `nc` in the last panel.
-    ///
-    /// `staging` is scratch the source may use (and grow) as it likes.
-    ///
-    /// # Safety
-    /// The block lies inside B, and `dst` holds `nc.div_ceil(nr)·kc·nr` floats.
-    #[allow(clippy::too_many_arguments)]
+impl<T: Element> BSource<T> for StridedMatrix<T> {
     unsafe fn pack_block(
         &self,
         k0: usize,
@@ -96,67 +121,16 @@ pub(crate) trait BSource: Sync {
         j0: usize,
         nc: usize,
         nr: usize,
-        dst: &mut [f32],
-        staging: &mut Vec<f32>,
-    );
-
-    /// Writes rows `k0..k0+kc`, columns `j0..j0+nc` of B into `dst` as a
-    /// row-major block, row `p` at `dst[p·ld..]`, zero in columns `nc..ld`,
-    /// for the micro-kernels to read in place; returns `false` (writing
-    /// nothing) for a source with no cheaper way to do that than packing.
-    ///
-    /// # Safety
-    /// The block lies inside B, `ld ≥ nc`, and `dst` holds `kc·ld` floats.
-    unsafe fn fill_rows(
-        &self,
-        k0: usize,
-        kc: usize,
-        j0: usize,
-        nc: usize,
-        ld: usize,
-        dst: &mut [f32],
-    ) -> bool {
-        let _ = (k0, kc, j0, nc, ld, dst);
-        false
-    }
-
-    /// The source as a strided matrix, if it is one (for backends that need it).
-    fn as_strided(&self) -> Option<StridedB> {
-        None
-    }
-}
-
-/// B as a pointer with element strides.
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct StridedB {
-    pub ptr: *const f32,
-    pub rs: isize,
-    pub cs: isize,
-}
-
-// SAFETY: a StridedB is a read-only view; the GEMM's contract guarantees the
-// memory stays valid and unmodified for the whole call, on every thread.
-unsafe impl Sync for StridedB {}
-// SAFETY: as above.
-unsafe impl Send for StridedB {}
-
-impl BSource for StridedB {
-    unsafe fn pack_block(
-        &self,
-        k0: usize,
-        kc: usize,
-        j0: usize,
-        nc: usize,
-        nr: usize,
-        dst: &mut [f32],
-        _staging: &mut Vec<f32>,
+        dst: &mut [T],
+        _staging: &mut Vec<T>,
     ) {
         let panels = nc.div_ceil(nr);
-        // SAFETY (both arms): rows k0..k0+kc and columns j0..j0+(nc/nr)·nr
-        // are inside B (contract), and dst holds `panels·kc·nr` floats.
         let packed = match (self.cs, nr) {
-            (1, 32) => unsafe { pack_full_panels_by_rows::<32>(self, k0, kc, j0, nc / nr, dst) },
-            (1, 16) => unsafe { pack_full_panels_by_rows::<16>(self, k0, kc, j0, nc / nr, dst) },
+            // SAFETY: rows k0..k0+kc and columns j0..j0+(nc/nr)·nr are inside
+            // B (contract), and dst holds `panels·kc·nr` elements.
+            (1, 32) => unsafe { pack_full_panels_by_rows::<T, 32>(self, k0, kc, j0, nc / nr, dst) },
+            // SAFETY: as for 32.
+            (1, 16) => unsafe { pack_full_panels_by_rows::<T, 16>(self, k0, kc, j0, nc / nr, dst) },
             _ => 0,
         };
         for (q, panel) in dst
@@ -172,7 +146,7 @@ impl BSource for StridedB {
         }
     }
 
-    fn as_strided(&self) -> Option<StridedB> {
+    fn as_strided(&self) -> Option<StridedMatrix<T>> {
         Some(*self)
     }
 }
@@ -202,14 +176,14 @@ const PREFETCH_ROWS_AHEAD: isize = 8;
 ///
 /// # Safety
 /// `b.cs == 1`; rows `k0..k0+kc` and columns `j0..j0+W·panels` lie inside
-/// B, and `dst` holds `panels·kc·W` floats.
-unsafe fn pack_full_panels_by_rows<const W: usize>(
-    b: &StridedB,
+/// B, and `dst` holds `panels·kc·W` elements.
+unsafe fn pack_full_panels_by_rows<T: Element, const W: usize>(
+    b: &StridedMatrix<T>,
     k0: usize,
     kc: usize,
     j0: usize,
     panels: usize,
-    dst: &mut [f32],
+    dst: &mut [T],
 ) -> usize {
     for q0 in (0..panels).step_by(PANELS_PER_PASS) {
         let q1 = panels.min(q0 + PANELS_PER_PASS);
@@ -217,12 +191,12 @@ unsafe fn pack_full_panels_by_rows<const W: usize>(
             // SAFETY: element (k0 + p, j0) is inside B.
             let row = unsafe { b.ptr.offset((k0 + p) as isize * b.rs + j0 as isize) };
             let ahead = row.wrapping_offset(PREFETCH_ROWS_AHEAD * b.rs);
-            for line in (q0 * W..q1 * W).step_by(16) {
+            for line in (q0 * W..q1 * W).step_by(ALIGN / std::mem::size_of::<T>()) {
                 prefetch_read(ahead.wrapping_add(line));
             }
             for q in q0..q1 {
                 // SAFETY: columns j0 + W·q .. j0 + W·(q + 1) of the row are inside B.
-                let run = unsafe { &*(row.add(q * W) as *const [f32; W]) };
+                let run = unsafe { &*(row.add(q * W) as *const [T; W]) };
                 dst[(q * kc + p) * W..][..W].copy_from_slice(run);
             }
         }
@@ -234,14 +208,14 @@ unsafe fn pack_full_panels_by_rows<const W: usize>(
 ///
 /// # Safety
 /// Rows `k0..k0+kc` and columns `col0..col0+width` lie inside B.
-unsafe fn pack_b_panel(
-    b: &StridedB,
+unsafe fn pack_b_panel<T: Element>(
+    b: &StridedMatrix<T>,
     k0: usize,
     kc: usize,
     col0: usize,
     width: usize,
     nr: usize,
-    panel: &mut [f32],
+    panel: &mut [T],
 ) {
     // SAFETY: element (k0, col0) is inside B.
     let origin = unsafe { b.ptr.offset(k0 as isize * b.rs + col0 as isize * b.cs) };
@@ -252,7 +226,7 @@ unsafe fn pack_b_panel(
             let src =
                 unsafe { std::slice::from_raw_parts(origin.offset(p as isize * b.rs), width) };
             row[..width].copy_from_slice(src);
-            row[width..].fill(0.0);
+            row[width..].fill(T::ZERO);
         }
     } else {
         for (p, row) in panel.chunks_exact_mut(nr).take(kc).enumerate() {
@@ -261,7 +235,7 @@ unsafe fn pack_b_panel(
                     // SAFETY: (k0+p, col0+j) is inside B.
                     unsafe { *origin.offset(p as isize * b.rs + j as isize * b.cs) }
                 } else {
-                    0.0
+                    T::ZERO
                 };
             }
         }
@@ -273,15 +247,15 @@ unsafe fn pack_b_panel(
 ///
 /// # Safety
 /// The `mc × kc` block at `a` with strides `rs`, `cs` is readable, and `dst`
-/// holds `mc.div_ceil(mr)·kc·mr` floats.
-pub(crate) unsafe fn pack_a_strided(
-    a: *const f32,
+/// holds `mc.div_ceil(mr)·kc·mr` elements.
+pub(crate) unsafe fn pack_a_strided<T: Element>(
+    a: *const T,
     rs: isize,
     cs: isize,
     mc: usize,
     kc: usize,
     mr: usize,
-    dst: &mut [f32],
+    dst: &mut [T],
 ) {
     for (q, panel) in dst
         .chunks_exact_mut(kc * mr)
@@ -291,12 +265,15 @@ pub(crate) unsafe fn pack_a_strided(
         let height = mr.min(mc - q * mr);
         // SAFETY: row q·mr is inside the block.
         let first_row = unsafe { a.offset((q * mr) as isize * rs) };
-        // SAFETY (all three calls): rows q·mr.. q·mr+height and columns
-        // 0..kc are inside the block; the panel holds kc·mr floats.
         match (mr, height) {
-            (8, 8) => unsafe { pack_a_panel_full::<8>(first_row, rs, cs, kc, panel) },
-            (6, 6) => unsafe { pack_a_panel_full::<6>(first_row, rs, cs, kc, panel) },
-            (32, 32) => unsafe { pack_a_panel_full::<32>(first_row, rs, cs, kc, panel) },
+            // SAFETY: rows q·mr..q·mr+height and columns 0..kc are inside
+            // the block; the panel holds kc·mr elements.
+            (8, 8) => unsafe { pack_a_panel_full::<T, 8>(first_row, rs, cs, kc, panel) },
+            // SAFETY: as for 8.
+            (6, 6) => unsafe { pack_a_panel_full::<T, 6>(first_row, rs, cs, kc, panel) },
+            // SAFETY: as for 8.
+            (32, 32) => unsafe { pack_a_panel_full::<T, 32>(first_row, rs, cs, kc, panel) },
+            // SAFETY: as for 8.
             _ => unsafe { pack_a_panel_edge(first_row, rs, cs, kc, mr, height, panel) },
         }
     }
@@ -311,16 +288,16 @@ pub(crate) unsafe fn pack_a_strided(
 /// # Safety
 /// Rows `0..R` and columns `0..kc` from `a` are readable; `panel` holds `kc·R`.
 #[inline(always)]
-unsafe fn pack_a_panel_full<const R: usize>(
-    a: *const f32,
+unsafe fn pack_a_panel_full<T: Element, const R: usize>(
+    a: *const T,
     rs: isize,
     cs: isize,
     kc: usize,
-    panel: &mut [f32],
+    panel: &mut [T],
 ) {
     const G: usize = 8;
     for g0 in (0..R).step_by(G) {
-        let rows: [*const f32; G] =
+        let rows: [*const T; G] =
             std::array::from_fn(|i| a.wrapping_offset((g0 + i).min(R - 1) as isize * rs));
         let width = G.min(R - g0);
         for (p, step) in panel.chunks_exact_mut(R).take(kc).enumerate() {
@@ -337,14 +314,14 @@ unsafe fn pack_a_panel_full<const R: usize>(
 ///
 /// # Safety
 /// Rows `0..height` and columns `0..kc` from `a` are readable; `panel` holds `kc·mr`.
-unsafe fn pack_a_panel_edge(
-    a: *const f32,
+unsafe fn pack_a_panel_edge<T: Element>(
+    a: *const T,
     rs: isize,
     cs: isize,
     kc: usize,
     mr: usize,
     height: usize,
-    panel: &mut [f32],
+    panel: &mut [T],
 ) {
     for (p, group) in panel.chunks_exact_mut(mr).take(kc).enumerate() {
         for (i, x) in group.iter_mut().enumerate() {
@@ -352,8 +329,33 @@ unsafe fn pack_a_panel_edge(
                 // SAFETY: (i, p) is inside the block.
                 unsafe { *a.offset(i as isize * rs + p as isize * cs) }
             } else {
-                0.0
+                T::ZERO
             };
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buffers_start_on_a_line_and_do_not_move_once_grown() {
+        let mut buf = AlignedBuf::<f32>::default();
+        // Nothing requested allocates nothing (a direct plan's workspace).
+        assert!(buf.get(0).is_empty());
+        assert_eq!(buf.bytes(), 0);
+        for len in [1, 15, 16, 17, 1000, 5, 0] {
+            let slice = buf.get(len);
+            assert_eq!(slice.len(), len);
+            if len > 0 {
+                assert_eq!(slice.as_ptr() as usize % ALIGN, 0, "len {len}");
+            }
+        }
+        assert!(buf.capacity() >= 1000);
+        // A workspace sized up front serves every smaller request in place.
+        let grown = buf.get(1000).as_ptr();
+        assert_eq!(buf.get(10).as_ptr(), grown);
+        assert_eq!(buf.get(1000).as_ptr(), grown);
     }
 }

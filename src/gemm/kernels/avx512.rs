@@ -302,7 +302,7 @@ pub(crate) unsafe fn kernel_columns(
     // A right-edge tile with few real columns broadcasts only those, with
     // k split over independent chains so that 8 accumulators still hide
     // the FMA latency: 49 = 6·8 + 1 columns then cost about 49, not 56.
-    // SAFETY (each arm): forwarded; `cols ≤ NB` columns of each B step are read.
+    // SAFETY: (each arm) forwarded; `cols ≤ NB` columns of each B step are read.
     let acc = unsafe {
         match cols {
             1 => accumulate_columns::<1, 4>(kc, a, b, ldb, c, rsc, csc, rows),
@@ -418,7 +418,7 @@ unsafe fn accumulate_columns<const NB: usize, const CH: usize>(
 ) -> [[__m512; 2]; NR_COLUMNS] {
     let mut chains = [[[_mm512_setzero_ps(); 2]; NB]; CH];
     let (mut ap, mut bp) = (a, b);
-    // SAFETY (both loops): the panels hold kc steps of 32 (A) and at least
+    // SAFETY: (both loops) the panels hold kc steps of 32 (A) and at least
     // NB (B) floats, and the two loops run kc steps in all. A pre-packed A
     // may be only f32-aligned, hence the unaligned loads.
     let mut one_step = |acc: &mut [[__m512; 2]; NB]| unsafe {

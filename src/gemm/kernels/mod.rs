@@ -17,6 +17,7 @@
 //! means its instructions are safe to execute.
 
 use super::cache::{cache_sizes, CacheSizes};
+use super::element::Element;
 use crate::arch::clamp_isa;
 pub use crate::arch::Isa;
 use crate::testing::Blocking;
@@ -35,11 +36,11 @@ pub(crate) mod portable;
 /// `beta == 0` means C is not read. `bias` is null or points at the bias of the
 /// tile's first row. `clamp` is `None` for no activation.
 #[derive(Clone, Copy, Debug)]
-pub(crate) struct TileEpilogue {
-    pub alpha: f32,
-    pub beta: f32,
-    pub bias: *const f32,
-    pub clamp: Option<(f32, f32)>,
+pub(crate) struct TileEpilogue<T = f32> {
+    pub alpha: T,
+    pub beta: T,
+    pub bias: *const T,
+    pub clamp: Option<(T, T)>,
 }
 
 /// A micro-kernel: `kc` steps over panels `a` and `b`, then the epilogue
@@ -59,19 +60,19 @@ pub(crate) struct TileEpilogue {
 /// `c.offset(i·rsc + j·csc)` is writable (and readable unless `beta == 0`) for
 /// `i < rows, j < cols`; `bias`, when set, holds `rows` values; the CPU
 /// supports the kernel's ISA.
-pub(crate) type MicroKernelFn = unsafe fn(
+pub(crate) type MicroKernelFn<T = f32> = unsafe fn(
     kc: usize,
-    a: *const f32,
+    a: *const T,
     ars: usize,
     acs: usize,
-    b: *const f32,
+    b: *const T,
     ldb: usize,
-    c: *mut f32,
+    c: *mut T,
     rsc: isize,
     csc: isize,
     rows: usize,
     cols: usize,
-    epilogue: &TileEpilogue,
+    epilogue: &TileEpilogue<T>,
 );
 
 /// Dot products of `rows` rows of a row-major A (`lda` apart) with one
@@ -80,8 +81,8 @@ pub(crate) type MicroKernelFn = unsafe fn(
 /// # Safety
 /// `a + i·lda + p` is readable for `i < rows`, `p < k`; `b` holds `k`
 /// floats; `out` holds `rows`; the CPU supports the kernel's ISA.
-pub(crate) type DotKernelFn =
-    unsafe fn(k: usize, a: *const f32, lda: usize, rows: usize, b: *const f32, out: &mut [f32]);
+pub(crate) type DotKernelFn<T = f32> =
+    unsafe fn(k: usize, a: *const T, lda: usize, rows: usize, b: *const T, out: &mut [T]);
 
 /// Register tile and cache blocking of one micro-kernel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -104,22 +105,25 @@ pub struct KernelInfo {
 /// this module: a `Kernel` exists only for a path the CPU supports (built by
 /// [`kernel_for`] after `clamp_isa`), so the rest of the crate may call its
 /// functions without re-checking the CPU.
+///
+/// The element type is a parameter so that the driver is written once for
+/// every type; only `f32` kernels exist today.
 #[derive(Clone, Copy, Debug)]
-pub(crate) struct Kernel {
+pub(crate) struct Kernel<T = f32> {
     info: KernelInfo,
-    func: MicroKernelFn,
+    func: MicroKernelFn<T>,
     /// A kernel for right-edge tiles of at most `.0` columns, reading the
     /// same packed panels, where the full tile would be mostly padding.
-    narrow: Option<(usize, MicroKernelFn)>,
+    narrow: Option<(usize, MicroKernelFn<T>)>,
     /// The kernel honours any A strides (`ars`, `acs`), so the driver may
     /// hand it a row-major A in place; otherwise A must be packed.
     a_strided: bool,
     /// Dot products for the one or two columns of C just past a multiple of
     /// the narrow width, which tiles would pad to a whole vector.
-    dot: Option<DotKernelFn>,
+    dot: Option<DotKernelFn<T>>,
 }
 
-impl Kernel {
+impl<T> Kernel<T> {
     /// Register tile and blocking.
     #[inline]
     pub(crate) fn info(&self) -> &KernelInfo {
@@ -128,13 +132,13 @@ impl Kernel {
 
     /// The full-tile micro-kernel.
     #[inline]
-    pub(crate) fn func(&self) -> MicroKernelFn {
+    pub(crate) fn func(&self) -> MicroKernelFn<T> {
         self.func
     }
 
     /// The narrow right-edge kernel and the widest tile it serves.
     #[inline]
-    pub(crate) fn narrow(&self) -> Option<(usize, MicroKernelFn)> {
+    pub(crate) fn narrow(&self) -> Option<(usize, MicroKernelFn<T>)> {
         self.narrow
     }
 
@@ -146,13 +150,13 @@ impl Kernel {
 
     /// The dot-product kernel for peeled columns.
     #[inline]
-    pub(crate) fn dot(&self) -> Option<DotKernelFn> {
+    pub(crate) fn dot(&self) -> Option<DotKernelFn<T>> {
         self.dot
     }
 
     /// This kernel with its cache blocking replaced by `b` (rounded up to
     /// whole register tiles, KC to a multiple of 8; see [`Blocking`]).
-    fn with_blocking(mut self, b: Blocking) -> Kernel {
+    fn with_blocking(mut self, b: Blocking) -> Kernel<T> {
         let KernelInfo { mr, nr, .. } = self.info;
         self.info.mc = b.mc.max(1).next_multiple_of(mr);
         self.info.kc = b.kc.max(1).next_multiple_of(8);
@@ -160,6 +164,15 @@ impl Kernel {
         self
     }
 }
+
+/// The GEMM's bound on one task's packed B block, whatever the caches say.
+/// B's buffer is the largest of the packing buffers, which every thread
+/// keeps for its whole life and which a caller's workspace must hold (see
+/// `engine::pack_bounds`), so the GEMM keeps them bounded by the blocking and
+/// small. Wider blocks would only save packing A again for each block of
+/// NC columns: at NC = 1024 that is one packed element of A per 1024
+/// multiply-adds, already a negligible share.
+const MAX_B_BLOCK_BYTES: usize = 2 * 1024 * 1024;
 
 /// Cache blocking for an `mr × nr` kernel, after the BLIS analytical model,
 /// with KC set by measurement:
@@ -186,16 +199,15 @@ impl Kernel {
 ///   micro-panel, so it should stay in L2: `mc·kc·4 ≤ L2/2`. 1 MiB L2,
 ///   kc = 512: `mc = 256`.
 /// * NC: the packed B block (`kc·nc` floats) is re-read for every A block, so
-///   it should stay in this core's share of L3: `kc·nc·4 ≤ L3share/2`, capped
-///   so that one thread's B buffer stays under 2 MiB (the implicit
-///   convolution's memory budget): `nc ≤ 2 MiB / (4·kc)` = 1024 here.
+///   it should stay in this core's share of L3: `kc·nc·4 ≤ L3share/2`, and
+///   no larger than [`MAX_B_BLOCK_BYTES`]: `nc ≤ 2 MiB / (4·kc)` = 1024 here.
 pub(crate) fn blocking(isa: Isa, mr: usize, nr: usize, caches: CacheSizes) -> KernelInfo {
     let floats = |bytes: usize| bytes / 4;
     let kc = (floats(caches.l2 / 16) / nr).clamp(64, 512) / 16 * 16;
     let mc = ((floats(caches.l2 / 2) / kc).clamp(mr, 1024) / mr * mr).max(mr);
     let nc_l3 = floats(caches.l3_per_core / 2) / kc;
-    let nc_cap = floats(2 * 1024 * 1024) / kc;
-    let nc = (nc_l3.min(nc_cap).clamp(nr, 4096) / nr * nr).max(nr);
+    let nc_buffer = floats(MAX_B_BLOCK_BYTES) / kc;
+    let nc = (nc_l3.min(nc_buffer).clamp(nr, 4096) / nr * nr).max(nr);
     KernelInfo {
         isa,
         mr,
@@ -388,7 +400,7 @@ pub(crate) unsafe fn run_steps_prefetching_c<T>(
 /// use: a hint for the portable parts of the GEMM (packing), which compiles
 /// to nothing on targets without a stable prefetch instruction.
 #[inline(always)]
-pub(crate) fn prefetch_read(p: *const f32) {
+pub(crate) fn prefetch_read<T>(p: *const T) {
     cfg_if::cfg_if! {
         if #[cfg(target_arch = "x86_64")] {
             // SAFETY: a prefetch never faults, whatever the address; SSE is
@@ -407,19 +419,19 @@ pub(crate) fn prefetch_read(p: *const f32) {
 /// # Safety
 /// `dst` is valid for writes, and for reads unless `beta == 0`.
 #[inline(always)]
-pub(crate) unsafe fn store_scalar(
-    dst: *mut f32,
-    product: f32,
-    beta: f32,
-    bias: f32,
-    clamp: Option<(f32, f32)>,
+pub(crate) unsafe fn store_scalar<T: Element>(
+    dst: *mut T,
+    product: T,
+    beta: T,
+    bias: T,
+    clamp: Option<(T, T)>,
 ) {
     let mut v = product;
-    if beta != 0.0 {
+    if beta != T::ZERO {
         // SAFETY: C is readable when beta != 0 (contract).
-        v += beta * unsafe { *dst };
+        v = v + beta * unsafe { *dst };
     }
-    v += bias;
+    v = v + bias;
     if let Some((lo, hi)) = clamp {
         v = super::clamp_keep_nan(v, lo, hi);
     }

@@ -1,0 +1,124 @@
+//! Block sizes and the rules for reading an operand in place, derived per
+//! problem from the kernel's blocking and the cache sizes.
+
+use crate::gemm::cache::cache_sizes;
+use crate::gemm::element::Element;
+use crate::gemm::engine::{ASource, PackBounds, StridedMatrix};
+use crate::gemm::kernels::{Kernel, KernelInfo};
+
+/// The depth of the K blocks for a GEMM of depth `k`: equal blocks no
+/// deeper than KC.
+pub(crate) fn block_depth(k: usize, info: &KernelInfo) -> usize {
+    k.div_ceil(k.div_ceil(info.kc).max(1))
+        .next_multiple_of(8)
+        .min(info.kc)
+}
+
+/// The width of the B blocks when C's rows fit one MC block: as many
+/// columns as keep a `kc`-deep block within half of L2 (A's block is at
+/// most MC rows, the other half). These blocks are consumed by few tiles
+/// each, so the wider they are, the fewer times each KC block of A is
+/// walked again and, for the implicit convolution, the fewer partial input
+/// rows each block of B rows starts and ends on. Measured against the
+/// former fixed 256 columns (1 thread AVX-512 plans, one process,
+/// alternating, three runs): r50_3x3 (kc 288: 448 columns) +2.5–6%,
+/// r50_conv1 (kc 152: 832) +4–6%, r50_3x3_s2 +2%, batch16 (1024 columns:
+/// 448 + 448 + 128) −2% to +1%; r50_deep (kc 464: 256, as before), r50_1x1
+/// and the GEMM shapes with M ≤ 256 within ±2%. Splitting the columns
+/// into equal blocks instead measured the same.
+pub(crate) fn single_block_columns<T: Element>(kc: usize, info: &KernelInfo) -> usize {
+    let elements = cache_sizes().l2 / 2 / std::mem::size_of::<T>();
+    (elements / kc.max(1) / info.nr * info.nr).clamp(info.nr, info.nc.max(info.nr))
+}
+
+/// The most elements one task's packing buffers (A, B, staging rows) hold
+/// for an `m × k × n` GEMM on `info`'s kernel: bounded by the blocking,
+/// whatever the problem size.
+pub(crate) fn pack_bounds<T: Element>(
+    m: usize,
+    k: usize,
+    n: usize,
+    info: &KernelInfo,
+    a_prepacked: bool,
+) -> PackBounds {
+    let kc = block_depth(k, info).min(k.max(1));
+    let mc = info.mc.min(m.next_multiple_of(info.mr));
+    let nc = if m <= info.mc {
+        single_block_columns::<T>(block_depth(k, info), info)
+    } else {
+        info.nc
+    }
+    .min(n.next_multiple_of(info.nr));
+    let a = if a_prepacked { 0 } else { mc * kc };
+    PackBounds {
+        a,
+        b: kc * nc,
+        // Two rows of a block, for sources that build a row from the one
+        // before it.
+        staging: 2 * nc,
+    }
+}
+
+/// Reading A in place pays when each packed A block would serve at most
+/// this many B panels: 2048×512×49 (2 panels) spends 15% of its time
+/// packing A, 256×2304×196 (7 panels) 5%.
+pub(super) const A_IN_PLACE_MAX_PANELS: usize = 8;
+
+/// Whether the kernel reads the `rows`-row A block in place rather than
+/// packed, for a block that serves `column_panels` B panels: a row-major A
+/// whose rows stay in L2 ([`rows_stay_in_l2`]).
+pub(super) fn a_in_place<T: Element>(
+    a: &ASource<'_, T>,
+    kernel: &Kernel<T>,
+    rows: usize,
+    column_panels: usize,
+) -> bool {
+    match *a {
+        ASource::Strided(StridedMatrix { rs, cs, .. }) => {
+            kernel.a_strided()
+                && cs == 1
+                && rs > 0
+                && column_panels <= A_IN_PLACE_MAX_PANELS
+                && rows_stay_in_l2::<T>(rs as usize, rows, cache_sizes().l2)
+        }
+        ASource::Packed(_) => false,
+    }
+}
+
+/// Whether `rows` rows of an operand read in place, `rs` elements apart, can
+/// stay in L2 together. Rows whose starts are `2^t` cache lines apart (and
+/// line-aligned) fall into only `sets / 2^t` of L2's sets, whatever their
+/// width; with 16 ways, and a factor 2 of room for everything else, that
+/// holds `rows` rows while `2^t · 2 · rows ≤ L2 lines`. A packed panel is
+/// contiguous and spreads over every set. For B panels of 512 rows 4 KiB
+/// apart (64 lines) this fails (64·1024 > 16384 lines of a 1 MiB L2), and
+/// reading in place was measured 22% slower than packing.
+pub(super) fn rows_stay_in_l2<T: Element>(rs: usize, rows: usize, l2: usize) -> bool {
+    let bytes = rs.saturating_mul(std::mem::size_of::<T>());
+    let line_stride_pow2 = if bytes.is_multiple_of(64) {
+        1usize << (bytes / 64).trailing_zeros().min(usize::BITS - 1)
+    } else {
+        1
+    };
+    line_stride_pow2.saturating_mul(2 * rows) <= l2 / 64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn in_place_rows_must_spread_over_l2_sets() {
+        let l2 = 1 << 20;
+        // B panels of 512 rows 4 KiB or 8 KiB apart: 16 or 8 set groups.
+        assert!(!rows_stay_in_l2::<f32>(1024, 512, l2));
+        assert!(!rows_stay_in_l2::<f32>(2048, 512, l2));
+        // 64×147×12544 and 64×576×3136: 16 and 4 lines' power of two.
+        assert!(rows_stay_in_l2::<f32>(12544, 152, l2));
+        assert!(rows_stay_in_l2::<f32>(3136, 288, l2));
+        // Not line-aligned rows drift across the sets.
+        assert!(rows_stay_in_l2::<f32>(1000, 512, l2));
+        // An A block of 256 whole rows of 512 floats.
+        assert!(rows_stay_in_l2::<f32>(512, 256, l2));
+    }
+}

@@ -1,0 +1,440 @@
+//! The GEMM loop nest, written once for every micro-kernel: the entry
+//! [`gemm`] and the two loop orders, [`gemm_block`] (one task's block of C)
+//! and [`gemm_shared_b`] (threads sharing each packed B block).
+//!
+//! ```text
+//! for jc in 0..n step NC        B block of NC columns      (L3)
+//!   for pc in 0..k step KC      pack B[pc.., jc..] → NR-column panels
+//!     for ic in 0..m step MC    pack A[ic.., pc..] → MR-row panels (L2)
+//!       for jr in NR panels     one B micro-panel stays in L1 ...
+//!         for ir in MR panels   ... while the A micro-panels stream past it
+//!           micro-kernel(MR × NR tile)
+//! ```
+//!
+//! Packing pays for itself only when a panel is reused often. A row-major
+//! operand whose packed panels would serve few tiles is read in place by
+//! the kernels instead (only a partial last panel is packed): B when M fits
+//! one MC block (each B panel then serves at most MC/MR tiles), A when C has
+//! at most [`blocking::A_IN_PLACE_MAX_PANELS`] column panels per block.
+//!
+//! The rest lives beside this file: `threading` shares the nest out over
+//! threads, `blocking` sizes the blocks and decides what is read in place,
+//! `macro_kernel` runs the two innermost loops over one block.
+
+mod blocking;
+mod macro_kernel;
+mod threading;
+
+pub(crate) use blocking::pack_bounds;
+pub(crate) use threading::{split_range, thread_count};
+
+use super::cache::cache_sizes;
+use super::element::Element;
+use super::engine::{ASource, BSource, Epilogue, PackBuffers, StridedC, StridedMatrix};
+use super::kernels::{store_scalar, Kernel, KernelInfo};
+use super::pack::with_pack_buffers;
+use super::Parallelism;
+use crate::testing::record_gemm_block;
+use blocking::{a_in_place, block_depth, rows_stay_in_l2, single_block_columns};
+use macro_kernel::{a_block, peeled_columns, BPanels, MacroKernel, PeeledColumns};
+use rayon::prelude::*;
+use threading::run_tasks;
+
+/// `C ← act(β·C + bias)` for the degenerate cases `k = 0` and `α = 0`, where
+/// A and B must not be read.
+///
+/// # Safety
+/// As `gemm` for C and the epilogue.
+pub(crate) unsafe fn scale_c<T: Element>(
+    m: usize,
+    n: usize,
+    beta: T,
+    c: StridedC<T>,
+    ep: &Epilogue<T>,
+) {
+    for i in 0..m {
+        let bias = if ep.bias.is_null() {
+            T::ZERO
+        } else {
+            // SAFETY: bias holds m values.
+            unsafe { *ep.bias.add(i) }
+        };
+        for j in 0..n {
+            // SAFETY: (i, j) is inside C; C is read only when beta != 0.
+            unsafe {
+                store_scalar(
+                    c.ptr.offset(i as isize * c.rs + j as isize * c.cs),
+                    T::ZERO,
+                    beta,
+                    bias,
+                    ep.clamp,
+                )
+            };
+        }
+    }
+}
+
+/// The native engine: `C ← act(α·A·B + β·C + bias)`.
+///
+/// # Safety
+/// As [`super::engine::gemm_with_epilogue`]; a `Packed` A was packed for
+/// `kernel`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm<T: Element, B: BSource<T>>(
+    m: usize,
+    k: usize,
+    n: usize,
+    alpha: T,
+    a: &ASource<'_, T>,
+    b: &B,
+    beta: T,
+    c: StridedC<T>,
+    ep: &Epilogue<T>,
+    kernel: &Kernel<T>,
+    par: Parallelism,
+    bufs: Option<&mut PackBuffers<T>>,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 || alpha == T::ZERO {
+        // SAFETY: forwarded.
+        unsafe { scale_c(m, n, beta, c, ep) };
+        return;
+    }
+    // Kernels store rows of C with vector stores. For a column-major C,
+    // compute Cᵀ = Bᵀ·Aᵀ instead, which is row-major.
+    if c.cs != 1 && c.rs == 1 && ep.bias.is_null() {
+        if let (ASource::Strided(a), Some(bs)) = (a, b.as_strided()) {
+            let at = a.t();
+            let bt = ASource::Strided(bs.t());
+            let ct = StridedC {
+                ptr: c.ptr,
+                rs: c.cs,
+                cs: c.rs,
+            };
+            // SAFETY: the same memory, viewed transposed.
+            unsafe { gemm(n, k, m, alpha, &bt, &at, beta, ct, ep, kernel, par, bufs) };
+            return;
+        }
+    }
+    if let ASource::Packed(packed) = a {
+        // Packed panels of another height would be read out of bounds.
+        assert_eq!(
+            packed.mr(),
+            kernel.info().mr,
+            "A was packed for another kernel"
+        );
+    }
+    if let (ASource::Strided(StridedMatrix { cs: 1, .. }), Some(bs), Some(dot)) =
+        (a, b.as_strided(), kernel.dot())
+    {
+        let count = peeled_columns(kernel, n);
+        let col0 = n - count;
+        // Only where every A block is read in place, so that each micro-panel
+        // reaches the dot kernel in rows (a packed panel takes a scalar
+        // loop). Blocks have at most MC rows and col0's panels, and fewer
+        // rows or panels only make `a_in_place` easier to satisfy.
+        let rows = m.min(kernel.info().mc);
+        if count > 0 && a_in_place(a, kernel, rows, col0.div_ceil(kernel.info().nr)) {
+            let columns: Vec<T> = (col0..n)
+                .flat_map(|j| (0..k).map(move |p| (p, j)))
+                .map(|(p, j)| {
+                    // SAFETY: (p, j) is inside B for p < k and j < n.
+                    unsafe { *bs.ptr.offset(p as isize * bs.rs + j as isize * bs.cs) }
+                })
+                .collect();
+            let peel = PeeledColumns {
+                columns: columns.as_ptr(),
+                k,
+                col0,
+                count,
+                dot,
+            };
+            // SAFETY: forwarded; the tiles cover columns 0..col0 and finish
+            // the rest through the peel, whose staged columns outlive the call.
+            unsafe {
+                run_tasks(
+                    m,
+                    k,
+                    col0,
+                    alpha,
+                    a,
+                    b,
+                    beta,
+                    c,
+                    ep,
+                    Some(peel),
+                    kernel,
+                    par,
+                    bufs,
+                )
+            };
+            return;
+        }
+    }
+    // SAFETY: forwarded.
+    unsafe { run_tasks(m, k, n, alpha, a, b, beta, c, ep, None, kernel, par, bufs) };
+}
+
+/// BLIS-style threading for a C with few column panels (a 14×14 or 7×7
+/// output plane): every KC × NC block of B is packed once, by all threads
+/// in parallel, into one shared buffer, and the threads then split the rows
+/// of C over it. Splitting columns instead would leave 7 panels on 2
+/// threads (4 + 3), and splitting rows with private B blocks would pack
+/// (im2col) B once per thread.
+///
+/// # Safety
+/// As [`gemm`].
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_shared_b<T: Element, B: BSource<T>>(
+    m: usize,
+    k: usize,
+    n: usize,
+    alpha: T,
+    a: &ASource<'_, T>,
+    b: &B,
+    beta: T,
+    c: StridedC<T>,
+    ep: &Epilogue<T>,
+    peel: Option<PeeledColumns<T>>,
+    kernel: &Kernel<T>,
+    threads: usize,
+) {
+    let KernelInfo { mr, nr, mc, nc, .. } = *kernel.info();
+    let kc = block_depth(k, kernel.info());
+    let ctx = MacroKernel {
+        alpha,
+        beta,
+        c,
+        ep,
+        peel,
+        kernel,
+        k,
+        m1: m,
+        n1: n,
+    };
+    // The calling thread lends its B buffer to the shared block, so that
+    // every thread (the caller included) still has its own A and staging
+    // buffers for the parallel parts; it is handed back at the end.
+    let mut shared = with_pack_buffers(|bufs| std::mem::take(&mut bufs.b));
+    for jc in (0..n).step_by(nc) {
+        let ncur = nc.min(n - jc);
+        let npanels = ncur.div_ceil(nr);
+        for pc in (0..k).step_by(kc) {
+            let kcur = kc.min(k - pc);
+            let bpack = shared.get(npanels * kcur * nr);
+            let per_task = npanels.div_ceil(threads);
+            bpack
+                .par_chunks_mut(per_task * kcur * nr)
+                .with_max_len(1)
+                .enumerate()
+                .for_each(|(t, dst)| {
+                    let first = t * per_task;
+                    let cols = (npanels - first).min(per_task) * nr;
+                    let cols = cols.min(ncur - first * nr);
+                    with_pack_buffers(|bufs| {
+                        // SAFETY: panels first.. of the block, inside B; dst
+                        // holds exactly their elements.
+                        unsafe {
+                            b.pack_block(
+                                pc,
+                                kcur,
+                                jc + first * nr,
+                                cols,
+                                nr,
+                                dst,
+                                &mut bufs.staging,
+                            )
+                        };
+                    });
+                });
+            let bpack: &[T] = bpack;
+            (0..threads).into_par_iter().with_max_len(1).for_each(|t| {
+                let (m0, m1) = split_range(m, mr, threads, t);
+                if m0 == m1 {
+                    return;
+                }
+                with_pack_buffers(|bufs| {
+                    for ic in (m0..m1).step_by(mc) {
+                        let mcur = mc.min(m1 - ic);
+                        // SAFETY: rows ic..ic+mcur and depth pc..pc+kcur are
+                        // inside A; this task owns rows m0..m1 of C.
+                        unsafe {
+                            let a_here = a_in_place(a, kernel, mcur, npanels);
+                            let apanels =
+                                a_block(a, ic, mcur, pc, kcur, kernel, a_here, &mut bufs.a);
+                            let bpanels = BPanels::packed(bpack, kcur, nr);
+                            record_gemm_block(kernel.info().isa, pc > 0, ic > m0, jc > 0);
+                            ctx.run(apanels, ic, mcur, bpanels, jc, ncur, pc, kcur);
+                        }
+                    }
+                });
+            });
+        }
+    }
+    with_pack_buffers(|bufs| {
+        if shared.capacity() > bufs.b.capacity() {
+            bufs.b = shared;
+        }
+    });
+}
+
+/// The sequential loop nest over rows `m0..m1` and columns `n0..n1` of C.
+///
+/// When the rows fit in one MC block (the usual convolution: M = output
+/// channels ≤ MC), the KC loop goes outside the NC loop and B is packed in
+/// blocks of [`single_block_columns`] columns: A is then packed once per KC
+/// block, and each packed B block (≤ L2/2) is consumed while it is still in
+/// L2 instead of being written out to L3 and read back.
+///
+/// # Safety
+/// As [`gemm`]; `m0` is a multiple of the kernel's MR.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_block<T: Element, B: BSource<T>>(
+    m0: usize,
+    m1: usize,
+    n0: usize,
+    n1: usize,
+    k: usize,
+    alpha: T,
+    a: &ASource<'_, T>,
+    b: &B,
+    beta: T,
+    c: StridedC<T>,
+    ep: &Epilogue<T>,
+    peel: Option<PeeledColumns<T>>,
+    kernel: &Kernel<T>,
+    bufs: &mut PackBuffers<T>,
+) {
+    let KernelInfo { nr, mc, nc, .. } = *kernel.info();
+    // Split k into equal blocks no deeper than KC rather than full blocks
+    // plus a thin remainder, whose epilogue and C traffic cost as much as a
+    // full block's while doing little work.
+    let kc = block_depth(k, kernel.info());
+    let ctx = MacroKernel {
+        alpha,
+        beta,
+        c,
+        ep,
+        peel,
+        kernel,
+        k,
+        m1,
+        n1,
+    };
+    let PackBuffers {
+        a: abuf,
+        b: bbuf,
+        staging,
+    } = bufs;
+    if m1 - m0 <= mc {
+        // A row-major B is read in place: each B panel serves only
+        // `(m1 - m0) / mr` tiles here, too few to repay copying it, as long
+        // as its rows stay in L2 between tiles (see `rows_stay_in_l2`).
+        // Measured, 1 thread AVX-512, in place vs packed: 64×576×3136
+        // +7%, 64×147×12544 +17%, 128×512×1000 +6%, but 256×512×1024 −22%
+        // (rows 4 KiB apart).
+        let in_place = b.as_strided().filter(|bs| {
+            bs.cs == 1 && bs.rs > 0 && rows_stay_in_l2::<T>(bs.rs as usize, kc, cache_sizes().l2)
+        });
+        let nc_small = single_block_columns::<T>(kc, kernel.info());
+        for pc in (0..k).step_by(kc) {
+            let kcur = kc.min(k - pc);
+            let a_here = a_in_place(a, kernel, m1 - m0, (n1 - n0).div_ceil(nr));
+            // SAFETY: rows m0..m1 and depth pc..pc+kcur are inside A.
+            let apanels = unsafe { a_block(a, m0, m1 - m0, pc, kcur, kernel, a_here, abuf) };
+            for jc in (n0..n1).step_by(nc_small) {
+                let ncur = nc_small.min(n1 - jc);
+                let bpanels = match in_place {
+                    Some(bs) => {
+                        let full = ncur / nr;
+                        let packed_tail = if full * nr < ncur {
+                            let tail = bbuf.get(kcur * nr);
+                            // SAFETY: the last panel's columns are inside B.
+                            unsafe {
+                                b.pack_block(
+                                    pc,
+                                    kcur,
+                                    jc + full * nr,
+                                    ncur - full * nr,
+                                    nr,
+                                    tail,
+                                    staging,
+                                )
+                            };
+                            Some(tail.as_ptr())
+                        } else {
+                            None
+                        };
+                        BPanels {
+                            first: bs.ptr.wrapping_offset(pc as isize * bs.rs + jc as isize),
+                            panel_stride: nr,
+                            ldb: bs.rs as usize,
+                            packed_tail,
+                        }
+                    }
+                    None => {
+                        // A source that can produce whole rows of the block
+                        // more cheaply than panels (one that builds B row by
+                        // row, such as the implicit convolution's view)
+                        // writes them for the kernels to read in place,
+                        // rather than dealing each row out to the panels.
+                        // Rows 1 KiB apart (256 columns) measured no slower
+                        // than rows padded off that stride.
+                        let ld = ncur.next_multiple_of(nr);
+                        let rows = bbuf.get(kcur * ld);
+                        // SAFETY: the block is inside B and `rows` has the room.
+                        if unsafe { b.write_rows(pc, kcur, jc, ncur, ld, rows) } {
+                            BPanels {
+                                first: rows.as_ptr(),
+                                panel_stride: nr,
+                                ldb: ld,
+                                packed_tail: None,
+                            }
+                        } else {
+                            let bpack = bbuf.get(ncur.div_ceil(nr) * kcur * nr);
+                            // SAFETY: the block is inside B and bpack has the room.
+                            unsafe { b.pack_block(pc, kcur, jc, ncur, nr, bpack, staging) };
+                            BPanels::packed(bpack, kcur, nr)
+                        }
+                    }
+                };
+                record_gemm_block(kernel.info().isa, pc > 0, false, jc > n0);
+                // SAFETY: forwarded; the panels were packed above.
+                unsafe { ctx.run(apanels, m0, m1 - m0, bpanels, jc, ncur, pc, kcur) };
+            }
+        }
+        return;
+    }
+    for jc in (n0..n1).step_by(nc) {
+        let ncur = nc.min(n1 - jc);
+        for pc in (0..k).step_by(kc) {
+            let kcur = kc.min(k - pc);
+            let bpack = bbuf.get(ncur.div_ceil(nr) * kcur * nr);
+            // SAFETY: the block is inside B and bpack has the room.
+            unsafe { b.pack_block(pc, kcur, jc, ncur, nr, bpack, staging) };
+            let bpack: &[T] = bpack;
+            for ic in (m0..m1).step_by(mc) {
+                let mcur = mc.min(m1 - ic);
+                let a_here = a_in_place(a, kernel, mcur, ncur.div_ceil(nr));
+                // SAFETY: rows ic..ic+mcur and depth pc..pc+kcur are inside A.
+                let apanels = unsafe { a_block(a, ic, mcur, pc, kcur, kernel, a_here, abuf) };
+                record_gemm_block(kernel.info().isa, pc > 0, ic > m0, jc > n0);
+                // SAFETY: forwarded; the panels were packed above.
+                unsafe {
+                    ctx.run(
+                        apanels,
+                        ic,
+                        mcur,
+                        BPanels::packed(bpack, kcur, nr),
+                        jc,
+                        ncur,
+                        pc,
+                        kcur,
+                    )
+                };
+            }
+        }
+    }
+}

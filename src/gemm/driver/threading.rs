@@ -1,0 +1,182 @@
+//! How the loop nest is shared out over threads.
+//!
+//! Threads split C into a grid of `tm × tn` blocks aligned to the register
+//! tile; each thread runs the whole nest on its block with its own packing
+//! buffers. The grid shape minimises repacking: splitting rows makes every
+//! thread pack all of its B columns, splitting columns makes every thread
+//! pack all of its A rows, so the cheaper one wins.
+
+use super::macro_kernel::PeeledColumns;
+use super::{gemm_block, gemm_shared_b};
+use crate::gemm::element::Element;
+use crate::gemm::engine::{ASource, BSource, Epilogue, PackBuffers, StridedC};
+use crate::gemm::kernels::{Kernel, KernelInfo};
+use crate::gemm::pack::with_pack_buffers;
+use crate::gemm::Parallelism;
+use rayon::prelude::*;
+
+/// Below this many multiply-adds per thread, waking another thread costs more
+/// than it saves (a rayon fork-join is a few microseconds; 2^19 FMAs take
+/// about 4 µs on one Zen 5 core).
+const MIN_FMAS_PER_THREAD: u64 = 1 << 19;
+
+/// How many threads a problem of this size deserves under `par`.
+pub(crate) fn thread_count(m: usize, n: usize, k: usize, par: Parallelism) -> usize {
+    let max = par.max_threads();
+    if max <= 1 {
+        return 1;
+    }
+    let work = (m as u64).saturating_mul(n as u64).saturating_mul(k as u64);
+    let by_work = (work / MIN_FMAS_PER_THREAD).max(1);
+    max.min(usize::try_from(by_work).unwrap_or(usize::MAX))
+}
+
+/// Picks the `tm × tn = threads` grid (or fewer, where a side has too few
+/// panels) that repacks least: each row split repacks B (`k·n` elements) and
+/// each column split repacks A (`m·k`, or nothing when A is pre-packed).
+pub(super) fn thread_grid(
+    m: usize,
+    n: usize,
+    threads: usize,
+    info: &KernelInfo,
+    a_prepacked: bool,
+) -> (usize, usize) {
+    let (mp, np) = (m.div_ceil(info.mr), n.div_ceil(info.nr));
+    let mut best = (1, 1);
+    let mut best_cost = (usize::MAX, u64::MAX);
+    for tm in 1..=threads {
+        if !threads.is_multiple_of(tm) {
+            continue;
+        }
+        let tn = threads / tm;
+        // Fewer tasks than asked when a side runs out of panels.
+        let (tm_eff, tn_eff) = (tm.min(mp), tn.min(np));
+        let idle = threads - tm_eff * tn_eff;
+        let a_cost = if a_prepacked {
+            0
+        } else {
+            tn_eff as u64 * m as u64
+        };
+        let cost = tm_eff as u64 * n as u64 + a_cost;
+        if (idle, cost) < best_cost {
+            best_cost = (idle, cost);
+            best = (tm_eff, tn_eff);
+        }
+    }
+    best
+}
+
+/// The `part`-th of `parts` contiguous ranges of `0..len`, cut on multiples
+/// of `unit` and as even as that allows.
+pub(crate) fn split_range(len: usize, unit: usize, parts: usize, part: usize) -> (usize, usize) {
+    let units = len.div_ceil(unit);
+    let (base, extra) = (units / parts, units % parts);
+    let start = part * base + part.min(extra);
+    let count = base + usize::from(part < extra);
+    ((start * unit).min(len), ((start + count) * unit).min(len))
+}
+
+/// Runs the loop nest over all of C: on the calling thread in the caller's
+/// `bufs`, or split over threads, each packing into its own buffers. With
+/// `peel`, the tiles cover C's first `n` columns and the peeled columns
+/// after them are finished next to the tiles.
+///
+/// # Safety
+/// As [`super::gemm`], past its degenerate cases: `m`, `n`, `k` > 0; a
+/// `Packed` A was packed for `kernel`.
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn run_tasks<T: Element, B: BSource<T>>(
+    m: usize,
+    k: usize,
+    n: usize,
+    alpha: T,
+    a: &ASource<'_, T>,
+    b: &B,
+    beta: T,
+    c: StridedC<T>,
+    ep: &Epilogue<T>,
+    peel: Option<PeeledColumns<T>>,
+    kernel: &Kernel<T>,
+    par: Parallelism,
+    bufs: Option<&mut PackBuffers<T>>,
+) {
+    if let Some(bufs) = bufs {
+        // The caller's buffers serve one thread: this call runs on the
+        // calling thread only.
+        // SAFETY: forwarded; the single task covers all of C.
+        unsafe { gemm_block(0, m, 0, n, k, alpha, a, b, beta, c, ep, peel, kernel, bufs) };
+        return;
+    }
+    let threads = thread_count(m, n, k, par);
+    let (mp, np) = (m.div_ceil(kernel.info().mr), n.div_ceil(kernel.info().nr));
+    if threads > 1 && np < 4 * threads && mp >= 2 * threads {
+        // Too few column panels to share out evenly: share B instead.
+        // SAFETY: forwarded.
+        unsafe { gemm_shared_b(m, k, n, alpha, a, b, beta, c, ep, peel, kernel, threads) };
+        return;
+    }
+    let prepacked = matches!(a, ASource::Packed(_));
+    let (tm, tn) = thread_grid(m, n, threads, kernel.info(), prepacked);
+    // Column blocks may end mid-panel where a narrow kernel finishes the
+    // partial panel at half cost: 196 columns split 112 + 84 (3.5 and 3
+    // panels of work) instead of 128 + 68 (4 and 3).
+    let column_unit = kernel.narrow().map_or(kernel.info().nr, |(width, _)| width);
+    let task = |t: usize| {
+        let (m0, m1) = split_range(m, kernel.info().mr, tm, t / tn);
+        let (n0, n1) = split_range(n, column_unit, tn, t % tn);
+        if m0 < m1 && n0 < n1 {
+            with_pack_buffers(|bufs| {
+                // SAFETY: tasks cover disjoint blocks of C; the rest is forwarded.
+                unsafe {
+                    gemm_block(
+                        m0, m1, n0, n1, k, alpha, a, b, beta, c, ep, peel, kernel, bufs,
+                    )
+                };
+            });
+        }
+    };
+    if tm * tn == 1 {
+        task(0);
+    } else {
+        (0..tm * tn).into_par_iter().with_max_len(1).for_each(task);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_range_covers_everything_once() {
+        for len in [0usize, 1, 7, 32, 33, 1000] {
+            for parts in 1..6 {
+                let mut next = 0;
+                for p in 0..parts {
+                    let (a, b) = split_range(len, 8, parts, p);
+                    assert_eq!(a, next.min(len));
+                    assert!(a % 8 == 0 || a == len);
+                    next = b;
+                }
+                assert_eq!(next, len);
+            }
+        }
+    }
+
+    #[test]
+    fn grid_prefers_the_long_side() {
+        let info = KernelInfo {
+            isa: crate::arch::Isa::Portable,
+            mr: 8,
+            nr: 32,
+            mc: 64,
+            kc: 64,
+            nc: 256,
+        };
+        // Few rows, many columns: split the columns.
+        assert_eq!(thread_grid(64, 3136, 2, &info, false), (1, 2));
+        // Many rows, few columns: split the rows.
+        assert_eq!(thread_grid(2048, 49, 2, &info, false), (2, 1));
+        // One panel each way: only one task has work.
+        assert_eq!(thread_grid(8, 32, 4, &info, false), (1, 1));
+    }
+}
