@@ -12,7 +12,7 @@
 //! the columns of C, for pre-packed A and a C with few columns, where row
 //! tiles would be mostly padding ([`kernel_info_for_shape`]).
 //!
-//! Which paths the CPU can run is [`crate::arch`]'s business; a [`Kernel`]
+//! Which paths the CPU can run is [`crate::arch`]'s business; a `Kernel`
 //! is only ever built here, for a path `clamp_isa` admitted, so holding one
 //! means its instructions are safe to execute.
 
