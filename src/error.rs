@@ -5,6 +5,8 @@
 
 use std::fmt;
 
+use crate::conv::Algorithm;
+
 /// Why a convolution descriptor or a `forward` call was rejected.
 #[derive(Clone, Debug, PartialEq)]
 #[non_exhaustive]
@@ -41,7 +43,10 @@ pub enum ConvError {
     },
     /// A buffer's length does not match the shape it is meant to hold.
     BufferLength {
-        /// Which buffer: `"input"`, `"weight"`, `"bias"`, `"output"` or `"workspace"`.
+        /// Which buffer: `"input"`, `"weight"`, `"bias"`, `"output"` or
+        /// `"workspace"` for the forward; `"grad_output"`, `"grad_input"`,
+        /// `"grad_weight"` or `"grad_bias"` (and `"input"`, `"weight"`) for
+        /// the backward passes.
         buffer: &'static str,
         /// The length the descriptor requires.
         expected: usize,
@@ -93,6 +98,15 @@ pub enum ConvError {
         min: f32,
         /// The upper bound given.
         max: f32,
+    },
+    /// The algorithm asked for has no implementation for this pass (today
+    /// the backward passes have only [`Algorithm::Direct`], which
+    /// [`Algorithm::Auto`] resolves to).
+    UnsupportedAlgorithm {
+        /// The pass: `"grad_input"`, `"grad_weight"` or `"backward"`.
+        pass: &'static str,
+        /// The algorithm that was asked for.
+        algorithm: Algorithm,
     },
 }
 
@@ -153,6 +167,11 @@ impl fmt::Display for ConvError {
             ConvError::InvalidActivation { min, max } => write!(
                 f,
                 "Activation::Clamp bounds must not be NaN, got min = {min}, max = {max}"
+            ),
+            ConvError::UnsupportedAlgorithm { pass, algorithm } => write!(
+                f,
+                "the {pass} pass has no {} algorithm; it supports direct and auto",
+                algorithm.name()
             ),
         }
     }

@@ -58,3 +58,169 @@ pub(crate) fn conv2d_direct(
         }
     }
 }
+
+/// `grad_input = ∂L/∂input` for `grad_output = ∂L/∂output` (the bias and
+/// any activation are not part of it: the caller differentiates those).
+///
+/// The forward reads input pixel `(ih, iw)` through tap `(r, s)` at output
+/// `(oh, ow)` exactly when `ih = oh·stride_h + r·dilation_h − top` (and
+/// likewise for the width), so by the chain rule
+///
+/// ```text
+/// dX[n, c, ih, iw] = Σ_{k in c's group} Σ_{r, s, oh, ow read (ih, iw)} dY[n, k, oh, ow] · W[k, c', tap(r, s)]
+/// ```
+///
+/// computed here one input element at a time, as a gather: for each tap,
+/// solve for the output position that read this pixel through it (if any).
+/// Every element is written exactly once, so a pixel no output ever read
+/// (the last rows and columns when the stride does not divide evenly) gets
+/// 0. Only real pixels are visited, so padding taps never contribute, as in
+/// the forward.
+///
+/// Slices must already have the lengths `g` requires (checked by the caller).
+pub(crate) fn conv2d_backward_input_direct(
+    g: &ConvGeometry,
+    weight: &[f32],
+    grad_output: &[f32],
+    grad_input: &mut [f32],
+) {
+    let (cg, kg) = (g.channels_per_group(), g.out_channels_per_group());
+    let (r_len, s_len) = (g.kernel_h, g.kernel_w);
+    for n in 0..g.batch {
+        for in_c in 0..g.in_channels {
+            let group = in_c / cg;
+            let c = in_c % cg;
+            for ih in 0..g.in_h {
+                for iw in 0..g.in_w {
+                    let mut acc = 0.0f32;
+                    for k in group * kg..(group + 1) * kg {
+                        for r in 0..r_len {
+                            // `oh·stride_h = ih + top − r·dilation_h`; every term is
+                            // at most a padded extent or a dilated kernel extent,
+                            // which `ConvGeometry` keeps within isize.
+                            let Some(oh) = output_index(
+                                ih as isize + g.padding.top as isize - (r * g.dilation_h) as isize,
+                                g.stride_h,
+                                g.out_h,
+                            ) else {
+                                continue;
+                            };
+                            for s in 0..s_len {
+                                let Some(ow) = output_index(
+                                    iw as isize + g.padding.left as isize
+                                        - (s * g.dilation_w) as isize,
+                                    g.stride_w,
+                                    g.out_w,
+                                ) else {
+                                    continue;
+                                };
+                                let dy = grad_output
+                                    [((n * g.out_channels + k) * g.out_h + oh) * g.out_w + ow];
+                                let (wr, ws) = g.weight_tap(r, s);
+                                let w = weight[((k * cg + c) * r_len + wr) * s_len + ws];
+                                acc += dy * w;
+                            }
+                        }
+                    }
+                    grad_input[((n * g.in_channels + in_c) * g.in_h + ih) * g.in_w + iw] = acc;
+                }
+            }
+        }
+    }
+}
+
+/// The output position `o` with `o·stride = offset`, if there is one in
+/// `0..out_len`: which output read an input pixel through a given tap.
+fn output_index(offset: isize, stride: usize, out_len: usize) -> Option<usize> {
+    // A negative offset means the tap lies above (left of) the first output's
+    // window; an offset the stride does not divide falls between outputs.
+    let offset = usize::try_from(offset).ok()?;
+    (offset % stride == 0 && offset / stride < out_len).then_some(offset / stride)
+}
+
+/// `grad_weight = ∂L/∂weight` for `grad_output = ∂L/∂output`, summed over the
+/// batch:
+///
+/// ```text
+/// dW[k, c, tap(r, s)] = Σ_n Σ_{oh, ow} dY[n, k, oh, ow] · X[n, group(k)·C/g + c, oh·σ_h + r·d_h − top, ow·σ_w + s·d_w − left]
+/// ```
+///
+/// over the taps that fall on real pixels (padding taps skipped exactly as
+/// the forward skips them). One weight element at a time, in a fixed order
+/// (batch, then output rows, then columns); with `accumulate` the finished
+/// sum is added to what `grad_weight` holds (`grad += dW`, as a framework
+/// accumulating over micro-batches does), otherwise it replaces it.
+///
+/// Slices must already have the lengths `g` requires (checked by the caller).
+pub(crate) fn conv2d_backward_weight_direct(
+    g: &ConvGeometry,
+    input: &[f32],
+    grad_output: &[f32],
+    grad_weight: &mut [f32],
+    accumulate: bool,
+) {
+    let (cg, kg) = (g.channels_per_group(), g.out_channels_per_group());
+    let (r_len, s_len) = (g.kernel_h, g.kernel_w);
+    for k in 0..g.out_channels {
+        let group = k / kg;
+        for c in 0..cg {
+            let in_c = group * cg + c;
+            for r in 0..r_len {
+                for s in 0..s_len {
+                    let mut acc = 0.0f32;
+                    for n in 0..g.batch {
+                        for oh in 0..g.out_h {
+                            // The same input row the forward reads through this tap.
+                            let ih = (oh * g.stride_h + r * g.dilation_h) as isize
+                                - g.padding.top as isize;
+                            if ih < 0 || ih >= g.in_h as isize {
+                                continue;
+                            }
+                            for ow in 0..g.out_w {
+                                let iw = (ow * g.stride_w + s * g.dilation_w) as isize
+                                    - g.padding.left as isize;
+                                if iw < 0 || iw >= g.in_w as isize {
+                                    continue;
+                                }
+                                let x = input[((n * g.in_channels + in_c) * g.in_h + ih as usize)
+                                    * g.in_w
+                                    + iw as usize];
+                                let dy = grad_output
+                                    [((n * g.out_channels + k) * g.out_h + oh) * g.out_w + ow];
+                                acc += dy * x;
+                            }
+                        }
+                    }
+                    // The forward multiplies this tap by weight element `tap(r, s)`.
+                    let (wr, ws) = g.weight_tap(r, s);
+                    let dst = &mut grad_weight[((k * cg + c) * r_len + wr) * s_len + ws];
+                    *dst = if accumulate { *dst + acc } else { acc };
+                }
+            }
+        }
+    }
+}
+
+/// `grad_bias[k] = Σ_n Σ_{oh, ow} dY[n, k, oh, ow]` (every output of channel
+/// `k` adds `bias[k]` once), in that order; with `accumulate` added to what
+/// `grad_bias` holds, otherwise replacing it.
+///
+/// Slices must already have the lengths `g` requires (checked by the caller).
+pub(crate) fn conv2d_backward_bias_direct(
+    g: &ConvGeometry,
+    grad_output: &[f32],
+    grad_bias: &mut [f32],
+    accumulate: bool,
+) {
+    for (k, dst) in grad_bias.iter_mut().enumerate() {
+        let mut acc = 0.0f32;
+        for n in 0..g.batch {
+            for oh in 0..g.out_h {
+                for ow in 0..g.out_w {
+                    acc += grad_output[((n * g.out_channels + k) * g.out_h + oh) * g.out_w + ow];
+                }
+            }
+        }
+        *dst = if accumulate { *dst + acc } else { acc };
+    }
+}

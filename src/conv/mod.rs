@@ -1,6 +1,7 @@
 //! The convolution operator: a validated [`Conv2d`] descriptor and the
 //! algorithms that compute it.
 
+pub mod backward;
 pub(crate) mod direct;
 pub(crate) mod direct_simd;
 pub(crate) mod gemm_lowering;
@@ -8,6 +9,7 @@ pub(crate) mod im2col;
 pub(crate) mod implicit;
 pub mod plan;
 
+pub use backward::{BackwardOptions, Grads};
 pub use plan::{Conv2dPlan, Workspace};
 
 use crate::error::ConvError;

@@ -1,0 +1,259 @@
+//! The backward passes of a convolution: gradients with respect to the
+//! input, the weight and the bias, with PyTorch's `convolution_backward`
+//! semantics for every parameter the forward accepts.
+//!
+//! Today every pass runs the [`Algorithm::Direct`] reference (nested loops
+//! over the definition, in `direct.rs`); the GEMM lowerings of the passes
+//! come later and will be chosen through the same [`BackwardOptions`].
+
+use super::direct;
+use super::{check_lengths, Algorithm, Conv2d};
+use crate::error::ConvError;
+use crate::gemm::{Isa, Parallelism};
+
+/// Everything about a backward call beyond the tensors. Built with
+/// [`BackwardOptions::new`] (or `default()`) and the chained setters, so that
+/// later versions can add options without breaking callers.
+///
+/// ```
+/// use cpuconv::{Algorithm, BackwardOptions, Parallelism};
+/// let options = BackwardOptions::new(Algorithm::Direct)
+///     .accumulate(true)
+///     .parallelism(Parallelism::threads(1));
+/// assert!(options.accumulate);
+/// ```
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+#[non_exhaustive]
+pub struct BackwardOptions {
+    /// Which algorithm computes the passes. Only [`Algorithm::Direct`] exists
+    /// for them so far, and [`Algorithm::Auto`] (the default) resolves to
+    /// it; any other is refused with [`ConvError::UnsupportedAlgorithm`].
+    pub algorithm: Algorithm,
+    /// `false` (the default): the weight and bias gradients replace what
+    /// their buffers hold. `true`: they are added to it (`grad += dW`), as
+    /// frameworks accumulate over micro-batches. The input gradient is
+    /// always overwritten.
+    pub accumulate: bool,
+    /// Threads. Accepted for the fast paths to come; the `Direct` reference
+    /// runs on the calling thread.
+    pub parallelism: Parallelism,
+    /// Force a kernel path (clamped to the CPU); `None` uses [`crate::isa()`].
+    /// Accepted for the fast paths to come; the `Direct` reference uses no
+    /// SIMD kernel.
+    pub isa: Option<Isa>,
+}
+
+impl BackwardOptions {
+    /// Defaults with the given algorithm.
+    pub fn new(algorithm: Algorithm) -> Self {
+        BackwardOptions {
+            algorithm,
+            ..Default::default()
+        }
+    }
+
+    /// Sets the algorithm.
+    pub fn algorithm(mut self, algorithm: Algorithm) -> Self {
+        self.algorithm = algorithm;
+        self
+    }
+
+    /// Sets whether the weight and bias gradients are added to their
+    /// buffers (`true`) or replace them (`false`).
+    pub fn accumulate(mut self, accumulate: bool) -> Self {
+        self.accumulate = accumulate;
+        self
+    }
+
+    /// Sets how many threads the call may use.
+    pub fn parallelism(mut self, parallelism: Parallelism) -> Self {
+        self.parallelism = parallelism;
+        self
+    }
+
+    /// Forces a kernel path (clamped to what the CPU supports).
+    pub fn isa(mut self, isa: impl Into<Option<Isa>>) -> Self {
+        self.isa = isa.into();
+        self
+    }
+
+    /// `Ok` when `pass` can run the requested algorithm: `Direct`, or `Auto`,
+    /// which resolves to it (the only algorithm the backward passes have, so
+    /// the callers run it once this returns `Ok`).
+    fn check_algorithm(&self, pass: &'static str) -> Result<(), ConvError> {
+        match self.algorithm {
+            Algorithm::Direct | Algorithm::Auto => Ok(()),
+            algorithm => Err(ConvError::UnsupportedAlgorithm { pass, algorithm }),
+        }
+    }
+}
+
+/// The gradients a [`Conv2d::backward`] call computes: each `Some` buffer is
+/// filled, each `None` pass is skipped (PyTorch's `output_mask`). Shapes are
+/// those of the input `[N, C, H, W]`, the weight `[K, C/groups, R, S]` and
+/// the bias `[K]`.
+#[derive(Debug, Default)]
+pub struct Grads<'a> {
+    /// ∂L/∂input, always overwritten.
+    pub input: Option<&'a mut [f32]>,
+    /// ∂L/∂weight, summed over the batch; overwritten or accumulated into
+    /// as [`BackwardOptions::accumulate`] says.
+    pub weight: Option<&'a mut [f32]>,
+    /// ∂L/∂bias; overwritten or accumulated into as
+    /// [`BackwardOptions::accumulate`] says.
+    pub bias: Option<&'a mut [f32]>,
+}
+
+impl Conv2d {
+    /// The gradient with respect to the input: `grad_input = ∂L/∂input`
+    /// given `grad_output = ∂L/∂output` (`[N, K, OH, OW]`), for the forward
+    /// without its activation (apply the activation's derivative to
+    /// `grad_output` first).
+    ///
+    /// Every element of `grad_input` is overwritten; input pixels the
+    /// forward never read (the last rows or columns when the stride does not
+    /// divide the padded extent evenly) get 0.
+    pub fn backward_input(
+        &self,
+        weight: &[f32],
+        grad_output: &[f32],
+        grad_input: &mut [f32],
+        options: &BackwardOptions,
+    ) -> Result<(), ConvError> {
+        let g = self.geometry();
+        check_lengths(&[
+            ("weight", g.weight_len(), weight.len()),
+            ("grad_output", g.output_len(), grad_output.len()),
+            ("grad_input", g.input_len(), grad_input.len()),
+        ])?;
+        options.check_algorithm("grad_input")?;
+        direct::conv2d_backward_input_direct(g, weight, grad_output, grad_input);
+        Ok(())
+    }
+
+    /// The gradient with respect to the weight, summed over the batch:
+    /// `grad_weight = ∂L/∂weight` given `grad_output = ∂L/∂output`. It
+    /// replaces what `grad_weight` holds, or is added to it when
+    /// `options.accumulate` is set.
+    pub fn backward_weight(
+        &self,
+        input: &[f32],
+        grad_output: &[f32],
+        grad_weight: &mut [f32],
+        options: &BackwardOptions,
+    ) -> Result<(), ConvError> {
+        let g = self.geometry();
+        check_lengths(&[
+            ("input", g.input_len(), input.len()),
+            ("grad_output", g.output_len(), grad_output.len()),
+            ("grad_weight", g.weight_len(), grad_weight.len()),
+        ])?;
+        options.check_algorithm("grad_weight")?;
+        direct::conv2d_backward_weight_direct(
+            g,
+            input,
+            grad_output,
+            grad_weight,
+            options.accumulate,
+        );
+        Ok(())
+    }
+
+    /// The gradient with respect to the bias: `grad_bias[k]` is the sum of
+    /// `grad_output` over the batch and channel `k`'s output plane. It
+    /// replaces what `grad_bias` holds; to accumulate into it, call
+    /// [`Conv2d::backward`] with only [`Grads::bias`] and
+    /// [`BackwardOptions::accumulate`] set.
+    pub fn backward_bias(
+        &self,
+        grad_output: &[f32],
+        grad_bias: &mut [f32],
+    ) -> Result<(), ConvError> {
+        let g = self.geometry();
+        check_lengths(&[
+            ("grad_output", g.output_len(), grad_output.len()),
+            ("grad_bias", g.out_channels, grad_bias.len()),
+        ])?;
+        direct::conv2d_backward_bias_direct(g, grad_output, grad_bias, false);
+        Ok(())
+    }
+
+    /// Any subset of the three gradients in one call, like PyTorch's
+    /// `convolution_backward` with its output mask: each `Some` buffer of
+    /// `grads` gets what [`Conv2d::backward_input`],
+    /// [`Conv2d::backward_weight`] and [`Conv2d::backward_bias`] (with
+    /// `options.accumulate`) give. `input` and `weight` are always checked,
+    /// as is every buffer given, before anything is written: an error
+    /// leaves every buffer as it was.
+    ///
+    /// The seed example, `[[1, 0, 1], [2, 1, 0], [0, 1, 1]]` correlated with
+    /// `[[1, 0], [0, 1]]`, with `grad_output = [[1, 2], [3, 4]]`:
+    ///
+    /// ```
+    /// use cpuconv::{BackwardOptions, Conv2dParams, Grads};
+    /// let conv = Conv2dParams::new(1, 1, (3, 3), 1, (2, 2)).build()?;
+    /// let input = [1.0, 0.0, 1.0, 2.0, 1.0, 0.0, 0.0, 1.0, 1.0];
+    /// let weight = [1.0, 0.0, 0.0, 1.0];
+    /// let grad_output = [1.0, 2.0, 3.0, 4.0];
+    /// let (mut dx, mut dw, mut db) = ([0.0; 9], [0.0; 4], [0.0; 1]);
+    /// let grads = Grads {
+    ///     input: Some(&mut dx),
+    ///     weight: Some(&mut dw),
+    ///     bias: Some(&mut db),
+    /// };
+    /// conv.backward(&input, &weight, &grad_output, grads, &BackwardOptions::default())?;
+    /// assert_eq!(dx, [1.0, 2.0, 0.0, 3.0, 5.0, 2.0, 0.0, 3.0, 4.0]);
+    /// assert_eq!(dw, [11.0, 5.0, 8.0, 8.0]);
+    /// assert_eq!(db, [10.0]);
+    ///
+    /// // Only the weight gradient, added to what the buffer holds.
+    /// let grads = Grads { weight: Some(&mut dw), ..Grads::default() };
+    /// let accumulate = BackwardOptions::default().accumulate(true);
+    /// conv.backward(&input, &weight, &grad_output, grads, &accumulate)?;
+    /// assert_eq!(dw, [22.0, 10.0, 16.0, 16.0]);
+    /// # Ok::<(), cpuconv::ConvError>(())
+    /// ```
+    pub fn backward(
+        &self,
+        input: &[f32],
+        weight: &[f32],
+        grad_output: &[f32],
+        grads: Grads<'_>,
+        options: &BackwardOptions,
+    ) -> Result<(), ConvError> {
+        let Grads {
+            input: grad_input,
+            weight: grad_weight,
+            bias: grad_bias,
+        } = grads;
+        // An absent gradient is not checked: it stands in with the length
+        // its pass would need.
+        let g = self.geometry();
+        let len = |buffer: &Option<&mut [f32]>, needed: usize| {
+            buffer.as_ref().map_or(needed, |b| b.len())
+        };
+        check_lengths(&[
+            ("input", g.input_len(), input.len()),
+            ("weight", g.weight_len(), weight.len()),
+            ("grad_output", g.output_len(), grad_output.len()),
+            ("grad_input", g.input_len(), len(&grad_input, g.input_len())),
+            (
+                "grad_weight",
+                g.weight_len(),
+                len(&grad_weight, g.weight_len()),
+            ),
+            ("grad_bias", g.out_channels, len(&grad_bias, g.out_channels)),
+        ])?;
+        options.check_algorithm("backward")?;
+        if let Some(grad_input) = grad_input {
+            self.backward_input(weight, grad_output, grad_input, options)?;
+        }
+        if let Some(grad_weight) = grad_weight {
+            self.backward_weight(input, grad_output, grad_weight, options)?;
+        }
+        if let Some(grad_bias) = grad_bias {
+            direct::conv2d_backward_bias_direct(g, grad_output, grad_bias, options.accumulate);
+        }
+        Ok(())
+    }
+}
