@@ -5,8 +5,6 @@
 
 use std::fmt;
 
-use crate::conv::Algorithm;
-
 /// Why a convolution descriptor or a `forward` call was rejected.
 #[derive(Clone, Debug, PartialEq)]
 #[non_exhaustive]
@@ -100,13 +98,14 @@ pub enum ConvError {
         max: f32,
     },
     /// The algorithm asked for has no implementation for this pass (today
-    /// the backward passes have only [`Algorithm::Direct`], which
-    /// [`Algorithm::Auto`] resolves to).
+    /// the backward passes have only `Direct`, which `Auto` resolves to).
     UnsupportedAlgorithm {
         /// The pass: `"grad_input"`, `"grad_weight"` or `"backward"`.
         pass: &'static str,
-        /// The algorithm that was asked for.
-        algorithm: Algorithm,
+        /// The algorithm that was asked for, as
+        /// [`Algorithm::name`](crate::Algorithm::name) spells it (a name, so
+        /// that errors sit below the operators that raise them).
+        algorithm: &'static str,
     },
 }
 
@@ -170,8 +169,7 @@ impl fmt::Display for ConvError {
             ),
             ConvError::UnsupportedAlgorithm { pass, algorithm } => write!(
                 f,
-                "the {pass} pass has no {} algorithm; it supports direct and auto",
-                algorithm.name()
+                "the {pass} pass has no {algorithm} algorithm; it supports direct and auto"
             ),
         }
     }

@@ -83,7 +83,10 @@ impl BackwardOptions {
     fn check_algorithm(&self, pass: &'static str) -> Result<(), ConvError> {
         match self.algorithm {
             Algorithm::Direct | Algorithm::Auto => Ok(()),
-            algorithm => Err(ConvError::UnsupportedAlgorithm { pass, algorithm }),
+            algorithm => Err(ConvError::UnsupportedAlgorithm {
+                pass,
+                algorithm: algorithm.name(),
+            }),
         }
     }
 }
