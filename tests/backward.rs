@@ -9,6 +9,15 @@
 //!   both modes;
 //! * the adjoint identity `⟨conv(x, w), dy⟩ = ⟨x, dX⟩ = ⟨w, dW⟩` as a
 //!   property test on random shapes;
+//! * `Algorithm::Im2col` against `Direct` for grad input and grad weight,
+//!   as a property test on random shapes, on every ISA under test, both GEMM
+//!   backends, sequential and threaded, accumulate on and off, with the
+//!   kernel trace showing the forced ISA's GEMM ran; the tolerance per
+//!   element is `2·(T + 1)·ε·M` with `M` the sum of the element's term
+//!   magnitudes (both results are within `(T + 1)·ε·M` of the exact value,
+//!   summed in different orders), computed by the Direct passes on `|x|`,
+//!   `|w|`, `|dy|`, plus, when accumulating, the rounding of the final add
+//!   (`ε·|result|` each);
 //! * accumulate vs overwrite, every subset of `Grads` against the single
 //!   calls, and the errors for bad buffer lengths and algorithms.
 //!
@@ -33,13 +42,14 @@
 
 mod common;
 
-use common::{assert_mentions, proptest_cases, Rng};
+use common::{assert_mentions, engine_combos, proptest_cases, Rng};
+use cpuconv::testing::traced;
 use cpuconv::{
-    Algorithm, BackwardOptions, Conv2d, Conv2dParams, ConvError, ConvGeometry, ConvMode, Grads,
-    Padding,
+    Algorithm, BackwardOptions, Conv2d, Conv2dParams, ConvError, ConvGeometry, ConvMode,
+    GemmBackend, Grads, Padding, Parallelism,
 };
 use proptest::prelude::*;
-use proptest::test_runner::FileFailurePersistence;
+use proptest::test_runner::{FileFailurePersistence, TestCaseError};
 
 /// The seed input, row-major:
 ///
@@ -712,8 +722,8 @@ fn bad_buffer_lengths_are_named() {
     assert!(dx.iter().chain(&dw).chain(&db).all(|&v| v == 0.0));
 }
 
-/// Only `Direct` and `Auto` exist for the backward passes; every other
-/// algorithm is refused, naming the pass and the algorithm, with nothing
+/// Only `Direct`, `Im2col` and `Auto` exist for the backward passes; every
+/// other algorithm is refused, naming the pass and the algorithm, with nothing
 /// written.
 #[test]
 fn unsupported_algorithms_are_refused() {
@@ -742,7 +752,7 @@ fn unsupported_algorithms_are_refused() {
             ),
         ];
         for (pass, result) in results {
-            if algorithm == Algorithm::Direct {
+            if matches!(algorithm, Algorithm::Direct | Algorithm::Im2col) {
                 assert_eq!(result, Ok(()), "{pass}");
                 continue;
             }
@@ -756,7 +766,7 @@ fn unsupported_algorithms_are_refused() {
             );
             assert_mentions(&err.to_string(), &[pass, algorithm.name()]);
         }
-        if algorithm == Algorithm::Direct {
+        if matches!(algorithm, Algorithm::Direct | Algorithm::Im2col) {
             dx.fill(0.0);
             dw.fill(0.0);
             db.fill(0.0);
@@ -764,8 +774,107 @@ fn unsupported_algorithms_are_refused() {
             assert!(dx.iter().chain(&dw).chain(&db).all(|&v| v == 0.0));
         }
     }
-    for algorithm in [Algorithm::Auto, Algorithm::Direct] {
+    for algorithm in [Algorithm::Auto, Algorithm::Direct, Algorithm::Im2col] {
         let o = BackwardOptions::new(algorithm);
         conv.backward_input(&w, &dy, &mut dx, &o).unwrap();
+    }
+}
+
+// --- Im2col against Direct ---------------------------------------------------------------
+
+/// Direct's gradient of one pass with the magnitudes of its terms, in f32
+/// (`M` of the module doc up to its own rounding, which the factor 2 in the
+/// bound covers many times over).
+fn magnitudes(conv: &Conv2d, x: &[f32], w: &[f32], dy: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    let g = *conv.geometry();
+    let abs = |v: &[f32]| v.iter().map(|a| a.abs()).collect::<Vec<f32>>();
+    let o = default_options();
+    let mut mx = vec![0.0; g.input_len()];
+    conv.backward_input(&abs(w), &abs(dy), &mut mx, &o).unwrap();
+    let mut mw = vec![0.0; g.weight_len()];
+    conv.backward_weight(&abs(x), &abs(dy), &mut mw, &o)
+        .unwrap();
+    (mx, mw)
+}
+
+/// `|got − want| ≤ 2·(terms + 1)·ε·m + ε·(|start| + |want|)` per element.
+fn assert_close(
+    what: &str,
+    got: &[f32],
+    want: &[f32],
+    magnitude: &[f32],
+    start: &[f32],
+    terms: usize,
+) -> Result<(), TestCaseError> {
+    let eps = f32::EPSILON as f64;
+    for (i, (((&a, &b), &m), &s)) in got.iter().zip(want).zip(magnitude).zip(start).enumerate() {
+        let tol = 2.0 * (terms + 1) as f64 * eps * (f64::from(m) + f64::from(s).abs())
+            + eps * (f64::from(s).abs() + f64::from(b).abs())
+            + 1e-30;
+        prop_assert!(
+            (f64::from(a) - f64::from(b)).abs() <= tol,
+            "{what}: element {i}: {a} vs {b}, tolerance {tol:e}"
+        );
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig {
+        cases: proptest_cases(48),
+        max_global_rejects: 1 << 14,
+        failure_persistence: Some(Box::new(FileFailurePersistence::WithSource(
+            "proptest-regressions"
+        ))),
+        ..ProptestConfig::default()
+    })]
+
+    /// `Im2col` against `Direct` for grad input and grad weight on every
+    /// engine combination, accumulate on and off; on sequential calls the
+    /// trace shows the forced ISA's GEMM ran.
+    #[test]
+    fn im2col_matches_direct(case in case_strategy()) {
+        let conv = match case.params().build() {
+            Ok(conv) => conv,
+            Err(ConvError::KernelLargerThanInput { .. }) => return Err(TestCaseError::reject("empty output")),
+            Err(e) => panic!("{case:?}: {e}"),
+        };
+        let g = *conv.geometry();
+        let mut rng = Rng::new(case.seed);
+        let x = rng.vec(g.input_len());
+        let w = rng.vec(g.weight_len());
+        let dy = rng.vec(g.output_len());
+        let start = rng.vec(g.weight_len());
+        let zeros_w = vec![0.0; g.weight_len()];
+        let zeros_x = vec![0.0; g.input_len()];
+        let (mx, mw) = magnitudes(&conv, &x, &w, &dy);
+        let t_x = g.out_channels_per_group() * g.kernel_h * g.kernel_w;
+        let t_w = g.batch * g.out_h * g.out_w;
+
+        let mut want_dx = vec![0.0; g.input_len()];
+        conv.backward_input(&w, &dy, &mut want_dx, &default_options()).unwrap();
+        let mut want_dw = vec![0.0; g.weight_len()];
+        conv.backward_weight(&x, &dy, &mut want_dw, &default_options()).unwrap();
+        let mut want_acc = start.clone();
+        conv.backward_weight(&x, &dy, &mut want_acc, &default_options().accumulate(true)).unwrap();
+
+        for (isa, backend, par) in engine_combos() {
+            let what = format!("{case:?} {isa:?} {backend:?} {par:?}");
+            let o = BackwardOptions::new(Algorithm::Im2col).isa(isa).backend(backend).parallelism(par);
+            let mut dx = vec![f32::NAN; g.input_len()];
+            let mut dw = vec![f32::NAN; g.weight_len()];
+            let ((), trace) = traced(|| {
+                conv.backward_input(&w, &dy, &mut dx, &o).unwrap();
+                conv.backward_weight(&x, &dy, &mut dw, &o).unwrap();
+            });
+            assert_close(&format!("grad input {what}"), &dx, &want_dx, &mx, &zeros_x, t_x)?;
+            assert_close(&format!("grad weight {what}"), &dw, &want_dw, &mw, &zeros_w, t_w)?;
+            let mut acc = start.clone();
+            conv.backward_weight(&x, &dy, &mut acc, &o.accumulate(true)).unwrap();
+            assert_close(&format!("accumulated grad weight {what}"), &acc, &want_acc, &mw, &start, t_w)?;
+            if backend == GemmBackend::Native && par == Parallelism::Sequential {
+                prop_assert!(trace.gemm_ran_on(isa), "{what}: no {isa:?} GEMM in {trace:?}");
+            }
+        }
     }
 }

@@ -2,14 +2,16 @@
 //! input, the weight and the bias, with PyTorch's `convolution_backward`
 //! semantics for every parameter the forward accepts.
 //!
-//! Today every pass runs the [`Algorithm::Direct`] reference (nested loops
-//! over the definition, in `direct.rs`); the GEMM lowerings of the passes
-//! come later and will be chosen through the same [`BackwardOptions`].
+//! The input and weight gradients run either the [`Algorithm::Direct`]
+//! reference (nested loops over the definition, in `direct.rs`) or
+//! [`Algorithm::Im2col`], the textbook GEMM lowering (`backward_gemm.rs`);
+//! the bias gradient is a plain sum. The implicit GEMM lowerings come next,
+//! chosen through the same [`BackwardOptions`].
 
-use super::direct;
+use super::{backward_gemm, direct};
 use super::{check_lengths, Algorithm, Conv2d};
 use crate::error::ConvError;
-use crate::gemm::{Isa, Parallelism};
+use crate::gemm::{GemmBackend, Isa, Parallelism};
 
 /// Everything about a backward call beyond the tensors. Built with
 /// [`BackwardOptions::new`] (or `default()`) and the chained setters, so that
@@ -25,22 +27,28 @@ use crate::gemm::{Isa, Parallelism};
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 #[non_exhaustive]
 pub struct BackwardOptions {
-    /// Which algorithm computes the passes. Only [`Algorithm::Direct`] exists
-    /// for them so far, and [`Algorithm::Auto`] (the default) resolves to
-    /// it; any other is refused with [`ConvError::UnsupportedAlgorithm`].
+    /// Which algorithm computes the input and weight gradients:
+    /// [`Algorithm::Direct`] or [`Algorithm::Im2col`]. [`Algorithm::Auto`]
+    /// (the default) resolves to `Direct` for now: `Im2col` builds a column
+    /// matrix per image and group and pays for it in memory traffic, and the
+    /// implicit lowerings that avoid it (the fast paths `Auto` should pick)
+    /// come next. Any other algorithm is refused with
+    /// [`ConvError::UnsupportedAlgorithm`].
     pub algorithm: Algorithm,
     /// `false` (the default): the weight and bias gradients replace what
     /// their buffers hold. `true`: they are added to it (`grad += dW`), as
     /// frameworks accumulate over micro-batches. The input gradient is
     /// always overwritten.
     pub accumulate: bool,
-    /// Threads. Accepted for the fast paths to come; the `Direct` reference
-    /// runs on the calling thread.
+    /// Threads: each GEMM of [`Algorithm::Im2col`] threads itself; the
+    /// `Direct` reference runs on the calling thread.
     pub parallelism: Parallelism,
-    /// Force a kernel path (clamped to the CPU); `None` uses [`crate::isa()`].
-    /// Accepted for the fast paths to come; the `Direct` reference uses no
-    /// SIMD kernel.
+    /// Force a kernel path (clamped to the CPU) for the GEMMs of
+    /// [`Algorithm::Im2col`]; `None` uses [`crate::isa()`]. The `Direct`
+    /// reference uses no SIMD kernel.
     pub isa: Option<Isa>,
+    /// GEMM engine for [`Algorithm::Im2col`] (ignored by `Direct`).
+    pub backend: GemmBackend,
 }
 
 impl BackwardOptions {
@@ -77,12 +85,18 @@ impl BackwardOptions {
         self
     }
 
-    /// `Ok` when `pass` can run the requested algorithm: `Direct`, or `Auto`,
-    /// which resolves to it (the only algorithm the backward passes have, so
-    /// the callers run it once this returns `Ok`).
-    fn check_algorithm(&self, pass: &'static str) -> Result<(), ConvError> {
+    /// Sets the GEMM engine of [`Algorithm::Im2col`].
+    pub fn backend(mut self, backend: GemmBackend) -> Self {
+        self.backend = backend;
+        self
+    }
+
+    /// The algorithm `pass` runs: `Direct` (also for `Auto`, see
+    /// [`BackwardOptions::algorithm`]) or `Im2col`; any other is refused.
+    fn check_algorithm(&self, pass: &'static str) -> Result<Algorithm, ConvError> {
         match self.algorithm {
-            Algorithm::Direct | Algorithm::Auto => Ok(()),
+            Algorithm::Direct | Algorithm::Auto => Ok(Algorithm::Direct),
+            Algorithm::Im2col => Ok(Algorithm::Im2col),
             algorithm => Err(ConvError::UnsupportedAlgorithm {
                 pass,
                 algorithm: algorithm.name(),
@@ -129,7 +143,15 @@ impl Conv2d {
             ("grad_output", g.output_len(), grad_output.len()),
             ("grad_input", g.input_len(), grad_input.len()),
         ])?;
-        options.check_algorithm("grad_input")?;
+        if options.check_algorithm("grad_input")? == Algorithm::Im2col {
+            return backward_gemm::backward_input_im2col(
+                g,
+                weight,
+                grad_output,
+                grad_input,
+                options,
+            );
+        }
         direct::conv2d_backward_input_direct(g, weight, grad_output, grad_input);
         Ok(())
     }
@@ -151,7 +173,15 @@ impl Conv2d {
             ("grad_output", g.output_len(), grad_output.len()),
             ("grad_weight", g.weight_len(), grad_weight.len()),
         ])?;
-        options.check_algorithm("grad_weight")?;
+        if options.check_algorithm("grad_weight")? == Algorithm::Im2col {
+            return backward_gemm::backward_weight_im2col(
+                g,
+                input,
+                grad_output,
+                grad_weight,
+                options,
+            );
+        }
         direct::conv2d_backward_weight_direct(
             g,
             input,

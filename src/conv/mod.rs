@@ -2,6 +2,7 @@
 //! algorithms that compute it.
 
 pub mod backward;
+pub(crate) mod backward_gemm;
 pub(crate) mod direct;
 pub(crate) mod direct_simd;
 pub(crate) mod gemm_lowering;
