@@ -130,6 +130,10 @@ impl Conv2d {
     /// Every element of `grad_input` is overwritten; input pixels the
     /// forward never read (the last rows or columns when the stride does not
     /// divide the padded extent evenly) get 0.
+    ///
+    /// [`Algorithm::Im2col`] fails with [`ConvError::OutOfMemory`] when its
+    /// column matrix (`C/g·R·S × OH·OW` floats) cannot be allocated,
+    /// leaving `grad_input` as it was.
     pub fn backward_input(
         &self,
         weight: &[f32],
@@ -160,6 +164,10 @@ impl Conv2d {
     /// `grad_weight = ∂L/∂weight` given `grad_output = ∂L/∂output`. It
     /// replaces what `grad_weight` holds, or is added to it when
     /// `options.accumulate` is set.
+    ///
+    /// [`Algorithm::Im2col`] fails with [`ConvError::OutOfMemory`] when its
+    /// column matrix (`C/g·R·S × OH·OW` floats) cannot be allocated, leaving
+    /// `grad_weight` as it was.
     pub fn backward_weight(
         &self,
         input: &[f32],
@@ -216,8 +224,11 @@ impl Conv2d {
     /// `grads` gets what [`Conv2d::backward_input`],
     /// [`Conv2d::backward_weight`] and [`Conv2d::backward_bias`] (with
     /// `options.accumulate`) give. `input` and `weight` are always checked,
-    /// as is every buffer given, before anything is written: an error
-    /// leaves every buffer as it was.
+    /// as is every buffer given, before anything is written: a length or
+    /// algorithm error leaves every buffer as it was. (With
+    /// [`Algorithm::Im2col`], a [`ConvError::OutOfMemory`] for a column
+    /// matrix can still come after an earlier pass has written its buffer:
+    /// each pass allocates its own.)
     ///
     /// The seed example, `[[1, 0, 1], [2, 1, 0], [0, 1, 1]]` correlated with
     /// `[[1, 0], [0, 1]]`, with `grad_output = [[1, 2], [3, 4]]`:

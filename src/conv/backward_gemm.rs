@@ -135,14 +135,16 @@ pub(crate) fn backward_input_im2col(
         g.gemm_k(),
         g.out_plane(),
     );
+    // Allocated before anything is written, so that running out of memory
+    // leaves `grad_input` as it was.
+    let mut col = Vec::new();
+    column_matrix(&mut col, kk * plane)?;
     // col2im adds into the image, and pixels no window reads get nothing.
     grad_input.fill(0.0);
     if g.batch == 0 || plane == 0 {
         return Ok(());
     }
     let gemm_opts = gemm_options(options);
-    let mut col = Vec::new();
-    column_matrix(&mut col, kk * plane)?;
     for n in 0..g.batch {
         for grp in 0..g.groups {
             let w = &weight[grp * kg * kk..][..kg * kk];
