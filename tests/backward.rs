@@ -933,3 +933,45 @@ proptest! {
         }
     }
 }
+
+/// An unpadded stride-1 1×1 convolution, where `Im2col` writes the input
+/// gradient in place (its col2im is the identity), and the Auto choice for
+/// such layers, against `Direct` on every engine combination.
+#[test]
+fn pointwise_grad_input_in_place_matches_direct() {
+    for (batch, c, k, groups, hw) in [
+        (1, 8, 4, 1, (5, 7)),
+        (2, 6, 9, 3, (3, 4)),
+        (3, 32, 64, 2, (6, 6)),
+    ] {
+        let conv = Conv2dParams::new(batch, c, hw, k, (1, 1))
+            .groups(groups)
+            .build()
+            .unwrap();
+        let g = *conv.geometry();
+        let mut rng = Rng::new(7);
+        let (x, w, dy) = (
+            rng.vec(g.input_len()),
+            rng.vec(g.weight_len()),
+            rng.vec(g.output_len()),
+        );
+        let (mx, _) = magnitudes(&conv, &x, &w, &dy);
+        let mut want = vec![0.0; g.input_len()];
+        conv.backward_input(&w, &dy, &mut want, &default_options())
+            .unwrap();
+        let zeros = vec![0.0; g.input_len()];
+        for algorithm in [Algorithm::Im2col, Algorithm::Auto] {
+            for (isa, backend, par) in engine_combos() {
+                let o = BackwardOptions::new(algorithm)
+                    .isa(isa)
+                    .backend(backend)
+                    .parallelism(par);
+                let mut dx = vec![f32::NAN; g.input_len()];
+                conv.backward_input(&w, &dy, &mut dx, &o).unwrap();
+                let what =
+                    format!("{batch} {c} {k} {groups} {algorithm:?} {isa:?} {backend:?} {par:?}");
+                assert_close(&what, &dx, &want, &mx, &zeros, k / groups).unwrap();
+            }
+        }
+    }
+}
