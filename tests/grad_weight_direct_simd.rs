@@ -244,6 +244,42 @@ fn check_conv(conv: &Conv2d, seed: u64, what: &str) -> Result<(), TestCaseError>
     Ok(())
 }
 
+/// Depthwise 3×3 with dilation 1 and strides 1–2 (the row-block tile):
+/// heights around every block of 4 and 8 rows, asymmetric padding.
+fn depthwise3_strategy() -> impl Strategy<Value = Case> {
+    (
+        (1usize..=3, 1usize..=4, 1usize..=20, widths()),
+        (1usize..=2, 1usize..=2),
+        (0usize..=2, 0usize..=2, 0usize..=2, 0usize..=2),
+        any::<bool>(),
+        any::<u64>(),
+    )
+        .prop_map(|((batch, groups, h, ow), (sh, sw), pad, conv, seed)| {
+            let w = ((ow.max(1) - 1) * sw + 3)
+                .saturating_sub(pad.2 + pad.3)
+                .max(1);
+            Case {
+                batch,
+                cg: 1,
+                kg: 1,
+                groups,
+                h,
+                w,
+                r: 3,
+                s: 3,
+                stride: (sh, sw),
+                dilation: (1, 1),
+                pad,
+                mode: if conv {
+                    ConvMode::Convolution
+                } else {
+                    ConvMode::CrossCorrelation
+                },
+                seed,
+            }
+        })
+}
+
 proptest! {
     #![proptest_config(ProptestConfig {
         cases: proptest_cases(64),
@@ -256,6 +292,18 @@ proptest! {
 
     #[test]
     fn direct_simd_grad_weight_matches_direct(case in case_strategy()) {
+        let conv = match case.params().build() {
+            Ok(conv) => conv,
+            Err(ConvError::KernelLargerThanInput { .. }) => {
+                return Err(TestCaseError::reject("empty output"))
+            }
+            Err(e) => panic!("{case:?}: {e}"),
+        };
+        check_conv(&conv, case.seed, &format!("{case:?}"))?;
+    }
+
+    #[test]
+    fn direct_simd_grad_weight_depthwise_3x3_matches_direct(case in depthwise3_strategy()) {
         let conv = match case.params().build() {
             Ok(conv) => conv,
             Err(ConvError::KernelLargerThanInput { .. }) => {

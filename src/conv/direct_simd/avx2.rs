@@ -1,7 +1,7 @@
 //! AVX2 + FMA operations of the SIMD direct convolution: 8 lanes;
 //! `maskload`/masked gathers and a blend after the FMA for the edge vectors.
 
-use super::backward::{run_weight_job, weight_tile, GradWeight, WeightJob};
+use super::backward::{run_weight_job, weight_three, weight_tile, GradWeight, WeightJob};
 use super::{run_general, run_job, run_three, Job, Simd};
 use core::arch::x86_64::*;
 
@@ -251,6 +251,17 @@ impl GradWeight for Avx2 {
         // SAFETY: forwarded contract.
         unsafe { weight_tile::<Self, KB, TB, SW>(s, job, out) }
     }
+
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn weight_three<const RB: usize, const SW: usize, const SH: usize>(
+        job: &WeightJob<'_>,
+        out: &mut [f32],
+    ) {
+        // The token is sound: as `weight_tile`.
+        let s = Avx2 { _private: () };
+        // SAFETY: forwarded contract.
+        unsafe { weight_three::<Self, RB, SW, SH>(s, job, out) }
+    }
 }
 
 /// Runs one grad-weight job on the AVX2 path.
@@ -260,6 +271,8 @@ impl GradWeight for Avx2 {
 pub(super) unsafe fn run_weight(job: &WeightJob<'_>, out: &mut [f32]) {
     // SAFETY: forwarded contract.
     unsafe {
-        run_weight_job::<Avx2, { WEIGHT_TAPS[0] }, { WEIGHT_TAPS[1] }, { WEIGHT_TAPS[2] }>(job, out)
+        run_weight_job::<Avx2, { WEIGHT_TAPS[0] }, { WEIGHT_TAPS[1] }, { WEIGHT_TAPS[2] }, 4>(
+            job, out,
+        )
     }
 }

@@ -318,11 +318,23 @@ pub(super) trait GradWeight: Simd {
         job: &WeightJob<'_>,
         out: &mut [f32],
     );
+
+    /// [`weight_three`] with this ISA's operations, compiled with its
+    /// target features.
+    ///
+    /// # Safety
+    /// The CPU supports the ISA; as [`weight_three`] otherwise.
+    unsafe fn weight_three<const RB: usize, const SW: usize, const SH: usize>(
+        job: &WeightJob<'_>,
+        out: &mut [f32],
+    );
 }
 
 /// Runs one job on ISA `S`: the tile for its channel count (`TB1`, `TB2`,
 /// `TB4` taps for 1, 2 and 4 channels, as each ISA fits them in its
-/// registers) and the load for the horizontal stride.
+/// registers) and the load for the horizontal stride; single-channel jobs
+/// of a 3×3 kernel with dilation 1 and strides 1 or 2 (depthwise MobileNet
+/// layers) take the [`weight_three`] tile of `R3` output rows instead.
 ///
 /// # Safety
 /// The CPU supports `S`'s ISA; the job and `out` pass
@@ -333,10 +345,29 @@ pub(super) unsafe fn run_weight_job<
     const TB1: usize,
     const TB2: usize,
     const TB4: usize,
+    const R3: usize,
 >(
     job: &WeightJob<'_>,
     out: &mut [f32],
 ) {
+    let geo = job.geo;
+    let three = job.kb == 1
+        && (geo.r_len, geo.s_len, geo.dil_h, geo.dil_w) == (3, 3, 1, 1)
+        && job.taps == (0..9);
+    if three {
+        match (geo.stride_h, geo.stride_w) {
+            // SAFETY: forwarded contract; a single-channel job of all nine
+            // taps of a 3×3 kernel with dilation 1 and the strides named.
+            (1, 1) => return unsafe { S::weight_three::<R3, 1, 1>(job, out) },
+            // SAFETY: as above.
+            (1, 2) => return unsafe { S::weight_three::<R3, 2, 1>(job, out) },
+            // SAFETY: as above.
+            (2, 1) => return unsafe { S::weight_three::<R3, 1, 2>(job, out) },
+            // SAFETY: as above.
+            (2, 2) => return unsafe { S::weight_three::<R3, 2, 2>(job, out) },
+            _ => {}
+        }
+    }
     macro_rules! tile {
         ($kb:literal, $tb:ident) => {{
             assert!(
@@ -579,6 +610,186 @@ unsafe fn vector<
         let x = unsafe { load_tap::<S, SW, EDGE>(s, w.rows[t].wrapping_add(col), sw, m) };
         for (acc, &d) in acc.iter_mut().zip(&dyv) {
             acc[t] = fma_tap::<S, EDGE>(s, d, x, acc[t], m);
+        }
+    }
+}
+
+/// The depthwise 3×3 tile: one output channel, all nine taps (dilation 1,
+/// vertical stride `SH` and horizontal stride `SW`, each 1 or 2), nine
+/// accumulators. Output rows go in blocks of `RB`: per vector, the block's
+/// `RB` grad-output vectors are loaded once, then each input row the block
+/// reads is loaded once per kernel column and feeds every output row of the
+/// block whose window covers it (about `3/SH` FMAs per load instead of 1).
+/// Each accumulator still sums in a fixed order: images, row blocks,
+/// vectors, then output rows.
+///
+/// # Safety
+/// As [`weight_tile`] with `KB = 1`, and the kernel, dilation and strides
+/// described; the job holds the nine taps.
+#[inline(always)]
+pub(super) unsafe fn weight_three<S: Simd, const RB: usize, const SW: usize, const SH: usize>(
+    s: S,
+    job: &WeightJob<'_>,
+    out: &mut [f32],
+) {
+    let geo = job.geo;
+    let channels_in = geo.groups * geo.cg;
+    let channels_out = geo.groups * geo.kg;
+    // Input rows one block of RB output rows reads.
+    let span = (RB - 1) * SH + 3;
+    let mut acc = [[s.zero(); 3]; 3];
+    for n in 0..geo.batch {
+        let x = job.input[(n * channels_in + job.in_c) * geo.in_plane..][..geo.in_plane].as_ptr();
+        let dy = job.grad_output[(n * channels_out + job.k0) * geo.out_plane..][..geo.out_plane]
+            .as_ptr();
+        let mut oh0 = 0;
+        while oh0 < geo.out_h {
+            let rows = (geo.out_h - oh0).min(RB);
+            let ih0 = (oh0 * SH) as isize - geo.pad_top as isize;
+            let block = Block3 {
+                geo,
+                cols: job.cols,
+                // Row ih0, lane 0 of vector 0 at kernel column 0 (possibly
+                // out of bounds: only offset with wrapping arithmetic).
+                base: x.wrapping_offset(ih0 * geo.in_w as isize - geo.pad_left as isize),
+                ih0,
+                rows,
+                // SAFETY: oh0 < out_h: a row of the plane.
+                dy_row: unsafe { dy.add(oh0 * geo.out_w) },
+            };
+            let inside = rows == RB && ih0 >= 0 && ih0 + span as isize <= geo.in_h as isize;
+            // SAFETY: forwarded contract; without CHECK the block has RB
+            // rows and reads only real input rows.
+            unsafe {
+                if inside {
+                    block3::<S, RB, SW, SH, false>(s, &block, &mut acc);
+                } else {
+                    block3::<S, RB, SW, SH, true>(s, &block, &mut acc);
+                }
+            }
+            oh0 += rows;
+        }
+    }
+    let rs = geo.r_len * geo.s_len;
+    for (r, acc) in acc.iter().enumerate() {
+        for (c, &v) in acc.iter().enumerate() {
+            let sum = reduce(s, v);
+            let (wr, ws) = geo.weight_tap(r, c);
+            let dst = &mut out[job.c * rs + wr * geo.s_len + ws];
+            *dst = if job.accumulate { *dst + sum } else { sum };
+        }
+    }
+}
+
+/// One block of output rows of the 3×3 tile.
+struct Block3<'a> {
+    geo: &'a Geo,
+    cols: &'a ColPlan,
+    /// Input row `ih0`, lane 0 of vector 0 at kernel column 0 (possibly out
+    /// of bounds).
+    base: *const f32,
+    /// The first input row the block reads (negative in the top padding).
+    ih0: isize,
+    /// Output rows in the block, `1..=RB`.
+    rows: usize,
+    /// The block's first output row in the grad-output plane.
+    dy_row: *const f32,
+}
+
+/// Every vector of one row block into the nine accumulators. `CHECK` skips
+/// the input rows outside the input and the tile rows past `b.rows`.
+///
+/// # Safety
+/// As [`weight_three`]; without `CHECK` the block has `RB` rows and every
+/// input row it reads is real.
+#[inline(always)]
+unsafe fn block3<S: Simd, const RB: usize, const SW: usize, const SH: usize, const CHECK: bool>(
+    s: S,
+    b: &Block3<'_>,
+    acc: &mut [[S::V; 3]; 3],
+) {
+    for (v, cv) in b.cols.vecs.iter().enumerate() {
+        let ranges = &b.cols.ranges[v * 3..][..3];
+        // SAFETY: forwarded contract; an interior vector reads in bounds in
+        // every lane for every kernel column.
+        unsafe {
+            if cv.interior {
+                vector3::<S, RB, SW, SH, CHECK, false>(s, b, cv, ranges, acc);
+            } else {
+                vector3::<S, RB, SW, SH, CHECK, true>(s, b, cv, ranges, acc);
+            }
+        }
+    }
+}
+
+/// One vector of the 3×3 tile over a row block: `RB` grad-output loads,
+/// then each input row once per kernel column into every accumulator whose
+/// tap meets it.
+///
+/// # Safety
+/// As [`block3`]; `EDGE` is false only for an interior vector.
+#[inline(always)]
+unsafe fn vector3<
+    S: Simd,
+    const RB: usize,
+    const SW: usize,
+    const SH: usize,
+    const CHECK: bool,
+    const EDGE: bool,
+>(
+    s: S,
+    b: &Block3<'_>,
+    cv: &ColVec,
+    ranges: &[(usize, usize)],
+    acc: &mut [[S::V; 3]; 3],
+) {
+    let geo = b.geo;
+    let mut d = [s.zero(); RB];
+    let short = s.mask(0, cv.lanes);
+    for (i, d) in d.iter_mut().enumerate() {
+        if CHECK && i >= b.rows {
+            break;
+        }
+        // SAFETY: row oh0 + i < out_h (i < rows), lanes ow0..ow0 + lanes ≤
+        // out_w: inside the plane; a short vector loads only those lanes.
+        *d = unsafe {
+            let p = b.dy_row.add(i * geo.out_w + cv.ow0);
+            if cv.lanes == S::LANES {
+                s.load(p)
+            } else {
+                s.load_masked(p, 1, short)
+            }
+        };
+    }
+    let col = cv.ow0 * SW;
+    let in_w = geo.in_w as isize;
+    for j in 0..(RB - 1) * SH + 3 {
+        if CHECK {
+            let ih = b.ih0 + j as isize;
+            if ih < 0 || ih >= geo.in_h as isize {
+                continue;
+            }
+        }
+        let row = b.base.wrapping_offset(j as isize * in_w).wrapping_add(col);
+        for (sc, &(lo, hi)) in ranges.iter().enumerate() {
+            let (lo, hi) = if EDGE { (lo, hi) } else { (0, S::LANES) };
+            if EDGE && lo == hi {
+                continue;
+            }
+            let m = s.mask(lo, hi);
+            // SAFETY: input row ih0 + j is real (no CHECK: contract; else
+            // checked above); for kernel column sc the lanes of m read
+            // columns inside 0..in_w (`ranges`; every lane of an interior
+            // vector), so they are readable.
+            let x = unsafe { load_tap::<S, SW, EDGE>(s, row.wrapping_add(sc), SW, m) };
+            for (i, &d) in d.iter().enumerate() {
+                // Output row i reads input row j through kernel row j − i·SH.
+                if j < i * SH || j - i * SH >= 3 || (CHECK && i >= b.rows) {
+                    continue;
+                }
+                let r = j - i * SH;
+                acc[r][sc] = fma_tap::<S, EDGE>(s, d, x, acc[r][sc], m);
+            }
         }
     }
 }

@@ -2,7 +2,7 @@
 //! what every target without AVX2 runs. Edge vectors load lane by lane and
 //! keep the padding lanes with a select.
 
-use super::backward::{run_weight_job, weight_tile, GradWeight, WeightJob};
+use super::backward::{run_weight_job, weight_three, weight_tile, GradWeight, WeightJob};
 use super::{run_general, run_job, Job, Simd};
 use wide::{f32x8, CmpGe, CmpGt, CmpLt};
 
@@ -179,6 +179,14 @@ impl GradWeight for Portable {
         // SAFETY: forwarded contract; the portable path needs no CPU feature.
         unsafe { weight_tile::<Self, KB, TB, SW>(Portable, job, out) }
     }
+
+    unsafe fn weight_three<const RB: usize, const SW: usize, const SH: usize>(
+        job: &WeightJob<'_>,
+        out: &mut [f32],
+    ) {
+        // SAFETY: forwarded contract; the portable path needs no CPU feature.
+        unsafe { weight_three::<Self, RB, SW, SH>(Portable, job, out) }
+    }
 }
 
 /// Runs one grad-weight job on the portable path.
@@ -188,7 +196,7 @@ impl GradWeight for Portable {
 pub(super) unsafe fn run_weight(job: &WeightJob<'_>, out: &mut [f32]) {
     // SAFETY: forwarded contract; the portable path needs no CPU feature.
     unsafe {
-        run_weight_job::<Portable, { WEIGHT_TAPS[0] }, { WEIGHT_TAPS[1] }, { WEIGHT_TAPS[2] }>(
+        run_weight_job::<Portable, { WEIGHT_TAPS[0] }, { WEIGHT_TAPS[1] }, { WEIGHT_TAPS[2] }, 4>(
             job, out,
         )
     }
