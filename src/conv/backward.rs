@@ -9,7 +9,7 @@
 //! chosen through the same [`BackwardOptions`].
 
 use super::phases::{self, TransposedGeometry};
-use super::{backward_gemm, direct};
+use super::{backward_gemm, direct, direct_simd};
 use super::{check_lengths, Algorithm, Conv2d, ForwardOptions};
 use crate::error::ConvError;
 use crate::gemm::{GemmBackend, Isa, Parallelism};
@@ -33,7 +33,10 @@ pub struct BackwardOptions {
     /// (the default) resolves to `Direct` for now: `Im2col` builds a column
     /// matrix per image and group and pays for it in memory traffic, and the
     /// implicit lowerings that avoid it (the fast paths `Auto` should pick)
-    /// come next. Any other algorithm is refused with
+    /// come next. The weight gradient also runs [`Algorithm::DirectSimd`],
+    /// the SIMD direct pass for depthwise and small-group convolutions
+    /// (threads over output channels, results bitwise identical for any
+    /// thread count). Any other algorithm is refused with
     /// [`ConvError::UnsupportedAlgorithm`].
     pub algorithm: Algorithm,
     /// `false` (the default): the weight and bias gradients replace what
@@ -41,12 +44,13 @@ pub struct BackwardOptions {
     /// frameworks accumulate over micro-batches. The input gradient is
     /// always overwritten.
     pub accumulate: bool,
-    /// Threads: each GEMM of [`Algorithm::Im2col`] threads itself; the
-    /// `Direct` reference runs on the calling thread.
+    /// Threads: each GEMM of [`Algorithm::Im2col`] threads itself;
+    /// `DirectSimd` splits the output channels; the `Direct` reference runs
+    /// on the calling thread.
     pub parallelism: Parallelism,
     /// Force a kernel path (clamped to the CPU) for the GEMMs of
-    /// [`Algorithm::Im2col`]; `None` uses [`crate::isa()`]. The `Direct`
-    /// reference uses no SIMD kernel.
+    /// [`Algorithm::Im2col`] and the kernels of `DirectSimd`; `None` uses
+    /// [`crate::isa()`]. The `Direct` reference uses no SIMD kernel.
     pub isa: Option<Isa>,
     /// GEMM engine for [`Algorithm::Im2col`] (ignored by `Direct`).
     pub backend: GemmBackend,
@@ -125,6 +129,16 @@ impl BackwardOptions {
                 pass,
                 algorithm: algorithm.name(),
             }),
+        }
+    }
+
+    /// The algorithm the weight gradient runs: [`Algorithm::DirectSimd`]
+    /// when asked for (the SIMD direct pass for depthwise and small-group
+    /// convolutions), otherwise as [`BackwardOptions::check_algorithm`].
+    fn check_weight_algorithm(&self, pass: &'static str) -> Result<Algorithm, ConvError> {
+        match self.algorithm {
+            Algorithm::DirectSimd => Ok(Algorithm::DirectSimd),
+            _ => self.check_algorithm(pass),
         }
     }
 }
@@ -241,7 +255,19 @@ impl Conv2d {
             ("grad_output", g.output_len(), grad_output.len()),
             ("grad_weight", g.weight_len(), grad_weight.len()),
         ])?;
-        if options.check_algorithm("grad_weight")? == Algorithm::Im2col {
+        let algorithm = options.check_weight_algorithm("grad_weight")?;
+        if algorithm == Algorithm::DirectSimd {
+            return direct_simd::backward_weight(
+                g,
+                input,
+                grad_output,
+                grad_weight,
+                options.accumulate,
+                options.isa.unwrap_or_else(crate::isa),
+                options.parallelism,
+            );
+        }
+        if algorithm == Algorithm::Im2col {
             return backward_gemm::backward_weight_im2col(
                 g,
                 input,
@@ -348,7 +374,11 @@ impl Conv2d {
             ),
             ("grad_bias", g.out_channels, len(&grad_bias, g.out_channels)),
         ])?;
-        options.check_algorithm("backward")?;
+        // Every algorithm computes the input gradient; the weight gradient's
+        // is checked before anything is written.
+        if grad_weight.is_some() {
+            options.check_weight_algorithm("backward")?;
+        }
         if let Some(grad_input) = grad_input {
             self.backward_input(weight, grad_output, grad_input, options)?;
         }
