@@ -8,7 +8,7 @@
 //! the bias gradient is a plain sum. The implicit GEMM lowerings come next,
 //! chosen through the same [`BackwardOptions`].
 
-use super::{backward_gemm, direct};
+use super::{backward_gemm, direct, grad_weight};
 use super::{check_lengths, Algorithm, Conv2d};
 use crate::error::ConvError;
 use crate::gemm::{GemmBackend, Isa, Parallelism};
@@ -47,8 +47,13 @@ pub struct BackwardOptions {
     /// [`Algorithm::Im2col`]; `None` uses [`crate::isa()`]. The `Direct`
     /// reference uses no SIMD kernel.
     pub isa: Option<Isa>,
-    /// GEMM engine for [`Algorithm::Im2col`] (ignored by `Direct`).
+    /// GEMM engine for [`Algorithm::Im2col`] and [`Algorithm::Implicit`]
+    /// (ignored by `Direct`).
     pub backend: GemmBackend,
+    /// Tests only: cache blocking for the GEMM-based algorithms in place of
+    /// the cache model's.
+    #[doc(hidden)]
+    pub blocking: Option<crate::testing::Blocking>,
 }
 
 impl BackwardOptions {
@@ -85,18 +90,28 @@ impl BackwardOptions {
         self
     }
 
-    /// Sets the GEMM engine of [`Algorithm::Im2col`].
+    /// Sets the GEMM engine of [`Algorithm::Im2col`] and
+    /// [`Algorithm::Implicit`].
     pub fn backend(mut self, backend: GemmBackend) -> Self {
         self.backend = backend;
         self
     }
 
+    /// Tests only: forces the GEMM's cache blocking.
+    #[doc(hidden)]
+    pub fn blocking(mut self, blocking: crate::testing::Blocking) -> Self {
+        self.blocking = Some(blocking);
+        self
+    }
+
     /// The algorithm `pass` runs: `Direct` (also for `Auto`, see
-    /// [`BackwardOptions::algorithm`]) or `Im2col`; any other is refused.
-    fn check_algorithm(&self, pass: &'static str) -> Result<Algorithm, ConvError> {
+    /// [`BackwardOptions::algorithm`]), `Im2col`, or `Implicit` where
+    /// `implicit` says the pass has it; any other is refused.
+    fn check_algorithm(&self, pass: &'static str, implicit: bool) -> Result<Algorithm, ConvError> {
         match self.algorithm {
             Algorithm::Direct | Algorithm::Auto => Ok(Algorithm::Direct),
             Algorithm::Im2col => Ok(Algorithm::Im2col),
+            Algorithm::Implicit if implicit => Ok(Algorithm::Implicit),
             algorithm => Err(ConvError::UnsupportedAlgorithm {
                 pass,
                 algorithm: algorithm.name(),
@@ -147,7 +162,7 @@ impl Conv2d {
             ("grad_output", g.output_len(), grad_output.len()),
             ("grad_input", g.input_len(), grad_input.len()),
         ])?;
-        if options.check_algorithm("grad_input")? == Algorithm::Im2col {
+        if options.check_algorithm("grad_input", false)? == Algorithm::Im2col {
             return backward_gemm::backward_input_im2col(
                 g,
                 weight,
@@ -181,14 +196,26 @@ impl Conv2d {
             ("grad_output", g.output_len(), grad_output.len()),
             ("grad_weight", g.weight_len(), grad_weight.len()),
         ])?;
-        if options.check_algorithm("grad_weight")? == Algorithm::Im2col {
-            return backward_gemm::backward_weight_im2col(
-                g,
-                input,
-                grad_output,
-                grad_weight,
-                options,
-            );
+        match options.check_algorithm("grad_weight", true)? {
+            Algorithm::Im2col => {
+                return backward_gemm::backward_weight_im2col(
+                    g,
+                    input,
+                    grad_output,
+                    grad_weight,
+                    options,
+                )
+            }
+            Algorithm::Implicit => {
+                return grad_weight::backward_weight_implicit(
+                    g,
+                    input,
+                    grad_output,
+                    grad_weight,
+                    options,
+                )
+            }
+            _ => {}
         }
         direct::conv2d_backward_weight_direct(
             g,
@@ -288,7 +315,8 @@ impl Conv2d {
             ),
             ("grad_bias", g.out_channels, len(&grad_bias, g.out_channels)),
         ])?;
-        options.check_algorithm("backward")?;
+        // Implicit is refused only when a pass that lacks it is asked for.
+        options.check_algorithm("backward", grad_input.is_none())?;
         if let Some(grad_input) = grad_input {
             self.backward_input(weight, grad_output, grad_input, options)?;
         }
