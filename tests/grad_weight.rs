@@ -147,6 +147,84 @@ fn build(case: &Case) -> Result<Conv2d, TestCaseError> {
     }
 }
 
+/// Implicit against Direct for `case` on every ISA, both backends, 1 and
+/// 2 threads, accumulate on and off; the trace shows the forced ISA ran;
+/// 1 and 2 threads give the same bits, and so does a second run.
+fn check_against_direct(case: &Case) -> Result<(), TestCaseError> {
+    let conv = build(case)?;
+    let g = *conv.geometry();
+    let mut rng = Rng::new(case.seed);
+    let x = rng.vec(g.input_len());
+    let dy = rng.vec(g.output_len());
+    let start = rng.vec(g.weight_len());
+    let zeros = vec![0.0; g.weight_len()];
+    let abs = |v: &[f32]| v.iter().map(|a| a.abs()).collect::<Vec<f32>>();
+    let reference = BackwardOptions::new(Algorithm::Direct);
+    let mut magnitude = vec![0.0; g.weight_len()];
+    conv.backward_weight(&abs(&x), &abs(&dy), &mut magnitude, &reference)
+        .unwrap();
+    let mut want = vec![0.0; g.weight_len()];
+    conv.backward_weight(&x, &dy, &mut want, &reference)
+        .unwrap();
+    let mut want_acc = start.clone();
+    conv.backward_weight(&x, &dy, &mut want_acc, &reference.accumulate(true))
+        .unwrap();
+    let terms = g.batch * g.out_h * g.out_w;
+
+    for isa in isas_under_test() {
+        for backend in [GemmBackend::Native, GemmBackend::Matrixmultiply] {
+            let mut first: Option<Vec<u32>> = None;
+            for threads in [1, 2] {
+                let mut o = BackwardOptions::new(Algorithm::Implicit)
+                    .isa(isa)
+                    .backend(backend)
+                    .parallelism(Parallelism::threads(threads));
+                if let Some(b) = case.blocking {
+                    o = o.blocking(b);
+                }
+                let what = format!("{case:?} {isa:?} {backend:?} {threads} threads");
+                let mut dw = vec![f32::NAN; g.weight_len()];
+                let ((), trace) = traced(|| conv.backward_weight(&x, &dy, &mut dw, &o).unwrap());
+                assert_close(
+                    &format!("grad weight {what}"),
+                    &dw,
+                    &want,
+                    &magnitude,
+                    &zeros,
+                    terms,
+                )?;
+                if backend == GemmBackend::Native && threads == 1 {
+                    prop_assert!(
+                        trace.gemm_ran_on(isa),
+                        "{what}: no {isa:?} GEMM in {trace:?}"
+                    );
+                }
+                let mut again = vec![f32::NAN; g.weight_len()];
+                conv.backward_weight(&x, &dy, &mut again, &o).unwrap();
+                prop_assert_eq!(bits(&again), bits(&dw), "{}: a second run differs", what);
+                match &first {
+                    None => first = Some(bits(&dw)),
+                    Some(one) => {
+                        prop_assert_eq!(one, &bits(&dw), "{}: 1 and 2 threads differ", what)
+                    }
+                }
+                let mut acc = start.clone();
+                conv.backward_weight(&x, &dy, &mut acc, &o.accumulate(true))
+                    .unwrap();
+                assert_close(
+                    &format!("accumulated grad weight {what}"),
+                    &acc,
+                    &want_acc,
+                    &magnitude,
+                    &start,
+                    terms,
+                )?;
+            }
+        }
+    }
+    Ok(())
+}
+
 proptest! {
     #![proptest_config(ProptestConfig {
         cases: proptest_cases(64),
@@ -162,53 +240,46 @@ proptest! {
     /// 1 and 2 threads give the same bits, and so does a second run.
     #[test]
     fn implicit_matches_direct(case in case_strategy()) {
-        let conv = build(&case)?;
-        let g = *conv.geometry();
-        let mut rng = Rng::new(case.seed);
-        let x = rng.vec(g.input_len());
-        let dy = rng.vec(g.output_len());
-        let start = rng.vec(g.weight_len());
-        let zeros = vec![0.0; g.weight_len()];
-        let abs = |v: &[f32]| v.iter().map(|a| a.abs()).collect::<Vec<f32>>();
-        let reference = BackwardOptions::new(Algorithm::Direct);
-        let mut magnitude = vec![0.0; g.weight_len()];
-        conv.backward_weight(&abs(&x), &abs(&dy), &mut magnitude, &reference).unwrap();
-        let mut want = vec![0.0; g.weight_len()];
-        conv.backward_weight(&x, &dy, &mut want, &reference).unwrap();
-        let mut want_acc = start.clone();
-        conv.backward_weight(&x, &dy, &mut want_acc, &reference.accumulate(true)).unwrap();
-        let terms = g.batch * g.out_h * g.out_w;
+        check_against_direct(&case)?;
 
-        for isa in isas_under_test() {
-            for backend in [GemmBackend::Native, GemmBackend::Matrixmultiply] {
-                let mut first: Option<Vec<u32>> = None;
-                for threads in [1, 2] {
-                    let mut o = BackwardOptions::new(Algorithm::Implicit)
-                        .isa(isa)
-                        .backend(backend)
-                        .parallelism(Parallelism::threads(threads));
-                    if let Some(b) = case.blocking {
-                        o = o.blocking(b);
-                    }
-                    let what = format!("{case:?} {isa:?} {backend:?} {threads} threads");
-                    let mut dw = vec![f32::NAN; g.weight_len()];
-                    let ((), trace) = traced(|| conv.backward_weight(&x, &dy, &mut dw, &o).unwrap());
-                    assert_close(&format!("grad weight {what}"), &dw, &want, &magnitude, &zeros, terms)?;
-                    if backend == GemmBackend::Native && threads == 1 {
-                        prop_assert!(trace.gemm_ran_on(isa), "{what}: no {isa:?} GEMM in {trace:?}");
-                    }
-                    let mut again = vec![f32::NAN; g.weight_len()];
-                    conv.backward_weight(&x, &dy, &mut again, &o).unwrap();
-                    prop_assert_eq!(bits(&again), bits(&dw), "{}: a second run differs", what);
-                    match &first {
-                        None => first = Some(bits(&dw)),
-                        Some(one) => prop_assert_eq!(one, &bits(&dw), "{}: 1 and 2 threads differ", what),
-                    }
-                    let mut acc = start.clone();
-                    conv.backward_weight(&x, &dy, &mut acc, &o.accumulate(true)).unwrap();
-                    assert_close(&format!("accumulated grad weight {what}"), &acc, &want_acc, &magnitude, &start, terms)?;
-                }
-            }
+    }
+}
+
+/// The unpadded stride-1 1×1 kernel, whose chunks read the input planes in
+/// place (one image each), on every ISA and backend, 1 and 2 threads,
+/// several images, planes that do and do not fill whole chunks, groups,
+/// accumulate on and off, with and without a small forced blocking.
+#[test]
+fn pointwise_matches_direct() {
+    for (batch, c, hw, k, groups) in [
+        (1, 3, (5, 7), 5, 1),
+        (3, 16, (9, 9), 24, 2),
+        (2, 40, (4, 13), 33, 1),
+        (4, 8, (1, 1), 8, 4),
+    ] {
+        for blocking in [
+            None,
+            Some(Blocking {
+                mc: 8,
+                kc: 8,
+                nc: 16,
+            }),
+        ] {
+            let case = Case {
+                batch,
+                channels_per_group: c / groups,
+                groups,
+                out_per_group: k / groups,
+                kernel: (1, 1),
+                stride: (1, 1),
+                dilation: (1, 1),
+                padding: Padding::ZERO,
+                input: hw,
+                mode: ConvMode::CrossCorrelation,
+                blocking,
+                seed: (batch * 1000 + c) as u64,
+            };
+            check_against_direct(&case).unwrap_or_else(|e| panic!("{e}"));
         }
     }
 }
