@@ -244,19 +244,27 @@ fn transpose_with(
     let (rows_full, cols_full) = (rows / 4 * 4, cols / 4 * 4);
     let src = &src[..(rows - 1) * lds + cols];
     let dst = &mut dst[..(cols - 1) * ldd + rows];
-    for r0 in (0..rows_full).step_by(4) {
-        for c0 in (0..cols_full).step_by(4) {
-            let tile =
-                f32x4::transpose(std::array::from_fn(|i| load4(&src[(r0 + i) * lds + c0..])));
-            for (j, column) in tile.iter().enumerate() {
-                let out: &mut [f32; 4] = (&mut dst[(c0 + j) * ldd + r0..][..4])
-                    .try_into()
-                    .expect("4 floats");
-                for (x, v) in out.iter_mut().zip(column.to_array()) {
-                    store(x, v);
+    // Sixteen columns (one cache line of each source row) at a time, over
+    // all the rows: each source line is read whole, and the sixteen
+    // destination rows being filled stay in L1 until they are complete.
+    for c_block in (0..cols_full).step_by(16) {
+        let c_end = (c_block + 16).min(cols_full);
+        for r0 in (0..rows_full).step_by(4) {
+            for c0 in (c_block..c_end).step_by(4) {
+                let tile =
+                    f32x4::transpose(std::array::from_fn(|i| load4(&src[(r0 + i) * lds + c0..])));
+                for (j, column) in tile.iter().enumerate() {
+                    let out: &mut [f32; 4] = (&mut dst[(c0 + j) * ldd + r0..][..4])
+                        .try_into()
+                        .expect("4 floats");
+                    for (x, v) in out.iter_mut().zip(column.to_array()) {
+                        store(x, v);
+                    }
                 }
             }
         }
+    }
+    for r0 in (0..rows_full).step_by(4) {
         for c in cols_full..cols {
             for i in 0..4 {
                 store(&mut dst[c * ldd + r0 + i], src[(r0 + i) * lds + c]);
