@@ -241,7 +241,6 @@ proptest! {
     #[test]
     fn implicit_matches_direct(case in case_strategy()) {
         check_against_direct(&case)?;
-
     }
 }
 

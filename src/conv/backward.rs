@@ -5,8 +5,10 @@
 //! The input and weight gradients run either the [`Algorithm::Direct`]
 //! reference (nested loops over the definition, in `direct.rs`) or
 //! [`Algorithm::Im2col`], the textbook GEMM lowering (`backward_gemm.rs`);
-//! the bias gradient is a plain sum. The implicit GEMM lowerings come next,
-//! chosen through the same [`BackwardOptions`].
+//! grad weight also runs [`Algorithm::Implicit`], the GEMM without a column
+//! matrix (`grad_weight.rs`); the bias gradient is a plain sum. The implicit
+//! lowering of grad input comes next, chosen through the same
+//! [`BackwardOptions`].
 
 use super::{backward_gemm, direct, grad_weight};
 use super::{check_lengths, Algorithm, Conv2d};
@@ -32,16 +34,18 @@ pub struct BackwardOptions {
     /// (the default) resolves to `Direct` for now: `Im2col` builds a column
     /// matrix per image and group and pays for it in memory traffic, and the
     /// implicit lowerings that avoid it (the fast paths `Auto` should pick)
-    /// come next. Any other algorithm is refused with
-    /// [`ConvError::UnsupportedAlgorithm`].
+    /// come next. [`Algorithm::Implicit`] computes grad weight (grad input
+    /// and a [`Conv2d::backward`] asking for it refuse it for now). Any
+    /// other algorithm is refused with [`ConvError::UnsupportedAlgorithm`].
     pub algorithm: Algorithm,
     /// `false` (the default): the weight and bias gradients replace what
     /// their buffers hold. `true`: they are added to it (`grad += dW`), as
     /// frameworks accumulate over micro-batches. The input gradient is
     /// always overwritten.
     pub accumulate: bool,
-    /// Threads: each GEMM of [`Algorithm::Im2col`] threads itself; the
-    /// `Direct` reference runs on the calling thread.
+    /// Threads: each GEMM of [`Algorithm::Im2col`] threads itself,
+    /// [`Algorithm::Implicit`] shares blocks of the weight gradient out;
+    /// the `Direct` reference runs on the calling thread.
     pub parallelism: Parallelism,
     /// Force a kernel path (clamped to the CPU) for the GEMMs of
     /// [`Algorithm::Im2col`]; `None` uses [`crate::isa()`]. The `Direct`
@@ -182,7 +186,10 @@ impl Conv2d {
     ///
     /// [`Algorithm::Im2col`] fails with [`ConvError::OutOfMemory`] when its
     /// column matrix (`C/g·R·S × OH·OW` floats) cannot be allocated, leaving
-    /// `grad_weight` as it was.
+    /// `grad_weight` as it was; [`Algorithm::Implicit`] builds no column
+    /// matrix and fails so only when its per-thread blocks (bounded by the
+    /// GEMM's blocking) cannot be. Implicit sums over the batch in a fixed
+    /// order, bitwise identical from run to run and across thread counts.
     pub fn backward_weight(
         &self,
         input: &[f32],
