@@ -722,58 +722,39 @@ fn bad_buffer_lengths_are_named() {
     assert!(dx.iter().chain(&dw).chain(&db).all(|&v| v == 0.0));
 }
 
-/// Every pass accepts every algorithm it implements; the weight gradient
-/// has no `Implicit` lowering yet and refuses it, naming the pass and the
-/// algorithm, with nothing written. `backward` asking only for the bias
-/// gradient needs no algorithm and accepts any.
+/// Every pass runs every algorithm (`UnsupportedAlgorithm` is left for
+/// algorithms to come), and they agree with `Direct`; `backward` asking
+/// only for the bias gradient needs no algorithm at all.
 #[test]
-fn unsupported_algorithms_are_refused() {
+fn every_algorithm_runs_every_pass() {
     let (conv, x, w, dy) = mixed_case();
     let g = *conv.geometry();
-    let mut dw = vec![0.0; g.weight_len()];
-    let mut dx = vec![0.0; g.input_len()];
-    let mut db = vec![0.0; g.out_channels];
+    let (want_dx, want_dw, want_db) = gradients(&conv, &x, &w, &dy);
+    let (mx, mw) = magnitudes(&conv, &x, &w, &dy);
+    let zeros_x = vec![0.0; g.input_len()];
+    let zeros_w = vec![0.0; g.weight_len()];
+    let t_x = g.out_channels_per_group() * g.kernel_h * g.kernel_w;
+    let t_w = g.batch * g.out_h * g.out_w;
     for algorithm in Algorithm::CONCRETE.into_iter().chain([Algorithm::Auto]) {
         let o = BackwardOptions::new(algorithm);
-        assert_eq!(conv.backward_input(&w, &dy, &mut dx, &o), Ok(()));
+        let mut dx = vec![f32::NAN; g.input_len()];
+        let mut dw = vec![f32::NAN; g.weight_len()];
+        let mut db = vec![f32::NAN; g.out_channels];
         let only_bias = Grads {
             bias: Some(&mut db),
             ..Grads::default()
         };
-        assert_eq!(conv.backward(&x, &w, &dy, only_bias, &o), Ok(()));
-        dw.fill(0.0);
-        let results = [
-            ("grad_weight", conv.backward_weight(&x, &dy, &mut dw, &o)),
-            (
-                "backward",
-                conv.backward(
-                    &x,
-                    &w,
-                    &dy,
-                    Grads {
-                        weight: Some(&mut dw),
-                        ..Grads::default()
-                    },
-                    &o,
-                ),
-            ),
-        ];
-        for (pass, result) in results {
-            if algorithm != Algorithm::Implicit {
-                assert_eq!(result, Ok(()), "{pass} {algorithm:?}");
-                continue;
-            }
-            let err = result.expect_err(pass);
-            assert_eq!(
-                err,
-                ConvError::UnsupportedAlgorithm {
-                    pass,
-                    algorithm: algorithm.name()
-                }
-            );
-            assert_mentions(&err.to_string(), &[pass, algorithm.name()]);
-            assert!(dw.iter().all(|&v| v == 0.0));
-        }
+        conv.backward(&x, &w, &dy, only_bias, &o).unwrap();
+        assert_eq!(bits(&db), bits(&want_db), "{algorithm:?}");
+        let grads = Grads {
+            input: Some(&mut dx),
+            weight: Some(&mut dw),
+            ..Grads::default()
+        };
+        conv.backward(&x, &w, &dy, grads, &o).unwrap();
+        let what = format!("{algorithm:?}");
+        assert_close(&what, &dx, &want_dx, &mx, &zeros_x, t_x).unwrap();
+        assert_close(&what, &dw, &want_dw, &mw, &zeros_w, t_w).unwrap();
     }
 }
 

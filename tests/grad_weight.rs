@@ -1,0 +1,418 @@
+//! `Algorithm::Implicit` for grad weight (`Conv2d::backward_weight`)
+//! against the `Direct` reference:
+//!
+//! * a property test on random shapes (stride, asymmetric padding,
+//!   dilation, groups, batch, both modes) on every ISA under test, both
+//!   GEMM backends, 1 and 2 threads, accumulate on and off, with small
+//!   forced blockings so that every block edge is crossed; on sequential
+//!   native calls the kernel trace shows the forced ISA's GEMM ran. The
+//!   tolerance is `tests/backward.rs`'s for `Im2col`: per element
+//!   `2·(T + 1)·ε·M` with `T = N·OH·OW` terms and `M` the sum of their
+//!   magnitudes (Direct on `|x|`, `|dy|`), plus `ε·(|start| + |want|)` for
+//!   the final add when accumulating;
+//! * bitwise reproducibility: two runs give the same bits, and so do 1 and
+//!   2 threads (the threads split dW, never the sum over the batch);
+//! * a timing harness (`#[ignore]`, run with `--release`), Implicit against
+//!   Im2col and the forward plan on the suite's layers.
+
+mod common;
+
+use common::{proptest_cases, Rng};
+use cpuconv::testing::{isas_under_test, traced, Blocking};
+use cpuconv::{
+    Algorithm, BackwardOptions, Conv2d, Conv2dParams, ConvError, ConvMode, ForwardOptions,
+    GemmBackend, Isa, Padding, Parallelism,
+};
+use proptest::prelude::*;
+use proptest::test_runner::{FileFailurePersistence, TestCaseError};
+use std::time::Instant;
+
+#[derive(Clone, Debug)]
+struct Case {
+    batch: usize,
+    channels_per_group: usize,
+    groups: usize,
+    out_per_group: usize,
+    kernel: (usize, usize),
+    stride: (usize, usize),
+    dilation: (usize, usize),
+    padding: Padding,
+    input: (usize, usize),
+    mode: ConvMode,
+    blocking: Option<Blocking>,
+    seed: u64,
+}
+
+impl Case {
+    fn params(&self) -> Conv2dParams {
+        Conv2dParams::new(
+            self.batch,
+            self.channels_per_group * self.groups,
+            self.input,
+            self.out_per_group * self.groups,
+            self.kernel,
+        )
+        .stride(self.stride.0, self.stride.1)
+        .dilation(self.dilation.0, self.dilation.1)
+        .padding(self.padding)
+        .groups(self.groups)
+        .mode(self.mode)
+    }
+}
+
+/// Shapes a little larger than `tests/backward.rs`'s, so that several tap,
+/// channel and depth blocks occur under the small forced blockings (an MC
+/// of 8 rows, a KC of 8–24, an NC of one or two panels).
+fn case_strategy() -> impl Strategy<Value = Case> {
+    (
+        (1usize..=3, 1usize..=6, 1usize..=2, 1usize..=40),
+        ((1usize..=4, 1usize..=4), (1usize..=3, 1usize..=3)),
+        (
+            (1usize..=3, 1usize..=3),
+            (0usize..=2, 0usize..=2, 0usize..=2, 0usize..=2),
+        ),
+        (1usize..=14, 1usize..=14),
+        (
+            prop_oneof![
+                Just(ConvMode::CrossCorrelation),
+                Just(ConvMode::Convolution)
+            ],
+            prop_oneof![
+                Just(None),
+                (1usize..=16, 8usize..=24, 1usize..=64).prop_map(|(mc, kc, nc)| Some(Blocking {
+                    mc,
+                    kc,
+                    nc
+                })),
+            ],
+            any::<u64>(),
+        ),
+    )
+        .prop_map(
+            |(
+                (batch, channels_per_group, groups, out_per_group),
+                (kernel, stride),
+                (dilation, (top, bottom, left, right)),
+                input,
+                (mode, blocking, seed),
+            )| Case {
+                batch,
+                channels_per_group,
+                groups,
+                out_per_group,
+                kernel,
+                stride,
+                dilation,
+                padding: Padding::explicit(top, bottom, left, right),
+                input,
+                mode,
+                blocking,
+                seed,
+            },
+        )
+}
+
+/// `|got − want| ≤ 2·(terms + 1)·ε·m + ε·(|start| + |want|)` per element
+/// (`tests/backward.rs`'s bound).
+fn assert_close(
+    what: &str,
+    got: &[f32],
+    want: &[f32],
+    magnitude: &[f32],
+    start: &[f32],
+    terms: usize,
+) -> Result<(), TestCaseError> {
+    let eps = f32::EPSILON as f64;
+    for (i, (((&a, &b), &m), &s)) in got.iter().zip(want).zip(magnitude).zip(start).enumerate() {
+        let tol = 2.0 * (terms + 1) as f64 * eps * (f64::from(m) + f64::from(s).abs())
+            + eps * (f64::from(s).abs() + f64::from(b).abs())
+            + 1e-30;
+        prop_assert!(
+            (f64::from(a) - f64::from(b)).abs() <= tol,
+            "{what}: element {i}: {a} vs {b}, tolerance {tol:e}"
+        );
+    }
+    Ok(())
+}
+
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
+fn build(case: &Case) -> Result<Conv2d, TestCaseError> {
+    match case.params().build() {
+        Ok(conv) => Ok(conv),
+        Err(ConvError::KernelLargerThanInput { .. }) => Err(TestCaseError::reject("empty output")),
+        Err(e) => panic!("{case:?}: {e}"),
+    }
+}
+
+/// Implicit against Direct for `case` on every ISA, both backends, 1 and
+/// 2 threads, accumulate on and off; the trace shows the forced ISA ran;
+/// 1 and 2 threads give the same bits, and so does a second run.
+fn check_against_direct(case: &Case) -> Result<(), TestCaseError> {
+    let conv = build(case)?;
+    let g = *conv.geometry();
+    let mut rng = Rng::new(case.seed);
+    let x = rng.vec(g.input_len());
+    let dy = rng.vec(g.output_len());
+    let start = rng.vec(g.weight_len());
+    let zeros = vec![0.0; g.weight_len()];
+    let abs = |v: &[f32]| v.iter().map(|a| a.abs()).collect::<Vec<f32>>();
+    let reference = BackwardOptions::new(Algorithm::Direct);
+    let mut magnitude = vec![0.0; g.weight_len()];
+    conv.backward_weight(&abs(&x), &abs(&dy), &mut magnitude, &reference)
+        .unwrap();
+    let mut want = vec![0.0; g.weight_len()];
+    conv.backward_weight(&x, &dy, &mut want, &reference)
+        .unwrap();
+    let mut want_acc = start.clone();
+    conv.backward_weight(&x, &dy, &mut want_acc, &reference.accumulate(true))
+        .unwrap();
+    let terms = g.batch * g.out_h * g.out_w;
+
+    for isa in isas_under_test() {
+        for backend in [GemmBackend::Native, GemmBackend::Matrixmultiply] {
+            let mut first: Option<Vec<u32>> = None;
+            for threads in [1, 2] {
+                let mut o = BackwardOptions::new(Algorithm::Implicit)
+                    .isa(isa)
+                    .backend(backend)
+                    .parallelism(Parallelism::threads(threads));
+                if let Some(b) = case.blocking {
+                    o = o.blocking(b);
+                }
+                let what = format!("{case:?} {isa:?} {backend:?} {threads} threads");
+                let mut dw = vec![f32::NAN; g.weight_len()];
+                let ((), trace) = traced(|| conv.backward_weight(&x, &dy, &mut dw, &o).unwrap());
+                assert_close(
+                    &format!("grad weight {what}"),
+                    &dw,
+                    &want,
+                    &magnitude,
+                    &zeros,
+                    terms,
+                )?;
+                if backend == GemmBackend::Native && threads == 1 {
+                    prop_assert!(
+                        trace.gemm_ran_on(isa),
+                        "{what}: no {isa:?} GEMM in {trace:?}"
+                    );
+                }
+                let mut again = vec![f32::NAN; g.weight_len()];
+                conv.backward_weight(&x, &dy, &mut again, &o).unwrap();
+                prop_assert_eq!(bits(&again), bits(&dw), "{}: a second run differs", what);
+                match &first {
+                    None => first = Some(bits(&dw)),
+                    Some(one) => {
+                        prop_assert_eq!(one, &bits(&dw), "{}: 1 and 2 threads differ", what)
+                    }
+                }
+                let mut acc = start.clone();
+                conv.backward_weight(&x, &dy, &mut acc, &o.accumulate(true))
+                    .unwrap();
+                assert_close(
+                    &format!("accumulated grad weight {what}"),
+                    &acc,
+                    &want_acc,
+                    &magnitude,
+                    &start,
+                    terms,
+                )?;
+            }
+        }
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig {
+        cases: proptest_cases(64),
+        max_global_rejects: 1 << 14,
+        failure_persistence: Some(Box::new(FileFailurePersistence::WithSource(
+            "proptest-regressions"
+        ))),
+        ..ProptestConfig::default()
+    })]
+
+    /// Implicit against Direct on every ISA, both backends, 1 and 2
+    /// threads, accumulate on and off; the trace shows the forced ISA ran;
+    /// 1 and 2 threads give the same bits, and so does a second run.
+    #[test]
+    fn implicit_matches_direct(case in case_strategy()) {
+        check_against_direct(&case)?;
+    }
+}
+
+/// The unpadded stride-1 1×1 kernel, whose chunks read the input planes in
+/// place (one image each), on every ISA and backend, 1 and 2 threads,
+/// several images, planes that do and do not fill whole chunks, groups,
+/// accumulate on and off, with and without a small forced blocking.
+#[test]
+fn pointwise_matches_direct() {
+    for (batch, c, hw, k, groups) in [
+        (1, 3, (5, 7), 5, 1),
+        (3, 16, (9, 9), 24, 2),
+        (2, 40, (4, 13), 33, 1),
+        (4, 8, (1, 1), 8, 4),
+    ] {
+        for blocking in [
+            None,
+            Some(Blocking {
+                mc: 8,
+                kc: 8,
+                nc: 16,
+            }),
+        ] {
+            let case = Case {
+                batch,
+                channels_per_group: c / groups,
+                groups,
+                out_per_group: k / groups,
+                kernel: (1, 1),
+                stride: (1, 1),
+                dilation: (1, 1),
+                padding: Padding::ZERO,
+                input: hw,
+                mode: ConvMode::CrossCorrelation,
+                blocking,
+                seed: (batch * 1000 + c) as u64,
+            };
+            check_against_direct(&case).unwrap_or_else(|e| panic!("{e}"));
+        }
+    }
+}
+
+// --- timing ------------------------------------------------------------------------------
+
+/// `(name, [N, C, H, W], K, kernel, stride, pad, dilation)`.
+type Layer = (&'static str, [usize; 4], usize, usize, usize, usize, usize);
+
+/// The layers of `tools/src/suite.rs` that lower to a GEMM, plus the
+/// 512-channel 7² stage-5 3×3 and a 64-channel batch of 16.
+#[rustfmt::skip]
+const LAYERS: &[Layer] = &[
+    ("r50_conv1",   [1,   3, 224, 224],   64, 7, 2, 3, 1),
+    ("r50_3x3",     [1,  64,  56,  56],   64, 3, 1, 1, 1),
+    ("r50_1x1",     [1, 256,  56,  56],   64, 1, 1, 0, 1),
+    ("r50_3x3_s2",  [1, 128,  56,  56],  128, 3, 2, 1, 1),
+    ("r50_deep",    [1, 256,  14,  14],  256, 3, 1, 1, 1),
+    ("r50_deep7",   [1, 512,   7,   7],  512, 3, 1, 1, 1),
+    ("r50_last1x1", [1, 512,   7,   7], 2048, 1, 1, 0, 1),
+    ("dilated",     [1,  64,  56,  56],   64, 3, 1, 2, 2),
+    ("batch16",     [16, 32,  32,  32],   64, 3, 1, 1, 1),
+    ("batch16_64",  [16, 64,  28,  28],   64, 3, 1, 1, 1),
+];
+
+/// Median seconds of `runs` calls of each candidate, the candidates
+/// interleaved call by call.
+fn medians(runs: usize, candidates: &mut [&mut dyn FnMut()]) -> Vec<f64> {
+    let mut times = vec![Vec::with_capacity(runs); candidates.len()];
+    for f in candidates.iter_mut() {
+        f();
+    }
+    for _ in 0..runs {
+        for (f, t) in candidates.iter_mut().zip(&mut times) {
+            let start = Instant::now();
+            f();
+            t.push(start.elapsed().as_secs_f64());
+        }
+    }
+    times
+        .into_iter()
+        .map(|mut t| {
+            t.sort_by(f64::total_cmp);
+            t[t.len() / 2]
+        })
+        .collect()
+}
+
+/// GFLOP/s (the forward's FLOPs) of grad weight Implicit and Im2col and of
+/// the forward plan (Implicit), per layer. `GW_ISA` (avx512, avx2,
+/// portable), `GW_THREADS` (default 1), `GW_RUNS` (default 15) and
+/// `GW_LAYERS` (comma-separated names) choose what runs:
+///
+/// `cargo test --release --test grad_weight -- --ignored --nocapture timing`
+#[test]
+#[ignore]
+fn timing() {
+    let isa = std::env::var("GW_ISA")
+        .ok()
+        .and_then(|s| Isa::from_name(&s))
+        .unwrap_or_else(cpuconv::isa);
+    let threads: usize = std::env::var("GW_THREADS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1);
+    let runs: usize = std::env::var("GW_RUNS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(15);
+    let only = std::env::var("GW_LAYERS").ok();
+    let par = Parallelism::threads(threads);
+    println!("isa {isa:?}, {threads} thread(s), median of {runs}; GFLOP/s");
+    println!(
+        "{:<12} {:>9} {:>9} {:>9} {:>7}",
+        "layer", "implicit", "im2col", "forward", "ratio"
+    );
+    for &(name, [n, c, h, w], k, r, s, p, d) in LAYERS {
+        if let Some(only) = &only {
+            if !only.split(',').any(|x| x == name) {
+                continue;
+            }
+        }
+        let conv = Conv2dParams::new(n, c, (h, w), k, (r, r))
+            .stride(s, s)
+            .padding(Padding::explicit(p, p, p, p))
+            .dilation(d, d)
+            .build()
+            .unwrap();
+        let g = *conv.geometry();
+        let mut rng = Rng::new(7);
+        let x = rng.vec(g.input_len());
+        let wt = rng.vec(g.weight_len());
+        let dy = rng.vec(g.output_len());
+        let mut dw = vec![0.0; g.weight_len()];
+        let mut dw2 = vec![0.0; g.weight_len()];
+        let mut y = vec![0.0; g.output_len()];
+        let implicit = BackwardOptions::new(Algorithm::Implicit)
+            .isa(isa)
+            .parallelism(par);
+        let im2col = BackwardOptions::new(Algorithm::Im2col)
+            .isa(isa)
+            .parallelism(par);
+        let plan = conv
+            .plan(
+                &wt,
+                None,
+                &ForwardOptions::new(Algorithm::Implicit)
+                    .isa(isa)
+                    .parallelism(par),
+            )
+            .unwrap();
+        if std::env::var("GW_ONLY_IMPLICIT").is_ok() {
+            let t = medians(
+                runs,
+                &mut [&mut || conv.backward_weight(&x, &dy, &mut dw, &implicit).unwrap()],
+            );
+            println!("{name:<12} {:>9.1}", conv.flops() as f64 / t[0] / 1e9);
+            continue;
+        }
+        let t = medians(
+            runs,
+            &mut [
+                &mut || conv.backward_weight(&x, &dy, &mut dw, &implicit).unwrap(),
+                &mut || conv.backward_weight(&x, &dy, &mut dw2, &im2col).unwrap(),
+                &mut || plan.forward(&x, &mut y).unwrap(),
+            ],
+        );
+        let gf = |t: f64| conv.flops() as f64 / t / 1e9;
+        println!(
+            "{name:<12} {:>9.1} {:>9.1} {:>9.1} {:>7.2}",
+            gf(t[0]),
+            gf(t[1]),
+            gf(t[2]),
+            t[2] / t[0]
+        );
+    }
+}
