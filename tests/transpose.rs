@@ -1104,3 +1104,387 @@ fn dot(a: &[f32], b: &[f32]) -> f64 {
         .map(|(&a, &b)| f64::from(a) * f64::from(b))
         .sum()
 }
+
+// --- errors ----------------------------------------------------------------------------------
+
+/// A grouped, strided transposed convolution with output padding: input
+/// `[2, 4, 3, 2]`, weight `[4, 3, 3, 2]`, output `[2, 6, 7, 6]`.
+fn base() -> ConvTranspose2dParams {
+    ConvTranspose2dParams::new(2, 4, (3, 2), 6, (3, 2))
+        .groups(2)
+        .stride(2, 3)
+        .output_padding(1, 2)
+        .padding(Padding::explicit(1, 0, 0, 1))
+}
+
+fn build_err(p: ConvTranspose2dParams) -> ConvError {
+    match p.build() {
+        Ok(t) => panic!("{p:?} built {t:?}"),
+        Err(e) => e,
+    }
+}
+
+#[test]
+fn zero_sizes_are_refused() {
+    type Set = fn(&mut ConvTranspose2dParams);
+    let cases: [(Set, &str); 7] = [
+        (|p| p.batch = 0, "batch"),
+        (|p| p.in_channels = 0, "in_channels"),
+        (|p| p.out_channels = 0, "out_channels"),
+        (|p| p.input_size.0 = 0, "input height"),
+        (|p| p.input_size.1 = 0, "input width"),
+        (|p| p.kernel_size.0 = 0, "kernel_size"),
+        (|p| p.kernel_size.1 = 0, "kernel_size"),
+    ];
+    for (set, name) in cases {
+        let mut p = base();
+        set(&mut p);
+        let e = build_err(p);
+        assert_eq!(e, ConvError::ZeroDimension { name }, "{p:?}");
+        assert_mentions(&e.to_string(), &[name, "0"]);
+    }
+}
+
+#[test]
+fn zero_stride_is_refused() {
+    for (h, w) in [(0, 2), (2, 0), (0, 0)] {
+        let e = build_err(base().stride(h, w));
+        assert_eq!(e, ConvError::ZeroStride { h, w });
+        assert_mentions(&e.to_string(), &["stride", &format!("({h}, {w})")]);
+    }
+}
+
+#[test]
+fn zero_dilation_is_refused() {
+    for (h, w) in [(0, 1), (1, 0)] {
+        let e = build_err(base().dilation(h, w));
+        assert_eq!(e, ConvError::ZeroDilation { h, w });
+        assert_mentions(&e.to_string(), &["dilation", &format!("({h}, {w})")]);
+    }
+}
+
+#[test]
+fn zero_groups_are_refused() {
+    let e = build_err(base().groups(0));
+    assert_eq!(e, ConvError::ZeroGroups);
+    assert_mentions(&e.to_string(), &["groups", "0"]);
+}
+
+/// Groups must divide C_in (4) and C_out (6).
+#[test]
+fn groups_must_divide_both_channel_counts() {
+    for groups in [3, 4, 5] {
+        let e = build_err(base().groups(groups));
+        assert_eq!(
+            e,
+            ConvError::GroupsMismatch {
+                groups,
+                in_channels: 4,
+                out_channels: 6
+            }
+        );
+        assert_mentions(&e.to_string(), &[&format!("groups = {groups}"), "4", "6"]);
+    }
+}
+
+/// Output padding must stay below `max(stride, dilation)` on each axis:
+/// equal to it is refused, one below is accepted (also where the dilation
+/// is the larger), whatever the padding rule.
+#[test]
+fn output_padding_too_large_is_refused() {
+    let p = ConvTranspose2dParams::new(1, 2, (4, 4), 2, (3, 3))
+        .stride(2, 1)
+        .dilation(1, 3);
+    // Height: stride 2, dilation 1; width: stride 1, dilation 3.
+    p.output_padding(1, 2).build().expect("below the limits");
+    for padding in [
+        TransposePadding::Explicit(Padding::ZERO),
+        TransposePadding::OnnxAuto(OnnxAutoPad::SameUpper),
+        TransposePadding::OnnxOutputShape {
+            size: (4, 4),
+            extra_at_end: false,
+        },
+    ] {
+        for (op, axis, value, stride, dilation) in
+            [((2, 0), "height", 2, 2, 1), ((0, 3), "width", 3, 1, 3)]
+        {
+            let e = build_err(p.padding(padding).output_padding(op.0, op.1));
+            assert_eq!(
+                e,
+                ConvError::OutputPaddingTooLarge {
+                    axis,
+                    output_padding: value,
+                    stride,
+                    dilation
+                },
+                "{padding:?}"
+            );
+            assert_mentions(
+                &e.to_string(),
+                &[
+                    "output_padding",
+                    axis,
+                    &format!("{axis} {value}"),
+                    &format!("stride {stride}"),
+                    &format!("dilation {dilation}"),
+                ],
+            );
+        }
+    }
+}
+
+/// ONNX `output_shape` in `1..=full` (here `full` = 7, or 8 with output
+/// padding 1): 0 and anything above `full` are refused, naming the axis,
+/// the request and `full`. (Above `full` is what the library documents;
+/// ONNX's own `test_convtranspose_output_shape` asks for it to extend the
+/// output instead: see the ignored `onnx_convtranspose_output_shape`.)
+#[test]
+fn unreachable_output_shape_is_refused() {
+    let p = ConvTranspose2dParams::new(1, 1, (3, 3), 1, (3, 3)).stride(2, 2);
+    let shape = |h, w| TransposePadding::OnnxOutputShape {
+        size: (h, w),
+        extra_at_end: false,
+    };
+    for (pp, size, axis, requested, full) in [
+        (p, (0, 5), "height", 0, 7),
+        (p, (5, 0), "width", 0, 7),
+        (p, (8, 5), "height", 8, 7),
+        (p, (7, 100), "width", 100, 7),
+        (p.output_padding(1, 1), (9, 8), "height", 9, 8),
+    ] {
+        let e = build_err(pp.padding(shape(size.0, size.1)));
+        assert_eq!(
+            e,
+            ConvError::UnreachableOutputShape {
+                axis,
+                requested,
+                full
+            }
+        );
+        assert_mentions(
+            &e.to_string(),
+            &[
+                "output_shape",
+                &format!("{axis} {requested}"),
+                &format!("1..={full}"),
+            ],
+        );
+    }
+    // The edges are reachable.
+    for size in [(1, 1), (7, 7), (1, 7)] {
+        let t = p.padding(shape(size.0, size.1)).build().unwrap();
+        assert_eq!(t.output_shape(), [1, 1, size.0, size.1]);
+    }
+}
+
+/// Explicit padding that removes all of an axis's `full` outputs (7 here):
+/// exactly `full`, more, and a sum that overflows (reported as
+/// `usize::MAX`).
+#[test]
+fn padding_that_removes_the_output_is_refused() {
+    let p = ConvTranspose2dParams::new(1, 1, (3, 3), 1, (3, 3)).stride(2, 2);
+    p.padding(Padding::explicit(3, 3, 6, 0))
+        .build()
+        .expect("one output left");
+    for (pad, axis, padding) in [
+        (Padding::explicit(3, 4, 0, 0), "height", 7),
+        (Padding::explicit(0, 0, 5, 9), "width", 14),
+        (Padding::explicit(usize::MAX, 1, 0, 0), "height", usize::MAX),
+        (Padding::explicit(0, 0, 1, usize::MAX), "width", usize::MAX),
+    ] {
+        let e = build_err(p.padding(pad));
+        assert_eq!(
+            e,
+            ConvError::PaddingRemovesOutput {
+                axis,
+                full: 7,
+                padding
+            }
+        );
+        assert_mentions(
+            &e.to_string(),
+            &[&format!("padding {padding}"), axis, "7 outputs"],
+        );
+    }
+}
+
+/// `Err(BufferLength)` naming `buffer` with the expected and given lengths.
+fn expect_length_error(
+    result: Result<(), ConvError>,
+    buffer: &str,
+    expected: usize,
+    actual: usize,
+) {
+    match result {
+        Err(e @ ConvError::BufferLength { .. }) => {
+            assert_eq!(
+                e,
+                ConvError::BufferLength {
+                    buffer: match buffer {
+                        "input" => "input",
+                        "weight" => "weight",
+                        "bias" => "bias",
+                        _ => "output",
+                    },
+                    expected,
+                    actual
+                }
+            );
+            assert_mentions(
+                &e.to_string(),
+                &[buffer, &expected.to_string(), &actual.to_string()],
+            );
+        }
+        other => panic!("{buffer} of {actual}: expected BufferLength, got {other:?}"),
+    }
+}
+
+/// Each buffer one element short and one too long, through every call that
+/// takes it (`forward`, `forward_with`, `forward_to_vec`, `plan`,
+/// `plan.forward`): a `BufferLength` naming it, and the output untouched.
+#[test]
+fn bad_buffer_lengths_are_named() {
+    let t = base().build().unwrap();
+    assert_eq!(t.output_shape(), [2, 6, 7, 6]);
+    let (il, wl, bl, ol) = (2 * 4 * 3 * 2, 4 * 3 * 3 * 2, 6, 2 * 6 * 7 * 6);
+    let mut rng = Rng::new(5);
+    let (x, w, b) = (rng.vec(il), rng.vec(wl), rng.vec(bl));
+    let options = ForwardOptions::default().activation(Activation::Relu);
+    for algorithm in algorithms() {
+        for delta in [-1isize, 1] {
+            let resize = |v: &[f32]| -> Vec<f32> {
+                let mut v = v.to_vec();
+                v.resize((v.len() as isize + delta) as usize, 0.5);
+                v
+            };
+            let (xb, wb, bb) = (resize(&x), resize(&w), resize(&b));
+            let len = |n: usize| (n as isize + delta) as usize;
+            let mut out = vec![7.0; ol];
+            let mut out_bad = vec![7.0; len(ol)];
+            let o = options.algorithm(algorithm);
+            let fwd = |x: &[f32], w: &[f32], b: &[f32], y: &mut [f32]| {
+                t.forward(x, w, Some(b), y, algorithm)
+            };
+            expect_length_error(fwd(&xb, &w, &b, &mut out), "input", il, len(il));
+            expect_length_error(fwd(&x, &wb, &b, &mut out), "weight", wl, len(wl));
+            expect_length_error(fwd(&x, &w, &bb, &mut out), "bias", bl, len(bl));
+            expect_length_error(fwd(&x, &w, &b, &mut out_bad), "output", ol, len(ol));
+            let with = |x: &[f32], w: &[f32], b: &[f32], y: &mut [f32]| {
+                t.forward_with(x, w, Some(b), y, &o)
+            };
+            expect_length_error(with(&xb, &w, &b, &mut out), "input", il, len(il));
+            expect_length_error(with(&x, &wb, &b, &mut out), "weight", wl, len(wl));
+            expect_length_error(with(&x, &w, &bb, &mut out), "bias", bl, len(bl));
+            expect_length_error(with(&x, &w, &b, &mut out_bad), "output", ol, len(ol));
+            let to_vec = |x: &[f32], w: &[f32], b: &[f32]| {
+                t.forward_to_vec(x, w, Some(b), algorithm).map(drop)
+            };
+            expect_length_error(to_vec(&xb, &w, &b), "input", il, len(il));
+            expect_length_error(to_vec(&x, &wb, &b), "weight", wl, len(wl));
+            expect_length_error(to_vec(&x, &w, &bb), "bias", bl, len(bl));
+            let plan = |w: &[f32], b: &[f32]| t.plan(w, Some(b), &o).map(drop);
+            expect_length_error(plan(&wb, &b), "weight", wl, len(wl));
+            expect_length_error(plan(&w, &bb), "bias", bl, len(bl));
+            let plan = t.plan(&w, Some(&b), &o).unwrap();
+            expect_length_error(plan.forward(&xb, &mut out), "input", il, len(il));
+            expect_length_error(plan.forward(&x, &mut out_bad), "output", ol, len(ol));
+            assert!(
+                out.iter().chain(&out_bad).all(|&v| v == 7.0),
+                "{algorithm:?}: a refused call wrote its output"
+            );
+        }
+    }
+}
+
+/// A NaN clamp bound is refused by `forward_with` and `plan` on every
+/// algorithm, naming both bounds, with the output untouched.
+#[test]
+fn nan_clamp_bound_is_refused() {
+    let t = base().build().unwrap();
+    let mut rng = Rng::new(6);
+    let x = rng.vec(t.input_shape().iter().product());
+    let w = rng.vec(t.weight_shape().iter().product());
+    let ol = t.output_shape().iter().product();
+    for (min, max) in [(f32::NAN, 1.0), (-1.0, f32::NAN)] {
+        let act = Activation::Clamp { min, max };
+        for algorithm in algorithms() {
+            let o = ForwardOptions::new(algorithm).activation(act);
+            let mut out = vec![7.0; ol];
+            for (how, result) in [
+                ("forward_with", t.forward_with(&x, &w, None, &mut out, &o)),
+                ("plan", t.plan(&w, None, &o).map(drop)),
+            ] {
+                let e = result.expect_err(how);
+                assert!(
+                    matches!(e, ConvError::InvalidActivation { min: a, max: b }
+                        if a.to_bits() == min.to_bits() && b.to_bits() == max.to_bits()),
+                    "{algorithm:?} {how}: {e:?}"
+                );
+                assert_mentions(
+                    &e.to_string(),
+                    &["Clamp", "NaN", &format!("{min}"), &format!("{max}")],
+                );
+            }
+            assert!(out.iter().all(|&v| v == 7.0), "{algorithm:?}");
+        }
+    }
+}
+
+/// Sizes past `isize::MAX` or `usize` are errors, never panics or
+/// wrapped arithmetic: a stride above `isize::MAX`; a full output that
+/// overflows `usize`; one above `isize::MAX`; an output buffer whose length
+/// overflows; a FLOP count that overflows `u64`.
+#[test]
+fn huge_sizes_are_errors_not_panics() {
+    let big = isize::MAX as usize;
+    let one = |input, kernel| ConvTranspose2dParams::new(1, 1, input, 1, kernel);
+    let cases = [
+        (
+            one((3, 1), (2, 1)).stride(usize::MAX, 1),
+            ConvError::TooLarge {
+                what: "vertical stride",
+                value: usize::MAX,
+            },
+        ),
+        (
+            // (2^63 − 1)·2 + 1·1 + 1 overflows.
+            one((3, 1), (2, 1)).stride(big, 1),
+            ConvError::Overflow {
+                what: "transposed convolution output size",
+            },
+        ),
+        (
+            // 2^62·2 + 1 = 2^63 + 1 outputs.
+            one((1, 3), (1, 1)).stride(1, 1 << 62),
+            ConvError::TooLarge {
+                what: "output width",
+                value: (1 << 63) + 1,
+            },
+        ),
+        (
+            // (2^32 + 1)² output elements.
+            one((3, 3), (1, 1)).stride(1 << 31, 1 << 31),
+            ConvError::Overflow {
+                what: "transposed convolution buffer length",
+            },
+        ),
+        (
+            // 2·2^32·2^32 FLOPs; every buffer fits.
+            one((1 << 16, 1 << 16), (1 << 16, 1 << 16)),
+            ConvError::Overflow {
+                what: "transposed convolution FLOP count",
+            },
+        ),
+    ];
+    for (p, want) in cases {
+        let e = build_err(p);
+        assert_eq!(e, want, "{p:?}");
+        match &want {
+            ConvError::TooLarge { what, value } => {
+                assert_mentions(&e.to_string(), &[what, &value.to_string(), "isize::MAX"])
+            }
+            ConvError::Overflow { what } => assert_mentions(&e.to_string(), &[what, "overflow"]),
+            _ => unreachable!(),
+        }
+    }
+}
