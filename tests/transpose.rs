@@ -1488,3 +1488,79 @@ fn huge_sizes_are_errors_not_panics() {
         }
     }
 }
+
+/// Two layers larger than the random cases (deep enough GEMMs to cross
+/// register tiles and split across threads: a 2× upsampling 4×4 kernel and
+/// a grouped, dilated one with output padding and ONNX `SAME_LOWER`),
+/// every algorithm on every engine combination and through plans, against
+/// the f64 reference.
+#[test]
+fn larger_layers_match_the_reference() {
+    let layer = |in_per_group, out_per_group, groups, input, kernel, stride, dilation, pad| Case {
+        batch: 2,
+        in_per_group,
+        out_per_group,
+        groups,
+        input,
+        kernel,
+        stride,
+        dilation,
+        raw_output_padding: (1, 1),
+        below_stride: false,
+        pad,
+        mode: ConvMode::CrossCorrelation,
+        bias: true,
+        activation: Activation::Relu,
+        seed: 0x1A46_E000 + in_per_group as u64,
+    };
+    for case in [
+        layer(
+            40,
+            24,
+            1,
+            (9, 11),
+            (4, 4),
+            (2, 2),
+            (1, 1),
+            PadChoice::Explicit(Padding::symmetric(1, 1)),
+        ),
+        layer(
+            12,
+            8,
+            3,
+            (7, 6),
+            (3, 2),
+            (2, 3),
+            (3, 2),
+            PadChoice::Auto(OnnxAutoPad::SameLower),
+        ),
+    ] {
+        let t = build(&case).unwrap_or_else(|e| panic!("{case:?}: {e}"));
+        let (x, w, b) = tensors(&case, &t);
+        let b = b.as_deref();
+        let [_, _, oh, ow] = t.output_shape();
+        let r = reference(&case, t.padding(), (oh, ow), &x, &w, b);
+        let exact: Vec<f64> = r
+            .value
+            .iter()
+            .map(|&v| f64::from(case.activation.apply(v as f32)))
+            .collect();
+        let terms = case.in_per_group * case.kernel.0 * case.kernel.1;
+        for algorithm in algorithms() {
+            for (isa, backend, par) in engine_combos() {
+                let what = format!("{case:?} {algorithm:?} {isa:?} {backend:?} {par:?}");
+                let o = ForwardOptions::new(algorithm)
+                    .activation(case.activation)
+                    .isa(isa)
+                    .backend(backend)
+                    .parallelism(par);
+                let mut y = vec![f32::NAN; exact.len()];
+                t.forward_with(&x, &w, b, &mut y, &o).unwrap();
+                assert_close(&what, &y, &exact, &r.magnitude, terms).unwrap();
+                let mut y = vec![f32::NAN; exact.len()];
+                t.plan(&w, b, &o).unwrap().forward(&x, &mut y).unwrap();
+                assert_close(&format!("plan {what}"), &y, &exact, &r.magnitude, terms).unwrap();
+            }
+        }
+    }
+}
