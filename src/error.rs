@@ -109,16 +109,16 @@ pub enum ConvError {
         /// The dilation on that axis.
         dilation: usize,
     },
-    /// A transposed convolution's ONNX `output_shape` cannot be reached on
-    /// one axis: it must lie in `1..=full`, `full` being the output with no
-    /// padding, `stride·(input − 1) + output_padding + dilation·(kernel −
-    /// 1) + 1`.
+    /// A transposed convolution's ONNX `output_shape` is 0 on one axis (any
+    /// larger size is reached: by removing padding from the full output,
+    /// `stride·(input − 1) + output_padding + dilation·(kernel − 1) + 1`,
+    /// or by extending it at the end).
     UnreachableOutputShape {
         /// `"height"` or `"width"`.
         axis: &'static str,
         /// The output size asked for.
         requested: usize,
-        /// The largest size reachable.
+        /// The full output's size on that axis.
         full: usize,
     },
     /// A transposed convolution's padding removes its whole output on one
@@ -204,8 +204,8 @@ impl fmt::Display for ConvError {
                 full,
             } => write!(
                 f,
-                "output_shape {axis} {requested} is unreachable: a transposed convolution \
-                 of this input gives 1..={full}"
+                "output_shape {axis} {requested} is unreachable: a transposed convolution's \
+                 output has at least 1 (its full output here is {full})"
             ),
             ConvError::PaddingRemovesOutput {
                 axis,

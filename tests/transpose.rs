@@ -240,9 +240,6 @@ fn onnx_convtranspose_kernel_shape() {
 /// result above, the extra row and column (beyond the full output) at the
 /// end, holding 0.
 #[test]
-#[ignore = "bug: output_shape above the full output (ONNX test_convtranspose_output_shape, \
-            negative total_padding) is refused with UnreachableOutputShape instead of \
-            extending the output at the end"]
 fn onnx_convtranspose_output_shape() {
     let t = ConvTranspose2dParams::new(1, 1, (3, 3), 2, (3, 3))
         .stride(3, 2)
@@ -538,8 +535,6 @@ fn convolution_mode_flips_the_kernel() {
 /// Only the shape is asserted: where the extra output goes differs between
 /// the ONNX reference (floor division) and ONNX Runtime.
 #[test]
-#[ignore = "bug: ONNX SAME_UPPER/SAME_LOWER with a kernel smaller than the stride gives the \
-            full output (5) instead of input·stride (6) outputs per axis"]
 fn onnx_same_with_kernel_smaller_than_stride_keeps_input_times_stride() {
     for auto in [OnnxAutoPad::SameUpper, OnnxAutoPad::SameLower] {
         let t = ConvTranspose2dParams::new(1, 1, (3, 3), 1, (1, 1))
@@ -664,43 +659,52 @@ impl Case {
     /// the excess over the size split as the ONNX equations say, more at the
     /// end for `SAME_UPPER` (`extra_at_end`), more at the beginning
     /// otherwise.
-    fn removed(&self, index: usize) -> (usize, usize) {
+    /// `(begin, end, size)` of one axis: what is removed from the full
+    /// output and what is kept; an ONNX size above the full output keeps
+    /// it all and extends it at the end. `None` when the padding removes
+    /// the whole axis.
+    fn resolved_axis(&self, index: usize) -> Option<(usize, usize, usize)> {
         let a = self.axis(index);
-        let split = |total: usize, more_at_end: bool| {
+        let f = full(a);
+        let keep = |size: usize, more_at_end: bool| {
+            if size > f {
+                return (0, 0, size);
+            }
+            let total = f - size;
             if more_at_end {
-                (total / 2, total - total / 2)
+                (total / 2, total - total / 2, size)
             } else {
-                (total - total / 2, total / 2)
+                (total - total / 2, total / 2, size)
             }
         };
-        match (self.pad, self.padding()) {
-            (PadChoice::Explicit(p), _) if index == 0 => (p.top, p.bottom),
-            (PadChoice::Explicit(p), _) => (p.left, p.right),
-            (PadChoice::Auto(OnnxAutoPad::Valid), _) => (0, 0),
-            (PadChoice::Auto(same), _) => split(
-                full(a).saturating_sub(a.0 * a.2),
-                same == OnnxAutoPad::SameUpper,
-            ),
+        let (begin, end, size) = match (self.pad, self.padding()) {
+            (PadChoice::Explicit(p), _) => {
+                let (b, e) = if index == 0 {
+                    (p.top, p.bottom)
+                } else {
+                    (p.left, p.right)
+                };
+                if b + e >= f {
+                    return None;
+                }
+                (b, e, f - b - e)
+            }
+            (PadChoice::Auto(OnnxAutoPad::Valid), _) => (0, 0, f),
+            (PadChoice::Auto(same), _) => keep(a.0 * a.2, same == OnnxAutoPad::SameUpper),
             (_, TransposePadding::OnnxOutputShape { size, extra_at_end }) => {
-                let size = if index == 0 { size.0 } else { size.1 };
-                split(full(a) - size, extra_at_end)
+                keep(if index == 0 { size.0 } else { size.1 }, extra_at_end)
             }
             _ => unreachable!(),
-        }
+        };
+        Some((begin, end, size))
     }
 
     /// The resolved padding and output size, or `None` when the padding
     /// removes a whole axis.
     fn resolved(&self) -> Option<(Padding, (usize, usize))> {
-        let (top, bottom) = self.removed(0);
-        let (left, right) = self.removed(1);
-        let (fh, fw) = (full(self.axis(0)), full(self.axis(1)));
-        (top + bottom < fh && left + right < fw).then(|| {
-            (
-                Padding::explicit(top, bottom, left, right),
-                (fh - top - bottom, fw - left - right),
-            )
-        })
+        let (top, bottom, oh) = self.resolved_axis(0)?;
+        let (left, right, ow) = self.resolved_axis(1)?;
+        Some((Padding::explicit(top, bottom, left, right), (oh, ow)))
     }
 }
 
@@ -1245,35 +1249,68 @@ fn unreachable_output_shape_is_refused() {
         size: (h, w),
         extra_at_end: false,
     };
-    for (pp, size, axis, requested, full) in [
-        (p, (0, 5), "height", 0, 7),
-        (p, (5, 0), "width", 0, 7),
-        (p, (8, 5), "height", 8, 7),
-        (p, (7, 100), "width", 100, 7),
-        (p.output_padding(1, 1), (9, 8), "height", 9, 8),
-    ] {
-        let e = build_err(pp.padding(shape(size.0, size.1)));
+    for (size, axis) in [((0, 5), "height"), ((5, 0), "width")] {
+        let e = build_err(p.padding(shape(size.0, size.1)));
         assert_eq!(
             e,
             ConvError::UnreachableOutputShape {
                 axis,
-                requested,
-                full
+                requested: 0,
+                full: 7
             }
         );
-        assert_mentions(
-            &e.to_string(),
-            &[
-                "output_shape",
-                &format!("{axis} {requested}"),
-                &format!("1..={full}"),
-            ],
-        );
+        assert_mentions(&e.to_string(), &["output_shape", &format!("{axis} 0"), "7"]);
     }
-    // The edges are reachable.
-    for size in [(1, 1), (7, 7), (1, 7)] {
+    // Every other size is reached: by padding up to the full output (7),
+    // by extending it at the end beyond.
+    for size in [(1, 1), (7, 7), (1, 7), (8, 5), (7, 100)] {
         let t = p.padding(shape(size.0, size.1)).build().unwrap();
         assert_eq!(t.output_shape(), [1, 1, size.0, size.1]);
+    }
+}
+
+/// Outputs beyond the full output (an ONNX `output_shape` above it) meet no
+/// input: they hold `act(bias)` on every algorithm.
+#[test]
+fn output_shape_above_full_holds_the_bias() {
+    let t = ConvTranspose2dParams::new(1, 2, (3, 3), 2, (3, 3))
+        .stride(2, 2)
+        .padding(TransposePadding::OnnxOutputShape {
+            size: (9, 8),
+            extra_at_end: true,
+        })
+        .build()
+        .unwrap();
+    assert_eq!(t.padding(), Padding::ZERO);
+    let x = vec![1.0; 2 * 9];
+    let w = vec![0.5; 2 * 2 * 9];
+    let bias = [-0.25, 3.0];
+    for algorithm in [
+        Algorithm::Direct,
+        Algorithm::Implicit,
+        Algorithm::DirectSimd,
+        Algorithm::Auto,
+    ] {
+        let options = ForwardOptions::new(algorithm).activation(Activation::Relu);
+        let mut y = vec![f32::NAN; 2 * 9 * 8];
+        t.forward_with(&x, &w, Some(&bias), &mut y, &options)
+            .unwrap();
+        for (c, &b) in bias.iter().enumerate() {
+            let plane = &y[c * 72..][..72];
+            for oh in 0..9 {
+                for ow in 0..8 {
+                    if oh >= 7 || ow >= 7 {
+                        assert_eq!(
+                            plane[oh * 8 + ow],
+                            b.max(0.0),
+                            "{algorithm:?} {c} {oh} {ow}"
+                        );
+                    }
+                }
+            }
+            // (0, 0) meets one tap of each input channel: 2·0.5 + bias.
+            assert_eq!(plane[0], (1.0 + b).max(0.0), "{algorithm:?}");
+        }
     }
 }
 

@@ -20,13 +20,18 @@ pub enum TransposePadding {
     /// ONNX `auto_pad`: `SameUpper` and `SameLower` keep `input·stride`
     /// outputs per axis, removing the rest evenly, an odd one at the end
     /// (`SameUpper`) or the beginning (`SameLower`); `Valid` removes
-    /// nothing.
+    /// nothing. Where the full output is shorter than `input·stride` (a
+    /// kernel smaller than the stride) it is extended at the end with
+    /// outputs no input reaches, which hold `act(bias)`.
     OnnxAuto(OnnxAutoPad),
-    /// ONNX `output_shape`: keep `size` outputs per axis (at most the full
-    /// output), the padding computed as the ONNX operator's equations say:
-    /// with `total = full − size`, `SameUpper` (`extra_at_end`) removes
-    /// `total/2` at the beginning and the rest at the end; otherwise (auto_pad
-    /// `NOTSET` or `SameLower`) `total − total/2` at the beginning.
+    /// ONNX `output_shape`: keep `size` outputs per axis, the padding
+    /// computed as the ONNX operator's equations say: with `total = full −
+    /// size`, `SameUpper` (`extra_at_end`) removes `total/2` at the
+    /// beginning and the rest at the end; otherwise (auto_pad `NOTSET` or
+    /// `SameLower`) `total − total/2` at the beginning. A size above the full
+    /// output (a negative total) extends it at the end with outputs no input
+    /// reaches, which hold `act(bias)`: onnxruntime's reading (it clamps the
+    /// padding at 0), and the values of ONNX's `test_convtranspose_output_shape`.
     OnnxOutputShape {
         /// Output height and width.
         size: (usize, usize),
@@ -171,7 +176,7 @@ impl ConvTranspose2dParams {
     /// # Errors
     /// A zero size, stride, dilation or group count; groups that do not
     /// divide both channel counts; an output padding not below the larger
-    /// of stride and dilation; an `output_shape` outside `1..=full`; padding
+    /// of stride and dilation; an `output_shape` of 0; padding
     /// that removes the whole output; a size that overflows or exceeds
     /// `isize::MAX`.
     pub fn build(self) -> Result<ConvTranspose2d, ConvError> {
@@ -221,45 +226,58 @@ fn resolve_axis(
         .and_then(|v| v.checked_add(dilation.checked_mul(kernel - 1)?))
         .and_then(|v| v.checked_add(1))
         .ok_or(overflow.clone())?;
-    let split = |total: usize, extra_at_end: bool| {
-        let half = total / 2;
-        if extra_at_end {
-            (half, total - half)
-        } else {
-            (total - half, half)
+    // What is kept: the explicit rules remove padding from the full output;
+    // the ONNX rules name a size, reached by removing `full − size` split
+    // as the spec says, or, for a size above `full` (a negative total
+    // padding), by extending the output at the end with outputs no input
+    // reaches (`act(bias)`), as onnxruntime does (it clamps the padding
+    // at 0 and keeps the size).
+    let target = match p.padding {
+        TransposePadding::Explicit(pad) => {
+            let (begin, end) = if index == 0 {
+                (pad.top, pad.bottom)
+            } else {
+                (pad.left, pad.right)
+            };
+            let removed = begin.checked_add(end);
+            return match removed {
+                Some(removed) if removed < full => Ok((begin, end, full - removed)),
+                _ => Err(ConvError::PaddingRemovesOutput {
+                    axis,
+                    full,
+                    padding: removed.unwrap_or(usize::MAX),
+                }),
+            };
         }
-    };
-    let (begin, end) = match p.padding {
-        TransposePadding::Explicit(pad) if index == 0 => (pad.top, pad.bottom),
-        TransposePadding::Explicit(pad) => (pad.left, pad.right),
-        TransposePadding::OnnxAuto(OnnxAutoPad::Valid) => (0, 0),
-        TransposePadding::OnnxAuto(same) => {
-            let size = input.checked_mul(stride).ok_or(overflow)?;
-            // ONNX asks for input·stride outputs; a full output shorter than
-            // that (kernel smaller than stride) keeps what there is.
-            split(full.saturating_sub(size), same == OnnxAutoPad::SameUpper)
-        }
+        TransposePadding::OnnxAuto(OnnxAutoPad::Valid) => return Ok((0, 0, full)),
+        TransposePadding::OnnxAuto(same) => (
+            input.checked_mul(stride).ok_or(overflow)?,
+            same == OnnxAutoPad::SameUpper,
+        ),
         TransposePadding::OnnxOutputShape { size, extra_at_end } => {
             let requested = pick(size);
-            if requested == 0 || requested > full {
+            if requested == 0 {
                 return Err(ConvError::UnreachableOutputShape {
                     axis,
                     requested,
                     full,
                 });
             }
-            split(full - requested, extra_at_end)
+            (requested, extra_at_end)
         }
     };
-    let removed = begin.checked_add(end);
-    match removed {
-        Some(removed) if removed < full => Ok((begin, end, full - removed)),
-        _ => Err(ConvError::PaddingRemovesOutput {
-            axis,
-            full,
-            padding: removed.unwrap_or(usize::MAX),
-        }),
+    let (size, extra_at_end) = target;
+    if size > full {
+        return Ok((0, 0, size));
     }
+    let total = full - size;
+    let half = total / 2;
+    let (begin, end) = if extra_at_end {
+        (half, total - half)
+    } else {
+        (total - half, half)
+    };
+    Ok((begin, end, size))
 }
 
 impl ConvTranspose2d {
