@@ -953,3 +953,73 @@ fn pointwise_grad_input_in_place_matches_direct() {
         }
     }
 }
+
+/// Grad input through the phases with small forced blocks (carried by
+/// `BackwardOptions::blocking` to every phase's GEMM), on shapes whose
+/// phase GEMMs cross KC (depth `K/g·R'·S'` above 8), MC (`C/g` above 8
+/// rows) and NC (phase planes above 32 pixels) edges: against `Direct`,
+/// and the trace shows every edge was crossed.
+#[test]
+fn grad_input_phases_with_small_blocks_cross_every_edge() {
+    use cpuconv::testing::Blocking;
+    let blocking = Blocking {
+        mc: 8,
+        kc: 8,
+        nc: 32,
+    };
+    let shapes = [
+        // (batch, C, K, groups, input, kernel, stride, padding, dilation)
+        (1, 24, 20, 1, (11, 13), (3, 3), (1, 1), 1, (1, 1)),
+        (2, 18, 12, 2, (14, 9), (3, 2), (2, 2), 1, (1, 1)),
+        (1, 17, 9, 1, (16, 16), (4, 4), (2, 2), 1, (1, 2)),
+        (1, 10, 30, 1, (9, 12), (1, 1), (2, 1), 0, (1, 1)),
+    ];
+    let mut edges = [0u64; 3];
+    for (batch, c, k, groups, input, kernel, stride, pad, dilation) in shapes {
+        let conv = Conv2dParams::new(batch, c, input, k, kernel)
+            .stride(stride.0, stride.1)
+            .padding(Padding::symmetric(pad, pad))
+            .dilation(dilation.0, dilation.1)
+            .groups(groups)
+            .build()
+            .unwrap();
+        let g = *conv.geometry();
+        let mut rng = Rng::new(11);
+        let (x, w, dy) = (
+            rng.vec(g.input_len()),
+            rng.vec(g.weight_len()),
+            rng.vec(g.output_len()),
+        );
+        let (mx, _) = magnitudes(&conv, &x, &w, &dy);
+        let mut want = vec![0.0; g.input_len()];
+        conv.backward_input(&w, &dy, &mut want, &default_options())
+            .unwrap();
+        let zeros = vec![0.0; g.input_len()];
+        let t_x = g.out_channels_per_group() * g.kernel_h * g.kernel_w;
+        for isa in cpuconv::testing::isas_under_test() {
+            for par in [Parallelism::Sequential, Parallelism::Rayon] {
+                let o = BackwardOptions::new(Algorithm::Implicit)
+                    .isa(isa)
+                    .parallelism(par)
+                    .blocking(blocking);
+                let mut dx = vec![f32::NAN; g.input_len()];
+                let ((), trace) = traced(|| conv.backward_input(&w, &dy, &mut dx, &o).unwrap());
+                let what = format!(
+                    "{:?} {isa:?} {par:?}",
+                    (batch, c, k, groups, input, kernel, stride)
+                );
+                assert_close(&what, &dx, &want, &mx, &zeros, t_x).unwrap();
+                if par == Parallelism::Sequential {
+                    assert!(trace.gemm_ran_on(isa), "{what}: {trace:?}");
+                    edges[0] += trace.kc_edges;
+                    edges[1] += trace.mc_edges;
+                    edges[2] += trace.nc_edges;
+                }
+            }
+        }
+    }
+    assert!(
+        edges.iter().all(|&e| e > 0),
+        "KC, MC, NC edges crossed: {edges:?}"
+    );
+}
