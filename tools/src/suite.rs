@@ -115,6 +115,12 @@ pub const SEED_INPUT: [f32; 9] = [1.0, 0.0, 1.0, 2.0, 1.0, 0.0, 0.0, 1.0, 1.0];
 pub const SEED_WEIGHT: [f32; 4] = [1.0, 0.0, 0.0, 1.0];
 /// What the seed layer must produce: `[[2,0],[3,2]]`.
 pub const SEED_OUTPUT: [f32; 4] = [2.0, 0.0, 3.0, 2.0];
+/// The seed layer's output gradient for the backward passes: `[[1,2],[3,4]]`.
+pub const SEED_GRAD_OUTPUT: [f32; 4] = [1.0, 2.0, 3.0, 4.0];
+/// Its input gradient: `[[1,2,0],[3,5,2],[0,3,4]]`.
+pub const SEED_GRAD_INPUT: [f32; 9] = [1.0, 2.0, 0.0, 3.0, 5.0, 2.0, 0.0, 3.0, 4.0];
+/// Its weight gradient: `[[11,5],[8,8]]`.
+pub const SEED_GRAD_WEIGHT: [f32; 4] = [11.0, 5.0, 8.0, 8.0];
 
 /// SplitMix64: a tiny deterministic generator, good enough for test data.
 pub struct Rng(u64);
@@ -195,10 +201,17 @@ impl Layer {
             .unwrap_or_else(|e| panic!("layer {}: {e}", self.name))
     }
 
+    /// Whether this is the seed layer (by name and size), which gets the
+    /// textbook tensors whose results are known.
+    pub fn is_seed(&self, conv: &Conv2d) -> bool {
+        let g = conv.geometry();
+        self.name == "seed" && g.input_len() == 9 && g.weight_len() == 4 && g.output_len() == 4
+    }
+
     /// [`Layer::data`], or which tensor could not be allocated.
     pub fn try_data(&self, conv: &Conv2d) -> Result<LayerData, String> {
         let g = conv.geometry();
-        if self.name == "seed" && g.input_len() == 9 && g.weight_len() == 4 {
+        if self.is_seed(conv) {
             return Ok(LayerData {
                 input: SEED_INPUT.to_vec(),
                 weight: SEED_WEIGHT.to_vec(),
@@ -211,6 +224,27 @@ impl Layer {
             weight: rng.try_vec("weight", g.weight_len())?,
             bias: Some(rng.try_vec("bias", g.out_channels)?),
         })
+    }
+}
+
+impl Layer {
+    /// A deterministic output gradient `[N, K, OH, OW]` for the backward
+    /// passes: random values in `[-1, 1)` from a seed of its own, or
+    /// [`SEED_GRAD_OUTPUT`] for the seed layer. Panics where
+    /// [`Layer::try_grad_output`] fails.
+    #[allow(dead_code)] // the benchmarks' form; the tool uses `try_grad_output`
+    pub fn grad_output(&self, conv: &Conv2d) -> Vec<f32> {
+        self.try_grad_output(conv)
+            .unwrap_or_else(|e| panic!("layer {}: {e}", self.name))
+    }
+
+    /// [`Layer::grad_output`], or why it could not be allocated.
+    pub fn try_grad_output(&self, conv: &Conv2d) -> Result<Vec<f32>, String> {
+        if self.is_seed(conv) {
+            return Ok(SEED_GRAD_OUTPUT.to_vec());
+        }
+        let mut rng = Rng::new(name_seed(&self.name) ^ 0x6772_6164); // "grad"
+        rng.try_vec("grad_output", conv.geometry().output_len())
     }
 }
 
