@@ -307,8 +307,23 @@ fn pair(s: &str, what: &str) -> Result<(usize, usize), String> {
     }
 }
 
-/// Parses a `--shape` (see [`SHAPE_SYNTAX`]); `index` names unnamed shapes.
-pub fn parse_shape(spec: &str, index: usize) -> Result<Layer, String> {
+/// The fields of a `--shape`, before they become a descriptor: shared by
+/// the ordinary and the transposed syntax.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct ShapeFields {
+    name: String,
+    input: [usize; 4],
+    out_channels: usize,
+    kernel: (usize, usize),
+    stride: Option<(usize, usize)>,
+    padding: Option<Padding>,
+    output_padding: Option<(usize, usize)>,
+    dilation: Option<(usize, usize)>,
+    groups: Option<usize>,
+}
+
+/// Parses the common syntax; `op` (output padding) only where `transposed`.
+fn parse_fields(spec: &str, index: usize, transposed: bool) -> Result<ShapeFields, String> {
     let (name, rest) = match spec.split_once('=') {
         Some((n, r)) if !n.trim().is_empty() => (n.trim().to_string(), r),
         Some((_, r)) => (format!("shape{index}"), r),
@@ -332,7 +347,17 @@ pub fn parse_shape(spec: &str, index: usize) -> Result<Layer, String> {
             .ok_or_else(|| format!("{spec:?}: missing the kernel RxS"))?,
         "kernel RxS",
     )?;
-    let mut params = Conv2dParams::new(n, c, (h, w), k, kernel);
+    let mut fields = ShapeFields {
+        name,
+        input: [n, c, h, w],
+        out_channels: k,
+        kernel,
+        stride: None,
+        padding: None,
+        output_padding: None,
+        dilation: None,
+        groups: None,
+    };
     let mut pads: Option<Vec<usize>> = None;
     for tok in tokens {
         if tok.is_empty() {
@@ -346,37 +371,70 @@ pub fn parse_shape(spec: &str, index: usize) -> Result<Layer, String> {
             }
             continue;
         }
+        if let Some(value) = tok.strip_prefix("op") {
+            if !transposed {
+                return Err(format!(
+                    "{spec:?}: {tok:?}: output padding is for transposed layers (--pass transpose)"
+                ));
+            }
+            fields.output_padding = Some(pair(value, "output padding")?);
+            continue;
+        }
         let (key, value) = tok.split_at(1);
         match key {
-            "s" => {
-                let (a, b) = pair(value, "stride")?;
-                params = params.stride(a, b);
-            }
-            "d" => {
-                let (a, b) = pair(value, "dilation")?;
-                params = params.dilation(a, b);
-            }
-            "g" => params = params.groups(num(value, "groups")?),
+            "s" => fields.stride = Some(pair(value, "stride")?),
+            "d" => fields.dilation = Some(pair(value, "dilation")?),
+            "g" => fields.groups = Some(num(value, "groups")?),
             "p" if value.contains(['x', 'X']) => {
                 let (a, b) = pair(value, "padding")?;
                 pads = Some(vec![a, a, b, b]);
             }
             "p" => pads = Some(vec![num(value, "padding")?]),
-            _ => return Err(format!("{spec:?}: unknown option {tok:?} (use s, p, d, g)")),
+            _ => {
+                let keys = if transposed {
+                    "s, p, op, d, g"
+                } else {
+                    "s, p, d, g"
+                };
+                return Err(format!("{spec:?}: unknown option {tok:?} (use {keys})"));
+            }
         }
     }
-    match pads.as_deref() {
-        None => {}
-        Some(&[p]) => params = params.padding(Padding::symmetric(p, p)),
-        Some(&[t, b, l, r]) => params = params.padding(Padding::explicit(t, b, l, r)),
+    fields.padding = match pads.as_deref() {
+        None => None,
+        Some(&[p]) => Some(Padding::symmetric(p, p)),
+        Some(&[t, b, l, r]) => Some(Padding::explicit(t, b, l, r)),
         Some(p) => {
             return Err(format!(
                 "{spec:?}: padding takes 1 value or 4 (T,B,L,R), got {}",
                 p.len()
             ))
         }
+    };
+    Ok(fields)
+}
+
+/// Parses a `--shape` (see [`SHAPE_SYNTAX`]); `index` names unnamed shapes.
+pub fn parse_shape(spec: &str, index: usize) -> Result<Layer, String> {
+    let f = parse_fields(spec, index, false)?;
+    let [n, c, h, w] = f.input;
+    let mut params = Conv2dParams::new(n, c, (h, w), f.out_channels, f.kernel);
+    if let Some((a, b)) = f.stride {
+        params = params.stride(a, b);
     }
-    Ok(Layer { name, params })
+    if let Some(p) = f.padding {
+        params = params.padding(p);
+    }
+    if let Some((a, b)) = f.dilation {
+        params = params.dilation(a, b);
+    }
+    if let Some(g) = f.groups {
+        params = params.groups(g);
+    }
+    Ok(Layer {
+        name: f.name,
+        params,
+    })
 }
 
 /// Parses a GEMM `--shape`: `MxKxN`, or one number for a square.
@@ -447,6 +505,8 @@ mod tests {
         assert!(parse_shape("1,1,8:1,3", 0).is_err());
         assert!(parse_shape("1,1,8,8:1,3,p1,2", 0).is_err());
         assert!(parse_shape("1,1,8,8:1,3,q1", 0).is_err());
+        let e = parse_shape("1,1,8,8:1,3,s2,op1", 0).unwrap_err();
+        assert!(e.contains("transposed"), "{e}");
         assert_eq!(parse_gemm_shape("64x576x3136"), Ok((64, 576, 3136)));
         assert_eq!(parse_gemm_shape("512"), Ok((512, 512, 512)));
     }
