@@ -97,6 +97,40 @@ pub enum ConvError {
         /// The upper bound given.
         max: f32,
     },
+    /// A transposed convolution's `output_padding` is not below the larger
+    /// of its stride and dilation on one axis (PyTorch's and ONNX's rule).
+    OutputPaddingTooLarge {
+        /// `"height"` or `"width"`.
+        axis: &'static str,
+        /// The output padding given.
+        output_padding: usize,
+        /// The stride on that axis.
+        stride: usize,
+        /// The dilation on that axis.
+        dilation: usize,
+    },
+    /// A transposed convolution's ONNX `output_shape` cannot be reached on
+    /// one axis: it must lie in `1..=full`, `full` being the output with no
+    /// padding, `stride·(input − 1) + output_padding + dilation·(kernel −
+    /// 1) + 1`.
+    UnreachableOutputShape {
+        /// `"height"` or `"width"`.
+        axis: &'static str,
+        /// The output size asked for.
+        requested: usize,
+        /// The largest size reachable.
+        full: usize,
+    },
+    /// A transposed convolution's padding removes its whole output on one
+    /// axis.
+    PaddingRemovesOutput {
+        /// `"height"` or `"width"`.
+        axis: &'static str,
+        /// The output with no padding (as for `UnreachableOutputShape`).
+        full: usize,
+        /// Padding at both ends together.
+        padding: usize,
+    },
     /// The algorithm asked for has no implementation for this pass (today
     /// the backward passes have only `Direct`, which `Auto` resolves to).
     UnsupportedAlgorithm {
@@ -153,6 +187,34 @@ impl fmt::Display for ConvError {
                 f,
                 "PyTorch padding=\"same\" requires stride 1, got ({h}, {w}); \
                  use ONNX SAME_UPPER/SAME_LOWER for strided convolutions"
+            ),
+            ConvError::OutputPaddingTooLarge {
+                axis,
+                output_padding,
+                stride,
+                dilation,
+            } => write!(
+                f,
+                "output_padding {axis} {output_padding} must be smaller than the larger of \
+                 stride {stride} and dilation {dilation}"
+            ),
+            ConvError::UnreachableOutputShape {
+                axis,
+                requested,
+                full,
+            } => write!(
+                f,
+                "output_shape {axis} {requested} is unreachable: a transposed convolution \
+                 of this input gives 1..={full}"
+            ),
+            ConvError::PaddingRemovesOutput {
+                axis,
+                full,
+                padding,
+            } => write!(
+                f,
+                "padding {padding} along the {axis} leaves nothing of the transposed \
+                 convolution's {full} outputs"
             ),
             ConvError::Overflow { what } => write!(f, "{what} overflows usize"),
             ConvError::TooLarge { what, value } => write!(

@@ -34,7 +34,10 @@ pub mod geometry;
 pub mod testing;
 
 pub use arch::{isa, Isa};
-pub use conv::{Algorithm, BackwardOptions, Conv2d, Conv2dPlan, ForwardOptions, Grads, Workspace};
+pub use conv::{
+    Algorithm, BackwardOptions, Conv2d, Conv2dPlan, ConvTranspose2d, ConvTranspose2dParams,
+    ConvTranspose2dPlan, ForwardOptions, Grads, TransposePadding, Workspace,
+};
 pub use error::{ConvError, GemmError};
 pub use gemm::{Activation, GemmBackend, GemmOptions, Parallelism};
 pub use geometry::{Conv2dParams, ConvGeometry, ConvMode, OnnxAutoPad, Padding, PaddingSpec};

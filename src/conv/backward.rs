@@ -8,8 +8,9 @@
 //! the bias gradient is a plain sum. The implicit GEMM lowerings come next,
 //! chosen through the same [`BackwardOptions`].
 
+use super::phases::{self, TransposedGeometry};
 use super::{backward_gemm, direct};
-use super::{check_lengths, Algorithm, Conv2d};
+use super::{check_lengths, Algorithm, Conv2d, ForwardOptions};
 use crate::error::ConvError;
 use crate::gemm::{GemmBackend, Isa, Parallelism};
 
@@ -91,6 +92,24 @@ impl BackwardOptions {
         self
     }
 
+    /// The algorithm the input gradient runs: `Direct`, `Im2col`, or one
+    /// the sub-pixel phases run on (`Implicit`, `DirectSimd`, `Auto`).
+    fn input_algorithm(&self) -> Result<Algorithm, ConvError> {
+        Ok(self.algorithm)
+    }
+
+    /// The forward options of the convolutions a pass lowers to.
+    fn phase_options(&self, algorithm: Algorithm) -> ForwardOptions {
+        ForwardOptions {
+            algorithm,
+            parallelism: self.parallelism,
+            backend: self.backend,
+            activation: crate::gemm::Activation::None,
+            isa: self.isa,
+            blocking: None,
+        }
+    }
+
     /// The algorithm `pass` runs: `Direct` (also for `Auto`, see
     /// [`BackwardOptions::algorithm`]) or `Im2col`; any other is refused.
     fn check_algorithm(&self, pass: &'static str) -> Result<Algorithm, ConvError> {
@@ -147,17 +166,20 @@ impl Conv2d {
             ("grad_output", g.output_len(), grad_output.len()),
             ("grad_input", g.input_len(), grad_input.len()),
         ])?;
-        if options.check_algorithm("grad_input")? == Algorithm::Im2col {
-            return backward_gemm::backward_input_im2col(
-                g,
-                weight,
-                grad_output,
-                grad_input,
-                options,
-            );
+        match options.input_algorithm()? {
+            Algorithm::Direct => {
+                direct::conv2d_backward_input_direct(g, weight, grad_output, grad_input);
+                Ok(())
+            }
+            Algorithm::Im2col => {
+                backward_gemm::backward_input_im2col(g, weight, grad_output, grad_input, options)
+            }
+            phase_algorithm => {
+                let tg = TransposedGeometry::grad_input_of(g);
+                let forward = options.phase_options(phase_algorithm);
+                phases::transposed_forward(&tg, grad_output, weight, None, grad_input, &forward)
+            }
         }
-        direct::conv2d_backward_input_direct(g, weight, grad_output, grad_input);
-        Ok(())
     }
 
     /// The gradient with respect to the weight, summed over the batch:

@@ -2,6 +2,7 @@
 //! the oracle every other path is tested against, so it is written for
 //! reading, not speed.
 
+use super::phases::TransposedGeometry;
 use crate::gemm::Activation;
 use crate::geometry::ConvGeometry;
 
@@ -60,22 +61,9 @@ pub(crate) fn conv2d_direct(
 }
 
 /// `grad_input = ∂L/∂input` for `grad_output = ∂L/∂output` (the bias and
-/// any activation are not part of it: the caller differentiates those).
-///
-/// The forward reads input pixel `(ih, iw)` through tap `(r, s)` at output
-/// `(oh, ow)` exactly when `ih = oh·stride_h + r·dilation_h − top` (and
-/// likewise for the width), so by the chain rule
-///
-/// ```text
-/// dX[n, c, ih, iw] = Σ_{k in c's group} Σ_{r, s, oh, ow read (ih, iw)} dY[n, k, oh, ow] · W[k, c', tap(r, s)]
-/// ```
-///
-/// computed here one input element at a time, as a gather: for each tap,
-/// solve for the output position that read this pixel through it (if any).
-/// Every element is written exactly once, so a pixel no output ever read
-/// (the last rows and columns when the stride does not divide evenly) gets
-/// 0. Only real pixels are visited, so padding taps never contribute, as in
-/// the forward.
+/// any activation are not part of it: the caller differentiates those): the
+/// transposed convolution of `grad_output`, computed by
+/// [`transposed_direct`].
 ///
 /// Slices must already have the lengths `g` requires (checked by the caller).
 pub(crate) fn conv2d_backward_input_direct(
@@ -84,45 +72,76 @@ pub(crate) fn conv2d_backward_input_direct(
     grad_output: &[f32],
     grad_input: &mut [f32],
 ) {
-    let (cg, kg) = (g.channels_per_group(), g.out_channels_per_group());
-    let (r_len, s_len) = (g.kernel_h, g.kernel_w);
-    for n in 0..g.batch {
-        for in_c in 0..g.in_channels {
-            let group = in_c / cg;
-            let c = in_c % cg;
-            for ih in 0..g.in_h {
-                for iw in 0..g.in_w {
+    let tg = TransposedGeometry::grad_input_of(g);
+    transposed_direct(&tg, grad_output, weight, None, Activation::None, grad_input);
+}
+
+/// The transposed convolution from its definition: along each axis
+///
+/// ```text
+/// y[n, co, o_h, o_w] = act(bias[co] + Σ_{ci in co's group} Σ_{i, u : i·σ_h + u·d_h − p_h = o_h} Σ_{j, v : …} x[n, ci, i, j] · w[ci, co', tap(u, v)])
+/// ```
+///
+/// computed one output element at a time, as a gather: for each window
+/// offset, solve for the input position that reaches this output through it
+/// (if any). Every element is written exactly once, so an output no input
+/// reaches (for a convolution's input gradient: the pixels the forward
+/// never read) gets `act(bias)`. Only real input pixels are visited, so a
+/// padding tap never contributes, as in the forward.
+///
+/// For a convolution's input gradient (`TransposedGeometry::grad_input_of`),
+/// the forward reads input pixel `(ih, iw)` through tap `(r, s)` at output
+/// `(oh, ow)` exactly when `ih = oh·stride_h + r·dilation_h − top`, so by
+/// the chain rule this is `dX = Σ dY · W` over those triples.
+///
+/// Slices must already have the lengths `tg` requires (checked by the caller).
+pub(crate) fn transposed_direct(
+    tg: &TransposedGeometry,
+    input: &[f32],
+    weight: &[f32],
+    bias: Option<&[f32]>,
+    activation: Activation,
+    output: &mut [f32],
+) {
+    let (cin_g, cout_g) = (tg.in_per_group(), tg.out_per_group());
+    let (h, w) = (&tg.h, &tg.w);
+    for n in 0..tg.batch {
+        for co in 0..tg.out_channels {
+            let (group, c) = (co / cout_g, co % cout_g);
+            for oh in 0..h.output {
+                for ow in 0..w.output {
                     let mut acc = 0.0f32;
-                    for k in group * kg..(group + 1) * kg {
-                        for r in 0..r_len {
-                            // `oh·stride_h = ih + top − r·dilation_h`; every term is
-                            // at most a padded extent or a dilated kernel extent,
-                            // which `ConvGeometry` keeps within isize.
-                            let Some(oh) = output_index(
-                                ih as isize + g.padding.top as isize - (r * g.dilation_h) as isize,
-                                g.stride_h,
-                                g.out_h,
+                    for k in group * cin_g..(group + 1) * cin_g {
+                        for u in 0..h.kernel {
+                            // `i·stride = o + offset − u·dilation`; every term
+                            // is at most an extent or a dilated kernel extent,
+                            // which the geometries keep within isize.
+                            let Some(i) = output_index(
+                                oh as isize + h.offset - (u * h.dilation) as isize,
+                                h.stride,
+                                h.input,
                             ) else {
                                 continue;
                             };
-                            for s in 0..s_len {
-                                let Some(ow) = output_index(
-                                    iw as isize + g.padding.left as isize
-                                        - (s * g.dilation_w) as isize,
-                                    g.stride_w,
-                                    g.out_w,
+                            for v in 0..w.kernel {
+                                let Some(j) = output_index(
+                                    ow as isize + w.offset - (v * w.dilation) as isize,
+                                    w.stride,
+                                    w.input,
                                 ) else {
                                     continue;
                                 };
-                                let dy = grad_output
-                                    [((n * g.out_channels + k) * g.out_h + oh) * g.out_w + ow];
-                                let (wr, ws) = g.weight_tap(r, s);
-                                let w = weight[((k * cg + c) * r_len + wr) * s_len + ws];
-                                acc += dy * w;
+                                let x =
+                                    input[((n * tg.in_channels + k) * h.input + i) * w.input + j];
+                                let (r, s) = tg.weight_tap(u, v);
+                                let wv = weight[((k * cout_g + c) * h.kernel + r) * w.kernel + s];
+                                acc += x * wv;
                             }
                         }
                     }
-                    grad_input[((n * g.in_channels + in_c) * g.in_h + ih) * g.in_w + iw] = acc;
+                    let b = bias.map_or(0.0, |b| b[co]);
+                    output[((n * tg.out_channels + co) * h.output + oh) * w.output + ow] =
+                        activation.apply(acc + b);
                 }
             }
         }

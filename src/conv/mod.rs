@@ -8,10 +8,15 @@ pub(crate) mod direct_simd;
 pub(crate) mod gemm_lowering;
 pub(crate) mod im2col;
 pub(crate) mod implicit;
+pub(crate) mod phases;
 pub mod plan;
+pub mod transpose;
 
 pub use backward::{BackwardOptions, Grads};
 pub use plan::{Conv2dPlan, Workspace};
+pub use transpose::{
+    ConvTranspose2d, ConvTranspose2dParams, ConvTranspose2dPlan, TransposePadding,
+};
 
 use crate::error::ConvError;
 use crate::gemm::{Activation, GemmBackend, Isa, Parallelism};

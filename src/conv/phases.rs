@@ -1,0 +1,776 @@
+//! Transposed convolution (and so the input gradient of a convolution) as
+//! a handful of ordinary stride-1 convolutions, one per sub-pixel phase, run
+//! on the forward machinery (implicit GEMM, SIMD direct, plans, threads,
+//! every ISA): the zeros a stride would insert between input pixels are
+//! never multiplied.
+//!
+//! Along one axis, a transposed convolution with stride σ, dilation d and
+//! offset p writes
+//!
+//! ```text
+//! y[o] = Σ_{i, u : i·σ + u·d − p = o} x[i] · w[u]
+//! ```
+//!
+//! Output `o = φ + σ·q` of phase `φ ∈ 0..σ` only meets the window offsets
+//! `u` with `φ + p − u·d ≡ 0 (mod σ)`, and each such tap reads
+//! `x[q + e_u]` with `e_u = (φ + p − u·d)/σ`. Taken in decreasing `u`, the
+//! `e_u` rise by `d/gcd(σ, d)`: phase `φ` is a stride-1 cross-correlation of
+//! `x` with the sub-kernel of those taps, dilation `d/gcd(σ, d)`, padding
+//! `−e_{u_max}` before. The two axes are independent, so there are σ_h·σ_w
+//! phases, each a [`Conv2d`] built from the transposed convolution's numbers,
+//! whose weights are the matching taps gathered and transposed
+//! (`[C_out, C_in/g, R', S']`).
+//!
+//! Where a phase would need negative padding (padding beyond the kernel's
+//! reach, or an output larger than the input reaches) its convolution
+//! computes a few rows or columns more and the scatter skips them. A phase
+//! with no tap at all gets `act(bias)`.
+//!
+//! A stride-1 transposed convolution whose one phase lines up with the
+//! output writes the output in place; otherwise each phase of one image is
+//! computed into a scratch plane (`C_out · ⌈H/σ_h⌉ · ⌈W/σ_w⌉` floats at most)
+//! and scattered.
+
+use super::gemm_lowering::{forward_gemm, packed_group_len, Lowering, Weights};
+use super::{try_with_capacity, Algorithm, Conv2d, ForwardOptions};
+use crate::error::ConvError;
+use crate::gemm::engine::select_kernel;
+use crate::gemm::{Activation, GemmBackend};
+use crate::geometry::{Conv2dParams, ConvGeometry, ConvMode, Padding};
+
+/// One axis of a transposed convolution: `y[o] = Σ x[i]·w[u]` over
+/// `i·stride + u·dilation − offset = o`, for `i < input`, `u < kernel`,
+/// `o < output`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct TransposedAxis {
+    pub input: usize,
+    pub output: usize,
+    pub kernel: usize,
+    pub stride: usize,
+    pub dilation: usize,
+    pub offset: isize,
+}
+
+/// A whole transposed convolution: input `[N, C_in, H_in, W_in]`, weight
+/// `[C_in, C_out/groups, R, S]` (window offset `(u, v)` multiplies the
+/// weight tap `mode` maps it to), output `[N, C_out, H_out, W_out]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct TransposedGeometry {
+    pub batch: usize,
+    pub in_channels: usize,
+    pub out_channels: usize,
+    pub groups: usize,
+    pub h: TransposedAxis,
+    pub w: TransposedAxis,
+    pub mode: ConvMode,
+}
+
+impl TransposedGeometry {
+    /// The transposed convolution whose output is `g`'s input gradient:
+    /// `grad_output` is its input.
+    pub(crate) fn grad_input_of(g: &ConvGeometry) -> TransposedGeometry {
+        let axis = |input, output, kernel, stride, dilation, before: usize| TransposedAxis {
+            input,
+            output,
+            kernel,
+            stride,
+            dilation,
+            // The geometry keeps every padding within isize.
+            offset: before as isize,
+        };
+        TransposedGeometry {
+            batch: g.batch,
+            in_channels: g.out_channels,
+            out_channels: g.in_channels,
+            groups: g.groups,
+            h: axis(
+                g.out_h,
+                g.in_h,
+                g.kernel_h,
+                g.stride_h,
+                g.dilation_h,
+                g.padding.top,
+            ),
+            w: axis(
+                g.out_w,
+                g.in_w,
+                g.kernel_w,
+                g.stride_w,
+                g.dilation_w,
+                g.padding.left,
+            ),
+            mode: g.mode,
+        }
+    }
+
+    pub(crate) fn in_per_group(&self) -> usize {
+        self.in_channels / self.groups
+    }
+
+    pub(crate) fn out_per_group(&self) -> usize {
+        self.out_channels / self.groups
+    }
+
+    pub(crate) fn input_len(&self) -> usize {
+        self.batch * self.in_channels * self.h.input * self.w.input
+    }
+
+    pub(crate) fn output_len(&self) -> usize {
+        self.batch * self.out_channels * self.h.output * self.w.output
+    }
+
+    pub(crate) fn weight_len(&self) -> usize {
+        self.in_channels * self.out_per_group() * self.h.kernel * self.w.kernel
+    }
+
+    /// The weight tap that window offset `(u, v)` multiplies.
+    pub(crate) fn weight_tap(&self, u: usize, v: usize) -> (usize, usize) {
+        match self.mode {
+            ConvMode::CrossCorrelation => (u, v),
+            ConvMode::Convolution => (self.h.kernel - 1 - u, self.w.kernel - 1 - v),
+        }
+    }
+}
+
+/// Phase `phase` of one axis, as a stride-1 convolution.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct AxisPhase {
+    /// First output of the phase; the others follow every `stride`.
+    pub phase: usize,
+    /// Outputs of the phase (`⌈(output − phase)/stride⌉`).
+    pub len: usize,
+    /// Window offsets `u` of the taps the phase meets, in the order of the
+    /// sub-kernel (decreasing `u`, increasing input index).
+    pub taps: Vec<usize>,
+    /// The sub-kernel's dilation, `d/gcd(σ, d)`.
+    pub dilation: usize,
+    /// Padding of the phase's convolution before and after the input.
+    pub pad_before: usize,
+    pub pad_after: usize,
+    /// Outputs of the phase's convolution before the first real one.
+    pub skip: usize,
+    /// Outputs of the phase's convolution (`skip + len` or a few more).
+    pub conv_len: usize,
+}
+
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
+}
+
+impl TransposedAxis {
+    /// Phase `phase < stride` of this axis.
+    pub(crate) fn phase(&self, phase: usize) -> AxisPhase {
+        let len = self.output.saturating_sub(phase).div_ceil(self.stride);
+        let (sigma, d) = (self.stride as i128, self.dilation as i128);
+        let base = phase as i128 + self.offset as i128;
+        let taps: Vec<usize> = (0..self.kernel)
+            .rev()
+            .filter(|&u| (base - u as i128 * d).rem_euclid(sigma) == 0)
+            .collect();
+        let dilation = self.dilation / gcd(self.stride, self.dilation);
+        let mut out = AxisPhase {
+            phase,
+            len,
+            taps,
+            dilation,
+            pad_before: 0,
+            pad_after: 0,
+            skip: 0,
+            conv_len: 0,
+        };
+        let Some(&u_max) = out.taps.first() else {
+            return out;
+        };
+        if len == 0 {
+            return out;
+        }
+        // Input index of the first tap for the phase's first output.
+        let first = (base - u_max as i128 * d) / sigma;
+        let reach = (dilation * (out.taps.len() - 1)) as i128;
+        let pad_before = (-first).max(0);
+        let skip = first.max(0);
+        let input = self.input as i128;
+        let pad_after = (skip + len as i128 + reach - input - pad_before).max(0);
+        let conv_len = input + pad_before + pad_after - reach;
+        // Every term is bounded by a kernel reach or an extent the caller
+        // validated, so these fit usize.
+        out.pad_before = pad_before as usize;
+        out.pad_after = pad_after as usize;
+        out.skip = skip as usize;
+        out.conv_len = conv_len as usize;
+        out
+    }
+
+    /// Whether the phase's convolution is the whole axis, in place.
+    fn in_place(&self, p: &AxisPhase) -> bool {
+        self.stride == 1 && p.skip == 0 && p.conv_len == p.len
+    }
+}
+
+/// One sub-pixel phase of a transposed convolution.
+#[derive(Clone, Debug)]
+pub(crate) struct Phase {
+    pub rows: AxisPhase,
+    pub cols: AxisPhase,
+    /// The phase's convolution (`None` when no tap reaches it); its batch is
+    /// the whole batch when it writes in place, else 1 (one image at a time
+    /// through the scratch plane).
+    pub conv: Option<Conv2d>,
+    pub in_place: bool,
+}
+
+impl Phase {
+    /// Floats of scratch one image of this phase needs (0 in place).
+    fn scratch_len(&self) -> usize {
+        match &self.conv {
+            Some(conv) if !self.in_place => conv.geometry().output_len(),
+            _ => 0,
+        }
+    }
+}
+
+/// The phases of `tg`, with an output pixel (`len > 0` on both axes).
+pub(crate) fn phases(tg: &TransposedGeometry) -> Result<Vec<Phase>, ConvError> {
+    let mut out = Vec::new();
+    for ph in 0..tg.h.stride.min(tg.h.output) {
+        for pw in 0..tg.w.stride.min(tg.w.output) {
+            let (rows, cols) = (tg.h.phase(ph), tg.w.phase(pw));
+            let in_place = tg.h.in_place(&rows) && tg.w.in_place(&cols);
+            let conv = if rows.taps.is_empty() || cols.taps.is_empty() {
+                None
+            } else {
+                let batch = if in_place { tg.batch } else { 1 };
+                let params = Conv2dParams::new(
+                    batch,
+                    tg.in_channels,
+                    (tg.h.input, tg.w.input),
+                    tg.out_channels,
+                    (rows.taps.len(), cols.taps.len()),
+                )
+                .padding(Padding::explicit(
+                    rows.pad_before,
+                    rows.pad_after,
+                    cols.pad_before,
+                    cols.pad_after,
+                ))
+                .dilation(rows.dilation, cols.dilation)
+                .groups(tg.groups);
+                Some(params.build()?)
+            };
+            out.push(Phase {
+                rows,
+                cols,
+                conv,
+                in_place,
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// Floats of scratch a call needs: one image of the largest scattered phase.
+pub(crate) fn scratch_len(phases: &[Phase]) -> usize {
+    phases.iter().map(Phase::scratch_len).max().unwrap_or(0)
+}
+
+/// The phase's weights `[C_out, C_in/g, R', S']`, from the transposed
+/// convolution's `[C_in, C_out/g, R, S]`, into `dst`.
+///
+/// A transpose of the two channel axes: input channels are taken in blocks
+/// of [`GATHER_BLOCK`], so the rows read for one output channel (a whole
+/// weight row apart, often a multiple of 4 KiB, which maps them all to the
+/// same few cache sets) stay few enough to remain in L1 while every output
+/// channel of the group takes its taps from them. Measured on r50_deep's
+/// 512 × 512 × 3 × 3 weights (Zen 5): the unblocked loop took longer than
+/// the whole grad-input GEMM.
+pub(crate) fn gather_weights(
+    tg: &TransposedGeometry,
+    phase: &Phase,
+    weight: &[f32],
+    dst: &mut Vec<f32>,
+) {
+    let (cin_g, cout_g) = (tg.in_per_group(), tg.out_per_group());
+    let taps = tap_offsets(tg, phase);
+    let nt = taps.len();
+    let window = tg.h.kernel * tg.w.kernel;
+    dst.clear();
+    dst.resize(tg.out_channels * cin_g * nt, 0.0);
+    for grp in 0..tg.groups {
+        for k0 in (0..cin_g).step_by(GATHER_BLOCK) {
+            let k1 = (k0 + GATHER_BLOCK).min(cin_g);
+            for c in 0..cout_g {
+                let co = grp * cout_g + c;
+                for k in k0..k1 {
+                    let from = &weight[(((grp * cin_g + k) * cout_g + c) * window)..][..window];
+                    let to = &mut dst[(co * cin_g + k) * nt..][..nt];
+                    for (x, &t) in to.iter_mut().zip(&taps) {
+                        *x = from[t];
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The phase's weights packed for a GEMM kernel with `mr` rows, in the
+/// layout `Weights::Packed` reads (per group, `⌈(C_out/g)/mr⌉` panels of
+/// `C_in/g·R'·S' × mr`): the gather and the packing in one pass. Each step
+/// reads one input channel's `mr` consecutive output-channel rows (one
+/// contiguous run of the weight) and writes one contiguous stretch of a
+/// panel, so neither side strides across memory.
+fn gather_packed(
+    tg: &TransposedGeometry,
+    phase: &Phase,
+    weight: &[f32],
+    mr: usize,
+    dst: &mut [f32],
+) {
+    let (cin_g, cout_g) = (tg.in_per_group(), tg.out_per_group());
+    let window = tg.h.kernel * tg.w.kernel;
+    let taps = tap_offsets(tg, phase);
+    let nt = taps.len();
+    let depth = cin_g * nt;
+    let panels = cout_g.div_ceil(mr);
+    for (grp, group) in dst
+        .chunks_exact_mut(panels * depth * mr)
+        .take(tg.groups)
+        .enumerate()
+    {
+        for (q, panel) in group.chunks_exact_mut(depth * mr).enumerate() {
+            let rows = mr.min(cout_g - q * mr);
+            for k in 0..cin_g {
+                let from =
+                    &weight[((grp * cin_g + k) * cout_g + q * mr) * window..][..rows * window];
+                let to = &mut panel[k * nt * mr..][..nt * mr];
+                for (t, &tap) in taps.iter().enumerate() {
+                    let lane = &mut to[t * mr..][..mr];
+                    for (i, x) in lane.iter_mut().enumerate() {
+                        *x = if i < rows {
+                            from[i * window + tap]
+                        } else {
+                            0.0
+                        };
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `r·S + s` of the weight tap behind each tap of the phase's sub-kernel,
+/// in the sub-kernel's row-major order.
+fn tap_offsets(tg: &TransposedGeometry, phase: &Phase) -> Vec<usize> {
+    phase
+        .rows
+        .taps
+        .iter()
+        .flat_map(|&u| {
+            phase.cols.taps.iter().map(move |&v| {
+                let (r, s) = tg.weight_tap(u, v);
+                r * tg.w.kernel + s
+            })
+        })
+        .collect()
+}
+
+/// Input channels per block of [`gather_weights`].
+const GATHER_BLOCK: usize = 16;
+
+/// Writes `value(c)` at every output of `phase`, for every image.
+fn fill_phase(
+    tg: &TransposedGeometry,
+    phase: &Phase,
+    output: &mut [f32],
+    value: impl Fn(usize) -> f32,
+) {
+    let (oh, ow) = (tg.h.output, tg.w.output);
+    for (plane_index, plane) in output.chunks_exact_mut(oh * ow).enumerate() {
+        let v = value(plane_index % tg.out_channels);
+        for q in 0..phase.rows.len {
+            let row = &mut plane[(phase.rows.phase + q * tg.h.stride) * ow..][..ow];
+            for x in row[phase.cols.phase..].iter_mut().step_by(tg.w.stride) {
+                *x = v;
+            }
+        }
+    }
+}
+
+/// Copies the real outputs of one image's phase convolution (`from`,
+/// `[C_out, conv_len_h, conv_len_w]`) to their places in that image's
+/// output (`to`, `[C_out, H_out, W_out]`).
+fn scatter_phase(tg: &TransposedGeometry, phase: &Phase, from: &[f32], to: &mut [f32]) {
+    let (oh, ow) = (tg.h.output, tg.w.output);
+    let (rows, cols) = (&phase.rows, &phase.cols);
+    let from_plane = rows.conv_len * cols.conv_len;
+    for (src, dst) in from
+        .chunks_exact(from_plane)
+        .zip(to.chunks_exact_mut(oh * ow))
+    {
+        for q in 0..rows.len {
+            let src = &src[(rows.skip + q) * cols.conv_len + cols.skip..][..cols.len];
+            let dst = &mut dst[(rows.phase + q * tg.h.stride) * ow..][..ow];
+            match tg.w.stride {
+                1 => dst[cols.phase..][..cols.len].copy_from_slice(src),
+                sw => {
+                    for (x, &v) in dst[cols.phase..].iter_mut().step_by(sw).zip(src) {
+                        *x = v;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Runs `tg` on `input` into `output` (every element written) with the
+/// phases' convolutions run as `options` say (algorithm, threads, ISA,
+/// backend; bias and activation fused into each phase's store). Lengths are
+/// checked by the caller.
+///
+/// # Errors
+/// [`ConvError::OutOfMemory`] when the gathered weights or the scratch plane
+/// cannot be allocated (before anything is written), or what a phase's
+/// convolution returns.
+pub(crate) fn transposed_forward(
+    tg: &TransposedGeometry,
+    input: &[f32],
+    weight: &[f32],
+    bias: Option<&[f32]>,
+    output: &mut [f32],
+    options: &ForwardOptions,
+) -> Result<(), ConvError> {
+    options.activation.validate()?;
+    let phases = phases(tg)?;
+    let isa = crate::arch::clamp_isa(options.isa.unwrap_or_else(crate::isa));
+    // Each phase's algorithm and, for the GEMM lowerings on the native
+    // engine, the kernel its packed weights are for.
+    let mut runs = Vec::with_capacity(phases.len());
+    let mut weights_len = 0;
+    for phase in &phases {
+        let Some(conv) = &phase.conv else {
+            runs.push(None);
+            continue;
+        };
+        let algorithm = conv.resolve_algorithm(options.algorithm, weight);
+        let g = conv.geometry();
+        let packed_mr = (matches!(algorithm, Algorithm::Im2col | Algorithm::Implicit)
+            && options.backend == GemmBackend::Native)
+            .then(|| {
+                select_kernel(
+                    Some(isa),
+                    g.out_channels_per_group(),
+                    g.out_plane(),
+                    true,
+                    options.blocking,
+                )
+                .mr
+            });
+        weights_len = weights_len.max(match packed_mr {
+            Some(mr) => g.groups * packed_group_len(g, mr),
+            None => g.weight_len(),
+        });
+        runs.push(Some((algorithm, packed_mr)));
+    }
+    let mut gathered = try_with_capacity("transposed convolution phase weights", weights_len)?;
+    let mut scratch =
+        try_with_capacity("transposed convolution phase plane", scratch_len(&phases))?;
+    let image_in = tg.in_channels * tg.h.input * tg.w.input;
+    let image_out = tg.out_channels * tg.h.output * tg.w.output;
+    for (phase, run) in phases.iter().zip(runs) {
+        let (Some(conv), Some((algorithm, packed_mr))) = (&phase.conv, run) else {
+            let act = options.activation;
+            fill_phase(tg, phase, output, |c| act.apply(bias.map_or(0.0, |b| b[c])));
+            continue;
+        };
+        let g = conv.geometry();
+        let opts = ForwardOptions {
+            algorithm,
+            isa: Some(isa),
+            ..*options
+        };
+        match packed_mr {
+            Some(mr) => {
+                gathered.resize(g.groups * packed_group_len(g, mr), 0.0);
+                gather_packed(tg, phase, weight, mr, &mut gathered);
+            }
+            None => gather_weights(tg, phase, weight, &mut gathered),
+        }
+        let lowering = match algorithm {
+            Algorithm::Im2col => Lowering::Explicit,
+            _ => Lowering::Implicit,
+        };
+        let run = |x: &[f32], y: &mut [f32]| match packed_mr {
+            Some(mr) => forward_gemm(
+                g,
+                x,
+                Weights::Packed {
+                    data: &gathered,
+                    mr,
+                },
+                bias,
+                y,
+                &opts,
+                lowering,
+                None,
+            ),
+            None => conv.forward_with(x, &gathered, bias, y, &opts),
+        };
+        if phase.in_place {
+            run(input, output)?;
+            continue;
+        }
+        scratch.resize(g.output_len(), 0.0);
+        for (x, y) in input
+            .chunks_exact(image_in)
+            .zip(output.chunks_exact_mut(image_out))
+        {
+            run(x, &mut scratch)?;
+            scatter_phase(tg, phase, &scratch, y);
+        }
+    }
+    Ok(())
+}
+
+/// A transposed convolution's phases bound to their weights: each phase's
+/// gathered weights live in a [`super::Conv2dPlan`].
+#[derive(Clone, Debug)]
+pub(crate) struct PlannedPhases {
+    tg: TransposedGeometry,
+    phases: Vec<(Phase, Option<super::Conv2dPlan>)>,
+    bias: Option<Vec<f32>>,
+    activation: Activation,
+    scratch_len: usize,
+}
+
+impl PlannedPhases {
+    pub(crate) fn new(
+        tg: &TransposedGeometry,
+        weight: &[f32],
+        bias: Option<&[f32]>,
+        options: &ForwardOptions,
+    ) -> Result<PlannedPhases, ConvError> {
+        options.activation.validate()?;
+        let phases = phases(tg)?;
+        let scratch_len = scratch_len(&phases);
+        let mut gathered = Vec::new();
+        let mut planned = Vec::with_capacity(phases.len());
+        for phase in phases {
+            let plan = match &phase.conv {
+                Some(conv) => {
+                    gather_weights(tg, &phase, weight, &mut gathered);
+                    Some(conv.plan(&gathered, bias, options)?)
+                }
+                None => None,
+            };
+            planned.push((phase, plan));
+        }
+        let bias = match bias {
+            Some(b) => {
+                let mut v = try_with_capacity("bias", b.len())?;
+                v.extend_from_slice(b);
+                Some(v)
+            }
+            None => None,
+        };
+        Ok(PlannedPhases {
+            tg: *tg,
+            phases: planned,
+            bias,
+            activation: options.activation,
+            scratch_len,
+        })
+    }
+
+    /// The phases' algorithms, in phase order (`None` for a phase no tap
+    /// reaches).
+    pub(crate) fn algorithms(&self) -> impl Iterator<Item = Option<super::Algorithm>> + '_ {
+        self.phases
+            .iter()
+            .map(|(_, plan)| plan.as_ref().map(|p| p.algorithm()))
+    }
+
+    pub(crate) fn forward(&self, input: &[f32], output: &mut [f32]) -> Result<(), ConvError> {
+        let tg = &self.tg;
+        let mut scratch =
+            try_with_capacity("transposed convolution phase plane", self.scratch_len)?;
+        for (phase, plan) in &self.phases {
+            let Some(plan) = plan else {
+                let (act, bias) = (self.activation, self.bias.as_deref());
+                fill_phase(tg, phase, output, |c| act.apply(bias.map_or(0.0, |b| b[c])));
+                continue;
+            };
+            if phase.in_place {
+                plan.forward(input, output)?;
+                continue;
+            }
+            scratch.resize(plan.conv().geometry().output_len(), 0.0);
+            let image_in = tg.in_channels * tg.h.input * tg.w.input;
+            let image_out = tg.out_channels * tg.h.output * tg.w.output;
+            for (x, y) in input
+                .chunks_exact(image_in)
+                .zip(output.chunks_exact_mut(image_out))
+            {
+                plan.forward(x, &mut scratch)?;
+                scatter_phase(tg, phase, &scratch, y);
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every phase output, every tap: the phase's convolution reads exactly
+    /// the inputs the definition pairs with it.
+    #[test]
+    fn axis_phases_pair_the_same_terms_as_the_definition() {
+        for input in 1..6 {
+            for kernel in 1..5 {
+                for stride in 1..4 {
+                    for dilation in 1..4 {
+                        for offset in -3isize..6 {
+                            for output in 1..12 {
+                                let axis = TransposedAxis {
+                                    input,
+                                    output,
+                                    kernel,
+                                    stride,
+                                    dilation,
+                                    offset,
+                                };
+                                check_axis(&axis);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The phases against the definition on small 2-D shapes whose axes
+    /// cover every case of `phase` (taps or none, skipped outputs, padding
+    /// after, outputs the input never reaches), with bias and an
+    /// activation, run on the default forward path and through a plan.
+    #[test]
+    fn transposed_forward_matches_the_definition() {
+        use super::super::direct::transposed_direct;
+        use super::super::Algorithm;
+        let axes = [
+            // input, output, kernel, stride, dilation, offset
+            (3, 5, 3, 1, 1, 1),
+            (3, 4, 1, 1, 1, 2),
+            (2, 7, 3, 2, 1, 0),
+            (3, 6, 4, 2, 1, 1),
+            (2, 9, 2, 3, 2, -1),
+            (4, 3, 2, 2, 3, 4),
+            (3, 8, 3, 2, 2, 1),
+        ];
+        let axis = |(input, output, kernel, stride, dilation, offset)| TransposedAxis {
+            input,
+            output,
+            kernel,
+            stride,
+            dilation,
+            offset,
+        };
+        let mut seed = 1u32;
+        let mut next = move || {
+            seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            (seed >> 8) as f32 / (1u32 << 24) as f32 - 0.5
+        };
+        for &h in &axes {
+            for &w in &axes {
+                for (groups, cin_g, cout_g) in [(1, 2, 3), (2, 1, 2)] {
+                    for mode in [ConvMode::CrossCorrelation, ConvMode::Convolution] {
+                        let tg = TransposedGeometry {
+                            batch: 2,
+                            in_channels: groups * cin_g,
+                            out_channels: groups * cout_g,
+                            groups,
+                            h: axis(h),
+                            w: axis(w),
+                            mode,
+                        };
+                        let x: Vec<f32> = (0..tg.input_len()).map(|_| next()).collect();
+                        let wt: Vec<f32> = (0..tg.weight_len()).map(|_| next()).collect();
+                        let b: Vec<f32> = (0..tg.out_channels).map(|_| next()).collect();
+                        let act = Activation::Clamp {
+                            min: -0.3,
+                            max: 0.4,
+                        };
+                        let mut want = vec![0.0; tg.output_len()];
+                        transposed_direct(&tg, &x, &wt, Some(&b), act, &mut want);
+                        for algorithm in [Algorithm::Implicit, Algorithm::DirectSimd] {
+                            let options = ForwardOptions::new(algorithm).activation(act);
+                            let mut got = vec![f32::NAN; tg.output_len()];
+                            transposed_forward(&tg, &x, &wt, Some(&b), &mut got, &options).unwrap();
+                            let planned = PlannedPhases::new(&tg, &wt, Some(&b), &options).unwrap();
+                            let mut from_plan = vec![f32::NAN; tg.output_len()];
+                            planned.forward(&x, &mut from_plan).unwrap();
+                            for (i, ((&a, &p), &e)) in
+                                got.iter().zip(&from_plan).zip(&want).enumerate()
+                            {
+                                // At most T = 2·4·4 terms, each below 1/4: both
+                                // sides lie within (T + 1)·ε·8 ≈ 3.2e-5 of
+                                // the exact sum.
+                                let tol = 2.0 * 33.0 * 8.0 * f32::EPSILON;
+                                assert!(
+                                    (a - e).abs() <= tol,
+                                    "{tg:?} {algorithm:?} [{i}] {a} vs {e}"
+                                );
+                                assert!(
+                                    (p - e).abs() <= tol,
+                                    "{tg:?} {algorithm:?} plan [{i}] {p} vs {e}"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn check_axis(axis: &TransposedAxis) {
+        // (output, input, tap) triples of the definition.
+        let mut want = Vec::new();
+        for i in 0..axis.input {
+            for u in 0..axis.kernel {
+                let o = (i * axis.stride + u * axis.dilation) as isize - axis.offset;
+                if (0..axis.output as isize).contains(&o) {
+                    want.push((o as usize, i, u));
+                }
+            }
+        }
+        let mut got = Vec::new();
+        for phase in 0..axis.stride.min(axis.output) {
+            let p = axis.phase(phase);
+            if p.taps.is_empty() || p.len == 0 {
+                continue;
+            }
+            assert!(p.conv_len >= p.skip + p.len, "{axis:?} {p:?}");
+            let padded = axis.input + p.pad_before + p.pad_after;
+            assert_eq!(
+                p.conv_len,
+                padded - p.dilation * (p.taps.len() - 1),
+                "{axis:?}"
+            );
+            for q in 0..p.len {
+                let j = p.skip + q;
+                for (t, &u) in p.taps.iter().enumerate() {
+                    let i = (j + t * p.dilation) as isize - p.pad_before as isize;
+                    if (0..axis.input as isize).contains(&i) {
+                        got.push((p.phase + q * axis.stride, i as usize, u));
+                    }
+                }
+            }
+        }
+        want.sort_unstable();
+        got.sort_unstable();
+        assert_eq!(got, want, "{axis:?}");
+    }
+}

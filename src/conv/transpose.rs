@@ -1,0 +1,589 @@
+//! Transposed convolution (PyTorch `nn.ConvTranspose2d`, ONNX
+//! `ConvTranspose`): the adjoint of a convolution, the upsampling layer of
+//! decoders, U-Nets and GANs. It runs on the same sub-pixel phases as a
+//! convolution's input gradient (see `phases.rs`), with bias and activation
+//! fused into the phases' stores.
+
+use super::phases::{transposed_forward, PlannedPhases, TransposedAxis, TransposedGeometry};
+use super::{check_lengths, direct, try_with_capacity, Algorithm, ForwardOptions};
+use crate::error::ConvError;
+use crate::geometry::{ConvMode, OnnxAutoPad, Padding};
+
+/// How much of the full output (`stride·(input − 1) + output_padding +
+/// dilation·(kernel − 1) + 1` per axis) a transposed convolution keeps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum TransposePadding {
+    /// PyTorch `padding` (symmetric) or ONNX `pads` (any four values, see
+    /// [`Padding::onnx_pads`]): rows and columns removed from each side of
+    /// the full output.
+    Explicit(Padding),
+    /// ONNX `auto_pad`: `SameUpper` and `SameLower` keep `input·stride`
+    /// outputs per axis, removing the rest evenly, an odd one at the end
+    /// (`SameUpper`) or the beginning (`SameLower`); `Valid` removes
+    /// nothing.
+    OnnxAuto(OnnxAutoPad),
+    /// ONNX `output_shape`: keep `size` outputs per axis (at most the full
+    /// output), the padding computed as the ONNX operator's equations say:
+    /// with `total = full − size`, `SameUpper` (`extra_at_end`) removes
+    /// `total/2` at the beginning and the rest at the end; otherwise (auto_pad
+    /// `NOTSET` or `SameLower`) `total − total/2` at the beginning.
+    OnnxOutputShape {
+        /// Output height and width.
+        size: (usize, usize),
+        /// `true` for ONNX `auto_pad = SAME_UPPER`.
+        extra_at_end: bool,
+    },
+}
+
+impl Default for TransposePadding {
+    fn default() -> Self {
+        TransposePadding::Explicit(Padding::ZERO)
+    }
+}
+
+impl From<Padding> for TransposePadding {
+    fn from(p: Padding) -> Self {
+        TransposePadding::Explicit(p)
+    }
+}
+
+impl From<OnnxAutoPad> for TransposePadding {
+    fn from(p: OnnxAutoPad) -> Self {
+        TransposePadding::OnnxAuto(p)
+    }
+}
+
+/// The parameters of a transposed convolution, PyTorch `nn.ConvTranspose2d`
+/// and ONNX `ConvTranspose` semantics: input `[N, C_in, H, W]`, weight
+/// `[C_in, C_out/groups, R, S]`, bias `[C_out]`, output `[N, C_out, OH, OW]`
+/// with `OH = stride·(H − 1) + output_padding + dilation·(R − 1) + 1 −
+/// top − bottom`.
+///
+/// ```
+/// use cpuconv::{Algorithm, ConvTranspose2dParams, Padding};
+/// // A 2× upsampling layer: 4×4 kernel, stride 2, padding 1.
+/// let up = ConvTranspose2dParams::new(1, 128, (16, 16), 64, (4, 4))
+///     .stride(2, 2)
+///     .padding(Padding::symmetric(1, 1))
+///     .build()?;
+/// assert_eq!(up.output_shape(), [1, 64, 32, 32]);
+///
+/// // The seed example's transpose: each input pixel stamps the kernel.
+/// let t = ConvTranspose2dParams::new(1, 1, (2, 2), 1, (2, 2)).build()?;
+/// let y = t.forward_to_vec(&[1.0, 2.0, 3.0, 4.0], &[1.0, 0.0, 0.0, 1.0], None, Algorithm::Auto)?;
+/// assert_eq!(y, [1.0, 2.0, 0.0, 3.0, 5.0, 2.0, 0.0, 3.0, 4.0]);
+/// # Ok::<(), cpuconv::ConvError>(())
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ConvTranspose2dParams {
+    /// Batch size N.
+    pub batch: usize,
+    /// Input channels C_in.
+    pub in_channels: usize,
+    /// Input height and width.
+    pub input_size: (usize, usize),
+    /// Output channels C_out.
+    pub out_channels: usize,
+    /// Kernel height R and width S.
+    pub kernel_size: (usize, usize),
+    /// Stride (vertical, horizontal): the upsampling factor.
+    pub stride: (usize, usize),
+    /// What is removed from the full output.
+    pub padding: TransposePadding,
+    /// Extra outputs at the end of each axis (PyTorch `output_padding`, ONNX
+    /// `output_padding`); each below the larger of stride and dilation.
+    pub output_padding: (usize, usize),
+    /// Dilation (vertical, horizontal).
+    pub dilation: (usize, usize),
+    /// Number of groups; must divide C_in and C_out.
+    pub groups: usize,
+    /// Cross-correlation (PyTorch, ONNX) or flipped kernel, as for
+    /// [`crate::Conv2dParams::mode`]: the transposed convolution is the
+    /// adjoint of the convolution with the same mode.
+    pub mode: ConvMode,
+}
+
+impl ConvTranspose2dParams {
+    /// `batch` images of `in_channels × input_size` into `out_channels` with
+    /// a `kernel_size` kernel; stride 1, no padding, no output padding,
+    /// dilation 1, one group, cross-correlation.
+    pub fn new(
+        batch: usize,
+        in_channels: usize,
+        input_size: (usize, usize),
+        out_channels: usize,
+        kernel_size: (usize, usize),
+    ) -> Self {
+        ConvTranspose2dParams {
+            batch,
+            in_channels,
+            input_size,
+            out_channels,
+            kernel_size,
+            stride: (1, 1),
+            padding: TransposePadding::default(),
+            output_padding: (0, 0),
+            dilation: (1, 1),
+            groups: 1,
+            mode: ConvMode::CrossCorrelation,
+        }
+    }
+
+    /// Sets the stride (vertical, horizontal).
+    pub fn stride(mut self, h: usize, w: usize) -> Self {
+        self.stride = (h, w);
+        self
+    }
+
+    /// Sets the padding: a [`Padding`], an [`OnnxAutoPad`] or any
+    /// [`TransposePadding`].
+    pub fn padding(mut self, padding: impl Into<TransposePadding>) -> Self {
+        self.padding = padding.into();
+        self
+    }
+
+    /// Sets the output padding (vertical, horizontal).
+    pub fn output_padding(mut self, h: usize, w: usize) -> Self {
+        self.output_padding = (h, w);
+        self
+    }
+
+    /// Sets the dilation (vertical, horizontal).
+    pub fn dilation(mut self, h: usize, w: usize) -> Self {
+        self.dilation = (h, w);
+        self
+    }
+
+    /// Sets the number of groups.
+    pub fn groups(mut self, groups: usize) -> Self {
+        self.groups = groups;
+        self
+    }
+
+    /// Sets cross-correlation or flipped-kernel convolution.
+    pub fn mode(mut self, mode: ConvMode) -> Self {
+        self.mode = mode;
+        self
+    }
+
+    /// Validates the parameters and computes every derived size.
+    ///
+    /// # Errors
+    /// A zero size, stride, dilation or group count; groups that do not
+    /// divide both channel counts; an output padding not below the larger
+    /// of stride and dilation; an `output_shape` outside `1..=full`; padding
+    /// that removes the whole output; a size that overflows or exceeds
+    /// `isize::MAX`.
+    pub fn build(self) -> Result<ConvTranspose2d, ConvError> {
+        ConvTranspose2d::new(&self)
+    }
+}
+
+/// A validated transposed convolution, built by
+/// [`ConvTranspose2dParams::build`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ConvTranspose2d {
+    tg: TransposedGeometry,
+    padding: Padding,
+    output_padding: (usize, usize),
+}
+
+/// One axis's resolved padding and extent, `(begin, end, output)`:
+/// axis 0 is the height, 1 the width.
+fn resolve_axis(
+    p: &ConvTranspose2dParams,
+    index: usize,
+) -> Result<(usize, usize, usize), ConvError> {
+    let pick = |pair: (usize, usize)| if index == 0 { pair.0 } else { pair.1 };
+    let axis = if index == 0 { "height" } else { "width" };
+    let (input, kernel, stride, dilation, output_padding) = (
+        pick(p.input_size),
+        pick(p.kernel_size),
+        pick(p.stride),
+        pick(p.dilation),
+        pick(p.output_padding),
+    );
+    if output_padding >= stride.max(dilation) {
+        return Err(ConvError::OutputPaddingTooLarge {
+            axis,
+            output_padding,
+            stride,
+            dilation,
+        });
+    }
+    let overflow = ConvError::Overflow {
+        what: "transposed convolution output size",
+    };
+    // stride·(input − 1) + output_padding + dilation·(kernel − 1) + 1.
+    let full = stride
+        .checked_mul(input - 1)
+        .and_then(|v| v.checked_add(output_padding))
+        .and_then(|v| v.checked_add(dilation.checked_mul(kernel - 1)?))
+        .and_then(|v| v.checked_add(1))
+        .ok_or(overflow.clone())?;
+    let split = |total: usize, extra_at_end: bool| {
+        let half = total / 2;
+        if extra_at_end {
+            (half, total - half)
+        } else {
+            (total - half, half)
+        }
+    };
+    let (begin, end) = match p.padding {
+        TransposePadding::Explicit(pad) if index == 0 => (pad.top, pad.bottom),
+        TransposePadding::Explicit(pad) => (pad.left, pad.right),
+        TransposePadding::OnnxAuto(OnnxAutoPad::Valid) => (0, 0),
+        TransposePadding::OnnxAuto(same) => {
+            let size = input.checked_mul(stride).ok_or(overflow)?;
+            // ONNX asks for input·stride outputs; a full output shorter than
+            // that (kernel smaller than stride) keeps what there is.
+            split(full.saturating_sub(size), same == OnnxAutoPad::SameUpper)
+        }
+        TransposePadding::OnnxOutputShape { size, extra_at_end } => {
+            let requested = pick(size);
+            if requested == 0 || requested > full {
+                return Err(ConvError::UnreachableOutputShape {
+                    axis,
+                    requested,
+                    full,
+                });
+            }
+            split(full - requested, extra_at_end)
+        }
+    };
+    let removed = begin.checked_add(end);
+    match removed {
+        Some(removed) if removed < full => Ok((begin, end, full - removed)),
+        _ => Err(ConvError::PaddingRemovesOutput {
+            axis,
+            full,
+            padding: removed.unwrap_or(usize::MAX),
+        }),
+    }
+}
+
+impl ConvTranspose2d {
+    fn new(p: &ConvTranspose2dParams) -> Result<ConvTranspose2d, ConvError> {
+        // The matching convolution's rules for sizes, groups and `isize`
+        // bounds, on the input side; the output side is checked below.
+        let probe =
+            crate::Conv2dParams::new(p.batch, p.in_channels, p.input_size, p.out_channels, (1, 1))
+                .stride(p.stride.0, p.stride.1)
+                .dilation(p.dilation.0, p.dilation.1)
+                .groups(p.groups);
+        if p.kernel_size.0 == 0 || p.kernel_size.1 == 0 {
+            return Err(ConvError::ZeroDimension {
+                name: "kernel_size",
+            });
+        }
+        crate::geometry::ConvGeometry::new(&probe)?;
+        let (top, bottom, out_h) = resolve_axis(p, 0)?;
+        let (left, right, out_w) = resolve_axis(p, 1)?;
+        for (what, v) in [
+            ("output height", out_h),
+            ("output width", out_w),
+            ("kernel height", p.kernel_size.0),
+            ("kernel width", p.kernel_size.1),
+            ("top padding", top),
+            ("left padding", left),
+        ] {
+            if isize::try_from(v).is_err() {
+                return Err(ConvError::TooLarge { what, value: v });
+            }
+        }
+        let lengths = [
+            [p.batch, p.in_channels, p.input_size.0, p.input_size.1],
+            [p.batch, p.out_channels, out_h, out_w],
+            [
+                p.in_channels,
+                p.out_channels / p.groups,
+                p.kernel_size.0,
+                p.kernel_size.1,
+            ],
+        ];
+        for dims in lengths {
+            dims.iter()
+                .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+                .ok_or(ConvError::Overflow {
+                    what: "transposed convolution buffer length",
+                })?;
+        }
+        let flops = [
+            2,
+            p.batch as u64,
+            p.in_channels as u64,
+            p.input_size.0 as u64,
+            p.input_size.1 as u64,
+            (p.out_channels / p.groups) as u64,
+            p.kernel_size.0 as u64,
+            p.kernel_size.1 as u64,
+        ];
+        flops
+            .iter()
+            .try_fold(1u64, |acc, &d| acc.checked_mul(d))
+            .ok_or(ConvError::Overflow {
+                what: "transposed convolution FLOP count",
+            })?;
+        let axis = |input, output, kernel, stride, dilation, begin: usize| TransposedAxis {
+            input,
+            output,
+            kernel,
+            stride,
+            dilation,
+            offset: begin as isize,
+        };
+        Ok(ConvTranspose2d {
+            tg: TransposedGeometry {
+                batch: p.batch,
+                in_channels: p.in_channels,
+                out_channels: p.out_channels,
+                groups: p.groups,
+                h: axis(
+                    p.input_size.0,
+                    out_h,
+                    p.kernel_size.0,
+                    p.stride.0,
+                    p.dilation.0,
+                    top,
+                ),
+                w: axis(
+                    p.input_size.1,
+                    out_w,
+                    p.kernel_size.1,
+                    p.stride.1,
+                    p.dilation.1,
+                    left,
+                ),
+                mode: p.mode,
+            },
+            padding: Padding::explicit(top, bottom, left, right),
+            output_padding: p.output_padding,
+        })
+    }
+
+    /// `[N, C_in, H, W]`.
+    pub fn input_shape(&self) -> [usize; 4] {
+        let t = &self.tg;
+        [t.batch, t.in_channels, t.h.input, t.w.input]
+    }
+
+    /// `[C_in, C_out/groups, R, S]` (PyTorch's layout for
+    /// `ConvTranspose2d.weight`, ONNX's for `ConvTranspose`'s `W`).
+    pub fn weight_shape(&self) -> [usize; 4] {
+        let t = &self.tg;
+        [t.in_channels, t.out_per_group(), t.h.kernel, t.w.kernel]
+    }
+
+    /// `[N, C_out, OH, OW]`.
+    pub fn output_shape(&self) -> [usize; 4] {
+        let t = &self.tg;
+        [t.batch, t.out_channels, t.h.output, t.w.output]
+    }
+
+    /// The padding removed from the full output, any ONNX rule resolved.
+    pub fn padding(&self) -> Padding {
+        self.padding
+    }
+
+    /// The output padding.
+    pub fn output_padding(&self) -> (usize, usize) {
+        self.output_padding
+    }
+
+    /// `2·N·C_in·H·W·(C_out/groups)·R·S`: every input pixel meets every tap
+    /// of its group's kernels once (taps that land in the removed padding
+    /// included, as for the convolution's count).
+    pub fn flops(&self) -> u64 {
+        let t = &self.tg;
+        // Checked when built.
+        2 * (t.batch * t.in_channels * t.h.input * t.w.input) as u64
+            * (t.out_per_group() * t.h.kernel * t.w.kernel) as u64
+    }
+
+    /// Checks the lengths of the buffers given (`None`: not part of the call).
+    fn check_buffers(
+        &self,
+        input: Option<&[f32]>,
+        weight: &[f32],
+        bias: Option<&[f32]>,
+        output: Option<&[f32]>,
+    ) -> Result<(), ConvError> {
+        let t = &self.tg;
+        check_lengths(&[
+            (
+                "input",
+                t.input_len(),
+                input.map_or(t.input_len(), <[f32]>::len),
+            ),
+            ("weight", t.weight_len(), weight.len()),
+            (
+                "bias",
+                t.out_channels,
+                bias.map_or(t.out_channels, <[f32]>::len),
+            ),
+            (
+                "output",
+                t.output_len(),
+                output.map_or(t.output_len(), <[f32]>::len),
+            ),
+        ])
+    }
+
+    /// Computes the transposed convolution into `output` with the default
+    /// options and the given algorithm.
+    pub fn forward(
+        &self,
+        input: &[f32],
+        weight: &[f32],
+        bias: Option<&[f32]>,
+        output: &mut [f32],
+        algorithm: Algorithm,
+    ) -> Result<(), ConvError> {
+        self.forward_with(input, weight, bias, output, &ForwardOptions::new(algorithm))
+    }
+
+    /// Computes `output = act(conv_transpose(input, weight) + bias)` as
+    /// `options` say. `options.algorithm` is [`Algorithm::Direct`] for the
+    /// reference loops over the definition; any other algorithm runs the
+    /// sub-pixel phases, each an ordinary stride-1 convolution computed by
+    /// that algorithm (`Auto`: each phase's own choice, see
+    /// [`crate::Conv2d::auto_algorithm`]).
+    pub fn forward_with(
+        &self,
+        input: &[f32],
+        weight: &[f32],
+        bias: Option<&[f32]>,
+        output: &mut [f32],
+        options: &ForwardOptions,
+    ) -> Result<(), ConvError> {
+        self.check_buffers(Some(input), weight, bias, Some(output))?;
+        options.activation.validate()?;
+        if options.algorithm == Algorithm::Direct {
+            direct::transposed_direct(&self.tg, input, weight, bias, options.activation, output);
+            return Ok(());
+        }
+        transposed_forward(&self.tg, input, weight, bias, output, options)
+    }
+
+    /// As [`ConvTranspose2d::forward`], allocating and returning the output.
+    pub fn forward_to_vec(
+        &self,
+        input: &[f32],
+        weight: &[f32],
+        bias: Option<&[f32]>,
+        algorithm: Algorithm,
+    ) -> Result<Vec<f32>, ConvError> {
+        self.check_buffers(Some(input), weight, bias, None)?;
+        let len = self.tg.output_len();
+        let mut out = try_with_capacity("output", len)?;
+        out.resize(len, 0.0);
+        self.forward(input, weight, bias, &mut out, algorithm)?;
+        Ok(out)
+    }
+
+    /// Prepares this transposed convolution for `weight` (and `bias`): each
+    /// phase's weights are gathered and planned once (pre-packed for the
+    /// GEMM lowerings, arranged for the SIMD direct kernels), so every
+    /// `forward` goes straight to the phases' loops.
+    ///
+    /// ```
+    /// use cpuconv::{Activation, ConvTranspose2dParams, ForwardOptions, Padding};
+    /// let up = ConvTranspose2dParams::new(1, 8, (4, 4), 4, (4, 4))
+    ///     .stride(2, 2)
+    ///     .padding(Padding::symmetric(1, 1))
+    ///     .build()?;
+    /// let weight = vec![0.01; 8 * 4 * 16];
+    /// let plan = up.plan(&weight, Some(&[0.5; 4]), &ForwardOptions::default().activation(Activation::Relu))?;
+    /// let mut out = vec![0.0; 4 * 8 * 8];
+    /// plan.forward(&vec![1.0; 8 * 16], &mut out)?;
+    /// // An interior output meets 2×2 taps of each of the 8 input channels.
+    /// assert!((out[3 * 8 + 3] - (0.5 + 8.0 * 4.0 * 0.01)).abs() < 1e-6);
+    /// # Ok::<(), cpuconv::ConvError>(())
+    /// ```
+    pub fn plan(
+        &self,
+        weight: &[f32],
+        bias: Option<&[f32]>,
+        options: &ForwardOptions,
+    ) -> Result<ConvTranspose2dPlan, ConvError> {
+        self.check_buffers(None, weight, bias, None)?;
+        options.activation.validate()?;
+        let inner = if options.algorithm == Algorithm::Direct {
+            let copy = |what, v: &[f32]| -> Result<Vec<f32>, ConvError> {
+                let mut c = try_with_capacity(what, v.len())?;
+                c.extend_from_slice(v);
+                Ok(c)
+            };
+            PlanInner::Direct {
+                weight: copy("plan weights", weight)?,
+                bias: bias.map(|b| copy("plan bias", b)).transpose()?,
+                options: *options,
+            }
+        } else {
+            PlanInner::Phases(PlannedPhases::new(&self.tg, weight, bias, options)?)
+        };
+        Ok(ConvTranspose2dPlan { conv: *self, inner })
+    }
+}
+
+/// A transposed convolution bound to its weights and options; `forward`
+/// takes `&self`, and a plan is `Send + Sync`.
+#[derive(Clone, Debug)]
+pub struct ConvTranspose2dPlan {
+    conv: ConvTranspose2d,
+    inner: PlanInner,
+}
+
+#[derive(Clone, Debug)]
+enum PlanInner {
+    Direct {
+        weight: Vec<f32>,
+        bias: Option<Vec<f32>>,
+        options: ForwardOptions,
+    },
+    Phases(PlannedPhases),
+}
+
+impl ConvTranspose2dPlan {
+    /// The transposed convolution this plan computes.
+    pub fn conv(&self) -> &ConvTranspose2d {
+        &self.conv
+    }
+
+    /// The algorithm each sub-pixel phase runs, in phase order (row phase
+    /// major); `None` for a phase no tap reaches (it holds `act(bias)`). A
+    /// `Direct` plan reports one `Direct`.
+    pub fn algorithms(&self) -> Vec<Option<Algorithm>> {
+        match &self.inner {
+            PlanInner::Direct { .. } => vec![Some(Algorithm::Direct)],
+            PlanInner::Phases(p) => p.algorithms().collect(),
+        }
+    }
+
+    /// Computes the transposed convolution of `input` into `output`.
+    pub fn forward(&self, input: &[f32], output: &mut [f32]) -> Result<(), ConvError> {
+        let tg = &self.conv.tg;
+        check_lengths(&[
+            ("input", tg.input_len(), input.len()),
+            ("output", tg.output_len(), output.len()),
+        ])?;
+        match &self.inner {
+            PlanInner::Direct {
+                weight,
+                bias,
+                options,
+            } => {
+                direct::transposed_direct(
+                    tg,
+                    input,
+                    weight,
+                    bias.as_deref(),
+                    options.activation,
+                    output,
+                );
+                Ok(())
+            }
+            PlanInner::Phases(p) => p.forward(input, output),
+        }
+    }
+}
