@@ -5,8 +5,8 @@
 use crate::mem::check_room;
 use crate::out::{outln, Stop};
 use crate::suite::{
-    self, try_filled, Layer, LayerData, SEED_GRAD_INPUT, SEED_GRAD_WEIGHT, SEED_OUTPUT,
-    SHAPE_SYNTAX,
+    self, try_filled, Layer, LayerData, TransposedLayer, SEED_GRAD_INPUT, SEED_GRAD_WEIGHT,
+    SEED_OUTPUT, SHAPE_SYNTAX,
 };
 use crate::table::{left, right, sig, Column, Table};
 use crate::timing::{try_measure, Budget, Timing};
@@ -16,7 +16,8 @@ use crate::{
 use clap::{Args, ValueEnum};
 use cpuconv::gemm::kernels::peak::fma_peak_gflops;
 use cpuconv::{
-    Activation, Algorithm, BackwardOptions, Conv2d, ConvError, ForwardOptions, Isa, Parallelism,
+    Activation, Algorithm, BackwardOptions, Conv2d, ConvError, ConvTranspose2d, ForwardOptions,
+    Isa, Parallelism,
 };
 use std::time::Duration;
 
@@ -30,7 +31,11 @@ pub enum PassArg {
     GradInput,
     /// The weight gradient, `Conv2d::backward_weight`.
     GradWeight,
-    /// forward, grad-input and grad-weight of every layer, in one table
+    /// The transposed convolution, `ConvTranspose2d::forward_with`, on the
+    /// transposed suite; `--shape` takes a transposed layer.
+    Transpose,
+    /// forward, grad-input and grad-weight of every layer of the suite,
+    /// and transpose of every layer of the transposed suite, in one table
     /// with a `pass` column, then Auto's GFLOP/s per layer and pass.
     All,
 }
@@ -42,8 +47,24 @@ impl PassArg {
             PassArg::Forward => &[Pass::Forward],
             PassArg::GradInput => &[Pass::GradInput],
             PassArg::GradWeight => &[Pass::GradWeight],
-            PassArg::All => &[Pass::Forward, Pass::GradInput, Pass::GradWeight],
+            PassArg::Transpose => &[Pass::Transpose],
+            PassArg::All => &[
+                Pass::Forward,
+                Pass::GradInput,
+                Pass::GradWeight,
+                Pass::Transpose,
+            ],
         }
+    }
+
+    /// Whether it runs passes of ordinary convolutions.
+    fn has_conv_passes(self) -> bool {
+        self.passes().iter().any(|&p| p != Pass::Transpose)
+    }
+
+    /// Whether it runs the transposed pass.
+    fn has_transpose(self) -> bool {
+        self.passes().contains(&Pass::Transpose)
     }
 }
 
@@ -53,6 +74,7 @@ enum Pass {
     Forward,
     GradInput,
     GradWeight,
+    Transpose,
 }
 
 impl Pass {
@@ -62,12 +84,13 @@ impl Pass {
             Pass::Forward => "forward",
             Pass::GradInput => "grad-input",
             Pass::GradWeight => "grad-weight",
+            Pass::Transpose => "transpose",
         }
     }
 
     /// Whether the library can plan it (`--plan`).
     fn has_plan(self) -> bool {
-        self == Pass::Forward
+        matches!(self, Pass::Forward | Pass::Transpose)
     }
 }
 
@@ -134,9 +157,10 @@ pub struct CompareArgs {
 
     /// Time every algorithm but Direct through a plan (`Conv2d::plan`, made
     /// once, untimed): weights pre-packed, `Auto` resolved, bias bound. This
-    /// is how a framework runs a layer repeatedly. Only the forward pass has
-    /// plans: with `--pass all` the backward rows run one-shot, and a
-    /// backward `--pass` alone refuses it.
+    /// is how a framework runs a layer repeatedly. Only the forward and
+    /// transpose passes have plans (`ConvTranspose2d::plan`): with `--pass
+    /// all` the backward rows run one-shot, and a backward `--pass` alone
+    /// refuses it.
     #[arg(long)]
     plan: bool,
 }
@@ -152,23 +176,133 @@ fn parse_thread_count(s: &str) -> Result<usize, String> {
         .map_err(|_| format!("{s:?} is not a thread count, 0 or `all`"))
 }
 
-/// The layers to run: `--layer` picks from the suite, `--shape` adds custom
-/// ones, neither runs the whole suite.
-fn select_layers(args: &CompareArgs) -> Result<Vec<Layer>, String> {
-    let all = suite::suite();
+/// Named `f32` counts: the buffers a run allocates.
+type Buffers = Vec<(&'static str, usize)>;
+
+/// A layer to run: an ordinary or a transposed convolution, validated.
+enum Subject {
+    Conv(Layer, Conv2d),
+    Transposed(TransposedLayer, ConvTranspose2d),
+}
+
+impl Subject {
+    fn name(&self) -> &str {
+        match self {
+            Subject::Conv(l, _) => &l.name,
+            Subject::Transposed(l, _) => &l.name,
+        }
+    }
+
+    /// The passes of `passes` that apply to it, in table order.
+    fn passes(&self, passes: &[Pass]) -> Vec<Pass> {
+        let transposed = matches!(self, Subject::Transposed(..));
+        passes
+            .iter()
+            .copied()
+            .filter(|&p| (p == Pass::Transpose) == transposed)
+            .collect()
+    }
+
+    /// The buffers it needs at once for `passes`, in `f32`s: its data, the
+    /// output gradient, and one pass's output and reference at a time.
+    fn buffers(&self, passes: &[Pass]) -> Buffers {
+        let (mut v, outs): (Buffers, Buffers) = match self {
+            Subject::Conv(_, conv) => {
+                let g = conv.geometry();
+                let mut v = vec![
+                    ("input", g.input_len()),
+                    ("weight", g.weight_len()),
+                    ("bias", g.out_channels),
+                ];
+                if passes.iter().any(|&p| p != Pass::Forward) {
+                    v.push(("grad_output", g.output_len()));
+                }
+                let outs = passes
+                    .iter()
+                    .map(|&p| match p {
+                        Pass::GradInput => ("grad_input", g.input_len()),
+                        Pass::GradWeight => ("grad_weight", g.weight_len()),
+                        Pass::Forward | Pass::Transpose => ("output", g.output_len()),
+                    })
+                    .collect();
+                (v, outs)
+            }
+            Subject::Transposed(_, t) => {
+                let [input, weight, bias, output] = TransposedLayer::lens(t);
+                (
+                    vec![("input", input), ("weight", weight), ("bias", bias)],
+                    vec![("output", output)],
+                )
+            }
+        };
+        if let Some(&(what, len)) = outs.iter().max_by_key(|&&(_, len)| len) {
+            v.push((what, len));
+            v.push(("reference", len));
+        }
+        v
+    }
+}
+
+/// The layers to run: `--layer` picks from the suites the passes use,
+/// `--shape` adds custom ones (transposed under `--pass transpose`),
+/// neither runs those suites whole.
+fn select_layers(args: &CompareArgs) -> Result<Vec<Subject>, String> {
+    let conv = if args.pass.has_conv_passes() {
+        suite::suite()
+    } else {
+        Vec::new()
+    };
+    let transposed = if args.pass.has_transpose() {
+        suite::transposed_suite()
+    } else {
+        Vec::new()
+    };
+    let built = |l: &Layer| {
+        l.build()
+            .map(|c| Subject::Conv(l.clone(), c))
+            .map_err(|e| format!("layer {}: {e}", l.name))
+    };
+    let built_t = |l: &TransposedLayer| {
+        l.build()
+            .map(|t| Subject::Transposed(l.clone(), t))
+            .map_err(|e| format!("layer {}: {e}", l.name))
+    };
     let mut layers = Vec::new();
     for name in &args.layers {
-        let layer = all.iter().find(|l| l.name == *name).ok_or_else(|| {
-            let names: Vec<&str> = all.iter().map(|l| l.name.as_str()).collect();
-            format!("unknown layer {name:?}; the suite has {}", names.join(", "))
-        })?;
-        layers.push(layer.clone());
+        if let Some(l) = conv.iter().find(|l| l.name == *name) {
+            layers.push(built(l)?);
+        } else if let Some(l) = transposed.iter().find(|l| l.name == *name) {
+            layers.push(built_t(l)?);
+        } else {
+            let names: Vec<&str> = conv
+                .iter()
+                .map(|l| l.name.as_str())
+                .chain(transposed.iter().map(|l| l.name.as_str()))
+                .collect();
+            return Err(format!(
+                "unknown layer {name:?} for --pass {}; it has {} (--pass all runs both suites)",
+                args.pass
+                    .to_possible_value()
+                    .expect("no skipped values")
+                    .get_name(),
+                names.join(", ")
+            ));
+        }
     }
     for (i, spec) in args.shapes.iter().enumerate() {
-        layers.push(suite::parse_shape(spec, i + 1)?);
+        layers.push(if args.pass == PassArg::Transpose {
+            built_t(&suite::parse_transposed_shape(spec, i + 1)?)?
+        } else {
+            built(&suite::parse_shape(spec, i + 1)?)?
+        });
     }
     if layers.is_empty() {
-        layers = all;
+        for l in &conv {
+            layers.push(built(l)?);
+        }
+        for l in &transposed {
+            layers.push(built_t(l)?);
+        }
     }
     Ok(layers)
 }
@@ -207,34 +341,25 @@ fn list() -> Result<(), Stop> {
             Err(e) => outln!("  {:<12} invalid: {e}", l.name)?,
         }
     }
+    outln!("\nTransposed suite (--pass transpose):")?;
+    for l in suite::transposed_suite() {
+        match l.build() {
+            Ok(t) => outln!("  {:<12} {}", l.name, describe_transposed(&t))?,
+            Err(e) => outln!("  {:<12} invalid: {e}", l.name)?,
+        }
+    }
     Ok(())
 }
 
-/// The buffers one layer needs at once for `passes`, in `f32`s: what
-/// [`Layer::try_data`], [`Layer::try_grad_output`] and the timing loop
-/// allocate (one pass's output and reference at a time).
-fn buffers(conv: &Conv2d, passes: &[Pass]) -> Vec<(&'static str, usize)> {
-    let g = conv.geometry();
-    let mut v = vec![
-        ("input", g.input_len()),
-        ("weight", g.weight_len()),
-        ("bias", g.out_channels),
-    ];
-    if passes.iter().any(|&p| p != Pass::Forward) {
-        v.push(("grad_output", g.output_len()));
-    }
-    let (what, len) = passes
-        .iter()
-        .map(|&p| match p {
-            Pass::Forward => ("output", g.output_len()),
-            Pass::GradInput => ("grad_input", g.input_len()),
-            Pass::GradWeight => ("grad_weight", g.weight_len()),
-        })
-        .max_by_key(|&(_, len)| len)
-        .expect("at least one pass");
-    v.push((what, len));
-    v.push(("reference", len));
-    v
+fn describe_transposed(t: &ConvTranspose2d) -> String {
+    let dims = |s: [usize; 4]| s.map(|d| d.to_string()).join("x");
+    format!(
+        "{} -> {}, weight {} ({:.1} MFLOP)",
+        dims(t.input_shape()),
+        dims(t.output_shape()),
+        dims(t.weight_shape()),
+        t.flops() as f64 / 1e6
+    )
 }
 
 /// One call of a job, writing its output buffer.
@@ -253,8 +378,9 @@ struct Job<'a> {
     flops: u64,
     /// Length of the buffer the pass writes.
     out_len: usize,
-    /// What `Auto` runs, where the library says.
-    auto_pick: Option<Algorithm>,
+    /// What `Auto` runs, where the library says: one algorithm, or, for a
+    /// transposed layer, those of its sub-pixel phases, comma-separated.
+    auto_pick: Option<String>,
     /// What the seed layer must give (checked on Direct's output).
     expected: Option<&'static [f32]>,
     run: RunFn<'a>,
@@ -312,6 +438,7 @@ fn conv_job<'a>(
                 }),
             )
         }
+        Pass::Transpose => unreachable!("an ordinary layer has no transposed pass"),
     };
     let plan: Option<PlanFn<'a>> = (options.plan && pass.has_plan()).then(|| {
         Box::new(move |algo| {
@@ -324,9 +451,51 @@ fn conv_job<'a>(
         pass,
         flops: conv.flops(),
         out_len,
-        auto_pick: (pass == Pass::Forward).then(|| conv.auto_algorithm()),
+        auto_pick: (pass == Pass::Forward).then(|| conv.auto_algorithm().name().to_string()),
         expected: seed.then_some(expected),
         run,
+        plan,
+    }
+}
+
+/// The job of a transposed layer.
+fn transposed_job<'a>(
+    layer: &'a TransposedLayer,
+    t: &'a ConvTranspose2d,
+    data: &'a LayerData,
+    options: &Options,
+) -> Job<'a> {
+    let fwd = options.forward;
+    let bias = data.bias.as_deref();
+    let plan: Option<PlanFn<'a>> = options.plan.then(|| {
+        Box::new(move |algo| {
+            let plan = t.plan(&data.weight, bias, &fwd.algorithm(algo))?;
+            Ok(Box::new(move |out: &mut [f32]| plan.forward(&data.input, out)) as Planned<'a>)
+        }) as PlanFn<'a>
+    });
+    // Auto's picks, per sub-pixel phase, are what an Auto plan reports.
+    let auto_pick = t
+        .plan(&data.weight, bias, &fwd.algorithm(Algorithm::Auto))
+        .ok()
+        .map(|plan| {
+            let mut names: Vec<&str> = Vec::new();
+            for name in plan.algorithms().into_iter().flatten().map(Algorithm::name) {
+                if !names.contains(&name) {
+                    names.push(name);
+                }
+            }
+            names.join(",")
+        });
+    Job {
+        layer: &layer.name,
+        pass: Pass::Transpose,
+        flops: t.flops(),
+        out_len: TransposedLayer::lens(t)[3],
+        auto_pick,
+        expected: None,
+        run: Box::new(move |algo, out| {
+            t.forward_with(&data.input, &data.weight, bias, out, &fwd.algorithm(algo))
+        }),
         plan,
     }
 }
@@ -350,7 +519,7 @@ struct Row<'a> {
     pass: Pass,
     flops: u64,
     algo: Algorithm,
-    auto_pick: Option<Algorithm>,
+    auto_pick: Option<&'a str>,
     planned: bool,
     /// `Err`: the library does not run this algorithm for this pass (its message).
     result: Result<Measured, String>,
@@ -405,7 +574,7 @@ impl Printer {
 
     fn line(&self, row: &Row) -> String {
         let picked = match (row.algo, row.auto_pick) {
-            (Algorithm::Auto, Some(pick)) => Some(pick.name()),
+            (Algorithm::Auto, Some(pick)) => Some(pick),
             _ => None,
         };
         if self.json {
@@ -554,7 +723,7 @@ fn time_job(
             pass: job.pass,
             flops: job.flops,
             algo,
-            auto_pick: job.auto_pick,
+            auto_pick: job.auto_pick.as_deref(),
             planned: job.plan.is_some() && algo != Algorithm::Direct && result.is_ok(),
             result,
         };
@@ -572,21 +741,18 @@ pub fn run(args: &CompareArgs) -> Result<(), Stop> {
     let passes = args.pass.passes();
     if args.plan && !passes.iter().any(|p| p.has_plan()) {
         return Err(format!(
-            "--plan: the {} pass has no plan (the library plans only the forward); \
-             drop --plan, or use --pass forward or --pass all",
+            "--plan: the {} pass has no plan (the library plans only the forward and \
+             transposed convolutions); drop --plan, or use --pass forward, transpose or all",
             passes[0].name()
         )
         .into());
     }
     // Validate every layer, and that its tensors fit, before printing anything.
-    let layers = select_layers(args)?
-        .into_iter()
-        .map(|l| {
-            let conv = l.build().map_err(|e| format!("layer {}: {e}", l.name))?;
-            check_room(&buffers(&conv, passes)).map_err(|e| format!("layer {}: {e}", l.name))?;
-            Ok((l, conv))
-        })
-        .collect::<Result<Vec<_>, String>>()?;
+    let layers = select_layers(args)?;
+    for l in &layers {
+        check_room(&l.buffers(&l.passes(passes)))
+            .map_err(|e| format!("layer {}: {e}", l.name()))?;
+    }
     let algos = if args.algos.is_empty() {
         all_algorithms()
     } else {
@@ -620,18 +786,29 @@ pub fn run(args: &CompareArgs) -> Result<(), Stop> {
     let peak = fma_peak_gflops(isa, threads);
     let printer = Printer::new(args, passes, peak, threads, isa);
     if !args.json {
-        let pass_names: Vec<&str> = passes.iter().map(|p| p.name()).collect();
+        // The passes some layer runs (`all` with only ordinary layers has no transpose).
+        let pass_names: Vec<&str> = passes
+            .iter()
+            .filter(|&&p| layers.iter().any(|l| !l.passes(&[p]).is_empty()))
+            .map(|p| p.name())
+            .collect();
         let how = match (args.plan, multi_pass) {
             (false, _) => "one-shot calls",
             (true, false) => "planned (pre-packed weights)",
-            (true, true) => "forward planned (pre-packed weights), backward one-shot (no plan)",
+            (true, true) => {
+                "forward and transpose planned (pre-packed weights), backward one-shot (no plan)"
+            }
         };
         outln!(
             "cpuconv {} compare: {} {}, isa {isa}, {threads} thread{}, backend {}, {how}, \
              median of samples; speedup and error are relative to direct on the same pass; \
              % peak is of the measured {isa} FMA peak, {} GFLOP/s.\n",
             env!("CARGO_PKG_VERSION"),
-            if multi_pass { "passes" } else { "pass" },
+            if pass_names.len() > 1 {
+                "passes"
+            } else {
+                "pass"
+            },
             pass_names.join(", "),
             if threads == 1 { "" } else { "s" },
             args.backend.name(),
@@ -639,23 +816,43 @@ pub fn run(args: &CompareArgs) -> Result<(), Stop> {
         )?;
         outln!("{}", printer.table.header())?;
     }
-    let pb = progress((layers.len() * passes.len() * algos.len()) as u64);
+    let jobs: usize = layers.iter().map(|l| l.passes(passes).len()).sum();
+    let pb = progress((jobs * algos.len()) as u64);
     let mut summary: Vec<(&str, Vec<Option<Option<f64>>>)> = Vec::new();
     let result = pool.install(|| -> Result<(), Stop> {
-        for (layer, conv) in &layers {
-            let in_layer = |e: String| format!("layer {}: {e}", layer.name);
-            let data = layer.try_data(conv).map_err(in_layer)?;
-            let grad_output = if passes.iter().any(|&p| p != Pass::Forward) {
-                Some(layer.try_grad_output(conv).map_err(in_layer)?)
-            } else {
-                None
+        for subject in &layers {
+            let in_layer = |e: String| format!("layer {}: {e}", subject.name());
+            // Auto's GFLOP/s per pass of `passes` (None where it does not apply).
+            let mut autos = vec![None; passes.len()];
+            let mut record = |pass: Pass, auto| {
+                let i = passes.iter().position(|&p| p == pass).expect("a pass run");
+                autos[i] = auto;
             };
-            let mut autos = Vec::new();
-            for &pass in passes {
-                let job = conv_job(layer, conv, &data, grad_output.as_deref(), pass, &options);
-                autos.push(time_job(&job, &algos, &budget, &printer, &pb)?);
+            match subject {
+                Subject::Conv(layer, conv) => {
+                    let mine = subject.passes(passes);
+                    let data = layer.try_data(conv).map_err(in_layer)?;
+                    let grad_output = if mine.iter().any(|&p| p != Pass::Forward) {
+                        Some(layer.try_grad_output(conv).map_err(in_layer)?)
+                    } else {
+                        None
+                    };
+                    for pass in mine {
+                        let dy = grad_output.as_deref();
+                        let job = conv_job(layer, conv, &data, dy, pass, &options);
+                        record(pass, time_job(&job, &algos, &budget, &printer, &pb)?);
+                    }
+                }
+                Subject::Transposed(layer, t) => {
+                    let data = layer.try_data(t).map_err(in_layer)?;
+                    let job = transposed_job(layer, t, &data, &options);
+                    record(
+                        Pass::Transpose,
+                        time_job(&job, &algos, &budget, &printer, &pb)?,
+                    );
+                }
             }
-            summary.push((&layer.name, autos));
+            summary.push((subject.name(), autos));
         }
         Ok(())
     });
@@ -667,16 +864,20 @@ pub fn run(args: &CompareArgs) -> Result<(), Stop> {
     Ok(())
 }
 
-/// `--pass all`'s closing table: Auto's GFLOP/s per layer and pass.
+/// `--pass all`'s closing table: Auto's GFLOP/s per layer and pass (`–`
+/// where a pass does not apply to a layer); passes no layer ran are left out.
 fn print_summary(passes: &[Pass], rows: &[(&str, Vec<Option<Option<f64>>>)]) -> Result<(), Stop> {
+    let shown: Vec<usize> = (0..passes.len())
+        .filter(|&i| rows.iter().any(|(_, autos)| autos[i].is_some()))
+        .collect();
     let mut columns = vec![left("layer", 12)];
-    columns.extend(passes.iter().map(|p| right(p.name(), 11)));
+    columns.extend(shown.iter().map(|&i| right(passes[i].name(), 11)));
     let table = Table::new(&columns);
     outln!("\nauto, GFLOP/s per pass:\n")?;
     outln!("{}", table.header())?;
     for (layer, autos) in rows {
         let mut cells = vec![layer.to_string()];
-        cells.extend(autos.iter().map(|a| match a {
+        cells.extend(shown.iter().map(|&i| match &autos[i] {
             Some(Some(g)) => sig(*g),
             Some(None) => "unsupported".into(),
             None => "–".into(),

@@ -6,7 +6,7 @@
 //! benchmarks run exactly the same shapes. Keep it free of the tool's other
 //! dependencies.
 
-use cpuconv::{Conv2d, Conv2dParams, ConvError, Padding};
+use cpuconv::{Conv2d, Conv2dParams, ConvError, ConvTranspose2d, ConvTranspose2dParams, Padding};
 
 /// One row of the built-in suite: `N,C,H,W -> K, R×R, stride, pad, dilation, groups`.
 #[derive(Clone, Copy, Debug)]
@@ -253,6 +253,113 @@ pub fn suite() -> Vec<Layer> {
     SUITE.iter().map(|l| l.to_layer()).collect()
 }
 
+/// One row of the transposed suite: `N,C_in,H,W -> C_out, R×R, stride,
+/// pad, output padding` (dilation 1, one group).
+#[derive(Clone, Copy, Debug)]
+pub struct TransposedSpec {
+    /// Name used by `--layer` and in the tables.
+    pub name: &'static str,
+    /// `[N, C_in, H, W]`: the input of the transposed convolution.
+    pub input: [usize; 4],
+    /// Output channels C_out.
+    pub out_channels: usize,
+    /// Square kernel size R = S.
+    pub kernel: usize,
+    /// Stride (both axes): the upsampling factor.
+    pub stride: usize,
+    /// Symmetric padding (all four sides), cropped from the output.
+    pub pad: usize,
+    /// Output padding (both axes), added to the bottom and right.
+    pub output_padding: usize,
+}
+
+/// The transposed layers: decoder upsamplings of a GAN generator, a U-Net,
+/// an FCN head and a batched DCGAN generator. The output shapes (32², 56²,
+/// 112², 16²) are `(H − 1)·s − 2p + R + op`.
+#[rustfmt::skip]
+pub const TRANSPOSED_SUITE: &[TransposedSpec] = &[
+    //                   name            N    C_in H   W    C_out R  s  p  op
+    TransposedSpec { name: "gan_up_k4s2",  input: [1, 128, 16, 16], out_channels:  64, kernel: 4, stride: 2, pad: 1, output_padding: 0 },
+    TransposedSpec { name: "unet_up_k2s2", input: [1, 256, 28, 28], out_channels: 128, kernel: 2, stride: 2, pad: 0, output_padding: 0 },
+    TransposedSpec { name: "fcn_up_k3s2",  input: [1,  64, 56, 56], out_channels:  32, kernel: 3, stride: 2, pad: 1, output_padding: 1 },
+    TransposedSpec { name: "dcgan_b8",     input: [8, 256,  8,  8], out_channels: 128, kernel: 4, stride: 2, pad: 1, output_padding: 0 },
+];
+
+impl TransposedSpec {
+    /// The descriptor of this layer.
+    pub fn params(&self) -> ConvTranspose2dParams {
+        let [n, c, h, w] = self.input;
+        ConvTranspose2dParams::new(n, c, (h, w), self.out_channels, (self.kernel, self.kernel))
+            .stride(self.stride, self.stride)
+            .padding(Padding::symmetric(self.pad, self.pad))
+            .output_padding(self.output_padding, self.output_padding)
+    }
+
+    /// The layer as a named [`TransposedLayer`].
+    pub fn to_layer(self) -> TransposedLayer {
+        TransposedLayer {
+            name: self.name.to_string(),
+            params: self.params(),
+        }
+    }
+}
+
+/// A named transposed convolution: a transposed-suite row or a
+/// `--pass transpose --shape`.
+#[derive(Clone, Debug)]
+pub struct TransposedLayer {
+    /// Name in the tables.
+    pub name: String,
+    /// The descriptor.
+    pub params: ConvTranspose2dParams,
+}
+
+/// The product of a shape's dimensions.
+fn count(shape: [usize; 4]) -> usize {
+    shape.iter().product()
+}
+
+impl TransposedLayer {
+    /// Validates the descriptor.
+    pub fn build(&self) -> Result<ConvTranspose2d, ConvError> {
+        self.params.build()
+    }
+
+    /// Deterministic data for the layer: input `[N, C_in, H, W]`, weight
+    /// `[C_in, C_out/g, R, S]` and bias `[C_out]`, random in `[-1, 1)`.
+    /// Panics where [`TransposedLayer::try_data`] fails.
+    #[allow(dead_code)] // the benchmarks' form; the tool uses `try_data`
+    pub fn data(&self, conv: &ConvTranspose2d) -> LayerData {
+        self.try_data(conv)
+            .unwrap_or_else(|e| panic!("layer {}: {e}", self.name))
+    }
+
+    /// [`TransposedLayer::data`], or which tensor could not be allocated.
+    pub fn try_data(&self, conv: &ConvTranspose2d) -> Result<LayerData, String> {
+        let mut rng = Rng::new(name_seed(&self.name));
+        Ok(LayerData {
+            input: rng.try_vec("input", count(conv.input_shape()))?,
+            weight: rng.try_vec("weight", count(conv.weight_shape()))?,
+            bias: Some(rng.try_vec("bias", conv.output_shape()[1])?),
+        })
+    }
+
+    /// The `f32` counts of its input, weight, bias and output.
+    pub fn lens(conv: &ConvTranspose2d) -> [usize; 4] {
+        [
+            count(conv.input_shape()),
+            count(conv.weight_shape()),
+            conv.output_shape()[1],
+            count(conv.output_shape()),
+        ]
+    }
+}
+
+/// The transposed suite as [`TransposedLayer`]s.
+pub fn transposed_suite() -> Vec<TransposedLayer> {
+    TRANSPOSED_SUITE.iter().map(|l| l.to_layer()).collect()
+}
+
 /// Square GEMM sizes of `cpuconv gemm` and the GEMM benchmark.
 pub const GEMM_SQUARE: [usize; 6] = [64, 128, 256, 512, 1024, 2048];
 
@@ -288,7 +395,14 @@ Custom layer: [NAME=]N,C,H,W:K,RxS[,sS][,pP|pT,B,L,R][,dD][,gG]
   dD        dilation; dHxW per axis
   gG        groups (must divide C and K)
 
-Example: --shape mylayer=1,64,56,56:128,3x3,s2,p1  --shape 8,16,32,32:16,5x5,p2,g16";
+Example: --shape mylayer=1,64,56,56:128,3x3,s2,p1  --shape 8,16,32,32:16,5x5,p2,g16
+
+Transposed layer (--pass transpose): the same tokens, read as the transposed
+convolution's: N,C,H,W its input, K its output channels, pP the padding
+cropped from its output, and one more:
+  opO       output padding, added to the bottom and right; opHxW per axis
+
+Example: --pass transpose --shape up=1,64,56,56:32,3x3,s2,p1,op1";
 
 fn num(s: &str, what: &str) -> Result<usize, String> {
     s.trim()
@@ -437,6 +551,33 @@ pub fn parse_shape(spec: &str, index: usize) -> Result<Layer, String> {
     })
 }
 
+/// Parses a transposed `--shape` (see [`SHAPE_SYNTAX`]); `index` names
+/// unnamed shapes.
+pub fn parse_transposed_shape(spec: &str, index: usize) -> Result<TransposedLayer, String> {
+    let f = parse_fields(spec, index, true)?;
+    let [n, c, h, w] = f.input;
+    let mut params = ConvTranspose2dParams::new(n, c, (h, w), f.out_channels, f.kernel);
+    if let Some((a, b)) = f.stride {
+        params = params.stride(a, b);
+    }
+    if let Some(p) = f.padding {
+        params = params.padding(p);
+    }
+    if let Some((a, b)) = f.output_padding {
+        params = params.output_padding(a, b);
+    }
+    if let Some((a, b)) = f.dilation {
+        params = params.dilation(a, b);
+    }
+    if let Some(g) = f.groups {
+        params = params.groups(g);
+    }
+    Ok(TransposedLayer {
+        name: f.name,
+        params,
+    })
+}
+
 /// Parses a GEMM `--shape`: `MxKxN`, or one number for a square.
 pub fn parse_gemm_shape(s: &str) -> Result<(usize, usize, usize), String> {
     let parts: Vec<&str> = s.split(['x', 'X']).collect();
@@ -461,6 +602,47 @@ mod tests {
             let d = l.data(&conv);
             assert_eq!(d.input.len(), conv.geometry().input_len());
         }
+    }
+
+    #[test]
+    fn transposed_suite_builds_with_its_documented_shapes() {
+        let expected = [
+            ("gan_up_k4s2", [1, 64, 32, 32]),
+            ("unet_up_k2s2", [1, 128, 56, 56]),
+            ("fcn_up_k3s2", [1, 32, 112, 112]),
+            ("dcgan_b8", [8, 128, 16, 16]),
+        ];
+        let layers = transposed_suite();
+        assert_eq!(layers.len(), expected.len());
+        for (l, (name, out)) in layers.iter().zip(expected) {
+            assert_eq!(l.name, name);
+            let t = l.build().unwrap_or_else(|e| panic!("{}: {e}", l.name));
+            assert_eq!(t.output_shape(), out, "{name}");
+            let [n, c, h, w] = t.input_shape();
+            let [_, _, r, s] = t.weight_shape();
+            let flops = 2 * n * c * h * w * out[1] * r * s;
+            assert_eq!(t.flops(), flops as u64, "{name}");
+            let d = l.data(&t);
+            assert_eq!(d.input.len(), n * c * h * w);
+            assert_eq!(d.weight.len(), c * out[1] * r * s);
+        }
+    }
+
+    #[test]
+    fn transposed_shapes_parse() {
+        let l = parse_transposed_shape("up=1,64,56,56:32,3x3,s2,p1,op1", 0).unwrap();
+        assert_eq!(l.name, "up");
+        assert_eq!(l.build().unwrap().output_shape(), [1, 32, 112, 112]);
+        let l = parse_transposed_shape("2,8,5,7:4,3x2,s2x3,op1x2,d1,g2", 3).unwrap();
+        assert_eq!(l.name, "shape3");
+        let t = l.build().unwrap();
+        // (5−1)·2 + 3 + 1 = 12, (7−1)·3 + 2 + 2 = 22.
+        assert_eq!(t.output_shape(), [2, 4, 12, 22]);
+        assert_eq!(t.weight_shape(), [8, 2, 3, 2]);
+        assert!(parse_transposed_shape("1,1,8,8:1,3,opx", 0).is_err());
+        assert!(parse_transposed_shape("1,1,8,8:1,3,q1", 0)
+            .unwrap_err()
+            .contains("op"));
     }
 
     #[test]

@@ -432,3 +432,107 @@ fn a_bad_pass_is_refused() {
     assert!(err.contains("no plan"), "{err}");
     assert!(out.stdout.is_empty(), "{}", stdout(&out));
 }
+
+#[test]
+fn compare_transpose_on_a_tiny_shape() {
+    let shape = "t=1,4,5,5:6,3x3,s2,p1,op1";
+    let rows = compare_rows(&["--pass", "transpose", "--shape", shape]);
+    let names: Vec<&str> = rows
+        .iter()
+        .map(|r| r["algorithm"].as_str().unwrap())
+        .collect();
+    let mut expected: Vec<&str> = Algorithm::CONCRETE.iter().map(|a| a.name()).collect();
+    expected.push("auto");
+    assert_eq!(names, expected, "{rows:?}");
+    for row in &rows {
+        assert_eq!(row["pass"], "transpose", "{row}");
+        assert_eq!(row["layer"], "t", "{row}");
+        // 2·N·C_in·H·W·C_out·R·S
+        assert_eq!(row["flops"], 2 * 4 * 5 * 5 * 6 * 3 * 3, "{row}");
+        if row["supported"] == true {
+            assert!(row["median_ms"].as_f64().unwrap() > 0.0, "{row}");
+            assert!(row["max_abs_err"].as_f64().unwrap() <= 1e-5, "{row}");
+        } else {
+            assert_eq!(row["median_ms"], Value::Null, "{row}");
+        }
+    }
+    for always in ["direct", "auto"] {
+        let row = rows.iter().find(|r| r["algorithm"] == always).unwrap();
+        assert_eq!(row["supported"], true, "{row}");
+    }
+    // Planned, as the onnxruntime script runs it.
+    let rows = compare_rows(&[
+        "--pass",
+        "transpose",
+        "--plan",
+        "--algo",
+        "auto",
+        "--shape",
+        shape,
+    ]);
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0]["planned"], true, "{}", rows[0]);
+    assert!(
+        rows[0]["max_abs_err"].as_f64().unwrap() <= 1e-5,
+        "{}",
+        rows[0]
+    );
+}
+
+#[test]
+fn transposed_layers_and_shapes_stay_with_their_passes() {
+    let out = cpuconv(&["compare", "--pass", "transpose", "--layer", "r50_3x3"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("gan_up_k4s2"), "{}", stderr(&out));
+    let out = cpuconv(&[
+        "compare",
+        "--pass",
+        "forward",
+        "--shape",
+        "1,4,5,5:6,3,s2,op1",
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("transposed"), "{}", stderr(&out));
+    let list = ok(&["compare", "--list"]);
+    for name in [
+        "gan_up_k4s2",
+        "unet_up_k2s2",
+        "fcn_up_k3s2",
+        "dcgan_b8",
+        "opO",
+    ] {
+        assert!(list.contains(name), "{name}: {list}");
+    }
+}
+
+#[test]
+fn compare_pass_all_adds_transpose_for_transposed_layers() {
+    let rows = compare_rows(&[
+        "--pass",
+        "all",
+        "--layer",
+        "seed",
+        "--layer",
+        "gan_up_k4s2",
+        "--algo",
+        "auto",
+    ]);
+    let passes: Vec<(&str, &str)> = rows
+        .iter()
+        .map(|r| (r["layer"].as_str().unwrap(), r["pass"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        passes,
+        [
+            ("seed", "forward"),
+            ("seed", "grad-input"),
+            ("seed", "grad-weight"),
+            ("gan_up_k4s2", "transpose"),
+        ]
+    );
+    assert!(
+        rows[3]["max_abs_err"].as_f64().unwrap() <= 1e-3,
+        "{}",
+        rows[3]
+    );
+}
