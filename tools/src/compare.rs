@@ -98,11 +98,13 @@ impl Pass {
 #[command(after_long_help = SHAPE_SYNTAX)]
 pub struct CompareArgs {
     /// Which pass to time. Each backward pass counts the forward's FLOPs
-    /// (`Conv2d::flops`), runs every algorithm `BackwardOptions` accepts,
-    /// and lists the ones the library refuses as `unsupported`; speedup and
-    /// error are against the Direct reference of the same pass (the weight
-    /// gradient overwrites its buffer; the output gradient is fixed random
-    /// data, the seed layer's [[1,2],[3,4]]).
+    /// (`Conv2d::flops`) and transpose `ConvTranspose2d::flops`
+    /// (2·N·C_in·H·W·C_out/g·R·S); an algorithm the library refuses for a
+    /// pass is listed as `unsupported`; speedup and error are against the
+    /// Direct reference of the same pass (the weight gradient overwrites its
+    /// buffer; the output gradient is fixed random data, the seed layer's
+    /// [[1,2],[3,4]]). Backward `auto` rows name no pick: the library does
+    /// not say which it runs.
     #[arg(long, value_enum, default_value_t = PassArg::Forward)]
     pass: PassArg,
 
