@@ -722,20 +722,27 @@ fn bad_buffer_lengths_are_named() {
     assert!(dx.iter().chain(&dw).chain(&db).all(|&v| v == 0.0));
 }
 
-/// Only `Direct`, `Im2col` and `Auto` exist for the backward passes; every
-/// other algorithm is refused, naming the pass and the algorithm, with nothing
-/// written.
+/// Every pass accepts every algorithm it implements; the weight gradient
+/// has no `Implicit` lowering yet and refuses it, naming the pass and the
+/// algorithm, with nothing written. `backward` asking only for the bias
+/// gradient needs no algorithm and accepts any.
 #[test]
 fn unsupported_algorithms_are_refused() {
     let (conv, x, w, dy) = mixed_case();
     let g = *conv.geometry();
-    let mut dx = vec![0.0; g.input_len()];
     let mut dw = vec![0.0; g.weight_len()];
+    let mut dx = vec![0.0; g.input_len()];
     let mut db = vec![0.0; g.out_channels];
-    for algorithm in Algorithm::CONCRETE {
+    for algorithm in Algorithm::CONCRETE.into_iter().chain([Algorithm::Auto]) {
         let o = BackwardOptions::new(algorithm);
+        assert_eq!(conv.backward_input(&w, &dy, &mut dx, &o), Ok(()));
+        let only_bias = Grads {
+            bias: Some(&mut db),
+            ..Grads::default()
+        };
+        assert_eq!(conv.backward(&x, &w, &dy, only_bias, &o), Ok(()));
+        dw.fill(0.0);
         let results = [
-            ("grad_input", conv.backward_input(&w, &dy, &mut dx, &o)),
             ("grad_weight", conv.backward_weight(&x, &dy, &mut dw, &o)),
             (
                 "backward",
@@ -744,7 +751,7 @@ fn unsupported_algorithms_are_refused() {
                     &w,
                     &dy,
                     Grads {
-                        bias: Some(&mut db),
+                        weight: Some(&mut dw),
                         ..Grads::default()
                     },
                     &o,
@@ -752,8 +759,8 @@ fn unsupported_algorithms_are_refused() {
             ),
         ];
         for (pass, result) in results {
-            if matches!(algorithm, Algorithm::Direct | Algorithm::Im2col) || pass == "grad_input" {
-                assert_eq!(result, Ok(()), "{pass}");
+            if algorithm != Algorithm::Implicit {
+                assert_eq!(result, Ok(()), "{pass} {algorithm:?}");
                 continue;
             }
             let err = result.expect_err(pass);
@@ -765,18 +772,8 @@ fn unsupported_algorithms_are_refused() {
                 }
             );
             assert_mentions(&err.to_string(), &[pass, algorithm.name()]);
+            assert!(dw.iter().all(|&v| v == 0.0));
         }
-        dx.fill(0.0);
-        if matches!(algorithm, Algorithm::Direct | Algorithm::Im2col) {
-            dw.fill(0.0);
-            db.fill(0.0);
-        } else {
-            assert!(dw.iter().chain(&db).all(|&v| v == 0.0));
-        }
-    }
-    for algorithm in [Algorithm::Auto, Algorithm::Direct, Algorithm::Im2col] {
-        let o = BackwardOptions::new(algorithm);
-        conv.backward_input(&w, &dy, &mut dx, &o).unwrap();
     }
 }
 
@@ -929,6 +926,48 @@ proptest! {
                 if sequential && reached && algorithm == Algorithm::DirectSimd {
                     prop_assert!(trace.direct_simd_ran_on(isa), "{what}: no {isa:?} SIMD direct in {trace:?}");
                 }
+            }
+        }
+    }
+}
+
+/// An unpadded stride-1 1×1 convolution, where `Im2col` writes the input
+/// gradient in place (its col2im is the identity), and the Auto choice for
+/// such layers, against `Direct` on every engine combination.
+#[test]
+fn pointwise_grad_input_in_place_matches_direct() {
+    for (batch, c, k, groups, hw) in [
+        (1, 8, 4, 1, (5, 7)),
+        (2, 6, 9, 3, (3, 4)),
+        (3, 32, 64, 2, (6, 6)),
+    ] {
+        let conv = Conv2dParams::new(batch, c, hw, k, (1, 1))
+            .groups(groups)
+            .build()
+            .unwrap();
+        let g = *conv.geometry();
+        let mut rng = Rng::new(7);
+        let (x, w, dy) = (
+            rng.vec(g.input_len()),
+            rng.vec(g.weight_len()),
+            rng.vec(g.output_len()),
+        );
+        let (mx, _) = magnitudes(&conv, &x, &w, &dy);
+        let mut want = vec![0.0; g.input_len()];
+        conv.backward_input(&w, &dy, &mut want, &default_options())
+            .unwrap();
+        let zeros = vec![0.0; g.input_len()];
+        for algorithm in [Algorithm::Im2col, Algorithm::Auto] {
+            for (isa, backend, par) in engine_combos() {
+                let o = BackwardOptions::new(algorithm)
+                    .isa(isa)
+                    .backend(backend)
+                    .parallelism(par);
+                let mut dx = vec![f32::NAN; g.input_len()];
+                conv.backward_input(&w, &dy, &mut dx, &o).unwrap();
+                let what =
+                    format!("{batch} {c} {k} {groups} {algorithm:?} {isa:?} {backend:?} {par:?}");
+                assert_close(&what, &dx, &want, &mx, &zeros, k / groups).unwrap();
             }
         }
     }

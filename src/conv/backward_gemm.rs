@@ -135,10 +135,15 @@ pub(crate) fn backward_input_im2col(
         g.gemm_k(),
         g.out_plane(),
     );
+    // An unpadded stride-1 1×1 convolution's column matrix is its input,
+    // so col2im is the identity: the GEMM writes the gradient in place.
+    let in_place = g.is_pointwise_identity();
     // Allocated before anything is written, so that running out of memory
     // leaves `grad_input` as it was.
     let mut col = Vec::new();
-    column_matrix(&mut col, kk * plane)?;
+    if !in_place {
+        column_matrix(&mut col, kk * plane)?;
+    }
     // col2im adds into the image, and pixels no window reads get nothing.
     grad_input.fill(0.0);
     if g.batch == 0 || plane == 0 {
@@ -163,15 +168,22 @@ pub(crate) fn backward_input_im2col(
                 rs: plane as isize,
                 cs: 1,
             };
+            let dx = &mut grad_input[(n * g.in_channels + grp * cg) * g.in_plane()..]
+                [..cg * g.in_plane()];
             let c = StridedC {
-                ptr: col.as_mut_ptr(),
+                ptr: if in_place {
+                    dx.as_mut_ptr()
+                } else {
+                    col.as_mut_ptr()
+                },
                 rs: plane as isize,
                 cs: 1,
             };
             // SAFETY: A is the kk × kg transpose of the group's weight block,
             // B the image-group's kg × plane block of `grad_output`, C the
-            // kk × plane column matrix `col` holds (exclusively ours); β = 0,
-            // so C is only written.
+            // kk × plane column matrix `col` holds (exclusively ours), or in
+            // place the image-group's cg = kk planes of plane = H·W pixels of
+            // `grad_input`, exclusively borrowed; β = 0, so C is only written.
             unsafe {
                 gemm_with_epilogue(
                     kk,
@@ -187,9 +199,9 @@ pub(crate) fn backward_input_im2col(
                     None,
                 )
             };
-            let dx = &mut grad_input[(n * g.in_channels + grp * cg) * g.in_plane()..]
-                [..cg * g.in_plane()];
-            col2im_group(g, &col, dx);
+            if !in_place {
+                col2im_group(g, &col, dx);
+            }
         }
     }
     Ok(())

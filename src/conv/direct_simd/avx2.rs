@@ -1,6 +1,7 @@
 //! AVX2 + FMA operations of the SIMD direct convolution: 8 lanes;
 //! `maskload`/masked gathers and a blend after the FMA for the edge vectors.
 
+use super::backward::{run_weight_job, weight_three, weight_tile, GradWeight, WeightJob};
 use super::{run_general, run_job, run_three, Job, Simd};
 use core::arch::x86_64::*;
 
@@ -231,4 +232,47 @@ impl Simd for Avx2 {
 pub(super) unsafe fn run(job: &Job<'_>, out: &mut [f32]) {
     // SAFETY: forwarded contract.
     unsafe { run_job::<Avx2, 8, 4, 3, 2, 8>(job, out) }
+}
+
+/// Most taps per grad-weight tile of 1, 2 and 4 output channels: with 16
+/// registers, 9, 10 and 8 accumulators, plus the grad-output vectors and
+/// one input vector.
+pub(super) const WEIGHT_TAPS: [usize; 3] = [9, 5, 2];
+
+impl GradWeight for Avx2 {
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn weight_tile<const KB: usize, const TB: usize, const SW: usize>(
+        job: &WeightJob<'_>,
+        out: &mut [f32],
+    ) {
+        // The token is sound: this function only runs where the CPU supports
+        // AVX2 and FMA (contract).
+        let s = Avx2 { _private: () };
+        // SAFETY: forwarded contract.
+        unsafe { weight_tile::<Self, KB, TB, SW>(s, job, out) }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn weight_three<const RB: usize, const SW: usize, const SH: usize>(
+        job: &WeightJob<'_>,
+        out: &mut [f32],
+    ) {
+        // The token is sound: as `weight_tile`.
+        let s = Avx2 { _private: () };
+        // SAFETY: forwarded contract.
+        unsafe { weight_three::<Self, RB, SW, SH>(s, job, out) }
+    }
+}
+
+/// Runs one grad-weight job on the AVX2 path.
+///
+/// # Safety
+/// The CPU supports AVX2 and FMA; the job passes `check_weight_job`.
+pub(super) unsafe fn run_weight(job: &WeightJob<'_>, out: &mut [f32]) {
+    // SAFETY: forwarded contract.
+    unsafe {
+        run_weight_job::<Avx2, { WEIGHT_TAPS[0] }, { WEIGHT_TAPS[1] }, { WEIGHT_TAPS[2] }, 4>(
+            job, out,
+        )
+    }
 }

@@ -1,6 +1,7 @@
 //! AVX-512F operations of the SIMD direct convolution: 16 lanes, masked
 //! loads and merge-masked FMAs for the edge vectors.
 
+use super::backward::{run_weight_job, weight_three, weight_tile, GradWeight, WeightJob};
 use super::{run_general, run_job, run_three, Job, Simd};
 use core::arch::x86_64::*;
 
@@ -209,4 +210,47 @@ impl Simd for Avx512 {
 pub(super) unsafe fn run(job: &Job<'_>, out: &mut [f32]) {
     // SAFETY: forwarded contract.
     unsafe { run_job::<Avx512, 8, 6, 4, 4, 12>(job, out) }
+}
+
+/// Most taps per grad-weight tile of 1, 2 and 4 output channels: with 32
+/// registers, 16, 18 and 20 accumulators, plus the grad-output vectors and
+/// one input vector.
+pub(super) const WEIGHT_TAPS: [usize; 3] = [9, 9, 3];
+
+impl GradWeight for Avx512 {
+    #[target_feature(enable = "avx512f,fma")]
+    unsafe fn weight_tile<const KB: usize, const TB: usize, const SW: usize>(
+        job: &WeightJob<'_>,
+        out: &mut [f32],
+    ) {
+        // The token is sound: this function only runs where the CPU supports
+        // AVX-512F and FMA (contract).
+        let s = Avx512 { _private: () };
+        // SAFETY: forwarded contract.
+        unsafe { weight_tile::<Self, KB, TB, SW>(s, job, out) }
+    }
+
+    #[target_feature(enable = "avx512f,fma")]
+    unsafe fn weight_three<const RB: usize, const SW: usize, const SH: usize>(
+        job: &WeightJob<'_>,
+        out: &mut [f32],
+    ) {
+        // The token is sound: as `weight_tile`.
+        let s = Avx512 { _private: () };
+        // SAFETY: forwarded contract.
+        unsafe { weight_three::<Self, RB, SW, SH>(s, job, out) }
+    }
+}
+
+/// Runs one grad-weight job on the AVX-512 path.
+///
+/// # Safety
+/// The CPU supports AVX-512F and FMA; the job passes `check_weight_job`.
+pub(super) unsafe fn run_weight(job: &WeightJob<'_>, out: &mut [f32]) {
+    // SAFETY: forwarded contract.
+    unsafe {
+        run_weight_job::<Avx512, { WEIGHT_TAPS[0] }, { WEIGHT_TAPS[1] }, { WEIGHT_TAPS[2] }, 8>(
+            job, out,
+        )
+    }
 }

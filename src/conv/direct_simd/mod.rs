@@ -62,11 +62,13 @@ use std::ops::Range;
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+mod backward;
 mod general;
 mod portable;
 mod simd;
 mod three;
 
+pub(crate) use backward::backward_weight;
 use general::run_general;
 use simd::Simd;
 use three::run_three;

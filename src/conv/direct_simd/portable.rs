@@ -2,6 +2,7 @@
 //! what every target without AVX2 runs. Edge vectors load lane by lane and
 //! keep the padding lanes with a select.
 
+use super::backward::{run_weight_job, weight_three, weight_tile, GradWeight, WeightJob};
 use super::{run_general, run_job, Job, Simd};
 use wide::{f32x8, CmpGe, CmpGt, CmpLt};
 
@@ -155,4 +156,48 @@ impl Simd for Portable {
 pub(super) unsafe fn run(job: &Job<'_>, out: &mut [f32]) {
     // SAFETY: forwarded contract; the portable path needs no CPU feature.
     unsafe { run_job::<Portable, R1, R2, R3, R4, 8>(job, out) }
+}
+
+cfg_if::cfg_if! {
+    if #[cfg(target_arch = "aarch64")] {
+        /// Most taps per grad-weight tile of 1, 2 and 4 output channels:
+        /// sixteen `f32x8` registers, as AVX2.
+        pub(super) const WEIGHT_TAPS: [usize; 3] = [9, 5, 2];
+    } else {
+        /// Most taps per grad-weight tile of 1, 2 and 4 output channels:
+        /// SSE2's eight `f32x8` registers hold 4 accumulators, the
+        /// grad-output vectors and one input vector.
+        pub(super) const WEIGHT_TAPS: [usize; 3] = [4, 2, 1];
+    }
+}
+
+impl GradWeight for Portable {
+    unsafe fn weight_tile<const KB: usize, const TB: usize, const SW: usize>(
+        job: &WeightJob<'_>,
+        out: &mut [f32],
+    ) {
+        // SAFETY: forwarded contract; the portable path needs no CPU feature.
+        unsafe { weight_tile::<Self, KB, TB, SW>(Portable, job, out) }
+    }
+
+    unsafe fn weight_three<const RB: usize, const SW: usize, const SH: usize>(
+        job: &WeightJob<'_>,
+        out: &mut [f32],
+    ) {
+        // SAFETY: forwarded contract; the portable path needs no CPU feature.
+        unsafe { weight_three::<Self, RB, SW, SH>(Portable, job, out) }
+    }
+}
+
+/// Runs one grad-weight job on the portable path.
+///
+/// # Safety
+/// The job passes `check_weight_job` (no CPU feature is needed).
+pub(super) unsafe fn run_weight(job: &WeightJob<'_>, out: &mut [f32]) {
+    // SAFETY: forwarded contract; the portable path needs no CPU feature.
+    unsafe {
+        run_weight_job::<Portable, { WEIGHT_TAPS[0] }, { WEIGHT_TAPS[1] }, { WEIGHT_TAPS[2] }, 4>(
+            job, out,
+        )
+    }
 }

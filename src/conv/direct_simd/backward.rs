@@ -1,0 +1,872 @@
+//! The SIMD direct weight gradient, for depthwise and small-group
+//! convolutions:
+//!
+//! ```text
+//! dW[k, c, tap(r, s)] = Σ_n Σ_{oh, ow} dY[n, k, oh, ow] · X[n, group(k)·C/g + c, oh·σh + r·dh − top, ow·σw + s·dw − left]
+//! ```
+//!
+//! over the input pixels that are real (padding taps contribute nothing, as
+//! in the reference `conv2d_backward_weight_direct`). A GEMM lowering
+//! (`dY · im2col(X)ᵀ`) has `M = K/g` and `N = C/g·R·S` per group, far too
+//! small for depthwise layers; this path vectorises along the output width
+//! instead, as the forward does:
+//!
+//! * A register tile is `KB` output channels (1, 2 or 4, all in one group) ×
+//!   `TB` taps of one input channel, each tap's accumulator a vector of `L`
+//!   lanes (16 for AVX-512, 8 for AVX2 and the portable `wide::f32x8` path).
+//!   The tile sweeps the whole batch, every output row, one vector of `L`
+//!   consecutive outputs at a time: it loads the `KB` grad-output vectors
+//!   once, and for each tap the input vector that tap read in the forward
+//!   (one load feeding `KB` FMAs). Only when the sweep is done is each
+//!   accumulator reduced across its lanes, in a fixed pairwise order, and
+//!   written (or added, with `accumulate`) to its weight element — one
+//!   horizontal sum per weight element, never one per pixel.
+//! * Taps are split into blocks of at most `TB` (balanced: 9 taps at most 5
+//!   per block give 4 + 5), and a group's output channels into tiles of 4,
+//!   2 and 1, each ISA choosing `TB` for each `KB` so that the accumulators,
+//!   the grad-output vectors and one input vector fit in its registers.
+//! * Each output row splits into vectors as in the forward's `ColPlan`: the
+//!   *interior* vectors, whose every lane reads inside the input row for
+//!   every kernel column, load plainly; the edge vectors (left and right
+//!   padding, the short vector at the end of a row) load and accumulate only
+//!   their in-bounds lanes (merge-masked FMAs, so an infinite gradient never
+//!   meets a padding zero). Taps whose input row lies in the vertical padding
+//!   are skipped for that output row. Horizontal stride 1 loads contiguous
+//!   vectors, stride 2 loads two and keeps the even lanes, larger strides
+//!   gather, with the forward's helpers.
+//!
+//! Measured on Zen 5 (1 thread, median GFLOP/s, against the forward
+//! `DirectSimd` plan in the same process; `timing` in
+//! `tests/grad_weight_direct_simd.rs`): MobileNetV2 depthwise 144×56² 3×3
+//! about 45 on AVX-512 (forward 90, 0.5×) and 47–53 on AVX2 (forward 56–58,
+//! 0.8–0.9×); the 4-channel groups of 128×28² (32 groups) 48 vs 143 on
+//! AVX-512 and 42 vs 57 on AVX2; the 7² and 14²/2 depthwise planes 5–14,
+//! a third of the forward. AVX-512 lags where a row is one or two vectors
+//! (most vectors are edge vectors) — the next thing to improve.
+//!
+//! # Order of the sums and threads
+//!
+//! Every weight element's sum is formed by one accumulator in one fixed
+//! order: images, then output rows, then vectors along the row, lane by
+//! lane, then the lanes pairwise. That order depends on the ISA (the lane
+//! count) but on nothing else: not on which other channels or taps share
+//! the tile, nor on the threads. Threads split the output channels into
+//! contiguous ranges (each owning the contiguous slice of `grad_weight` that
+//! holds its channels' `C/g·R·S` weights, halved with `rayon::join` as the
+//! forward splits its output), so every element is computed by exactly one
+//! thread and the result is bitwise identical run to run and for any thread
+//! count. Nothing is allocated beyond the column plan (one entry per output
+//! vector and kernel column, allocated fallibly).
+
+use super::simd::{fma_tap, load_tap, Simd};
+use super::{offsets_fit, thread_count, ColPlan, ColVec, Geo};
+use crate::arch::{clamp_isa, Isa};
+use crate::error::ConvError;
+use crate::gemm::{Activation, Parallelism};
+use crate::geometry::ConvGeometry;
+use crate::testing::record_direct_simd_jobs;
+use std::ops::Range;
+
+/// Most lanes of any ISA's vector (the reduction buffer's size).
+const MAX_LANES: usize = 16;
+
+/// `grad_weight = ∂L/∂weight` (summed over the batch) for `grad_output`,
+/// what [`conv2d_backward_weight_direct`](super::super::direct::conv2d_backward_weight_direct)
+/// computes up to the order of the additions, for any geometry; fast for
+/// depthwise and small-group convolutions. With `accumulate` the gradient is
+/// added to what `grad_weight` holds, otherwise it replaces it. Slices must
+/// have the lengths `g` requires (checked by the caller; a wrong one
+/// panics). `isa` is clamped to the CPU.
+///
+/// Deterministic: bitwise identical results run to run and for every
+/// `parallelism` (each weight element is summed by one thread in a fixed
+/// order; see the module documentation).
+///
+/// # Errors
+/// [`ConvError::OutOfMemory`] when the column plan (about `OW/L·S` entries)
+/// cannot be allocated; `grad_weight` is then untouched.
+pub(crate) fn backward_weight(
+    g: &ConvGeometry,
+    input: &[f32],
+    grad_output: &[f32],
+    grad_weight: &mut [f32],
+    accumulate: bool,
+    isa: Isa,
+    parallelism: Parallelism,
+) -> Result<(), ConvError> {
+    assert!(
+        input.len() == g.input_len()
+            && grad_output.len() == g.output_len()
+            && grad_weight.len() == g.weight_len(),
+        "direct SIMD grad weight: buffers do not match the geometry"
+    );
+    if !offsets_fit(g) {
+        // Padding or strides near `usize::MAX`: the kernels' signed offsets
+        // could overflow, so the reference loops take it.
+        super::super::direct::conv2d_backward_weight_direct(
+            g,
+            input,
+            grad_output,
+            grad_weight,
+            accumulate,
+        );
+        return Ok(());
+    }
+    let kernel = WeightKernel::for_isa(isa);
+    let geo = Geo::new(g, Activation::None);
+    let cols = ColPlan::new(&geo, kernel.lanes)?;
+    let pass = Pass {
+        geo: &geo,
+        cols: &cols,
+        input,
+        grad_output,
+        accumulate,
+        kernel,
+    };
+    let channels = geo.groups * geo.kg;
+    let threads = thread_count(g.flops(), channels, parallelism);
+    pass.run_tasks(0..threads, threads, grad_weight);
+    Ok(())
+}
+
+/// The grad-weight kernel of one ISA.
+#[derive(Clone, Copy, Debug)]
+struct WeightKernel {
+    lanes: usize,
+    isa: Isa,
+    /// Most taps per tile of 1, 2 and 4 output channels.
+    taps: [usize; 3],
+    run: RunWeight,
+}
+
+/// A kernel's entry point for one job (see `run_weight` in each ISA's file).
+type RunWeight = unsafe fn(&WeightJob<'_>, &mut [f32]);
+
+impl WeightKernel {
+    /// The kernel of `isa`, clamped to what the CPU supports.
+    fn for_isa(isa: Isa) -> WeightKernel {
+        let isa = clamp_isa(isa);
+        let (lanes, taps, run): (usize, [usize; 3], RunWeight) = match isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => (
+                super::avx512::Avx512::LANES,
+                super::avx512::WEIGHT_TAPS,
+                super::avx512::run_weight,
+            ),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => (
+                super::avx2::Avx2::LANES,
+                super::avx2::WEIGHT_TAPS,
+                super::avx2::run_weight,
+            ),
+            _ => (
+                super::portable::Portable::LANES,
+                super::portable::WEIGHT_TAPS,
+                super::portable::run_weight,
+            ),
+        };
+        WeightKernel {
+            lanes,
+            isa,
+            taps,
+            run,
+        }
+    }
+
+    /// Most taps per tile of `kb` (1, 2 or 4) output channels.
+    fn taps_for(&self, kb: usize) -> usize {
+        match kb {
+            1 => self.taps[0],
+            2 => self.taps[1],
+            _ => self.taps[2],
+        }
+    }
+}
+
+/// One call: the tensors, the plan of the output rows and the kernel.
+struct Pass<'a> {
+    geo: &'a Geo,
+    cols: &'a ColPlan,
+    input: &'a [f32],
+    grad_output: &'a [f32],
+    accumulate: bool,
+    kernel: WeightKernel,
+}
+
+impl Pass<'_> {
+    /// Runs tasks `tasks` of `threads` into `out`, the weights of the first
+    /// task's first output channel onwards. Task `t` takes output channels
+    /// `K·t/threads..K·(t+1)/threads`, a contiguous slice of the weights;
+    /// the tasks are halved with `rayon::join` until one is left. Nothing is
+    /// allocated: `join` keeps its jobs on the stack.
+    fn run_tasks(&self, tasks: Range<usize>, threads: usize, out: &mut [f32]) {
+        let channels = self.geo.groups * self.geo.kg;
+        let first = |t: usize| channels * t / threads;
+        if tasks.len() <= 1 {
+            self.run_channels(first(tasks.start)..first(tasks.end), out);
+            return;
+        }
+        let mid = tasks.start + tasks.len() / 2;
+        let split = (first(mid) - first(tasks.start)) * self.geo.taps();
+        let (left, right) = out.split_at_mut(split);
+        rayon::join(
+            || self.run_tasks(tasks.start..mid, threads, left),
+            || self.run_tasks(mid..tasks.end, threads, right),
+        );
+    }
+
+    /// The weights of output channels `ks` into `out`, which starts at the
+    /// first one's: tiles of 4, 2 or 1 channels of one group (as the kernel
+    /// allows), each through every input channel of the group and every
+    /// block of taps.
+    fn run_channels(&self, ks: Range<usize>, out: &mut [f32]) {
+        let geo = self.geo;
+        let per_k = geo.taps();
+        let rs = geo.r_len * geo.s_len;
+        let mut ran = 0u64;
+        let mut k = ks.start;
+        while k < ks.end {
+            let group = k / geo.kg;
+            let left = ks.end.min((group + 1) * geo.kg) - k;
+            let kb = if left >= 4 && self.kernel.taps[2] > 0 {
+                4
+            } else if left >= 2 && self.kernel.taps[1] > 0 {
+                2
+            } else {
+                1
+            };
+            let tb_max = self.kernel.taps_for(kb);
+            let blocks = rs.div_ceil(tb_max);
+            let mine = &mut out[(k - ks.start) * per_k..][..kb * per_k];
+            for c in 0..geo.cg {
+                for b in 0..blocks {
+                    let t0 = rs * b / blocks;
+                    let t1 = rs * (b + 1) / blocks;
+                    let job = WeightJob {
+                        geo,
+                        cols: self.cols,
+                        input: self.input,
+                        grad_output: self.grad_output,
+                        in_c: group * geo.cg + c,
+                        c,
+                        k0: k,
+                        kb,
+                        taps: t0..t1,
+                        accumulate: self.accumulate,
+                    };
+                    check_weight_job(&job, mine);
+                    // SAFETY: the kernel's ISA was clamped to what the CPU
+                    // supports (`for_isa`), so it has the features `run` is
+                    // compiled for; the job's buffers and ranges match the
+                    // geometry (checked above).
+                    unsafe { (self.kernel.run)(&job, mine) };
+                    ran += 1;
+                }
+            }
+            k += kb;
+        }
+        if ran > 0 {
+            record_direct_simd_jobs(self.kernel.isa, ran);
+        }
+    }
+}
+
+/// One tile's work: the weights of output channels `k0..k0 + kb` (one
+/// group) for input channel `c` of the group and the taps `taps` (flattened
+/// `r·S + s` in the forward's window order).
+pub(super) struct WeightJob<'a> {
+    geo: &'a Geo,
+    cols: &'a ColPlan,
+    /// The whole input, `[N, C, H, W]`.
+    input: &'a [f32],
+    /// The whole grad output, `[N, K, OH, OW]`.
+    grad_output: &'a [f32],
+    /// The input channel read: `group·C/g + c`.
+    in_c: usize,
+    /// The input channel within the group.
+    c: usize,
+    /// First output channel.
+    k0: usize,
+    /// Output channels of the tile: 1, 2 or 4.
+    kb: usize,
+    /// The taps of the tile.
+    taps: Range<usize>,
+    accumulate: bool,
+}
+
+/// Panics unless `job`'s buffers and ranges are what its geometry says the
+/// kernels read and write (`out` holding the weights of `kb` output
+/// channels from `k0`): the contract of every kernel.
+fn check_weight_job(job: &WeightJob<'_>, out: &[f32]) {
+    let geo = job.geo;
+    let (channels_in, channels_out) = (geo.groups * geo.cg, geo.groups * geo.kg);
+    assert!(
+        job.input.len() >= geo.batch * channels_in * geo.in_plane
+            && job.grad_output.len() >= geo.batch * channels_out * geo.out_plane
+            && job.in_c == (job.k0 / geo.kg) * geo.cg + job.c
+            && job.c < geo.cg
+            && (job.k0 + job.kb - 1) / geo.kg == job.k0 / geo.kg
+            && job.k0 + job.kb <= channels_out
+            && out.len() >= job.kb * geo.taps()
+            && matches!(job.kb, 1 | 2 | 4)
+            && job.taps.start < job.taps.end
+            && job.taps.end <= geo.r_len * geo.s_len
+            && job.cols.vecs.len() * geo.s_len == job.cols.ranges.len(),
+        "direct SIMD grad weight: job does not match the geometry"
+    );
+}
+
+/// The grad-weight tile of an ISA, compiled with its target features.
+pub(super) trait GradWeight: Simd {
+    /// [`weight_tile`] with this ISA's operations, compiled with its target
+    /// features.
+    ///
+    /// # Safety
+    /// The CPU supports the ISA; as [`weight_tile`] otherwise.
+    unsafe fn weight_tile<const KB: usize, const TB: usize, const SW: usize>(
+        job: &WeightJob<'_>,
+        out: &mut [f32],
+    );
+
+    /// [`weight_three`] with this ISA's operations, compiled with its
+    /// target features.
+    ///
+    /// # Safety
+    /// The CPU supports the ISA; as [`weight_three`] otherwise.
+    unsafe fn weight_three<const RB: usize, const SW: usize, const SH: usize>(
+        job: &WeightJob<'_>,
+        out: &mut [f32],
+    );
+}
+
+/// Runs one job on ISA `S`: the tile for its channel count (`TB1`, `TB2`,
+/// `TB4` taps for 1, 2 and 4 channels, as each ISA fits them in its
+/// registers) and the load for the horizontal stride; single-channel jobs
+/// of a 3×3 kernel with dilation 1 and strides 1 or 2 (depthwise MobileNet
+/// layers) take the [`weight_three`] tile of `R3` output rows instead.
+///
+/// # Safety
+/// The CPU supports `S`'s ISA; the job and `out` pass
+/// [`check_weight_job`], and its taps are at most the tile's for `job.kb`.
+#[inline(always)]
+pub(super) unsafe fn run_weight_job<
+    S: GradWeight,
+    const TB1: usize,
+    const TB2: usize,
+    const TB4: usize,
+    const R3: usize,
+>(
+    job: &WeightJob<'_>,
+    out: &mut [f32],
+) {
+    let geo = job.geo;
+    let three = job.kb == 1
+        && (geo.r_len, geo.s_len, geo.dil_h, geo.dil_w) == (3, 3, 1, 1)
+        && job.taps == (0..9);
+    if three {
+        match (geo.stride_h, geo.stride_w) {
+            // SAFETY: forwarded contract; a single-channel job of all nine
+            // taps of a 3×3 kernel with dilation 1 and the strides named.
+            (1, 1) => return unsafe { S::weight_three::<R3, 1, 1>(job, out) },
+            // SAFETY: as above.
+            (1, 2) => return unsafe { S::weight_three::<R3, 2, 1>(job, out) },
+            // SAFETY: as above.
+            (2, 1) => return unsafe { S::weight_three::<R3, 1, 2>(job, out) },
+            // SAFETY: as above.
+            (2, 2) => return unsafe { S::weight_three::<R3, 2, 2>(job, out) },
+            _ => {}
+        }
+    }
+    macro_rules! tile {
+        ($kb:literal, $tb:ident) => {{
+            assert!(
+                job.taps.len() <= $tb,
+                "direct SIMD grad weight: too many taps"
+            );
+            match job.geo.stride_w {
+                // SAFETY: forwarded contract; KB == job.kb, taps ≤ TB.
+                1 => unsafe { S::weight_tile::<$kb, $tb, 1>(job, out) },
+                // SAFETY: as above.
+                2 => unsafe { S::weight_tile::<$kb, $tb, 2>(job, out) },
+                // SAFETY: as above.
+                _ => unsafe { S::weight_tile::<$kb, $tb, 0>(job, out) },
+            }
+        }};
+    }
+    match job.kb {
+        1 => tile!(1, TB1),
+        2 => tile!(2, TB2),
+        _ => tile!(4, TB4),
+    }
+}
+
+/// The taps of a tile as its sweep reads them.
+struct Taps<const TB: usize> {
+    /// Taps in the tile (`1..=TB`); the rest are never read.
+    count: usize,
+    /// Vertical offset `r·dh` of each tap.
+    dy: [usize; TB],
+    /// Horizontal offset `s·dw − left` of each tap (negative in the left padding).
+    dx: [isize; TB],
+    /// Kernel column `s` of each tap (its entry in the column plan).
+    s: [usize; TB],
+}
+
+/// One tile: `KB` output channels × the job's taps of one input channel,
+/// swept over the batch and every output row, then reduced and written to
+/// `out` (the weights of the job's `KB` channels). `SW` is the horizontal
+/// stride when it is 1 or 2, and 0 for any other (read from the geometry).
+///
+/// # Safety
+/// The job and `out` pass [`check_weight_job`]; `KB == job.kb`; the job has
+/// at most `TB` taps; `S`'s operations are supported by the CPU.
+#[inline(always)]
+pub(super) unsafe fn weight_tile<S: Simd, const KB: usize, const TB: usize, const SW: usize>(
+    s: S,
+    job: &WeightJob<'_>,
+    out: &mut [f32],
+) {
+    let geo = job.geo;
+    let mut taps = Taps::<TB> {
+        count: job.taps.len(),
+        dy: [0; TB],
+        dx: [0; TB],
+        s: [0; TB],
+    };
+    for (i, tap) in job.taps.clone().enumerate().take(TB) {
+        let (r, col) = (tap / geo.s_len, tap % geo.s_len);
+        taps.dy[i] = r * geo.dil_h;
+        taps.dx[i] = (col * geo.dil_w) as isize - geo.pad_left as isize;
+        taps.s[i] = col;
+    }
+    let channels_in = geo.groups * geo.cg;
+    let channels_out = geo.groups * geo.kg;
+    let mut acc = [[s.zero(); TB]; KB];
+    for n in 0..geo.batch {
+        let x = job.input[(n * channels_in + job.in_c) * geo.in_plane..][..geo.in_plane].as_ptr();
+        let dy = job.grad_output[(n * channels_out + job.k0) * geo.out_plane..]
+            [..KB * geo.out_plane]
+            .as_ptr();
+        for oh in 0..geo.out_h {
+            // Per tap, the input row this output row reads and whether it
+            // is a real row; lane 0 of vector 0 in it (possibly out of
+            // bounds, so only offset with wrapping arithmetic).
+            let mut rows = [x; TB];
+            let mut ok = [false; TB];
+            let mut all = taps.count == TB;
+            for t in 0..TB {
+                if t < taps.count {
+                    let ih = (oh * geo.stride_h + taps.dy[t]) as isize - geo.pad_top as isize;
+                    ok[t] = ih >= 0 && ih < geo.in_h as isize;
+                    rows[t] = x.wrapping_offset(ih * geo.in_w as isize + taps.dx[t]);
+                }
+                all &= ok[t];
+            }
+            // SAFETY: oh < out_h, so the row lies inside each of the KB
+            // planes `dy` spans.
+            let dy_row = unsafe { dy.add(oh * geo.out_w) };
+            let sweep = Sweep {
+                geo,
+                cols: job.cols,
+                taps: &taps,
+                rows: &rows,
+                ok: &ok,
+                dy_row,
+            };
+            // SAFETY: forwarded contract; without CHECK every tap is in the
+            // tile and reads a real row.
+            unsafe {
+                if all {
+                    sweep_row::<S, KB, TB, SW, false>(s, &sweep, &mut acc);
+                } else {
+                    sweep_row::<S, KB, TB, SW, true>(s, &sweep, &mut acc);
+                }
+            }
+        }
+    }
+    let per_k = geo.taps();
+    let rs = geo.r_len * geo.s_len;
+    for (kk, acc) in acc.iter().enumerate() {
+        for (t, &v) in acc.iter().enumerate().take(taps.count) {
+            let sum = reduce(s, v);
+            let tap = job.taps.start + t;
+            let (wr, ws) = geo.weight_tap(tap / geo.s_len, tap % geo.s_len);
+            let dst = &mut out[kk * per_k + job.c * rs + wr * geo.s_len + ws];
+            *dst = if job.accumulate { *dst + sum } else { sum };
+        }
+    }
+}
+
+/// The sum of `v`'s lanes, pairwise in a fixed order: lane `j` plus lane
+/// `j + L/2`, then again on the first half, down to one.
+#[inline(always)]
+fn reduce<S: Simd>(s: S, v: S::V) -> f32 {
+    let mut lanes = [0.0f32; MAX_LANES];
+    let mut width = S::LANES.min(MAX_LANES);
+    // SAFETY: writes `width ≤ MAX_LANES` floats into a local array.
+    unsafe { s.store(lanes.as_mut_ptr(), v, width) };
+    while width > 1 {
+        width /= 2;
+        for j in 0..width {
+            lanes[j] += lanes[j + width];
+        }
+    }
+    lanes[0]
+}
+
+/// One output row of one image, as [`sweep_row`] reads it.
+struct Sweep<'a, const TB: usize> {
+    geo: &'a Geo,
+    cols: &'a ColPlan,
+    taps: &'a Taps<TB>,
+    /// Per tap, lane 0 of the row's vector 0 (possibly out of bounds).
+    rows: &'a [*const f32; TB],
+    /// Per tap, whether its input row is real (false past `taps.count`).
+    ok: &'a [bool; TB],
+    /// The output row in the first of the `KB` grad-output planes.
+    dy_row: *const f32,
+}
+
+/// Every vector of one output row into the tile's accumulators. `CHECK`
+/// skips the taps that are not `ok`; without it every one of the `TB` taps
+/// must be.
+///
+/// # Safety
+/// As [`weight_tile`]; `w.dy_row` is an output row of the first of `KB`
+/// planes `out_plane` apart; each `ok` tap's row is a real input row.
+#[inline(always)]
+unsafe fn sweep_row<
+    S: Simd,
+    const KB: usize,
+    const TB: usize,
+    const SW: usize,
+    const CHECK: bool,
+>(
+    s: S,
+    w: &Sweep<'_, TB>,
+    acc: &mut [[S::V; TB]; KB],
+) {
+    for (v, cv) in w.cols.vecs.iter().enumerate() {
+        let ranges = &w.cols.ranges[v * w.geo.s_len..][..w.geo.s_len];
+        // SAFETY: forwarded contract; an interior vector reads in bounds in
+        // every lane for every kernel column.
+        unsafe {
+            if cv.interior {
+                vector::<S, KB, TB, SW, CHECK, false>(s, w, cv, ranges, acc);
+            } else {
+                vector::<S, KB, TB, SW, CHECK, true>(s, w, cv, ranges, acc);
+            }
+        }
+    }
+}
+
+/// One vector of outputs: `KB` grad-output loads, then per tap one input
+/// load feeding `KB` FMAs. `EDGE` loads and accumulates only the lanes that
+/// read inside the input row (`ranges`, per kernel column).
+///
+/// # Safety
+/// As [`sweep_row`]; `EDGE` is false only for an interior vector.
+#[inline(always)]
+unsafe fn vector<
+    S: Simd,
+    const KB: usize,
+    const TB: usize,
+    const SW: usize,
+    const CHECK: bool,
+    const EDGE: bool,
+>(
+    s: S,
+    w: &Sweep<'_, TB>,
+    cv: &ColVec,
+    ranges: &[(usize, usize)],
+    acc: &mut [[S::V; TB]; KB],
+) {
+    let geo = w.geo;
+    let sw = if SW == 0 { geo.stride_w } else { SW };
+    let mut dyv = [s.zero(); KB];
+    let full = s.mask(0, cv.lanes);
+    for (kk, d) in dyv.iter_mut().enumerate() {
+        // SAFETY: lanes ow0..ow0 + lanes ≤ out_w of the row of plane kk <
+        // KB are inside the grad output (contract); a short vector loads
+        // only those lanes.
+        *d = unsafe {
+            let p = w.dy_row.add(kk * geo.out_plane + cv.ow0);
+            if cv.lanes == S::LANES {
+                s.load(p)
+            } else {
+                s.load_masked(p, 1, full)
+            }
+        };
+    }
+    let col = cv.ow0 * sw;
+    for t in 0..TB {
+        if CHECK && !w.ok[t] {
+            continue;
+        }
+        let (lo, hi) = if EDGE {
+            ranges[w.taps.s[t]]
+        } else {
+            (0, S::LANES)
+        };
+        if EDGE && lo == hi {
+            continue;
+        }
+        let p = w.rows[t].wrapping_add(col);
+        // SAFETY: tap t reads a real input row (no CHECK: contract; else
+        // ok[t]); for its kernel column the lanes lo..hi read columns inside
+        // 0..in_w (`ranges`; every lane of an interior vector), so they are
+        // readable. An edge vector's taps that read in bounds in every lane
+        // take the plain load and FMA.
+        unsafe {
+            if (lo, hi) == (0, S::LANES) {
+                feed::<S, KB, TB, SW, false>(s, p, sw, (lo, hi), &dyv, t, acc);
+            } else {
+                feed::<S, KB, TB, SW, true>(s, p, sw, (lo, hi), &dyv, t, acc);
+            }
+        }
+    }
+}
+
+/// One tap of one vector: loads the input vector at `p` (only lanes
+/// `lo..hi` with `MASKED`) and adds its products with the `KB` grad-output
+/// vectors into the tap's accumulators.
+///
+/// # Safety
+/// `p[stride·j]` is readable for the lanes `j` in `lo..hi` (every lane
+/// without `MASKED`, where `lo..hi` is all of them).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn feed<S: Simd, const KB: usize, const TB: usize, const SW: usize, const MASKED: bool>(
+    s: S,
+    p: *const f32,
+    stride: usize,
+    (lo, hi): (usize, usize),
+    dyv: &[S::V; KB],
+    t: usize,
+    acc: &mut [[S::V; TB]; KB],
+) {
+    let m = s.mask(lo, hi);
+    // SAFETY: forwarded contract.
+    let x = unsafe { load_tap::<S, SW, MASKED>(s, p, stride, m) };
+    for (acc, &d) in acc.iter_mut().zip(dyv) {
+        acc[t] = fma_tap::<S, MASKED>(s, d, x, acc[t], m);
+    }
+}
+
+/// The depthwise 3×3 tile: one output channel, all nine taps (dilation 1,
+/// vertical stride `SH` and horizontal stride `SW`, each 1 or 2), nine
+/// accumulators. Output rows go in blocks of `RB`: per vector, the block's
+/// `RB` grad-output vectors are loaded once, then each input row the block
+/// reads is loaded once per kernel column and feeds every output row of the
+/// block whose window covers it (about `3/SH` FMAs per load instead of 1).
+/// Each accumulator still sums in a fixed order: images, row blocks,
+/// vectors, then output rows.
+///
+/// # Safety
+/// As [`weight_tile`] with `KB = 1`, and the kernel, dilation and strides
+/// described; the job holds the nine taps.
+#[inline(always)]
+pub(super) unsafe fn weight_three<S: Simd, const RB: usize, const SW: usize, const SH: usize>(
+    s: S,
+    job: &WeightJob<'_>,
+    out: &mut [f32],
+) {
+    let geo = job.geo;
+    let channels_in = geo.groups * geo.cg;
+    let channels_out = geo.groups * geo.kg;
+    // Input rows one block of RB output rows reads.
+    let span = (RB - 1) * SH + 3;
+    let mut acc = [[s.zero(); 3]; 3];
+    for n in 0..geo.batch {
+        let x = job.input[(n * channels_in + job.in_c) * geo.in_plane..][..geo.in_plane].as_ptr();
+        let dy = job.grad_output[(n * channels_out + job.k0) * geo.out_plane..][..geo.out_plane]
+            .as_ptr();
+        let mut oh0 = 0;
+        while oh0 < geo.out_h {
+            let rows = (geo.out_h - oh0).min(RB);
+            let ih0 = (oh0 * SH) as isize - geo.pad_top as isize;
+            let block = Block3 {
+                geo,
+                cols: job.cols,
+                // Row ih0, lane 0 of vector 0 at kernel column 0 (possibly
+                // out of bounds: only offset with wrapping arithmetic).
+                base: x.wrapping_offset(ih0 * geo.in_w as isize - geo.pad_left as isize),
+                ih0,
+                rows,
+                // SAFETY: oh0 < out_h: a row of the plane.
+                dy_row: unsafe { dy.add(oh0 * geo.out_w) },
+            };
+            let inside = rows == RB && ih0 >= 0 && ih0 + span as isize <= geo.in_h as isize;
+            // SAFETY: forwarded contract; without CHECK the block has RB
+            // rows and reads only real input rows.
+            unsafe {
+                if inside {
+                    block3::<S, RB, SW, SH, false>(s, &block, &mut acc);
+                } else {
+                    block3::<S, RB, SW, SH, true>(s, &block, &mut acc);
+                }
+            }
+            oh0 += rows;
+        }
+    }
+    let rs = geo.r_len * geo.s_len;
+    for (r, acc) in acc.iter().enumerate() {
+        for (c, &v) in acc.iter().enumerate() {
+            let sum = reduce(s, v);
+            let (wr, ws) = geo.weight_tap(r, c);
+            let dst = &mut out[job.c * rs + wr * geo.s_len + ws];
+            *dst = if job.accumulate { *dst + sum } else { sum };
+        }
+    }
+}
+
+/// One block of output rows of the 3×3 tile.
+struct Block3<'a> {
+    geo: &'a Geo,
+    cols: &'a ColPlan,
+    /// Input row `ih0`, lane 0 of vector 0 at kernel column 0 (possibly out
+    /// of bounds).
+    base: *const f32,
+    /// The first input row the block reads (negative in the top padding).
+    ih0: isize,
+    /// Output rows in the block, `1..=RB`.
+    rows: usize,
+    /// The block's first output row in the grad-output plane.
+    dy_row: *const f32,
+}
+
+/// Every vector of one row block into the nine accumulators. `CHECK` skips
+/// the input rows outside the input and the tile rows past `b.rows`.
+///
+/// # Safety
+/// As [`weight_three`]; without `CHECK` the block has `RB` rows and every
+/// input row it reads is real.
+#[inline(always)]
+unsafe fn block3<S: Simd, const RB: usize, const SW: usize, const SH: usize, const CHECK: bool>(
+    s: S,
+    b: &Block3<'_>,
+    acc: &mut [[S::V; 3]; 3],
+) {
+    for (v, cv) in b.cols.vecs.iter().enumerate() {
+        let ranges = &b.cols.ranges[v * 3..][..3];
+        // SAFETY: forwarded contract; an interior vector reads in bounds in
+        // every lane for every kernel column.
+        unsafe {
+            if cv.interior {
+                vector3::<S, RB, SW, SH, CHECK, false>(s, b, cv, ranges, acc);
+            } else {
+                vector3::<S, RB, SW, SH, CHECK, true>(s, b, cv, ranges, acc);
+            }
+        }
+    }
+}
+
+/// One vector of the 3×3 tile over a row block: `RB` grad-output loads,
+/// then each input row once per kernel column into every accumulator whose
+/// tap meets it.
+///
+/// # Safety
+/// As [`block3`]; `EDGE` is false only for an interior vector.
+#[inline(always)]
+unsafe fn vector3<
+    S: Simd,
+    const RB: usize,
+    const SW: usize,
+    const SH: usize,
+    const CHECK: bool,
+    const EDGE: bool,
+>(
+    s: S,
+    b: &Block3<'_>,
+    cv: &ColVec,
+    ranges: &[(usize, usize)],
+    acc: &mut [[S::V; 3]; 3],
+) {
+    let geo = b.geo;
+    let mut d = [s.zero(); RB];
+    let short = s.mask(0, cv.lanes);
+    for (i, d) in d.iter_mut().enumerate() {
+        if CHECK && i >= b.rows {
+            break;
+        }
+        // SAFETY: row oh0 + i < out_h (i < rows), lanes ow0..ow0 + lanes ≤
+        // out_w: inside the plane; a short vector loads only those lanes.
+        *d = unsafe {
+            let p = b.dy_row.add(i * geo.out_w + cv.ow0);
+            if cv.lanes == S::LANES {
+                s.load(p)
+            } else {
+                s.load_masked(p, 1, short)
+            }
+        };
+    }
+    let col = cv.ow0 * SW;
+    let in_w = geo.in_w as isize;
+    for j in 0..(RB - 1) * SH + 3 {
+        if CHECK {
+            let ih = b.ih0 + j as isize;
+            if ih < 0 || ih >= geo.in_h as isize {
+                continue;
+            }
+        }
+        let row = b.base.wrapping_offset(j as isize * in_w).wrapping_add(col);
+        for (sc, &(lo, hi)) in ranges.iter().enumerate() {
+            let (lo, hi) = if EDGE { (lo, hi) } else { (0, S::LANES) };
+            if EDGE && lo == hi {
+                continue;
+            }
+            let p = row.wrapping_add(sc);
+            // SAFETY: input row ih0 + j is real (no CHECK: contract; else
+            // checked above); for kernel column sc the lanes lo..hi read
+            // columns inside 0..in_w (`ranges`; every lane of an interior
+            // vector), so they are readable. An edge vector's columns that
+            // read in bounds in every lane take the plain load and FMA.
+            unsafe {
+                if (lo, hi) == (0, S::LANES) {
+                    feed3::<S, RB, SW, SH, CHECK, false>(s, p, (lo, hi), &d, j, sc, b.rows, acc);
+                } else {
+                    feed3::<S, RB, SW, SH, CHECK, true>(s, p, (lo, hi), &d, j, sc, b.rows, acc);
+                }
+            }
+        }
+    }
+}
+
+/// One input row `j` of a block at kernel column `sc`: loads it (only lanes
+/// `lo..hi` with `MASKED`) and adds its products with the grad-output
+/// vectors of every tile row whose window covers it.
+///
+/// # Safety
+/// `p[SW·j]` is readable for the lanes `j` in `lo..hi` (every lane without
+/// `MASKED`, where `lo..hi` is all of them).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn feed3<
+    S: Simd,
+    const RB: usize,
+    const SW: usize,
+    const SH: usize,
+    const CHECK: bool,
+    const MASKED: bool,
+>(
+    s: S,
+    p: *const f32,
+    (lo, hi): (usize, usize),
+    d: &[S::V; RB],
+    j: usize,
+    sc: usize,
+    rows: usize,
+    acc: &mut [[S::V; 3]; 3],
+) {
+    let m = s.mask(lo, hi);
+    // SAFETY: forwarded contract.
+    let x = unsafe { load_tap::<S, SW, MASKED>(s, p, SW, m) };
+    for (i, &d) in d.iter().enumerate() {
+        // Output row i reads input row j through kernel row j − i·SH.
+        if j < i * SH || j - i * SH >= 3 || (CHECK && i >= rows) {
+            continue;
+        }
+        let r = j - i * SH;
+        acc[r][sc] = fma_tap::<S, MASKED>(s, d, x, acc[r][sc], m);
+    }
+}
