@@ -1,22 +1,113 @@
-//! `cpuconv compare`: every algorithm on every layer, timed, checked against
-//! the direct reference.
+//! `cpuconv compare`: every algorithm on every layer, for the forward pass
+//! or the backward passes, timed, checked against the direct reference of
+//! the same pass.
 
 use crate::mem::check_room;
 use crate::out::{outln, Stop};
-use crate::suite::{self, try_filled, Layer, SEED_OUTPUT, SHAPE_SYNTAX};
-use crate::table::{left, right, sig, Table};
-use crate::timing::{measure, Budget};
+use crate::suite::{
+    self, try_filled, Layer, LayerData, TransposedLayer, SEED_GRAD_INPUT, SEED_GRAD_WEIGHT,
+    SEED_OUTPUT, SHAPE_SYNTAX,
+};
+use crate::table::{left, right, sig, Column, Table};
+use crate::timing::{try_measure, Budget, Timing};
 use crate::{
     algorithm_parser, all_algorithms, effective_isa, isa_parser, pool, progress, BackendArg,
 };
-use clap::Args;
+use clap::{Args, ValueEnum};
 use cpuconv::gemm::kernels::peak::fma_peak_gflops;
-use cpuconv::{Activation, Algorithm, Conv2d, ForwardOptions, Isa, Parallelism};
+use cpuconv::{
+    Activation, Algorithm, BackwardOptions, Conv2d, ConvError, ConvTranspose2d, ForwardOptions,
+    Isa, Parallelism,
+};
 use std::time::Duration;
+
+/// `--pass`: which computation of each layer is timed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum PassArg {
+    /// The forward convolution, `Conv2d::forward_with`.
+    #[default]
+    Forward,
+    /// The input gradient, `Conv2d::backward_input`.
+    GradInput,
+    /// The weight gradient, `Conv2d::backward_weight`.
+    GradWeight,
+    /// The transposed convolution, `ConvTranspose2d::forward_with`, on the
+    /// transposed suite; `--shape` takes a transposed layer.
+    Transpose,
+    /// forward, grad-input and grad-weight of every layer of the suite,
+    /// and transpose of every layer of the transposed suite, in one table
+    /// with a `pass` column, then Auto's GFLOP/s per layer and pass.
+    All,
+}
+
+impl PassArg {
+    /// The passes it runs on a convolution layer, in table order.
+    fn passes(self) -> &'static [Pass] {
+        match self {
+            PassArg::Forward => &[Pass::Forward],
+            PassArg::GradInput => &[Pass::GradInput],
+            PassArg::GradWeight => &[Pass::GradWeight],
+            PassArg::Transpose => &[Pass::Transpose],
+            PassArg::All => &[
+                Pass::Forward,
+                Pass::GradInput,
+                Pass::GradWeight,
+                Pass::Transpose,
+            ],
+        }
+    }
+
+    /// Whether it runs passes of ordinary convolutions.
+    fn has_conv_passes(self) -> bool {
+        self.passes().iter().any(|&p| p != Pass::Transpose)
+    }
+
+    /// Whether it runs the transposed pass.
+    fn has_transpose(self) -> bool {
+        self.passes().contains(&Pass::Transpose)
+    }
+}
+
+/// One computation of a layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Pass {
+    Forward,
+    GradInput,
+    GradWeight,
+    Transpose,
+}
+
+impl Pass {
+    /// The name in the tables, the JSON and `--pass`.
+    fn name(self) -> &'static str {
+        match self {
+            Pass::Forward => "forward",
+            Pass::GradInput => "grad-input",
+            Pass::GradWeight => "grad-weight",
+            Pass::Transpose => "transpose",
+        }
+    }
+
+    /// Whether the library can plan it (`--plan`).
+    fn has_plan(self) -> bool {
+        matches!(self, Pass::Forward | Pass::Transpose)
+    }
+}
 
 #[derive(Args, Debug)]
 #[command(after_long_help = SHAPE_SYNTAX)]
 pub struct CompareArgs {
+    /// Which pass to time. Each backward pass counts the forward's FLOPs
+    /// (`Conv2d::flops`) and transpose `ConvTranspose2d::flops`
+    /// (2·N·C_in·H·W·C_out/g·R·S); an algorithm the library refuses for a
+    /// pass is listed as `unsupported`; speedup and error are against the
+    /// Direct reference of the same pass (the weight gradient overwrites its
+    /// buffer; the output gradient is fixed random data, the seed layer's
+    /// [[1,2],[3,4]]). Backward `auto` rows name no pick: the library does
+    /// not say which it runs.
+    #[arg(long, value_enum, default_value_t = PassArg::Forward)]
+    pass: PassArg,
+
     /// Run only this suite layer (repeatable); see --list for the names.
     #[arg(long = "layer", value_name = "NAME")]
     layers: Vec<String>,
@@ -68,7 +159,10 @@ pub struct CompareArgs {
 
     /// Time every algorithm but Direct through a plan (`Conv2d::plan`, made
     /// once, untimed): weights pre-packed, `Auto` resolved, bias bound. This
-    /// is how a framework runs a layer repeatedly.
+    /// is how a framework runs a layer repeatedly. Only the forward and
+    /// transpose passes have plans (`ConvTranspose2d::plan`): with `--pass
+    /// all` the backward rows run one-shot, and a backward `--pass` alone
+    /// refuses it.
     #[arg(long)]
     plan: bool,
 }
@@ -84,23 +178,133 @@ fn parse_thread_count(s: &str) -> Result<usize, String> {
         .map_err(|_| format!("{s:?} is not a thread count, 0 or `all`"))
 }
 
-/// The layers to run: `--layer` picks from the suite, `--shape` adds custom
-/// ones, neither runs the whole suite.
-fn select_layers(args: &CompareArgs) -> Result<Vec<Layer>, String> {
-    let all = suite::suite();
+/// Named `f32` counts: the buffers a run allocates.
+type Buffers = Vec<(&'static str, usize)>;
+
+/// A layer to run: an ordinary or a transposed convolution, validated.
+enum Subject {
+    Conv(Layer, Conv2d),
+    Transposed(TransposedLayer, ConvTranspose2d),
+}
+
+impl Subject {
+    fn name(&self) -> &str {
+        match self {
+            Subject::Conv(l, _) => &l.name,
+            Subject::Transposed(l, _) => &l.name,
+        }
+    }
+
+    /// The passes of `passes` that apply to it, in table order.
+    fn passes(&self, passes: &[Pass]) -> Vec<Pass> {
+        let transposed = matches!(self, Subject::Transposed(..));
+        passes
+            .iter()
+            .copied()
+            .filter(|&p| (p == Pass::Transpose) == transposed)
+            .collect()
+    }
+
+    /// The buffers it needs at once for `passes`, in `f32`s: its data, the
+    /// output gradient, and one pass's output and reference at a time.
+    fn buffers(&self, passes: &[Pass]) -> Buffers {
+        let (mut v, outs): (Buffers, Buffers) = match self {
+            Subject::Conv(_, conv) => {
+                let g = conv.geometry();
+                let mut v = vec![
+                    ("input", g.input_len()),
+                    ("weight", g.weight_len()),
+                    ("bias", g.out_channels),
+                ];
+                if passes.iter().any(|&p| p != Pass::Forward) {
+                    v.push(("grad_output", g.output_len()));
+                }
+                let outs = passes
+                    .iter()
+                    .map(|&p| match p {
+                        Pass::GradInput => ("grad_input", g.input_len()),
+                        Pass::GradWeight => ("grad_weight", g.weight_len()),
+                        Pass::Forward | Pass::Transpose => ("output", g.output_len()),
+                    })
+                    .collect();
+                (v, outs)
+            }
+            Subject::Transposed(_, t) => {
+                let [input, weight, bias, output] = TransposedLayer::lens(t);
+                (
+                    vec![("input", input), ("weight", weight), ("bias", bias)],
+                    vec![("output", output)],
+                )
+            }
+        };
+        if let Some(&(what, len)) = outs.iter().max_by_key(|&&(_, len)| len) {
+            v.push((what, len));
+            v.push(("reference", len));
+        }
+        v
+    }
+}
+
+/// The layers to run: `--layer` picks from the suites the passes use,
+/// `--shape` adds custom ones (transposed under `--pass transpose`),
+/// neither runs those suites whole.
+fn select_layers(args: &CompareArgs) -> Result<Vec<Subject>, String> {
+    let conv = if args.pass.has_conv_passes() {
+        suite::suite()
+    } else {
+        Vec::new()
+    };
+    let transposed = if args.pass.has_transpose() {
+        suite::transposed_suite()
+    } else {
+        Vec::new()
+    };
+    let built = |l: &Layer| {
+        l.build()
+            .map(|c| Subject::Conv(l.clone(), c))
+            .map_err(|e| format!("layer {}: {e}", l.name))
+    };
+    let built_t = |l: &TransposedLayer| {
+        l.build()
+            .map(|t| Subject::Transposed(l.clone(), t))
+            .map_err(|e| format!("layer {}: {e}", l.name))
+    };
     let mut layers = Vec::new();
     for name in &args.layers {
-        let layer = all.iter().find(|l| l.name == *name).ok_or_else(|| {
-            let names: Vec<&str> = all.iter().map(|l| l.name.as_str()).collect();
-            format!("unknown layer {name:?}; the suite has {}", names.join(", "))
-        })?;
-        layers.push(layer.clone());
+        if let Some(l) = conv.iter().find(|l| l.name == *name) {
+            layers.push(built(l)?);
+        } else if let Some(l) = transposed.iter().find(|l| l.name == *name) {
+            layers.push(built_t(l)?);
+        } else {
+            let names: Vec<&str> = conv
+                .iter()
+                .map(|l| l.name.as_str())
+                .chain(transposed.iter().map(|l| l.name.as_str()))
+                .collect();
+            return Err(format!(
+                "unknown layer {name:?} for --pass {}; it has {} (--pass all runs both suites)",
+                args.pass
+                    .to_possible_value()
+                    .expect("no skipped values")
+                    .get_name(),
+                names.join(", ")
+            ));
+        }
     }
     for (i, spec) in args.shapes.iter().enumerate() {
-        layers.push(suite::parse_shape(spec, i + 1)?);
+        layers.push(if args.pass == PassArg::Transpose {
+            built_t(&suite::parse_transposed_shape(spec, i + 1)?)?
+        } else {
+            built(&suite::parse_shape(spec, i + 1)?)?
+        });
     }
     if layers.is_empty() {
-        layers = all;
+        for l in &conv {
+            layers.push(built(l)?);
+        }
+        for l in &transposed {
+            layers.push(built_t(l)?);
+        }
     }
     Ok(layers)
 }
@@ -131,6 +335,173 @@ fn describe(conv: &Conv2d) -> String {
     )
 }
 
+fn list() -> Result<(), Stop> {
+    outln!("{SHAPE_SYNTAX}\n\nSuite:")?;
+    for l in suite::suite() {
+        match l.build() {
+            Ok(conv) => outln!("  {:<12} {}", l.name, describe(&conv))?,
+            Err(e) => outln!("  {:<12} invalid: {e}", l.name)?,
+        }
+    }
+    outln!("\nTransposed suite (--pass transpose):")?;
+    for l in suite::transposed_suite() {
+        match l.build() {
+            Ok(t) => outln!("  {:<12} {}", l.name, describe_transposed(&t))?,
+            Err(e) => outln!("  {:<12} invalid: {e}", l.name)?,
+        }
+    }
+    Ok(())
+}
+
+fn describe_transposed(t: &ConvTranspose2d) -> String {
+    let dims = |s: [usize; 4]| s.map(|d| d.to_string()).join("x");
+    format!(
+        "{} -> {}, weight {} ({:.1} MFLOP)",
+        dims(t.input_shape()),
+        dims(t.output_shape()),
+        dims(t.weight_shape()),
+        t.flops() as f64 / 1e6
+    )
+}
+
+/// One call of a job, writing its output buffer.
+type RunFn<'a> = Box<dyn Fn(Algorithm, &mut [f32]) -> Result<(), ConvError> + 'a>;
+/// A planned call (the plan made, untimed, when the closure was).
+type Planned<'a> = Box<dyn Fn(&mut [f32]) -> Result<(), ConvError> + 'a>;
+/// Makes a plan for an algorithm.
+type PlanFn<'a> = Box<dyn Fn(Algorithm) -> Result<Planned<'a>, ConvError> + 'a>;
+
+/// One pass of one layer, ready to time: what it computes and how to run
+/// it with a given algorithm.
+struct Job<'a> {
+    layer: &'a str,
+    pass: Pass,
+    /// FLOPs of one call: the forward's for every pass.
+    flops: u64,
+    /// Length of the buffer the pass writes.
+    out_len: usize,
+    /// What `Auto` runs, where the library says: one algorithm, or, for a
+    /// transposed layer, those of its sub-pixel phases, comma-separated.
+    auto_pick: Option<String>,
+    /// What the seed layer must give (checked on Direct's output).
+    expected: Option<&'static [f32]>,
+    run: RunFn<'a>,
+    /// `Some` when `--plan` was given and the pass has plans.
+    plan: Option<PlanFn<'a>>,
+}
+
+/// The options every call of a run shares, per kind of pass.
+struct Options {
+    forward: ForwardOptions,
+    backward: BackwardOptions,
+    plan: bool,
+}
+
+/// The job of `pass` on a convolution layer. `grad_output` is `Some` when
+/// any backward pass runs.
+fn conv_job<'a>(
+    layer: &'a Layer,
+    conv: &'a Conv2d,
+    data: &'a LayerData,
+    grad_output: Option<&'a [f32]>,
+    pass: Pass,
+    options: &Options,
+) -> Job<'a> {
+    let g = conv.geometry();
+    let seed = layer.is_seed(conv);
+    let (fwd, bwd) = (options.forward, options.backward);
+    let bias = data.bias.as_deref();
+    let dy = || grad_output.expect("a backward pass has its output gradient");
+    let (out_len, expected, run): (usize, &'static [f32], RunFn<'a>) = match pass {
+        Pass::Forward => (
+            g.output_len(),
+            &SEED_OUTPUT,
+            Box::new(move |algo, out| {
+                conv.forward_with(&data.input, &data.weight, bias, out, &fwd.algorithm(algo))
+            }),
+        ),
+        Pass::GradInput => {
+            let dy = dy();
+            (
+                g.input_len(),
+                &SEED_GRAD_INPUT,
+                Box::new(move |algo, out| {
+                    conv.backward_input(&data.weight, dy, out, &bwd.algorithm(algo))
+                }),
+            )
+        }
+        Pass::GradWeight => {
+            let dy = dy();
+            (
+                g.weight_len(),
+                &SEED_GRAD_WEIGHT,
+                Box::new(move |algo, out| {
+                    conv.backward_weight(&data.input, dy, out, &bwd.algorithm(algo))
+                }),
+            )
+        }
+        Pass::Transpose => unreachable!("an ordinary layer has no transposed pass"),
+    };
+    let plan: Option<PlanFn<'a>> = (options.plan && pass.has_plan()).then(|| {
+        Box::new(move |algo| {
+            let plan = conv.plan(&data.weight, bias, &fwd.algorithm(algo))?;
+            Ok(Box::new(move |out: &mut [f32]| plan.forward(&data.input, out)) as Planned<'a>)
+        }) as PlanFn<'a>
+    });
+    Job {
+        layer: &layer.name,
+        pass,
+        flops: conv.flops(),
+        out_len,
+        auto_pick: (pass == Pass::Forward).then(|| conv.auto_algorithm().name().to_string()),
+        expected: seed.then_some(expected),
+        run,
+        plan,
+    }
+}
+
+/// The job of a transposed layer.
+fn transposed_job<'a>(
+    layer: &'a TransposedLayer,
+    t: &'a ConvTranspose2d,
+    data: &'a LayerData,
+    options: &Options,
+) -> Job<'a> {
+    let fwd = options.forward;
+    let bias = data.bias.as_deref();
+    let plan: Option<PlanFn<'a>> = options.plan.then(|| {
+        Box::new(move |algo| {
+            let plan = t.plan(&data.weight, bias, &fwd.algorithm(algo))?;
+            Ok(Box::new(move |out: &mut [f32]| plan.forward(&data.input, out)) as Planned<'a>)
+        }) as PlanFn<'a>
+    });
+    // Auto's picks, per sub-pixel phase, are what an Auto plan reports.
+    let auto_pick = t
+        .plan(&data.weight, bias, &fwd.algorithm(Algorithm::Auto))
+        .ok()
+        .map(|plan| {
+            let mut names: Vec<&str> = Vec::new();
+            for name in plan.algorithms().into_iter().flatten().map(Algorithm::name) {
+                if !names.contains(&name) {
+                    names.push(name);
+                }
+            }
+            names.join(",")
+        });
+    Job {
+        layer: &layer.name,
+        pass: Pass::Transpose,
+        flops: t.flops(),
+        out_len: TransposedLayer::lens(t)[3],
+        auto_pick,
+        expected: None,
+        run: Box::new(move |algo, out| {
+            t.forward_with(&data.input, &data.weight, bias, out, &fwd.algorithm(algo))
+        }),
+        plan,
+    }
+}
+
 /// Largest `|a − b|`; NaN if any difference is NaN (an unwritten or broken output).
 fn max_abs_error(a: &[f32], b: &[f32]) -> f32 {
     let mut worst = 0.0f32;
@@ -144,28 +515,224 @@ fn max_abs_error(a: &[f32], b: &[f32]) -> f32 {
     worst
 }
 
-fn list() -> Result<(), Stop> {
-    outln!("{SHAPE_SYNTAX}\n\nSuite:")?;
-    for l in suite::suite() {
-        match l.build() {
-            Ok(conv) => outln!("  {:<12} {}", l.name, describe(&conv))?,
-            Err(e) => outln!("  {:<12} invalid: {e}", l.name)?,
-        }
-    }
-    Ok(())
+/// What one (layer, pass, algorithm) gave.
+struct Row<'a> {
+    layer: &'a str,
+    pass: Pass,
+    flops: u64,
+    algo: Algorithm,
+    auto_pick: Option<&'a str>,
+    planned: bool,
+    /// `Err`: the library does not run this algorithm for this pass (its message).
+    result: Result<Measured, String>,
 }
 
-/// The buffers a layer needs at once, in `f32`s: what [`Layer::try_data`]
-/// and the timing loop allocate.
-fn buffers(conv: &Conv2d) -> [(&'static str, usize); 5] {
-    let g = conv.geometry();
-    [
-        ("input", g.input_len()),
-        ("weight", g.weight_len()),
-        ("bias", g.out_channels),
-        ("output", g.output_len()),
-        ("reference output", g.output_len()),
-    ]
+struct Measured {
+    t: Timing,
+    gflops: f64,
+    speedup: Option<f64>,
+    err: f32,
+}
+
+/// How rows are printed: the table (with a `pass` column when several
+/// passes run) or JSON lines, with the run's context.
+struct Printer {
+    json: bool,
+    table: Table,
+    multi_pass: bool,
+    peak: f64,
+    threads: usize,
+    isa: Isa,
+    backend: BackendArg,
+}
+
+impl Printer {
+    fn new(args: &CompareArgs, passes: &[Pass], peak: f64, threads: usize, isa: Isa) -> Self {
+        let multi_pass = passes.len() > 1;
+        let mut columns: Vec<Column> = vec![left("layer", 12)];
+        if multi_pass {
+            columns.push(left("pass", 11));
+        }
+        // Room for "unsupported" where a pass may refuse an algorithm.
+        let forward_only = passes.iter().all(|&p| p == Pass::Forward);
+        columns.extend([
+            left("algorithm", 22),
+            right("median ms", if forward_only { 10 } else { 11 }),
+            right("GFLOP/s", 8),
+            right("% peak", 6),
+            right("speedup", 8),
+            right("max abs err", 11),
+        ]);
+        Printer {
+            json: args.json,
+            table: Table::new(&columns),
+            multi_pass,
+            peak,
+            threads,
+            isa,
+            backend: args.backend,
+        }
+    }
+
+    fn line(&self, row: &Row) -> String {
+        let picked = match (row.algo, row.auto_pick) {
+            (Algorithm::Auto, Some(pick)) => Some(pick),
+            _ => None,
+        };
+        if self.json {
+            let m = row.result.as_ref().ok();
+            return serde_json::json!({
+                "layer": row.layer,
+                "pass": row.pass.name(),
+                "algorithm": row.algo.name(),
+                "picked": picked,
+                "supported": m.is_some(),
+                "unsupported": row.result.as_ref().err(),
+                "median_ms": m.map(|m| m.t.median_s * 1e3),
+                "min_ms": m.map(|m| m.t.min_s * 1e3),
+                "gflops": m.map(|m| m.gflops),
+                "peak_fraction": m.map(|m| m.gflops / self.peak),
+                "planned": row.planned,
+                "speedup": m.and_then(|m| m.speedup),
+                "max_abs_err": m.map(|m| m.err),
+                "flops": row.flops,
+                "samples": m.map(|m| m.t.samples),
+                "reps": m.map(|m| m.t.reps),
+                "threads": self.threads,
+                "isa": self.isa.name(),
+                "backend": self.backend.name(),
+            })
+            .to_string();
+        }
+        let mut label = match picked {
+            Some(p) => format!("auto ({p})"),
+            None => row.algo.name().to_string(),
+        };
+        if row.planned {
+            label.push_str("+plan");
+        }
+        let mut cells = vec![row.layer.to_string()];
+        if self.multi_pass {
+            cells.push(row.pass.name().to_string());
+        }
+        cells.push(label);
+        match &row.result {
+            Ok(m) => cells.extend([
+                sig(m.t.median_s * 1e3),
+                sig(m.gflops),
+                format!("{:.0}%", 100.0 * m.gflops / self.peak),
+                m.speedup.map_or("–".into(), |s| format!("{}x", sig(s))),
+                if m.err == 0.0 {
+                    "0".into()
+                } else {
+                    format!("{:.1e}", m.err)
+                },
+            ]),
+            Err(_) => {
+                cells.push("unsupported".into());
+                cells.extend((0..4).map(|_| "–".to_string()));
+            }
+        }
+        self.table.row(&cells)
+    }
+}
+
+/// Whether an error means "this pass has no such algorithm".
+fn unsupported(e: &ConvError) -> bool {
+    matches!(e, ConvError::UnsupportedAlgorithm { .. })
+}
+
+/// Times every algorithm of `algos` on `job` (Direct first: its output is
+/// the reference, its time the baseline; when it is not asked for, it still
+/// runs once, untimed), printing each row as it comes. Returns Auto's
+/// GFLOP/s (`None` when not run, `Some(None)` when unsupported).
+fn time_job(
+    job: &Job,
+    algos: &[Algorithm],
+    budget: &Budget,
+    printer: &Printer,
+    pb: &indicatif::ProgressBar,
+) -> Result<Option<Option<f64>>, Stop> {
+    let fail = |algo: Algorithm, e: ConvError| {
+        Stop::from(format!(
+            "layer {} / {} / {}: {e}",
+            job.layer,
+            job.pass.name(),
+            algo.name()
+        ))
+    };
+    let in_layer = |e: String| Stop::from(format!("layer {}: {e}", job.layer));
+    let mut reference = try_filled("reference", job.out_len, f32::NAN).map_err(in_layer)?;
+    let mut out = try_filled("output", job.out_len, f32::NAN).map_err(in_layer)?;
+    let mut direct_s = None;
+    let mut order = algos.to_vec();
+    order.sort_by_key(|a| *a != Algorithm::Direct);
+    if !order.contains(&Algorithm::Direct) {
+        pb.set_message(format!(
+            "{} / {} / direct (reference)",
+            job.layer,
+            job.pass.name()
+        ));
+        (job.run)(Algorithm::Direct, &mut reference).map_err(|e| fail(Algorithm::Direct, e))?;
+    }
+    let mut auto = None;
+    for algo in order {
+        pb.set_message(format!(
+            "{} / {} / {}",
+            job.layer,
+            job.pass.name(),
+            algo.name()
+        ));
+        out.fill(f32::NAN);
+        let planned = match &job.plan {
+            Some(make) if algo != Algorithm::Direct => Some(make(algo)),
+            _ => None,
+        };
+        let measured = match planned {
+            Some(Err(e)) => Err(e),
+            Some(Ok(call)) => try_measure(budget, || call(&mut out)),
+            None => try_measure(budget, || (job.run)(algo, &mut out)),
+        };
+        let result = match measured {
+            Ok(t) => {
+                if algo == Algorithm::Direct {
+                    reference.copy_from_slice(&out);
+                    direct_s = Some(t.median_s);
+                    if let Some(want) = job.expected.filter(|w| **w != *reference) {
+                        pb.suspend(|| {
+                            eprintln!(
+                                "cpuconv: seed layer's {} gave {reference:?}, expected {want:?}",
+                                job.pass.name()
+                            )
+                        });
+                    }
+                }
+                Ok(Measured {
+                    t,
+                    gflops: job.flops as f64 / t.median_s / 1e9,
+                    speedup: direct_s.map(|d| d / t.median_s),
+                    err: max_abs_error(&out, &reference),
+                })
+            }
+            Err(e) if unsupported(&e) => Err(e.to_string()),
+            Err(e) => return Err(fail(algo, e)),
+        };
+        if algo == Algorithm::Auto {
+            auto = Some(result.as_ref().ok().map(|m| m.gflops));
+        }
+        let row = Row {
+            layer: job.layer,
+            pass: job.pass,
+            flops: job.flops,
+            algo,
+            auto_pick: job.auto_pick.as_deref(),
+            planned: job.plan.is_some() && algo != Algorithm::Direct && result.is_ok(),
+            result,
+        };
+        pb.suspend(|| outln!("{}", printer.line(&row)))?;
+        pb.inc(1);
+    }
+    Ok(auto)
 }
 
 /// Entry point of `cpuconv compare`.
@@ -173,15 +740,21 @@ pub fn run(args: &CompareArgs) -> Result<(), Stop> {
     if args.list {
         return list();
     }
+    let passes = args.pass.passes();
+    if args.plan && !passes.iter().any(|p| p.has_plan()) {
+        return Err(format!(
+            "--plan: the {} pass has no plan (the library plans only the forward and \
+             transposed convolutions); drop --plan, or use --pass forward, transpose or all",
+            passes[0].name()
+        )
+        .into());
+    }
     // Validate every layer, and that its tensors fit, before printing anything.
-    let layers = select_layers(args)?
-        .into_iter()
-        .map(|l| {
-            let conv = l.build().map_err(|e| format!("layer {}: {e}", l.name))?;
-            check_room(&buffers(&conv)).map_err(|e| format!("layer {}: {e}", l.name))?;
-            Ok((l, conv))
-        })
-        .collect::<Result<Vec<_>, String>>()?;
+    let layers = select_layers(args)?;
+    for l in &layers {
+        check_room(&l.buffers(&l.passes(passes)))
+            .map_err(|e| format!("layer {}: {e}", l.name()))?;
+    }
     let algos = if args.algos.is_empty() {
         all_algorithms()
     } else {
@@ -193,162 +766,125 @@ pub fn run(args: &CompareArgs) -> Result<(), Stop> {
         }
         v
     };
-    let time_direct = algos.contains(&Algorithm::Direct);
     let pool = pool(args.threads)?;
     let threads = pool.current_num_threads();
     let isa = effective_isa(args.isa);
     let budget = Budget::new(Duration::from_millis(args.budget_ms));
-    let base = ForwardOptions::new(Algorithm::Direct)
-        .parallelism(Parallelism::threads(args.threads))
-        .backend(args.backend.into())
-        .activation(Activation::None)
-        .isa(args.isa);
-    let table = Table::new(&[
-        left("layer", 12),
-        left("algorithm", 22),
-        right("median ms", 10),
-        right("GFLOP/s", 8),
-        right("% peak", 6),
-        right("speedup", 8),
-        right("max abs err", 11),
-    ]);
+    let options = Options {
+        forward: ForwardOptions::new(Algorithm::Direct)
+            .parallelism(Parallelism::threads(args.threads))
+            .backend(args.backend.into())
+            .activation(Activation::None)
+            .isa(args.isa),
+        backward: BackwardOptions::new(Algorithm::Direct)
+            .parallelism(Parallelism::threads(args.threads))
+            .backend(args.backend.into())
+            .isa(args.isa),
+        plan: args.plan,
+    };
+    let multi_pass = passes.len() > 1;
     // The FMA peak of the same ISA and thread count, measured in this run,
     // so the table says how much of the machine each algorithm uses.
     let peak = fma_peak_gflops(isa, threads);
+    let printer = Printer::new(args, passes, peak, threads, isa);
     if !args.json {
+        // The passes some layer runs (`all` with only ordinary layers has no transpose).
+        let pass_names: Vec<&str> = passes
+            .iter()
+            .filter(|&&p| layers.iter().any(|l| !l.passes(&[p]).is_empty()))
+            .map(|p| p.name())
+            .collect();
+        let how = match (args.plan, multi_pass) {
+            (false, _) => "one-shot calls",
+            (true, false) => "planned (pre-packed weights)",
+            (true, true) => {
+                "forward and transpose planned (pre-packed weights), backward one-shot (no plan)"
+            }
+        };
         outln!(
-            "cpuconv {} compare: isa {isa}, {threads} thread{}, backend {}, {}, \
-             median of samples; speedup and error are relative to direct; \
+            "cpuconv {} compare: {} {}, isa {isa}, {threads} thread{}, backend {}, {how}, \
+             median of samples; speedup and error are relative to direct on the same pass; \
              % peak is of the measured {isa} FMA peak, {} GFLOP/s.\n",
             env!("CARGO_PKG_VERSION"),
+            if pass_names.len() > 1 {
+                "passes"
+            } else {
+                "pass"
+            },
+            pass_names.join(", "),
             if threads == 1 { "" } else { "s" },
             args.backend.name(),
-            if args.plan {
-                "planned (pre-packed weights)"
-            } else {
-                "one-shot forward"
-            },
             sig(peak),
         )?;
-        outln!("{}", table.header())?;
+        outln!("{}", printer.table.header())?;
     }
-    let pb = progress((layers.len() * algos.len()) as u64);
+    let jobs: usize = layers.iter().map(|l| l.passes(passes).len()).sum();
+    let pb = progress((jobs * algos.len()) as u64);
+    let mut summary: Vec<(&str, Vec<Option<Option<f64>>>)> = Vec::new();
     let result = pool.install(|| -> Result<(), Stop> {
-        for (layer, conv) in &layers {
-            let in_layer = |e: String| format!("layer {}: {e}", layer.name);
-            let data = layer.try_data(conv).map_err(in_layer)?;
-            let len = conv.geometry().output_len();
-            let bias = data.bias.as_deref();
-            let run_once = |options: &ForwardOptions, out: &mut [f32]| {
-                conv.forward_with(&data.input, &data.weight, bias, out, options)
-                    .map_err(|e| {
-                        format!("layer {} / {}: {e}", layer.name, options.algorithm.name())
-                    })
+        for subject in &layers {
+            let in_layer = |e: String| format!("layer {}: {e}", subject.name());
+            // Auto's GFLOP/s per pass of `passes` (None where it does not apply).
+            let mut autos = vec![None; passes.len()];
+            let mut record = |pass: Pass, auto| {
+                let i = passes.iter().position(|&p| p == pass).expect("a pass run");
+                autos[i] = auto;
             };
-
-            // Direct first: its output is the reference, its time the baseline.
-            let mut reference = try_filled("reference output", len, f32::NAN).map_err(in_layer)?;
-            let mut out = try_filled("output", len, f32::NAN).map_err(in_layer)?;
-            let mut direct_s = None;
-            let mut order: Vec<Algorithm> = algos.clone();
-            order.sort_by_key(|a| *a != Algorithm::Direct);
-            if !time_direct {
-                pb.set_message(format!("{} / direct (reference)", layer.name));
-                run_once(&base, &mut reference)?;
-            }
-            for algo in order {
-                pb.set_message(format!("{} / {}", layer.name, algo.name()));
-                let options = base.algorithm(algo);
-                out.fill(f32::NAN);
-                let mut failure = None;
-                let planned = if args.plan && algo != Algorithm::Direct {
-                    let plan = conv
-                        .plan(&data.weight, bias, &options)
-                        .map_err(|e| format!("layer {} / {}: {e}", layer.name, algo.name()))?;
-                    Some(plan)
-                } else {
-                    None
-                };
-                let t = measure(&budget, || {
-                    let result = match &planned {
-                        Some(plan) => plan
-                            .forward(&data.input, &mut out)
-                            .map_err(|e| format!("layer {} / {}: {e}", layer.name, algo.name())),
-                        None => run_once(&options, &mut out),
+            match subject {
+                Subject::Conv(layer, conv) => {
+                    let mine = subject.passes(passes);
+                    let data = layer.try_data(conv).map_err(in_layer)?;
+                    let grad_output = if mine.iter().any(|&p| p != Pass::Forward) {
+                        Some(layer.try_grad_output(conv).map_err(in_layer)?)
+                    } else {
+                        None
                     };
-                    if let Err(e) = result {
-                        failure.get_or_insert(e);
-                    }
-                });
-                if let Some(e) = failure {
-                    return Err(e.into());
-                }
-                if algo == Algorithm::Direct {
-                    reference.copy_from_slice(&out);
-                    direct_s = Some(t.median_s);
-                    if layer.name == "seed" && len == 4 && reference != SEED_OUTPUT {
-                        pb.suspend(|| {
-                            eprintln!(
-                                "cpuconv: seed layer gave {reference:?}, expected {SEED_OUTPUT:?}"
-                            )
-                        });
+                    for pass in mine {
+                        let dy = grad_output.as_deref();
+                        let job = conv_job(layer, conv, &data, dy, pass, &options);
+                        record(pass, time_job(&job, &algos, &budget, &printer, &pb)?);
                     }
                 }
-                let err = max_abs_error(&out, &reference);
-                let gflops = conv.flops() as f64 / t.median_s / 1e9;
-                let speedup = direct_s.map(|d| d / t.median_s);
-                let (label, picked) = if algo == Algorithm::Auto {
-                    let pick = conv.auto_algorithm();
-                    (format!("auto ({})", pick.name()), Some(pick.name()))
-                } else {
-                    (algo.name().to_string(), None)
-                };
-                let label = if planned.is_some() {
-                    format!("{label}+plan")
-                } else {
-                    label
-                };
-                let line = if args.json {
-                    serde_json::json!({
-                        "layer": layer.name,
-                        "algorithm": algo.name(),
-                        "picked": picked,
-                        "median_ms": t.median_s * 1e3,
-                        "min_ms": t.min_s * 1e3,
-                        "gflops": gflops,
-                        "peak_fraction": gflops / peak,
-                        "planned": planned.is_some(),
-                        "speedup": speedup,
-                        "max_abs_err": err,
-                        "flops": conv.flops(),
-                        "samples": t.samples,
-                        "reps": t.reps,
-                        "threads": threads,
-                        "isa": isa.name(),
-                        "backend": args.backend.name(),
-                    })
-                    .to_string()
-                } else {
-                    table.row(&[
-                        layer.name.clone(),
-                        label,
-                        sig(t.median_s * 1e3),
-                        sig(gflops),
-                        format!("{:.0}%", 100.0 * gflops / peak),
-                        speedup.map_or("–".into(), |s| format!("{}x", sig(s))),
-                        if err == 0.0 {
-                            "0".into()
-                        } else {
-                            format!("{err:.1e}")
-                        },
-                    ])
-                };
-                pb.suspend(|| outln!("{line}"))?;
-                pb.inc(1);
+                Subject::Transposed(layer, t) => {
+                    let data = layer.try_data(t).map_err(in_layer)?;
+                    let job = transposed_job(layer, t, &data, &options);
+                    record(
+                        Pass::Transpose,
+                        time_job(&job, &algos, &budget, &printer, &pb)?,
+                    );
+                }
             }
+            summary.push((subject.name(), autos));
         }
         Ok(())
     });
     pb.finish_and_clear();
-    result
+    result?;
+    if multi_pass && !args.json && algos.contains(&Algorithm::Auto) {
+        print_summary(passes, &summary)?;
+    }
+    Ok(())
+}
+
+/// `--pass all`'s closing table: Auto's GFLOP/s per layer and pass (`–`
+/// where a pass does not apply to a layer); passes no layer ran are left out.
+fn print_summary(passes: &[Pass], rows: &[(&str, Vec<Option<Option<f64>>>)]) -> Result<(), Stop> {
+    let shown: Vec<usize> = (0..passes.len())
+        .filter(|&i| rows.iter().any(|(_, autos)| autos[i].is_some()))
+        .collect();
+    let mut columns = vec![left("layer", 12)];
+    columns.extend(shown.iter().map(|&i| right(passes[i].name(), 11)));
+    let table = Table::new(&columns);
+    outln!("\nauto, GFLOP/s per pass:\n")?;
+    outln!("{}", table.header())?;
+    for (layer, autos) in rows {
+        let mut cells = vec![layer.to_string()];
+        cells.extend(shown.iter().map(|&i| match &autos[i] {
+            Some(Some(g)) => sig(*g),
+            Some(None) => "unsupported".into(),
+            None => "–".into(),
+        }));
+        outln!("{}", table.row(&cells))?;
+    }
+    Ok(())
 }

@@ -1,6 +1,7 @@
 //! Wall-clock measurement: warm-up, then the median of samples that are each
 //! long enough to sit well above timer and scheduler noise.
 
+use std::convert::Infallible;
 use std::time::{Duration, Instant};
 
 /// How long a measurement may take and how long each sample must be.
@@ -47,16 +48,27 @@ pub struct Timing {
 /// `budget.min_sample`, and returns the median seconds per call over as many
 /// samples as fit in `budget.total` (clamped to the budget's sample range).
 pub fn measure(budget: &Budget, mut f: impl FnMut()) -> Timing {
+    try_measure(budget, || -> Result<(), Infallible> {
+        f();
+        Ok(())
+    })
+    .unwrap_or_else(|never| match never {})
+}
+
+/// [`measure`] for a call that can fail: the first error ends the
+/// measurement and is returned. An algorithm a pass does not support fails
+/// on its first (warm-up) call, so it costs nothing to find out.
+pub fn try_measure<E>(budget: &Budget, mut f: impl FnMut() -> Result<(), E>) -> Result<Timing, E> {
     // Warm-up: the first call pays for page faults, kernel tables, packing
     // buffers; short calls get more warm-up to settle caches and clocks.
     let start = Instant::now();
-    f();
+    f()?;
     let mut per_call = start.elapsed();
     let warm_until = Instant::now() + Duration::from_millis(100);
     if per_call < Duration::from_millis(20) {
         while Instant::now() < warm_until {
             let t = Instant::now();
-            f();
+            f()?;
             per_call = per_call.min(t.elapsed());
         }
     }
@@ -69,15 +81,14 @@ pub fn measure(budget: &Budget, mut f: impl FnMut()) -> Timing {
         budget.min_samples,
         budget.max_samples.max(budget.min_samples),
     );
-    let mut times: Vec<f64> = (0..samples)
-        .map(|_| {
-            let t = Instant::now();
-            for _ in 0..reps {
-                f();
-            }
-            t.elapsed().as_secs_f64() / reps as f64
-        })
-        .collect();
+    let mut times = Vec::with_capacity(samples);
+    for _ in 0..samples {
+        let t = Instant::now();
+        for _ in 0..reps {
+            f()?;
+        }
+        times.push(t.elapsed().as_secs_f64() / reps as f64);
+    }
     times.sort_by(f64::total_cmp);
     let mid = times.len() / 2;
     let median_s = if times.len() % 2 == 1 {
@@ -85,12 +96,12 @@ pub fn measure(budget: &Budget, mut f: impl FnMut()) -> Timing {
     } else {
         (times[mid - 1] + times[mid]) / 2.0
     };
-    Timing {
+    Ok(Timing {
         median_s,
         min_s: times[0],
         samples,
         reps,
-    }
+    })
 }
 
 #[cfg(test)]
@@ -108,5 +119,17 @@ mod tests {
         assert!(t.reps > 1);
         assert!((3..=25).contains(&t.samples));
         assert!(t.median_s > 0.0 && t.min_s <= t.median_s);
+    }
+
+    #[test]
+    fn a_failing_call_stops_at_once() {
+        let b = Budget::new(Duration::from_millis(100));
+        let mut calls = 0u64;
+        let r = try_measure(&b, || {
+            calls += 1;
+            Err::<(), _>("no")
+        });
+        assert_eq!(r.unwrap_err(), "no");
+        assert_eq!(calls, 1);
     }
 }

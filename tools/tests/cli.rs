@@ -293,3 +293,246 @@ fn info_json_reports_cpuconv_isa() {
     assert_eq!(info["cpuconv_isa_env"], "portable");
     assert_eq!(info["active_isa"], "portable");
 }
+
+/// The rows of `compare --json` for `args`, at one thread and a 1 ms budget.
+fn compare_rows(args: &[&str]) -> Vec<Value> {
+    let mut all = vec!["compare", "--threads", "1", "--budget-ms", "1", "--json"];
+    all.extend_from_slice(args);
+    json_lines(&ok(&all))
+}
+
+/// Checks the rows of one backward pass: every algorithm listed once,
+/// Direct and Auto supported, each supported row timed and close to Direct,
+/// each refused one marked so with its numbers null.
+fn check_backward_rows(rows: &[Value], pass: &str, tolerance: f64) {
+    let names: Vec<&str> = rows
+        .iter()
+        .map(|r| r["algorithm"].as_str().unwrap())
+        .collect();
+    let mut expected: Vec<&str> = Algorithm::CONCRETE.iter().map(|a| a.name()).collect();
+    expected.push("auto");
+    assert_eq!(names, expected, "{rows:?}");
+    for row in rows {
+        assert_eq!(row["pass"], pass, "{row}");
+        assert_eq!(row["picked"], Value::Null, "{row}");
+        assert_eq!(row["planned"], false, "{row}");
+        if row["supported"] == true {
+            assert!(row["median_ms"].as_f64().unwrap() > 0.0, "{row}");
+            assert!(row["gflops"].as_f64().unwrap() > 0.0, "{row}");
+            assert!(row["peak_fraction"].as_f64().unwrap() > 0.0, "{row}");
+            let err = row["max_abs_err"].as_f64().unwrap();
+            assert!(err <= tolerance, "{row}");
+            assert_eq!(row["unsupported"], Value::Null, "{row}");
+        } else {
+            assert_eq!(row["supported"], false, "{row}");
+            assert_eq!(row["median_ms"], Value::Null, "{row}");
+            let why = row["unsupported"].as_str().unwrap();
+            assert!(why.contains(row["algorithm"].as_str().unwrap()), "{row}");
+        }
+    }
+    for always in ["direct", "im2col", "auto"] {
+        let row = rows.iter().find(|r| r["algorithm"] == always).unwrap();
+        assert_eq!(row["supported"], true, "{row}");
+    }
+    assert_eq!(rows[0]["max_abs_err"], 0.0, "{}", rows[0]);
+}
+
+#[test]
+fn compare_grad_input_and_grad_weight_on_the_seed_layer() {
+    // The seed's gradients are small integers: every algorithm gets them exactly.
+    for pass in ["grad-input", "grad-weight"] {
+        let rows = compare_rows(&["--pass", pass, "--layer", "seed"]);
+        check_backward_rows(&rows, pass, 0.0);
+        // The FLOPs of each backward pass are the forward's.
+        assert_eq!(rows[0]["flops"], 2 * 4 * 4, "{}", rows[0]);
+    }
+}
+
+#[test]
+fn compare_backward_passes_on_a_strided_grouped_shape() {
+    for pass in ["grad-input", "grad-weight"] {
+        let rows = compare_rows(&["--pass", pass, "--shape", "t=2,4,9,7:6,3x2,s2,p1,g2"]);
+        check_backward_rows(&rows, pass, 1e-4);
+        assert!(rows.iter().all(|r| r["layer"] == "t"));
+    }
+}
+
+#[test]
+fn compare_pass_all_runs_the_three_passes_side_by_side() {
+    let rows = compare_rows(&["--pass", "all", "--layer", "seed", "--algo", "auto"]);
+    let passes: Vec<&str> = rows.iter().map(|r| r["pass"].as_str().unwrap()).collect();
+    assert_eq!(passes, ["forward", "grad-input", "grad-weight"]);
+    // Only the forward knows Auto's pick.
+    assert!(rows[0]["picked"].is_string(), "{}", rows[0]);
+    assert_eq!(rows[0]["max_abs_err"], 0.0);
+    assert!(rows.iter().all(|r| r["supported"] == true), "{rows:?}");
+
+    let table = ok(&[
+        "compare",
+        "--pass",
+        "all",
+        "--layer",
+        "seed",
+        "--threads",
+        "1",
+        "--budget-ms",
+        "1",
+    ]);
+    assert!(table.contains("| pass "), "{table}");
+    assert!(table.contains("| grad-weight |"), "{table}");
+    assert!(table.contains("auto, GFLOP/s per pass"), "{table}");
+    // --plan plans the forward only.
+    let rows = compare_rows(&[
+        "--pass", "all", "--plan", "--layer", "seed", "--algo", "im2col",
+    ]);
+    let planned: Vec<bool> = rows
+        .iter()
+        .map(|r| r["planned"].as_bool().unwrap())
+        .collect();
+    assert_eq!(planned, [true, false, false], "{rows:?}");
+}
+
+#[test]
+fn compare_forward_is_still_the_default() {
+    let rows = compare_rows(&["--layer", "seed", "--algo", "direct"]);
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0]["pass"], "forward");
+    let table = ok(&[
+        "compare",
+        "--layer",
+        "seed",
+        "--algo",
+        "direct",
+        "--threads",
+        "1",
+        "--budget-ms",
+        "1",
+    ]);
+    assert!(!table.contains("| pass "), "{table}");
+}
+
+#[test]
+fn a_bad_pass_is_refused() {
+    let out = cpuconv(&["compare", "--pass", "backward", "--layer", "seed"]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("grad-input"), "{err}");
+    assert!(out.stdout.is_empty(), "{}", stdout(&out));
+    // A backward pass alone has no plan to time.
+    let out = cpuconv(&[
+        "compare",
+        "--pass",
+        "grad-weight",
+        "--plan",
+        "--layer",
+        "seed",
+    ]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("no plan"), "{err}");
+    assert!(out.stdout.is_empty(), "{}", stdout(&out));
+}
+
+#[test]
+fn compare_transpose_on_a_tiny_shape() {
+    let shape = "t=1,4,5,5:6,3x3,s2,p1,op1";
+    let rows = compare_rows(&["--pass", "transpose", "--shape", shape]);
+    let names: Vec<&str> = rows
+        .iter()
+        .map(|r| r["algorithm"].as_str().unwrap())
+        .collect();
+    let mut expected: Vec<&str> = Algorithm::CONCRETE.iter().map(|a| a.name()).collect();
+    expected.push("auto");
+    assert_eq!(names, expected, "{rows:?}");
+    for row in &rows {
+        assert_eq!(row["pass"], "transpose", "{row}");
+        assert_eq!(row["layer"], "t", "{row}");
+        // 2·N·C_in·H·W·C_out·R·S
+        assert_eq!(row["flops"], 2 * 4 * 5 * 5 * 6 * 3 * 3, "{row}");
+        if row["supported"] == true {
+            assert!(row["median_ms"].as_f64().unwrap() > 0.0, "{row}");
+            assert!(row["max_abs_err"].as_f64().unwrap() <= 1e-5, "{row}");
+        } else {
+            assert_eq!(row["median_ms"], Value::Null, "{row}");
+        }
+    }
+    for always in ["direct", "auto"] {
+        let row = rows.iter().find(|r| r["algorithm"] == always).unwrap();
+        assert_eq!(row["supported"], true, "{row}");
+    }
+    // Planned, as the onnxruntime script runs it.
+    let rows = compare_rows(&[
+        "--pass",
+        "transpose",
+        "--plan",
+        "--algo",
+        "auto",
+        "--shape",
+        shape,
+    ]);
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0]["planned"], true, "{}", rows[0]);
+    assert!(
+        rows[0]["max_abs_err"].as_f64().unwrap() <= 1e-5,
+        "{}",
+        rows[0]
+    );
+}
+
+#[test]
+fn transposed_layers_and_shapes_stay_with_their_passes() {
+    let out = cpuconv(&["compare", "--pass", "transpose", "--layer", "r50_3x3"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("gan_up_k4s2"), "{}", stderr(&out));
+    let out = cpuconv(&[
+        "compare",
+        "--pass",
+        "forward",
+        "--shape",
+        "1,4,5,5:6,3,s2,op1",
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("transposed"), "{}", stderr(&out));
+    let list = ok(&["compare", "--list"]);
+    for name in [
+        "gan_up_k4s2",
+        "unet_up_k2s2",
+        "fcn_up_k3s2",
+        "dcgan_b8",
+        "opO",
+    ] {
+        assert!(list.contains(name), "{name}: {list}");
+    }
+}
+
+#[test]
+fn compare_pass_all_adds_transpose_for_transposed_layers() {
+    let rows = compare_rows(&[
+        "--pass",
+        "all",
+        "--layer",
+        "seed",
+        "--layer",
+        "gan_up_k4s2",
+        "--algo",
+        "auto",
+    ]);
+    let passes: Vec<(&str, &str)> = rows
+        .iter()
+        .map(|r| (r["layer"].as_str().unwrap(), r["pass"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        passes,
+        [
+            ("seed", "forward"),
+            ("seed", "grad-input"),
+            ("seed", "grad-weight"),
+            ("gan_up_k4s2", "transpose"),
+        ]
+    );
+    assert!(
+        rows[3]["max_abs_err"].as_f64().unwrap() <= 1e-3,
+        "{}",
+        rows[3]
+    );
+}
