@@ -131,8 +131,9 @@ pub enum ConvError {
         /// Padding at both ends together.
         padding: usize,
     },
-    /// The algorithm asked for has no implementation for this pass (today
-    /// the backward passes have only `Direct`, which `Auto` resolves to).
+    /// The algorithm asked for has no implementation for this pass. Every
+    /// algorithm of this version implements every pass; the variant stays for
+    /// algorithms (or passes) to come, which may cover fewer.
     UnsupportedAlgorithm {
         /// The pass: `"grad_input"`, `"grad_weight"` or `"backward"`.
         pass: &'static str,
@@ -231,7 +232,7 @@ impl fmt::Display for ConvError {
             ),
             ConvError::UnsupportedAlgorithm { pass, algorithm } => write!(
                 f,
-                "the {pass} pass has no {algorithm} algorithm; it supports direct and auto"
+                "the {pass} pass has no {algorithm} algorithm"
             ),
         }
     }

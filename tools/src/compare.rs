@@ -453,7 +453,18 @@ fn conv_job<'a>(
         pass,
         flops: conv.flops(),
         out_len,
-        auto_pick: (pass == Pass::Forward).then(|| conv.auto_algorithm().name().to_string()),
+        auto_pick: Some(
+            match pass {
+                Pass::GradInput => match conv.auto_input_gradient_algorithm() {
+                    // Auto on the phases: each phase's own choice.
+                    Algorithm::Auto => "phases",
+                    a => a.name(),
+                },
+                Pass::GradWeight => conv.auto_weight_gradient_algorithm().name(),
+                _ => conv.auto_algorithm().name(),
+            }
+            .to_string(),
+        ),
         expected: seed.then_some(expected),
         run,
         plan,
