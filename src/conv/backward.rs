@@ -12,6 +12,7 @@
 //! sum. [`BackwardOptions::algorithm`] says which runs.
 
 use super::phases::{self, TransposedGeometry};
+use super::transposed_gemm;
 use super::{backward_gemm, direct, direct_simd, grad_weight};
 use super::{check_lengths, Algorithm, Conv2d, ForwardOptions};
 use crate::error::ConvError;
@@ -174,35 +175,22 @@ pub struct Grads<'a> {
 
 impl Conv2d {
     /// The algorithm [`Algorithm::Auto`] runs for [`Conv2d::backward_input`]:
-    ///
-    /// * the sub-pixel phases (each phase a stride-1 convolution with its
-    ///   own `Auto` choice: `DirectSimd` for depthwise and small groups,
-    ///   `Implicit` otherwise), reported as `Auto`, when a group has at most
-    ///   16 input and output channels, or when the batch's output pixels
-    ///   `N·OH·OW` are at least the output channels per group `K/g`;
-    /// * [`Algorithm::Im2col`] otherwise: when a group has fewer than 16
-    ///   input channels (the phases' GEMMs would have fewer rows than the
-    ///   micro-kernel's tile), or few output pixels per output channel.
-    ///
-    /// Why the pixels: the phases gather the transposed weights once per
-    /// call (`K·C·R·S` floats, one per `2·N·OH·OW` FLOPs), while `Im2col`
-    /// reads them in place and pays for its `col2im` instead (one add per
-    /// `2·K/g` FLOPs). Measured (Zen 5, AVX-512, 1 thread, GFLOP/s, phases
-    /// vs Im2col, forward plan in brackets): r50_3x3 215 vs 133 [222],
-    /// r50_1x1 236 vs 134 [250], dilated 220 vs 140 [225], batch16 195 vs
-    /// 129 [197], r50_3x3_s2 166 vs 169 [203]; r50_deep (49 pixels, 512
-    /// channels) 73 vs 138 [213], r50_last1x1 (49, 2048) 95 vs 145 [254];
-    /// the 3-channel stem r50_conv1 43 vs 116 [208].
+    /// [`Algorithm::Direct`] below 4 kFLOP; [`Algorithm::Im2col`] (GEMM +
+    /// col2im) where it beats the sub-pixel phases (a group with fewer than
+    /// 16 input channels, or an output plane with fewer pixels than a group
+    /// has output channels; see `transposed_gemm.rs` for the measurements);
+    /// otherwise the phases, each with its own `Auto` choice (`DirectSimd`
+    /// for depthwise and small groups, `Implicit` otherwise), reported as
+    /// `Auto`.
     pub fn auto_input_gradient_algorithm(&self) -> Algorithm {
-        let g = self.geometry();
-        let (cg, kg) = (g.channels_per_group(), g.out_channels_per_group());
-        let pixels = g.batch.saturating_mul(g.out_plane());
-        if g.flops() < 4 * 1024 {
+        if self.geometry().flops() < 4 * 1024 {
             Algorithm::Direct
-        } else if (cg <= 16 && kg <= 16) || (cg >= 16 && pixels >= kg) {
-            Algorithm::Auto
-        } else {
+        } else if transposed_gemm::gemm_col2im_wins(&TransposedGeometry::grad_input_of(
+            self.geometry(),
+        )) {
             Algorithm::Im2col
+        } else {
+            Algorithm::Auto
         }
     }
 
@@ -260,9 +248,14 @@ impl Conv2d {
                 direct::conv2d_backward_input_direct(g, weight, grad_output, grad_input);
                 Ok(())
             }
-            Algorithm::Im2col => {
-                backward_gemm::backward_input_im2col(g, weight, grad_output, grad_input, options)
-            }
+            Algorithm::Im2col => transposed_gemm::transposed_gemm_raw(
+                &TransposedGeometry::grad_input_of(g),
+                grad_output,
+                weight,
+                None,
+                grad_input,
+                &options.phase_options(Algorithm::Im2col),
+            ),
             phase_algorithm => {
                 let tg = TransposedGeometry::grad_input_of(g);
                 let forward = options.phase_options(phase_algorithm);

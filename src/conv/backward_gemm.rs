@@ -5,8 +5,10 @@
 //!
 //! ```text
 //! grad weight   dW_g (K/g × C/g·R·S) = Σ_n dY_{n,g} (K/g × OH·OW) · col(X_{n,g})ᵀ
-//! grad input    dX_{n,g} = col2im(W_gᵀ (C/g·R·S × K/g) · dY_{n,g})
 //! ```
+//!
+//! (The input gradient's `Im2col`, `col2im(W_gᵀ·dY)`, is the transposed
+//! convolution's GEMM + col2im in `transposed_gemm.rs`.)
 //!
 //! Row `(c·R + r)·S + s` of the column matrix holds what weight tap
 //! `(c, r, s)` multiplies (in both modes: `im2col.rs` mirrors the window for
@@ -14,7 +16,7 @@
 //! `Wᵀ · dY` already in column layout: no flips here.
 
 use super::gemm_lowering::column_matrix;
-use super::im2col::{col2im_group, im2col_group};
+use super::im2col::im2col_group;
 use super::BackwardOptions;
 use crate::error::ConvError;
 use crate::gemm::engine::{gemm_with_epilogue, ASource, Epilogue, StridedC, StridedMatrix};
@@ -112,96 +114,6 @@ pub(crate) fn backward_weight_im2col(
                     None,
                 )
             };
-        }
-    }
-    Ok(())
-}
-
-/// `grad_input` (overwritten) from `weight` and `grad_output`; lengths
-/// checked by the caller.
-///
-/// # Errors
-/// [`ConvError::OutOfMemory`] when the column matrix cannot be allocated.
-pub(crate) fn backward_input_im2col(
-    g: &ConvGeometry,
-    weight: &[f32],
-    grad_output: &[f32],
-    grad_input: &mut [f32],
-    options: &BackwardOptions,
-) -> Result<(), ConvError> {
-    let (cg, kg, kk, plane) = (
-        g.channels_per_group(),
-        g.out_channels_per_group(),
-        g.gemm_k(),
-        g.out_plane(),
-    );
-    // An unpadded stride-1 1×1 convolution's column matrix is its input,
-    // so col2im is the identity: the GEMM writes the gradient in place.
-    let in_place = g.is_pointwise_identity();
-    // Allocated before anything is written, so that running out of memory
-    // leaves `grad_input` as it was.
-    let mut col = Vec::new();
-    if !in_place {
-        column_matrix(&mut col, kk * plane)?;
-    }
-    // col2im adds into the image, and pixels no window reads get nothing.
-    grad_input.fill(0.0);
-    if g.batch == 0 || plane == 0 {
-        return Ok(());
-    }
-    let gemm_opts = gemm_options(options);
-    for n in 0..g.batch {
-        for grp in 0..g.groups {
-            let w = &weight[grp * kg * kk..][..kg * kk];
-            // W_gᵀ: the kg × kk weight block read as kk × kg.
-            let a = ASource::Strided(
-                StridedMatrix {
-                    ptr: w.as_ptr(),
-                    rs: kk as isize,
-                    cs: 1,
-                }
-                .t(),
-            );
-            let dy = &grad_output[(n * g.out_channels + grp * kg) * plane..][..kg * plane];
-            let b = StridedMatrix {
-                ptr: dy.as_ptr(),
-                rs: plane as isize,
-                cs: 1,
-            };
-            let dx = &mut grad_input[(n * g.in_channels + grp * cg) * g.in_plane()..]
-                [..cg * g.in_plane()];
-            let c = StridedC {
-                ptr: if in_place {
-                    dx.as_mut_ptr()
-                } else {
-                    col.as_mut_ptr()
-                },
-                rs: plane as isize,
-                cs: 1,
-            };
-            // SAFETY: A is the kk × kg transpose of the group's weight block,
-            // B the image-group's kg × plane block of `grad_output`, C the
-            // kk × plane column matrix `col` holds (exclusively ours), or in
-            // place the image-group's cg = kk planes of plane = H·W pixels of
-            // `grad_input`, exclusively borrowed; β = 0, so C is only written.
-            unsafe {
-                gemm_with_epilogue(
-                    kk,
-                    kg,
-                    plane,
-                    1.0,
-                    &a,
-                    &b,
-                    0.0,
-                    c,
-                    &Epilogue::NONE,
-                    &gemm_opts,
-                    None,
-                )
-            };
-            if !in_place {
-                col2im_group(g, &col, dx);
-            }
         }
     }
     Ok(())

@@ -311,47 +311,11 @@ pub(crate) fn im2col_group(g: &ConvGeometry, image: &[f32], col: &mut [f32]) {
     );
 }
 
-/// The adjoint of [`im2col_group`]: adds every element of `col`
-/// (`[C/g·R·S] × [OH·OW]`, row-major) into the pixel of `image`
-/// (`[C/g, H, W]`) it was read from, skipping the padding positions, which
-/// read no pixel. Grad input is `col2im(Wᵀ · dY)`, so each pixel collects one
-/// term per (tap, output) pair that read it, as in the forward.
-///
-/// The index arithmetic is [`im2col_row`]'s (`window_offset`, `valid_range`
-/// for the columns, the bounds check for the rows), so the two stay exact
-/// adjoints: `⟨im2col(x), c⟩ = ⟨x, col2im(c)⟩`. It adds rather than stores,
-/// because the taps of a window overlap wherever the stride is smaller than
-/// the (dilated) kernel.
-pub(crate) fn col2im_group(g: &ConvGeometry, col: &[f32], image: &mut [f32]) {
-    let n = g.out_plane();
-    let mut tap = ColumnTap::of_row(g, 0);
-    for row in col.chunks_exact(n.max(1)).take(g.gemm_k()) {
-        let (dy, dx) = window_offset(g, tap.r, tap.s);
-        let channel = &mut image[tap.c * g.in_plane()..][..g.in_plane()];
-        let (lo, hi) = valid_range(g.out_w, g.stride_w, dx, g.in_w);
-        if lo < hi {
-            for (oh, seg) in row.chunks_exact(g.out_w).enumerate() {
-                let ih = (oh * g.stride_h) as isize + dy;
-                if ih < 0 || ih >= g.in_h as isize {
-                    continue;
-                }
-                let dst = &mut channel[ih as usize * g.in_w..][..g.in_w];
-                let iw0 = ((lo * g.stride_w) as isize + dx) as usize;
-                for (&v, x) in seg[lo..hi]
-                    .iter()
-                    .zip(dst[iw0..].iter_mut().step_by(g.stride_w))
-                {
-                    *x += v;
-                }
-            }
-        }
-        tap = tap.next(g);
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use super::{col2im_group, im2col_group, im2col_row, im2col_rows, valid_range, ColumnTap};
+    use super::{im2col_group, im2col_row, im2col_rows, valid_range, ColumnTap};
+    use crate::conv::phases::TransposedGeometry;
+    use crate::conv::transposed_gemm::col2im;
     use crate::geometry::ConvGeometry;
     use crate::{Conv2dParams, ConvMode, Padding};
 
@@ -527,14 +491,18 @@ mod tests {
                                 let mut col = vec![f32::NAN; len];
                                 im2col_group(&g, &x, &mut col);
                                 let mut back = vec![0.0f32; g.input_len()];
-                                col2im_group(&g, &c, &mut back);
+                                col2im(&TransposedGeometry::grad_input_of(&g), &c, &mut back);
                                 let lhs: f32 = col.iter().zip(&c).map(|(a, b)| a * b).sum();
                                 let rhs: f32 = x.iter().zip(&back).map(|(a, b)| a * b).sum();
                                 assert_eq!(lhs, rhs, "{p:?}");
                                 // Untouched pixels keep their value: each
                                 // pixel's sum is over the elements that read it.
                                 let mut marked = vec![0.5f32; g.input_len()];
-                                col2im_group(&g, &vec![1.0; len], &mut marked);
+                                col2im(
+                                    &TransposedGeometry::grad_input_of(&g),
+                                    &vec![1.0; len],
+                                    &mut marked,
+                                );
                                 for (i, &m) in marked.iter().enumerate() {
                                     let reads = (0..g.gemm_k())
                                         .flat_map(|kk| (0..g.out_plane()).map(move |j| (kk, j)))

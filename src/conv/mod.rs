@@ -12,6 +12,7 @@ pub(crate) mod implicit;
 pub(crate) mod phases;
 pub mod plan;
 pub mod transpose;
+pub(crate) mod transposed_gemm;
 
 pub use backward::{BackwardOptions, Grads};
 pub use plan::{Conv2dPlan, Workspace};

@@ -1,0 +1,318 @@
+//! Transposed convolution as GEMM + col2im: per image and group,
+//!
+//! ```text
+//! col (C_out/g·R·S × H·W) = W_gᵀ (C_out/g·R·S × C_in/g) · x_{n,g} (C_in/g × H·W)
+//! y_{n,g} = act(bias + col2im(col))
+//! ```
+//!
+//! The input is B as it lies (row-major planes, never packed), and `W_gᵀ`
+//! can be packed once in a plan; the price is the column matrix of one image
+//! group and `col2im`'s one add per `2·C_in/g` FLOPs. Where the input planes
+//! are small and the input channels many (a GAN's or a decoder's first
+//! upsampling layers), that beats the sub-pixel phases of `phases.rs`, whose
+//! stride-1 convolutions then run on planes too small for the implicit
+//! GEMM's packing to pay; `ConvTranspose2d`'s `Auto` and the input
+//! gradient's pick between them.
+
+use super::gemm_lowering::column_matrix;
+use super::phases::{TransposedAxis, TransposedGeometry};
+use super::ForwardOptions;
+use crate::error::ConvError;
+use crate::gemm::engine::select_kernel;
+use crate::gemm::engine::{
+    gemm_with_epilogue, ASource, Epilogue, PackedA, StridedC, StridedMatrix,
+};
+use crate::gemm::{Activation, GemmBackend};
+
+/// `W_gᵀ` of every group: either read through the weight tensor as it lies
+/// (`[C_in, C_out/g, R, S]`: group `g`'s block, column-major as
+/// `C_out/g·R·S × C_in/g`), or packed for the selected kernel.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum TransposedWeights<'a> {
+    Raw(&'a [f32]),
+    /// Per group, [`PackedA`] panels of `C_out/g·R·S × C_in/g` for a kernel
+    /// with `mr` rows, groups one after another.
+    Packed {
+        data: &'a [f32],
+        mr: usize,
+    },
+}
+
+impl TransposedWeights<'_> {
+    fn group(&self, tg: &TransposedGeometry, grp: usize) -> ASource<'_, f32> {
+        let (rows, depth) = (gemm_rows(tg), tg.in_per_group());
+        match *self {
+            TransposedWeights::Raw(w) => ASource::Strided(StridedMatrix {
+                ptr: w[grp * depth * rows..][..depth * rows].as_ptr(),
+                rs: 1,
+                cs: rows as isize,
+            }),
+            TransposedWeights::Packed { data, mr } => {
+                let len = PackedA::<f32>::packed_len(rows, depth, mr);
+                ASource::Packed(PackedA::from_panels(
+                    &data[grp * len..][..len],
+                    rows,
+                    depth,
+                    mr,
+                ))
+            }
+        }
+    }
+}
+
+/// Whether GEMM + col2im beats the sub-pixel phases for `tg` (small groups,
+/// at most 16 channels per group in and out, go to the phases and their
+/// SIMD direct kernels either way): when a group has fewer than 16 output
+/// channels (each phase's GEMM would have fewer rows than the micro-kernel's
+/// tile), or when an input plane has fewer pixels than a group has input
+/// channels (each phase's GEMM would have too few columns to repay packing
+/// them, and the weights, gathered per call, outweigh the pixels). Measured
+/// (Zen 5, AVX-512, 1 thread, GFLOP/s, phases vs GEMM + col2im), transposed
+/// plans: dcgan_b8 (8² planes, 256 channels) 154 vs 180, gan_up_k4s2 (16²,
+/// 128) 163 vs 156, unet_up_k2s2 215 vs 188, fcn_up_k3s2 155 vs 112; input
+/// gradients: r50_deep (7², 512) 45 vs 117, r50_last1x1 (7², 2048) 70 vs
+/// 132, the 3-channel stem r50_conv1 40 vs 95, r50_3x3_s2 (28², 128) 167
+/// vs 142, r50_3x3 201 vs 167.
+pub(crate) fn gemm_col2im_wins(tg: &TransposedGeometry) -> bool {
+    let (cout_g, cin_g) = (tg.out_per_group(), tg.in_per_group());
+    let small_groups = cout_g <= 16 && cin_g <= 16;
+    !small_groups && (cout_g < 16 || tg.h.input * tg.w.input < cin_g)
+}
+
+/// Rows of each group's GEMM: `C_out/g·R·S`.
+pub(crate) fn gemm_rows(tg: &TransposedGeometry) -> usize {
+    tg.out_per_group() * tg.h.kernel * tg.w.kernel
+}
+
+/// `W_gᵀ` of every group packed for a kernel with `mr` rows (a plan's
+/// weights), into memory asked for fallibly.
+pub(crate) fn pack_weights(
+    tg: &TransposedGeometry,
+    weight: &[f32],
+    mr: usize,
+) -> Result<Vec<f32>, ConvError> {
+    let (rows, depth) = (gemm_rows(tg), tg.in_per_group());
+    let len = PackedA::<f32>::packed_len(rows, depth, mr);
+    let mut packed = super::try_with_capacity("plan weights", len * tg.groups)?;
+    packed.resize(len * tg.groups, 0.0);
+    let mut transposed = super::try_with_capacity("plan weights", rows * depth)?;
+    transposed.resize(rows * depth, 0.0);
+    for (grp, dst) in packed.chunks_exact_mut(len).enumerate() {
+        let block = &weight[grp * depth * rows..][..depth * rows];
+        for (k, row) in block.chunks_exact(rows).enumerate() {
+            for (m, &v) in row.iter().enumerate() {
+                transposed[m * depth + k] = v;
+            }
+        }
+        PackedA::pack(&transposed, rows, depth, mr, dst);
+    }
+    Ok(packed)
+}
+
+/// Adds the column matrix of one image group (`col`, `C_out/g·R·S × H·W`,
+/// row `(c·R + r)·S + s` holding what weight tap `(r, s)` of output channel
+/// `c` contributes at each input pixel) into that group's output planes
+/// (`image`, `[C_out/g, H_out, W_out]`): input pixel `(i, j)` reaches output
+/// `(i·σ_h + u·d_h − p_h, j·σ_w + v·d_w − p_w)` through window offset
+/// `(u, v)`, the offset `mode` pairs with tap `(r, s)`; outputs beyond the
+/// edges are dropped.
+pub(crate) fn col2im(tg: &TransposedGeometry, col: &[f32], image: &mut [f32]) {
+    let (h, w) = (&tg.h, &tg.w);
+    let plane = h.input * w.input;
+    let out_plane = h.output * w.output;
+    let taps = h.kernel * w.kernel;
+    for (m, row) in col.chunks_exact(plane).enumerate() {
+        let (c, tap) = (m / taps, m % taps);
+        // The weight tap and its window offset map to each other both ways.
+        let (u, v) = tg.weight_tap(tap / w.kernel, tap % w.kernel);
+        let dst = &mut image[c * out_plane..][..out_plane];
+        let col_shift = (v * w.dilation) as isize - w.offset;
+        // Input columns whose output column is inside: j·σ_w + col_shift in 0..W_out.
+        let (j_lo, j_hi) = super::im2col::valid_range(w.input, w.stride, col_shift, w.output);
+        if j_lo == j_hi {
+            continue;
+        }
+        for (i, src) in row.chunks_exact(w.input).enumerate() {
+            let o = (i * h.stride + u * h.dilation) as isize - h.offset;
+            if o < 0 || o >= h.output as isize {
+                continue;
+            }
+            let out_row = &mut dst[o as usize * w.output..][..w.output];
+            let first = ((j_lo * w.stride) as isize + col_shift) as usize;
+            let src = &src[j_lo..j_hi];
+            match w.stride {
+                1 => {
+                    for (x, &v) in out_row[first..][..src.len()].iter_mut().zip(src) {
+                        *x += v;
+                    }
+                }
+                sw => {
+                    for (x, &v) in out_row[first..].iter_mut().step_by(sw).zip(src) {
+                        *x += v;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Runs `tg` as GEMM + col2im on `input` into `output` (every element
+/// written), with bias and activation; threads inside each GEMM. Lengths
+/// are checked by the caller.
+///
+/// # Errors
+/// [`ConvError::OutOfMemory`] when the column matrix of one image group
+/// cannot be allocated (before anything is written).
+pub(crate) fn transposed_gemm(
+    tg: &TransposedGeometry,
+    input: &[f32],
+    weights: TransposedWeights<'_>,
+    bias: Option<&[f32]>,
+    output: &mut [f32],
+    options: &ForwardOptions,
+) -> Result<(), ConvError> {
+    let (rows, depth) = (gemm_rows(tg), tg.in_per_group());
+    let plane = tg.h.input * tg.w.input;
+    let out_plane = tg.h.output * tg.w.output;
+    let cout_g = tg.out_per_group();
+    // A 1×1 kernel at stride 1 with no offset and the output as large as
+    // the input: col2im is the identity, so the GEMM writes the output in
+    // place, with bias and activation in its store.
+    let identity =
+        |a: &TransposedAxis| a.kernel == 1 && a.stride == 1 && a.offset == 0 && a.output == a.input;
+    let in_place = identity(&tg.h) && identity(&tg.w);
+    let mut col = Vec::new();
+    if !in_place {
+        column_matrix(&mut col, rows * plane)?;
+    }
+    let gemm_opts = options.gemm_options(options.parallelism);
+    for (n, image) in output
+        .chunks_exact_mut(tg.out_channels * out_plane)
+        .enumerate()
+    {
+        if in_place {
+            for grp in 0..tg.groups {
+                let x = &input[(n * tg.in_channels + grp * depth) * plane..][..depth * plane];
+                let y = &mut image[grp * cout_g * out_plane..][..cout_g * out_plane];
+                let b = StridedMatrix {
+                    ptr: x.as_ptr(),
+                    rs: plane as isize,
+                    cs: 1,
+                };
+                let c = StridedC {
+                    ptr: y.as_mut_ptr(),
+                    rs: out_plane as isize,
+                    cs: 1,
+                };
+                let epilogue = Epilogue {
+                    bias: bias.map_or(std::ptr::null(), |b| b[grp * cout_g..].as_ptr()),
+                    clamp: options.activation.bounds(),
+                };
+                // SAFETY: A is the group's C_out/g × C_in/g transposed weight
+                // block, B its C_in/g input planes, C its C_out/g output
+                // planes of the same H·W pixels (exclusively borrowed); the
+                // bias has C_out/g values from the group's first; β = 0.
+                unsafe {
+                    gemm_with_epilogue(
+                        rows,
+                        depth,
+                        plane,
+                        1.0,
+                        &weights.group(tg, grp),
+                        &b,
+                        0.0,
+                        c,
+                        &epilogue,
+                        &gemm_opts,
+                        None,
+                    )
+                };
+            }
+            continue;
+        }
+        for (c, y) in image.chunks_exact_mut(out_plane).enumerate() {
+            y.fill(bias.map_or(0.0, |b| b[c]));
+        }
+        for grp in 0..tg.groups {
+            let x = &input[(n * tg.in_channels + grp * depth) * plane..][..depth * plane];
+            let b = StridedMatrix {
+                ptr: x.as_ptr(),
+                rs: plane as isize,
+                cs: 1,
+            };
+            let c = StridedC {
+                ptr: col.as_mut_ptr(),
+                rs: plane as isize,
+                cs: 1,
+            };
+            // SAFETY: A is the group's C_out/g·R·S × C_in/g transposed weight
+            // block (raw or packed for the selected kernel), B the group's
+            // C_in/g input planes of H·W floats, C the column matrix `col`
+            // holds (rows × plane, exclusively ours); β = 0, so C is only
+            // written.
+            unsafe {
+                gemm_with_epilogue(
+                    rows,
+                    depth,
+                    plane,
+                    1.0,
+                    &weights.group(tg, grp),
+                    &b,
+                    0.0,
+                    c,
+                    &Epilogue::NONE,
+                    &gemm_opts,
+                    None,
+                )
+            };
+            col2im(
+                tg,
+                &col,
+                &mut image[grp * cout_g * out_plane..][..cout_g * out_plane],
+            );
+        }
+        if options.activation != Activation::None {
+            for y in image.iter_mut() {
+                *y = options.activation.apply(*y);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// [`transposed_gemm`] with raw weights, packed first when more than one
+/// image will use them (the native engine packs a raw A again in every
+/// GEMM, one per image and group).
+///
+/// # Errors
+/// As [`transposed_gemm`], and [`ConvError::OutOfMemory`] for the packed
+/// weights.
+pub(crate) fn transposed_gemm_raw(
+    tg: &TransposedGeometry,
+    input: &[f32],
+    weight: &[f32],
+    bias: Option<&[f32]>,
+    output: &mut [f32],
+    options: &ForwardOptions,
+) -> Result<(), ConvError> {
+    if tg.batch == 1 || options.backend != GemmBackend::Native {
+        return transposed_gemm(
+            tg,
+            input,
+            TransposedWeights::Raw(weight),
+            bias,
+            output,
+            options,
+        );
+    }
+    let isa = crate::arch::clamp_isa(options.isa.unwrap_or_else(crate::isa));
+    let plane = tg.h.input * tg.w.input;
+    let mr = select_kernel(Some(isa), gemm_rows(tg), plane, true, options.blocking).mr;
+    let packed = pack_weights(tg, weight, mr)?;
+    let options = ForwardOptions {
+        isa: Some(isa),
+        ..*options
+    };
+    let weights = TransposedWeights::Packed { data: &packed, mr };
+    transposed_gemm(tg, input, weights, bias, output, &options)
+}
