@@ -1,7 +1,9 @@
 //! AVX-512F operations of the SIMD direct convolution: 16 lanes, masked
 //! loads and merge-masked FMAs for the edge vectors.
 
-use super::backward::{run_weight_job, weight_three, weight_tile, GradWeight, WeightJob};
+use super::backward::{
+    run_weight_job, weight_flat, weight_three, weight_tile, FlatPlan, GradWeight, WeightJob,
+};
 use super::{run_general, run_job, run_three, Job, Simd};
 use core::arch::x86_64::*;
 
@@ -72,6 +74,11 @@ impl Simd for Avx512 {
     fn mask(self, lo: usize, hi: usize) -> __mmask16 {
         let below = |n: usize| ((1u32 << n) - 1) as u16;
         below(hi) & !below(lo)
+    }
+
+    #[inline(always)]
+    fn mask_bits(self, bits: u32) -> __mmask16 {
+        bits as u16
     }
 
     #[inline(always)]
@@ -239,6 +246,18 @@ impl GradWeight for Avx512 {
         let s = Avx512 { _private: () };
         // SAFETY: forwarded contract.
         unsafe { weight_three::<Self, RB, SW, SH>(s, job, out) }
+    }
+
+    #[target_feature(enable = "avx512f,fma")]
+    unsafe fn weight_flat<const KB: usize, const TB: usize>(
+        job: &WeightJob<'_>,
+        flat: &FlatPlan,
+        out: &mut [f32],
+    ) {
+        // The token is sound: as `weight_tile`.
+        let s = Avx512 { _private: () };
+        // SAFETY: forwarded contract.
+        unsafe { weight_flat::<Self, KB, TB>(s, job, flat, out) }
     }
 }
 

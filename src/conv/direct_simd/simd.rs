@@ -40,6 +40,10 @@ pub(super) trait Simd: Copy {
         out: &mut [f32],
     );
 
+    /// The lanes `j` whose bit `j` of `bits` is set (bits past the lane
+    /// count are ignored), for the merge-masked FMA.
+    fn mask_bits(self, bits: u32) -> Self::M;
+
     /// All zeros.
     fn zero(self) -> Self::V;
     /// `x` in every lane.

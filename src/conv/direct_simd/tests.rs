@@ -447,7 +447,8 @@ mod checked {
     impl<const L: usize> Simd for Checked<L> {
         const LANES: usize = L;
         type V = [f32; L];
-        type M = (usize, usize);
+        /// Bit `j`: lane `j` is in the mask.
+        type M = u64;
 
         unsafe fn general<const KB: usize, const RB: usize, const SW: usize>(
             job: &Job<'_>,
@@ -473,24 +474,22 @@ mod checked {
             [x; L]
         }
 
-        fn mask(self, lo: usize, hi: usize) -> (usize, usize) {
-            assert!(lo <= hi && hi <= L, "mask {lo}..{hi}");
-            (lo, hi)
+        fn mask(self, lo: usize, hi: usize) -> u64 {
+            assert!(lo <= hi && hi <= L && L < 64, "mask {lo}..{hi}");
+            ((1u64 << hi) - 1) & !((1u64 << lo) - 1)
+        }
+
+        fn mask_bits(self, bits: u32) -> u64 {
+            u64::from(bits) & ((1u64 << L) - 1)
         }
 
         fn fma(self, a: [f32; L], b: [f32; L], c: [f32; L]) -> [f32; L] {
             core::array::from_fn(|j| a[j] * b[j] + c[j])
         }
 
-        fn fma_masked(
-            self,
-            a: [f32; L],
-            b: [f32; L],
-            c: [f32; L],
-            (lo, hi): (usize, usize),
-        ) -> [f32; L] {
+        fn fma_masked(self, a: [f32; L], b: [f32; L], c: [f32; L], m: u64) -> [f32; L] {
             core::array::from_fn(|j| {
-                if (lo..hi).contains(&j) {
+                if m & (1 << j) != 0 {
                     a[j] * b[j] + c[j]
                 } else {
                     c[j]
@@ -522,20 +521,16 @@ mod checked {
             core::array::from_fn(|j| read(p.wrapping_add(stride * j)))
         }
 
-        unsafe fn load_masked(
-            self,
-            p: *const f32,
-            stride: usize,
-            (lo, hi): (usize, usize),
-        ) -> [f32; L] {
-            if stride == 2 && lo < hi {
+        unsafe fn load_masked(self, p: *const f32, stride: usize, m: u64) -> [f32; L] {
+            let (lo, hi) = (m.trailing_zeros() as usize, 64 - m.leading_zeros() as usize);
+            if stride == 2 && m != 0 {
                 // The SIMD versions read the run between the first and last lane.
                 for j in 2 * lo..2 * hi - 1 {
                     check(p.wrapping_add(j), false);
                 }
             }
             core::array::from_fn(|j| {
-                if (lo..hi).contains(&j) {
+                if m & (1 << j) != 0 {
                     read(p.wrapping_add(stride * j))
                 } else {
                     0.0
