@@ -251,6 +251,12 @@ pub(super) unsafe fn run(job: &Job<'_>, out: &mut [f32]) {
 /// one input vector.
 pub(super) const WEIGHT_TAPS: [usize; 3] = [9, 5, 2];
 
+/// Grad weight: only output rows narrower than two vectors take the
+/// flattened sweep: its masked FMAs cost a blend each here, and on the
+/// 4-channel groups of 128×28² (rows of 3.5 vectors) it ran at 31 GFLOP/s
+/// against the row sweep's 39.
+pub(super) const WEIGHT_FLAT_BELOW: usize = 16;
+
 impl GradWeight for Avx2 {
     #[target_feature(enable = "avx2,fma")]
     unsafe fn weight_tile<const KB: usize, const TB: usize, const SW: usize>(

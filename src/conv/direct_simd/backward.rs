@@ -68,9 +68,6 @@ use crate::geometry::ConvGeometry;
 use crate::testing::record_direct_simd_jobs;
 use std::ops::Range;
 
-/// Most lanes of any ISA's vector (the reduction buffer's size).
-const MAX_LANES: usize = 16;
-
 /// `grad_weight = ∂L/∂weight` (summed over the batch) for `grad_output`,
 /// what [`conv2d_backward_weight_direct`](super::super::direct::conv2d_backward_weight_direct)
 /// computes up to the order of the additions, for any geometry; fast for
@@ -116,7 +113,7 @@ pub(crate) fn backward_weight(
     let kernel = WeightKernel::for_isa(isa);
     let geo = Geo::new(g, Activation::None);
     let cols = ColPlan::new(&geo, kernel.lanes)?;
-    let flat = FlatPlan::new(&geo, kernel.lanes)?;
+    let flat = FlatPlan::new(&geo, kernel.lanes, kernel.flat_below)?;
     let pass = Pass {
         geo: &geo,
         cols: &cols,
@@ -139,6 +136,9 @@ struct WeightKernel {
     isa: Isa,
     /// Most taps per tile of 1, 2 and 4 output channels.
     taps: [usize; 3],
+    /// Output rows narrower than this take the flattened sweep (when it
+    /// applies, see [`FlatPlan`]).
+    flat_below: usize,
     run: RunWeight,
 }
 
@@ -149,22 +149,25 @@ impl WeightKernel {
     /// The kernel of `isa`, clamped to what the CPU supports.
     fn for_isa(isa: Isa) -> WeightKernel {
         let isa = clamp_isa(isa);
-        let (lanes, taps, run): (usize, [usize; 3], RunWeight) = match isa {
+        let (lanes, taps, flat_below, run): (usize, [usize; 3], usize, RunWeight) = match isa {
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512 => (
                 super::avx512::Avx512::LANES,
                 super::avx512::WEIGHT_TAPS,
+                super::avx512::WEIGHT_FLAT_BELOW,
                 super::avx512::run_weight,
             ),
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 => (
                 super::avx2::Avx2::LANES,
                 super::avx2::WEIGHT_TAPS,
+                super::avx2::WEIGHT_FLAT_BELOW,
                 super::avx2::run_weight,
             ),
             _ => (
                 super::portable::Portable::LANES,
                 super::portable::WEIGHT_TAPS,
+                super::portable::WEIGHT_FLAT_BELOW,
                 super::portable::run_weight,
             ),
         };
@@ -172,6 +175,7 @@ impl WeightKernel {
             lanes,
             isa,
             taps,
+            flat_below,
             run,
         }
     }
@@ -529,34 +533,34 @@ pub(super) unsafe fn weight_tile<S: Simd, const KB: usize, const TB: usize, cons
             }
         }
     }
+    write_sums(s, job, acc, taps.count, out);
+}
+
+/// Reduces each accumulator of a tile (`acc[kk][t]`: output channel
+/// `k0 + kk`, the job's tap `t < count`) across its lanes and writes (or
+/// adds, with `accumulate`) the sums to their weights in `out`.
+#[inline(always)]
+fn write_sums<S: Simd, const KB: usize, const TB: usize>(
+    s: S,
+    job: &WeightJob<'_>,
+    acc: [[S::V; TB]; KB],
+    count: usize,
+    out: &mut [f32],
+) {
+    let geo = job.geo;
     let per_k = geo.taps();
     let rs = geo.r_len * geo.s_len;
-    for (kk, acc) in acc.iter().enumerate() {
-        for (t, &v) in acc.iter().enumerate().take(taps.count) {
-            let sum = reduce(s, v);
+    let count = count.min(TB);
+    for (kk, acc) in acc.into_iter().enumerate() {
+        let mut sums = [0.0f32; TB];
+        s.reduce_lanes(&acc[..count], &mut sums[..count]);
+        for (t, &sum) in sums.iter().enumerate().take(count) {
             let tap = job.taps.start + t;
             let (wr, ws) = geo.weight_tap(tap / geo.s_len, tap % geo.s_len);
             let dst = &mut out[kk * per_k + job.c * rs + wr * geo.s_len + ws];
             *dst = if job.accumulate { *dst + sum } else { sum };
         }
     }
-}
-
-/// The sum of `v`'s lanes, pairwise in a fixed order: lane `j` plus lane
-/// `j + L/2`, then again on the first half, down to one.
-#[inline(always)]
-fn reduce<S: Simd>(s: S, v: S::V) -> f32 {
-    let mut lanes = [0.0f32; MAX_LANES];
-    let mut width = S::LANES.min(MAX_LANES);
-    // SAFETY: writes `width ≤ MAX_LANES` floats into a local array.
-    unsafe { s.store(lanes.as_mut_ptr(), v, width) };
-    while width > 1 {
-        width /= 2;
-        for j in 0..width {
-            lanes[j] += lanes[j + width];
-        }
-    }
-    lanes[0]
 }
 
 /// One output row of one image, as [`sweep_row`] reads it.
@@ -755,9 +759,12 @@ pub(super) unsafe fn weight_three<S: Simd, const RB: usize, const SW: usize, con
         }
     }
     let rs = geo.r_len * geo.s_len;
-    for (r, acc) in acc.iter().enumerate() {
-        for (c, &v) in acc.iter().enumerate() {
-            let sum = reduce(s, v);
+    let flat: [S::V; 9] = core::array::from_fn(|i| acc[i / 3][i % 3]);
+    let mut sums = [0.0f32; 9];
+    s.reduce_lanes(&flat, &mut sums);
+    for r in 0..3 {
+        for c in 0..3 {
+            let sum = sums[r * 3 + c];
             let (wr, ws) = geo.weight_tap(r, c);
             let dst = &mut out[job.c * rs + wr * geo.s_len + ws];
             *dst = if job.accumulate { *dst + sum } else { sum };
@@ -945,14 +952,16 @@ pub(super) struct FlatPlan {
 impl FlatPlan {
     /// The plan for `geo` with `lanes` lanes, or `None` when the flattened
     /// sweep does not apply (strides other than 1, output rows narrower or
-    /// wider than input rows) or the plane is large.
+    /// wider than input rows), rows are `below` or wider, or the plane is
+    /// large.
     ///
     /// # Errors
     /// [`ConvError::OutOfMemory`] when the masks cannot be allocated.
-    fn new(geo: &Geo, lanes: usize) -> Result<Option<FlatPlan>, ConvError> {
+    fn new(geo: &Geo, lanes: usize, below: usize) -> Result<Option<FlatPlan>, ConvError> {
         let taps = geo.r_len * geo.s_len;
         if (geo.stride_h, geo.stride_w) != (1, 1)
             || geo.out_w != geo.in_w
+            || geo.out_w >= below
             || lanes > 32
             || geo.r_len > 64
             || geo.s_len > 64
@@ -1085,16 +1094,7 @@ pub(super) unsafe fn weight_flat<S: Simd, const KB: usize, const TB: usize>(
             }
         }
     }
-    let per_k = geo.taps();
-    for (kk, acc) in acc.iter().enumerate() {
-        for (t, &v) in acc.iter().enumerate().take(count) {
-            let sum = reduce(s, v);
-            let tap = job.taps.start + t;
-            let (wr, ws) = geo.weight_tap(tap / geo.s_len, tap % geo.s_len);
-            let dst = &mut out[kk * per_k + job.c * rs + wr * geo.s_len + ws];
-            *dst = if job.accumulate { *dst + sum } else { sum };
-        }
-    }
+    write_sums(s, job, acc, count, out);
 }
 
 /// One vector of the flattened sweep, as [`flat_vector`] reads it.

@@ -195,6 +195,10 @@ cfg_if::cfg_if! {
     }
 }
 
+/// Grad weight: only output rows narrower than two vectors take the
+/// flattened sweep (masked FMAs are selects here, as AVX2's blends).
+pub(super) const WEIGHT_FLAT_BELOW: usize = 16;
+
 impl GradWeight for Portable {
     unsafe fn weight_tile<const KB: usize, const TB: usize, const SW: usize>(
         job: &WeightJob<'_>,

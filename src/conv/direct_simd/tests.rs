@@ -689,3 +689,50 @@ fn threads_split_the_output_exactly() {
         );
     }
 }
+
+/// AVX-512's shuffle reduction adds in the order of the scalar pairwise sum
+/// (the trait's default): bitwise the same sums, for 1 to 20 vectors.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn avx512_reduce_lanes_is_the_pairwise_sum() {
+    use super::avx512::Avx512;
+    use super::simd::Simd;
+    if !isas_under_test().contains(&crate::gemm::Isa::Avx512) {
+        return;
+    }
+    let mut rng = 0x1234_5678_u64;
+    let mut next = move || {
+        rng = rng.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+        // Values of very different magnitudes, so the order shows.
+        let m = (rng >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
+        m * [1.0, 1e-4, 1e4, 3.0][(rng >> 20) as usize % 4]
+    };
+    for n in 1..=20 {
+        let lanes: Vec<[f32; 16]> = (0..n).map(|_| core::array::from_fn(|_| next())).collect();
+        let want: Vec<f32> = lanes
+            .iter()
+            .map(|l| {
+                let mut v = *l;
+                let mut w = 16;
+                while w > 1 {
+                    w /= 2;
+                    for j in 0..w {
+                        v[j] += v[j + w];
+                    }
+                }
+                v[0]
+            })
+            .collect();
+        let mut got = vec![f32::NAN; n];
+        Avx512::with(|s| {
+            // SAFETY: reads 16 floats of each local array.
+            let v: Vec<_> = lanes
+                .iter()
+                .map(|l| unsafe { s.load(l.as_ptr()) })
+                .collect();
+            s.reduce_lanes(&v, &mut got);
+        });
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&got), bits(&want), "{n} vectors");
+    }
+}
