@@ -35,14 +35,27 @@
 //!   vectors, stride 2 loads two and keeps the even lanes, larger strides
 //!   gather, with the forward's helpers.
 //!
+//! * Stride-1 layers whose output rows are as wide as the input rows
+//!   ('same' padding along the width) with rows shorter than a few vectors
+//!   take the *flattened* sweep instead ([`FlatPlan`]): a vector is `L`
+//!   consecutive pixels of the flattened plane, whatever rows it spans, and
+//!   each tap reads one contiguous input vector at a fixed offset; a lane
+//!   mask per vector and tap (built once per call) drops the lanes whose
+//!   input pixel is padding. Rows of 7, 14, 28 or 56 pixels no longer leave
+//!   most vectors short or at an edge.
+//! * The lanes of the accumulators are summed once per job; AVX-512 sums
+//!   sixteen accumulators at once with shuffles, in the scalar order.
+//!
 //! Measured on Zen 5 (1 thread, median GFLOP/s, against the forward
-//! `DirectSimd` plan in the same process; `timing` in
-//! `tests/grad_weight_direct_simd.rs`): MobileNetV2 depthwise 144×56² 3×3
-//! about 45 on AVX-512 (forward 90, 0.5×) and 47–53 on AVX2 (forward 56–58,
-//! 0.8–0.9×); the 4-channel groups of 128×28² (32 groups) 48 vs 143 on
-//! AVX-512 and 42 vs 57 on AVX2; the 7² and 14²/2 depthwise planes 5–14,
-//! a third of the forward. AVX-512 lags where a row is one or two vectors
-//! (most vectors are edge vectors) — the next thing to improve.
+//! `DirectSimd` plan in the same process), before the flattened sweep →
+//! after: MobileNetV2 depthwise 144×56² 3×3 on AVX-512 38–43 → 45–47
+//! (forward 81–89, 0.55×), AVX2 unchanged at 42–45 (forward 50–53, 0.85×);
+//! the 4-channel groups of 128×28² (32 groups) on AVX-512 40–46 → 75
+//! (forward 118–135), on AVX2 39 → 33 (row sweep; an unexplained loss,
+//! still open); 960×7² depthwise on AVX-512 10 → 11 (forward 28); the
+//! stride-2 576×14² layer (row sweep) about 5, a third of the forward.
+//! The small planes are bound by per-job work (one job per channel of 49
+//! pixels), the next thing to improve.
 //!
 //! # Order of the sums and threads
 //!
