@@ -251,11 +251,11 @@ pub(super) unsafe fn run(job: &Job<'_>, out: &mut [f32]) {
 /// one input vector.
 pub(super) const WEIGHT_TAPS: [usize; 3] = [9, 5, 2];
 
-/// Grad weight: only output rows narrower than two vectors take the
-/// flattened sweep: its masked FMAs cost a blend each here, and on the
-/// 4-channel groups of 128×28² (rows of 3.5 vectors) it ran at 31 GFLOP/s
-/// against the row sweep's 39.
-pub(super) const WEIGHT_FLAT_BELOW: usize = 16;
+/// Grad weight: no row takes the flattened sweep here. Its masked FMAs
+/// cost a blend each, and it lost where measured (1 thread, GFLOP/s, row
+/// sweep vs flat): the 4-channel groups of 128×28² 39 vs 31, 960×7²
+/// depthwise 11.7 vs 10.4.
+pub(super) const WEIGHT_FLAT_BELOW: usize = 0;
 
 impl GradWeight for Avx2 {
     #[target_feature(enable = "avx2,fma")]

@@ -49,7 +49,7 @@
 //! Measured on Zen 5 (1 thread, median GFLOP/s, against the forward
 //! `DirectSimd` plan in the same process), before the flattened sweep →
 //! after: MobileNetV2 depthwise 144×56² 3×3 on AVX-512 38–43 → 45–47
-//! (forward 81–89, 0.55×), AVX2 unchanged at 42–45 (forward 50–53, 0.85×);
+//! (forward 81–89, 0.55×), AVX2 (row sweep, no flat) 42–45 (forward 50–53, 0.85×);
 //! the 4-channel groups of 128×28² (32 groups) on AVX-512 40–46 → 75
 //! (forward 118–135), on AVX2 39 → 33 (row sweep; an unexplained loss,
 //! still open); 960×7² depthwise on AVX-512 10 → 11 (forward 28); the

@@ -195,9 +195,9 @@ cfg_if::cfg_if! {
     }
 }
 
-/// Grad weight: only output rows narrower than two vectors take the
-/// flattened sweep (masked FMAs are selects here, as AVX2's blends).
-pub(super) const WEIGHT_FLAT_BELOW: usize = 16;
+/// Grad weight: no row takes the flattened sweep (masked FMAs are selects
+/// here, as AVX2's blends, where it lost).
+pub(super) const WEIGHT_FLAT_BELOW: usize = 0;
 
 impl GradWeight for Portable {
     unsafe fn weight_tile<const KB: usize, const TB: usize, const SW: usize>(
