@@ -280,6 +280,57 @@ fn depthwise3_strategy() -> impl Strategy<Value = Case> {
         })
 }
 
+/// Stride 1 with output rows as wide as the input rows (left + right
+/// padding = `(S − 1)·dw`, split any way): the flattened sweep, whose
+/// vectors span several rows. Planes of 1 to 20 rows of widths around every
+/// vector edge and below a vector, any kernel, dilation and top/bottom
+/// padding; depthwise and 2–8 channels per group.
+fn flat_strategy() -> impl Strategy<Value = Case> {
+    let channels = prop_oneof![
+        (Just(1usize), Just(1usize), 1usize..=6),
+        (2usize..=8, 2usize..=8, 1usize..=3),
+        (1usize..=3, 1usize..=5, 1usize..=3),
+    ];
+    (
+        (1usize..=3, channels, 1usize..=20, widths()),
+        (1usize..=4, 1usize..=4, 1usize..=3, 1usize..=3),
+        (0usize..=3, 0usize..=3, 0usize..=12),
+        any::<bool>(),
+        any::<u64>(),
+    )
+        .prop_map(
+            |(
+                (batch, (cg, kg, groups), h, w),
+                (r, s, dh, dw),
+                (top, bottom, split),
+                conv,
+                seed,
+            )| {
+                let span = (s - 1) * dw;
+                let left = split.min(span);
+                Case {
+                    batch,
+                    cg,
+                    kg,
+                    groups,
+                    h,
+                    w,
+                    r,
+                    s,
+                    stride: (1, 1),
+                    dilation: (dh, dw),
+                    pad: (top, bottom, left, span - left),
+                    mode: if conv {
+                        ConvMode::Convolution
+                    } else {
+                        ConvMode::CrossCorrelation
+                    },
+                    seed,
+                }
+            },
+        )
+}
+
 proptest! {
     #![proptest_config(ProptestConfig {
         cases: proptest_cases(64),
@@ -299,6 +350,19 @@ proptest! {
             }
             Err(e) => panic!("{case:?}: {e}"),
         };
+        check_conv(&conv, case.seed, &format!("{case:?}"))?;
+    }
+
+    #[test]
+    fn direct_simd_grad_weight_flat_matches_direct(case in flat_strategy()) {
+        let conv = match case.params().build() {
+            Ok(conv) => conv,
+            Err(ConvError::KernelLargerThanInput { .. }) => {
+                return Err(TestCaseError::reject("empty output"))
+            }
+            Err(e) => panic!("{case:?}: {e}"),
+        };
+        prop_assert_eq!(conv.geometry().out_w, case.w);
         check_conv(&conv, case.seed, &format!("{case:?}"))?;
     }
 

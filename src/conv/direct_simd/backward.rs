@@ -35,14 +35,27 @@
 //!   vectors, stride 2 loads two and keeps the even lanes, larger strides
 //!   gather, with the forward's helpers.
 //!
+//! * Stride-1 layers whose output rows are as wide as the input rows
+//!   ('same' padding along the width) with rows shorter than a few vectors
+//!   take the *flattened* sweep instead ([`FlatPlan`]): a vector is `L`
+//!   consecutive pixels of the flattened plane, whatever rows it spans, and
+//!   each tap reads one contiguous input vector at a fixed offset; a lane
+//!   mask per vector and tap (built once per call) drops the lanes whose
+//!   input pixel is padding. Rows of 7, 14, 28 or 56 pixels no longer leave
+//!   most vectors short or at an edge.
+//! * The lanes of the accumulators are summed once per job; AVX-512 sums
+//!   sixteen accumulators at once with shuffles, in the scalar order.
+//!
 //! Measured on Zen 5 (1 thread, median GFLOP/s, against the forward
-//! `DirectSimd` plan in the same process; `timing` in
-//! `tests/grad_weight_direct_simd.rs`): MobileNetV2 depthwise 144×56² 3×3
-//! about 45 on AVX-512 (forward 90, 0.5×) and 47–53 on AVX2 (forward 56–58,
-//! 0.8–0.9×); the 4-channel groups of 128×28² (32 groups) 48 vs 143 on
-//! AVX-512 and 42 vs 57 on AVX2; the 7² and 14²/2 depthwise planes 5–14,
-//! a third of the forward. AVX-512 lags where a row is one or two vectors
-//! (most vectors are edge vectors) — the next thing to improve.
+//! `DirectSimd` plan in the same process), before the flattened sweep →
+//! after: MobileNetV2 depthwise 144×56² 3×3 on AVX-512 38–43 → 45–47
+//! (forward 81–89, 0.55×), AVX2 (row sweep, no flat) 42–45 (forward 50–53, 0.85×);
+//! the 4-channel groups of 128×28² (32 groups) on AVX-512 40–46 → 75
+//! (forward 118–135), on AVX2 39 → 33 (row sweep; an unexplained loss,
+//! still open); 960×7² depthwise on AVX-512 10 → 11 (forward 28); the
+//! stride-2 576×14² layer (row sweep) about 5, a third of the forward.
+//! The small planes are bound by per-job work (one job per channel of 49
+//! pixels), the next thing to improve.
 //!
 //! # Order of the sums and threads
 //!
@@ -58,6 +71,7 @@
 //! count. Nothing is allocated beyond the column plan (one entry per output
 //! vector and kernel column, allocated fallibly).
 
+use super::super::try_with_capacity;
 use super::simd::{fma_tap, load_tap, Simd};
 use super::{offsets_fit, thread_count, ColPlan, ColVec, Geo};
 use crate::arch::{clamp_isa, Isa};
@@ -66,9 +80,6 @@ use crate::gemm::{Activation, Parallelism};
 use crate::geometry::ConvGeometry;
 use crate::testing::record_direct_simd_jobs;
 use std::ops::Range;
-
-/// Most lanes of any ISA's vector (the reduction buffer's size).
-const MAX_LANES: usize = 16;
 
 /// `grad_weight = ∂L/∂weight` (summed over the batch) for `grad_output`,
 /// what [`conv2d_backward_weight_direct`](super::super::direct::conv2d_backward_weight_direct)
@@ -115,9 +126,11 @@ pub(crate) fn backward_weight(
     let kernel = WeightKernel::for_isa(isa);
     let geo = Geo::new(g, Activation::None);
     let cols = ColPlan::new(&geo, kernel.lanes)?;
+    let flat = FlatPlan::new(&geo, kernel.lanes, kernel.flat_below)?;
     let pass = Pass {
         geo: &geo,
         cols: &cols,
+        flat: flat.as_ref(),
         input,
         grad_output,
         accumulate,
@@ -136,6 +149,9 @@ struct WeightKernel {
     isa: Isa,
     /// Most taps per tile of 1, 2 and 4 output channels.
     taps: [usize; 3],
+    /// Output rows narrower than this take the flattened sweep (when it
+    /// applies, see [`FlatPlan`]).
+    flat_below: usize,
     run: RunWeight,
 }
 
@@ -146,22 +162,25 @@ impl WeightKernel {
     /// The kernel of `isa`, clamped to what the CPU supports.
     fn for_isa(isa: Isa) -> WeightKernel {
         let isa = clamp_isa(isa);
-        let (lanes, taps, run): (usize, [usize; 3], RunWeight) = match isa {
+        let (lanes, taps, flat_below, run): (usize, [usize; 3], usize, RunWeight) = match isa {
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512 => (
                 super::avx512::Avx512::LANES,
                 super::avx512::WEIGHT_TAPS,
+                super::avx512::WEIGHT_FLAT_BELOW,
                 super::avx512::run_weight,
             ),
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 => (
                 super::avx2::Avx2::LANES,
                 super::avx2::WEIGHT_TAPS,
+                super::avx2::WEIGHT_FLAT_BELOW,
                 super::avx2::run_weight,
             ),
             _ => (
                 super::portable::Portable::LANES,
                 super::portable::WEIGHT_TAPS,
+                super::portable::WEIGHT_FLAT_BELOW,
                 super::portable::run_weight,
             ),
         };
@@ -169,6 +188,7 @@ impl WeightKernel {
             lanes,
             isa,
             taps,
+            flat_below,
             run,
         }
     }
@@ -187,6 +207,7 @@ impl WeightKernel {
 struct Pass<'a> {
     geo: &'a Geo,
     cols: &'a ColPlan,
+    flat: Option<&'a FlatPlan>,
     input: &'a [f32],
     grad_output: &'a [f32],
     accumulate: bool,
@@ -245,6 +266,7 @@ impl Pass<'_> {
                     let job = WeightJob {
                         geo,
                         cols: self.cols,
+                        flat: self.flat,
                         input: self.input,
                         grad_output: self.grad_output,
                         in_c: group * geo.cg + c,
@@ -277,6 +299,8 @@ impl Pass<'_> {
 pub(super) struct WeightJob<'a> {
     geo: &'a Geo,
     cols: &'a ColPlan,
+    /// The flattened sweep's masks, when the geometry allows it.
+    flat: Option<&'a FlatPlan>,
     /// The whole input, `[N, C, H, W]`.
     input: &'a [f32],
     /// The whole grad output, `[N, K, OH, OW]`.
@@ -311,7 +335,16 @@ fn check_weight_job(job: &WeightJob<'_>, out: &[f32]) {
             && matches!(job.kb, 1 | 2 | 4)
             && job.taps.start < job.taps.end
             && job.taps.end <= geo.r_len * geo.s_len
-            && job.cols.vecs.len() * geo.s_len == job.cols.ranges.len(),
+            && job.cols.vecs.len() * geo.s_len == job.cols.ranges.len()
+            && job.flat.is_none_or(|f| {
+                f.vecs == geo.out_plane.div_ceil(f.lanes)
+                    && f.masks.len() == f.vecs * geo.r_len * geo.s_len
+                    && f.interior.len() == f.vecs
+                    && f.lanes <= 32
+                    && geo.stride_h == 1
+                    && geo.stride_w == 1
+                    && geo.out_w == geo.in_w
+            }),
         "direct SIMD grad weight: job does not match the geometry"
     );
 }
@@ -337,6 +370,17 @@ pub(super) trait GradWeight: Simd {
         job: &WeightJob<'_>,
         out: &mut [f32],
     );
+
+    /// [`weight_flat`] with this ISA's operations, compiled with its target
+    /// features.
+    ///
+    /// # Safety
+    /// The CPU supports the ISA; as [`weight_flat`] otherwise.
+    unsafe fn weight_flat<const KB: usize, const TB: usize>(
+        job: &WeightJob<'_>,
+        flat: &FlatPlan,
+        out: &mut [f32],
+    );
 }
 
 /// Runs one job on ISA `S`: the tile for its channel count (`TB1`, `TB2`,
@@ -360,6 +404,24 @@ pub(super) unsafe fn run_weight_job<
     out: &mut [f32],
 ) {
     let geo = job.geo;
+    if let Some(flat) = job.flat {
+        macro_rules! flat {
+            ($kb:literal, $tb:ident) => {{
+                assert!(
+                    job.taps.len() <= $tb,
+                    "direct SIMD grad weight: too many taps"
+                );
+                // SAFETY: forwarded contract; KB == job.kb, taps ≤ TB, and
+                // the job's flat plan passed `check_weight_job`.
+                unsafe { S::weight_flat::<$kb, $tb>(job, flat, out) }
+            }};
+        }
+        return match job.kb {
+            1 => flat!(1, TB1),
+            2 => flat!(2, TB2),
+            _ => flat!(4, TB4),
+        };
+    }
     let three = job.kb == 1
         && (geo.r_len, geo.s_len, geo.dil_h, geo.dil_w) == (3, 3, 1, 1)
         && job.taps == (0..9);
@@ -484,34 +546,34 @@ pub(super) unsafe fn weight_tile<S: Simd, const KB: usize, const TB: usize, cons
             }
         }
     }
+    write_sums(s, job, acc, taps.count, out);
+}
+
+/// Reduces each accumulator of a tile (`acc[kk][t]`: output channel
+/// `k0 + kk`, the job's tap `t < count`) across its lanes and writes (or
+/// adds, with `accumulate`) the sums to their weights in `out`.
+#[inline(always)]
+fn write_sums<S: Simd, const KB: usize, const TB: usize>(
+    s: S,
+    job: &WeightJob<'_>,
+    acc: [[S::V; TB]; KB],
+    count: usize,
+    out: &mut [f32],
+) {
+    let geo = job.geo;
     let per_k = geo.taps();
     let rs = geo.r_len * geo.s_len;
-    for (kk, acc) in acc.iter().enumerate() {
-        for (t, &v) in acc.iter().enumerate().take(taps.count) {
-            let sum = reduce(s, v);
+    let count = count.min(TB);
+    for (kk, acc) in acc.into_iter().enumerate() {
+        let mut sums = [0.0f32; TB];
+        s.reduce_lanes(&acc[..count], &mut sums[..count]);
+        for (t, &sum) in sums.iter().enumerate().take(count) {
             let tap = job.taps.start + t;
             let (wr, ws) = geo.weight_tap(tap / geo.s_len, tap % geo.s_len);
             let dst = &mut out[kk * per_k + job.c * rs + wr * geo.s_len + ws];
             *dst = if job.accumulate { *dst + sum } else { sum };
         }
     }
-}
-
-/// The sum of `v`'s lanes, pairwise in a fixed order: lane `j` plus lane
-/// `j + L/2`, then again on the first half, down to one.
-#[inline(always)]
-fn reduce<S: Simd>(s: S, v: S::V) -> f32 {
-    let mut lanes = [0.0f32; MAX_LANES];
-    let mut width = S::LANES.min(MAX_LANES);
-    // SAFETY: writes `width ≤ MAX_LANES` floats into a local array.
-    unsafe { s.store(lanes.as_mut_ptr(), v, width) };
-    while width > 1 {
-        width /= 2;
-        for j in 0..width {
-            lanes[j] += lanes[j + width];
-        }
-    }
-    lanes[0]
 }
 
 /// One output row of one image, as [`sweep_row`] reads it.
@@ -710,9 +772,12 @@ pub(super) unsafe fn weight_three<S: Simd, const RB: usize, const SW: usize, con
         }
     }
     let rs = geo.r_len * geo.s_len;
-    for (r, acc) in acc.iter().enumerate() {
-        for (c, &v) in acc.iter().enumerate() {
-            let sum = reduce(s, v);
+    let flat: [S::V; 9] = core::array::from_fn(|i| acc[i / 3][i % 3]);
+    let mut sums = [0.0f32; 9];
+    s.reduce_lanes(&flat, &mut sums);
+    for r in 0..3 {
+        for c in 0..3 {
+            let sum = sums[r * 3 + c];
             let (wr, ws) = geo.weight_tap(r, c);
             let dst = &mut out[job.c * rs + wr * geo.s_len + ws];
             *dst = if job.accumulate { *dst + sum } else { sum };
@@ -868,5 +933,264 @@ unsafe fn feed3<
         }
         let r = j - i * SH;
         acc[r][sc] = fma_tap::<S, MASKED>(s, d, x, acc[r][sc], m);
+    }
+}
+
+/// Most mask entries (output vectors × kernel taps) a [`FlatPlan`] may
+/// hold; larger planes sweep row by row (their rows are long enough that
+/// edge vectors are few).
+const MAX_FLAT_MASKS: usize = 1 << 15;
+
+/// The flattened sweep of stride-1 layers whose output rows are as wide as
+/// the input rows ('same' padding along the width): grad-output pixel `p`
+/// (flattened `oh·W + ow`) meets, through tap `(r, s)`, input pixel
+/// `p + (r·dh − top)·W + s·dw − left` of the flattened input plane, so a
+/// vector of `L` consecutive pixels, whatever rows it spans, reads one
+/// contiguous input vector per tap. Per vector and tap a lane mask says
+/// which lanes read a real input pixel (inside the input row and plane):
+/// the others are never accumulated. Rows of 7, 14 or 56 pixels no longer
+/// leave most vectors short.
+#[derive(Debug)]
+pub(super) struct FlatPlan {
+    lanes: usize,
+    /// Vectors per plane, `⌈OH·OW/L⌉`.
+    vecs: usize,
+    /// `masks[v·R·S + tap]`: bit `j` set when lane `j` of vector `v` is a
+    /// real output pixel whose tap reads a real input pixel.
+    masks: Vec<u32>,
+    /// Per vector, whether every one of its masks is full.
+    interior: Vec<bool>,
+}
+
+impl FlatPlan {
+    /// The plan for `geo` with `lanes` lanes, or `None` when the flattened
+    /// sweep does not apply (strides other than 1, output rows narrower or
+    /// wider than input rows), rows are `below` or wider, or the plane is
+    /// large.
+    ///
+    /// # Errors
+    /// [`ConvError::OutOfMemory`] when the masks cannot be allocated.
+    fn new(geo: &Geo, lanes: usize, below: usize) -> Result<Option<FlatPlan>, ConvError> {
+        let taps = geo.r_len * geo.s_len;
+        if (geo.stride_h, geo.stride_w) != (1, 1)
+            || geo.out_w != geo.in_w
+            || geo.out_w >= below
+            || lanes > 32
+            || geo.r_len > 64
+            || geo.s_len > 64
+        {
+            return Ok(None);
+        }
+        let vecs = geo.out_plane.div_ceil(lanes);
+        let entries = match vecs.checked_mul(taps) {
+            Some(n) if n <= MAX_FLAT_MASKS => n,
+            _ => return Ok(None),
+        };
+        let mut masks = try_with_capacity("flat grad-weight plan", entries)?;
+        let (w, h) = (geo.in_w as isize, geo.in_h as isize);
+        // Per lane, the grad-output pixel's row and column, stepped along
+        // (no division per lane); per kernel row and column, the lanes
+        // whose input row or column is real.
+        let (mut oh, mut ow) = (0isize, 0isize);
+        let mut row_bits = [0u32; 64];
+        let mut col_bits = [0u32; 64];
+        let (rows, cols) = (geo.r_len.min(64), geo.s_len.min(64));
+        for v in 0..vecs {
+            let n = (geo.out_plane - v * lanes).min(lanes);
+            row_bits[..rows].fill(0);
+            col_bits[..cols].fill(0);
+            for j in 0..n {
+                for (r, bits) in row_bits[..rows].iter_mut().enumerate() {
+                    let ih = oh + (r * geo.dil_h) as isize - geo.pad_top as isize;
+                    *bits |= u32::from((0..h).contains(&ih)) << j;
+                }
+                for (c, bits) in col_bits[..cols].iter_mut().enumerate() {
+                    let iw = ow + (c * geo.dil_w) as isize - geo.pad_left as isize;
+                    *bits |= u32::from((0..w).contains(&iw)) << j;
+                }
+                ow += 1;
+                if ow == geo.out_w as isize {
+                    (oh, ow) = (oh + 1, 0);
+                }
+            }
+            for &rb in &row_bits[..rows] {
+                masks.extend(col_bits[..cols].iter().map(|&cb| rb & cb));
+            }
+        }
+        let full = (1u64 << lanes) - 1;
+        let mut interior = try_with_capacity("flat grad-weight plan", vecs)?;
+        interior.extend(
+            masks
+                .chunks_exact(taps)
+                .map(|m| m.iter().all(|&b| u64::from(b) == full)),
+        );
+        Ok(Some(FlatPlan {
+            lanes,
+            vecs,
+            masks,
+            interior,
+        }))
+    }
+}
+
+/// The flattened tile (see [`FlatPlan`]): `KB` output channels × the job's
+/// taps, each accumulator a vector of `L` lanes, swept over the batch and
+/// the flattened grad-output plane one vector at a time: `KB` grad-output
+/// loads, then per tap one input load feeding `KB` merge-masked FMAs. The
+/// input vector is loaded whole when it lies inside the input tensor (lanes
+/// outside the tap's mask read neighbouring rows or planes and are never
+/// accumulated), and otherwise only over the lanes between the mask's
+/// first and last (all inside the channel's plane). Each accumulator sums
+/// in a fixed order: images, vectors, then its lanes pairwise.
+///
+/// # Safety
+/// The job and `out` pass [`check_weight_job`] with `flat` its plan;
+/// `KB == job.kb`; the job has at most `TB` taps; `S`'s operations are
+/// supported by the CPU.
+#[inline(always)]
+pub(super) unsafe fn weight_flat<S: Simd, const KB: usize, const TB: usize>(
+    s: S,
+    job: &WeightJob<'_>,
+    flat: &FlatPlan,
+    out: &mut [f32],
+) {
+    let geo = job.geo;
+    let lanes = S::LANES;
+    debug_assert_eq!(flat.lanes, lanes);
+    let rs = geo.r_len * geo.s_len;
+    let count = job.taps.len().min(TB);
+    // Per tap, the offset of the input pixel it reads from the grad-output
+    // pixel's flattened index.
+    let mut off = [0isize; TB];
+    for (i, tap) in job.taps.clone().enumerate().take(TB) {
+        let (r, c) = (tap / geo.s_len, tap % geo.s_len);
+        let dy = (r * geo.dil_h) as isize - geo.pad_top as isize;
+        let dx = (c * geo.dil_w) as isize - geo.pad_left as isize;
+        off[i] = dy * geo.in_w as isize + dx;
+    }
+    let channels_in = geo.groups * geo.cg;
+    let channels_out = geo.groups * geo.kg;
+    // Whole-vector loads must start in 0..=last of the input tensor.
+    let last = job.input.len() as isize - lanes as isize;
+    let mut acc = [[s.zero(); TB]; KB];
+    for n in 0..geo.batch {
+        let x_start = (n * channels_in + job.in_c) * geo.in_plane;
+        let x = job.input[x_start..][..geo.in_plane].as_ptr();
+        let dy = job.grad_output[(n * channels_out + job.k0) * geo.out_plane..]
+            [..KB * geo.out_plane]
+            .as_ptr();
+        // The vectors whose every tap loads whole: all of them unless the
+        // channel's plane is the first or last of the tensor.
+        let (min_off, max_off) = (off[..count].iter().min(), off[..count].iter().max());
+        let (min_off, max_off) = (*min_off.unwrap_or(&0), *max_off.unwrap_or(&0));
+        for v in 0..flat.vecs {
+            let p = v * lanes;
+            let at = (x_start + p) as isize;
+            let whole = at + min_off >= 0 && at + max_off <= last;
+            let f = FlatVec {
+                p,
+                n_lanes: (geo.out_plane - p).min(lanes),
+                masks: &flat.masks[v * rs + job.taps.start..][..count],
+                off: &off,
+                x,
+                dy,
+                out_plane: geo.out_plane,
+            };
+            // SAFETY: forwarded contract; WHOLE only where every tap's
+            // vector lies inside the input tensor (checked).
+            unsafe {
+                match (whole, flat.interior[v]) {
+                    (true, true) => flat_vector::<S, KB, TB, true, true>(s, &f, &mut acc),
+                    (true, false) => flat_vector::<S, KB, TB, true, false>(s, &f, &mut acc),
+                    _ => flat_vector::<S, KB, TB, false, false>(s, &f, &mut acc),
+                }
+            }
+        }
+    }
+    write_sums(s, job, acc, count, out);
+}
+
+/// One vector of the flattened sweep, as [`flat_vector`] reads it.
+struct FlatVec<'a, const TB: usize> {
+    /// The vector's first flattened grad-output pixel.
+    p: usize,
+    /// Real pixels in the vector (`L`, or fewer at the end of the plane).
+    n_lanes: usize,
+    /// Per tap of the job, the lanes that read a real input pixel.
+    masks: &'a [u32],
+    /// Per tap, the input pixel's offset from the grad-output pixel's index.
+    off: &'a [isize; TB],
+    /// The channel's input plane.
+    x: *const f32,
+    /// The first of the `KB` grad-output planes.
+    dy: *const f32,
+    out_plane: usize,
+}
+
+/// One vector of the flattened sweep into the tile's accumulators.
+/// `INTERIOR`: every tap's mask is full (plain FMAs); `WHOLE`: every tap's
+/// input vector lies inside the input tensor (plain loads).
+///
+/// # Safety
+/// As [`weight_flat`]; `f` describes a vector of the plan, `f.masks` has
+/// one entry per tap of the job (at most `TB`); `WHOLE` and `INTERIOR` only
+/// as described.
+#[inline(always)]
+unsafe fn flat_vector<
+    S: Simd,
+    const KB: usize,
+    const TB: usize,
+    const WHOLE: bool,
+    const INTERIOR: bool,
+>(
+    s: S,
+    f: &FlatVec<'_, TB>,
+    acc: &mut [[S::V; TB]; KB],
+) {
+    let mut dyv = [s.zero(); KB];
+    for (kk, d) in dyv.iter_mut().enumerate() {
+        // SAFETY: pixels p..p + n_lanes ≤ out_plane of plane kk < KB lie in
+        // the grad output (contract); a short vector loads only those lanes.
+        *d = unsafe {
+            let q = f.dy.add(kk * f.out_plane + f.p);
+            if f.n_lanes == S::LANES {
+                s.load(q)
+            } else {
+                s.load_masked(q, 1, s.mask(0, f.n_lanes))
+            }
+        };
+    }
+    for t in 0..TB {
+        if t >= f.masks.len() {
+            break;
+        }
+        let bits = f.masks[t];
+        let q = f.x.wrapping_offset(f.p as isize + f.off[t]);
+        // SAFETY: with WHOLE the tap's vector lies inside the input tensor
+        // (contract). Otherwise the lanes from the mask's first to its last
+        // read flattened input pixels between two real pixels of this
+        // channel's plane, so inside the plane; the masked load reads only
+        // those (none for an empty mask).
+        let xv = unsafe {
+            if WHOLE {
+                s.load(q)
+            } else if bits == 0 {
+                continue;
+            } else {
+                let lo = bits.trailing_zeros() as usize;
+                let hi = 32 - bits.leading_zeros() as usize;
+                s.load_masked(q, 1, s.mask(lo, hi))
+            }
+        };
+        if INTERIOR {
+            for (a, &d) in acc.iter_mut().zip(&dyv) {
+                a[t] = s.fma(d, xv, a[t]);
+            }
+        } else {
+            let m = s.mask_bits(bits);
+            for (a, &d) in acc.iter_mut().zip(&dyv) {
+                a[t] = s.fma_masked(d, xv, a[t], m);
+            }
+        }
     }
 }

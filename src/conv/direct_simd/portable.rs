@@ -2,7 +2,9 @@
 //! what every target without AVX2 runs. Edge vectors load lane by lane and
 //! keep the padding lanes with a select.
 
-use super::backward::{run_weight_job, weight_three, weight_tile, GradWeight, WeightJob};
+use super::backward::{
+    run_weight_job, weight_flat, weight_three, weight_tile, FlatPlan, GradWeight, WeightJob,
+};
 use super::{run_general, run_job, Job, Simd};
 use wide::{f32x8, CmpGe, CmpGt, CmpLt};
 
@@ -82,6 +84,28 @@ impl Simd for Portable {
     fn mask(self, lo: usize, hi: usize) -> Lanes {
         let idx = f32x8::from([0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]);
         let select = idx.cmp_ge(f32x8::splat(lo as f32)) & idx.cmp_lt(f32x8::splat(hi as f32));
+        Lanes { lo, hi, select }
+    }
+
+    #[inline(always)]
+    fn mask_bits(self, bits: u32) -> Lanes {
+        let bits = bits & 0xff;
+        let lane = |j: u32| {
+            if bits & (1 << j) != 0 {
+                f32::from_bits(u32::MAX)
+            } else {
+                0.0
+            }
+        };
+        let select = f32x8::from(core::array::from_fn::<f32, 8, _>(|j| lane(j as u32)));
+        let (lo, hi) = if bits == 0 {
+            (0, 0)
+        } else {
+            (
+                bits.trailing_zeros() as usize,
+                32 - bits.leading_zeros() as usize,
+            )
+        };
         Lanes { lo, hi, select }
     }
 
@@ -171,6 +195,10 @@ cfg_if::cfg_if! {
     }
 }
 
+/// Grad weight: no row takes the flattened sweep (masked FMAs are selects
+/// here, as AVX2's blends, where it lost).
+pub(super) const WEIGHT_FLAT_BELOW: usize = 0;
+
 impl GradWeight for Portable {
     unsafe fn weight_tile<const KB: usize, const TB: usize, const SW: usize>(
         job: &WeightJob<'_>,
@@ -186,6 +214,15 @@ impl GradWeight for Portable {
     ) {
         // SAFETY: forwarded contract; the portable path needs no CPU feature.
         unsafe { weight_three::<Self, RB, SW, SH>(Portable, job, out) }
+    }
+
+    unsafe fn weight_flat<const KB: usize, const TB: usize>(
+        job: &WeightJob<'_>,
+        flat: &FlatPlan,
+        out: &mut [f32],
+    ) {
+        // SAFETY: forwarded contract; the portable path needs no CPU feature.
+        unsafe { weight_flat::<Self, KB, TB>(Portable, job, flat, out) }
     }
 }
 

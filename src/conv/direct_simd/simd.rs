@@ -40,6 +40,32 @@ pub(super) trait Simd: Copy {
         out: &mut [f32],
     );
 
+    /// The lanes `j` whose bit `j` of `bits` is set (bits past the lane
+    /// count are ignored), for the merge-masked FMA.
+    fn mask_bits(self, bits: u32) -> Self::M;
+
+    /// `out[i]` = the sum of `v[i]`'s lanes, pairwise in a fixed order:
+    /// lane `j` plus lane `j + L/2`, then again on the first half, down to
+    /// one (`out` as long as `v`). An ISA may sum several vectors at once
+    /// with shuffles, in exactly this order.
+    #[inline(always)]
+    fn reduce_lanes(self, v: &[Self::V], out: &mut [f32]) {
+        const MAX_LANES: usize = 64;
+        for (o, &v) in out.iter_mut().zip(v) {
+            let mut lanes = [0.0f32; MAX_LANES];
+            let mut width = Self::LANES.min(MAX_LANES);
+            // SAFETY: writes `width ≤ MAX_LANES` floats into a local array.
+            unsafe { self.store(lanes.as_mut_ptr(), v, width) };
+            while width > 1 {
+                width /= 2;
+                for j in 0..width {
+                    lanes[j] += lanes[j + width];
+                }
+            }
+            *o = lanes[0];
+        }
+    }
+
     /// All zeros.
     fn zero(self) -> Self::V;
     /// `x` in every lane.

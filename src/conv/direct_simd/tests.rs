@@ -447,7 +447,8 @@ mod checked {
     impl<const L: usize> Simd for Checked<L> {
         const LANES: usize = L;
         type V = [f32; L];
-        type M = (usize, usize);
+        /// Bit `j`: lane `j` is in the mask.
+        type M = u64;
 
         unsafe fn general<const KB: usize, const RB: usize, const SW: usize>(
             job: &Job<'_>,
@@ -473,24 +474,22 @@ mod checked {
             [x; L]
         }
 
-        fn mask(self, lo: usize, hi: usize) -> (usize, usize) {
-            assert!(lo <= hi && hi <= L, "mask {lo}..{hi}");
-            (lo, hi)
+        fn mask(self, lo: usize, hi: usize) -> u64 {
+            assert!(lo <= hi && hi <= L && L < 64, "mask {lo}..{hi}");
+            ((1u64 << hi) - 1) & !((1u64 << lo) - 1)
+        }
+
+        fn mask_bits(self, bits: u32) -> u64 {
+            u64::from(bits) & ((1u64 << L) - 1)
         }
 
         fn fma(self, a: [f32; L], b: [f32; L], c: [f32; L]) -> [f32; L] {
             core::array::from_fn(|j| a[j] * b[j] + c[j])
         }
 
-        fn fma_masked(
-            self,
-            a: [f32; L],
-            b: [f32; L],
-            c: [f32; L],
-            (lo, hi): (usize, usize),
-        ) -> [f32; L] {
+        fn fma_masked(self, a: [f32; L], b: [f32; L], c: [f32; L], m: u64) -> [f32; L] {
             core::array::from_fn(|j| {
-                if (lo..hi).contains(&j) {
+                if m & (1 << j) != 0 {
                     a[j] * b[j] + c[j]
                 } else {
                     c[j]
@@ -522,20 +521,16 @@ mod checked {
             core::array::from_fn(|j| read(p.wrapping_add(stride * j)))
         }
 
-        unsafe fn load_masked(
-            self,
-            p: *const f32,
-            stride: usize,
-            (lo, hi): (usize, usize),
-        ) -> [f32; L] {
-            if stride == 2 && lo < hi {
+        unsafe fn load_masked(self, p: *const f32, stride: usize, m: u64) -> [f32; L] {
+            let (lo, hi) = (m.trailing_zeros() as usize, 64 - m.leading_zeros() as usize);
+            if stride == 2 && m != 0 {
                 // The SIMD versions read the run between the first and last lane.
                 for j in 2 * lo..2 * hi - 1 {
                     check(p.wrapping_add(j), false);
                 }
             }
             core::array::from_fn(|j| {
-                if (lo..hi).contains(&j) {
+                if m & (1 << j) != 0 {
                     read(p.wrapping_add(stride * j))
                 } else {
                     0.0
@@ -692,5 +687,52 @@ fn threads_split_the_output_exactly() {
                 .all(|(a, b)| a.to_bits() == b.to_bits()),
             "{threads} threads"
         );
+    }
+}
+
+/// AVX-512's shuffle reduction adds in the order of the scalar pairwise sum
+/// (the trait's default): bitwise the same sums, for 1 to 20 vectors.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn avx512_reduce_lanes_is_the_pairwise_sum() {
+    use super::avx512::Avx512;
+    use super::simd::Simd;
+    if !isas_under_test().contains(&crate::gemm::Isa::Avx512) {
+        return;
+    }
+    let mut rng = 0x1234_5678_u64;
+    let mut next = move || {
+        rng = rng.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+        // Values of very different magnitudes, so the order shows.
+        let m = (rng >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
+        m * [1.0, 1e-4, 1e4, 3.0][(rng >> 20) as usize % 4]
+    };
+    for n in 1..=20 {
+        let lanes: Vec<[f32; 16]> = (0..n).map(|_| core::array::from_fn(|_| next())).collect();
+        let want: Vec<f32> = lanes
+            .iter()
+            .map(|l| {
+                let mut v = *l;
+                let mut w = 16;
+                while w > 1 {
+                    w /= 2;
+                    for j in 0..w {
+                        v[j] += v[j + w];
+                    }
+                }
+                v[0]
+            })
+            .collect();
+        let mut got = vec![f32::NAN; n];
+        Avx512::with(|s| {
+            // SAFETY: reads 16 floats of each local array.
+            let v: Vec<_> = lanes
+                .iter()
+                .map(|l| unsafe { s.load(l.as_ptr()) })
+                .collect();
+            s.reduce_lanes(&v, &mut got);
+        });
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&got), bits(&want), "{n} vectors");
     }
 }
