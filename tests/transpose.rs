@@ -25,7 +25,10 @@
 
 mod common;
 
-use common::{algorithms, assert_mentions, conv_bound, engine_combos, proptest_cases, Rng};
+use common::{
+    adjoint_tolerance, algorithms, assert_mentions, conv_bound, dot, engine_combos,
+    proptest_config, to_f64, Rng,
+};
 use cpuconv::testing::traced;
 use cpuconv::{
     Activation, Algorithm, BackwardOptions, Conv2d, Conv2dParams, ConvError, ConvMode,
@@ -33,7 +36,7 @@ use cpuconv::{
     Parallelism, TransposePadding,
 };
 use proptest::prelude::*;
-use proptest::test_runner::{FileFailurePersistence, TestCaseError};
+use proptest::test_runner::TestCaseError;
 
 // --- running one case every way ------------------------------------------------------------
 
@@ -925,19 +928,8 @@ fn tensors(case: &Case, t: &ConvTranspose2d) -> (Vec<f32>, Vec<f32>, Option<Vec<
     (x, w, b)
 }
 
-fn to_f64(v: &[f32]) -> Vec<f64> {
-    v.iter().map(|&x| f64::from(x)).collect()
-}
-
 proptest! {
-    #![proptest_config(ProptestConfig {
-        cases: proptest_cases(256),
-        max_global_rejects: 1 << 14,
-        failure_persistence: Some(Box::new(FileFailurePersistence::WithSource(
-            "proptest-regressions"
-        ))),
-        ..ProptestConfig::default()
-    })]
+    #![proptest_config(proptest_config(256))]
 
     /// `Direct` against the f64 scatter reference; every other algorithm,
     /// through `forward_with` and through a plan, on every engine
@@ -1063,11 +1055,9 @@ proptest! {
         let mut rng = Rng::new(case.seed ^ 0xAD70_1A7E);
         let y = rng.vec(r.value.len());
         let magnitude: f64 = y.iter().zip(&r.magnitude).map(|(&y, m)| f64::from(y).abs() * m).sum();
-        let eps = f64::from(f32::EPSILON);
         let k = case.kernel.0 * case.kernel.1;
-        let (t_t, t_f) = ((case.in_per_group * k + 1) as f64, (case.out_per_group * k + 1) as f64);
-        let n = (r.value.len() + x.len()) as f64;
-        let tol = (t_t + t_f) * eps * magnitude + 4.0 * n * f64::EPSILON * magnitude + f64::MIN_POSITIVE;
+        let (t_t, t_f) = (case.in_per_group * k, case.out_per_group * k);
+        let tol = adjoint_tolerance(t_t, t_f, magnitude, r.value.len() + x.len());
         for algorithm in [Algorithm::Direct, Algorithm::Auto] {
             let ty = t.forward_to_vec(&x, &w, None, algorithm).unwrap();
             let cy = conv.forward_to_vec(&y, &w, None, algorithm).unwrap();
@@ -1099,14 +1089,6 @@ fn matching_conv(t: &ConvTranspose2d, case: &Case) -> Conv2d {
     assert_eq!(conv.output_shape(), t.input_shape(), "{case:?}");
     assert_eq!(conv.weight_shape(), t.weight_shape(), "{case:?}");
     conv
-}
-
-/// `Σ a·b` in f64 over f32 values.
-fn dot(a: &[f32], b: &[f32]) -> f64 {
-    a.iter()
-        .zip(b)
-        .map(|(&a, &b)| f64::from(a) * f64::from(b))
-        .sum()
 }
 
 // --- errors ----------------------------------------------------------------------------------
