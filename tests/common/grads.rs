@@ -3,6 +3,7 @@
 //! the magnitudes of the gradients' terms, and the per-element bound an
 //! algorithm is held to against `Direct`.
 
+use super::Rng;
 use cpuconv::testing::Blocking;
 use cpuconv::{Algorithm, BackwardOptions, Conv2d, Conv2dParams, ConvError, ConvMode, Padding};
 use proptest::prelude::*;
@@ -59,6 +60,26 @@ pub struct Shapes {
     pub input: RangeInclusive<usize>,
     /// The forced blockings ([`no_blocking`] for none).
     pub blocking: BoxedStrategy<Option<Blocking>>,
+}
+
+impl Shapes {
+    /// `tests/backward.rs`'s ranges: like `conv_vs_direct`'s cases,
+    /// smaller, since the Direct passes cost about `N·K·OH·OW·(C/g)·R·S`
+    /// each, at most a few hundred thousand here; no forced blocking.
+    pub fn small() -> Shapes {
+        Shapes {
+            batch: 1..=2,
+            channels_per_group: 1..=4,
+            groups: 1..=3,
+            out_per_group: 1..=4,
+            kernel: 1..=4,
+            stride: 1..=3,
+            dilation: 1..=3,
+            padding: 0..=2,
+            input: 1..=12,
+            blocking: no_blocking(),
+        }
+    }
 }
 
 /// Never a forced blocking (draws nothing from the random source).
@@ -120,6 +141,19 @@ pub fn build(case: &Case) -> Result<Conv2d, TestCaseError> {
     }
 }
 
+/// Random `(x, w, dy)` for `conv`, drawn in that order from `rng`.
+pub fn random_tensors(conv: &Conv2d, rng: &mut Rng) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let g = conv.geometry();
+    let x = rng.vec(g.input_len());
+    let w = rng.vec(g.weight_len());
+    let dy = rng.vec(g.output_len());
+    (x, w, dy)
+}
+
+fn direct() -> BackwardOptions {
+    BackwardOptions::new(Algorithm::Direct)
+}
+
 fn abs(v: &[f32]) -> Vec<f32> {
     v.iter().map(|a| a.abs()).collect()
 }
@@ -128,14 +162,9 @@ fn abs(v: &[f32]) -> Vec<f32> {
 /// grad weight on `|x|`, `|dy|`, in f32 (`M` up to its own rounding, which
 /// the bound's factor 2 covers many times over).
 pub fn weight_magnitudes(conv: &Conv2d, x: &[f32], dy: &[f32]) -> Vec<f32> {
-    let mut mw = vec![0.0; conv.geometry().weight_len()];
-    conv.backward_weight(
-        &abs(x),
-        &abs(dy),
-        &mut mw,
-        &BackwardOptions::new(Algorithm::Direct),
-    )
-    .unwrap();
+    let (mut mw, o) = (vec![0.0; conv.geometry().weight_len()], direct());
+    conv.backward_weight(&abs(x), &abs(dy), &mut mw, &o)
+        .unwrap();
     mw
 }
 
@@ -143,14 +172,8 @@ pub fn weight_magnitudes(conv: &Conv2d, x: &[f32], dy: &[f32]) -> Vec<f32> {
 /// `Direct`'s gradients on `|x|`, `|w|`, `|dy|`, in f32, as in
 /// [`weight_magnitudes`].
 pub fn magnitudes(conv: &Conv2d, x: &[f32], w: &[f32], dy: &[f32]) -> (Vec<f32>, Vec<f32>) {
-    let mut mx = vec![0.0; conv.geometry().input_len()];
-    conv.backward_input(
-        &abs(w),
-        &abs(dy),
-        &mut mx,
-        &BackwardOptions::new(Algorithm::Direct),
-    )
-    .unwrap();
+    let (mut mx, o) = (vec![0.0; conv.geometry().input_len()], direct());
+    conv.backward_input(&abs(w), &abs(dy), &mut mx, &o).unwrap();
     (mx, weight_magnitudes(conv, x, dy))
 }
 
