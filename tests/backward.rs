@@ -44,7 +44,7 @@
 
 mod common;
 
-use common::grads::{assert_close, build, cases, magnitudes, no_blocking, Case, Shapes};
+use common::grads::{assert_close, build, cases, magnitudes, random_tensors, Case, Shapes};
 use common::{
     adjoint_tolerance, assert_mentions, bits, dot, engine_combos, proptest_config, to_f64, Rng,
 };
@@ -356,21 +356,9 @@ fn direct_references_match_finite_differences() {
 
 // --- the adjoint identity ------------------------------------------------------------------
 
-/// Like `conv_vs_direct`'s cases, smaller: the Direct passes cost about
-/// `N·K·OH·OW·(C/g)·R·S` each, at most a few hundred thousand here.
+/// [`Shapes::small`].
 fn case_strategy() -> impl Strategy<Value = Case> {
-    cases(Shapes {
-        batch: 1..=2,
-        channels_per_group: 1..=4,
-        groups: 1..=3,
-        out_per_group: 1..=4,
-        kernel: 1..=4,
-        stride: 1..=3,
-        dilation: 1..=3,
-        padding: 0..=2,
-        input: 1..=12,
-        blocking: no_blocking(),
-    })
+    cases(Shapes::small())
 }
 
 fn abs64(v: &[f32]) -> Vec<f64> {
@@ -388,10 +376,7 @@ proptest! {
         // Kernels larger than the padded input are refused by `build`.
         let conv = build(&case)?;
         let g = *conv.geometry();
-        let mut rng = Rng::new(case.seed);
-        let x = rng.vec(g.input_len());
-        let w = rng.vec(g.weight_len());
-        let dy = rng.vec(g.output_len());
+        let (x, w, dy) = random_tensors(&conv, &mut Rng::new(case.seed));
 
         let y = conv.forward_to_vec(&x, &w, None, Algorithm::Direct).unwrap();
         let mut dx = vec![f32::NAN; g.input_len()];
@@ -435,11 +420,7 @@ fn mixed_case() -> (Conv2d, Vec<f32>, Vec<f32>, Vec<f32>) {
         .padding(Padding::explicit(1, 0, 2, 1))
         .build()
         .unwrap();
-    let g = conv.geometry();
-    let mut rng = Rng::new(42);
-    let x = rng.vec(g.input_len());
-    let w = rng.vec(g.weight_len());
-    let dy = rng.vec(g.output_len());
+    let (x, w, dy) = random_tensors(&conv, &mut Rng::new(42));
     (conv, x, w, dy)
 }
 
@@ -688,9 +669,7 @@ proptest! {
         let conv = build(&case)?;
         let g = *conv.geometry();
         let mut rng = Rng::new(case.seed);
-        let x = rng.vec(g.input_len());
-        let w = rng.vec(g.weight_len());
-        let dy = rng.vec(g.output_len());
+        let (x, w, dy) = random_tensors(&conv, &mut rng);
         let start = rng.vec(g.weight_len());
         let zeros_w = vec![0.0; g.weight_len()];
         let zeros_x = vec![0.0; g.input_len()];
@@ -724,12 +703,8 @@ proptest! {
             }
         }
     }
-}
 
-// --- Sub-pixel phases against Direct ----------------------------------------------------
-
-proptest! {
-    #![proptest_config(proptest_config(48))]
+    // --- Sub-pixel phases against Direct ------------------------------------------------
 
     /// Grad input through the sub-pixel phases (each phase a stride-1
     /// convolution run by `Implicit`, `DirectSimd` or `Auto`) against
@@ -739,10 +714,7 @@ proptest! {
     fn phases_match_direct_for_grad_input(case in case_strategy()) {
         let conv = build(&case)?;
         let g = *conv.geometry();
-        let mut rng = Rng::new(case.seed);
-        let x = rng.vec(g.input_len());
-        let w = rng.vec(g.weight_len());
-        let dy = rng.vec(g.output_len());
+        let (x, w, dy) = random_tensors(&conv, &mut Rng::new(case.seed));
         let zeros_x = vec![0.0; g.input_len()];
         let (mx, _) = magnitudes(&conv, &x, &w, &dy);
         let t_x = g.out_channels_per_group() * g.kernel_h * g.kernel_w;
@@ -786,11 +758,7 @@ fn pointwise_grad_input_in_place_matches_direct() {
             .unwrap();
         let g = *conv.geometry();
         let mut rng = Rng::new(7);
-        let (x, w, dy) = (
-            rng.vec(g.input_len()),
-            rng.vec(g.weight_len()),
-            rng.vec(g.output_len()),
-        );
+        let (x, w, dy) = random_tensors(&conv, &mut rng);
         let (mx, _) = magnitudes(&conv, &x, &w, &dy);
         let mut want = vec![0.0; g.input_len()];
         conv.backward_input(&w, &dy, &mut want, &default_options())
@@ -843,11 +811,7 @@ fn grad_input_phases_with_small_blocks_cross_every_edge() {
             .unwrap();
         let g = *conv.geometry();
         let mut rng = Rng::new(11);
-        let (x, w, dy) = (
-            rng.vec(g.input_len()),
-            rng.vec(g.weight_len()),
-            rng.vec(g.output_len()),
-        );
+        let (x, w, dy) = random_tensors(&conv, &mut rng);
         let (mx, _) = magnitudes(&conv, &x, &w, &dy);
         let mut want = vec![0.0; g.input_len()];
         conv.backward_input(&w, &dy, &mut want, &default_options())
