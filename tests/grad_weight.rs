@@ -38,10 +38,6 @@ fn case_strategy() -> impl Strategy<Value = Case> {
         channels_per_group: 1..=6,
         groups: 1..=2,
         out_per_group: 1..=40,
-        kernel: 1..=4,
-        stride: 1..=3,
-        dilation: 1..=3,
-        padding: 0..=2,
         input: 1..=14,
         blocking: prop_oneof![
             Just(None),
@@ -52,6 +48,7 @@ fn case_strategy() -> impl Strategy<Value = Case> {
             })),
         ]
         .boxed(),
+        ..Shapes::small()
     })
 }
 
