@@ -113,31 +113,41 @@ fn two_channels(plane: &[f32]) -> Vec<f32> {
     [plane, plane].concat()
 }
 
+/// Every way of [`every_way`] gives exactly both channels of `plane` for
+/// the ONNX input [`X9`] and weight [`ONES_1X2X3X3`], no bias, no
+/// activation.
+fn assert_onnx(t: &ConvTranspose2d, plane: &[f32]) {
+    assert_exact(
+        t,
+        &X9,
+        &ONES_1X2X3X3,
+        None,
+        Activation::None,
+        &two_channels(plane),
+    );
+}
+
+/// Each output channel of ONNX `test_convtranspose`, `(1, 2, 5, 5)`: the
+/// 3×3 ones kernel over 0..=8.
+#[rustfmt::skip]
+const ONNX_BASIC: [f32; 25] = [
+    0.0, 1.0, 3.0, 3.0, 2.0,
+    3.0, 8.0, 15.0, 12.0, 7.0,
+    9.0, 21.0, 36.0, 27.0, 15.0,
+    9.0, 20.0, 33.0, 24.0, 13.0,
+    6.0, 13.0, 21.0, 15.0, 8.0,
+];
+
 /// ONNX `test_convtranspose`: no attributes, 3×3 ones kernel over 0..=8,
 /// output `(1, 2, 5, 5)`.
 #[test]
 fn onnx_convtranspose_basic() {
-    #[rustfmt::skip]
-    let plane = [
-        0.0, 1.0, 3.0, 3.0, 2.0,
-        3.0, 8.0, 15.0, 12.0, 7.0,
-        9.0, 21.0, 36.0, 27.0, 15.0,
-        9.0, 20.0, 33.0, 24.0, 13.0,
-        6.0, 13.0, 21.0, 15.0, 8.0,
-    ];
     let t = ConvTranspose2dParams::new(1, 1, (3, 3), 2, (3, 3))
         .build()
         .unwrap();
     assert_eq!(t.output_shape(), [1, 2, 5, 5]);
     assert_eq!(t.weight_shape(), [1, 2, 3, 3]);
-    assert_exact(
-        &t,
-        &X9,
-        &ONES_1X2X3X3,
-        None,
-        Activation::None,
-        &two_channels(&plane),
-    );
+    assert_onnx(&t, &ONNX_BASIC);
 }
 
 /// ONNX `test_convtranspose_pads`: strides `[3, 2]`, pads `[1, 2, 1, 2]`
@@ -161,14 +171,7 @@ fn onnx_convtranspose_pads() {
         .unwrap();
     assert_eq!(t.output_shape(), [1, 2, 7, 3]);
     assert_eq!(t.padding(), Padding::explicit(1, 1, 2, 2));
-    assert_exact(
-        &t,
-        &X9,
-        &ONES_1X2X3X3,
-        None,
-        Activation::None,
-        &two_channels(&plane),
-    );
+    assert_onnx(&t, &plane);
 }
 
 /// The `(1, 2, 10, 8)` result shared by ONNX `test_convtranspose_pad`,
@@ -201,8 +204,8 @@ fn onnx_convtranspose_output_padding() {
         .unwrap();
     assert_eq!(t.output_shape(), [1, 2, 10, 8]);
     assert_eq!(t.output_padding(), (1, 1));
+    assert_onnx(&t, &ONNX_10X8);
     let want = two_channels(&ONNX_10X8);
-    assert_exact(&t, &X9, &ONES_1X2X3X3, None, Activation::None, &want);
     let biased: Vec<f32> = want.iter().map(|v| (v + 0.5).min(6.0)).collect();
     assert_exact(
         &t,
@@ -232,8 +235,7 @@ fn onnx_convtranspose_kernel_shape() {
             .unwrap();
         assert_eq!(t.output_shape(), [1, 2, 10, 8]);
         assert_eq!(t.padding(), Padding::ZERO);
-        let want = two_channels(&ONNX_10X8);
-        assert_exact(&t, &X9, &ONES_1X2X3X3, None, Activation::None, &want);
+        assert_onnx(&t, &ONNX_10X8);
     }
 }
 
@@ -253,8 +255,7 @@ fn onnx_convtranspose_output_shape() {
         .build()
         .expect("ONNX test_convtranspose_output_shape must build");
     assert_eq!(t.output_shape(), [1, 2, 10, 8]);
-    let want = two_channels(&ONNX_10X8);
-    assert_exact(&t, &X9, &ONES_1X2X3X3, None, Activation::None, &want);
+    assert_onnx(&t, &ONNX_10X8);
 }
 
 /// ONNX `test_convtranspose_dilations`: x `[[3, 8, 1], [9, 5, 7], [3, 2,
@@ -341,14 +342,7 @@ fn onnx_convtranspose_autopad_same() {
             .unwrap();
         assert_eq!(t.output_shape(), [1, 2, size, size], "{auto:?}");
         assert_eq!(t.padding(), padding, "{auto:?}");
-        assert_exact(
-            &t,
-            &X9,
-            &ONES_1X2X3X3,
-            None,
-            Activation::None,
-            &two_channels(&want),
-        );
+        assert_onnx(&t, &want);
     }
 }
 
@@ -361,14 +355,7 @@ fn onnx_convtranspose_autopad_same() {
 /// cross-group term would break the pattern.
 #[test]
 fn grouped_transpose_by_hand() {
-    #[rustfmt::skip]
-    let basic = [
-        0.0, 1.0, 3.0, 3.0, 2.0,
-        3.0, 8.0, 15.0, 12.0, 7.0,
-        9.0, 21.0, 36.0, 27.0, 15.0,
-        9.0, 20.0, 33.0, 24.0, 13.0,
-        6.0, 13.0, 21.0, 15.0, 8.0,
-    ];
+    let basic = ONNX_BASIC;
     let x: Vec<f32> = X9
         .iter()
         .copied()
