@@ -17,7 +17,9 @@
 //!   magnitudes (both results are within `(T + 1)·ε·M` of the exact value,
 //!   summed in different orders), computed by the Direct passes on `|x|`,
 //!   `|w|`, `|dy|`, plus, when accumulating, the rounding of the final add
-//!   (`ε·|result|` each);
+//!   (`ε·|result|` each): `common::grads::assert_close`, shared with
+//!   `tests/grad_weight.rs`, where this derivation is written out with the
+//!   code;
 //! * accumulate vs overwrite, every subset of `Grads` against the single
 //!   calls, and the errors for bad buffer lengths and algorithms.
 //!
@@ -42,14 +44,16 @@
 
 mod common;
 
-use common::{assert_mentions, engine_combos, proptest_cases, Rng};
+use common::grads::{assert_close, build, cases, magnitudes, random_tensors, Case, Shapes};
+use common::{
+    adjoint_tolerance, assert_mentions, bits, dot, engine_combos, proptest_config, to_f64, Rng,
+};
 use cpuconv::testing::traced;
 use cpuconv::{
     Algorithm, BackwardOptions, Conv2d, Conv2dParams, ConvError, ConvGeometry, ConvMode,
     GemmBackend, Grads, Padding, Parallelism,
 };
 use proptest::prelude::*;
-use proptest::test_runner::{FileFailurePersistence, TestCaseError};
 
 /// The seed input, row-major:
 ///
@@ -257,10 +261,6 @@ fn loss_f64(g: &ConvGeometry, x: &[f64], w: &[f64], b: &[f64], dy: &[f64]) -> (f
     (loss, terms)
 }
 
-fn to_f64(v: &[f32]) -> Vec<f64> {
-    v.iter().map(|&x| f64::from(x)).collect()
-}
-
 /// Central differences of `loss_f64` with respect to every element of one
 /// of its tensors (`which`: 0 = x, 1 = w, 2 = b), step `h`.
 fn finite_differences(
@@ -356,87 +356,9 @@ fn direct_references_match_finite_differences() {
 
 // --- the adjoint identity ------------------------------------------------------------------
 
-/// One random small convolution.
-#[derive(Clone, Debug)]
-struct Case {
-    batch: usize,
-    channels_per_group: usize,
-    groups: usize,
-    out_per_group: usize,
-    kernel: (usize, usize),
-    stride: (usize, usize),
-    dilation: (usize, usize),
-    padding: Padding,
-    input: (usize, usize),
-    mode: ConvMode,
-    seed: u64,
-}
-
-impl Case {
-    fn params(&self) -> Conv2dParams {
-        Conv2dParams::new(
-            self.batch,
-            self.channels_per_group * self.groups,
-            self.input,
-            self.out_per_group * self.groups,
-            self.kernel,
-        )
-        .stride(self.stride.0, self.stride.1)
-        .dilation(self.dilation.0, self.dilation.1)
-        .padding(self.padding)
-        .groups(self.groups)
-        .mode(self.mode)
-    }
-}
-
-/// Like `conv_vs_direct`'s cases, smaller: the Direct passes cost about
-/// `N·K·OH·OW·(C/g)·R·S` each, at most a few hundred thousand here.
+/// [`Shapes::small`].
 fn case_strategy() -> impl Strategy<Value = Case> {
-    (
-        (1usize..=2, 1usize..=4, 1usize..=3, 1usize..=4),
-        ((1usize..=4, 1usize..=4), (1usize..=3, 1usize..=3)),
-        (
-            (1usize..=3, 1usize..=3),
-            (0usize..=2, 0usize..=2, 0usize..=2, 0usize..=2),
-        ),
-        (1usize..=12, 1usize..=12),
-        (
-            prop_oneof![
-                Just(ConvMode::CrossCorrelation),
-                Just(ConvMode::Convolution)
-            ],
-            any::<u64>(),
-        ),
-    )
-        .prop_map(
-            |(
-                (batch, channels_per_group, groups, out_per_group),
-                (kernel, stride),
-                (dilation, (top, bottom, left, right)),
-                input,
-                (mode, seed),
-            )| Case {
-                batch,
-                channels_per_group,
-                groups,
-                out_per_group,
-                kernel,
-                stride,
-                dilation,
-                padding: Padding::explicit(top, bottom, left, right),
-                input,
-                mode,
-                seed,
-            },
-        )
-}
-
-/// `Σ a·b` in f64 over f32 values.
-fn dot(a: &[f32], b: &[f32]) -> f64 {
-    a.iter()
-        .zip(b)
-        .map(|(&a, &b)| f64::from(a) * f64::from(b))
-        .sum()
+    cases(Shapes::small())
 }
 
 fn abs64(v: &[f32]) -> Vec<f64> {
@@ -444,14 +366,7 @@ fn abs64(v: &[f32]) -> Vec<f64> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig {
-        cases: proptest_cases(256),
-        max_global_rejects: 1 << 14,
-        failure_persistence: Some(Box::new(FileFailurePersistence::WithSource(
-            "proptest-regressions"
-        ))),
-        ..ProptestConfig::default()
-    })]
+    #![proptest_config(proptest_config(256))]
 
     /// `⟨conv(x, w), dy⟩ = ⟨x, backward_input(w, dy)⟩ = ⟨w, backward_weight(x, dy)⟩`
     /// within the bound of the module doc; and grad input overwrites every
@@ -459,16 +374,9 @@ proptest! {
     #[test]
     fn adjoint_identity(case in case_strategy()) {
         // Kernels larger than the padded input are refused by `build`.
-        let conv = match case.params().build() {
-            Ok(conv) => conv,
-            Err(ConvError::KernelLargerThanInput { .. }) => return Err(TestCaseError::reject("empty output")),
-            Err(e) => panic!("{case:?}: {e}"),
-        };
+        let conv = build(&case)?;
         let g = *conv.geometry();
-        let mut rng = Rng::new(case.seed);
-        let x = rng.vec(g.input_len());
-        let w = rng.vec(g.weight_len());
-        let dy = rng.vec(g.output_len());
+        let (x, w, dy) = random_tensors(&conv, &mut Rng::new(case.seed));
 
         let y = conv.forward_to_vec(&x, &w, None, Algorithm::Direct).unwrap();
         let mut dx = vec![f32::NAN; g.input_len()];
@@ -483,17 +391,15 @@ proptest! {
 
         let zero_bias = vec![0.0; g.out_channels];
         let (magnitude, terms) = loss_f64(&g, &abs64(&x), &abs64(&w), &zero_bias, &abs64(&dy));
-        let eps = f32::EPSILON as f64;
-        let t_f = (g.channels_per_group() * g.kernel_h * g.kernel_w + 1) as f64;
-        let t_x = (g.out_channels_per_group() * g.kernel_h * g.kernel_w + 1) as f64;
-        let t_w = (g.batch * g.out_h * g.out_w + 1) as f64;
-        let f64_part = 4.0 * terms as f64 * f64::EPSILON * magnitude + f64::MIN_POSITIVE;
+        let t_f = g.channels_per_group() * g.kernel_h * g.kernel_w;
+        let t_x = g.out_channels_per_group() * g.kernel_h * g.kernel_w;
+        let t_w = g.batch * g.out_h * g.out_w;
         for (a, b, ta, tb, what) in [
             (via_y, via_x, t_f, t_x, "⟨y, dy⟩ vs ⟨x, dX⟩"),
             (via_y, via_w, t_f, t_w, "⟨y, dy⟩ vs ⟨w, dW⟩"),
             (via_x, via_w, t_x, t_w, "⟨x, dX⟩ vs ⟨w, dW⟩"),
         ] {
-            let tol = (ta + tb) * eps * magnitude + f64_part;
+            let tol = adjoint_tolerance(ta, tb, magnitude, terms);
             prop_assert!(
                 (a - b).abs() <= tol,
                 "{what}: {a} vs {b}, difference {:e} above {tol:e}", (a - b).abs()
@@ -514,16 +420,8 @@ fn mixed_case() -> (Conv2d, Vec<f32>, Vec<f32>, Vec<f32>) {
         .padding(Padding::explicit(1, 0, 2, 1))
         .build()
         .unwrap();
-    let g = conv.geometry();
-    let mut rng = Rng::new(42);
-    let x = rng.vec(g.input_len());
-    let w = rng.vec(g.weight_len());
-    let dy = rng.vec(g.output_len());
+    let (x, w, dy) = random_tensors(&conv, &mut Rng::new(42));
     (conv, x, w, dy)
-}
-
-fn bits(v: &[f32]) -> Vec<u32> {
-    v.iter().map(|x| x.to_bits()).collect()
 }
 
 /// Without `accumulate` the weight and bias gradients replace the buffers;
@@ -760,68 +658,18 @@ fn every_algorithm_runs_every_pass() {
 
 // --- Im2col against Direct ---------------------------------------------------------------
 
-/// Direct's gradient of one pass with the magnitudes of its terms, in f32
-/// (`M` of the module doc up to its own rounding, which the factor 2 in the
-/// bound covers many times over).
-fn magnitudes(conv: &Conv2d, x: &[f32], w: &[f32], dy: &[f32]) -> (Vec<f32>, Vec<f32>) {
-    let g = *conv.geometry();
-    let abs = |v: &[f32]| v.iter().map(|a| a.abs()).collect::<Vec<f32>>();
-    let o = default_options();
-    let mut mx = vec![0.0; g.input_len()];
-    conv.backward_input(&abs(w), &abs(dy), &mut mx, &o).unwrap();
-    let mut mw = vec![0.0; g.weight_len()];
-    conv.backward_weight(&abs(x), &abs(dy), &mut mw, &o)
-        .unwrap();
-    (mx, mw)
-}
-
-/// `|got − want| ≤ 2·(terms + 1)·ε·m + ε·(|start| + |want|)` per element.
-fn assert_close(
-    what: &str,
-    got: &[f32],
-    want: &[f32],
-    magnitude: &[f32],
-    start: &[f32],
-    terms: usize,
-) -> Result<(), TestCaseError> {
-    let eps = f32::EPSILON as f64;
-    for (i, (((&a, &b), &m), &s)) in got.iter().zip(want).zip(magnitude).zip(start).enumerate() {
-        let tol = 2.0 * (terms + 1) as f64 * eps * (f64::from(m) + f64::from(s).abs())
-            + eps * (f64::from(s).abs() + f64::from(b).abs())
-            + 1e-30;
-        prop_assert!(
-            (f64::from(a) - f64::from(b)).abs() <= tol,
-            "{what}: element {i}: {a} vs {b}, tolerance {tol:e}"
-        );
-    }
-    Ok(())
-}
-
 proptest! {
-    #![proptest_config(ProptestConfig {
-        cases: proptest_cases(48),
-        max_global_rejects: 1 << 14,
-        failure_persistence: Some(Box::new(FileFailurePersistence::WithSource(
-            "proptest-regressions"
-        ))),
-        ..ProptestConfig::default()
-    })]
+    #![proptest_config(proptest_config(48))]
 
     /// `Im2col` against `Direct` for grad input and grad weight on every
     /// engine combination, accumulate on and off; on sequential calls the
     /// trace shows the forced ISA's GEMM ran.
     #[test]
     fn im2col_matches_direct(case in case_strategy()) {
-        let conv = match case.params().build() {
-            Ok(conv) => conv,
-            Err(ConvError::KernelLargerThanInput { .. }) => return Err(TestCaseError::reject("empty output")),
-            Err(e) => panic!("{case:?}: {e}"),
-        };
+        let conv = build(&case)?;
         let g = *conv.geometry();
         let mut rng = Rng::new(case.seed);
-        let x = rng.vec(g.input_len());
-        let w = rng.vec(g.weight_len());
-        let dy = rng.vec(g.output_len());
+        let (x, w, dy) = random_tensors(&conv, &mut rng);
         let start = rng.vec(g.weight_len());
         let zeros_w = vec![0.0; g.weight_len()];
         let zeros_x = vec![0.0; g.input_len()];
@@ -855,19 +703,8 @@ proptest! {
             }
         }
     }
-}
 
-// --- Sub-pixel phases against Direct ----------------------------------------------------
-
-proptest! {
-    #![proptest_config(ProptestConfig {
-        cases: proptest_cases(48),
-        max_global_rejects: 1 << 14,
-        failure_persistence: Some(Box::new(FileFailurePersistence::WithSource(
-            "proptest-regressions"
-        ))),
-        ..ProptestConfig::default()
-    })]
+    // --- Sub-pixel phases against Direct ------------------------------------------------
 
     /// Grad input through the sub-pixel phases (each phase a stride-1
     /// convolution run by `Implicit`, `DirectSimd` or `Auto`) against
@@ -875,16 +712,9 @@ proptest! {
     /// shows the forced ISA's kernels ran (when a phase has taps at all).
     #[test]
     fn phases_match_direct_for_grad_input(case in case_strategy()) {
-        let conv = match case.params().build() {
-            Ok(conv) => conv,
-            Err(ConvError::KernelLargerThanInput { .. }) => return Err(TestCaseError::reject("empty output")),
-            Err(e) => panic!("{case:?}: {e}"),
-        };
+        let conv = build(&case)?;
         let g = *conv.geometry();
-        let mut rng = Rng::new(case.seed);
-        let x = rng.vec(g.input_len());
-        let w = rng.vec(g.weight_len());
-        let dy = rng.vec(g.output_len());
+        let (x, w, dy) = random_tensors(&conv, &mut Rng::new(case.seed));
         let zeros_x = vec![0.0; g.input_len()];
         let (mx, _) = magnitudes(&conv, &x, &w, &dy);
         let t_x = g.out_channels_per_group() * g.kernel_h * g.kernel_w;
@@ -928,11 +758,7 @@ fn pointwise_grad_input_in_place_matches_direct() {
             .unwrap();
         let g = *conv.geometry();
         let mut rng = Rng::new(7);
-        let (x, w, dy) = (
-            rng.vec(g.input_len()),
-            rng.vec(g.weight_len()),
-            rng.vec(g.output_len()),
-        );
+        let (x, w, dy) = random_tensors(&conv, &mut rng);
         let (mx, _) = magnitudes(&conv, &x, &w, &dy);
         let mut want = vec![0.0; g.input_len()];
         conv.backward_input(&w, &dy, &mut want, &default_options())
@@ -985,11 +811,7 @@ fn grad_input_phases_with_small_blocks_cross_every_edge() {
             .unwrap();
         let g = *conv.geometry();
         let mut rng = Rng::new(11);
-        let (x, w, dy) = (
-            rng.vec(g.input_len()),
-            rng.vec(g.weight_len()),
-            rng.vec(g.output_len()),
-        );
+        let (x, w, dy) = random_tensors(&conv, &mut rng);
         let (mx, _) = magnitudes(&conv, &x, &w, &dy);
         let mut want = vec![0.0; g.input_len()];
         conv.backward_input(&w, &dy, &mut want, &default_options())

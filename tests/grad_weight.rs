@@ -6,7 +6,8 @@
 //!   GEMM backends, 1 and 2 threads, accumulate on and off, with small
 //!   forced blockings so that every block edge is crossed; on sequential
 //!   native calls the kernel trace shows the forced ISA's GEMM ran. The
-//!   tolerance is `tests/backward.rs`'s for `Im2col`: per element
+//!   tolerance is `tests/backward.rs`'s for `Im2col`
+//!   (`common::grads::assert_close`, where it is derived): per element
 //!   `2·(T + 1)·ε·M` with `T = N·OH·OW` terms and `M` the sum of their
 //!   magnitudes (Direct on `|x|`, `|dy|`), plus `ε·(|start| + |want|)` for
 //!   the final add when accumulating;
@@ -17,134 +18,38 @@
 
 mod common;
 
-use common::{proptest_cases, Rng};
+use common::grads::{assert_close, build, cases, weight_magnitudes, Case, Shapes};
+use common::{bits, proptest_config, Rng};
 use cpuconv::testing::{isas_under_test, traced, Blocking};
 use cpuconv::{
-    Algorithm, BackwardOptions, Conv2d, Conv2dParams, ConvError, ConvMode, ForwardOptions,
-    GemmBackend, Isa, Padding, Parallelism,
+    Algorithm, BackwardOptions, Conv2dParams, ConvMode, ForwardOptions, GemmBackend, Isa, Padding,
+    Parallelism,
 };
 use proptest::prelude::*;
-use proptest::test_runner::{FileFailurePersistence, TestCaseError};
+use proptest::test_runner::TestCaseError;
 use std::time::Instant;
-
-#[derive(Clone, Debug)]
-struct Case {
-    batch: usize,
-    channels_per_group: usize,
-    groups: usize,
-    out_per_group: usize,
-    kernel: (usize, usize),
-    stride: (usize, usize),
-    dilation: (usize, usize),
-    padding: Padding,
-    input: (usize, usize),
-    mode: ConvMode,
-    blocking: Option<Blocking>,
-    seed: u64,
-}
-
-impl Case {
-    fn params(&self) -> Conv2dParams {
-        Conv2dParams::new(
-            self.batch,
-            self.channels_per_group * self.groups,
-            self.input,
-            self.out_per_group * self.groups,
-            self.kernel,
-        )
-        .stride(self.stride.0, self.stride.1)
-        .dilation(self.dilation.0, self.dilation.1)
-        .padding(self.padding)
-        .groups(self.groups)
-        .mode(self.mode)
-    }
-}
 
 /// Shapes a little larger than `tests/backward.rs`'s, so that several tap,
 /// channel and depth blocks occur under the small forced blockings (an MC
 /// of 8 rows, a KC of 8–24, an NC of one or two panels).
 fn case_strategy() -> impl Strategy<Value = Case> {
-    (
-        (1usize..=3, 1usize..=6, 1usize..=2, 1usize..=40),
-        ((1usize..=4, 1usize..=4), (1usize..=3, 1usize..=3)),
-        (
-            (1usize..=3, 1usize..=3),
-            (0usize..=2, 0usize..=2, 0usize..=2, 0usize..=2),
-        ),
-        (1usize..=14, 1usize..=14),
-        (
-            prop_oneof![
-                Just(ConvMode::CrossCorrelation),
-                Just(ConvMode::Convolution)
-            ],
-            prop_oneof![
-                Just(None),
-                (1usize..=16, 8usize..=24, 1usize..=64).prop_map(|(mc, kc, nc)| Some(Blocking {
-                    mc,
-                    kc,
-                    nc
-                })),
-            ],
-            any::<u64>(),
-        ),
-    )
-        .prop_map(
-            |(
-                (batch, channels_per_group, groups, out_per_group),
-                (kernel, stride),
-                (dilation, (top, bottom, left, right)),
-                input,
-                (mode, blocking, seed),
-            )| Case {
-                batch,
-                channels_per_group,
-                groups,
-                out_per_group,
-                kernel,
-                stride,
-                dilation,
-                padding: Padding::explicit(top, bottom, left, right),
-                input,
-                mode,
-                blocking,
-                seed,
-            },
-        )
-}
-
-/// `|got − want| ≤ 2·(terms + 1)·ε·m + ε·(|start| + |want|)` per element
-/// (`tests/backward.rs`'s bound).
-fn assert_close(
-    what: &str,
-    got: &[f32],
-    want: &[f32],
-    magnitude: &[f32],
-    start: &[f32],
-    terms: usize,
-) -> Result<(), TestCaseError> {
-    let eps = f32::EPSILON as f64;
-    for (i, (((&a, &b), &m), &s)) in got.iter().zip(want).zip(magnitude).zip(start).enumerate() {
-        let tol = 2.0 * (terms + 1) as f64 * eps * (f64::from(m) + f64::from(s).abs())
-            + eps * (f64::from(s).abs() + f64::from(b).abs())
-            + 1e-30;
-        prop_assert!(
-            (f64::from(a) - f64::from(b)).abs() <= tol,
-            "{what}: element {i}: {a} vs {b}, tolerance {tol:e}"
-        );
-    }
-    Ok(())
-}
-
-fn bits(v: &[f32]) -> Vec<u32> {
-    v.iter().map(|x| x.to_bits()).collect()
-}
-
-fn build(case: &Case) -> Result<Conv2d, TestCaseError> {
-    match case.params().build() {
-        Ok(conv) => Ok(conv),
-        Err(ConvError::KernelLargerThanInput { .. }) => Err(TestCaseError::reject("empty output")),
-        Err(e) => panic!("{case:?}: {e}"),
-    }
+    cases(Shapes {
+        batch: 1..=3,
+        channels_per_group: 1..=6,
+        groups: 1..=2,
+        out_per_group: 1..=40,
+        input: 1..=14,
+        blocking: prop_oneof![
+            Just(None),
+            (1usize..=16, 8usize..=24, 1usize..=64).prop_map(|(mc, kc, nc)| Some(Blocking {
+                mc,
+                kc,
+                nc
+            })),
+        ]
+        .boxed(),
+        ..Shapes::small()
+    })
 }
 
 /// Implicit against Direct for `case` on every ISA, both backends, 1 and
@@ -158,11 +63,8 @@ fn check_against_direct(case: &Case) -> Result<(), TestCaseError> {
     let dy = rng.vec(g.output_len());
     let start = rng.vec(g.weight_len());
     let zeros = vec![0.0; g.weight_len()];
-    let abs = |v: &[f32]| v.iter().map(|a| a.abs()).collect::<Vec<f32>>();
     let reference = BackwardOptions::new(Algorithm::Direct);
-    let mut magnitude = vec![0.0; g.weight_len()];
-    conv.backward_weight(&abs(&x), &abs(&dy), &mut magnitude, &reference)
-        .unwrap();
+    let magnitude = weight_magnitudes(&conv, &x, &dy);
     let mut want = vec![0.0; g.weight_len()];
     conv.backward_weight(&x, &dy, &mut want, &reference)
         .unwrap();
@@ -226,14 +128,7 @@ fn check_against_direct(case: &Case) -> Result<(), TestCaseError> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig {
-        cases: proptest_cases(64),
-        max_global_rejects: 1 << 14,
-        failure_persistence: Some(Box::new(FileFailurePersistence::WithSource(
-            "proptest-regressions"
-        ))),
-        ..ProptestConfig::default()
-    })]
+    #![proptest_config(proptest_config(64))]
 
     /// Implicit against Direct on every ISA, both backends, 1 and 2
     /// threads, accumulate on and off; the trace shows the forced ISA ran;

@@ -25,7 +25,10 @@
 
 mod common;
 
-use common::{algorithms, assert_mentions, conv_bound, engine_combos, proptest_cases, Rng};
+use common::{
+    adjoint_tolerance, algorithms, assert_mentions, conv_bound, dot, engine_combos,
+    proptest_config, to_f64, Rng,
+};
 use cpuconv::testing::traced;
 use cpuconv::{
     Activation, Algorithm, BackwardOptions, Conv2d, Conv2dParams, ConvError, ConvMode,
@@ -33,7 +36,7 @@ use cpuconv::{
     Parallelism, TransposePadding,
 };
 use proptest::prelude::*;
-use proptest::test_runner::{FileFailurePersistence, TestCaseError};
+use proptest::test_runner::TestCaseError;
 
 // --- running one case every way ------------------------------------------------------------
 
@@ -110,31 +113,41 @@ fn two_channels(plane: &[f32]) -> Vec<f32> {
     [plane, plane].concat()
 }
 
+/// Every way of [`every_way`] gives exactly both channels of `plane` for
+/// the ONNX input [`X9`] and weight [`ONES_1X2X3X3`], no bias, no
+/// activation.
+fn assert_onnx(t: &ConvTranspose2d, plane: &[f32]) {
+    assert_exact(
+        t,
+        &X9,
+        &ONES_1X2X3X3,
+        None,
+        Activation::None,
+        &two_channels(plane),
+    );
+}
+
+/// Each output channel of ONNX `test_convtranspose`, `(1, 2, 5, 5)`: the
+/// 3×3 ones kernel over 0..=8.
+#[rustfmt::skip]
+const ONNX_BASIC: [f32; 25] = [
+    0.0, 1.0, 3.0, 3.0, 2.0,
+    3.0, 8.0, 15.0, 12.0, 7.0,
+    9.0, 21.0, 36.0, 27.0, 15.0,
+    9.0, 20.0, 33.0, 24.0, 13.0,
+    6.0, 13.0, 21.0, 15.0, 8.0,
+];
+
 /// ONNX `test_convtranspose`: no attributes, 3×3 ones kernel over 0..=8,
 /// output `(1, 2, 5, 5)`.
 #[test]
 fn onnx_convtranspose_basic() {
-    #[rustfmt::skip]
-    let plane = [
-        0.0, 1.0, 3.0, 3.0, 2.0,
-        3.0, 8.0, 15.0, 12.0, 7.0,
-        9.0, 21.0, 36.0, 27.0, 15.0,
-        9.0, 20.0, 33.0, 24.0, 13.0,
-        6.0, 13.0, 21.0, 15.0, 8.0,
-    ];
     let t = ConvTranspose2dParams::new(1, 1, (3, 3), 2, (3, 3))
         .build()
         .unwrap();
     assert_eq!(t.output_shape(), [1, 2, 5, 5]);
     assert_eq!(t.weight_shape(), [1, 2, 3, 3]);
-    assert_exact(
-        &t,
-        &X9,
-        &ONES_1X2X3X3,
-        None,
-        Activation::None,
-        &two_channels(&plane),
-    );
+    assert_onnx(&t, &ONNX_BASIC);
 }
 
 /// ONNX `test_convtranspose_pads`: strides `[3, 2]`, pads `[1, 2, 1, 2]`
@@ -158,14 +171,7 @@ fn onnx_convtranspose_pads() {
         .unwrap();
     assert_eq!(t.output_shape(), [1, 2, 7, 3]);
     assert_eq!(t.padding(), Padding::explicit(1, 1, 2, 2));
-    assert_exact(
-        &t,
-        &X9,
-        &ONES_1X2X3X3,
-        None,
-        Activation::None,
-        &two_channels(&plane),
-    );
+    assert_onnx(&t, &plane);
 }
 
 /// The `(1, 2, 10, 8)` result shared by ONNX `test_convtranspose_pad`,
@@ -198,8 +204,8 @@ fn onnx_convtranspose_output_padding() {
         .unwrap();
     assert_eq!(t.output_shape(), [1, 2, 10, 8]);
     assert_eq!(t.output_padding(), (1, 1));
+    assert_onnx(&t, &ONNX_10X8);
     let want = two_channels(&ONNX_10X8);
-    assert_exact(&t, &X9, &ONES_1X2X3X3, None, Activation::None, &want);
     let biased: Vec<f32> = want.iter().map(|v| (v + 0.5).min(6.0)).collect();
     assert_exact(
         &t,
@@ -229,8 +235,7 @@ fn onnx_convtranspose_kernel_shape() {
             .unwrap();
         assert_eq!(t.output_shape(), [1, 2, 10, 8]);
         assert_eq!(t.padding(), Padding::ZERO);
-        let want = two_channels(&ONNX_10X8);
-        assert_exact(&t, &X9, &ONES_1X2X3X3, None, Activation::None, &want);
+        assert_onnx(&t, &ONNX_10X8);
     }
 }
 
@@ -250,8 +255,7 @@ fn onnx_convtranspose_output_shape() {
         .build()
         .expect("ONNX test_convtranspose_output_shape must build");
     assert_eq!(t.output_shape(), [1, 2, 10, 8]);
-    let want = two_channels(&ONNX_10X8);
-    assert_exact(&t, &X9, &ONES_1X2X3X3, None, Activation::None, &want);
+    assert_onnx(&t, &ONNX_10X8);
 }
 
 /// ONNX `test_convtranspose_dilations`: x `[[3, 8, 1], [9, 5, 7], [3, 2,
@@ -338,14 +342,7 @@ fn onnx_convtranspose_autopad_same() {
             .unwrap();
         assert_eq!(t.output_shape(), [1, 2, size, size], "{auto:?}");
         assert_eq!(t.padding(), padding, "{auto:?}");
-        assert_exact(
-            &t,
-            &X9,
-            &ONES_1X2X3X3,
-            None,
-            Activation::None,
-            &two_channels(&want),
-        );
+        assert_onnx(&t, &want);
     }
 }
 
@@ -358,14 +355,7 @@ fn onnx_convtranspose_autopad_same() {
 /// cross-group term would break the pattern.
 #[test]
 fn grouped_transpose_by_hand() {
-    #[rustfmt::skip]
-    let basic = [
-        0.0, 1.0, 3.0, 3.0, 2.0,
-        3.0, 8.0, 15.0, 12.0, 7.0,
-        9.0, 21.0, 36.0, 27.0, 15.0,
-        9.0, 20.0, 33.0, 24.0, 13.0,
-        6.0, 13.0, 21.0, 15.0, 8.0,
-    ];
+    let basic = ONNX_BASIC;
     let x: Vec<f32> = X9
         .iter()
         .copied()
@@ -925,19 +915,8 @@ fn tensors(case: &Case, t: &ConvTranspose2d) -> (Vec<f32>, Vec<f32>, Option<Vec<
     (x, w, b)
 }
 
-fn to_f64(v: &[f32]) -> Vec<f64> {
-    v.iter().map(|&x| f64::from(x)).collect()
-}
-
 proptest! {
-    #![proptest_config(ProptestConfig {
-        cases: proptest_cases(256),
-        max_global_rejects: 1 << 14,
-        failure_persistence: Some(Box::new(FileFailurePersistence::WithSource(
-            "proptest-regressions"
-        ))),
-        ..ProptestConfig::default()
-    })]
+    #![proptest_config(proptest_config(256))]
 
     /// `Direct` against the f64 scatter reference; every other algorithm,
     /// through `forward_with` and through a plan, on every engine
@@ -1063,11 +1042,9 @@ proptest! {
         let mut rng = Rng::new(case.seed ^ 0xAD70_1A7E);
         let y = rng.vec(r.value.len());
         let magnitude: f64 = y.iter().zip(&r.magnitude).map(|(&y, m)| f64::from(y).abs() * m).sum();
-        let eps = f64::from(f32::EPSILON);
         let k = case.kernel.0 * case.kernel.1;
-        let (t_t, t_f) = ((case.in_per_group * k + 1) as f64, (case.out_per_group * k + 1) as f64);
-        let n = (r.value.len() + x.len()) as f64;
-        let tol = (t_t + t_f) * eps * magnitude + 4.0 * n * f64::EPSILON * magnitude + f64::MIN_POSITIVE;
+        let (t_t, t_f) = (case.in_per_group * k, case.out_per_group * k);
+        let tol = adjoint_tolerance(t_t, t_f, magnitude, r.value.len() + x.len());
         for algorithm in [Algorithm::Direct, Algorithm::Auto] {
             let ty = t.forward_to_vec(&x, &w, None, algorithm).unwrap();
             let cy = conv.forward_to_vec(&y, &w, None, algorithm).unwrap();
@@ -1099,14 +1076,6 @@ fn matching_conv(t: &ConvTranspose2d, case: &Case) -> Conv2d {
     assert_eq!(conv.output_shape(), t.input_shape(), "{case:?}");
     assert_eq!(conv.weight_shape(), t.weight_shape(), "{case:?}");
     conv
-}
-
-/// `Σ a·b` in f64 over f32 values.
-fn dot(a: &[f32], b: &[f32]) -> f64 {
-    a.iter()
-        .zip(b)
-        .map(|(&a, &b)| f64::from(a) * f64::from(b))
-        .sum()
 }
 
 // --- errors ----------------------------------------------------------------------------------

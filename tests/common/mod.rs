@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests (each test crate uses a subset).
 #![allow(dead_code)]
 
+pub mod grads;
+
 use cpuconv::gemm::cache::cache_sizes;
 use cpuconv::gemm::kernels::KernelInfo;
 use cpuconv::testing::{isas_under_test, Blocking, KernelTrace};
@@ -8,6 +10,7 @@ use cpuconv::{
     Algorithm, Conv2dPlan, ConvError, ConvGeometry, ConvMode, GemmBackend, Isa, Parallelism,
     Workspace,
 };
+use proptest::test_runner::{Config as ProptestConfig, FileFailurePersistence};
 
 /// Number of proptest cases: `PROPTEST_CASES` when it parses, else `default`.
 pub fn proptest_cases(default: u32) -> u32 {
@@ -15,6 +18,54 @@ pub fn proptest_cases(default: u32) -> u32 {
         .ok()
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(default)
+}
+
+/// The configuration of the property tests: [`proptest_cases`]`(default)`
+/// cases, up to 2¹⁴ rejected draws in all, and failing seeds saved next to
+/// the test's source file (`tests/<name>.proptest-regressions`).
+pub fn proptest_config(default: u32) -> ProptestConfig {
+    ProptestConfig {
+        cases: proptest_cases(default),
+        max_global_rejects: 1 << 14,
+        failure_persistence: Some(Box::new(FileFailurePersistence::WithSource(
+            "proptest-regressions",
+        ))),
+        ..ProptestConfig::default()
+    }
+}
+
+/// The bit patterns of `v`, for comparisons that must be exact (NaN and
+/// the sign of zero included).
+pub fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
+/// `v` widened to f64.
+pub fn to_f64(v: &[f32]) -> Vec<f64> {
+    v.iter().map(|&x| f64::from(x)).collect()
+}
+
+/// `Σ a·b` in f64 over f32 values.
+pub fn dot(a: &[f32], b: &[f32]) -> f64 {
+    a.iter()
+        .zip(b)
+        .map(|(&a, &b)| f64::from(a) * f64::from(b))
+        .sum()
+}
+
+/// The tolerance of an adjoint identity `⟨A(u), v⟩ = ⟨u, A*(v)⟩` checked
+/// with [`dot`] over the f32 results of two operators whose outputs are
+/// sums of `terms_a` and `terms_b` products: both inner products share the
+/// magnitude `S = Σ_taps |u|·|w|·|v|` (computed in f64 by the caller), the
+/// f32 error of each side is at most `(T + 1)·ε·S`, so the two differ by
+/// at most `(T_a + 1 + T_b + 1)·ε·S`, plus `4·n·ε₆₄·S` for the f64 sums
+/// (`n` counting their terms) and `f64::MIN_POSITIVE` so that `S = 0`
+/// passes.
+pub fn adjoint_tolerance(terms_a: usize, terms_b: usize, magnitude: f64, f64_terms: usize) -> f64 {
+    let eps = f32::EPSILON as f64;
+    let (ta, tb) = ((terms_a + 1) as f64, (terms_b + 1) as f64);
+    (ta + tb) * eps * magnitude
+        + (4.0 * f64_terms as f64 * f64::EPSILON * magnitude + f64::MIN_POSITIVE)
 }
 
 /// SplitMix64: a tiny deterministic generator, so proptest shrinks the shape
