@@ -73,8 +73,10 @@ const K1234: [f32; 4] = [1.0, 2.0, 3.0, 4.0];
 /// The chosen grad output `[[1, 2], [3, 4]]`.
 const DY: [f32; 4] = [1.0, 2.0, 3.0, 4.0];
 
-fn default_options() -> BackwardOptions {
-    BackwardOptions::default()
+/// The `Direct` reference: every comparison below is against it (the
+/// default, `Auto`, picks a fast path per pass and shape).
+fn direct_options() -> BackwardOptions {
+    BackwardOptions::new(Algorithm::Direct)
 }
 
 /// `(dX, dW, db)` through the three single-pass calls, overwriting.
@@ -88,9 +90,9 @@ fn gradients(
     let mut dx = vec![f32::NAN; g.input_len()];
     let mut dw = vec![f32::NAN; g.weight_len()];
     let mut db = vec![f32::NAN; g.out_channels];
-    conv.backward_input(weight, dy, &mut dx, &default_options())
+    conv.backward_input(weight, dy, &mut dx, &direct_options())
         .expect("grad input");
-    conv.backward_weight(input, dy, &mut dw, &default_options())
+    conv.backward_weight(input, dy, &mut dw, &direct_options())
         .expect("grad weight");
     conv.backward_bias(dy, &mut db).expect("grad bias");
     (dx, dw, db)
@@ -176,7 +178,7 @@ fn stride_that_does_not_divide_leaves_unread_pixels_zero() {
         .unwrap();
     assert_eq!(conv.output_shape(), [1, 1, 2, 2]);
     let mut dx = vec![f32::NAN; 25];
-    conv.backward_input(&K1234, &DY, &mut dx, &default_options())
+    conv.backward_input(&K1234, &DY, &mut dx, &direct_options())
         .unwrap();
     for ih in 0..5 {
         for iw in 0..5 {
@@ -200,7 +202,7 @@ fn stride_that_does_not_divide_leaves_unread_pixels_zero() {
     assert_eq!(conv.output_shape(), [1, 1, 2, 2]);
     let weight: Vec<f32> = (1..=9).map(|v| v as f32).collect();
     let mut dx = vec![f32::NAN; 25];
-    conv.backward_input(&weight, &DY, &mut dx, &default_options())
+    conv.backward_input(&weight, &DY, &mut dx, &direct_options())
         .unwrap();
     for ih in 0..5 {
         for iw in 0..5 {
@@ -380,9 +382,9 @@ proptest! {
 
         let y = conv.forward_to_vec(&x, &w, None, Algorithm::Direct).unwrap();
         let mut dx = vec![f32::NAN; g.input_len()];
-        conv.backward_input(&w, &dy, &mut dx, &default_options()).unwrap();
+        conv.backward_input(&w, &dy, &mut dx, &direct_options()).unwrap();
         let mut dw = vec![f32::NAN; g.weight_len()];
-        conv.backward_weight(&x, &dy, &mut dw, &default_options()).unwrap();
+        conv.backward_weight(&x, &dy, &mut dw, &direct_options()).unwrap();
         prop_assert!(dx.iter().all(|v| v.is_finite()), "grad input left a NaN");
 
         let via_y = dot(&y, &dy);
@@ -439,7 +441,7 @@ fn accumulate_adds_and_overwrite_replaces() {
     let old_x = rng.vec(g.input_len());
 
     for accumulate in [false, true] {
-        let options = BackwardOptions::default().accumulate(accumulate);
+        let options = direct_options().accumulate(accumulate);
         let (mut gx, mut gw, mut gb) = (old_x.clone(), old_w.clone(), old_b.clone());
         conv.backward_weight(&x, &dy, &mut gw, &options).unwrap();
         conv.backward_input(&w, &dy, &mut gx, &options).unwrap();
@@ -555,7 +557,7 @@ fn bad_buffer_lengths_are_named() {
         v
     };
     let (x_long, w_long, dy_long) = (long(&x), long(&w), long(&dy));
-    let o = default_options();
+    let o = direct_options();
     let (il, wl, ol, kl) = (
         g.input_len(),
         g.weight_len(),
@@ -678,11 +680,11 @@ proptest! {
         let t_w = g.batch * g.out_h * g.out_w;
 
         let mut want_dx = vec![0.0; g.input_len()];
-        conv.backward_input(&w, &dy, &mut want_dx, &default_options()).unwrap();
+        conv.backward_input(&w, &dy, &mut want_dx, &direct_options()).unwrap();
         let mut want_dw = vec![0.0; g.weight_len()];
-        conv.backward_weight(&x, &dy, &mut want_dw, &default_options()).unwrap();
+        conv.backward_weight(&x, &dy, &mut want_dw, &direct_options()).unwrap();
         let mut want_acc = start.clone();
-        conv.backward_weight(&x, &dy, &mut want_acc, &default_options().accumulate(true)).unwrap();
+        conv.backward_weight(&x, &dy, &mut want_acc, &direct_options().accumulate(true)).unwrap();
 
         for (isa, backend, par) in engine_combos() {
             let what = format!("{case:?} {isa:?} {backend:?} {par:?}");
@@ -719,7 +721,7 @@ proptest! {
         let (mx, _) = magnitudes(&conv, &x, &w, &dy);
         let t_x = g.out_channels_per_group() * g.kernel_h * g.kernel_w;
         let mut want_dx = vec![0.0; g.input_len()];
-        conv.backward_input(&w, &dy, &mut want_dx, &default_options()).unwrap();
+        conv.backward_input(&w, &dy, &mut want_dx, &direct_options()).unwrap();
         // Some input pixel meets a tap: then some phase has a convolution.
         let reached = mx.iter().any(|&m| m > 0.0);
 
@@ -761,7 +763,7 @@ fn pointwise_grad_input_in_place_matches_direct() {
         let (x, w, dy) = random_tensors(&conv, &mut rng);
         let (mx, _) = magnitudes(&conv, &x, &w, &dy);
         let mut want = vec![0.0; g.input_len()];
-        conv.backward_input(&w, &dy, &mut want, &default_options())
+        conv.backward_input(&w, &dy, &mut want, &direct_options())
             .unwrap();
         let zeros = vec![0.0; g.input_len()];
         for algorithm in [Algorithm::Im2col, Algorithm::Auto] {
@@ -814,7 +816,7 @@ fn grad_input_phases_with_small_blocks_cross_every_edge() {
         let (x, w, dy) = random_tensors(&conv, &mut rng);
         let (mx, _) = magnitudes(&conv, &x, &w, &dy);
         let mut want = vec![0.0; g.input_len()];
-        conv.backward_input(&w, &dy, &mut want, &default_options())
+        conv.backward_input(&w, &dy, &mut want, &direct_options())
             .unwrap();
         let zeros = vec![0.0; g.input_len()];
         let t_x = g.out_channels_per_group() * g.kernel_h * g.kernel_w;
