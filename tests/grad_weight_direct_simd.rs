@@ -26,7 +26,8 @@
 
 mod common;
 
-use common::{proptest_cases, Rng};
+use common::grads::assert_close;
+use common::{bits, proptest_cases, Rng};
 use cpuconv::testing::{isas_under_test, traced};
 use cpuconv::{
     Algorithm, BackwardOptions, Conv2d, Conv2dParams, ConvError, ConvMode, ForwardOptions, Grads,
@@ -135,35 +136,8 @@ fn case_strategy() -> impl Strategy<Value = Case> {
         )
 }
 
-/// `|got − want| ≤ 2·(terms + 1)·ε·(m + |start|) + ε·(|start| + |want|)`
-/// per element.
-fn assert_close(
-    what: &str,
-    got: &[f32],
-    want: &[f32],
-    magnitude: &[f32],
-    start: &[f32],
-    terms: usize,
-) -> Result<(), TestCaseError> {
-    let eps = f32::EPSILON as f64;
-    for (i, (((&a, &b), &m), &s)) in got.iter().zip(want).zip(magnitude).zip(start).enumerate() {
-        let tol = 2.0 * (terms + 1) as f64 * eps * (f64::from(m) + f64::from(s).abs())
-            + eps * (f64::from(s).abs() + f64::from(b).abs())
-            + 1e-30;
-        prop_assert!(
-            (f64::from(a) - f64::from(b)).abs() <= tol,
-            "{what}: element {i}: {a} vs {b}, tolerance {tol:e}"
-        );
-    }
-    Ok(())
-}
-
 fn options(algorithm: Algorithm) -> BackwardOptions {
     BackwardOptions::new(algorithm)
-}
-
-fn bits(v: &[f32]) -> Vec<u32> {
-    v.iter().map(|x| x.to_bits()).collect()
 }
 
 /// Checks `DirectSimd` against `Direct` on one convolution with random data
