@@ -355,15 +355,13 @@ fn gather_packed(
                 let from =
                     &weight[((grp * cin_g + k) * cout_g + q * mr) * window..][..rows * window];
                 let to = &mut panel[k * nt * mr..][..nt * mr];
-                for (t, &tap) in taps.iter().enumerate() {
-                    let lane = &mut to[t * mr..][..mr];
-                    for (i, x) in lane.iter_mut().enumerate() {
-                        *x = if i < rows {
-                            from[i * window + tap]
-                        } else {
-                            0.0
-                        };
+                for (lane, &tap) in to.chunks_exact_mut(mr).zip(&taps) {
+                    // Rows past the last output channel stay zero.
+                    let (real, pad) = lane.split_at_mut(rows);
+                    for (x, row) in real.iter_mut().zip(from.chunks_exact(window)) {
+                        *x = row[tap];
                     }
+                    pad.fill(0.0);
                 }
             }
         }
