@@ -156,6 +156,31 @@ pub(crate) fn col2im(tg: &TransposedGeometry, col: &[f32], image: &mut [f32]) {
     }
 }
 
+/// [`col2im`] on up to `threads` threads, the output channels split in
+/// halves with `rayon::join`: each channel's plane is written by one thread,
+/// its adds in the same order whatever the split, so the result does not
+/// depend on the thread count.
+pub(crate) fn col2im_split(
+    tg: &TransposedGeometry,
+    col: &[f32],
+    image: &mut [f32],
+    threads: usize,
+) {
+    let out_plane = tg.h.output * tg.w.output;
+    let channels = image.len() / out_plane;
+    if threads <= 1 || channels < 2 {
+        return col2im(tg, col, image);
+    }
+    let half = channels / 2;
+    let rows = col.len() / channels * half;
+    let (col_a, col_b) = col.split_at(rows);
+    let (img_a, img_b) = image.split_at_mut(half * out_plane);
+    rayon::join(
+        || col2im_split(tg, col_a, img_a, threads / 2),
+        || col2im_split(tg, col_b, img_b, threads - threads / 2),
+    );
+}
+
 /// Runs `tg` as GEMM + col2im on `input` into `output` (every element
 /// written), with bias and activation; threads inside each GEMM. Lengths
 /// are checked by the caller.
@@ -265,11 +290,8 @@ pub(crate) fn transposed_gemm(
                     None,
                 )
             };
-            col2im(
-                tg,
-                &col,
-                &mut image[grp * cout_g * out_plane..][..cout_g * out_plane],
-            );
+            let y = &mut image[grp * cout_g * out_plane..][..cout_g * out_plane];
+            col2im_split(tg, &col, y, options.parallelism.max_threads());
         }
         if options.activation != Activation::None {
             for y in image.iter_mut() {
