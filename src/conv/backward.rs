@@ -200,11 +200,11 @@ impl Conv2d {
     /// output channels (the forward's rule, for the same reason: each
     /// group's GEMM would be too small for the micro-kernel's tile), and
     /// [`Algorithm::Implicit`] otherwise. Measured (Zen 5, AVX-512, 1
-    /// thread, GFLOP/s, Implicit vs Im2col, forward plan in brackets):
-    /// r50_conv1 178 vs 131 [208], r50_3x3 210 vs 144 [221], r50_1x1 247
-    /// vs 138 [255], r50_3x3_s2 194 vs 164 [198], 512 → 512 channels on 7²
-    /// 191 vs 175 [162], r50_last1x1 215 vs 216 [218], dilated 210 vs 142
-    /// [216].
+    /// thread, GFLOP/s, Implicit vs Im2col, then the forward plan):
+    /// r50_conv1 178 vs 131 (208), r50_3x3 210 vs 144 (221), r50_1x1 247
+    /// vs 138 (255), r50_3x3_s2 194 vs 164 (198), 512 → 512 channels on 7²
+    /// 191 vs 175 (162), r50_last1x1 215 vs 216 (218), dilated 210 vs 142
+    /// (216).
     pub fn auto_weight_gradient_algorithm(&self) -> Algorithm {
         let g = self.geometry();
         if g.flops() < 4 * 1024 {
