@@ -338,6 +338,7 @@ fn gather_packed(
     weight: &[f32],
     mr: usize,
     dst: &mut [f32],
+    threads: usize,
 ) {
     let (cin_g, cout_g) = (tg.in_per_group(), tg.out_per_group());
     let window = tg.h.kernel * tg.w.kernel;
@@ -345,26 +346,33 @@ fn gather_packed(
     let nt = taps.len();
     let depth = cin_g * nt;
     let panels = cout_g.div_ceil(mr);
-    for (grp, group) in dst
-        .chunks_exact_mut(panels * depth * mr)
-        .take(tg.groups)
-        .enumerate()
-    {
-        for (q, panel) in group.chunks_exact_mut(depth * mr).enumerate() {
-            let rows = mr.min(cout_g - q * mr);
-            for k in 0..cin_g {
-                let from =
-                    &weight[((grp * cin_g + k) * cout_g + q * mr) * window..][..rows * window];
-                let to = &mut panel[k * nt * mr..][..nt * mr];
-                for (lane, &tap) in to.chunks_exact_mut(mr).zip(&taps) {
-                    // Rows past the last output channel stay zero.
-                    let (real, pad) = lane.split_at_mut(rows);
-                    for (x, row) in real.iter_mut().zip(from.chunks_exact(window)) {
-                        *x = row[tap];
-                    }
-                    pad.fill(0.0);
+    // Panel `index` (group-major) of the packed weights.
+    let fill = |index: usize, panel: &mut [f32]| {
+        let (grp, q) = (index / panels, index % panels);
+        let rows = mr.min(cout_g - q * mr);
+        for k in 0..cin_g {
+            let from = &weight[((grp * cin_g + k) * cout_g + q * mr) * window..][..rows * window];
+            let to = &mut panel[k * nt * mr..][..nt * mr];
+            for (lane, &tap) in to.chunks_exact_mut(mr).zip(&taps) {
+                // Rows past the last output channel stay zero.
+                let (real, pad) = lane.split_at_mut(rows);
+                for (x, row) in real.iter_mut().zip(from.chunks_exact(window)) {
+                    *x = row[tap];
                 }
+                pad.fill(0.0);
             }
+        }
+    };
+    let dst = &mut dst[..tg.groups * panels * depth * mr];
+    if threads > 1 && tg.groups * panels > 1 {
+        // The panels are independent: the gather runs on the call's threads
+        // rather than alone before them.
+        dst.par_chunks_exact_mut(depth * mr)
+            .enumerate()
+            .for_each(|(index, panel)| fill(index, panel));
+    } else {
+        for (index, panel) in dst.chunks_exact_mut(depth * mr).enumerate() {
+            fill(index, panel);
         }
     }
 }
@@ -614,11 +622,12 @@ pub(crate) fn transposed_forward(
     let mut scratch = try_with_capacity("transposed convolution phase planes", scratch_len)?;
     gathered.resize(weights_len, 0.0);
     scratch.resize(scratch_len, 0.0);
+    let threads = options.parallelism.max_threads();
     for (phase, run) in phases.iter().zip(&runs) {
         if let Some((_, packed_mr, range)) = run {
             let dst = &mut gathered[range.clone()];
             match packed_mr {
-                Some(mr) => gather_packed(tg, phase, weight, *mr, dst),
+                Some(mr) => gather_packed(tg, phase, weight, *mr, dst, threads),
                 None => gather_weights(tg, phase, weight, dst),
             }
         }
@@ -631,7 +640,7 @@ pub(crate) fn transposed_forward(
         input,
         output,
         &mut scratch,
-        options.parallelism.max_threads(),
+        threads,
         value,
         |i, x, y, parallelism| {
             let (Some(conv), Some((algorithm, packed_mr, range))) = (&phases[i].conv, &runs[i])
