@@ -102,6 +102,43 @@ impl From<OnnxAutoPad> for PaddingSpec {
     }
 }
 
+/// The setters the convolution's and the transposed convolution's
+/// parameter builders share, each a field set by value.
+macro_rules! shape_setters {
+    ($($name:ident),+) => {
+        $(shape_setters!(@one $name);)+
+    };
+    (@one stride) => {
+        /// Sets the stride (vertical, horizontal).
+        pub fn stride(mut self, h: usize, w: usize) -> Self {
+            self.stride = (h, w);
+            self
+        }
+    };
+    (@one dilation) => {
+        /// Sets the dilation (vertical, horizontal).
+        pub fn dilation(mut self, h: usize, w: usize) -> Self {
+            self.dilation = (h, w);
+            self
+        }
+    };
+    (@one groups) => {
+        /// Sets the number of groups.
+        pub fn groups(mut self, groups: usize) -> Self {
+            self.groups = groups;
+            self
+        }
+    };
+    (@one mode) => {
+        /// Sets cross-correlation or flipped-kernel convolution.
+        pub fn mode(mut self, mode: ConvMode) -> Self {
+            self.mode = mode;
+            self
+        }
+    };
+}
+pub(crate) use shape_setters;
+
 /// Which of the two textbook definitions the convolution computes.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum ConvMode {
@@ -304,11 +341,7 @@ impl Conv2dParams {
         }
     }
 
-    /// Sets the stride (vertical, horizontal).
-    pub fn stride(mut self, h: usize, w: usize) -> Self {
-        self.stride = (h, w);
-        self
-    }
+    shape_setters!(stride);
 
     /// Sets the padding: a [`Padding`], an [`OnnxAutoPad`] or any [`PaddingSpec`].
     pub fn padding(mut self, padding: impl Into<PaddingSpec>) -> Self {
@@ -316,23 +349,7 @@ impl Conv2dParams {
         self
     }
 
-    /// Sets the dilation (vertical, horizontal).
-    pub fn dilation(mut self, h: usize, w: usize) -> Self {
-        self.dilation = (h, w);
-        self
-    }
-
-    /// Sets the number of groups.
-    pub fn groups(mut self, groups: usize) -> Self {
-        self.groups = groups;
-        self
-    }
-
-    /// Sets cross-correlation or flipped-kernel convolution.
-    pub fn mode(mut self, mode: ConvMode) -> Self {
-        self.mode = mode;
-        self
-    }
+    shape_setters!(dilation, groups, mode);
 
     /// Validates the parameters and computes every derived size.
     pub fn build(self) -> Result<crate::Conv2d, ConvError> {

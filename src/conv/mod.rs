@@ -37,6 +37,13 @@ pub(crate) fn try_with_capacity<T>(what: &'static str, len: usize) -> Result<Vec
     Ok(v)
 }
 
+/// `len` zeros in memory asked for fallibly (see [`try_with_capacity`]).
+pub(crate) fn zeroed(what: &'static str, len: usize) -> Result<Vec<f32>, ConvError> {
+    let mut v = try_with_capacity(what, len)?;
+    v.resize(len, 0.0);
+    Ok(v)
+}
+
 /// `Ok` when every `(buffer, expected, actual)` length matches, else the
 /// first mismatch as [`ConvError::BufferLength`].
 pub(crate) fn check_lengths(checks: &[(&'static str, usize, usize)]) -> Result<(), ConvError> {
@@ -413,9 +420,7 @@ impl Conv2d {
                 bias.map_or(g.out_channels, <[f32]>::len),
             ),
         ])?;
-        let len = g.output_len();
-        let mut out = try_with_capacity("output", len)?;
-        out.resize(len, 0.0);
+        let mut out = zeroed("output", g.output_len())?;
         self.forward(input, weight, bias, &mut out, algorithm)?;
         Ok(out)
     }

@@ -32,7 +32,7 @@
 //! and scattered.
 
 use super::gemm_lowering::{forward_gemm, packed_group_len, Lowering, Weights};
-use super::{try_with_capacity, Algorithm, Conv2d, ForwardOptions};
+use super::{try_with_capacity, zeroed, Algorithm, Conv2d, ForwardOptions};
 use crate::error::ConvError;
 use crate::gemm::engine::select_kernel;
 use crate::gemm::{Activation, GemmBackend, Parallelism};
@@ -617,11 +617,9 @@ pub(crate) fn transposed_forward(
         runs.push(Some((algorithm, packed_mr, weights_len..weights_len + len)));
         weights_len += len;
     }
-    let mut gathered = try_with_capacity("transposed convolution phase weights", weights_len)?;
+    let mut gathered = zeroed("transposed convolution phase weights", weights_len)?;
     let scratch_len = scratch_len(tg, &phases);
-    let mut scratch = try_with_capacity("transposed convolution phase planes", scratch_len)?;
-    gathered.resize(weights_len, 0.0);
-    scratch.resize(scratch_len, 0.0);
+    let mut scratch = zeroed("transposed convolution phase planes", scratch_len)?;
     let threads = options.parallelism.max_threads();
     for (phase, run) in phases.iter().zip(&runs) {
         if let Some((_, packed_mr, range)) = run {
@@ -735,9 +733,7 @@ impl PlannedPhases {
     }
 
     pub(crate) fn forward(&self, input: &[f32], output: &mut [f32]) -> Result<(), ConvError> {
-        let mut scratch =
-            try_with_capacity("transposed convolution phase planes", self.scratch_len)?;
-        scratch.resize(self.scratch_len, 0.0);
+        let mut scratch = zeroed("transposed convolution phase planes", self.scratch_len)?;
         let (act, bias) = (self.activation, self.bias.as_deref());
         let value = |c: usize| act.apply(bias.map_or(0.0, |b| b[c]));
         run_phases(

@@ -9,11 +9,11 @@ use super::transposed_gemm::{
     gemm_col2im_wins, gemm_rows, pack_weights, transposed_gemm, transposed_gemm_raw,
     TransposedWeights,
 };
-use super::{check_lengths, direct, try_with_capacity, Algorithm, ForwardOptions};
+use super::{check_lengths, direct, try_with_capacity, zeroed, Algorithm, ForwardOptions};
 use crate::error::ConvError;
 use crate::gemm::engine::select_kernel;
 use crate::gemm::GemmBackend;
-use crate::geometry::{ConvMode, OnnxAutoPad, Padding};
+use crate::geometry::{shape_setters, ConvMode, OnnxAutoPad, Padding};
 
 /// How much of the full output (`stride·(input − 1) + output_padding +
 /// dilation·(kernel − 1) + 1` per axis) a transposed convolution keeps.
@@ -140,11 +140,7 @@ impl ConvTranspose2dParams {
         }
     }
 
-    /// Sets the stride (vertical, horizontal).
-    pub fn stride(mut self, h: usize, w: usize) -> Self {
-        self.stride = (h, w);
-        self
-    }
+    shape_setters!(stride);
 
     /// Sets the padding: a [`Padding`], an [`OnnxAutoPad`] or any
     /// [`TransposePadding`].
@@ -159,23 +155,7 @@ impl ConvTranspose2dParams {
         self
     }
 
-    /// Sets the dilation (vertical, horizontal).
-    pub fn dilation(mut self, h: usize, w: usize) -> Self {
-        self.dilation = (h, w);
-        self
-    }
-
-    /// Sets the number of groups.
-    pub fn groups(mut self, groups: usize) -> Self {
-        self.groups = groups;
-        self
-    }
-
-    /// Sets cross-correlation or flipped-kernel convolution.
-    pub fn mode(mut self, mode: ConvMode) -> Self {
-        self.mode = mode;
-        self
-    }
+    shape_setters!(dilation, groups, mode);
 
     /// Validates the parameters and computes every derived size.
     ///
@@ -546,9 +526,7 @@ impl ConvTranspose2d {
         algorithm: Algorithm,
     ) -> Result<Vec<f32>, ConvError> {
         self.check_buffers(Some(input), weight, bias, None)?;
-        let len = self.tg.output_len();
-        let mut out = try_with_capacity("output", len)?;
-        out.resize(len, 0.0);
+        let mut out = zeroed("output", self.tg.output_len())?;
         self.forward(input, weight, bias, &mut out, algorithm)?;
         Ok(out)
     }

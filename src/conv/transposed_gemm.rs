@@ -93,10 +93,8 @@ pub(crate) fn pack_weights(
 ) -> Result<Vec<f32>, ConvError> {
     let (rows, depth) = (gemm_rows(tg), tg.in_per_group());
     let len = PackedA::<f32>::packed_len(rows, depth, mr);
-    let mut packed = super::try_with_capacity("plan weights", len * tg.groups)?;
-    packed.resize(len * tg.groups, 0.0);
-    let mut transposed = super::try_with_capacity("plan weights", rows * depth)?;
-    transposed.resize(rows * depth, 0.0);
+    let mut packed = super::zeroed("plan weights", len * tg.groups)?;
+    let mut transposed = super::zeroed("plan weights", rows * depth)?;
     for (grp, dst) in packed.chunks_exact_mut(len).enumerate() {
         let block = &weight[grp * depth * rows..][..depth * rows];
         for (k, row) in block.chunks_exact(rows).enumerate() {
