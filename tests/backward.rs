@@ -782,11 +782,13 @@ fn pointwise_grad_input_in_place_matches_direct() {
     }
 }
 
-/// Grad input through the phases with small forced blocks (carried by
-/// `BackwardOptions::blocking` to every phase's GEMM), on shapes whose
-/// phase GEMMs cross KC (depth `K/g·R'·S'` above 8), MC (`C/g` above 8
-/// rows) and NC (phase planes above 32 pixels) edges: against `Direct`,
-/// and the trace shows every edge was crossed.
+/// Grad input through the phases (`Implicit`) and through GEMM + col2im
+/// (`Im2col`) with small forced blocks (carried by
+/// `BackwardOptions::blocking` to every GEMM), on shapes whose GEMMs cross
+/// KC, MC and NC edges (phases: depth `K/g·R'·S'` above 8, `C/g` above 8
+/// rows, planes above 32 pixels; col2im: depth `K/g` above 8, `C/g·R·S`
+/// rows above 8, output planes above 32 pixels): against `Direct`, and for
+/// each algorithm the trace shows every edge was crossed.
 #[test]
 fn grad_input_phases_with_small_blocks_cross_every_edge() {
     use cpuconv::testing::Blocking;
@@ -802,7 +804,7 @@ fn grad_input_phases_with_small_blocks_cross_every_edge() {
         (1, 17, 9, 1, (16, 16), (4, 4), (2, 2), 1, (1, 2)),
         (1, 10, 30, 1, (9, 12), (1, 1), (2, 1), 0, (1, 1)),
     ];
-    let mut edges = [0u64; 3];
+    let mut edges = [[0u64; 3]; 2];
     for (batch, c, k, groups, input, kernel, stride, pad, dilation) in shapes {
         let conv = Conv2dParams::new(batch, c, input, k, kernel)
             .stride(stride.0, stride.1)
@@ -820,30 +822,35 @@ fn grad_input_phases_with_small_blocks_cross_every_edge() {
             .unwrap();
         let zeros = vec![0.0; g.input_len()];
         let t_x = g.out_channels_per_group() * g.kernel_h * g.kernel_w;
-        for isa in cpuconv::testing::isas_under_test() {
-            for par in [Parallelism::Sequential, Parallelism::Rayon] {
-                let o = BackwardOptions::new(Algorithm::Implicit)
-                    .isa(isa)
-                    .parallelism(par)
-                    .blocking(blocking);
-                let mut dx = vec![f32::NAN; g.input_len()];
-                let ((), trace) = traced(|| conv.backward_input(&w, &dy, &mut dx, &o).unwrap());
-                let what = format!(
-                    "{:?} {isa:?} {par:?}",
-                    (batch, c, k, groups, input, kernel, stride)
-                );
-                assert_close(&what, &dx, &want, &mx, &zeros, t_x).unwrap();
-                if par == Parallelism::Sequential {
-                    assert!(trace.gemm_ran_on(isa), "{what}: {trace:?}");
-                    edges[0] += trace.kc_edges;
-                    edges[1] += trace.mc_edges;
-                    edges[2] += trace.nc_edges;
+        for (a, algorithm) in [Algorithm::Implicit, Algorithm::Im2col]
+            .into_iter()
+            .enumerate()
+        {
+            for isa in cpuconv::testing::isas_under_test() {
+                for par in [Parallelism::Sequential, Parallelism::Rayon] {
+                    let o = BackwardOptions::new(algorithm)
+                        .isa(isa)
+                        .parallelism(par)
+                        .blocking(blocking);
+                    let mut dx = vec![f32::NAN; g.input_len()];
+                    let ((), trace) = traced(|| conv.backward_input(&w, &dy, &mut dx, &o).unwrap());
+                    let what = format!(
+                        "{:?} {algorithm:?} {isa:?} {par:?}",
+                        (batch, c, k, groups, input, kernel, stride)
+                    );
+                    assert_close(&what, &dx, &want, &mx, &zeros, t_x).unwrap();
+                    if par == Parallelism::Sequential {
+                        assert!(trace.gemm_ran_on(isa), "{what}: {trace:?}");
+                        edges[a][0] += trace.kc_edges;
+                        edges[a][1] += trace.mc_edges;
+                        edges[a][2] += trace.nc_edges;
+                    }
                 }
             }
         }
     }
     assert!(
-        edges.iter().all(|&e| e > 0),
-        "KC, MC, NC edges crossed: {edges:?}"
+        edges.iter().flatten().all(|&e| e > 0),
+        "KC, MC, NC edges crossed (Implicit, Im2col): {edges:?}"
     );
 }
