@@ -26,7 +26,7 @@
 mod common;
 
 use common::{
-    adjoint_tolerance, algorithms, assert_mentions, conv_bound, dot, engine_combos,
+    adjoint_tolerance, algorithms, assert_mentions, bits, conv_bound, dot, engine_combos,
     proptest_config, to_f64, Rng,
 };
 use cpuconv::testing::traced;
@@ -1566,6 +1566,57 @@ fn larger_layers_match_the_reference() {
                 let mut y = vec![f32::NAN; exact.len()];
                 t.plan(&w, b, &o).unwrap().forward(&x, &mut y).unwrap();
                 assert_close(&format!("plan {what}"), &y, &exact, &r.magnitude, terms).unwrap();
+            }
+        }
+    }
+}
+
+/// The thread count changes who computes what, never the arithmetic: the
+/// GEMMs split their output, col2im and the phases' store split output
+/// channels, and column phases run whole on one thread. So one and two
+/// threads give the same bits, through plans and one-shot calls, on the
+/// phases (stride 2 with unequal and equal phases) and on GEMM + col2im.
+#[test]
+fn results_do_not_depend_on_the_thread_count() {
+    let layers = [
+        // (N, C_in, H, C_out, k, s, p, op)
+        (1, 24, 9, 20, 3, 2, 1, 1),
+        (1, 32, 8, 16, 4, 2, 1, 0),
+        (2, 40, 5, 8, 3, 1, 1, 0),
+    ];
+    for (n, cin, h, cout, k, s, p, op) in layers {
+        let t = ConvTranspose2dParams::new(n, cin, (h, h), cout, (k, k))
+            .stride(s, s)
+            .padding(Padding::symmetric(p, p))
+            .output_padding(op, op)
+            .build()
+            .unwrap();
+        let mut rng = Rng::new(5);
+        let x = rng.vec(t.input_shape().iter().product());
+        let w = rng.vec(t.weight_shape().iter().product());
+        let b = rng.vec(cout);
+        let len: usize = t.output_shape().iter().product();
+        for algorithm in [Algorithm::Implicit, Algorithm::Im2col, Algorithm::Auto] {
+            let run = |threads: usize, planned: bool| {
+                let options = ForwardOptions::new(algorithm)
+                    .parallelism(Parallelism::threads(threads))
+                    .activation(Activation::Relu);
+                let mut y = vec![0.0; len];
+                if planned {
+                    let plan = t.plan(&w, Some(&b), &options).unwrap();
+                    plan.forward(&x, &mut y).unwrap();
+                } else {
+                    t.forward_with(&x, &w, Some(&b), &mut y, &options).unwrap();
+                }
+                bits(&y)
+            };
+            for planned in [false, true] {
+                assert_eq!(
+                    run(1, planned),
+                    run(2, planned),
+                    "{:?} {algorithm:?} planned {planned}",
+                    (n, cin, h, cout, k, s, p, op)
+                );
             }
         }
     }
