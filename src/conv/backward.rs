@@ -144,6 +144,16 @@ impl BackwardOptions {
         }
     }
 
+    /// The options of the GEMMs a pass runs, with `parallelism`.
+    pub(crate) fn gemm_options(&self, parallelism: Parallelism) -> crate::GemmOptions {
+        crate::GemmOptions {
+            backend: self.backend,
+            parallelism,
+            isa: self.isa,
+            blocking: self.blocking,
+        }
+    }
+
     /// The forward options of the convolutions a pass lowers to.
     fn phase_options(&self, algorithm: Algorithm) -> ForwardOptions {
         ForwardOptions {

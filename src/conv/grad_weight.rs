@@ -78,7 +78,7 @@ use crate::gemm::engine::{
     gemm_with_epilogue, select_kernel, ASource, BSource, Epilogue, PackBuffers, StridedC,
     StridedMatrix,
 };
-use crate::gemm::{GemmOptions, Parallelism};
+use crate::gemm::Parallelism;
 use crate::geometry::ConvGeometry;
 use rayon::prelude::*;
 use std::cell::RefCell;
@@ -105,7 +105,9 @@ pub(crate) fn backward_weight_implicit(
         return Ok(());
     }
     if g.batch * g.out_plane() < DEPTH_FOR_TAPS_AS_ROWS {
-        return by_images(g, input, grad_output, grad_weight, options);
+        return by_images(g, input, grad_output, grad_weight, options, |image| {
+            ColumnsT { g, image }
+        });
     }
     taps_as_rows(g, input, grad_output, grad_weight, options)
 }
@@ -172,12 +174,20 @@ impl BSource<f32> for ColumnsT<'_> {
     }
 }
 
-fn by_images(
+/// `dW_g = Σ_n dY_{n,g} · B_{n,g}` image by image into each group's block
+/// of `grad_weight` (β = 1 after the first image, or from the first with
+/// `accumulate`), B being the `OH·OW × C/g·R·S` operand `columns` gives for
+/// one image group (`[C/g, H, W]`): the transposed im2col view here, the
+/// transpose of an explicit column matrix for `Algorithm::Im2col`
+/// (`backward_weight_im2col`). The images run one after another, so the
+/// sum has a fixed order whatever the threads: they work inside each GEMM.
+pub(crate) fn by_images<'a, B: BSource<f32>>(
     g: &ConvGeometry,
-    input: &[f32],
+    input: &'a [f32],
     grad_output: &[f32],
     grad_weight: &mut [f32],
     options: &BackwardOptions,
+    mut columns: impl FnMut(&'a [f32]) -> B,
 ) -> Result<(), ConvError> {
     let (cg, kg, kk, plane) = (
         g.channels_per_group(),
@@ -185,24 +195,19 @@ fn by_images(
         g.gemm_k(),
         g.out_plane(),
     );
-    let gemm_opts = GemmOptions {
-        backend: options.backend,
-        parallelism: options.parallelism,
-        isa: options.isa,
-        blocking: options.blocking,
-    };
+    let gemm_opts = options.gemm_options(options.parallelism);
     for grp in 0..g.groups {
         let dw = &mut grad_weight[grp * kg * kk..][..kg * kk];
         for n in 0..g.batch {
             let image =
                 &input[(n * g.in_channels + grp * cg) * g.in_plane()..][..cg * g.in_plane()];
+            let b = columns(image);
             let dy = &grad_output[(n * g.out_channels + grp * kg) * plane..][..kg * plane];
             let a = ASource::Strided(StridedMatrix {
                 ptr: dy.as_ptr(),
                 rs: plane as isize,
                 cs: 1,
             });
-            let b = ColumnsT { g, image };
             let c = StridedC {
                 ptr: dw.as_mut_ptr(),
                 rs: kk as isize,
@@ -214,9 +219,10 @@ fn by_images(
                 1.0
             };
             // SAFETY: A is this image-group's kg × plane block of
-            // `grad_output`, B the plane × kk view of its input channels, C
-            // the group's kg × kk block of `grad_weight`, exclusively
-            // borrowed; with β = 0 C is not read.
+            // `grad_output`, B the plane × kk operand `columns` gave for its
+            // input channels (valid until the next call), C the group's
+            // kg × kk block of `grad_weight`, exclusively borrowed; with
+            // β = 0 C is not read.
             unsafe {
                 gemm_with_epilogue(
                     kg,
@@ -550,12 +556,7 @@ impl Context<'_> {
         if mt == 0 || nk == 0 {
             return;
         }
-        let gemm_opts = GemmOptions {
-            backend: self.options.backend,
-            parallelism: Parallelism::Sequential,
-            isa: self.options.isa,
-            blocking: self.options.blocking,
-        };
+        let gemm_opts = self.options.gemm_options(Parallelism::Sequential);
         let first_tap = ColumnTap::of_row(g, t0);
         // Chunks of the depth in order: across images, or (in place) per image.
         let span = if b.in_place { plane } else { depth };
