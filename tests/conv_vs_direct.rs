@@ -269,8 +269,8 @@ fn bound(gemm_k: usize, magnitude: f64) -> f64 {
 /// thread (evidence is kept per thread, so only a call that ran entirely
 /// here proves anything: `sequential`). A GEMM lowering on the native
 /// backend runs the forced ISA's GEMM blocks and no SIMD direct job; on
-/// the `matrixmultiply` backend no native block at all; `DirectSimd` runs
-/// the forced ISA's SIMD jobs and no GEMM; `Direct` no kernel. Nothing
+/// the `matrixmultiply` backend no native block at all; `DirectSimd` and
+/// `DirectDense` run the forced ISA's SIMD jobs and no GEMM; `Direct` no kernel. Nothing
 /// runs on another ISA.
 fn check_evidence(
     what: &str,
@@ -299,7 +299,7 @@ fn check_evidence(
             prop_assert_eq!(gemm_blocks, 0, "{}: native blocks on matrixmultiply", what);
             prop_assert_eq!(simd_jobs, 0, "{}: SIMD direct jobs ran", what);
         }
-        Algorithm::DirectSimd => {
+        Algorithm::DirectSimd | Algorithm::DirectDense => {
             prop_assert!(
                 trace.direct_simd_ran_on(isa),
                 "{}: no {} SIMD job ran",

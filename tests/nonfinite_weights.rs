@@ -163,7 +163,7 @@ fn check_trace(what: &str, resolved: Algorithm, isa: Isa, backend: GemmBackend, 
     let blocks: u64 = t.gemm_blocks.iter().sum();
     let jobs: u64 = t.direct_simd_jobs.iter().sum();
     match resolved {
-        Algorithm::DirectSimd => {
+        Algorithm::DirectSimd | Algorithm::DirectDense => {
             assert!(
                 t.direct_simd_ran_on(isa),
                 "{what}: no {isa} SIMD job: {t:?}"
@@ -183,14 +183,18 @@ fn check_trace(what: &str, resolved: Algorithm, isa: Isa, backend: GemmBackend, 
 
 /// The algorithm a call asked to run `algorithm` must run: `Auto` resolved,
 /// and for a padded convolution with a non-finite weight the GEMM
-/// lowerings replaced by `DirectSimd`.
+/// lowerings and `DirectDense` replaced by `DirectSimd`.
 fn expected_algorithm(conv: &Conv2d, algorithm: Algorithm, nonfinite: bool) -> Algorithm {
     let a = match algorithm {
         Algorithm::Auto => conv.auto_algorithm(),
         a => a,
     };
     let padded = conv.padding() != Padding::ZERO;
-    if nonfinite && padded && matches!(a, Algorithm::Im2col | Algorithm::Implicit) {
+    let multiplies_padding = matches!(
+        a,
+        Algorithm::Im2col | Algorithm::Implicit | Algorithm::DirectDense
+    );
+    if nonfinite && padded && multiplies_padding {
         Algorithm::DirectSimd
     } else {
         a

@@ -78,6 +78,12 @@ pub enum Algorithm {
     /// view, so no column matrix is ever built; an unpadded stride-1 1×1
     /// convolution multiplies the input planes directly.
     Implicit,
+    /// Direct convolution vectorised across output channels (MLAS's NCHWc
+    /// kernel idea on the caller's NCHW tensors): a register tile of up to
+    /// 64 output channels × a few pixels of one output row, weights packed
+    /// once, input pixels broadcast from a zero-padded copy; no B panel is
+    /// ever written. The fast path for dense layers with many channels.
+    DirectDense,
     /// Picks per shape; see [`Conv2d::auto_algorithm`].
     #[default]
     Auto,
@@ -85,11 +91,12 @@ pub enum Algorithm {
 
 impl Algorithm {
     /// Every concrete algorithm (not `Auto`).
-    pub const CONCRETE: [Algorithm; 4] = [
+    pub const CONCRETE: [Algorithm; 5] = [
         Algorithm::Direct,
         Algorithm::DirectSimd,
         Algorithm::Im2col,
         Algorithm::Implicit,
+        Algorithm::DirectDense,
     ];
 
     /// Lower-case name, as the tool prints it.
@@ -99,6 +106,7 @@ impl Algorithm {
             Algorithm::DirectSimd => "direct-simd",
             Algorithm::Im2col => "im2col",
             Algorithm::Implicit => "implicit",
+            Algorithm::DirectDense => "direct-dense",
             Algorithm::Auto => "auto",
         }
     }
@@ -313,8 +321,11 @@ impl Conv2d {
             Algorithm::Auto => self.auto_algorithm(),
             a => a,
         };
-        let lowers_to_gemm = matches!(algorithm, Algorithm::Im2col | Algorithm::Implicit);
-        if lowers_to_gemm
+        let multiplies_padding = matches!(
+            algorithm,
+            Algorithm::Im2col | Algorithm::Implicit | Algorithm::DirectDense
+        );
+        if multiplies_padding
             && self.geom.padding != Padding::ZERO
             && weight.iter().any(|w| !w.is_finite())
         {
@@ -385,6 +396,15 @@ impl Conv2d {
                 options.isa.unwrap_or_else(crate::isa),
                 options.parallelism,
             )?,
+            Algorithm::DirectDense => {
+                let isa = options.isa.unwrap_or_else(crate::isa);
+                match direct_simd::DensePrepared::new(g, weight, options.activation, isa)? {
+                    Some(p) => p.run(input, bias, output, options.parallelism, None)?,
+                    None => {
+                        direct::conv2d_direct(g, input, weight, bias, output, options.activation)
+                    }
+                }
+            }
             Algorithm::Im2col | Algorithm::Implicit | Algorithm::Auto => {
                 let lowering = if algorithm == Algorithm::Im2col {
                     gemm_lowering::Lowering::Explicit

@@ -64,6 +64,8 @@ enum PlanWeights {
     Packed { data: Vec<f32>, mr: usize },
     /// Gathered for the SIMD direct kernels, with their column plan.
     DirectSimd(Box<direct_simd::Prepared>),
+    /// Packed per channel block for the dense tile.
+    DirectDense(Box<direct_simd::DensePrepared>),
 }
 
 impl Conv2d {
@@ -106,6 +108,13 @@ impl Conv2d {
             }
             _ => None,
         };
+        let dense = match algorithm {
+            Algorithm::DirectDense => {
+                direct_simd::DensePrepared::new(g, weight, options.activation, isa)?
+            }
+            _ => None,
+        };
+        let dense_scratch = dense.as_ref().map_or(0, |d| d.scratch_len(1));
         let weights = if prepack {
             PlanWeights::Packed {
                 data: pack_weights(self, weight, kernel.mr)?,
@@ -113,6 +122,8 @@ impl Conv2d {
             }
         } else if let Some(prepared) = simd {
             PlanWeights::DirectSimd(Box::new(prepared))
+        } else if let Some(prepared) = dense {
+            PlanWeights::DirectDense(Box::new(prepared))
         } else {
             // Direct, the other backends, and a DirectSimd geometry whose
             // padding is too large for the SIMD kernels (it runs the
@@ -121,7 +132,7 @@ impl Conv2d {
         };
         let bias = bias.map(|b| copy_of("plan bias", b)).transpose()?;
         let prepacked = matches!(weights, PlanWeights::Packed { .. });
-        let scratch = ScratchFloats::new(g, algorithm, &kernel, prepacked)?;
+        let scratch = ScratchFloats::new(g, algorithm, &kernel, prepacked, dense_scratch)?;
         Ok(Conv2dPlan {
             conv: *self,
             options: ForwardOptions {
@@ -164,6 +175,7 @@ impl ScratchFloats {
         algorithm: Algorithm,
         kernel: &KernelInfo,
         prepacked: bool,
+        dense: usize,
     ) -> Result<ScratchFloats, ConvError> {
         let PackBounds { a, b, staging } = pack_bounds::<f32>(
             g.out_channels_per_group(),
@@ -176,6 +188,8 @@ impl ScratchFloats {
             Algorithm::Implicit => (a, b, staging, 0),
             // The geometry checked that the column matrix's float count fits.
             Algorithm::Im2col => (a, b, 0, g.gemm_k() * g.out_plane()),
+            // The padded image and one row buffer, in the column buffer.
+            Algorithm::DirectDense => (0, 0, 0, dense),
             _ => (0, 0, 0, 0),
         };
         let overflow = ConvError::Overflow {
@@ -319,6 +333,11 @@ impl Conv2dPlan {
                 };
                 prepared.run(input, bias, output, par);
                 Ok(())
+            }
+            (PlanWeights::DirectDense(prepared), _) => {
+                // A workspace means the caller's thread only, and its memory.
+                let par = self.options.parallelism;
+                prepared.run(input, bias, output, par, scratch.map(|s| &mut s.col))
             }
             (PlanWeights::Raw(w), _) => {
                 let options = if scratch.is_some() {

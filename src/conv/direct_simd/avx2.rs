@@ -4,6 +4,7 @@
 use super::backward::{
     run_weight_job, weight_flat, weight_three, weight_tile, FlatPlan, GradWeight, WeightJob,
 };
+use super::dense::{dense_row, run_row, DenseRow, DenseRows, DenseShape};
 use super::{run_general, run_job, run_three, Job, Simd};
 use core::arch::x86_64::*;
 
@@ -305,4 +306,31 @@ pub(super) unsafe fn run_weight(job: &WeightJob<'_>, out: &mut [f32]) {
             job, out,
         )
     }
+}
+
+/// The dense tile on 16 registers: 12 accumulators for one channel vector,
+/// 12 for two, each beside the weight vectors and a broadcast.
+pub(super) const DENSE: DenseShape = DenseShape {
+    lanes: 8,
+    widths: &[12, 6],
+};
+
+impl DenseRows for Avx2 {
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn dense_row<const F: usize, const P: usize>(row: &DenseRow<'_>) {
+        // The token is sound: this function only runs where the CPU supports
+        // AVX2 and FMA (contract).
+        let s = Avx2 { _private: () };
+        // SAFETY: forwarded contract.
+        unsafe { dense_row::<Self, F, P>(s, row) }
+    }
+}
+
+/// Runs one dense row with `f` channel vectors on this path.
+///
+/// # Safety
+/// As [`dense_row`], and the CPU supports AVX2 and FMA; `f` is within [`DENSE`]'s widths.
+pub(super) unsafe fn run_dense_row(f: usize, row: &DenseRow<'_>) {
+    // SAFETY: forwarded contract.
+    unsafe { run_row::<Avx2, 12, 6, 1, 1>(f, row) }
 }

@@ -4,6 +4,7 @@
 use super::backward::{
     run_weight_job, weight_flat, weight_three, weight_tile, FlatPlan, GradWeight, WeightJob,
 };
+use super::dense::{dense_row, run_row, DenseRow, DenseRows, DenseShape};
 use super::{run_general, run_job, run_three, Job, Simd};
 use core::arch::x86_64::*;
 
@@ -324,6 +325,34 @@ pub(super) unsafe fn run_weight(job: &WeightJob<'_>, out: &mut [f32]) {
             job, out,
         )
     }
+}
+
+/// The dense tile on 32 registers: the widest tile of `F` = 1 to 4 channel
+/// vectors keeps 12, 24, 24 and 24 accumulators beside the `F` weight vectors
+/// and a broadcast (4 × 7 spills; see the module doc of `dense`).
+pub(super) const DENSE: DenseShape = DenseShape {
+    lanes: 16,
+    widths: &[12, 12, 8, 6],
+};
+
+impl DenseRows for Avx512 {
+    #[target_feature(enable = "avx512f,fma")]
+    unsafe fn dense_row<const F: usize, const P: usize>(row: &DenseRow<'_>) {
+        // The token is sound: this function only runs where the CPU supports
+        // AVX-512F and FMA (contract).
+        let s = Avx512 { _private: () };
+        // SAFETY: forwarded contract.
+        unsafe { dense_row::<Self, F, P>(s, row) }
+    }
+}
+
+/// Runs one dense row with `f` channel vectors on this path.
+///
+/// # Safety
+/// As [`dense_row`], and the CPU supports AVX-512F and FMA; `f` is within [`DENSE`]'s widths.
+pub(super) unsafe fn run_dense_row(f: usize, row: &DenseRow<'_>) {
+    // SAFETY: forwarded contract.
+    unsafe { run_row::<Avx512, 12, 12, 8, 6>(f, row) }
 }
 
 #[cfg(test)]

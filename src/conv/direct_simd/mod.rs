@@ -63,12 +63,14 @@ mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
 mod backward;
+mod dense;
 mod general;
 mod portable;
 mod simd;
 mod three;
 
 pub(crate) use backward::backward_weight;
+pub(crate) use dense::DensePrepared;
 use general::run_general;
 use simd::Simd;
 use three::run_three;

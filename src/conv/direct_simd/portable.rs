@@ -5,6 +5,7 @@
 use super::backward::{
     run_weight_job, weight_flat, weight_three, weight_tile, FlatPlan, GradWeight, WeightJob,
 };
+use super::dense::{dense_row, run_row, DenseRow, DenseRows, DenseShape};
 use super::{run_general, run_job, Job, Simd};
 use wide::{f32x8, CmpGe, CmpGt, CmpLt};
 
@@ -237,4 +238,39 @@ pub(super) unsafe fn run_weight(job: &WeightJob<'_>, out: &mut [f32]) {
             job, out,
         )
     }
+}
+
+cfg_if::cfg_if! {
+    if #[cfg(target_arch = "aarch64")] {
+        /// The dense tile on sixteen `f32x8` registers, as AVX2.
+        pub(super) const DENSE: DenseShape = DenseShape {
+            lanes: 8,
+            widths: &[12, 6],
+        };
+        const DENSE_P: (usize, usize) = (12, 6);
+    } else {
+        /// The dense tile on SSE2's eight `f32x8` registers: one channel
+        /// vector, six accumulators.
+        pub(super) const DENSE: DenseShape = DenseShape {
+            lanes: 8,
+            widths: &[6],
+        };
+        const DENSE_P: (usize, usize) = (6, 1);
+    }
+}
+
+impl DenseRows for Portable {
+    unsafe fn dense_row<const F: usize, const P: usize>(row: &DenseRow<'_>) {
+        // SAFETY: forwarded contract; the portable path needs no CPU feature.
+        unsafe { dense_row::<Self, F, P>(Portable, row) }
+    }
+}
+
+/// Runs one dense row with `f` channel vectors on the portable path.
+///
+/// # Safety
+/// As [`dense_row`]; `f` is within [`DENSE`]'s widths.
+pub(super) unsafe fn run_dense_row(f: usize, row: &DenseRow<'_>) {
+    // SAFETY: forwarded contract.
+    unsafe { run_row::<Portable, { DENSE_P.0 }, { DENSE_P.1 }, 1, 1>(f, row) }
 }

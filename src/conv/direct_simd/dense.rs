@@ -1,0 +1,710 @@
+//! The dense tile: direct convolution vectorised across output channels, for
+//! layers with many channels per group (the ResNet 3×3 layers, stems,
+//! dilated and strided layers), where the implicit GEMM spends a share of
+//! every call writing B rows.
+//!
+//! The idea is MLAS's NCHWc convolution kernel, without changing the
+//! caller's layout: a register tile is `F` vectors of `L` output channels
+//! (one block of `F·L` channels of a group) × `W` consecutive output pixels
+//! of one row. For each input channel and kernel tap it loads the block's
+//! `F` weight vectors (packed once, `[taps][F·L]`, so the loads stream
+//! through memory in order) and broadcasts the `W` input pixels that tap
+//! meets (`W` scalar loads at a constant stride from one pointer), so every
+//! weight vector feeds `W` FMAs and every broadcast `F`. Nothing is packed per
+//! call but a zero-padded copy of the input (a padded layer; an unpadded
+//! one is read in place), so the tap loop needs no bounds checks: the input
+//! position of tap `(c, r, s)` is a fixed offset from the tile's, read from
+//! a table built once.
+//!
+//! The tile's outputs leave channel-major (`[W][F·L]`); a whole output row
+//! is gathered into the caller's NCHW planes with the bias and activation
+//! (strided vector loads, contiguous stores).
+//!
+//! The sum for each output runs over the taps in one fixed order whatever
+//! the threads, so results do not depend on the thread count. Padding taps
+//! are multiplied by the padded copy's zeros, as in the GEMM lowerings, so
+//! `Conv2d::resolve_algorithm` hands non-finite weights on a padded layer to
+//! the SIMD direct tiles that skip them.
+//!
+//! Measured while choosing the tile (Zen 5, AVX-512, 1 thread, a stand-alone
+//! prototype with the same loop, GFLOP/s; `F = 4`, widths `W` up to):
+//!
+//! | layer                       | W ≤ 4 | W ≤ 5 | W ≤ 6 | W ≤ 7 |
+//! |-----------------------------|-------|-------|-------|-------|
+//! | 64 → 64, 3×3, 56²           | 241   | 227   | 235   | 92    |
+//! | 256 → 256, 3×3, 14²         | 229   | 245   | 228   | 94    |
+//! | 128 → 128, 3×3/2, 56²       | 243   | 235   | 239   | 92    |
+//!
+//! (the implicit GEMM ran these at 212, 205 and 191 in the same session; 7
+//! spills: 28 accumulators, 4 weight vectors and a broadcast exceed 32
+//! registers). A row is split into tiles of as equal widths as the widest
+//! tile allows (56 pixels with `W ≤ 6`: six of 6 and four of 5), which keeps
+//! the narrow tail tiles of a plain split off the row.
+
+use super::{Simd, MIN_FLOPS_PER_THREAD};
+use crate::arch::{clamp_isa, Isa};
+use crate::conv::try_with_capacity;
+use crate::error::ConvError;
+use crate::gemm::{Activation, Parallelism};
+use crate::geometry::{ConvGeometry, ConvMode};
+use crate::testing::record_direct_simd_jobs;
+use std::ops::Range;
+
+/// The widest tile any ISA uses (the instances compiled per `F`).
+pub(super) const MAX_WIDTH: usize = 12;
+
+/// The register tile of one ISA: lanes, and the widest tile for each
+/// number of channel vectors `F` (`widths[F − 1]`; `F` up to `widths.len()`).
+#[derive(Clone, Copy, Debug)]
+pub(super) struct DenseShape {
+    pub(super) lanes: usize,
+    pub(super) widths: &'static [usize],
+}
+
+/// The ISA operations the dense rows run with.
+pub(super) trait DenseRows: Simd {
+    /// [`dense_row`] with this ISA's operations, compiled with its target
+    /// features.
+    ///
+    /// # Safety
+    /// The CPU supports the ISA; as [`dense_row`] otherwise.
+    unsafe fn dense_row<const F: usize, const P: usize>(row: &DenseRow<'_>);
+}
+
+/// The geometry as the dense rows use it.
+#[derive(Clone, Debug)]
+struct Geo {
+    batch: usize,
+    groups: usize,
+    cg: usize,
+    kg: usize,
+    in_h: usize,
+    in_w: usize,
+    pad_top: usize,
+    pad_left: usize,
+    /// The padded input plane the offsets address: rows and row length.
+    hp: usize,
+    wp: usize,
+    /// Whether the input needs a zero-padded copy (any padding at all).
+    padded: bool,
+    out_h: usize,
+    out_w: usize,
+    stride_h: usize,
+    stride_w: usize,
+    /// Taps per output channel: `cg·R·S`.
+    taps: usize,
+}
+
+impl Geo {
+    fn plane(&self) -> usize {
+        self.hp * self.wp
+    }
+    fn out_plane(&self) -> usize {
+        self.out_h * self.out_w
+    }
+}
+
+/// A convolution made ready for the dense tile once: the weights packed per
+/// channel block, the tap offsets, the tile. Running it allocates the
+/// padded copy of one image (for a padded layer) and one row buffer per
+/// thread.
+#[derive(Clone, Debug)]
+pub(crate) struct DensePrepared {
+    geo: Geo,
+    /// `[group][block][taps][F·L]`, starting `align` floats in (64-byte
+    /// aligned, so each weight vector is one cache line on AVX-512).
+    weights: Vec<f32>,
+    align: usize,
+    /// Input offset of tap `(c, r, s)` from the tile's first pixel, in the
+    /// (padded) input of the group: `c·Hp·Wp + r·dh·Wp + s·dw`.
+    offsets: Vec<isize>,
+    isa: Isa,
+    lanes: usize,
+    /// Channel vectors per block.
+    f: usize,
+    /// Blocks of `F·L` channels per group.
+    blocks: usize,
+    clamp: Option<(f32, f32)>,
+    flops: u64,
+}
+
+/// The tile of `isa` (clamped to the CPU).
+fn shape_for(isa: Isa) -> DenseShape {
+    match clamp_isa(isa) {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => super::avx512::DENSE,
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => super::avx2::DENSE,
+        _ => super::portable::DENSE,
+    }
+}
+
+/// Channel vectors per block for `kg` channels per group: the count that
+/// pads the fewest channels, the larger on a tie (more FMAs per broadcast).
+fn vectors_per_block(kg: usize, shape: DenseShape) -> usize {
+    let lanes = shape.lanes;
+    (1..=shape.widths.len())
+        .min_by_key(|&f| (kg.div_ceil(f * lanes) * f * lanes, usize::MAX - f))
+        .unwrap_or(1)
+}
+
+/// Row tile widths: `out_w` split into `⌈out_w / widest⌉` tiles whose widths
+/// differ by at most one.
+fn tile_widths(out_w: usize, widest: usize) -> impl Iterator<Item = usize> {
+    let tiles = out_w.div_ceil(widest.max(1));
+    let (base, extra) = out_w
+        .checked_div(tiles)
+        .map_or((0, 0), |base| (base, out_w % tiles));
+    (0..tiles).map(move |t| base + usize::from(t < extra))
+}
+
+impl DensePrepared {
+    /// Prepares `weight` (PyTorch layout) for the dense tile of `isa`
+    /// (clamped to the CPU), or `None` when the padded input's offsets would
+    /// not fit comfortably in `isize` (the reference loops take such a
+    /// geometry).
+    pub(crate) fn new(
+        g: &ConvGeometry,
+        weight: &[f32],
+        activation: Activation,
+        isa: Isa,
+    ) -> Result<Option<DensePrepared>, ConvError> {
+        let isa = clamp_isa(isa);
+        let shape = shape_for(isa);
+        let p = g.padding;
+        let hp = g
+            .in_h
+            .checked_add(p.top)
+            .and_then(|h| h.checked_add(p.bottom));
+        let wp = g
+            .in_w
+            .checked_add(p.left)
+            .and_then(|w| w.checked_add(p.right));
+        let limit = (isize::MAX / 8) as usize;
+        let plane = hp.zip(wp).and_then(|(h, w)| h.checked_mul(w));
+        let group_len = plane.and_then(|pl| pl.checked_mul(g.channels_per_group()));
+        let (Some(hp), Some(wp), Some(_)) = (hp, wp, group_len.filter(|&l| l <= limit)) else {
+            return Ok(None);
+        };
+        let geo = Geo {
+            batch: g.batch,
+            groups: g.groups,
+            cg: g.channels_per_group(),
+            kg: g.out_channels_per_group(),
+            in_h: g.in_h,
+            in_w: g.in_w,
+            pad_top: p.top,
+            pad_left: p.left,
+            hp,
+            wp,
+            padded: p.top + p.bottom + p.left + p.right > 0,
+            out_h: g.out_h,
+            out_w: g.out_w,
+            stride_h: g.stride_h,
+            stride_w: g.stride_w,
+            taps: g.channels_per_group() * g.kernel_h * g.kernel_w,
+        };
+        let f = vectors_per_block(geo.kg, shape);
+        let block = f * shape.lanes;
+        let blocks = geo.kg.div_ceil(block);
+        let mut offsets = try_with_capacity("dense tap offsets", geo.taps)?;
+        for c in 0..geo.cg {
+            for r in 0..g.kernel_h {
+                for s in 0..g.kernel_w {
+                    // Within the group's padded input, which the check above
+                    // bounds by `limit`.
+                    let off = c * geo.plane() + r * g.dilation_h * wp + s * g.dilation_w;
+                    offsets.push(off as isize);
+                }
+            }
+        }
+        // 64-byte alignment: up to 15 floats of slack in front.
+        let len = (geo.groups * blocks)
+            .checked_mul(geo.taps)
+            .and_then(|n| n.checked_mul(block))
+            .and_then(|n| n.checked_add(16))
+            .ok_or(ConvError::Overflow {
+                what: "dense weights",
+            })?;
+        let mut weights = try_with_capacity("dense weights", len)?;
+        weights.resize(len, 0.0);
+        let align = weights.as_ptr().align_offset(64).min(16);
+        let flipped = g.mode == ConvMode::Convolution;
+        let (rl, sl) = (g.kernel_h, g.kernel_w);
+        let dst = &mut weights[align..];
+        for group in 0..geo.groups {
+            for b in 0..blocks {
+                let panel = &mut dst[(group * blocks + b) * geo.taps * block..][..geo.taps * block];
+                for k in b * block..((b + 1) * block).min(geo.kg) {
+                    let raw = &weight[(group * geo.kg + k) * geo.taps..][..geo.taps];
+                    let lane = k - b * block;
+                    for c in 0..geo.cg {
+                        for r in 0..rl {
+                            for s in 0..sl {
+                                let (wr, ws) = if flipped {
+                                    (rl - 1 - r, sl - 1 - s)
+                                } else {
+                                    (r, s)
+                                };
+                                let tap = (c * rl + r) * sl + s;
+                                panel[tap * block + lane] = raw[(c * rl + wr) * sl + ws];
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        Ok(Some(DensePrepared {
+            geo,
+            weights,
+            align,
+            offsets,
+            isa,
+            lanes: shape.lanes,
+            f,
+            blocks,
+            clamp: activation.bounds(),
+            flops: g.flops(),
+        }))
+    }
+
+    /// Channels per block: `F·L`.
+    fn block(&self) -> usize {
+        self.f * self.lanes
+    }
+
+    /// Floats of one row buffer: the row rounded up to whole vectors (the
+    /// store reads `L` pixels at a time), `F·L` channels each.
+    fn row_buffer_len(&self) -> usize {
+        self.geo.out_w.div_ceil(self.lanes) * self.lanes * self.block()
+    }
+
+    /// Rows of one image: one per (group, block, output row).
+    fn rows(&self) -> usize {
+        self.geo.groups * self.blocks * self.geo.out_h
+    }
+
+    /// Floats of scratch a call on `threads` threads needs: the padded copy
+    /// of one image (for a padded layer) and one row buffer per thread.
+    pub(crate) fn scratch_len(&self, threads: usize) -> usize {
+        let geo = &self.geo;
+        let padded = if geo.padded {
+            geo.groups * geo.cg * geo.plane()
+        } else {
+            0
+        };
+        padded + threads.max(1) * self.row_buffer_len()
+    }
+
+    /// `output = act(conv(input, weight) + bias)`; slices have the lengths
+    /// the geometry requires (checked by the caller). With `scratch` (a
+    /// caller's workspace) the call runs on the calling thread and allocates
+    /// nothing once `scratch` holds [`DensePrepared::scratch_len`]`(1)`
+    /// floats; otherwise it allocates its scratch and takes up to the
+    /// threads `par` allows.
+    ///
+    /// # Errors
+    /// [`ConvError::OutOfMemory`] when the scratch cannot be allocated.
+    pub(crate) fn run(
+        &self,
+        input: &[f32],
+        bias: Option<&[f32]>,
+        output: &mut [f32],
+        par: Parallelism,
+        scratch: Option<&mut Vec<f32>>,
+    ) -> Result<(), ConvError> {
+        let geo = &self.geo;
+        let in_image = geo.groups * geo.cg * geo.in_h * geo.in_w;
+        let out_image = geo.groups * geo.kg * geo.out_plane();
+        assert!(
+            input.len() == geo.batch * in_image && output.len() == geo.batch * out_image,
+            "dense: buffers do not match the geometry"
+        );
+        if output.is_empty() {
+            return Ok(());
+        }
+        let threads = match scratch {
+            Some(_) => 1,
+            None => thread_count(self.flops / geo.batch as u64, self.rows(), par),
+        };
+        let mut own: Vec<f32>;
+        let scratch = match scratch {
+            Some(s) => s,
+            None => {
+                own = try_with_capacity("dense scratch", self.scratch_len(threads))?;
+                &mut own
+            }
+        };
+        let len = self.scratch_len(threads);
+        if scratch.len() < len {
+            scratch
+                .try_reserve_exact(len - scratch.len())
+                .map_err(|_| ConvError::OutOfMemory {
+                    what: "dense scratch",
+                    bytes: len.saturating_mul(4),
+                })?;
+            scratch.resize(len, 0.0);
+        }
+        let buf_len = self.row_buffer_len();
+        let (padded, bufs) = scratch[..len].split_at_mut(len - threads * buf_len);
+        for (image, out) in input
+            .chunks_exact(in_image)
+            .zip(output.chunks_exact_mut(out_image))
+        {
+            let src: &[f32] = if geo.padded {
+                self.pad_image(image, padded, threads);
+                padded
+            } else {
+                image
+            };
+            let out = SharedOut(out.as_mut_ptr());
+            fork(0..threads, bufs, buf_len, &|task, buf| {
+                let rows = self.rows();
+                let range = rows * task / threads..rows * (task + 1) / threads;
+                // SAFETY: `out` is this image's output; each task writes the
+                // rows of its own range, disjoint from every other task's.
+                unsafe { self.run_rows(range, src, bias, out, buf) };
+            });
+        }
+        record_direct_simd_jobs(self.isa, (geo.batch * self.rows()) as u64);
+        Ok(())
+    }
+
+    /// Writes one image, zero-padded, over all of `padded`, on up to
+    /// `threads` threads (split by channel).
+    fn pad_image(&self, image: &[f32], padded: &mut [f32], threads: usize) {
+        let geo = &self.geo;
+        let (plane, in_plane) = (geo.plane(), geo.in_h * geo.in_w);
+        let channels = geo.groups * geo.cg;
+        let per_task = channels.div_ceil(threads.max(1)).max(1);
+        let copy = |chunk: &mut [f32], first: usize| {
+            for (i, dst) in chunk.chunks_exact_mut(plane).enumerate() {
+                let src = &image[(first + i) * in_plane..][..in_plane];
+                let top = geo.pad_top * geo.wp;
+                dst[..top].fill(0.0);
+                let body = &mut dst[top..];
+                for (y, row) in src.chunks_exact(geo.in_w).enumerate() {
+                    let line = &mut body[y * geo.wp..(y + 1) * geo.wp];
+                    let (left, rest) = line.split_at_mut(geo.pad_left);
+                    left.fill(0.0);
+                    let (mid, right) = rest.split_at_mut(geo.in_w);
+                    mid.copy_from_slice(row);
+                    right.fill(0.0);
+                }
+                body[geo.in_h * geo.wp..].fill(0.0);
+            }
+        };
+        if threads <= 1 {
+            copy(padded, 0);
+            return;
+        }
+        rayon::scope(|scope| {
+            for (t, chunk) in padded.chunks_mut(per_task * plane).enumerate() {
+                let copy = &copy;
+                scope.spawn(move |_| copy(chunk, t * per_task));
+            }
+        });
+    }
+
+    /// Computes rows `range` of one image (row `u`: group, block, output
+    /// row, in that order) from `src`, its (padded) input.
+    ///
+    /// # Safety
+    /// `out` is the image's output planes, and no other thread writes the
+    /// rows of `range` while this runs.
+    unsafe fn run_rows(
+        &self,
+        range: Range<usize>,
+        src: &[f32],
+        bias: Option<&[f32]>,
+        out: SharedOut,
+        buf: &mut [f32],
+    ) {
+        let geo = &self.geo;
+        let block = self.block();
+        let group_in = geo.cg * geo.plane();
+        let panel = geo.taps * block;
+        for u in range {
+            let (gb, oh) = (u / geo.out_h, u % geo.out_h);
+            let (group, b) = (gb / self.blocks, gb % self.blocks);
+            let k0 = b * block;
+            let channels = (geo.kg - k0).min(block);
+            let first = group * geo.kg + k0;
+            let x = &src[group * group_in + oh * geo.stride_h * geo.wp..];
+            let row = DenseRow {
+                x: x.as_ptr(),
+                offsets: &self.offsets,
+                weights: self.weights[self.align + gb * panel..][..panel].as_ptr(),
+                stride_w: geo.stride_w,
+                out_w: geo.out_w,
+                buf: buf.as_mut_ptr(),
+                // Channel `first`, row `oh`: inside the image's output planes.
+                out: out.0.wrapping_add(first * geo.out_plane() + oh * geo.out_w),
+                out_plane: geo.out_plane(),
+                channels,
+                bias: bias.map(|b| &b[first..first + channels]),
+                clamp: self.clamp,
+            };
+            debug_assert!(buf.len() >= self.row_buffer_len());
+            // SAFETY: the ISA was clamped to the CPU; the row's reads stay in
+            // `src` (every output's window lies inside the padded plane, and
+            // `x` starts at the row's first input row), the weights hold
+            // `taps` steps of the block, the buffer holds the row rounded up
+            // to whole vectors, and the output rows are this task's (contract).
+            unsafe { self.dispatch(&row) };
+        }
+    }
+
+    /// Runs one row on this plan's ISA and `F`.
+    ///
+    /// # Safety
+    /// As [`dense_row`], and the CPU supports `self.isa`.
+    unsafe fn dispatch(&self, row: &DenseRow<'_>) {
+        // SAFETY: forwarded.
+        unsafe {
+            match self.isa {
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx512 => super::avx512::run_dense_row(self.f, row),
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx2 => super::avx2::run_dense_row(self.f, row),
+                _ => super::portable::run_dense_row(self.f, row),
+            }
+        }
+    }
+}
+
+/// The image's output, written by several tasks at disjoint rows.
+#[derive(Clone, Copy)]
+struct SharedOut(*mut f32);
+// SAFETY: tasks write through it only at rows no other task writes
+// (`run_rows`' contract), and the pointer outlives the fork that shares it.
+unsafe impl Send for SharedOut {}
+// SAFETY: as above.
+unsafe impl Sync for SharedOut {}
+
+/// Runs `f(task, buffer)` for every task of `tasks`, halving the range with
+/// `rayon::join`; each task gets its own `buf_len` floats of `bufs`.
+fn fork(
+    tasks: Range<usize>,
+    bufs: &mut [f32],
+    buf_len: usize,
+    f: &(dyn Fn(usize, &mut [f32]) + Sync),
+) {
+    if tasks.len() <= 1 {
+        if !tasks.is_empty() {
+            f(tasks.start, &mut bufs[..buf_len]);
+        }
+        return;
+    }
+    let mid = tasks.start + tasks.len() / 2;
+    let (left, right) = bufs.split_at_mut((mid - tasks.start) * buf_len);
+    rayon::join(
+        || fork(tasks.start..mid, left, buf_len, f),
+        || fork(mid..tasks.end, right, buf_len, f),
+    );
+}
+
+/// Threads for one image of `flops` in `rows` rows.
+fn thread_count(flops: u64, rows: usize, par: Parallelism) -> usize {
+    let max = par.max_threads();
+    if max <= 1 {
+        return 1;
+    }
+    let by_work = usize::try_from(flops / MIN_FLOPS_PER_THREAD).unwrap_or(usize::MAX);
+    max.min(rows).min(by_work).max(1)
+}
+
+/// One output row of one channel block, ready for the tiles.
+pub(super) struct DenseRow<'a> {
+    /// The group's (padded) input at the row's first input row, column 0.
+    x: *const f32,
+    offsets: &'a [isize],
+    /// The block's packed weights: `taps` steps of `F·L`.
+    weights: *const f32,
+    stride_w: usize,
+    out_w: usize,
+    /// `⌈out_w / L⌉·L` pixels of `F·L` channels.
+    buf: *mut f32,
+    /// The block's first output channel at this row.
+    out: *mut f32,
+    out_plane: usize,
+    /// Real channels of the block (the rest are padding lanes).
+    channels: usize,
+    bias: Option<&'a [f32]>,
+    clamp: Option<(f32, f32)>,
+}
+
+/// Runs a row with the widest tile of each `F` an ISA gives (`P1..P4`).
+///
+/// # Safety
+/// As [`DenseRows::dense_row`]; `f` is 1 to 4 and within the ISA's table.
+#[inline(always)]
+pub(super) unsafe fn run_row<
+    S: DenseRows,
+    const P1: usize,
+    const P2: usize,
+    const P3: usize,
+    const P4: usize,
+>(
+    f: usize,
+    row: &DenseRow<'_>,
+) {
+    // SAFETY: forwarded.
+    unsafe {
+        match f {
+            1 => S::dense_row::<1, P1>(row),
+            2 => S::dense_row::<2, P2>(row),
+            3 => S::dense_row::<3, P3>(row),
+            _ => S::dense_row::<4, P4>(row),
+        }
+    }
+}
+
+/// Every tile of one row, then the row's store.
+///
+/// # Safety
+/// Every input position `x + offsets[t] + (ow·stride_w)` for `ow < out_w`
+/// is readable; `weights` holds `offsets.len()` steps of `F·L` floats;
+/// `buf` holds [`DensePrepared::row_buffer_len`] floats; the `channels`
+/// output rows at `out + k·out_plane` hold `out_w` writable floats.
+#[inline(always)]
+pub(super) unsafe fn dense_row<S: Simd, const F: usize, const P: usize>(s: S, row: &DenseRow<'_>) {
+    const { assert!(P <= MAX_WIDTH, "the widths! list below stops at MAX_WIDTH") };
+    let block = F * S::LANES;
+    let mut ow0 = 0;
+    for width in tile_widths(row.out_w, P) {
+        // SAFETY: pixels ow0..ow0 + width are inside the row (contract), the
+        // buffer holds them.
+        unsafe {
+            let x = row.x.add(ow0 * row.stride_w);
+            let buf = row.buf.add(ow0 * block);
+            macro_rules! widths {
+                ($($w:literal)*) => {
+                    match width {
+                        $($w if $w <= P => tile::<S, F, $w>(s, x, row.stride_w, row.offsets, row.weights, buf),)*
+                        _ => unreachable!("tile width {width} above {P}"),
+                    }
+                };
+            }
+            widths!(1 2 3 4 5 6 7 8 9 10 11 12);
+        }
+        ow0 += width;
+    }
+    // SAFETY: forwarded contract.
+    unsafe { store_row::<S, F>(s, row) };
+}
+
+/// One tile: `F` channel vectors × `W` pixels, over every tap.
+///
+/// The loops index the accumulators by pixel and vector so that the tile
+/// stays a fixed grid of registers.
+///
+/// # Safety
+/// As [`dense_row`], for pixels `0..W` from `x`.
+#[inline(always)]
+#[allow(clippy::needless_range_loop)]
+unsafe fn tile<S: Simd, const F: usize, const W: usize>(
+    s: S,
+    x: *const f32,
+    stride_w: usize,
+    offsets: &[isize],
+    weights: *const f32,
+    buf: *mut f32,
+) {
+    let lanes = S::LANES;
+    let mut acc = [[s.zero(); W]; F];
+    let mut w = weights;
+    for &off in offsets {
+        // SAFETY: tap `off` of pixels 0..W is readable and the weights hold
+        // one more step (contract).
+        unsafe {
+            let xp = x.offset(off);
+            let wv: [S::V; F] = core::array::from_fn(|f| s.load(w.add(f * lanes)));
+            for j in 0..W {
+                let b = s.splat(*xp.add(j * stride_w));
+                for f in 0..F {
+                    acc[f][j] = s.fma(wv[f], b, acc[f][j]);
+                }
+            }
+            w = w.add(F * lanes);
+        }
+    }
+    for (j, _) in acc[0].iter().enumerate() {
+        for (f, vecs) in acc.iter().enumerate() {
+            // SAFETY: the buffer holds pixel j's F·L channels.
+            unsafe { s.store(buf.add((j * F + f) * lanes), vecs[j], lanes) };
+        }
+    }
+}
+
+/// The row buffer into the output rows: `act(v + bias)`, `L` pixels of one
+/// channel at a time.
+///
+/// # Safety
+/// As [`dense_row`].
+#[inline(always)]
+unsafe fn store_row<S: Simd, const F: usize>(s: S, row: &DenseRow<'_>) {
+    let lanes = S::LANES;
+    let block = F * lanes;
+    let clamp = row.clamp.map(|(lo, hi)| (s.splat(lo), s.splat(hi)));
+    for k in 0..row.channels {
+        let bias = row.bias.map(|b| s.splat(b[k]));
+        let mut ow0 = 0;
+        while ow0 < row.out_w {
+            let n = lanes.min(row.out_w - ow0);
+            // SAFETY: the buffer holds whole vectors of pixels (contract);
+            // output row k has out_w floats from ow0.
+            unsafe {
+                let mut v = s.load_strided(row.buf.add(ow0 * block + k), block);
+                if let Some(b) = bias {
+                    v = s.add(v, b);
+                }
+                if let Some((lo, hi)) = clamp {
+                    v = s.clamp(v, lo, hi);
+                }
+                s.store(row.out.add(k * row.out_plane + ow0), v, n);
+            }
+            ow0 += lanes;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tile_widths_cover_the_row_evenly() {
+        for widest in 1..=MAX_WIDTH {
+            for out_w in 0..200 {
+                let w: Vec<usize> = tile_widths(out_w, widest).collect();
+                assert_eq!(w.iter().sum::<usize>(), out_w);
+                assert_eq!(w.len(), out_w.div_ceil(widest));
+                if let (Some(lo), Some(hi)) = (w.iter().min(), w.iter().max()) {
+                    assert!(
+                        *hi <= widest && hi - lo <= 1 && *lo >= 1,
+                        "{out_w} by {widest}: {w:?}"
+                    );
+                }
+            }
+        }
+        assert_eq!(
+            tile_widths(56, 6).collect::<Vec<_>>(),
+            [6, 6, 6, 6, 6, 6, 5, 5, 5, 5]
+        );
+    }
+
+    #[test]
+    fn blocks_pad_the_fewest_channels() {
+        let shape = DenseShape {
+            lanes: 16,
+            widths: &[12, 12, 8, 6],
+        };
+        assert_eq!(vectors_per_block(64, shape), 4);
+        assert_eq!(vectors_per_block(96, shape), 3);
+        assert_eq!(vectors_per_block(32, shape), 2);
+        assert_eq!(vectors_per_block(16, shape), 1);
+        assert_eq!(vectors_per_block(1, shape), 1);
+        assert_eq!(vectors_per_block(2048, shape), 4);
+    }
+}
