@@ -187,6 +187,18 @@ fn auto_layers() -> Vec<(&'static str, Conv2d, Algorithm)> {
         (
             "dense 64x56x56 3x3",
             build(Conv2dParams::new(1, 64, (56, 56), 64, (3, 3)).padding(Padding::symmetric(1, 1))),
+            Algorithm::DirectDense,
+        ),
+        (
+            "dense 16x(32x16x16) 3x3",
+            build(
+                Conv2dParams::new(16, 32, (16, 16), 64, (3, 3)).padding(Padding::symmetric(1, 1)),
+            ),
+            Algorithm::DirectDense,
+        ),
+        (
+            "stem 3x56x56 3x3",
+            build(Conv2dParams::new(1, 3, (56, 56), 32, (3, 3)).padding(Padding::symmetric(1, 1))),
             Algorithm::Implicit,
         ),
         (
@@ -208,7 +220,9 @@ fn auto_layers() -> Vec<(&'static str, Conv2d, Algorithm)> {
 ///   worker allocates them the first time it packs, which on a pool of more
 ///   threads than one call engages may be after the warm-up (seen with
 ///   `RAYON_NUM_THREADS=16`: 11 to 17 allocations of up to 252 KiB in 200
-///   calls). The direct algorithms keep nothing per thread.
+///   calls). `DirectDense` keeps its padded image and row buffers on the
+///   calling thread, so a thread's first call allocates them once. The other
+///   direct algorithms keep nothing per thread.
 /// * A call from a thread outside the pool hands its work to the pool
 ///   through rayon's global injector queue (`Registry::inject`, a crossbeam
 ///   `Injector`), which allocates a new block of 63 job slots (1520 bytes)
@@ -254,6 +268,9 @@ fn warm_plans_allocate_nothing() {
                     Algorithm::Implicit => {
                         (2 * threads * plan.workspace_bytes_per_thread(), 6 * threads)
                     }
+                    // The calling thread's padded image and a row buffer per
+                    // thread, kept for its next call: grown once.
+                    Algorithm::DirectDense => (threads * plan.workspace_bytes_per_thread(), 1),
                     _ => (0, 0),
                 };
                 let inside = rayon::scope(|_| warm_calls(&mut out));
@@ -274,7 +291,13 @@ fn warm_plans_allocate_nothing() {
                     }
                 });
                 println!("{what}: {calls} forwards from outside the pool: {outside:?}");
-                let blocks = calls.div_ceil(63) + 1;
+                // DirectDense forks twice per padded image (the copy, then
+                // the rows): two injections per call.
+                let injections = match algorithm {
+                    Algorithm::DirectDense => 2 * calls,
+                    _ => calls,
+                };
+                let blocks = injections.div_ceil(63) + 1;
                 assert!(
                     outside.count <= blocks + panel_allocs
                         && outside.bytes <= blocks * 2048 + panel_bytes,

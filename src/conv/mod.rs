@@ -37,6 +37,16 @@ pub(crate) fn try_with_capacity<T>(what: &'static str, len: usize) -> Result<Vec
     Ok(v)
 }
 
+/// Whether [`Algorithm::DirectDense`] beats the implicit GEMM on `g` (see
+/// [`Conv2d::auto_algorithm`]): a kernel larger than 1×1, at least 128 taps
+/// per output channel, and one 64-channel block of weights within L2.
+fn dense_wins(g: &ConvGeometry) -> bool {
+    let window = g.kernel_h.saturating_mul(g.kernel_w);
+    let taps = g.channels_per_group().saturating_mul(window);
+    let block_bytes = taps.saturating_mul(64 * std::mem::size_of::<f32>());
+    window > 1 && taps >= 128 && block_bytes <= crate::gemm::cache::cache_sizes().l2
+}
+
 /// `len` zeros in memory asked for fallibly (see [`try_with_capacity`]).
 pub(crate) fn zeroed(what: &'static str, len: usize) -> Result<Vec<f32>, ConvError> {
     let mut v = try_with_capacity(what, len)?;
@@ -271,6 +281,32 @@ impl Conv2d {
     ///   (AVX-512, 1 thread, GFLOP/s, SIMD direct vs implicit GEMM):
     ///   depthwise 3×3 82 vs 7, 4 channels per group 126 vs 24, 8: 133 vs
     ///   48, 16: 141 vs 81, 32: 145 vs 123, 64: even;
+    /// * [`Algorithm::DirectDense`] for a kernel larger than 1×1 with at
+    ///   least 128 taps per output channel (`C/g·R·S`), whose weights for
+    ///   one block of 64 output channels fit the L2 cache of a core. Measured
+    ///   on Zen 5 (plans, 1 thread, GFLOP/s, implicit GEMM vs dense):
+    ///
+    ///   | layer (C → K, window, plane)   | taps | implicit | dense |
+    ///   |--------------------------------|------|----------|-------|
+    ///   | 64 → 64, 3×3, 56²              | 576  | 217      | 248   |
+    ///   | 128 → 128, 3×3/2, 56²          | 1152 | 197      | 246   |
+    ///   | 256 → 256, 3×3, 14²            | 2304 | 216      | 252   |
+    ///   | 64 → 64, 3×3 dilated 2, 56²    | 576  | 207      | 242   |
+    ///   | 16 × (32 → 64), 3×3, 32²       | 288  | 192      | 230   |
+    ///   | 3 → 64, 7×7/2, 224²            | 147  | 207      | 227   |
+    ///   | 64 → 32, 3×3, 56²              | 576  | 186      | 236   |
+    ///   | 64 → 16, 3×3, 56²              | 576  | 145      | 170   |
+    ///   | 96 → 96, 5×5, 35²              | 2400 | 211      | 253   |
+    ///   | 3 → 64, 3×3, 224²              | 27   | 144      | 102   |
+    ///   | 512 → 512, 3×3, 7² (1.2 MB)    | 4608 | 192      | 171   |
+    ///   | 256 → 256, 1×1, 14²            | 256  | 230      | 218   |
+    ///   | 64 → 256, 1×1, 56²             | 64   | 237      | 169   |
+    ///   | 512 → 2048, 1×1, 7²            | 512  | 232      | 189   |
+    ///
+    ///   The dense tile leaves its sums channel-major and gathers them into
+    ///   the NCHW rows, a cost per output that few taps do not repay; and
+    ///   weights that spill from L2 are fetched again for every few pixels.
+    ///   A 1×1 layer multiplies the input planes in place on the GEMM.
     /// * [`Algorithm::Implicit`] otherwise, including the few-channel stems:
     ///   since its B rows are shifted copies of each other (see
     ///   `im2col_rows`), the implicit GEMM also beats the SIMD direct kernel
@@ -299,6 +335,8 @@ impl Conv2d {
             Algorithm::Direct
         } else if g.channels_per_group() <= 16 && g.out_channels_per_group() <= 16 {
             Algorithm::DirectSimd
+        } else if dense_wins(g) {
+            Algorithm::DirectDense
         } else {
             Algorithm::Implicit
         }
@@ -398,7 +436,9 @@ impl Conv2d {
             )?,
             Algorithm::DirectDense => {
                 let isa = options.isa.unwrap_or_else(crate::isa);
-                match direct_simd::DensePrepared::new(g, weight, options.activation, isa)? {
+                let threads = options.parallelism.max_threads();
+                match direct_simd::DensePrepared::new(g, weight, options.activation, isa, threads)?
+                {
                     Some(p) => p.run(input, bias, output, options.parallelism, None)?,
                     None => {
                         direct::conv2d_direct(g, input, weight, bias, output, options.activation)

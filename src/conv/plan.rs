@@ -109,9 +109,13 @@ impl Conv2d {
             _ => None,
         };
         let dense = match algorithm {
-            Algorithm::DirectDense => {
-                direct_simd::DensePrepared::new(g, weight, options.activation, isa)?
-            }
+            Algorithm::DirectDense => direct_simd::DensePrepared::new(
+                g,
+                weight,
+                options.activation,
+                isa,
+                options.parallelism.max_threads(),
+            )?,
             _ => None,
         };
         let dense_scratch = dense.as_ref().map_or(0, |d| d.scratch_len(1));

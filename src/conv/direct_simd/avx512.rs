@@ -332,7 +332,7 @@ pub(super) unsafe fn run_weight(job: &WeightJob<'_>, out: &mut [f32]) {
 /// and a broadcast (4 × 7 spills; see the module doc of `dense`).
 pub(super) const DENSE: DenseShape = DenseShape {
     lanes: 16,
-    widths: &[12, 12, 8, 6],
+    widths: &[12, 8, 8, 6],
 };
 
 impl DenseRows for Avx512 {
@@ -352,7 +352,7 @@ impl DenseRows for Avx512 {
 /// As [`dense_row`], and the CPU supports AVX-512F and FMA; `f` is within [`DENSE`]'s widths.
 pub(super) unsafe fn run_dense_row(f: usize, row: &DenseRow<'_>) {
     // SAFETY: forwarded contract.
-    unsafe { run_row::<Avx512, 12, 12, 8, 6>(f, row) }
+    unsafe { run_row::<Avx512, 12, 8, 8, 6>(f, row) }
 }
 
 #[cfg(test)]

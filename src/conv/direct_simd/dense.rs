@@ -82,7 +82,7 @@ struct Geo {
     in_w: usize,
     pad_top: usize,
     pad_left: usize,
-    /// The padded input plane the offsets address: rows and row length.
+    /// Padded input rows and row length.
     hp: usize,
     wp: usize,
     /// Whether the input needs a zero-padded copy (any padding at all).
@@ -93,21 +93,36 @@ struct Geo {
     stride_w: usize,
     /// Taps per output channel: `cg·R·S`.
     taps: usize,
+    /// Output rows per band, the unit of work (the last band may be shorter).
+    band: usize,
+    /// Input rows of a band's padded copy: `(band − 1)·σh + (R − 1)·dh + 1`.
+    band_rows: usize,
+    /// Distance between channels in what the tiles read: a band's padded
+    /// copy (`band_rows·Wp`), or the caller's input plane when unpadded.
+    cs: usize,
 }
 
 impl Geo {
-    fn plane(&self) -> usize {
-        self.hp * self.wp
-    }
     fn out_plane(&self) -> usize {
         self.out_h * self.out_w
+    }
+    fn bands(&self) -> usize {
+        self.out_h.div_ceil(self.band)
+    }
+    /// Floats of one band's padded copy (all channels of an image).
+    fn band_len(&self) -> usize {
+        if self.padded {
+            self.groups * self.cg * self.cs
+        } else {
+            0
+        }
     }
 }
 
 /// A convolution made ready for the dense tile once: the weights packed per
-/// channel block, the tap offsets, the tile. Running it allocates the
-/// padded copy of one image (for a padded layer) and one row buffer per
-/// thread.
+/// channel block, the tap offsets, the tile, the bands. Running it needs, per
+/// thread, the padded copy of one band of rows (for a padded layer) and a
+/// row buffer, kept by the calling thread from call to call.
 #[derive(Clone, Debug)]
 pub(crate) struct DensePrepared {
     geo: Geo,
@@ -115,8 +130,8 @@ pub(crate) struct DensePrepared {
     /// aligned, so each weight vector is one cache line on AVX-512).
     weights: Vec<f32>,
     align: usize,
-    /// Input offset of tap `(c, r, s)` from the tile's first pixel, in the
-    /// (padded) input of the group: `c·Hp·Wp + r·dh·Wp + s·dw`.
+    /// Input offset of tap `(c, r, s)` from the tile's first pixel:
+    /// `c·cs + r·dh·Wp + s·dw`.
     offsets: Vec<isize>,
     isa: Isa,
     lanes: usize,
@@ -158,20 +173,47 @@ fn tile_widths(out_w: usize, widest: usize) -> impl Iterator<Item = usize> {
     (0..tiles).map(move |t| base + usize::from(t < extra))
 }
 
+/// Output rows per band: as many as keep a band's padded input within half
+/// of L2 (it is read once per channel block, so it should stay there), and
+/// few enough that `threads` threads each get the same number of bands of a
+/// batch this small.
+fn band_height(
+    out_h: usize,
+    batch: usize,
+    input_row_bytes: usize,
+    window_rows: usize,
+    stride_h: usize,
+    threads: usize,
+    l2: usize,
+) -> usize {
+    let fit_rows = (l2 / 2) / input_row_bytes.max(1);
+    let by_cache = fit_rows
+        .checked_sub(window_rows)
+        .map_or(1, |spare| spare / stride_h.max(1) + 1);
+    // Bands of near-equal height, a multiple of what the threads need in
+    // number, so that each thread gets the same rows.
+    let per_image = threads.div_ceil(batch.max(1)).max(1);
+    let bands = out_h.div_ceil(by_cache).max(per_image);
+    let bands = bands.div_ceil(per_image) * per_image;
+    out_h.div_ceil(bands.min(out_h.max(1))).max(1)
+}
+
 impl DensePrepared {
     /// Prepares `weight` (PyTorch layout) for the dense tile of `isa`
-    /// (clamped to the CPU), or `None` when the padded input's offsets would
-    /// not fit comfortably in `isize` (the reference loops take such a
-    /// geometry).
+    /// (clamped to the CPU), in bands for up to `threads` threads, or
+    /// `None` when the offsets would not fit comfortably in `isize` (the
+    /// reference loops take such a geometry).
     pub(crate) fn new(
         g: &ConvGeometry,
         weight: &[f32],
         activation: Activation,
         isa: Isa,
+        threads: usize,
     ) -> Result<Option<DensePrepared>, ConvError> {
         let isa = clamp_isa(isa);
         let shape = shape_for(isa);
         let p = g.padding;
+        let limit = (isize::MAX / 8) as usize;
         let hp = g
             .in_h
             .checked_add(p.top)
@@ -180,11 +222,35 @@ impl DensePrepared {
             .in_w
             .checked_add(p.left)
             .and_then(|w| w.checked_add(p.right));
-        let limit = (isize::MAX / 8) as usize;
-        let plane = hp.zip(wp).and_then(|(h, w)| h.checked_mul(w));
-        let group_len = plane.and_then(|pl| pl.checked_mul(g.channels_per_group()));
-        let (Some(hp), Some(wp), Some(_)) = (hp, wp, group_len.filter(|&l| l <= limit)) else {
+        let window_rows = g
+            .kernel_h
+            .checked_sub(1)
+            .and_then(|r| r.checked_mul(g.dilation_h))
+            .map(|r| r + 1);
+        let image_len = hp
+            .zip(wp)
+            .and_then(|(h, w)| h.checked_mul(w)?.checked_mul(g.in_channels));
+        let (Some(hp), Some(wp), Some(window_rows), Some(_)) =
+            (hp, wp, window_rows, image_len.filter(|&l| l <= limit))
+        else {
             return Ok(None);
+        };
+        let padded = p.top + p.bottom + p.left + p.right > 0;
+        let band = band_height(
+            g.out_h,
+            g.batch,
+            g.in_channels.saturating_mul(wp).saturating_mul(4),
+            window_rows,
+            g.stride_h,
+            threads,
+            crate::gemm::cache::cache_sizes().l2,
+        );
+        // Within the padded image, which the check above bounds.
+        let band_rows = ((band - 1) * g.stride_h + window_rows).min(hp);
+        let cs = if padded {
+            band_rows * wp
+        } else {
+            g.in_h * g.in_w
         };
         let geo = Geo {
             batch: g.batch,
@@ -197,12 +263,15 @@ impl DensePrepared {
             pad_left: p.left,
             hp,
             wp,
-            padded: p.top + p.bottom + p.left + p.right > 0,
+            padded,
             out_h: g.out_h,
             out_w: g.out_w,
             stride_h: g.stride_h,
             stride_w: g.stride_w,
             taps: g.channels_per_group() * g.kernel_h * g.kernel_w,
+            band,
+            band_rows,
+            cs,
         };
         let f = vectors_per_block(geo.kg, shape);
         let block = f * shape.lanes;
@@ -211,9 +280,8 @@ impl DensePrepared {
         for c in 0..geo.cg {
             for r in 0..g.kernel_h {
                 for s in 0..g.kernel_w {
-                    // Within the group's padded input, which the check above
-                    // bounds by `limit`.
-                    let off = c * geo.plane() + r * g.dilation_h * wp + s * g.dilation_w;
+                    // Inside the (padded) image, which the check above bounds.
+                    let off = c * cs + r * g.dilation_h * wp + s * g.dilation_w;
                     offsets.push(off as isize);
                 }
             }
@@ -279,29 +347,24 @@ impl DensePrepared {
         self.geo.out_w.div_ceil(self.lanes) * self.lanes * self.block()
     }
 
-    /// Rows of one image: one per (group, block, output row).
-    fn rows(&self) -> usize {
-        self.geo.groups * self.blocks * self.geo.out_h
+    /// Units of work: one per (image, band).
+    fn units(&self) -> usize {
+        self.geo.batch * self.geo.bands()
     }
 
-    /// Floats of scratch a call on `threads` threads needs: the padded copy
-    /// of one image (for a padded layer) and one row buffer per thread.
+    /// Floats of scratch a call on `threads` threads needs: per thread, the
+    /// padded copy of one band (for a padded layer) and one row buffer.
     pub(crate) fn scratch_len(&self, threads: usize) -> usize {
-        let geo = &self.geo;
-        let padded = if geo.padded {
-            geo.groups * geo.cg * geo.plane()
-        } else {
-            0
-        };
-        padded + threads.max(1) * self.row_buffer_len()
+        threads.max(1) * (self.geo.band_len() + self.row_buffer_len())
     }
 
     /// `output = act(conv(input, weight) + bias)`; slices have the lengths
     /// the geometry requires (checked by the caller). With `scratch` (a
     /// caller's workspace) the call runs on the calling thread and allocates
     /// nothing once `scratch` holds [`DensePrepared::scratch_len`]`(1)`
-    /// floats; otherwise it allocates its scratch and takes up to the
-    /// threads `par` allows.
+    /// floats; otherwise it takes up to the threads `par` allows, with
+    /// scratch the calling thread keeps from call to call (grown, once, to
+    /// what the largest call needed).
     ///
     /// # Errors
     /// [`ConvError::OutOfMemory`] when the scratch cannot be allocated.
@@ -323,135 +386,150 @@ impl DensePrepared {
         if output.is_empty() {
             return Ok(());
         }
-        let threads = match scratch {
-            Some(_) => 1,
-            None => thread_count(self.flops / geo.batch as u64, self.rows(), par),
-        };
-        let mut own: Vec<f32>;
-        let scratch = match scratch {
-            Some(s) => s,
+        match scratch {
+            Some(scratch) => self.run_in(input, bias, output, 1, scratch),
             None => {
-                own = try_with_capacity("dense scratch", self.scratch_len(threads))?;
-                &mut own
+                let threads = thread_count(self.flops, self.units(), par);
+                // The calling thread keeps its scratch for the next call, so
+                // a warm plan allocates nothing; a call re-entered on the
+                // same thread (a caller's callback) gets fresh memory.
+                SCRATCH.with(|cell| match cell.try_borrow_mut() {
+                    Ok(mut kept) => self.run_in(input, bias, output, threads, &mut kept),
+                    Err(_) => self.run_in(input, bias, output, threads, &mut Vec::new()),
+                })
             }
-        };
+        }
+    }
+
+    /// [`DensePrepared::run`] on `threads` threads with `scratch`, grown to
+    /// [`DensePrepared::scratch_len`] where it is shorter. Task `t` takes
+    /// units `U·t/threads..U·(t+1)/threads` of the `U` (image, band) units.
+    fn run_in(
+        &self,
+        input: &[f32],
+        bias: Option<&[f32]>,
+        output: &mut [f32],
+        threads: usize,
+        scratch: &mut Vec<f32>,
+    ) -> Result<(), ConvError> {
         let len = self.scratch_len(threads);
         if scratch.len() < len {
             scratch
                 .try_reserve_exact(len - scratch.len())
                 .map_err(|_| ConvError::OutOfMemory {
                     what: "dense scratch",
-                    bytes: len.saturating_mul(4),
+                    bytes: len.saturating_mul(std::mem::size_of::<f32>()),
                 })?;
             scratch.resize(len, 0.0);
         }
-        let buf_len = self.row_buffer_len();
-        let (padded, bufs) = scratch[..len].split_at_mut(len - threads * buf_len);
-        for (image, out) in input
-            .chunks_exact(in_image)
-            .zip(output.chunks_exact_mut(out_image))
-        {
-            let src: &[f32] = if geo.padded {
-                self.pad_image(image, padded, threads);
-                padded
-            } else {
-                image
-            };
-            let out = SharedOut(out.as_mut_ptr());
-            fork(0..threads, bufs, buf_len, &|task, buf| {
-                let rows = self.rows();
-                let range = rows * task / threads..rows * (task + 1) / threads;
-                // SAFETY: `out` is this image's output; each task writes the
-                // rows of its own range, disjoint from every other task's.
-                unsafe { self.run_rows(range, src, bias, out, buf) };
-            });
-        }
-        record_direct_simd_jobs(self.isa, (geo.batch * self.rows()) as u64);
+        let per_task = self.geo.band_len() + self.row_buffer_len();
+        let out = SharedOut(output.as_mut_ptr());
+        let units = self.units();
+        fork(0..threads, &mut scratch[..len], per_task, &|task, mem| {
+            let range = units * task / threads..units * (task + 1) / threads;
+            // SAFETY: `out` is the whole output; each task writes the rows
+            // of its own units, disjoint from every other task's.
+            unsafe { self.run_units(range, input, bias, out, mem) };
+        });
+        record_direct_simd_jobs(self.isa, (units * self.geo.groups * self.blocks) as u64);
         Ok(())
     }
 
-    /// Writes one image, zero-padded, over all of `padded`, on up to
-    /// `threads` threads (split by channel).
-    fn pad_image(&self, image: &[f32], padded: &mut [f32], threads: usize) {
+    /// Writes input rows `y0..y0 + band_rows` of the padded image `n` (rows
+    /// past the padded image excepted, which no tile reads) into `band`:
+    /// zeros in the padding, the input elsewhere.
+    fn fill_band(&self, image: &[f32], y0: usize, band: &mut [f32]) {
         let geo = &self.geo;
-        let (plane, in_plane) = (geo.plane(), geo.in_h * geo.in_w);
-        let channels = geo.groups * geo.cg;
-        let per_task = channels.div_ceil(threads.max(1)).max(1);
-        let copy = |chunk: &mut [f32], first: usize| {
-            for (i, dst) in chunk.chunks_exact_mut(plane).enumerate() {
-                let src = &image[(first + i) * in_plane..][..in_plane];
-                let top = geo.pad_top * geo.wp;
-                dst[..top].fill(0.0);
-                let body = &mut dst[top..];
-                for (y, row) in src.chunks_exact(geo.in_w).enumerate() {
-                    let line = &mut body[y * geo.wp..(y + 1) * geo.wp];
-                    let (left, rest) = line.split_at_mut(geo.pad_left);
-                    left.fill(0.0);
-                    let (mid, right) = rest.split_at_mut(geo.in_w);
-                    mid.copy_from_slice(row);
-                    right.fill(0.0);
+        let in_plane = geo.in_h * geo.in_w;
+        for (ch, dst) in band.chunks_exact_mut(geo.cs).enumerate() {
+            let plane = &image[ch * in_plane..][..in_plane];
+            let rows = geo.band_rows.min(geo.hp - y0);
+            for (i, line) in dst.chunks_exact_mut(geo.wp).take(rows).enumerate() {
+                match (y0 + i).checked_sub(geo.pad_top).filter(|&y| y < geo.in_h) {
+                    Some(y) => {
+                        let (left, rest) = line.split_at_mut(geo.pad_left);
+                        left.fill(0.0);
+                        let (mid, right) = rest.split_at_mut(geo.in_w);
+                        mid.copy_from_slice(&plane[y * geo.in_w..][..geo.in_w]);
+                        right.fill(0.0);
+                    }
+                    None => line.fill(0.0),
                 }
-                body[geo.in_h * geo.wp..].fill(0.0);
             }
-        };
-        if threads <= 1 {
-            copy(padded, 0);
-            return;
         }
-        rayon::scope(|scope| {
-            for (t, chunk) in padded.chunks_mut(per_task * plane).enumerate() {
-                let copy = &copy;
-                scope.spawn(move |_| copy(chunk, t * per_task));
-            }
-        });
     }
 
-    /// Computes rows `range` of one image (row `u`: group, block, output
-    /// row, in that order) from `src`, its (padded) input.
+    /// Computes `units` (image, band) into the output at `out`: for each,
+    /// the band's padded copy (a padded layer) into the front of `mem`, then
+    /// every channel block's rows, the block's weights kept in cache across
+    /// the band.
     ///
     /// # Safety
-    /// `out` is the image's output planes, and no other thread writes the
-    /// rows of `range` while this runs.
-    unsafe fn run_rows(
+    /// `out` is the whole output, and no other thread writes the rows of
+    /// these units while this runs.
+    unsafe fn run_units(
         &self,
-        range: Range<usize>,
-        src: &[f32],
+        units: Range<usize>,
+        input: &[f32],
         bias: Option<&[f32]>,
         out: SharedOut,
-        buf: &mut [f32],
+        mem: &mut [f32],
     ) {
         let geo = &self.geo;
         let block = self.block();
-        let group_in = geo.cg * geo.plane();
         let panel = geo.taps * block;
-        for u in range {
-            let (gb, oh) = (u / geo.out_h, u % geo.out_h);
-            let (group, b) = (gb / self.blocks, gb % self.blocks);
-            let k0 = b * block;
-            let channels = (geo.kg - k0).min(block);
-            let first = group * geo.kg + k0;
-            let x = &src[group * group_in + oh * geo.stride_h * geo.wp..];
-            let row = DenseRow {
-                x: x.as_ptr(),
-                offsets: &self.offsets,
-                weights: self.weights[self.align + gb * panel..][..panel].as_ptr(),
-                stride_w: geo.stride_w,
-                out_w: geo.out_w,
-                buf: buf.as_mut_ptr(),
-                // Channel `first`, row `oh`: inside the image's output planes.
-                out: out.0.wrapping_add(first * geo.out_plane() + oh * geo.out_w),
-                out_plane: geo.out_plane(),
-                channels,
-                bias: bias.map(|b| &b[first..first + channels]),
-                clamp: self.clamp,
+        let in_image = geo.groups * geo.cg * geo.in_h * geo.in_w;
+        let out_image = geo.groups * geo.kg * geo.out_plane();
+        let (band_buf, buf) = mem.split_at_mut(geo.band_len());
+        debug_assert!(buf.len() >= self.row_buffer_len());
+        for u in units {
+            let (n, b) = (u / geo.bands(), u % geo.bands());
+            let oh0 = b * geo.band;
+            let oh1 = (oh0 + geo.band).min(geo.out_h);
+            let image = &input[n * in_image..][..in_image];
+            // What the tiles read, and where output row oh's first input row
+            // starts in it.
+            let (src, first_row): (&[f32], usize) = if geo.padded {
+                self.fill_band(image, oh0 * geo.stride_h, band_buf);
+                (band_buf, oh0 * geo.stride_h)
+            } else {
+                (image, 0)
             };
-            debug_assert!(buf.len() >= self.row_buffer_len());
-            // SAFETY: the ISA was clamped to the CPU; the row's reads stay in
-            // `src` (every output's window lies inside the padded plane, and
-            // `x` starts at the row's first input row), the weights hold
-            // `taps` steps of the block, the buffer holds the row rounded up
-            // to whole vectors, and the output rows are this task's (contract).
-            unsafe { self.dispatch(&row) };
+            let group_in = geo.cg * geo.cs;
+            for gb in 0..geo.groups * self.blocks {
+                let (group, blk) = (gb / self.blocks, gb % self.blocks);
+                let k0 = blk * block;
+                let channels = (geo.kg - k0).min(block);
+                let first = group * geo.kg + k0;
+                let weights = self.weights[self.align + gb * panel..][..panel].as_ptr();
+                for oh in oh0..oh1 {
+                    let x = &src[group * group_in + (oh * geo.stride_h - first_row) * geo.wp..];
+                    let row = DenseRow {
+                        x: x.as_ptr(),
+                        offsets: &self.offsets,
+                        weights,
+                        stride_w: geo.stride_w,
+                        out_w: geo.out_w,
+                        buf: buf.as_mut_ptr(),
+                        // Image n, channel `first`, row `oh`: inside the output.
+                        out: out
+                            .0
+                            .wrapping_add(n * out_image + first * geo.out_plane() + oh * geo.out_w),
+                        out_plane: geo.out_plane(),
+                        channels,
+                        bias: bias.map(|b| &b[first..first + channels]),
+                        clamp: self.clamp,
+                    };
+                    // SAFETY: the ISA was clamped to the CPU; every tap of the
+                    // row reads inside `src` (a tap's input row is at most
+                    // (R − 1)·dh below the row's first, which the band copy
+                    // or the image holds, and every output's window lies
+                    // inside the padded row); the weights hold `taps` steps
+                    // of the block, the buffer the row rounded up to whole
+                    // vectors, and the output rows are this task's (contract).
+                    unsafe { self.dispatch(&row) };
+                }
+            }
         }
     }
 
@@ -473,45 +551,52 @@ impl DensePrepared {
     }
 }
 
-/// The image's output, written by several tasks at disjoint rows.
+thread_local! {
+    /// The scratch of the last call on this thread that had no workspace:
+    /// band copies and row buffers, kept for the next call.
+    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// The output, written by several tasks at disjoint rows.
 #[derive(Clone, Copy)]
 struct SharedOut(*mut f32);
 // SAFETY: tasks write through it only at rows no other task writes
-// (`run_rows`' contract), and the pointer outlives the fork that shares it.
+// (`run_units`' contract), and the pointer outlives the fork that shares it.
 unsafe impl Send for SharedOut {}
 // SAFETY: as above.
 unsafe impl Sync for SharedOut {}
 
-/// Runs `f(task, buffer)` for every task of `tasks`, halving the range with
-/// `rayon::join`; each task gets its own `buf_len` floats of `bufs`.
+/// Runs `f(task, memory)` for every task of `tasks`, halving the range with
+/// `rayon::join` (which allocates nothing); task `t` gets its own
+/// `per_task` floats of `mem`, from `t·per_task`.
 fn fork(
     tasks: Range<usize>,
-    bufs: &mut [f32],
-    buf_len: usize,
+    mem: &mut [f32],
+    per_task: usize,
     f: &(dyn Fn(usize, &mut [f32]) + Sync),
 ) {
     if tasks.len() <= 1 {
         if !tasks.is_empty() {
-            f(tasks.start, &mut bufs[..buf_len]);
+            f(tasks.start, &mut mem[..per_task]);
         }
         return;
     }
     let mid = tasks.start + tasks.len() / 2;
-    let (left, right) = bufs.split_at_mut((mid - tasks.start) * buf_len);
+    let (left, right) = mem.split_at_mut((mid - tasks.start) * per_task);
     rayon::join(
-        || fork(tasks.start..mid, left, buf_len, f),
-        || fork(mid..tasks.end, right, buf_len, f),
+        || fork(tasks.start..mid, left, per_task, f),
+        || fork(mid..tasks.end, right, per_task, f),
     );
 }
 
-/// Threads for one image of `flops` in `rows` rows.
-fn thread_count(flops: u64, rows: usize, par: Parallelism) -> usize {
+/// Threads for a call of `flops` in `units` units.
+fn thread_count(flops: u64, units: usize, par: Parallelism) -> usize {
     let max = par.max_threads();
     if max <= 1 {
         return 1;
     }
     let by_work = usize::try_from(flops / MIN_FLOPS_PER_THREAD).unwrap_or(usize::MAX);
-    max.min(rows).min(by_work).max(1)
+    max.min(units).min(by_work).max(1)
 }
 
 /// One output row of one channel block, ready for the tiles.
@@ -578,15 +663,22 @@ pub(super) unsafe fn dense_row<S: Simd, const F: usize, const P: usize>(s: S, ro
         unsafe {
             let x = row.x.add(ow0 * row.stride_w);
             let buf = row.buf.add(ow0 * block);
+            // The horizontal stride as a constant where it is 1 or 2, so
+            // that the broadcasts' addresses are constant displacements
+            // from one pointer rather than a register each.
             macro_rules! widths {
-                ($($w:literal)*) => {
+                ($sw:literal; $($w:literal)*) => {
                     match width {
-                        $($w if $w <= P => tile::<S, F, $w>(s, x, row.stride_w, row.offsets, row.weights, buf),)*
+                        $($w if $w <= P => tile::<S, F, $w, $sw>(s, x, row.stride_w, row.offsets, row.weights, buf),)*
                         _ => unreachable!("tile width {width} above {P}"),
                     }
                 };
             }
-            widths!(1 2 3 4 5 6 7 8 9 10 11 12);
+            match row.stride_w {
+                1 => widths!(1; 1 2 3 4 5 6 7 8 9 10 11 12),
+                2 => widths!(2; 1 2 3 4 5 6 7 8 9 10 11 12),
+                _ => widths!(0; 1 2 3 4 5 6 7 8 9 10 11 12),
+            }
         }
         ow0 += width;
     }
@@ -594,7 +686,8 @@ pub(super) unsafe fn dense_row<S: Simd, const F: usize, const P: usize>(s: S, ro
     unsafe { store_row::<S, F>(s, row) };
 }
 
-/// One tile: `F` channel vectors × `W` pixels, over every tap.
+/// One tile: `F` channel vectors × `W` pixels, over every tap; `SW` is the
+/// horizontal stride when it is 1 or 2, and 0 for any other (`stride_w`).
 ///
 /// The loops index the accumulators by pixel and vector so that the tile
 /// stays a fixed grid of registers.
@@ -603,7 +696,7 @@ pub(super) unsafe fn dense_row<S: Simd, const F: usize, const P: usize>(s: S, ro
 /// As [`dense_row`], for pixels `0..W` from `x`.
 #[inline(always)]
 #[allow(clippy::needless_range_loop)]
-unsafe fn tile<S: Simd, const F: usize, const W: usize>(
+unsafe fn tile<S: Simd, const F: usize, const W: usize, const SW: usize>(
     s: S,
     x: *const f32,
     stride_w: usize,
@@ -612,6 +705,7 @@ unsafe fn tile<S: Simd, const F: usize, const W: usize>(
     buf: *mut f32,
 ) {
     let lanes = S::LANES;
+    let stride_w = if SW == 0 { stride_w } else { SW };
     let mut acc = [[s.zero(); W]; F];
     let mut w = weights;
     for &off in offsets {
@@ -692,6 +786,30 @@ mod tests {
             tile_widths(56, 6).collect::<Vec<_>>(),
             [6, 6, 6, 6, 6, 6, 5, 5, 5, 5]
         );
+    }
+
+    #[test]
+    fn bands_fit_half_of_l2_and_share_out_evenly() {
+        // 128 channels of 58 padded floats: 29 KiB a row; 17 rows fit half
+        // of 1 MiB, which is 8 output rows at stride 2 with a 3-row window.
+        let row = 128 * 58 * 4;
+        assert_eq!(band_height(28, 1, row, 3, 2, 1, 1 << 20), 7);
+        assert_eq!(band_height(28, 1, row, 3, 2, 2, 1 << 20), 7);
+        // Small input rows: one band a picture, unless threads need more.
+        assert_eq!(band_height(56, 1, 1024, 3, 1, 1, 1 << 20), 56);
+        assert_eq!(band_height(56, 1, 1024, 3, 1, 2, 1 << 20), 28);
+        assert_eq!(band_height(56, 4, 1024, 3, 1, 2, 1 << 20), 56);
+        assert_eq!(band_height(14, 1, 1024, 3, 1, 16, 1 << 20), 1);
+        // A row larger than the cache: one output row a band.
+        assert_eq!(band_height(10, 1, 1 << 30, 3, 1, 1, 1 << 20), 1);
+        for out_h in 1..40 {
+            for threads in 1..5 {
+                let band = band_height(out_h, 1, 4096, 5, 1, threads, 64 << 10);
+                // No taller than one thread's even share, rounded up.
+                let share = out_h.div_ceil(threads);
+                assert!((1..=share).contains(&band), "{out_h} rows, {threads} threads: {band}");
+            }
+        }
     }
 
     #[test]
