@@ -622,8 +622,9 @@ fn bad_buffer_lengths_are_named() {
     assert!(dx.iter().chain(&dw).chain(&db).all(|&v| v == 0.0));
 }
 
-/// Every pass runs every algorithm (`UnsupportedAlgorithm` is left for
-/// algorithms to come), and they agree with `Direct`; `backward` asking
+/// Every pass runs every algorithm but the weight gradient of
+/// `DirectDense`, which is `UnsupportedAlgorithm` (from `backward` before any
+/// gradient is written), and they agree with `Direct`; `backward` asking
 /// only for the bias gradient needs no algorithm at all.
 #[test]
 fn every_algorithm_runs_every_pass() {
@@ -646,13 +647,40 @@ fn every_algorithm_runs_every_pass() {
         };
         conv.backward(&x, &w, &dy, only_bias, &o).unwrap();
         assert_eq!(bits(&db), bits(&want_db), "{algorithm:?}");
+        let what = format!("{algorithm:?}");
+        if algorithm == Algorithm::DirectDense {
+            let grads = Grads {
+                input: Some(&mut dx),
+                weight: Some(&mut dw),
+                ..Grads::default()
+            };
+            let err = conv.backward(&x, &w, &dy, grads, &o).unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    ConvError::UnsupportedAlgorithm {
+                        pass: "grad_weight",
+                        algorithm: "direct-dense"
+                    }
+                ),
+                "{err}"
+            );
+            assert!(dx.iter().chain(&dw).all(|v| v.is_nan()), "nothing written");
+            let err = conv.backward_weight(&x, &dy, &mut dw, &o).unwrap_err();
+            assert!(
+                matches!(err, ConvError::UnsupportedAlgorithm { .. }),
+                "{err}"
+            );
+            conv.backward_input(&w, &dy, &mut dx, &o).unwrap();
+            assert_close(&what, &dx, &want_dx, &mx, &zeros_x, t_x).unwrap();
+            continue;
+        }
         let grads = Grads {
             input: Some(&mut dx),
             weight: Some(&mut dw),
             ..Grads::default()
         };
         conv.backward(&x, &w, &dy, grads, &o).unwrap();
-        let what = format!("{algorithm:?}");
         assert_close(&what, &dx, &want_dx, &mx, &zeros_x, t_x).unwrap();
         assert_close(&what, &dw, &want_dw, &mw, &zeros_w, t_w).unwrap();
     }
@@ -725,7 +753,7 @@ proptest! {
         // Some input pixel meets a tap: then some phase has a convolution.
         let reached = mx.iter().any(|&m| m > 0.0);
 
-        for algorithm in [Algorithm::Implicit, Algorithm::DirectSimd, Algorithm::Auto] {
+        for algorithm in [Algorithm::Implicit, Algorithm::DirectSimd, Algorithm::DirectDense, Algorithm::Auto] {
             for (isa, backend, par) in engine_combos() {
                 let what = format!("{case:?} {algorithm:?} {isa:?} {backend:?} {par:?}");
                 let o = BackwardOptions::new(algorithm).isa(isa).backend(backend).parallelism(par);
@@ -736,7 +764,8 @@ proptest! {
                 if sequential && reached && algorithm == Algorithm::Implicit {
                     prop_assert!(trace.gemm_ran_on(isa), "{what}: no {isa:?} GEMM in {trace:?}");
                 }
-                if sequential && reached && algorithm == Algorithm::DirectSimd {
+                let simd = matches!(algorithm, Algorithm::DirectSimd | Algorithm::DirectDense);
+                if sequential && reached && simd {
                     prop_assert!(trace.direct_simd_ran_on(isa), "{what}: no {isa:?} SIMD direct in {trace:?}");
                 }
             }

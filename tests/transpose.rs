@@ -960,7 +960,13 @@ proptest! {
             }
         }
 
-        for algorithm in [Algorithm::Implicit, Algorithm::DirectSimd, Algorithm::Im2col, Algorithm::Auto] {
+        for algorithm in [
+            Algorithm::Implicit,
+            Algorithm::DirectSimd,
+            Algorithm::DirectDense,
+            Algorithm::Im2col,
+            Algorithm::Auto,
+        ] {
             for (isa, backend, par) in engine_combos() {
                 let what = format!("{case:?} {algorithm:?} {isa:?} {backend:?} {par:?}");
                 let options = ForwardOptions::new(algorithm)
@@ -986,7 +992,7 @@ proptest! {
                             Algorithm::Implicit | Algorithm::Im2col => prop_assert!(
                                 tr.gemm_ran_on(isa), "{} {}: no {:?} GEMM in {:?}", how, what, isa, tr
                             ),
-                            Algorithm::DirectSimd => prop_assert!(
+                            Algorithm::DirectSimd | Algorithm::DirectDense => prop_assert!(
                                 tr.direct_simd_ran_on(isa),
                                 "{} {}: no {:?} SIMD direct in {:?}", how, what, isa, tr
                             ),

@@ -45,6 +45,9 @@ pub struct BackwardOptions {
     /// * [`Algorithm::DirectSimd`]: grad input as the sub-pixel phases on
     ///   the SIMD direct kernels, grad weight as a SIMD direct pass (for
     ///   depthwise and small groups; correct, not fast, for others);
+    /// * [`Algorithm::DirectDense`]: grad input as the sub-pixel phases on
+    ///   the dense tile (vectors across channels); the weight gradient is
+    ///   refused with [`ConvError::UnsupportedAlgorithm`];
     /// * [`Algorithm::Auto`] (the default): per pass and shape, see
     ///   [`Conv2d::auto_input_gradient_algorithm`] and
     ///   [`Conv2d::auto_weight_gradient_algorithm`].
@@ -141,6 +144,21 @@ impl BackwardOptions {
         match self.algorithm {
             Algorithm::Auto => conv.auto_weight_gradient_algorithm(),
             a => a,
+        }
+    }
+
+    /// [`BackwardOptions::weight_algorithm`], or
+    /// [`ConvError::UnsupportedAlgorithm`] for `DirectDense`, whose tile
+    /// computes no weight gradient (vectors across output channels would
+    /// need `grad_output` transposed per call; the implicit GEMM already runs
+    /// these layers near the forward's speed).
+    fn supported_weight_algorithm(&self, conv: &Conv2d) -> Result<Algorithm, ConvError> {
+        match self.weight_algorithm(conv) {
+            Algorithm::DirectDense => Err(ConvError::UnsupportedAlgorithm {
+                pass: "grad_weight",
+                algorithm: Algorithm::DirectDense.name(),
+            }),
+            a => Ok(a),
         }
     }
 
@@ -298,7 +316,7 @@ impl Conv2d {
             ("grad_output", g.output_len(), grad_output.len()),
             ("grad_weight", g.weight_len(), grad_weight.len()),
         ])?;
-        match options.weight_algorithm(self) {
+        match options.supported_weight_algorithm(self)? {
             Algorithm::DirectSimd => {
                 return direct_simd::backward_weight(
                     g,
@@ -427,6 +445,10 @@ impl Conv2d {
             ),
             ("grad_bias", g.out_channels, len(&grad_bias, g.out_channels)),
         ])?;
+        if grad_weight.is_some() {
+            // Refused before any gradient is written.
+            options.supported_weight_algorithm(self)?;
+        }
         if let Some(grad_input) = grad_input {
             self.backward_input(weight, grad_output, grad_input, options)?;
         }

@@ -377,6 +377,34 @@ fn gather_packed(
     }
 }
 
+/// The phase's weights for the dense tile, gathered and packed in one pass
+/// (see `DensePrepared::with_weights`): for each input channel, the block's
+/// output channels are one contiguous run of the weight, and each tap of the
+/// sub-kernel writes one contiguous stretch of the panel.
+fn dense_filler<'a>(
+    tg: &TransposedGeometry,
+    phase: &Phase,
+    weight: &'a [f32],
+) -> impl Fn(usize, std::ops::Range<usize>, usize, &mut [f32]) + Sync + 'a {
+    let (cin_g, cout_g) = (tg.in_per_group(), tg.out_per_group());
+    let window = tg.h.kernel * tg.w.kernel;
+    let taps = tap_offsets(tg, phase);
+    move |grp, channels, block, panel| {
+        let n = channels.len();
+        let nt = taps.len();
+        for k in 0..cin_g {
+            let from =
+                &weight[((grp * cin_g + k) * cout_g + channels.start) * window..][..n * window];
+            for (t, &tap) in taps.iter().enumerate() {
+                let to = &mut panel[(k * nt + t) * block..][..n];
+                for (x, row) in to.iter_mut().zip(from.chunks_exact(window)) {
+                    *x = row[tap];
+                }
+            }
+        }
+    }
+}
+
 /// `r·S + s` of the weight tap behind each tap of the phase's sub-kernel,
 /// in the sub-kernel's row-major order.
 fn tap_offsets(tg: &TransposedGeometry, phase: &Phase) -> Vec<usize> {
@@ -610,11 +638,31 @@ pub(crate) fn transposed_forward(
                 )
                 .mr
             });
-        let len = match packed_mr {
-            Some(mr) => g.groups * packed_group_len(g, mr),
-            None => g.weight_len(),
+        // The dense tile packs its own layout straight from `weight`.
+        let dense = if algorithm == Algorithm::DirectDense {
+            let fill = dense_filler(tg, phase, weight);
+            let threads = options.parallelism.max_threads();
+            super::direct_simd::DensePrepared::with_weights(
+                g,
+                options.activation,
+                isa,
+                threads,
+                &fill,
+            )?
+        } else {
+            None
         };
-        runs.push(Some((algorithm, packed_mr, weights_len..weights_len + len)));
+        let len = match (&dense, packed_mr) {
+            (Some(_), _) => 0,
+            (None, Some(mr)) => g.groups * packed_group_len(g, mr),
+            (None, None) => g.weight_len(),
+        };
+        runs.push(Some((
+            algorithm,
+            packed_mr,
+            weights_len..weights_len + len,
+            dense,
+        )));
         weights_len += len;
     }
     let mut gathered = zeroed("transposed convolution phase weights", weights_len)?;
@@ -622,7 +670,7 @@ pub(crate) fn transposed_forward(
     let mut scratch = zeroed("transposed convolution phase planes", scratch_len)?;
     let threads = options.parallelism.max_threads();
     for (phase, run) in phases.iter().zip(&runs) {
-        if let Some((_, packed_mr, range)) = run {
+        if let Some((_, packed_mr, range, None)) = run {
             let dst = &mut gathered[range.clone()];
             match packed_mr {
                 Some(mr) => gather_packed(tg, phase, weight, *mr, dst, threads),
@@ -641,10 +689,14 @@ pub(crate) fn transposed_forward(
         threads,
         value,
         |i, x, y, parallelism| {
-            let (Some(conv), Some((algorithm, packed_mr, range))) = (&phases[i].conv, &runs[i])
+            let (Some(conv), Some((algorithm, packed_mr, range, dense))) =
+                (&phases[i].conv, &runs[i])
             else {
                 return Ok(());
             };
+            if let Some(dense) = dense {
+                return dense.run(x, bias, y, parallelism, None);
+            }
             let opts = ForwardOptions {
                 algorithm: *algorithm,
                 isa: Some(isa),

@@ -48,6 +48,7 @@ use crate::error::ConvError;
 use crate::gemm::{Activation, Parallelism};
 use crate::geometry::{ConvGeometry, ConvMode};
 use crate::testing::record_direct_simd_jobs;
+use rayon::prelude::*;
 use std::ops::Range;
 
 /// The widest tile any ISA uses (the instances compiled per `F`).
@@ -70,6 +71,10 @@ pub(super) trait DenseRows: Simd {
     /// The CPU supports the ISA; as [`dense_row`] otherwise.
     unsafe fn dense_row<const F: usize, const P: usize>(row: &DenseRow<'_>);
 }
+
+/// What writes one block's packed weights: `fill(group, channels, block,
+/// panel)`, see [`DensePrepared::with_weights`].
+pub(crate) type FillPanel<'a> = dyn Fn(usize, Range<usize>, usize, &mut [f32]) + Sync + 'a;
 
 /// The geometry as the dense rows use it.
 #[derive(Clone, Debug)]
@@ -210,6 +215,47 @@ impl DensePrepared {
         isa: Isa,
         threads: usize,
     ) -> Result<Option<DensePrepared>, ConvError> {
+        let flipped = g.mode == ConvMode::Convolution;
+        let (rl, sl) = (g.kernel_h, g.kernel_w);
+        let (cg, kg) = (g.channels_per_group(), g.out_channels_per_group());
+        let taps = cg * rl * sl;
+        let fill = |group: usize, channels: Range<usize>, block: usize, panel: &mut [f32]| {
+            for k in channels.clone() {
+                let raw = &weight[(group * kg + k) * taps..][..taps];
+                let lane = k - channels.start;
+                for c in 0..cg {
+                    for r in 0..rl {
+                        for s in 0..sl {
+                            let (wr, ws) = if flipped {
+                                (rl - 1 - r, sl - 1 - s)
+                            } else {
+                                (r, s)
+                            };
+                            let tap = (c * rl + r) * sl + s;
+                            panel[tap * block + lane] = raw[(c * rl + wr) * sl + ws];
+                        }
+                    }
+                }
+            }
+        };
+        Self::with_weights(g, activation, isa, threads, &fill)
+    }
+
+    /// As [`DensePrepared::new`], with the packed weights written by
+    /// `fill(group, channels, block, panel)`: for the output channels
+    /// `channels` of `group` (one block, `≤ block` of them), the panel
+    /// `[taps][block]` with the weight output channel `channels.start + lane`
+    /// gives tap `(c·R + r)·S + s` at `tap·block + lane`, as the tiles read it
+    /// (input offset `(r, s)`: for true convolution, the mirrored weight).
+    /// The other lanes are zero already. Panels are filled on up to
+    /// `threads` threads.
+    pub(crate) fn with_weights(
+        g: &ConvGeometry,
+        activation: Activation,
+        isa: Isa,
+        threads: usize,
+        fill: &FillPanel<'_>,
+    ) -> Result<Option<DensePrepared>, ConvError> {
         let isa = clamp_isa(isa);
         let shape = shape_for(isa);
         let p = g.padding;
@@ -297,29 +343,21 @@ impl DensePrepared {
         let mut weights = try_with_capacity("dense weights", len)?;
         weights.resize(len, 0.0);
         let align = weights.as_ptr().align_offset(64).min(16);
-        let flipped = g.mode == ConvMode::Convolution;
-        let (rl, sl) = (g.kernel_h, g.kernel_w);
-        let dst = &mut weights[align..];
-        for group in 0..geo.groups {
-            for b in 0..blocks {
-                let panel = &mut dst[(group * blocks + b) * geo.taps * block..][..geo.taps * block];
-                for k in b * block..((b + 1) * block).min(geo.kg) {
-                    let raw = &weight[(group * geo.kg + k) * geo.taps..][..geo.taps];
-                    let lane = k - b * block;
-                    for c in 0..geo.cg {
-                        for r in 0..rl {
-                            for s in 0..sl {
-                                let (wr, ws) = if flipped {
-                                    (rl - 1 - r, sl - 1 - s)
-                                } else {
-                                    (r, s)
-                                };
-                                let tap = (c * rl + r) * sl + s;
-                                panel[tap * block + lane] = raw[(c * rl + wr) * sl + ws];
-                            }
-                        }
-                    }
-                }
+        let panel_len = geo.taps * block;
+        let dst = &mut weights[align..][..geo.groups * blocks * panel_len];
+        let fill_panel = |index: usize, panel: &mut [f32]| {
+            let (group, b) = (index / blocks, index % blocks);
+            let channels = b * block..((b + 1) * block).min(geo.kg);
+            fill(group, channels, block, panel);
+        };
+        if threads > 1 && geo.groups * blocks > 1 {
+            // Panels are independent: packed on the call's threads.
+            dst.par_chunks_exact_mut(panel_len)
+                .enumerate()
+                .for_each(|(index, panel)| fill_panel(index, panel));
+        } else {
+            for (index, panel) in dst.chunks_exact_mut(panel_len).enumerate() {
+                fill_panel(index, panel);
             }
         }
         Ok(Some(DensePrepared {
@@ -807,7 +845,10 @@ mod tests {
                 let band = band_height(out_h, 1, 4096, 5, 1, threads, 64 << 10);
                 // No taller than one thread's even share, rounded up.
                 let share = out_h.div_ceil(threads);
-                assert!((1..=share).contains(&band), "{out_h} rows, {threads} threads: {band}");
+                assert!(
+                    (1..=share).contains(&band),
+                    "{out_h} rows, {threads} threads: {band}"
+                );
             }
         }
     }
