@@ -38,13 +38,12 @@ pub(crate) fn try_with_capacity<T>(what: &'static str, len: usize) -> Result<Vec
 }
 
 /// Whether [`Algorithm::DirectDense`] beats the implicit GEMM on `g` (see
-/// [`Conv2d::auto_algorithm`]): a kernel larger than 1×1, at least 128 taps
-/// per output channel, and one 64-channel block of weights within L2.
+/// [`Conv2d::auto_algorithm`]): a kernel larger than 1×1 and at least 128
+/// taps per output channel.
 fn dense_wins(g: &ConvGeometry) -> bool {
     let window = g.kernel_h.saturating_mul(g.kernel_w);
     let taps = g.channels_per_group().saturating_mul(window);
-    let block_bytes = taps.saturating_mul(64 * std::mem::size_of::<f32>());
-    window > 1 && taps >= 128 && block_bytes <= crate::gemm::cache::cache_sizes().l2
+    window > 1 && taps >= 128
 }
 
 /// `len` zeros in memory asked for fallibly (see [`try_with_capacity`]).
@@ -282,8 +281,7 @@ impl Conv2d {
     ///   depthwise 3×3 82 vs 7, 4 channels per group 126 vs 24, 8: 133 vs
     ///   48, 16: 141 vs 81, 32: 145 vs 123, 64: even;
     /// * [`Algorithm::DirectDense`] for a kernel larger than 1×1 with at
-    ///   least 128 taps per output channel (`C/g·R·S`), whose weights for
-    ///   one block of 64 output channels fit the L2 cache of a core. Measured
+    ///   least 128 taps per output channel (`C/g·R·S`). Measured
     ///   on Zen 5 (plans, 1 thread, GFLOP/s, implicit GEMM vs dense):
     ///
     ///   | layer (C → K, window, plane)   | taps | implicit | dense |
@@ -298,15 +296,20 @@ impl Conv2d {
     ///   | 64 → 16, 3×3, 56²              | 576  | 145      | 170   |
     ///   | 96 → 96, 5×5, 35²              | 2400 | 211      | 253   |
     ///   | 3 → 64, 3×3, 224²              | 27   | 144      | 102   |
-    ///   | 512 → 512, 3×3, 7² (1.2 MB)    | 4608 | 192      | 171   |
+    ///   | 512 → 512, 3×3, 7²             | 4608 | 155      | 196   |
+    ///   | 512 → 512, 3×3, 14²            | 4608 | 175      | 229   |
+    ///   | 1024 → 256, 3×3, 14²           | 9216 | 165      | 193   |
     ///   | 256 → 256, 1×1, 14²            | 256  | 230      | 218   |
     ///   | 64 → 256, 1×1, 56²             | 64   | 237      | 169   |
     ///   | 512 → 2048, 1×1, 7²            | 512  | 232      | 189   |
     ///
     ///   The dense tile leaves its sums channel-major and gathers them into
-    ///   the NCHW rows, a cost per output that few taps do not repay; and
-    ///   weights that spill from L2 are fetched again for every few pixels.
-    ///   A 1×1 layer multiplies the input planes in place on the GEMM.
+    ///   the NCHW rows, a cost per output that few taps do not repay. (The
+    ///   last three rows were measured in a later, noisier run than the
+    ///   others, after the dense tile learned to split the taps into chunks
+    ///   whose weights stay in L2: unchunked, 512 → 512 on 7² ran at 171
+    ///   against the GEMM's 192.) A 1×1 layer multiplies the input planes
+    ///   in place on the GEMM.
     /// * [`Algorithm::Implicit`] otherwise, including the few-channel stems:
     ///   since its B rows are shifted copies of each other (see
     ///   `im2col_rows`), the implicit GEMM also beats the SIMD direct kernel
