@@ -883,3 +883,33 @@ fn grad_input_phases_with_small_blocks_cross_every_edge() {
         "KC, MC, NC edges crossed (Implicit, Im2col): {edges:?}"
     );
 }
+
+/// A pointwise layer whose plane has fewer pixels than it has input
+/// channels (ResNet's last 1×1 at 7×7, scaled down): `Im2col`'s grad input
+/// multiplies the transposed product there, reading the weights in place;
+/// it matches `Direct`, batched and grouped, on every engine combination.
+#[test]
+fn pointwise_grad_input_on_a_small_plane_matches_direct() {
+    for (batch, groups) in [(1, 1), (3, 2)] {
+        let conv = Conv2dParams::new(batch, 40, (3, 3), 24, (1, 1))
+            .groups(groups)
+            .build()
+            .unwrap();
+        let g = *conv.geometry();
+        let (x, w, dy) = random_tensors(&conv, &mut Rng::new(7));
+        let (want_dx, _, _) = gradients(&conv, &x, &w, &dy);
+        let (mx, _) = magnitudes(&conv, &x, &w, &dy);
+        let zeros_x = vec![0.0; g.input_len()];
+        let t_x = g.out_channels_per_group();
+        for (isa, backend, par) in engine_combos() {
+            let o = BackwardOptions::new(Algorithm::Im2col)
+                .isa(isa)
+                .backend(backend)
+                .parallelism(par);
+            let mut dx = vec![f32::NAN; g.input_len()];
+            conv.backward_input(&w, &dy, &mut dx, &o).unwrap();
+            let what = format!("{batch} {groups} {isa:?} {backend:?} {par:?}");
+            assert_close(&what, &dx, &want_dx, &mx, &zeros_x, t_x).unwrap();
+        }
+    }
+}

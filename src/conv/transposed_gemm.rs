@@ -204,8 +204,14 @@ pub(crate) fn transposed_gemm(
     let identity =
         |a: &TransposedAxis| a.kernel == 1 && a.stride == 1 && a.offset == 0 && a.output == a.input;
     let in_place = identity(&tg.h) && identity(&tg.w);
+    // With raw weights, a plane of fewer pixels than the weights have rows
+    // makes packing Wᵀ the larger cost (r50_last1x1's grad input: 512 × 2048
+    // weights against 49 pixels); the transposed product reads W in place
+    // instead. Its epilogue would need a bias per column, so only without
+    // bias or clamp (a grad input has neither).
+    let swap = in_place && plane < rows && bias.is_none() && options.activation.bounds().is_none();
     let mut col = Vec::new();
-    if !in_place {
+    if !in_place || swap {
         column_matrix(&mut col, rows * plane)?;
     }
     let gemm_opts = options.gemm_options(options.parallelism);
@@ -217,6 +223,55 @@ pub(crate) fn transposed_gemm(
             for grp in 0..tg.groups {
                 let x = &input[(n * tg.in_channels + grp * depth) * plane..][..depth * plane];
                 let y = &mut image[grp * cout_g * out_plane..][..cout_g * out_plane];
+                if let (TransposedWeights::Raw(w), true) = (weights, swap) {
+                    // Yᵀ = Xᵀ·W: the weights, read in place as B, are never
+                    // packed; only the few pixels' Xᵀ are.
+                    let w = &w[grp * depth * rows..][..depth * rows];
+                    let a = ASource::Strided(StridedMatrix {
+                        ptr: x.as_ptr(),
+                        rs: 1,
+                        cs: plane as isize,
+                    });
+                    let b = StridedMatrix {
+                        ptr: w.as_ptr(),
+                        rs: rows as isize,
+                        cs: 1,
+                    };
+                    // Yᵀ lands row-major in `col` (a column-major C would be
+                    // turned back into the packed product by the driver),
+                    // then is transposed into the planes: H·W·C_out/g
+                    // floats, few next to the weights.
+                    let c = StridedC {
+                        ptr: col.as_mut_ptr(),
+                        rs: rows as isize,
+                        cs: 1,
+                    };
+                    // SAFETY: A is the group's H·W × C_in/g transposed input
+                    // planes, B its C_in/g × C_out/g weight block (row-major
+                    // as the weight lies), C `col` (plane × rows, exclusively
+                    // ours); no bias or clamp (`swap` requires it); β = 0.
+                    unsafe {
+                        gemm_with_epilogue(
+                            plane,
+                            depth,
+                            rows,
+                            1.0,
+                            &a,
+                            &b,
+                            0.0,
+                            c,
+                            &Epilogue::NONE,
+                            &gemm_opts,
+                            None,
+                        )
+                    };
+                    for (co, y) in y.chunks_exact_mut(out_plane).enumerate() {
+                        for (p, v) in y.iter_mut().enumerate() {
+                            *v = col[p * rows + co];
+                        }
+                    }
+                    continue;
+                }
                 let b = StridedMatrix {
                     ptr: x.as_ptr(),
                     rs: plane as isize,

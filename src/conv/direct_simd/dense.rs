@@ -192,7 +192,10 @@ fn tile_widths(out_w: usize, widest: usize) -> impl Iterator<Item = usize> {
 fn chunk_taps(cg: usize, window: usize, max_block: usize, l2: usize) -> usize {
     let per_channel = window.saturating_mul(max_block).saturating_mul(4).max(1);
     let budget = (l2 / 4 * 3).max(1);
-    let chunks = cg.saturating_mul(per_channel).div_ceil(budget).clamp(1, cg.max(1));
+    let chunks = cg
+        .saturating_mul(per_channel)
+        .div_ceil(budget)
+        .clamp(1, cg.max(1));
     cg.div_ceil(chunks).max(1) * window
 }
 
@@ -953,12 +956,17 @@ mod tests {
             let x: Vec<f32> = (0..g.input_len()).map(|_| next()).collect();
             let w: Vec<f32> = (0..g.weight_len()).map(|_| next()).collect();
             let b: Vec<f32> = (0..g.out_channels).map(|_| next()).collect();
-            let act = Activation::Clamp { min: -0.4, max: 0.6 };
+            let act = Activation::Clamp {
+                min: -0.4,
+                max: 0.6,
+            };
             let mut want = vec![0.0; g.output_len()];
             crate::conv::direct::conv2d_direct(&g, &x, &w, Some(&b), &mut want, act);
             for isa in Isa::ALL.into_iter().filter(|&i| clamp_isa(i) == i) {
                 for threads in [1, 3] {
-                    let mut p = DensePrepared::new(&g, &w, act, isa, threads).unwrap().unwrap();
+                    let mut p = DensePrepared::new(&g, &w, act, isa, threads)
+                        .unwrap()
+                        .unwrap();
                     // Two input channels a chunk.
                     p.geo.chunk = 2 * g.kernel_h * g.kernel_w;
                     assert!(p.geo.chunk < p.geo.taps && p.row_buffers() > 0);
