@@ -491,7 +491,12 @@ mod tests {
                                 let mut col = vec![f32::NAN; len];
                                 im2col_group(&g, &x, &mut col);
                                 let mut back = vec![0.0f32; g.input_len()];
-                                col2im(&TransposedGeometry::grad_input_of(&g), &c, &mut back);
+                                col2im(
+                                    &TransposedGeometry::grad_input_of(&g),
+                                    &c,
+                                    0..g.out_h,
+                                    &mut back,
+                                );
                                 let lhs: f32 = col.iter().zip(&c).map(|(a, b)| a * b).sum();
                                 let rhs: f32 = x.iter().zip(&back).map(|(a, b)| a * b).sum();
                                 assert_eq!(lhs, rhs, "{p:?}");
@@ -501,6 +506,7 @@ mod tests {
                                 col2im(
                                     &TransposedGeometry::grad_input_of(&g),
                                     &vec![1.0; len],
+                                    0..g.out_h,
                                     &mut marked,
                                 );
                                 for (i, &m) in marked.iter().enumerate() {
