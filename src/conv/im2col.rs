@@ -315,7 +315,7 @@ pub(crate) fn im2col_group(g: &ConvGeometry, image: &[f32], col: &mut [f32]) {
 mod tests {
     use super::{im2col_group, im2col_row, im2col_rows, valid_range, ColumnTap};
     use crate::conv::phases::TransposedGeometry;
-    use crate::conv::transposed_gemm::col2im;
+    use crate::conv::transposed_gemm::{col2im, interleave, PlaneLayout};
     use crate::geometry::ConvGeometry;
     use crate::{Conv2dParams, ConvMode, Padding};
 
@@ -491,12 +491,17 @@ mod tests {
                                 let mut col = vec![f32::NAN; len];
                                 im2col_group(&g, &x, &mut col);
                                 let mut back = vec![0.0f32; g.input_len()];
-                                col2im(
-                                    &TransposedGeometry::grad_input_of(&g),
-                                    &c,
-                                    0..g.out_h,
-                                    &mut back,
-                                );
+                                let tg = TransposedGeometry::grad_input_of(&g);
+                                col2im(&tg, &c, 0..g.out_h, &mut back, PlaneLayout::plane(&tg));
+                                // The column-phase layout, interleaved, adds
+                                // the same terms in the same order.
+                                let phased_layout = PlaneLayout::phased(&tg);
+                                let mut phased =
+                                    vec![0.0f32; g.in_channels * phased_layout.channel_len(&tg)];
+                                col2im(&tg, &c, 0..g.out_h, &mut phased, phased_layout);
+                                let mut again = vec![f32::NAN; g.input_len()];
+                                interleave(&tg, &phased, phased_layout, None, &mut again);
+                                assert_eq!(again, back, "{p:?}");
                                 let lhs: f32 = col.iter().zip(&c).map(|(a, b)| a * b).sum();
                                 let rhs: f32 = x.iter().zip(&back).map(|(a, b)| a * b).sum();
                                 assert_eq!(lhs, rhs, "{p:?}");
@@ -504,10 +509,11 @@ mod tests {
                                 // pixel's sum is over the elements that read it.
                                 let mut marked = vec![0.5f32; g.input_len()];
                                 col2im(
-                                    &TransposedGeometry::grad_input_of(&g),
+                                    &tg,
                                     &vec![1.0; len],
                                     0..g.out_h,
                                     &mut marked,
+                                    PlaneLayout::plane(&tg),
                                 );
                                 for (i, &m) in marked.iter().enumerate() {
                                     let reads = (0..g.gemm_k())
