@@ -302,7 +302,7 @@ pub(crate) fn transposed_gemm(
     let swap = in_place && plane < rows && bias.is_none() && options.activation.bounds().is_none();
     // The column matrix in chunks of whole input rows that stay in L2
     // between the GEMM that writes them and the col2im that reads them.
-    let chunk_rows = col_chunk_rows(tg);
+    let chunk_rows = col_chunk_rows(tg, options);
     // At a horizontal stride above 1, col2im adds into column phases,
     // contiguous, which are then interleaved into the planes: r50_conv1's
     // grad input spent 0.83 ms adding to every other float.
@@ -493,15 +493,35 @@ pub(crate) fn transposed_gemm(
 
 /// Input rows per chunk of the column matrix: as many as keep a chunk
 /// (`C_out/g·R·S` rows of that many input rows' pixels) within half of L2,
-/// at least one. r50_conv1's grad input (147 rows, 112-pixel input rows)
+/// at least one, and never so few that the chunk's GEMM would select
+/// another micro-kernel than the whole plane's. r50_conv1's grad input (147 rows, 112-pixel input rows)
 /// wrote and re-read its whole 7.4 MB column matrix through L3 before:
 /// the GEMM took 1.3 ms and col2im 0.93 ms of the call (Zen 5, 1 thread).
-fn col_chunk_rows(tg: &TransposedGeometry) -> usize {
-    let row_bytes = gemm_rows(tg)
+fn col_chunk_rows(tg: &TransposedGeometry, options: &ForwardOptions) -> usize {
+    let rows = gemm_rows(tg);
+    let row_bytes = rows
         .saturating_mul(tg.w.input)
         .saturating_mul(std::mem::size_of::<f32>())
         .max(1);
-    (crate::gemm::cache::cache_sizes().l2 / 2 / row_bytes).clamp(1, tg.h.input.max(1))
+    let chunk = (crate::gemm::cache::cache_sizes().l2 / 2 / row_bytes).clamp(1, tg.h.input.max(1));
+    if chunk >= tg.h.input {
+        return tg.h.input.max(1);
+    }
+    // Weights packed once (a plan's, or a batch's) are packed for the
+    // kernel of the whole plane; chunks whose narrower GEMMs would select
+    // another kernel (the column kernel, say) are not taken.
+    let isa = crate::arch::clamp_isa(options.isa.unwrap_or_else(crate::isa));
+    let mr = |n: usize| select_kernel(Some(isa), rows, n, true, options.blocking).mr;
+    let whole = mr(tg.h.input * tg.w.input);
+    let last = match tg.h.input % chunk {
+        0 => chunk,
+        r => r,
+    };
+    if mr(chunk * tg.w.input) == whole && mr(last * tg.w.input) == whole {
+        chunk
+    } else {
+        tg.h.input
+    }
 }
 
 /// [`transposed_gemm`] with raw weights, packed first when more than one
@@ -521,7 +541,7 @@ pub(crate) fn transposed_gemm_raw(
 ) -> Result<(), ConvError> {
     // One GEMM per image, group and chunk of rows: a raw A would be packed
     // again in each.
-    let gemms = tg.batch * tg.h.input.div_ceil(col_chunk_rows(tg));
+    let gemms = tg.batch * tg.h.input.div_ceil(col_chunk_rows(tg, options));
     if gemms == 1 || options.backend != GemmBackend::Native {
         return transposed_gemm(
             tg,
