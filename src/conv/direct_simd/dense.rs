@@ -41,7 +41,7 @@
 //! tile allows (56 pixels with `W ≤ 6`: six of 6 and four of 5), which keeps
 //! the narrow tail tiles of a plain split off the row.
 
-use super::{Simd, MIN_FLOPS_PER_THREAD};
+use super::{thread_count, Simd};
 use crate::arch::{clamp_isa, Isa};
 use crate::conv::try_with_capacity;
 use crate::error::ConvError;
@@ -672,16 +672,6 @@ fn fork(
         || fork(tasks.start..mid, left, per_task, f),
         || fork(mid..tasks.end, right, per_task, f),
     );
-}
-
-/// Threads for a call of `flops` in `units` units.
-fn thread_count(flops: u64, units: usize, par: Parallelism) -> usize {
-    let max = par.max_threads();
-    if max <= 1 {
-        return 1;
-    }
-    let by_work = usize::try_from(flops / MIN_FLOPS_PER_THREAD).unwrap_or(usize::MAX);
-    max.min(units).min(by_work).max(1)
 }
 
 /// One output row of one channel block, ready for the tiles.

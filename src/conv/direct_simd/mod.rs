@@ -309,7 +309,7 @@ fn offsets_fit(g: &ConvGeometry) -> bool {
 
 /// Threads for a call of `flops` in `units` units: no more than `par`
 /// allows, than there are units, or than the work pays for.
-fn thread_count(flops: u64, units: usize, par: Parallelism) -> usize {
+pub(super) fn thread_count(flops: u64, units: usize, par: Parallelism) -> usize {
     let max = par.max_threads();
     if max <= 1 {
         return 1;
