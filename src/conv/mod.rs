@@ -38,12 +38,16 @@ pub(crate) fn try_with_capacity<T>(what: &'static str, len: usize) -> Result<Vec
 }
 
 /// Whether [`Algorithm::DirectDense`] beats the implicit GEMM on `g` (see
-/// [`Conv2d::auto_algorithm`]): a kernel larger than 1×1 and at least 128
-/// taps per output channel.
+/// [`Conv2d::auto_algorithm`]).
 fn dense_wins(g: &ConvGeometry) -> bool {
     let window = g.kernel_h.saturating_mul(g.kernel_w);
     let taps = g.channels_per_group().saturating_mul(window);
-    window > 1 && taps >= 128
+    let strided = g.stride_h > 1 || g.stride_w > 1;
+    if window > 1 {
+        taps >= 32 || strided
+    } else {
+        strided || (taps >= 1024 && g.out_plane() >= 64)
+    }
 }
 
 /// `len` zeros in memory asked for fallibly (see [`try_with_capacity`]).
@@ -281,7 +285,9 @@ impl Conv2d {
     ///   depthwise 3×3 82 vs 7, 4 channels per group 126 vs 24, 8: 133 vs
     ///   48, 16: 141 vs 81, 32: 145 vs 123, 64: even;
     /// * [`Algorithm::DirectDense`] for a kernel larger than 1×1 with at
-    ///   least 128 taps per output channel (`C/g·R·S`). Measured
+    ///   least 32 taps per output channel (`C/g·R·S`) or a stride above 1,
+    ///   and for a 1×1 kernel at a stride above 1 or with at least 1024
+    ///   taps on a plane of at least 64 outputs. Measured
     ///   on Zen 5 (plans, 1 thread, GFLOP/s, implicit GEMM vs dense):
     ///
     ///   | layer (C → K, window, plane)   | taps | implicit | dense |
@@ -303,8 +309,16 @@ impl Conv2d {
     ///   | 64 → 256, 1×1, 56²             | 64   | 237      | 169   |
     ///   | 512 → 2048, 1×1, 7²            | 512  | 232      | 189   |
     ///
-    ///   The dense tile leaves its sums channel-major and gathers them into
-    ///   the NCHW rows, a cost per output that few taps do not repay. (The
+    ///   After the dense tile's store learned to transpose its channel-major
+    ///   sums in registers (AVX-512) rather than gather them, the same run
+    ///   of both gave (implicit vs dense): 3 → 32, 3×3/2, 224² 122 vs 170;
+    ///   3 → 64, 3×3, 224² 138 vs 101 (a 12.8 MB output, written once
+    ///   either way); 4 → 64, 3×3, 56² 169 vs 199; 8 → 32 165 vs 225;
+    ///   1×1: 256 → 64 on 56² 235 vs 239, 256 → 256 on 14² 233 vs 240,
+    ///   1024 → 256 on 14² 234 vs 255, 256 → 512 at stride 2 207 vs 219,
+    ///   64 → 256 on 56² 231 vs 218, 16 → 96 on 112² 160 vs 150, 512 → 2048
+    ///   on 7² 225 vs 195, 160 → 960 on 7² 216 vs 183. The table above was
+    ///   measured with the gathering store, which few taps did not repay. (The
     ///   last three rows were measured in a later, noisier run than the
     ///   others, after the dense tile learned to split the taps into chunks
     ///   whose weights stay in L2: unchunked, 512 → 512 on 7² ran at 171

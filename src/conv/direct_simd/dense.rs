@@ -802,7 +802,10 @@ unsafe fn tile<S: Simd, const F: usize, const W: usize, const SW: usize>(
         // one more step (contract).
         unsafe {
             let xp = x.offset(off);
-            let wv: [S::V; F] = core::array::from_fn(|f| s.load(w.add(f * lanes)));
+            let mut wv = [s.zero(); F];
+            for (f, v) in wv.iter_mut().enumerate() {
+                *v = s.load(w.add(f * lanes));
+            }
             for j in 0..W {
                 let b = s.splat(*xp.add(j * stride_w));
                 for f in 0..F {
@@ -827,25 +830,30 @@ unsafe fn tile<S: Simd, const F: usize, const W: usize, const SW: usize>(
 /// As [`dense_row`].
 #[inline(always)]
 unsafe fn store_row<S: Simd, const F: usize>(s: S, row: &DenseRow<'_>) {
+    const MAX_LANES: usize = 16;
     let lanes = S::LANES;
+    debug_assert!(lanes <= MAX_LANES);
     let block = F * lanes;
     let clamp = row.clamp.map(|(lo, hi)| (s.splat(lo), s.splat(hi)));
-    for k in 0..row.channels {
-        let bias = row.bias.map(|b| s.splat(b[k]));
+    let mut t = [s.zero(); MAX_LANES];
+    for k0 in (0..row.channels).step_by(lanes) {
         let mut ow0 = 0;
         while ow0 < row.out_w {
             let n = lanes.min(row.out_w - ow0);
-            // SAFETY: the buffer holds whole vectors of pixels (contract);
-            // output row k has out_w floats from ow0.
-            unsafe {
-                let mut v = s.load_strided(row.buf.add(ow0 * block + k), block);
-                if let Some(b) = bias {
-                    v = s.add(v, b);
+            // SAFETY: the buffer holds whole vectors of pixels, and channels
+            // k0..k0 + L lie within the block (contract).
+            unsafe { s.load_transposed(row.buf.add(ow0 * block + k0), block, &mut t[..lanes]) };
+            for (l, &v) in t[..lanes].iter().enumerate().take(row.channels - k0) {
+                let k = k0 + l;
+                let mut v = v;
+                if let Some(b) = row.bias {
+                    v = s.add(v, s.splat(b[k]));
                 }
                 if let Some((lo, hi)) = clamp {
                     v = s.clamp(v, lo, hi);
                 }
-                s.store(row.out.add(k * row.out_plane + ow0), v, n);
+                // SAFETY: output row k has out_w floats from ow0 (contract).
+                unsafe { s.store(row.out.add(k * row.out_plane + ow0), v, n) };
             }
             ow0 += lanes;
         }

@@ -110,6 +110,21 @@ pub(super) trait Simd: Copy {
     /// # Safety
     /// `p[0..n]` is writable.
     unsafe fn store(self, p: *mut f32, v: Self::V, n: usize);
+
+    /// The `LANES × LANES` block of floats whose row `j` is
+    /// `p[j·stride..][..LANES]`, transposed: `out[l]` holds element `l` of
+    /// every row (`out` as long as `LANES`). By default one strided load a
+    /// vector; an ISA may shuffle whole rows in registers instead.
+    ///
+    /// # Safety
+    /// `p[j·stride + l]` is readable for every `j, l < LANES`.
+    #[inline(always)]
+    unsafe fn load_transposed(self, p: *const f32, stride: usize, out: &mut [Self::V]) {
+        for (l, v) in out.iter_mut().enumerate() {
+            // SAFETY: element l of every row is readable (contract).
+            *v = unsafe { self.load_strided(p.add(l), stride) };
+        }
+    }
 }
 
 /// Where one register tile sits.
