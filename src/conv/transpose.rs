@@ -502,19 +502,36 @@ impl ConvTranspose2d {
     /// The algorithm [`Algorithm::Auto`] runs for this shape:
     /// [`Algorithm::Direct`] below 4 kFLOP; [`Algorithm::Im2col`], GEMM +
     /// col2im (`W_gᵀ·x`, the input read as it lies, then each column added
-    /// where it lands), when a group has fewer than 16 output channels or an
-    /// input plane fewer pixels than a group has input channels (dcgan_b8's
-    /// 8² planes of 256 channels: 180 GFLOP/s against 154 for the phases,
-    /// Zen 5 AVX-512, 1 thread, plans); otherwise the sub-pixel phases, each
-    /// with its own `Auto` choice (reported as `Auto`).
+    /// where it lands), when a group has fewer than 16 output channels, or
+    /// an input plane fewer pixels than a group has input channels while
+    /// some phase's sub-kernel is 1×1 (the phases' implicit GEMMs then get
+    /// too few columns: dcgan_b8's 8² planes of 256 channels ran at 180
+    /// GFLOP/s against 154 for the phases on the implicit GEMM, Zen 5
+    /// AVX-512, 1 thread, plans); otherwise the sub-pixel phases, each with
+    /// its own `Auto` choice (reported as `Auto`). Where every phase's
+    /// sub-kernel is above 1×1 they run on the dense tile, which needs no
+    /// columns: dcgan_b8 199–201 against 182 for GEMM + col2im in the same
+    /// run. (The input gradient keeps its own rule,
+    /// `Conv2d::auto_input_gradient_algorithm`: packing per call, the two
+    /// measured even on r50_deep.)
     pub fn auto_algorithm(&self) -> Algorithm {
         if self.flops() < 4 * 1024 {
             Algorithm::Direct
-        } else if gemm_col2im_wins(&self.tg) {
+        } else if gemm_col2im_wins(&self.tg) && !self.phases_run_dense() {
             Algorithm::Im2col
         } else {
             Algorithm::Auto
         }
+    }
+
+    /// Whether every sub-pixel phase has a sub-kernel above 1×1 with at
+    /// least 32 taps and at least 16 output channels a group, so that
+    /// `Auto` runs it on the dense tile, whose weights a plan packs once.
+    fn phases_run_dense(&self) -> bool {
+        let tg = &self.tg;
+        let sub = |a: &TransposedAxis| a.kernel / a.stride.max(1);
+        let window = sub(&tg.h) * sub(&tg.w);
+        tg.out_per_group() >= 16 && window > 1 && tg.in_per_group() * window >= 32
     }
 
     /// As [`ConvTranspose2d::forward`], allocating and returning the output.
