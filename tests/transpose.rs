@@ -1631,8 +1631,9 @@ fn results_do_not_depend_on_the_thread_count() {
 /// GEMM + col2im on layers whose column matrix spans several chunks of
 /// input rows (1024 or 2304 rows of 40- or 14-pixel input rows: a chunk of
 /// L2 holds a few), with padding so that the chunks' windows
-/// overlap in the output: equal to `Direct` on one and two threads, one-shot
-/// (a batch of two packs the weights once) and through a plan. The second
+/// overlap in the output: equal to `Direct` on every ISA, engine and
+/// threading mode, one-shot (a batch of two packs the weights once) and
+/// through a plan. The second
 /// layer's chunks would be narrow enough for another micro-kernel than the
 /// weights were packed for (the column kernel): no chunking there.
 #[test]
@@ -1655,8 +1656,11 @@ fn im2col_over_chunks_of_input_rows_matches_direct() {
         let want = t
             .forward_to_vec(&x, &wt, Some(&b), Algorithm::Direct)
             .unwrap();
-        for par in [Parallelism::Sequential, Parallelism::threads(2)] {
-            let options = ForwardOptions::new(Algorithm::Im2col).parallelism(par);
+        for (isa, backend, par) in engine_combos() {
+            let options = ForwardOptions::new(Algorithm::Im2col)
+                .isa(isa)
+                .backend(backend)
+                .parallelism(par);
             let mut got = vec![f32::NAN; want.len()];
             t.forward_with(&x, &wt, Some(&b), &mut got, &options)
                 .unwrap();

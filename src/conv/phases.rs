@@ -341,27 +341,14 @@ fn gather_packed(
     threads: usize,
 ) {
     let (cin_g, cout_g) = (tg.in_per_group(), tg.out_per_group());
-    let window = tg.h.kernel * tg.w.kernel;
     let taps = tap_offsets(tg, phase);
-    let nt = taps.len();
-    let depth = cin_g * nt;
+    let depth = cin_g * taps.len();
     let panels = cout_g.div_ceil(mr);
     // Panel `index` (group-major) of the packed weights.
     let fill = |index: usize, panel: &mut [f32]| {
         let (grp, q) = (index / panels, index % panels);
         let rows = mr.min(cout_g - q * mr);
-        for k in 0..cin_g {
-            let from = &weight[((grp * cin_g + k) * cout_g + q * mr) * window..][..rows * window];
-            let to = &mut panel[k * nt * mr..][..nt * mr];
-            for (lane, &tap) in to.chunks_exact_mut(mr).zip(&taps) {
-                // Rows past the last output channel stay zero.
-                let (real, pad) = lane.split_at_mut(rows);
-                for (x, row) in real.iter_mut().zip(from.chunks_exact(window)) {
-                    *x = row[tap];
-                }
-                pad.fill(0.0);
-            }
-        }
+        pack_phase_panel(tg, &taps, weight, grp, q * mr..q * mr + rows, mr, panel);
     };
     let dst = &mut dst[..tg.groups * panels * depth * mr];
     if threads > 1 && tg.groups * panels > 1 {
@@ -377,31 +364,50 @@ fn gather_packed(
     }
 }
 
-/// The phase's weights for the dense tile, gathered and packed in one pass
-/// (see `DensePrepared::with_weights`): for each input channel, the block's
-/// output channels are one contiguous run of the weight, and each tap of the
-/// sub-kernel writes one contiguous stretch of the panel.
-fn dense_filler<'a>(
+/// One panel of a phase's weights, gathered and packed in one pass: for the
+/// output channels `channels` of group `grp` (at most `width`), the value
+/// that input channel `k` gives sub-kernel tap `t` of output channel
+/// `channels.start + lane` at `(k·T + t)·width + lane`, lanes past the
+/// channels zero. The layout of a GEMM A panel of `width` rows and of a
+/// dense-tile block alike. For each input channel the output channels are
+/// one contiguous run of the weight, and each tap writes one contiguous
+/// stretch of the panel, so neither side strides across memory.
+fn pack_phase_panel(
     tg: &TransposedGeometry,
+    taps: &[usize],
+    weight: &[f32],
+    grp: usize,
+    channels: std::ops::Range<usize>,
+    width: usize,
+    panel: &mut [f32],
+) {
+    let (cin_g, cout_g) = (tg.in_per_group(), tg.out_per_group());
+    let window = tg.h.kernel * tg.w.kernel;
+    let (nt, rows) = (taps.len(), channels.len());
+    for k in 0..cin_g {
+        let from =
+            &weight[((grp * cin_g + k) * cout_g + channels.start) * window..][..rows * window];
+        let to = &mut panel[k * nt * width..][..nt * width];
+        for (lane, &tap) in to.chunks_exact_mut(width).zip(taps) {
+            let (real, pad) = lane.split_at_mut(rows);
+            for (x, row) in real.iter_mut().zip(from.chunks_exact(window)) {
+                *x = row[tap];
+            }
+            pad.fill(0.0);
+        }
+    }
+}
+
+/// The phase's weights for the dense tile (see
+/// `DensePrepared::with_weights`): each block a [`pack_phase_panel`].
+fn dense_filler<'a>(
+    tg: &'a TransposedGeometry,
     phase: &Phase,
     weight: &'a [f32],
 ) -> impl Fn(usize, std::ops::Range<usize>, usize, &mut [f32]) + Sync + 'a {
-    let (cin_g, cout_g) = (tg.in_per_group(), tg.out_per_group());
-    let window = tg.h.kernel * tg.w.kernel;
     let taps = tap_offsets(tg, phase);
     move |grp, channels, block, panel| {
-        let n = channels.len();
-        let nt = taps.len();
-        for k in 0..cin_g {
-            let from =
-                &weight[((grp * cin_g + k) * cout_g + channels.start) * window..][..n * window];
-            for (t, &tap) in taps.iter().enumerate() {
-                let to = &mut panel[(k * nt + t) * block..][..n];
-                for (x, row) in to.iter_mut().zip(from.chunks_exact(window)) {
-                    *x = row[tap];
-                }
-            }
-        }
+        pack_phase_panel(tg, &taps, weight, grp, channels, block, panel)
     }
 }
 
