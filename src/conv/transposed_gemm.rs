@@ -503,7 +503,8 @@ fn col_chunk_rows(tg: &TransposedGeometry, options: &ForwardOptions) -> usize {
         .saturating_mul(tg.w.input)
         .saturating_mul(std::mem::size_of::<f32>())
         .max(1);
-    let chunk = (crate::gemm::cache::cache_sizes().l2 / 2 / row_bytes).clamp(1, tg.h.input.max(1));
+    let chunk = (crate::gemm::cache::cache_hierarchy().l2.per_core() / 2 / row_bytes)
+        .clamp(1, tg.h.input.max(1));
     if chunk >= tg.h.input {
         return tg.h.input.max(1);
     }

@@ -37,6 +37,7 @@
 //! ```
 
 pub mod cache;
+pub mod cache_model;
 mod driver;
 mod element;
 pub(crate) mod engine;

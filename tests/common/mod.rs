@@ -3,7 +3,7 @@
 
 pub mod grads;
 
-use cpuconv::gemm::cache::cache_sizes;
+use cpuconv::gemm::cache::cache_hierarchy;
 use cpuconv::gemm::kernels::KernelInfo;
 use cpuconv::testing::{isas_under_test, Blocking, KernelTrace};
 use cpuconv::{
@@ -314,18 +314,6 @@ pub struct GemmCall {
     pub b_strided: bool,
 }
 
-/// Whether `rows` rows of an operand read in place, `rs` floats apart, stay
-/// in L2: the driver's `rows_stay_in_l2`, mirrored.
-fn rows_stay_in_l2(rs: usize, rows: usize, l2: usize) -> bool {
-    let bytes = rs.saturating_mul(4);
-    let line_stride_pow2 = if bytes.is_multiple_of(64) {
-        1usize << (bytes / 64).trailing_zeros().min(usize::BITS - 1)
-    } else {
-        1
-    };
-    line_stride_pow2.saturating_mul(2 * rows) <= l2 / 64
-}
-
 /// The columns the register tiles of a sequential native GEMM cover on the
 /// kernel `info` (its blocking already forced): all `n`, except on the
 /// AVX-512 row kernel (the only one with a narrow right-edge tile of 16
@@ -346,7 +334,9 @@ pub fn tiled_columns(info: &KernelInfo, call: &GemmCall) -> usize {
             let col0 = n - n % NARROW;
             let in_place = rs > 0
                 && col0.div_ceil(info.nr) <= 8
-                && rows_stay_in_l2(rs as usize, m.min(info.mc), cache_sizes().l2);
+                && cache_hierarchy()
+                    .l2
+                    .holds_rows(rs as usize * 4, m.min(info.mc));
             if in_place {
                 col0
             } else {
@@ -366,7 +356,7 @@ pub fn single_mc_block_columns(info: &KernelInfo, k: usize) -> usize {
         .div_ceil(k.div_ceil(info.kc).max(1))
         .next_multiple_of(8)
         .min(info.kc);
-    let floats = cache_sizes().l2 / 2 / 4;
+    let floats = cache_hierarchy().l2.per_core() / 2 / 4;
     (floats / kc.max(1) / info.nr * info.nr).clamp(info.nr, info.nc.max(info.nr))
 }
 

@@ -6,7 +6,8 @@ use crate::out::{outln, Stop};
 use crate::table::{left, right, sig, Table};
 use clap::Args;
 use cpuconv::arch::{detected_isa, supported_isas};
-use cpuconv::gemm::cache::cache_sizes;
+use cpuconv::gemm::cache::{cache_hierarchy, CacheLevel, CacheSource};
+use cpuconv::gemm::cache_model::ModelBlocking;
 use cpuconv::gemm::kernels::kernel_info;
 use cpuconv::gemm::kernels::peak::fma_peak_gflops;
 use cpuconv::Isa;
@@ -92,10 +93,21 @@ fn measure_peak(isa: Isa) -> Peak {
 fn json(args: &InfoArgs) -> serde_json::Value {
     use serde_json::{json, Map, Value};
     let supported = supported_isas();
-    let caches = cache_sizes();
+    let caches = cache_hierarchy();
+    let level = |c: &CacheLevel| {
+        json!({
+            "bytes": c.size,
+            "line_bytes": c.line,
+            "ways": c.ways,
+            "sets": c.sets(),
+            "shared_by": c.shared_by,
+            "per_core_bytes": c.per_core(),
+        })
+    };
     let mut blocking = Map::new();
     for &isa in &supported {
         let k = kernel_info(isa);
+        let m = ModelBlocking::derive(caches, k.mr, k.nr, 4);
         blocking.insert(
             isa.name().to_string(),
             json!({
@@ -106,6 +118,17 @@ fn json(args: &InfoArgs) -> serde_json::Value {
                 "nc": k.nc,
                 "a_block_bytes": k.mc * k.kc * 4,
                 "b_block_bytes": k.kc * k.nc * 4,
+                "model": {
+                    "l1_a_ways": m.l1_a_ways,
+                    "l1_b_ways": m.l1_b_ways,
+                    "l2_b_ways": m.l2_b_ways,
+                    "l2_a_ways": m.l2_a_ways,
+                    "l3_a_ways": m.l3_a_ways,
+                    "l3_b_ways": m.l3_b_ways,
+                    "mc": m.mc,
+                    "kc": m.kc,
+                    "nc": m.nc,
+                },
             }),
         );
     }
@@ -142,15 +165,33 @@ fn json(args: &InfoArgs) -> serde_json::Value {
         "cpuconv_isa_env": std::env::var("CPUCONV_ISA").ok(),
         "cpu_features": features,
         "caches": {
-            "l1d_bytes": caches.l1d,
-            "l2_bytes": caches.l2,
-            "l3_per_core_bytes": caches.l3_per_core,
-            "from_os": caches.from_os,
+            "l1d": level(&caches.l1d),
+            "l2": level(&caches.l2),
+            "l3": caches.l3.as_ref().map(level),
+            "source": source_name(caches.source),
         },
         "blocking": blocking,
         "peaks": peaks,
         "peak_threads": all_threads(),
     })
+}
+
+/// How the report names where the cache description came from.
+fn source_name(source: CacheSource) -> &'static str {
+    match source {
+        CacheSource::Os => "from the OS",
+        CacheSource::Cpuid => "from CPUID",
+        CacheSource::Assumed => "assumed: neither the OS nor CPUID described them",
+    }
+}
+
+/// Bytes as KiB or, when whole, MiB.
+fn kib(b: usize) -> String {
+    if b >= 1024 * 1024 && b.is_multiple_of(1024 * 1024) {
+        format!("{} MiB", b / (1024 * 1024))
+    } else {
+        format!("{} KiB", b / 1024)
+    }
 }
 
 /// Entry point of `cpuconv info`.
@@ -192,51 +233,81 @@ pub fn run(args: &InfoArgs) -> Result<(), Stop> {
         outln!("features:     {}", f.join(" "))?;
     }
 
-    let caches = cache_sizes();
-    let kib = |b: usize| {
-        if b >= 1024 * 1024 && b.is_multiple_of(1024 * 1024) {
-            format!("{} MiB", b / (1024 * 1024))
-        } else {
-            format!("{} KiB", b / 1024)
-        }
-    };
+    let caches = cache_hierarchy();
     outln!(
-        "caches:       L1d {}, L2 {}, L3 {} per core ({})",
-        kib(caches.l1d),
-        kib(caches.l2),
-        kib(caches.l3_per_core),
-        if caches.from_os {
-            "from the OS"
-        } else {
-            "defaults: the OS reported none"
-        }
+        "\nCaches ({}; the model's inputs):\n",
+        source_name(caches.source)
     )?;
+    let table = Table::new(&[
+        left("level", 5),
+        right("size", 8),
+        right("line", 4),
+        right("ways", 4),
+        right("sets", 6),
+        right("shared by", 9),
+        right("per core", 9),
+    ]);
+    outln!("{}", table.header())?;
+    let levels = [
+        ("L1d", Some(caches.l1d)),
+        ("L2", Some(caches.l2)),
+        ("L3", caches.l3),
+    ];
+    for (name, level) in levels {
+        let Some(c) = level else {
+            outln!("{}", table.row(&[name.into(), "none".into()]))?;
+            continue;
+        };
+        outln!(
+            "{}",
+            table.row(&[
+                name.to_string(),
+                kib(c.size),
+                c.line.to_string(),
+                c.ways.to_string(),
+                c.sets().to_string(),
+                c.shared_by.to_string(),
+                kib(c.per_core()),
+            ])
+        )?;
+    }
 
-    outln!("\nBlocking (per supported path, from those cache sizes):\n")?;
+    outln!(
+        "\nBlocking per supported path: the analytical model (cpuconv::gemm::cache_model) \
+         gives each operand the ways of the level that serves its reuse: L1 = B micro-panel \
+         (KC), L2 = A block (MC), L3 share = B block (NC); one way is left spare at each level.\n"
+    )?;
     let blocking = Table::new(&[
         left("isa", 8),
         right("MR", 3),
         right("NR", 3),
-        right("MC", 5),
+        right("L1 ways A+B", 11),
         right("KC", 5),
+        right("L2 ways B+A", 11),
+        right("MC", 5),
+        right("L3 ways A+B", 11),
         right("NC", 5),
-        right("A block KiB", 11),
-        right("B block KiB", 11),
+        right("A block", 8),
+        right("B block", 8),
     ]);
     outln!("{}", blocking.header())?;
     for &isa in &supported {
         let k = kernel_info(isa);
+        let m = ModelBlocking::derive(caches, k.mr, k.nr, 4);
         outln!(
             "{}",
             blocking.row(&[
                 isa.name().to_string(),
                 k.mr.to_string(),
                 k.nr.to_string(),
-                k.mc.to_string(),
+                format!("{}+{}", m.l1_a_ways, m.l1_b_ways),
                 k.kc.to_string(),
+                format!("{}+{}", m.l2_b_ways, m.l2_a_ways),
+                k.mc.to_string(),
+                format!("{}+{}", m.l3_a_ways, m.l3_b_ways),
                 k.nc.to_string(),
-                (k.mc * k.kc * 4 / 1024).to_string(),
-                (k.kc * k.nc * 4 / 1024).to_string(),
+                kib(k.mc * k.kc * 4),
+                kib(k.kc * k.nc * 4),
             ])
         )?;
     }

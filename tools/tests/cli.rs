@@ -270,13 +270,25 @@ fn info_json_is_one_object() {
     assert_eq!(info["detected_isa"], detected);
     assert_eq!(info["cpuconv_isa_env"], Value::Null);
     assert_eq!(info["peaks"], Value::Null);
-    for key in ["l1d_bytes", "l2_bytes", "l3_per_core_bytes"] {
-        assert!(info["caches"][key].as_u64().unwrap() > 0, "{key}: {info}");
+    for level in ["l1d", "l2"] {
+        for key in ["bytes", "line_bytes", "ways", "sets", "shared_by"] {
+            let v = info["caches"][level][key].as_u64();
+            assert!(v.is_some_and(|v| v > 0), "{level} {key}: {info}");
+        }
     }
+    let cpu = &info["caches"];
+    assert!(
+        cpu["l2"]["bytes"].as_u64() >= cpu["l1d"]["bytes"].as_u64(),
+        "{info}"
+    );
     for isa in &supported {
         let b = &info["blocking"][isa];
         for key in ["mr", "nr", "mc", "kc", "nc"] {
             assert!(b[key].as_u64().unwrap() > 0, "{isa} {key}: {info}");
+            // The blocking is the model's.
+            if let Some(model) = b["model"].get(key) {
+                assert_eq!(&b[key], model, "{isa} {key}");
+            }
         }
     }
 }

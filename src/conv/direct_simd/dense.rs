@@ -305,7 +305,7 @@ impl DensePrepared {
             return Ok(None);
         };
         let padded = p.top + p.bottom + p.left + p.right > 0;
-        let l2 = crate::gemm::cache::cache_sizes().l2;
+        let l2 = crate::gemm::cache::cache_hierarchy().l2.per_core();
         let window = g.kernel_h * g.kernel_w;
         let max_block = shape.widths.len() * shape.lanes;
         let chunk = chunk_taps(g.channels_per_group(), window, max_block, l2);

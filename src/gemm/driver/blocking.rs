@@ -1,7 +1,7 @@
 //! Block sizes and the rules for reading an operand in place, derived per
 //! problem from the kernel's blocking and the cache sizes.
 
-use crate::gemm::cache::cache_sizes;
+use crate::gemm::cache::cache_hierarchy;
 use crate::gemm::element::Element;
 use crate::gemm::engine::{ASource, PackBounds, StridedMatrix};
 use crate::gemm::kernels::{Kernel, KernelInfo};
@@ -27,7 +27,7 @@ pub(crate) fn block_depth(k: usize, info: &KernelInfo) -> usize {
 /// and the GEMM shapes with M ≤ 256 within ±2%. Splitting the columns
 /// into equal blocks instead measured the same.
 pub(crate) fn single_block_columns<T: Element>(kc: usize, info: &KernelInfo) -> usize {
-    let elements = cache_sizes().l2 / 2 / std::mem::size_of::<T>();
+    let elements = cache_hierarchy().l2.per_core() / 2 / std::mem::size_of::<T>();
     (elements / kc.max(1) / info.nr * info.nr).clamp(info.nr, info.nc.max(info.nr))
 }
 
@@ -79,46 +79,17 @@ pub(super) fn a_in_place<T: Element>(
                 && cs == 1
                 && rs > 0
                 && column_panels <= A_IN_PLACE_MAX_PANELS
-                && rows_stay_in_l2::<T>(rs as usize, rows, cache_sizes().l2)
+                && rows_stay_in_l2::<T>(rs as usize, rows)
         }
         ASource::Packed(_) => false,
     }
 }
 
 /// Whether `rows` rows of an operand read in place, `rs` elements apart, can
-/// stay in L2 together. Rows whose starts are `2^t` cache lines apart (and
-/// line-aligned) fall into only `sets / 2^t` of L2's sets, whatever their
-/// width; with 16 ways, and a factor 2 of room for everything else, that
-/// holds `rows` rows while `2^t · 2 · rows ≤ L2 lines`. A packed panel is
-/// contiguous and spreads over every set. For B panels of 512 rows 4 KiB
-/// apart (64 lines) this fails (64·1024 > 16384 lines of a 1 MiB L2), and
-/// reading in place was measured 22% slower than packing.
-pub(super) fn rows_stay_in_l2<T: Element>(rs: usize, rows: usize, l2: usize) -> bool {
-    let bytes = rs.saturating_mul(std::mem::size_of::<T>());
-    let line_stride_pow2 = if bytes.is_multiple_of(64) {
-        1usize << (bytes / 64).trailing_zeros().min(usize::BITS - 1)
-    } else {
-        1
-    };
-    line_stride_pow2.saturating_mul(2 * rows) <= l2 / 64
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn in_place_rows_must_spread_over_l2_sets() {
-        let l2 = 1 << 20;
-        // B panels of 512 rows 4 KiB or 8 KiB apart: 16 or 8 set groups.
-        assert!(!rows_stay_in_l2::<f32>(1024, 512, l2));
-        assert!(!rows_stay_in_l2::<f32>(2048, 512, l2));
-        // 64×147×12544 and 64×576×3136: 16 and 4 lines' power of two.
-        assert!(rows_stay_in_l2::<f32>(12544, 152, l2));
-        assert!(rows_stay_in_l2::<f32>(3136, 288, l2));
-        // Not line-aligned rows drift across the sets.
-        assert!(rows_stay_in_l2::<f32>(1000, 512, l2));
-        // An A block of 256 whole rows of 512 floats.
-        assert!(rows_stay_in_l2::<f32>(512, 256, l2));
-    }
+/// stay in L2 together: [`crate::gemm::cache::CacheLevel::holds_rows`] on
+/// this core's L2.
+pub(super) fn rows_stay_in_l2<T: Element>(rs: usize, rows: usize) -> bool {
+    cache_hierarchy()
+        .l2
+        .holds_rows(rs.saturating_mul(std::mem::size_of::<T>()), rows)
 }

@@ -28,7 +28,6 @@ mod threading;
 pub(crate) use blocking::pack_bounds;
 pub(crate) use threading::{split_range, thread_count};
 
-use super::cache::cache_sizes;
 use super::element::Element;
 use super::engine::{ASource, BSource, Epilogue, PackBuffers, StridedC, StridedMatrix};
 use super::kernels::{store_scalar, Kernel, KernelInfo};
@@ -335,9 +334,9 @@ unsafe fn gemm_block<T: Element, B: BSource<T>>(
         // Measured, 1 thread AVX-512, in place vs packed: 64×576×3136
         // +7%, 64×147×12544 +17%, 128×512×1000 +6%, but 256×512×1024 −22%
         // (rows 4 KiB apart).
-        let in_place = b.as_strided().filter(|bs| {
-            bs.cs == 1 && bs.rs > 0 && rows_stay_in_l2::<T>(bs.rs as usize, kc, cache_sizes().l2)
-        });
+        let in_place = b
+            .as_strided()
+            .filter(|bs| bs.cs == 1 && bs.rs > 0 && rows_stay_in_l2::<T>(bs.rs as usize, kc));
         let nc_small = single_block_columns::<T>(kc, kernel.info());
         for pc in (0..k).step_by(kc) {
             let kcur = kc.min(k - pc);

@@ -16,7 +16,8 @@
 //! is only ever built here, for a path `clamp_isa` admitted, so holding one
 //! means its instructions are safe to execute.
 
-use super::cache::{cache_sizes, CacheSizes};
+use super::cache::{cache_hierarchy, CacheHierarchy};
+use super::cache_model::ModelBlocking;
 use super::element::Element;
 use crate::arch::clamp_isa;
 pub use crate::arch::Isa;
@@ -165,61 +166,22 @@ impl<T> Kernel<T> {
     }
 }
 
-/// The GEMM's bound on one task's packed B block, whatever the caches say.
-/// B's buffer is the largest of the packing buffers, which every thread
-/// keeps for its whole life and which a caller's workspace must hold (see
-/// `engine::pack_bounds`), so the GEMM keeps them bounded by the blocking and
-/// small. Wider blocks would only save packing A again for each block of
-/// NC columns: at NC = 1024 that is one packed element of A per 1024
-/// multiply-adds, already a negligible share.
-const MAX_B_BLOCK_BYTES: usize = 2 * 1024 * 1024;
-
-/// Cache blocking for an `mr × nr` kernel, after the BLIS analytical model,
-/// with KC set by measurement:
-///
-/// * KC: the depth of a block; every KC block re-reads and re-writes C, so
-///   deeper is better until the B micro-panel (`kc·nr` floats, reused by
-///   every A micro-panel of the block) no longer streams comfortably. The
-///   textbook rule keeps it in L1 (`kc·nr·4 ≤ L1/2`: 192 here), but measured
-///   on Zen 5 (1 thread, AVX-512 8×32, GFLOP/s, shapes M×K×N):
-///
-///   | KC   | 1024³ | 2048³ | 64×576×3136 | 256×2304×196 | 128×1152×784 |
-///   |------|-------|-------|-------------|--------------|--------------|
-///   | 192  | 223   | 169   | 202         | 200          | 218          |
-///   | 384  | 218   | 194   | 189         | 195          | 221          |
-///   | 512  | 219   | 211   | 208         | 202          | 222          |
-///   | 768  | 219   | 187   | 207         | 165          | 183          |
-///
-///   A 64 KiB B micro-panel streaming from L2 costs 16 B/cycle, far below L2
-///   bandwidth, while 2048³ gains 25% from fewer C passes. So the B
-///   micro-panel gets 1/16 of L2: `kc·nr·4 ≤ L2/16` (1 MiB L2, nr = 32:
-///   kc = 512), capped at 512. The driver then splits k into equal blocks
-///   no deeper than KC.
-/// * MC: the packed A block (`mc·kc` floats) is re-read for every B
-///   micro-panel, so it should stay in L2: `mc·kc·4 ≤ L2/2`. 1 MiB L2,
-///   kc = 512: `mc = 256`.
-/// * NC: the packed B block (`kc·nc` floats) is re-read for every A block, so
-///   it should stay in this core's share of L3: `kc·nc·4 ≤ L3share/2`, and
-///   no larger than [`MAX_B_BLOCK_BYTES`]: `nc ≤ 2 MiB / (4·kc)` = 1024 here.
-pub(crate) fn blocking(isa: Isa, mr: usize, nr: usize, caches: CacheSizes) -> KernelInfo {
-    let floats = |bytes: usize| bytes / 4;
-    let kc = (floats(caches.l2 / 16) / nr).clamp(64, 512) / 16 * 16;
-    let mc = ((floats(caches.l2 / 2) / kc).clamp(mr, 1024) / mr * mr).max(mr);
-    let nc_l3 = floats(caches.l3_per_core / 2) / kc;
-    let nc_buffer = floats(MAX_B_BLOCK_BYTES) / kc;
-    let nc = (nc_l3.min(nc_buffer).clamp(nr, 4096) / nr * nr).max(nr);
+/// Cache blocking for an `mr × nr` kernel: the analytical model of
+/// [`crate::gemm::cache_model`] on the detected caches.
+pub(crate) fn blocking(isa: Isa, mr: usize, nr: usize, caches: &CacheHierarchy) -> KernelInfo {
+    let model = ModelBlocking::derive(caches, mr, nr, std::mem::size_of::<f32>());
     KernelInfo {
         isa,
         mr,
         nr,
-        mc,
-        kc,
-        nc,
+        mc: model.mc,
+        kc: model.kc,
+        nc: model.nc,
     }
 }
 
 fn build_kernel(isa: Isa) -> Kernel {
-    let caches = cache_sizes();
+    let caches = cache_hierarchy();
     let (mr, nr, func): (usize, usize, MicroKernelFn) = match isa {
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 => (avx512::MR, avx512::NR, avx512::kernel),
@@ -262,7 +224,7 @@ fn column_kernel_for(isa: Isa) -> Option<&'static Kernel> {
             Some(COLUMNS.get_or_init(|| {
                 let (mr, nr) = (avx512::MR_COLUMNS, avx512::NR_COLUMNS);
                 Kernel {
-                    info: blocking(Isa::Avx512, mr, nr, cache_sizes()),
+                    info: blocking(Isa::Avx512, mr, nr, cache_hierarchy()),
                     func: avx512::kernel_columns,
                     narrow: None,
                     a_strided: false,
@@ -497,23 +459,5 @@ mod tests {
                 assert!(info.mr > 0 && info.nr > 0);
             }
         }
-    }
-
-    #[test]
-    fn blocking_follows_the_cache_rules() {
-        let zen5 = CacheSizes {
-            l1d: 48 * 1024,
-            l2: 1024 * 1024,
-            l3_per_core: 16 * 1024 * 1024,
-            from_os: true,
-        };
-        let b = blocking(Isa::Avx512, 8, 32, zen5);
-        assert_eq!(b.kc, 512);
-        assert_eq!(b.mc, 256);
-        assert_eq!(b.nc, 1024);
-        assert_eq!(b.mc % 8, 0);
-        assert!(b.mc * b.kc * 4 <= 512 * 1024);
-        assert_eq!(b.nc % 32, 0);
-        assert!(b.nc * b.kc * 4 <= 2 * 1024 * 1024);
     }
 }

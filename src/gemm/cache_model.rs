@@ -1,0 +1,301 @@
+//! Cache blocking from the cache hierarchy, by the analytical model of Low,
+//! Igual, Smith and Quintana-Ortí, "Analytical Modeling Is Enough for
+//! High-Performance BLIS" (ACM TOMS 43(2), 2016), for our loop order: the
+//! driver packs a KC × NC block of B (reused by every MC block of A), packs
+//! an MC × KC block of A, and the macro-kernel runs the NR loop outside the
+//! MR loop, so one `kc × nr` micro-panel of B is reused by all `mc / mr`
+//! micro-panels of A that stream past it.
+//!
+//! The model places each operand in the cache level that serves its reuse,
+//! counting **ways**, not bytes: an operand of `b` bytes laid out
+//! contiguously occupies `⌈b / way_bytes⌉` ways of every set, and LRU keeps
+//! it resident as long as the other operands streaming through the same sets
+//! leave those ways alone.
+//!
+//! * **KC (L1).** The B micro-panel (`kc·nr` elements) stays in L1 while A
+//!   micro-panels (`mr·kc`) stream; one way is left for the C tile and
+//!   everything else. With the ways split in proportion to the two panels,
+//!   A gets `C_A = ⌊(W₁ − 1) / (1 + nr/mr)⌋` ways and
+//!   `kc = C_A · N₁ · L₁ / (mr · S)`, then B holds
+//!   `C_B = ⌈kc·nr·S / (N₁·L₁)⌉` ways. (For a tile so wide that `C_A`
+//!   would be 0, A gets one way and KC is what B's `W₁ − 2` ways hold.)
+//! * **MC (L2).** The packed A block (`mc·kc`) stays in L2 while the B
+//!   micro-panel passes through it (`C_B₂ = ⌈kc·nr·S / (N₂·L₂)⌉` ways), with
+//!   one way left over: `mc = (W₂ − 1 − C_B₂) · N₂ · L₂ / (kc · S)`.
+//! * **NC (L3).** The packed B block (`kc·nc`) stays in this core's share of
+//!   L3 while the A block passes through:
+//!   `nc = (W₃ − 1 − C_A₃) · way₃ / (kc · S)`, with `way₃` one way's share of
+//!   the core and `C_A₃` the ways the A block needs of it. The B block is also
+//!   every thread's largest buffer, so it is capped at
+//!   [`MAX_B_BLOCK_BYTES`]; without an L3 the cap alone decides.
+//!
+//! The result is rounded to what the kernels need (KC to a multiple of 8, MC
+//! to whole `mr` tiles, NC to whole `nr` panels) and clamped to sane bounds
+//! (`KC_RANGE`, `MC_MAX`). The derivation is in the fields of
+//! [`ModelBlocking`], which `cpuconv info` prints.
+
+use super::cache::{CacheHierarchy, CacheLevel};
+
+/// The GEMM's bound on one task's packed B block, whatever the caches say.
+/// B's buffer is the largest of the packing buffers, which every thread
+/// keeps for its whole life and which a caller's workspace must hold, so the
+/// GEMM keeps them bounded by the blocking and small. Wider blocks would
+/// only save packing A again for each block of NC columns: at NC = 1024 that
+/// is one packed element of A per 1024 multiply-adds.
+pub const MAX_B_BLOCK_BYTES: usize = 2 * 1024 * 1024;
+
+/// KC outside this range is clamped: below 64 the C tile's load and store
+/// (`2·mr·nr` elements per `mr·nr·kc` multiply-adds) stop being negligible;
+/// above 1024 a block's C tile waits long on its prefetch.
+pub const KC_RANGE: (usize, usize) = (64, 1024);
+
+/// MC above this is clamped: taller blocks only delay the first B reuse.
+pub const MC_MAX: usize = 2048;
+
+/// The model's derivation for one `mr × nr` kernel and one element size.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ModelBlocking {
+    /// Rows of the register tile.
+    pub mr: usize,
+    /// Columns of the register tile.
+    pub nr: usize,
+    /// Bytes per element.
+    pub element_bytes: usize,
+    /// L1 ways given to the streaming A micro-panels (`C_A`).
+    pub l1_a_ways: usize,
+    /// L1 ways the resident B micro-panel takes (`C_B`).
+    pub l1_b_ways: usize,
+    /// L2 ways the B micro-panel takes on its way to L1 (`C_B₂`).
+    pub l2_b_ways: usize,
+    /// L2 ways given to the resident A block (`W₂ − 1 − C_B₂`).
+    pub l2_a_ways: usize,
+    /// L3 ways (of this core's share) the A block takes (`C_A₃`); 0 without
+    /// an L3.
+    pub l3_a_ways: usize,
+    /// L3 ways (of this core's share) given to the B block; 0 without an L3.
+    pub l3_b_ways: usize,
+    /// Depth of a block.
+    pub kc: usize,
+    /// Rows of A per block.
+    pub mc: usize,
+    /// Columns of B per block.
+    pub nc: usize,
+}
+
+impl ModelBlocking {
+    /// Derives the blocking of an `mr × nr` kernel on `caches` for elements
+    /// of `element_bytes` bytes.
+    pub fn derive(
+        caches: &CacheHierarchy,
+        mr: usize,
+        nr: usize,
+        element_bytes: usize,
+    ) -> ModelBlocking {
+        let (mr, nr, s) = (mr.max(1), nr.max(1), element_bytes.max(1));
+        let ways_for = |bytes: usize, way: usize| bytes.div_ceil(way.max(1));
+
+        // KC: L1 holds the B micro-panel; A's micro-panels stream.
+        let l1 = caches.l1d;
+        let spare1 = l1.ways.saturating_sub(1).max(1);
+        // A tile much wider than tall would get no way for A by the
+        // proportional split: A then gets one and B's ways bound KC.
+        let l1_a_ways = (spare1 * mr / (mr + nr)).clamp(1, spare1.saturating_sub(1).max(1));
+        let l1_b_room = spare1.saturating_sub(l1_a_ways).max(1);
+        let kc_l1 = (l1_a_ways * per_core_way(&l1) / (mr * s))
+            .min(l1_b_room * per_core_way(&l1) / (nr * s));
+        let kc = (kc_l1 / 8 * 8).clamp(KC_RANGE.0, KC_RANGE.1);
+        let l1_b_ways = ways_for(kc * nr * s, per_core_way(&l1));
+
+        // MC: L2 holds the A block; the B micro-panel passes through.
+        let l2 = caches.l2;
+        let l2_b_ways = ways_for(kc * nr * s, per_core_way(&l2));
+        let l2_a_ways = l2.ways.saturating_sub(1 + l2_b_ways).max(1);
+        let mc_l2 = l2_a_ways * per_core_way(&l2) / (kc * s);
+        let mc = (mc_l2 / mr * mr).clamp(mr, MC_MAX / mr * mr);
+
+        // NC: this core's share of L3 holds the B block; A passes through.
+        let nc_cap = MAX_B_BLOCK_BYTES / (kc * s);
+        let (l3_a_ways, l3_b_ways, nc_l3) = match caches.l3 {
+            Some(l3) => {
+                let way = per_core_way(&l3);
+                let a_ways = ways_for(mc * kc * s, way);
+                let b_ways = l3.ways.saturating_sub(1 + a_ways);
+                (a_ways, b_ways, b_ways * way / (kc * s))
+            }
+            None => (0, 0, nc_cap),
+        };
+        let nc = (nc_l3.min(nc_cap) / nr * nr).max(nr);
+        ModelBlocking {
+            mr,
+            nr,
+            element_bytes: s,
+            l1_a_ways,
+            l1_b_ways,
+            l2_b_ways,
+            l2_a_ways,
+            l3_a_ways,
+            l3_b_ways,
+            kc,
+            mc,
+            nc,
+        }
+    }
+}
+
+/// One way's worth of this core's share of `cache`: a cache shared by `p`
+/// CPUs is modelled as each of them owning `1/p` of every way.
+fn per_core_way(cache: &CacheLevel) -> usize {
+    (cache.way_bytes() / cache.shared_by.max(1)).max(cache.line.max(1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gemm::cache::CacheSource;
+
+    const KIB: usize = 1024;
+    const MIB: usize = 1024 * 1024;
+
+    fn cpu(l1d: CacheLevel, l2: CacheLevel, l3: Option<CacheLevel>) -> CacheHierarchy {
+        CacheHierarchy {
+            l1d,
+            l2,
+            l3,
+            source: CacheSource::Os,
+        }
+    }
+
+    /// Cache descriptions of CPUs we may not have (vendor documentation),
+    /// as a guest with one thread per core sees them: L1 and L2 private, L3
+    /// shared by every thread of its die or CCX.
+    fn cpus() -> Vec<(&'static str, CacheHierarchy)> {
+        vec![
+            (
+                // 8-core CCX, SMT2: L3 shared by 16 threads.
+                "AMD Zen 4",
+                cpu(
+                    CacheLevel::new(32 * KIB, 64, 8),
+                    CacheLevel::new(MIB, 64, 8),
+                    Some(CacheLevel::new(32 * MIB, 64, 16).shared(16)),
+                ),
+            ),
+            (
+                "AMD Zen 5",
+                cpu(
+                    CacheLevel::new(48 * KIB, 64, 12),
+                    CacheLevel::new(MIB, 64, 16),
+                    Some(CacheLevel::new(32 * MIB, 64, 16).shared(16)),
+                ),
+            ),
+            (
+                // 28 cores, 38.5 MiB non-inclusive L3, SMT2.
+                "Intel Skylake-SP",
+                cpu(
+                    CacheLevel::new(32 * KIB, 64, 8),
+                    CacheLevel::new(MIB, 64, 16),
+                    Some(CacheLevel::new(385 * MIB / 10, 64, 11).shared(56)),
+                ),
+            ),
+            (
+                // 56 cores, 105 MiB L3, SMT2.
+                "Intel Sapphire Rapids",
+                cpu(
+                    CacheLevel::new(48 * KIB, 64, 12),
+                    CacheLevel::new(2 * MIB, 64, 16),
+                    Some(CacheLevel::new(105 * MIB, 64, 15).shared(112)),
+                ),
+            ),
+            (
+                // Performance cluster: 128 KiB L1d, 12 MiB L2 shared by four
+                // cores with 128-byte lines; the system cache is not
+                // visible to the core.
+                "Apple M1 (P core)",
+                cpu(
+                    CacheLevel::new(128 * KIB, 64, 8),
+                    CacheLevel::new(12 * MIB, 128, 12).shared(4),
+                    None,
+                ),
+            ),
+            ("assumed", CacheHierarchy::ASSUMED),
+        ]
+    }
+
+    /// Register tiles of every path (AVX-512 8×32 and its 32×8 column
+    /// kernel, AVX2 and portable 6×16) and two shapes no path has yet.
+    const TILES: [(usize, usize); 5] = [(8, 32), (32, 8), (6, 16), (6, 32), (4, 64)];
+
+    /// The constraints the module documents, on every CPU and tile: each
+    /// operand fits the ways it was given, the ways add up, and the sizes
+    /// are whole tiles within the clamps.
+    #[test]
+    fn every_block_fits_the_ways_the_model_gives_it() {
+        for (name, caches) in cpus() {
+            for (mr, nr) in TILES {
+                let b = ModelBlocking::derive(&caches, mr, nr, 4);
+                let ctx = format!("{name}, {mr}×{nr}: {b:?}");
+                assert!(b.kc.is_multiple_of(8), "{ctx}");
+                assert!((KC_RANGE.0..=KC_RANGE.1).contains(&b.kc), "{ctx}");
+                assert!(
+                    b.mc.is_multiple_of(mr) && b.mc >= mr && b.mc <= MC_MAX,
+                    "{ctx}"
+                );
+                assert!(b.nc.is_multiple_of(nr) && b.nc >= nr, "{ctx}");
+                assert!(
+                    b.kc * b.nc * 4 <= MAX_B_BLOCK_BYTES.max(b.kc * nr * 4),
+                    "{ctx}"
+                );
+
+                let l1 = caches.l1d;
+                let l1_way = per_core_way(&l1);
+                let kc_unclamped = (b.l1_a_ways * l1_way / (mr * 4))
+                    .min((l1.ways - 1 - b.l1_a_ways) * l1_way / (nr * 4));
+                if (KC_RANGE.0..=KC_RANGE.1).contains(&kc_unclamped) {
+                    // L1: A's micro-panel in its ways, B's in the rest, one
+                    // way spare.
+                    assert!(mr * b.kc * 4 <= b.l1_a_ways * l1_way, "{ctx}");
+                    assert!(nr * b.kc * 4 <= b.l1_b_ways * l1_way, "{ctx}");
+                    assert!(b.l1_a_ways + b.l1_b_ways < l1.ways, "{ctx}");
+                }
+                // L2: the A block plus the passing B micro-panel, one way
+                // spare, unless MC hit its floor of one tile.
+                let l2_way = per_core_way(&caches.l2);
+                if b.mc > mr {
+                    assert!(b.mc * b.kc * 4 <= b.l2_a_ways * l2_way, "{ctx}");
+                    assert!(b.l2_a_ways + b.l2_b_ways < caches.l2.ways, "{ctx}");
+                }
+                assert!(nr * b.kc * 4 <= b.l2_b_ways * l2_way, "{ctx}");
+                // L3 share: the B block plus the passing A block.
+                if let Some(l3) = caches.l3 {
+                    let way = per_core_way(&l3);
+                    if b.nc > nr {
+                        assert!(b.kc * b.nc * 4 <= b.l3_b_ways.max(1) * way, "{ctx}");
+                        assert!(b.l3_a_ways + b.l3_b_ways < l3.ways, "{ctx}");
+                    }
+                    assert!(b.mc * b.kc * 4 <= b.l3_a_ways * way, "{ctx}");
+                }
+            }
+        }
+    }
+
+    /// The figures the module doc's formulas give on two CPUs, worked by
+    /// hand for the AVX-512 8×32 tile.
+    #[test]
+    fn worked_examples() {
+        let cpus = cpus();
+        let find = |n: &str| cpus.iter().find(|(name, _)| *name == n).unwrap().1;
+        // Zen 5: L1 48 KiB / 12 ways = 4 KiB a way; C_A = ⌊11·8/40⌋ = 2;
+        // kc = 2·4096/32 = 256; B panel 32 KiB = 8 ways. L2 64 KiB a way:
+        // B panel 1 way, A block 14 ways: mc = 14·65536/1024 = 896. L3
+        // share 2 MiB = 16 ways of 128 KiB: A 7 ways, B 8: nc = 8·128 KiB /
+        // 1 KiB = 1024, also the 2 MiB cap.
+        let z5 = ModelBlocking::derive(&find("AMD Zen 5"), 8, 32, 4);
+        assert_eq!((z5.l1_a_ways, z5.l1_b_ways, z5.kc), (2, 8, 256));
+        assert_eq!((z5.l2_b_ways, z5.l2_a_ways, z5.mc), (1, 14, 896));
+        assert_eq!((z5.l3_a_ways, z5.l3_b_ways, z5.nc), (7, 8, 1024));
+        // Zen 4: 8 ways of 4 KiB: C_A = ⌊7·8/40⌋ = 1, kc = 128; L2 8 ways
+        // of 128 KiB: B 1 way, A 6 ways: mc = 6·131072/512 = 1536.
+        let z4 = ModelBlocking::derive(&find("AMD Zen 4"), 8, 32, 4);
+        assert_eq!((z4.l1_a_ways, z4.kc), (1, 128));
+        assert_eq!((z4.l2_a_ways, z4.mc), (6, 1536));
+    }
+}
