@@ -1,5 +1,6 @@
-//! `cpuconv`: compare the convolution algorithms, inspect the CPU paths, and
-//! measure the GEMM against `matrixmultiply` and the FMA peak.
+//! `cpuconv`: compare the convolution algorithms, inspect the CPU paths,
+//! measure the GEMM against `matrixmultiply` (and, with the `peers` feature,
+//! the `gemm` crate and faer) and the FMA peak.
 
 mod compare;
 mod gemm;
@@ -41,7 +42,8 @@ enum Command {
     Compare(compare::CompareArgs),
     /// Show the ISA paths, CPU features, blocking and measured FMA peak.
     Info(info::InfoArgs),
-    /// GEMM GFLOP/s: ours vs matrixmultiply, as a share of the FMA peak.
+    /// GEMM GFLOP/s: ours vs matrixmultiply (and --peers), as a share of the
+    /// FMA peak.
     Gemm(gemm::GemmArgs),
 }
 

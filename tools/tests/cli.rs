@@ -546,3 +546,33 @@ fn compare_pass_all_adds_transpose_for_transposed_layers() {
         rows[3]
     );
 }
+
+#[test]
+fn gemm_peers_needs_the_feature_or_adds_its_columns() {
+    let args = [
+        "gemm",
+        "--peers",
+        "--shape",
+        "8",
+        "--threads",
+        "1",
+        "--budget-ms",
+        "1",
+        "--json",
+    ];
+    if cfg!(feature = "peers") {
+        let rows = json_lines(&ok(&args));
+        for key in ["gemm_gflops", "faer_gflops", "best_peer", "ratio_best_peer"] {
+            assert!(rows[0].get(key).is_some(), "no {key} in {}", rows[0]);
+        }
+    } else {
+        let out = cpuconv(&args);
+        assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+        assert!(
+            stderr(&out).contains("--features peers"),
+            "{}",
+            stderr(&out)
+        );
+        assert!(out.stdout.is_empty(), "{}", stdout(&out));
+    }
+}
