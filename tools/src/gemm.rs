@@ -7,7 +7,7 @@ use crate::out::{outln, Stop};
 use crate::suite::{self, try_filled, Rng};
 use crate::table::{left, right, sig, Column, Table};
 use crate::timing::{measure, Budget, Timing};
-use crate::{all_threads, effective_isa, isa_parser, pool, progress};
+use crate::{all_threads, effective_isa, isa_parser, placement, pool, progress};
 use clap::Args;
 use cpuconv::gemm::kernels::peak::fma_peak_gflops;
 use cpuconv::gemm::{sgemm, MatMut, MatRef};
@@ -34,7 +34,8 @@ pub struct GemmArgs {
     #[arg(long)]
     pub(crate) json: bool,
 
-    /// Rough time budget per (shape, threads, engine), in milliseconds.
+    /// Rough time budget per (shape, threads, engine), in milliseconds
+    /// (with --placement: per operand placement).
     #[arg(long, value_name = "MS", default_value_t = 600)]
     pub(crate) budget_ms: u64,
 
@@ -44,6 +45,13 @@ pub struct GemmArgs {
     /// `--features peers`.
     #[arg(long)]
     pub(crate) peers: bool,
+
+    /// Time our GEMM with A, B and C starting 0, 1, 3, 4, 8, 12 and 16
+    /// floats past a 4 KiB boundary: all three at the offset, then each
+    /// alone (the others at 0). With --peers, the peers get the all-three
+    /// row too. No FMA peak is measured.
+    #[arg(long)]
+    pub(crate) placement: bool,
 }
 
 /// A GEMM implementation the tool can time on row-major `f32` operands.
@@ -384,6 +392,9 @@ struct EngineResult {
 /// Entry point of `cpuconv gemm`.
 pub fn run(args: &GemmArgs) -> Result<(), Stop> {
     check_peers_built(args.peers)?;
+    if args.placement {
+        return placement::run_gemm(args);
+    }
     let threads = parse_threads(&args.threads)?;
     let isa = effective_isa(args.isa);
     // Every shape must be runnable before the peaks take their seconds.
