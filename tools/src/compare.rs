@@ -165,6 +165,12 @@ pub struct CompareArgs {
     /// refuses it.
     #[arg(long)]
     plan: bool,
+
+    /// Time a forward plan (Auto, or each --algo) with its input, then its
+    /// output, starting 0, 1, 3, 4, 8, 12 and 16 floats past a 4 KiB
+    /// boundary: GFLOP/s per offset, min and max per layer.
+    #[arg(long)]
+    placement: bool,
 }
 
 /// `--threads`: a count, or `all` for 0, which the pool and the library
@@ -750,6 +756,19 @@ fn time_job(
 pub fn run(args: &CompareArgs) -> Result<(), Stop> {
     if args.list {
         return list();
+    }
+    if args.placement {
+        return crate::placement::run_conv(&crate::placement::ConvPlacement {
+            layers: &args.layers,
+            shapes: &args.shapes,
+            algos: &args.algos,
+            threads: args.threads,
+            isa: args.isa,
+            backend: args.backend,
+            budget_ms: args.budget_ms,
+            json: args.json,
+            forward: args.pass == PassArg::Forward,
+        });
     }
     let passes = args.pass.passes();
     if args.plan && !passes.iter().any(|p| p.has_plan()) {

@@ -1,11 +1,14 @@
-//! `cpuconv`: compare the convolution algorithms, inspect the CPU paths, and
-//! measure the GEMM against `matrixmultiply` and the FMA peak.
+//! `cpuconv`: compare the convolution algorithms, inspect the CPU paths,
+//! measure the GEMM against `matrixmultiply` (and, with the `peers` feature,
+//! the `gemm` crate and faer) and the FMA peak, and measure how both depend
+//! on where their operands start in memory (`--placement`).
 
 mod compare;
 mod gemm;
 mod info;
 mod mem;
 mod out;
+mod placement;
 mod suite;
 mod table;
 mod timing;
@@ -41,7 +44,8 @@ enum Command {
     Compare(compare::CompareArgs),
     /// Show the ISA paths, CPU features, blocking and measured FMA peak.
     Info(info::InfoArgs),
-    /// GEMM GFLOP/s: ours vs matrixmultiply, as a share of the FMA peak.
+    /// GEMM GFLOP/s: ours vs matrixmultiply (and --peers), as a share of the
+    /// FMA peak; --placement: by where the operands start.
     Gemm(gemm::GemmArgs),
 }
 

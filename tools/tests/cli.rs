@@ -558,3 +558,155 @@ fn compare_pass_all_adds_transpose_for_transposed_layers() {
         rows[3]
     );
 }
+
+/// The columns of every `--placement` table after its labels.
+const PLACEMENT_COLUMNS: [&str; 9] = ["+0", "+1", "+3", "+4", "+8", "+12", "+16", "min", "max"];
+
+/// The placement table's header line in `out`, checked to have the offset
+/// and min/max columns.
+fn check_placement_header(out: &str) {
+    let header = out
+        .lines()
+        .find(|l| l.starts_with("| placed"))
+        .unwrap_or_else(|| panic!("no placement table in:\n{out}"));
+    let cells: Vec<&str> = header.split('|').map(str::trim).collect();
+    for col in PLACEMENT_COLUMNS {
+        assert!(cells.contains(&col), "no {col} column in {header}");
+    }
+}
+
+/// A JSON placement row: seven offsets, seven positive GFLOP/s, min ≤ max.
+fn check_placement_row(row: &Value) {
+    assert_eq!(
+        row["offsets"],
+        serde_json::json!([0, 1, 3, 4, 8, 12, 16]),
+        "{row}"
+    );
+    let g = row["gflops"].as_array().unwrap_or_else(|| panic!("{row}"));
+    assert_eq!(g.len(), 7, "{row}");
+    assert!(g.iter().all(|v| v.as_f64().unwrap() > 0.0), "{row}");
+    let (lo, hi) = (row["min"].as_f64().unwrap(), row["max"].as_f64().unwrap());
+    assert!(0.0 < lo && lo <= hi, "{row}");
+}
+
+#[test]
+fn gemm_placement_has_a_row_per_mode_with_min_and_max() {
+    let out = ok(&[
+        "gemm",
+        "--placement",
+        "--shape",
+        "8x16x24",
+        "--threads",
+        "1",
+        "--budget-ms",
+        "1",
+    ]);
+    check_placement_header(&out);
+    for mode in ["all", "A", "B", "C"] {
+        let row = format!("| {mode:<6} | ours ");
+        assert_eq!(out.matches(&row).count(), 1, "{row} in:\n{out}");
+    }
+    assert!(
+        out.contains("8x16x24, ours over every placement: min "),
+        "{out}"
+    );
+}
+
+#[test]
+fn gemm_placement_json_rows_and_summary() {
+    let rows = json_lines(&ok(&[
+        "gemm",
+        "--placement",
+        "--shape",
+        "8",
+        "--threads",
+        "1",
+        "--budget-ms",
+        "1",
+        "--json",
+    ]));
+    assert_eq!(rows.len(), 5, "{rows:?}");
+    for (row, mode) in rows.iter().zip(["all", "A", "B", "C"]) {
+        assert_eq!(row["placed"], mode, "{row}");
+        assert_eq!(row["engine"], "ours", "{row}");
+        check_placement_row(row);
+    }
+    assert_eq!(rows[4]["summary"], true, "{}", rows[4]);
+    assert!(rows[4]["ours_min"].as_f64().unwrap() > 0.0, "{}", rows[4]);
+}
+
+#[test]
+fn compare_placement_moves_the_input_and_the_output() {
+    let out = ok(&[
+        "compare",
+        "--placement",
+        "--layer",
+        "seed",
+        "--threads",
+        "1",
+        "--budget-ms",
+        "1",
+    ]);
+    check_placement_header(&out);
+    for mode in ["input", "output"] {
+        let row = format!("| {mode:<6} | auto (");
+        assert_eq!(out.matches(&row).count(), 1, "{row} in:\n{out}");
+    }
+    assert!(out.contains("seed, every placement: min "), "{out}");
+
+    let rows = json_lines(&ok(&[
+        "compare",
+        "--placement",
+        "--shape",
+        "1,4,6,6:4,3x3,p1",
+        "--threads",
+        "1",
+        "--budget-ms",
+        "1",
+        "--json",
+    ]));
+    assert_eq!(rows.len(), 3, "{rows:?}");
+    for (row, mode) in rows.iter().zip(["input", "output"]) {
+        assert_eq!(row["placed"], mode, "{row}");
+        assert!(row["picked"].is_string(), "{row}");
+        check_placement_row(row);
+    }
+    assert_eq!(rows[2]["summary"], true, "{}", rows[2]);
+}
+
+#[test]
+fn compare_placement_refuses_a_backward_pass() {
+    let out = cpuconv(&["compare", "--placement", "--pass", "grad-input"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("forward pass"), "{}", stderr(&out));
+}
+
+#[test]
+fn gemm_peers_needs_the_feature_or_adds_its_columns() {
+    let args = [
+        "gemm",
+        "--peers",
+        "--shape",
+        "8",
+        "--threads",
+        "1",
+        "--budget-ms",
+        "1",
+        "--json",
+    ];
+    if cfg!(feature = "peers") {
+        let rows = json_lines(&ok(&args));
+        for key in ["gemm_gflops", "faer_gflops", "best_peer", "ratio_best_peer"] {
+            assert!(rows[0].get(key).is_some(), "no {key} in {}", rows[0]);
+        }
+    } else {
+        let out = cpuconv(&args);
+        assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+        assert!(
+            stderr(&out).contains("--features peers"),
+            "{}",
+            stderr(&out)
+        );
+        assert!(out.stdout.is_empty(), "{}", stdout(&out));
+    }
+}
