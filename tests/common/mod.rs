@@ -332,11 +332,18 @@ pub fn tiled_columns(info: &KernelInfo, call: &GemmCall) -> usize {
             if row_kernel_with_peel && call.b_strided && n > NARROW && n % NARROW <= 2 =>
         {
             let col0 = n - n % NARROW;
-            let in_place = rs > 0
-                && col0.div_ceil(info.nr) <= 8
-                && cache_hierarchy()
-                    .l2
-                    .holds_rows(rs as usize * 4, m.min(info.mc));
+            // The driver narrows MC to the rows that stay in L2 for an A
+            // read in place (`in_place_block_rows`).
+            let l2 = cache_hierarchy().l2;
+            let held = rs.max(0) as usize * 4;
+            let narrowed = l2.rows_held(held) / info.mr * info.mr;
+            let mc = if n.div_ceil(info.nr) <= 8 && narrowed < info.mc && narrowed >= 8 * info.mr {
+                narrowed
+            } else {
+                info.mc
+            };
+            let in_place =
+                rs > 0 && col0.div_ceil(info.nr) <= 8 && l2.holds_rows(rs as usize * 4, m.min(mc));
             if in_place {
                 col0
             } else {

@@ -34,7 +34,9 @@ use super::kernels::{store_scalar, Kernel, KernelInfo};
 use super::pack::with_pack_buffers;
 use super::Parallelism;
 use crate::testing::record_gemm_block;
-use blocking::{a_in_place, block_depth, rows_stay_in_l2, single_block_columns};
+use blocking::{
+    a_in_place, block_depth, in_place_block_rows, rows_stay_in_l2, single_block_columns,
+};
 use macro_kernel::{a_block, peeled_columns, BPanels, MacroKernel, PeeledColumns};
 use rayon::prelude::*;
 use threading::run_tasks;
@@ -117,6 +119,14 @@ pub(crate) unsafe fn gemm<T: Element, B: BSource<T>>(
             return;
         }
     }
+    let narrowed;
+    let kernel = match in_place_block_rows(a, kernel, n) {
+        Some(rows) => {
+            narrowed = kernel.with_mc(rows);
+            &narrowed
+        }
+        None => kernel,
+    };
     if let ASource::Packed(packed) = a {
         // Packed panels of another height would be read out of bounds.
         assert_eq!(

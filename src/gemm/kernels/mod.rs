@@ -155,6 +155,14 @@ impl<T> Kernel<T> {
         self.dot
     }
 
+    /// This kernel with blocks of at most `mc` rows (a whole number of
+    /// register tiles, at least one).
+    pub(crate) fn with_mc(mut self, mc: usize) -> Kernel<T> {
+        let mr = self.info.mr;
+        self.info.mc = (mc / mr * mr).max(mr);
+        self
+    }
+
     /// This kernel with its cache blocking replaced by `b` (rounded up to
     /// whole register tiles, KC to a multiple of 8; see [`Blocking`]).
     fn with_blocking(mut self, b: Blocking) -> Kernel<T> {
