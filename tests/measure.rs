@@ -204,8 +204,13 @@ fn the_wisdom_round_trips() {
             (choice.algorithm, choice.threads)
         );
     }
-    // Exported again, it says the same.
-    assert_eq!(wisdom::export(), text);
+    // Exported again, it says the same (and maybe more: the other tests'
+    // measured plans record their layers meanwhile).
+    let again = wisdom::export();
+    assert!(
+        text.lines().all(|l| again.lines().any(|m| m == l)),
+        "{again}"
+    );
 }
 
 /// A wisdom line for `conv`'s layer with the given fields.
