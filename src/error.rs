@@ -142,6 +142,16 @@ pub enum ConvError {
         /// that errors sit below the operators that raise them).
         algorithm: &'static str,
     },
+    /// A wisdom string ([`crate::wisdom::import`]) does not follow the
+    /// format.
+    InvalidWisdom {
+        /// The line, counted from 1.
+        line: usize,
+        /// The token at fault (a key's name when it is missing).
+        token: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
 }
 
 impl fmt::Display for ConvError {
@@ -234,6 +244,11 @@ impl fmt::Display for ConvError {
                 f,
                 "the {pass} pass has no {algorithm} algorithm"
             ),
+            ConvError::InvalidWisdom {
+                line,
+                token,
+                reason,
+            } => write!(f, "wisdom line {line}: {reason}: {token:?}"),
         }
     }
 }

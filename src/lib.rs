@@ -34,9 +34,11 @@ pub mod geometry;
 pub mod testing;
 
 pub use arch::{isa, Isa};
+pub use conv::wisdom;
 pub use conv::{
-    Algorithm, BackwardOptions, Conv2d, Conv2dPlan, ConvTranspose2d, ConvTranspose2dParams,
-    ConvTranspose2dPlan, ForwardOptions, Grads, TransposePadding, Workspace,
+    Algorithm, BackwardOptions, ChoiceSource, Conv2d, Conv2dPlan, ConvTranspose2d,
+    ConvTranspose2dParams, ConvTranspose2dPlan, ForwardOptions, Grads, PlanChoice, PlanEffort,
+    TransposePadding, Workspace,
 };
 pub use error::{ConvError, GemmError};
 pub use gemm::{Activation, GemmBackend, GemmOptions, Parallelism};

@@ -180,6 +180,7 @@ impl BackwardOptions {
             backend: self.backend,
             activation: crate::gemm::Activation::None,
             isa: self.isa,
+            effort: super::PlanEffort::Estimate,
             blocking: self.blocking,
         }
     }

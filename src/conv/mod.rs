@@ -9,12 +9,15 @@ pub(crate) mod gemm_lowering;
 pub(crate) mod grad_weight;
 pub(crate) mod im2col;
 pub(crate) mod implicit;
+pub mod measure;
 pub(crate) mod phases;
 pub mod plan;
 pub mod transpose;
 pub(crate) mod transposed_gemm;
+pub mod wisdom;
 
 pub use backward::{BackwardOptions, Grads};
+pub use measure::{ChoiceSource, PlanChoice, PlanEffort};
 pub use plan::{Conv2dPlan, Workspace};
 pub use transpose::{
     ConvTranspose2d, ConvTranspose2dParams, ConvTranspose2dPlan, TransposePadding,
@@ -158,6 +161,9 @@ pub struct ForwardOptions {
     pub activation: Activation,
     /// Force a kernel path (clamped to the CPU); `None` uses [`crate::isa()`].
     pub isa: Option<Isa>,
+    /// How hard [`Conv2d::plan`] works to choose the algorithm and threads
+    /// (only plans read it).
+    pub effort: PlanEffort,
     /// Tests only: cache blocking for the GEMM-based algorithms in place of
     /// the cache model's.
     #[doc(hidden)]
@@ -200,6 +206,13 @@ impl ForwardOptions {
     /// Forces a kernel path (clamped to what the CPU supports).
     pub fn isa(mut self, isa: impl Into<Option<Isa>>) -> Self {
         self.isa = isa.into();
+        self
+    }
+
+    /// Sets how [`Conv2d::plan`] chooses: by the model (the default), by
+    /// measurement, or from the wisdom only. See [`PlanEffort`].
+    pub fn effort(mut self, effort: PlanEffort) -> Self {
+        self.effort = effort;
         self
     }
 

@@ -747,6 +747,12 @@ impl PlannedPhases {
         options: &ForwardOptions,
     ) -> Result<PlannedPhases, ConvError> {
         options.activation.validate()?;
+        // The phases' plans are not measured: a transposed plan ignores
+        // the effort (the phases run together, not as the layers they are).
+        let options = &ForwardOptions {
+            effort: super::PlanEffort::Estimate,
+            ..*options
+        };
         let phases = phases(tg)?;
         let scratch_len = scratch_len(tg, &phases);
         let mut gathered = Vec::new();

@@ -5,6 +5,7 @@
 
 use super::direct_simd;
 use super::gemm_lowering::{forward_gemm, packed_group_len, ConvScratch, Lowering, Weights};
+use super::measure::{ChoiceSource, PlanChoice, PlanEffort};
 use super::{check_lengths, try_with_capacity, Algorithm, Conv2d, ForwardOptions};
 use crate::error::ConvError;
 use crate::gemm::engine::{
@@ -32,6 +33,7 @@ pub struct Conv2dPlan {
     bias: Option<Vec<f32>>,
     kernel: KernelInfo,
     scratch: ScratchFloats,
+    choice: PlanChoice,
 }
 
 /// Caller-owned scratch memory for [`Conv2dPlan::forward_in`]: the GEMM's
@@ -73,11 +75,34 @@ impl Conv2d {
     /// `Algorithm::Auto`, fixes the ISA, pre-packs the weights for the
     /// GEMM-based algorithms on the native backend, and gathers them for
     /// `DirectSimd` (which then allocates nothing per call).
+    ///
+    /// With [`ForwardOptions::effort`] at [`PlanEffort::Measure`] the
+    /// algorithm and thread split are chosen by timing the candidates on
+    /// this shape (about 100 ms at most) or taken from the
+    /// [wisdom](crate::wisdom); [`Conv2dPlan::choice`] says what was chosen
+    /// and how.
     pub fn plan(
         &self,
         weight: &[f32],
         bias: Option<&[f32]>,
         options: &ForwardOptions,
+    ) -> Result<Conv2dPlan, ConvError> {
+        match options.effort {
+            PlanEffort::Estimate => self.plan_as(weight, bias, options, ChoiceSource::Estimate),
+            PlanEffort::Measure | PlanEffort::WisdomOnly => {
+                super::measure::plan(self, weight, bias, options)
+            }
+        }
+    }
+
+    /// The plan of `options` as they stand (`Auto` resolved by the model),
+    /// its choice reported as coming from `source`.
+    pub(crate) fn plan_as(
+        &self,
+        weight: &[f32],
+        bias: Option<&[f32]>,
+        options: &ForwardOptions,
+        source: ChoiceSource,
     ) -> Result<Conv2dPlan, ConvError> {
         let g = self.geometry();
         check_lengths(&[
@@ -137,6 +162,11 @@ impl Conv2d {
         let bias = bias.map(|b| copy_of("plan bias", b)).transpose()?;
         let prepacked = matches!(weights, PlanWeights::Packed { .. });
         let scratch = ScratchFloats::new(g, algorithm, &kernel, prepacked, dense_scratch)?;
+        let choice = PlanChoice {
+            algorithm,
+            threads: options.parallelism.max_threads(),
+            source,
+        };
         Ok(Conv2dPlan {
             conv: *self,
             options: ForwardOptions {
@@ -148,6 +178,7 @@ impl Conv2d {
             bias,
             kernel,
             scratch,
+            choice,
         })
     }
 }
@@ -241,6 +272,39 @@ impl Conv2dPlan {
     /// The algorithm the plan runs (`Auto` resolved).
     pub fn algorithm(&self) -> Algorithm {
         self.options.algorithm
+    }
+
+    /// What the plan runs and how that was chosen: the algorithm, the
+    /// most threads a call may use, and whether the model, a measurement
+    /// or the wisdom chose them (see [`PlanEffort`]).
+    ///
+    /// ```
+    /// use cpuconv::{Algorithm, ChoiceSource, Conv2dParams, ForwardOptions, Parallelism};
+    /// let conv = Conv2dParams::new(1, 32, (8, 8), 32, (1, 1)).build()?;
+    /// let weight = vec![0.5f32; 32 * 32];
+    /// let options = ForwardOptions::new(Algorithm::Auto).parallelism(Parallelism::Sequential);
+    /// let choice = conv.plan(&weight, None, &options)?.choice();
+    /// assert_eq!(choice.algorithm, conv.auto_algorithm());
+    /// assert_eq!((choice.threads, choice.source), (1, ChoiceSource::Estimate));
+    /// # Ok::<(), cpuconv::ConvError>(())
+    /// ```
+    pub fn choice(&self) -> PlanChoice {
+        self.choice
+    }
+
+    pub(crate) fn set_source(&mut self, source: ChoiceSource) {
+        self.choice.source = source;
+    }
+
+    /// Whether the plan runs the reference loops: `Direct`, or a SIMD
+    /// direct algorithm on a geometry its kernels cannot take.
+    pub(crate) fn runs_reference(&self) -> bool {
+        self.options.algorithm == Algorithm::Direct
+            || (matches!(self.weights, PlanWeights::Raw(_))
+                && matches!(
+                    self.options.algorithm,
+                    Algorithm::DirectSimd | Algorithm::DirectDense
+                ))
     }
 
     /// The kernel path the plan was packed for.

@@ -16,10 +16,29 @@ use crate::{
 use clap::{Args, ValueEnum};
 use cpuconv::gemm::kernels::peak::fma_peak_gflops;
 use cpuconv::{
-    Activation, Algorithm, BackwardOptions, Conv2d, ConvError, ConvTranspose2d, ForwardOptions,
-    Isa, Parallelism,
+    Activation, Algorithm, BackwardOptions, ChoiceSource, Conv2d, ConvError, ConvTranspose2d,
+    ForwardOptions, Isa, Parallelism, PlanEffort,
 };
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+/// `--effort`: how `--plan` plans choose (`PlanEffort`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum EffortArg {
+    /// Auto's model (`PlanEffort::Estimate`).
+    #[default]
+    Estimate,
+    /// Time the candidates on the layer (`PlanEffort::Measure`).
+    Measure,
+}
+
+impl From<EffortArg> for PlanEffort {
+    fn from(e: EffortArg) -> Self {
+        match e {
+            EffortArg::Estimate => PlanEffort::Estimate,
+            EffortArg::Measure => PlanEffort::Measure,
+        }
+    }
+}
 
 /// `--pass`: which computation of each layer is timed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
@@ -171,6 +190,14 @@ pub struct CompareArgs {
     /// boundary: GFLOP/s per offset, min and max per layer.
     #[arg(long)]
     placement: bool,
+
+    /// How the forward `auto` plan chooses (with --plan): `estimate`, Auto's
+    /// model; `measure`, by timing the algorithms and thread splits on the
+    /// layer within about 100 ms (`PlanEffort::Measure`): its row shows the
+    /// choice, its threads and the time the search took. Transposed plans
+    /// do not measure.
+    #[arg(long, value_enum, default_value_t = EffortArg::Estimate)]
+    effort: EffortArg,
 }
 
 /// `--threads`: a count, or `all` for 0, which the pool and the library
@@ -389,6 +416,8 @@ struct Job<'a> {
     /// What `Auto` runs, where the library says: one algorithm, or, for a
     /// transposed layer, those of its sub-pixel phases, comma-separated.
     auto_pick: Option<String>,
+    /// For a measured `Auto` plan: its threads, and how it chose.
+    auto_note: Option<String>,
     /// What the seed layer must give (checked on Direct's output).
     expected: Option<&'static [f32]>,
     run: RunFn<'a>,
@@ -401,6 +430,8 @@ struct Options {
     forward: ForwardOptions,
     backward: BackwardOptions,
     plan: bool,
+    /// Whether the Auto row runs (a measured Auto plan is made up front).
+    auto: bool,
 }
 
 /// The job of `pass` on a convolution layer. `grad_output` is `Some` when
@@ -450,16 +481,55 @@ fn conv_job<'a>(
     };
     let plan: Option<PlanFn<'a>> = (options.plan && pass.has_plan()).then(|| {
         Box::new(move |algo| {
-            let plan = conv.plan(&data.weight, bias, &fwd.algorithm(algo))?;
+            // Only Auto's plan measures: an explicit algorithm's row runs
+            // at the threads asked for.
+            let effort = match algo {
+                Algorithm::Auto => fwd.effort,
+                _ => PlanEffort::Estimate,
+            };
+            let plan = conv.plan(&data.weight, bias, &fwd.algorithm(algo).effort(effort))?;
             Ok(Box::new(move |out: &mut [f32]| plan.forward(&data.input, out)) as Planned<'a>)
         }) as PlanFn<'a>
     });
+    // A measured Auto plan says what it chose; the plan timed later takes
+    // the same choice from the wisdom.
+    let measured = (options.auto
+        && options.plan
+        && pass == Pass::Forward
+        && fwd.effort != PlanEffort::Estimate)
+        .then(|| {
+            let start = Instant::now();
+            let plan = conv.plan(&data.weight, bias, &fwd.algorithm(Algorithm::Auto));
+            (plan, start.elapsed())
+        });
+    let auto_note = match &measured {
+        Some((Ok(plan), took)) => {
+            let c = plan.choice();
+            let how = match c.source {
+                ChoiceSource::Measured => {
+                    format!("measured in {} ms", sig(took.as_secs_f64() * 1e3))
+                }
+                ChoiceSource::Wisdom => "wisdom".to_string(),
+                _ => "estimate".to_string(),
+            };
+            Some(format!(
+                "{} thread{}, {how}",
+                c.threads,
+                if c.threads == 1 { "" } else { "s" }
+            ))
+        }
+        _ => None,
+    };
+    let measured_pick = match &measured {
+        Some((Ok(plan), _)) => Some(plan.algorithm().name().to_string()),
+        _ => None,
+    };
     Job {
         layer: &layer.name,
         pass,
         flops: conv.flops(),
         out_len,
-        auto_pick: Some(
+        auto_pick: measured_pick.or(Some(
             match pass {
                 Pass::GradInput => match conv.auto_input_gradient_algorithm() {
                     // Auto on the phases: each phase's own choice.
@@ -470,7 +540,8 @@ fn conv_job<'a>(
                 _ => conv.auto_algorithm().name(),
             }
             .to_string(),
-        ),
+        )),
+        auto_note,
         expected: seed.then_some(expected),
         run,
         plan,
@@ -511,6 +582,7 @@ fn transposed_job<'a>(
         flops: t.flops(),
         out_len: TransposedLayer::lens(t)[3],
         auto_pick,
+        auto_note: None,
         expected: None,
         run: Box::new(move |algo, out| {
             t.forward_with(&data.input, &data.weight, bias, out, &fwd.algorithm(algo))
@@ -539,6 +611,7 @@ struct Row<'a> {
     flops: u64,
     algo: Algorithm,
     auto_pick: Option<&'a str>,
+    auto_note: Option<&'a str>,
     planned: bool,
     /// `Err`: the library does not run this algorithm for this pass (its message).
     result: Result<Measured, String>,
@@ -561,6 +634,7 @@ struct Printer {
     threads: usize,
     isa: Isa,
     backend: BackendArg,
+    effort: EffortArg,
 }
 
 impl Printer {
@@ -588,6 +662,7 @@ impl Printer {
             threads,
             isa,
             backend: args.backend,
+            effort: args.effort,
         }
     }
 
@@ -618,12 +693,15 @@ impl Printer {
                 "threads": self.threads,
                 "isa": self.isa.name(),
                 "backend": self.backend.name(),
+                "effort": PlanEffort::from(self.effort).name(),
+                "picked_note": picked.and(row.auto_note),
             })
             .to_string();
         }
-        let mut label = match picked {
-            Some(p) => format!("auto ({p})"),
-            None => row.algo.name().to_string(),
+        let mut label = match (picked, row.auto_note) {
+            (Some(p), Some(note)) => format!("auto ({p}; {note})"),
+            (Some(p), None) => format!("auto ({p})"),
+            (None, _) => row.algo.name().to_string(),
         };
         if row.planned {
             label.push_str("+plan");
@@ -743,6 +821,7 @@ fn time_job(
             flops: job.flops,
             algo,
             auto_pick: job.auto_pick.as_deref(),
+            auto_note: job.auto_note.as_deref(),
             planned: job.plan.is_some() && algo != Algorithm::Direct && result.is_ok(),
             result,
         };
@@ -779,6 +858,11 @@ pub fn run(args: &CompareArgs) -> Result<(), Stop> {
         )
         .into());
     }
+    if args.effort != EffortArg::Estimate && !args.plan {
+        return Err("--effort: only plans measure; add --plan"
+            .to_string()
+            .into());
+    }
     // Validate every layer, and that its tensors fit, before printing anything.
     let layers = select_layers(args)?;
     for l in &layers {
@@ -805,12 +889,14 @@ pub fn run(args: &CompareArgs) -> Result<(), Stop> {
             .parallelism(Parallelism::threads(args.threads))
             .backend(args.backend.into())
             .activation(Activation::None)
-            .isa(args.isa),
+            .isa(args.isa)
+            .effort(args.effort.into()),
         backward: BackwardOptions::new(Algorithm::Direct)
             .parallelism(Parallelism::threads(args.threads))
             .backend(args.backend.into())
             .isa(args.isa),
         plan: args.plan,
+        auto: algos.contains(&Algorithm::Auto),
     };
     let multi_pass = passes.len() > 1;
     // The FMA peak of the same ISA and thread count, measured in this run,
@@ -824,13 +910,17 @@ pub fn run(args: &CompareArgs) -> Result<(), Stop> {
             .filter(|&&p| layers.iter().any(|l| !l.passes(&[p]).is_empty()))
             .map(|p| p.name())
             .collect();
-        let how = match (args.plan, multi_pass) {
+        let mut how = match (args.plan, multi_pass) {
             (false, _) => "one-shot calls",
             (true, false) => "planned (pre-packed weights)",
             (true, true) => {
                 "forward and transpose planned (pre-packed weights), backward one-shot (no plan)"
             }
-        };
+        }
+        .to_string();
+        if args.effort == EffortArg::Measure {
+            how.push_str(", forward auto planned by measurement");
+        }
         outln!(
             "cpuconv {} compare: {} {}, isa {isa}, {threads} thread{}, backend {}, {how}, \
              median of samples; speedup and error are relative to direct on the same pass; \

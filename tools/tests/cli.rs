@@ -710,3 +710,46 @@ fn gemm_peers_needs_the_feature_or_adds_its_columns() {
         assert!(out.stdout.is_empty(), "{}", stdout(&out));
     }
 }
+
+#[test]
+fn compare_effort_measure_shows_the_choice() {
+    let args = [
+        "compare",
+        "--shape",
+        "m=1,8,10,10:16,3x3,p1",
+        "--plan",
+        "--effort",
+        "measure",
+        "--algo",
+        "implicit",
+        "--algo",
+        "auto",
+        "--threads",
+        "1",
+        "--budget-ms",
+        "1",
+    ];
+    let rows = json_lines(&ok(&[&args[..], &["--json"]].concat()));
+    assert_eq!(rows.len(), 2);
+    for row in &rows {
+        assert_eq!(row["effort"], "measure", "{row}");
+    }
+    // The explicit algorithm's row is not measured; Auto's says its choice.
+    assert_eq!(rows[0]["picked_note"], Value::Null, "{}", rows[0]);
+    let picked = rows[1]["picked"].as_str().expect("auto names its pick");
+    assert!(Algorithm::from_name(picked).is_some(), "{picked}");
+    let note = rows[1]["picked_note"].as_str().expect("a note");
+    assert!(note.starts_with("1 thread, "), "{note}");
+    // A second process may measure its way to another algorithm.
+    let table = ok(&args);
+    let measured = Algorithm::CONCRETE
+        .iter()
+        .any(|a| table.contains(&format!("auto ({}; 1 thread, ", a.name())));
+    assert!(measured, "{table}");
+    assert!(table.contains("planned by measurement"), "{table}");
+    // Without --plan there is nothing to measure.
+    let out = cpuconv(&["compare", "--layer", "seed", "--effort", "measure"]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("--plan"), "{err}");
+}

@@ -1,0 +1,539 @@
+//! Planning by measurement, FFTW's idea: with [`PlanEffort::Measure`],
+//! [`Conv2d::plan`] builds a plan for each candidate (algorithm × thread
+//! split), times each on the real shape and keeps the fastest; the choice is
+//! remembered in the process's [wisdom], which can be exported
+//! and imported as a small string.
+//!
+//! The search, in order:
+//!
+//! 1. the wisdom: an entry for this layer, this ISA, this thread cap and
+//!    this request ends the search (no call is timed);
+//! 2. the candidates, Estimate's pick first (the algorithm `Auto` picks, at
+//!    the caller's thread cap), then the same algorithm on one thread, then
+//!    every other concrete algorithm that has a fast path for the layer
+//!    ([`Algorithm::Direct`], the reference loops, only when it is
+//!    Estimate's pick), each at the cap and on one thread. An explicit
+//!    algorithm keeps its algorithm: only the thread split is measured;
+//! 3. one plan per candidate (weights packed once; the kept plan is the one
+//!    that was timed, not re-packed), a warm-up call and a timed call; then,
+//!    while two or more candidates are in the running, rounds of visits:
+//!    an untimed call (the candidate's weights back in the caches) and
+//!    [`VISIT_SAMPLES`] timed calls, up to [`SAMPLES`] timed calls each (in
+//!    rounds, so a short budget times each candidate once before any gets a
+//!    second call, and load that comes and goes falls on all of them); a
+//!    candidate more than [`DROP_FACTOR`] times slower than the best (or
+//!    [`CLOSE_FACTOR`] after [`CLOSE_AFTER`] calls) is timed no more;
+//! 4. the budget: no call starts once the search has spent [`BUDGET`] or
+//!    made [`MAX_CALLS`] calls (plan building counts towards the time), so
+//!    it overruns by at most the call in flight. Estimate's pick is timed
+//!    first: on a layer whose single call outlasts the budget, the search
+//!    ends with Estimate's pick;
+//! 5. the pick: the fastest lower median of a candidate's calls (a busy
+//!    machine's interruptions only add time); Estimate's pick stays unless the
+//!    fastest beats it by more than [`TIE_MARGIN`] (noise on a busy machine
+//!    should not trade the model's pick for an equal one).
+
+use super::{zeroed, Algorithm, Conv2d, Conv2dPlan, ForwardOptions};
+use crate::conv::wisdom::{self, Key};
+use crate::error::ConvError;
+use crate::gemm::{GemmBackend, Parallelism};
+use crate::geometry::Padding;
+use std::time::{Duration, Instant};
+
+/// How hard [`Conv2d::plan`] works to choose what a plan runs: FFTW's
+/// planner flags. Set with [`ForwardOptions::effort`]; one-shot calls
+/// ([`Conv2d::forward_with`]) and transposed-convolution plans ignore it.
+///
+/// ```
+/// use cpuconv::{Algorithm, ChoiceSource, Conv2dParams, ForwardOptions, Padding, PlanEffort};
+/// let conv = Conv2dParams::new(1, 16, (12, 12), 32, (3, 3))
+///     .padding(Padding::symmetric(1, 1))
+///     .build()?;
+/// let weight = vec![0.01f32; conv.geometry().weight_len()];
+/// // Times the candidates (within about 100 ms) and keeps the fastest.
+/// let options = ForwardOptions::new(Algorithm::Auto).effort(PlanEffort::Measure);
+/// let plan = conv.plan(&weight, None, &options)?;
+/// let choice = plan.choice();
+/// // A second plan of the same layer takes the choice from the wisdom.
+/// let again = conv.plan(&weight, None, &options)?;
+/// assert_eq!(again.choice().source, ChoiceSource::Wisdom);
+/// assert_eq!(again.algorithm(), choice.algorithm);
+/// # Ok::<(), cpuconv::ConvError>(())
+/// ```
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum PlanEffort {
+    /// No measurement: `Auto` resolves by [`Conv2d::auto_algorithm`]'s
+    /// model, the plan uses the threads the caller allows. What plans have
+    /// always done.
+    #[default]
+    Estimate,
+    /// The wisdom's choice for this layer if it has one; otherwise time the
+    /// candidates on the real shape within the budget (see the
+    /// [module](crate::conv::measure) notes: at most about 100 ms or 50
+    /// forward calls), keep the fastest, and record it in the wisdom.
+    /// Applies to the native GEMM backend (with another backend it is
+    /// `Estimate`). With an explicit algorithm, only the thread split (the
+    /// caller's cap or one thread) is measured, and only when the cap is
+    /// above one.
+    Measure,
+    /// The wisdom's choice if it has one, else `Estimate`; never measures
+    /// (FFTW's `FFTW_WISDOM_ONLY`): for a framework that ships wisdom and
+    /// wants plan times bounded.
+    WisdomOnly,
+}
+
+impl PlanEffort {
+    /// Lower-case name: `estimate`, `measure`, `wisdom-only`.
+    pub fn name(self) -> &'static str {
+        match self {
+            PlanEffort::Estimate => "estimate",
+            PlanEffort::Measure => "measure",
+            PlanEffort::WisdomOnly => "wisdom-only",
+        }
+    }
+
+    /// Parses [`PlanEffort::name`] (any case).
+    pub fn from_name(s: &str) -> Option<PlanEffort> {
+        [
+            PlanEffort::Estimate,
+            PlanEffort::Measure,
+            PlanEffort::WisdomOnly,
+        ]
+        .into_iter()
+        .find(|e| e.name().eq_ignore_ascii_case(s.trim()))
+    }
+}
+
+/// Where a plan's choice came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ChoiceSource {
+    /// Not measured: Auto's model, or the algorithm the caller asked for,
+    /// at the caller's thread cap.
+    Estimate,
+    /// Timed on this shape by this plan's search.
+    Measured,
+    /// Taken from the wisdom (measured earlier in this process, or imported).
+    Wisdom,
+}
+
+/// What a plan runs, and why: [`Conv2dPlan::choice`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub struct PlanChoice {
+    /// The algorithm (`Auto` resolved).
+    pub algorithm: Algorithm,
+    /// The most threads a call may use: the caller's cap (as the current
+    /// rayon pool gave it when the plan was made), or 1 where measurement
+    /// found one thread faster. A call small enough still runs on one.
+    pub threads: usize,
+    /// How it was chosen.
+    pub source: ChoiceSource,
+}
+
+/// The most wall-clock time a search starts calls in (plans built and
+/// calls made); it overruns by at most the call in flight.
+pub const BUDGET: Duration = Duration::from_millis(100);
+/// The most forward calls (warm-ups included) a search makes.
+pub const MAX_CALLS: usize = 50;
+/// Timed calls per candidate at most; its time is their lower median.
+pub const SAMPLES: usize = 7;
+/// A candidate whose time is more than this times the best is timed no
+/// more.
+pub const DROP_FACTOR: f64 = 3.0;
+/// ... and, after [`CLOSE_AFTER`] calls, more than this times the best: the
+/// budget left goes to the close contenders.
+pub const CLOSE_FACTOR: f64 = 1.25;
+/// See [`CLOSE_FACTOR`].
+pub const CLOSE_AFTER: usize = 3;
+/// Timed calls per visit of a candidate after the first round (each visit
+/// opens with one untimed call).
+pub const VISIT_SAMPLES: usize = 2;
+/// Estimate's pick is kept unless the fastest candidate is faster by more
+/// than this fraction of its time: on a shared two-core machine the same
+/// plan's time moved by that much between searches.
+pub const TIE_MARGIN: f64 = 0.05;
+
+/// One algorithm at one thread cap.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Candidate {
+    algorithm: Algorithm,
+    threads: usize,
+}
+
+/// A candidate under test: its plan (dropped once it is out of the
+/// running) and its timed calls.
+struct Trial {
+    candidate: Candidate,
+    plan: Option<Conv2dPlan>,
+    samples: Vec<Duration>,
+}
+
+impl Trial {
+    /// The lower median of the samples.
+    fn time(&self) -> Option<Duration> {
+        let mut s = self.samples.clone();
+        s.sort_unstable();
+        s.get(s.len().saturating_sub(1) / 2).copied()
+    }
+}
+
+/// `options` at `threads` threads out of a cap of `cap`.
+fn with_threads(options: &ForwardOptions, threads: usize, cap: usize) -> ForwardOptions {
+    let parallelism = if threads >= cap {
+        options.parallelism
+    } else {
+        Parallelism::threads(threads)
+    };
+    ForwardOptions {
+        parallelism,
+        ..*options
+    }
+}
+
+/// [`Conv2d::plan`] for [`PlanEffort::Measure`] and
+/// [`PlanEffort::WisdomOnly`].
+pub(crate) fn plan(
+    conv: &Conv2d,
+    weight: &[f32],
+    bias: Option<&[f32]>,
+    options: &ForwardOptions,
+) -> Result<Conv2dPlan, ConvError> {
+    let estimate = ForwardOptions {
+        effort: PlanEffort::Estimate,
+        ..*options
+    };
+    if options.backend != GemmBackend::Native {
+        return conv.plan_as(weight, bias, &estimate, ChoiceSource::Estimate);
+    }
+    let isa = crate::arch::clamp_isa(options.isa.unwrap_or_else(crate::isa));
+    let cap = options.parallelism.max_threads().max(1);
+    let key = Key::new(conv.geometry(), isa, cap, options.algorithm);
+    if let Some(choice) = wisdom::lookup(&key) {
+        let opts = ForwardOptions {
+            algorithm: choice.algorithm,
+            ..with_threads(&estimate, choice.threads, cap)
+        };
+        return conv.plan_as(weight, bias, &opts, ChoiceSource::Wisdom);
+    }
+    let candidates = candidates(conv, options.algorithm, cap);
+    if options.effort != PlanEffort::Measure || candidates.len() < 2 {
+        return conv.plan_as(weight, bias, &estimate, ChoiceSource::Estimate);
+    }
+    let (plan, candidate) = search(conv, weight, bias, &estimate, cap, &candidates)?;
+    // Non-finite weights on a padded layer send every padding-multiplying
+    // algorithm to DirectSimd: what was measured says nothing of the layer.
+    let rerouted =
+        conv.geometry().padding != Padding::ZERO && weight.iter().any(|w| !w.is_finite());
+    if let (Some(c), false) = (candidate, rerouted) {
+        wisdom::record(key, c.algorithm, c.threads);
+    }
+    Ok(plan)
+}
+
+/// The candidates, Estimate's pick first (see the module notes).
+fn candidates(conv: &Conv2d, requested: Algorithm, cap: usize) -> Vec<Candidate> {
+    let pick = match requested {
+        Algorithm::Auto => conv.auto_algorithm(),
+        a => a,
+    };
+    let mut algorithms = vec![pick];
+    if requested == Algorithm::Auto {
+        // The fast paths, the most frequent winners first (a short budget
+        // reaches those), then any other but the reference loops.
+        let mut order = vec![
+            Algorithm::DirectDense,
+            Algorithm::Implicit,
+            Algorithm::DirectSimd,
+        ];
+        for a in Algorithm::CONCRETE {
+            if a != Algorithm::Direct && !order.contains(&a) {
+                order.push(a);
+            }
+        }
+        algorithms.extend(order.into_iter().filter(|&a| a != pick));
+    }
+    let splits: &[usize] = if cap > 1 { &[cap, 1] } else { &[1] };
+    algorithms
+        .into_iter()
+        .flat_map(|algorithm| {
+            splits
+                .iter()
+                .map(move |&threads| Candidate { algorithm, threads })
+        })
+        .collect()
+}
+
+/// The budget's state.
+struct Clock {
+    start: Instant,
+    calls: usize,
+}
+
+impl Clock {
+    fn spent(&self) -> bool {
+        self.calls >= MAX_CALLS || self.start.elapsed() >= BUDGET
+    }
+
+    /// Times one call of `plan`.
+    fn call(
+        &mut self,
+        plan: &Conv2dPlan,
+        input: &[f32],
+        output: &mut [f32],
+    ) -> Result<Duration, ConvError> {
+        self.calls += 1;
+        let t = Instant::now();
+        plan.forward(input, output)?;
+        Ok(t.elapsed())
+    }
+}
+
+/// Deterministic values in `[-1, 1)`, in memory asked for fallibly.
+fn scratch_input(len: usize) -> Result<Vec<f32>, ConvError> {
+    let mut v = zeroed("measurement input", len)?;
+    let mut s: u64 = 0x9e37_79b9_7f4a_7c15;
+    for x in &mut v {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        *x = (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0;
+    }
+    Ok(v)
+}
+
+/// Times `candidates` (the first is Estimate's pick) and returns the plan
+/// of the fastest, with the candidate when a measurement chose it (`None`
+/// when the scratch tensors could not be had: Estimate's plan, unmeasured).
+fn search(
+    conv: &Conv2d,
+    weight: &[f32],
+    bias: Option<&[f32]>,
+    estimate: &ForwardOptions,
+    cap: usize,
+    candidates: &[Candidate],
+) -> Result<(Conv2dPlan, Option<Candidate>), ConvError> {
+    let g = conv.geometry();
+    let mut clock = Clock {
+        start: Instant::now(),
+        calls: 0,
+    };
+    let (input, mut output) = match (
+        scratch_input(g.input_len()),
+        zeroed("output", g.output_len()),
+    ) {
+        (Ok(i), Ok(o)) => (i, o),
+        _ => {
+            let plan = conv.plan_as(weight, bias, estimate, ChoiceSource::Estimate)?;
+            return Ok((plan, None));
+        }
+    };
+    let mut trials: Vec<Trial> = Vec::new();
+    // Round one: a plan, a warm-up and one timed call per candidate.
+    for (i, &candidate) in candidates.iter().enumerate() {
+        if i > 0 && clock.spent() {
+            break;
+        }
+        let opts = ForwardOptions {
+            algorithm: candidate.algorithm,
+            ..with_threads(estimate, candidate.threads, cap)
+        };
+        let plan = match conv.plan_as(weight, bias, &opts, ChoiceSource::Measured) {
+            Ok(p) => p,
+            // Estimate's own plan fails as an Estimate plan would.
+            Err(e) if i == 0 => return Err(e),
+            // A candidate that cannot be had (an Im2col column matrix too
+            // large, say) is no candidate.
+            Err(_) => continue,
+        };
+        // A fast path that falls back to the reference loops, or a
+        // candidate another already stands for (non-finite weights reroute
+        // algorithms), is skipped.
+        let duplicate = trials.iter().any(|t| {
+            t.candidate.threads == candidate.threads
+                && t.plan.as_ref().map(Conv2dPlan::algorithm) == Some(plan.algorithm())
+        });
+        if i > 0 && (plan.runs_reference() || duplicate) {
+            continue;
+        }
+        let mut trial = Trial {
+            candidate,
+            plan: None,
+            samples: Vec::new(),
+        };
+        let warm = clock.call(&plan, &input, &mut output);
+        if warm.is_ok() && !clock.spent() {
+            if let Ok(t) = clock.call(&plan, &input, &mut output) {
+                trial.samples.push(t);
+            }
+        }
+        match warm {
+            // Estimate's pick cannot run here (the memory a call asks for,
+            // say): its plan, unmeasured, as an Estimate plan would be.
+            Err(_) if i == 0 => {
+                let mut plan = plan;
+                plan.set_source(ChoiceSource::Estimate);
+                return Ok((plan, None));
+            }
+            // Only Estimate's pick stays untimed (it is the pick then).
+            Err(_) => continue,
+            Ok(_) if i > 0 && trial.samples.is_empty() => continue,
+            Ok(_) => trial.plan = Some(plan),
+        }
+        trials.push(trial);
+    }
+    // More rounds for the candidates still in the running, while the
+    // budget lasts. Each visit first calls once untimed, so that the timed
+    // calls find this candidate's weights in the caches, as the calls of a
+    // layer run over and over do (and as benchmarks time them).
+    'rounds: loop {
+        let mut visited = false;
+        for i in 0..trials.len() {
+            let best = best_time(&trials);
+            let trial = &mut trials[i];
+            let Some(time) = trial.time() else { continue };
+            if trial.plan.is_some() && out_of_the_running(time, trial.samples.len(), best) {
+                trial.plan = None;
+            }
+            let in_running = trials.iter().filter(|t| t.plan.is_some()).count();
+            let trial = &mut trials[i];
+            let Some(plan) = &trial.plan else { continue };
+            if in_running < 2 || trial.samples.len() >= SAMPLES {
+                continue;
+            }
+            if clock.spent() || clock.call(plan, &input, &mut output).is_err() {
+                break 'rounds;
+            }
+            for _ in 0..VISIT_SAMPLES {
+                if clock.spent() {
+                    break 'rounds;
+                }
+                match clock.call(plan, &input, &mut output) {
+                    Ok(t) => trial.samples.push(t),
+                    Err(_) => break 'rounds,
+                }
+            }
+            visited = true;
+        }
+        if !visited {
+            break;
+        }
+    }
+    let pick = choose(&trials);
+    let trial = &mut trials[pick];
+    let candidate = trial.candidate;
+    let plan = match trial.plan.take() {
+        Some(plan) => plan,
+        // Dropped plans are never the fastest; rebuilt should that change.
+        None => {
+            let opts = ForwardOptions {
+                algorithm: candidate.algorithm,
+                ..with_threads(estimate, candidate.threads, cap)
+            };
+            conv.plan_as(weight, bias, &opts, ChoiceSource::Measured)?
+        }
+    };
+    Ok((plan, Some(candidate)))
+}
+
+/// The best time of any trial still in the running.
+fn best_time(trials: &[Trial]) -> Duration {
+    trials
+        .iter()
+        .filter(|t| t.plan.is_some())
+        .filter_map(Trial::time)
+        .min()
+        .unwrap_or(Duration::MAX)
+}
+
+/// Whether a trial of time `t` over `samples` calls is out of the running
+/// against the best time `best`: by [`DROP_FACTOR`] after one call, by
+/// [`CLOSE_FACTOR`] after [`CLOSE_AFTER`].
+fn out_of_the_running(t: Duration, samples: usize, best: Duration) -> bool {
+    let factor = if samples >= CLOSE_AFTER {
+        CLOSE_FACTOR
+    } else {
+        DROP_FACTOR
+    };
+    t.as_secs_f64() > factor * best.as_secs_f64()
+}
+
+/// The index of the trial to keep: the fastest, or Estimate's pick (index
+/// 0) when within [`TIE_MARGIN`] of it or when nothing else was timed.
+fn choose(trials: &[Trial]) -> usize {
+    let fastest = trials
+        .iter()
+        .enumerate()
+        .filter_map(|(i, t)| t.time().map(|d| (i, d)))
+        .min_by_key(|&(_, d)| d);
+    match (trials.first().and_then(Trial::time), fastest) {
+        (_, None) => 0,
+        (None, Some((i, _))) => i,
+        (Some(est), Some((i, d))) => {
+            if est.as_secs_f64() <= d.as_secs_f64() * (1.0 + TIE_MARGIN) {
+                0
+            } else {
+                i
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn trial(algorithm: Algorithm, ms: &[u64]) -> Trial {
+        Trial {
+            candidate: Candidate {
+                algorithm,
+                threads: 1,
+            },
+            plan: None,
+            samples: ms.iter().map(|&m| Duration::from_millis(m)).collect(),
+        }
+    }
+
+    #[test]
+    fn lower_median() {
+        assert_eq!(trial(Algorithm::Implicit, &[]).time(), None);
+        let t = |ms: &[u64]| trial(Algorithm::Implicit, ms).time().unwrap().as_millis();
+        assert_eq!(t(&[5]), 5);
+        assert_eq!(t(&[7, 5]), 5);
+        assert_eq!(t(&[9, 5, 7]), 7);
+    }
+
+    #[test]
+    fn estimate_kept_within_the_margin() {
+        let est = trial(Algorithm::DirectDense, &[1010, 1011, 1012]);
+        let other = trial(Algorithm::Implicit, &[1000, 1000, 1000]);
+        assert_eq!(choose(&[est, other]), 0);
+        let est = trial(Algorithm::DirectDense, &[1100]);
+        let other = trial(Algorithm::Implicit, &[1000, 1000]);
+        assert_eq!(choose(&[est, other]), 1);
+        // Estimate's pick untimed (its warm-up spent the budget).
+        assert_eq!(choose(&[trial(Algorithm::DirectDense, &[])]), 0);
+    }
+
+    #[test]
+    fn candidates_put_the_estimate_first() {
+        let conv = crate::Conv2dParams::new(1, 64, (14, 14), 64, (3, 3))
+            .build()
+            .unwrap();
+        let c = candidates(&conv, Algorithm::Auto, 2);
+        assert_eq!(
+            c[0],
+            Candidate {
+                algorithm: conv.auto_algorithm(),
+                threads: 2
+            }
+        );
+        assert_eq!(c.len(), 8);
+        assert!(c.iter().all(|c| c.algorithm != Algorithm::Direct));
+        let c = candidates(&conv, Algorithm::Im2col, 1);
+        assert_eq!(c.len(), 1);
+        let c = candidates(&conv, Algorithm::Im2col, 4);
+        assert_eq!(c.len(), 2);
+    }
+}

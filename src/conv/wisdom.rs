@@ -1,0 +1,408 @@
+//! Wisdom, FFTW's word: the choices [`PlanEffort::Measure`](crate::PlanEffort::Measure) plans have made
+//! in this process, kept per layer so that the next plan of the same layer
+//! takes the choice instead of measuring again, and exportable as a small
+//! string so that a framework can measure once per machine and ship it.
+//!
+//! ```
+//! use cpuconv::{wisdom, Algorithm, ChoiceSource, Conv2dParams, ForwardOptions, PlanEffort};
+//! let conv = Conv2dParams::new(1, 8, (10, 10), 24, (3, 3)).build()?;
+//! let weight = vec![0.1f32; conv.geometry().weight_len()];
+//! let measure = ForwardOptions::new(Algorithm::Auto).effort(PlanEffort::Measure);
+//! let measured = conv.plan(&weight, None, &measure)?;
+//!
+//! // Save it (a file, a model's metadata) ...
+//! let text = wisdom::export();
+//! assert!(text.starts_with("cpuconv-wisdom 1\n"));
+//!
+//! // ... and, in another run on this machine, load it before planning.
+//! wisdom::forget();
+//! assert_eq!(wisdom::import(&text)?, 1);
+//! let only = ForwardOptions::new(Algorithm::Auto).effort(PlanEffort::WisdomOnly);
+//! let plan = conv.plan(&weight, None, &only)?;
+//! assert_eq!(plan.choice().source, ChoiceSource::Wisdom);
+//! assert_eq!(plan.choice().algorithm, measured.choice().algorithm);
+//! assert!(wisdom::import("cpuconv-wisdom 1\nisa=avx512 cap=two").is_err());
+//! # Ok::<(), cpuconv::ConvError>(())
+//! ```
+//!
+//! # Format
+//!
+//! Line-based text: a header `cpuconv-wisdom 1` (the format's version),
+//! then one entry per line, each a list of `key=value` tokens separated by
+//! spaces, every key once, in any order; blank lines and lines starting
+//! with `#` are skipped. An entry, as [`export`] writes it:
+//!
+//! ```text
+//! isa=avx512 cap=2 request=auto input=1x64x56x56 out=64 kernel=3x3 stride=1x1 pad=1,1,1,1 dilation=1x1 groups=1 mode=xcorr algorithm=direct-dense threads=1
+//! ```
+//!
+//! The key of the choice: `isa`, the kernel path the plan runs
+//! (`avx512`, `avx2`, `portable`: an entry for another path never applies,
+//! so wisdom from another machine is ignored rather than misapplied);
+//! `cap`, the most threads the caller allowed; `request`, the algorithm
+//! asked for (`auto`, or an explicit one whose thread split was measured);
+//! the layer: `input` `NxCxHxW`, `out` (K), `kernel` `RxS`, `stride` and
+//! `dilation` (vertical x horizontal), `pad` (top, bottom, left, right),
+//! `groups`, `mode` (`xcorr` for cross-correlation, `conv` for the flipped
+//! kernel). Bias and activation are not part of it: they cost the same in
+//! every algorithm's store. The choice: `algorithm`
+//! ([`Algorithm::name`]) and `threads` (1 to `cap`).
+//!
+//! The store is process-global and thread-safe; import adds to it
+//! (replacing entries with the same key).
+
+use super::Algorithm;
+use crate::arch::Isa;
+use crate::error::ConvError;
+use crate::geometry::{ConvGeometry, ConvMode};
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
+/// The first line of the format, with its version.
+pub const HEADER: &str = "cpuconv-wisdom 1";
+
+/// Everything a measured choice depends on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct Key {
+    isa: Isa,
+    cap: usize,
+    request: Algorithm,
+    input: [usize; 4],
+    out: usize,
+    kernel: [usize; 2],
+    stride: [usize; 2],
+    pad: [usize; 4],
+    dilation: [usize; 2],
+    groups: usize,
+    mode: ConvMode,
+}
+
+impl Key {
+    pub(crate) fn new(g: &ConvGeometry, isa: Isa, cap: usize, request: Algorithm) -> Key {
+        let p = g.padding;
+        Key {
+            isa,
+            cap,
+            request,
+            input: [g.batch, g.in_channels, g.in_h, g.in_w],
+            out: g.out_channels,
+            kernel: [g.kernel_h, g.kernel_w],
+            stride: [g.stride_h, g.stride_w],
+            pad: [p.top, p.bottom, p.left, p.right],
+            dilation: [g.dilation_h, g.dilation_w],
+            groups: g.groups,
+            mode: g.mode,
+        }
+    }
+}
+
+/// A measured choice.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Choice {
+    pub(crate) algorithm: Algorithm,
+    pub(crate) threads: usize,
+}
+
+static STORE: Mutex<Option<HashMap<Key, Choice>>> = Mutex::new(None);
+
+/// The store (a panic elsewhere while it was held leaves it whole: every
+/// change is one insert or one clear).
+fn store() -> MutexGuard<'static, Option<HashMap<Key, Choice>>> {
+    STORE.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+pub(crate) fn lookup(key: &Key) -> Option<Choice> {
+    store().as_ref()?.get(key).copied()
+}
+
+pub(crate) fn record(key: Key, algorithm: Algorithm, threads: usize) {
+    store()
+        .get_or_insert_with(HashMap::new)
+        .insert(key, Choice { algorithm, threads });
+}
+
+/// Every choice in the store, as text ([module docs](self) for the
+/// format): the header line, then one line per entry, sorted, each ending
+/// in a newline.
+pub fn export() -> String {
+    let mut lines: Vec<String> = store()
+        .as_ref()
+        .map(|m| m.iter().map(|(k, c)| entry_line(k, c)).collect())
+        .unwrap_or_default();
+    lines.sort_unstable();
+    let mut text = format!("{HEADER}\n");
+    for line in lines {
+        text.push_str(&line);
+        text.push('\n');
+    }
+    text
+}
+
+/// Adds the entries of `text` (as [`export`] writes it) to the store,
+/// replacing any with the same key, and returns how many it read. The
+/// whole text is checked first: on an error nothing is added.
+///
+/// # Errors
+/// [`ConvError::InvalidWisdom`] naming the line and the token at fault: a
+/// missing or unknown header or version, a token that is not `key=value`,
+/// an unknown, repeated or missing key, a value that does not parse (a
+/// number, a size of 0, an unknown ISA, algorithm or mode), an `auto`
+/// choice, `threads` above `cap`, or a choice that differs from an
+/// explicit `request`.
+pub fn import(text: &str) -> Result<usize, ConvError> {
+    let mut entries = Vec::new();
+    let mut header = false;
+    for (i, line) in text.lines().enumerate() {
+        let n = i + 1;
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        if !header {
+            check_header(n, line)?;
+            header = true;
+            continue;
+        }
+        entries.push(parse_entry(n, line)?);
+    }
+    if !header {
+        return Err(bad(text.lines().count().max(1), "", "no header line"));
+    }
+    let count = entries.len();
+    let mut guard = store();
+    let map = guard.get_or_insert_with(HashMap::new);
+    for (key, choice) in entries {
+        map.insert(key, choice);
+    }
+    Ok(count)
+}
+
+/// Empties the store: the next [`PlanEffort::Measure`](crate::PlanEffort::Measure) plan of any layer
+/// measures again.
+pub fn forget() {
+    *store() = None;
+}
+
+fn bad(line: usize, token: &str, reason: &'static str) -> ConvError {
+    ConvError::InvalidWisdom {
+        line,
+        token: token.to_string(),
+        reason,
+    }
+}
+
+fn check_header(n: usize, line: &str) -> Result<(), ConvError> {
+    let mut tokens = line.split_whitespace();
+    let magic = HEADER.split(' ').next().unwrap_or_default();
+    match (tokens.next(), tokens.next(), tokens.next()) {
+        (Some(m), Some("1"), None) if m == magic => Ok(()),
+        (Some(m), Some(version), None) if m == magic => {
+            Err(bad(n, version, "unsupported wisdom version (this reads 1)"))
+        }
+        _ => Err(bad(n, line, "expected the header `cpuconv-wisdom 1`")),
+    }
+}
+
+fn entry_line(k: &Key, c: &Choice) -> String {
+    let x = |v: &[usize]| v.iter().map(usize::to_string).collect::<Vec<_>>().join("x");
+    let mut s = String::new();
+    // Writing to a String cannot fail.
+    let _ = write!(
+        s,
+        "isa={} cap={} request={} input={} out={} kernel={} stride={} pad={},{},{},{} \
+         dilation={} groups={} mode={} algorithm={} threads={}",
+        k.isa.name(),
+        k.cap,
+        k.request.name(),
+        x(&k.input),
+        k.out,
+        x(&k.kernel),
+        x(&k.stride),
+        k.pad[0],
+        k.pad[1],
+        k.pad[2],
+        k.pad[3],
+        x(&k.dilation),
+        k.groups,
+        mode_name(k.mode),
+        c.algorithm.name(),
+        c.threads,
+    );
+    s
+}
+
+fn mode_name(mode: ConvMode) -> &'static str {
+    match mode {
+        ConvMode::CrossCorrelation => "xcorr",
+        ConvMode::Convolution => "conv",
+    }
+}
+
+/// The keys of an entry, in the order [`export`] writes them.
+const KEYS: [&str; 13] = [
+    "isa",
+    "cap",
+    "request",
+    "input",
+    "out",
+    "kernel",
+    "stride",
+    "pad",
+    "dilation",
+    "groups",
+    "mode",
+    "algorithm",
+    "threads",
+];
+
+fn parse_entry(n: usize, line: &str) -> Result<(Key, Choice), ConvError> {
+    let keys = &KEYS;
+    let mut values: [Option<&str>; KEYS.len()] = [None; KEYS.len()];
+    for token in line.split_whitespace() {
+        let (k, v) = token
+            .split_once('=')
+            .ok_or_else(|| bad(n, token, "expected key=value"))?;
+        let slot = keys
+            .iter()
+            .position(|&name| name == k)
+            .ok_or_else(|| bad(n, token, "unknown key"))?;
+        if values[slot].replace(v).is_some() {
+            return Err(bad(n, token, "repeated key"));
+        }
+    }
+    let get = |i: usize| values[i].ok_or_else(|| bad(n, keys[i], "missing key"));
+    let token = |i: usize, v: &str| format!("{}={v}", keys[i]);
+    // A size: a number, at least 1 where `positive`.
+    let number = |i: usize, v: &str, part: &str, positive: bool| -> Result<usize, ConvError> {
+        let x: usize = part
+            .parse()
+            .map_err(|_| bad(n, &token(i, v), "not a number"))?;
+        if positive && x == 0 {
+            return Err(bad(n, &token(i, v), "must be at least 1"));
+        }
+        Ok(x)
+    };
+    let list = |i: usize, sep: char, len: usize, positive: bool| -> Result<Vec<usize>, ConvError> {
+        let v = get(i)?;
+        let parts: Vec<&str> = v.split(sep).collect();
+        if parts.len() != len {
+            return Err(bad(
+                n,
+                &token(i, v),
+                "wrong number of values (input has 4, pad 4 separated by commas, kernel, \
+                 stride and dilation 2 separated by x)",
+            ));
+        }
+        parts.iter().map(|p| number(i, v, p, positive)).collect()
+    };
+    let one = |i: usize| -> Result<usize, ConvError> { Ok(list(i, 'x', 1, true)?[0]) };
+    let pair = |i: usize| -> Result<[usize; 2], ConvError> {
+        let v = list(i, 'x', 2, true)?;
+        Ok([v[0], v[1]])
+    };
+    let isa_name = get(0)?;
+    let isa = Isa::from_name(isa_name)
+        .filter(|i| i.name() == isa_name)
+        .ok_or_else(|| bad(n, &token(0, isa_name), "unknown isa"))?;
+    let cap = one(1)?;
+    let algorithm_at = |i: usize| -> Result<Algorithm, ConvError> {
+        let v = get(i)?;
+        // `from_name` trims and ignores case; the format is exact.
+        Algorithm::from_name(v)
+            .filter(|a| a.name() == v)
+            .ok_or_else(|| bad(n, &token(i, v), "unknown algorithm"))
+    };
+    let request = algorithm_at(2)?;
+    let input = list(3, 'x', 4, true)?;
+    let pad = list(7, ',', 4, false)?;
+    let mode = match get(10)? {
+        "xcorr" => ConvMode::CrossCorrelation,
+        "conv" => ConvMode::Convolution,
+        v => return Err(bad(n, &token(10, v), "unknown mode (xcorr or conv)")),
+    };
+    let algorithm = algorithm_at(11)?;
+    if algorithm == Algorithm::Auto {
+        return Err(bad(
+            n,
+            &token(11, "auto"),
+            "the choice must be a concrete algorithm",
+        ));
+    }
+    if request != Algorithm::Auto && algorithm != request {
+        return Err(bad(
+            n,
+            &token(11, algorithm.name()),
+            "the choice differs from the explicit request",
+        ));
+    }
+    let threads = one(12)?;
+    if threads > cap {
+        return Err(bad(n, &token(12, get(12)?), "threads above cap"));
+    }
+    let key = Key {
+        isa,
+        cap,
+        request,
+        input: [input[0], input[1], input[2], input[3]],
+        out: one(4)?,
+        kernel: pair(5)?,
+        stride: pair(6)?,
+        pad: [pad[0], pad[1], pad[2], pad[3]],
+        dilation: pair(8)?,
+        groups: one(9)?,
+        mode,
+    };
+    Ok((key, Choice { algorithm, threads }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LINE: &str = "isa=avx2 cap=2 request=auto input=1x64x56x56 out=64 kernel=3x3 \
+                        stride=1x1 pad=1,1,1,1 dilation=1x1 groups=1 mode=xcorr \
+                        algorithm=direct-dense threads=1";
+
+    #[test]
+    fn an_entry_round_trips() {
+        let (k, c) = parse_entry(2, LINE).unwrap();
+        assert_eq!(
+            entry_line(&k, &c),
+            LINE.split_whitespace().collect::<Vec<_>>().join(" ")
+        );
+        assert_eq!(c.algorithm, Algorithm::DirectDense);
+        assert_eq!(k.pad, [1, 1, 1, 1]);
+    }
+
+    #[test]
+    fn each_fault_names_its_token() {
+        let cases = [
+            ("cap=2", "cap=0", "cap=0"),
+            ("cap=2", "cap=two", "cap=two"),
+            ("algorithm=direct-dense", "algorithm=fft", "algorithm=fft"),
+            ("algorithm=direct-dense", "algorithm=auto", "algorithm=auto"),
+            ("isa=avx2", "isa=neon", "isa=neon"),
+            ("mode=xcorr", "mode=flip", "mode=flip"),
+            ("pad=1,1,1,1", "pad=1,1", "pad=1,1"),
+            ("input=1x64x56x56", "input=1x64x56", "input=1x64x56"),
+            ("threads=1", "threads=3", "threads=3"),
+            ("groups=1", "groups=1 groups=1", "groups=1"),
+            ("groups=1", "groups", "groups"),
+            ("groups=1", "", "groups"),
+            ("groups=1", "colour=red", "colour=red"),
+            ("request=auto", "request=implicit", "algorithm=direct-dense"),
+        ];
+        for (from, to, token) in cases {
+            let line = LINE.replace(from, to);
+            match parse_entry(7, &line) {
+                Err(ConvError::InvalidWisdom {
+                    line: 7, token: t, ..
+                }) => {
+                    assert_eq!(t, token, "{to}")
+                }
+                other => panic!("{to}: {other:?}"),
+            }
+        }
+    }
+}
