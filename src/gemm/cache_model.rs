@@ -12,13 +12,27 @@
 //! it resident as long as the other operands streaming through the same sets
 //! leave those ways alone.
 //!
-//! * **KC (L1).** The B micro-panel (`kc·nr` elements) stays in L1 while A
-//!   micro-panels (`mr·kc`) stream; one way is left for the C tile and
-//!   everything else. With the ways split in proportion to the two panels,
-//!   A gets `C_A = ⌊(W₁ − 1) / (1 + nr/mr)⌋` ways and
-//!   `kc = C_A · N₁ · L₁ / (mr · S)`, then B holds
-//!   `C_B = ⌈kc·nr·S / (N₁·L₁)⌉` ways. (For a tile so wide that `C_A`
-//!   would be 0, A gets one way and KC is what B's `W₁ − 2` ways hold.)
+//! * **Where the B micro-panel lives.** Low et al. keep it in L1 while A's
+//!   micro-panels stream: with the ways split in proportion to the two
+//!   panels, A gets `C_A = ⌊(W₁ − 1) / (1 + nr/mr)⌋` ways and
+//!   `kc₁ = C_A · N₁ · L₁ / (mr · S)`, B holds `C_B = ⌈kc₁·nr·S / (N₁·L₁)⌉`,
+//!   one way is left for the C tile. (For a tile so wide that `C_A` would be
+//!   0, A gets one way and KC is what B's `W₁ − 2` ways hold.) That depth is
+//!   short (256 on a 48 KiB 12-way L1 for the 8×32 tile, 128 on a 32 KiB
+//!   8-way one), and every KC block costs a C-tile update (load, add, store;
+//!   the column kernel also transposes). Where L2 can feed both panels to
+//!   the FMAs, we keep the B micro-panel in **one way of L2** instead:
+//!   `kc₂ = N₂ · L₂ / (nr · S)`, and L1 only buffers. A k-step reads
+//!   `(mr + nr)·S` bytes for `mr·nr / lanes` FMAs (two per cycle), so it
+//!   needs `2·(mr + nr)·S·lanes / (mr·nr)` bytes per cycle from L2: 20 for
+//!   the AVX-512 8×32 tile, 15 for AVX2 6×16, against the 64 bytes per cycle
+//!   of L2 → L1 on every x86 core since Haswell and Zen 1 (and Apple's); we
+//!   require at most half of [`L2_BYTES_PER_CYCLE`]. Measured on Zen 5
+//!   (1 thread AVX-512, one process, interleaved; GFLOP/s): KC 256 / MC 896
+//!   (L1 regime) against 512 / 448 (L2 regime): 1024³ 228 / 234, 2048³
+//!   222 / 232, 512³ 222 / 235, 64×576×3136 180 / 185, 1×1 512 → 2048 on
+//!   7×7 (column kernel) 194 / 207; 128×1152×784 220 / 214, 64×147×12544
+//!   172 / 164 within the noise.
 //! * **MC (L2).** The packed A block (`mc·kc`) stays in L2 while the B
 //!   micro-panel passes through it (`C_B₂ = ⌈kc·nr·S / (N₂·L₂)⌉` ways), with
 //!   one way left over: `mc = (W₂ − 1 − C_B₂) · N₂ · L₂ / (kc · S)`.
@@ -46,8 +60,15 @@ pub const MAX_B_BLOCK_BYTES: usize = 2 * 1024 * 1024;
 
 /// KC outside this range is clamped: below 64 the C tile's load and store
 /// (`2·mr·nr` elements per `mr·nr·kc` multiply-adds) stop being negligible;
-/// above 1024 a block's C tile waits long on its prefetch.
-pub const KC_RANGE: (usize, usize) = (64, 1024);
+/// above 512 the gain is gone while the A micro-panel outgrows L1 (Zen 5,
+/// 8×32: KC 768 against 512 measured 2048³ 187 against 211 GFLOP/s, other
+/// shapes equal).
+pub const KC_RANGE: (usize, usize) = (64, 512);
+
+/// Bytes per cycle L2 delivers to L1 on the cores we know (64 on x86 since
+/// Haswell and Zen 1, and on Apple's): the B micro-panel stays in L2 where
+/// the kernel needs at most half of it.
+pub const L2_BYTES_PER_CYCLE: usize = 64;
 
 /// MC above this is clamped: taller blocks only delay the first B reuse.
 pub const MC_MAX: usize = 2048;
@@ -61,10 +82,17 @@ pub struct ModelBlocking {
     pub nr: usize,
     /// Bytes per element.
     pub element_bytes: usize,
-    /// L1 ways given to the streaming A micro-panels (`C_A`).
+    /// L1 ways the L1 regime gives the streaming A micro-panels (`C_A`).
     pub l1_a_ways: usize,
-    /// L1 ways the resident B micro-panel takes (`C_B`).
+    /// L1 ways the L1 regime's B micro-panel takes (`C_B`).
     pub l1_b_ways: usize,
+    /// Depth the L1 regime allows (`kc₁`, before rounding and clamping).
+    pub kc_l1: usize,
+    /// Bytes per cycle the kernel reads from L2 when both panels stream
+    /// from there.
+    pub l2_feed_bytes_per_cycle: usize,
+    /// The level that holds the B micro-panel: 1 or 2.
+    pub b_panel_level: u8,
     /// L2 ways the B micro-panel takes on its way to L1 (`C_B₂`).
     pub l2_b_ways: usize,
     /// L2 ways given to the resident A block (`W₂ − 1 − C_B₂`).
@@ -84,14 +112,15 @@ pub struct ModelBlocking {
 
 impl ModelBlocking {
     /// Derives the blocking of an `mr × nr` kernel on `caches` for elements
-    /// of `element_bytes` bytes.
+    /// of `element_bytes` bytes, in vectors of `lanes` elements.
     pub fn derive(
         caches: &CacheHierarchy,
         mr: usize,
         nr: usize,
         element_bytes: usize,
+        lanes: usize,
     ) -> ModelBlocking {
-        let (mr, nr, s) = (mr.max(1), nr.max(1), element_bytes.max(1));
+        let (mr, nr, s, lanes) = (mr.max(1), nr.max(1), element_bytes.max(1), lanes.max(1));
         let ways_for = |bytes: usize, way: usize| bytes.div_ceil(way.max(1));
 
         // KC: L1 holds the B micro-panel; A's micro-panels stream.
@@ -103,11 +132,22 @@ impl ModelBlocking {
         let l1_b_room = spare1.saturating_sub(l1_a_ways).max(1);
         let kc_l1 = (l1_a_ways * per_core_way(&l1) / (mr * s))
             .min(l1_b_room * per_core_way(&l1) / (nr * s));
-        let kc = (kc_l1 / 8 * 8).clamp(KC_RANGE.0, KC_RANGE.1);
-        let l1_b_ways = ways_for(kc * nr * s, per_core_way(&l1));
+        let l1_b_ways = ways_for((kc_l1 / 8 * 8) * nr * s, per_core_way(&l1));
 
-        // MC: L2 holds the A block; the B micro-panel passes through.
+        // Or one way of L2 holds it, where L2 can feed the kernel.
         let l2 = caches.l2;
+        let l2_feed_bytes_per_cycle = (2 * (mr + nr) * s * lanes).div_ceil(mr * nr);
+        let kc_l2 = per_core_way(&l2) / (nr * s);
+        let depth = |kc: usize| (kc / 8 * 8).clamp(KC_RANGE.0, KC_RANGE.1);
+        let (b_panel_level, kc) =
+            if depth(kc_l2) > depth(kc_l1) && 2 * l2_feed_bytes_per_cycle <= L2_BYTES_PER_CYCLE {
+                (2, depth(kc_l2))
+            } else {
+                (1, depth(kc_l1))
+            };
+
+        // MC: L2 holds the A block; the B micro-panel passes through (or
+        // stays).
         let l2_b_ways = ways_for(kc * nr * s, per_core_way(&l2));
         let l2_a_ways = l2.ways.saturating_sub(1 + l2_b_ways).max(1);
         let mc_l2 = l2_a_ways * per_core_way(&l2) / (kc * s);
@@ -131,6 +171,9 @@ impl ModelBlocking {
             element_bytes: s,
             l1_a_ways,
             l1_b_ways,
+            kc_l1,
+            l2_feed_bytes_per_cycle,
+            b_panel_level,
             l2_b_ways,
             l2_a_ways,
             l3_a_ways,
@@ -231,7 +274,7 @@ mod tests {
     fn every_block_fits_the_ways_the_model_gives_it() {
         for (name, caches) in cpus() {
             for (mr, nr) in TILES {
-                let b = ModelBlocking::derive(&caches, mr, nr, 4);
+                let b = ModelBlocking::derive(&caches, mr, nr, 4, 16);
                 let ctx = format!("{name}, {mr}×{nr}: {b:?}");
                 assert!(b.kc.is_multiple_of(8), "{ctx}");
                 assert!((KC_RANGE.0..=KC_RANGE.1).contains(&b.kc), "{ctx}");
@@ -247,14 +290,25 @@ mod tests {
 
                 let l1 = caches.l1d;
                 let l1_way = per_core_way(&l1);
-                let kc_unclamped = (b.l1_a_ways * l1_way / (mr * 4))
-                    .min((l1.ways - 1 - b.l1_a_ways) * l1_way / (nr * 4));
-                if (KC_RANGE.0..=KC_RANGE.1).contains(&kc_unclamped) {
+                if b.b_panel_level == 1 {
                     // L1: A's micro-panel in its ways, B's in the rest, one
-                    // way spare.
-                    assert!(mr * b.kc * 4 <= b.l1_a_ways * l1_way, "{ctx}");
-                    assert!(nr * b.kc * 4 <= b.l1_b_ways * l1_way, "{ctx}");
-                    assert!(b.l1_a_ways + b.l1_b_ways < l1.ways, "{ctx}");
+                    // way spare (unless KC hit its floor).
+                    if b.kc_l1 >= KC_RANGE.0 {
+                        assert!(mr * b.kc * 4 <= b.l1_a_ways * l1_way, "{ctx}");
+                        assert!(nr * b.kc * 4 <= b.l1_b_ways * l1_way, "{ctx}");
+                        assert!(b.l1_a_ways + b.l1_b_ways < l1.ways, "{ctx}");
+                    }
+                } else {
+                    // L2 holds the B micro-panel in one way, and can feed
+                    // the kernel at half its bandwidth; only where that is
+                    // deeper than L1 allows.
+                    assert_eq!(b.b_panel_level, 2, "{ctx}");
+                    assert!(2 * b.l2_feed_bytes_per_cycle <= L2_BYTES_PER_CYCLE, "{ctx}");
+                    assert!(
+                        b.kc > (b.kc_l1 / 8 * 8).clamp(KC_RANGE.0, KC_RANGE.1),
+                        "{ctx}"
+                    );
+                    assert_eq!(b.l2_b_ways, 1, "{ctx}");
                 }
                 // L2: the A block plus the passing B micro-panel, one way
                 // spare, unless MC hit its floor of one tile.
@@ -284,18 +338,28 @@ mod tests {
         let cpus = cpus();
         let find = |n: &str| cpus.iter().find(|(name, _)| *name == n).unwrap().1;
         // Zen 5: L1 48 KiB / 12 ways = 4 KiB a way; C_A = ⌊11·8/40⌋ = 2;
-        // kc = 2·4096/32 = 256; B panel 32 KiB = 8 ways. L2 64 KiB a way:
-        // B panel 1 way, A block 14 ways: mc = 14·65536/1024 = 896. L3
-        // share 2 MiB = 16 ways of 128 KiB: A 7 ways, B 8: nc = 8·128 KiB /
-        // 1 KiB = 1024, also the 2 MiB cap.
-        let z5 = ModelBlocking::derive(&find("AMD Zen 5"), 8, 32, 4);
-        assert_eq!((z5.l1_a_ways, z5.l1_b_ways, z5.kc), (2, 8, 256));
-        assert_eq!((z5.l2_b_ways, z5.l2_a_ways, z5.mc), (1, 14, 896));
-        assert_eq!((z5.l3_a_ways, z5.l3_b_ways, z5.nc), (7, 8, 1024));
-        // Zen 4: 8 ways of 4 KiB: C_A = ⌊7·8/40⌋ = 1, kc = 128; L2 8 ways
-        // of 128 KiB: B 1 way, A 6 ways: mc = 6·131072/512 = 1536.
-        let z4 = ModelBlocking::derive(&find("AMD Zen 4"), 8, 32, 4);
-        assert_eq!((z4.l1_a_ways, z4.kc), (1, 128));
-        assert_eq!((z4.l2_a_ways, z4.mc), (6, 1536));
+        // kc₁ = 2·4096/32 = 256 (B panel 32 KiB = 8 ways). A k-step reads
+        // 160 bytes in 8 cycles: 20 B/cycle from L2, under half of 64, so
+        // B stays in one 64 KiB way of L2: kc = 65536/128 = 512 (the
+        // cap). A block 14 ways: mc = 14·65536/2048 = 448. L3 share: 16
+        // ways of 2 MiB / 16 = 128 KiB: A (896 KiB) 7 ways, B 8: nc =
+        // 8·131072/2048 = 512.
+        let z5 = ModelBlocking::derive(&find("AMD Zen 5"), 8, 32, 4, 16);
+        assert_eq!((z5.l1_a_ways, z5.l1_b_ways, z5.kc_l1), (2, 8, 256));
+        assert_eq!((z5.l2_feed_bytes_per_cycle, z5.b_panel_level), (20, 2));
+        assert_eq!(z5.kc, 512);
+        assert_eq!((z5.l2_b_ways, z5.l2_a_ways, z5.mc), (1, 14, 448));
+        assert_eq!((z5.l3_a_ways, z5.l3_b_ways, z5.nc), (7, 8, 512));
+        // Zen 4: 8 ways of 4 KiB: C_A = ⌊7·8/40⌋ = 1, kc₁ = 128; L2 ways
+        // of 128 KiB: kc = 1024, capped at 512; B 1 way, A 6 ways: mc =
+        // 6·131072/2048 = 384. L3: A (768 KiB) 6 ways, B 9: nc = 576.
+        let z4 = ModelBlocking::derive(&find("AMD Zen 4"), 8, 32, 4, 16);
+        assert_eq!((z4.l1_a_ways, z4.kc_l1, z4.kc), (1, 128, 512));
+        assert_eq!((z4.l2_a_ways, z4.mc), (6, 384));
+        assert_eq!((z4.l3_a_ways, z4.l3_b_ways, z4.nc), (6, 9, 576));
+        // A 4×64 tile would need 34 B/cycle from L2: B stays in L1.
+        let wide = ModelBlocking::derive(&find("AMD Zen 5"), 4, 64, 4, 16);
+        assert_eq!((wide.l2_feed_bytes_per_cycle, wide.b_panel_level), (34, 1));
+        assert_eq!(wide.kc, wide.kc_l1 / 8 * 8);
     }
 }

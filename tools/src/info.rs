@@ -7,9 +7,8 @@ use crate::table::{left, right, sig, Table};
 use clap::Args;
 use cpuconv::arch::{detected_isa, supported_isas};
 use cpuconv::gemm::cache::{cache_hierarchy, CacheLevel, CacheSource};
-use cpuconv::gemm::cache_model::ModelBlocking;
-use cpuconv::gemm::kernels::kernel_info;
 use cpuconv::gemm::kernels::peak::fma_peak_gflops;
+use cpuconv::gemm::kernels::{kernel_info, model_blocking};
 use cpuconv::Isa;
 
 #[derive(Args, Debug)]
@@ -107,7 +106,7 @@ fn json(args: &InfoArgs) -> serde_json::Value {
     let mut blocking = Map::new();
     for &isa in &supported {
         let k = kernel_info(isa);
-        let m = ModelBlocking::derive(caches, k.mr, k.nr, 4);
+        let m = model_blocking(isa, k.mr, k.nr, caches);
         blocking.insert(
             isa.name().to_string(),
             json!({
@@ -121,6 +120,9 @@ fn json(args: &InfoArgs) -> serde_json::Value {
                 "model": {
                     "l1_a_ways": m.l1_a_ways,
                     "l1_b_ways": m.l1_b_ways,
+                    "kc_l1": m.kc_l1,
+                    "l2_feed_bytes_per_cycle": m.l2_feed_bytes_per_cycle,
+                    "b_panel_level": m.b_panel_level,
                     "l2_b_ways": m.l2_b_ways,
                     "l2_a_ways": m.l2_a_ways,
                     "l3_a_ways": m.l3_a_ways,
@@ -274,14 +276,18 @@ pub fn run(args: &InfoArgs) -> Result<(), Stop> {
 
     outln!(
         "\nBlocking per supported path: the analytical model (cpuconv::gemm::cache_model) \
-         gives each operand the ways of the level that serves its reuse: L1 = B micro-panel \
-         (KC), L2 = A block (MC), L3 share = B block (NC); one way is left spare at each level.\n"
+         gives each operand the ways of the level that serves its reuse: the B micro-panel \
+         in L1 (depth KC₁) or, where L2 can feed the kernel (feed ≤ 32 B/cycle), in one way \
+         of L2; the A block in L2 (MC); the B block in this core's L3 share (NC). One way \
+         is left spare at each level.\n"
     )?;
     let blocking = Table::new(&[
         left("isa", 8),
         right("MR", 3),
         right("NR", 3),
-        right("L1 ways A+B", 11),
+        right("L1 ways A+B (KC₁)", 17),
+        right("feed B/cycle", 12),
+        right("B µpanel", 8),
         right("KC", 5),
         right("L2 ways B+A", 11),
         right("MC", 5),
@@ -293,14 +299,16 @@ pub fn run(args: &InfoArgs) -> Result<(), Stop> {
     outln!("{}", blocking.header())?;
     for &isa in &supported {
         let k = kernel_info(isa);
-        let m = ModelBlocking::derive(caches, k.mr, k.nr, 4);
+        let m = model_blocking(isa, k.mr, k.nr, caches);
         outln!(
             "{}",
             blocking.row(&[
                 isa.name().to_string(),
                 k.mr.to_string(),
                 k.nr.to_string(),
-                format!("{}+{}", m.l1_a_ways, m.l1_b_ways),
+                format!("{}+{} ({})", m.l1_a_ways, m.l1_b_ways, m.kc_l1),
+                m.l2_feed_bytes_per_cycle.to_string(),
+                format!("L{}", m.b_panel_level),
                 k.kc.to_string(),
                 format!("{}+{}", m.l2_b_ways, m.l2_a_ways),
                 k.mc.to_string(),

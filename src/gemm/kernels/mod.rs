@@ -177,7 +177,7 @@ impl<T> Kernel<T> {
 /// Cache blocking for an `mr × nr` kernel: the analytical model of
 /// [`crate::gemm::cache_model`] on the detected caches.
 pub(crate) fn blocking(isa: Isa, mr: usize, nr: usize, caches: &CacheHierarchy) -> KernelInfo {
-    let model = ModelBlocking::derive(caches, mr, nr, std::mem::size_of::<f32>());
+    let model = model_blocking(isa, mr, nr, caches);
     KernelInfo {
         isa,
         mr,
@@ -186,6 +186,16 @@ pub(crate) fn blocking(isa: Isa, mr: usize, nr: usize, caches: &CacheHierarchy) 
         kc: model.kc,
         nc: model.nc,
     }
+}
+
+/// The model's derivation for an `mr × nr` f32 kernel of path `isa`.
+pub fn model_blocking(isa: Isa, mr: usize, nr: usize, caches: &CacheHierarchy) -> ModelBlocking {
+    // f32 lanes of the path's vectors (`wide::f32x8` on the portable path).
+    let lanes = match isa {
+        Isa::Avx512 => 16,
+        Isa::Avx2 | Isa::Portable => 8,
+    };
+    ModelBlocking::derive(caches, mr, nr, std::mem::size_of::<f32>(), lanes)
 }
 
 fn build_kernel(isa: Isa) -> Kernel {
