@@ -187,7 +187,6 @@ pub(super) struct MacroKernel<'a, T> {
     pub(super) kernel: &'a Kernel<T>,
     pub(super) k: usize,
     pub(super) m1: usize,
-    pub(super) n1: usize,
 }
 
 impl<T: Element> MacroKernel<'_, T> {
@@ -216,7 +215,8 @@ impl<T: Element> MacroKernel<'_, T> {
         for jr in 0..npanels {
             let (bp, ldb) = bpanels.panel(jr, npanels, nr);
             let col = jc + jr * nr;
-            let cols = nr.min(self.n1 - col);
+            // A block may end mid-panel before C does (the alignment peel).
+            let cols = nr.min(jc + ncur - col);
             let func = match self.kernel.narrow() {
                 Some((width, narrow)) if cols <= width => narrow,
                 _ => self.kernel.func(),

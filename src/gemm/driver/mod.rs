@@ -35,7 +35,8 @@ use super::pack::with_pack_buffers;
 use super::Parallelism;
 use crate::testing::record_gemm_block;
 use blocking::{
-    a_in_place, block_depth, in_place_block_rows, rows_stay_in_l2, single_block_columns,
+    a_in_place, block_depth, columns_to_line, in_place_block_rows, rows_stay_in_l2,
+    single_block_columns,
 };
 use macro_kernel::{a_block, peeled_columns, BPanels, MacroKernel, PeeledColumns};
 use rayon::prelude::*;
@@ -221,7 +222,6 @@ unsafe fn gemm_shared_b<T: Element, B: BSource<T>>(
         kernel,
         k,
         m1: m,
-        n1: n,
     };
     // The calling thread lends its B buffer to the shared block, so that
     // every thread (the caller included) still has its own A and staging
@@ -330,7 +330,6 @@ unsafe fn gemm_block<T: Element, B: BSource<T>>(
         kernel,
         k,
         m1,
-        n1,
     };
     let PackBuffers {
         a: abuf,
@@ -348,13 +347,25 @@ unsafe fn gemm_block<T: Element, B: BSource<T>>(
             .as_strided()
             .filter(|bs| bs.cs == 1 && bs.rs > 0 && rows_stay_in_l2::<T>(bs.rs as usize, kc));
         let nc_small = single_block_columns::<T>(kc, kernel.info());
+        // A B read in place whose rows start mid-line gets its first few
+        // columns as a block of their own (packed), so that every vector
+        // load of the rest is line-aligned.
+        let lead = in_place.map_or(0, |bs| columns_to_line(&bs, n0, n1 - n0, nc_small));
         for pc in (0..k).step_by(kc) {
             let kcur = kc.min(k - pc);
             let a_here = a_in_place(a, kernel, m1 - m0, (n1 - n0).div_ceil(nr));
             // SAFETY: rows m0..m1 and depth pc..pc+kcur are inside A.
             let apanels = unsafe { a_block(a, m0, m1 - m0, pc, kcur, kernel, a_here, abuf) };
-            for jc in (n0..n1).step_by(nc_small) {
-                let ncur = nc_small.min(n1 - jc);
+            let starts = (lead > 0)
+                .then_some(n0)
+                .into_iter()
+                .chain((n0 + lead..n1).step_by(nc_small));
+            for jc in starts {
+                let ncur = if jc < n0 + lead {
+                    lead
+                } else {
+                    nc_small.min(n1 - jc)
+                };
                 let bpanels = match in_place {
                     Some(bs) => {
                         let full = ncur / nr;
@@ -409,7 +420,11 @@ unsafe fn gemm_block<T: Element, B: BSource<T>>(
                         }
                     }
                 };
-                record_gemm_block(kernel.info().isa, pc > 0, false, jc > n0);
+                // The peel is no block of the blocking: the blocks, and
+                // their edges, are those after it.
+                if jc >= n0 + lead {
+                    record_gemm_block(kernel.info().isa, pc > 0, false, jc > n0 + lead);
+                }
                 // SAFETY: forwarded; the panels were packed above.
                 unsafe { ctx.run(apanels, m0, m1 - m0, bpanels, jc, ncur, pc, kcur) };
             }
