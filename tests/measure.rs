@@ -1,7 +1,9 @@
 //! Planning by measurement (`PlanEffort::Measure`) and the wisdom: measured
-//! plans compute what the reference computes, pick one of their candidates,
-//! and their choices survive an export and an import; malformed wisdom is
-//! a `ConvError`, never a panic; `Estimate` plans are what they were.
+//! plans compute what the reference computes, pick one of their candidates
+//! (on an AVX-512 CPU, the AVX2 kernels among them unless a path is
+//! forced), and their choices survive an export and an import; malformed
+//! wisdom is a `ConvError`, never a panic; `Estimate` plans are what they
+//! were.
 //!
 //! The wisdom is one store per process and the tests of this file run on
 //! parallel threads: each test plans its own layer shapes (no two tests
@@ -71,7 +73,17 @@ fn check_plan(conv: &Conv2d, options: &ForwardOptions, seed: u64) -> cpuconv::Pl
         );
     }
     assert_eq!(plan.algorithm(), plan.choice().algorithm);
+    assert_eq!(plan.isa(), plan.choice().isa);
     plan.choice()
+}
+
+/// The paths a Measure plan with the path left open may run: this CPU's,
+/// and AVX2 where that is AVX-512.
+fn open_paths() -> Vec<Isa> {
+    match this_isa() {
+        Isa::Avx512 if Isa::Avx2.is_supported() => vec![Isa::Avx512, Isa::Avx2],
+        isa => vec![isa],
+    }
 }
 
 /// Layers of every kind Auto distinguishes, each shape used by this test only.
@@ -112,12 +124,13 @@ fn measured_plans_match_the_reference_and_pick_a_candidate() {
                     choice.threads == 1 || choice.threads == threads,
                     "{choice:?}"
                 );
+                assert!(open_paths().contains(&choice.isa), "{choice:?}");
                 // A second plan of the layer agrees with the first.
                 let again = check_plan(conv, &measure(), 20 + i as u64);
                 assert_eq!(again.source, ChoiceSource::Wisdom);
                 assert_eq!(
-                    (again.algorithm, again.threads),
-                    (choice.algorithm, choice.threads)
+                    (again.algorithm, again.threads, again.isa),
+                    (choice.algorithm, choice.threads, choice.isa)
                 );
             }
         });
@@ -142,6 +155,7 @@ fn estimate_plans_are_unchanged() {
                 let choice = check_plan(&conv, &options, 3);
                 assert_eq!(choice.algorithm, conv.auto_algorithm());
                 assert_eq!(choice.threads, 2);
+                assert_eq!(choice.isa, this_isa());
                 assert_eq!(choice.source, ChoiceSource::Estimate);
             }
         }
@@ -156,13 +170,23 @@ fn an_explicit_algorithm_is_honoured() {
         .unwrap();
     for algorithm in [Algorithm::Im2col, Algorithm::DirectSimd] {
         let options = measure().algorithm(algorithm);
-        // One thread allowed: nothing to measure.
+        // One thread allowed and the path forced: nothing to measure.
         let options_1 = options.parallelism(Parallelism::Sequential);
-        let choice = check_plan(&conv, &options_1, 4);
+        let choice = check_plan(&conv, &options_1.isa(this_isa()), 4);
         assert_eq!(
             (choice.algorithm, choice.threads, choice.source),
             (algorithm, 1, ChoiceSource::Estimate)
         );
+        // The path left open: measured where there are two.
+        let choice = check_plan(&conv, &options_1, 4);
+        assert_eq!((choice.algorithm, choice.threads), (algorithm, 1));
+        assert!(open_paths().contains(&choice.isa), "{choice:?}");
+        let source = if open_paths().len() > 1 {
+            ChoiceSource::Measured
+        } else {
+            ChoiceSource::Estimate
+        };
+        assert_eq!(choice.source, source);
         // Two: the thread split is measured, the algorithm kept.
         let choice = pool(2).install(|| check_plan(&conv, &options, 5));
         assert_eq!(choice.algorithm, algorithm);
@@ -200,8 +224,8 @@ fn the_wisdom_round_trips() {
         let from_wisdom = pool(2).install(|| check_plan(&conv, &options, 8));
         assert_eq!(from_wisdom.source, ChoiceSource::Wisdom);
         assert_eq!(
-            (from_wisdom.algorithm, from_wisdom.threads),
-            (choice.algorithm, choice.threads)
+            (from_wisdom.algorithm, from_wisdom.threads, from_wisdom.isa),
+            (choice.algorithm, choice.threads, choice.isa)
         );
     }
     // Exported again, it says the same (and maybe more: the other tests'
@@ -267,6 +291,116 @@ fn wisdom_for_another_isa_is_ignored() {
     // For another thread cap, it does not.
     let choice = pool(2).install(|| check_plan(&conv, &only.parallelism(Parallelism::Rayon), 9));
     assert_eq!(choice.source, ChoiceSource::Estimate);
+}
+
+#[test]
+fn a_forced_path_is_the_path_a_measured_plan_runs() {
+    let conv = Conv2dParams::new(1, 16, (9, 14), 24, (3, 3))
+        .padding(Padding::symmetric(1, 1))
+        .build()
+        .unwrap();
+    for isa in cpuconv::arch::supported_isas() {
+        let options = measure().isa(isa);
+        let choice = pool(2).install(|| check_plan(&conv, &options, 30));
+        assert_eq!(choice.isa, isa, "{choice:?}");
+        assert!(allowed(&conv, choice.algorithm), "{choice:?}");
+        // From the wisdom, the same.
+        let again = pool(2).install(|| check_plan(&conv, &options, 31));
+        assert_eq!((again.source, again.isa), (ChoiceSource::Wisdom, isa));
+    }
+}
+
+/// A path below this CPU's, other than it, if there is one.
+fn lower_path() -> Option<Isa> {
+    Isa::ALL
+        .into_iter()
+        .find(|&i| i < this_isa() && i.is_supported())
+}
+
+#[test]
+fn the_wisdom_round_trips_the_path_a_plan_runs() {
+    let _store = hold_store();
+    let Some(lower) = lower_path() else {
+        eprintln!("this CPU runs the portable path only: no other path to record");
+        return;
+    };
+    let conv = Conv2dParams::new(1, 20, (8, 10), 28, (3, 3))
+        .padding(Padding::symmetric(1, 1))
+        .build()
+        .unwrap();
+    let entry = line(this_isa(), 1, "auto", "implicit", 1).replace("1x20x8x9", "1x20x8x10");
+    let entry = format!("{entry} run_isa={}", lower.name());
+    assert_eq!(
+        wisdom::import(&format!("cpuconv-wisdom 1\n{entry}\n")).unwrap(),
+        1
+    );
+    // Exported, it says the same.
+    assert!(wisdom::export().lines().any(|l| l == entry), "{entry}");
+    let sequential = Parallelism::Sequential;
+    let only = ForwardOptions::new(Algorithm::Auto)
+        .effort(PlanEffort::WisdomOnly)
+        .parallelism(sequential);
+    let choice = check_plan(&conv, &only, 32);
+    assert_eq!(
+        (choice.algorithm, choice.isa, choice.source),
+        (Algorithm::Implicit, lower, ChoiceSource::Wisdom)
+    );
+    // A request that forces this CPU's path does not take it ...
+    let choice = check_plan(&conv, &only.isa(this_isa()), 33);
+    assert_eq!(
+        (choice.isa, choice.source),
+        (this_isa(), ChoiceSource::Estimate)
+    );
+    // ... and measuring under the forced path leaves it in the wisdom.
+    let forced = measure().parallelism(sequential).isa(this_isa());
+    let choice = check_plan(&conv, &forced, 34);
+    assert_eq!(choice.isa, this_isa());
+    assert!(wisdom::export().lines().any(|l| l == entry), "{entry}");
+    assert_eq!(check_plan(&conv, &only, 35).isa, lower);
+    // A request that forces the entry's path has its own key.
+    let choice = check_plan(&conv, &only.isa(lower), 36);
+    assert_eq!(choice.source, ChoiceSource::Estimate);
+}
+
+#[test]
+fn a_path_this_cpu_cannot_run_is_ignored() {
+    let _store = hold_store();
+    let conv = Conv2dParams::new(1, 20, (8, 12), 28, (3, 3))
+        .padding(Padding::symmetric(1, 1))
+        .build()
+        .unwrap();
+    let only = ForwardOptions::new(Algorithm::Auto)
+        .effort(PlanEffort::WisdomOnly)
+        .parallelism(Parallelism::Sequential);
+    // Wisdom from a machine with another path, running a path this CPU
+    // may lack: read, never applied.
+    for (isa, run) in [(Isa::Avx512, Isa::Avx2), (Isa::Avx2, Isa::Avx2)] {
+        if isa == this_isa() {
+            continue;
+        }
+        let entry = line(isa, 1, "auto", "im2col", 1).replace("1x20x8x9", "1x20x8x12");
+        let text = format!("cpuconv-wisdom 1\n{entry} run_isa={}\n", run.name());
+        assert_eq!(wisdom::import(&text).unwrap(), 1);
+        assert_eq!(check_plan(&conv, &only, 37).source, ChoiceSource::Estimate);
+    }
+    // This CPU's path, with a path below it that this CPU cannot run (a
+    // CPU or VM that reports AVX-512 without AVX2): ignored, not an error.
+    // Every path below the path of the CPUs this runs on usually runs.
+    let Some(unrunnable) = Isa::ALL
+        .into_iter()
+        .find(|&i| i < this_isa() && !i.is_supported())
+    else {
+        eprintln!("every path below {} runs here", this_isa());
+        return;
+    };
+    let entry = line(this_isa(), 1, "auto", "im2col", 1).replace("1x20x8x9", "1x20x8x12");
+    let text = format!("cpuconv-wisdom 1\n{entry} run_isa={unrunnable}\n");
+    assert_eq!(wisdom::import(&text).unwrap(), 1);
+    let choice = check_plan(&conv, &only, 38);
+    assert_eq!(
+        (choice.source, choice.isa),
+        (ChoiceSource::Estimate, this_isa())
+    );
 }
 
 #[test]
@@ -423,6 +557,37 @@ fn an_unknown_isa_is_an_error() {
 }
 
 #[test]
+fn a_bad_run_isa_is_an_error() {
+    let from = "threads=2";
+    let msg = import_error(
+        &entry_with(from, "threads=2 run_isa=neon"),
+        2,
+        "run_isa=neon",
+    );
+    assert!(msg.contains("unknown isa"), "{msg}");
+    // Names are exact.
+    import_error(
+        &entry_with(from, "threads=2 run_isa=Avx2"),
+        2,
+        "run_isa=Avx2",
+    );
+    import_error(&entry_with(from, "threads=2 run_isa="), 2, "run_isa=");
+    import_error(
+        &entry_with(from, "threads=2 run_isa=portable run_isa=portable"),
+        2,
+        "run_isa=portable",
+    );
+    // Above the request's path: it would overrule a forced lower path.
+    let entry = line(Isa::Portable, 1, "auto", "implicit", 1);
+    let msg = import_error(
+        &format!("cpuconv-wisdom 1\n{entry} run_isa=avx2\n"),
+        2,
+        "run_isa=avx2",
+    );
+    assert!(msg.contains("above"), "{msg}");
+}
+
+#[test]
 fn an_unknown_mode_is_an_error() {
     import_error(&entry_with("mode=xcorr", "mode=flipped"), 2, "mode=flipped");
 }
@@ -480,7 +645,8 @@ fn non_finite_weights_are_measured_but_not_remembered() {
 #[test]
 fn a_search_stays_within_its_budget() {
     // A layer of about 30 MFLOP: calls of a fraction of a millisecond to a
-    // few (on the portable path), eight candidates on two threads.
+    // few (on the portable path), eight candidates on two threads (sixteen
+    // on an AVX-512 CPU, whose AVX2 twins are candidates too).
     let conv = Conv2dParams::new(1, 64, (20, 20), 64, (3, 3))
         .padding(Padding::symmetric(1, 1))
         .build()

@@ -1,19 +1,42 @@
 //! Planning by measurement, FFTW's idea: with [`PlanEffort::Measure`],
 //! [`Conv2d::plan`] builds a plan for each candidate (algorithm × thread
-//! split), times each on the real shape and keeps the fastest; the choice is
-//! remembered in the process's [wisdom], which can be exported
-//! and imported as a small string.
+//! split × kernel path), times each on the real shape and keeps the
+//! fastest; the choice is remembered in the process's [wisdom], which can
+//! be exported and imported as a small string.
 //!
-//! The search, in order:
+//! # Why the kernel path is a candidate
 //!
-//! 1. the wisdom: an entry for this layer, this ISA, this thread cap and
-//!    this request ends the search (no call is timed);
+//! A plan runs the best instruction-set path the CPU has ([`crate::isa`]),
+//! which on an AVX-512 CPU is the AVX-512 kernels. That is not always the
+//! faster path. AMD's Zen 4 executes a 512-bit operation as two 256-bit
+//! halves ("double-pumped"): its AVX-512 and AVX2 FMA peaks are equal, so
+//! AVX-512 wins only where its other gifts pay (half the instructions,
+//! twice the registers, masked edges) and can lose where the wider tile is
+//! mostly padding or its weights outgrow a cache level, and which way a
+//! layer goes depends on its shape. Nothing here is tuned on a CPU we do
+//! not have: where the caller leaves the path open
+//! ([`ForwardOptions::isa`] is `None`) and the CPU's path is AVX-512, the
+//! AVX2 twin of every candidate is a candidate too, and the measurement
+//! decides. A path the caller forces (or that `CPUCONV_ISA` lowers the CPU's
+//! path to) is the only path measured. [`PlanChoice::isa`] says which path
+//! the plan runs.
+//!
+//! # The search, in order
+//!
+//! 1. the wisdom: an entry for this layer, this ISA (the path the request
+//!    resolves to), this thread cap and this request ends the search (no
+//!    call is timed), unless it runs a path the CPU cannot run, or another
+//!    path than the one the caller forces;
 //! 2. the candidates, Estimate's pick first (the algorithm `Auto` picks, at
-//!    the caller's thread cap), then the same algorithm on one thread, then
+//!    the caller's thread cap, on the CPU's path), then its AVX2 twin (so
+//!    that even a short budget compares the two paths on the most likely
+//!    winner), then the same algorithm on one thread (on each path), then
 //!    every other concrete algorithm that has a fast path for the layer
 //!    ([`Algorithm::Direct`], the reference loops, only when it is
-//!    Estimate's pick), each at the cap and on one thread. An explicit
-//!    algorithm keeps its algorithm: only the thread split is measured;
+//!    Estimate's pick), each at the cap and on one thread, on the CPU's
+//!    path, and last their AVX2 twins. An explicit algorithm keeps its
+//!    algorithm: only the thread split (and the path, where it is open) is
+//!    measured;
 //! 3. one plan per candidate (weights packed once; the kept plan is the one
 //!    that was timed, not re-packed), a warm-up call and a timed call; then,
 //!    while two or more candidates are in the running, rounds of visits:
@@ -29,12 +52,14 @@
 //!    first: on a layer whose single call outlasts the budget, the search
 //!    ends with Estimate's pick;
 //! 5. the pick: the fastest lower median of a candidate's calls (a busy
-//!    machine's interruptions only add time); Estimate's pick stays unless the
-//!    fastest beats it by more than [`TIE_MARGIN`] (noise on a busy machine
-//!    should not trade the model's pick for an equal one).
+//!    machine's interruptions only add time); Estimate's pick (on the CPU's
+//!    path) stays unless the fastest beats it by more than [`TIE_MARGIN`]
+//!    (noise on a busy machine should not trade the model's pick for an
+//!    equal one, nor the CPU's path for an equally fast one).
 
 use super::{zeroed, Algorithm, Conv2d, Conv2dPlan, ForwardOptions};
-use crate::conv::wisdom::{self, Key};
+use crate::arch::Isa;
+use crate::conv::wisdom::{self, Choice, Key};
 use crate::error::ConvError;
 use crate::gemm::{GemmBackend, Parallelism};
 use crate::geometry::Padding;
@@ -73,9 +98,11 @@ pub enum PlanEffort {
     /// [module](crate::conv::measure) notes: at most about 100 ms or 50
     /// forward calls), keep the fastest, and record it in the wisdom.
     /// Applies to the native GEMM backend (with another backend it is
-    /// `Estimate`). With an explicit algorithm, only the thread split (the
-    /// caller's cap or one thread) is measured, and only when the cap is
-    /// above one.
+    /// `Estimate`). The candidates include the AVX2 kernels on an AVX-512
+    /// CPU unless [`ForwardOptions::isa`] forces a path. With an explicit
+    /// algorithm, only the thread split (the caller's cap or one thread) and
+    /// that kernel path are measured, and only when there is more than one
+    /// to try.
     Measure,
     /// The wisdom's choice if it has one, else `Estimate`; never measures
     /// (FFTW's `FFTW_WISDOM_ONLY`): for a framework that ships wisdom and
@@ -128,6 +155,10 @@ pub struct PlanChoice {
     /// rayon pool gave it when the plan was made), or 1 where measurement
     /// found one thread faster. A call small enough still runs on one.
     pub threads: usize,
+    /// The kernel path the plan runs ([`Conv2dPlan::isa`]): the forced or
+    /// default path, or AVX2 on an AVX-512 CPU where measurement found it
+    /// faster (see the [module](crate::conv::measure) notes).
+    pub isa: Isa,
     /// How it was chosen.
     pub source: ChoiceSource,
 }
@@ -155,11 +186,24 @@ pub const VISIT_SAMPLES: usize = 2;
 /// plan's time moved by that much between searches.
 pub const TIE_MARGIN: f64 = 0.05;
 
-/// One algorithm at one thread cap.
+/// One algorithm at one thread cap on one kernel path.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Candidate {
     algorithm: Algorithm,
     threads: usize,
+    isa: Isa,
+}
+
+impl Candidate {
+    /// The plan options of this candidate: `estimate`'s with its
+    /// algorithm, threads (out of a cap of `cap`) and path.
+    fn options(&self, estimate: &ForwardOptions, cap: usize) -> ForwardOptions {
+        ForwardOptions {
+            algorithm: self.algorithm,
+            isa: Some(self.isa),
+            ..with_threads(estimate, self.threads, cap)
+        }
+    }
 }
 
 /// A candidate under test: its plan (dropped once it is out of the
@@ -208,16 +252,21 @@ pub(crate) fn plan(
         return conv.plan_as(weight, bias, &estimate, ChoiceSource::Estimate);
     }
     let isa = crate::arch::clamp_isa(options.isa.unwrap_or_else(crate::isa));
+    let forced = options.isa.is_some();
     let cap = options.parallelism.max_threads().max(1);
     let key = Key::new(conv.geometry(), isa, cap, options.algorithm);
-    if let Some(choice) = wisdom::lookup(&key) {
-        let opts = ForwardOptions {
+    let entry = wisdom::lookup(&key);
+    if let Some(choice) = entry.filter(|c| applies(c, isa, forced, Isa::is_supported)) {
+        let candidate = Candidate {
             algorithm: choice.algorithm,
-            ..with_threads(&estimate, choice.threads, cap)
+            threads: choice.threads,
+            isa: choice.run_isa,
         };
+        let opts = candidate.options(&estimate, cap);
         return conv.plan_as(weight, bias, &opts, ChoiceSource::Wisdom);
     }
-    let candidates = candidates(conv, options.algorithm, cap);
+    let isas = isa_candidates(isa, forced, Isa::is_supported);
+    let candidates = candidates(conv, options.algorithm, cap, &isas);
     if options.effort != PlanEffort::Measure || candidates.len() < 2 {
         return conv.plan_as(weight, bias, &estimate, ChoiceSource::Estimate);
     }
@@ -226,19 +275,47 @@ pub(crate) fn plan(
     // algorithm to DirectSimd: what was measured says nothing of the layer.
     let rerouted =
         conv.geometry().padding != Padding::ZERO && weight.iter().any(|w| !w.is_finite());
-    if let (Some(c), false) = (candidate, rerouted) {
-        wisdom::record(key, c.algorithm, c.threads);
+    // A search under a forced path does not replace an entry that the same
+    // request with the path left open would take: that one compared more.
+    let keep = forced && entry.is_some_and(|c| applies(&c, isa, false, Isa::is_supported));
+    if let (Some(c), false, false) = (candidate, rerouted, keep) {
+        let choice = Choice {
+            algorithm: c.algorithm,
+            threads: c.threads,
+            run_isa: c.isa,
+        };
+        wisdom::record(key, choice);
     }
     Ok(plan)
 }
 
-/// The candidates, Estimate's pick first (see the module notes).
-fn candidates(conv: &Conv2d, requested: Algorithm, cap: usize) -> Vec<Candidate> {
+/// Whether a wisdom entry for a request that resolves to path `isa`
+/// applies: it runs a path the CPU can run (`supported`), and the path a
+/// `forced` request asks for.
+fn applies(choice: &Choice, isa: Isa, forced: bool, supported: impl Fn(Isa) -> bool) -> bool {
+    supported(choice.run_isa) && (!forced || choice.run_isa == isa)
+}
+
+/// The kernel paths to measure for a request that resolves to `isa`, that
+/// path first: AVX2 too where the path is AVX-512, left open by the caller
+/// (not `forced`), and the CPU runs AVX2 (`supported`; see the module
+/// notes on why).
+fn isa_candidates(isa: Isa, forced: bool, supported: impl Fn(Isa) -> bool) -> Vec<Isa> {
+    if !forced && isa == Isa::Avx512 && supported(Isa::Avx2) {
+        vec![isa, Isa::Avx2]
+    } else {
+        vec![isa]
+    }
+}
+
+/// The candidates on the kernel paths `isas` (the request's own first),
+/// Estimate's pick first (see the module notes for the order).
+fn candidates(conv: &Conv2d, requested: Algorithm, cap: usize, isas: &[Isa]) -> Vec<Candidate> {
     let pick = match requested {
         Algorithm::Auto => conv.auto_algorithm(),
         a => a,
     };
-    let mut algorithms = vec![pick];
+    let mut others = Vec::new();
     if requested == Algorithm::Auto {
         // The fast paths, the most frequent winners first (a short budget
         // reaches those), then any other but the reference loops.
@@ -252,17 +329,33 @@ fn candidates(conv: &Conv2d, requested: Algorithm, cap: usize) -> Vec<Candidate>
                 order.push(a);
             }
         }
-        algorithms.extend(order.into_iter().filter(|&a| a != pick));
+        others.extend(order.into_iter().filter(|&a| a != pick));
     }
     let splits: &[usize] = if cap > 1 { &[cap, 1] } else { &[1] };
-    algorithms
-        .into_iter()
-        .flat_map(|algorithm| {
-            splits
-                .iter()
-                .map(move |&threads| Candidate { algorithm, threads })
-        })
-        .collect()
+    let mut out = Vec::new();
+    // Estimate's pick: each split on every path, the request's own first.
+    for &threads in splits {
+        for &isa in isas {
+            out.push(Candidate {
+                algorithm: pick,
+                threads,
+                isa,
+            });
+        }
+    }
+    // The other algorithms on the request's path, then on the others.
+    for &isa in isas {
+        for &algorithm in &others {
+            for &threads in splits {
+                out.push(Candidate {
+                    algorithm,
+                    threads,
+                    isa,
+                });
+            }
+        }
+    }
+    out
 }
 
 /// The budget's state.
@@ -335,10 +428,7 @@ fn search(
         if i > 0 && clock.spent() {
             break;
         }
-        let opts = ForwardOptions {
-            algorithm: candidate.algorithm,
-            ..with_threads(estimate, candidate.threads, cap)
-        };
+        let opts = candidate.options(estimate, cap);
         let plan = match conv.plan_as(weight, bias, &opts, ChoiceSource::Measured) {
             Ok(p) => p,
             // Estimate's own plan fails as an Estimate plan would.
@@ -347,11 +437,12 @@ fn search(
             // large, say) is no candidate.
             Err(_) => continue,
         };
-        // A fast path that falls back to the reference loops, or a
-        // candidate another already stands for (non-finite weights reroute
-        // algorithms), is skipped.
+        // A fast path that falls back to the reference loops (on any
+        // path: the loops are the same), or a candidate another already
+        // stands for (non-finite weights reroute algorithms), is skipped.
         let duplicate = trials.iter().any(|t| {
             t.candidate.threads == candidate.threads
+                && t.candidate.isa == candidate.isa
                 && t.plan.as_ref().map(Conv2dPlan::algorithm) == Some(plan.algorithm())
         });
         if i > 0 && (plan.runs_reference() || duplicate) {
@@ -426,13 +517,12 @@ fn search(
     let plan = match trial.plan.take() {
         Some(plan) => plan,
         // Dropped plans are never the fastest; rebuilt should that change.
-        None => {
-            let opts = ForwardOptions {
-                algorithm: candidate.algorithm,
-                ..with_threads(estimate, candidate.threads, cap)
-            };
-            conv.plan_as(weight, bias, &opts, ChoiceSource::Measured)?
-        }
+        None => conv.plan_as(
+            weight,
+            bias,
+            &candidate.options(estimate, cap),
+            ChoiceSource::Measured,
+        )?,
     };
     Ok((plan, Some(candidate)))
 }
@@ -489,6 +579,7 @@ mod tests {
             candidate: Candidate {
                 algorithm,
                 threads: 1,
+                isa: Isa::Portable,
             },
             plan: None,
             samples: ms.iter().map(|&m| Duration::from_millis(m)).collect(),
@@ -521,19 +612,138 @@ mod tests {
         let conv = crate::Conv2dParams::new(1, 64, (14, 14), 64, (3, 3))
             .build()
             .unwrap();
-        let c = candidates(&conv, Algorithm::Auto, 2);
+        let own = [Isa::Avx2];
+        let c = candidates(&conv, Algorithm::Auto, 2, &own);
         assert_eq!(
             c[0],
             Candidate {
                 algorithm: conv.auto_algorithm(),
-                threads: 2
+                threads: 2,
+                isa: Isa::Avx2,
             }
         );
         assert_eq!(c.len(), 8);
         assert!(c.iter().all(|c| c.algorithm != Algorithm::Direct));
-        let c = candidates(&conv, Algorithm::Im2col, 1);
+        assert!(c.iter().all(|c| c.isa == Isa::Avx2));
+        let c = candidates(&conv, Algorithm::Im2col, 1, &own);
         assert_eq!(c.len(), 1);
-        let c = candidates(&conv, Algorithm::Im2col, 4);
+        let c = candidates(&conv, Algorithm::Im2col, 4, &own);
         assert_eq!(c.len(), 2);
+    }
+
+    #[test]
+    fn the_avx2_twin_is_measured_only_where_the_path_is_open() {
+        let all = |_: Isa| true;
+        let no_avx2 = |i: Isa| i != Isa::Avx2;
+        assert_eq!(
+            isa_candidates(Isa::Avx512, false, all),
+            [Isa::Avx512, Isa::Avx2]
+        );
+        // Forced, the path is the caller's.
+        assert_eq!(isa_candidates(Isa::Avx512, true, all), [Isa::Avx512]);
+        assert_eq!(isa_candidates(Isa::Avx2, true, all), [Isa::Avx2]);
+        // An AVX2 CPU (or `CPUCONV_ISA=avx2`) has no other path to try.
+        assert_eq!(isa_candidates(Isa::Avx2, false, all), [Isa::Avx2]);
+        assert_eq!(isa_candidates(Isa::Portable, false, all), [Isa::Portable]);
+        // A CPU (or VM) that reports AVX-512 without AVX2.
+        assert_eq!(isa_candidates(Isa::Avx512, false, no_avx2), [Isa::Avx512]);
+    }
+
+    #[test]
+    fn the_avx2_twin_of_the_estimate_comes_second() {
+        let conv = crate::Conv2dParams::new(1, 64, (14, 14), 64, (3, 3))
+            .build()
+            .unwrap();
+        let pick = conv.auto_algorithm();
+        let isas = [Isa::Avx512, Isa::Avx2];
+        let c = candidates(&conv, Algorithm::Auto, 2, &isas);
+        let at = |algorithm, threads, isa| Candidate {
+            algorithm,
+            threads,
+            isa,
+        };
+        assert_eq!(
+            c[..4],
+            [
+                at(pick, 2, Isa::Avx512),
+                at(pick, 2, Isa::Avx2),
+                at(pick, 1, Isa::Avx512),
+                at(pick, 1, Isa::Avx2),
+            ]
+        );
+        // Then every other algorithm on the CPU's path before any on AVX2.
+        assert_eq!(c.len(), 16);
+        assert!(c[4..10].iter().all(|c| c.isa == Isa::Avx512));
+        assert!(c[10..].iter().all(|c| c.isa == Isa::Avx2));
+        // Every candidate on the CPU's path has its AVX2 twin.
+        for x in c.iter().filter(|c| c.isa == Isa::Avx512) {
+            assert!(
+                c.contains(&Candidate {
+                    isa: Isa::Avx2,
+                    ..*x
+                }),
+                "{x:?}"
+            );
+        }
+        // An explicit algorithm on one thread: the path alone is measured.
+        let c = candidates(&conv, Algorithm::Im2col, 1, &isas);
+        assert_eq!(
+            c,
+            [
+                at(Algorithm::Im2col, 1, Isa::Avx512),
+                at(Algorithm::Im2col, 1, Isa::Avx2)
+            ]
+        );
+    }
+
+    /// On this CPU: with the path left open, an AVX-512 CPU's candidates
+    /// include the AVX2 twin; with a path forced, none does.
+    #[test]
+    fn candidates_on_this_cpu() {
+        let conv = crate::Conv2dParams::new(1, 32, (10, 10), 48, (3, 3))
+            .build()
+            .unwrap();
+        let default = crate::arch::clamp_isa(crate::isa());
+        let open = candidates(
+            &conv,
+            Algorithm::Auto,
+            1,
+            &isa_candidates(default, false, Isa::is_supported),
+        );
+        assert_eq!(open[0].isa, default);
+        let twin = open.get(1).map(|c| (c.algorithm, c.isa));
+        if default == Isa::Avx512 && Isa::Avx2.is_supported() {
+            assert_eq!(twin, Some((conv.auto_algorithm(), Isa::Avx2)));
+        } else {
+            assert!(open.iter().all(|c| c.isa == default));
+        }
+        for forced in crate::arch::supported_isas() {
+            let c = candidates(
+                &conv,
+                Algorithm::Auto,
+                1,
+                &isa_candidates(forced, true, Isa::is_supported),
+            );
+            assert!(c.iter().all(|c| c.isa == forced), "{forced}");
+        }
+    }
+
+    #[test]
+    fn wisdom_applies_only_where_it_can_run_and_is_not_overruled() {
+        let choice = |run_isa| Choice {
+            algorithm: Algorithm::Implicit,
+            threads: 1,
+            run_isa,
+        };
+        let all = |_: Isa| true;
+        let no_avx2 = |i: Isa| i != Isa::Avx2;
+        let avx2 = choice(Isa::Avx2);
+        assert!(applies(&avx2, Isa::Avx512, false, all));
+        // A path this CPU cannot run: ignored.
+        assert!(!applies(&avx2, Isa::Avx512, false, no_avx2));
+        // A forced path is the path the plan runs.
+        assert!(!applies(&avx2, Isa::Avx512, true, all));
+        assert!(applies(&choice(Isa::Avx512), Isa::Avx512, true, all));
+        assert!(applies(&choice(Isa::Avx512), Isa::Avx512, false, no_avx2));
     }
 }

@@ -77,8 +77,9 @@ impl Conv2d {
     /// `DirectSimd` (which then allocates nothing per call).
     ///
     /// With [`ForwardOptions::effort`] at [`PlanEffort::Measure`] the
-    /// algorithm and thread split are chosen by timing the candidates on
-    /// this shape (about 100 ms at most) or taken from the
+    /// algorithm, thread split and (where the caller does not force one)
+    /// kernel path are chosen by timing the candidates on this shape (about
+    /// 100 ms at most) or taken from the
     /// [wisdom](crate::wisdom); [`Conv2dPlan::choice`] says what was chosen
     /// and how.
     pub fn plan(
@@ -165,6 +166,7 @@ impl Conv2d {
         let choice = PlanChoice {
             algorithm,
             threads: options.parallelism.max_threads(),
+            isa,
             source,
         };
         Ok(Conv2dPlan {
@@ -275,8 +277,8 @@ impl Conv2dPlan {
     }
 
     /// What the plan runs and how that was chosen: the algorithm, the
-    /// most threads a call may use, and whether the model, a measurement
-    /// or the wisdom chose them (see [`PlanEffort`]).
+    /// most threads a call may use, the kernel path, and whether the model,
+    /// a measurement or the wisdom chose them (see [`PlanEffort`]).
     ///
     /// ```
     /// use cpuconv::{Algorithm, ChoiceSource, Conv2dParams, ForwardOptions, Parallelism};
@@ -286,6 +288,7 @@ impl Conv2dPlan {
     /// let choice = conv.plan(&weight, None, &options)?.choice();
     /// assert_eq!(choice.algorithm, conv.auto_algorithm());
     /// assert_eq!((choice.threads, choice.source), (1, ChoiceSource::Estimate));
+    /// assert_eq!(choice.isa, cpuconv::isa());
     /// # Ok::<(), cpuconv::ConvError>(())
     /// ```
     pub fn choice(&self) -> PlanChoice {

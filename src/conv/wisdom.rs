@@ -36,17 +36,39 @@
 //! isa=avx512 cap=2 request=auto input=1x64x56x56 out=64 kernel=3x3 stride=1x1 pad=1,1,1,1 dilation=1x1 groups=1 mode=xcorr algorithm=direct-dense threads=1
 //! ```
 //!
-//! The key of the choice: `isa`, the kernel path the plan runs
-//! (`avx512`, `avx2`, `portable`: an entry for another path never applies,
-//! so wisdom from another machine is ignored rather than misapplied);
-//! `cap`, the most threads the caller allowed; `request`, the algorithm
+//! The key of the choice: `isa`, the kernel path the request resolves to
+//! (`avx512`, `avx2`, `portable`: the CPU's best path, the one
+//! `CPUCONV_ISA` sets, or the one [`ForwardOptions::isa`](crate::ForwardOptions::isa) forces; an entry for
+//! another path never applies, so wisdom from another machine is ignored
+//! rather than misapplied); `cap`, the most threads the caller allowed; `request`, the algorithm
 //! asked for (`auto`, or an explicit one whose thread split was measured);
 //! the layer: `input` `NxCxHxW`, `out` (K), `kernel` `RxS`, `stride` and
 //! `dilation` (vertical x horizontal), `pad` (top, bottom, left, right),
 //! `groups`, `mode` (`xcorr` for cross-correlation, `conv` for the flipped
 //! kernel). Bias and activation are not part of it: they cost the same in
 //! every algorithm's store. The choice: `algorithm`
-//! ([`Algorithm::name`]) and `threads` (1 to `cap`).
+//! ([`Algorithm::name`]), `threads` (1 to `cap`) and, optionally,
+//! `run_isa`, the path the plan runs when it is not `isa`:
+//!
+//! ```text
+//! isa=avx512 cap=1 request=auto input=1x64x56x56 out=64 kernel=3x3 stride=1x1 pad=1,1,1,1 dilation=1x1 groups=1 mode=xcorr algorithm=direct-dense threads=1 run_isa=avx2
+//! ```
+//!
+//! says that on an AVX-512 CPU, for a request that forced no path, the
+//! AVX2 kernels were measured faster (see [`crate::conv::measure`] on
+//! why that can happen). `run_isa` is never above `isa` (an error
+//! otherwise: it would overrule a lower path forced by `CPUCONV_ISA` or
+//! the caller). An entry whose `run_isa` this CPU cannot run is ignored,
+//! not an error (a `Measure` plan measures again and replaces it), and so
+//! is an entry that runs another path than the one a request forces with
+//! [`ForwardOptions::isa`](crate::ForwardOptions::isa): a forced path is always the path a plan runs.
+//!
+//! `run_isa` is written only where it differs from `isa`, and an entry
+//! without it runs `isa`. So the format keeps its version 1: a text whose
+//! entries all run their key's path is what earlier versions of this crate
+//! wrote and read, every text they wrote reads as before, and only an entry
+//! that runs another path is refused by them, as an unknown key naming
+//! `run_isa=...` (they could not have honoured it).
 //!
 //! The store is process-global and thread-safe; import adds to it
 //! (replacing entries with the same key).
@@ -102,6 +124,8 @@ impl Key {
 pub(crate) struct Choice {
     pub(crate) algorithm: Algorithm,
     pub(crate) threads: usize,
+    /// The path the plan runs: the key's, or one below it.
+    pub(crate) run_isa: Isa,
 }
 
 static STORE: Mutex<Option<HashMap<Key, Choice>>> = Mutex::new(None);
@@ -116,10 +140,8 @@ pub(crate) fn lookup(key: &Key) -> Option<Choice> {
     store().as_ref()?.get(key).copied()
 }
 
-pub(crate) fn record(key: Key, algorithm: Algorithm, threads: usize) {
-    store()
-        .get_or_insert_with(HashMap::new)
-        .insert(key, Choice { algorithm, threads });
+pub(crate) fn record(key: Key, choice: Choice) {
+    store().get_or_insert_with(HashMap::new).insert(key, choice);
 }
 
 /// Every choice in the store, as text ([module docs](self) for the
@@ -148,8 +170,9 @@ pub fn export() -> String {
 /// missing or unknown header or version, a token that is not `key=value`,
 /// an unknown, repeated or missing key, a value that does not parse (a
 /// number, a size of 0, an unknown ISA, algorithm or mode), an `auto`
-/// choice, `threads` above `cap`, or a choice that differs from an
-/// explicit `request`.
+/// choice, `threads` above `cap`, `run_isa` above `isa`, or a choice that
+/// differs from an explicit `request`. (A `run_isa` this CPU cannot run is
+/// no error: the entry is read and never applies.)
 pub fn import(text: &str) -> Result<usize, ConvError> {
     let mut entries = Vec::new();
     let mut header = false;
@@ -229,6 +252,10 @@ fn entry_line(k: &Key, c: &Choice) -> String {
         c.algorithm.name(),
         c.threads,
     );
+    // Only where it differs (see the module docs on the version).
+    if c.run_isa != k.isa {
+        let _ = write!(s, " run_isa={}", c.run_isa.name());
+    }
     s
 }
 
@@ -239,8 +266,9 @@ fn mode_name(mode: ConvMode) -> &'static str {
     }
 }
 
-/// The keys of an entry, in the order [`export`] writes them.
-const KEYS: [&str; 13] = [
+/// The keys of an entry, in the order [`export`] writes them (the last,
+/// `run_isa`, optional).
+const KEYS: [&str; 14] = [
     "isa",
     "cap",
     "request",
@@ -254,6 +282,7 @@ const KEYS: [&str; 13] = [
     "mode",
     "algorithm",
     "threads",
+    "run_isa",
 ];
 
 fn parse_entry(n: usize, line: &str) -> Result<(Key, Choice), ConvError> {
@@ -301,10 +330,13 @@ fn parse_entry(n: usize, line: &str) -> Result<(Key, Choice), ConvError> {
         let v = list(i, 'x', 2, true)?;
         Ok([v[0], v[1]])
     };
-    let isa_name = get(0)?;
-    let isa = Isa::from_name(isa_name)
-        .filter(|i| i.name() == isa_name)
-        .ok_or_else(|| bad(n, &token(0, isa_name), "unknown isa"))?;
+    let isa_at = |i: usize, v: &str| -> Result<Isa, ConvError> {
+        // `from_name` trims and ignores case; the format is exact.
+        Isa::from_name(v)
+            .filter(|isa| isa.name() == v)
+            .ok_or_else(|| bad(n, &token(i, v), "unknown isa"))
+    };
+    let isa = isa_at(0, get(0)?)?;
     let cap = one(1)?;
     let algorithm_at = |i: usize| -> Result<Algorithm, ConvError> {
         let v = get(i)?;
@@ -340,6 +372,17 @@ fn parse_entry(n: usize, line: &str) -> Result<(Key, Choice), ConvError> {
     if threads > cap {
         return Err(bad(n, &token(12, get(12)?), "threads above cap"));
     }
+    let run_isa = match values[13] {
+        None => isa,
+        Some(v) => isa_at(13, v)?,
+    };
+    if run_isa > isa {
+        return Err(bad(
+            n,
+            &token(13, run_isa.name()),
+            "run_isa above isa (a plan runs the request's path or one below it)",
+        ));
+    }
     let key = Key {
         isa,
         cap,
@@ -353,7 +396,14 @@ fn parse_entry(n: usize, line: &str) -> Result<(Key, Choice), ConvError> {
         groups: one(9)?,
         mode,
     };
-    Ok((key, Choice { algorithm, threads }))
+    Ok((
+        key,
+        Choice {
+            algorithm,
+            threads,
+            run_isa,
+        },
+    ))
 }
 
 #[cfg(test)]
@@ -373,6 +423,23 @@ mod tests {
         );
         assert_eq!(c.algorithm, Algorithm::DirectDense);
         assert_eq!(k.pad, [1, 1, 1, 1]);
+        // Without `run_isa`, the plan runs the key's path.
+        assert_eq!(c.run_isa, Isa::Avx2);
+    }
+
+    #[test]
+    fn run_isa_round_trips_where_it_differs() {
+        let line = format!("{LINE} run_isa=portable");
+        let (k, c) = parse_entry(2, &line).unwrap();
+        assert_eq!((k.isa, c.run_isa), (Isa::Avx2, Isa::Portable));
+        assert_eq!(
+            entry_line(&k, &c),
+            line.split_whitespace().collect::<Vec<_>>().join(" ")
+        );
+        // Written where it differs only: the same path reads back without it.
+        let (k, c) = parse_entry(2, &format!("{LINE} run_isa=avx2")).unwrap();
+        assert_eq!(c.run_isa, Isa::Avx2);
+        assert!(!entry_line(&k, &c).contains("run_isa"));
     }
 
     #[test]
@@ -392,6 +459,15 @@ mod tests {
             ("groups=1", "", "groups"),
             ("groups=1", "colour=red", "colour=red"),
             ("request=auto", "request=implicit", "algorithm=direct-dense"),
+            ("threads=1", "threads=1 run_isa=neon", "run_isa=neon"),
+            ("threads=1", "threads=1 run_isa=AVX2", "run_isa=AVX2"),
+            ("threads=1", "threads=1 run_isa=", "run_isa="),
+            ("threads=1", "threads=1 run_isa=avx512", "run_isa=avx512"),
+            (
+                "threads=1",
+                "threads=1 run_isa=avx2 run_isa=avx2",
+                "run_isa=avx2",
+            ),
         ];
         for (from, to, token) in cases {
             let line = LINE.replace(from, to);

@@ -192,10 +192,11 @@ pub struct CompareArgs {
     placement: bool,
 
     /// How the forward `auto` plan chooses (with --plan): `estimate`, Auto's
-    /// model; `measure`, by timing the algorithms and thread splits on the
-    /// layer within about 100 ms (`PlanEffort::Measure`): its row shows the
-    /// choice, its threads and the time the search took. Transposed plans
-    /// do not measure.
+    /// model; `measure`, by timing the algorithms and thread splits (and,
+    /// on an AVX-512 CPU without --isa, the AVX2 kernels too) on the layer
+    /// within about 100 ms (`PlanEffort::Measure`): its row shows the
+    /// choice, its kernel path, its threads and the time the search took.
+    /// Transposed plans do not measure.
     #[arg(long, value_enum, default_value_t = EffortArg::Estimate)]
     effort: EffortArg,
 }
@@ -513,7 +514,8 @@ fn conv_job<'a>(
                 _ => "estimate".to_string(),
             };
             Some(format!(
-                "{} thread{}, {how}",
+                "{}, {} thread{}, {how}",
+                c.isa,
                 c.threads,
                 if c.threads == 1 { "" } else { "s" }
             ))

@@ -5,7 +5,7 @@
 //! of a second.
 
 use cpuconv::arch::supported_isas;
-use cpuconv::Algorithm;
+use cpuconv::{Algorithm, Isa};
 use serde_json::Value;
 use std::process::{Command, Output, Stdio};
 
@@ -738,14 +738,24 @@ fn compare_effort_measure_shows_the_choice() {
     assert_eq!(rows[0]["picked_note"], Value::Null, "{}", rows[0]);
     let picked = rows[1]["picked"].as_str().expect("auto names its pick");
     assert!(Algorithm::from_name(picked).is_some(), "{picked}");
+    // The note names the kernel path the plan runs: the row's, or (an
+    // AVX-512 CPU's search with no --isa) AVX2.
     let note = rows[1]["picked_note"].as_str().expect("a note");
-    assert!(note.starts_with("1 thread, "), "{note}");
-    // A second process may measure its way to another algorithm.
+    let (isa, rest) = note.split_once(", ").expect("isa, threads, how");
+    assert!(Isa::from_name(isa).is_some(), "{note}");
+    assert!(rest.starts_with("1 thread, "), "{note}");
+    // A second process may measure its way to another algorithm or path.
     let table = ok(&args);
-    let measured = Algorithm::CONCRETE
-        .iter()
-        .any(|a| table.contains(&format!("auto ({}; 1 thread, ", a.name())));
+    let measured = Algorithm::CONCRETE.iter().any(|a| {
+        Isa::ALL
+            .iter()
+            .any(|i| table.contains(&format!("auto ({}; {}, 1 thread, ", a.name(), i.name())))
+    });
     assert!(measured, "{table}");
+    // A forced path is the path the pick runs.
+    let forced = json_lines(&ok(&[&args[..], &["--isa", "portable", "--json"]].concat()));
+    let note = forced[1]["picked_note"].as_str().expect("a note");
+    assert!(note.starts_with("portable, 1 thread, "), "{note}");
     assert!(table.contains("planned by measurement"), "{table}");
     // Without --plan there is nothing to measure.
     let out = cpuconv(&["compare", "--layer", "seed", "--effort", "measure"]);
