@@ -199,6 +199,13 @@ pub struct CompareArgs {
     /// Transposed plans do not measure.
     #[arg(long, value_enum, default_value_t = EffortArg::Estimate)]
     effort: EffortArg,
+
+    /// With `--effort measure`: import the wisdom in FILE (when it exists)
+    /// before planning and write the process's wisdom back to it after
+    /// (`cpuconv::wisdom`). Plan once per machine, then later runs take
+    /// their choices from FILE without measuring.
+    #[arg(long, value_name = "FILE")]
+    wisdom: Option<std::path::PathBuf>,
 }
 
 /// `--threads`: a count, or `all` for 0, which the pool and the library
@@ -865,6 +872,23 @@ pub fn run(args: &CompareArgs) -> Result<(), Stop> {
             .to_string()
             .into());
     }
+    if let Some(path) = &args.wisdom {
+        if args.effort != EffortArg::Measure {
+            return Err(
+                "--wisdom: only measured plans use wisdom; add --effort measure"
+                    .to_string()
+                    .into(),
+            );
+        }
+        match std::fs::read_to_string(path) {
+            Ok(text) => {
+                cpuconv::wisdom::import(&text)
+                    .map_err(|e| format!("--wisdom {}: {e}", path.display()))?;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(format!("--wisdom {}: {e}", path.display()).into()),
+        }
+    }
     // Validate every layer, and that its tensors fit, before printing anything.
     let layers = select_layers(args)?;
     for l in &layers {
@@ -982,6 +1006,10 @@ pub fn run(args: &CompareArgs) -> Result<(), Stop> {
     });
     pb.finish_and_clear();
     result?;
+    if let Some(path) = &args.wisdom {
+        std::fs::write(path, cpuconv::wisdom::export())
+            .map_err(|e| format!("--wisdom {}: {e}", path.display()))?;
+    }
     if multi_pass && !args.json && algos.contains(&Algorithm::Auto) {
         print_summary(passes, &summary)?;
     }

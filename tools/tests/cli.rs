@@ -763,3 +763,50 @@ fn compare_effort_measure_shows_the_choice() {
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("--plan"), "{err}");
 }
+
+#[test]
+fn compare_wisdom_file_round_trips() {
+    let path = std::env::temp_dir().join(format!("cpuconv-cli-wisdom-{}.txt", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    let file = path.to_str().expect("a UTF-8 temp path");
+    let args = [
+        "compare",
+        "--shape",
+        "w=1,8,12,12:16,3x3,p1",
+        "--plan",
+        "--effort",
+        "measure",
+        "--algo",
+        "auto",
+        "--threads",
+        "1",
+        "--budget-ms",
+        "1",
+        "--wisdom",
+        file,
+    ];
+    // No file yet: the plan is measured, and the file gets the choice.
+    let first = ok(&args);
+    assert!(first.contains("measured in"), "{first}");
+    let text = std::fs::read_to_string(&path).expect("the wisdom file");
+    assert!(text.starts_with("cpuconv-wisdom 1\n"), "{text}");
+    assert!(text.contains("input=1x8x12x12 out=16 kernel=3x3"), "{text}");
+    // The next process takes the choice from the file, measuring nothing.
+    let second = ok(&args);
+    assert!(second.contains(", wisdom)"), "{second}");
+    // A file that is no wisdom is an error naming it.
+    std::fs::write(&path, "not wisdom\n").unwrap();
+    let out = cpuconv(&args);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains(file) && err.contains("header"), "{err}");
+    let _ = std::fs::remove_file(&path);
+    // Wisdom serves measured plans only.
+    let out = cpuconv(&["compare", "--layer", "seed", "--plan", "--wisdom", file]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("--effort measure"),
+        "{}",
+        stderr(&out)
+    );
+}
