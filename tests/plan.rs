@@ -149,3 +149,61 @@ fn plan_rejects_wrong_buffers() {
         .forward(&vec![0.0; g.input_len()], &mut out[1..])
         .is_err());
 }
+
+/// A plan whose GEMM reads its weights in place to finish the plane's last
+/// column as dot products (AVX-512, a 1×1 layer on a 7×7 plane: 49 = 48 + 1
+/// columns) keeps them as given; where B is the implicit view (3×3) or the
+/// path has no dot kernel, they are packed. Values match the reference on
+/// 1 and 3 threads either way.
+#[test]
+fn plans_read_weights_in_place_where_the_gemm_peels_columns() {
+    let pointwise = Conv2dParams::new(1, 64, (7, 7), 96, (1, 1))
+        .build()
+        .unwrap();
+    let dense = Conv2dParams::new(1, 64, (7, 7), 96, (3, 3))
+        .padding(Padding::symmetric(1, 1))
+        .build()
+        .unwrap();
+    for (conv, algorithm) in [
+        (pointwise, Algorithm::Implicit),
+        (pointwise, Algorithm::Im2col),
+        (dense, Algorithm::Implicit),
+    ] {
+        let g = *conv.geometry();
+        let x = data(g.input_len(), 4);
+        let w = data(g.weight_len(), 5);
+        let mut want = vec![0.0; g.output_len()];
+        conv.forward_with(
+            &x,
+            &w,
+            None,
+            &mut want,
+            &ForwardOptions::new(Algorithm::Direct),
+        )
+        .unwrap();
+        for isa in isas_under_test() {
+            for threads in [1, 3] {
+                let opts = ForwardOptions::new(algorithm)
+                    .isa(Some(isa))
+                    .parallelism(Parallelism::threads(threads));
+                let plan = conv.plan(&w, None, &opts).unwrap();
+                let in_place = isa == cpuconv::Isa::Avx512 && g.kernel_h == 1;
+                assert_eq!(
+                    plan.weights_prepacked(),
+                    !in_place,
+                    "{isa} {algorithm:?} {}×{}",
+                    g.kernel_h,
+                    g.kernel_w
+                );
+                let mut got = vec![f32::NAN; g.output_len()];
+                plan.forward(&x, &mut got).unwrap();
+                for (i, (a, c)) in want.iter().zip(&got).enumerate() {
+                    assert!(
+                        (a - c).abs() <= 1e-4 * (1.0 + a.abs()),
+                        "{isa} {algorithm:?} {threads} threads [{i}]: {a} vs {c}"
+                    );
+                }
+            }
+        }
+    }
+}

@@ -118,7 +118,21 @@ impl Conv2d {
         let algorithm = self.resolve_algorithm(options.algorithm, weight);
         let isa = crate::arch::clamp_isa(options.isa.unwrap_or_else(crate::isa));
         let gemm_based = matches!(algorithm, Algorithm::Im2col | Algorithm::Implicit);
-        let prepack = gemm_based && options.backend == GemmBackend::Native;
+        // Weights are packed for the kernels, except where the GEMM reads
+        // them in place to finish the plane's last columns as dot products
+        // (a strided B: the column matrix, or the input planes of a
+        // pointwise layer), which packed weights would forgo.
+        let b_strided = algorithm == Algorithm::Im2col || g.is_pointwise_identity();
+        let prepack = gemm_based
+            && options.backend == GemmBackend::Native
+            && !(b_strided
+                && options.blocking.is_none()
+                && crate::gemm::engine::peels_with_a_in_place(
+                    isa,
+                    g.out_channels_per_group(),
+                    g.gemm_k(),
+                    g.out_plane(),
+                ));
         // The kernel every forward will select for these weights (the
         // workspace is sized for its blocking).
         let kernel = select_kernel(
@@ -308,6 +322,13 @@ impl Conv2dPlan {
                     self.options.algorithm,
                     Algorithm::DirectSimd | Algorithm::DirectDense
                 ))
+    }
+
+    /// Tests only: whether the plan holds its weights packed for the GEMM's
+    /// kernels (rather than as given, read in place).
+    #[doc(hidden)]
+    pub fn weights_prepacked(&self) -> bool {
+        matches!(self.weights, PlanWeights::Packed { .. })
     }
 
     /// The kernel path the plan was packed for.

@@ -28,6 +28,37 @@ mod threading;
 pub(crate) use blocking::pack_bounds;
 pub(crate) use threading::{split_range, thread_count};
 
+/// Whether an `m × k × n` f32 GEMM on path `isa` with a row-major A (rows
+/// `k` apart) and a strided B runs the row kernel with every A block read in
+/// place and C's last one or two columns finished as dot products (see
+/// [`gemm`]). A plan whose GEMM does so gains nothing from packing its
+/// weights for the column kernel, and loses the dot-product peel: 512 →
+/// 2048 1×1 on 7×7 (49 = 48 + 1 columns), 1 thread AVX-512, ran 212 GFLOP/s
+/// planned (32×8 column tiles on packed weights) and 218–221 one-shot
+/// (8×32 tiles, the last column as dot products).
+pub(crate) fn peels_with_a_in_place(isa: crate::arch::Isa, m: usize, k: usize, n: usize) -> bool {
+    let kernel = super::kernels::kernel_for(isa);
+    let count = peeled_columns(kernel, n);
+    if count == 0 || kernel.dot().is_none() || k == 0 {
+        return false;
+    }
+    let a = ASource::Strided(StridedMatrix {
+        ptr: std::ptr::NonNull::<f32>::dangling().as_ptr().cast_const(),
+        rs: k as isize,
+        cs: 1,
+    });
+    let narrowed;
+    let kernel = match in_place_block_rows(&a, kernel, n) {
+        Some(rows) => {
+            narrowed = kernel.with_mc(rows);
+            &narrowed
+        }
+        None => kernel,
+    };
+    let rows = m.min(kernel.info().mc);
+    a_in_place(&a, kernel, rows, (n - count).div_ceil(kernel.info().nr))
+}
+
 use super::element::Element;
 use super::engine::{ASource, BSource, Epilogue, PackBuffers, StridedC, StridedMatrix};
 use super::kernels::{store_scalar, Kernel, KernelInfo};
