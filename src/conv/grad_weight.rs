@@ -72,6 +72,7 @@
 //! rows), in its own infallible buffer.
 
 use super::im2col::{im2col_rows, ColumnTap};
+use super::tiles::{load4, transpose};
 use super::{try_with_capacity, BackwardOptions};
 use crate::error::ConvError;
 use crate::gemm::engine::{
@@ -289,73 +290,6 @@ impl BSource<f32> for GradOutputT<'_> {
             }
         }
     }
-}
-
-/// `dst[c·ldd + r] = src[r·lds + c]` for `r < rows`, `c < cols`.
-fn transpose(src: &[f32], lds: usize, rows: usize, cols: usize, dst: &mut [f32], ldd: usize) {
-    transpose_with(src, lds, rows, cols, dst, ldd, |x, v| *x = v);
-}
-
-/// `dst[c·ldd + r] ⊕= src[r·lds + c]` for `r < rows`, `c < cols`, with
-/// `⊕=` being `store`: in 4×4 tiles (four vector loads, the `wide` crate's
-/// transpose — a few shuffles — and four vector stores) and element loops
-/// at the edges. The same tiles written as element loops over arrays
-/// compiled to scalar moves through the stack.
-#[inline(always)]
-fn transpose_with(
-    src: &[f32],
-    lds: usize,
-    rows: usize,
-    cols: usize,
-    dst: &mut [f32],
-    ldd: usize,
-    store: impl Fn(&mut f32, f32) + Copy,
-) {
-    if rows == 0 || cols == 0 {
-        return;
-    }
-    let (rows_full, cols_full) = (rows / 4 * 4, cols / 4 * 4);
-    let src = &src[..(rows - 1) * lds + cols];
-    let dst = &mut dst[..(cols - 1) * ldd + rows];
-    // Sixteen columns (one cache line of each source row) at a time, over
-    // all the rows: each source line is read whole, and the sixteen
-    // destination rows being filled stay in L1 until they are complete.
-    for c_block in (0..cols_full).step_by(16) {
-        let c_end = (c_block + 16).min(cols_full);
-        for r0 in (0..rows_full).step_by(4) {
-            for c0 in (c_block..c_end).step_by(4) {
-                let tile =
-                    f32x4::transpose(std::array::from_fn(|i| load4(&src[(r0 + i) * lds + c0..])));
-                for (j, column) in tile.iter().enumerate() {
-                    let out: &mut [f32; 4] = (&mut dst[(c0 + j) * ldd + r0..][..4])
-                        .try_into()
-                        .expect("4 floats");
-                    for (x, v) in out.iter_mut().zip(column.to_array()) {
-                        store(x, v);
-                    }
-                }
-            }
-        }
-    }
-    for r0 in (0..rows_full).step_by(4) {
-        for c in cols_full..cols {
-            for i in 0..4 {
-                store(&mut dst[c * ldd + r0 + i], src[(r0 + i) * lds + c]);
-            }
-        }
-    }
-    for r in rows_full..rows {
-        for c in 0..cols {
-            store(&mut dst[c * ldd + r], src[r * lds + c]);
-        }
-    }
-}
-
-/// The first four floats of `s` as a vector.
-#[inline(always)]
-fn load4(s: &[f32]) -> f32x4 {
-    let a: [f32; 4] = s[..4].try_into().expect("4 floats");
-    f32x4::new(a)
 }
 
 /// How the work is cut: tap blocks (rows of C), channel blocks (columns

@@ -12,6 +12,7 @@ pub(crate) mod implicit;
 pub mod measure;
 pub(crate) mod phases;
 pub mod plan;
+pub(crate) mod tiles;
 pub mod transpose;
 pub(crate) mod transposed_gemm;
 pub mod wisdom;

@@ -242,20 +242,25 @@ impl DensePrepared {
         let (rl, sl) = (g.kernel_h, g.kernel_w);
         let (cg, kg) = (g.channels_per_group(), g.out_channels_per_group());
         let taps = cg * rl * sl;
+        // The panel is the block's weight rows transposed (`[taps][lanes]`
+        // from `[lanes][taps]`), in 4×4 SIMD tiles; true convolution
+        // mirrors each channel's window on the way, element by element.
+        // Element by element across the whole panel, r50_deep's plan took
+        // 545 µs to build, against a 0.92 ms forward.
         let fill = |group: usize, channels: Range<usize>, block: usize, panel: &mut [f32]| {
-            for k in channels.clone() {
-                let raw = &weight[(group * kg + k) * taps..][..taps];
-                let lane = k - channels.start;
+            let first = (group * kg + channels.start) * taps;
+            let rows = &weight[first..][..channels.len() * taps];
+            if !flipped {
+                crate::conv::tiles::transpose(rows, taps, channels.len(), taps, panel, block);
+                return;
+            }
+            for (lane, raw) in rows.chunks_exact(taps).enumerate() {
                 for c in 0..cg {
                     for r in 0..rl {
                         for s in 0..sl {
-                            let (wr, ws) = if flipped {
-                                (rl - 1 - r, sl - 1 - s)
-                            } else {
-                                (r, s)
-                            };
                             let tap = (c * rl + r) * sl + s;
-                            panel[tap * block + lane] = raw[(c * rl + wr) * sl + ws];
+                            let from = (c * rl + rl - 1 - r) * sl + sl - 1 - s;
+                            panel[tap * block + lane] = raw[from];
                         }
                     }
                 }
