@@ -381,7 +381,7 @@ unsafe fn gemm_block<T: Element, B: BSource<T>>(
         // A B read in place whose rows start mid-line gets its first few
         // columns as a block of their own (packed), so that every vector
         // load of the rest is line-aligned.
-        let lead = in_place.map_or(0, |bs| columns_to_line(&bs, n0, n1 - n0, nc_small));
+        let lead = in_place.map_or(0, |bs| columns_to_line(&bs, n0, n1 - n0, nc_small, nr));
         for pc in (0..k).step_by(kc) {
             let kcur = kc.min(k - pc);
             let a_here = a_in_place(a, kernel, m1 - m0, (n1 - n0).div_ceil(nr));
