@@ -20,6 +20,10 @@ use rayon::prelude::*;
 /// about 4 µs on one Zen 5 core).
 const MIN_FMAS_PER_THREAD: u64 = 1 << 19;
 
+/// How much more work per thread a call from outside the rayon pool needs
+/// before it wakes the pool's threads.
+const OUTSIDE_POOL_FACTOR: u64 = 8;
+
 /// How many threads a problem of this size deserves under `par`.
 pub(crate) fn thread_count(m: usize, n: usize, k: usize, par: Parallelism) -> usize {
     let max = par.max_threads();
@@ -27,7 +31,16 @@ pub(crate) fn thread_count(m: usize, n: usize, k: usize, par: Parallelism) -> us
         return 1;
     }
     let work = (m as u64).saturating_mul(n as u64).saturating_mul(k as u64);
-    let by_work = (work / MIN_FMAS_PER_THREAD).max(1);
+    // A call from outside the pool hands its tasks to sleeping workers and
+    // waits to be woken itself: a round trip of tens of microseconds, not a
+    // fork-join's few (128³ from the main thread: 102 GFLOP/s on two
+    // threads of the global pool, 243 on one).
+    let per_thread = if rayon::current_thread_index().is_some() {
+        MIN_FMAS_PER_THREAD
+    } else {
+        MIN_FMAS_PER_THREAD * OUTSIDE_POOL_FACTOR
+    };
+    let by_work = (work / per_thread).max(1);
     max.min(usize::try_from(by_work).unwrap_or(usize::MAX))
 }
 
