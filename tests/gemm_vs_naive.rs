@@ -1272,6 +1272,58 @@ fn row_major_b_read_in_place() {
 }
 
 #[test]
+fn b_read_in_place_from_mid_line_matches_naive() {
+    // A row-major B read in place whose rows are a whole number of lines
+    // apart (1040 floats) but start 1–15 floats past a line: the driver
+    // peels the columns up to the next line into a packed block of their
+    // own (B spans ≥ 32 column panels on every path), then reads the rest
+    // line-aligned. Every start offset, every ISA, against the f64 product.
+    let (m, k, n) = (24, 37, 1040);
+    let mut rng = Rng::new(31);
+    let a: Vec<f32> = (0..m * k).map(|_| rng.next_f32()).collect();
+    let store: Vec<f32> = (0..k * n + 16).map(|_| rng.next_f32()).collect();
+    for offset in 0..16 {
+        let b = &store[offset..][..k * n];
+        let mut want = vec![0.0f64; m * n];
+        let mut magnitude = vec![0.0f64; m * n];
+        for i in 0..m {
+            for p in 0..k {
+                let x = f64::from(a[i * k + p]);
+                for j in 0..n {
+                    want[i * n + j] += x * f64::from(b[p * n + j]);
+                    magnitude[i * n + j] += (x * f64::from(b[p * n + j])).abs();
+                }
+            }
+        }
+        for isa in isas_under_test() {
+            let options = GemmOptions::default()
+                .backend(GemmBackend::Native)
+                .parallelism(Parallelism::Sequential)
+                .isa(Some(isa));
+            let mut c = vec![f32::NAN; m * n];
+            sgemm(
+                1.0,
+                MatRef::row_major(&a, m, k),
+                MatRef::row_major(b, k, n),
+                0.0,
+                MatMut::row_major(&mut c, m, n),
+                &options,
+            )
+            .unwrap();
+            for (idx, (&got, &w)) in c.iter().zip(&want).enumerate() {
+                let tol = tolerance(k, magnitude[idx]);
+                assert!(
+                    (f64::from(got) - w).abs() <= tol,
+                    "{isa} B at +{offset}: C[{}][{}] = {got}, want {w}",
+                    idx / n,
+                    idx % n
+                );
+            }
+        }
+    }
+}
+
+#[test]
 fn few_column_panels_share_b_across_threads() {
     // 13 and 100 columns are 1 and 4 panels of 32: too few to share out
     // evenly, so the threads share one packed B and split the rows (513 =

@@ -72,7 +72,7 @@
 //! rows), in its own infallible buffer.
 
 use super::im2col::{im2col_rows, ColumnTap};
-use super::tiles::{load4, transpose};
+use super::tiles::{store_columns, transpose};
 use super::{try_with_capacity, BackwardOptions};
 use crate::error::ConvError;
 use crate::gemm::engine::{
@@ -83,7 +83,6 @@ use crate::gemm::Parallelism;
 use crate::geometry::ConvGeometry;
 use rayon::prelude::*;
 use std::cell::RefCell;
-use wide::f32x4;
 
 /// `grad_weight` (overwritten, or added to with `accumulate`) from `input`
 /// and `grad_output`; lengths checked by the caller.
@@ -576,34 +575,6 @@ impl Context<'_> {
             } else {
                 store_columns(src, nk, mt, &mut rows[..w], |x, v| *x = v);
             }
-        }
-    }
-}
-
-/// `rows[j][i] ⊕= src[i·lds + j]` for `i < len`, `j < rows.len()`, with
-/// `⊕=` being `store`: 4×4 tiles as in [`transpose_with`] where there are
-/// 4 rows, element loops elsewhere.
-#[inline(always)]
-fn store_columns(
-    src: &[f32],
-    lds: usize,
-    len: usize,
-    rows: &mut [&mut [f32]],
-    store: impl Fn(&mut f32, f32) + Copy,
-) {
-    let full = if rows.len() == 4 { len / 4 * 4 } else { 0 };
-    for i0 in (0..full).step_by(4) {
-        let tile = f32x4::transpose(std::array::from_fn(|i| load4(&src[(i0 + i) * lds..])));
-        for (row, column) in rows.iter_mut().zip(tile) {
-            let out: &mut [f32; 4] = (&mut row[i0..i0 + 4]).try_into().expect("4 floats");
-            for (x, v) in out.iter_mut().zip(column.to_array()) {
-                store(x, v);
-            }
-        }
-    }
-    for (j, row) in rows.iter_mut().enumerate() {
-        for i in full..len {
-            store(&mut row[i], src[i * lds + j]);
         }
     }
 }

@@ -121,7 +121,8 @@ impl Conv2d {
         // Weights are packed for the kernels, except where the GEMM reads
         // them in place to finish the plane's last columns as dot products
         // (a strided B: the column matrix, or the input planes of a
-        // pointwise layer), which packed weights would forgo.
+        // pointwise layer), which packed weights would forgo. The check uses
+        // the model's blocking, so a forced blocking (tests) keeps packing.
         let b_strided = algorithm == Algorithm::Im2col || g.is_pointwise_identity();
         let prepack = gemm_based
             && options.backend == GemmBackend::Native

@@ -23,7 +23,7 @@ pub(crate) fn transpose(
 /// at the edges. The same tiles written as element loops over arrays
 /// compiled to scalar moves through the stack.
 #[inline(always)]
-pub(crate) fn transpose_with(
+fn transpose_with(
     src: &[f32],
     lds: usize,
     rows: usize,
@@ -74,7 +74,35 @@ pub(crate) fn transpose_with(
 
 /// The first four floats of `s` as a vector.
 #[inline(always)]
-pub(crate) fn load4(s: &[f32]) -> f32x4 {
+fn load4(s: &[f32]) -> f32x4 {
     let a: [f32; 4] = s[..4].try_into().expect("4 floats");
     f32x4::new(a)
+}
+
+/// `rows[j][i] ⊕= src[i·lds + j]` for `i < len`, `j < rows.len()`, with
+/// `⊕=` being `store`: 4×4 tiles as in [`transpose_with`] where there are
+/// 4 rows, element loops elsewhere.
+#[inline(always)]
+pub(crate) fn store_columns(
+    src: &[f32],
+    lds: usize,
+    len: usize,
+    rows: &mut [&mut [f32]],
+    store: impl Fn(&mut f32, f32) + Copy,
+) {
+    let full = if rows.len() == 4 { len / 4 * 4 } else { 0 };
+    for i0 in (0..full).step_by(4) {
+        let tile = f32x4::transpose(std::array::from_fn(|i| load4(&src[(i0 + i) * lds..])));
+        for (row, column) in rows.iter_mut().zip(tile) {
+            let out: &mut [f32; 4] = (&mut row[i0..i0 + 4]).try_into().expect("4 floats");
+            for (x, v) in out.iter_mut().zip(column.to_array()) {
+                store(x, v);
+            }
+        }
+    }
+    for (j, row) in rows.iter_mut().enumerate() {
+        for i in full..len {
+            store(&mut row[i], src[i * lds + j]);
+        }
+    }
 }

@@ -37,26 +37,46 @@ pub(crate) use threading::{split_range, thread_count};
 /// planned (32×8 column tiles on packed weights) and 218–221 one-shot
 /// (8×32 tiles, the last column as dot products).
 pub(crate) fn peels_with_a_in_place(isa: crate::arch::Isa, m: usize, k: usize, n: usize) -> bool {
-    let kernel = super::kernels::kernel_for(isa);
-    let count = peeled_columns(kernel, n);
-    if count == 0 || kernel.dot().is_none() || k == 0 {
+    if k == 0 {
         return false;
     }
+    // Only the strides are looked at: the pointer is never read.
     let a = ASource::Strided(StridedMatrix {
         ptr: std::ptr::NonNull::<f32>::dangling().as_ptr().cast_const(),
         rs: k as isize,
         cs: 1,
     });
-    let narrowed;
-    let kernel = match in_place_block_rows(&a, kernel, n) {
-        Some(rows) => {
-            narrowed = kernel.with_mc(rows);
-            &narrowed
-        }
-        None => kernel,
-    };
+    let kernel = kernel_for_a(&a, super::kernels::kernel_for(isa), n);
+    dot_columns(&a, &kernel, m, n) > 0
+}
+
+/// `kernel` as the driver runs it for `a`: MC narrowed to the rows that
+/// stay in L2 where `a` is read in place ([`in_place_block_rows`]).
+fn kernel_for_a<T: Element>(a: &ASource<'_, T>, kernel: &Kernel<T>, n: usize) -> Kernel<T> {
+    match in_place_block_rows(a, kernel, n) {
+        Some(rows) => kernel.with_mc(rows),
+        None => *kernel,
+    }
+}
+
+/// How many of C's last columns the driver finishes as dot products for an
+/// `m × n` C: [`peeled_columns`], where the kernel has a dot kernel and
+/// every A block is read in place, so that each micro-panel reaches the dot
+/// kernel in rows (a packed panel would take a scalar loop); 0 otherwise.
+/// Blocks have at most MC rows and the tiled columns' panels, and fewer
+/// rows or panels only make `a_in_place` easier to satisfy.
+fn dot_columns<T: Element>(a: &ASource<'_, T>, kernel: &Kernel<T>, m: usize, n: usize) -> usize {
+    let count = peeled_columns(kernel, n);
+    if count == 0 || kernel.dot().is_none() {
+        return 0;
+    }
+    let col0 = n - count;
     let rows = m.min(kernel.info().mc);
-    a_in_place(&a, kernel, rows, (n - count).div_ceil(kernel.info().nr))
+    if a_in_place(a, kernel, rows, col0.div_ceil(kernel.info().nr)) {
+        count
+    } else {
+        0
+    }
 }
 
 use super::element::Element;
@@ -151,14 +171,7 @@ pub(crate) unsafe fn gemm<T: Element, B: BSource<T>>(
             return;
         }
     }
-    let narrowed;
-    let kernel = match in_place_block_rows(a, kernel, n) {
-        Some(rows) => {
-            narrowed = kernel.with_mc(rows);
-            &narrowed
-        }
-        None => kernel,
-    };
+    let kernel = &kernel_for_a(a, kernel, n);
     if let ASource::Packed(packed) = a {
         // Packed panels of another height would be read out of bounds.
         assert_eq!(
@@ -167,17 +180,10 @@ pub(crate) unsafe fn gemm<T: Element, B: BSource<T>>(
             "A was packed for another kernel"
         );
     }
-    if let (ASource::Strided(StridedMatrix { cs: 1, .. }), Some(bs), Some(dot)) =
-        (a, b.as_strided(), kernel.dot())
-    {
-        let count = peeled_columns(kernel, n);
+    if let (Some(bs), Some(dot)) = (b.as_strided(), kernel.dot()) {
+        let count = dot_columns(a, kernel, m, n);
         let col0 = n - count;
-        // Only where every A block is read in place, so that each micro-panel
-        // reaches the dot kernel in rows (a packed panel takes a scalar
-        // loop). Blocks have at most MC rows and col0's panels, and fewer
-        // rows or panels only make `a_in_place` easier to satisfy.
-        let rows = m.min(kernel.info().mc);
-        if count > 0 && a_in_place(a, kernel, rows, col0.div_ceil(kernel.info().nr)) {
+        if count > 0 {
             let columns: Vec<T> = (col0..n)
                 .flat_map(|j| (0..k).map(move |p| (p, j)))
                 .map(|(p, j)| {
