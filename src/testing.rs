@@ -29,6 +29,9 @@ pub struct KernelTrace {
     /// an NC edge (or, where the rows fit one MC block, an edge of the
     /// narrower B blocks that path uses).
     pub nc_edges: u64,
+    /// Weight-gradient calls that ran on padded input bands, with no
+    /// column matrix (`conv::grad_weight_bands`).
+    pub grad_weight_bands: u64,
 }
 
 impl KernelTrace {
@@ -55,6 +58,7 @@ impl KernelTrace {
             kc_edges: self.kc_edges - before.kc_edges,
             mc_edges: self.mc_edges - before.mc_edges,
             nc_edges: self.nc_edges - before.nc_edges,
+            grad_weight_bands: self.grad_weight_bands - before.grad_weight_bands,
         }
     }
 }
@@ -67,6 +71,7 @@ thread_local! {
             kc_edges: 0,
             mc_edges: 0,
             nc_edges: 0,
+            grad_weight_bands: 0,
         })
     };
 }
@@ -97,6 +102,12 @@ pub(crate) fn record_gemm_block(isa: Isa, past_kc: bool, past_mc: bool, past_nc:
         t.mc_edges += u64::from(past_mc);
         t.nc_edges += u64::from(past_nc);
     });
+}
+
+/// Records one weight-gradient call that ran on padded input bands.
+#[inline]
+pub(crate) fn record_grad_weight_bands() {
+    update(|t| t.grad_weight_bands += 1);
 }
 
 /// Records `jobs` SIMD direct-convolution jobs about to run on `isa`.

@@ -227,6 +227,155 @@ fn medians(runs: usize, candidates: &mut [&mut dyn FnMut()]) -> Vec<f64> {
 /// portable), `GW_THREADS` (default 1), `GW_RUNS` (default 15) and
 /// `GW_LAYERS` (comma-separated names) choose what runs:
 ///
+/// Shapes the band path takes (`conv::grad_weight_bands`: at least 16
+/// input channels per group, a depth `N·OH·OW` of at least 512, junk
+/// columns at most 1/8 of the depth) and some just outside it: strides 1–2,
+/// dilations 1–2, asymmetric padding, both modes, 1–2 groups, batches
+/// crossing images, forced blockings whose KC cuts a chunk into one output
+/// row or less.
+fn band_case_strategy() -> impl Strategy<Value = Case> {
+    cases(Shapes {
+        batch: 1..=2,
+        channels_per_group: 16..=20,
+        groups: 1..=2,
+        out_per_group: 1..=36,
+        kernel: 1..=3,
+        stride: 1..=2,
+        dilation: 1..=2,
+        padding: 0..=2,
+        input: 16..=30,
+        blocking: prop_oneof![
+            Just(None),
+            (8usize..=32, 8usize..=40, 1usize..=64).prop_map(|(mc, kc, nc)| Some(Blocking {
+                mc,
+                kc,
+                nc
+            })),
+        ]
+        .boxed(),
+    })
+}
+
+proptest! {
+    #![proptest_config(proptest_config(12))]
+
+    /// The band path against Direct, with everything `implicit_matches_direct`
+    /// checks (every ISA, both backends, 1 and 2 threads, accumulate, the
+    /// same bits from 1 and 2 threads and from a second run).
+    #[test]
+    fn bands_match_direct(case in band_case_strategy()) {
+        check_against_direct(&case)?;
+    }
+}
+
+/// Layers the band path must take (the trace shows it ran) and get right:
+/// the 56² 3×3 layer scaled down, stride 2, dilation 2 with asymmetric
+/// padding, convolution mode with groups, and a batch whose images each
+/// span several chunks under a small KC.
+#[test]
+fn bands_run_and_match_direct() {
+    let layers = [
+        Conv2dParams::new(1, 16, (24, 24), 24, (3, 3)).padding(Padding::symmetric(1, 1)),
+        Conv2dParams::new(1, 24, (48, 46), 16, (3, 3))
+            .stride(2, 2)
+            .padding(Padding::symmetric(1, 1)),
+        Conv2dParams::new(2, 16, (20, 40), 8, (3, 3))
+            .dilation(2, 2)
+            .padding(Padding::explicit(2, 1, 0, 3)),
+        Conv2dParams::new(1, 32, (28, 28), 40, (3, 2))
+            .groups(2)
+            .mode(ConvMode::Convolution)
+            .padding(Padding::explicit(0, 1, 1, 0)),
+        Conv2dParams::new(5, 16, (12, 20), 12, (2, 2)).stride(1, 2),
+    ];
+    for (i, params) in layers.into_iter().enumerate() {
+        let conv = params.build().unwrap();
+        let g = *conv.geometry();
+        let mut rng = Rng::new(40 + i as u64);
+        let x = rng.vec(g.input_len());
+        let dy = rng.vec(g.output_len());
+        let mut want = vec![0.0; g.weight_len()];
+        conv.backward_weight(&x, &dy, &mut want, &BackwardOptions::new(Algorithm::Direct))
+            .unwrap();
+        let magnitude = weight_magnitudes(&conv, &x, &dy);
+        let zeros = vec![0.0; g.weight_len()];
+        for isa in isas_under_test() {
+            for blocking in [
+                None,
+                Some(Blocking {
+                    mc: 8,
+                    kc: 16,
+                    nc: 32,
+                }),
+            ] {
+                let mut o = BackwardOptions::new(Algorithm::Implicit)
+                    .isa(isa)
+                    .parallelism(Parallelism::Sequential);
+                if let Some(b) = blocking {
+                    o = o.blocking(b);
+                }
+                let mut dw = vec![f32::NAN; g.weight_len()];
+                let ((), trace) = traced(|| conv.backward_weight(&x, &dy, &mut dw, &o).unwrap());
+                let what = format!("layer {i} {isa:?} {blocking:?}");
+                assert!(
+                    trace.grad_weight_bands == 1,
+                    "{what}: no band path in {trace:?}"
+                );
+                assert_close(
+                    &what,
+                    &dw,
+                    &want,
+                    &magnitude,
+                    &zeros,
+                    g.batch * g.out_h * g.out_w,
+                )
+                .unwrap();
+            }
+        }
+    }
+}
+
+/// An infinity in the input keeps the band path out (its junk would
+/// multiply the infinity by zero into taps that never read it): every
+/// element of dW that Direct computes finite is finite and close, the
+/// others are infinite or NaN as Direct's are.
+#[test]
+fn non_finite_input_leaves_no_nan_in_taps_that_never_read_it() {
+    let conv = Conv2dParams::new(1, 16, (24, 24), 8, (3, 3))
+        .padding(Padding::symmetric(1, 1))
+        .build()
+        .unwrap();
+    let g = *conv.geometry();
+    let mut rng = Rng::new(7);
+    let mut x = rng.vec(g.input_len());
+    // Last column of row 5 of channel 3: taps with s = 0 never read it.
+    x[3 * 24 * 24 + 5 * 24 + 23] = f32::INFINITY;
+    let dy = rng.vec(g.output_len());
+    let mut want = vec![0.0; g.weight_len()];
+    conv.backward_weight(&x, &dy, &mut want, &BackwardOptions::new(Algorithm::Direct))
+        .unwrap();
+    let o = BackwardOptions::new(Algorithm::Implicit).parallelism(Parallelism::Sequential);
+    let mut dw = vec![0.0; g.weight_len()];
+    let ((), trace) = traced(|| conv.backward_weight(&x, &dy, &mut dw, &o).unwrap());
+    assert_eq!(trace.grad_weight_bands, 0, "{trace:?}");
+    let finite = want.iter().filter(|v| v.is_finite()).count();
+    assert!(
+        finite > 0 && finite < want.len(),
+        "{finite} finite of {}",
+        want.len()
+    );
+    for (i, (&got, &exp)) in dw.iter().zip(&want).enumerate() {
+        if exp.is_finite() {
+            assert!(
+                (got - exp).abs() <= 1e-3 * (1.0 + exp.abs()),
+                "dW[{i}] = {got}, want {exp}"
+            );
+        } else {
+            assert!(!got.is_finite(), "dW[{i}] = {got}, want {exp}");
+        }
+    }
+}
+
 /// `cargo test --release --test grad_weight -- --ignored --nocapture timing`
 #[test]
 #[ignore]

@@ -3,6 +3,10 @@
 //! over the batch, with no column matrix. Two orientations, chosen by the
 //! depth of the sum, `N·OH·OW` (the shape only, never the threads):
 //!
+//! * **Bands** (`grad_weight_bands.rs`, depth ≥ [`DEPTH_FOR_TAPS_AS_ROWS`],
+//!   several taps, at least 16 input channels per group): `dWᵀ = col · dYᵀ`
+//!   one tap at a time, A read in place from a padded copy of a band of
+//!   input rows, so the input is copied once instead of once per tap.
 //! * **`dWᵀ = col · dYᵀ`** (depth ≥ [`DEPTH_FOR_TAPS_AS_ROWS`]): the taps
 //!   are C's rows. The depth is cut into chunks of KC (crossing images);
 //!   per chunk, the column chunk of a block of taps (`≤ 4·MC × KC`) is
@@ -108,6 +112,10 @@ pub(crate) fn backward_weight_implicit(
         return by_images(g, input, grad_output, grad_weight, options, |image| {
             ColumnsT { g, image }
         });
+    }
+    if super::grad_weight_bands::backward_weight_bands(g, input, grad_output, grad_weight, options)?
+    {
+        return Ok(());
     }
     taps_as_rows(g, input, grad_output, grad_weight, options)
 }
@@ -309,7 +317,7 @@ struct Blocks {
 
 /// The `part`-th of `parts` contiguous ranges of `0..len`, cut on
 /// multiples of `unit`, as even as that allows.
-fn split(len: usize, unit: usize, parts: usize, part: usize) -> (usize, usize) {
+pub(super) fn split(len: usize, unit: usize, parts: usize, part: usize) -> (usize, usize) {
     let units = len.div_ceil(unit);
     let (base, extra) = (units / parts, units % parts);
     let start = part * base + part.min(extra);
@@ -434,7 +442,7 @@ thread_local! {
 }
 
 /// Makes `v` hold at least `len` floats, asking for new memory fallibly.
-fn grow(v: &mut Vec<f32>, what: &'static str, len: usize) -> Result<(), ConvError> {
+pub(super) fn grow(v: &mut Vec<f32>, what: &'static str, len: usize) -> Result<(), ConvError> {
     if v.len() < len {
         if v.capacity() < len {
             *v = try_with_capacity(what, len)?;

@@ -7,6 +7,7 @@ pub(crate) mod direct;
 pub(crate) mod direct_simd;
 pub(crate) mod gemm_lowering;
 pub(crate) mod grad_weight;
+pub(crate) mod grad_weight_bands;
 pub(crate) mod im2col;
 pub(crate) mod implicit;
 pub mod measure;

@@ -1,0 +1,605 @@
+//! Grad weight with no column matrix at all: `dWᵀ` tap by tap, each tap's
+//! rows of A read in place from a zero-padded copy of a band of input rows.
+//!
+//! The column chunk of `grad_weight.rs` (`col · dYᵀ`) is `R·S` shifted
+//! copies of the input: on the 56² layers building it took 17–24% of the
+//! pass (1 thread AVX-512, Zen 5: r50_3x3 229 of 1364 µs, r50_3x3_s2 393
+//! of 1643 µs, dilated 314 of 1516 µs, batch16 802 of 3906 µs). Here the
+//! copy is made once, not `R·S` times:
+//!
+//! * The depth of the sum runs over a **padded output grid**: output row
+//!   `oh` covers `W_q = OW + ⌊(S−1)·d_w/σ_w⌋` positions, the last
+//!   `W_q − OW` of them junk, whose rows of `dYᵀ` are zeros.
+//! * The input, zero-padded, is split into its `σ_h·σ_w` **phases** (rows
+//!   `≡ φ_h`, columns `≡ φ_w` modulo the stride), each phase row `W_q`
+//!   floats wide. Tap `(r, s)` of channel `c` then reads, for depth
+//!   `oh·W_q + ow`, the phase `((r'·d_h) mod σ_h, (s'·d_w) mod σ_w)` at row
+//!   `oh + ⌊r'·d_h/σ_h⌋`, column `ow + ⌊s'·d_w/σ_w⌋` (`(r', s')` the window
+//!   offset the mode pairs with the tap): one contiguous run of the band
+//!   for the whole chunk, junk included. So each tap's rows of A are the
+//!   band's channel rows from a fixed offset, a constant stride apart: an
+//!   operand the GEMM reads in place.
+//! * Per chunk of output rows (about KC deep, inside one image) the band
+//!   of those rows (plus the `⌊(R−1)·d_h/σ_h⌋` rows below them) is built
+//!   once, `dYᵀ` is transposed into a row-major `depth × K` block the GEMM
+//!   reads in place as B, and one GEMM per tap accumulates
+//!   `dWᵀ[(c, tap), k]` for the task's channels.
+//!
+//! The price is the junk: `W_q/OW − 1` more FLOPs (3.6% on 56² planes at
+//! 3×3, 7% at dilation 2, 6% on 32² planes), so shapes where it exceeds
+//! 1/8 keep the column chunk, as do groups of fewer than 16 input channels
+//! (each tap's GEMM would have too few rows for the tile), 1×1 kernels (their
+//! column chunk is a single copy already, or none: 1×1/2 from 256 to 512
+//! channels on 56² ran 179 → 168 GFLOP/s on bands) and inputs whose band
+//! holds an infinity or a NaN (a junk position multiplies an input value by
+//! a zero, which would turn into NaN a tap that never reads that value):
+//! the bands are checked as they are built, and dW is written only after
+//! every task has finished, so such a call falls back with nothing written.
+//!
+//! Measured (1 thread AVX-512, Zen 5, shared machine, one process, the two
+//! paths alternating, median of 11, GFLOP/s on the forward's FLOPs):
+//!
+//! | layer (N×C×H² → K)              | column chunk | bands |
+//! |---------------------------------|--------------|-------|
+//! | r50_3x3 1×64×56² → 64           | 178          | 191   |
+//! | r50_3x3_s2 1×128×56² → 128, /2  | 155          | 157   |
+//! | dilated 1×64×56² → 64, d2       | 174          | 182   |
+//! | batch16 16×32×32² → 64          | 159          | 173   |
+//! | 8×64×28² → 64                   | 161          | 180   |
+//!
+//! What is left on r50_3x3 (1 thread, µs of 1156): the GEMMs 1028, the
+//! transposes of dYᵀ 41, the bands 27 (at stride 2 a de-interleave: 116 of
+//! r50_3x3_s2's 1342).
+//!
+//! `CPUCONV_GW_NO_BANDS` (any value, read at each call) sends every call to
+//! the column chunk, for measuring one against the other in one process.
+//!
+//! **Order of the sum.** Every element of dW is summed chunk after chunk in
+//! depth order, each GEMM's depth in order, and the threads split only the
+//! channels and the taps of dW, never the depth. The block of output
+//! channels each GEMM sees (its columns) is fixed by the shape; the rows
+//! (channels) and the taps each task owns change with the thread count,
+//! which changes no element's arithmetic. So results are bitwise identical
+//! across runs and thread counts.
+//!
+//! **Workspace.** Per thread: the band of its channels (`C/g` rows of
+//! `W_q`-wide phase rows, about KC/W_q + R of them, per phase), the block
+//! of `dYᵀ` (`KC × min(K/g, NC)`), its block of dWᵀ and the GEMM's packing
+//! buffers: bounded by the width of the image, never its height or the
+//! batch.
+
+use super::grad_weight::{grow, split};
+use super::tiles::{store_columns, transpose};
+use super::BackwardOptions;
+use crate::error::ConvError;
+use crate::gemm::engine::{
+    gemm_with_epilogue, select_kernel, ASource, Epilogue, PackBuffers, StridedC, StridedMatrix,
+};
+use crate::gemm::{GemmBackend, Parallelism};
+use crate::geometry::ConvGeometry;
+use rayon::prelude::*;
+use std::cell::RefCell;
+
+/// How a call is cut into chunks and laid out in bands.
+#[derive(Clone, Debug)]
+pub(crate) struct Bands {
+    /// `W_q`: positions per output row in the depth, `OW` of them real.
+    wq: usize,
+    /// Phase rows a band holds beyond its chunk's output rows.
+    halo: usize,
+    /// Output rows per chunk (the last of an image may have fewer).
+    rows: usize,
+    /// The phases taps read, `(φ_h, φ_w)`, in band order.
+    phases: Vec<(usize, usize)>,
+    /// Per tap `r·S + s`: its phase's index in `phases` and its offset
+    /// (phase rows · W_q + phase columns) in the band.
+    taps: Vec<(usize, usize)>,
+    /// Floats between two channels of one phase in a band: room for the
+    /// chunk's rows, the halo and one more row read past the end by the
+    /// last taps' junk, an odd number of cache lines.
+    channel_stride: usize,
+    /// Output channels per GEMM (columns of C), fixed by the shape.
+    k_block: usize,
+}
+
+impl Bands {
+    /// The layout for `g` on a kernel with register tile `mr` and blocking
+    /// `kc`/`nc`, or `None` where the column chunk serves `g` better (see
+    /// the module doc).
+    pub(crate) fn for_geometry(g: &ConvGeometry, mr: usize, kc: usize, nc: usize) -> Option<Bands> {
+        if g.kernel_h * g.kernel_w == 1 || g.channels_per_group() < 16.max(2 * mr) {
+            return None;
+        }
+        let (sh, sw) = (g.stride_h, g.stride_w);
+        let halo = (g.kernel_h - 1) * g.dilation_h / sh;
+        let wq = g.out_w + (g.kernel_w - 1) * g.dilation_w / sw;
+        // Junk at most 1/8 of the depth.
+        if wq * 8 > g.out_w * 9 {
+            return None;
+        }
+        let chunks = g.out_h.div_ceil((kc / wq).max(1));
+        let rows = g.out_h.div_ceil(chunks);
+        let mut phases = Vec::new();
+        let mut taps = Vec::with_capacity(g.kernel_h * g.kernel_w);
+        for r in 0..g.kernel_h {
+            for s in 0..g.kernel_w {
+                let (ro, so) = g.weight_tap(r, s);
+                let (y, x) = (ro * g.dilation_h, so * g.dilation_w);
+                let phase = (y % sh, x % sw);
+                let index = match phases.iter().position(|&p| p == phase) {
+                    Some(i) => i,
+                    None => {
+                        phases.push(phase);
+                        phases.len() - 1
+                    }
+                };
+                taps.push((index, (y / sh) * wq + x / sw));
+            }
+        }
+        let mut channel_stride = ((rows + halo + 1) * wq).next_multiple_of(16);
+        if (channel_stride / 16).is_multiple_of(2) {
+            channel_stride += 16;
+        }
+        let kg = g.out_channels_per_group();
+        let k_block = kg.div_ceil(kg.div_ceil(nc.max(1)));
+        Some(Bands {
+            wq,
+            halo,
+            rows,
+            phases,
+            taps,
+            channel_stride,
+            k_block,
+        })
+    }
+
+    /// Floats of the band of `channels` channels.
+    fn band_len(&self, channels: usize) -> usize {
+        self.phases.len() * channels * self.channel_stride
+    }
+}
+
+/// `out[j] = src[j·S]`, in whole strides of `src`.
+#[inline(always)]
+fn gather_every<const S: usize>(src: &[f32], out: &mut [f32]) {
+    for (o, stride) in out.iter_mut().zip(src.chunks_exact(S)) {
+        *o = stride[0];
+    }
+}
+
+/// Whether every value is finite (no infinity, no NaN).
+fn all_finite(x: &[f32]) -> bool {
+    // The largest magnitude's bits, ≥ the infinity's exactly when some value
+    // is infinite or NaN: an integer maximum in sixteen lanes, which the
+    // compiler keeps in vector registers (one lane measured 0.27 ns a float).
+    const INF: u32 = 0x7f80_0000;
+    let mut lanes = [0u32; 16];
+    let mut blocks = x.chunks_exact(16);
+    for block in &mut blocks {
+        for (lane, v) in lanes.iter_mut().zip(block) {
+            *lane = (*lane).max(v.to_bits() & 0x7fff_ffff);
+        }
+    }
+    let rest = blocks.remainder().iter().map(|v| v.to_bits() & 0x7fff_ffff);
+    lanes.into_iter().chain(rest).all(|bits| bits < INF)
+}
+
+/// `grad_weight` by bands, when [`Bands::for_geometry`] takes `g` and the
+/// input is finite; `Ok(false)` (nothing written) otherwise, also where a band holds an infinity or a NaN, for the
+/// caller's column-chunk path. Lengths are checked by the caller.
+///
+/// # Errors
+/// [`ConvError::OutOfMemory`] when the per-thread buffers cannot be
+/// allocated; `grad_weight` is then as it was.
+pub(crate) fn backward_weight_bands(
+    g: &ConvGeometry,
+    input: &[f32],
+    grad_output: &[f32],
+    grad_weight: &mut [f32],
+    options: &BackwardOptions,
+) -> Result<bool, ConvError> {
+    if options.backend != GemmBackend::Native || std::env::var_os("CPUCONV_GW_NO_BANDS").is_some() {
+        return Ok(false);
+    }
+    let (cg, kg, taps) = (
+        g.channels_per_group(),
+        g.out_channels_per_group(),
+        g.kernel_h * g.kernel_w,
+    );
+    let info = select_kernel(options.isa, cg, kg, false, options.blocking);
+    let Some(bands) = Bands::for_geometry(g, info.mr, info.kc, info.nc) else {
+        return Ok(false);
+    };
+    let k_blocks = kg.div_ceil(bands.k_block);
+    let units = g.groups * k_blocks;
+    // Threads: each owns channels × taps of whole dW blocks; channels are
+    // split first (in MR multiples, at least two panels each), then taps.
+    let fmas = (g.groups * kg * cg * taps) as u64 * (g.batch * g.out_plane()) as u64;
+    let threads = options
+        .parallelism
+        .max_threads()
+        .min(usize::try_from(fmas >> 19).unwrap_or(usize::MAX).max(1));
+    let mut channel_parts = 1;
+    let mut tap_parts = 1;
+    let panels = cg.div_ceil(info.mr);
+    while units * channel_parts * tap_parts < threads {
+        if channel_parts * 2 * 2 <= panels {
+            channel_parts *= 2;
+        } else if tap_parts < taps {
+            tap_parts += 1;
+        } else {
+            break;
+        }
+    }
+    let tasks = units * channel_parts * tap_parts;
+    let threads = threads.min(tasks);
+    let max_channels = split(cg, info.mr, channel_parts, 0).1;
+    let max_taps = split(taps, 1, tap_parts, 0).1;
+    let task_c = max_channels * max_taps * bands.k_block;
+    let sizes = Sizes {
+        band: bands.band_len(max_channels),
+        bt: bands.rows * bands.wq * bands.k_block,
+        c: task_c * split(tasks, 1, threads, 0).1,
+    };
+    let mut workspaces = POOL.with(|pool| std::mem::take(&mut *pool.borrow_mut()));
+    workspaces.resize_with(workspaces.len().max(threads), Workspace::default);
+    if let Err(e) = workspaces[..threads]
+        .iter_mut()
+        .try_for_each(|ws| ws.reserve(&sizes))
+    {
+        POOL.with(|pool| *pool.borrow_mut() = workspaces);
+        return Err(e);
+    }
+    let ctx = Context {
+        g,
+        input,
+        grad_output,
+        bands: &bands,
+        options,
+        k_blocks,
+        channel_parts,
+        tap_parts,
+        mr: info.mr,
+    };
+    // Every task's block of dWᵀ first, then (when every band was finite)
+    // the stores: dW is written only once nothing can fail any more.
+    let run = |t: usize, ws: &mut Workspace| {
+        let (lo, hi) = split(tasks, 1, threads, t);
+        let mut finite = true;
+        for task in lo..hi {
+            let Workspace { band, bt, c, pack } = ws;
+            let c = &mut c[(task - lo) * task_c..][..task_c];
+            finite &= ctx.run(task, band, bt, c, pack);
+        }
+        finite
+    };
+    let finite = if threads == 1 {
+        run(0, &mut workspaces[0])
+    } else {
+        workspaces[..threads]
+            .par_iter_mut()
+            .with_max_len(1)
+            .enumerate()
+            .map(|(t, ws)| run(t, ws))
+            .reduce(|| true, |a, b| a && b)
+    };
+    if finite {
+        let dw = StridedC {
+            ptr: grad_weight.as_mut_ptr(),
+            rs: 0,
+            cs: 1,
+        };
+        let store = |t: usize, ws: &Workspace| {
+            let (lo, hi) = split(tasks, 1, threads, t);
+            for task in lo..hi {
+                // SAFETY: tasks store disjoint elements of `grad_weight`,
+                // which is exclusively borrowed for the whole call.
+                unsafe { ctx.store(task, &ws.c[(task - lo) * task_c..][..task_c], dw) };
+            }
+        };
+        if threads == 1 {
+            store(0, &workspaces[0]);
+        } else {
+            workspaces[..threads]
+                .par_iter()
+                .with_max_len(1)
+                .enumerate()
+                .for_each(|(t, ws)| store(t, ws));
+        }
+    }
+    POOL.with(|pool| *pool.borrow_mut() = workspaces);
+    if finite {
+        crate::testing::record_grad_weight_bands();
+    }
+    Ok(finite)
+}
+
+/// Floats each thread's buffers need.
+struct Sizes {
+    band: usize,
+    bt: usize,
+    c: usize,
+}
+
+/// One thread's buffers: the band, the block of `dYᵀ`, its block of `dWᵀ`
+/// and the GEMM's packing buffers.
+#[derive(Default)]
+struct Workspace {
+    band: Vec<f32>,
+    bt: Vec<f32>,
+    c: Vec<f32>,
+    pack: PackBuffers<f32>,
+}
+
+impl Workspace {
+    fn reserve(&mut self, s: &Sizes) -> Result<(), ConvError> {
+        grow(&mut self.band, "grad weight band", s.band)?;
+        grow(&mut self.bt, "grad weight output block", s.bt)?;
+        grow(&mut self.c, "grad weight block", s.c)
+    }
+}
+
+thread_local! {
+    /// The workspaces of the last call made on this thread, kept for the
+    /// next one.
+    static POOL: RefCell<Vec<Workspace>> = const { RefCell::new(Vec::new()) };
+}
+
+/// What one task owns: group `grp`, input channels `c0..c0 + mc` of it,
+/// taps `t0..t0 + mt`, its output channels `k0..k0 + nk`.
+struct Task {
+    grp: usize,
+    c0: usize,
+    mc: usize,
+    t0: usize,
+    mt: usize,
+    k0: usize,
+    nk: usize,
+}
+
+struct Context<'a> {
+    g: &'a ConvGeometry,
+    input: &'a [f32],
+    grad_output: &'a [f32],
+    bands: &'a Bands,
+    options: &'a BackwardOptions,
+    k_blocks: usize,
+    channel_parts: usize,
+    tap_parts: usize,
+    mr: usize,
+}
+
+impl Context<'_> {
+    /// The input channels c0..c1, taps t0..t1 and output channels of one k
+    /// block of one group that task `task` owns.
+    fn task(&self, task: usize) -> Task {
+        let g = self.g;
+        let taps = g.kernel_h * g.kernel_w;
+        let tap_part = task % self.tap_parts;
+        let rest = task / self.tap_parts;
+        let channel_part = rest % self.channel_parts;
+        let rest = rest / self.channel_parts;
+        let (kb, grp) = (rest % self.k_blocks, rest / self.k_blocks);
+        let (c0, c1) = split(
+            g.channels_per_group(),
+            self.mr,
+            self.channel_parts,
+            channel_part,
+        );
+        let (t0, t1) = split(taps, 1, self.tap_parts, tap_part);
+        let (k0, k1) = split(
+            g.out_channels_per_group(),
+            self.bands.k_block,
+            self.k_blocks,
+            kb,
+        );
+        Task {
+            grp,
+            c0,
+            mc: c1 - c0,
+            t0,
+            mt: t1 - t0,
+            k0,
+            nk: k1 - k0,
+        }
+    }
+
+    /// Task `task`'s block of dWᵀ (`C[c·mt + i][j]` for its channel c, tap
+    /// t0 + i and output channel k0 + j) into `c`, summed over the whole
+    /// depth in chunk order. Returns whether every band was finite (if not,
+    /// `c` is not the gradient).
+    fn run(
+        &self,
+        task: usize,
+        band: &mut [f32],
+        bt: &mut [f32],
+        c: &mut [f32],
+        pack: &mut PackBuffers<f32>,
+    ) -> bool {
+        let (g, b) = (self.g, self.bands);
+        let t = self.task(task);
+        if t.mc == 0 || t.mt == 0 || t.nk == 0 {
+            return true;
+        }
+        let (cg, kg) = (g.channels_per_group(), g.out_channels_per_group());
+        let gemm_opts = self.options.gemm_options(Parallelism::Sequential);
+        let band = &mut band[..b.band_len(t.mc)];
+        let mut first = true;
+        for n in 0..g.batch {
+            let image = &self.input[(n * g.in_channels + t.grp * cg + t.c0) * g.in_plane()..]
+                [..t.mc * g.in_plane()];
+            for oh0 in (0..g.out_h).step_by(b.rows) {
+                let rows = b.rows.min(g.out_h - oh0);
+                let depth = rows * b.wq;
+                if !self.fill_band(image, t.mc, oh0, rows, band) {
+                    return false;
+                }
+                self.fill_grad_output_t(n, t.grp * kg + t.k0, t.nk, oh0, rows, bt);
+                let bsrc = StridedMatrix {
+                    ptr: bt.as_ptr(),
+                    rs: t.nk as isize,
+                    cs: 1,
+                };
+                let beta = if first { 0.0 } else { 1.0 };
+                for (i, &(phase, offset)) in b.taps[t.t0..t.t0 + t.mt].iter().enumerate() {
+                    let a = ASource::Strided(StridedMatrix {
+                        ptr: band[phase * t.mc * b.channel_stride + offset..].as_ptr(),
+                        rs: b.channel_stride as isize,
+                        cs: 1,
+                    });
+                    let cm = StridedC {
+                        ptr: c[i * t.nk..].as_mut_ptr(),
+                        rs: (t.mt * t.nk) as isize,
+                        cs: 1,
+                    };
+                    // SAFETY: A is this tap's mc channel rows of the band,
+                    // `channel_stride` apart, each read for `depth` floats
+                    // from `offset`: at most the halo's rows, the chunk's
+                    // and one more, which the stride holds; B the depth × nk
+                    // block of dYᵀ just built; C rows i, i + mt, … of this
+                    // task's block `c` (mc·mt × nk), ours alone; with β = 0
+                    // C is not read.
+                    unsafe {
+                        gemm_with_epilogue(
+                            t.mc,
+                            depth,
+                            t.nk,
+                            1.0,
+                            &a,
+                            &bsrc,
+                            beta,
+                            cm,
+                            &Epilogue::NONE,
+                            &gemm_opts,
+                            Some(pack),
+                        )
+                    };
+                }
+                first = false;
+            }
+        }
+        true
+    }
+
+    /// Stores task `task`'s block `c` (from [`Context::run`]) into dW:
+    /// `dW[grp·kg + k0 + j][(c0 + c)·R·S + t0 + i] (+)= C[c·mt + i][j]`,
+    /// four rows of dW at a time; whole taps are one run per row.
+    ///
+    /// # Safety
+    /// `dw.ptr` is the whole `grad_weight`, valid for reads and writes, and
+    /// no other thread touches this task's elements meanwhile.
+    unsafe fn store(&self, task: usize, c: &[f32], dw: StridedC<f32>) {
+        let g = self.g;
+        let t = self.task(task);
+        let (kg, kk, taps) = (
+            g.out_channels_per_group(),
+            g.gemm_k(),
+            g.kernel_h * g.kernel_w,
+        );
+        let (runs, run_len) = if t.mt == taps {
+            (1, t.mc * t.mt)
+        } else {
+            (t.mc, t.mt)
+        };
+        for j0 in (0..t.nk).step_by(4) {
+            let w = (t.nk - j0).min(4);
+            for run in 0..runs {
+                let mut rows: [&mut [f32]; 4] = Default::default();
+                for (j, row) in rows.iter_mut().enumerate().take(w) {
+                    let first = (t.grp * kg + t.k0 + j0 + j) * kk + (t.c0 + run) * taps + t.t0;
+                    // SAFETY: `run_len` elements of row grp·kg + k0 + j0 + j
+                    // of dW, this task's alone (see the contract), one slice
+                    // per row.
+                    *row = unsafe { std::slice::from_raw_parts_mut(dw.ptr.add(first), run_len) };
+                }
+                let src = &c[run * run_len * t.nk + j0..];
+                if self.options.accumulate {
+                    store_columns(src, t.nk, run_len, &mut rows[..w], |x, v| *x += v);
+                } else {
+                    store_columns(src, t.nk, run_len, &mut rows[..w], |x, v| *x = v);
+                }
+            }
+        }
+    }
+
+    /// The band of output rows `oh0..oh0 + rows` for the `channels` input
+    /// planes `image`: per phase and channel, `rows + halo` phase rows of
+    /// `W_q` floats, zero where the padded input is padding.
+    /// Returns whether every value written is finite (the junk multiplies
+    /// some of them by zero).
+    fn fill_band(
+        &self,
+        image: &[f32],
+        channels: usize,
+        oh0: usize,
+        rows: usize,
+        band: &mut [f32],
+    ) -> bool {
+        let (g, b) = (self.g, self.bands);
+        let (pt, pl) = (g.padding.top as isize, g.padding.left as isize);
+        for (pi, &(ph, pw)) in b.phases.iter().enumerate() {
+            // Phase column j reads input column j·σ_w + pw − pl.
+            let shift = pw as isize - pl;
+            let (j_lo, j_hi) = super::im2col::valid_range(b.wq, g.stride_w, shift, g.in_w);
+            for c in 0..channels {
+                let plane = &image[c * g.in_plane()..][..g.in_plane()];
+                let dst = &mut band[(pi * channels + c) * b.channel_stride..][..b.channel_stride];
+                for (i, out) in dst.chunks_exact_mut(b.wq).take(rows + b.halo).enumerate() {
+                    let y = ((oh0 + i) * g.stride_h + ph) as isize - pt;
+                    if y < 0 || y >= g.in_h as isize || j_lo >= j_hi {
+                        out.fill(0.0);
+                        continue;
+                    }
+                    let src = &plane[y as usize * g.in_w..][..g.in_w];
+                    out[..j_lo].fill(0.0);
+                    out[j_hi..].fill(0.0);
+                    let x0 = (j_lo as isize * g.stride_w as isize + shift) as usize;
+                    let last = j_hi - 1 - j_lo;
+                    out[j_hi - 1] = src[x0 + last * g.stride_w];
+                    let out = &mut out[j_lo..j_hi - 1];
+                    // Every σ_w-th float from x0, the last one apart so that
+                    // whole strides cover the rest: with the stride a
+                    // constant, the compiler turns the gathers into shuffles
+                    // (a strided loop of σ_w = 2 took 0.46 ns a float).
+                    match g.stride_w {
+                        1 => out.copy_from_slice(&src[x0..x0 + last]),
+                        2 => gather_every::<2>(&src[x0..], out),
+                        3 => gather_every::<3>(&src[x0..], out),
+                        4 => gather_every::<4>(&src[x0..], out),
+                        sw => {
+                            for (o, &v) in out.iter_mut().zip(src[x0..].iter().step_by(sw)) {
+                                *o = v;
+                            }
+                        }
+                    }
+                }
+                if !all_finite(&dst[..(rows + b.halo) * b.wq]) {
+                    return false;
+                }
+            }
+        }
+        true
+    }
+
+    /// `dYᵀ` of image `n`, output channels `k0..k0 + nk`, output rows
+    /// `oh0..oh0 + rows`, as a row-major `rows·W_q × nk` block, the junk
+    /// positions' rows zero.
+    fn fill_grad_output_t(
+        &self,
+        n: usize,
+        k0: usize,
+        nk: usize,
+        oh0: usize,
+        rows: usize,
+        bt: &mut [f32],
+    ) {
+        let (g, b) = (self.g, self.bands);
+        let plane = g.out_plane();
+        let dy = &self.grad_output[(n * g.out_channels + k0) * plane..][..nk * plane];
+        for i in 0..rows {
+            let dst = &mut bt[i * b.wq * nk..][..b.wq * nk];
+            transpose(&dy[(oh0 + i) * g.out_w..], plane, nk, g.out_w, dst, nk);
+            dst[g.out_w * nk..].fill(0.0);
+        }
+    }
+}
