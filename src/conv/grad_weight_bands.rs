@@ -167,23 +167,6 @@ fn gather_every<const S: usize>(src: &[f32], out: &mut [f32]) {
     }
 }
 
-/// Whether every value is finite (no infinity, no NaN).
-fn all_finite(x: &[f32]) -> bool {
-    // The largest magnitude's bits, ≥ the infinity's exactly when some value
-    // is infinite or NaN: an integer maximum in sixteen lanes, which the
-    // compiler keeps in vector registers (one lane measured 0.27 ns a float).
-    const INF: u32 = 0x7f80_0000;
-    let mut lanes = [0u32; 16];
-    let mut blocks = x.chunks_exact(16);
-    for block in &mut blocks {
-        for (lane, v) in lanes.iter_mut().zip(block) {
-            *lane = (*lane).max(v.to_bits() & 0x7fff_ffff);
-        }
-    }
-    let rest = blocks.remainder().iter().map(|v| v.to_bits() & 0x7fff_ffff);
-    lanes.into_iter().chain(rest).all(|bits| bits < INF)
-}
-
 /// `grad_weight` by bands, when [`Bands::for_geometry`] takes `g` and the
 /// input is finite; `Ok(false)` (nothing written) otherwise, also where a band holds an infinity or a NaN, for the
 /// caller's column-chunk path. Lengths are checked by the caller.
@@ -573,7 +556,7 @@ impl Context<'_> {
                         }
                     }
                 }
-                if !all_finite(&dst[..(rows + b.halo) * b.wq]) {
+                if !super::all_finite(&dst[..(rows + b.halo) * b.wq]) {
                     return false;
                 }
             }

@@ -55,6 +55,25 @@ fn dense_wins(g: &ConvGeometry) -> bool {
     }
 }
 
+/// Whether every value is finite (no infinity, no NaN).
+pub(crate) fn all_finite(x: &[f32]) -> bool {
+    // The largest magnitude's bits, ≥ the infinity's exactly when some value
+    // is infinite or NaN: an integer maximum in sixteen lanes, which the
+    // compiler keeps in vector registers (one lane, or `iter().any(..)`,
+    // measured 0.25–0.27 ns a float: 150 µs on r50_deep's weights, checked
+    // at every one-shot call).
+    const INF: u32 = 0x7f80_0000;
+    let mut lanes = [0u32; 16];
+    let mut blocks = x.chunks_exact(16);
+    for block in &mut blocks {
+        for (lane, v) in lanes.iter_mut().zip(block) {
+            *lane = (*lane).max(v.to_bits() & 0x7fff_ffff);
+        }
+    }
+    let rest = blocks.remainder().iter().map(|v| v.to_bits() & 0x7fff_ffff);
+    lanes.into_iter().chain(rest).all(|bits| bits < INF)
+}
+
 /// `len` zeros in memory asked for fallibly (see [`try_with_capacity`]).
 pub(crate) fn zeroed(what: &'static str, len: usize) -> Result<Vec<f32>, ConvError> {
     let mut v = try_with_capacity(what, len)?;
@@ -397,7 +416,7 @@ impl Conv2d {
         );
         if multiplies_padding
             && self.geom.padding != Padding::ZERO
-            && weight.iter().any(|w| !w.is_finite())
+            && !all_finite(weight)
         {
             Algorithm::DirectSimd
         } else {

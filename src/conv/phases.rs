@@ -384,15 +384,19 @@ fn pack_phase_panel(
     let (cin_g, cout_g) = (tg.in_per_group(), tg.out_per_group());
     let window = tg.h.kernel * tg.w.kernel;
     let (nt, rows) = (taps.len(), channels.len());
+    // Per input channel, the `rows × window` block of the weight is
+    // transposed (4×4 SIMD tiles) into `by_tap`, one run of `rows` floats
+    // per window tap, which each sub-kernel tap then copies whole, rather
+    // than gathering every tap with a stride of `window` floats.
+    let mut by_tap = vec![0.0; window * rows];
     for k in 0..cin_g {
         let from =
             &weight[((grp * cin_g + k) * cout_g + channels.start) * window..][..rows * window];
+        super::tiles::transpose(from, window, rows, window, &mut by_tap, rows);
         let to = &mut panel[k * nt * width..][..nt * width];
         for (lane, &tap) in to.chunks_exact_mut(width).zip(taps) {
             let (real, pad) = lane.split_at_mut(rows);
-            for (x, row) in real.iter_mut().zip(from.chunks_exact(window)) {
-                *x = row[tap];
-            }
+            real.copy_from_slice(&by_tap[tap * rows..][..rows]);
             pad.fill(0.0);
         }
     }
