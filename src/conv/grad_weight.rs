@@ -76,13 +76,13 @@
 //! rows), in its own infallible buffer.
 
 use super::im2col::{im2col_rows, ColumnTap};
-use super::tiles::{store_columns, transpose};
 use super::{try_with_capacity, BackwardOptions};
 use crate::error::ConvError;
 use crate::gemm::engine::{
     gemm_with_epilogue, select_kernel, ASource, BSource, Epilogue, PackBuffers, StridedC,
     StridedMatrix,
 };
+use crate::gemm::transpose::{store_columns, transpose};
 use crate::gemm::Parallelism;
 use crate::geometry::ConvGeometry;
 use rayon::prelude::*;

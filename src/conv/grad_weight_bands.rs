@@ -69,12 +69,12 @@
 //! batch.
 
 use super::grad_weight::{grow, split};
-use super::tiles::{store_columns, transpose};
 use super::BackwardOptions;
 use crate::error::ConvError;
 use crate::gemm::engine::{
     gemm_with_epilogue, select_kernel, ASource, Epilogue, PackBuffers, StridedC, StridedMatrix,
 };
+use crate::gemm::transpose::{store_columns, transpose};
 use crate::gemm::{GemmBackend, Parallelism};
 use crate::geometry::ConvGeometry;
 use rayon::prelude::*;

@@ -273,8 +273,7 @@ pub(crate) fn plan(
     let (plan, candidate) = search(conv, weight, bias, &estimate, cap, &candidates)?;
     // Non-finite weights on a padded layer send every padding-multiplying
     // algorithm to DirectSimd: what was measured says nothing of the layer.
-    let rerouted =
-        conv.geometry().padding != Padding::ZERO && !super::all_finite(weight);
+    let rerouted = conv.geometry().padding != Padding::ZERO && !super::all_finite(weight);
     // A search under a forced path does not replace an entry that the same
     // request with the path left open would take: that one compared more.
     let keep = forced && entry.is_some_and(|c| applies(&c, isa, false, Isa::is_supported));

@@ -13,7 +13,6 @@ pub(crate) mod implicit;
 pub mod measure;
 pub(crate) mod phases;
 pub mod plan;
-pub(crate) mod tiles;
 pub mod transpose;
 pub(crate) mod transposed_gemm;
 pub mod wisdom;
@@ -414,10 +413,7 @@ impl Conv2d {
             algorithm,
             Algorithm::Im2col | Algorithm::Implicit | Algorithm::DirectDense
         );
-        if multiplies_padding
-            && self.geom.padding != Padding::ZERO
-            && !all_finite(weight)
-        {
+        if multiplies_padding && self.geom.padding != Padding::ZERO && !all_finite(weight) {
             Algorithm::DirectSimd
         } else {
             algorithm

@@ -392,7 +392,7 @@ fn pack_phase_panel(
     for k in 0..cin_g {
         let from =
             &weight[((grp * cin_g + k) * cout_g + channels.start) * window..][..rows * window];
-        super::tiles::transpose(from, window, rows, window, &mut by_tap, rows);
+        crate::gemm::transpose::transpose(from, window, rows, window, &mut by_tap, rows);
         let to = &mut panel[k * nt * width..][..nt * width];
         for (lane, &tap) in to.chunks_exact_mut(width).zip(taps) {
             let (real, pad) = lane.split_at_mut(rows);

@@ -40,6 +40,10 @@ pub(crate) trait Element:
     /// This thread's packing buffers for this element type (a thread-local
     /// cannot be generic, so each type names its own).
     fn pack_buffers() -> &'static LocalKey<RefCell<PackBuffers<Self>>>;
+
+    /// `dst[c·ldd + r] = src[r·lds + c]` for `r < rows`, `c < cols`: the
+    /// packing of a column-major B, in the type's SIMD tiles.
+    fn transpose(src: &[Self], lds: usize, rows: usize, cols: usize, dst: &mut [Self], ldd: usize);
 }
 
 impl Element for f32 {
@@ -48,5 +52,9 @@ impl Element for f32 {
 
     fn pack_buffers() -> &'static LocalKey<RefCell<PackBuffers<f32>>> {
         &F32_PACK_BUFFERS
+    }
+
+    fn transpose(src: &[f32], lds: usize, rows: usize, cols: usize, dst: &mut [f32], ldd: usize) {
+        super::transpose::transpose(src, lds, rows, cols, dst, ldd);
     }
 }

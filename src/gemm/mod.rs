@@ -44,6 +44,7 @@ pub(crate) mod engine;
 pub mod kernels;
 mod matrixmultiply;
 mod pack;
+pub(crate) mod transpose;
 
 use crate::error::GemmError;
 use std::num::NonZeroUsize;

@@ -228,6 +228,25 @@ unsafe fn pack_b_panel<T: Element>(
             row[..width].copy_from_slice(src);
             row[width..].fill(T::ZERO);
         }
+    } else if b.rs == 1 && b.cs > 0 && width > 0 {
+        // Column-major B (the transposed weights of `X·Wᵀ`): the panel is
+        // the transpose of `width` source columns, each `kc` contiguous
+        // floats, done in SIMD tiles. Gathered a float at a time, packing
+        // made 256×1024×1024 with a column-major B run at 159 GFLOP/s
+        // against 220 row-major (1 thread AVX-512, Zen 5).
+        let cs = b.cs as usize;
+        // SAFETY: from (k0, col0) to (k0+kc−1, col0+width−1), column-major:
+        // every element between lies in B's storage, readable from the first
+        // to the last (the contract), and nothing writes it during the GEMM
+        // (C never shares storage with B: `sgemm`'s borrows forbid it, and
+        // the crate's own callers pass separate buffers).
+        let src = unsafe { std::slice::from_raw_parts(origin, (width - 1) * cs + kc) };
+        T::transpose(src, cs, width, kc, panel, nr);
+        if width < nr {
+            for row in panel.chunks_exact_mut(nr).take(kc) {
+                row[width..].fill(T::ZERO);
+            }
+        }
     } else {
         for (p, row) in panel.chunks_exact_mut(nr).take(kc).enumerate() {
             for (j, x) in row.iter_mut().enumerate() {

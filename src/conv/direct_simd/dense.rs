@@ -251,7 +251,7 @@ impl DensePrepared {
             let first = (group * kg + channels.start) * taps;
             let rows = &weight[first..][..channels.len() * taps];
             if !flipped {
-                crate::conv::tiles::transpose(rows, taps, channels.len(), taps, panel, block);
+                crate::gemm::transpose::transpose(rows, taps, channels.len(), taps, panel, block);
                 return;
             }
             for (lane, raw) in rows.chunks_exact(taps).enumerate() {

@@ -1,7 +1,7 @@
 //! Matrix transposes in 4×4 SIMD tiles, for the layouts that change hands
-//! between a GEMM's operands and the caller's tensors: the weight
-//! gradient's `dYᵀ` panels and `dW` stores, and the dense tile's packed
-//! weights.
+//! between a GEMM's operands and the caller's tensors: the packing of a
+//! column-major B, the weight gradient's `dYᵀ` panels and `dW` stores, the
+//! dense tile's and the phases' packed weights.
 
 use wide::f32x4;
 
