@@ -46,6 +46,13 @@ pub struct GemmArgs {
     #[arg(long)]
     pub(crate) peers: bool,
 
+    /// How A and B are stored: `nn` both row-major; `nt` B column-major
+    /// (`A·Wᵀ` with W row-major, as in a linear layer); `tn` A
+    /// column-major; `tt` both. C is row-major; every engine gets the same
+    /// layout. Not with --placement.
+    #[arg(long, value_enum, default_value_t = Layout::Nn)]
+    pub(crate) layout: Layout,
+
     /// Time our GEMM with A, B and C starting 0, 1, 3, 4, 8, 12 and 16
     /// floats past a 4 KiB boundary: all three at the offset, then each
     /// alone (the others at 0). With --peers, the peers get the all-three
@@ -54,7 +61,52 @@ pub struct GemmArgs {
     pub(crate) placement: bool,
 }
 
-/// A GEMM implementation the tool can time on row-major `f32` operands.
+/// How A and B are stored: `t` is column-major (the transpose of a
+/// row-major matrix), `n` row-major.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Layout {
+    /// Both row-major.
+    Nn,
+    /// B column-major.
+    Nt,
+    /// A column-major.
+    Tn,
+    /// Both column-major.
+    Tt,
+}
+
+impl Layout {
+    /// Whether A, then B, is column-major.
+    pub fn column_major(self) -> (bool, bool) {
+        match self {
+            Layout::Nn => (false, false),
+            Layout::Nt => (false, true),
+            Layout::Tn => (true, false),
+            Layout::Tt => (true, true),
+        }
+    }
+
+    /// Its name in the header and in JSON.
+    pub fn name(self) -> &'static str {
+        match self {
+            Layout::Nn => "nn",
+            Layout::Nt => "nt",
+            Layout::Tn => "tn",
+            Layout::Tt => "tt",
+        }
+    }
+
+    /// (row stride, column stride) of an `rows × cols` operand.
+    fn strides(column_major: bool, rows: usize, cols: usize) -> (usize, usize) {
+        if column_major {
+            (1, rows)
+        } else {
+            (cols, 1)
+        }
+    }
+}
+
+/// A GEMM implementation the tool can time on dense `f32` operands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Engine {
     /// cpuconv's own GEMM on the chosen ISA path.
@@ -101,12 +153,14 @@ impl Engine {
         }
     }
 
-    /// `c = a·b`, all row-major and dense, on `threads` threads of the
-    /// current rayon pool (1: the calling thread only). `isa` steers ours
-    /// only: the others pick their own kernels.
+    /// `c = a·b`, dense, A and B stored as `layout` says, C row-major, on
+    /// `threads` threads of the current rayon pool (1: the calling thread
+    /// only). `isa` steers ours only: the others pick their own kernels.
+    #[allow(clippy::too_many_arguments)]
     pub fn run(
         self,
         (m, k, n): (usize, usize, usize),
+        layout: Layout,
         a: &[f32],
         b: &[f32],
         c: &mut [f32],
@@ -127,12 +181,12 @@ impl Engine {
             Engine::Matrixmultiply => GemmBackend::Matrixmultiply,
             #[cfg(feature = "peers")]
             Engine::GemmCrate => {
-                peers::gemm_crate((m, k, n), a, b, c, threads);
+                peers::gemm_crate((m, k, n), layout, a, b, c, threads);
                 return Ok(());
             }
             #[cfg(feature = "peers")]
             Engine::Faer => {
-                peers::faer((m, k, n), a, b, c, threads);
+                peers::faer((m, k, n), layout, a, b, c, threads);
                 return Ok(());
             }
         };
@@ -140,10 +194,18 @@ impl Engine {
             .backend(backend)
             .parallelism(Parallelism::threads(threads))
             .isa(Some(isa));
+        let (a_t, b_t) = layout.column_major();
+        let view = |data, rows, cols, t| {
+            if t {
+                MatRef::col_major(data, rows, cols)
+            } else {
+                MatRef::row_major(data, rows, cols)
+            }
+        };
         sgemm(
             1.0,
-            MatRef::row_major(a, m, k),
-            MatRef::row_major(b, k, n),
+            view(a, m, k, a_t),
+            view(b, k, n, b_t),
             0.0,
             MatMut::row_major(c, m, n),
             &options,
@@ -155,9 +217,12 @@ impl Engine {
 /// The calls into the peer crates, whose only forms are theirs.
 #[cfg(feature = "peers")]
 mod peers {
+    use super::Layout;
+
     /// `c = a·b` with the `gemm` crate; lengths checked by [`super::Engine::run`].
     pub fn gemm_crate(
         (m, k, n): (usize, usize, usize),
+        layout: Layout,
         a: &[f32],
         b: &[f32],
         c: &mut [f32],
@@ -170,10 +235,14 @@ mod peers {
             gemm::Parallelism::Rayon(threads)
         };
         let stride = |s: usize| isize::try_from(s).expect("a slice length fits in isize");
+        let (a_t, b_t) = layout.column_major();
+        let (a_rs, a_cs) = Layout::strides(a_t, m, k);
+        let (b_rs, b_cs) = Layout::strides(b_t, k, n);
         // SAFETY: `a`, `b` and `c` hold exactly m·k, k·n and m·n floats (asserted
-        // above), and each is described as row-major over its own slice: column
-        // stride 1, row stride k, n and n, so every element the call touches
-        // lies inside its slice. `c` is an exclusive borrow, so it overlaps
+        // above), and each is described as dense over its own slice (C
+        // row-major; A and B row-major, or column-major with row stride 1
+        // and column stride m or k), so every element the call touches lies
+        // inside its slice. `c` is an exclusive borrow, so it overlaps
         // neither input. The crate's argument order is (dst, dst column
         // stride, dst row stride, read_dst, lhs…, rhs…, alpha, beta, …) and it
         // computes dst = alpha·dst + beta·lhs·rhs: with read_dst false and
@@ -188,11 +257,11 @@ mod peers {
                 stride(n),
                 false,
                 a.as_ptr(),
-                1,
-                stride(k),
+                stride(a_cs),
+                stride(a_rs),
                 b.as_ptr(),
-                1,
-                stride(n),
+                stride(b_cs),
+                stride(b_rs),
                 0.0f32,
                 1.0f32,
                 false,
@@ -206,6 +275,7 @@ mod peers {
     /// `c = a·b` with faer's matmul.
     pub fn faer(
         (m, k, n): (usize, usize, usize),
+        layout: Layout,
         a: &[f32],
         b: &[f32],
         c: &mut [f32],
@@ -216,11 +286,19 @@ mod peers {
         } else {
             faer::Par::rayon(threads)
         };
+        let view = |data, rows, cols, t| {
+            if t {
+                faer::MatRef::from_column_major_slice(data, rows, cols)
+            } else {
+                faer::MatRef::from_row_major_slice(data, rows, cols)
+            }
+        };
+        let (a_t, b_t) = layout.column_major();
         faer::linalg::matmul::matmul(
             faer::MatMut::from_row_major_slice_mut(c, m, n),
             faer::Accum::Replace,
-            faer::MatRef::from_row_major_slice(a, m, k),
-            faer::MatRef::from_row_major_slice(b, k, n),
+            view(a, m, k, a_t),
+            view(b, k, n, b_t),
             1.0f32,
             par,
         );
@@ -270,6 +348,7 @@ pub fn time_engine(
     budget: &Budget,
     engine: Engine,
     shape: (usize, usize, usize),
+    layout: Layout,
     (a, b, c): (&[f32], &[f32], &mut [f32]),
     threads: usize,
     isa: Isa,
@@ -277,7 +356,7 @@ pub fn time_engine(
     c.fill(f32::NAN);
     let mut failure = None;
     let t = measure(budget, || {
-        if let Err(e) = engine.run(shape, a, b, c, threads, isa) {
+        if let Err(e) = engine.run(shape, layout, a, b, c, threads, isa) {
             failure.get_or_insert(e);
         }
     });
@@ -393,6 +472,11 @@ struct EngineResult {
 pub fn run(args: &GemmArgs) -> Result<(), Stop> {
     check_peers_built(args.peers)?;
     if args.placement {
+        if args.layout != Layout::Nn {
+            return Err("--placement times row-major operands only (--layout nn)"
+                .to_string()
+                .into());
+        }
         return placement::run_gemm(args);
     }
     let threads = parse_threads(&args.threads)?;
@@ -425,8 +509,9 @@ pub fn run(args: &GemmArgs) -> Result<(), Stop> {
         pb.suspend(|| -> Result<(), Stop> {
             outln!(
                 "cpuconv {} gemm: ours = native {isa} kernels, mm = matrixmultiply (it picks \
-                 its own ISA){}; C = A·B, row-major f32, same operands and threads, median \
-                 of samples; % peak is of the {isa} FMA peak.",
+                 its own ISA){}; C = A·B, f32, layout {} (A, B: n row-major, t \
+                 column-major; C row-major), same operands and threads, median of samples; \
+                 % peak is of the {isa} FMA peak.",
                 env!("CARGO_PKG_VERSION"),
                 if args.peers {
                     ", gemm = the gemm crate, faer = faer's matmul (each picks its own \
@@ -434,7 +519,8 @@ pub fn run(args: &GemmArgs) -> Result<(), Stop> {
                      of mm, gemm and faer"
                 } else {
                     ""
-                }
+                },
+                args.layout.name()
             )?;
             for (&t, &p) in threads.iter().zip(&peaks) {
                 outln!(
@@ -463,7 +549,15 @@ pub fn run(args: &GemmArgs) -> Result<(), Stop> {
                 let flops = 2.0 * m as f64 * k as f64 * n as f64;
                 let mut results = Vec::with_capacity(engines.len());
                 for &engine in &engines {
-                    let timing = time_engine(&budget, engine, shape, (&a, &b, &mut c), t, isa)?;
+                    let timing = time_engine(
+                        &budget,
+                        engine,
+                        shape,
+                        args.layout,
+                        (&a, &b, &mut c),
+                        t,
+                        isa,
+                    )?;
                     let diff = if engine == Engine::Ours {
                         reference.copy_from_slice(&c);
                         0.0
@@ -514,6 +608,7 @@ fn row(
             "k": k,
             "n": n,
             "threads": t,
+            "layout": args.layout.name(),
             "isa": isa.name(),
             "ours_gflops": ours.gflops,
             "mm_gflops": mm.gflops,
@@ -593,7 +688,30 @@ mod tests {
         for &engine in engines.iter().chain(EXTRA_PEERS) {
             for threads in [1, 2] {
                 let mut c = vec![f32::NAN; 7 * 19];
-                engine.run(shape, &a, &b, &mut c, threads, isa).unwrap();
+                for layout in [Layout::Nn, Layout::Nt, Layout::Tn, Layout::Tt] {
+                    let (a_t, b_t) = layout.column_major();
+                    let mut c = vec![f32::NAN; 7 * 19];
+                    engine
+                        .run(shape, layout, &a, &b, &mut c, threads, isa)
+                        .unwrap();
+                    let want: Vec<f32> = (0..7 * 19)
+                        .map(|ij| {
+                            let (i, j) = (ij / 19, ij % 19);
+                            (0..13)
+                                .map(|p| {
+                                    let x = if a_t { a[p * 7 + i] } else { a[i * 13 + p] };
+                                    let y = if b_t { b[j * 13 + p] } else { b[p * 19 + j] };
+                                    x * y
+                                })
+                                .sum()
+                        })
+                        .collect();
+                    let diff = check_result(engine, shape, &c, &want);
+                    assert!(diff.is_ok(), "{engine:?} {layout:?}, {threads} threads: {diff:?}");
+                }
+                engine
+                    .run(shape, Layout::Nn, &a, &b, &mut c, threads, isa)
+                    .unwrap();
                 let diff = check_result(engine, shape, &c, &expected);
                 assert!(diff.is_ok(), "{engine:?}, {threads} threads: {diff:?}");
             }

@@ -13,7 +13,7 @@
 
 use crate::gemm::{
     check_result, checked_shapes, max_abs_diff, operands, parse_threads, shape_name, time_engine,
-    Engine, GemmArgs, EXTRA_PEERS,
+    Engine, GemmArgs, Layout, EXTRA_PEERS,
 };
 use crate::mem::check_room;
 use crate::out::{outln, Stop};
@@ -217,7 +217,7 @@ pub fn run_gemm(args: &GemmArgs) -> Result<(), Stop> {
                 let (a, b) = operands(shape)?;
                 let mut reference = try_filled("reference C", shape.0 * shape.2, 0.0)
                     .map_err(|e| format!("{name}: {e}"))?;
-                Engine::Ours.run(shape, &a, &b, &mut reference, t, isa)?;
+                Engine::Ours.run(shape, Layout::Nn, &a, &b, &mut reference, t, isa)?;
                 if !args.json {
                     let header = format!(
                         "\n{name}, {t} thread{}, GFLOP/s:\n\n{}",
@@ -308,7 +308,7 @@ fn time_placed_gemm(
     let pb = Placed::copy_of("B", b, place[1]).map_err(in_shape)?;
     let mut pc = Placed::filled("C", m * n, f32::NAN, place[2]).map_err(in_shape)?;
     let operands = (pa.as_slice(), pb.as_slice(), pc.as_mut_slice());
-    let t = time_engine(budget, engine, shape, operands, threads, isa)?;
+    let t = time_engine(budget, engine, shape, Layout::Nn, operands, threads, isa)?;
     check_result(engine, shape, pc.as_slice(), reference)?;
     Ok(2.0 * m as f64 * k as f64 * n as f64 / t.median_s / 1e9)
 }
