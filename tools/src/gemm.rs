@@ -97,6 +97,7 @@ impl Layout {
     }
 
     /// (row stride, column stride) of an `rows × cols` operand.
+    #[cfg(feature = "peers")]
     fn strides(column_major: bool, rows: usize, cols: usize) -> (usize, usize) {
         if column_major {
             (1, rows)
@@ -707,7 +708,10 @@ mod tests {
                         })
                         .collect();
                     let diff = check_result(engine, shape, &c, &want);
-                    assert!(diff.is_ok(), "{engine:?} {layout:?}, {threads} threads: {diff:?}");
+                    assert!(
+                        diff.is_ok(),
+                        "{engine:?} {layout:?}, {threads} threads: {diff:?}"
+                    );
                 }
                 engine
                     .run(shape, Layout::Nn, &a, &b, &mut c, threads, isa)

@@ -155,10 +155,9 @@ pub(super) fn a_in_place<T: Element>(
     match *a {
         ASource::Strided(StridedMatrix { rs, cs, .. }) => {
             kernel.a_strided()
-                && cs == 1
-                && rs > 0
                 && column_panels <= A_IN_PLACE_MAX_PANELS
-                && rows_stay_in_l2::<T>(rs as usize, rows)
+                && ((cs == 1 && rs > 0 && rows_stay_in_l2::<T>(rs as usize, rows))
+                    || (rs == 1 && cs > 0))
         }
         ASource::Packed(_) => false,
     }

@@ -76,7 +76,7 @@ pub(super) unsafe fn a_block<T: Element>(
                 first: origin,
                 panel_stride: mr * rs as usize,
                 rs: rs as usize,
-                cs: 1,
+                cs: cs as usize,
                 packed_tail,
             }
         }
