@@ -80,6 +80,16 @@ pub(crate) fn gemm_col2im_wins(tg: &TransposedGeometry) -> bool {
     !small_groups && (cout_g < 16 || tg.h.input * tg.w.input < cin_g)
 }
 
+/// Whether col2im is the identity: a 1×1 kernel at stride 1 with no offset
+/// and the output as large as the input. The GEMM then writes the output in
+/// place, with bias and activation in its store, one GEMM per image and
+/// group.
+fn col2im_is_identity(tg: &TransposedGeometry) -> bool {
+    let identity =
+        |a: &TransposedAxis| a.kernel == 1 && a.stride == 1 && a.offset == 0 && a.output == a.input;
+    identity(&tg.h) && identity(&tg.w)
+}
+
 /// Rows of each group's GEMM: `C_out/g·R·S`.
 pub(crate) fn gemm_rows(tg: &TransposedGeometry) -> usize {
     tg.out_per_group() * tg.h.kernel * tg.w.kernel
@@ -98,11 +108,7 @@ pub(crate) fn pack_weights(
     let mut transposed = super::zeroed("plan weights", rows * depth)?;
     for (grp, dst) in packed.chunks_exact_mut(len).enumerate() {
         let block = &weight[grp * depth * rows..][..depth * rows];
-        for (k, row) in block.chunks_exact(rows).enumerate() {
-            for (m, &v) in row.iter().enumerate() {
-                transposed[m * depth + k] = v;
-            }
-        }
+        crate::gemm::transpose::transpose(block, rows, depth, rows, &mut transposed, depth);
         PackedA::pack(&transposed, rows, depth, mr, dst);
     }
     Ok(packed)
@@ -288,18 +294,7 @@ pub(crate) fn transposed_gemm(
     let plane = tg.h.input * tg.w.input;
     let out_plane = tg.h.output * tg.w.output;
     let cout_g = tg.out_per_group();
-    // A 1×1 kernel at stride 1 with no offset and the output as large as
-    // the input: col2im is the identity, so the GEMM writes the output in
-    // place, with bias and activation in its store.
-    let identity =
-        |a: &TransposedAxis| a.kernel == 1 && a.stride == 1 && a.offset == 0 && a.output == a.input;
-    let in_place = identity(&tg.h) && identity(&tg.w);
-    // With raw weights, a plane of fewer pixels than the weights have rows
-    // makes packing Wᵀ the larger cost (r50_last1x1's grad input: 512 × 2048
-    // weights against 49 pixels); the transposed product reads W in place
-    // instead. Its epilogue would need a bias per column, so only without
-    // bias or clamp (a grad input has neither).
-    let swap = in_place && plane < rows && bias.is_none() && options.activation.bounds().is_none();
+    let in_place = col2im_is_identity(tg);
     // The column matrix in chunks of whole input rows that stay in L2
     // between the GEMM that writes them and the col2im that reads them.
     let chunk_rows = col_chunk_rows(tg, options);
@@ -320,9 +315,7 @@ pub(crate) fn transposed_gemm(
         Vec::new()
     };
     let mut col = Vec::new();
-    if swap {
-        column_matrix(&mut col, rows * plane)?;
-    } else if !in_place {
+    if !in_place {
         column_matrix(&mut col, rows * chunk_rows * tg.w.input)?;
     }
     let gemm_opts = options.gemm_options(options.parallelism);
@@ -334,55 +327,6 @@ pub(crate) fn transposed_gemm(
             for grp in 0..tg.groups {
                 let x = &input[(n * tg.in_channels + grp * depth) * plane..][..depth * plane];
                 let y = &mut image[grp * cout_g * out_plane..][..cout_g * out_plane];
-                if let (TransposedWeights::Raw(w), true) = (weights, swap) {
-                    // Yᵀ = Xᵀ·W: the weights, read in place as B, are never
-                    // packed; only the few pixels' Xᵀ are.
-                    let w = &w[grp * depth * rows..][..depth * rows];
-                    let a = ASource::Strided(StridedMatrix {
-                        ptr: x.as_ptr(),
-                        rs: 1,
-                        cs: plane as isize,
-                    });
-                    let b = StridedMatrix {
-                        ptr: w.as_ptr(),
-                        rs: rows as isize,
-                        cs: 1,
-                    };
-                    // Yᵀ lands row-major in `col` (a column-major C would be
-                    // turned back into the packed product by the driver),
-                    // then is transposed into the planes: H·W·C_out/g
-                    // floats, few next to the weights.
-                    let c = StridedC {
-                        ptr: col.as_mut_ptr(),
-                        rs: rows as isize,
-                        cs: 1,
-                    };
-                    // SAFETY: A is the group's H·W × C_in/g transposed input
-                    // planes, B its C_in/g × C_out/g weight block (row-major
-                    // as the weight lies), C `col` (plane × rows, exclusively
-                    // ours); no bias or clamp (`swap` requires it); β = 0.
-                    unsafe {
-                        gemm_with_epilogue(
-                            plane,
-                            depth,
-                            rows,
-                            1.0,
-                            &a,
-                            &b,
-                            0.0,
-                            c,
-                            &Epilogue::NONE,
-                            &gemm_opts,
-                            None,
-                        )
-                    };
-                    for (co, y) in y.chunks_exact_mut(out_plane).enumerate() {
-                        for (p, v) in y.iter_mut().enumerate() {
-                            *v = col[p * rows + co];
-                        }
-                    }
-                    continue;
-                }
                 let b = StridedMatrix {
                     ptr: x.as_ptr(),
                     rs: plane as isize,
@@ -542,7 +486,11 @@ pub(crate) fn transposed_gemm_raw(
 ) -> Result<(), ConvError> {
     // One GEMM per image, group and chunk of rows: a raw A would be packed
     // again in each.
-    let gemms = tg.batch * tg.h.input.div_ceil(col_chunk_rows(tg, options));
+    let gemms = if col2im_is_identity(tg) {
+        tg.batch
+    } else {
+        tg.batch * tg.h.input.div_ceil(col_chunk_rows(tg, options))
+    };
     if gemms == 1 || options.backend != GemmBackend::Native {
         return transposed_gemm(
             tg,
