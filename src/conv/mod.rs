@@ -405,6 +405,17 @@ impl Conv2d {
     /// the convolution is padded, they hand the call to `DirectSimd`, which
     /// skips padding taps. Checking costs one pass over the weights.
     pub(crate) fn resolve_algorithm(&self, requested: Algorithm, weight: &[f32]) -> Algorithm {
+        self.resolve_algorithm_with(requested, || all_finite(weight))
+    }
+
+    /// [`Conv2d::resolve_algorithm`] with the weights' check given as
+    /// `finite` (asked only where the answer matters): callers holding
+    /// several convolutions of one weight tensor check it once.
+    pub(crate) fn resolve_algorithm_with(
+        &self,
+        requested: Algorithm,
+        finite: impl FnOnce() -> bool,
+    ) -> Algorithm {
         let algorithm = match requested {
             Algorithm::Auto => self.auto_algorithm(),
             a => a,
@@ -413,7 +424,7 @@ impl Conv2d {
             algorithm,
             Algorithm::Im2col | Algorithm::Implicit | Algorithm::DirectDense
         );
-        if multiplies_padding && self.geom.padding != Padding::ZERO && !all_finite(weight) {
+        if multiplies_padding && self.geom.padding != Padding::ZERO && !finite() {
             Algorithm::DirectSimd
         } else {
             algorithm

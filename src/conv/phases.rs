@@ -335,7 +335,7 @@ pub(crate) fn gather_weights(
 fn gather_packed(
     tg: &TransposedGeometry,
     phase: &Phase,
-    weight: &[f32],
+    by_tap: &[f32],
     mr: usize,
     dst: &mut [f32],
     threads: usize,
@@ -348,7 +348,7 @@ fn gather_packed(
     let fill = |index: usize, panel: &mut [f32]| {
         let (grp, q) = (index / panels, index % panels);
         let rows = mr.min(cout_g - q * mr);
-        pack_phase_panel(tg, &taps, weight, grp, q * mr..q * mr + rows, mr, panel);
+        pack_phase_panel(tg, &taps, by_tap, grp, q * mr..q * mr + rows, mr, panel);
     };
     let dst = &mut dst[..tg.groups * panels * depth * mr];
     if threads > 1 && tg.groups * panels > 1 {
@@ -364,18 +364,76 @@ fn gather_packed(
     }
 }
 
-/// One panel of a phase's weights, gathered and packed in one pass: for the
+/// The weight `[C_in, C_out/g, R, S]` with each input channel's block
+/// transposed to `[R·S, C_out/g]` (4×4 SIMD tiles): every window tap's
+/// output channels one contiguous run, which each phase's panels then copy
+/// whole. Built once per call for all the phases; packing each phase from
+/// the weight itself, a tap at a time at a stride of `R·S` floats (or
+/// transposing all taps per phase), took r50_3x3_s2's grad input about
+/// 300 µs of 1.4 ms.
+pub(crate) fn weights_by_tap(tg: &TransposedGeometry, weight: &[f32]) -> Result<ByTap, ConvError> {
+    let window = tg.h.kernel * tg.w.kernel;
+    let block = tg.out_per_group() * window;
+    // The calling thread's buffer from its last call: a fresh one each call
+    // faulted its pages in again (184 µs of the 590 KB for r50_3x3_s2).
+    let mut data = BY_TAP.with(|b| std::mem::take(&mut *b.borrow_mut()));
+    if data.capacity() < weight.len() {
+        data = super::try_with_capacity("transposed convolution weights by tap", weight.len())?;
+    }
+    data.resize(weight.len(), 0.0);
+    for (from, to) in weight.chunks_exact(block).zip(data.chunks_exact_mut(block)) {
+        crate::gemm::transpose::transpose(
+            from,
+            window,
+            tg.out_per_group(),
+            window,
+            to,
+            tg.out_per_group(),
+        );
+    }
+    Ok(ByTap { data })
+}
+
+thread_local! {
+    /// [`weights_by_tap`]'s buffer, kept for the thread's next call.
+    static BY_TAP: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// The weights by tap, whose buffer goes back to the thread for its next
+/// call when dropped.
+pub(crate) struct ByTap {
+    data: Vec<f32>,
+}
+
+impl std::ops::Deref for ByTap {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        &self.data
+    }
+}
+
+impl Drop for ByTap {
+    fn drop(&mut self) {
+        let data = std::mem::take(&mut self.data);
+        BY_TAP.with(|b| {
+            let mut kept = b.borrow_mut();
+            if kept.capacity() < data.capacity() {
+                *kept = data;
+            }
+        });
+    }
+}
+
+/// One panel of a phase's weights, packed from [`weights_by_tap`]: for the
 /// output channels `channels` of group `grp` (at most `width`), the value
 /// that input channel `k` gives sub-kernel tap `t` of output channel
 /// `channels.start + lane` at `(k·T + t)·width + lane`, lanes past the
 /// channels zero. The layout of a GEMM A panel of `width` rows and of a
-/// dense-tile block alike. For each input channel the output channels are
-/// one contiguous run of the weight, and each tap writes one contiguous
-/// stretch of the panel, so neither side strides across memory.
+/// dense-tile block alike; each tap is one contiguous copy.
 fn pack_phase_panel(
     tg: &TransposedGeometry,
     taps: &[usize],
-    weight: &[f32],
+    by_tap: &[f32],
     grp: usize,
     channels: std::ops::Range<usize>,
     width: usize,
@@ -384,19 +442,12 @@ fn pack_phase_panel(
     let (cin_g, cout_g) = (tg.in_per_group(), tg.out_per_group());
     let window = tg.h.kernel * tg.w.kernel;
     let (nt, rows) = (taps.len(), channels.len());
-    // Per input channel, the `rows × window` block of the weight is
-    // transposed (4×4 SIMD tiles) into `by_tap`, one run of `rows` floats
-    // per window tap, which each sub-kernel tap then copies whole, rather
-    // than gathering every tap with a stride of `window` floats.
-    let mut by_tap = vec![0.0; window * rows];
     for k in 0..cin_g {
-        let from =
-            &weight[((grp * cin_g + k) * cout_g + channels.start) * window..][..rows * window];
-        crate::gemm::transpose::transpose(from, window, rows, window, &mut by_tap, rows);
+        let from = &by_tap[(grp * cin_g + k) * cout_g * window..][..cout_g * window];
         let to = &mut panel[k * nt * width..][..nt * width];
         for (lane, &tap) in to.chunks_exact_mut(width).zip(taps) {
             let (real, pad) = lane.split_at_mut(rows);
-            real.copy_from_slice(&by_tap[tap * rows..][..rows]);
+            real.copy_from_slice(&from[tap * cout_g + channels.start..][..rows]);
             pad.fill(0.0);
         }
     }
@@ -407,11 +458,11 @@ fn pack_phase_panel(
 fn dense_filler<'a>(
     tg: &'a TransposedGeometry,
     phase: &Phase,
-    weight: &'a [f32],
+    by_tap: &'a [f32],
 ) -> impl Fn(usize, std::ops::Range<usize>, usize, &mut [f32]) + Sync + 'a {
     let taps = tap_offsets(tg, phase);
     move |grp, channels, block, panel| {
-        pack_phase_panel(tg, &taps, weight, grp, channels, block, panel)
+        pack_phase_panel(tg, &taps, by_tap, grp, channels, block, panel)
     }
 }
 
@@ -629,12 +680,18 @@ pub(crate) fn transposed_forward(
     // the GEMM lowerings on the native engine, the kernel they are packed for.
     let mut runs = Vec::with_capacity(phases.len());
     let mut weights_len = 0;
+    // One pass over the weights for every phase's check, one transpose for
+    // every phase's packing.
+    let finite = std::cell::OnceCell::new();
+    let mut by_tap = None;
     for phase in &phases {
         let Some(conv) = &phase.conv else {
             runs.push(None);
             continue;
         };
-        let algorithm = conv.resolve_algorithm(options.algorithm, weight);
+        let algorithm = conv.resolve_algorithm_with(options.algorithm, || {
+            *finite.get_or_init(|| super::all_finite(weight))
+        });
         let g = conv.geometry();
         let packed_mr = (matches!(algorithm, Algorithm::Im2col | Algorithm::Implicit)
             && options.backend == GemmBackend::Native)
@@ -649,8 +706,12 @@ pub(crate) fn transposed_forward(
                 .mr
             });
         // The dense tile packs its own layout straight from `weight`.
+        let packs = algorithm == Algorithm::DirectDense || packed_mr.is_some();
+        if packs && by_tap.is_none() {
+            by_tap = Some(weights_by_tap(tg, weight)?);
+        }
         let dense = if algorithm == Algorithm::DirectDense {
-            let fill = dense_filler(tg, phase, weight);
+            let fill = dense_filler(tg, phase, by_tap.as_deref().unwrap_or_default());
             let threads = options.parallelism.max_threads();
             super::direct_simd::DensePrepared::with_weights(
                 g,
@@ -683,7 +744,14 @@ pub(crate) fn transposed_forward(
         if let Some((_, packed_mr, range, None)) = run {
             let dst = &mut gathered[range.clone()];
             match packed_mr {
-                Some(mr) => gather_packed(tg, phase, weight, *mr, dst, threads),
+                Some(mr) => gather_packed(
+                    tg,
+                    phase,
+                    by_tap.as_deref().unwrap_or_default(),
+                    *mr,
+                    dst,
+                    threads,
+                ),
                 None => gather_weights(tg, phase, weight, dst),
             }
         }
