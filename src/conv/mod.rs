@@ -13,6 +13,7 @@ pub(crate) mod implicit;
 pub mod measure;
 pub(crate) mod phases;
 pub mod plan;
+pub(crate) mod scratch;
 pub mod transpose;
 pub(crate) mod transposed_gemm;
 pub mod wisdom;

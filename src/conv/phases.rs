@@ -32,7 +32,8 @@
 //! and scattered.
 
 use super::gemm_lowering::{forward_gemm, packed_group_len, Lowering, Weights};
-use super::{try_with_capacity, zeroed, Algorithm, Conv2d, ForwardOptions};
+use super::scratch::Scratch;
+use super::{try_with_capacity, Algorithm, Conv2d, ForwardOptions};
 use crate::error::ConvError;
 use crate::gemm::engine::select_kernel;
 use crate::gemm::{Activation, GemmBackend, Parallelism};
@@ -371,17 +372,17 @@ fn gather_packed(
 /// the weight itself, a tap at a time at a stride of `R·S` floats (or
 /// transposing all taps per phase), took r50_3x3_s2's grad input about
 /// 300 µs of 1.4 ms.
-pub(crate) fn weights_by_tap(tg: &TransposedGeometry, weight: &[f32]) -> Result<ByTap, ConvError> {
+pub(crate) fn weights_by_tap(
+    tg: &TransposedGeometry,
+    weight: &[f32],
+) -> Result<Scratch, ConvError> {
     let window = tg.h.kernel * tg.w.kernel;
     let block = tg.out_per_group() * window;
-    // The calling thread's buffer from its last call: a fresh one each call
-    // faulted its pages in again (184 µs of the 590 KB for r50_3x3_s2).
-    let mut data = BY_TAP.with(|b| std::mem::take(&mut *b.borrow_mut()));
-    if data.capacity() < weight.len() {
-        data = super::try_with_capacity("transposed convolution weights by tap", weight.len())?;
-    }
-    data.resize(weight.len(), 0.0);
-    for (from, to) in weight.chunks_exact(block).zip(data.chunks_exact_mut(block)) {
+    let mut by_tap = Scratch::any("transposed convolution weights by tap", weight.len())?;
+    for (from, to) in weight
+        .chunks_exact(block)
+        .zip(by_tap.chunks_exact_mut(block))
+    {
         crate::gemm::transpose::transpose(
             from,
             window,
@@ -391,37 +392,7 @@ pub(crate) fn weights_by_tap(tg: &TransposedGeometry, weight: &[f32]) -> Result<
             tg.out_per_group(),
         );
     }
-    Ok(ByTap { data })
-}
-
-thread_local! {
-    /// [`weights_by_tap`]'s buffer, kept for the thread's next call.
-    static BY_TAP: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
-/// The weights by tap, whose buffer goes back to the thread for its next
-/// call when dropped.
-pub(crate) struct ByTap {
-    data: Vec<f32>,
-}
-
-impl std::ops::Deref for ByTap {
-    type Target = [f32];
-    fn deref(&self) -> &[f32] {
-        &self.data
-    }
-}
-
-impl Drop for ByTap {
-    fn drop(&mut self) {
-        let data = std::mem::take(&mut self.data);
-        BY_TAP.with(|b| {
-            let mut kept = b.borrow_mut();
-            if kept.capacity() < data.capacity() {
-                *kept = data;
-            }
-        });
-    }
+    Ok(by_tap)
 }
 
 /// One panel of a phase's weights, packed from [`weights_by_tap`]: for the
@@ -736,9 +707,9 @@ pub(crate) fn transposed_forward(
         )));
         weights_len += len;
     }
-    let mut gathered = zeroed("transposed convolution phase weights", weights_len)?;
+    let mut gathered = Scratch::zeroed("transposed convolution phase weights", weights_len)?;
     let scratch_len = scratch_len(tg, &phases);
-    let mut scratch = zeroed("transposed convolution phase planes", scratch_len)?;
+    let mut scratch = Scratch::zeroed("transposed convolution phase planes", scratch_len)?;
     let threads = options.parallelism.max_threads();
     for (phase, run) in phases.iter().zip(&runs) {
         if let Some((_, packed_mr, range, None)) = run {
@@ -869,7 +840,7 @@ impl PlannedPhases {
     }
 
     pub(crate) fn forward(&self, input: &[f32], output: &mut [f32]) -> Result<(), ConvError> {
-        let mut scratch = zeroed("transposed convolution phase planes", self.scratch_len)?;
+        let mut scratch = Scratch::zeroed("transposed convolution phase planes", self.scratch_len)?;
         let (act, bias) = (self.activation, self.bias.as_deref());
         let value = |c: usize| act.apply(bias.map_or(0.0, |b| b[c]));
         run_phases(

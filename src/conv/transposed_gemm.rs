@@ -14,8 +14,8 @@
 //! GEMM's packing to pay; `ConvTranspose2d`'s `Auto` and the input
 //! gradient's pick between them.
 
-use super::gemm_lowering::column_matrix;
 use super::phases::{TransposedAxis, TransposedGeometry};
+use super::scratch::Scratch;
 use super::ForwardOptions;
 use crate::error::ConvError;
 use crate::gemm::engine::select_kernel;
@@ -105,7 +105,7 @@ pub(crate) fn pack_weights(
     let (rows, depth) = (gemm_rows(tg), tg.in_per_group());
     let len = PackedA::<f32>::packed_len(rows, depth, mr);
     let mut packed = super::zeroed("plan weights", len * tg.groups)?;
-    let mut transposed = super::zeroed("plan weights", rows * depth)?;
+    let mut transposed = Scratch::any("plan weights", rows * depth)?;
     for (grp, dst) in packed.chunks_exact_mut(len).enumerate() {
         let block = &weight[grp * depth * rows..][..depth * rows];
         crate::gemm::transpose::transpose(block, rows, depth, rows, &mut transposed, depth);
@@ -306,18 +306,23 @@ pub(crate) fn transposed_gemm(
     } else {
         PlaneLayout::phased(tg)
     };
-    let mut phased = if layout.phases > 1 {
-        super::zeroed(
-            "transposed convolution column phases",
-            tg.out_channels * layout.channel_len(tg),
-        )?
-    } else {
-        Vec::new()
-    };
-    let mut col = Vec::new();
-    if !in_place {
-        column_matrix(&mut col, rows * chunk_rows * tg.w.input)?;
-    }
+    let mut phased = Scratch::zeroed(
+        "transposed convolution column phases",
+        if layout.phases > 1 {
+            tg.out_channels * layout.channel_len(tg)
+        } else {
+            0
+        },
+    )?;
+    // Each chunk's GEMM writes the whole of its part (β = 0).
+    let mut col = Scratch::any(
+        "im2col column matrix",
+        if in_place {
+            0
+        } else {
+            rows * chunk_rows * tg.w.input
+        },
+    )?;
     let gemm_opts = options.gemm_options(options.parallelism);
     for (n, image) in output
         .chunks_exact_mut(tg.out_channels * out_plane)
