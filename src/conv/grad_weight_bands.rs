@@ -37,19 +37,21 @@
 //! every task has finished, so such a call falls back with nothing written.
 //!
 //! Measured (1 thread AVX-512, Zen 5, shared machine, one process, the two
-//! paths alternating, median of 11, GFLOP/s on the forward's FLOPs):
+//! paths alternating, median of 11, GFLOP/s on the forward's FLOPs), after
+//! the stride-2 bands were de-interleaved in one pass and `dYᵀ`'s rows
+//! spaced an odd number of lines:
 //!
 //! | layer (N×C×H² → K)              | column chunk | bands |
 //! |---------------------------------|--------------|-------|
-//! | r50_3x3 1×64×56² → 64           | 178          | 191   |
-//! | r50_3x3_s2 1×128×56² → 128, /2  | 155          | 157   |
-//! | dilated 1×64×56² → 64, d2       | 174          | 182   |
-//! | batch16 16×32×32² → 64          | 159          | 173   |
-//! | 8×64×28² → 64                   | 161          | 180   |
+//! | r50_3x3 1×64×56² → 64           | 197          | 208   |
+//! | r50_3x3_s2 1×128×56² → 128, /2  | 184          | 187   |
+//! | dilated 1×64×56² → 64, d2       | 196          | 201   |
+//! | batch16 16×32×32² → 64          | 182          | 194   |
+//! | 8×64×28² → 64                   | 178          | 196   |
 //!
-//! What is left on r50_3x3 (1 thread, µs of 1156): the GEMMs 1028, the
-//! transposes of dYᵀ 41, the bands 27 (at stride 2 a de-interleave: 116 of
-//! r50_3x3_s2's 1342).
+//! A band must fit L2, which every tap's GEMM reads it from: 256 → 512
+//! channels at stride 2 on 56² (a 1.8 MB band) ran 172 on bands against
+//! 187 on the column chunk, and keeps the column chunk.
 //!
 //! `CPUCONV_GW_NO_BANDS` (any value, read at each call) sends every call to
 //! the column chunk, for measuring one against the other in one process.
@@ -140,6 +142,13 @@ impl Bands {
         if (channel_stride / 16).is_multiple_of(2) {
             channel_stride += 16;
         }
+        // The band of a whole group must fit L2 (see the module doc).
+        let band_bytes = (phases.len() * g.channels_per_group())
+            .saturating_mul(channel_stride)
+            .saturating_mul(std::mem::size_of::<f32>());
+        if band_bytes > crate::gemm::cache::cache_hierarchy().l2.per_core() {
+            return None;
+        }
         let kg = g.out_channels_per_group();
         let k_block = kg.div_ceil(kg.div_ceil(nc.max(1)));
         Some(Bands {
@@ -156,6 +165,101 @@ impl Bands {
     /// Floats of the band of `channels` channels.
     fn band_len(&self, channels: usize) -> usize {
         self.phases.len() * channels * self.channel_stride
+    }
+}
+
+/// A row stride for `n` floats: whole cache lines, an odd number of them,
+/// so that the rows of a block read in place spread over every set (512
+/// output channels, 2 KiB rows, crowded a few sets: 256 → 512 channels at
+/// stride 2 on 56² ran 170 GFLOP/s on bands against 183 on the column
+/// chunk).
+fn odd_lines(n: usize) -> usize {
+    let ld = n.next_multiple_of(16);
+    if (ld / 16).is_multiple_of(2) {
+        ld + 16
+    } else {
+        ld
+    }
+}
+
+/// Chunks `i` and `j` (≠ `i`) of `len` floats of `band`, both mutable.
+fn two_mut(band: &mut [f32], i: usize, j: usize, len: usize) -> (&mut [f32], &mut [f32]) {
+    if i < j {
+        let (lo, hi) = band.split_at_mut(j * len);
+        (&mut lo[i * len..][..len], &mut hi[..len])
+    } else {
+        let (lo, hi) = band.split_at_mut(i * len);
+        (&mut hi[..len], &mut lo[j * len..][..len])
+    }
+}
+
+/// One phase row: `out[j] = src[j·σ + shift]` where that is inside the
+/// input row `src`, 0 elsewhere (and everywhere for a padding row, `None`).
+fn fill_phase_row(src: Option<&[f32]>, stride: usize, shift: isize, out: &mut [f32]) {
+    let Some(src) = src else {
+        out.fill(0.0);
+        return;
+    };
+    let (j_lo, j_hi) = super::im2col::valid_range(out.len(), stride, shift, src.len());
+    if j_lo >= j_hi {
+        out.fill(0.0);
+        return;
+    }
+    out[..j_lo].fill(0.0);
+    out[j_hi..].fill(0.0);
+    let x0 = (j_lo as isize * stride as isize + shift) as usize;
+    let last = j_hi - 1 - j_lo;
+    out[j_hi - 1] = src[x0 + last * stride];
+    let out = &mut out[j_lo..j_hi - 1];
+    // Every σ-th float from x0, the last one apart so that whole strides
+    // cover the rest: with the stride a constant, the compiler turns the
+    // gathers into shuffles (a strided loop of σ = 2 took 0.46 ns a float).
+    match stride {
+        1 => out.copy_from_slice(&src[x0..x0 + last]),
+        2 => gather_every::<2>(&src[x0..], out),
+        3 => gather_every::<3>(&src[x0..], out),
+        4 => gather_every::<4>(&src[x0..], out),
+        sw => {
+            for (o, &v) in out.iter_mut().zip(src[x0..].iter().step_by(sw)) {
+                *o = v;
+            }
+        }
+    }
+}
+
+/// The two column phases of one row at stride 2: `even[j] = src[2j − pl]`,
+/// `odd[j] = src[2j + 1 − pl]`, 0 outside the row; the pairs both phases
+/// take from inside it in one de-interleaving pass.
+fn fill_pair_row(src: &[f32], pl: isize, even: &mut [f32], odd: &mut [f32]) {
+    let (lo0, hi0) = super::im2col::valid_range(even.len(), 2, -pl, src.len());
+    let (lo1, hi1) = super::im2col::valid_range(odd.len(), 2, 1 - pl, src.len());
+    let (a, b) = (lo0.max(lo1), hi0.min(hi1));
+    if a >= b {
+        fill_phase_row(Some(src), 2, -pl, even);
+        fill_phase_row(Some(src), 2, 1 - pl, odd);
+        return;
+    }
+    // The pairs: input columns 2j − pl and 2j + 1 − pl, both inside.
+    let x = (2 * a as isize - pl) as usize;
+    for ((e, o), pair) in even[a..b]
+        .iter_mut()
+        .zip(odd[a..b].iter_mut())
+        .zip(src[x..x + 2 * (b - a)].chunks_exact(2))
+    {
+        *e = pair[0];
+        *o = pair[1];
+    }
+    // The few positions outside the pairs, one at a time.
+    let at = |j: usize, shift: isize, lo: usize, hi: usize| {
+        if (lo..hi).contains(&j) {
+            src[(2 * j as isize + shift) as usize]
+        } else {
+            0.0
+        }
+    };
+    for j in (0..a).chain(b..even.len()) {
+        even[j] = at(j, -pl, lo0, hi0);
+        odd[j] = at(j, 1 - pl, lo1, hi1);
     }
 }
 
@@ -221,7 +325,7 @@ pub(crate) fn backward_weight_bands(
     let task_c = max_channels * max_taps * bands.k_block;
     let sizes = Sizes {
         band: bands.band_len(max_channels),
-        bt: bands.rows * bands.wq * bands.k_block,
+        bt: bands.rows * bands.wq * odd_lines(bands.k_block),
         c: task_c * split(tasks, 1, threads, 0).1,
     };
     let mut workspaces = POOL.with(|pool| std::mem::take(&mut *pool.borrow_mut()));
@@ -417,10 +521,11 @@ impl Context<'_> {
                 if !self.fill_band(image, t.mc, oh0, rows, band) {
                     return false;
                 }
-                self.fill_grad_output_t(n, t.grp * kg + t.k0, t.nk, oh0, rows, bt);
+                let ldb = odd_lines(t.nk);
+                self.fill_grad_output_t(n, t.grp * kg + t.k0, t.nk, oh0, rows, ldb, bt);
                 let bsrc = StridedMatrix {
                     ptr: bt.as_ptr(),
-                    rs: t.nk as isize,
+                    rs: ldb as isize,
                     cs: 1,
                 };
                 let beta = if first { 0.0 } else { 1.0 };
@@ -520,43 +625,52 @@ impl Context<'_> {
     ) -> bool {
         let (g, b) = (self.g, self.bands);
         let (pt, pl) = (g.padding.top as isize, g.padding.left as isize);
+        let width = (rows + b.halo) * b.wq;
         for (pi, &(ph, pw)) in b.phases.iter().enumerate() {
-            // Phase column j reads input column j·σ_w + pw − pl.
-            let shift = pw as isize - pl;
-            let (j_lo, j_hi) = super::im2col::valid_range(b.wq, g.stride_w, shift, g.in_w);
+            // At stride 2 the two column phases of a row phase are built in
+            // one pass over each input row, de-interleaving its pairs (each
+            // phase on its own read every row twice, one float in two: 116
+            // µs of r50_3x3_s2's grad weight of 1.34 ms).
+            let partner = (g.stride_w == 2)
+                .then(|| b.phases.iter().position(|&q| q == (ph, 1 - pw)))
+                .flatten();
+            if pw == 1 && partner.is_some() {
+                continue;
+            }
             for c in 0..channels {
                 let plane = &image[c * g.in_plane()..][..g.in_plane()];
-                let dst = &mut band[(pi * channels + c) * b.channel_stride..][..b.channel_stride];
-                for (i, out) in dst.chunks_exact_mut(b.wq).take(rows + b.halo).enumerate() {
-                    let y = ((oh0 + i) * g.stride_h + ph) as isize - pt;
-                    if y < 0 || y >= g.in_h as isize || j_lo >= j_hi {
-                        out.fill(0.0);
-                        continue;
+                let (dst, mut other) = match partner {
+                    Some(qi) => {
+                        let (a, b2) =
+                            two_mut(band, pi * channels + c, qi * channels + c, b.channel_stride);
+                        (a, Some(b2))
                     }
-                    let src = &plane[y as usize * g.in_w..][..g.in_w];
-                    out[..j_lo].fill(0.0);
-                    out[j_hi..].fill(0.0);
-                    let x0 = (j_lo as isize * g.stride_w as isize + shift) as usize;
-                    let last = j_hi - 1 - j_lo;
-                    out[j_hi - 1] = src[x0 + last * g.stride_w];
-                    let out = &mut out[j_lo..j_hi - 1];
-                    // Every σ_w-th float from x0, the last one apart so that
-                    // whole strides cover the rest: with the stride a
-                    // constant, the compiler turns the gathers into shuffles
-                    // (a strided loop of σ_w = 2 took 0.46 ns a float).
-                    match g.stride_w {
-                        1 => out.copy_from_slice(&src[x0..x0 + last]),
-                        2 => gather_every::<2>(&src[x0..], out),
-                        3 => gather_every::<3>(&src[x0..], out),
-                        4 => gather_every::<4>(&src[x0..], out),
-                        sw => {
-                            for (o, &v) in out.iter_mut().zip(src[x0..].iter().step_by(sw)) {
-                                *o = v;
+                    None => (
+                        &mut band[(pi * channels + c) * b.channel_stride..][..b.channel_stride],
+                        None,
+                    ),
+                };
+                for i in 0..rows + b.halo {
+                    let out = &mut dst[i * b.wq..][..b.wq];
+                    let y = ((oh0 + i) * g.stride_h + ph) as isize - pt;
+                    let src = (y >= 0 && y < g.in_h as isize)
+                        .then(|| &plane[y as usize * g.in_w..][..g.in_w]);
+                    match (&mut other, src) {
+                        (Some(odd), Some(src)) => {
+                            fill_pair_row(src, pl, out, &mut odd[i * b.wq..][..b.wq]);
+                        }
+                        (odd, src) => {
+                            fill_phase_row(src, g.stride_w, pw as isize - pl, out);
+                            if let Some(odd) = odd {
+                                fill_phase_row(src, 2, 1 - pl, &mut odd[i * b.wq..][..b.wq]);
                             }
                         }
                     }
                 }
-                if !super::all_finite(&dst[..(rows + b.halo) * b.wq]) {
+                let odd_finite = other
+                    .as_ref()
+                    .is_none_or(|o| super::all_finite(&o[..width]));
+                if !odd_finite || !super::all_finite(&dst[..width]) {
                     return false;
                 }
             }
@@ -565,8 +679,9 @@ impl Context<'_> {
     }
 
     /// `dYᵀ` of image `n`, output channels `k0..k0 + nk`, output rows
-    /// `oh0..oh0 + rows`, as a row-major `rows·W_q × nk` block, the junk
-    /// positions' rows zero.
+    /// `oh0..oh0 + rows`, as a row-major `rows·W_q × nk` block with rows
+    /// `ldb` apart, the junk positions' rows zero.
+    #[allow(clippy::too_many_arguments)]
     fn fill_grad_output_t(
         &self,
         n: usize,
@@ -574,15 +689,18 @@ impl Context<'_> {
         nk: usize,
         oh0: usize,
         rows: usize,
+        ldb: usize,
         bt: &mut [f32],
     ) {
         let (g, b) = (self.g, self.bands);
         let plane = g.out_plane();
         let dy = &self.grad_output[(n * g.out_channels + k0) * plane..][..nk * plane];
         for i in 0..rows {
-            let dst = &mut bt[i * b.wq * nk..][..b.wq * nk];
-            transpose(&dy[(oh0 + i) * g.out_w..], plane, nk, g.out_w, dst, nk);
-            dst[g.out_w * nk..].fill(0.0);
+            let dst = &mut bt[i * b.wq * ldb..][..b.wq * ldb];
+            transpose(&dy[(oh0 + i) * g.out_w..], plane, nk, g.out_w, dst, ldb);
+            for junk in dst[g.out_w * ldb..].chunks_exact_mut(ldb) {
+                junk[..nk].fill(0.0);
+            }
         }
     }
 }
