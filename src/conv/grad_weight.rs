@@ -381,18 +381,6 @@ fn taps_as_rows(
     };
     let tasks = g.groups * tap_blocks * channel_blocks;
     let threads = threads.min(tasks);
-    // Every buffer first, so that running out of memory writes nothing.
-    // They come from (and go back to) the calling thread's pool, so that
-    // calls after the first allocate nothing and fault in no fresh pages.
-    let mut workspaces = POOL.with(|pool| std::mem::take(&mut *pool.borrow_mut()));
-    workspaces.resize_with(workspaces.len().max(threads), Workspace::default);
-    if let Err(e) = workspaces[..threads]
-        .iter_mut()
-        .try_for_each(|ws| ws.reserve(&blocks))
-    {
-        POOL.with(|pool| *pool.borrow_mut() = workspaces);
-        return Err(e);
-    }
     let dw = StridedC {
         ptr: grad_weight.as_mut_ptr(),
         rs: kk as isize,
@@ -405,24 +393,22 @@ fn taps_as_rows(
         blocks: &blocks,
         options,
     };
-    let run = |t: usize, ws: &mut Workspace| {
-        let (lo, hi) = split(tasks, 1, threads, t);
-        for task in lo..hi {
-            // SAFETY: tasks write disjoint blocks of `grad_weight`, which is
-            // exclusively borrowed for the whole call.
-            unsafe { ctx.run(task, ws, dw) };
-        }
-    };
-    if threads == 1 {
-        run(0, &mut workspaces[0]);
-    } else {
-        workspaces[..threads]
-            .par_iter_mut()
-            .with_max_len(1)
-            .enumerate()
-            .for_each(|(t, ws)| run(t, ws));
-    }
-    POOL.with(|pool| *pool.borrow_mut() = workspaces);
+    with_pooled(
+        &POOL,
+        threads,
+        |ws| ws.reserve(&blocks),
+        |workspaces| {
+            on_each_thread(workspaces, |t, ws| {
+                let (lo, hi) = split(tasks, 1, threads, t);
+                for task in lo..hi {
+                    // SAFETY: tasks write disjoint blocks of `grad_weight`, which
+                    // is exclusively borrowed for the whole call.
+                    unsafe { ctx.run(task, ws, dw) };
+                }
+                true
+            })
+        },
+    )?;
     Ok(())
 }
 
@@ -439,6 +425,43 @@ thread_local! {
     /// The workspaces of the last call made on this thread, kept for the
     /// next one (one per thread it ran on; bounded by the blocking).
     static POOL: RefCell<Vec<Workspace>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` on `threads` workspaces taken from the calling thread's `pool`
+/// and given back to it after, so that calls after the first allocate
+/// nothing and fault in no fresh pages; each is first made ready by
+/// `reserve`, all of them before `f` runs, so that running out of memory
+/// writes nothing (the error is returned, `f` never runs).
+pub(super) fn with_pooled<W: Default, R>(
+    pool: &'static std::thread::LocalKey<RefCell<Vec<W>>>,
+    threads: usize,
+    reserve: impl Fn(&mut W) -> Result<(), ConvError>,
+    f: impl FnOnce(&mut [W]) -> R,
+) -> Result<R, ConvError> {
+    let mut workspaces = pool.with(|p| std::mem::take(&mut *p.borrow_mut()));
+    workspaces.resize_with(workspaces.len().max(threads), W::default);
+    let ready = workspaces[..threads].iter_mut().try_for_each(reserve);
+    let result = ready.map(|()| f(&mut workspaces[..threads]));
+    pool.with(|p| *p.borrow_mut() = workspaces);
+    result
+}
+
+/// `run(t, workspace t)` for each thread `t`: on the calling thread alone
+/// for one, otherwise one rayon task per workspace; whether every run
+/// returned `true`.
+pub(super) fn on_each_thread<W: Send>(
+    workspaces: &mut [W],
+    run: impl Fn(usize, &mut W) -> bool + Sync,
+) -> bool {
+    if let [one] = workspaces {
+        return run(0, one);
+    }
+    workspaces
+        .par_iter_mut()
+        .with_max_len(1)
+        .enumerate()
+        .map(|(t, ws)| run(t, ws))
+        .reduce(|| true, |a, b| a && b)
 }
 
 /// Makes `v` hold at least `len` floats, asking for new memory fallibly.

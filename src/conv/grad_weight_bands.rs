@@ -70,7 +70,7 @@
 //! buffers: bounded by the width of the image, never its height or the
 //! batch.
 
-use super::grad_weight::{grow, split};
+use super::grad_weight::{grow, on_each_thread, split, with_pooled};
 use super::BackwardOptions;
 use crate::error::ConvError;
 use crate::gemm::engine::{
@@ -79,7 +79,6 @@ use crate::gemm::engine::{
 use crate::gemm::transpose::{store_columns, transpose};
 use crate::gemm::{GemmBackend, Parallelism};
 use crate::geometry::ConvGeometry;
-use rayon::prelude::*;
 use std::cell::RefCell;
 
 /// How a call is cut into chunks and laid out in bands.
@@ -328,15 +327,6 @@ pub(crate) fn backward_weight_bands(
         bt: bands.rows * bands.wq * odd_lines(bands.k_block),
         c: task_c * split(tasks, 1, threads, 0).1,
     };
-    let mut workspaces = POOL.with(|pool| std::mem::take(&mut *pool.borrow_mut()));
-    workspaces.resize_with(workspaces.len().max(threads), Workspace::default);
-    if let Err(e) = workspaces[..threads]
-        .iter_mut()
-        .try_for_each(|ws| ws.reserve(&sizes))
-    {
-        POOL.with(|pool| *pool.borrow_mut() = workspaces);
-        return Err(e);
-    }
     let ctx = Context {
         g,
         input,
@@ -348,53 +338,41 @@ pub(crate) fn backward_weight_bands(
         tap_parts,
         mr: info.mr,
     };
-    // Every task's block of dWᵀ first, then (when every band was finite)
-    // the stores: dW is written only once nothing can fail any more.
-    let run = |t: usize, ws: &mut Workspace| {
-        let (lo, hi) = split(tasks, 1, threads, t);
-        let mut finite = true;
-        for task in lo..hi {
-            let Workspace { band, bt, c, pack } = ws;
-            let c = &mut c[(task - lo) * task_c..][..task_c];
-            finite &= ctx.run(task, band, bt, c, pack);
-        }
-        finite
+    let dw = StridedC {
+        ptr: grad_weight.as_mut_ptr(),
+        rs: 0,
+        cs: 1,
     };
-    let finite = if threads == 1 {
-        run(0, &mut workspaces[0])
-    } else {
-        workspaces[..threads]
-            .par_iter_mut()
-            .with_max_len(1)
-            .enumerate()
-            .map(|(t, ws)| run(t, ws))
-            .reduce(|| true, |a, b| a && b)
-    };
-    if finite {
-        let dw = StridedC {
-            ptr: grad_weight.as_mut_ptr(),
-            rs: 0,
-            cs: 1,
-        };
-        let store = |t: usize, ws: &Workspace| {
-            let (lo, hi) = split(tasks, 1, threads, t);
-            for task in lo..hi {
-                // SAFETY: tasks store disjoint elements of `grad_weight`,
-                // which is exclusively borrowed for the whole call.
-                unsafe { ctx.store(task, &ws.c[(task - lo) * task_c..][..task_c], dw) };
-            }
-        };
-        if threads == 1 {
-            store(0, &workspaces[0]);
-        } else {
-            workspaces[..threads]
-                .par_iter()
-                .with_max_len(1)
-                .enumerate()
-                .for_each(|(t, ws)| store(t, ws));
-        }
-    }
-    POOL.with(|pool| *pool.borrow_mut() = workspaces);
+    let finite = with_pooled(
+        &POOL,
+        threads,
+        |ws| ws.reserve(&sizes),
+        |workspaces| {
+            // Every task's block of dWᵀ first, then (when every band was
+            // finite) the stores: dW is written only once nothing can fail.
+            let finite = on_each_thread(workspaces, |t, ws| {
+                let (lo, hi) = split(tasks, 1, threads, t);
+                let mut finite = true;
+                for task in lo..hi {
+                    let Workspace { band, bt, c, pack } = ws;
+                    let c = &mut c[(task - lo) * task_c..][..task_c];
+                    finite &= ctx.run(task, band, bt, c, pack);
+                }
+                finite
+            });
+            finite
+                && on_each_thread(workspaces, |t, ws| {
+                    let (lo, hi) = split(tasks, 1, threads, t);
+                    for task in lo..hi {
+                        // SAFETY: tasks store disjoint elements of
+                        // `grad_weight`, which is exclusively borrowed for the
+                        // whole call.
+                        unsafe { ctx.store(task, &ws.c[(task - lo) * task_c..][..task_c], dw) };
+                    }
+                    true
+                })
+        },
+    )?;
     if finite {
         crate::testing::record_grad_weight_bands();
     }
