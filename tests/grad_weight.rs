@@ -228,7 +228,7 @@ fn medians(runs: usize, candidates: &mut [&mut dyn FnMut()]) -> Vec<f64> {
 /// `GW_LAYERS` (comma-separated names) choose what runs:
 ///
 /// Shapes the band path takes (`conv::grad_weight_bands`: at least 16
-/// input channels per group, a depth `N·OH·OW` of at least 512, junk
+/// input channels per group, a depth `N·OH·OW` of at least 384, junk
 /// columns at most 1/8 of the depth) and some just outside it: strides 1–2,
 /// dilations 1–2, asymmetric padding, both modes, 1–2 groups, batches
 /// crossing images, forced blockings whose KC cuts a chunk into one output

@@ -3,11 +3,11 @@
 //! over the batch, with no column matrix. Two orientations, chosen by the
 //! depth of the sum, `N·OH·OW` (the shape only, never the threads):
 //!
-//! * **Bands** (`grad_weight_bands.rs`, depth ≥ [`DEPTH_FOR_TAPS_AS_ROWS`],
+//! * **Bands** (`grad_weight_bands.rs`, depth ≥ [`depth_for_taps_as_rows`],
 //!   several taps, at least 16 input channels per group): `dWᵀ = col · dYᵀ`
 //!   one tap at a time, A read in place from a padded copy of a band of
 //!   input rows, so the input is copied once instead of once per tap.
-//! * **`dWᵀ = col · dYᵀ`** (depth ≥ [`DEPTH_FOR_TAPS_AS_ROWS`]): the taps
+//! * **`dWᵀ = col · dYᵀ`** (depth ≥ [`depth_for_taps_as_rows`]): the taps
 //!   are C's rows. The depth is cut into chunks of KC (crossing images);
 //!   per chunk, the column chunk of a block of taps (`≤ 4·MC × KC`) is
 //!   built by the same row filler as the forward (`im2col_rows`: shifted
@@ -108,7 +108,7 @@ pub(crate) fn backward_weight_implicit(
         }
         return Ok(());
     }
-    if g.batch * g.out_plane() < DEPTH_FOR_TAPS_AS_ROWS {
+    if g.batch * g.out_plane() < depth_for_taps_as_rows(g) {
         return by_images(g, input, grad_output, grad_weight, options, |image| {
             ColumnsT { g, image }
         });
@@ -127,8 +127,20 @@ pub(crate) fn backward_weight_implicit(
 const TAP_BLOCKS_OF_MC: usize = 4;
 
 /// Below this depth (`N·OH·OW`) dW is computed image by image as
-/// `dY · colᵀ`, otherwise as `col · dYᵀ` in chunks of the depth.
-const DEPTH_FOR_TAPS_AS_ROWS: usize = 512;
+/// `dY · colᵀ`, otherwise as `col · dYᵀ` in chunks of the depth: 512 for a
+/// pointwise kernel, 384 for a window. Measured (1 thread AVX-512, one
+/// process, alternating, GFLOP/s `dY · colᵀ` → `col · dYᵀ` or bands):
+/// 3×3 at depth 392–400 gained (2×256×14² → 256: 182 → 193; 8×512×7² →
+/// 512: 165 → 178; 1×128×20² → 128: 154 → 183) and at 196 lost
+/// (4×512×7²: 170 → 158); 1×1 lost at 392 and 294 (2×256×14² → 1024:
+/// 219 → 192; 6×512×7² → 2048: 171 → 143).
+fn depth_for_taps_as_rows(g: &ConvGeometry) -> usize {
+    if g.kernel_h * g.kernel_w == 1 {
+        512
+    } else {
+        384
+    }
+}
 
 // --- orientation 1: dW = dY · colᵀ per image, B a transposed im2col view ----------------
 
