@@ -354,24 +354,29 @@ fn non_finite_input_leaves_no_nan_in_taps_that_never_read_it() {
     let mut want = vec![0.0; g.weight_len()];
     conv.backward_weight(&x, &dy, &mut want, &BackwardOptions::new(Algorithm::Direct))
         .unwrap();
-    let o = BackwardOptions::new(Algorithm::Implicit).parallelism(Parallelism::Sequential);
-    let mut dw = vec![0.0; g.weight_len()];
-    let ((), trace) = traced(|| conv.backward_weight(&x, &dy, &mut dw, &o).unwrap());
-    assert_eq!(trace.grad_weight_bands, 0, "{trace:?}");
     let finite = want.iter().filter(|v| v.is_finite()).count();
     assert!(
         finite > 0 && finite < want.len(),
         "{finite} finite of {}",
         want.len()
     );
-    for (i, (&got, &exp)) in dw.iter().zip(&want).enumerate() {
-        if exp.is_finite() {
-            assert!(
-                (got - exp).abs() <= 1e-3 * (1.0 + exp.abs()),
-                "dW[{i}] = {got}, want {exp}"
-            );
-        } else {
-            assert!(!got.is_finite(), "dW[{i}] = {got}, want {exp}");
+    for isa in isas_under_test() {
+        let o = BackwardOptions::new(Algorithm::Implicit)
+            .isa(isa)
+            .parallelism(Parallelism::Sequential);
+        let mut dw = vec![0.0; g.weight_len()];
+        let ((), trace) = traced(|| conv.backward_weight(&x, &dy, &mut dw, &o).unwrap());
+        assert_eq!(trace.grad_weight_bands, 0, "{isa:?}: {trace:?}");
+        assert!(trace.gemm_ran_on(isa), "{isa:?}: {trace:?}");
+        for (i, (&got, &exp)) in dw.iter().zip(&want).enumerate() {
+            if exp.is_finite() {
+                assert!(
+                    (got - exp).abs() <= 1e-3 * (1.0 + exp.abs()),
+                    "{isa:?}: dW[{i}] = {got}, want {exp}"
+                );
+            } else {
+                assert!(!got.is_finite(), "{isa:?}: dW[{i}] = {got}, want {exp}");
+            }
         }
     }
 }

@@ -375,12 +375,7 @@ fn taps_as_rows(
         .div_ceil(span.div_ceil(info.kc))
         .next_multiple_of(8)
         .min(info.kc.max(8));
-    // Rows an odd number of cache lines apart, so that the rows of a chunk
-    // spread over all of L2's sets.
-    let mut ld = chunk.next_multiple_of(16);
-    if (ld / 16).is_multiple_of(2) {
-        ld += 16;
-    }
+    let ld = odd_lines(chunk);
     let blocks = Blocks {
         mr,
         in_place,
@@ -437,6 +432,18 @@ thread_local! {
     /// The workspaces of the last call made on this thread, kept for the
     /// next one (one per thread it ran on; bounded by the blocking).
     static POOL: RefCell<Vec<Workspace>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A row stride for rows of `n` floats read in place: whole cache lines,
+/// an odd number of them, so that the rows of a block spread over every
+/// set of L2 rather than crowding the few a power-of-two stride reaches.
+pub(super) fn odd_lines(n: usize) -> usize {
+    let ld = n.next_multiple_of(16);
+    if (ld / 16).is_multiple_of(2) {
+        ld + 16
+    } else {
+        ld
+    }
 }
 
 /// Runs `f` on `threads` workspaces taken from the calling thread's `pool`

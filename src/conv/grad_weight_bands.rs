@@ -70,7 +70,7 @@
 //! buffers: bounded by the width of the image, never its height or the
 //! batch.
 
-use super::grad_weight::{grow, on_each_thread, split, with_pooled};
+use super::grad_weight::{grow, odd_lines, on_each_thread, split, with_pooled};
 use super::BackwardOptions;
 use crate::error::ConvError;
 use crate::gemm::engine::{
@@ -137,10 +137,7 @@ impl Bands {
                 taps.push((index, (y / sh) * wq + x / sw));
             }
         }
-        let mut channel_stride = ((rows + halo + 1) * wq).next_multiple_of(16);
-        if (channel_stride / 16).is_multiple_of(2) {
-            channel_stride += 16;
-        }
+        let channel_stride = odd_lines((rows + halo + 1) * wq);
         // The band of a whole group must fit L2 (see the module doc).
         let band_bytes = (phases.len() * g.channels_per_group())
             .saturating_mul(channel_stride)
@@ -164,20 +161,6 @@ impl Bands {
     /// Floats of the band of `channels` channels.
     fn band_len(&self, channels: usize) -> usize {
         self.phases.len() * channels * self.channel_stride
-    }
-}
-
-/// A row stride for `n` floats: whole cache lines, an odd number of them,
-/// so that the rows of a block read in place spread over every set (512
-/// output channels, 2 KiB rows, crowded a few sets: 256 → 512 channels at
-/// stride 2 on 56² ran 170 GFLOP/s on bands against 183 on the column
-/// chunk).
-fn odd_lines(n: usize) -> usize {
-    let ld = n.next_multiple_of(16);
-    if (ld / 16).is_multiple_of(2) {
-        ld + 16
-    } else {
-        ld
     }
 }
 
