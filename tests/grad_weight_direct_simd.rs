@@ -307,7 +307,7 @@ fn flat_strategy() -> impl Strategy<Value = Case> {
 
 proptest! {
     #![proptest_config(ProptestConfig {
-        cases: proptest_cases(64),
+        cases: proptest_cases(256),
         max_global_rejects: 1 << 14,
         failure_persistence: Some(Box::new(FileFailurePersistence::WithSource(
             "proptest-regressions"

@@ -252,11 +252,14 @@ pub(super) unsafe fn run(job: &Job<'_>, out: &mut [f32]) {
 /// one input vector.
 pub(super) const WEIGHT_TAPS: [usize; 3] = [9, 5, 2];
 
-/// Grad weight: no row takes the flattened sweep here. Its masked FMAs
-/// cost a blend each, and it lost where measured (1 thread, GFLOP/s, row
-/// sweep vs flat): the 4-channel groups of 128×28² 39 vs 31, 960×7²
-/// depthwise 11.7 vs 10.4.
-pub(super) const WEIGHT_FLAT_BELOW: usize = 0;
+/// Grad weight: rows of two to eight vectors take the flattened sweep.
+/// Its masked FMAs cost a blend each, paid only on the vectors of the top
+/// and bottom rows since its middle loop masks by kernel column; narrower
+/// rows keep the row sweep. Measured (1 thread, GFLOP/s, alternating
+/// binaries, row sweep → flat): 144×56² depthwise 3×3 41 → 50, the
+/// 4-channel groups of 128×28² 30 → 34, 960×7² depthwise 11.9 → 9.0 (so
+/// rows of 7 stay on the row sweep).
+pub(super) const WEIGHT_FLAT_ROWS: std::ops::Range<usize> = 16..64;
 
 impl GradWeight for Avx2 {
     #[target_feature(enable = "avx2,fma")]

@@ -320,7 +320,7 @@ pub(super) const WEIGHT_TAPS: [usize; 3] = [9, 9, 3];
 /// sweep (masked FMAs cost nothing extra here). Measured (1 thread,
 /// GFLOP/s, row sweep → flat): 144×56² depthwise 3×3 39 → 47, the 4-channel
 /// groups of 128×28² 45 → 60.
-pub(super) const WEIGHT_FLAT_BELOW: usize = 64;
+pub(super) const WEIGHT_FLAT_ROWS: std::ops::Range<usize> = 0..64;
 
 impl GradWeight for Avx512 {
     #[target_feature(enable = "avx512f,fma")]

@@ -43,6 +43,15 @@
 //!   mask per vector and tap (built once per call) drops the lanes whose
 //!   input pixel is padding. Rows of 7, 14, 28 or 56 pixels no longer leave
 //!   most vectors short or at an edge.
+//! * In the flattened sweep, the *middle* vectors (every lane a real pixel
+//!   of an output row whose taps all read real input rows) run in one loop
+//!   with no per-vector choice of path: whole input loads and merge-masked
+//!   FMAs whose masks depend only on the kernel column, so a 3-wide kernel
+//!   loads three masks per vector, not one per tap. Only the vectors of the
+//!   top and bottom rows and at the tensor's ends go one at a time. The
+//!   masks are built per run of lanes within an output row (the plan of
+//!   the 144×56² layer cost 17 µs per call when built lane by lane, 3 µs
+//!   now).
 //! * The lanes of the accumulators are summed once per job; AVX-512 sums
 //!   sixteen accumulators at once with shuffles, in the scalar order.
 //!
@@ -54,7 +63,15 @@
 //! (forward 118–135), on AVX2 39 → 33 (row sweep; an unexplained loss,
 //! still open); 960×7² depthwise on AVX-512 10 → 11 (forward 28); the
 //! stride-2 576×14² layer (row sweep) about 5, a third of the forward.
-//! The small planes are bound by per-job work (one job per channel of 49
+//! The middle loop then took 144×56² from 40–42 to 62–64 (alternating
+//! binaries; forward 74–81 in the same runs, about 0.8×) and the 4-channel
+//! groups of 128×28² from 51–57 to 57–67; 960×7² stayed at 7–9 (4 vectors
+//! per plane, at most one of them a middle one). A vector of the middle
+//! loop is then bound by its loads (one input vector per tap, most of them
+//! across two cache lines): a bare loop of nine unaligned loads and FMAs
+//! per vector reaches about 115 GFLOP/s on this machine, deriving the
+//! column taps of a kernel row from two loads with `valignd` 139. The
+//! small planes are bound by per-job work (one job per channel of 49
 //! pixels), the next thing to improve.
 //!
 //! # Order of the sums and threads
@@ -126,7 +143,7 @@ pub(crate) fn backward_weight(
     let kernel = WeightKernel::for_isa(isa);
     let geo = Geo::new(g, Activation::None);
     let cols = ColPlan::new(&geo, kernel.lanes)?;
-    let flat = FlatPlan::new(&geo, kernel.lanes, kernel.flat_below)?;
+    let flat = FlatPlan::new(&geo, kernel.lanes, kernel.flat_rows.clone())?;
     let pass = Pass {
         geo: &geo,
         cols: &cols,
@@ -143,15 +160,15 @@ pub(crate) fn backward_weight(
 }
 
 /// The grad-weight kernel of one ISA.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 struct WeightKernel {
     lanes: usize,
     isa: Isa,
     /// Most taps per tile of 1, 2 and 4 output channels.
     taps: [usize; 3],
-    /// Output rows narrower than this take the flattened sweep (when it
-    /// applies, see [`FlatPlan`]).
-    flat_below: usize,
+    /// Output row widths that take the flattened sweep (when it applies,
+    /// see [`FlatPlan`]).
+    flat_rows: Range<usize>,
     run: RunWeight,
 }
 
@@ -162,25 +179,26 @@ impl WeightKernel {
     /// The kernel of `isa`, clamped to what the CPU supports.
     fn for_isa(isa: Isa) -> WeightKernel {
         let isa = clamp_isa(isa);
-        let (lanes, taps, flat_below, run): (usize, [usize; 3], usize, RunWeight) = match isa {
+        let (lanes, taps, flat_rows, run): (usize, [usize; 3], Range<usize>, RunWeight) = match isa
+        {
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512 => (
                 super::avx512::Avx512::LANES,
                 super::avx512::WEIGHT_TAPS,
-                super::avx512::WEIGHT_FLAT_BELOW,
+                super::avx512::WEIGHT_FLAT_ROWS,
                 super::avx512::run_weight,
             ),
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 => (
                 super::avx2::Avx2::LANES,
                 super::avx2::WEIGHT_TAPS,
-                super::avx2::WEIGHT_FLAT_BELOW,
+                super::avx2::WEIGHT_FLAT_ROWS,
                 super::avx2::run_weight,
             ),
             _ => (
                 super::portable::Portable::LANES,
                 super::portable::WEIGHT_TAPS,
-                super::portable::WEIGHT_FLAT_BELOW,
+                super::portable::WEIGHT_FLAT_ROWS,
                 super::portable::run_weight,
             ),
         };
@@ -188,7 +206,7 @@ impl WeightKernel {
             lanes,
             isa,
             taps,
-            flat_below,
+            flat_rows,
             run,
         }
     }
@@ -339,7 +357,7 @@ fn check_weight_job(job: &WeightJob<'_>, out: &[f32]) {
             && job.flat.is_none_or(|f| {
                 f.vecs == geo.out_plane.div_ceil(f.lanes)
                     && f.masks.len() == f.vecs * geo.r_len * geo.s_len
-                    && f.interior.len() == f.vecs
+                    && f.middle.end <= f.vecs
                     && f.lanes <= 32
                     && geo.stride_h == 1
                     && geo.stride_w == 1
@@ -958,23 +976,26 @@ pub(super) struct FlatPlan {
     /// `masks[v·R·S + tap]`: bit `j` set when lane `j` of vector `v` is a
     /// real output pixel whose tap reads a real input pixel.
     masks: Vec<u32>,
-    /// Per vector, whether every one of its masks is full.
-    interior: Vec<bool>,
+    /// The vectors whose every lane is a real output pixel whose taps all
+    /// read real input rows (the plane's rows away from the vertical
+    /// padding): their masks depend on the kernel column only, so
+    /// `masks[v·R·S + c]` (kernel row 0) is column `c`'s for every row.
+    middle: Range<usize>,
 }
 
 impl FlatPlan {
     /// The plan for `geo` with `lanes` lanes, or `None` when the flattened
     /// sweep does not apply (strides other than 1, output rows narrower or
-    /// wider than input rows), rows are `below` or wider, or the plane is
+    /// wider than input rows), the row width is outside `rows`, or the plane is
     /// large.
     ///
     /// # Errors
     /// [`ConvError::OutOfMemory`] when the masks cannot be allocated.
-    fn new(geo: &Geo, lanes: usize, below: usize) -> Result<Option<FlatPlan>, ConvError> {
+    fn new(geo: &Geo, lanes: usize, rows: Range<usize>) -> Result<Option<FlatPlan>, ConvError> {
         let taps = geo.r_len * geo.s_len;
         if (geo.stride_h, geo.stride_w) != (1, 1)
             || geo.out_w != geo.in_w
-            || geo.out_w >= below
+            || !rows.contains(&geo.out_w)
             || lanes > 32
             || geo.r_len > 64
             || geo.s_len > 64
@@ -987,29 +1008,53 @@ impl FlatPlan {
             _ => return Ok(None),
         };
         let mut masks = try_with_capacity("flat grad-weight plan", entries)?;
-        let (w, h) = (geo.in_w as isize, geo.in_h as isize);
-        // Per lane, the grad-output pixel's row and column, stepped along
-        // (no division per lane); per kernel row and column, the lanes
-        // whose input row or column is real.
-        let (mut oh, mut ow) = (0isize, 0isize);
+        // The output rows (columns) whose input row (column) through kernel
+        // row r (column c) is real: one range each, so a vector's mask is
+        // built per run of lanes within one output row, not per lane.
+        let real = |out: usize, len: usize, offset: usize, pad: usize| {
+            let lo = pad.saturating_sub(offset).min(out);
+            let hi = (len + pad).saturating_sub(offset).clamp(lo, out);
+            lo..hi
+        };
+        let (rows, cols) = (geo.r_len.min(64), geo.s_len.min(64));
+        let mut row_real: [Range<usize>; 64] = std::array::from_fn(|_| 0..0);
+        let mut col_real: [Range<usize>; 64] = std::array::from_fn(|_| 0..0);
+        for (r, range) in row_real[..rows].iter_mut().enumerate() {
+            *range = real(geo.out_h, geo.in_h, r * geo.dil_h, geo.pad_top);
+        }
+        for (c, range) in col_real[..cols].iter_mut().enumerate() {
+            *range = real(geo.out_w, geo.in_w, c * geo.dil_w, geo.pad_left);
+        }
         let mut row_bits = [0u32; 64];
         let mut col_bits = [0u32; 64];
-        let (rows, cols) = (geo.r_len.min(64), geo.s_len.min(64));
+        let w = geo.out_w;
+        // The output pixel the next vector starts at.
+        let (mut oh, mut ow) = (0, 0);
         for v in 0..vecs {
-            let n = (geo.out_plane - v * lanes).min(lanes);
+            let first = v * lanes;
+            let end = (first + lanes).min(geo.out_plane);
             row_bits[..rows].fill(0);
             col_bits[..cols].fill(0);
-            for j in 0..n {
-                for (r, bits) in row_bits[..rows].iter_mut().enumerate() {
-                    let ih = oh + (r * geo.dil_h) as isize - geo.pad_top as isize;
-                    *bits |= u32::from((0..h).contains(&ih)) << j;
+            let mut p = first;
+            while p < end {
+                // Lanes p − first.. hold output row oh from column ow on.
+                let run = (w - ow).min(end - p);
+                let lane = p - first;
+                let ones = |n: usize| ((1u64 << n) - 1) as u32;
+                for (bits, range) in row_bits[..rows].iter_mut().zip(&row_real) {
+                    if range.contains(&oh) {
+                        *bits |= ones(run) << lane;
+                    }
                 }
-                for (c, bits) in col_bits[..cols].iter_mut().enumerate() {
-                    let iw = ow + (c * geo.dil_w) as isize - geo.pad_left as isize;
-                    *bits |= u32::from((0..w).contains(&iw)) << j;
+                for (bits, range) in col_bits[..cols].iter_mut().zip(&col_real) {
+                    let (a, b) = (range.start.max(ow), range.end.min(ow + run));
+                    if a < b {
+                        *bits |= ones(b - a) << (lane + a - ow);
+                    }
                 }
-                ow += 1;
-                if ow == geo.out_w as isize {
+                p += run;
+                ow += run;
+                if ow == w {
                     (oh, ow) = (oh + 1, 0);
                 }
             }
@@ -1017,18 +1062,18 @@ impl FlatPlan {
                 masks.extend(col_bits[..cols].iter().map(|&cb| rb & cb));
             }
         }
-        let full = (1u64 << lanes) - 1;
-        let mut interior = try_with_capacity("flat grad-weight plan", vecs)?;
-        interior.extend(
-            masks
-                .chunks_exact(taps)
-                .map(|m| m.iter().all(|&b| u64::from(b) == full)),
-        );
+        // Output rows where every kernel row reads a real input row, and
+        // the whole vectors inside them.
+        let rows_real = row_real[..rows]
+            .iter()
+            .fold(0..geo.out_h, |a, r| a.start.max(r.start)..a.end.min(r.end));
+        let first = (rows_real.start * w).div_ceil(lanes);
+        let middle = first..(rows_real.end * w / lanes).max(first);
         Ok(Some(FlatPlan {
             lanes,
             vecs,
             masks,
-            interior,
+            middle,
         }))
     }
 }
@@ -1072,6 +1117,11 @@ pub(super) unsafe fn weight_flat<S: Simd, const KB: usize, const TB: usize>(
     let channels_out = geo.groups * geo.kg;
     // Whole-vector loads must start in 0..=last of the input tensor.
     let last = job.input.len() as isize - lanes as isize;
+    // The vectors whose every tap loads whole: all of them unless the
+    // channel's plane is the first or last of the tensor.
+    let (min_off, max_off) = (off[..count].iter().min(), off[..count].iter().max());
+    let (min_off, max_off) = (*min_off.unwrap_or(&0), *max_off.unwrap_or(&0));
+    let cols3 = geo.s_len == 3 && job.taps.start.is_multiple_of(3) && count.is_multiple_of(3);
     let mut acc = [[s.zero(); TB]; KB];
     for n in 0..geo.batch {
         let x_start = (n * channels_in + job.in_c) * geo.in_plane;
@@ -1079,14 +1129,45 @@ pub(super) unsafe fn weight_flat<S: Simd, const KB: usize, const TB: usize>(
         let dy = job.grad_output[(n * channels_out + job.k0) * geo.out_plane..]
             [..KB * geo.out_plane]
             .as_ptr();
-        // The vectors whose every tap loads whole: all of them unless the
-        // channel's plane is the first or last of the tensor.
-        let (min_off, max_off) = (off[..count].iter().min(), off[..count].iter().max());
-        let (min_off, max_off) = (*min_off.unwrap_or(&0), *max_off.unwrap_or(&0));
-        for v in 0..flat.vecs {
+        // The middle vectors that load whole in every tap take the masked
+        // loop; the others (top and bottom rows, the tensor's ends) go one
+        // at a time.
+        let whole_from = (-min_off - x_start as isize).max(0) as usize;
+        let whole_to = last - max_off - x_start as isize;
+        let whole =
+            whole_from.div_ceil(lanes)..usize::try_from(whole_to).map_or(0, |t| t / lanes + 1);
+        let start = flat.middle.start.max(whole.start).min(flat.vecs);
+        let mid = start..flat.middle.end.min(whole.end).max(start);
+        let mut v = 0;
+        while v < flat.vecs {
+            if v == mid.start && mid.len() >= 2 {
+                let run = FlatMiddle {
+                    vecs: mid.clone(),
+                    masks: &flat.masks,
+                    taps: job.taps.start..job.taps.start + count,
+                    rs,
+                    off: &off,
+                    x,
+                    dy,
+                    out_plane: geo.out_plane,
+                };
+                // SAFETY: forwarded contract; the vectors are middle ones
+                // of the plan that load whole in every tap (the ranges
+                // above). Three columns per kernel row when the job's taps
+                // are whole kernel rows of a 3-wide kernel.
+                unsafe {
+                    match (cols3, count == TB) {
+                        (true, true) => flat_middle::<S, KB, TB, 3, true>(s, &run, &mut acc),
+                        (true, false) => flat_middle::<S, KB, TB, 3, false>(s, &run, &mut acc),
+                        (false, true) => flat_middle::<S, KB, TB, 0, true>(s, &run, &mut acc),
+                        (false, false) => flat_middle::<S, KB, TB, 0, false>(s, &run, &mut acc),
+                    }
+                }
+                v = mid.end;
+                continue;
+            }
             let p = v * lanes;
             let at = (x_start + p) as isize;
-            let whole = at + min_off >= 0 && at + max_off <= last;
             let f = FlatVec {
                 p,
                 n_lanes: (geo.out_plane - p).min(lanes),
@@ -1099,15 +1180,107 @@ pub(super) unsafe fn weight_flat<S: Simd, const KB: usize, const TB: usize>(
             // SAFETY: forwarded contract; WHOLE only where every tap's
             // vector lies inside the input tensor (checked).
             unsafe {
-                match (whole, flat.interior[v]) {
-                    (true, true) => flat_vector::<S, KB, TB, true, true>(s, &f, &mut acc),
-                    (true, false) => flat_vector::<S, KB, TB, true, false>(s, &f, &mut acc),
-                    _ => flat_vector::<S, KB, TB, false, false>(s, &f, &mut acc),
+                if at + min_off >= 0 && at + max_off <= last {
+                    flat_vector::<S, KB, TB, true>(s, &f, &mut acc);
+                } else {
+                    flat_vector::<S, KB, TB, false>(s, &f, &mut acc);
                 }
             }
+            v += 1;
         }
     }
     write_sums(s, job, acc, count, out);
+}
+
+/// The middle vectors of the flattened sweep, as [`flat_middle`] reads
+/// them.
+struct FlatMiddle<'a, const TB: usize> {
+    /// The vectors, all middle ones of the plan that load whole.
+    vecs: Range<usize>,
+    /// The plan's masks.
+    masks: &'a [u32],
+    /// The job's taps (at most `TB`).
+    taps: Range<usize>,
+    /// Taps per vector in `masks`, `R·S`.
+    rs: usize,
+    /// Per tap, the input pixel's offset from the grad-output pixel's index.
+    off: &'a [isize; TB],
+    /// The channel's input plane.
+    x: *const f32,
+    /// The first of the `KB` grad-output planes.
+    dy: *const f32,
+    out_plane: usize,
+}
+
+/// The middle vectors into the tile's accumulators, with no per-vector
+/// choice of path (the loop that bounds the depthwise sweep): per vector
+/// `KB` grad-output loads, then per tap one whole input load feeding `KB`
+/// merge-masked FMAs. With `COLS = 3` (the job's taps are whole rows of a
+/// 3-wide kernel) the vector's three column masks are loaded once and tap
+/// `t` takes column `t mod 3`'s; with `COLS = 0` each tap loads its own.
+/// `FULL`: the job has all `TB` taps (a constant trip count). The same sums
+/// in the same order as [`flat_vector`].
+///
+/// # Safety
+/// As [`weight_flat`]; every vector of `r.vecs` is a middle vector of the
+/// plan whose every tap's input vector lies inside the input tensor;
+/// `r.taps` has at most `TB` taps, exactly `TB` with `FULL`, whole kernel
+/// rows with `COLS = 3`.
+#[inline(always)]
+unsafe fn flat_middle<
+    S: Simd,
+    const KB: usize,
+    const TB: usize,
+    const COLS: usize,
+    const FULL: bool,
+>(
+    s: S,
+    r: &FlatMiddle<'_, TB>,
+    acc_out: &mut [[S::V; TB]; KB],
+) {
+    // A local copy the loop keeps in registers.
+    let mut acc = *acc_out;
+    let count = if FULL { TB } else { r.taps.len().min(TB) };
+    let mut at = [r.x; TB];
+    for (a, &o) in at.iter_mut().zip(r.off) {
+        *a = r.x.wrapping_offset(o);
+    }
+    let none = s.mask_bits(0);
+    let masks = &r.masks[r.vecs.start * r.rs..r.vecs.end * r.rs];
+    for (v, masks) in r.vecs.clone().zip(masks.chunks_exact(r.rs)) {
+        let p = v * S::LANES;
+        let cols = if COLS == 3 {
+            let [a, b, c] = masks[..3] else {
+                unreachable!("a 3-wide kernel has three columns")
+            };
+            [s.mask_bits(a), s.mask_bits(b), s.mask_bits(c)]
+        } else {
+            [none; 3]
+        };
+        let mut dyv = [s.zero(); KB];
+        for (kk, d) in dyv.iter_mut().enumerate() {
+            // SAFETY: a middle vector is L real pixels, so lanes p..p + L of
+            // plane kk < KB lie in the grad output.
+            *d = unsafe { s.load(r.dy.add(kk * r.out_plane + p)) };
+        }
+        for (t, &a) in at.iter().enumerate() {
+            if !FULL && t >= count {
+                break;
+            }
+            let m = if COLS == 3 {
+                cols[t % 3]
+            } else {
+                s.mask_bits(masks[r.taps.start + t])
+            };
+            // SAFETY: the tap's input vector lies inside the input tensor
+            // (contract); lanes outside its mask are never accumulated.
+            let xv = unsafe { s.load(a.wrapping_add(p)) };
+            for (acc, &d) in acc.iter_mut().zip(&dyv) {
+                acc[t] = s.fma_masked(d, xv, acc[t], m);
+            }
+        }
+    }
+    *acc_out = acc;
 }
 
 /// One vector of the flattened sweep, as [`flat_vector`] reads it.
@@ -1127,22 +1300,15 @@ struct FlatVec<'a, const TB: usize> {
     out_plane: usize,
 }
 
-/// One vector of the flattened sweep into the tile's accumulators.
-/// `INTERIOR`: every tap's mask is full (plain FMAs); `WHOLE`: every tap's
-/// input vector lies inside the input tensor (plain loads).
+/// One vector of the flattened sweep into the tile's accumulators (the
+/// vectors [`flat_middle`] does not take). `WHOLE`: every tap's input
+/// vector lies inside the input tensor (plain loads).
 ///
 /// # Safety
 /// As [`weight_flat`]; `f` describes a vector of the plan, `f.masks` has
-/// one entry per tap of the job (at most `TB`); `WHOLE` and `INTERIOR` only
-/// as described.
+/// one entry per tap of the job (at most `TB`); `WHOLE` only as described.
 #[inline(always)]
-unsafe fn flat_vector<
-    S: Simd,
-    const KB: usize,
-    const TB: usize,
-    const WHOLE: bool,
-    const INTERIOR: bool,
->(
+unsafe fn flat_vector<S: Simd, const KB: usize, const TB: usize, const WHOLE: bool>(
     s: S,
     f: &FlatVec<'_, TB>,
     acc: &mut [[S::V; TB]; KB],
@@ -1182,14 +1348,68 @@ unsafe fn flat_vector<
                 s.load_masked(q, 1, s.mask(lo, hi))
             }
         };
-        if INTERIOR {
-            for (a, &d) in acc.iter_mut().zip(&dyv) {
-                a[t] = s.fma(d, xv, a[t]);
-            }
-        } else {
-            let m = s.mask_bits(bits);
-            for (a, &d) in acc.iter_mut().zip(&dyv) {
-                a[t] = s.fma_masked(d, xv, a[t], m);
+        let m = s.mask_bits(bits);
+        for (a, &d) in acc.iter_mut().zip(&dyv) {
+            a[t] = s.fma_masked(d, xv, a[t], m);
+        }
+    }
+}
+
+#[cfg(test)]
+mod flat_plan_tests {
+    use super::{FlatPlan, Geo};
+    use crate::gemm::Activation;
+    use crate::geometry::{Conv2dParams, Padding};
+
+    /// The plan's masks are the definition, lane by lane: lane `j` of vector
+    /// `v` is set for tap `(r, c)` when pixel `v·L + j` is a real output
+    /// pixel whose input pixel through that tap is real.
+    #[test]
+    fn masks_are_the_per_lane_definition() {
+        // (H, W, R, S, dilation, top, bottom, left, right)
+        let shapes = [
+            (56, 56, 3, 3, 1, 1, 1, 1, 1),
+            (7, 7, 3, 3, 1, 1, 1, 1, 1),
+            (5, 3, 3, 3, 1, 1, 1, 1, 1),
+            (14, 14, 5, 5, 2, 4, 4, 4, 4),
+            (9, 12, 3, 5, 1, 0, 2, 3, 1),
+            (6, 20, 2, 4, 3, 3, 0, 0, 9),
+            (1, 40, 1, 7, 1, 0, 0, 3, 3),
+            (30, 1, 7, 1, 1, 3, 3, 0, 0),
+        ];
+        for lanes in [8, 16] {
+            for &(h, w, r, s, d, top, bottom, left, right) in &shapes {
+                let g = Conv2dParams::new(1, 2, (h, w), 2, (r, s))
+                    .dilation(d, d)
+                    .padding(Padding::explicit(top, bottom, left, right))
+                    .build()
+                    .unwrap();
+                let g = *g.geometry();
+                assert_eq!(g.out_w, w, "the flat sweep needs 'same' widths");
+                let geo = Geo::new(&g, Activation::None);
+                let plan = FlatPlan::new(&geo, lanes, 0..usize::MAX).unwrap().unwrap();
+                let taps = r * s;
+                for v in 0..plan.vecs {
+                    for tap in 0..taps {
+                        let mut want = 0u32;
+                        for j in 0..lanes {
+                            let p = v * lanes + j;
+                            let (oh, ow) = (p / w, p % w);
+                            let ih = (oh + tap / s * d) as isize - top as isize;
+                            let iw = (ow + tap % s * d) as isize - left as isize;
+                            let real = p < g.out_h * w
+                                && (0..h as isize).contains(&ih)
+                                && (0..w as isize).contains(&iw);
+                            want |= u32::from(real) << j;
+                        }
+                        assert_eq!(
+                            plan.masks[v * taps + tap],
+                            want,
+                            "{h}×{w} {r}×{s} d{d} pads {top},{bottom},{left},{right} \
+                             lanes {lanes} vector {v} tap {tap}"
+                        );
+                    }
+                }
             }
         }
     }

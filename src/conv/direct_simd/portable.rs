@@ -197,8 +197,9 @@ cfg_if::cfg_if! {
 }
 
 /// Grad weight: no row takes the flattened sweep (masked FMAs are selects
-/// here, as AVX2's blends, where it lost).
-pub(super) const WEIGHT_FLAT_BELOW: usize = 0;
+/// here, as AVX2's blends, where it lost before the flat sweep had its
+/// middle loop; not measured since).
+pub(super) const WEIGHT_FLAT_ROWS: std::ops::Range<usize> = 0..0;
 
 impl GradWeight for Portable {
     unsafe fn weight_tile<const KB: usize, const TB: usize, const SW: usize>(
