@@ -32,6 +32,9 @@ pub struct KernelTrace {
     /// Weight-gradient calls that ran on padded input bands, with no
     /// column matrix (`conv::grad_weight_bands`).
     pub grad_weight_bands: u64,
+    /// Depthwise weight-gradient jobs that ran with channels in lanes
+    /// (`conv::direct_simd::backward`).
+    pub grad_weight_lanes: u64,
 }
 
 impl KernelTrace {
@@ -59,6 +62,7 @@ impl KernelTrace {
             mc_edges: self.mc_edges - before.mc_edges,
             nc_edges: self.nc_edges - before.nc_edges,
             grad_weight_bands: self.grad_weight_bands - before.grad_weight_bands,
+            grad_weight_lanes: self.grad_weight_lanes - before.grad_weight_lanes,
         }
     }
 }
@@ -72,6 +76,7 @@ thread_local! {
             mc_edges: 0,
             nc_edges: 0,
             grad_weight_bands: 0,
+            grad_weight_lanes: 0,
         })
     };
 }
@@ -108,6 +113,12 @@ pub(crate) fn record_gemm_block(isa: Isa, past_kc: bool, past_mc: bool, past_nc:
 #[inline]
 pub(crate) fn record_grad_weight_bands() {
     update(|t| t.grad_weight_bands += 1);
+}
+
+/// Records `jobs` channels-in-lanes grad-weight jobs about to run.
+#[inline]
+pub(crate) fn record_grad_weight_lanes(jobs: u64) {
+    update(|t| t.grad_weight_lanes += jobs);
 }
 
 /// Records `jobs` SIMD direct-convolution jobs about to run on `isa`.

@@ -383,6 +383,51 @@ fn depthwise_layers() {
     run(&conv, "dw convolution mode");
 }
 
+/// Depthwise layers on small or strided planes put channels in lanes: a
+/// block count that leaves a partial block, a batch, stride 2, a kernel
+/// with more taps than a tile holds, dilation, asymmetric padding and the
+/// convolution mode; the kernel trace shows the path ran on every ISA.
+#[test]
+fn depthwise_channels_in_lanes() {
+    let layers = [
+        ("37 channels 7² 3×3, batch 2", depthwise(2, 37, 7, 3, 1, 1)),
+        ("20 channels 14² 3×3/2", depthwise(1, 20, 14, 3, 2, 1)),
+        ("9 channels 12² 7×7", depthwise(1, 9, 12, 7, 1, 3)),
+        (
+            "11 channels 9×13 3×5 d2 asymmetric, convolution",
+            Conv2dParams::new(2, 11, (9, 13), 11, (3, 5))
+                .dilation(2, 2)
+                .padding(Padding::explicit(0, 3, 4, 1))
+                .groups(11)
+                .mode(ConvMode::Convolution)
+                .build()
+                .unwrap(),
+        ),
+        (
+            "17 channels 15² 3×3/2 no padding",
+            depthwise(1, 17, 15, 3, 2, 0),
+        ),
+    ];
+    for (what, conv) in &layers {
+        run(conv, what);
+        let g = *conv.geometry();
+        let x = vec![0.5; g.input_len()];
+        let dy = vec![0.25; g.output_len()];
+        for isa in isas_under_test() {
+            let mut dw = vec![0.0; g.weight_len()];
+            let opts = options(Algorithm::DirectSimd)
+                .isa(isa)
+                .parallelism(Parallelism::Sequential);
+            let (r, trace) = traced(|| conv.backward_weight(&x, &dy, &mut dw, &opts));
+            r.unwrap();
+            assert!(
+                trace.grad_weight_lanes > 0,
+                "{what} {isa:?}: channels not in lanes: {trace:?}"
+            );
+        }
+    }
+}
+
 /// The suite's grouped layer's shape (4 channels per group), fewer groups;
 /// larger groups; kernels with more taps than any tile holds.
 #[test]

@@ -2,7 +2,8 @@
 //! loads and merge-masked FMAs for the edge vectors.
 
 use super::backward::{
-    run_weight_job, weight_flat, weight_three, weight_tile, FlatPlan, GradWeight, WeightJob,
+    run_lanes_job, run_weight_job, weight_flat, weight_lanes, weight_three, weight_tile, FlatPlan,
+    GradWeight, LanesJob, WeightJob,
 };
 use super::dense::{dense_row, run_row, DenseRow, DenseRows, DenseShape};
 use super::{run_general, run_job, run_three, Job, Simd};
@@ -357,6 +358,27 @@ impl GradWeight for Avx512 {
         // SAFETY: forwarded contract.
         unsafe { weight_flat::<Self, KB, TB>(s, job, flat, out) }
     }
+
+    #[target_feature(enable = "avx512f,fma")]
+    unsafe fn weight_lanes<const TB: usize, const FULL: bool>(
+        job: &LanesJob<'_>,
+        work: &mut [f32],
+        sums: &mut [f32],
+    ) {
+        // The token is sound: as `weight_tile`.
+        let s = Avx512 { _private: () };
+        // SAFETY: forwarded contract.
+        unsafe { weight_lanes::<Self, TB, FULL>(s, job, work, sums) }
+    }
+}
+
+/// Runs one channels-in-lanes grad-weight job on this path.
+///
+/// # Safety
+/// The CPU supports the path's features; the job passes `check_lanes_job`.
+pub(super) unsafe fn run_weight_lanes(job: &LanesJob<'_>, work: &mut [f32], sums: &mut [f32]) {
+    // SAFETY: forwarded contract.
+    unsafe { run_lanes_job::<Avx512, { WEIGHT_TAPS[0] }>(job, work, sums) }
 }
 
 /// Runs one grad-weight job on the AVX-512 path.

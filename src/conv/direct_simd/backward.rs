@@ -70,32 +70,67 @@
 //! loop is then bound by its loads (one input vector per tap, most of them
 //! across two cache lines): a bare loop of nine unaligned loads and FMAs
 //! per vector reaches about 115 GFLOP/s on this machine, deriving the
-//! column taps of a kernel row from two loads with `valignd` 139. The
-//! small planes are bound by per-job work (one job per channel of 49
-//! pixels), the next thing to improve.
+//! column taps of a kernel row from two loads with `valignd` 139 (not
+//! taken: the Simd trait has no such shuffle yet). Depthwise layers on
+//! small planes or at stride 2 were bound by per-job work (one job per
+//! channel of 49 pixels, a horizontal sum per tap): they now put channels
+//! in lanes (next section).
+//!
+//! # Channels in lanes: depthwise layers on small or strided planes
+//!
+//! With pixels in lanes, a plane of 7² or 14² pixels is a handful of
+//! vectors, most of them at an edge, and each channel's job ends in a
+//! horizontal sum per tap; at stride 2 each input vector is a
+//! de-interleaving load. Depthwise layers (one input and one output channel
+//! per group) whose output rows are narrower than 16 or strided, and whose
+//! transposed planes fit 256 KiB per block, take [`Pass::run_lanes`]
+//! instead: `L` channels at a time, each image's planes of the block are
+//! transposed (the ISA's `L × L` transposing load) so that a pixel's `L`
+//! channels are one aligned vector, and each tap's accumulator is a vector
+//! of `L` channels: per output pixel one grad-output load, then per tap one
+//! input load and one FMA, at any stride, with no masks (a tap whose input
+//! pixel is padding is skipped for that pixel, for all lanes at once) and
+//! no horizontal sum. Measured (1 thread, GFLOP/s, alternating binaries,
+//! pixels in lanes → channels in lanes, the forward plan beside):
+//!
+//! | layer | AVX-512 | forward | AVX2 | portable |
+//! |---|---|---|---|---|
+//! | 960×7² 3×3 | 8.8 → 32 | 23–25 | 6–8 → 15 | 1.7 → 9.6 |
+//! | 576×14² 3×3/2 | 4.0 → 28 | 12–14 | 3.8 → 9.7 | 1.7 → 6.7 |
+//! | 384×14² 3×3 | 27 → 44–51 | 47–59 | 18–22 → 18–19 | 3.2 → 12.8 |
+//! | 144×56² 3×3/2 | 12.8 → 30 | 21 | 8–10 → 10–12 | |
+//!
+//! Rows of 28 and 56 keep the flattened sweep (channels in lanes measured
+//! 49 against 53 on 192×28², 55 against 65 on 144×56²), and planes whose
+//! block exceeds the budget (32×112² at stride 2) the row sweep.
 //!
 //! # Order of the sums and threads
 //!
 //! Every weight element's sum is formed by one accumulator in one fixed
 //! order: images, then output rows, then vectors along the row, lane by
-//! lane, then the lanes pairwise. That order depends on the ISA (the lane
-//! count) but on nothing else: not on which other channels or taps share
-//! the tile, nor on the threads. Threads split the output channels into
-//! contiguous ranges (each owning the contiguous slice of `grad_weight` that
-//! holds its channels' `C/g·R·S` weights, halved with `rayon::join` as the
-//! forward splits its output), so every element is computed by exactly one
-//! thread and the result is bitwise identical run to run and for any thread
-//! count. Nothing is allocated beyond the column plan (one entry per output
-//! vector and kernel column, allocated fallibly).
+//! lane, then the lanes pairwise; with channels in lanes, images, then the
+//! output pixels in row order. That order depends on the ISA (the lane
+//! count) and the geometry but on nothing else: not on which other channels
+//! or taps share the tile, nor on the threads. Threads split the output
+//! channels into contiguous ranges (each owning the contiguous slice of
+//! `grad_weight` that holds its channels' `C/g·R·S` weights, halved with
+//! `rayon::join` as the forward splits its output), so every element is
+//! computed by exactly one thread and the result is bitwise identical run
+//! to run and for any thread count. Nothing is allocated beyond the column
+//! plan (one entry per output vector and kernel column, allocated fallibly)
+//! and, with channels in lanes, one workspace per thread from its pool
+//! (the block's transposed planes; when it cannot be had, the thread takes
+//! the per-channel jobs instead).
 
 use super::super::try_with_capacity;
 use super::simd::{fma_tap, load_tap, Simd};
 use super::{offsets_fit, thread_count, ColPlan, ColVec, Geo};
 use crate::arch::{clamp_isa, Isa};
+use crate::conv::scratch::Scratch;
 use crate::error::ConvError;
 use crate::gemm::{Activation, Parallelism};
 use crate::geometry::ConvGeometry;
-use crate::testing::record_direct_simd_jobs;
+use crate::testing::{record_direct_simd_jobs, record_grad_weight_lanes};
 use std::ops::Range;
 
 /// `grad_weight = ∂L/∂weight` (summed over the batch) for `grad_output`,
@@ -151,6 +186,7 @@ pub(crate) fn backward_weight(
         input,
         grad_output,
         accumulate,
+        lanes: lanes_apply(&geo, &kernel),
         kernel,
     };
     let channels = geo.groups * geo.kg;
@@ -170,23 +206,29 @@ struct WeightKernel {
     /// see [`FlatPlan`]).
     flat_rows: Range<usize>,
     run: RunWeight,
+    run_lanes: RunLanes,
 }
 
 /// A kernel's entry point for one job (see `run_weight` in each ISA's file).
 type RunWeight = unsafe fn(&WeightJob<'_>, &mut [f32]);
 
+/// A kernel's entry point for one channels-in-lanes job (see
+/// `run_weight_lanes` in each ISA's file).
+type RunLanes = unsafe fn(&LanesJob<'_>, &mut [f32], &mut [f32]);
+
 impl WeightKernel {
     /// The kernel of `isa`, clamped to what the CPU supports.
     fn for_isa(isa: Isa) -> WeightKernel {
         let isa = clamp_isa(isa);
-        let (lanes, taps, flat_rows, run): (usize, [usize; 3], Range<usize>, RunWeight) = match isa
-        {
+        type Entry = (usize, [usize; 3], Range<usize>, RunWeight, RunLanes);
+        let (lanes, taps, flat_rows, run, run_lanes): Entry = match isa {
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512 => (
                 super::avx512::Avx512::LANES,
                 super::avx512::WEIGHT_TAPS,
                 super::avx512::WEIGHT_FLAT_ROWS,
                 super::avx512::run_weight,
+                super::avx512::run_weight_lanes,
             ),
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 => (
@@ -194,12 +236,14 @@ impl WeightKernel {
                 super::avx2::WEIGHT_TAPS,
                 super::avx2::WEIGHT_FLAT_ROWS,
                 super::avx2::run_weight,
+                super::avx2::run_weight_lanes,
             ),
             _ => (
                 super::portable::Portable::LANES,
                 super::portable::WEIGHT_TAPS,
                 super::portable::WEIGHT_FLAT_ROWS,
                 super::portable::run_weight,
+                super::portable::run_weight_lanes,
             ),
         };
         WeightKernel {
@@ -208,6 +252,7 @@ impl WeightKernel {
             taps,
             flat_rows,
             run,
+            run_lanes,
         }
     }
 
@@ -230,6 +275,8 @@ struct Pass<'a> {
     grad_output: &'a [f32],
     accumulate: bool,
     kernel: WeightKernel,
+    /// Whether the channels go in lanes ([`lanes_apply`]).
+    lanes: bool,
 }
 
 impl Pass<'_> {
@@ -259,6 +306,9 @@ impl Pass<'_> {
     /// allows), each through every input channel of the group and every
     /// block of taps.
     fn run_channels(&self, ks: Range<usize>, out: &mut [f32]) {
+        if self.lanes && self.run_lanes(ks.clone(), out) {
+            return;
+        }
         let geo = self.geo;
         let per_k = geo.taps();
         let rs = geo.r_len * geo.s_len;
@@ -308,6 +358,309 @@ impl Pass<'_> {
         if ran > 0 {
             record_direct_simd_jobs(self.kernel.isa, ran);
         }
+    }
+}
+
+impl Pass<'_> {
+    /// The weights of depthwise output channels `ks` into `out` (as
+    /// [`Pass::run_channels`]), channels in lanes: blocks of `L` channels,
+    /// each image's planes of the block transposed so that a pixel's `L`
+    /// channels are one vector, then one [`weight_lanes`] job per block of
+    /// taps. Returns false, with nothing written, when the workspace cannot
+    /// be allocated (the caller then takes the per-channel jobs).
+    fn run_lanes(&self, ks: Range<usize>, out: &mut [f32]) -> bool {
+        let geo = self.geo;
+        let lanes = self.kernel.lanes;
+        let rs = geo.r_len * geo.s_len;
+        // Room to start the blocks on a 64-byte line.
+        let align = 64 / std::mem::size_of::<f32>();
+        let len = (geo.in_plane + geo.out_plane + rs)
+            .checked_mul(lanes)
+            .and_then(|n| n.checked_add(align));
+        let Some(Ok(mut work)) = len.map(|n| Scratch::any("depthwise grad weight", n)) else {
+            return false;
+        };
+        let skip = work.as_ptr().align_offset(64).min(align);
+        let work = &mut work[skip..];
+        let (work, sums) = work.split_at_mut((geo.in_plane + geo.out_plane) * lanes);
+        let sums = &mut sums[..rs * lanes];
+        let tb = self.kernel.taps[0];
+        let blocks = rs.div_ceil(tb);
+        let mut ran = 0u64;
+        let mut k0 = ks.start;
+        while k0 < ks.end {
+            let nb = lanes.min(ks.end - k0);
+            sums.fill(0.0);
+            for n in 0..geo.batch {
+                // Depthwise: channel k of the output reads channel k of the input.
+                let x = &self.input[(n * geo.groups + k0) * geo.in_plane..][..nb * geo.in_plane];
+                let dy = &self.grad_output[(n * geo.groups + k0) * geo.out_plane..]
+                    [..nb * geo.out_plane];
+                for b in 0..blocks {
+                    let taps = rs * b / blocks..rs * (b + 1) / blocks;
+                    let job = LanesJob {
+                        geo,
+                        x,
+                        dy,
+                        channels: nb,
+                        fill: b == 0,
+                        lanes,
+                        taps: taps.clone(),
+                    };
+                    let sums = &mut sums[taps.start * lanes..taps.end * lanes];
+                    check_lanes_job(&job, work, sums);
+                    // SAFETY: the kernel's ISA was clamped to what the CPU
+                    // supports (`for_isa`); the job, work and sums match
+                    // the geometry (checked above).
+                    unsafe { (self.kernel.run_lanes)(&job, work, sums) };
+                    ran += 1;
+                }
+            }
+            for j in 0..nb {
+                let w = &mut out[(k0 - ks.start + j) * rs..][..rs];
+                for tap in 0..rs {
+                    let (wr, ws) = geo.weight_tap(tap / geo.s_len, tap % geo.s_len);
+                    let dst = &mut w[wr * geo.s_len + ws];
+                    let sum = sums[tap * lanes + j];
+                    *dst = if self.accumulate { *dst + sum } else { sum };
+                }
+            }
+            k0 += nb;
+        }
+        if ran > 0 {
+            record_direct_simd_jobs(self.kernel.isa, ran);
+            record_grad_weight_lanes(ran);
+        }
+        true
+    }
+}
+
+/// Whether the depthwise weight gradient puts channels in lanes
+/// ([`Pass::run_lanes`]) rather than pixels: depthwise layers (one input
+/// and one output channel per group) whose output rows are narrower than
+/// the flattened sweep's or strided, with both transposed planes of a
+/// block of `L` channels within 256 KiB (half the smallest L2 of the CPUs
+/// the crate is measured on, so the block stays in L2 while its taps
+/// sweep it).
+fn lanes_apply(geo: &Geo, kernel: &WeightKernel) -> bool {
+    let bytes = (geo.in_plane + geo.out_plane)
+        .saturating_mul(kernel.lanes)
+        .saturating_mul(std::mem::size_of::<f32>());
+    let small = geo.out_w < kernel.flat_rows.start.max(LANES_BELOW);
+    let strided = geo.stride_h > 1 || geo.stride_w > 1;
+    geo.cg == 1 && geo.kg == 1 && (small || strided) && bytes <= 256 << 10
+}
+
+/// Output rows narrower than this put channels in lanes (see
+/// [`lanes_apply`]).
+const LANES_BELOW: usize = 16;
+
+/// One channels-in-lanes job: a block of up to `L` depthwise channels of
+/// one image and a block of taps.
+pub(super) struct LanesJob<'a> {
+    geo: &'a Geo,
+    /// The block's input planes, `[channels][H·W]`.
+    x: &'a [f32],
+    /// The block's grad-output planes, `[channels][OH·OW]`.
+    dy: &'a [f32],
+    /// Channels in the block, `1..=L`.
+    channels: usize,
+    /// Whether to transpose the planes into the workspace first (the first
+    /// tap block of each image); later blocks find them there.
+    fill: bool,
+    lanes: usize,
+    /// The taps of the job (flattened `r·S + s` in the forward's window
+    /// order).
+    taps: Range<usize>,
+}
+
+/// Panics unless `job`, `work` and `sums` are what the lanes kernels read
+/// and write: the contract of every kernel.
+fn check_lanes_job(job: &LanesJob<'_>, work: &[f32], sums: &[f32]) {
+    let geo = job.geo;
+    assert!(
+        (1..=job.lanes).contains(&job.channels)
+            && job.x.len() >= job.channels * geo.in_plane
+            && job.dy.len() >= job.channels * geo.out_plane
+            && work.len() >= (geo.in_plane + geo.out_plane) * job.lanes
+            && sums.len() >= job.taps.len() * job.lanes
+            && !job.taps.is_empty()
+            && job.taps.end <= geo.r_len * geo.s_len,
+        "direct SIMD grad weight: lanes job does not match the geometry"
+    );
+}
+
+/// `dst[p·L + j] = src[j·lds + p]` for the `rows ≤ L` planes of `src` and
+/// their first `len` pixels: `L × L` blocks through the ISA's transposing
+/// load where all `L` rows exist, element by element otherwise. Lanes past
+/// `rows` are left as they were.
+///
+/// # Safety
+/// `src[j·lds + p]` is readable and `dst[p·L + j]` writable for `j < rows`,
+/// `p < len` (and `dst` holds `len·L` floats).
+#[inline(always)]
+unsafe fn transpose_planes<S: Simd>(
+    s: S,
+    src: *const f32,
+    lds: usize,
+    rows: usize,
+    len: usize,
+    dst: *mut f32,
+) {
+    let l = S::LANES;
+    let whole = if rows == l { len / l * l } else { 0 };
+    let mut v = [s.zero(); 16];
+    let v = &mut v[..l];
+    for p in (0..whole).step_by(l) {
+        // SAFETY: rows == L and p + L ≤ len: every element read exists
+        // (contract), and pixels p..p + L of dst are writable.
+        unsafe {
+            s.load_transposed(src.add(p), lds, v);
+            for (i, &x) in v.iter().enumerate() {
+                s.store(dst.add((p + i) * l), x, l);
+            }
+        }
+    }
+    for p in whole..len {
+        for j in 0..rows {
+            // SAFETY: j < rows, p < len (contract).
+            unsafe { *dst.add(p * l + j) = *src.add(j * lds + p) };
+        }
+    }
+}
+
+/// The channels-in-lanes tile: lane `j` of accumulator `t` sums, for
+/// channel `j` of the block and the job's tap `t`, the products of every
+/// grad-output pixel with the input pixel the tap reads, pixel after pixel
+/// in row order (one FMA per pixel and tap, no horizontal sum). Each tap
+/// whose input pixel is padding is skipped, so the sums are the reference's
+/// (an infinity never meets a padding zero). Pixels whose every tap reads a
+/// real input pixel take a loop with no checks. `work` holds the block's
+/// planes transposed (`[H·W][L]` then `[OH·OW][L]`: each pixel's channels
+/// one vector), written here first when `job.fill`; `sums` (`[tap][L]`)
+/// holds the sums so far and receives them: the images of a batch add in
+/// order.
+///
+/// # Safety
+/// The job, `work` and `sums` pass [`check_lanes_job`]; `job.lanes == S::LANES`;
+/// the job has at most `TB` taps, exactly `TB` with `FULL`; `S`'s
+/// operations are supported by the CPU.
+#[inline(always)]
+pub(super) unsafe fn weight_lanes<S: Simd, const TB: usize, const FULL: bool>(
+    s: S,
+    job: &LanesJob<'_>,
+    work: &mut [f32],
+    sums: &mut [f32],
+) {
+    let geo = job.geo;
+    let l = S::LANES;
+    debug_assert_eq!(job.lanes, l);
+    let (x, dy) = work.split_at_mut(geo.in_plane * l);
+    if job.fill {
+        let rows = job.channels;
+        // SAFETY: the block's planes hold rows·plane floats and the
+        // workspace plane·L (contract).
+        unsafe {
+            transpose_planes(
+                s,
+                job.x.as_ptr(),
+                geo.in_plane,
+                rows,
+                geo.in_plane,
+                x.as_mut_ptr(),
+            );
+            transpose_planes(
+                s,
+                job.dy.as_ptr(),
+                geo.out_plane,
+                rows,
+                geo.out_plane,
+                dy.as_mut_ptr(),
+            );
+        }
+    }
+    let count = if FULL { TB } else { job.taps.len().min(TB) };
+    // Per tap: its window offsets, and its input pixel's vector offset
+    // from the one at (row·σh, column·σw) of the unpadded grid.
+    let (mut dr, mut dc, mut off) = ([0usize; TB], [0usize; TB], [0isize; TB]);
+    for (i, tap) in job.taps.clone().enumerate().take(TB) {
+        dr[i] = tap / geo.s_len * geo.dil_h;
+        dc[i] = tap % geo.s_len * geo.dil_w;
+        off[i] = ((dr[i] * geo.in_w + dc[i]) * l) as isize;
+    }
+    let (dr_lo, dr_hi) = (dr[..count].iter().min(), dr[..count].iter().max());
+    let (dr_lo, dr_hi) = (*dr_lo.unwrap_or(&0), *dr_hi.unwrap_or(&0));
+    let (dc_lo, dc_hi) = (dc[..count].iter().min(), dc[..count].iter().max());
+    let (dc_lo, dc_hi) = (*dc_lo.unwrap_or(&0), *dc_hi.unwrap_or(&0));
+    let (h, w) = (geo.in_h as isize, geo.in_w as isize);
+    let (top, left) = (geo.pad_top as isize, geo.pad_left as isize);
+    // Output columns whose every tap reads a real input column.
+    let (sw, pl) = (geo.stride_w, geo.pad_left);
+    let ow_lo = pl.saturating_sub(dc_lo).div_ceil(sw).min(geo.out_w);
+    let ow_hi = (geo.in_w + pl)
+        .saturating_sub(dc_hi)
+        .div_ceil(sw)
+        .clamp(ow_lo, geo.out_w);
+    let mut acc = [s.zero(); TB];
+    for (t, a) in acc.iter_mut().enumerate().take(count) {
+        // SAFETY: sums holds count·L floats (contract).
+        *a = unsafe { s.load(sums.as_ptr().add(t * l)) };
+    }
+    let x = x.as_ptr();
+    for oh in 0..geo.out_h {
+        let ih0 = (oh * geo.stride_h) as isize - top;
+        let rows_real = ih0 + dr_lo as isize >= 0 && ih0 + (dr_hi as isize) < h;
+        // SAFETY: oh < out_h: the row's out_w vectors lie in dy.
+        let dy_row = unsafe { dy.as_ptr().add(oh * geo.out_w * l) };
+        let mut ow = 0;
+        while ow < geo.out_w {
+            let (end, real) = if !rows_real {
+                (geo.out_w, false)
+            } else if ow < ow_lo {
+                (ow_lo, false)
+            } else if ow < ow_hi {
+                (ow_hi, true)
+            } else {
+                (geo.out_w, false)
+            };
+            for ow in ow..end {
+                // SAFETY: ow < out_w: inside the row.
+                let d = unsafe { s.load(dy_row.add(ow * l)) };
+                let iw0 = (ow * sw) as isize - left;
+                if real {
+                    // Every tap reads a real pixel: (ih0 + dr, iw0 + dc)
+                    // inside the plane.
+                    let base = x.wrapping_offset((ih0 * w + iw0) * l as isize);
+                    for (t, a) in acc.iter_mut().enumerate() {
+                        if !FULL && t >= count {
+                            break;
+                        }
+                        // SAFETY: a real input pixel's vector, inside x.
+                        let xv = unsafe { s.load(base.wrapping_offset(off[t])) };
+                        *a = s.fma(d, xv, *a);
+                    }
+                } else {
+                    for (t, a) in acc.iter_mut().enumerate() {
+                        if !FULL && t >= count {
+                            break;
+                        }
+                        let (ih, iw) = (ih0 + dr[t] as isize, iw0 + dc[t] as isize);
+                        if ih < 0 || ih >= h || iw < 0 || iw >= w {
+                            continue;
+                        }
+                        // SAFETY: (ih, iw) is a real input pixel (checked),
+                        // its vector inside x.
+                        let xv = unsafe { s.load(x.add((ih * w + iw) as usize * l)) };
+                        *a = s.fma(d, xv, *a);
+                    }
+                }
+            }
+            ow = end;
+        }
+    }
+    for (t, &a) in acc.iter().enumerate().take(count) {
+        // SAFETY: sums holds count·L floats (contract).
+        unsafe { s.store(sums.as_mut_ptr().add(t * l), a, l) };
     }
 }
 
@@ -399,6 +752,43 @@ pub(super) trait GradWeight: Simd {
         flat: &FlatPlan,
         out: &mut [f32],
     );
+
+    /// [`weight_lanes`] with this ISA's operations, compiled with its
+    /// target features.
+    ///
+    /// # Safety
+    /// The CPU supports the ISA; as [`weight_lanes`] otherwise.
+    unsafe fn weight_lanes<const TB: usize, const FULL: bool>(
+        job: &LanesJob<'_>,
+        work: &mut [f32],
+        sums: &mut [f32],
+    );
+}
+
+/// Runs one channels-in-lanes job on ISA `S` with tap blocks of at most
+/// `TB` taps.
+///
+/// # Safety
+/// The CPU supports `S`'s ISA; the job, `work` and `sums` pass
+/// [`check_lanes_job`] and the job has at most `TB` taps.
+#[inline(always)]
+pub(super) unsafe fn run_lanes_job<S: GradWeight, const TB: usize>(
+    job: &LanesJob<'_>,
+    work: &mut [f32],
+    sums: &mut [f32],
+) {
+    assert!(
+        job.taps.len() <= TB,
+        "direct SIMD grad weight: too many taps"
+    );
+    // SAFETY: forwarded contract; FULL only with TB taps.
+    unsafe {
+        if job.taps.len() == TB {
+            S::weight_lanes::<TB, true>(job, work, sums);
+        } else {
+            S::weight_lanes::<TB, false>(job, work, sums);
+        }
+    }
 }
 
 /// Runs one job on ISA `S`: the tile for its channel count (`TB1`, `TB2`,

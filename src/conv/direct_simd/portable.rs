@@ -3,7 +3,8 @@
 //! keep the padding lanes with a select.
 
 use super::backward::{
-    run_weight_job, weight_flat, weight_three, weight_tile, FlatPlan, GradWeight, WeightJob,
+    run_lanes_job, run_weight_job, weight_flat, weight_lanes, weight_three, weight_tile, FlatPlan,
+    GradWeight, LanesJob, WeightJob,
 };
 use super::dense::{dense_row, run_row, DenseRow, DenseRows, DenseShape};
 use super::{run_general, run_job, Job, Simd};
@@ -226,6 +227,24 @@ impl GradWeight for Portable {
         // SAFETY: forwarded contract; the portable path needs no CPU feature.
         unsafe { weight_flat::<Self, KB, TB>(Portable, job, flat, out) }
     }
+
+    unsafe fn weight_lanes<const TB: usize, const FULL: bool>(
+        job: &LanesJob<'_>,
+        work: &mut [f32],
+        sums: &mut [f32],
+    ) {
+        // SAFETY: forwarded contract; the portable path needs no CPU feature.
+        unsafe { weight_lanes::<Self, TB, FULL>(Portable, job, work, sums) }
+    }
+}
+
+/// Runs one channels-in-lanes grad-weight job on the portable path.
+///
+/// # Safety
+/// The job passes `check_lanes_job` (no CPU feature is needed).
+pub(super) unsafe fn run_weight_lanes(job: &LanesJob<'_>, work: &mut [f32], sums: &mut [f32]) {
+    // SAFETY: forwarded contract; the portable path needs no CPU feature.
+    unsafe { run_lanes_job::<Portable, { WEIGHT_TAPS[0] }>(job, work, sums) }
 }
 
 /// Runs one grad-weight job on the portable path.
