@@ -35,6 +35,9 @@ pub struct KernelTrace {
     /// Depthwise weight-gradient jobs that ran with channels in lanes
     /// (`conv::direct_simd::backward`).
     pub grad_weight_lanes: u64,
+    /// Depthwise forward blocks that ran with channels in lanes
+    /// (`conv::direct_simd::lanes`).
+    pub forward_lanes: u64,
 }
 
 impl KernelTrace {
@@ -63,6 +66,7 @@ impl KernelTrace {
             nc_edges: self.nc_edges - before.nc_edges,
             grad_weight_bands: self.grad_weight_bands - before.grad_weight_bands,
             grad_weight_lanes: self.grad_weight_lanes - before.grad_weight_lanes,
+            forward_lanes: self.forward_lanes - before.forward_lanes,
         }
     }
 }
@@ -77,6 +81,7 @@ thread_local! {
             nc_edges: 0,
             grad_weight_bands: 0,
             grad_weight_lanes: 0,
+            forward_lanes: 0,
         })
     };
 }
@@ -119,6 +124,13 @@ pub(crate) fn record_grad_weight_bands() {
 #[inline]
 pub(crate) fn record_grad_weight_lanes(jobs: u64) {
     update(|t| t.grad_weight_lanes += jobs);
+}
+
+/// Records `blocks` depthwise forward blocks about to run with channels in
+/// lanes.
+#[inline]
+pub(crate) fn record_forward_lanes(blocks: u64) {
+    update(|t| t.forward_lanes += blocks);
 }
 
 /// Records `jobs` SIMD direct-convolution jobs about to run on `isa`.

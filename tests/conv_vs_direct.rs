@@ -629,6 +629,96 @@ fn every_supported_isa_really_runs() {
     println!("conv kernels that ran: {}", ran.join(", "));
 }
 
+/// Depthwise layers on small or strided planes run with channels in lanes
+/// (the kernel trace shows it on every ISA), one-shot and planned, and
+/// match the reference: a partial block, a batch, stride 2, kernels whose
+/// weights are held in registers (3×3), loaded per tap (7×7) and beyond 64
+/// taps (11×11), dilation, asymmetric padding, the
+/// convolution mode, bias and every activation.
+#[test]
+fn depthwise_channels_in_lanes_match_direct() {
+    let dw = |n: usize, c: usize, h: usize, w: usize, k: (usize, usize)| {
+        Conv2dParams::new(n, c, (h, w), c, k).groups(c)
+    };
+    let layers = [
+        dw(2, 37, 7, 7, (3, 3)).padding(Padding::symmetric(1, 1)),
+        dw(1, 20, 14, 14, (3, 3))
+            .stride(2, 2)
+            .padding(Padding::symmetric(1, 1)),
+        dw(1, 17, 15, 13, (3, 3)).stride(2, 1),
+        dw(1, 9, 12, 12, (7, 7)).padding(Padding::symmetric(3, 3)),
+        dw(1, 5, 13, 13, (11, 11)).padding(Padding::symmetric(5, 5)),
+        dw(2, 11, 9, 13, (3, 5))
+            .dilation(2, 2)
+            .padding(Padding::explicit(0, 3, 4, 1))
+            .mode(ConvMode::Convolution),
+    ];
+    let activations = [
+        Activation::None,
+        Activation::Relu,
+        Activation::Relu6,
+        Activation::Clamp {
+            min: -0.3,
+            max: 0.2,
+        },
+    ];
+    for (i, params) in layers.into_iter().enumerate() {
+        let conv = params.build().unwrap();
+        let g = *conv.geometry();
+        let mut rng = Rng::new(7 + i as u64);
+        let input = rng.vec(g.input_len());
+        let weight = rng.vec(g.weight_len());
+        let bias = rng.vec(g.out_channels);
+        let activation = activations[i % activations.len()];
+        let direct = ForwardOptions::new(Algorithm::Direct).activation(activation);
+        let mut want = vec![0.0; g.output_len()];
+        conv.forward_with(&input, &weight, Some(&bias), &mut want, &direct)
+            .unwrap();
+        for isa in isas_under_test() {
+            let options = ForwardOptions::new(Algorithm::DirectSimd)
+                .parallelism(Parallelism::Sequential)
+                .activation(activation)
+                .isa(isa);
+            let mut out = vec![f32::NAN; g.output_len()];
+            let (result, trace) =
+                traced(|| conv.forward_with(&input, &weight, Some(&bias), &mut out, &options));
+            result.unwrap();
+            assert!(
+                trace.forward_lanes > 0,
+                "layer {i} {isa}: channels not in lanes: {trace:?}"
+            );
+            let plan = conv.plan(&weight, Some(&bias), &options).unwrap();
+            let mut planned = vec![f32::NAN; g.output_len()];
+            plan.forward(&input, &mut planned).unwrap();
+            let two = options.parallelism(Parallelism::threads(2));
+            let mut threaded = vec![f32::NAN; g.output_len()];
+            conv.forward_with(&input, &weight, Some(&bias), &mut threaded, &two)
+                .unwrap();
+            for (j, ((&a, &p), (&t, &b))) in out
+                .iter()
+                .zip(&planned)
+                .zip(threaded.iter().zip(&want))
+                .enumerate()
+            {
+                assert!(
+                    (a - b).abs() <= 1e-4,
+                    "layer {i} {isa} output {j}: {a} vs {b}"
+                );
+                assert_eq!(
+                    a.to_bits(),
+                    p.to_bits(),
+                    "layer {i} {isa} output {j}: plan differs"
+                );
+                assert_eq!(
+                    a.to_bits(),
+                    t.to_bits(),
+                    "layer {i} {isa} output {j}: 2 threads differ"
+                );
+            }
+        }
+    }
+}
+
 /// A NaN in the input reaches exactly the outputs whose window covers it, on
 /// every path, and no activation clamps it away (`Activation::apply` keeps
 /// NaN, and the kernels are documented to match).

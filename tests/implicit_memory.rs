@@ -185,6 +185,15 @@ fn auto_layers() -> Vec<(&'static str, Conv2d, Algorithm)> {
             Algorithm::DirectSimd,
         ),
         (
+            "depthwise 96x7x7 3x3 (channels in lanes)",
+            build(
+                Conv2dParams::new(1, 96, (7, 7), 96, (3, 3))
+                    .groups(96)
+                    .padding(Padding::symmetric(1, 1)),
+            ),
+            Algorithm::DirectSimd,
+        ),
+        (
             "dense 64x56x56 3x3",
             build(Conv2dParams::new(1, 64, (56, 56), 64, (3, 3)).padding(Padding::symmetric(1, 1))),
             Algorithm::DirectDense,
@@ -221,8 +230,9 @@ fn auto_layers() -> Vec<(&'static str, Conv2d, Algorithm)> {
 ///   threads than one call engages may be after the warm-up (seen with
 ///   `RAYON_NUM_THREADS=16`: 11 to 17 allocations of up to 252 KiB in 200
 ///   calls). `DirectDense` keeps its padded image and row buffers on the
-///   calling thread, so a thread's first call allocates them once. The other
-///   direct algorithms keep nothing per thread.
+///   calling thread, so a thread's first call allocates them once, and
+///   `DirectSimd` with channels in lanes a block's transposed planes in each
+///   thread's pool. The other direct paths keep nothing per thread.
 /// * A call from a thread outside the pool hands its work to the pool
 ///   through rayon's global injector queue (`Registry::inject`, a crossbeam
 ///   `Injector`), which allocates a new block of 63 job slots (1520 bytes)
@@ -271,6 +281,12 @@ fn warm_plans_allocate_nothing() {
                     // The calling thread's padded image and a row buffer per
                     // thread, kept for its next call: grown once.
                     Algorithm::DirectDense => (threads * plan.workspace_bytes_per_thread(), 1),
+                    // Channels in lanes: a block's transposed planes, from
+                    // each thread's pool, allocated on its first block.
+                    Algorithm::DirectSimd => (
+                        threads * plan.workspace_bytes_per_thread(),
+                        threads * usize::from(plan.workspace_bytes_per_thread() > 0),
+                    ),
                     _ => (0, 0),
                 };
                 let inside = rayon::scope(|_| warm_calls(&mut out));

@@ -74,7 +74,8 @@ impl Conv2d {
     /// Prepares this convolution for `weight` (and `bias`): resolves
     /// `Algorithm::Auto`, fixes the ISA, pre-packs the weights for the
     /// GEMM-based algorithms on the native backend, and gathers them for
-    /// `DirectSimd` (which then allocates nothing per call).
+    /// `DirectSimd` (which then allocates nothing per call beyond, with
+    /// channels in lanes, each thread's workspace on its first call).
     ///
     /// With [`ForwardOptions::effort`] at [`PlanEffort::Measure`] the
     /// algorithm, thread split and (where the caller does not force one)
@@ -159,7 +160,11 @@ impl Conv2d {
             )?,
             _ => None,
         };
-        let dense_scratch = dense.as_ref().map_or(0, |d| d.scratch_len(1));
+        let direct_scratch = match (&simd, &dense) {
+            (Some(simd), _) => simd.scratch_len(),
+            (_, Some(dense)) => dense.scratch_len(1),
+            _ => 0,
+        };
         let weights = if prepack {
             PlanWeights::Packed {
                 data: pack_weights(self, weight, kernel.mr)?,
@@ -177,7 +182,7 @@ impl Conv2d {
         };
         let bias = bias.map(|b| copy_of("plan bias", b)).transpose()?;
         let prepacked = matches!(weights, PlanWeights::Packed { .. });
-        let scratch = ScratchFloats::new(g, algorithm, &kernel, prepacked, dense_scratch)?;
+        let scratch = ScratchFloats::new(g, algorithm, &kernel, prepacked, direct_scratch)?;
         let choice = PlanChoice {
             algorithm,
             threads: options.parallelism.max_threads(),
@@ -227,7 +232,7 @@ impl ScratchFloats {
         algorithm: Algorithm,
         kernel: &KernelInfo,
         prepacked: bool,
-        dense: usize,
+        direct: usize,
     ) -> Result<ScratchFloats, ConvError> {
         let PackBounds { a, b, staging } = pack_bounds::<f32>(
             g.out_channels_per_group(),
@@ -240,8 +245,10 @@ impl ScratchFloats {
             Algorithm::Implicit => (a, b, staging, 0),
             // The geometry checked that the column matrix's float count fits.
             Algorithm::Im2col => (a, b, 0, g.gemm_k() * g.out_plane()),
-            // The padded image and one row buffer, in the column buffer.
-            Algorithm::DirectDense => (0, 0, 0, dense),
+            // The padded image and one row buffer (DirectDense), or a
+            // block's transposed planes (DirectSimd with channels in lanes),
+            // in the column buffer.
+            Algorithm::DirectDense | Algorithm::DirectSimd => (0, 0, 0, direct),
             _ => (0, 0, 0, 0),
         };
         let overflow = ConvError::Overflow {
@@ -341,8 +348,10 @@ impl Conv2dPlan {
     /// for `Implicit` only the packing panels (bounded by the blocking:
     /// `KC·NC` floats of B plus `MC·KC` of A, independent of image size and
     /// batch); for `Im2col` also the column matrix of one image and group;
-    /// none for the direct algorithms (`DirectSimd` reads the weights the
-    /// plan gathered and keeps its partial sums in registers). With
+    /// for the direct algorithms what their kernels stage (`DirectDense` a
+    /// padded image band, `DirectSimd` with channels in lanes a block's two
+    /// transposed planes; otherwise none: it reads the weights the plan
+    /// gathered and keeps its partial sums in registers). With
     /// [`Conv2dPlan::forward`] the panels are kept per thread and reused, so
     /// repeated calls allocate nothing; [`Conv2dPlan::forward_in`] uses a
     /// caller-owned [`Workspace`] of this size instead. (A plan whose
@@ -424,7 +433,10 @@ impl Conv2dPlan {
                     Some(_) => crate::gemm::Parallelism::Sequential,
                     None => self.options.parallelism,
                 };
-                prepared.run(input, bias, output, par);
+                match scratch {
+                    Some(scratch) => prepared.run_in(input, bias, output, &mut scratch.col),
+                    None => prepared.run(input, bias, output, par),
+                }
                 Ok(())
             }
             (PlanWeights::DirectDense(prepared), _) => {

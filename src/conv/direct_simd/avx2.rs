@@ -6,6 +6,7 @@ use super::backward::{
     GradWeight, LanesJob, WeightJob,
 };
 use super::dense::{dense_row, run_row, DenseRow, DenseRows, DenseShape};
+use super::lanes::{forward_lanes, LanesForward};
 use super::{run_general, run_job, run_three, Job, Simd};
 use core::arch::x86_64::*;
 
@@ -59,6 +60,14 @@ impl Simd for Avx2 {
         let s = Avx2 { _private: () };
         // SAFETY: forwarded contract.
         unsafe { run_three::<Self, RB, SW, SH>(s, job, out) }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn lanes_forward(job: &LanesForward<'_>, work: &mut [f32], out: &mut [f32]) {
+        // The token is sound: as `general`.
+        let s = Avx2 { _private: () };
+        // SAFETY: forwarded contract.
+        unsafe { forward_lanes::<Self, 9>(s, job, work, out) }
     }
 
     #[inline(always)]

@@ -123,6 +123,9 @@
 //! the per-channel jobs instead).
 
 use super::super::try_with_capacity;
+use super::lanes::{
+    aligned, lanes_apply, planes_to_lanes, workspace_len, TapGrid, GRAD_WEIGHT_BELOW,
+};
 use super::simd::{fma_tap, load_tap, Simd};
 use super::{offsets_fit, thread_count, ColPlan, ColVec, Geo};
 use crate::arch::{clamp_isa, Isa};
@@ -186,7 +189,7 @@ pub(crate) fn backward_weight(
         input,
         grad_output,
         accumulate,
-        lanes: lanes_apply(&geo, &kernel),
+        lanes: lanes_apply(&geo, kernel.lanes, GRAD_WEIGHT_BELOW),
         kernel,
     };
     let channels = geo.groups * geo.kg;
@@ -372,18 +375,13 @@ impl Pass<'_> {
         let geo = self.geo;
         let lanes = self.kernel.lanes;
         let rs = geo.r_len * geo.s_len;
-        // Room to start the blocks on a 64-byte line.
-        let align = 64 / std::mem::size_of::<f32>();
-        let len = (geo.in_plane + geo.out_plane + rs)
-            .checked_mul(lanes)
-            .and_then(|n| n.checked_add(align));
+        let len = workspace_len(geo, lanes).and_then(|n| n.checked_add(rs * lanes));
         let Some(Ok(mut work)) = len.map(|n| Scratch::any("depthwise grad weight", n)) else {
             return false;
         };
-        let skip = work.as_ptr().align_offset(64).min(align);
-        let work = &mut work[skip..];
-        let (work, sums) = work.split_at_mut((geo.in_plane + geo.out_plane) * lanes);
-        let sums = &mut sums[..rs * lanes];
+        let at = work.len() - rs * lanes;
+        let (work, sums) = work.split_at_mut(at);
+        let work = aligned(work, geo, lanes);
         let tb = self.kernel.taps[0];
         let blocks = rs.div_ceil(tb);
         let mut ran = 0u64;
@@ -435,26 +433,6 @@ impl Pass<'_> {
     }
 }
 
-/// Whether the depthwise weight gradient puts channels in lanes
-/// ([`Pass::run_lanes`]) rather than pixels: depthwise layers (one input
-/// and one output channel per group) whose output rows are narrower than
-/// the flattened sweep's or strided, with both transposed planes of a
-/// block of `L` channels within 256 KiB (half the smallest L2 of the CPUs
-/// the crate is measured on, so the block stays in L2 while its taps
-/// sweep it).
-fn lanes_apply(geo: &Geo, kernel: &WeightKernel) -> bool {
-    let bytes = (geo.in_plane + geo.out_plane)
-        .saturating_mul(kernel.lanes)
-        .saturating_mul(std::mem::size_of::<f32>());
-    let small = geo.out_w < kernel.flat_rows.start.max(LANES_BELOW);
-    let strided = geo.stride_h > 1 || geo.stride_w > 1;
-    geo.cg == 1 && geo.kg == 1 && (small || strided) && bytes <= 256 << 10
-}
-
-/// Output rows narrower than this put channels in lanes (see
-/// [`lanes_apply`]).
-const LANES_BELOW: usize = 16;
-
 /// One channels-in-lanes job: a block of up to `L` depthwise channels of
 /// one image and a block of taps.
 pub(super) struct LanesJob<'a> {
@@ -490,45 +468,6 @@ fn check_lanes_job(job: &LanesJob<'_>, work: &[f32], sums: &[f32]) {
     );
 }
 
-/// `dst[p·L + j] = src[j·lds + p]` for the `rows ≤ L` planes of `src` and
-/// their first `len` pixels: `L × L` blocks through the ISA's transposing
-/// load where all `L` rows exist, element by element otherwise. Lanes past
-/// `rows` are left as they were.
-///
-/// # Safety
-/// `src[j·lds + p]` is readable and `dst[p·L + j]` writable for `j < rows`,
-/// `p < len` (and `dst` holds `len·L` floats).
-#[inline(always)]
-unsafe fn transpose_planes<S: Simd>(
-    s: S,
-    src: *const f32,
-    lds: usize,
-    rows: usize,
-    len: usize,
-    dst: *mut f32,
-) {
-    let l = S::LANES;
-    let whole = if rows == l { len / l * l } else { 0 };
-    let mut v = [s.zero(); 16];
-    let v = &mut v[..l];
-    for p in (0..whole).step_by(l) {
-        // SAFETY: rows == L and p + L ≤ len: every element read exists
-        // (contract), and pixels p..p + L of dst are writable.
-        unsafe {
-            s.load_transposed(src.add(p), lds, v);
-            for (i, &x) in v.iter().enumerate() {
-                s.store(dst.add((p + i) * l), x, l);
-            }
-        }
-    }
-    for p in whole..len {
-        for j in 0..rows {
-            // SAFETY: j < rows, p < len (contract).
-            unsafe { *dst.add(p * l + j) = *src.add(j * lds + p) };
-        }
-    }
-}
-
 /// The channels-in-lanes tile: lane `j` of accumulator `t` sums, for
 /// channel `j` of the block and the job's tap `t`, the products of every
 /// grad-output pixel with the input pixel the tap reads, pixel after pixel
@@ -561,7 +500,7 @@ pub(super) unsafe fn weight_lanes<S: Simd, const TB: usize, const FULL: bool>(
         // SAFETY: the block's planes hold rows·plane floats and the
         // workspace plane·L (contract).
         unsafe {
-            transpose_planes(
+            planes_to_lanes(
                 s,
                 job.x.as_ptr(),
                 geo.in_plane,
@@ -569,7 +508,7 @@ pub(super) unsafe fn weight_lanes<S: Simd, const TB: usize, const FULL: bool>(
                 geo.in_plane,
                 x.as_mut_ptr(),
             );
-            transpose_planes(
+            planes_to_lanes(
                 s,
                 job.dy.as_ptr(),
                 geo.out_plane,
@@ -580,27 +519,7 @@ pub(super) unsafe fn weight_lanes<S: Simd, const TB: usize, const FULL: bool>(
         }
     }
     let count = if FULL { TB } else { job.taps.len().min(TB) };
-    // Per tap: its window offsets, and its input pixel's vector offset
-    // from the one at (row·σh, column·σw) of the unpadded grid.
-    let (mut dr, mut dc, mut off) = ([0usize; TB], [0usize; TB], [0isize; TB]);
-    for (i, tap) in job.taps.clone().enumerate().take(TB) {
-        dr[i] = tap / geo.s_len * geo.dil_h;
-        dc[i] = tap % geo.s_len * geo.dil_w;
-        off[i] = ((dr[i] * geo.in_w + dc[i]) * l) as isize;
-    }
-    let (dr_lo, dr_hi) = (dr[..count].iter().min(), dr[..count].iter().max());
-    let (dr_lo, dr_hi) = (*dr_lo.unwrap_or(&0), *dr_hi.unwrap_or(&0));
-    let (dc_lo, dc_hi) = (dc[..count].iter().min(), dc[..count].iter().max());
-    let (dc_lo, dc_hi) = (*dc_lo.unwrap_or(&0), *dc_hi.unwrap_or(&0));
-    let (h, w) = (geo.in_h as isize, geo.in_w as isize);
-    let (top, left) = (geo.pad_top as isize, geo.pad_left as isize);
-    // Output columns whose every tap reads a real input column.
-    let (sw, pl) = (geo.stride_w, geo.pad_left);
-    let ow_lo = pl.saturating_sub(dc_lo).div_ceil(sw).min(geo.out_w);
-    let ow_hi = (geo.in_w + pl)
-        .saturating_sub(dc_hi)
-        .div_ceil(sw)
-        .clamp(ow_lo, geo.out_w);
+    let grid = TapGrid::<TB>::new(geo, job.taps.clone(), l);
     let mut acc = [s.zero(); TB];
     for (t, a) in acc.iter_mut().enumerate().take(count) {
         // SAFETY: sums holds count·L floats (contract).
@@ -608,54 +527,39 @@ pub(super) unsafe fn weight_lanes<S: Simd, const TB: usize, const FULL: bool>(
     }
     let x = x.as_ptr();
     for oh in 0..geo.out_h {
-        let ih0 = (oh * geo.stride_h) as isize - top;
-        let rows_real = ih0 + dr_lo as isize >= 0 && ih0 + (dr_hi as isize) < h;
+        let interior = if grid.row_real(geo, oh) {
+            grid.cols.clone()
+        } else {
+            0..0
+        };
         // SAFETY: oh < out_h: the row's out_w vectors lie in dy.
         let dy_row = unsafe { dy.as_ptr().add(oh * geo.out_w * l) };
-        let mut ow = 0;
-        while ow < geo.out_w {
-            let (end, real) = if !rows_real {
-                (geo.out_w, false)
-            } else if ow < ow_lo {
-                (ow_lo, false)
-            } else if ow < ow_hi {
-                (ow_hi, true)
-            } else {
-                (geo.out_w, false)
-            };
-            for ow in ow..end {
-                // SAFETY: ow < out_w: inside the row.
-                let d = unsafe { s.load(dy_row.add(ow * l)) };
-                let iw0 = (ow * sw) as isize - left;
-                if real {
-                    // Every tap reads a real pixel: (ih0 + dr, iw0 + dc)
-                    // inside the plane.
-                    let base = x.wrapping_offset((ih0 * w + iw0) * l as isize);
-                    for (t, a) in acc.iter_mut().enumerate() {
-                        if !FULL && t >= count {
-                            break;
-                        }
-                        // SAFETY: a real input pixel's vector, inside x.
-                        let xv = unsafe { s.load(base.wrapping_offset(off[t])) };
-                        *a = s.fma(d, xv, *a);
+        for ow in 0..geo.out_w {
+            // SAFETY: ow < out_w: inside the row.
+            let d = unsafe { s.load(dy_row.add(ow * l)) };
+            if interior.contains(&ow) {
+                // Every tap reads a real pixel.
+                let base = x.wrapping_offset(grid.origin(geo, oh, ow, l));
+                for (t, a) in acc.iter_mut().enumerate() {
+                    if !FULL && t >= count {
+                        break;
                     }
-                } else {
-                    for (t, a) in acc.iter_mut().enumerate() {
-                        if !FULL && t >= count {
-                            break;
-                        }
-                        let (ih, iw) = (ih0 + dr[t] as isize, iw0 + dc[t] as isize);
-                        if ih < 0 || ih >= h || iw < 0 || iw >= w {
-                            continue;
-                        }
-                        // SAFETY: (ih, iw) is a real input pixel (checked),
-                        // its vector inside x.
-                        let xv = unsafe { s.load(x.add((ih * w + iw) as usize * l)) };
+                    // SAFETY: a real input pixel's vector, inside x.
+                    let xv = unsafe { s.load(base.wrapping_offset(grid.off[t])) };
+                    *a = s.fma(d, xv, *a);
+                }
+            } else {
+                for (t, a) in acc.iter_mut().enumerate() {
+                    if !FULL && t >= count {
+                        break;
+                    }
+                    if let Some(px) = grid.pixel(geo, t, oh, ow) {
+                        // SAFETY: a real input pixel's vector, inside x.
+                        let xv = unsafe { s.load(x.add(px * l)) };
                         *a = s.fma(d, xv, *a);
                     }
                 }
             }
-            ow = end;
         }
     }
     for (t, &a) in acc.iter().enumerate().take(count) {

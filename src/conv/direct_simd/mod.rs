@@ -27,6 +27,10 @@
 //!   never multiplied by zero (an infinite weight meets only real input).
 //! * Horizontal stride 1 loads contiguous vectors; stride 2 loads two and
 //!   keeps the even lanes with a permute; larger strides gather.
+//! * Depthwise layers on small planes or at a stride put **channels in
+//!   lanes** instead (`lanes.rs`): a block of `L` channels is transposed so
+//!   that each pixel's channels are one vector, and each output pixel is
+//!   one FMA per tap, with no edge vectors and no strided loads.
 //! * The bias is added after the taps and the activation applied with
 //!   `max(lo, v)` then `min(hi, v)`, so NaN passes through as in
 //!   `clamp_keep_nan`.
@@ -37,7 +41,10 @@
 //! weights gathered per chunk in the order the tiles read them, the column
 //! plan, the kernel) is a [`Prepared`], built once by a plan; units are
 //! index arithmetic and the threads split the output with `rayon::join`, so
-//! running a `Prepared` allocates nothing.
+//! running a `Prepared` allocates nothing, except that channels in lanes
+//! take one workspace per thread (two transposed planes of a block) from the
+//! thread's pool (`conv::scratch`): allocated once per thread, and when it
+//! cannot be, that thread runs its blocks as the per-channel jobs.
 //!
 //! Each ISA's operations implement [`Simd`] on a zero-sized token; the
 //! generic tile code is `#[inline(always)]` all the way down into one
@@ -50,6 +57,7 @@
 //! `avx2.rs` and `portable.rs` each ISA's operations and tile heights.
 
 use super::im2col::valid_range;
+use super::scratch::Scratch;
 use super::try_with_capacity;
 use crate::arch::{clamp_isa, Isa};
 use crate::error::ConvError;
@@ -65,6 +73,7 @@ mod avx512;
 mod backward;
 mod dense;
 mod general;
+mod lanes;
 mod portable;
 mod simd;
 mod three;
@@ -114,6 +123,10 @@ pub(crate) struct Prepared {
     cols: ColPlan,
     /// Every chunk's weights (see [`gather_weights`]).
     weights: Vec<f32>,
+    /// With channels in lanes ([`lanes::lanes_apply`]), every block's
+    /// weights (see [`lanes_weights`]); units are then blocks of `L`
+    /// channels.
+    lanes: Option<Vec<f32>>,
     kernel: Kernel,
     /// FLOPs of one call, which decide how many threads pay.
     flops: u64,
@@ -145,9 +158,17 @@ impl Prepared {
         kernel: Kernel,
     ) -> Result<Prepared, ConvError> {
         let geo = Geo::new(g, activation);
+        let lanes = if lanes::lanes_apply(&geo, kernel.lanes, lanes::FORWARD_BELOW)
+            && kernel.lanes_allowed()
+        {
+            Some(lanes_weights(&geo, weight, kernel.lanes)?)
+        } else {
+            None
+        };
         Ok(Prepared {
             cols: ColPlan::new(&geo, kernel.lanes)?,
             weights: gather_weights(&geo, weight)?,
+            lanes,
             geo,
             kernel,
             flops: g.flops(),
@@ -168,13 +189,38 @@ impl Prepared {
         self.run_tasks(0..threads, threads, input, bias, output);
     }
 
-    /// Units: per image, per group, per chunk of up to `MAX_KB` channels.
+    /// Units: per image, per group, per chunk of up to `MAX_KB` channels;
+    /// with channels in lanes, per image, per block of `L` channels.
     fn units(&self) -> usize {
-        self.geo.batch * self.geo.chunks()
+        self.geo.batch * self.chunks()
     }
 
-    /// Unit `u`, in output order: image, then chunk.
+    /// Chunks (or blocks) per image.
+    fn chunks(&self) -> usize {
+        if self.lanes.is_some() {
+            (self.geo.groups * self.geo.kg).div_ceil(self.kernel.lanes)
+        } else {
+            self.geo.chunks()
+        }
+    }
+
+    /// Unit `u`, in output order: image, then chunk (or block).
     fn unit(&self, u: usize) -> Unit {
+        if self.lanes.is_none() {
+            return self.chunk_unit(u);
+        }
+        let blocks = self.chunks();
+        let k0 = u % blocks * self.kernel.lanes;
+        Unit {
+            n: u / blocks,
+            k0,
+            kb: self.kernel.lanes.min(self.geo.groups * self.geo.kg - k0),
+        }
+    }
+
+    /// Chunk `u` of the batch in output order (image, then chunk), whether
+    /// or not the units are blocks.
+    fn chunk_unit(&self, u: usize) -> Unit {
         let chunks = self.geo.chunks();
         let (k0, kb) = self.geo.chunk(u % chunks);
         Unit {
@@ -223,12 +269,155 @@ impl Prepared {
     /// Runs `units` in order into `out`, which starts at the first unit's
     /// planes.
     fn run_units(&self, units: Range<usize>, input: &[f32], bias: Option<&[f32]>, out: &mut [f32]) {
+        if let Some(weights) = &self.lanes {
+            self.run_blocks(weights, units, input, bias, out, None);
+            return;
+        }
+        self.run_chunks(units, input, bias, out);
+    }
+
+    /// As [`Prepared::run`] on the calling thread only, channels in lanes
+    /// working in `scratch` (grown, fallibly, where shorter than
+    /// [`Prepared::scratch_len`]) instead of the thread's pool: a plan's
+    /// `forward_in` with the caller's workspace.
+    pub(crate) fn run_in(
+        &self,
+        input: &[f32],
+        bias: Option<&[f32]>,
+        output: &mut [f32],
+        scratch: &mut Vec<f32>,
+    ) {
+        let units = 0..self.units();
+        match &self.lanes {
+            Some(weights) => self.run_blocks(weights, units, input, bias, output, Some(scratch)),
+            None => self.run_chunks(units, input, bias, output),
+        }
+    }
+
+    /// Floats of workspace one thread needs: a block's two transposed
+    /// planes with channels in lanes, else none.
+    pub(crate) fn scratch_len(&self) -> usize {
+        match self.lanes {
+            Some(_) => lanes::workspace_len(&self.geo, self.kernel.lanes).unwrap_or(0),
+            None => 0,
+        }
+    }
+
+    /// Runs `units`, blocks of `L` depthwise channels, in order into `out`
+    /// with channels in lanes, each block's planes transposed in a
+    /// workspace: `caller`'s (grown where shorter) or one from the thread's
+    /// pool. When none can be had, the blocks' channels run as chunks of
+    /// one channel instead.
+    fn run_blocks(
+        &self,
+        weights: &[f32],
+        units: Range<usize>,
+        input: &[f32],
+        bias: Option<&[f32]>,
+        out: &mut [f32],
+        caller: Option<&mut Vec<f32>>,
+    ) {
+        let geo = &self.geo;
+        let l = self.kernel.lanes;
+        let taps = geo.taps();
+        let need = lanes::workspace_len(geo, l);
+        let mut pooled: Option<Scratch>;
+        let buffer: Option<&mut [f32]> = match (need, caller) {
+            (None, _) => None,
+            (Some(need), Some(v)) => {
+                let grown = v.len() >= need || v.try_reserve(need - v.len()).is_ok();
+                grown.then(|| {
+                    if v.len() < need {
+                        v.resize(need, 0.0);
+                    }
+                    &mut v[..need]
+                })
+            }
+            (Some(need), None) => {
+                pooled = Scratch::any("depthwise forward", need).ok();
+                pooled.as_deref_mut()
+            }
+        };
+        let Some(work) = buffer else {
+            self.run_blocks_as_chunks(units, input, bias, out);
+            return;
+        };
+        let work = lanes::aligned(work, geo, l);
+        let mut rest = out;
+        let mut ran = 0;
+        for u in units {
+            let Unit { n, k0, kb } = self.unit(u);
+            let (mine, tail) = std::mem::take(&mut rest).split_at_mut(kb * geo.out_plane);
+            rest = tail;
+            let mut b = [0.0f32; 16];
+            if let Some(bias) = bias {
+                b[..kb].copy_from_slice(&bias[k0..k0 + kb]);
+            }
+            let job = lanes::LanesForward {
+                geo,
+                input: &input[(n * geo.groups + k0) * geo.in_plane..][..kb * geo.in_plane],
+                weights: &weights[k0 / l * taps * l..][..taps * l],
+                bias: b,
+                channels: kb,
+                lanes: l,
+            };
+            lanes::check_forward(&job, work, mine);
+            let run: unsafe fn(&lanes::LanesForward<'_>, &mut [f32], &mut [f32]) =
+                match self.kernel.isa {
+                    #[cfg(target_arch = "x86_64")]
+                    Isa::Avx512 => avx512::Avx512::lanes_forward,
+                    #[cfg(target_arch = "x86_64")]
+                    Isa::Avx2 => avx2::Avx2::lanes_forward,
+                    _ => portable::Portable::lanes_forward,
+                };
+            // SAFETY: the kernel's ISA was clamped to what the CPU supports
+            // (`for_isa`), so it has the features `run` is compiled for; the
+            // job, workspace and output match the geometry (checked above).
+            unsafe { run(&job, work, mine) };
+            ran += 1;
+        }
+        record_direct_simd_jobs(self.kernel.isa, ran);
+        crate::testing::record_forward_lanes(ran);
+    }
+
+    /// [`Prepared::run_blocks`]'s fallback: each block's channels as
+    /// chunks of one channel (depthwise: a chunk is a channel), with
+    /// [`Prepared::run_chunks`]'s jobs.
+    fn run_blocks_as_chunks(
+        &self,
+        units: Range<usize>,
+        input: &[f32],
+        bias: Option<&[f32]>,
+        out: &mut [f32],
+    ) {
+        let geo = &self.geo;
+        let mut rest = out;
+        for u in units {
+            let Unit { n, k0, kb } = self.unit(u);
+            let (mine, tail) = std::mem::take(&mut rest).split_at_mut(kb * geo.out_plane);
+            rest = tail;
+            // Depthwise chunks are single channels, in channel order.
+            let chunks = geo.chunks();
+            let first = n * chunks + k0;
+            self.run_chunks(first..first + kb, input, bias, mine);
+        }
+    }
+
+    /// Runs `units` (chunks of up to `MAX_KB` channels) in order into
+    /// `out`, which starts at the first unit's planes.
+    fn run_chunks(
+        &self,
+        units: Range<usize>,
+        input: &[f32],
+        bias: Option<&[f32]>,
+        out: &mut [f32],
+    ) {
         let geo = &self.geo;
         let taps = geo.taps();
         let group_in = geo.cg * geo.in_plane;
         let mut rest = out;
         let jobs = units.map(|u| {
-            let Unit { n, k0, kb } = self.unit(u);
+            let Unit { n, k0, kb } = self.chunk_unit(u);
             let (mine, tail) = std::mem::take(&mut rest).split_at_mut(kb * geo.out_plane);
             rest = tail;
             let image_group = (n * geo.groups + k0 / geo.kg) * group_in;
@@ -248,6 +437,28 @@ impl Prepared {
         });
         self.kernel.run_jobs(jobs);
     }
+}
+
+/// The weights of a depthwise layer with channels in lanes: per block of
+/// `lanes` channels, `[R·S][lanes]` in window order (the tap mirrored for
+/// true convolution), lanes past the last channel zero.
+fn lanes_weights(geo: &Geo, weight: &[f32], lanes: usize) -> Result<Vec<f32>, ConvError> {
+    let taps = geo.taps();
+    let channels = geo.groups * geo.kg;
+    let blocks = channels.div_ceil(lanes);
+    let mut out = try_with_capacity("depthwise weights", blocks * taps * lanes)?;
+    out.resize(blocks * taps * lanes, 0.0);
+    for k in 0..channels {
+        let (block, j) = (k / lanes, k % lanes);
+        for r in 0..geo.r_len {
+            for s in 0..geo.s_len {
+                let (wr, ws) = geo.weight_tap(r, s);
+                out[(block * taps + r * geo.s_len + s) * lanes + j] =
+                    weight[k * taps + wr * geo.s_len + ws];
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// The weights in the order the tiles read them, gathered once: for each
@@ -482,6 +693,16 @@ struct Kernel {
 }
 
 impl Kernel {
+    /// Whether channels may go in lanes: always, except under a test's
+    /// bounds-checking kernel, which checks the per-channel jobs.
+    fn lanes_allowed(&self) -> bool {
+        #[cfg(test)]
+        if self.test_run.is_some() {
+            return false;
+        }
+        true
+    }
+
     /// The kernel of `isa`, clamped to what the CPU supports.
     fn for_isa(isa: Isa) -> Kernel {
         let isa = clamp_isa(isa);

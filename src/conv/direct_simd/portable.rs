@@ -7,6 +7,7 @@ use super::backward::{
     GradWeight, LanesJob, WeightJob,
 };
 use super::dense::{dense_row, run_row, DenseRow, DenseRows, DenseShape};
+use super::lanes::{forward_lanes, LanesForward};
 use super::{run_general, run_job, Job, Simd};
 use wide::{f32x8, CmpGe, CmpGt, CmpLt};
 
@@ -70,6 +71,11 @@ impl Simd for Portable {
         unsafe {
             run_general::<Self, 1, R1, SW>(Portable, job, out)
         }
+    }
+
+    unsafe fn lanes_forward(job: &LanesForward<'_>, work: &mut [f32], out: &mut [f32]) {
+        // SAFETY: forwarded contract; the portable path needs no CPU feature.
+        unsafe { forward_lanes::<Self, 9>(Portable, job, work, out) }
     }
 
     #[inline(always)]

@@ -3,6 +3,7 @@
 //! where a tile sits ([`TileAt`]), one tap's load and FMA, interior or edge,
 //! and the store through the epilogue.
 
+use super::lanes::LanesForward;
 use super::{ColVec, Geo, Job};
 
 /// The vector operations the generic kernel is written in, on a zero-sized
@@ -39,6 +40,14 @@ pub(super) trait Simd: Copy {
         job: &Job<'_>,
         out: &mut [f32],
     );
+
+    /// [`forward_lanes`](super::lanes::forward_lanes) with this ISA's
+    /// operations, compiled with its target features.
+    ///
+    /// # Safety
+    /// The CPU supports the ISA; as
+    /// [`forward_lanes`](super::lanes::forward_lanes) otherwise.
+    unsafe fn lanes_forward(job: &LanesForward<'_>, work: &mut [f32], out: &mut [f32]);
 
     /// The lanes `j` whose bit `j` of `bits` is set (bits past the lane
     /// count are ignored), for the merge-masked FMA.

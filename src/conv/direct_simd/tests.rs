@@ -466,6 +466,16 @@ mod checked {
             unsafe { run_three::<Self, RB, SW, SH>(Checked, job, out) }
         }
 
+        unsafe fn lanes_forward(
+            _job: &super::super::lanes::LanesForward<'_>,
+            _work: &mut [f32],
+            _out: &mut [f32],
+        ) {
+            unreachable!(
+                "the bounds-checking kernel runs per-channel jobs only (Kernel::lanes_allowed)"
+            )
+        }
+
         fn zero(self) -> [f32; L] {
             [0.0; L]
         }
