@@ -380,9 +380,10 @@ impl Prepared {
         crate::testing::record_forward_lanes(ran);
     }
 
-    /// [`Prepared::run_blocks`]'s fallback: each block's channels as
-    /// chunks of one channel (depthwise: a chunk is a channel), with
-    /// [`Prepared::run_chunks`]'s jobs.
+    /// [`Prepared::run_blocks`]'s fallback: the blocks' channels as chunks
+    /// of one channel (a depthwise chunk is a channel, so blocks `units`
+    /// are chunks `N·K`-indexed from the first block's first channel to the
+    /// last block's end), with [`Prepared::run_chunks`]'s jobs.
     fn run_blocks_as_chunks(
         &self,
         units: Range<usize>,
@@ -390,17 +391,16 @@ impl Prepared {
         bias: Option<&[f32]>,
         out: &mut [f32],
     ) {
-        let geo = &self.geo;
-        let mut rest = out;
-        for u in units {
-            let Unit { n, k0, kb } = self.unit(u);
-            let (mine, tail) = std::mem::take(&mut rest).split_at_mut(kb * geo.out_plane);
-            rest = tail;
-            // Depthwise chunks are single channels, in channel order.
-            let chunks = geo.chunks();
-            let first = n * chunks + k0;
-            self.run_chunks(first..first + kb, input, bias, mine);
-        }
+        let chunk = |u: usize| {
+            let Unit { n, k0, .. } = self.unit(u);
+            n * self.geo.chunks() + k0
+        };
+        let end = if units.end == self.units() {
+            self.geo.batch * self.geo.chunks()
+        } else {
+            chunk(units.end)
+        };
+        self.run_chunks(chunk(units.start)..end, input, bias, out);
     }
 
     /// Runs `units` (chunks of up to `MAX_KB` channels) in order into
