@@ -100,31 +100,40 @@ impl Simd for Avx512 {
         // i's sum in lane `LANE_OF[i]`.
         const LANE_OF: [i32; 16] = [0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15];
         for (v, out) in v.chunks(16).zip(out.chunks_mut(16)) {
-            let a: [__m512; 16] =
-                core::array::from_fn(|i| v.get(i).copied().unwrap_or(self.zero()));
+            // Plain loops, no closures: a closure holding an intrinsic may
+            // be left out of line, compiled without AVX-512, and called per
+            // operation (with one codegen unit and LTO this made the sum
+            // 20× slower than the sweep it ends).
+            let mut a = [self.zero(); 16];
+            for (a, &v) in a.iter_mut().zip(v) {
+                *a = v;
+            }
             // SAFETY: as `zero`; the store writes the 16 floats of a local array.
             let sums = unsafe {
-                let b: [__m512; 8] = core::array::from_fn(|i| {
+                let mut b = [self.zero(); 8];
+                for (i, b) in b.iter_mut().enumerate() {
                     let (x, y) = (a[2 * i], a[2 * i + 1]);
-                    _mm512_add_ps(
+                    *b = _mm512_add_ps(
                         _mm512_shuffle_f32x4::<0x44>(x, y),
                         _mm512_shuffle_f32x4::<0xEE>(x, y),
-                    )
-                });
-                let c: [__m512; 4] = core::array::from_fn(|i| {
+                    );
+                }
+                let mut c = [self.zero(); 4];
+                for (i, c) in c.iter_mut().enumerate() {
                     let (x, y) = (b[2 * i], b[2 * i + 1]);
-                    _mm512_add_ps(
+                    *c = _mm512_add_ps(
                         _mm512_shuffle_f32x4::<0x88>(x, y),
                         _mm512_shuffle_f32x4::<0xDD>(x, y),
-                    )
-                });
-                let d: [__m512; 2] = core::array::from_fn(|i| {
+                    );
+                }
+                let mut d = [self.zero(); 2];
+                for (i, d) in d.iter_mut().enumerate() {
                     let (x, y) = (c[2 * i], c[2 * i + 1]);
-                    _mm512_add_ps(
+                    *d = _mm512_add_ps(
                         _mm512_shuffle_ps::<0x44>(x, y),
                         _mm512_shuffle_ps::<0xEE>(x, y),
-                    )
-                });
+                    );
+                }
                 let e = _mm512_add_ps(
                     _mm512_shuffle_ps::<0x88>(d[0], d[1]),
                     _mm512_shuffle_ps::<0xDD>(d[0], d[1]),

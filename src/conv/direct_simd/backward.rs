@@ -877,8 +877,11 @@ fn write_sums<S: Simd, const KB: usize, const TB: usize>(
     let rs = geo.r_len * geo.s_len;
     let count = count.min(TB);
     for (kk, acc) in acc.into_iter().enumerate() {
+        // All TB accumulators (those past `count` are zeros, their sums
+        // unused): a constant length, so no copy of a runtime length (a
+        // memcpy and memset call per reduction) around the shuffles.
         let mut sums = [0.0f32; TB];
-        s.reduce_lanes(&acc[..count], &mut sums[..count]);
+        s.reduce_lanes(&acc, &mut sums);
         for (t, &sum) in sums.iter().enumerate().take(count) {
             let tap = job.taps.start + t;
             let (wr, ws) = geo.weight_tap(tap / geo.s_len, tap % geo.s_len);
@@ -1084,7 +1087,12 @@ pub(super) unsafe fn weight_three<S: Simd, const RB: usize, const SW: usize, con
         }
     }
     let rs = geo.r_len * geo.s_len;
-    let flat: [S::V; 9] = core::array::from_fn(|i| acc[i / 3][i % 3]);
+    // A loop, not `array::from_fn`: a closure moving vectors may be left out
+    // of line, outside the ISA's target features.
+    let mut flat = [s.zero(); 9];
+    for (i, f) in flat.iter_mut().enumerate() {
+        *f = acc[i / 3][i % 3];
+    }
     let mut sums = [0.0f32; 9];
     s.reduce_lanes(&flat, &mut sums);
     for r in 0..3 {

@@ -400,8 +400,10 @@ unsafe fn sweep<S: Simd, const TB: usize, const HELD: bool>(
                 let end = interior.start + interior.len() / P * P;
                 while ow < end {
                     let mut acc = [s.zero(); P];
-                    let base: [*const f32; P] =
-                        std::array::from_fn(|p| x.wrapping_offset(grid.origin(geo, oh, ow + p, l)));
+                    let mut base = [x; P];
+                    for (p, b) in base.iter_mut().enumerate() {
+                        *b = x.wrapping_offset(grid.origin(geo, oh, ow + p, l));
+                    }
                     for t in 0..TB {
                         if t >= taps {
                             break;
