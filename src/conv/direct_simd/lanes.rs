@@ -531,7 +531,13 @@ unsafe fn sweep_any<S: Simd>(
 fn real_taps(at: usize, pad: usize, dil: usize, len: usize, size: usize) -> Range<usize> {
     // at + k·dil ≥ pad  ⇔  k ≥ ⌈(pad − at)/dil⌉;  at + k·dil < size + pad  ⇔
     // k < ⌈(size + pad − at)/dil⌉.
-    let lo = pad.saturating_sub(at).div_ceil(dil).min(len);
-    let hi = (size + pad).saturating_sub(at).div_ceil(dil).clamp(lo, len);
-    lo..hi
+    let (lo, hi) = (pad.saturating_sub(at), (size + pad).saturating_sub(at));
+    // Undilated kernels (nearly all) skip the divisions.
+    let (lo, hi) = if dil == 1 {
+        (lo, hi)
+    } else {
+        (lo.div_ceil(dil), hi.div_ceil(dil))
+    };
+    let lo = lo.min(len);
+    lo..hi.clamp(lo, len)
 }
