@@ -88,7 +88,14 @@ use three::run_three;
 const MAX_KB: usize = 4;
 
 /// Below this many FLOPs per thread, a fork-join costs more than it saves.
-const MIN_FLOPS_PER_THREAD: u64 = 1 << 20;
+/// These kernels run at 20–130 GFLOP/s, not a GEMM's 200+, so 2^17 FLOPs
+/// is still a few microseconds per thread. Measured at 2 threads (Zen 5,
+/// GFLOP/s, 2^20 → 2^17, the same build otherwise, alternating): depthwise
+/// 96×28² forward 62–75 → 111–131 and weight gradient 43–53 → 79–97,
+/// 128×14² 31–56 → 58–78 and 22–31 → 40–53, 576×14²/2 21–24 → 22–34 and
+/// 17–22 → 23–33, 144×56²/2 25–27 → 42–47; layers of about 2^17 FLOPs
+/// (64×14²) stay on one thread.
+const MIN_FLOPS_PER_THREAD: u64 = 1 << 17;
 
 /// `output = act(conv(input, weight) + bias)`, exactly what
 /// [`conv2d_direct`](super::direct::conv2d_direct) computes (up to the order
