@@ -350,6 +350,14 @@ impl Prepared {
             return;
         };
         let work = lanes::aligned(work, geo, l);
+        let run: unsafe fn(&lanes::LanesForward<'_>, &mut [f32], &mut [f32]) = match self.kernel.isa
+        {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => avx512::Avx512::lanes_forward,
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => avx2::Avx2::lanes_forward,
+            _ => portable::Portable::lanes_forward,
+        };
         let mut rest = out;
         let mut ran = 0;
         for u in units {
@@ -369,14 +377,6 @@ impl Prepared {
                 lanes: l,
             };
             lanes::check_forward(&job, work, mine);
-            let run: unsafe fn(&lanes::LanesForward<'_>, &mut [f32], &mut [f32]) =
-                match self.kernel.isa {
-                    #[cfg(target_arch = "x86_64")]
-                    Isa::Avx512 => avx512::Avx512::lanes_forward,
-                    #[cfg(target_arch = "x86_64")]
-                    Isa::Avx2 => avx2::Avx2::lanes_forward,
-                    _ => portable::Portable::lanes_forward,
-                };
             // SAFETY: the kernel's ISA was clamped to what the CPU supports
             // (`for_isa`), so it has the features `run` is compiled for; the
             // job, workspace and output match the geometry (checked above).
