@@ -191,6 +191,13 @@ pub struct CompareArgs {
     #[arg(long)]
     placement: bool,
 
+    /// With --placement: how many times each placement is timed, every
+    /// placement once per round (--budget-ms split over them); a row shows
+    /// the median over the rounds, so the machine's drift spreads over
+    /// every placement.
+    #[arg(long, value_name = "N", default_value_t = 3)]
+    rounds: usize,
+
     /// How the forward `auto` plan chooses (with --plan): `estimate`, Auto's
     /// model; `measure`, by timing the algorithms and thread splits (and,
     /// on an AVX-512 CPU without --isa, the AVX2 kernels too) on the layer
@@ -854,6 +861,7 @@ pub fn run(args: &CompareArgs) -> Result<(), Stop> {
             isa: args.isa,
             backend: args.backend,
             budget_ms: args.budget_ms,
+            rounds: args.rounds,
             json: args.json,
             forward: args.pass == PassArg::Forward,
         });

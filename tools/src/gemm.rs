@@ -35,7 +35,7 @@ pub struct GemmArgs {
     pub(crate) json: bool,
 
     /// Rough time budget per (shape, threads, engine), in milliseconds
-    /// (with --placement: per operand placement).
+    /// (with --placement: per operand placement, split over the rounds).
     #[arg(long, value_name = "MS", default_value_t = 600)]
     pub(crate) budget_ms: u64,
 
@@ -59,6 +59,12 @@ pub struct GemmArgs {
     /// row too. No FMA peak is measured.
     #[arg(long)]
     pub(crate) placement: bool,
+
+    /// With --placement: how many times each placement is timed, every
+    /// placement once per round; a row shows the median over the rounds,
+    /// so that the machine's drift spreads over every placement.
+    #[arg(long, value_name = "N", default_value_t = 3)]
+    pub(crate) rounds: usize,
 }
 
 /// How A and B are stored: `t` is column-major (the transpose of a

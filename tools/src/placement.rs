@@ -151,26 +151,50 @@ impl GemmMode {
     }
 }
 
-/// Timings already taken in one (shape, threads): a placement two rows
-/// share (every mode's offset 0) is measured once.
-struct Seen<K: PartialEq>(Vec<(K, f64)>);
-
-impl<K: PartialEq> Seen<K> {
-    fn new() -> Self {
-        Seen(Vec::new())
-    }
-
-    fn get_or_try(
-        &mut self,
-        key: K,
-        measure: impl FnOnce() -> Result<f64, String>,
-    ) -> Result<f64, String> {
-        if let Some((_, g)) = self.0.iter().find(|(k, _)| *k == key) {
-            return Ok(*g);
+/// The distinct keys of `keys`, first occurrence first: a placement two
+/// rows share (every mode's offset 0) is measured once.
+fn distinct<K: PartialEq + Copy>(keys: impl IntoIterator<Item = K>) -> Vec<K> {
+    let mut out: Vec<K> = Vec::new();
+    for k in keys {
+        if !out.contains(&k) {
+            out.push(k);
         }
-        let g = measure()?;
-        self.0.push((key, g));
-        Ok(g)
+    }
+    out
+}
+
+/// Measures every key once per round, `rounds` times, the keys of round
+/// `r` starting at key `r` (so that no placement always runs first or
+/// right after the same one), and returns each key's median over the
+/// rounds. The placements of one table are compared with each other: a
+/// sequential sweep would credit a neighbour's burst of load on this
+/// shared machine to whichever placement ran during it, and the min/max
+/// of a row would measure the machine, not the placement.
+fn interleaved<K: Copy>(
+    keys: &[K],
+    rounds: usize,
+    mut measure: impl FnMut(K) -> Result<f64, String>,
+) -> Result<Vec<f64>, String> {
+    let rounds = rounds.max(1);
+    let mut samples = vec![Vec::with_capacity(rounds); keys.len()];
+    for r in 0..rounds {
+        for i in 0..keys.len() {
+            let j = (i + r) % keys.len();
+            samples[j].push(measure(keys[j])?);
+        }
+    }
+    Ok(samples.into_iter().map(median).collect())
+}
+
+/// The median of `values` (the mean of the middle two for an even count;
+/// NaN for none).
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    match n {
+        0 => f64::NAN,
+        _ if n % 2 == 1 => values[n / 2],
+        _ => (values[n / 2 - 1] + values[n / 2]) / 2.0,
     }
 }
 
@@ -179,7 +203,8 @@ pub fn run_gemm(args: &GemmArgs) -> Result<(), Stop> {
     let threads = parse_threads(&args.threads)?;
     let isa = effective_isa(args.isa);
     let shapes = checked_shapes(&args.shapes, PAGE_FLOATS)?;
-    let budget = Budget::new(Duration::from_millis(args.budget_ms));
+    let rounds = args.rounds.max(1);
+    let budget = Budget::new(Duration::from_millis(args.budget_ms / rounds as u64));
     // Ours in every mode; with --peers, each peer with all operands moved.
     let mut rows: Vec<(Engine, GemmMode)> =
         GemmMode::EVERY.iter().map(|&m| (Engine::Ours, m)).collect();
@@ -208,7 +233,11 @@ pub fn run_gemm(args: &GemmArgs) -> Result<(), Stop> {
             }
         )?;
     }
-    let pb = progress((threads.len() * shapes.len() * rows.len() * OFFSETS.len()) as u64);
+    let keys = distinct(
+        rows.iter()
+            .flat_map(|&(engine, mode)| OFFSETS.map(|off| (engine, mode.offsets(off)))),
+    );
+    let pb = progress((threads.len() * shapes.len() * keys.len() * rounds) as u64);
     for &t in &threads {
         let pool = pool(t)?;
         let result = pool.install(|| -> Result<(), Stop> {
@@ -226,32 +255,35 @@ pub fn run_gemm(args: &GemmArgs) -> Result<(), Stop> {
                     );
                     pb.suspend(|| outln!("{header}"))?;
                 }
-                let mut seen = Seen::new();
+                let medians = interleaved(&keys, rounds, |(engine, place)| {
+                    pb.set_message(format!(
+                        "{name}, {t} thread(s), {} at {place:?}",
+                        engine.name()
+                    ));
+                    let g = time_placed_gemm(
+                        &budget,
+                        engine,
+                        shape,
+                        place,
+                        (&a, &b),
+                        &reference,
+                        t,
+                        isa,
+                    );
+                    pb.inc(1);
+                    g
+                })?;
+                let gflops_at = |key: (Engine, [usize; 3])| {
+                    keys.iter()
+                        .position(|&k| k == key)
+                        .map_or(f64::NAN, |i| medians[i])
+                };
                 let mut per_row = Vec::with_capacity(rows.len());
                 for &(engine, mode) in &rows {
-                    let mut gflops = Vec::with_capacity(OFFSETS.len());
-                    for off in OFFSETS {
-                        pb.set_message(format!(
-                            "{name}, {t} thread(s), {} {} +{off}",
-                            engine.name(),
-                            mode.name()
-                        ));
-                        let place = mode.offsets(off);
-                        let g = seen.get_or_try((engine, place), || {
-                            time_placed_gemm(
-                                &budget,
-                                engine,
-                                shape,
-                                place,
-                                (&a, &b),
-                                &reference,
-                                t,
-                                isa,
-                            )
-                        })?;
-                        gflops.push(g);
-                        pb.inc(1);
-                    }
+                    let gflops: Vec<f64> = OFFSETS
+                        .iter()
+                        .map(|&off| gflops_at((engine, mode.offsets(off))))
+                        .collect();
                     let (lo, hi) = min_max(gflops.iter().copied());
                     let line = if args.json {
                         serde_json::json!({
@@ -389,8 +421,10 @@ pub struct ConvPlacement<'a> {
     pub isa: Option<Isa>,
     /// `--backend`.
     pub backend: BackendArg,
-    /// `--budget-ms`.
+    /// `--budget-ms`: per placement, split over the rounds.
     pub budget_ms: u64,
+    /// `--rounds`: every placement timed once per round, median over rounds.
+    pub rounds: usize,
     /// `--json`.
     pub json: bool,
     /// Whether `--pass` is the forward pass, the only one with placements.
@@ -480,7 +514,9 @@ pub fn run_conv(req: &ConvPlacement) -> Result<(), Stop> {
     let pool = pool(req.threads)?;
     let threads = pool.current_num_threads();
     let isa = effective_isa(req.isa);
-    let budget = Budget::new(Duration::from_millis(req.budget_ms));
+    let budget = Budget::new(Duration::from_millis(
+        req.budget_ms / req.rounds.max(1) as u64,
+    ));
     let options = ForwardOptions::new(Algorithm::Auto)
         .parallelism(Parallelism::threads(req.threads))
         .backend(req.backend.into())
@@ -499,7 +535,13 @@ pub fn run_conv(req: &ConvPlacement) -> Result<(), Stop> {
             req.backend.name()
         )?;
     }
-    let pb = progress((built.len() * algos.len() * modes.len() * OFFSETS.len()) as u64);
+    let keys = distinct(
+        modes
+            .iter()
+            .flat_map(|&mode| OFFSETS.map(|off| mode.offsets(off))),
+    );
+    let rounds = req.rounds.max(1);
+    let pb = progress((built.len() * algos.len() * keys.len() * rounds) as u64);
     let result = pool.install(|| -> Result<(), Stop> {
         for (layer, conv) in &built {
             let in_layer = |e: String| format!("layer {}: {e}", layer.name);
@@ -534,39 +576,39 @@ pub fn run_conv(req: &ConvPlacement) -> Result<(), Stop> {
                 // not change them beyond rounding.
                 let scale = reference.iter().fold(1.0f32, |s, v| s.max(v.abs()));
                 let tolerance = 1e-4 * scale;
-                let mut seen = Seen::new();
-                for mode in modes {
-                    let mut gflops = Vec::with_capacity(OFFSETS.len());
-                    let mut worst = 0.0f32;
-                    for off in OFFSETS {
-                        pb.set_message(format!(
-                            "{} / {label} / {} +{off}",
-                            layer.name,
-                            mode.name()
+                let mut diffs = vec![0.0f32; keys.len()];
+                let medians = interleaved(&keys, rounds, |place| {
+                    pb.set_message(format!("{} / {label} / at {place:?}", layer.name));
+                    let input = Placed::copy_of("input", &data.input, place[0])?;
+                    let mut out = Placed::filled("output", g.output_len(), f32::NAN, place[1])?;
+                    let t = try_measure(&budget, || {
+                        plan.forward(input.as_slice(), out.as_mut_slice())
+                    })
+                    .map_err(|e| e.to_string())?;
+                    let diff = max_abs_diff(out.as_slice(), &reference);
+                    if diff.is_nan() || diff > tolerance {
+                        return Err(format!(
+                            "{label}, input at +{}, output at +{}: output differs from \
+                             natural placement by {diff} (tolerance {tolerance})",
+                            place[0], place[1]
                         ));
-                        let place = mode.offsets(off);
-                        let gf = seen.get_or_try(place, || {
-                            let input = Placed::copy_of("input", &data.input, place[0])?;
-                            let mut out =
-                                Placed::filled("output", g.output_len(), f32::NAN, place[1])?;
-                            let t = try_measure(&budget, || {
-                                plan.forward(input.as_slice(), out.as_mut_slice())
-                            })
-                            .map_err(|e| e.to_string())?;
-                            let diff = max_abs_diff(out.as_slice(), &reference);
-                            worst = worst.max(diff);
-                            if diff.is_nan() || diff > tolerance {
-                                return Err(format!(
-                                    "{label}, {} at +{off}: output differs from natural \
-                                     placement by {diff} (tolerance {tolerance})",
-                                    mode.name()
-                                ));
-                            }
-                            Ok(flops / t.median_s / 1e9)
-                        });
-                        gflops.push(gf.map_err(in_layer)?);
-                        pb.inc(1);
                     }
+                    let i = keys.iter().position(|&k| k == place).unwrap_or(0);
+                    diffs[i] = diffs[i].max(diff);
+                    pb.inc(1);
+                    Ok(flops / t.median_s / 1e9)
+                })
+                .map_err(in_layer)?;
+                for mode in modes {
+                    let at = |off: usize| keys.iter().position(|&k| k == mode.offsets(off));
+                    let gflops: Vec<f64> = OFFSETS
+                        .iter()
+                        .map(|&off| at(off).map_or(f64::NAN, |i| medians[i]))
+                        .collect();
+                    let worst = OFFSETS
+                        .iter()
+                        .filter_map(|&off| at(off).map(|i| diffs[i]))
+                        .fold(0.0f32, f32::max);
                     let (lo, hi) = min_max(gflops.iter().copied());
                     let line = if req.json {
                         serde_json::json!({
@@ -658,6 +700,30 @@ mod tests {
             .err()
             .unwrap();
         assert!(e.contains("huge"), "{e}");
+    }
+
+    #[test]
+    fn rounds_visit_every_key_in_a_rotated_order_and_keep_the_median() {
+        assert_eq!(distinct([3, 1, 3, 2, 1]), vec![3, 1, 2]);
+        let mut order = Vec::new();
+        let mut call = 0.0;
+        let medians = interleaved(&['a', 'b', 'c'], 3, |k| {
+            order.push(k);
+            call += 1.0;
+            // Key a's samples are 1, 6, 8; b's 2, 4, 9; c's 3, 5, 7.
+            Ok(call)
+        })
+        .unwrap();
+        assert_eq!(order, ['a', 'b', 'c', 'b', 'c', 'a', 'c', 'a', 'b']);
+        assert_eq!(medians, vec![6.0, 4.0, 5.0]);
+        assert_eq!(median(vec![4.0, 1.0, 3.0, 2.0]), 2.5);
+        assert!(median(Vec::new()).is_nan());
+        let failed = interleaved(
+            &[1, 2],
+            2,
+            |k| if k == 2 { Err("no".into()) } else { Ok(1.0) },
+        );
+        assert_eq!(failed, Err("no".to_string()));
     }
 
     #[test]
