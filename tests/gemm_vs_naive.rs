@@ -1273,16 +1273,22 @@ fn row_major_b_read_in_place() {
 
 #[test]
 fn b_read_in_place_from_mid_line_matches_naive() {
-    // A row-major B read in place whose rows are a whole number of lines
-    // apart (1040 floats) but start 1–15 floats past a line: the driver
-    // peels the columns up to the next line into a packed block of their
-    // own (B spans ≥ 32 column panels on every path), then reads the rest
-    // line-aligned. Every start offset, every ISA, against the f64 product.
-    let (m, k, n) = (24, 37, 1040);
+    // A row-major B read in place whose rows are a whole number of line
+    // pairs apart (1056 floats) or of lines only (1040 floats), starting
+    // anywhere in a pair: the driver peels the columns up to the next pair
+    // (or line) into a packed block of their own (B spans ≥ 32 column
+    // panels on every path), then reads the rest aligned. Every start
+    // offset, every ISA, against the f64 product.
+    for (m, k, n) in [(24, 37, 1056), (24, 37, 1040)] {
+        b_in_place_at_every_offset(m, k, n);
+    }
+}
+
+fn b_in_place_at_every_offset(m: usize, k: usize, n: usize) {
     let mut rng = Rng::new(31);
     let a: Vec<f32> = (0..m * k).map(|_| rng.next_f32()).collect();
-    let store: Vec<f32> = (0..k * n + 16).map(|_| rng.next_f32()).collect();
-    for offset in 0..16 {
+    let store: Vec<f32> = (0..k * n + 32).map(|_| rng.next_f32()).collect();
+    for offset in 0..32 {
         let b = &store[offset..][..k * n];
         let mut want = vec![0.0f64; m * n];
         let mut magnitude = vec![0.0f64; m * n];
@@ -1314,7 +1320,7 @@ fn b_read_in_place_from_mid_line_matches_naive() {
                 let tol = tolerance(k, magnitude[idx]);
                 assert!(
                     (f64::from(got) - w).abs() <= tol,
-                    "{isa} B at +{offset}: C[{}][{}] = {got}, want {w}",
+                    "{isa} {m}x{k}x{n}, B at +{offset}: C[{}][{}] = {got}, want {w}",
                     idx / n,
                     idx % n
                 );

@@ -186,6 +186,14 @@ fn interleaved<K: Copy>(
     Ok(samples.into_iter().map(median).collect())
 }
 
+/// The budget of one placement in one of `rounds` rounds: `budget_ms`
+/// split over them, with a shorter warm-up than a lone measurement's (each
+/// round's first call still pays for the fresh buffers' page faults).
+fn round_budget(budget_ms: u64, rounds: usize) -> Budget {
+    Budget::new(Duration::from_millis(budget_ms / rounds.max(1) as u64))
+        .warm_up(Duration::from_millis(30))
+}
+
 /// The median of `values` (the mean of the middle two for an even count;
 /// NaN for none).
 fn median(mut values: Vec<f64>) -> f64 {
@@ -204,7 +212,7 @@ pub fn run_gemm(args: &GemmArgs) -> Result<(), Stop> {
     let isa = effective_isa(args.isa);
     let shapes = checked_shapes(&args.shapes, PAGE_FLOATS)?;
     let rounds = args.rounds.max(1);
-    let budget = Budget::new(Duration::from_millis(args.budget_ms / rounds as u64));
+    let budget = round_budget(args.budget_ms, rounds);
     // Ours in every mode; with --peers, each peer with all operands moved.
     let mut rows: Vec<(Engine, GemmMode)> =
         GemmMode::EVERY.iter().map(|&m| (Engine::Ours, m)).collect();
@@ -514,9 +522,7 @@ pub fn run_conv(req: &ConvPlacement) -> Result<(), Stop> {
     let pool = pool(req.threads)?;
     let threads = pool.current_num_threads();
     let isa = effective_isa(req.isa);
-    let budget = Budget::new(Duration::from_millis(
-        req.budget_ms / req.rounds.max(1) as u64,
-    ));
+    let budget = round_budget(req.budget_ms, req.rounds.max(1));
     let options = ForwardOptions::new(Algorithm::Auto)
         .parallelism(Parallelism::threads(req.threads))
         .backend(req.backend.into())

@@ -16,17 +16,27 @@ pub struct Budget {
     pub min_samples: usize,
     /// Most samples, however fast a call is.
     pub max_samples: usize,
+    /// How long short calls are repeated before the samples (after one
+    /// first call, which is always made).
+    pub warm_up: Duration,
 }
 
 impl Budget {
-    /// `total` per measurement, samples of at least 20 ms, 3 to 25 of them.
+    /// `total` per measurement, samples of at least 20 ms, 3 to 25 of them,
+    /// after 100 ms of warm-up.
     pub fn new(total: Duration) -> Self {
         Budget {
             total,
             min_sample: Duration::from_millis(20),
             min_samples: 3,
             max_samples: 25,
+            warm_up: Duration::from_millis(100),
         }
+    }
+
+    /// This budget with `warm_up` of warm-up.
+    pub fn warm_up(self, warm_up: Duration) -> Self {
+        Budget { warm_up, ..self }
     }
 }
 
@@ -43,7 +53,7 @@ pub struct Timing {
     pub reps: usize,
 }
 
-/// Times `f`: warms up (one call, then more for up to ~100 ms when calls are
+/// Times `f`: warms up (one call, then more for `budget.warm_up` when calls are
 /// short), picks how many calls make a sample of at least
 /// `budget.min_sample`, and returns the median seconds per call over as many
 /// samples as fit in `budget.total` (clamped to the budget's sample range).
@@ -64,8 +74,8 @@ pub fn try_measure<E>(budget: &Budget, mut f: impl FnMut() -> Result<(), E>) -> 
     let start = Instant::now();
     f()?;
     let mut per_call = start.elapsed();
-    let warm_until = Instant::now() + Duration::from_millis(100);
-    if per_call < Duration::from_millis(20) {
+    let warm_until = Instant::now() + budget.warm_up;
+    if per_call < budget.min_sample {
         while Instant::now() < warm_until {
             let t = Instant::now();
             f()?;

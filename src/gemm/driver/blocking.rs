@@ -94,18 +94,15 @@ pub(super) fn in_place_block_rows<T: Element>(
 }
 
 /// The columns to take off the left of columns `n0..n0 + width` of a B read
-/// in place so that the rest start on a cache line: every row then starts
-/// on one too when the row stride is a whole number of lines, and no vector
-/// load of the kernel splits across two lines. 0 when the rows drift (the
-/// stride is no whole number of lines), when the block already starts on a
-/// line, or where peeling would change how many blocks of `block` columns
-/// the rest needs (the blocking stays what the cache model says, and the
-/// tests' mirror of the loop nest with it). Measured in one process,
-/// interleaved (1 thread AVX-512, B alone 1–12 floats past a 4 KiB
-/// boundary, A and C at +0; GFLOP/s relative to B at +0): 64×147×12544
-/// 0.88–0.91× without the peel, 0.93–1.0× with it; 64×576×3136 0.88–0.97×
-/// and 0.91–0.96×. B at +16 (line-aligned, nothing to peel) measured
-/// 0.93× too, so split loads are not the whole of the placement cost.
+/// in place so that the rest start on a boundary of [`B_ROW_ALIGN`] bytes
+/// (or of a cache line, where the row stride is a whole number of lines
+/// but not of that): every row then starts on one too, so no vector load
+/// of the kernel splits across two lines and no panel row reaches into a
+/// pair of lines it barely uses. 0 when the rows drift (the stride is no
+/// whole number of lines), when the block already starts on the boundary,
+/// or where peeling would change how many blocks of `block` columns the
+/// rest needs (the blocking stays what the cache model says, and the
+/// tests' mirror of the loop nest with it).
 pub(super) fn columns_to_line<T: Element>(
     bs: &StridedMatrix<T>,
     n0: usize,
@@ -119,14 +116,19 @@ pub(super) fn columns_to_line<T: Element>(
     if width < PEEL_MIN_PANELS * panel {
         return 0;
     }
-    const LINE: usize = 64;
     let size = std::mem::size_of::<T>();
     let row_bytes = (bs.rs as usize).saturating_mul(size);
     let start = bs.ptr.wrapping_add(n0) as usize;
-    if bs.rs <= 0 || !row_bytes.is_multiple_of(LINE) || !start.is_multiple_of(size) {
+    let Some(align) = [B_ROW_ALIGN, CACHE_LINE]
+        .into_iter()
+        .find(|&a| row_bytes.is_multiple_of(a))
+    else {
+        return 0;
+    };
+    if bs.rs <= 0 || !start.is_multiple_of(size) {
         return 0;
     }
-    let lead = (LINE - start % LINE) % LINE / size;
+    let lead = (align - start % align) % align / size;
     let block = block.max(1);
     if lead < width && (width - lead).div_ceil(block) == width.div_ceil(block) {
         lead
@@ -134,6 +136,20 @@ pub(super) fn columns_to_line<T: Element>(
         0
     }
 }
+
+/// Bytes in a cache line on every x86 and Arm server core.
+const CACHE_LINE: usize = 64;
+
+/// Where the rows of a B read in place should start: an aligned pair of
+/// cache lines, the unit of the adjacent-line (spatial) prefetchers of x86
+/// cores, and the bytes of an AVX-512 panel row (32 floats). Measured, 1
+/// thread AVX-512, Zen 5, 64×576×3136 with B alone 0–2048 floats past a
+/// 4 KiB boundary (A and C at +0), GFLOP/s in one process: rows starting
+/// on a 128-byte boundary (+0, +32, +64, … +2048) 198–207; rows on a line
+/// but not a pair (+16) 165–177, the same as rows mid-line (+1 … +12,
+/// which the former line-sized peel moved to +16); B packed, at every
+/// offset, 189–192.
+pub(super) const B_ROW_ALIGN: usize = 2 * CACHE_LINE;
 
 /// The fewest column panels a B read in place must span before its
 /// leading columns are peeled to a line boundary (see [`columns_to_line`]).
@@ -177,20 +193,28 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_peel_reaches_the_next_line() {
+    fn the_peel_reaches_the_next_line_pair() {
         let data = crate::gemm::pack::AlignedBuf::<f32>::default();
         let mut data = data;
-        let base = data.get(4096).as_ptr();
+        let base = data.get(4096 + 32).as_ptr();
+        // The buffer is line-aligned; the offsets below count from a pair.
+        let base = base.wrapping_add((B_ROW_ALIGN - base as usize % B_ROW_ALIGN) % B_ROW_ALIGN / 4);
         let at = |offset: usize, rs: isize| StridedMatrix {
             ptr: base.wrapping_add(offset),
             rs,
             cs: 1,
         };
-        // Rows a whole number of lines apart, starting 3 floats past a line:
-        // 13 columns to the next one.
-        assert_eq!(columns_to_line(&at(3, 3136), 0, 3136, 256, 32), 13);
-        // From column 13 of that matrix on, nothing to peel.
-        assert_eq!(columns_to_line(&at(3, 3136), 13, 3000, 256, 32), 0);
+        // Rows a whole number of line pairs apart (3136 floats: 98 × 128
+        // bytes), starting 3 floats past a pair: 29 columns to the next one.
+        assert_eq!(columns_to_line(&at(3, 3136), 0, 3136, 256, 32), 29);
+        // One line past a pair: 16 columns.
+        assert_eq!(columns_to_line(&at(16, 3136), 0, 3136, 256, 32), 16);
+        // From column 29 of that matrix on, nothing to peel.
+        assert_eq!(columns_to_line(&at(3, 3136), 29, 3000, 256, 32), 0);
+        // Rows an odd number of lines apart (3120 floats: 195 lines): only
+        // a line boundary is the same in every row.
+        assert_eq!(columns_to_line(&at(3, 3120), 0, 3120, 256, 32), 13);
+        assert_eq!(columns_to_line(&at(16, 3120), 0, 3120, 256, 32), 0);
         // Rows that drift across lines: no peel helps every row.
         assert_eq!(columns_to_line(&at(3, 3137), 0, 3137, 256, 32), 0);
         // Too few panels to repay a peel.
