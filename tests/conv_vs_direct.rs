@@ -719,6 +719,72 @@ fn depthwise_channels_in_lanes_match_direct() {
     }
 }
 
+#[test]
+fn dense_tiles_store_at_every_output_offset() {
+    // The output is a slice 0–16 floats into a buffer, so its rows start
+    // anywhere in a line (rows and planes here are whole vectors long, so
+    // every row of a block starts at the same place): every offset matches
+    // Direct, with bias and an activation, writes nothing outside the
+    // slice, and gives the bits of the offset-0 result.
+    let conv = Conv2dParams::new(2, 8, (16, 16), 40, (3, 3))
+        .padding(Padding::symmetric(1, 1))
+        .build()
+        .unwrap();
+    let g = *conv.geometry();
+    let mut rng = Rng::new(91);
+    let input = rng.vec(g.input_len());
+    let weight = rng.vec(g.weight_len());
+    let bias = rng.vec(g.out_channels);
+    let activation = Activation::Clamp {
+        min: -0.5,
+        max: 0.75,
+    };
+    let direct = ForwardOptions::new(Algorithm::Direct).activation(activation);
+    let mut want = vec![0.0; g.output_len()];
+    conv.forward_with(&input, &weight, Some(&bias), &mut want, &direct)
+        .unwrap();
+    for isa in isas_under_test() {
+        let options = ForwardOptions::new(Algorithm::DirectDense)
+            .parallelism(Parallelism::Sequential)
+            .activation(activation)
+            .isa(isa);
+        let mut store = vec![f32::NAN; g.output_len() + 16];
+        let mut first: Option<Vec<f32>> = None;
+        for offset in 0..=16 {
+            store.fill(f32::NAN);
+            let out = &mut store[offset..offset + g.output_len()];
+            let (result, trace) =
+                traced(|| conv.forward_with(&input, &weight, Some(&bias), out, &options));
+            result.unwrap();
+            assert!(
+                trace.direct_simd_ran_on(isa),
+                "{isa}: no dense jobs: {trace:?}"
+            );
+            for (j, (&a, &b)) in out.iter().zip(&want).enumerate() {
+                assert!(
+                    (a - b).abs() <= 1e-4,
+                    "{isa} output at +{offset}, {j}: {a} vs {b}"
+                );
+            }
+            assert!(
+                store[..offset]
+                    .iter()
+                    .chain(&store[offset + g.output_len()..])
+                    .all(|v| v.is_nan()),
+                "{isa} at +{offset}: a store outside the output"
+            );
+            let out = store[offset..offset + g.output_len()].to_vec();
+            match &first {
+                None => first = Some(out),
+                Some(f) => assert!(
+                    f.iter().zip(&out).all(|(x, y)| x.to_bits() == y.to_bits()),
+                    "{isa} at +{offset}: differs from +0"
+                ),
+            }
+        }
+    }
+}
+
 /// A NaN in the input reaches exactly the outputs whose window covers it, on
 /// every path, and no activation clamps it away (`Activation::apply` keeps
 /// NaN, and the kernels are documented to match).
