@@ -720,6 +720,57 @@ fn depthwise_channels_in_lanes_match_direct() {
 }
 
 #[test]
+fn edge_vectors_take_no_lanes_from_the_neighbouring_rows() {
+    // An edge vector of the 3×3 depthwise tile may load whole vectors that
+    // reach into the previous or next input row and drop those lanes in its
+    // masked FMAs. A NaN in every row's last column (then first column)
+    // must reach exactly the outputs whose window covers it: a lane taken
+    // from the neighbouring row would carry it to the other edge. Planes
+    // tall enough for row blocks away from the plane's first and last rows,
+    // at strides 1 and 2 (a plane too large for channels in lanes) and a
+    // dilated column.
+    let dw = |c: usize, h: usize, w: usize| Conv2dParams::new(1, c, (h, w), c, (3, 3)).groups(c);
+    let layers = [
+        dw(3, 40, 37).padding(Padding::symmetric(1, 1)),
+        dw(3, 70, 66).stride(2, 2).padding(Padding::symmetric(1, 1)),
+        dw(2, 41, 35)
+            .dilation(1, 2)
+            .padding(Padding::explicit(1, 1, 0, 3)),
+    ];
+    for (i, params) in layers.into_iter().enumerate() {
+        let conv = params.build().unwrap();
+        let g = *conv.geometry();
+        let mut rng = Rng::new(17 + i as u64);
+        let weight = rng.vec(g.weight_len());
+        for column in [g.in_w - 1, 0] {
+            let mut input = rng.vec(g.input_len());
+            for row in input.chunks_exact_mut(g.in_w) {
+                row[column] = f32::NAN;
+            }
+            let mut want = vec![0.0; g.output_len()];
+            let direct = ForwardOptions::new(Algorithm::Direct);
+            conv.forward_with(&input, &weight, None, &mut want, &direct)
+                .unwrap();
+            assert!(want.iter().any(|v| v.is_nan()) && want.iter().any(|v| !v.is_nan()));
+            for isa in isas_under_test() {
+                let options = ForwardOptions::new(Algorithm::DirectSimd)
+                    .parallelism(Parallelism::Sequential)
+                    .isa(isa);
+                let mut out = vec![0.0; g.output_len()];
+                conv.forward_with(&input, &weight, None, &mut out, &options)
+                    .unwrap();
+                for (j, (&a, &b)) in out.iter().zip(&want).enumerate() {
+                    assert!(
+                        a.is_nan() == b.is_nan() && (a.is_nan() || (a - b).abs() <= 1e-4),
+                        "layer {i} {isa}, NaN in column {column}, output {j}: {a} vs {b}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
 fn dense_tiles_store_at_every_output_offset() {
     // The output is a slice 0–16 floats into a buffer, so its rows start
     // anywhere in a line (rows and planes here are whole vectors long, so

@@ -166,7 +166,11 @@ impl<'a> TileAt<'a> {
 /// # Safety
 /// `p[stride·j]` is readable for every lane `j`.
 #[inline(always)]
-unsafe fn load_interior<S: Simd, const SW: usize>(s: S, p: *const f32, stride: usize) -> S::V {
+pub(super) unsafe fn load_interior<S: Simd, const SW: usize>(
+    s: S,
+    p: *const f32,
+    stride: usize,
+) -> S::V {
     // SAFETY: lanes 0..L at stride `stride` are readable (contract); for
     // stride 2 that is the whole run p[0..2L−1], which `load_stride2` reads.
     unsafe {

@@ -2,7 +2,7 @@
 //! and stride 1 or 2 (depthwise MobileNet layers): all nine weights in
 //! registers, each input row loaded once per kernel column.
 
-use super::simd::{fma_tap, load_tap, opaque, store_tile, TileAt};
+use super::simd::{fma_tap, load_interior, load_tap, opaque, store_tile, TileAt};
 use super::{Geo, Job, Simd};
 
 /// Every tile of a single-channel job with a 3×3 kernel, vertical dilation 1
@@ -112,6 +112,18 @@ unsafe fn tile3<S: Simd, const RB: usize, const SW: usize, const SH: usize, cons
             *m = s.mask(lo, hi);
         }
     }
+    // An edge vector's lanes outside the row still lie inside the channel's
+    // plane when the block's first row does not start it and its last row
+    // does not end it: then whole-vector loads are safe, and the masked
+    // FMAs alone drop those lanes (they hold real input of the neighbouring
+    // rows, never a padding value). Zen 5 runs the masked loads far slower
+    // than plain ones: 96 channels of 112² at stride 2, half of whose
+    // vectors are edges, ran at 28 GFLOP/s with masked loads.
+    let reach = (S::LANES - 1) * geo.stride_w + 1;
+    let first = ih0 * geo.in_w as isize + col0;
+    let end =
+        (ih0 + span as isize - 1) * geo.in_w as isize + col0 + (2 * geo.dil_w + reach) as isize;
+    let spans_inside = first >= 0 && end <= geo.in_plane as isize;
     let weights = &job.weights[..geo.cg * 9];
     let mut acc = [s.zero(); RB];
     for c in 0..geo.cg {
@@ -125,24 +137,36 @@ unsafe fn tile3<S: Simd, const RB: usize, const SW: usize, const SH: usize, cons
         let base = chan.wrapping_offset(ih0 * geo.in_w as isize + col0);
         // Rows past `t.rows` accumulate whatever in-bounds input they meet
         // and are never stored.
-        if all_rows {
+        if all_rows && EDGE && spans_inside {
+            // SAFETY: every input row of the block is inside the channel, and
+            // so is every lane of every load (`spans_inside`).
+            unsafe {
+                rows3::<S, RB, SW, SH, true, false, true>(s, geo, base, ih0, &w, &masks, &mut acc)
+            };
+        } else if all_rows {
             // SAFETY: every input row of the block is inside the channel.
-            unsafe { rows3::<S, RB, SW, SH, EDGE, false>(s, geo, base, ih0, &w, &masks, &mut acc) };
+            unsafe {
+                rows3::<S, RB, SW, SH, EDGE, false, false>(s, geo, base, ih0, &w, &masks, &mut acc)
+            };
         } else {
             // SAFETY: forwarded contract.
-            unsafe { rows3::<S, RB, SW, SH, EDGE, true>(s, geo, base, ih0, &w, &masks, &mut acc) };
+            unsafe {
+                rows3::<S, RB, SW, SH, EDGE, true, false>(s, geo, base, ih0, &w, &masks, &mut acc)
+            };
         }
     }
     acc
 }
 
 /// The input rows of one channel into a 3×3 tile. `CHECK` skips input rows
-/// outside the input; without it all of them must be inside.
+/// outside the input; without it all of them must be inside. `LOOSE` (an
+/// edge vector) loads whole vectors and masks only the FMAs.
 ///
 /// # Safety
 /// As [`tile3`]; `base` is lane 0 of input row `ih0` at kernel column 0;
 /// without `CHECK`, input rows `ih0..ih0 + SH·(RB−1) + 3` are inside the
-/// channel.
+/// channel; with `LOOSE`, every lane of every whole-vector load (kernel
+/// columns 0..3 of those rows) is inside the channel.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 unsafe fn rows3<
@@ -152,6 +176,7 @@ unsafe fn rows3<
     const SH: usize,
     const EDGE: bool,
     const CHECK: bool,
+    const LOOSE: bool,
 >(
     s: S,
     geo: &Geo,
@@ -179,9 +204,14 @@ unsafe fn rows3<
                 // without CHECK, else checked above), and for kernel column si
                 // the lanes of masks[si] (every lane of an interior vector;
                 // none when the range is empty) read columns inside 0..in_w
-                // (`ranges`).
+                // (`ranges`); with LOOSE every lane reads inside the channel
+                // (contract), and the masked FMAs drop those outside the row.
                 let x = unsafe {
-                    load_tap::<S, SW, EDGE>(s, p.wrapping_add(si * dw), sw, masks[si])
+                    if LOOSE {
+                        load_interior::<S, SW>(s, p.wrapping_add(si * dw), sw)
+                    } else {
+                        load_tap::<S, SW, EDGE>(s, p.wrapping_add(si * dw), sw, masks[si])
+                    }
                 };
                 for (r, w_r) in w.iter().enumerate() {
                     // Tile row i meets this input row with kernel row r when
