@@ -61,6 +61,14 @@ fn padded_shapes() -> Vec<(&'static str, Conv2dParams)> {
                 .padding(Padding::symmetric(1, 1))
                 .groups(8),
         ),
+        // Depthwise rows narrower than 14: channels in lanes, whose edge
+        // pixels skip their padding taps.
+        (
+            "depthwise in lanes",
+            Conv2dParams::new(1, 20, (1, 7), 20, (3, 3))
+                .padding(Padding::symmetric(1, 1))
+                .groups(20),
+        ),
         // Only top padding: window row 0 is padding-only; in true
         // convolution that is weight row 1 (the kernel is flipped).
         (
