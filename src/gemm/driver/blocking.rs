@@ -103,7 +103,7 @@ pub(super) fn in_place_block_rows<T: Element>(
 /// or where peeling would change how many blocks of `block` columns the
 /// rest needs (the blocking stays what the cache model says, and the
 /// tests' mirror of the loop nest with it).
-pub(super) fn columns_to_line<T: Element>(
+pub(super) fn columns_to_aligned_rows<T: Element>(
     bs: &StridedMatrix<T>,
     n0: usize,
     width: usize,
@@ -152,7 +152,8 @@ const CACHE_LINE: usize = 64;
 pub(super) const B_ROW_ALIGN: usize = 2 * CACHE_LINE;
 
 /// The fewest column panels a B read in place must span before its
-/// leading columns are peeled to a line boundary (see [`columns_to_line`]).
+/// leading columns are peeled to a pair or line boundary (see
+/// [`columns_to_aligned_rows`]).
 pub(super) const PEEL_MIN_PANELS: usize = 32;
 
 /// Below this many register tiles, a block read in place would re-read B's
@@ -193,7 +194,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_peel_reaches_the_next_line_pair() {
+    fn the_peel_reaches_the_next_pair_or_line() {
         let data = crate::gemm::pack::AlignedBuf::<f32>::default();
         let mut data = data;
         let base = data.get(4096 + 32).as_ptr();
@@ -206,21 +207,24 @@ mod tests {
         };
         // Rows a whole number of line pairs apart (3136 floats: 98 × 128
         // bytes), starting 3 floats past a pair: 29 columns to the next one.
-        assert_eq!(columns_to_line(&at(3, 3136), 0, 3136, 256, 32), 29);
+        assert_eq!(columns_to_aligned_rows(&at(3, 3136), 0, 3136, 256, 32), 29);
         // One line past a pair: 16 columns.
-        assert_eq!(columns_to_line(&at(16, 3136), 0, 3136, 256, 32), 16);
+        assert_eq!(columns_to_aligned_rows(&at(16, 3136), 0, 3136, 256, 32), 16);
         // From column 29 of that matrix on, nothing to peel.
-        assert_eq!(columns_to_line(&at(3, 3136), 29, 3000, 256, 32), 0);
+        assert_eq!(columns_to_aligned_rows(&at(3, 3136), 29, 3000, 256, 32), 0);
         // Rows an odd number of lines apart (3120 floats: 195 lines): only
         // a line boundary is the same in every row.
-        assert_eq!(columns_to_line(&at(3, 3120), 0, 3120, 256, 32), 13);
-        assert_eq!(columns_to_line(&at(16, 3120), 0, 3120, 256, 32), 0);
+        assert_eq!(columns_to_aligned_rows(&at(3, 3120), 0, 3120, 256, 32), 13);
+        assert_eq!(columns_to_aligned_rows(&at(16, 3120), 0, 3120, 256, 32), 0);
         // Rows that drift across lines: no peel helps every row.
-        assert_eq!(columns_to_line(&at(3, 3137), 0, 3137, 256, 32), 0);
+        assert_eq!(columns_to_aligned_rows(&at(3, 3137), 0, 3137, 256, 32), 0);
         // Too few panels to repay a peel.
-        assert_eq!(columns_to_line(&at(3, 3136), 0, 64, 256, 32), 0);
+        assert_eq!(columns_to_aligned_rows(&at(3, 3136), 0, 64, 256, 32), 0);
         // A block narrower than the peel, or a peel that would save a block.
-        assert_eq!(columns_to_line(&at(3, 3136), 0, 10, 256, 32), 0);
-        assert_eq!(columns_to_line(&at(3, 3136), 0, 2048 + 5, 2048, 32), 0);
+        assert_eq!(columns_to_aligned_rows(&at(3, 3136), 0, 10, 256, 32), 0);
+        assert_eq!(
+            columns_to_aligned_rows(&at(3, 3136), 0, 2048 + 5, 2048, 32),
+            0
+        );
     }
 }

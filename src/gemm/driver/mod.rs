@@ -89,7 +89,7 @@ use super::pack::with_pack_buffers;
 use super::Parallelism;
 use crate::testing::record_gemm_block;
 use blocking::{
-    a_in_place, block_depth, columns_to_line, in_place_block_rows, rows_stay_in_l2,
+    a_in_place, block_depth, columns_to_aligned_rows, in_place_block_rows, rows_stay_in_l2,
     single_block_columns,
 };
 use macro_kernel::{a_block, peeled_columns, BPanels, MacroKernel, PeeledColumns};
@@ -387,10 +387,13 @@ unsafe fn gemm_block<T: Element, B: BSource<T>>(
             .as_strided()
             .filter(|bs| bs.cs == 1 && bs.rs > 0 && rows_stay_in_l2::<T>(bs.rs as usize, kc));
         let nc_small = single_block_columns::<T>(kc, kernel.info());
-        // A B read in place whose rows start mid-line gets its first few
-        // columns as a block of their own (packed), so that every vector
-        // load of the rest is line-aligned.
-        let lead = in_place.map_or(0, |bs| columns_to_line(&bs, n0, n1 - n0, nc_small, nr));
+        // A B read in place whose rows start off a line pair gets its first
+        // few columns as a block of their own (packed), so that every row
+        // of the rest starts on a pair where the stride allows, else on a
+        // line ([`columns_to_aligned_rows`]).
+        let lead = in_place.map_or(0, |bs| {
+            columns_to_aligned_rows(&bs, n0, n1 - n0, nc_small, nr)
+        });
         for pc in (0..k).step_by(kc) {
             let kcur = kc.min(k - pc);
             let a_here = a_in_place(a, kernel, m1 - m0, (n1 - n0).div_ceil(nr));
