@@ -648,6 +648,7 @@ fn depthwise_channels_in_lanes_match_direct() {
         dw(1, 17, 15, 13, (3, 3)).stride(2, 1),
         dw(1, 9, 12, 12, (7, 7)).padding(Padding::symmetric(3, 3)),
         dw(1, 5, 13, 13, (11, 11)).padding(Padding::symmetric(5, 5)),
+        dw(1, 18, 23, 29, (5, 5)).padding(Padding::explicit(2, 1, 2, 3)),
         dw(2, 11, 9, 13, (3, 5))
             .dilation(2, 2)
             .padding(Padding::explicit(0, 3, 4, 1))

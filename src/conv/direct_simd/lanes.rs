@@ -21,8 +21,9 @@
 //!
 //! A tap whose input pixel is padding is skipped for that pixel, in every
 //! lane at once (the lanes are channels, which share the geometry): no
-//! masks, and padding is never multiplied, as in the reference. Pixels
-//! whose every tap reads a real input pixel take a loop with no checks.
+//! masks, and padding is never multiplied, as in the reference. The
+//! forward takes the pixels in groups that share their real taps (a
+//! [`Schedule`], built once per plan), each group's taps with no checks.
 //!
 //! Which layers: [`lanes_apply`]. Measured: the table in the module
 //! documentation of `backward.rs` for the weight gradient, [`forward_lanes`]
@@ -30,6 +31,8 @@
 
 use super::simd::Simd;
 use super::Geo;
+use crate::conv::try_with_capacity;
+use crate::ConvError;
 use std::ops::Range;
 
 /// Whether a depthwise layer puts channels in lanes: one input and one
@@ -38,7 +41,7 @@ use std::ops::Range;
 /// the block's two transposed planes within 256 KiB (half the smallest L2
 /// of the CPUs the crate is measured on, so that the block stays in L2
 /// while its taps sweep it). `lanes` is the ISA's `L`; `below` is
-/// [`GRAD_WEIGHT_BELOW`] or [`FORWARD_BELOW`].
+/// [`GRAD_WEIGHT_BELOW`] or [`forward_below`].
 pub(super) fn lanes_apply(geo: &Geo, lanes: usize, below: usize) -> bool {
     let bytes = (geo.in_plane + geo.out_plane)
         .saturating_mul(lanes)
@@ -55,10 +58,26 @@ pub(super) fn lanes_apply(geo: &Geo, lanes: usize, below: usize) -> bool {
 /// 44–51).
 pub(super) const GRAD_WEIGHT_BELOW: usize = 16;
 
-/// The forward's stride-1 rows narrower than this put channels in lanes:
-/// rows of 7 gain (960×7², 10 → 17–18% of the FMA peak, 1 thread AVX-512),
-/// rows of 14 lose a little (384×14², 25% → 23–24%).
-pub(super) const FORWARD_BELOW: usize = 14;
+/// The forward's stride-1 rows narrower than this put channels in lanes
+/// (see [`forward_below`]).
+pub(super) const FORWARD_BELOW: usize = 22;
+
+/// The `below` of [`lanes_apply`] for the forward: [`FORWARD_BELOW`] for
+/// kernels up to 3 wide, any row for wider ones (within the workspace
+/// bound). Pixels in lanes pay per row for the vectors at its edges, and a
+/// wider kernel has more of them; channels in lanes pay a transpose per
+/// pixel whatever the kernel. Measured (1 thread AVX-512, Zen 5, plans,
+/// GFLOP/s, pixels in lanes → channels in lanes, two alternating runs):
+/// 3×3 384×14² 36–54 → 45–59, 256×20² 36–54 → 57–59, 256×24² 65–69 →
+/// 57–61, 192×28² 68–70 → 48–56; 5×5 480×14² 27–34 → 64–84, 240×28²
+/// 30–38 → 83–100; 7×7 768×14² 46–48 → 100–111, 384×28² 48–50 → 128–133.
+pub(super) fn forward_below(geo: &Geo) -> usize {
+    if geo.s_len > 3 {
+        usize::MAX
+    } else {
+        FORWARD_BELOW
+    }
+}
 
 /// Floats of the workspace one block needs for `lanes` lanes: both planes
 /// transposed, and room to start them on a 64-byte line.
@@ -243,6 +262,9 @@ pub(super) struct LanesForward<'a> {
     /// Channels in the block, `1..=L`.
     pub(super) channels: usize,
     pub(super) lanes: usize,
+    /// The order of the output pixels ([`Schedule::new`] of this geometry
+    /// and `lanes`).
+    pub(super) schedule: &'a Schedule,
 }
 
 /// Panics unless `job`, `work` and `out` are what [`forward_lanes`] reads
@@ -255,13 +277,14 @@ pub(super) fn check_forward(job: &LanesForward<'_>, work: &[f32], out: &[f32]) {
             && job.input.len() >= job.channels * geo.in_plane
             && job.weights.len() >= geo.r_len * geo.s_len * job.lanes
             && work.len() >= (geo.in_plane + geo.out_plane) * job.lanes
-            && out.len() >= job.channels * geo.out_plane,
+            && out.len() >= job.channels * geo.out_plane
+            && job.schedule.built_for == (geo.in_h, geo.in_w, geo.out_h, geo.out_w, job.lanes),
         "direct SIMD: lanes job does not match the geometry"
     );
 }
 
-/// Output pixels per group of the forward's interior loop.
-const P: usize = 4;
+/// Output pixels per group of the forward ([`Schedule`]).
+const P: usize = 8;
 
 /// The forward of one block (see the module documentation), into `out`
 /// (the block's `channels` output planes). `TB` taps have their weight
@@ -275,9 +298,14 @@ const P: usize = 4;
 /// 672×7² 5×5 17–19 → 29–31, 240×28² 5×5/2 20–24 → 33–44. In one run
 /// against onnxruntime 1.32 (`vs_onnxruntime.py`), 960×7² went from 0.66×
 /// to 1.02–1.9× and 576×14²/2 from 0.59× to 1.1–2.2× (ORT's own figure
-/// moved by half between runs); 5×5 kernels on 7² and 14² planes stay at
-/// about half of ORT's (their pixels are mostly edge pixels, summed one
-/// FMA chain at a time).
+/// moved by half between runs). Edge pixels were then summed one at a
+/// time, one FMA chain each; running them in groups by class
+/// ([`Schedule`]) gave, the same way (1 thread, two runs each, GFLOP/s):
+/// AVX-512 672×7² 5×5 38–39 → 57–58, 960×7² 3×3 40 → 52, 576×14² 3×3/2
+/// 29–31 → 41–43, 192×28² 3×3/2 29–31 → 32–34; AVX2 the same layers 18 →
+/// 28, 15–16 → 21, 9.6 → 12.3–12.6, 11.4 → 12.5–12.9. Groups of 8 pixels
+/// against 4: 3×3 on 7² 45 → 51–54, 5×5 on 7² 58–60 → 52–56 (more of
+/// its classes are small), hence 4 for a class's last group of up to 4.
 ///
 /// # Safety
 /// `job`, `work` and `out` pass [`check_forward`]; `job.lanes == S::LANES`;
@@ -318,28 +346,22 @@ pub(super) unsafe fn forward_lanes<S: Simd, const TB: usize>(
             None => v,
         }
     };
-    let held = taps == TB;
-    let mut wv = [s.zero(); TB];
-    if held {
+    let schedule = job.schedule;
+    if taps == TB {
+        let mut wv = [s.zero(); TB];
         for (t, v) in wv.iter_mut().enumerate() {
             // SAFETY: t < R·S: inside the block's weights (contract).
             *v = unsafe { s.load(w.add(t * l)) };
         }
-    }
-    if held {
         let grid = TapGrid::<TB>::new(geo, 0..taps, l);
         // SAFETY: forwarded contract.
-        unsafe { sweep::<S, TB, true>(s, geo, &grid, &wv, w, x, y, &finish) };
+        unsafe { sweep::<S, TB, true>(s, geo, schedule, &grid, &wv, w, x, y, &finish) };
     } else {
-        // All taps in one grid: the offsets are per tap, not per register.
-        let grid = TapGrid::<64>::new(geo, 0..taps.min(64), l);
-        if taps <= 64 {
-            // SAFETY: forwarded contract.
-            unsafe { sweep::<S, 64, false>(s, geo, &grid, &[s.zero(); 64], w, x, y, &finish) };
-        } else {
-            // SAFETY: forwarded contract.
-            unsafe { sweep_any(s, geo, w, x, y, &finish) };
-        }
+        let grid = TapGrid::<TB>::new(geo, 0..0, l);
+        // SAFETY: forwarded contract.
+        unsafe {
+            sweep::<S, TB, false>(s, geo, schedule, &grid, &[s.zero(); TB], w, x, y, &finish)
+        };
     }
     // SAFETY: y holds out_plane·L floats; the block's `channels` output
     // planes are `out` (contract).
@@ -355,20 +377,24 @@ pub(super) unsafe fn forward_lanes<S: Simd, const TB: usize>(
     }
 }
 
-/// Every output pixel of a block into `y` (`[OH·OW][L]`): interior pixels
-/// `P` at a time with no checks, the others one at a time skipping their
-/// padding taps. `HELD`: the `TB` weight vectors are `wv` (the kernel has
-/// exactly `TB` taps); otherwise they are loaded from `w` per tap.
+/// Every output pixel of a block into `y` (`[OH·OW][L]`): the schedule's
+/// groups in order, each `P` pixels with `P` accumulators through its
+/// rectangle of taps, with no checks. `HELD`: the `TB` weight vectors are
+/// `wv` (the kernel has exactly `TB` taps), used for the groups whose
+/// rectangle is the whole kernel; otherwise a tap's vector is loaded once
+/// per group.
 ///
 /// # Safety
 /// As [`forward_lanes`]: `x` the block's input pixels (`[H·W][L]`), `y`
-/// `OH·OW·L` writable floats, `w` the `[R·S][L]` weights; `grid` holds
-/// every tap of the kernel (`R·S ≤ TB`).
+/// `OH·OW·L` writable floats, `w` the `[R·S][L]` weights; `schedule` built
+/// for this geometry and `L`; `grid` holds every tap of the kernel when
+/// `HELD`.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 unsafe fn sweep<S: Simd, const TB: usize, const HELD: bool>(
     s: S,
     geo: &Geo,
+    schedule: &Schedule,
     grid: &TapGrid<TB>,
     wv: &[S::V; TB],
     w: *const f32,
@@ -376,152 +402,244 @@ unsafe fn sweep<S: Simd, const TB: usize, const HELD: bool>(
     y: &mut [f32],
     finish: &impl Fn(S::V) -> S::V,
 ) {
-    let l = S::LANES;
-    let taps = geo.r_len * geo.s_len;
-    let weight = |t: usize| {
-        if HELD {
-            wv[t]
-        } else {
-            // SAFETY: t < R·S: inside the weights (contract).
-            unsafe { s.load(w.add(t * l)) }
-        }
-    };
     let y = y.as_mut_ptr();
-    for oh in 0..geo.out_h {
-        let row = oh * geo.out_w;
-        let interior = if grid.row_real(geo, oh) {
-            grid.cols.clone()
+    for g in &schedule.groups {
+        // A class's last group of at most P/2 pixels runs P/2 chains, not P
+        // with half of them repeating a pixel.
+        if g.len <= P / 2 {
+            // SAFETY: forwarded contract.
+            unsafe {
+                group::<S, TB, HELD, { P / 2 }>(s, geo, schedule, g, grid, wv, w, x, y, finish)
+            };
         } else {
-            0..0
-        };
-        let mut ow = 0;
-        while ow < geo.out_w {
-            if ow == interior.start && interior.len() >= P {
-                let end = interior.start + interior.len() / P * P;
-                while ow < end {
-                    let mut acc = [s.zero(); P];
-                    let mut base = [x; P];
-                    for (p, b) in base.iter_mut().enumerate() {
-                        *b = x.wrapping_offset(grid.origin(geo, oh, ow + p, l));
-                    }
-                    for t in 0..TB {
-                        if t >= taps {
-                            break;
-                        }
-                        let wt = weight(t);
-                        for (a, b) in acc.iter_mut().zip(&base) {
-                            // SAFETY: an interior pixel's every tap reads a
-                            // real input pixel's vector, inside x.
-                            let xv = unsafe { s.load(b.wrapping_offset(grid.off[t])) };
-                            *a = s.fma(wt, xv, *a);
-                        }
-                    }
-                    for (p, &a) in acc.iter().enumerate() {
-                        // SAFETY: pixel row + ow + p < OH·OW: inside y.
-                        unsafe { s.store(y.add((row + ow + p) * l), finish(a), l) };
-                    }
-                    ow += P;
-                }
-                continue;
-            }
-            let mut acc = s.zero();
-            if HELD {
-                // Weights in registers: a check per tap, the loop unrolled.
-                for (t, &wt) in wv.iter().enumerate() {
-                    if let Some(px) = grid.pixel(geo, t, oh, ow) {
-                        // SAFETY: a real input pixel's vector, inside x.
-                        let xv = unsafe { s.load(x.add(px * l)) };
-                        acc = s.fma(wt, xv, acc);
-                    }
-                }
-            } else {
-                // Only the kernel rows and columns that read real input, as
-                // ranges: no check per tap.
-                let (rows, cols) = (
-                    real_taps(
-                        oh * geo.stride_h,
-                        geo.pad_top,
-                        geo.dil_h,
-                        geo.r_len,
-                        geo.in_h,
-                    ),
-                    real_taps(
-                        ow * geo.stride_w,
-                        geo.pad_left,
-                        geo.dil_w,
-                        geo.s_len,
-                        geo.in_w,
-                    ),
-                );
-                for r in rows {
-                    let ih = oh * geo.stride_h + r * geo.dil_h - geo.pad_top;
-                    for c in cols.clone() {
-                        let iw = ow * geo.stride_w + c * geo.dil_w - geo.pad_left;
-                        // SAFETY: (ih, iw) is a real input pixel (its tap is
-                        // in the ranges), its vector inside x.
-                        let xv = unsafe { s.load(x.add((ih * geo.in_w + iw) * l)) };
-                        acc = s.fma(weight(r * geo.s_len + c), xv, acc);
-                    }
-                }
-            }
-            // SAFETY: pixel row + ow < OH·OW: inside y.
-            unsafe { s.store(y.add((row + ow) * l), finish(acc), l) };
-            ow += 1;
+            // SAFETY: forwarded contract.
+            unsafe { group::<S, TB, HELD, P>(s, geo, schedule, g, grid, wv, w, x, y, finish) };
         }
     }
 }
 
-/// [`sweep`] for kernels of more than 64 taps: one pixel at a time, over
-/// the taps that read real input.
+/// The first `Q` pixels of group `g` (of which it stores `g.len`), as
+/// [`sweep`].
 ///
 /// # Safety
-/// As [`sweep`].
+/// As [`sweep`]; `Q ≤ P`, `g.len ≤ Q`, `y` the block's `OH·OW·L` floats.
 #[inline(always)]
-unsafe fn sweep_any<S: Simd>(
+#[allow(clippy::too_many_arguments)]
+unsafe fn group<S: Simd, const TB: usize, const HELD: bool, const Q: usize>(
     s: S,
     geo: &Geo,
+    schedule: &Schedule,
+    g: &PixelGroup,
+    grid: &TapGrid<TB>,
+    wv: &[S::V; TB],
     w: *const f32,
     x: *const f32,
-    y: &mut [f32],
+    y: *mut f32,
     finish: &impl Fn(S::V) -> S::V,
 ) {
     let l = S::LANES;
-    for oh in 0..geo.out_h {
-        let rows = real_taps(
-            oh * geo.stride_h,
-            geo.pad_top,
-            geo.dil_h,
-            geo.r_len,
-            geo.in_h,
-        );
-        for ow in 0..geo.out_w {
-            let cols = real_taps(
-                ow * geo.stride_w,
-                geo.pad_left,
-                geo.dil_w,
-                geo.s_len,
-                geo.in_w,
-            );
-            let mut acc = s.zero();
-            for r in rows.clone() {
-                let ih = oh * geo.stride_h + r * geo.dil_h - geo.pad_top;
-                for c in cols.clone() {
-                    let iw = ow * geo.stride_w + c * geo.dil_w - geo.pad_left;
-                    let px = ih * geo.in_w + iw;
-                    // SAFETY: a real input pixel's vector, inside x; tap
-                    // r·S + c < R·S inside the weights (contract).
-                    let (xv, wt) = unsafe {
-                        (
-                            s.load(x.add(px * l)),
-                            s.load(w.add((r * geo.s_len + c) * l)),
-                        )
-                    };
-                    acc = s.fma(wt, xv, acc);
+    let (row_step, col_step) = (schedule.row_step, schedule.col_step);
+    let rect = &schedule.rects[g.rect];
+    let base: [*const f32; Q] = std::array::from_fn(|p| x.wrapping_offset(g.base[p]));
+    let mut acc = [s.zero(); Q];
+    if HELD && rect.whole {
+        for (&wt, &off) in wv.iter().zip(&grid.off) {
+            for (a, b) in acc.iter_mut().zip(&base) {
+                // SAFETY: the group's rectangle is the whole kernel and
+                // every tap reads a real input pixel's vector for each of
+                // its pixels (the schedule), inside x.
+                let xv = unsafe { s.load(b.wrapping_offset(off)) };
+                *a = s.fma(wt, xv, *a);
+            }
+        }
+    } else {
+        let mut wrow = w.wrapping_add((rect.rows.start * geo.s_len + rect.cols.start) * l);
+        let mut xrow = 0isize;
+        for _ in rect.rows.clone() {
+            let (mut wt_at, mut off) = (wrow, xrow);
+            for _ in rect.cols.clone() {
+                // SAFETY: tap (r, c) of the rectangle is inside the kernel:
+                // its weights are inside w.
+                let wt = unsafe { s.load(wt_at) };
+                for (a, b) in acc.iter_mut().zip(&base) {
+                    // SAFETY: every tap of the rectangle reads a real input
+                    // pixel's vector for each pixel of the group (the
+                    // schedule), inside x.
+                    let xv = unsafe { s.load(b.wrapping_offset(off)) };
+                    *a = s.fma(wt, xv, *a);
+                }
+                wt_at = wt_at.wrapping_add(l);
+                off += col_step;
+            }
+            wrow = wrow.wrapping_add(geo.s_len * l);
+            xrow += row_step;
+        }
+    }
+    for (&a, &q) in acc.iter().zip(&g.pixel).take(g.len) {
+        // SAFETY: q < OH·OW (the schedule): inside y.
+        unsafe { s.store(y.add(q * l), finish(a), l) };
+    }
+}
+
+/// The order in which [`forward_lanes`] visits a block's output pixels,
+/// built once per prepared convolution and shared by every block.
+///
+/// The pixels are taken by class: the output rows whose real kernel rows
+/// (those reading a real input row) are the same, times the output
+/// columns whose real kernel columns are the same ([`TapRuns`]). A class's
+/// pixels share one rectangle of taps, so a group of `P` of them (in
+/// row-major order, across output rows) runs the rectangle's taps with no
+/// checks and `P` independent FMA chains; the last group of a class
+/// repeats its last pixel and stores only its own. Each pixel sums its real
+/// taps in window order from zero, as the reference does, and padding is
+/// never multiplied.
+///
+/// Taken pixel by pixel, an edge pixel is one chain of dependent FMAs with
+/// a loop exit per kernel row whose trip count changes from pixel to pixel,
+/// and on a 7² plane most pixels are edge pixels.
+#[derive(Clone, Debug)]
+pub(super) struct Schedule {
+    groups: Vec<PixelGroup>,
+    rects: Vec<TapRect>,
+    /// Offsets, in floats, of one kernel row and one kernel column.
+    row_step: isize,
+    col_step: isize,
+    /// What it was built for: `(in_h, in_w, out_h, out_w, L)`.
+    built_for: (usize, usize, usize, usize, usize),
+}
+
+/// Up to `P` output pixels of one class.
+#[derive(Clone, Debug)]
+struct PixelGroup {
+    /// The class's rectangle, an index into [`Schedule::rects`].
+    rect: usize,
+    /// Pixels stored, `1..=P`.
+    len: usize,
+    /// Each pixel's index `oh·OW + ow` (the last repeated past `len`).
+    pixel: [usize; P],
+    /// Offset, in floats, of the input vector each pixel reads through the
+    /// rectangle's first tap.
+    base: [isize; P],
+}
+
+/// The kernel rows and columns whose taps read real input for a class.
+#[derive(Clone, Debug)]
+struct TapRect {
+    rows: Range<usize>,
+    cols: Range<usize>,
+    /// Whether it is the whole kernel.
+    whole: bool,
+}
+
+impl Schedule {
+    /// The schedule of `geo` for `l` lanes, or `OutOfMemory`.
+    pub(super) fn new(geo: &Geo, l: usize) -> Result<Schedule, ConvError> {
+        let rect_count = TapRuns::rows(geo).count() * TapRuns::cols(geo).count();
+        let mut rects = try_with_capacity("depthwise schedule", rect_count)?;
+        let mut groups = try_with_capacity("depthwise schedule", geo.out_plane / P + rect_count)?;
+        let row_step = (geo.dil_h * geo.in_w * l) as isize;
+        let col_step = (geo.dil_w * l) as isize;
+        for (ohs, rows) in TapRuns::rows(geo) {
+            for (ows, cols) in TapRuns::cols(geo) {
+                let first = rows.start as isize * row_step + cols.start as isize * col_step;
+                let whole = rows.len() == geo.r_len && cols.len() == geo.s_len;
+                let rect = rects.len();
+                rects.push(TapRect {
+                    rows: rows.clone(),
+                    cols,
+                    whole,
+                });
+                let count = ohs.len() * ows.len();
+                // Pixel i of the class, in row-major order.
+                let at = |i: usize| (ohs.start + i / ows.len(), ows.start + i % ows.len());
+                for start in (0..count).step_by(P) {
+                    let len = (count - start).min(P);
+                    let pixel = |p: usize| at(start + p.min(len - 1));
+                    groups.push(PixelGroup {
+                        rect,
+                        len,
+                        pixel: std::array::from_fn(|p| {
+                            let (oh, ow) = pixel(p);
+                            oh * geo.out_w + ow
+                        }),
+                        base: std::array::from_fn(|p| {
+                            let (oh, ow) = pixel(p);
+                            let ih = (oh * geo.stride_h) as isize - geo.pad_top as isize;
+                            let iw = (ow * geo.stride_w) as isize - geo.pad_left as isize;
+                            (ih * geo.in_w as isize + iw) * l as isize + first
+                        }),
+                    });
                 }
             }
-            // SAFETY: pixel oh·OW + ow < OH·OW: inside y.
-            unsafe { s.store(y[(oh * geo.out_w + ow) * l..].as_mut_ptr(), finish(acc), l) };
         }
+        Ok(Schedule {
+            groups,
+            rects,
+            row_step,
+            col_step,
+            built_for: (geo.in_h, geo.in_w, geo.out_h, geo.out_w, l),
+        })
+    }
+}
+
+/// Consecutive output rows (or columns) whose real kernel rows (columns)
+/// are the same, as `(outputs, taps)` ranges, in order. The range of real
+/// taps moves monotonically with the output index, so there are at most
+/// `2·R + 1` runs.
+struct TapRuns {
+    at: usize,
+    len: usize,
+    stride: usize,
+    pad: usize,
+    dil: usize,
+    taps: usize,
+    size: usize,
+}
+
+impl TapRuns {
+    /// The runs of output rows.
+    fn rows(geo: &Geo) -> TapRuns {
+        TapRuns {
+            at: 0,
+            len: geo.out_h,
+            stride: geo.stride_h,
+            pad: geo.pad_top,
+            dil: geo.dil_h,
+            taps: geo.r_len,
+            size: geo.in_h,
+        }
+    }
+
+    /// The runs of output columns.
+    fn cols(geo: &Geo) -> TapRuns {
+        TapRuns {
+            at: 0,
+            len: geo.out_w,
+            stride: geo.stride_w,
+            pad: geo.pad_left,
+            dil: geo.dil_w,
+            taps: geo.s_len,
+            size: geo.in_w,
+        }
+    }
+}
+
+impl Iterator for TapRuns {
+    type Item = (Range<usize>, Range<usize>);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let real = |o: usize| real_taps(o * self.stride, self.pad, self.dil, self.taps, self.size);
+        if self.at >= self.len {
+            return None;
+        }
+        let start = self.at;
+        let taps = real(start);
+        let mut end = start + 1;
+        while end < self.len && real(end) == taps {
+            end += 1;
+        }
+        self.at = end;
+        Some((start..end, taps))
     }
 }
 
@@ -540,4 +658,77 @@ fn real_taps(at: usize, pad: usize, dil: usize, len: usize, size: usize) -> Rang
     };
     let lo = lo.min(len);
     lo..hi.clamp(lo, len)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Schedule, P};
+    use crate::conv::direct_simd::Geo;
+    use crate::gemm::Activation;
+    use crate::geometry::{Conv2dParams, ConvGeometry, Padding};
+
+    /// The schedule visits every output pixel exactly once, and each group
+    /// runs, for every pixel it holds, exactly that pixel's real taps (the
+    /// reference's window minus its padding), each at the offset of the
+    /// input pixel the tap reads.
+    #[test]
+    fn schedule_runs_each_pixel_through_exactly_its_real_taps() {
+        // (plane, kernel, stride, dilation, padding top/bottom/left/right)
+        let cases = [
+            ((7, 7), (3, 3), (1, 1), (1, 1), (1, 1, 1, 1)),
+            ((7, 7), (5, 5), (1, 1), (1, 1), (2, 2, 2, 2)),
+            ((14, 14), (3, 3), (2, 2), (1, 1), (1, 1, 1, 1)),
+            ((9, 11), (3, 5), (3, 2), (2, 1), (0, 3, 4, 1)),
+            ((3, 2), (7, 6), (1, 1), (1, 1), (3, 3, 3, 3)),
+            ((5, 6), (2, 3), (1, 2), (3, 2), (6, 0, 0, 5)),
+            ((1, 1), (1, 1), (1, 1), (1, 1), (0, 0, 0, 0)),
+        ];
+        for (plane, kernel, stride, dil, (t, b, l, r)) in cases {
+            let p = Conv2dParams::new(1, 4, plane, 4, kernel)
+                .stride(stride.0, stride.1)
+                .dilation(dil.0, dil.1)
+                .padding(Padding::explicit(t, b, l, r))
+                .groups(4);
+            let g = ConvGeometry::new(&p).unwrap();
+            let geo = Geo::new(&g, Activation::None);
+            let lanes = 16;
+            let sched = Schedule::new(&geo, lanes).unwrap();
+            let mut seen = vec![0usize; geo.out_plane];
+            for group in &sched.groups {
+                assert!((1..=P).contains(&group.len));
+                for &q in &group.pixel[..group.len] {
+                    seen[q] += 1;
+                }
+                let rect = &sched.rects[group.rect];
+                assert_eq!(
+                    rect.whole,
+                    rect.rows == (0..geo.r_len) && rect.cols == (0..geo.s_len)
+                );
+                for (&q, &base) in group.pixel.iter().zip(&group.base) {
+                    let (oh, ow) = (q / geo.out_w, q % geo.out_w);
+                    for rr in 0..geo.r_len {
+                        for cc in 0..geo.s_len {
+                            let ih = (oh * geo.stride_h + rr * geo.dil_h) as isize - t as isize;
+                            let iw = (ow * geo.stride_w + cc * geo.dil_w) as isize - l as isize;
+                            let real = (0..geo.in_h as isize).contains(&ih)
+                                && (0..geo.in_w as isize).contains(&iw);
+                            let run = rect.rows.contains(&rr) && rect.cols.contains(&cc);
+                            assert_eq!(real, run, "{plane:?} {kernel:?} pixel {q} tap {rr},{cc}");
+                            if run {
+                                let off = base
+                                    + (rr - rect.rows.start) as isize * sched.row_step
+                                    + (cc - rect.cols.start) as isize * sched.col_step;
+                                let want = (ih * geo.in_w as isize + iw) * lanes as isize;
+                                assert_eq!(off, want);
+                            }
+                        }
+                    }
+                }
+            }
+            assert!(
+                seen.iter().all(|&n| n == 1),
+                "{plane:?} {kernel:?}: {seen:?}"
+            );
+        }
+    }
 }

@@ -131,9 +131,9 @@ pub(crate) struct Prepared {
     /// Every chunk's weights (see [`gather_weights`]).
     weights: Vec<f32>,
     /// With channels in lanes ([`lanes::lanes_apply`]), every block's
-    /// weights (see [`lanes_weights`]); units are then blocks of `L`
-    /// channels.
-    lanes: Option<Vec<f32>>,
+    /// weights and the order of its output pixels; units are then blocks of
+    /// `L` channels.
+    lanes: Option<LanesPrepared>,
     kernel: Kernel,
     /// FLOPs of one call, which decide how many threads pay.
     flops: u64,
@@ -165,10 +165,13 @@ impl Prepared {
         kernel: Kernel,
     ) -> Result<Prepared, ConvError> {
         let geo = Geo::new(g, activation);
-        let lanes = if lanes::lanes_apply(&geo, kernel.lanes, lanes::FORWARD_BELOW)
+        let lanes = if lanes::lanes_apply(&geo, kernel.lanes, lanes::forward_below(&geo))
             && kernel.lanes_allowed()
         {
-            Some(lanes_weights(&geo, weight, kernel.lanes)?)
+            Some(LanesPrepared {
+                weights: lanes_weights(&geo, weight, kernel.lanes)?,
+                schedule: lanes::Schedule::new(&geo, kernel.lanes)?,
+            })
         } else {
             None
         };
@@ -276,8 +279,8 @@ impl Prepared {
     /// Runs `units` in order into `out`, which starts at the first unit's
     /// planes.
     fn run_units(&self, units: Range<usize>, input: &[f32], bias: Option<&[f32]>, out: &mut [f32]) {
-        if let Some(weights) = &self.lanes {
-            self.run_blocks(weights, units, input, bias, out, None);
+        if let Some(lanes) = &self.lanes {
+            self.run_blocks(lanes, units, input, bias, out, None);
             return;
         }
         self.run_chunks(units, input, bias, out);
@@ -296,7 +299,7 @@ impl Prepared {
     ) {
         let units = 0..self.units();
         match &self.lanes {
-            Some(weights) => self.run_blocks(weights, units, input, bias, output, Some(scratch)),
+            Some(lanes) => self.run_blocks(lanes, units, input, bias, output, Some(scratch)),
             None => self.run_chunks(units, input, bias, output),
         }
     }
@@ -317,7 +320,7 @@ impl Prepared {
     /// one channel instead.
     fn run_blocks(
         &self,
-        weights: &[f32],
+        lanes: &LanesPrepared,
         units: Range<usize>,
         input: &[f32],
         bias: Option<&[f32]>,
@@ -371,10 +374,11 @@ impl Prepared {
             let job = lanes::LanesForward {
                 geo,
                 input: &input[(n * geo.groups + k0) * geo.in_plane..][..kb * geo.in_plane],
-                weights: &weights[k0 / l * taps * l..][..taps * l],
+                weights: &lanes.weights[k0 / l * taps * l..][..taps * l],
                 bias: b,
                 channels: kb,
                 lanes: l,
+                schedule: &lanes.schedule,
             };
             lanes::check_forward(&job, work, mine);
             // SAFETY: the kernel's ISA was clamped to what the CPU supports
@@ -444,6 +448,15 @@ impl Prepared {
         });
         self.kernel.run_jobs(jobs);
     }
+}
+
+/// What a depthwise layer with channels in lanes prepares once.
+#[derive(Clone, Debug)]
+struct LanesPrepared {
+    /// Every block's weights ([`lanes_weights`]).
+    weights: Vec<f32>,
+    /// The order of a block's output pixels, the same for every block.
+    schedule: lanes::Schedule,
 }
 
 /// The weights of a depthwise layer with channels in lanes: per block of
