@@ -453,26 +453,33 @@ unsafe fn group<S: Simd, const TB: usize, const HELD: bool, const Q: usize>(
             }
         }
     } else {
-        let mut wrow = w.wrapping_add((rect.rows.start * geo.s_len + rect.cols.start) * l);
-        let mut xrow = 0isize;
-        for _ in rect.rows.clone() {
-            let (mut wt_at, mut off) = (wrow, xrow);
-            for _ in rect.cols.clone() {
-                // SAFETY: tap (r, c) of the rectangle is inside the kernel:
-                // its weights are inside w.
-                let wt = unsafe { s.load(wt_at) };
-                for (a, b) in acc.iter_mut().zip(&base) {
-                    // SAFETY: every tap of the rectangle reads a real input
-                    // pixel's vector for each pixel of the group (the
-                    // schedule), inside x.
-                    let xv = unsafe { s.load(b.wrapping_offset(off)) };
-                    *a = s.fma(wt, xv, *a);
-                }
-                wt_at = wt_at.wrapping_add(l);
-                off += col_step;
+        // The rectangle's taps as one loop, stepping to the next kernel row
+        // without a branch: a loop per kernel row exits after a trip count
+        // that changes from class to class, a misprediction per row.
+        let cols = rect.cols.len();
+        let (x_wrap, w_wrap) = (
+            row_step - (cols as isize - 1) * col_step,
+            ((geo.s_len - cols + 1) * l) as isize,
+        );
+        let mut wt_at = (rect.rows.start * geo.s_len + rect.cols.start) * l;
+        let (mut off, mut c) = (0isize, 0usize);
+        for _ in 0..rect.rows.len() * cols {
+            // SAFETY: tap (r, c) of the rectangle is inside the kernel: its
+            // weights are inside w.
+            let wt = unsafe { s.load(w.add(wt_at)) };
+            for (a, b) in acc.iter_mut().zip(&base) {
+                // SAFETY: every tap of the rectangle reads a real input
+                // pixel's vector for each pixel of the group (the schedule),
+                // inside x.
+                let xv = unsafe { s.load(b.wrapping_offset(off)) };
+                *a = s.fma(wt, xv, *a);
             }
-            wrow = wrow.wrapping_add(geo.s_len * l);
-            xrow += row_step;
+            c += 1;
+            // All ones at a row's last column, else zero.
+            let end = ((c == cols) as isize).wrapping_neg();
+            off += col_step + (end & (x_wrap - col_step));
+            wt_at = wt_at.wrapping_add((l as isize + (end & (w_wrap - l as isize))) as usize);
+            c &= !(end as usize);
         }
     }
     for (&a, &q) in acc.iter().zip(&g.pixel).take(g.len) {
