@@ -697,9 +697,10 @@ pub(super) unsafe fn run_lanes_job<S: GradWeight, const TB: usize>(
 
 /// Runs one job on ISA `S`: the tile for its channel count (`TB1`, `TB2`,
 /// `TB4` taps for 1, 2 and 4 channels, as each ISA fits them in its
-/// registers) and the load for the horizontal stride; single-channel jobs
-/// of a 3×3 kernel with dilation 1 and strides 1 or 2 (depthwise MobileNet
-/// layers) take the [`weight_three`] tile of `R3` output rows instead.
+/// registers) and the load for the horizontal stride; the jobs of a 3×3
+/// kernel with dilation 1 and strides 1 or 2 in a layer of one output
+/// channel per group (depthwise MobileNet layers) take the
+/// [`weight_three`] tile of `R3` output rows instead.
 ///
 /// # Safety
 /// The CPU supports `S`'s ISA; the job and `out` pass
@@ -734,7 +735,12 @@ pub(super) unsafe fn run_weight_job<
             _ => flat!(4, TB4),
         };
     }
-    let three = job.kb == 1
+    // Only where every job is single-channel (one output channel per
+    // group): the tile sums in its own order, and a layer with more
+    // channels per group runs single-channel jobs only where a thread's
+    // range of channels ends mid-group, which would make the result depend
+    // on the thread count.
+    let three = geo.kg == 1
         && (geo.r_len, geo.s_len, geo.dil_h, geo.dil_w) == (3, 3, 1, 1)
         && job.taps == (0..9);
     if three {
