@@ -168,9 +168,11 @@ impl Prepared {
         let lanes = if lanes::lanes_apply(&geo, kernel.lanes, lanes::forward_below(&geo))
             && kernel.lanes_allowed()
         {
+            let weights = lanes_weights(&geo, weight, kernel.lanes)?;
+            let finite = super::all_finite(&weights);
             Some(LanesPrepared {
-                weights: lanes_weights(&geo, weight, kernel.lanes)?,
-                schedule: lanes::Schedule::new(&geo, kernel.lanes)?,
+                plan: lanes::LanesPlan::new(&geo, kernel.lanes, finite)?,
+                weights,
             })
         } else {
             None
@@ -307,8 +309,8 @@ impl Prepared {
     /// Floats of workspace one thread needs: a block's two transposed
     /// planes with channels in lanes, else none.
     pub(crate) fn scratch_len(&self) -> usize {
-        match self.lanes {
-            Some(_) => lanes::workspace_len(&self.geo, self.kernel.lanes).unwrap_or(0),
+        match &self.lanes {
+            Some(lanes) => lanes.plan.workspace_len().unwrap_or(0),
             None => 0,
         }
     }
@@ -330,7 +332,7 @@ impl Prepared {
         let geo = &self.geo;
         let l = self.kernel.lanes;
         let taps = geo.taps();
-        let need = lanes::workspace_len(geo, l);
+        let need = lanes.plan.workspace_len();
         let mut pooled: Option<Scratch>;
         let buffer: Option<&mut [f32]> = match (need, caller) {
             (None, _) => None,
@@ -352,7 +354,8 @@ impl Prepared {
             self.run_blocks_as_chunks(units, input, bias, out);
             return;
         };
-        let work = lanes::aligned(work, geo, l);
+        let work = lanes::aligned(work, lanes.plan.sweep_geo(), l);
+        lanes.plan.ready(work);
         let run: unsafe fn(&lanes::LanesForward<'_>, &mut [f32], &mut [f32]) = match self.kernel.isa
         {
             #[cfg(target_arch = "x86_64")]
@@ -378,7 +381,7 @@ impl Prepared {
                 bias: b,
                 channels: kb,
                 lanes: l,
-                schedule: &lanes.schedule,
+                plan: &lanes.plan,
             };
             lanes::check_forward(&job, work, mine);
             // SAFETY: the kernel's ISA was clamped to what the CPU supports
@@ -455,8 +458,9 @@ impl Prepared {
 struct LanesPrepared {
     /// Every block's weights ([`lanes_weights`]).
     weights: Vec<f32>,
-    /// The order of a block's output pixels, the same for every block.
-    schedule: lanes::Schedule,
+    /// How a block's pixels are laid out and visited, the same for every
+    /// block.
+    plan: lanes::LanesPlan,
 }
 
 /// The weights of a depthwise layer with channels in lanes: per block of
