@@ -192,6 +192,28 @@ impl Simd for Avx512 {
     }
 
     #[inline(always)]
+    unsafe fn load_stride2_three(self, p: *const f32) -> [__m512; 3] {
+        // Two loads and a broadcast for the three kernel columns, not six
+        // loads: p[2], p[4], .., p[32] is the even run shifted by one lane
+        // with p[32] after it.
+        // SAFETY: p[0..33] is readable (contract): the loads read p[0..16],
+        // p[16..32] and p[32].
+        unsafe {
+            let a = _mm512_loadu_ps(p);
+            let b = _mm512_loadu_ps(p.add(16));
+            let last = _mm512_set1_ps(*p.add(32));
+            let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+            let odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+            let x0 = _mm512_permutex2var_ps(a, even, b);
+            let x2 = _mm512_castsi512_ps(_mm512_alignr_epi32::<1>(
+                _mm512_castps_si512(last),
+                _mm512_castps_si512(x0),
+            ));
+            [x0, _mm512_permutex2var_ps(a, odd, b), x2]
+        }
+    }
+
+    #[inline(always)]
     unsafe fn load_strided(self, p: *const f32, stride: usize) -> __m512 {
         match gather_index(self, stride) {
             // SAFETY: each p[stride·j] is readable (contract), and those are

@@ -100,6 +100,23 @@ pub(super) trait Simd: Copy {
     /// # Safety
     /// `p[0..2·LANES − 1]` is readable.
     unsafe fn load_stride2(self, p: *const f32) -> Self::V;
+    /// `[load_stride2(p), load_stride2(p + 1), load_stride2(p + 2)]`: the
+    /// three kernel columns of a 3×3 tap row at stride 2. An ISA may share
+    /// loads between them.
+    ///
+    /// # Safety
+    /// `p[0..2·LANES + 1]` is readable.
+    #[inline(always)]
+    unsafe fn load_stride2_three(self, p: *const f32) -> [Self::V; 3] {
+        // SAFETY: each reads within p[0..2·LANES + 1] (contract).
+        unsafe {
+            [
+                self.load_stride2(p),
+                self.load_stride2(p.add(1)),
+                self.load_stride2(p.add(2)),
+            ]
+        }
+    }
     /// `p[stride·j]` for each lane `j`.
     ///
     /// # Safety

@@ -198,7 +198,18 @@ unsafe fn rows3<
             p = opaque(p.wrapping_offset(in_w));
         }
         let ih = ih0 + tt as isize;
-        if !CHECK || (ih >= 0 && ih < in_h) {
+        if (!CHECK || (ih >= 0 && ih < in_h)) && SW == 2 && (LOOSE || !EDGE) && dw == 1 {
+            // SAFETY: as below; the three kernel columns read p[0..2L + 1].
+            let xs = unsafe { s.load_stride2_three(p) };
+            for (si, &x) in xs.iter().enumerate() {
+                for (r, w_r) in w.iter().enumerate() {
+                    if tt >= r && (tt - r).is_multiple_of(SH) && (tt - r) / SH < RB {
+                        let i = (tt - r) / SH;
+                        acc[i] = fma_tap::<S, EDGE>(s, w_r[si], x, acc[i], masks[si]);
+                    }
+                }
+            }
+        } else if !CHECK || (ih >= 0 && ih < in_h) {
             for si in 0..3 {
                 // SAFETY: input row ih is inside the channel (contract
                 // without CHECK, else checked above), and for kernel column si
