@@ -150,6 +150,36 @@ impl Simd for Avx2 {
         }
     }
 
+    /// Per 4 columns, the two 4×4 blocks of rows 0..4 and 4..8 loaded into
+    /// the 128-bit halves of four vectors (a load and an insert from memory
+    /// each), then a 4×4 transpose within the halves: no gathers, which
+    /// AMD's cores run slowly (the transposes of channels in lanes).
+    #[inline(always)]
+    unsafe fn load_transposed(self, p: *const f32, stride: usize, out: &mut [__m256]) {
+        // Loops, not closures: a closure is a function of its own, without
+        // the target features of the kernel these intrinsics inline into.
+        // SAFETY: the 8 rows of 8 floats are readable (contract); the
+        // intrinsics need AVX, which the token proves.
+        unsafe {
+            for a in 0..2 {
+                let mut u = [_mm256_setzero_ps(); 4];
+                for (i, v) in u.iter_mut().enumerate() {
+                    let at = p.add(i * stride + 4 * a);
+                    let lo = _mm256_castps128_ps256(_mm_loadu_ps(at));
+                    *v = _mm256_insertf128_ps::<1>(lo, _mm_loadu_ps(at.add(4 * stride)));
+                }
+                let t0 = _mm256_castps_pd(_mm256_unpacklo_ps(u[0], u[1]));
+                let t1 = _mm256_castps_pd(_mm256_unpackhi_ps(u[0], u[1]));
+                let t2 = _mm256_castps_pd(_mm256_unpacklo_ps(u[2], u[3]));
+                let t3 = _mm256_castps_pd(_mm256_unpackhi_ps(u[2], u[3]));
+                out[4 * a] = _mm256_castpd_ps(_mm256_unpacklo_pd(t0, t2));
+                out[4 * a + 1] = _mm256_castpd_ps(_mm256_unpackhi_pd(t0, t2));
+                out[4 * a + 2] = _mm256_castpd_ps(_mm256_unpacklo_pd(t1, t3));
+                out[4 * a + 3] = _mm256_castpd_ps(_mm256_unpackhi_pd(t1, t3));
+            }
+        }
+    }
+
     #[inline(always)]
     unsafe fn load_strided(self, p: *const f32, stride: usize) -> __m256 {
         match gather_index(self, stride) {
