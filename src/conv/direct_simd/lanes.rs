@@ -484,7 +484,16 @@ unsafe fn sweep<S: Simd, const TB: usize, const HELD: bool>(
     for g in &schedule.groups {
         // A class's last group of at most P/2 pixels runs P/2 chains, not P
         // with half of them repeating a pixel.
-        if g.len <= P / 2 {
+        if g.slide && S::LANES == 16 {
+            // SAFETY: forwarded contract; the group is a slide group.
+            unsafe {
+                if g.len == P {
+                    group_slide::<S, P>(s, geo, schedule, g, w, x, y, finish)
+                } else {
+                    group_slide::<S, { P / 2 }>(s, geo, schedule, g, w, x, y, finish)
+                }
+            };
+        } else if g.len <= P / 2 {
             // SAFETY: forwarded contract.
             unsafe {
                 group::<S, TB, HELD, { P / 2 }>(s, geo, schedule, g, grid, wv, w, x, y, finish)
@@ -493,6 +502,66 @@ unsafe fn sweep<S: Simd, const TB: usize, const HELD: bool>(
             // SAFETY: forwarded contract.
             unsafe { group::<S, TB, HELD, P>(s, geo, schedule, g, grid, wv, w, x, y, finish) };
         }
+    }
+}
+
+/// The most kernel columns a slide group takes.
+const SLIDE_COLS: usize = 8;
+
+/// A slide group (`Q` consecutive pixels of one row, stride 1, no
+/// dilation): per kernel row, the `Q + cols − 1` input vectors its taps read
+/// are loaded once and each tap's FMAs take theirs from registers, where
+/// [`group`] loads a vector per tap and pixel (a 7-wide kernel: 14 loads a
+/// kernel row for 8 pixels, not 56). Each pixel sums its taps in window
+/// order, as [`group`] does.
+///
+/// # Safety
+/// As [`sweep`]; `g.slide`, `g.len == Q`, `Q ≤ P`, and the rectangle at
+/// most [`SLIDE_COLS`] wide.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn group_slide<S: Simd, const Q: usize>(
+    s: S,
+    geo: &Geo,
+    schedule: &Schedule,
+    g: &PixelGroup,
+    w: *const f32,
+    x: *const f32,
+    y: *mut f32,
+    finish: &impl Fn(S::V) -> S::V,
+) {
+    let l = S::LANES;
+    let rect = &schedule.rects[g.rect];
+    let cols = rect.cols.len();
+    debug_assert!(g.slide && g.len == Q && cols <= SLIDE_COLS);
+    let mut row = x.wrapping_offset(g.base[0]);
+    let mut w_row = w.wrapping_add((rect.rows.start * geo.s_len + rect.cols.start) * l);
+    let mut acc = [s.zero(); Q];
+    for _ in rect.rows.clone() {
+        let mut xs = [s.zero(); P + SLIDE_COLS - 1];
+        for (j, v) in xs.iter_mut().enumerate() {
+            if j < Q + cols - 1 {
+                // SAFETY: vector j is what pixel p reads through tap c for
+                // some p < Q, c < cols with p + c = j: a real (or zeroed
+                // padding) input pixel of the rectangle, inside x.
+                *v = unsafe { s.load(row.wrapping_add(j * l)) };
+            }
+        }
+        for c in 0..SLIDE_COLS {
+            if c < cols {
+                // SAFETY: tap (r, c) of the rectangle is inside the kernel.
+                let wt = unsafe { s.load(w_row.add(c * l)) };
+                for (p, a) in acc.iter_mut().enumerate() {
+                    *a = s.fma(wt, xs[p + c], *a);
+                }
+            }
+        }
+        row = row.wrapping_offset(schedule.row_step);
+        w_row = w_row.wrapping_add(geo.s_len * l);
+    }
+    for (&a, &q) in acc.iter().zip(&g.pixel) {
+        // SAFETY: q < OH·OW (the schedule): inside y.
+        unsafe { s.store(y.add(q * l), finish(a), l) };
     }
 }
 
@@ -731,6 +800,10 @@ struct PixelGroup {
     /// Offset, in floats, of the input vector each pixel reads through the
     /// rectangle's first tap.
     base: [isize; P],
+    /// Whether the group is `len` (4 or 8) consecutive pixels of one row of
+    /// a stride-1, undilated layer, none repeated: a kernel row's taps then
+    /// read `len + cols − 1` consecutive input vectors ([`group_slide`]).
+    slide: bool,
 }
 
 /// The kernel rows and columns whose taps read real input for a class.
@@ -750,6 +823,13 @@ impl Schedule {
         let mut groups = try_with_capacity("depthwise schedule", geo.out_plane / P + rect_count)?;
         let row_step = (geo.dil_h * geo.in_w * l) as isize;
         let col_step = (geo.dil_w * l) as isize;
+        // Kernels wider than 3 (whose weights are not held in registers)
+        // at stride 1 take consecutive pixels of a row ([`group_slide`]).
+        let slide = l >= 16
+            && geo.s_len > 3
+            && geo.s_len <= SLIDE_COLS
+            && geo.stride_w == 1
+            && geo.dil_w == 1;
         for (ohs, rows) in TapRuns::rows(geo) {
             for (ows, cols) in TapRuns::cols(geo) {
                 let first = rows.start as isize * row_step + cols.start as isize * col_step;
@@ -761,6 +841,32 @@ impl Schedule {
                     whole,
                 });
                 let count = ohs.len() * ows.len();
+                let pixel_at = |oh: usize, ow: usize| {
+                    let ih = (oh * geo.stride_h) as isize - geo.pad_top as isize;
+                    let iw = (ow * geo.stride_w) as isize - geo.pad_left as isize;
+                    (ih * geo.in_w as isize + iw) * l as isize + first
+                };
+                if slide && ows.len() >= P / 2 {
+                    // Each row in runs of P (or P/2) consecutive pixels, the
+                    // last run overlapping the one before rather than short.
+                    let q = if ows.len() >= P { P } else { P / 2 };
+                    for oh in ohs.clone() {
+                        let mut start = 0;
+                        while start < ows.len() {
+                            let at = start.min(ows.len() - q);
+                            let ow = |p: usize| ows.start + at + p.min(q - 1);
+                            groups.push(PixelGroup {
+                                rect,
+                                len: q,
+                                pixel: std::array::from_fn(|p| oh * geo.out_w + ow(p)),
+                                base: std::array::from_fn(|p| pixel_at(oh, ow(p))),
+                                slide: true,
+                            });
+                            start = at + q;
+                        }
+                    }
+                    continue;
+                }
                 // Pixel i of the class, in row-major order.
                 let at = |i: usize| (ohs.start + i / ows.len(), ows.start + i % ows.len());
                 for start in (0..count).step_by(P) {
@@ -775,10 +881,9 @@ impl Schedule {
                         }),
                         base: std::array::from_fn(|p| {
                             let (oh, ow) = pixel(p);
-                            let ih = (oh * geo.stride_h) as isize - geo.pad_top as isize;
-                            let iw = (ow * geo.stride_w) as isize - geo.pad_left as isize;
-                            (ih * geo.in_w as isize + iw) * l as isize + first
+                            pixel_at(oh, ow)
                         }),
+                        slide: false,
                     });
                 }
             }
@@ -892,8 +997,9 @@ mod tests {
     use crate::gemm::Activation;
     use crate::geometry::{Conv2dParams, ConvGeometry, Padding};
 
-    /// The schedule visits every output pixel exactly once, and each group
-    /// runs, for every pixel it holds, exactly that pixel's real taps (the
+    /// The schedule visits every output pixel once (twice where runs of
+    /// consecutive pixels overlap), and each group runs, for every pixel it
+    /// holds, exactly that pixel's real taps (the
     /// reference's window minus its padding), each at the offset of the
     /// input pixel the tap reads.
     #[test]
@@ -907,7 +1013,10 @@ mod tests {
             ((3, 2), (7, 6), (1, 1), (1, 1), (3, 3, 3, 3)),
             ((5, 6), (2, 3), (1, 2), (3, 2), (6, 0, 0, 5)),
             ((1, 1), (1, 1), (1, 1), (1, 1), (0, 0, 0, 0)),
+            ((14, 14), (7, 7), (1, 1), (1, 1), (3, 3, 3, 3)),
+            ((12, 21), (5, 5), (1, 1), (1, 1), (2, 1, 0, 2)),
         ];
+        let mut slides = 0;
         for (plane, kernel, stride, dil, (t, b, l, r)) in cases {
             let p = Conv2dParams::new(1, 4, plane, 4, kernel)
                 .stride(stride.0, stride.1)
@@ -919,10 +1028,22 @@ mod tests {
             let lanes = 16;
             let sched = Schedule::new(&geo, lanes).unwrap();
             let mut seen = vec![0usize; geo.out_plane];
+            let mut seen_slide = vec![0usize; geo.out_plane];
             for group in &sched.groups {
                 assert!((1..=P).contains(&group.len));
                 for &q in &group.pixel[..group.len] {
                     seen[q] += 1;
+                    seen_slide[q] += group.slide as usize;
+                }
+                if group.slide {
+                    // Consecutive pixels of one row, consecutive vectors.
+                    assert!(group.len == P || group.len == P / 2);
+                    assert_eq!(geo.stride_w, 1);
+                    for p in 1..group.len {
+                        assert_eq!(group.pixel[p], group.pixel[0] + p);
+                        assert_eq!(group.pixel[p] / geo.out_w, group.pixel[0] / geo.out_w);
+                        assert_eq!(group.base[p], group.base[0] + (p * lanes) as isize);
+                    }
                 }
                 let rect = &sched.rects[group.rect];
                 assert_eq!(
@@ -950,11 +1071,16 @@ mod tests {
                     }
                 }
             }
-            assert!(
-                seen.iter().all(|&n| n == 1),
-                "{plane:?} {kernel:?}: {seen:?}"
-            );
+            // Once each, or twice where a row's last run of consecutive
+            // pixels overlaps the one before (the same sums, stored again).
+            let once = seen
+                .iter()
+                .zip(&seen_slide)
+                .all(|(&n, &sl)| n == 1 || (n == 2 && sl == 2));
+            assert!(once, "{plane:?} {kernel:?}: {seen:?}");
+            slides += sched.groups.iter().filter(|g| g.slide).count();
         }
+        assert!(slides > 0, "no case has runs of consecutive pixels");
     }
 }
 
