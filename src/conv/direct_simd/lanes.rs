@@ -484,8 +484,9 @@ unsafe fn sweep<S: Simd, const TB: usize, const HELD: bool>(
     for g in &schedule.groups {
         // A class's last group of at most P/2 pixels runs P/2 chains, not P
         // with half of them repeating a pixel.
-        if g.slide && S::LANES == 16 {
-            // SAFETY: forwarded contract; the group is a slide group.
+        if g.slide {
+            // SAFETY: forwarded contract; the group is a slide group (built
+            // only for 16 lanes: see `Schedule::new`).
             unsafe {
                 if g.len == P {
                     group_slide::<S, P>(s, geo, schedule, g, w, x, y, finish)
@@ -704,7 +705,7 @@ impl LanesPlan {
     /// Floats of workspace a block needs ([`workspace_len`] of the sweep's
     /// geometry).
     pub(super) fn workspace_len(&self) -> Option<usize> {
-        workspace_len(&self.sweep, self.schedule.built_for.4)
+        workspace_len(&self.sweep, self.schedule.lanes())
     }
 
     /// Readies the 64-byte aligned workspace (from [`aligned`] of
@@ -712,7 +713,7 @@ impl LanesPlan {
     /// plane, whose border no block writes.
     pub(super) fn ready(&self, work: &mut [f32]) {
         if self.padded.is_some() {
-            let plane = self.sweep.in_plane * self.schedule.built_for.4;
+            let plane = self.sweep.in_plane * self.schedule.lanes();
             work[..plane].fill(0.0);
         }
     }
@@ -824,7 +825,10 @@ impl Schedule {
         let row_step = (geo.dil_h * geo.in_w * l) as isize;
         let col_step = (geo.dil_w * l) as isize;
         // Kernels wider than 3 (whose weights are not held in registers)
-        // at stride 1 take consecutive pixels of a row ([`group_slide`]).
+        // at stride 1 take consecutive pixels of a row ([`group_slide`]),
+        // with 16 lanes only: that tile holds 8 accumulators and 15 input
+        // vectors, which 16-register files (8 lanes: AVX2) would spill, and
+        // the runs alone lost there (672×7² 5×5, 46 → 39 GFLOP/s).
         let slide = l >= 16
             && geo.s_len > 3
             && geo.s_len <= SLIDE_COLS
@@ -899,6 +903,11 @@ impl Schedule {
 }
 
 impl Schedule {
+    /// The lanes `L` it was built for.
+    fn lanes(&self) -> usize {
+        self.built_for.4
+    }
+
     /// FMAs the sweep runs per lane, plus [`GROUP_COST`] per group.
     fn cost(&self) -> usize {
         self.groups
