@@ -41,18 +41,30 @@ fn transpose_with(
     // Sixteen columns (one cache line of each source row) at a time, over
     // all the rows: each source line is read whole, and the sixteen
     // destination rows being filled stay in L1 until they are complete.
+    let (sp, dp) = (src.as_ptr(), dst.as_mut_ptr());
     for c_block in (0..cols_full).step_by(16) {
         let c_end = (c_block + 16).min(cols_full);
         for r0 in (0..rows_full).step_by(4) {
             for c0 in (c_block..c_end).step_by(4) {
-                let tile =
-                    f32x4::transpose(std::array::from_fn(|i| load4(&src[(r0 + i) * lds + c0..])));
-                for (j, column) in tile.iter().enumerate() {
-                    let out: &mut [f32; 4] = (&mut dst[(c0 + j) * ldd + r0..][..4])
-                        .try_into()
-                        .expect("4 floats");
-                    for (x, v) in out.iter_mut().zip(column.to_array()) {
-                        store(x, v);
+                // SAFETY: rows r0..r0 + 4 ≤ rows and columns c0..c0 + 4 ≤
+                // cols, so every source float is inside `src` as sliced above
+                // ((rows − 1)·lds + cols floats) and every destination float
+                // (column c0 + j, rows r0..r0 + 4) inside `dst` ((cols −
+                // 1)·ldd + rows floats): the per-element bounds checks these
+                // raw reads and writes skip cost 4 instructions a float.
+                unsafe {
+                    let tile = f32x4::transpose(std::array::from_fn(|i| {
+                        f32x4::new(
+                            sp.add((r0 + i) * lds + c0)
+                                .cast::<[f32; 4]>()
+                                .read_unaligned(),
+                        )
+                    }));
+                    for (j, column) in tile.iter().enumerate() {
+                        let out = &mut *dp.add((c0 + j) * ldd + r0).cast::<[f32; 4]>();
+                        for (x, v) in out.iter_mut().zip(column.to_array()) {
+                            store(x, v);
+                        }
                     }
                 }
             }
