@@ -270,8 +270,8 @@ proptest! {
 
 /// Layers the band path must take (the trace shows it ran) and get right:
 /// the 56² 3×3 layer scaled down, stride 2, dilation 2 with asymmetric
-/// padding, convolution mode with groups, and a batch whose images each
-/// span several chunks under a small KC.
+/// padding, convolution mode with groups, a batch whose images each
+/// span several chunks under a small KC, and stride 3 across.
 #[test]
 fn bands_run_and_match_direct() {
     let layers = [
@@ -287,6 +287,12 @@ fn bands_run_and_match_direct() {
             .mode(ConvMode::Convolution)
             .padding(Padding::explicit(0, 1, 1, 0)),
         Conv2dParams::new(5, 16, (12, 20), 12, (2, 2)).stride(1, 2),
+        // Stride 3 across with dilation 2, stride 2 down, padding on three
+        // sides: the band's rows hold every column, read every third float.
+        Conv2dParams::new(2, 16, (23, 61), 16, (4, 3))
+            .stride(2, 3)
+            .dilation(1, 2)
+            .padding(Padding::explicit(2, 0, 1, 3)),
     ];
     for (i, params) in layers.into_iter().enumerate() {
         let conv = params.build().unwrap();

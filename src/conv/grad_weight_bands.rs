@@ -10,15 +10,19 @@
 //! * The depth of the sum runs over a **padded output grid**: output row
 //!   `oh` covers `W_q = OW + ⌊(S−1)·d_w/σ_w⌋` positions, the last
 //!   `W_q − OW` of them junk, whose rows of `dYᵀ` are zeros.
-//! * The input, zero-padded, is split into its `σ_h·σ_w` **phases** (rows
-//!   `≡ φ_h`, columns `≡ φ_w` modulo the stride), each phase row `W_q`
-//!   floats wide. Tap `(r, s)` of channel `c` then reads, for depth
-//!   `oh·W_q + ow`, the phase `((r'·d_h) mod σ_h, (s'·d_w) mod σ_w)` at row
-//!   `oh + ⌊r'·d_h/σ_h⌋`, column `ow + ⌊s'·d_w/σ_w⌋` (`(r', s')` the window
-//!   offset the mode pairs with the tap): one contiguous run of the band
-//!   for the whole chunk, junk included. So each tap's rows of A are the
-//!   band's channel rows from a fixed offset, a constant stride apart: an
-//!   operand the GEMM reads in place.
+//! * The input, zero-padded, is split into its `σ_h` **row phases** (rows
+//!   `≡ φ_h` modulo the vertical stride), each band row `σ_w·W_q` floats:
+//!   the padded input row from its left padding on, columns kept in place.
+//!   Tap `(r, s)` of channel `c` then reads, for depth `oh·W_q + ow`, the
+//!   row phase `(r'·d_h) mod σ_h` at row `oh + ⌊r'·d_h/σ_h⌋`, column
+//!   `σ_w·ow + s'·d_w` (`(r', s')` the window offset the mode pairs with
+//!   the tap): every `σ_w`-th float of one run of the band for the whole
+//!   chunk, junk included. So each tap's rows of A are the band's channel
+//!   rows from a fixed offset, a constant stride apart, with a column
+//!   stride of `σ_w`: an operand the GEMM reads in place. (Splitting the
+//!   columns into phases as well, as this did first, made every stride-2
+//!   band a de-interleaving pass that ran a float at a time: 108–148 µs of
+//!   r50_3x3_s2's call, against a plain copy per row now.)
 //! * Per chunk of output rows (about KC deep, inside one image) the band
 //!   of those rows (plus the `⌊(R−1)·d_h/σ_h⌋` rows below them) is built
 //!   once, `dYᵀ` is transposed into a row-major `depth × K` block the GEMM
@@ -49,6 +53,12 @@
 //! | batch16 16×32×32² → 64          | 182          | 194   |
 //! | 8×64×28² → 64                   | 178          | 196   |
 //!
+//! With row phases only (columns in place, read σ_w apart) and the faster
+//! band building, one run of 5 alternating rounds on a noisier machine
+//! (medians, same units; single rounds moved ±15%): r50_3x3 139 → 166,
+//! r50_3x3_s2 140 → 182, dilated 158 → 170, batch16 139 → 159, 8×64×28²
+//! 134 → 175 (column chunk → bands).
+//!
 //! A band must fit L2, which every tap's GEMM reads it from: 256 → 512
 //! channels at stride 2 on 56² (a 1.8 MB band) ran 172 on bands against
 //! 187 on the column chunk, and keeps the column chunk.
@@ -64,8 +74,8 @@
 //! which changes no element's arithmetic. So results are bitwise identical
 //! across runs and thread counts.
 //!
-//! **Workspace.** Per thread: the band of its channels (`C/g` rows of
-//! `W_q`-wide phase rows, about KC/W_q + R of them, per phase), the block
+//! **Workspace.** Per thread: the band of its channels (per row phase and
+//! channel, about KC/W_q + R rows of `σ_w·W_q` floats), the block
 //! of `dYᵀ` (`KC × min(K/g, NC)`), its block of dWᵀ and the GEMM's packing
 //! buffers: bounded by the width of the image, never its height or the
 //! batch.
@@ -90,10 +100,13 @@ pub(crate) struct Bands {
     halo: usize,
     /// Output rows per chunk (the last of an image may have fewer).
     rows: usize,
-    /// The phases taps read, `(φ_h, φ_w)`, in band order.
-    phases: Vec<(usize, usize)>,
+    /// Floats per band row: `σ_w·W_q`, the padded input row's columns
+    /// from the left padding on, kept interleaved.
+    pitch: usize,
+    /// The row phases taps read, `φ_h`, in band order.
+    phases: Vec<usize>,
     /// Per tap `r·S + s`: its phase's index in `phases` and its offset
-    /// (phase rows · W_q + phase columns) in the band.
+    /// (phase rows · pitch + input columns) in the band.
     taps: Vec<(usize, usize)>,
     /// Floats between two channels of one phase in a band: room for the
     /// chunk's rows, the halo and one more row read past the end by the
@@ -120,24 +133,24 @@ impl Bands {
         }
         let chunks = g.out_h.div_ceil((kc / wq).max(1));
         let rows = g.out_h.div_ceil(chunks);
+        let pitch = sw * wq;
         let mut phases = Vec::new();
         let mut taps = Vec::with_capacity(g.kernel_h * g.kernel_w);
         for r in 0..g.kernel_h {
             for s in 0..g.kernel_w {
                 let (ro, so) = g.weight_tap(r, s);
                 let (y, x) = (ro * g.dilation_h, so * g.dilation_w);
-                let phase = (y % sh, x % sw);
-                let index = match phases.iter().position(|&p| p == phase) {
+                let index = match phases.iter().position(|&p| p == y % sh) {
                     Some(i) => i,
                     None => {
-                        phases.push(phase);
+                        phases.push(y % sh);
                         phases.len() - 1
                     }
                 };
-                taps.push((index, (y / sh) * wq + x / sw));
+                taps.push((index, (y / sh) * pitch + x));
             }
         }
-        let channel_stride = odd_lines((rows + halo + 1) * wq);
+        let channel_stride = odd_lines((rows + halo + 1) * pitch);
         // The band of a whole group must fit L2 (see the module doc).
         let band_bytes = (phases.len() * g.channels_per_group())
             .saturating_mul(channel_stride)
@@ -151,6 +164,7 @@ impl Bands {
             wq,
             halo,
             rows,
+            pitch,
             phases,
             taps,
             channel_stride,
@@ -161,95 +175,6 @@ impl Bands {
     /// Floats of the band of `channels` channels.
     fn band_len(&self, channels: usize) -> usize {
         self.phases.len() * channels * self.channel_stride
-    }
-}
-
-/// Chunks `i` and `j` (≠ `i`) of `len` floats of `band`, both mutable.
-fn two_mut(band: &mut [f32], i: usize, j: usize, len: usize) -> (&mut [f32], &mut [f32]) {
-    if i < j {
-        let (lo, hi) = band.split_at_mut(j * len);
-        (&mut lo[i * len..][..len], &mut hi[..len])
-    } else {
-        let (lo, hi) = band.split_at_mut(i * len);
-        (&mut hi[..len], &mut lo[j * len..][..len])
-    }
-}
-
-/// One phase row: `out[j] = src[j·σ + shift]` where that is inside the
-/// input row `src`, 0 elsewhere (and everywhere for a padding row, `None`).
-fn fill_phase_row(src: Option<&[f32]>, stride: usize, shift: isize, out: &mut [f32]) {
-    let Some(src) = src else {
-        out.fill(0.0);
-        return;
-    };
-    let (j_lo, j_hi) = super::im2col::valid_range(out.len(), stride, shift, src.len());
-    if j_lo >= j_hi {
-        out.fill(0.0);
-        return;
-    }
-    out[..j_lo].fill(0.0);
-    out[j_hi..].fill(0.0);
-    let x0 = (j_lo as isize * stride as isize + shift) as usize;
-    let last = j_hi - 1 - j_lo;
-    out[j_hi - 1] = src[x0 + last * stride];
-    let out = &mut out[j_lo..j_hi - 1];
-    // Every σ-th float from x0, the last one apart so that whole strides
-    // cover the rest: with the stride a constant, the compiler turns the
-    // gathers into shuffles (a strided loop of σ = 2 took 0.46 ns a float).
-    match stride {
-        1 => out.copy_from_slice(&src[x0..x0 + last]),
-        2 => gather_every::<2>(&src[x0..], out),
-        3 => gather_every::<3>(&src[x0..], out),
-        4 => gather_every::<4>(&src[x0..], out),
-        sw => {
-            for (o, &v) in out.iter_mut().zip(src[x0..].iter().step_by(sw)) {
-                *o = v;
-            }
-        }
-    }
-}
-
-/// The two column phases of one row at stride 2: `even[j] = src[2j − pl]`,
-/// `odd[j] = src[2j + 1 − pl]`, 0 outside the row; the pairs both phases
-/// take from inside it in one de-interleaving pass.
-fn fill_pair_row(src: &[f32], pl: isize, even: &mut [f32], odd: &mut [f32]) {
-    let (lo0, hi0) = super::im2col::valid_range(even.len(), 2, -pl, src.len());
-    let (lo1, hi1) = super::im2col::valid_range(odd.len(), 2, 1 - pl, src.len());
-    let (a, b) = (lo0.max(lo1), hi0.min(hi1));
-    if a >= b {
-        fill_phase_row(Some(src), 2, -pl, even);
-        fill_phase_row(Some(src), 2, 1 - pl, odd);
-        return;
-    }
-    // The pairs: input columns 2j − pl and 2j + 1 − pl, both inside.
-    let x = (2 * a as isize - pl) as usize;
-    for ((e, o), pair) in even[a..b]
-        .iter_mut()
-        .zip(odd[a..b].iter_mut())
-        .zip(src[x..x + 2 * (b - a)].chunks_exact(2))
-    {
-        *e = pair[0];
-        *o = pair[1];
-    }
-    // The few positions outside the pairs, one at a time.
-    let at = |j: usize, shift: isize, lo: usize, hi: usize| {
-        if (lo..hi).contains(&j) {
-            src[(2 * j as isize + shift) as usize]
-        } else {
-            0.0
-        }
-    };
-    for j in (0..a).chain(b..even.len()) {
-        even[j] = at(j, -pl, lo0, hi0);
-        odd[j] = at(j, 1 - pl, lo1, hi1);
-    }
-}
-
-/// `out[j] = src[j·S]`, in whole strides of `src`.
-#[inline(always)]
-fn gather_every<const S: usize>(src: &[f32], out: &mut [f32]) {
-    for (o, stride) in out.iter_mut().zip(src.chunks_exact(S)) {
-        *o = stride[0];
     }
 }
 
@@ -494,7 +419,7 @@ impl Context<'_> {
                     let a = ASource::Strided(StridedMatrix {
                         ptr: band[phase * t.mc * b.channel_stride + offset..].as_ptr(),
                         rs: b.channel_stride as isize,
-                        cs: 1,
+                        cs: g.stride_w as isize,
                     });
                     let cm = StridedC {
                         ptr: c[i * t.nk..].as_mut_ptr(),
@@ -502,9 +427,9 @@ impl Context<'_> {
                         cs: 1,
                     };
                     // SAFETY: A is this tap's mc channel rows of the band,
-                    // `channel_stride` apart, each read for `depth` floats
-                    // from `offset`: at most the halo's rows, the chunk's
-                    // and one more, which the stride holds; B the depth × nk
+                    // `channel_stride` apart, each read at `depth` floats
+                    // σ_w apart from `offset`: at most the halo's rows, the
+                    // chunk's and one more, which the stride holds; B the depth × nk
                     // block of dYᵀ just built; C rows i, i + mt, … of this
                     // task's block `c` (mc·mt × nk), ours alone; with β = 0
                     // C is not read.
@@ -572,8 +497,8 @@ impl Context<'_> {
     }
 
     /// The band of output rows `oh0..oh0 + rows` for the `channels` input
-    /// planes `image`: per phase and channel, `rows + halo` phase rows of
-    /// `W_q` floats, zero where the padded input is padding.
+    /// planes `image`: per row phase and channel, `rows + halo` rows of
+    /// `pitch` floats, zero where the padded input is padding.
     /// Returns whether every value written is finite (the junk multiplies
     /// some of them by zero).
     fn fill_band(
@@ -586,76 +511,29 @@ impl Context<'_> {
     ) -> bool {
         let (g, b) = (self.g, self.bands);
         let (pt, pl) = (g.padding.top as isize, g.padding.left as isize);
-        let width = (rows + b.halo) * b.wq;
-        for (pi, &(ph, pw)) in b.phases.iter().enumerate() {
-            // At stride 2 the two column phases of a row phase are built in
-            // one pass over each input row, de-interleaving its pairs (each
-            // phase on its own read every row twice, one float in two: 116
-            // µs of r50_3x3_s2's grad weight of 1.34 ms).
-            let partner = (g.stride_w == 2)
-                .then(|| b.phases.iter().position(|&q| q == (ph, 1 - pw)))
-                .flatten();
-            if pw == 1 && partner.is_some() {
-                continue;
-            }
+        let width = (rows + b.halo) * b.pitch;
+        // Every row of the band has the same columns inside the input: one
+        // range for all of them, and per row a copy between two zero fills
+        // (with the range worked out per row, r50_3x3's bands took 2.2× as
+        // long).
+        let (j_lo, j_hi) = super::im2col::valid_range(b.pitch, 1, -pl, g.in_w);
+        let x0 = (j_lo as isize - pl) as usize;
+        for (pi, &ph) in b.phases.iter().enumerate() {
             for c in 0..channels {
                 let plane = &image[c * g.in_plane()..][..g.in_plane()];
-                let (dst, mut other) = match partner {
-                    Some(qi) => {
-                        let (a, b2) =
-                            two_mut(band, pi * channels + c, qi * channels + c, b.channel_stride);
-                        (a, Some(b2))
-                    }
-                    None => (
-                        &mut band[(pi * channels + c) * b.channel_stride..][..b.channel_stride],
-                        None,
-                    ),
-                };
-                // At stride 1 every row of a phase has the same columns
-                // inside the input: one range for all of them, and a copy
-                // between two zero fills per row (with the range worked out
-                // per row, r50_3x3's bands took 2.2× as long).
-                if g.stride_w == 1 {
-                    let (j_lo, j_hi) =
-                        super::im2col::valid_range(b.wq, 1, pw as isize - pl, g.in_w);
-                    let x0 = (j_lo as isize + pw as isize - pl) as usize;
-                    for (i, out) in dst[..width].chunks_exact_mut(b.wq).enumerate() {
-                        let y = ((oh0 + i) * g.stride_h + ph) as isize - pt;
-                        if y < 0 || y >= g.in_h as isize || j_lo >= j_hi {
-                            out.fill(0.0);
-                            continue;
-                        }
-                        let src = &plane[y as usize * g.in_w + x0..][..j_hi - j_lo];
-                        out[..j_lo].fill(0.0);
-                        out[j_lo..j_hi].copy_from_slice(src);
-                        out[j_hi..].fill(0.0);
-                    }
-                    if !super::all_finite(&dst[..width]) {
-                        return false;
-                    }
-                    continue;
-                }
-                for i in 0..rows + b.halo {
-                    let out = &mut dst[i * b.wq..][..b.wq];
+                let dst = &mut band[(pi * channels + c) * b.channel_stride..][..width];
+                for (i, out) in dst.chunks_exact_mut(b.pitch).enumerate() {
                     let y = ((oh0 + i) * g.stride_h + ph) as isize - pt;
-                    let src = (y >= 0 && y < g.in_h as isize)
-                        .then(|| &plane[y as usize * g.in_w..][..g.in_w]);
-                    match (&mut other, src) {
-                        (Some(odd), Some(src)) => {
-                            fill_pair_row(src, pl, out, &mut odd[i * b.wq..][..b.wq]);
-                        }
-                        (odd, src) => {
-                            fill_phase_row(src, g.stride_w, pw as isize - pl, out);
-                            if let Some(odd) = odd {
-                                fill_phase_row(src, 2, 1 - pl, &mut odd[i * b.wq..][..b.wq]);
-                            }
-                        }
+                    if y < 0 || y >= g.in_h as isize || j_lo >= j_hi {
+                        out.fill(0.0);
+                        continue;
                     }
+                    out[..j_lo].fill(0.0);
+                    out[j_lo..j_hi]
+                        .copy_from_slice(&plane[y as usize * g.in_w + x0..][..j_hi - j_lo]);
+                    out[j_hi..].fill(0.0);
                 }
-                let odd_finite = other
-                    .as_ref()
-                    .is_none_or(|o| super::all_finite(&o[..width]));
-                if !odd_finite || !super::all_finite(&dst[..width]) {
+                if !super::all_finite(dst) {
                     return false;
                 }
             }

@@ -160,6 +160,12 @@ pub(super) const PEEL_MIN_PANELS: usize = 32;
 /// block too often: pack A at full MC instead.
 pub(super) const IN_PLACE_MIN_TILES: usize = 8;
 
+/// The largest column stride of a row-major A the kernels read in place:
+/// the weight gradient's bands at stride σ read every σ-th float of a row
+/// (`grad_weight_bands.rs`), where a packed copy per tap would undo what
+/// the band saves.
+pub(super) const A_IN_PLACE_MAX_COLUMN_STRIDE: isize = 4;
+
 /// Whether the kernel reads the `rows`-row A block in place rather than
 /// packed, for a block that serves `column_panels` B panels: a row-major A
 /// whose rows stay in L2 ([`rows_stay_in_l2`]).
@@ -173,7 +179,9 @@ pub(super) fn a_in_place<T: Element>(
         ASource::Strided(StridedMatrix { rs, cs, .. }) => {
             kernel.a_strided()
                 && column_panels <= A_IN_PLACE_MAX_PANELS
-                && ((cs == 1 && rs > 0 && rows_stay_in_l2::<T>(rs as usize, rows))
+                && ((rs > 0
+                    && (1..=A_IN_PLACE_MAX_COLUMN_STRIDE).contains(&cs)
+                    && rows_stay_in_l2::<T>(rs as usize, rows))
                     || (rs == 1 && cs > 0))
         }
         ASource::Packed(_) => false,
