@@ -319,13 +319,16 @@ pub(crate) unsafe fn gemm_with_epilogue<B: BSource<f32>>(
     }
     match options.backend {
         GemmBackend::Native => {
-            let kernel = select(
+            let mut kernel = select(
                 options.isa,
                 m,
                 n,
                 matches!(a, ASource::Packed(_)),
                 options.blocking,
             );
+            if options.blocking.is_none() {
+                kernel = driver::with_column_major_depth(a, kernel, n);
+            }
             // SAFETY: forwarded.
             unsafe {
                 driver::gemm(

@@ -93,6 +93,33 @@ pub(super) fn in_place_block_rows<T: Element>(
     (rows < mc && rows >= IN_PLACE_MIN_TILES * mr).then_some(rows)
 }
 
+/// The depth of a block for a column-major A read in place, where it is
+/// lower than KC: the model's KC sizes a packed micro-panel, whose k-steps
+/// take `MR` floats each, while in place every k-step of a micro-panel
+/// lies on a cache line of its own (its `MR` rows are contiguous, the next
+/// step a column stride away). KC shrinks by the ratio, so that the
+/// panel's lines take the L1 room its packed copy would. Measured (1
+/// thread AVX-512, Zen 5, `cpuconv gemm --layout tn`, KC 512 → 256):
+/// 256×2304×196 184–189 → 208–214 GFLOP/s; 512×2048×49 and 2048×512×49
+/// within noise; KC 128: 204, KC 64: 186.
+pub(super) fn in_place_column_major_depth<T: Element>(
+    a: &ASource<'_, T>,
+    kernel: &Kernel<T>,
+    n: usize,
+) -> Option<usize> {
+    let ASource::Strided(StridedMatrix { rs: 1, cs, .. }) = *a else {
+        return None;
+    };
+    let KernelInfo { mr, nr, kc, .. } = *kernel.info();
+    if cs <= 1 || n.div_ceil(nr) > A_IN_PLACE_MAX_PANELS {
+        return None;
+    }
+    let step_bytes = mr * std::mem::size_of::<T>();
+    let line = cache_hierarchy().l1d.line.max(step_bytes);
+    let depth = (kc * step_bytes / line).next_multiple_of(8);
+    (depth < kc).then_some(depth)
+}
+
 /// The columns to take off the left of columns `n0..n0 + width` of a B read
 /// in place so that the rest start on a boundary of [`B_ROW_ALIGN`] bytes
 /// (or of a cache line, where the row stride is a whole number of lines
@@ -233,6 +260,36 @@ mod tests {
         assert_eq!(
             columns_to_aligned_rows(&at(3, 3136), 0, 2048 + 5, 2048, 32),
             0
+        );
+    }
+
+    #[test]
+    fn a_column_major_a_in_place_gets_the_depth_its_lines_fit() {
+        let kernel = crate::gemm::kernels::kernel_for(crate::arch::Isa::Portable).with_blocking(
+            crate::testing::Blocking {
+                mc: 96,
+                kc: 512,
+                nc: 1024,
+            },
+        );
+        let KernelInfo { mr, nr, .. } = *kernel.info();
+        let a = |rs: isize, cs: isize| {
+            ASource::Strided(StridedMatrix {
+                ptr: std::ptr::null::<f32>(),
+                rs,
+                cs,
+            })
+        };
+        let line = cache_hierarchy().l1d.line;
+        let want = (512 * mr * 4 / line.max(mr * 4)).next_multiple_of(8);
+        let got = in_place_column_major_depth(&a(1, 2048), &kernel, nr);
+        assert_eq!(got, (want < 512).then_some(want), "line {line}, mr {mr}");
+        // Row-major, or too many column panels to be read in place: KC.
+        assert_eq!(in_place_column_major_depth(&a(2048, 1), &kernel, nr), None);
+        let wide = nr * (A_IN_PLACE_MAX_PANELS + 1);
+        assert_eq!(
+            in_place_column_major_depth(&a(1, 2048), &kernel, wide),
+            None
         );
     }
 }

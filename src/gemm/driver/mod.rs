@@ -59,6 +59,21 @@ fn kernel_for_a<T: Element>(a: &ASource<'_, T>, kernel: &Kernel<T>, n: usize) ->
     }
 }
 
+/// `kernel` with KC lowered to the depth whose lines of a column-major A
+/// read in place fit where a packed panel would
+/// ([`in_place_column_major_depth`]); for the model's blocking only, a
+/// blocking the caller forces is kept as it is.
+pub(crate) fn with_column_major_depth<T: Element>(
+    a: &ASource<'_, T>,
+    kernel: Kernel<T>,
+    n: usize,
+) -> Kernel<T> {
+    match in_place_column_major_depth(a, &kernel, n) {
+        Some(depth) => kernel.with_kc(depth),
+        None => kernel,
+    }
+}
+
 /// How many of C's last columns the driver finishes as dot products for an
 /// `m × n` C: [`peeled_columns`], where the kernel has a dot kernel and
 /// every A block is read in place, so that each micro-panel reaches the dot
@@ -89,8 +104,8 @@ use super::pack::with_pack_buffers;
 use super::Parallelism;
 use crate::testing::record_gemm_block;
 use blocking::{
-    a_in_place, block_depth, columns_to_aligned_rows, in_place_block_rows, rows_stay_in_l2,
-    single_block_columns,
+    a_in_place, block_depth, columns_to_aligned_rows, in_place_block_rows,
+    in_place_column_major_depth, rows_stay_in_l2, single_block_columns,
 };
 use macro_kernel::{a_block, peeled_columns, BPanels, MacroKernel, PeeledColumns};
 use rayon::prelude::*;

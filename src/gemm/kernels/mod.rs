@@ -155,6 +155,12 @@ impl<T> Kernel<T> {
         self.dot
     }
 
+    /// This kernel with blocks of depth `kc` (a multiple of 8, at least 8).
+    pub(crate) fn with_kc(mut self, kc: usize) -> Kernel<T> {
+        self.info.kc = kc.next_multiple_of(8).max(8);
+        self
+    }
+
     /// This kernel with blocks of at most `mc` rows (a whole number of
     /// register tiles, at least one).
     pub(crate) fn with_mc(mut self, mc: usize) -> Kernel<T> {
@@ -165,7 +171,7 @@ impl<T> Kernel<T> {
 
     /// This kernel with its cache blocking replaced by `b` (rounded up to
     /// whole register tiles, KC to a multiple of 8; see [`Blocking`]).
-    fn with_blocking(mut self, b: Blocking) -> Kernel<T> {
+    pub(crate) fn with_blocking(mut self, b: Blocking) -> Kernel<T> {
         let KernelInfo { mr, nr, .. } = self.info;
         self.info.mc = b.mc.max(1).next_multiple_of(mr);
         self.info.kc = b.kc.max(1).next_multiple_of(8);
