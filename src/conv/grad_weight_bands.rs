@@ -514,8 +514,8 @@ impl Context<'_> {
         let width = (rows + b.halo) * b.pitch;
         // Every row of the band has the same columns inside the input: one
         // range for all of them, and per row a copy between two zero fills
-        // (with the range worked out per row, r50_3x3's bands took 2.2× as
-        // long).
+        // (with the range worked out per row, r50_3x3's bands took 1.2–1.7×
+        // as long, in isolation).
         let (j_lo, j_hi) = super::im2col::valid_range(b.pitch, 1, -pl, g.in_w);
         let x0 = (j_lo as isize - pl) as usize;
         for (pi, &ph) in b.phases.iter().enumerate() {

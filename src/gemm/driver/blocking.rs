@@ -195,7 +195,8 @@ pub(super) const A_IN_PLACE_MAX_COLUMN_STRIDE: isize = 4;
 
 /// Whether the kernel reads the `rows`-row A block in place rather than
 /// packed, for a block that serves `column_panels` B panels: a row-major A
-/// whose rows stay in L2 ([`rows_stay_in_l2`]).
+/// (column stride up to [`A_IN_PLACE_MAX_COLUMN_STRIDE`]) whose rows stay
+/// in L2 ([`rows_stay_in_l2`]), or a column-major one.
 pub(super) fn a_in_place<T: Element>(
     a: &ASource<'_, T>,
     kernel: &Kernel<T>,
