@@ -1211,11 +1211,14 @@ fn row_major_a_read_in_place() {
 
 #[test]
 fn columns_past_a_multiple_of_16_as_dot_products() {
-    // 17, 18, 33, 49 and 50 columns: on AVX-512 the last one or two are
-    // peeled off the tiles and computed as dot products of A's rows (the
-    // rest as usual). Odd k exercises the masked tail of the dot product;
-    // padded rows of C, the scalar store; 3 threads split the dot products'
-    // rows. (A column-major C is computed transposed, without the peel.)
+    // 17, 18, 33, 34, 49, 50 and 305 columns: on AVX-512 the last one or
+    // two are peeled off the tiles, as dot products of A's rows where A is
+    // row-major and read in place, else accumulated next to the tile
+    // before them (a column-major A read in place, or A packed: 305
+    // columns are too many panels to read A in place; 13 rows end in a
+    // 5-row panel). Odd k exercises the masked tail of the dot product;
+    // padded rows of C, the scalar store; 3 threads split the peeled rows.
+    // (A column-major C is computed transposed, without the peel.)
     let c_layouts = [
         Layout::DENSE,
         Layout {
@@ -1238,14 +1241,30 @@ fn columns_past_a_multiple_of_16_as_dot_products() {
         (301, 5, 33),
         (1030, 513, 49),
         (64, 100, 50),
+        (13, 70, 34),
+        (40, 300, 305),
     ] {
         let mut rng = Rng::new(23 + n as u64);
-        let a = Stored::new(m, k, Layout::DENSE, |_, _| rng.next_f32());
-        let b = Stored::new(k, n, Layout::DENSE, |_, _| rng.next_f32());
-        for layout in c_layouts {
-            let c0 = Stored::new(m, n, layout, |_, _| rng.next_f32());
-            check_every_isa(1.5, &a, &b, -0.25, &c0, Parallelism::Sequential, None);
-            check_every_isa(1.0, &a, &b, 0.0, &c0, Parallelism::Rayon, Some(&pool));
+        let a_layouts = [
+            Layout::DENSE,
+            Layout {
+                row_major: false,
+                ..Layout::DENSE
+            },
+            Layout {
+                row_major: false,
+                pad: 2,
+                ..Layout::DENSE
+            },
+        ];
+        for a_layout in a_layouts {
+            let a = Stored::new(m, k, a_layout, |_, _| rng.next_f32());
+            let b = Stored::new(k, n, Layout::DENSE, |_, _| rng.next_f32());
+            for layout in c_layouts {
+                let c0 = Stored::new(m, n, layout, |_, _| rng.next_f32());
+                check_every_isa(1.5, &a, &b, -0.25, &c0, Parallelism::Sequential, None);
+                check_every_isa(1.0, &a, &b, 0.0, &c0, Parallelism::Rayon, Some(&pool));
+            }
         }
     }
 }

@@ -317,40 +317,38 @@ pub struct GemmCall {
 /// The columns the register tiles of a sequential native GEMM cover on the
 /// kernel `info` (its blocking already forced): all `n`, except on the
 /// AVX-512 row kernel (the only one with a narrow right-edge tile of 16
-/// columns and a dot-product kernel), where the one or two columns just
-/// past a multiple of 16 (`n > 16`) are peeled off the tiles and computed
-/// as dot products when A is strided with unit column stride, B is
-/// strided, and A's rows can be read in place (at most 8 column panels,
-/// rows that stay in L2). Mirrors `peeled_columns` and `a_in_place` in
-/// `src/gemm/driver.rs`.
+/// columns and dot-product kernels), where the one or two columns just
+/// past a multiple of 16 (`n > 16`) are peeled off the tiles when B is
+/// strided and every micro-panel of A reaches the dot kernels with its
+/// rows or its columns contiguous: A packed, A strided with a unit row or
+/// column stride, or any other strides that the driver packs rather than
+/// reads in place (row-major at a column stride of 2–4 is read in place
+/// where at most 8 column panels follow and the rows stay in L2). Mirrors
+/// `peeled_columns`, `dot_columns` and `a_in_place` in
+/// `src/gemm/driver/`.
 pub fn tiled_columns(info: &KernelInfo, call: &GemmCall) -> usize {
     const NARROW: usize = 16;
     let GemmCall { m, n, .. } = *call;
     let row_kernel_with_peel = info.isa == Isa::Avx512 && (info.mr, info.nr) == (8, 32);
+    if !(row_kernel_with_peel && call.b_strided && n > NARROW && n % NARROW <= 2) {
+        return n;
+    }
+    let col0 = n - n % NARROW;
     match call.a {
-        AOperand::Strided { rs, cs: 1 }
-            if row_kernel_with_peel && call.b_strided && n > NARROW && n % NARROW <= 2 =>
-        {
-            let col0 = n - n % NARROW;
-            // The driver narrows MC to the rows that stay in L2 for an A
-            // read in place (`in_place_block_rows`).
-            let l2 = cache_hierarchy().l2;
-            let held = rs.max(0) as usize * 4;
-            let narrowed = l2.rows_held(held) / info.mr * info.mr;
-            let mc = if n.div_ceil(info.nr) <= 8 && narrowed < info.mc && narrowed >= 8 * info.mr {
-                narrowed
-            } else {
-                info.mc
-            };
-            let in_place =
-                rs > 0 && col0.div_ceil(info.nr) <= 8 && l2.holds_rows(rs as usize * 4, m.min(mc));
+        AOperand::Strided { rs, cs } if rs != 1 && cs != 1 => {
+            let in_place = rs > 0
+                && (2..=4).contains(&cs)
+                && col0.div_ceil(info.nr) <= 8
+                && cache_hierarchy()
+                    .l2
+                    .holds_rows(rs as usize * 4, m.min(info.mc));
             if in_place {
-                col0
-            } else {
                 n
+            } else {
+                col0
             }
         }
-        _ => n,
+        _ => col0,
     }
 }
 

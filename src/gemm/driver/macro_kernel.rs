@@ -4,7 +4,7 @@
 
 use crate::gemm::element::Element;
 use crate::gemm::engine::{ASource, Epilogue, StridedC, StridedMatrix};
-use crate::gemm::kernels::{store_scalar, DotKernelFn, Kernel, KernelInfo, TileEpilogue};
+use crate::gemm::kernels::{store_scalar, DotKernels, Kernel, KernelInfo, TileEpilogue};
 use crate::gemm::pack::{pack_a_strided, AlignedBuf};
 
 /// The last `count` columns of C, from `col0` on, computed as dot products:
@@ -17,7 +17,7 @@ pub(super) struct PeeledColumns<T> {
     pub(super) k: usize,
     pub(super) col0: usize,
     pub(super) count: usize,
-    pub(super) dot: DotKernelFn<T>,
+    pub(super) dot: DotKernels<T>,
 }
 
 // SAFETY: the staged columns are written once, before any task starts, and
@@ -236,30 +236,61 @@ impl<T: Element> MacroKernel<'_, T> {
                     },
                     clamp: if last { ep.clamp } else { None },
                 };
-                // SAFETY: the panels hold kcur steps; the tile at (row, col)
-                // is inside this task's block of C.
-                unsafe {
-                    func(
-                        kcur,
-                        ap,
-                        ars,
-                        acs,
-                        bp,
-                        ldb,
-                        self.c
-                            .ptr
-                            .offset(row as isize * self.c.rs + col as isize * self.c.cs),
-                        self.c.rs,
-                        self.c.cs,
-                        mr.min(self.m1 - row),
-                        cols,
-                        &tile,
-                    )
+                // SAFETY: row < m and col < n by the loops' bounds.
+                let cp = unsafe {
+                    self.c
+                        .ptr
+                        .offset(row as isize * self.c.rs + col as isize * self.c.cs)
                 };
-                if let Some(peel) = self.peel.filter(|p| col + cols == p.col0) {
-                    // SAFETY: the panel is as described above; its rows and
-                    // the peeled columns are inside this task's rows of C.
-                    unsafe { self.finish_peel(&peel, ap, ars, acs, row, pc, kcur, &tile) };
+                let rows = mr.min(self.m1 - row);
+                let peel = self.peel.filter(|p| col + cols == p.col0);
+                match peel {
+                    Some(peel) if ars == 1 => {
+                        // The micro-panel's columns are contiguous: the
+                        // peeled columns ride along with the tile.
+                        let mut out = [T::ZERO; 32];
+                        // SAFETY: as below, and the peeled columns hold k
+                        // staged values each, pc + kcur ≤ k.
+                        unsafe {
+                            (peel.dot.with_tile)(
+                                kcur,
+                                ap,
+                                ars,
+                                acs,
+                                bp,
+                                ldb,
+                                cp,
+                                self.c.rs,
+                                self.c.cs,
+                                rows,
+                                cols,
+                                &tile,
+                                peel.columns.add(pc),
+                                peel.k,
+                                peel.count,
+                                &mut out,
+                            )
+                        };
+                        // SAFETY: the panel's rows and the peeled columns
+                        // are inside this task's rows of C.
+                        unsafe { self.store_peel(&peel, row, &out, 16, &tile) };
+                    }
+                    _ => {
+                        // SAFETY: the panels hold kcur steps; the tile at
+                        // (row, col) is inside this task's block of C.
+                        unsafe {
+                            func(
+                                kcur, ap, ars, acs, bp, ldb, cp, self.c.rs, self.c.cs, rows, cols,
+                                &tile,
+                            )
+                        };
+                        if let Some(peel) = peel {
+                            // SAFETY: the panel is as described above; its
+                            // rows and the peeled columns are inside this
+                            // task's rows of C.
+                            unsafe { self.finish_peel(&peel, ap, ars, acs, row, pc, kcur, &tile) };
+                        }
+                    }
                 }
             }
         }
@@ -284,22 +315,22 @@ impl<T: Element> MacroKernel<'_, T> {
         tile: &TileEpilogue<T>,
     ) {
         // Room for the tallest register tile; only the row kernels (8 rows
-        // at most) have a dot kernel, and a taller one must fail loudly
+        // at most) have dot kernels, and a taller one must fail loudly
         // rather than leave rows unwritten.
-        const MAX_MR: usize = 32;
+        const MAX_MR: usize = 16;
         let rows = self.kernel.info().mr.min(self.m1 - row);
         assert!(rows <= MAX_MR, "peeled columns for a {rows}-row tile");
-        let mut out = [T::ZERO; MAX_MR];
-        for q in 0..peel.count {
+        let mut out = [T::ZERO; 2 * MAX_MR];
+        for (q, out) in out.chunks_exact_mut(MAX_MR).take(peel.count).enumerate() {
             // SAFETY: column q holds k staged values; pc + kcur ≤ k.
             let column = unsafe { peel.columns.add(q * peel.k + pc) };
             if acs == 1 {
-                // A read in place: rows are contiguous, the dot kernel's
-                // layout.
+                // A row-major A read in place: rows are contiguous.
                 // SAFETY: forwarded.
-                unsafe { (peel.dot)(kcur, ap, ars, rows, column, &mut out) };
+                unsafe { (peel.dot.rows)(kcur, ap, ars, rows, column, out) };
             } else {
-                // A packed (a packed last panel, or a packed block): rare.
+                // Neither rows nor columns contiguous: a row-major A read in
+                // place at a column stride above 1 (rare).
                 for (i, x) in out.iter_mut().enumerate().take(rows) {
                     *x = (0..kcur)
                         // SAFETY: (i, p) is inside the panel.
@@ -307,7 +338,28 @@ impl<T: Element> MacroKernel<'_, T> {
                         .sum();
                 }
             }
-            for (i, &x) in out.iter().enumerate().take(rows) {
+        }
+        // SAFETY: forwarded.
+        unsafe { self.store_peel(peel, row, &out, MAX_MR, tile) };
+    }
+
+    /// Stores the peeled columns' sums of the micro-panel at `row` (column
+    /// `q`'s at `out[q·stride..]`) through the tile's epilogue.
+    ///
+    /// # Safety
+    /// The panel's rows and the peeled columns are inside this task's rows
+    /// of C.
+    unsafe fn store_peel(
+        &self,
+        peel: &PeeledColumns<T>,
+        row: usize,
+        out: &[T],
+        stride: usize,
+        tile: &TileEpilogue<T>,
+    ) {
+        let rows = self.kernel.info().mr.min(self.m1 - row);
+        for q in 0..peel.count {
+            for (i, &x) in out[q * stride..][..rows].iter().enumerate() {
                 let bias = if tile.bias.is_null() {
                     T::ZERO
                 } else {

@@ -47,7 +47,9 @@ pub(crate) fn peels_with_a_in_place(isa: crate::arch::Isa, m: usize, k: usize, n
         cs: 1,
     });
     let kernel = kernel_for_a(&a, super::kernels::kernel_for(isa), n);
-    dot_columns(&a, &kernel, m, n) > 0
+    let count = dot_columns(&a, &kernel, m, n);
+    let rows = m.min(kernel.info().mc);
+    count > 0 && a_in_place(&a, &kernel, rows, (n - count).div_ceil(kernel.info().nr))
 }
 
 /// `kernel` as the driver runs it for `a`: MC narrowed to the rows that
@@ -75,25 +77,29 @@ pub(crate) fn with_column_major_depth<T: Element>(
 }
 
 /// How many of C's last columns the driver finishes as dot products for an
-/// `m × n` C: [`peeled_columns`], where the kernel has a dot kernel and
-/// every A block is read in place, so that each micro-panel reaches the dot
-/// kernel in rows (a packed panel would take a scalar loop); 0 otherwise.
-/// Blocks have at most MC rows and the tiled columns' panels, and fewer
-/// rows or panels only make `a_in_place` easier to satisfy.
+/// `m × n` C: [`peeled_columns`], where the kernel has dot kernels and
+/// every micro-panel of A reaches them with its rows contiguous (a
+/// row-major A read in place) or its columns (a packed panel, a
+/// column-major A read in place); 0 otherwise, as for a row-major A read
+/// in place at a column stride above 1, whose panels would take a scalar
+/// loop. Blocks have at most MC rows and the tiled columns' panels, and
+/// fewer rows or panels only make `a_in_place` easier to satisfy.
 fn dot_columns<T: Element>(a: &ASource<'_, T>, kernel: &Kernel<T>, m: usize, n: usize) -> usize {
     let count = peeled_columns(kernel, n);
-    // The dot kernel reads rows of A: a column-major A read in place would
-    // take its scalar loop (512×2048×49 with A column-major: 54 GFLOP/s).
-    let rows_contiguous = matches!(a, ASource::Strided(StridedMatrix { cs: 1, .. }));
-    if count == 0 || kernel.dot().is_none() || !rows_contiguous {
+    if count == 0 || kernel.dot().is_none() {
         return 0;
     }
-    let col0 = n - count;
-    let rows = m.min(kernel.info().mc);
-    if a_in_place(a, kernel, rows, col0.div_ceil(kernel.info().nr)) {
-        count
-    } else {
-        0
+    match *a {
+        ASource::Strided(StridedMatrix { rs, cs, .. }) if rs != 1 && cs != 1 => {
+            let rows = m.min(kernel.info().mc);
+            let panels = (n - count).div_ceil(kernel.info().nr);
+            if a_in_place(a, kernel, rows, panels) {
+                0
+            } else {
+                count
+            }
+        }
+        _ => count,
     }
 }
 

@@ -109,14 +109,120 @@ pub(crate) unsafe fn kernel_mr<const R: usize, const V: usize>(
     cols: usize,
     ep: &TileEpilogue,
 ) {
-    let mut acc = [[_mm512_setzero_ps(); V]; R];
+    // SAFETY: forwarded; no peeled columns are read or written.
+    unsafe {
+        kernel_mr_with_columns::<R, V, 0>(
+            kc,
+            a,
+            ars,
+            acs,
+            b,
+            ldb,
+            c,
+            rsc,
+            csc,
+            rows,
+            cols,
+            ep,
+            core::ptr::null(),
+            0,
+            &mut [0.0; 32],
+        )
+    }
+}
+
+/// [`super::TileWithColumnsFn`] for this path: the full or the narrow tile
+/// (by `cols`) with one or two peeled columns.
+///
+/// # Safety
+/// As [`super::TileWithColumnsFn`]; the CPU supports AVX-512F.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn kernel_with_columns(
+    kc: usize,
+    a: *const f32,
+    ars: usize,
+    acs: usize,
+    b: *const f32,
+    ldb: usize,
+    c: *mut f32,
+    rsc: isize,
+    csc: isize,
+    rows: usize,
+    cols: usize,
+    ep: &TileEpilogue,
+    columns: *const f32,
+    ld: usize,
+    count: usize,
+    out: &mut [f32; 32],
+) {
+    debug_assert_eq!(
+        ars, 1,
+        "peeled columns ride along only with contiguous A columns"
+    );
+    macro_rules! run {
+        ($v:literal, $p:literal) => {
+            // SAFETY: forwarded; the narrow tile reads the first 16 of the
+            // panel's NR floats per B step.
+            unsafe {
+                kernel_mr_with_columns::<MR, $v, $p>(
+                    kc, a, ars, acs, b, ldb, c, rsc, csc, rows, cols, ep, columns, ld, out,
+                )
+            }
+        };
+    }
+    match (cols <= NR_NARROW, count) {
+        (true, 1) => run!(1, 1),
+        (true, _) => run!(1, 2),
+        (false, 1) => run!(2, 1),
+        (false, _) => run!(2, 2),
+    }
+}
+
+/// [`kernel_mr`] that also accumulates `P` peeled columns of C (see
+/// [`super::TileWithColumnsFn`]): each k-step loads the micro-panel's
+/// column of A (the R values the tile broadcasts one by one, contiguous
+/// where `ars == 1`) as one vector and adds its product with each peeled
+/// column's B value, in `P` more accumulators. 49 columns with A
+/// column-major then cost a full and a narrow tile plus one FMA a step,
+/// not two full tiles; a separate dot-product pass over the same
+/// micro-panel measured slower than the tiles it replaced, its A lines
+/// (2 KiB apart, read in place) having left L1.
+///
+/// # Safety
+/// As [`kernel`]; with `P > 0`, also `ars == 1`, `R ≤ 16`, and
+/// `columns + q·ld + p` readable for `q < P`, `p < kc`.
+#[target_feature(enable = "avx512f,fma")]
+#[allow(clippy::too_many_arguments)]
+#[inline]
+unsafe fn kernel_mr_with_columns<const R: usize, const V: usize, const P: usize>(
+    kc: usize,
+    a: *const f32,
+    ars: usize,
+    acs: usize,
+    b: *const f32,
+    ldb: usize,
+    c: *mut f32,
+    rsc: isize,
+    csc: isize,
+    rows: usize,
+    cols: usize,
+    ep: &TileEpilogue,
+    columns: *const f32,
+    ld: usize,
+    out: &mut [f32; 32],
+) {
+    let mut acc = ([[_mm512_setzero_ps(); V]; R], [_mm512_setzero_ps(); P]);
     let a_rows: [*const f32; R] = core::array::from_fn(|i| a.wrapping_add(i * ars));
-    let (mut ak, mut bp) = (0, b);
-    // One k-step: V vector loads of B, R broadcasts of A, R·V FMAs.
-    let step = |acc: &mut [[__m512; V]; R]| {
+    let (mut ak, mut bp, mut colp) = (0, b, columns);
+    let a_mask: __mmask16 = ((1u32 << R.min(16)) - 1) as u16;
+    // One k-step: V vector loads of B, R broadcasts of A, R·V FMAs; with
+    // peeled columns, one vector of A and P more FMAs.
+    let step = |(acc, peeled): &mut ([[__m512; V]; R], [__m512; P])| {
         // SAFETY: the panels hold kc steps of R (A) and 16·V (B) floats, and
         // the caller runs at most kc steps. A packed B is 64-byte aligned,
         // so its unaligned loads cost nothing extra; an in-place B may not be.
+        // With P > 0, A's R values of this step are contiguous (ars == 1)
+        // and each peeled column holds kc values.
         unsafe {
             let bv: [__m512; V] = core::array::from_fn(|v| _mm512_loadu_ps(bp.add(16 * v)));
             for (i, row) in acc.iter_mut().enumerate() {
@@ -125,12 +231,30 @@ pub(crate) unsafe fn kernel_mr<const R: usize, const V: usize>(
                     *x = _mm512_fmadd_ps(ai, bv[v], *x);
                 }
             }
+            if P > 0 {
+                // A plain 256-bit load for an 8-row panel: a masked load
+                // costs far more than its lanes on Zen 5 (see finish_store).
+                let column = if R == 8 {
+                    _mm512_castps256_ps512(_mm256_loadu_ps(a.add(ak)))
+                } else {
+                    _mm512_maskz_loadu_ps(a_mask, a.add(ak))
+                };
+                for (q, x) in peeled.iter_mut().enumerate() {
+                    *x = _mm512_fmadd_ps(column, _mm512_set1_ps(*colp.add(q * ld)), *x);
+                }
+                colp = colp.add(1);
+            }
             ak += acs;
             bp = bp.add(ldb);
         }
     };
     // SAFETY: the step runs kc times.
     unsafe { run_steps_prefetching_c(kc, c, rsc, csc, rows, 4 * 16 * V, &mut acc, step) };
+    let (acc, peeled) = acc;
+    for (q, x) in peeled.iter().enumerate() {
+        // SAFETY: `out` holds 32 floats and q < P ≤ 2.
+        unsafe { _mm512_storeu_ps(out.as_mut_ptr().add(16 * q), *x) };
+    }
 
     if csc != 1 {
         // SAFETY: forwarded contract.

@@ -85,6 +85,58 @@ pub(crate) type MicroKernelFn<T = f32> = unsafe fn(
 pub(crate) type DotKernelFn<T = f32> =
     unsafe fn(k: usize, a: *const T, lda: usize, rows: usize, b: *const T, out: &mut [T]);
 
+/// A tile ([`MicroKernelFn`], same arguments up to `epilogue`) that also
+/// accumulates C's `count` (1 or 2) peeled columns for the same micro-panel
+/// of A, whose columns are contiguous (`ars == 1`: a packed panel, or a
+/// column-major A read in place): column `q`'s B values are at
+/// `columns + q·ld + p` for `p < kc`, and `out[16·q + i]` receives
+/// `Σ_p A(i, p)·B(p, q)` for the MR rows, unscaled (the caller stores them
+/// through the tile's epilogue).
+///
+/// # Safety
+/// As [`MicroKernelFn`], and `ars == 1`; `columns + q·ld + p` is readable
+/// for `q < count`, `p < kc`; `out` holds 32 values.
+pub(crate) type TileWithColumnsFn<T = f32> = unsafe fn(
+    kc: usize,
+    a: *const T,
+    ars: usize,
+    acs: usize,
+    b: *const T,
+    ldb: usize,
+    c: *mut T,
+    rsc: isize,
+    csc: isize,
+    rows: usize,
+    cols: usize,
+    epilogue: &TileEpilogue<T>,
+    columns: *const T,
+    ld: usize,
+    count: usize,
+    out: &mut [T; 32],
+);
+
+/// The kernels that finish C's peeled columns, one per layout of the A
+/// micro-panel: rows contiguous (a row-major A read in place) go to dot
+/// products along `k`; columns contiguous (a packed panel, or a
+/// column-major A read in place) ride along with the tile just before the
+/// peeled columns, one more FMA per k-step on A values the tile loads anyway.
+#[derive(Debug)]
+pub(crate) struct DotKernels<T = f32> {
+    /// Rows contiguous: vectors along `k`, one sum per row.
+    pub(crate) rows: DotKernelFn<T>,
+    /// Columns contiguous: the tile and the peeled columns in one pass.
+    pub(crate) with_tile: TileWithColumnsFn<T>,
+}
+
+// Function pointers are `Copy` whatever `T` is; a derive would ask `T: Copy`.
+impl<T> Clone for DotKernels<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<T> Copy for DotKernels<T> {}
+
 /// Register tile and cache blocking of one micro-kernel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct KernelInfo {
@@ -121,7 +173,7 @@ pub(crate) struct Kernel<T = f32> {
     a_strided: bool,
     /// Dot products for the one or two columns of C just past a multiple of
     /// the narrow width, which tiles would pad to a whole vector.
-    dot: Option<DotKernelFn<T>>,
+    dot: Option<DotKernels<T>>,
 }
 
 impl<T> Kernel<T> {
@@ -149,9 +201,9 @@ impl<T> Kernel<T> {
         self.a_strided
     }
 
-    /// The dot-product kernel for peeled columns.
+    /// The dot-product kernels for peeled columns.
     #[inline]
-    pub(crate) fn dot(&self) -> Option<DotKernelFn<T>> {
+    pub(crate) fn dot(&self) -> Option<DotKernels<T>> {
         self.dot
     }
 
@@ -218,9 +270,12 @@ fn build_kernel(isa: Isa) -> Kernel {
         Isa::Avx512 => Some((avx512::NR_NARROW, avx512::kernel_narrow)),
         _ => None,
     };
-    let dot: Option<DotKernelFn> = match isa {
+    let dot: Option<DotKernels> = match isa {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => Some(avx512::dot_rows),
+        Isa::Avx512 => Some(DotKernels {
+            rows: avx512::dot_rows,
+            with_tile: avx512::kernel_with_columns,
+        }),
         _ => None,
     };
     Kernel {
