@@ -119,6 +119,49 @@ fn highest_supported(wanted: Isa, supported: impl Fn(Isa) -> bool) -> Isa {
         .unwrap_or(Isa::Portable)
 }
 
+/// Defines `fn $name(isa, args…)` that runs `$body(args…)` compiled with
+/// the target features of `isa`'s kernels (clamped to the CPU first), so
+/// that plain loops in `$body` (an `#[inline(always)]` function, such as
+/// col2im's adds) are vectorised for the path's registers rather than for
+/// the crate's baseline target: the loop is written once, and only this
+/// knows the ISA. (A closure handed to a `#[target_feature]` function is
+/// not inlined into it, hence one wrapper per function.)
+macro_rules! with_isa_features {
+    ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) = $body:path;) => {
+        $(#[$meta])*
+        $vis fn $name(isa: $crate::arch::Isa, $($arg: $ty),*) {
+            /// `$body` with the AVX-512 path's features.
+            ///
+            /// # Safety
+            /// The CPU supports AVX-512F and FMA.
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx512f,fma")]
+            unsafe fn avx512($($arg: $ty),*) {
+                $body($($arg),*)
+            }
+            /// `$body` with the AVX2 path's features.
+            ///
+            /// # Safety
+            /// The CPU supports AVX2 and FMA.
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx2,fma")]
+            unsafe fn avx2($($arg: $ty),*) {
+                $body($($arg),*)
+            }
+            match $crate::arch::clamp_isa(isa) {
+                // SAFETY: the clamped path is one the CPU supports.
+                #[cfg(target_arch = "x86_64")]
+                $crate::arch::Isa::Avx512 => unsafe { avx512($($arg),*) },
+                // SAFETY: as above.
+                #[cfg(target_arch = "x86_64")]
+                $crate::arch::Isa::Avx2 => unsafe { avx2($($arg),*) },
+                _ => $body($($arg),*),
+            }
+        }
+    };
+}
+pub(crate) use with_isa_features;
+
 /// The path in use when a call does not name one: the detected path, or the
 /// one `CPUCONV_ISA` forces. A forced path the CPU cannot run falls back to
 /// the highest supported path below it, with a warning on stderr.

@@ -314,6 +314,7 @@ pub(crate) fn im2col_group(g: &ConvGeometry, image: &[f32], col: &mut [f32]) {
 #[cfg(test)]
 mod tests {
     use super::{im2col_group, im2col_row, im2col_rows, valid_range, ColumnTap};
+    use crate::arch::Isa;
     use crate::conv::phases::TransposedGeometry;
     use crate::conv::transposed_gemm::{col2im, interleave, PlaneLayout};
     use crate::geometry::ConvGeometry;
@@ -462,6 +463,55 @@ mod tests {
         }
     }
 
+    /// col2im and the phase interleave compute the same floats on every
+    /// path the CPU supports (each output is the same adds in the same
+    /// order; only the vector width differs), on rows wide enough for the
+    /// vector loops and their remainders: strides 1, 2 (the pairwise
+    /// interleave, odd and even widths) and 3, padding, dilation.
+    #[test]
+    fn col2im_and_interleave_agree_on_every_path() {
+        for (w, (sh, sw), (kh, kw), dil, pad) in [
+            (70, (1, 1), (3, 3), 1, 1),
+            (67, (2, 2), (3, 3), 1, 1),
+            (68, (2, 2), (7, 7), 1, 3),
+            (53, (1, 3), (2, 3), 2, 0),
+            (41, (3, 2), (3, 2), 1, 2),
+        ] {
+            let p = Conv2dParams::new(1, 3, (9, w), 2, (kh, kw))
+                .stride(sh, sw)
+                .dilation(dil, dil)
+                .padding(Padding::symmetric(pad, pad));
+            let g = ConvGeometry::new(&p).unwrap();
+            let tg = TransposedGeometry::grad_input_of(&g);
+            let c: Vec<f32> = (0..g.gemm_k() * g.out_plane())
+                .map(|i| ((i * 37) % 101) as f32 * 0.01 - 0.5)
+                .collect();
+            let bias = [0.25, -1.5, 3.0];
+            let run = |isa: Isa| {
+                let mut plane = vec![0.5f32; g.input_len()];
+                col2im(
+                    isa,
+                    &tg,
+                    &c,
+                    0..g.out_h,
+                    &mut plane,
+                    PlaneLayout::plane(&tg),
+                );
+                let layout = PlaneLayout::phased(&tg);
+                let mut phased = vec![0.0f32; g.in_channels * layout.channel_len(&tg)];
+                col2im(isa, &tg, &c, 0..g.out_h, &mut phased, layout);
+                let mut out = vec![f32::NAN; g.input_len()];
+                interleave(isa, &tg, &phased, layout, Some(&bias), &mut out);
+                (plane, out)
+            };
+            let portable = run(Isa::Portable);
+            assert!(portable.1.iter().all(|v| v.is_finite()), "{p:?}");
+            for isa in crate::arch::supported_isas() {
+                assert_eq!(run(isa), portable, "{isa} {p:?}");
+            }
+        }
+    }
+
     /// col2im is the exact adjoint of im2col: `⟨im2col(x), c⟩ = ⟨x,
     /// col2im(c)⟩` on small integers (every product and sum exact in f32),
     /// across strides, asymmetric padding, dilation, both modes and more
@@ -492,15 +542,23 @@ mod tests {
                                 im2col_group(&g, &x, &mut col);
                                 let mut back = vec![0.0f32; g.input_len()];
                                 let tg = TransposedGeometry::grad_input_of(&g);
-                                col2im(&tg, &c, 0..g.out_h, &mut back, PlaneLayout::plane(&tg));
+                                let isa = crate::isa();
+                                col2im(
+                                    isa,
+                                    &tg,
+                                    &c,
+                                    0..g.out_h,
+                                    &mut back,
+                                    PlaneLayout::plane(&tg),
+                                );
                                 // The column-phase layout, interleaved, adds
                                 // the same terms in the same order.
                                 let phased_layout = PlaneLayout::phased(&tg);
                                 let mut phased =
                                     vec![0.0f32; g.in_channels * phased_layout.channel_len(&tg)];
-                                col2im(&tg, &c, 0..g.out_h, &mut phased, phased_layout);
+                                col2im(isa, &tg, &c, 0..g.out_h, &mut phased, phased_layout);
                                 let mut again = vec![f32::NAN; g.input_len()];
-                                interleave(&tg, &phased, phased_layout, None, &mut again);
+                                interleave(isa, &tg, &phased, phased_layout, None, &mut again);
                                 assert_eq!(again, back, "{p:?}");
                                 let lhs: f32 = col.iter().zip(&c).map(|(a, b)| a * b).sum();
                                 let rhs: f32 = x.iter().zip(&back).map(|(a, b)| a * b).sum();
@@ -509,6 +567,7 @@ mod tests {
                                 // pixel's sum is over the elements that read it.
                                 let mut marked = vec![0.5f32; g.input_len()];
                                 col2im(
+                                    isa,
                                     &tg,
                                     &vec![1.0; len],
                                     0..g.out_h,
