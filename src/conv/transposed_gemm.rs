@@ -116,9 +116,11 @@ pub(crate) fn pack_weights(
 }
 
 crate::arch::with_isa_features! {
-    /// [`col2im_body`] with the adds vectorised for `isa` (1 thread, Zen 5,
-    /// r50_conv1's input gradient: 354–366 µs of col2im at the x86-64
-    /// baseline, 231–249 µs with the AVX-512 path's features).
+    /// [`col2im_body`] with the adds vectorised for `isa`. 1 thread, Zen 5,
+    /// one process: r50_conv1's input gradient, its whole column matrix in
+    /// one call, 241–261 µs compiled for the x86-64 baseline (the portable
+    /// path), 169–175 µs for AVX-512; within the chunked call, 354–366 →
+    /// 231–249 µs.
     pub(crate) fn col2im(
         tg: &TransposedGeometry,
         col: &[f32],
@@ -248,8 +250,10 @@ crate::arch::with_isa_features! {
 
 /// See [`interleave`]. Two phases (stride 2, the common case) are zipped
 /// pairwise, which vectorises into interleaving stores; more take a
-/// strided store per phase. r50_3x3_s2's input gradient spent 330–430 µs
-/// here (1 thread, Zen 5) with the strided stores for stride 2.
+/// strided store per phase. r50_3x3_s2's input gradient through
+/// `Algorithm::Im2col` (1 thread, Zen 5) spent 330–430 µs here with a
+/// strided store per phase, 43–62 µs pairwise (r50_conv1's: 78–122 → 11–16
+/// µs), the same on the portable and the AVX-512 path.
 #[inline(always)]
 fn interleave_body(
     tg: &TransposedGeometry,
