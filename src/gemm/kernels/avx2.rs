@@ -100,3 +100,66 @@ pub(crate) unsafe fn kernel(
         }
     }
 }
+
+/// `dst[c·ldd + r] = src[r·lds + c]` for `r < rows`, `c < cols`, both
+/// multiples of 8, in 8×8 tiles: eight row loads, 24 in-register shuffles
+/// (unpack, shuffle within 128-bit halves, then swap halves) and eight
+/// column stores, against two loads and stores and one shuffle more per
+/// 16 floats in 4×4 tiles. Sixteen columns (a cache line of each source
+/// row) at a time over all the rows, as [`crate::gemm::transpose`] does.
+///
+/// # Safety
+/// `src[r·lds + c]` is readable and `dst[c·ldd + r]` writable for `r <
+/// rows`, `c < cols`; `rows` and `cols` are multiples of 8; the CPU
+/// supports AVX.
+#[target_feature(enable = "avx")]
+pub(crate) unsafe fn transpose_tiles_8x8(
+    src: *const f32,
+    lds: usize,
+    rows: usize,
+    cols: usize,
+    dst: *mut f32,
+    ldd: usize,
+) {
+    debug_assert!(rows.is_multiple_of(8) && cols.is_multiple_of(8));
+    for c_block in (0..cols).step_by(16) {
+        let c_end = (c_block + 16).min(cols);
+        for r0 in (0..rows).step_by(8) {
+            for c0 in (c_block..c_end).step_by(8) {
+                // SAFETY: rows r0..r0 + 8 and columns c0..c0 + 8 are inside
+                // the region the caller vouches for, in both matrices.
+                unsafe {
+                    // Loops, not `from_fn` closures, so that the
+                    // intrinsics inline here with this function's features.
+                    let mut r = [_mm256_setzero_ps(); 8];
+                    for (i, v) in r.iter_mut().enumerate() {
+                        *v = _mm256_loadu_ps(src.add((r0 + i) * lds + c0));
+                    }
+                    // Pairs of rows interleaved by element, in each half.
+                    let mut t = [_mm256_setzero_ps(); 8];
+                    for p in 0..4 {
+                        t[2 * p] = _mm256_unpacklo_ps(r[2 * p], r[2 * p + 1]);
+                        t[2 * p + 1] = _mm256_unpackhi_ps(r[2 * p], r[2 * p + 1]);
+                    }
+                    // Quads: u[4g + e] holds, in each half, column e (and
+                    // e + 4 in the high half) of rows 4g..4g + 4.
+                    let mut u = [_mm256_setzero_ps(); 8];
+                    for g in 0..2 {
+                        let (lo, hi) = (4 * g, 4 * g + 1);
+                        let (lo2, hi2) = (4 * g + 2, 4 * g + 3);
+                        u[4 * g] = _mm256_shuffle_ps::<0x44>(t[lo], t[lo2]);
+                        u[4 * g + 1] = _mm256_shuffle_ps::<0xEE>(t[lo], t[lo2]);
+                        u[4 * g + 2] = _mm256_shuffle_ps::<0x44>(t[hi], t[hi2]);
+                        u[4 * g + 3] = _mm256_shuffle_ps::<0xEE>(t[hi], t[hi2]);
+                    }
+                    for e in 0..4 {
+                        let low = _mm256_permute2f128_ps::<0x20>(u[e], u[4 + e]);
+                        let high = _mm256_permute2f128_ps::<0x31>(u[e], u[4 + e]);
+                        _mm256_storeu_ps(dst.add((c0 + e) * ldd + r0), low);
+                        _mm256_storeu_ps(dst.add((c0 + 4 + e) * ldd + r0), high);
+                    }
+                }
+            }
+        }
+    }
+}
