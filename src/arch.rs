@@ -130,7 +130,7 @@ macro_rules! with_isa_features {
     ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) = $body:path;) => {
         $(#[$meta])*
         $vis fn $name(isa: $crate::arch::Isa, $($arg: $ty),*) {
-            /// `$body` with the AVX-512 path's features.
+            /// The body with the AVX-512 path's features.
             ///
             /// # Safety
             /// The CPU supports AVX-512F and FMA.
@@ -139,7 +139,7 @@ macro_rules! with_isa_features {
             unsafe fn avx512($($arg: $ty),*) {
                 $body($($arg),*)
             }
-            /// `$body` with the AVX2 path's features.
+            /// The body with the AVX2 path's features.
             ///
             /// # Safety
             /// The CPU supports AVX2 and FMA.

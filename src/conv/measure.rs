@@ -251,7 +251,7 @@ pub(crate) fn plan(
     if options.backend != GemmBackend::Native {
         return conv.plan_as(weight, bias, &estimate, ChoiceSource::Estimate);
     }
-    let isa = crate::arch::clamp_isa(options.isa.unwrap_or_else(crate::isa));
+    let isa = options.resolved_isa();
     let forced = options.isa.is_some();
     let cap = options.parallelism.max_threads().max(1);
     let key = Key::new(conv.geometry(), isa, cap, options.algorithm);

@@ -246,6 +246,12 @@ impl ForwardOptions {
         self
     }
 
+    /// The kernel path these options run on: the one they name, or the
+    /// active one, clamped to what the CPU supports.
+    pub(crate) fn resolved_isa(&self) -> crate::arch::Isa {
+        crate::arch::clamp_isa(self.isa.unwrap_or_else(crate::isa))
+    }
+
     /// The options of the GEMMs a convolution lowers to, with `parallelism`.
     pub(crate) fn gemm_options(&self, parallelism: Parallelism) -> crate::GemmOptions {
         crate::GemmOptions {

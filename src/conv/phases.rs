@@ -646,7 +646,7 @@ pub(crate) fn transposed_forward(
 ) -> Result<(), ConvError> {
     options.activation.validate()?;
     let phases = phases(tg)?;
-    let isa = crate::arch::clamp_isa(options.isa.unwrap_or_else(crate::isa));
+    let isa = options.resolved_isa();
     // Each phase's algorithm, where its weights go in `gathered`, and, for
     // the GEMM lowerings on the native engine, the kernel they are packed for.
     let mut runs = Vec::with_capacity(phases.len());

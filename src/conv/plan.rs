@@ -117,7 +117,7 @@ impl Conv2d {
         ])?;
         options.activation.validate()?;
         let algorithm = self.resolve_algorithm(options.algorithm, weight);
-        let isa = crate::arch::clamp_isa(options.isa.unwrap_or_else(crate::isa));
+        let isa = options.resolved_isa();
         let gemm_based = matches!(algorithm, Algorithm::Im2col | Algorithm::Implicit);
         // Weights are packed for the kernels, except where the GEMM reads
         // them in place to finish the plane's last columns as dot products

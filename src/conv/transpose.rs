@@ -595,7 +595,7 @@ impl ConvTranspose2d {
         let inner = match algorithm {
             Algorithm::Direct => raw()?,
             Algorithm::Im2col if options.backend == GemmBackend::Native => {
-                let isa = crate::arch::clamp_isa(options.isa.unwrap_or_else(crate::isa));
+                let isa = options.resolved_isa();
                 let t = &self.tg;
                 let kernel = select_kernel(
                     Some(isa),

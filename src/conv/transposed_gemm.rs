@@ -345,7 +345,7 @@ pub(crate) fn transposed_gemm(
     let out_plane = tg.h.output * tg.w.output;
     let cout_g = tg.out_per_group();
     let in_place = col2im_is_identity(tg);
-    let isa = crate::arch::clamp_isa(options.isa.unwrap_or_else(crate::isa));
+    let isa = options.resolved_isa();
     // The column matrix in chunks of whole input rows that stay in L2
     // between the GEMM that writes them and the col2im that reads them.
     let chunk_rows = col_chunk_rows(tg, options);
@@ -512,7 +512,7 @@ fn col_chunk_rows(tg: &TransposedGeometry, options: &ForwardOptions) -> usize {
     // Weights packed once (a plan's, or a batch's) are packed for the
     // kernel of the whole plane; chunks whose narrower GEMMs would select
     // another kernel (the column kernel, say) are not taken.
-    let isa = crate::arch::clamp_isa(options.isa.unwrap_or_else(crate::isa));
+    let isa = options.resolved_isa();
     let mr = |n: usize| select_kernel(Some(isa), rows, n, true, options.blocking).mr;
     let whole = mr(tg.h.input * tg.w.input);
     let last = match tg.h.input % chunk {
@@ -558,7 +558,7 @@ pub(crate) fn transposed_gemm_raw(
             options,
         );
     }
-    let isa = crate::arch::clamp_isa(options.isa.unwrap_or_else(crate::isa));
+    let isa = options.resolved_isa();
     let plane = tg.h.input * tg.w.input;
     let mr = select_kernel(Some(isa), gemm_rows(tg), plane, true, options.blocking).mr;
     let packed = pack_weights(tg, weight, mr)?;

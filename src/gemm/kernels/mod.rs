@@ -171,7 +171,7 @@ pub(crate) struct Kernel<T = f32> {
     /// The kernel honours any A strides (`ars`, `acs`), so the driver may
     /// hand it a row-major A in place; otherwise A must be packed.
     a_strided: bool,
-    /// Dot products for the one or two columns of C just past a multiple of
+    /// The kernels for the one or two columns of C just past a multiple of
     /// the narrow width, which tiles would pad to a whole vector.
     dot: Option<DotKernels<T>>,
 }
