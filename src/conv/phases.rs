@@ -366,12 +366,13 @@ fn gather_packed(
 }
 
 /// The weight `[C_in, C_out/g, R, S]` with each input channel's block
-/// transposed to `[R·S, C_out/g]` (4×4 SIMD tiles): every window tap's
-/// output channels one contiguous run, which each phase's panels then copy
-/// whole. Built once per call for all the phases; packing each phase from
-/// the weight itself, a tap at a time at a stride of `R·S` floats (or
-/// transposing all taps per phase), took r50_3x3_s2's grad input about
-/// 300 µs of 1.4 ms.
+/// transposed to `[R·S, C_out/g]` (SIMD tiles): every window tap's output
+/// channels one contiguous run, which each phase's panels then copy whole.
+/// Built once per call for all the phases (and for the GEMM's packed
+/// panels); packing each phase from the weight itself, a tap at a time at a
+/// stride of `R·S` floats (or transposing all taps per phase), took
+/// r50_3x3_s2's grad input about 300 µs of 1.4 ms. A single phase's dense
+/// panels skip it ([`pack_phase_panel_from_weight`]).
 pub(crate) fn weights_by_tap(
     tg: &TransposedGeometry,
     weight: &[f32],
@@ -424,16 +425,63 @@ fn pack_phase_panel(
     }
 }
 
+/// As [`pack_phase_panel`], read from the weight itself instead of from
+/// [`weights_by_tap`]: each input channel's rows for `channels` (one
+/// contiguous `rows × R·S` run of the weight) are transposed into an
+/// L1-sized staging `[R·S][width]` (zero past `rows`), whose tap rows are
+/// copied in the sub-kernel's order. One pass over the weights instead of
+/// two, for a single phase (stride 1), which reads every tap; phases of a
+/// larger stride share one [`weights_by_tap`] instead of each transposing
+/// every tap. r50_deep's grad input on the dense tile (1 thread AVX-512, Zen
+/// 5, medians of ~300 calls in one run, binaries alternating): weights
+/// ready in 215–226 → 164–178 µs, of a 1.0–1.2 ms call.
+fn pack_phase_panel_from_weight(
+    tg: &TransposedGeometry,
+    taps: &[usize],
+    weight: &[f32],
+    grp: usize,
+    channels: std::ops::Range<usize>,
+    width: usize,
+    panel: &mut [f32],
+) {
+    let (cin_g, cout_g) = (tg.in_per_group(), tg.out_per_group());
+    let window = tg.h.kernel * tg.w.kernel;
+    let (nt, rows) = (taps.len(), channels.len());
+    let mut stage = vec![0.0f32; window * width];
+    for k in 0..cin_g {
+        let first = ((grp * cin_g + k) * cout_g + channels.start) * window;
+        let from = &weight[first..][..rows * window];
+        crate::gemm::transpose::transpose(from, window, rows, window, &mut stage, width);
+        let to = &mut panel[k * nt * width..][..nt * width];
+        for (lane, &tap) in to.chunks_exact_mut(width).zip(taps) {
+            lane.copy_from_slice(&stage[tap * width..][..width]);
+        }
+    }
+}
+
+/// Where a phase's dense-tile panels are packed from.
+enum PanelSource<'a> {
+    /// The weight itself ([`pack_phase_panel_from_weight`]).
+    Weight(&'a [f32]),
+    /// [`weights_by_tap`] ([`pack_phase_panel`]).
+    ByTap(&'a [f32]),
+}
+
 /// The phase's weights for the dense tile (see
-/// `DensePrepared::with_weights`): each block a [`pack_phase_panel`].
+/// `DensePrepared::with_weights`), each block packed from `source`.
 fn dense_filler<'a>(
     tg: &'a TransposedGeometry,
     phase: &Phase,
-    by_tap: &'a [f32],
+    source: PanelSource<'a>,
 ) -> impl Fn(usize, std::ops::Range<usize>, usize, &mut [f32]) + Sync + 'a {
     let taps = tap_offsets(tg, phase);
-    move |grp, channels, block, panel| {
-        pack_phase_panel(tg, &taps, by_tap, grp, channels, block, panel)
+    move |grp, channels, block, panel| match source {
+        PanelSource::Weight(weight) => {
+            pack_phase_panel_from_weight(tg, &taps, weight, grp, channels, block, panel)
+        }
+        PanelSource::ByTap(by_tap) => {
+            pack_phase_panel(tg, &taps, by_tap, grp, channels, block, panel)
+        }
     }
 }
 
@@ -676,13 +724,18 @@ pub(crate) fn transposed_forward(
                 )
                 .mr
             });
-        // The dense tile packs its own layout straight from `weight`.
+        // A single phase's dense tile packs straight from `weight`.
+        let dense_from_weight = algorithm == Algorithm::DirectDense && phases.len() == 1;
         let packs = algorithm == Algorithm::DirectDense || packed_mr.is_some();
-        if packs && by_tap.is_none() {
+        if packs && !dense_from_weight && by_tap.is_none() {
             by_tap = Some(weights_by_tap(tg, weight)?);
         }
         let dense = if algorithm == Algorithm::DirectDense {
-            let fill = dense_filler(tg, phase, by_tap.as_deref().unwrap_or_default());
+            let source = match &by_tap {
+                Some(by_tap) if !dense_from_weight => PanelSource::ByTap(by_tap),
+                _ => PanelSource::Weight(weight),
+            };
+            let fill = dense_filler(tg, phase, source);
             let threads = options.parallelism.max_threads();
             super::direct_simd::DensePrepared::with_weights(
                 g,
