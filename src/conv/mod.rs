@@ -51,7 +51,10 @@ fn dense_wins(g: &ConvGeometry) -> bool {
     if window > 1 {
         taps >= 32 || strided
     } else {
-        strided || (taps >= 1024 && g.out_plane() >= 64)
+        let l2 = crate::gemm::cache::cache_hierarchy().l2.per_core();
+        strided
+            || (taps >= 1024 && g.out_plane() >= 64)
+            || (taps >= 128 && g.out_w < 16 && direct_simd::dense_flattens(g, l2))
     }
 }
 
@@ -328,8 +331,17 @@ impl Conv2d {
     ///   48, 16: 141 vs 81, 32: 145 vs 123, 64: even;
     /// * [`Algorithm::DirectDense`] for a kernel larger than 1×1 with at
     ///   least 32 taps per output channel (`C/g·R·S`) or a stride above 1,
-    ///   and for a 1×1 kernel at a stride above 1 or with at least 1024
-    ///   taps on a plane of at least 64 outputs. Measured
+    ///   and for a 1×1 kernel at a stride above 1, with at least 1024 taps
+    ///   on a plane of at least 64 outputs, or with at least 128 taps on
+    ///   rows narrower than 16 pixels whose planes the dense tile runs as
+    ///   one row (7² and 14²; see `direct_simd::dense::flattens`). As one
+    ///   row (plans, Zen 5 AVX-512, 1 thread, GFLOP/s, three runs, dense vs
+    ///   implicit): 512 → 2048 on 7² 237–244 vs 220–222, 2048 → 512 on 7²
+    ///   216–220 vs 211, 160 → 960 on 7² 225–229 vs 212–222, 512 → 64 on
+    ///   7² 240–250 vs 204–210, 256 → 256 on 14² 235–244 vs 224–233, 128 →
+    ///   512 on 14² 225–234 vs 219–225; 64 → 256 on 14² 213–215 vs 213–217
+    ///   (64 taps) and 128 → 512 on 28² 218–231 vs 224–241 stay implicit.
+    ///   At 2 threads, 512 → 2048 on 7²: 470–485 vs 421–435. Measured
     ///   on Zen 5 (plans, 1 thread, GFLOP/s, implicit GEMM vs dense):
     ///
     ///   | layer (C → K, window, plane)   | taps | implicit | dense |

@@ -201,6 +201,57 @@ fn chunk_taps(cg: usize, window: usize, max_block: usize, l2: usize) -> usize {
     cg.div_ceil(chunks).max(1) * window
 }
 
+/// Channels in the widest block of any ISA's tile (AVX-512: 4 vectors of
+/// 16), which sizes a row buffer in [`flattens`] for every path alike.
+const WIDEST_BLOCK: usize = 64;
+
+/// Whether `g` runs as one row of all its pixels: a pointwise kernel at
+/// unit stride without padding reads each output pixel's input at the same
+/// offset, so its planes are one long row to the tiles (the output and
+/// input memory are the same either way). Rows of 7 or 14 pixels otherwise
+/// leave the tiles narrow (7 = 4 + 3 where 6 fit), and each tile streams
+/// the whole block's weights. Only where the row buffer of the flattened
+/// row (`plane × the widest block`) takes at most a quarter of L2, as a
+/// band's rows do. Measured (Zen 5, AVX-512, plans, 1 thread, GFLOP/s,
+/// one run, the two builds alternating, three rounds; rows → one row,
+/// implicit GEMM in the same runs): 512 → 2048 on 7² 190–195 → 232–243
+/// (implicit 173–226), 2048 → 512 on 7² 171–180 → 192–218 (207–219),
+/// 160 → 960 on 7² 169–176 → 219–228 (212–220), 960 → 160 on 7² 230–240
+/// → 242–247 (204–217), 256 → 256 on 14² 224–235 → 242–248 (222–234),
+/// 128 → 512 on 28² 223–232 → 233–243 (226–242), a batch of 8 of 512 →
+/// 2048 on 7² 184–199 → 232–241 (211–220).
+pub(crate) fn flattens(g: &ConvGeometry, l2: usize) -> bool {
+    let pointwise = g.kernel_h == 1 && g.kernel_w == 1 && g.stride_h == 1 && g.stride_w == 1;
+    let row_bytes = g
+        .out_h
+        .saturating_mul(g.out_w)
+        .saturating_mul(WIDEST_BLOCK)
+        .saturating_mul(std::mem::size_of::<f32>());
+    pointwise && g.padding == crate::geometry::Padding::ZERO && g.out_h > 1 && row_bytes <= l2 / 4
+}
+
+/// Whether one row per image still gives each of `threads` threads a part
+/// of the channel blocks (rows are what the threads share otherwise): with
+/// a single block, 512 → 64 on 7² ran at 2 threads 289–328 GFLOP/s in rows
+/// and 241–245 as one row.
+fn flat_rows_keep_threads(g: &ConvGeometry, shape: DenseShape, threads: usize) -> bool {
+    let per_image = threads.div_ceil(g.batch.max(1)).max(1);
+    let f = vectors_per_block(g.out_channels_per_group(), shape);
+    let blocks = g.groups * g.out_channels_per_group().div_ceil(f * shape.lanes);
+    per_image == 1 || blocks >= per_image
+}
+
+/// `g` with each image's planes as one row (see [`flattens`]).
+fn flattened(g: &ConvGeometry) -> ConvGeometry {
+    ConvGeometry {
+        in_h: 1,
+        in_w: g.in_h * g.in_w,
+        out_h: 1,
+        out_w: g.out_h * g.out_w,
+        ..*g
+    }
+}
+
 /// Output rows per band: as many as keep a band's padded input within half
 /// of L2 (it is read once per channel block, so it should stay there), and
 /// few enough that `threads` threads each get the same number of bands of a
@@ -286,6 +337,14 @@ impl DensePrepared {
     ) -> Result<Option<DensePrepared>, ConvError> {
         let isa = clamp_isa(isa);
         let shape = shape_for(isa);
+        let l2 = crate::gemm::cache::cache_hierarchy().l2.per_core();
+        let flat;
+        let g = if flattens(g, l2) && flat_rows_keep_threads(g, shape, threads) {
+            flat = flattened(g);
+            &flat
+        } else {
+            g
+        };
         let p = g.padding;
         let limit = (isize::MAX / 8) as usize;
         let hp = g
@@ -310,7 +369,6 @@ impl DensePrepared {
             return Ok(None);
         };
         let padded = p.top + p.bottom + p.left + p.right > 0;
-        let l2 = crate::gemm::cache::cache_hierarchy().l2.per_core();
         let window = g.kernel_h * g.kernel_w;
         let max_block = shape.widths.len() * shape.lanes;
         let chunk = chunk_taps(g.channels_per_group(), window, max_block, l2);
@@ -997,6 +1055,116 @@ mod tests {
                         .unwrap();
                     for (i, (a, e)) in got.iter().zip(&want).enumerate() {
                         assert!((a - e).abs() <= 1e-5, "{isa:?} {threads}: [{i}] {a} vs {e}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn pointwise_planes_run_as_one_row_where_the_row_buffer_fits() {
+        use crate::geometry::Padding;
+        use crate::Conv2dParams;
+        let geo = |c: usize, hw: usize, k: usize, stride: usize, pad: usize| {
+            *Conv2dParams::new(1, c, (hw, hw), k, (1, 1))
+                .stride(stride, stride)
+                .padding(Padding::symmetric(pad, pad))
+                .build()
+                .unwrap()
+                .geometry()
+        };
+        let mib = 1 << 20;
+        // 7² and 14² planes fit a quarter of any L2 measured (512 KiB: Zen 2,
+        // 1 MiB: Zen 4/5, Skylake-SP; 2 MiB: Sapphire Rapids); 28² (784
+        // pixels × 64 channels × 4 bytes = 196 KiB) fits from 1 MiB on.
+        for l2 in [512 << 10, mib, 2 * mib] {
+            assert!(flattens(&geo(512, 7, 2048, 1, 0), l2));
+            assert!(flattens(&geo(256, 14, 256, 1, 0), l2));
+        }
+        assert!(!flattens(&geo(128, 28, 512, 1, 0), 512 << 10));
+        assert!(flattens(&geo(128, 28, 512, 1, 0), mib));
+        assert!(!flattens(&geo(256, 56, 64, 1, 0), 2 * mib));
+        // Not pointwise at unit stride without padding, or one row already.
+        assert!(!flattens(&geo(512, 7, 2048, 2, 0), mib));
+        assert!(!flattens(&geo(512, 7, 2048, 1, 1), mib));
+        let row = *Conv2dParams::new(1, 8, (1, 40), 16, (1, 1))
+            .build()
+            .unwrap()
+            .geometry();
+        assert!(!flattens(&row, mib));
+        let window = *Conv2dParams::new(1, 8, (7, 7), 16, (3, 1))
+            .build()
+            .unwrap()
+            .geometry();
+        assert!(!flattens(&window, mib));
+        // Every ISA's block fits the row buffer the rule sizes.
+        for isa in Isa::ALL {
+            let shape = shape_for(isa);
+            assert!(shape.widths.len() * shape.lanes <= WIDEST_BLOCK, "{isa:?}");
+        }
+        // One row keeps two threads busy only with two blocks to share.
+        let avx512 = DenseShape {
+            lanes: 16,
+            widths: &[12, 8, 8, 6],
+        };
+        assert!(flat_rows_keep_threads(&geo(512, 7, 64, 1, 0), avx512, 1));
+        assert!(!flat_rows_keep_threads(&geo(512, 7, 64, 1, 0), avx512, 2));
+        assert!(flat_rows_keep_threads(&geo(512, 7, 128, 1, 0), avx512, 2));
+        let batch = *Conv2dParams::new(2, 512, (7, 7), 64, (1, 1))
+            .build()
+            .unwrap()
+            .geometry();
+        assert!(flat_rows_keep_threads(&batch, avx512, 2));
+    }
+
+    /// Pointwise layers run as one row per image give the reference's
+    /// values on every ISA, on one thread and on two, batched, grouped, with
+    /// partial blocks, bias and a clamp.
+    #[test]
+    fn flattened_pointwise_layers_match_the_reference() {
+        use crate::Conv2dParams;
+        let mut seed = 777u32;
+        let mut next = move || {
+            seed = seed.wrapping_mul(1664525).wrapping_add(1013904223);
+            (seed >> 8) as f32 / (1 << 24) as f32 - 0.5
+        };
+        let layers = [
+            Conv2dParams::new(1, 40, (7, 7), 150, (1, 1)),
+            Conv2dParams::new(3, 24, (5, 9), 70, (1, 1)),
+            Conv2dParams::new(2, 12, (6, 6), 36, (1, 1)).groups(2),
+            Conv2dParams::new(1, 8, (14, 14), 20, (1, 1)),
+        ];
+        let l2 = crate::gemm::cache::cache_hierarchy().l2.per_core();
+        for params in layers {
+            let conv = params.build().unwrap();
+            let g = *conv.geometry();
+            assert!(flattens(&g, l2), "{params:?}");
+            let x: Vec<f32> = (0..g.input_len()).map(|_| next()).collect();
+            let w: Vec<f32> = (0..g.weight_len()).map(|_| next()).collect();
+            let b: Vec<f32> = (0..g.out_channels).map(|_| next()).collect();
+            let act = Activation::Clamp {
+                min: -0.7,
+                max: 0.8,
+            };
+            let mut want = vec![0.0; g.output_len()];
+            crate::conv::direct::conv2d_direct(&g, &x, &w, Some(&b), &mut want, act);
+            for isa in Isa::ALL.into_iter().filter(|&i| clamp_isa(i) == i) {
+                for threads in [1, 2] {
+                    let p = DensePrepared::new(&g, &w, act, isa, threads)
+                        .unwrap()
+                        .unwrap();
+                    let per_image = threads.div_ceil(g.batch);
+                    let one_row = flat_rows_keep_threads(&g, shape_for(isa), threads);
+                    assert_eq!(p.geo.out_h == 1, one_row, "{params:?} {isa:?} {threads}");
+                    assert!(one_row || per_image > 1);
+                    let mut got = vec![f32::NAN; g.output_len()];
+                    p.run(&x, Some(&b), &mut got, Parallelism::threads(threads), None)
+                        .unwrap();
+                    for (i, (a, e)) in got.iter().zip(&want).enumerate() {
+                        assert!(
+                            (a - e).abs() <= 1e-5,
+                            "{params:?} {isa:?} {threads}: [{i}] {a} vs {e}"
+                        );
                     }
                 }
             }

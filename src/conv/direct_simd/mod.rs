@@ -79,7 +79,7 @@ mod simd;
 mod three;
 
 pub(crate) use backward::backward_weight;
-pub(crate) use dense::DensePrepared;
+pub(crate) use dense::{flattens as dense_flattens, DensePrepared};
 use general::run_general;
 use simd::Simd;
 use three::run_three;
