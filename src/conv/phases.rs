@@ -434,7 +434,10 @@ fn pack_phase_panel(
 /// larger stride share one [`weights_by_tap`] instead of each transposing
 /// every tap. r50_deep's grad input on the dense tile (1 thread AVX-512, Zen
 /// 5, medians of ~300 calls in one run, binaries alternating): weights
-/// ready in 215–226 → 164–178 µs, of a 1.0–1.2 ms call.
+/// ready in 215–226 → 164–178 µs, of a 1.0–1.2 ms call. A pointwise
+/// kernel's rows are copied whole (a `rows × 1` transpose a row moved one
+/// float at a time: r50_last1x1's grad input on the dense tile ran at
+/// 74–81 GFLOP/s, copied 130–161).
 fn pack_phase_panel_from_weight(
     tg: &TransposedGeometry,
     taps: &[usize],
@@ -447,6 +450,15 @@ fn pack_phase_panel_from_weight(
     let (cin_g, cout_g) = (tg.in_per_group(), tg.out_per_group());
     let window = tg.h.kernel * tg.w.kernel;
     let (nt, rows) = (taps.len(), channels.len());
+    if window == 1 {
+        // A pointwise kernel's rows are the panel's rows already.
+        for (k, lane) in panel.chunks_exact_mut(width).take(cin_g).enumerate() {
+            let (real, pad) = lane.split_at_mut(rows);
+            real.copy_from_slice(&weight[(grp * cin_g + k) * cout_g + channels.start..][..rows]);
+            pad.fill(0.0);
+        }
+        return;
+    }
     let mut stage = vec![0.0f32; window * width];
     for k in 0..cin_g {
         let first = ((grp * cin_g + k) * cout_g + channels.start) * window;
