@@ -349,7 +349,15 @@ fn gather_packed(
     let fill = |index: usize, panel: &mut [f32]| {
         let (grp, q) = (index / panels, index % panels);
         let rows = mr.min(cout_g - q * mr);
-        pack_phase_panel(tg, &taps, by_tap, grp, q * mr..q * mr + rows, mr, panel);
+        pack_phase_panel(
+            tg,
+            &taps,
+            PanelSource::ByTap(by_tap),
+            grp,
+            q * mr..q * mr + rows,
+            mr,
+            panel,
+        );
     };
     let dst = &mut dst[..tg.groups * panels * depth * mr];
     if threads > 1 && tg.groups * panels > 1 {
@@ -372,7 +380,7 @@ fn gather_packed(
 /// panels); packing each phase from the weight itself, a tap at a time at a
 /// stride of `R·S` floats (or transposing all taps per phase), took
 /// r50_3x3_s2's grad input about 300 µs of 1.4 ms. A single phase's dense
-/// panels skip it ([`pack_phase_panel_from_weight`]).
+/// panels skip it (see [`pack_phase_panel`]).
 pub(crate) fn weights_by_tap(
     tg: &TransposedGeometry,
     weight: &[f32],
@@ -396,16 +404,30 @@ pub(crate) fn weights_by_tap(
     Ok(by_tap)
 }
 
-/// One panel of a phase's weights, packed from [`weights_by_tap`]: for the
-/// output channels `channels` of group `grp` (at most `width`), the value
-/// that input channel `k` gives sub-kernel tap `t` of output channel
+/// One panel of a phase's weights, packed from `source`: for the output
+/// channels `channels` of group `grp` (at most `width`), the value that
+/// input channel `k` gives sub-kernel tap `t` of output channel
 /// `channels.start + lane` at `(k·T + t)·width + lane`, lanes past the
 /// channels zero. The layout of a GEMM A panel of `width` rows and of a
-/// dense-tile block alike; each tap is one contiguous copy.
+/// dense-tile block alike.
+///
+/// From [`weights_by_tap`], each tap is one contiguous copy. From the
+/// weight itself, each input channel's rows for `channels` (one contiguous
+/// `rows × R·S` run of the weight) are transposed into an L1-sized staging
+/// `[R·S][width]` (zero past `rows`), whose tap rows are copied in the
+/// sub-kernel's order: one pass over the weights instead of two, for a
+/// single phase (stride 1), which reads every tap; phases of a larger
+/// stride share one [`weights_by_tap`] instead of each transposing every
+/// tap. r50_deep's grad input on the dense tile (1 thread AVX-512, Zen 5,
+/// medians of ~300 calls in one run, binaries alternating): weights ready
+/// in 215–226 → 164–178 µs, of a 1.0–1.2 ms call. A pointwise kernel's
+/// rows are copied whole (a `rows × 1` transpose a row moved one float at a
+/// time: r50_last1x1's grad input on the dense tile ran at 74–81 GFLOP/s,
+/// copied 130–161).
 fn pack_phase_panel(
     tg: &TransposedGeometry,
     taps: &[usize],
-    by_tap: &[f32],
+    source: PanelSource<'_>,
     grp: usize,
     channels: std::ops::Range<usize>,
     width: usize,
@@ -414,42 +436,21 @@ fn pack_phase_panel(
     let (cin_g, cout_g) = (tg.in_per_group(), tg.out_per_group());
     let window = tg.h.kernel * tg.w.kernel;
     let (nt, rows) = (taps.len(), channels.len());
-    for k in 0..cin_g {
-        let from = &by_tap[(grp * cin_g + k) * cout_g * window..][..cout_g * window];
-        let to = &mut panel[k * nt * width..][..nt * width];
-        for (lane, &tap) in to.chunks_exact_mut(width).zip(taps) {
-            let (real, pad) = lane.split_at_mut(rows);
-            real.copy_from_slice(&from[tap * cout_g + channels.start..][..rows]);
-            pad.fill(0.0);
+    let weight = match source {
+        PanelSource::ByTap(by_tap) => {
+            for k in 0..cin_g {
+                let from = &by_tap[(grp * cin_g + k) * cout_g * window..][..cout_g * window];
+                let to = &mut panel[k * nt * width..][..nt * width];
+                for (lane, &tap) in to.chunks_exact_mut(width).zip(taps) {
+                    let (real, pad) = lane.split_at_mut(rows);
+                    real.copy_from_slice(&from[tap * cout_g + channels.start..][..rows]);
+                    pad.fill(0.0);
+                }
+            }
+            return;
         }
-    }
-}
-
-/// As [`pack_phase_panel`], read from the weight itself instead of from
-/// [`weights_by_tap`]: each input channel's rows for `channels` (one
-/// contiguous `rows × R·S` run of the weight) are transposed into an
-/// L1-sized staging `[R·S][width]` (zero past `rows`), whose tap rows are
-/// copied in the sub-kernel's order. One pass over the weights instead of
-/// two, for a single phase (stride 1), which reads every tap; phases of a
-/// larger stride share one [`weights_by_tap`] instead of each transposing
-/// every tap. r50_deep's grad input on the dense tile (1 thread AVX-512, Zen
-/// 5, medians of ~300 calls in one run, binaries alternating): weights
-/// ready in 215–226 → 164–178 µs, of a 1.0–1.2 ms call. A pointwise
-/// kernel's rows are copied whole (a `rows × 1` transpose a row moved one
-/// float at a time: r50_last1x1's grad input on the dense tile ran at
-/// 74–81 GFLOP/s, copied 130–161).
-fn pack_phase_panel_from_weight(
-    tg: &TransposedGeometry,
-    taps: &[usize],
-    weight: &[f32],
-    grp: usize,
-    channels: std::ops::Range<usize>,
-    width: usize,
-    panel: &mut [f32],
-) {
-    let (cin_g, cout_g) = (tg.in_per_group(), tg.out_per_group());
-    let window = tg.h.kernel * tg.w.kernel;
-    let (nt, rows) = (taps.len(), channels.len());
+        PanelSource::Weight(weight) => weight,
+    };
     if window == 1 {
         // A pointwise kernel's rows are the panel's rows already.
         for (k, lane) in panel.chunks_exact_mut(width).take(cin_g).enumerate() {
@@ -471,11 +472,12 @@ fn pack_phase_panel_from_weight(
     }
 }
 
-/// Where a phase's dense-tile panels are packed from.
+/// Where a phase's panels are packed from (see [`pack_phase_panel`]).
+#[derive(Clone, Copy)]
 enum PanelSource<'a> {
-    /// The weight itself ([`pack_phase_panel_from_weight`]).
+    /// The weight itself.
     Weight(&'a [f32]),
-    /// [`weights_by_tap`] ([`pack_phase_panel`]).
+    /// [`weights_by_tap`].
     ByTap(&'a [f32]),
 }
 
@@ -487,13 +489,8 @@ fn dense_filler<'a>(
     source: PanelSource<'a>,
 ) -> impl Fn(usize, std::ops::Range<usize>, usize, &mut [f32]) + Sync + 'a {
     let taps = tap_offsets(tg, phase);
-    move |grp, channels, block, panel| match source {
-        PanelSource::Weight(weight) => {
-            pack_phase_panel_from_weight(tg, &taps, weight, grp, channels, block, panel)
-        }
-        PanelSource::ByTap(by_tap) => {
-            pack_phase_panel(tg, &taps, by_tap, grp, channels, block, panel)
-        }
+    move |grp, channels, block, panel| {
+        pack_phase_panel(tg, &taps, source, grp, channels, block, panel)
     }
 }
 
