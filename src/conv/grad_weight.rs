@@ -1,7 +1,8 @@
-//! Grad weight as an implicit GEMM ([`Algorithm::Implicit`]
-//! (super::Algorithm::Implicit)): per group, `dW = dY · im2col(X)ᵀ`, summed
-//! over the batch, with no column matrix. Two orientations, chosen by the
-//! depth of the sum, `N·OH·OW` (the shape only, never the threads):
+//! Grad weight as an implicit GEMM
+//! ([`Algorithm::Implicit`](super::Algorithm::Implicit)): per group,
+//! `dW = dY · im2col(X)ᵀ`, summed over the batch, with no column matrix.
+//! Two orientations, chosen by the depth of the sum, `N·OH·OW` (the shape
+//! only, never the threads):
 //!
 //! * **Bands** (`grad_weight_bands.rs`, depth ≥ [`depth_for_taps_as_rows`],
 //!   several taps, at least 16 input channels per group): `dWᵀ = col · dYᵀ`
