@@ -1579,9 +1579,11 @@ fn larger_layers_match_the_reference() {
 
 /// The thread count changes who computes what, never the arithmetic: the
 /// GEMMs split their output, col2im and the phases' store split output
-/// channels, and column phases run whole on one thread. So one and two
-/// threads give the same bits, through plans and one-shot calls, on the
-/// phases (stride 2 with unequal and equal phases) and on GEMM + col2im.
+/// channels (GEMM + col2im splits a group's channels whole where there are
+/// enough), and column phases run whole on one thread. So one, two and
+/// three threads give the same bits, through plans and one-shot calls, on
+/// the phases (stride 2 with unequal and equal phases) and on GEMM +
+/// col2im.
 #[test]
 fn results_do_not_depend_on_the_thread_count() {
     let layers = [
@@ -1589,6 +1591,9 @@ fn results_do_not_depend_on_the_thread_count() {
         (1, 24, 9, 20, 3, 2, 1, 1),
         (1, 32, 8, 16, 4, 2, 1, 0),
         (2, 40, 5, 8, 3, 1, 1, 0),
+        // Enough output channels for the threads to split them (GEMM +
+        // col2im), packed panels cut every 8 channels (3×3, MR 8).
+        (2, 12, 6, 56, 3, 1, 1, 0),
     ];
     for (n, cin, h, cout, k, s, p, op) in layers {
         let t = ConvTranspose2dParams::new(n, cin, (h, h), cout, (k, k))
@@ -1617,12 +1622,15 @@ fn results_do_not_depend_on_the_thread_count() {
                 bits(&y)
             };
             for planned in [false, true] {
-                assert_eq!(
-                    run(1, planned),
-                    run(2, planned),
-                    "{:?} {algorithm:?} planned {planned}",
-                    (n, cin, h, cout, k, s, p, op)
-                );
+                let one = run(1, planned);
+                for threads in [2, 3] {
+                    assert_eq!(
+                        one,
+                        run(threads, planned),
+                        "{:?} {algorithm:?} planned {planned}, {threads} threads",
+                        (n, cin, h, cout, k, s, p, op)
+                    );
+                }
             }
         }
     }

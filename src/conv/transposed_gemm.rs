@@ -41,6 +41,40 @@ pub(crate) enum TransposedWeights<'a> {
 }
 
 impl TransposedWeights<'_> {
+    /// Rows `first·R·S..` of group `grp`'s `W_gᵀ` for `channels` output
+    /// channels: their `channels·R·S` rows, or `None` where packed panels
+    /// would have to start or end mid-panel.
+    fn group_channels(
+        &self,
+        tg: &TransposedGeometry,
+        grp: usize,
+        chans: Range<usize>,
+    ) -> Option<ASource<'_, f32>> {
+        let (rows, depth) = (gemm_rows(tg), tg.in_per_group());
+        let window = tg.h.kernel * tg.w.kernel;
+        let (r0, r1) = (chans.start * window, chans.end * window);
+        match *self {
+            TransposedWeights::Raw(w) => Some(ASource::Strided(StridedMatrix {
+                ptr: w[grp * depth * rows + r0..].as_ptr(),
+                rs: 1,
+                cs: rows as isize,
+            })),
+            TransposedWeights::Packed { data, mr } => {
+                if r0 % mr != 0 || (r1 % mr != 0 && r1 != rows) {
+                    return None;
+                }
+                let len = PackedA::<f32>::packed_len(rows, depth, mr);
+                let part = PackedA::<f32>::packed_len(r1 - r0, depth, mr);
+                Some(ASource::Packed(PackedA::from_panels(
+                    &data[grp * len + r0 * depth..][..part],
+                    r1 - r0,
+                    depth,
+                    mr,
+                )))
+            }
+        }
+    }
+
     fn group(&self, tg: &TransposedGeometry, grp: usize) -> ASource<'_, f32> {
         let (rows, depth) = (gemm_rows(tg), tg.in_per_group());
         match *self {
@@ -326,8 +360,14 @@ pub(crate) fn col2im_split(
 }
 
 /// Runs `tg` as GEMM + col2im on `input` into `output` (every element
-/// written), with bias and activation; threads inside each GEMM. Lengths
-/// are checked by the caller.
+/// written), with bias and activation. Threads split a group's output
+/// channels where each gets at least [`MIN_CHANNELS_PER_THREAD`] (each
+/// then runs every chunk for its channels, in its own part of the column
+/// matrix); otherwise they share each chunk's GEMM
+/// and col2im. r50_deep's
+/// grad input (256 channels), 2 threads AVX-512 Zen 5, six alternating
+/// runs: shared chunks 355–371 GFLOP/s, split channels 369–392. Lengths are
+/// checked by the caller.
 ///
 /// # Errors
 /// [`ConvError::OutOfMemory`] when the column matrix of one image group
@@ -365,7 +405,10 @@ pub(crate) fn transposed_gemm(
             0
         },
     )?;
-    // Each chunk's GEMM writes the whole of its part (β = 0).
+    let threads = options.parallelism.max_threads();
+    let split = !in_place && splits_channels(tg, &weights, threads);
+    // Each chunk's GEMM writes the whole of its part (β = 0); split over
+    // channels, each thread writes the rows of its own channels.
     let mut col = Scratch::any(
         "im2col column matrix",
         if in_place {
@@ -434,50 +477,18 @@ pub(crate) fn transposed_gemm(
             } else {
                 &mut image[grp * cout_g * out_plane..][..cout_g * out_plane]
             };
-            for i0 in (0..tg.h.input).step_by(chunk_rows) {
-                let i1 = (i0 + chunk_rows).min(tg.h.input);
-                let cols = (i1 - i0) * tg.w.input;
-                let b = StridedMatrix {
-                    ptr: x[i0 * tg.w.input..].as_ptr(),
-                    rs: plane as isize,
-                    cs: 1,
-                };
-                let c = StridedC {
-                    ptr: col.as_mut_ptr(),
-                    rs: cols as isize,
-                    cs: 1,
-                };
-                // SAFETY: A is the group's C_out/g·R·S × C_in/g transposed
-                // weight block (raw or packed for the selected kernel), B the
-                // input rows i0..i1 of the group's C_in/g planes (`cols`
-                // floats from row i0 of each), C the front of the column
-                // matrix `col` holds (rows × cols, exclusively ours); β = 0,
-                // so C is only written.
-                unsafe {
-                    gemm_with_epilogue(
-                        rows,
-                        depth,
-                        cols,
-                        1.0,
-                        &weights.group(tg, grp),
-                        &b,
-                        0.0,
-                        c,
-                        &Epilogue::NONE,
-                        &gemm_opts,
-                        None,
-                    )
-                };
-                let part = &col[..rows * cols];
-                col2im_split(
-                    isa,
-                    tg,
-                    part,
-                    i0..i1,
-                    y,
-                    layout,
-                    options.parallelism.max_threads(),
-                );
+            let run = ChunkRun {
+                tg,
+                isa,
+                x,
+                chunk_rows,
+                layout,
+            };
+            if split {
+                run.split_channels(&weights, grp, 0..cout_g, y, &mut col, options, threads);
+            } else {
+                let a = weights.group(tg, grp);
+                run.chunks(&a, rows, y, &mut col, &gemm_opts, threads);
             }
         }
         if layout.phases > 1 {
@@ -490,6 +501,163 @@ pub(crate) fn transposed_gemm(
         }
     }
     Ok(())
+}
+
+/// Channels of a group per thread below which the threads share each
+/// chunk's GEMM and col2im instead of splitting the channels (with 3 output
+/// channels, r50_conv1's grad input, a split would run 1 against 2).
+const MIN_CHANNELS_PER_THREAD: usize = 8;
+
+/// Whether the threads split a group's output channels, each running the
+/// chunks' GEMMs and col2im for its own channels from start to end (one
+/// fork per image and group), rather than sharing every chunk's GEMM and
+/// col2im (two fork-joins per chunk). Where packed weights could not be
+/// cut at a panel boundary near the middle, they share.
+fn splits_channels(
+    tg: &TransposedGeometry,
+    weights: &TransposedWeights<'_>,
+    threads: usize,
+) -> bool {
+    let cout_g = tg.out_per_group();
+    threads > 1
+        && cout_g >= MIN_CHANNELS_PER_THREAD * threads
+        && channel_align(tg, weights) <= cout_g / (2 * threads)
+}
+
+/// Channel counts at which a group's rows of `W_gᵀ` can be cut: packed
+/// panels of `mr` rows are cut between panels only.
+fn channel_align(tg: &TransposedGeometry, weights: &TransposedWeights<'_>) -> usize {
+    match *weights {
+        TransposedWeights::Raw(_) => 1,
+        TransposedWeights::Packed { mr, .. } => {
+            let window = tg.h.kernel * tg.w.kernel;
+            let gcd = |mut a: usize, mut b: usize| {
+                while b != 0 {
+                    (a, b) = (b, a % b);
+                }
+                a
+            };
+            mr / gcd(window, mr).max(1)
+        }
+    }
+}
+
+/// What the chunk loop of one image and group reads.
+struct ChunkRun<'a> {
+    tg: &'a TransposedGeometry,
+    isa: Isa,
+    /// The group's input planes.
+    x: &'a [f32],
+    chunk_rows: usize,
+    layout: PlaneLayout,
+}
+
+impl ChunkRun<'_> {
+    /// The chunks' GEMMs (`a`: `rows` rows of `W_gᵀ`, those of the
+    /// channels whose planes or column phases `y` holds) and their col2im
+    /// into `y`, the col2im on up to `threads` threads; `col` holds
+    /// `rows × chunk_rows·W` floats.
+    fn chunks(
+        &self,
+        a: &ASource<'_, f32>,
+        rows: usize,
+        y: &mut [f32],
+        col: &mut [f32],
+        gemm_opts: &crate::GemmOptions,
+        threads: usize,
+    ) {
+        let tg = self.tg;
+        let (depth, plane) = (tg.in_per_group(), tg.h.input * tg.w.input);
+        for i0 in (0..tg.h.input).step_by(self.chunk_rows) {
+            let i1 = (i0 + self.chunk_rows).min(tg.h.input);
+            let cols = (i1 - i0) * tg.w.input;
+            let b = StridedMatrix {
+                ptr: self.x[i0 * tg.w.input..].as_ptr(),
+                rs: plane as isize,
+                cs: 1,
+            };
+            let c = StridedC {
+                ptr: col.as_mut_ptr(),
+                rs: cols as isize,
+                cs: 1,
+            };
+            // SAFETY: A is `rows` rows of the group's C_out/g·R·S × C_in/g
+            // transposed weight block (raw or packed for the selected
+            // kernel), B the input rows i0..i1 of the group's C_in/g planes
+            // (`cols` floats from row i0 of each), C the front of the column
+            // matrix `col` holds (rows × cols, exclusively ours); β = 0, so
+            // C is only written.
+            unsafe {
+                gemm_with_epilogue(
+                    rows,
+                    depth,
+                    cols,
+                    1.0,
+                    a,
+                    &b,
+                    0.0,
+                    c,
+                    &Epilogue::NONE,
+                    gemm_opts,
+                    None,
+                )
+            };
+            let part = &col[..rows * cols];
+            col2im_split(self.isa, tg, part, i0..i1, y, self.layout, threads);
+        }
+    }
+
+    /// [`ChunkRun::chunks`] for output channels `chans` of group `grp`
+    /// (their planes or column phases in `y`, their rows of the column
+    /// matrix in `col`), split in halves with `rayon::join` down to one
+    /// thread each, at multiples of [`channel_align`]. Each channel's rows
+    /// go through the same GEMM and col2im steps whatever the split, so the
+    /// result does not depend on the thread count.
+    #[allow(clippy::too_many_arguments)]
+    fn split_channels(
+        &self,
+        weights: &TransposedWeights<'_>,
+        grp: usize,
+        chans: Range<usize>,
+        y: &mut [f32],
+        col: &mut [f32],
+        options: &ForwardOptions,
+        threads: usize,
+    ) {
+        let tg = self.tg;
+        let window = tg.h.kernel * tg.w.kernel;
+        let align = channel_align(tg, weights);
+        let half = (chans.len() * (threads / 2) / threads.max(1)) / align * align;
+        if threads > 1 && half > 0 && half < chans.len() {
+            let mid = chans.start + half;
+            let (ya, yb) = y.split_at_mut(half * self.layout.channel_len(tg));
+            let (ca, cb) = col.split_at_mut(half * window * self.chunk_rows * tg.w.input);
+            rayon::join(
+                || {
+                    self.split_channels(
+                        weights,
+                        grp,
+                        chans.start..mid,
+                        ya,
+                        ca,
+                        options,
+                        threads / 2,
+                    )
+                },
+                || {
+                    let rest = threads - threads / 2;
+                    self.split_channels(weights, grp, mid..chans.end, yb, cb, options, rest)
+                },
+            );
+            return;
+        }
+        let rows = chans.len() * window;
+        let a = weights
+            .group_channels(tg, grp, chans.clone())
+            .expect("splits_channels cuts packed weights between panels");
+        let gemm_opts = options.gemm_options(crate::Parallelism::threads(threads));
+        self.chunks(&a, rows, y, col, &gemm_opts, threads);
+    }
 }
 
 /// Input rows per chunk of the column matrix: as many as keep a chunk
