@@ -155,14 +155,6 @@ pub(crate) struct AxisPhase {
     pub conv_len: usize,
 }
 
-fn gcd(a: usize, b: usize) -> usize {
-    if b == 0 {
-        a
-    } else {
-        gcd(b, a % b)
-    }
-}
-
 impl TransposedAxis {
     /// Phase `phase < stride` of this axis.
     pub(crate) fn phase(&self, phase: usize) -> AxisPhase {
@@ -173,7 +165,7 @@ impl TransposedAxis {
             .rev()
             .filter(|&u| (base - u as i128 * d).rem_euclid(sigma) == 0)
             .collect();
-        let dilation = self.dilation / gcd(self.stride, self.dilation);
+        let dilation = self.dilation / crate::gemm::gcd(self.stride, self.dilation);
         let mut out = AxisPhase {
             phase,
             len,

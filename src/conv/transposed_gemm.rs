@@ -41,58 +41,44 @@ pub(crate) enum TransposedWeights<'a> {
 }
 
 impl TransposedWeights<'_> {
-    /// Rows `first·R·S..` of group `grp`'s `W_gᵀ` for `channels` output
-    /// channels: their `channels·R·S` rows, or `None` where packed panels
-    /// would have to start or end mid-panel.
+    /// The rows of group `grp`'s `W_gᵀ` for its output channels `chans`
+    /// (`chans.len()·R·S` rows from `chans.start·R·S`). Packed weights are
+    /// cut between panels only (see [`channel_align`]).
     fn group_channels(
         &self,
         tg: &TransposedGeometry,
         grp: usize,
         chans: Range<usize>,
-    ) -> Option<ASource<'_, f32>> {
+    ) -> ASource<'_, f32> {
         let (rows, depth) = (gemm_rows(tg), tg.in_per_group());
         let window = tg.h.kernel * tg.w.kernel;
         let (r0, r1) = (chans.start * window, chans.end * window);
         match *self {
-            TransposedWeights::Raw(w) => Some(ASource::Strided(StridedMatrix {
-                ptr: w[grp * depth * rows + r0..].as_ptr(),
-                rs: 1,
-                cs: rows as isize,
-            })),
-            TransposedWeights::Packed { data, mr } => {
-                if r0 % mr != 0 || (r1 % mr != 0 && r1 != rows) {
-                    return None;
-                }
-                let len = PackedA::<f32>::packed_len(rows, depth, mr);
-                let part = PackedA::<f32>::packed_len(r1 - r0, depth, mr);
-                Some(ASource::Packed(PackedA::from_panels(
-                    &data[grp * len + r0 * depth..][..part],
-                    r1 - r0,
-                    depth,
-                    mr,
-                )))
-            }
-        }
-    }
-
-    fn group(&self, tg: &TransposedGeometry, grp: usize) -> ASource<'_, f32> {
-        let (rows, depth) = (gemm_rows(tg), tg.in_per_group());
-        match *self {
             TransposedWeights::Raw(w) => ASource::Strided(StridedMatrix {
-                ptr: w[grp * depth * rows..][..depth * rows].as_ptr(),
+                ptr: w[grp * depth * rows + r0..][..depth * rows - r0].as_ptr(),
                 rs: 1,
                 cs: rows as isize,
             }),
             TransposedWeights::Packed { data, mr } => {
+                assert!(
+                    r0 % mr == 0 && (r1 % mr == 0 || r1 == rows),
+                    "packed weights are cut between panels"
+                );
                 let len = PackedA::<f32>::packed_len(rows, depth, mr);
+                let part = PackedA::<f32>::packed_len(r1 - r0, depth, mr);
                 ASource::Packed(PackedA::from_panels(
-                    &data[grp * len..][..len],
-                    rows,
+                    &data[grp * len + r0 * depth..][..part],
+                    r1 - r0,
                     depth,
                     mr,
                 ))
             }
         }
+    }
+
+    /// All of group `grp`'s `W_gᵀ`.
+    fn group(&self, tg: &TransposedGeometry, grp: usize) -> ASource<'_, f32> {
+        self.group_channels(tg, grp, 0..tg.out_per_group())
     }
 }
 
@@ -363,11 +349,10 @@ pub(crate) fn col2im_split(
 /// written), with bias and activation. Threads split a group's output
 /// channels where each gets at least [`MIN_CHANNELS_PER_THREAD`] (each
 /// then runs every chunk for its channels, in its own part of the column
-/// matrix); otherwise they share each chunk's GEMM
-/// and col2im. r50_deep's
+/// matrix); otherwise they share each chunk's GEMM and col2im. r50_deep's
 /// grad input (256 channels), 2 threads AVX-512 Zen 5, six alternating
-/// runs: shared chunks 355–371 GFLOP/s, split channels 369–392. Lengths are
-/// checked by the caller.
+/// runs: shared chunks 355–371 GFLOP/s, split channels 369–392. Lengths
+/// are checked by the caller.
 ///
 /// # Errors
 /// [`ConvError::OutOfMemory`] when the column matrix of one image group
@@ -531,13 +516,7 @@ fn channel_align(tg: &TransposedGeometry, weights: &TransposedWeights<'_>) -> us
         TransposedWeights::Raw(_) => 1,
         TransposedWeights::Packed { mr, .. } => {
             let window = tg.h.kernel * tg.w.kernel;
-            let gcd = |mut a: usize, mut b: usize| {
-                while b != 0 {
-                    (a, b) = (b, a % b);
-                }
-                a
-            };
-            mr / gcd(window, mr).max(1)
+            mr / crate::gemm::gcd(window, mr).max(1)
         }
     }
 }
@@ -652,9 +631,7 @@ impl ChunkRun<'_> {
             return;
         }
         let rows = chans.len() * window;
-        let a = weights
-            .group_channels(tg, grp, chans.clone())
-            .expect("splits_channels cuts packed weights between panels");
+        let a = weights.group_channels(tg, grp, chans.clone());
         let gemm_opts = options.gemm_options(crate::Parallelism::threads(threads));
         self.chunks(&a, rows, y, col, &gemm_opts, threads);
     }

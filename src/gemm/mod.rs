@@ -423,7 +423,8 @@ fn view_is_injective(rows: usize, cols: usize, rs: isize, cs: isize) -> bool {
     !(c / g < rows && r / g < cols)
 }
 
-fn gcd(mut a: usize, mut b: usize) -> usize {
+/// Greatest common divisor (`gcd(a, 0) = a`).
+pub(crate) fn gcd(mut a: usize, mut b: usize) -> usize {
     while b != 0 {
         (a, b) = (b, a % b);
     }
