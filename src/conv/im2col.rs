@@ -492,14 +492,14 @@ mod tests {
                 col2im(
                     isa,
                     &tg,
-                    &c,
+                    &mut c.clone(),
                     0..g.out_h,
                     &mut plane,
                     PlaneLayout::plane(&tg),
                 );
                 let layout = PlaneLayout::phased(&tg);
-                let mut phased = vec![0.0f32; g.in_channels * layout.channel_len(&tg)];
-                col2im(isa, &tg, &c, 0..g.out_h, &mut phased, layout);
+                let mut phased = vec![0.0f32; g.in_channels * layout.channel_len()];
+                col2im(isa, &tg, &mut c.clone(), 0..g.out_h, &mut phased, layout);
                 let mut out = vec![f32::NAN; g.input_len()];
                 interleave(isa, &tg, &phased, layout, Some(&bias), &mut out);
                 (plane, out)
@@ -508,6 +508,80 @@ mod tests {
             assert!(portable.1.iter().all(|v| v.is_finite()), "{p:?}");
             for isa in crate::arch::supported_isas() {
                 assert_eq!(run(isa), portable, "{isa} {p:?}");
+            }
+        }
+    }
+
+    /// col2im over chunks of input rows (as the GEMM + col2im lowering
+    /// calls it) adds the same floats as over the whole matrix, and the
+    /// sub-plane layout (one contiguous add per tap where its rows are as
+    /// wide as the input's) the same as the plane (row by row): "same"
+    /// padding at stride 1 and 2 (spans), asymmetric padding and a stride
+    /// the width does not divide (rows), on every path.
+    #[test]
+    fn col2im_in_chunks_and_spans_agree_with_rows() {
+        for (h, w, (sh, sw), (kh, kw), dil, pad, spans) in [
+            (14, 14, (1, 1), (3, 3), 1, 1, true),
+            (12, 18, (2, 2), (3, 3), 1, 1, true),
+            (16, 16, (2, 2), (7, 7), 1, 3, true),
+            (13, 15, (1, 2), (3, 3), 2, 2, true),
+            (11, 13, (2, 3), (3, 2), 1, 0, false),
+        ] {
+            let p = Conv2dParams::new(1, 3, (h, w), 2, (kh, kw))
+                .stride(sh, sw)
+                .dilation(dil, dil)
+                .padding(Padding::symmetric(pad, pad));
+            let g = ConvGeometry::new(&p).unwrap();
+            let tg = TransposedGeometry::grad_input_of(&g);
+            let layout = PlaneLayout::phased(&tg);
+            assert_eq!(layout.spans(&tg), spans, "{p:?}");
+            let c: Vec<f32> = (0..g.gemm_k() * g.out_plane())
+                .map(|i| ((i * 37) % 101) as f32 * 0.01 - 0.5)
+                .collect();
+            // From the definition: input pixel (i, j) of tap (r, s) adds
+            // into the output pixel its window offset reaches.
+            let mut want = vec![0.0f32; g.input_len()];
+            let (kk, plane_len) = (g.kernel_h * g.kernel_w, g.out_plane());
+            for (m, row) in c.chunks_exact(plane_len).enumerate() {
+                let (ch, tap) = (m / kk, m % kk);
+                let (r, s) = (tap / g.kernel_w, tap % g.kernel_w);
+                for (q, &v) in row.iter().enumerate() {
+                    let y = ((q / g.out_w) * sh + r * dil) as isize - pad as isize;
+                    let x = ((q % g.out_w) * sw + s * dil) as isize - pad as isize;
+                    if (0..h as isize).contains(&y) && (0..w as isize).contains(&x) {
+                        want[(ch * h + y as usize) * w + x as usize] += v;
+                    }
+                }
+            }
+            for isa in crate::arch::supported_isas() {
+                let mut plane = vec![0.0f32; g.input_len()];
+                let mut phased = vec![0.0f32; g.in_channels * layout.channel_len()];
+                for rows in [0..2, 2..3, 3..g.out_h] {
+                    let part: Vec<f32> = c
+                        .chunks_exact(g.out_plane())
+                        .flat_map(|row| &row[rows.start * g.out_w..rows.end * g.out_w])
+                        .copied()
+                        .collect();
+                    let by_rows = PlaneLayout::plane(&tg);
+                    col2im(
+                        isa,
+                        &tg,
+                        &mut part.clone(),
+                        rows.clone(),
+                        &mut plane,
+                        by_rows,
+                    );
+                    col2im(isa, &tg, &mut part.clone(), rows, &mut phased, layout);
+                }
+                let mut out = vec![f32::NAN; g.input_len()];
+                interleave(isa, &tg, &phased, layout, None, &mut out);
+                assert_eq!(out, plane, "{isa} {p:?}");
+                let max_err = plane
+                    .iter()
+                    .zip(&want)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0.0f32, f32::max);
+                assert!(max_err < 1e-5, "{isa} {p:?}: {max_err}");
             }
         }
     }
@@ -546,7 +620,7 @@ mod tests {
                                 col2im(
                                     isa,
                                     &tg,
-                                    &c,
+                                    &mut c.clone(),
                                     0..g.out_h,
                                     &mut back,
                                     PlaneLayout::plane(&tg),
@@ -555,8 +629,15 @@ mod tests {
                                 // the same terms in the same order.
                                 let phased_layout = PlaneLayout::phased(&tg);
                                 let mut phased =
-                                    vec![0.0f32; g.in_channels * phased_layout.channel_len(&tg)];
-                                col2im(isa, &tg, &c, 0..g.out_h, &mut phased, phased_layout);
+                                    vec![0.0f32; g.in_channels * phased_layout.channel_len()];
+                                col2im(
+                                    isa,
+                                    &tg,
+                                    &mut c.clone(),
+                                    0..g.out_h,
+                                    &mut phased,
+                                    phased_layout,
+                                );
                                 let mut again = vec![f32::NAN; g.input_len()];
                                 interleave(isa, &tg, &phased, phased_layout, None, &mut again);
                                 assert_eq!(again, back, "{p:?}");
@@ -569,7 +650,7 @@ mod tests {
                                 col2im(
                                     isa,
                                     &tg,
-                                    &vec![1.0; len],
+                                    &mut vec![1.0; len],
                                     0..g.out_h,
                                     &mut marked,
                                     PlaneLayout::plane(&tg),

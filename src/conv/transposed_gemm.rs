@@ -143,7 +143,7 @@ crate::arch::with_isa_features! {
     /// 231–249 µs.
     pub(crate) fn col2im(
         tg: &TransposedGeometry,
-        col: &[f32],
+        col: &mut [f32],
         input_rows: Range<usize>,
         image: &mut [f32],
         layout: PlaneLayout,
@@ -153,15 +153,27 @@ crate::arch::with_isa_features! {
 /// Adds the column matrix of one image group (`col`, `C_out/g·R·S × H·W`,
 /// row `(c·R + r)·S + s` holding what weight tap `(r, s)` of output channel
 /// `c` contributes at each input pixel) into that group's output planes
-/// (`image`, `[C_out/g, H_out, W_out]`): input pixel `(i, j)` reaches output
+/// (`image`, laid out as `layout` says): input pixel `(i, j)` reaches output
 /// `(i·σ_h + u·d_h − p_h, j·σ_w + v·d_w − p_w)` through window offset
 /// `(u, v)`, the offset `mode` pairs with tap `(r, s)`; outputs beyond the
 /// edges are dropped. `col` may hold only the input rows `input_rows`
-/// (each of its rows then `input_rows.len()·W` long).
+/// (each of its rows then `input_rows.len()·W` long); the elements whose
+/// output falls outside may be overwritten with `-0.0`.
+///
+/// Where the layout's rows are as wide as the input's (see
+/// [`PlaneLayout::spans`]), a tap's pixels land a fixed distance apart
+/// from where they lie in `col`, so each tap is one contiguous add over all
+/// its rows: the columns that would fall off a row's ends first become
+/// `-0.0` (adding it changes no float, not even a `-0.0`), and the add
+/// wraps them into the neighbouring row. Row by row, the adds of 14- or
+/// 112-float rows cost more in loop overhead and scalar remainders than in
+/// adds: 1 thread AVX-512 Zen 5, col2im of r50_deep's grad input took
+/// 115–125 µs, r50_3x3_s2's 220–226 µs and r50_conv1's 163–165 µs of a
+/// 1.2–1.4 ms call.
 #[inline(always)]
 fn col2im_body(
     tg: &TransposedGeometry,
-    col: &[f32],
+    col: &mut [f32],
     input_rows: Range<usize>,
     image: &mut [f32],
     layout: PlaneLayout,
@@ -169,13 +181,30 @@ fn col2im_body(
     let (h, w) = (&tg.h, &tg.w);
     let first_row = input_rows.start;
     let plane = input_rows.len() * w.input;
-    let out_plane = layout.channel_len(tg);
+    if plane == 0 {
+        return;
+    }
+    let out_plane = layout.channel_len();
     let taps = h.kernel * w.kernel;
-    for (m, row) in col.chunks_exact(plane).enumerate() {
+    // Per tap (the same for every channel): where its pixels land.
+    let tap_spans: Vec<Option<TapSpan>> = if layout.spans(tg) {
+        (0..taps)
+            .map(|tap| TapSpan::new(tg, &layout, tap, &input_rows))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    for (m, row) in col.chunks_exact_mut(plane).enumerate() {
         let (c, tap) = (m / taps, m % taps);
+        let dst = &mut image[c * out_plane..][..out_plane];
+        if let Some(span) = tap_spans.get(tap) {
+            if let Some(span) = span {
+                span.add(row, first_row, w.input, dst);
+            }
+            continue;
+        }
         // The weight tap and its window offset map to each other both ways.
         let (u, v) = tg.weight_tap(tap / w.kernel, tap % w.kernel);
-        let dst = &mut image[c * out_plane..][..out_plane];
         let col_shift = (v * w.dilation) as isize - w.offset;
         // Input columns whose output column is inside: j·σ_w + col_shift in 0..W_out.
         let (j_lo, j_hi) = super::im2col::valid_range(w.input, w.stride, col_shift, w.output);
@@ -187,25 +216,19 @@ fn col2im_body(
             if o < 0 || o >= h.output as isize {
                 continue;
             }
+            let o = o as usize;
             let first = ((j_lo * w.stride) as isize + col_shift) as usize;
             let src = &src[j_lo..j_hi];
-            if layout.phases > 1 {
+            if !layout.is_plane() {
                 // Column phase `first mod σ_w`: its outputs are contiguous.
                 let (phase, start) = (first % w.stride, first / w.stride);
-                let out_row =
-                    &mut dst[(phase * h.output + o as usize) * layout.width..][..layout.width];
-                for (x, &v) in out_row[start..][..src.len()].iter_mut().zip(src) {
-                    *x += v;
-                }
+                let at = layout.row_offset(o % layout.row_phases, phase, o / layout.row_phases);
+                add_assign(&mut dst[at + start..][..src.len()], src);
                 continue;
             }
-            let out_row = &mut dst[o as usize * w.output..][..w.output];
+            let out_row = &mut dst[o * w.output..][..w.output];
             match w.stride {
-                1 => {
-                    for (x, &v) in out_row[first..][..src.len()].iter_mut().zip(src) {
-                        *x += v;
-                    }
-                }
+                1 => add_assign(&mut out_row[first..][..src.len()], src),
                 sw => {
                     for (x, &v) in out_row[first..].iter_mut().step_by(sw).zip(src) {
                         *x += v;
@@ -216,16 +239,97 @@ fn col2im_body(
     }
 }
 
+/// Where one tap's pixels land in a [`PlaneLayout`] whose rows are as wide
+/// as the input's ([`PlaneLayout::spans`]): input pixel `(i, j)` at
+/// `shift + i·W + j` of its channel, for rows `i_lo..i_hi` (of the chunk)
+/// and columns `j_lo..j_hi`.
+#[derive(Clone, Copy, Debug)]
+struct TapSpan {
+    i_lo: usize,
+    i_hi: usize,
+    j_lo: usize,
+    j_hi: usize,
+    shift: isize,
+}
+
+impl TapSpan {
+    /// The span of weight tap `tap` over the input rows `rows`, if any of
+    /// its pixels lands inside.
+    fn new(
+        tg: &TransposedGeometry,
+        layout: &PlaneLayout,
+        tap: usize,
+        rows: &Range<usize>,
+    ) -> Option<TapSpan> {
+        let (h, w) = (&tg.h, &tg.w);
+        let (u, v) = tg.weight_tap(tap / w.kernel, tap % w.kernel);
+        let col_shift = (v * w.dilation) as isize - w.offset;
+        let row_shift = (u * h.dilation) as isize - h.offset;
+        let (j_lo, j_hi) = super::im2col::valid_range(w.input, w.stride, col_shift, w.output);
+        let (i_lo, i_hi) = super::im2col::valid_range(h.input, h.stride, row_shift, h.output);
+        let (i_lo, i_hi) = (i_lo.max(rows.start), i_hi.min(rows.end));
+        if j_lo == j_hi || i_lo >= i_hi {
+            return None;
+        }
+        // Output row i·σ_h + row_shift is row i + a of row phase φ_h;
+        // column j·σ_w + col_shift is column j + b of column phase φ_w.
+        let (sh, sw) = (h.stride as isize, w.stride as isize);
+        let (phi_h, a) = (row_shift.rem_euclid(sh), row_shift.div_euclid(sh));
+        let (phi_w, b) = (col_shift.rem_euclid(sw), col_shift.div_euclid(sw));
+        let base = layout.row_offset(phi_h as usize, phi_w as usize, 0) as isize;
+        Some(TapSpan {
+            i_lo,
+            i_hi,
+            j_lo,
+            j_hi,
+            shift: base + a * layout.width as isize + b,
+        })
+    }
+
+    /// Adds this tap's row of the column matrix (`row`, input rows from
+    /// `first_row` on, `width` floats each) into its channel `dst`, as one
+    /// contiguous add: the columns outside `j_lo..j_hi` become `-0.0` first.
+    #[inline(always)]
+    fn add(&self, row: &mut [f32], first_row: usize, width: usize, dst: &mut [f32]) {
+        let rows = &mut row[(self.i_lo - first_row) * width..(self.i_hi - first_row) * width];
+        if self.j_lo > 0 || self.j_hi < width {
+            for r in rows.chunks_exact_mut(width) {
+                r[..self.j_lo].fill(-0.0);
+                r[self.j_hi..].fill(-0.0);
+            }
+        }
+        let src = &rows[self.j_lo..rows.len() - (width - self.j_hi)];
+        // Rows i_lo + a ..= i_hi − 1 + a and columns j_lo + b ..< j_hi + b
+        // of the sub-plane are output positions (valid_range), so the span
+        // starts and ends inside it.
+        let at = (self.shift + (self.i_lo * width + self.j_lo) as isize) as usize;
+        add_assign(&mut dst[at..][..src.len()], src);
+    }
+}
+
+/// `dst += src`. (Written as sixteen-float chunks, this compiled to
+/// gathers and scatters across the chunks, four to seven times slower.)
+#[inline(always)]
+fn add_assign(dst: &mut [f32], src: &[f32]) {
+    for (x, &v) in dst.iter_mut().zip(src) {
+        *x += v;
+    }
+}
+
 /// How [`col2im`] lays out each output channel: as the plane
-/// (`phases == 1`), or, for a horizontal stride σ_w above 1, as σ_w column
-/// phases one after another, phase `φ` holding output columns `φ + σ_w·q`
-/// of every row in `width = ⌈W_out/σ_w⌉` floats, so that each input row adds
-/// into contiguous memory rather than every σ_w-th float ([`interleave`]
-/// then writes the planes).
+/// (`phases == row_phases == 1`), or, for a stride above 1, as
+/// `σ_h·σ_w` sub-planes one after another, sub-plane `(φ_h, φ_w)` holding
+/// output rows `φ_h + σ_h·q` (`height = ⌈H_out/σ_h⌉` of them) and of each
+/// its columns `φ_w + σ_w·q` (`width = ⌈W_out/σ_w⌉` floats), so that each
+/// input row adds into contiguous memory rather than every σ_w-th float,
+/// and a tap's consecutive input rows into consecutive rows
+/// ([`interleave`] then writes the planes).
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct PlaneLayout {
     phases: usize,
+    row_phases: usize,
     width: usize,
+    height: usize,
 }
 
 impl PlaneLayout {
@@ -233,16 +337,20 @@ impl PlaneLayout {
     pub(crate) fn plane(tg: &TransposedGeometry) -> PlaneLayout {
         PlaneLayout {
             phases: 1,
+            row_phases: 1,
             width: tg.w.output,
+            height: tg.h.output,
         }
     }
 
-    /// Column phases for a horizontal stride above 1, else the plane.
+    /// Sub-planes for a stride above 1, else the plane.
     pub(crate) fn phased(tg: &TransposedGeometry) -> PlaneLayout {
-        if tg.w.stride > 1 {
+        if tg.w.stride > 1 || tg.h.stride > 1 {
             PlaneLayout {
                 phases: tg.w.stride,
+                row_phases: tg.h.stride,
                 width: tg.w.output.div_ceil(tg.w.stride),
+                height: tg.h.output.div_ceil(tg.h.stride),
             }
         } else {
             PlaneLayout::plane(tg)
@@ -250,13 +358,31 @@ impl PlaneLayout {
     }
 
     /// Floats of one output channel.
-    pub(crate) fn channel_len(&self, tg: &TransposedGeometry) -> usize {
-        self.phases * tg.h.output * self.width
+    pub(crate) fn channel_len(&self) -> usize {
+        self.phases * self.row_phases * self.height * self.width
+    }
+
+    /// Whether this is the plain plane (no sub-planes to interleave).
+    pub(crate) fn is_plane(&self) -> bool {
+        self.phases == 1 && self.row_phases == 1
+    }
+
+    /// Where row `q` of sub-plane `(φ_h, φ_w)` starts in a channel.
+    fn row_offset(&self, phi_h: usize, phi_w: usize, q: usize) -> usize {
+        ((phi_h * self.phases + phi_w) * self.height + q) * self.width
+    }
+
+    /// Whether every tap adds one contiguous span ([`col2im_body`]): the
+    /// sub-planes (or the plane) split both strides and their rows are as
+    /// wide as the input's, as where "same" padding halves (or keeps) the
+    /// plane (r50_conv1, r50_3x3_s2, r50_deep's grad inputs).
+    pub(crate) fn spans(&self, tg: &TransposedGeometry) -> bool {
+        self.phases == tg.w.stride && self.row_phases == tg.h.stride && self.width == tg.w.input
     }
 }
 
 crate::arch::with_isa_features! {
-    /// Writes channels laid out as `layout`'s column phases into the output
+    /// Writes channels laid out as `layout`'s sub-planes into the output
     /// planes `image`, adding `bias`: [`interleave_body`] vectorised for
     /// `isa`.
     pub(crate) fn interleave(
@@ -283,7 +409,7 @@ fn interleave_body(
     image: &mut [f32],
 ) {
     let (rows, out_w) = (tg.h.output, tg.w.output);
-    let channel = layout.channel_len(tg);
+    let channel = layout.channel_len();
     for (c, (src, dst)) in phased
         .chunks_exact(channel)
         .zip(image.chunks_exact_mut(rows * out_w))
@@ -291,8 +417,15 @@ fn interleave_body(
     {
         let b = bias.map_or(0.0, |b| b[c]);
         for (o, out_row) in dst.chunks_exact_mut(out_w).enumerate() {
+            let (phi_h, q) = (o % layout.row_phases, o / layout.row_phases);
             let phase_row =
-                |phase: usize| &src[(phase * rows + o) * layout.width..][..layout.width];
+                |phase: usize| &src[layout.row_offset(phi_h, phase, q)..][..layout.width];
+            if layout.phases == 1 {
+                for (x, &v) in out_row.iter_mut().zip(phase_row(0)) {
+                    *x = v + b;
+                }
+                continue;
+            }
             if layout.phases == 2 {
                 let (even, odd) = (phase_row(0), phase_row(1));
                 let mut pairs = out_row.chunks_exact_mut(2);
@@ -323,20 +456,20 @@ fn interleave_body(
 pub(crate) fn col2im_split(
     isa: Isa,
     tg: &TransposedGeometry,
-    col: &[f32],
+    col: &mut [f32],
     input_rows: Range<usize>,
     image: &mut [f32],
     layout: PlaneLayout,
     threads: usize,
 ) {
-    let out_plane = layout.channel_len(tg);
+    let out_plane = layout.channel_len();
     let channels = image.len() / out_plane;
     if threads <= 1 || channels < 2 {
         return col2im(isa, tg, col, input_rows, image, layout);
     }
     let half = channels / 2;
     let rows = col.len() / channels * half;
-    let (col_a, col_b) = col.split_at(rows);
+    let (col_a, col_b) = col.split_at_mut(rows);
     let (img_a, img_b) = image.split_at_mut(half * out_plane);
     let rows_b = input_rows.clone();
     rayon::join(
@@ -374,7 +507,7 @@ pub(crate) fn transposed_gemm(
     // The column matrix in chunks of whole input rows that stay in L2
     // between the GEMM that writes them and the col2im that reads them.
     let chunk_rows = col_chunk_rows(tg, options);
-    // At a horizontal stride above 1, col2im adds into column phases,
+    // At a stride above 1, col2im adds into sub-planes (column phases),
     // contiguous, which are then interleaved into the planes: r50_conv1's
     // grad input spent 0.83 ms adding to every other float.
     let layout = if in_place {
@@ -383,9 +516,9 @@ pub(crate) fn transposed_gemm(
         PlaneLayout::phased(tg)
     };
     let mut phased = Scratch::zeroed(
-        "transposed convolution column phases",
-        if layout.phases > 1 {
-            tg.out_channels * layout.channel_len(tg)
+        "transposed convolution sub-planes",
+        if !layout.is_plane() {
+            tg.out_channels * layout.channel_len()
         } else {
             0
         },
@@ -447,17 +580,17 @@ pub(crate) fn transposed_gemm(
             }
             continue;
         }
-        if layout.phases > 1 {
+        if !layout.is_plane() {
             phased.fill(0.0);
         } else {
             for (c, y) in image.chunks_exact_mut(out_plane).enumerate() {
                 y.fill(bias.map_or(0.0, |b| b[c]));
             }
         }
-        let channel_len = layout.channel_len(tg);
+        let channel_len = layout.channel_len();
         for grp in 0..tg.groups {
             let x = &input[(n * tg.in_channels + grp * depth) * plane..][..depth * plane];
-            let y = if layout.phases > 1 {
+            let y = if !layout.is_plane() {
                 &mut phased[grp * cout_g * channel_len..][..cout_g * channel_len]
             } else {
                 &mut image[grp * cout_g * out_plane..][..cout_g * out_plane]
@@ -476,7 +609,7 @@ pub(crate) fn transposed_gemm(
                 run.chunks(&a, rows, y, &mut col, &gemm_opts, threads);
             }
         }
-        if layout.phases > 1 {
+        if !layout.is_plane() {
             interleave(isa, tg, &phased, layout, bias, image);
         }
         if options.activation != Activation::None {
@@ -533,7 +666,7 @@ struct ChunkRun<'a> {
 
 impl ChunkRun<'_> {
     /// The chunks' GEMMs (`a`: `rows` rows of `W_gᵀ`, those of the
-    /// channels whose planes or column phases `y` holds) and their col2im
+    /// channels whose planes or sub-planes `y` holds) and their col2im
     /// into `y`, the col2im on up to `threads` threads; `col` holds
     /// `rows × chunk_rows·W` floats.
     fn chunks(
@@ -581,13 +714,13 @@ impl ChunkRun<'_> {
                     None,
                 )
             };
-            let part = &col[..rows * cols];
+            let part = &mut col[..rows * cols];
             col2im_split(self.isa, tg, part, i0..i1, y, self.layout, threads);
         }
     }
 
     /// [`ChunkRun::chunks`] for output channels `chans` of group `grp`
-    /// (their planes or column phases in `y`, their rows of the column
+    /// (their planes or sub-planes in `y`, their rows of the column
     /// matrix in `col`), split in halves with `rayon::join` down to one
     /// thread each, at multiples of [`channel_align`]. Each channel's rows
     /// go through the same GEMM and col2im steps whatever the split, so the
@@ -609,7 +742,7 @@ impl ChunkRun<'_> {
         let half = (chans.len() * (threads / 2) / threads.max(1)) / align * align;
         if threads > 1 && half > 0 && half < chans.len() {
             let mid = chans.start + half;
-            let (ya, yb) = y.split_at_mut(half * self.layout.channel_len(tg));
+            let (ya, yb) = y.split_at_mut(half * self.layout.channel_len());
             let (ca, cb) = col.split_at_mut(half * window * self.chunk_rows * tg.w.input);
             rayon::join(
                 || {
