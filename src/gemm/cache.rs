@@ -70,6 +70,15 @@ impl CacheLevel {
         rows <= self.rows_held(row_bytes)
     }
 
+    /// Whether `rows` rows of a micro-panel, `row_bytes` apart, can stay
+    /// resident together: rows a whole number of ways apart (a stride that
+    /// is a multiple of [`CacheLevel::way_bytes`]) all fall into the same
+    /// set, which holds `ways` of them; any other stride spreads them over
+    /// at least two sets.
+    pub fn holds_panel_rows(&self, row_bytes: usize, rows: usize) -> bool {
+        !row_bytes.is_multiple_of(self.way_bytes().max(1)) || rows <= self.ways.max(1)
+    }
+
     /// The most rows `row_bytes` apart that [`CacheLevel::holds_rows`]
     /// accepts.
     pub fn rows_held(&self, row_bytes: usize) -> usize {
@@ -430,6 +439,32 @@ mod tests {
         // Rows a whole way apart all fall into one set: its ways hold them.
         assert!(l2.holds_rows(65536, 8));
         assert!(!l2.holds_rows(65536, 9));
+    }
+
+    /// A micro-panel's rows read in place fit L1 unless a whole number of
+    /// its ways apart, on the L1s of Zen 4 and Skylake-SP (32 KiB, 8 ways),
+    /// Zen 5 and Sapphire Rapids (48 KiB, 12 ways) and Apple M-class
+    /// performance cores (128 KiB, 8 ways: 16 KiB ways).
+    #[test]
+    fn panel_rows_a_whole_way_apart_share_one_set() {
+        let zen4 = CacheLevel::new(32 * 1024, 64, 8);
+        let zen5 = CacheLevel::new(48 * 1024, 64, 12);
+        let apple = CacheLevel::new(128 * 1024, 64, 8);
+        for l1 in [zen4, zen5] {
+            // 2048, 3072 and 5120 floats: 2, 3 and 5 ways of 4 KiB.
+            for floats in [2048, 3072, 5120] {
+                assert!(!l1.holds_panel_rows(floats * 4, 64), "{l1:?} {floats}");
+                assert!(l1.holds_panel_rows(floats * 4, l1.ways), "{l1:?} {floats}");
+            }
+            // Half a way off (3584 floats), a 56² plane (3136), 12544.
+            for floats in [3584, 3136, 12544] {
+                assert!(l1.holds_panel_rows(floats * 4, 512), "{l1:?} {floats}");
+            }
+        }
+        // 12 KiB is not a whole number of Apple's 16 KiB ways; 16 KiB is.
+        assert!(apple.holds_panel_rows(3072 * 4, 64));
+        assert!(!apple.holds_panel_rows(4096 * 4, 64));
+        assert!(apple.holds_panel_rows(4096 * 4, 8));
     }
 
     #[test]

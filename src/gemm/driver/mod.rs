@@ -110,8 +110,8 @@ use super::pack::with_pack_buffers;
 use super::Parallelism;
 use crate::testing::record_gemm_block;
 use blocking::{
-    a_in_place, block_depth, columns_to_aligned_rows, in_place_block_rows,
-    in_place_column_major_depth, rows_stay_in_l2, single_block_columns,
+    a_in_place, b_rows_in_place, block_depth, columns_to_aligned_rows, in_place_block_rows,
+    in_place_column_major_depth, single_block_columns,
 };
 use macro_kernel::{a_block, peeled_columns, BPanels, MacroKernel, PeeledColumns};
 use rayon::prelude::*;
@@ -400,13 +400,13 @@ unsafe fn gemm_block<T: Element, B: BSource<T>>(
     if m1 - m0 <= mc {
         // A row-major B is read in place: each B panel serves only
         // `(m1 - m0) / mr` tiles here, too few to repay copying it, as long
-        // as its rows stay in L2 between tiles (see `rows_stay_in_l2`).
+        // as its rows stay in cache between tiles (see `b_rows_in_place`).
         // Measured, 1 thread AVX-512, in place vs packed: 64×576×3136
         // +7%, 64×147×12544 +17%, 128×512×1000 +6%, but 256×512×1024 −22%
         // (rows 4 KiB apart).
         let in_place = b
             .as_strided()
-            .filter(|bs| bs.cs == 1 && bs.rs > 0 && rows_stay_in_l2::<T>(bs.rs as usize, kc));
+            .filter(|bs| bs.cs == 1 && bs.rs > 0 && b_rows_in_place::<T>(bs.rs as usize, kc));
         let nc_small = single_block_columns::<T>(kc, kernel.info());
         // A B read in place whose rows start off a line pair gets its first
         // few columns as a block of their own (packed), so that every row
