@@ -1484,3 +1484,38 @@ fn every_supported_isa_really_runs() {
     println!("GEMM ISAs that ran: {}", ran.join(", "));
     assert!(isas_under_test().contains(&Isa::Portable));
 }
+
+/// Every row count of a bottom-edge tile (1 to 17 rows: each short tile
+/// below a register tile of 8 or 6, alone and under full ones), under the
+/// narrow and the full tile (16, 32 and 49 columns, 49 with a peeled
+/// column), A row-major (read in place) and column-major (packed), on
+/// every path, value by value against the naive product.
+#[test]
+fn every_bottom_edge_row_count() {
+    let col_major = Layout {
+        row_major: false,
+        ..Layout::DENSE
+    };
+    let k = 37;
+    for m in 1..=17 {
+        for n in [16, 32, 49] {
+            for a_layout in [Layout::DENSE, col_major] {
+                let mut rng = Rng::new((m * 100 + n) as u64);
+                let a = Stored::new(m, k, a_layout, |_, _| rng.next_f32());
+                let b = Stored::new(k, n, Layout::DENSE, |_, _| rng.next_f32());
+                let c0 = Stored::new(m, n, Layout::DENSE, |_, _| f32::NAN);
+                let (want, magnitude) = naive(1.0, &a, &b, 0.0, &c0);
+                for isa in isas_under_test() {
+                    let options = GemmOptions::default()
+                        .parallelism(Parallelism::Sequential)
+                        .isa(isa);
+                    let mut c = c0.clone();
+                    run_gemm(1.0, &a, &b, 0.0, &mut c, &options).unwrap();
+                    let what = format!("{isa} {m}×{k}×{n} A {a_layout:?}");
+                    check_c(&what, &c, k, &want, &magnitude, &c0.in_view())
+                        .unwrap_or_else(|e| panic!("{e}"));
+                }
+            }
+        }
+    }
+}

@@ -217,10 +217,6 @@ impl<T: Element> MacroKernel<'_, T> {
             let col = jc + jr * nr;
             // A block may end mid-panel before C does (the alignment peel).
             let cols = nr.min(jc + ncur - col);
-            let func = match self.kernel.narrow() {
-                Some((width, narrow)) if cols <= width => narrow,
-                _ => self.kernel.func(),
-            };
             let row_panels = mcur.div_ceil(mr);
             for ir in 0..row_panels {
                 let (ap, ars, acs) = apanels.panel(ir, row_panels, mr);
@@ -276,6 +272,7 @@ impl<T: Element> MacroKernel<'_, T> {
                         unsafe { self.store_peel(&peel, row, &out, 16, &tile) };
                     }
                     _ => {
+                        let func = self.kernel.for_tile(rows, cols);
                         // SAFETY: the panels hold kcur steps; the tile at
                         // (row, col) is inside this task's block of C.
                         unsafe {

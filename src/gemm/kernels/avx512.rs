@@ -88,6 +88,32 @@ pub(crate) unsafe fn kernel_narrow(
     unsafe { kernel_mr::<MR, 1>(kc, a, ars, acs, b, ldb, c, rsc, csc, rows, cols, epilogue) }
 }
 
+/// The full (`V = 2`) and narrow (`V = 1`) tiles for a bottom-edge A panel
+/// of `R < MR` real rows, entry `R − 1`: the rows past the matrix are
+/// padding, whose FMAs a full tile would run anyway (147 = 18·8 + 3 rows,
+/// r50_conv1's grad input and weight gradient: 5 of 8 rows in the last
+/// panel).
+pub(crate) const KERNELS_SHORT: [[super::MicroKernelFn; MR - 1]; 2] = [
+    [
+        kernel_mr::<1, 1>,
+        kernel_mr::<2, 1>,
+        kernel_mr::<3, 1>,
+        kernel_mr::<4, 1>,
+        kernel_mr::<5, 1>,
+        kernel_mr::<6, 1>,
+        kernel_mr::<7, 1>,
+    ],
+    [
+        kernel_mr::<1, 2>,
+        kernel_mr::<2, 2>,
+        kernel_mr::<3, 2>,
+        kernel_mr::<4, 2>,
+        kernel_mr::<5, 2>,
+        kernel_mr::<6, 2>,
+        kernel_mr::<7, 2>,
+    ],
+];
+
 /// `R × 16·V` kernel for any `R ≤ 16`, `V ≤ 4`.
 ///
 /// # Safety

@@ -174,6 +174,9 @@ pub(crate) struct Kernel<T = f32> {
     /// The kernels for the one or two columns of C just past a multiple of
     /// the narrow width, which tiles would pad to a whole vector.
     dot: Option<DotKernels<T>>,
+    /// The narrow and the full tile for a bottom-edge panel of `r < mr`
+    /// real rows, at `[narrow or full][r − 1]`.
+    short: Option<[[MicroKernelFn<T>; 7]; 2]>,
 }
 
 impl<T> Kernel<T> {
@@ -181,12 +184,6 @@ impl<T> Kernel<T> {
     #[inline]
     pub(crate) fn info(&self) -> &KernelInfo {
         &self.info
-    }
-
-    /// The full-tile micro-kernel.
-    #[inline]
-    pub(crate) fn func(&self) -> MicroKernelFn<T> {
-        self.func
     }
 
     /// The narrow right-edge kernel and the widest tile it serves.
@@ -205,6 +202,23 @@ impl<T> Kernel<T> {
     #[inline]
     pub(crate) fn dot(&self) -> Option<DotKernels<T>> {
         self.dot
+    }
+
+    /// The micro-kernel for a tile of `rows` real rows and `cols` columns:
+    /// the narrow one where the columns fit it, and one computing only the
+    /// real rows where the path has it.
+    #[inline]
+    pub(crate) fn for_tile(&self, rows: usize, cols: usize) -> MicroKernelFn<T> {
+        let narrow = matches!(self.narrow, Some((width, _)) if cols <= width);
+        if let Some(short) = self.short.filter(|_| rows < self.info.mr) {
+            if let Some(&f) = short[usize::from(!narrow)].get(rows.wrapping_sub(1)) {
+                return f;
+            }
+        }
+        match self.narrow {
+            Some((_, f)) if narrow => f,
+            _ => self.func,
+        }
     }
 
     /// This kernel with blocks of depth `kc` (a multiple of 8, at least 8).
@@ -278,12 +292,18 @@ fn build_kernel(isa: Isa) -> Kernel {
         }),
         _ => None,
     };
+    let short: Option<[[MicroKernelFn; 7]; 2]> = match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => Some(avx512::KERNELS_SHORT),
+        _ => None,
+    };
     Kernel {
         info: blocking(isa, mr, nr, caches),
         func,
         narrow,
         a_strided: true,
         dot,
+        short,
     }
 }
 
@@ -308,6 +328,7 @@ fn column_kernel_for(isa: Isa) -> Option<&'static Kernel> {
                     narrow: None,
                     a_strided: false,
                     dot: None,
+                    short: None,
                 }
             }))
         }
