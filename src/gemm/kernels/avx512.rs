@@ -88,12 +88,12 @@ pub(crate) unsafe fn kernel_narrow(
     unsafe { kernel_mr::<MR, 1>(kc, a, ars, acs, b, ldb, c, rsc, csc, rows, cols, epilogue) }
 }
 
-/// The full (`V = 2`) and narrow (`V = 1`) tiles for a bottom-edge A panel
-/// of `R < MR` real rows, entry `R − 1`: the rows past the matrix are
+/// The narrow (`V = 1`, first) and full (`V = 2`) tiles for a bottom-edge A
+/// panel of `R < MR` real rows, entry `R − 1`: the rows past the matrix are
 /// padding, whose FMAs a full tile would run anyway (147 = 18·8 + 3 rows,
 /// r50_conv1's grad input and weight gradient: 5 of 8 rows in the last
 /// panel).
-pub(crate) const KERNELS_SHORT: [[super::MicroKernelFn; MR - 1]; 2] = [
+pub(crate) const KERNELS_SHORT: [[super::MicroKernelFn; super::SHORT_ROWS]; 2] = [
     [
         kernel_mr::<1, 1>,
         kernel_mr::<2, 1>,

@@ -154,6 +154,10 @@ pub struct KernelInfo {
     pub nc: usize,
 }
 
+/// Row counts below a register tile that have their own kernels: those of
+/// AVX-512's 8-row tile (the only path with them).
+const SHORT_ROWS: usize = 7;
+
 /// A micro-kernel and the blocking that feeds it. Its fields are private to
 /// this module: a `Kernel` exists only for a path the CPU supports (built by
 /// [`kernel_for`] after `clamp_isa`), so the rest of the crate may call its
@@ -176,7 +180,7 @@ pub(crate) struct Kernel<T = f32> {
     dot: Option<DotKernels<T>>,
     /// The narrow and the full tile for a bottom-edge panel of `r < mr`
     /// real rows, at `[narrow or full][r − 1]`.
-    short: Option<[[MicroKernelFn<T>; 7]; 2]>,
+    short: Option<[[MicroKernelFn<T>; SHORT_ROWS]; 2]>,
 }
 
 impl<T> Kernel<T> {
@@ -292,7 +296,7 @@ fn build_kernel(isa: Isa) -> Kernel {
         }),
         _ => None,
     };
-    let short: Option<[[MicroKernelFn; 7]; 2]> = match isa {
+    let short: Option<[[MicroKernelFn; SHORT_ROWS]; 2]> = match isa {
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 => Some(avx512::KERNELS_SHORT),
         _ => None,
