@@ -20,11 +20,19 @@
 //!   into dW once at the end. An unpadded stride-1 1×1 kernel reads the
 //!   input planes in place (its chunks stay inside one image).
 //! * **`dW = dY · colᵀ`** per image (below that depth: 7² and 14² planes at
-//!   batch 1): B is [`ColumnsT`], the transposed im2col view: tap rows
-//!   are built `nr` taps × 64 pixels at a time into L1-sized staging and
-//!   transposed into the panels; C is dW itself, β = 1 after the first
-//!   image. With so little depth the other orientation's transpose of C
-//!   costs as much as the product.
+//!   batch 1): B is [`ColumnsT`], the transposed im2col view. At unit
+//!   stride in width no tap row is built: the block's input channels are
+//!   copied once into zero-padded planes (none where the image needs no
+//!   padding), where a tap's pixels of one output row are one run, and the
+//!   runs are transposed straight into the panels (`pack_from_padded_planes`;
+//!   1 thread AVX-512 Zen 5, against building rows, binaries alternating,
+//!   three rounds, GFLOP/s: r50_deep 188–198 → 221–225, 3×3 d2 on 256×14²
+//!   177–181 → 211–218, 5×5 on 128×14² 157–165 → 186–208, 1×1 1024 → 256
+//!   on 14² 179–181 → 214–217, r50_last1x1 198–200 → 207–209, 3×3 on
+//!   512×7² 176–182 → 186–187). Otherwise tap rows are built `nr` taps × 64
+//!   pixels at a time into L1-sized staging and transposed into the panels.
+//!   C is dW itself, β = 1 after the first image. With so little depth
+//!   the other orientation's transpose of C costs as much as the product.
 //!
 //! Transposes go through `wide`'s 4×4 `f32x4` transpose (SSE shuffles on
 //! x86-64, NEON elsewhere), sixteen source columns at a time; the same
@@ -65,7 +73,9 @@
 //!
 //! **Workspace.** Per thread: the column chunk (`≤ 4·MC × KC` floats,
 //! none for a pointwise kernel), the C block (`≤ 4·MC × NC`) and the
-//! GEMM's packing buffers, whatever the image size or batch; the first two
+//! GEMM's packing buffers (with, for [`ColumnsT`] at unit stride in width,
+//! the padded planes of one B block's channels, never more floats than the
+//! packed block), whatever the image size or batch; the first two
 //! are asked for fallibly ([`ConvError::OutOfMemory`], nothing written)
 //! and kept on the calling thread for its next call.
 //!
@@ -83,7 +93,7 @@ use crate::gemm::engine::{
     gemm_with_epilogue, select_kernel, ASource, BSource, Epilogue, PackBuffers, StridedC,
     StridedMatrix,
 };
-use crate::gemm::transpose::{store_columns, transpose};
+use crate::gemm::transpose::{store_columns, transpose, transpose_rows_at};
 use crate::gemm::Parallelism;
 use crate::geometry::ConvGeometry;
 use rayon::prelude::*;
@@ -167,6 +177,11 @@ impl BSource<f32> for ColumnsT<'_> {
         dst: &mut [f32],
         staging: &mut Vec<f32>,
     ) {
+        if self.g.stride_w == 1 && self.padded_planes_len(j0, nc) <= kc * nc {
+            // SAFETY: forwarded contract.
+            unsafe { self.pack_from_padded_planes(k0, kc, j0, nc, nr, dst, staging) };
+            return;
+        }
         staging.clear();
         staging.resize(nr * CHUNK, 0.0);
         for q in 0..nc.div_ceil(nr) {
@@ -185,6 +200,134 @@ impl BSource<f32> for ColumnsT<'_> {
                     staging,
                 );
                 transpose(staging, CHUNK, width, ch, &mut panel[c0 * nr..], nr);
+            }
+            if width < nr {
+                for row in panel.chunks_exact_mut(nr) {
+                    row[width..].fill(0.0);
+                }
+            }
+        }
+    }
+}
+
+impl ColumnsT<'_> {
+    /// Floats of the zero-padded planes [`Self::pack_from_padded_planes`]
+    /// builds for taps `j0..j0 + nc` at unit stride in width: it runs only
+    /// where that is no more than the packed block itself, so the
+    /// workspace stays bounded by the blocking (a large vertical stride
+    /// could otherwise ask for most of a tall image).
+    fn padded_planes_len(&self, j0: usize, nc: usize) -> usize {
+        let g = self.g;
+        if self.reads_image_in_place() {
+            return 0;
+        }
+        let taps = g.kernel_h * g.kernel_w;
+        let channels = (j0 + nc - 1) / taps + 1 - j0 / taps;
+        let (hp, wp) = self.padded_plane();
+        channels.saturating_mul(hp.saturating_mul(wp))
+    }
+
+    /// Whether the image needs no padding (and so no copy): its planes are
+    /// the padded planes.
+    fn reads_image_in_place(&self) -> bool {
+        let g = self.g;
+        let (hp, wp) = self.padded_plane();
+        g.padding.top == 0 && g.padding.left == 0 && hp <= g.in_h && wp == g.in_w
+    }
+
+    /// Rows and columns of a padded plane: every input row and column some
+    /// tap reads at unit stride in width, padding included.
+    fn padded_plane(&self) -> (usize, usize) {
+        let g = self.g;
+        (
+            (g.out_h - 1) * g.stride_h + (g.kernel_h - 1) * g.dilation_h + 1,
+            g.out_w + (g.kernel_w - 1) * g.dilation_w,
+        )
+    }
+
+    /// [`BSource::pack_block`] at unit stride in width, with no row filler:
+    /// the input channels the block's taps read are copied once into
+    /// zero-padded planes (in `staging`), on which tap `(c, r, s)` over one
+    /// output row is a single run of `OW` floats, and the panels are those
+    /// runs transposed, an output row at a time
+    /// ([`transpose_rows_at`]).
+    ///
+    /// # Safety
+    /// As [`BSource::pack_block`].
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn pack_from_padded_planes(
+        &self,
+        k0: usize,
+        kc: usize,
+        j0: usize,
+        nc: usize,
+        nr: usize,
+        dst: &mut [f32],
+        staging: &mut Vec<f32>,
+    ) {
+        let g = self.g;
+        let (taps, ow) = (g.kernel_h * g.kernel_w, g.out_w);
+        let (c0, c1) = (j0 / taps, (j0 + nc - 1) / taps + 1);
+        let (hp, wp) = self.padded_plane();
+        let (top, left) = (g.padding.top, g.padding.left);
+        // The image itself where it needs no padding, else padded copies.
+        let (source, plane, first) = if self.reads_image_in_place() {
+            (self.image, g.in_plane(), c0)
+        } else {
+            let plane = hp * wp;
+            staging.clear();
+            staging.resize((c1 - c0) * plane, 0.0);
+            let run = g.in_w.min(wp.saturating_sub(left));
+            for (c, padded) in (c0..c1).zip(staging.chunks_exact_mut(plane)) {
+                let channel = &self.image[c * g.in_plane()..][..g.in_plane()];
+                for (ih, row) in channel.chunks_exact(g.in_w).enumerate() {
+                    let ph = ih + top;
+                    if ph >= hp {
+                        break;
+                    }
+                    padded[ph * wp + left..][..run].copy_from_slice(&row[..run]);
+                }
+            }
+            (&staging[..], plane, 0)
+        };
+        // Consecutive output rows are one run where no column is skipped
+        // between them (a 1×1 kernel at stride 1 without padding).
+        let run_rows = if g.stride_h * wp == ow {
+            usize::MAX
+        } else {
+            ow
+        };
+        let isa = crate::isa();
+        let mut starts = Vec::with_capacity(nr);
+        for q in 0..nc.div_ceil(nr) {
+            let width = nr.min(nc - q * nr);
+            let panel = &mut dst[q * kc * nr..][..kc * nr];
+            // Where each tap's run for output row 0 starts.
+            starts.clear();
+            starts.extend((j0 + q * nr..j0 + q * nr + width).map(|j| {
+                let (r, s) = ((j / g.kernel_w) % g.kernel_h, j % g.kernel_w);
+                let (ro, so) = g.weight_tap(r, s);
+                (j / taps - c0 + first) * plane + ro * g.dilation_h * wp + so * g.dilation_w
+            }));
+            // The block's pixels, an output row (or the part of one inside
+            // the block) at a time.
+            let mut p = k0;
+            while p < k0 + kc {
+                let (oh, owp) = (p / ow, p % ow);
+                let len = run_rows.saturating_sub(owp).min(k0 + kc - p);
+                let shift = oh * g.stride_h * wp + owp;
+                let row_starts = &mut starts[..];
+                row_starts.iter_mut().for_each(|x| *x += shift);
+                transpose_rows_at(
+                    isa,
+                    source,
+                    row_starts,
+                    len,
+                    &mut panel[(p - k0) * nr..],
+                    nr,
+                );
+                row_starts.iter_mut().for_each(|x| *x -= shift);
+                p += len;
             }
             if width < nr {
                 for row in panel.chunks_exact_mut(nr) {

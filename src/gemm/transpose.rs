@@ -77,6 +77,84 @@ pub(crate) fn transpose_on(
     }
 }
 
+/// `dst[c·ldd + r] = src[starts[r] + c]` for `r < starts.len()`, `c <
+/// cols`: a transpose whose source rows start anywhere in `src` (the
+/// weight gradient's tap rows, each a run of a zero-padded input plane),
+/// on path `isa` (clamped to the CPU). AVX2 and AVX-512 take eight rows at
+/// a time through the AVX tile kernel where `cols ≥ 8`, the rest 4×4
+/// `wide` tiles where `cols ≥ 4`; a width that is not a multiple of the
+/// tile ends with a tile overlapping the one before it, which writes the
+/// same floats again. Element loops do what is left.
+///
+/// # Panics
+/// If a source row runs past `src` or the destination past `dst`.
+pub(crate) fn transpose_rows_at(
+    isa: Isa,
+    src: &[f32],
+    starts: &[usize],
+    cols: usize,
+    dst: &mut [f32],
+    ldd: usize,
+) {
+    let rows = starts.len();
+    if rows == 0 || cols == 0 {
+        return;
+    }
+    let last = starts.iter().max().copied().unwrap_or(0);
+    let src = &src[..last + cols];
+    let dst = &mut dst[..(cols - 1) * ldd + rows];
+    let mut done = 0;
+    let avx = clamp_isa(isa) >= Isa::Avx2 && Isa::Avx2.is_supported();
+    if avx && cols >= 8 && rows >= 8 {
+        done = rows / 8 * 8;
+        cfg_if::cfg_if! {
+            if #[cfg(target_arch = "x86_64")] {
+                // SAFETY: every row read (starts[r] + cols ≤ src.len()) and
+                // every column written ((cols − 1)·ldd + done ≤ dst.len())
+                // lies inside the slices as bounded above; `done` is a
+                // multiple of 8 and cols ≥ 8; the CPU has AVX2 (and so AVX).
+                unsafe {
+                    crate::gemm::kernels::avx2::transpose_rows_at_8x8(
+                        src.as_ptr(),
+                        &starts[..done],
+                        cols,
+                        dst.as_mut_ptr(),
+                        ldd,
+                    )
+                };
+            } else {
+                done = 0;
+            }
+        }
+    }
+    if cols >= 4 {
+        for r0 in (done..rows - (rows - done) % 4).step_by(4) {
+            let mut c0 = 0;
+            loop {
+                let c = c0.min(cols - 4);
+                let tile =
+                    f32x4::transpose(std::array::from_fn(|i| load4(&src[starts[r0 + i] + c..])));
+                for (e, column) in tile.iter().enumerate() {
+                    let out: &mut [f32; 4] = (&mut dst[(c + e) * ldd + r0..][..4])
+                        .try_into()
+                        .expect("4 floats");
+                    *out = column.to_array();
+                }
+                c0 += 4;
+                if c0 >= cols {
+                    break;
+                }
+            }
+            done = r0 + 4;
+        }
+    }
+    for (r, &start) in starts.iter().enumerate().skip(done) {
+        for (c, &v) in src[start..start + cols].iter().enumerate() {
+            dst[c * ldd + r] = v;
+        }
+    }
+}
+
 /// `dst[c·ldd + r] ⊕= src[r·lds + c]` for `r < rows`, `c < cols`, with
 /// `⊕=` being `store`: in 4×4 tiles (four vector loads, the `wide` crate's
 /// transpose — a few shuffles — and four vector stores) and element loops
@@ -202,6 +280,37 @@ mod tests {
                             let got = dst[c * ldd + r];
                             if r < rows {
                                 assert_eq!(got, src[r * lds + c], "{isa} {rows}×{cols} ({r}, {c})");
+                            } else {
+                                assert!(got.is_nan(), "{isa} {rows}×{cols}: wrote padding");
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Rows that start anywhere (out of order, overlapping each other, at
+    /// odd offsets): every path puts every float in its place and writes
+    /// nothing else, for row counts around the 8- and 4-row groups and
+    /// widths around the 8- and 4-wide tiles, where the last tile overlaps
+    /// the one before it.
+    #[test]
+    fn transpose_rows_at_matches_the_definition_on_every_path() {
+        let src: Vec<f32> = (0..400).map(|i| i as f32).collect();
+        for isa in crate::arch::supported_isas() {
+            for rows in [1, 3, 4, 5, 8, 9, 12, 16, 19, 32] {
+                let starts: Vec<usize> = (0..rows).map(|r| (r * 37 + 11) % 300).collect();
+                for cols in [1, 2, 3, 4, 5, 7, 8, 9, 13, 14, 16, 17, 49] {
+                    let ldd = rows + 3;
+                    let mut dst = vec![f32::NAN; cols * ldd];
+                    transpose_rows_at(isa, &src, &starts, cols, &mut dst, ldd);
+                    for c in 0..cols {
+                        for r in 0..ldd {
+                            let got = dst[c * ldd + r];
+                            if r < rows {
+                                let want = src[starts[r] + c];
+                                assert_eq!(got, want, "{isa} {rows}×{cols} ({r}, {c})");
                             } else {
                                 assert!(got.is_nan(), "{isa} {rows}×{cols}: wrote padding");
                             }

@@ -129,37 +129,90 @@ pub(crate) unsafe fn transpose_tiles_8x8(
                 // SAFETY: rows r0..r0 + 8 and columns c0..c0 + 8 are inside
                 // the region the caller vouches for, in both matrices.
                 unsafe {
-                    // Loops, not `from_fn` closures, so that the
-                    // intrinsics inline here with this function's features.
-                    let mut r = [_mm256_setzero_ps(); 8];
-                    for (i, v) in r.iter_mut().enumerate() {
-                        *v = _mm256_loadu_ps(src.add((r0 + i) * lds + c0));
-                    }
-                    // Pairs of rows interleaved by element, in each half.
-                    let mut t = [_mm256_setzero_ps(); 8];
-                    for p in 0..4 {
-                        t[2 * p] = _mm256_unpacklo_ps(r[2 * p], r[2 * p + 1]);
-                        t[2 * p + 1] = _mm256_unpackhi_ps(r[2 * p], r[2 * p + 1]);
-                    }
-                    // Quads: u[4g + e] holds, in each half, column e (and
-                    // e + 4 in the high half) of rows 4g..4g + 4.
-                    let mut u = [_mm256_setzero_ps(); 8];
-                    for g in 0..2 {
-                        let (lo, hi) = (4 * g, 4 * g + 1);
-                        let (lo2, hi2) = (4 * g + 2, 4 * g + 3);
-                        u[4 * g] = _mm256_shuffle_ps::<0x44>(t[lo], t[lo2]);
-                        u[4 * g + 1] = _mm256_shuffle_ps::<0xEE>(t[lo], t[lo2]);
-                        u[4 * g + 2] = _mm256_shuffle_ps::<0x44>(t[hi], t[hi2]);
-                        u[4 * g + 3] = _mm256_shuffle_ps::<0xEE>(t[hi], t[hi2]);
-                    }
-                    for e in 0..4 {
-                        let low = _mm256_permute2f128_ps::<0x20>(u[e], u[4 + e]);
-                        let high = _mm256_permute2f128_ps::<0x31>(u[e], u[4 + e]);
-                        _mm256_storeu_ps(dst.add((c0 + e) * ldd + r0), low);
-                        _mm256_storeu_ps(dst.add((c0 + 4 + e) * ldd + r0), high);
-                    }
+                    let rows: [*const f32; 8] =
+                        core::array::from_fn(|i| src.add((r0 + i) * lds + c0));
+                    tile_8x8(rows, dst.add(c0 * ldd + r0), ldd);
                 }
             }
+        }
+    }
+}
+
+/// `dst[c·ldd + r] = src[starts[r] + c]` for `r < starts.len()` (a multiple
+/// of 8) and `c < cols` (at least 8): rows that start anywhere, eight at a
+/// time in 8×8 tiles; a width that is not a multiple of 8 ends with a tile
+/// that overlaps the one before it (it writes the same floats again).
+///
+/// # Safety
+/// `src[starts[r] + c]` is readable and `dst[c·ldd + r]` writable for `r <
+/// starts.len()`, `c < cols`; `starts.len()` is a multiple of 8, `cols ≥
+/// 8`; the CPU supports AVX.
+#[target_feature(enable = "avx")]
+pub(crate) unsafe fn transpose_rows_at_8x8(
+    src: *const f32,
+    starts: &[usize],
+    cols: usize,
+    dst: *mut f32,
+    ldd: usize,
+) {
+    debug_assert!(starts.len().is_multiple_of(8) && cols >= 8);
+    for (g, group) in starts.chunks_exact(8).enumerate() {
+        let r0 = 8 * g;
+        let mut c0 = 0;
+        loop {
+            let c = c0.min(cols - 8);
+            // SAFETY: rows r0..r0 + 8 and columns c..c + 8 ≤ cols are
+            // inside the region the caller vouches for.
+            unsafe {
+                let rows: [*const f32; 8] = core::array::from_fn(|i| src.add(group[i] + c));
+                tile_8x8(rows, dst.add(c * ldd + r0), ldd);
+            }
+            c0 += 8;
+            if c0 >= cols {
+                break;
+            }
+        }
+    }
+}
+
+/// One 8×8 tile: `dst[e·ldd + i] = rows[i][e]` for `i, e < 8`.
+///
+/// # Safety
+/// Each `rows[i]` is readable for 8 floats, `dst[e·ldd + i]` writable; the
+/// CPU supports AVX.
+#[target_feature(enable = "avx")]
+#[inline]
+unsafe fn tile_8x8(rows: [*const f32; 8], dst: *mut f32, ldd: usize) {
+    // SAFETY: the caller's contract covers every load and store.
+    unsafe {
+        // Loops, not `from_fn` closures, so that the intrinsics inline here
+        // with this function's features.
+        let mut r = [_mm256_setzero_ps(); 8];
+        for (v, &row) in r.iter_mut().zip(rows.iter()) {
+            *v = _mm256_loadu_ps(row);
+        }
+        // Pairs of rows interleaved by element, in each half.
+        let mut t = [_mm256_setzero_ps(); 8];
+        for p in 0..4 {
+            t[2 * p] = _mm256_unpacklo_ps(r[2 * p], r[2 * p + 1]);
+            t[2 * p + 1] = _mm256_unpackhi_ps(r[2 * p], r[2 * p + 1]);
+        }
+        // Quads: u[4g + e] holds, in each half, column e (and e + 4 in the
+        // high half) of rows 4g..4g + 4.
+        let mut u = [_mm256_setzero_ps(); 8];
+        for g in 0..2 {
+            let (lo, hi) = (4 * g, 4 * g + 1);
+            let (lo2, hi2) = (4 * g + 2, 4 * g + 3);
+            u[4 * g] = _mm256_shuffle_ps::<0x44>(t[lo], t[lo2]);
+            u[4 * g + 1] = _mm256_shuffle_ps::<0xEE>(t[lo], t[lo2]);
+            u[4 * g + 2] = _mm256_shuffle_ps::<0x44>(t[hi], t[hi2]);
+            u[4 * g + 3] = _mm256_shuffle_ps::<0xEE>(t[hi], t[hi2]);
+        }
+        for e in 0..4 {
+            let low = _mm256_permute2f128_ps::<0x20>(u[e], u[4 + e]);
+            let high = _mm256_permute2f128_ps::<0x31>(u[e], u[4 + e]);
+            _mm256_storeu_ps(dst.add(e * ldd), low);
+            _mm256_storeu_ps(dst.add((4 + e) * ldd), high);
         }
     }
 }
