@@ -178,8 +178,7 @@ impl BSource<f32> for ColumnsT<'_> {
         staging: &mut Vec<f32>,
     ) {
         if self.g.stride_w == 1 && self.padded_planes_len(j0, nc) <= kc * nc {
-            // SAFETY: forwarded contract.
-            unsafe { self.pack_from_padded_planes(k0, kc, j0, nc, nr, dst, staging) };
+            self.pack_from_padded_planes(k0, kc, j0, nc, nr, dst, staging);
             return;
         }
         staging.clear();
@@ -250,12 +249,10 @@ impl ColumnsT<'_> {
     /// zero-padded planes (in `staging`), on which tap `(c, r, s)` over one
     /// output row is a single run of `OW` floats, and the panels are those
     /// runs transposed, an output row at a time
-    /// ([`transpose_rows_at`]).
-    ///
-    /// # Safety
-    /// As [`BSource::pack_block`].
+    /// ([`transpose_rows_at`]). Safe code throughout: a block outside B or
+    /// a `dst` too short panics rather than reading or writing past them.
     #[allow(clippy::too_many_arguments)]
-    unsafe fn pack_from_padded_planes(
+    fn pack_from_padded_planes(
         &self,
         k0: usize,
         kc: usize,

@@ -104,11 +104,11 @@ pub(crate) fn transpose_rows_at(
     let src = &src[..last + cols];
     let dst = &mut dst[..(cols - 1) * ldd + rows];
     let mut done = 0;
-    let avx = clamp_isa(isa) >= Isa::Avx2 && Isa::Avx2.is_supported();
-    if avx && cols >= 8 && rows >= 8 {
-        done = rows / 8 * 8;
-        cfg_if::cfg_if! {
-            if #[cfg(target_arch = "x86_64")] {
+    cfg_if::cfg_if! {
+        if #[cfg(target_arch = "x86_64")] {
+            let avx = clamp_isa(isa) >= Isa::Avx2 && Isa::Avx2.is_supported();
+            if avx && cols >= 8 && rows >= 8 {
+                done = rows / 8 * 8;
                 // SAFETY: every row read (starts[r] + cols ≤ src.len()) and
                 // every column written ((cols − 1)·ldd + done ≤ dst.len())
                 // lies inside the slices as bounded above; `done` is a
@@ -122,9 +122,10 @@ pub(crate) fn transpose_rows_at(
                         ldd,
                     )
                 };
-            } else {
-                done = 0;
             }
+        } else {
+            // Only the 4×4 tiles and the element loops exist here.
+            let _ = isa;
         }
     }
     if cols >= 4 {
