@@ -915,6 +915,124 @@ fn tensors(case: &Case, t: &ConvTranspose2d) -> (Vec<f32>, Vec<f32>, Option<Vec<
     (x, w, b)
 }
 
+/// The body of [`every_algorithm_matches_direct`] for one case.
+fn check_every_algorithm(case: &Case) -> Result<(), TestCaseError> {
+    let t = build(case)?;
+    let (x, w, b) = tensors(case, &t);
+    let b = b.as_deref();
+    let [_, _, oh, ow] = t.output_shape();
+    let r = reference(case, t.padding(), (oh, ow), &x, &w, b);
+    let act = case.activation;
+    let terms = case.in_per_group * case.kernel.0 * case.kernel.1;
+    let exact: Vec<f64> = r
+        .value
+        .iter()
+        .map(|&v| f64::from(act.apply(v as f32)))
+        .collect();
+    let len = r.value.len();
+
+    // Direct against the definition; the activation is applied to the
+    // f64 value rounded once (within ε·M of it), which the bound's
+    // factor 2 covers.
+    let options = ForwardOptions::new(Algorithm::Direct).activation(act);
+    let mut direct = vec![f32::NAN; len];
+    t.forward_with(&x, &w, b, &mut direct, &options).unwrap();
+    assert_close(
+        &format!("Direct {case:?}"),
+        &direct,
+        &exact,
+        &r.magnitude,
+        terms,
+    )?;
+    let direct64 = to_f64(&direct);
+    let plan = t.plan(&w, b, &options).unwrap();
+    prop_assert_eq!(plan.algorithms(), vec![Some(Algorithm::Direct)]);
+    let mut y = vec![f32::NAN; len];
+    plan.forward(&x, &mut y).unwrap();
+    prop_assert_eq!(&y, &direct, "Direct plan");
+
+    if act == Activation::None {
+        for algorithm in algorithms() {
+            let y = t.forward_to_vec(&x, &w, b, algorithm).unwrap();
+            assert_close(
+                &format!("{algorithm:?} forward_to_vec {case:?}"),
+                &y,
+                &direct64,
+                &r.magnitude,
+                terms,
+            )?;
+            let mut y = vec![f32::NAN; len];
+            t.forward(&x, &w, b, &mut y, algorithm).unwrap();
+            assert_close(
+                &format!("{algorithm:?} forward {case:?}"),
+                &y,
+                &direct64,
+                &r.magnitude,
+                terms,
+            )?;
+        }
+    }
+
+    for algorithm in [
+        Algorithm::Implicit,
+        Algorithm::DirectSimd,
+        Algorithm::DirectDense,
+        Algorithm::Im2col,
+        Algorithm::Auto,
+    ] {
+        for (isa, backend, par) in engine_combos() {
+            let what = format!("{case:?} {algorithm:?} {isa:?} {backend:?} {par:?}");
+            let options = ForwardOptions::new(algorithm)
+                .activation(act)
+                .isa(isa)
+                .backend(backend)
+                .parallelism(par);
+            let mut y = vec![f32::NAN; len];
+            let (result, trace) = traced(|| t.forward_with(&x, &w, b, &mut y, &options));
+            result.unwrap();
+            assert_close(&what, &y, &direct64, &r.magnitude, terms)?;
+
+            let plan = t.plan(&w, b, &options).unwrap();
+            let mut from_plan = vec![f32::NAN; len];
+            let (result, plan_trace) = traced(|| plan.forward(&x, &mut from_plan));
+            result.unwrap();
+            assert_close(
+                &format!("plan {what}"),
+                &from_plan,
+                &direct64,
+                &r.magnitude,
+                terms,
+            )?;
+
+            let sequential = backend == GemmBackend::Native && par == Parallelism::Sequential;
+            if sequential && r.reached {
+                for (how, tr) in [("forward_with", &trace), ("plan", &plan_trace)] {
+                    match algorithm {
+                        Algorithm::Implicit | Algorithm::Im2col => prop_assert!(
+                            tr.gemm_ran_on(isa),
+                            "{} {}: no {:?} GEMM in {:?}",
+                            how,
+                            what,
+                            isa,
+                            tr
+                        ),
+                        Algorithm::DirectSimd | Algorithm::DirectDense => prop_assert!(
+                            tr.direct_simd_ran_on(isa),
+                            "{} {}: no {:?} SIMD direct in {:?}",
+                            how,
+                            what,
+                            isa,
+                            tr
+                        ),
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 proptest! {
     #![proptest_config(proptest_config(256))]
 
@@ -926,82 +1044,24 @@ proptest! {
     /// direct kernels for `DirectSimd`) whenever some tap reaches the output.
     #[test]
     fn every_algorithm_matches_direct(case in case_strategy()) {
-        let t = build(&case)?;
-        let (x, w, b) = tensors(&case, &t);
-        let b = b.as_deref();
-        let [_, _, oh, ow] = t.output_shape();
-        let r = reference(&case, t.padding(), (oh, ow), &x, &w, b);
-        let act = case.activation;
-        let terms = case.in_per_group * case.kernel.0 * case.kernel.1;
-        let exact: Vec<f64> = r.value.iter().map(|&v| f64::from(act.apply(v as f32))).collect();
-        let len = r.value.len();
+        check_every_algorithm(&case)?;
+    }
 
-        // Direct against the definition; the activation is applied to the
-        // f64 value rounded once (within ε·M of it), which the bound's
-        // factor 2 covers.
-        let options = ForwardOptions::new(Algorithm::Direct).activation(act);
-        let mut direct = vec![f32::NAN; len];
-        t.forward_with(&x, &w, b, &mut direct, &options).unwrap();
-        assert_close(&format!("Direct {case:?}"), &direct, &exact, &r.magnitude, terms)?;
-        let direct64 = to_f64(&direct);
-        let plan = t.plan(&w, b, &options).unwrap();
-        prop_assert_eq!(plan.algorithms(), vec![Some(Algorithm::Direct)]);
-        let mut y = vec![f32::NAN; len];
-        plan.forward(&x, &mut y).unwrap();
-        prop_assert_eq!(&y, &direct, "Direct plan");
-
-        if act == Activation::None {
-            for algorithm in algorithms() {
-                let y = t.forward_to_vec(&x, &w, b, algorithm).unwrap();
-                assert_close(&format!("{algorithm:?} forward_to_vec {case:?}"), &y, &direct64, &r.magnitude, terms)?;
-                let mut y = vec![f32::NAN; len];
-                t.forward(&x, &w, b, &mut y, algorithm).unwrap();
-                assert_close(&format!("{algorithm:?} forward {case:?}"), &y, &direct64, &r.magnitude, terms)?;
-            }
-        }
-
-        for algorithm in [
-            Algorithm::Implicit,
-            Algorithm::DirectSimd,
-            Algorithm::DirectDense,
-            Algorithm::Im2col,
-            Algorithm::Auto,
-        ] {
-            for (isa, backend, par) in engine_combos() {
-                let what = format!("{case:?} {algorithm:?} {isa:?} {backend:?} {par:?}");
-                let options = ForwardOptions::new(algorithm)
-                    .activation(act)
-                    .isa(isa)
-                    .backend(backend)
-                    .parallelism(par);
-                let mut y = vec![f32::NAN; len];
-                let (result, trace) = traced(|| t.forward_with(&x, &w, b, &mut y, &options));
-                result.unwrap();
-                assert_close(&what, &y, &direct64, &r.magnitude, terms)?;
-
-                let plan = t.plan(&w, b, &options).unwrap();
-                let mut from_plan = vec![f32::NAN; len];
-                let (result, plan_trace) = traced(|| plan.forward(&x, &mut from_plan));
-                result.unwrap();
-                assert_close(&format!("plan {what}"), &from_plan, &direct64, &r.magnitude, terms)?;
-
-                let sequential = backend == GemmBackend::Native && par == Parallelism::Sequential;
-                if sequential && r.reached {
-                    for (how, tr) in [("forward_with", &trace), ("plan", &plan_trace)] {
-                        match algorithm {
-                            Algorithm::Implicit | Algorithm::Im2col => prop_assert!(
-                                tr.gemm_ran_on(isa), "{} {}: no {:?} GEMM in {:?}", how, what, isa, tr
-                            ),
-                            Algorithm::DirectSimd | Algorithm::DirectDense => prop_assert!(
-                                tr.direct_simd_ran_on(isa),
-                                "{} {}: no {:?} SIMD direct in {:?}", how, what, isa, tr
-                            ),
-                            _ => {}
-                        }
-                    }
-                }
-            }
-        }
+    /// The same on cases whose taps are disjoint (kernel = stride, no
+    /// dilation, padding or output padding: the decoder's k2s2), which the
+    /// GEMM path scatters instead of running col2im; rare in the general
+    /// strategy.
+    #[test]
+    fn disjoint_taps_match_direct(case in case_strategy(), k in (1usize..=3, 1usize..=3)) {
+        let case = Case {
+            kernel: k,
+            stride: k,
+            dilation: (1, 1),
+            raw_output_padding: (0, 0),
+            pad: PadChoice::Explicit(Padding::ZERO),
+            ..case
+        };
+        check_every_algorithm(&case)?;
     }
 
     /// `ConvTranspose2d::forward` (no bias, no activation) equals

@@ -206,8 +206,10 @@ impl Conv2d {
     /// The algorithm [`Algorithm::Auto`] runs for [`Conv2d::backward_input`]:
     /// [`Algorithm::Direct`] below 4 kFLOP; [`Algorithm::Im2col`] (GEMM +
     /// col2im) where it beats the sub-pixel phases (a group with fewer than
-    /// 16 input channels, or an output plane with fewer pixels than a group
-    /// has output channels; see `transposed_gemm.rs` for the measurements);
+    /// 16 input channels, an output plane with fewer pixels than a group
+    /// has output channels, or a kernel as large as its stride with no
+    /// dilation or padding, whose taps never overlap; see
+    /// `transposed_gemm.rs` for the measurements);
     /// otherwise the phases, each with its own `Auto` choice (`DirectSimd`
     /// for depthwise and small groups, `Implicit` otherwise), reported as
     /// `Auto`.

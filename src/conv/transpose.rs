@@ -507,7 +507,10 @@ impl ConvTranspose2d {
     /// some phase's sub-kernel is 1×1 (the phases' implicit GEMMs then get
     /// too few columns: dcgan_b8's 8² planes of 256 channels ran at 180
     /// GFLOP/s against 154 for the phases on the implicit GEMM, Zen 5
-    /// AVX-512, 1 thread, plans); otherwise the sub-pixel phases, each with
+    /// AVX-512, 1 thread, plans), or when the taps are disjoint (kernel =
+    /// stride, no dilation or padding: each column lands on one output
+    /// pixel and is scattered, no col2im; unet_up_k2s2 203–212 against
+    /// 186–196 for the phases); otherwise the sub-pixel phases, each with
     /// its own `Auto` choice (reported as `Auto`). Where every phase's
     /// sub-kernel is above 1×1 they run on the dense tile, which needs no
     /// columns: dcgan_b8 199–201 against 182 for GEMM + col2im in the same

@@ -94,11 +94,16 @@ impl TransposedWeights<'_> {
 /// 128) 163 vs 156, unet_up_k2s2 215 vs 188, fcn_up_k3s2 155 vs 112; input
 /// gradients: r50_deep (7², 512) 45 vs 117, r50_last1x1 (7², 2048) 70 vs
 /// 132, the 3-channel stem r50_conv1 40 vs 95, r50_3x3_s2 (28², 128) 167
-/// vs 142, r50_3x3 201 vs 167.
+/// vs 142, r50_3x3 201 vs 167. It also wins wherever the taps are disjoint
+/// ([`taps_disjoint`]: no col2im, one scatter): 1 thread AVX-512 Zen 5,
+/// binaries alternating, three rounds, GFLOP/s, phases against GEMM +
+/// scatter: unet_up_k2s2's plan 186–196 vs 203–212; the input gradient of
+/// 2×2/2 from 64 to 128 channels on 56² 162 vs 188, of 4×4/4 from 96 to 192
+/// on 56² 149–151 vs 147–148.
 pub(crate) fn gemm_col2im_wins(tg: &TransposedGeometry) -> bool {
     let (cout_g, cin_g) = (tg.out_per_group(), tg.in_per_group());
     let small_groups = cout_g <= 16 && cin_g <= 16;
-    !small_groups && (cout_g < 16 || tg.h.input * tg.w.input < cin_g)
+    !small_groups && (cout_g < 16 || tg.h.input * tg.w.input < cin_g || taps_disjoint(tg))
 }
 
 /// Whether col2im is the identity: a 1×1 kernel at stride 1 with no offset
@@ -109,6 +114,62 @@ fn col2im_is_identity(tg: &TransposedGeometry) -> bool {
     let identity =
         |a: &TransposedAxis| a.kernel == 1 && a.stride == 1 && a.offset == 0 && a.output == a.input;
     identity(&tg.h) && identity(&tg.w)
+}
+
+/// Whether every output pixel takes exactly one tap (and one input pixel)
+/// per input channel: the kernel as large as the stride along both axes,
+/// no dilation or offset, the output exactly `σ·` the input (the decoder's
+/// k2s2 upsampling, or the input gradient of a k×k/k patch embedding).
+/// The column matrix then holds each output pixel once, and is scattered
+/// into the planes ([`scatter_disjoint`]) instead of added into zeroed
+/// sub-planes and interleaved.
+fn taps_disjoint(tg: &TransposedGeometry) -> bool {
+    let disjoint = |a: &TransposedAxis| {
+        a.kernel == a.stride && a.dilation == 1 && a.offset == 0 && a.output == a.input * a.stride
+    };
+    disjoint(&tg.h) && disjoint(&tg.w) && !col2im_is_identity(tg)
+}
+
+/// Writes the chunk of the column matrix `col` (the input rows
+/// `input_rows`, see [`col2im`]) of a [`taps_disjoint`] transposed
+/// convolution into the output planes `image`, with `bias` (one value per
+/// plane): output row `i·σ_h + u` takes, for each column phase `v`, the
+/// row of the tap that window offset `(u, v)` pairs with, its columns
+/// `σ_w` apart (at σ_w = 2, two rows zipped into one).
+fn scatter_disjoint(
+    tg: &TransposedGeometry,
+    col: &[f32],
+    input_rows: Range<usize>,
+    image: &mut [f32],
+    bias: Option<&[f32]>,
+) {
+    let (sh, sw, w_in, out_w) = (tg.h.stride, tg.w.stride, tg.w.input, tg.w.output);
+    let cols = input_rows.len() * w_in;
+    let taps = sh * sw;
+    for (c, plane) in image.chunks_exact_mut(tg.h.output * out_w).enumerate() {
+        let b = bias.map_or(0.0, |b| b[c]);
+        let tap_row = |u: usize, v: usize, k: usize| {
+            let (r, s) = tg.weight_tap(u, v);
+            &col[(c * taps + r * sw + s) * cols + k * w_in..][..w_in]
+        };
+        for (k, i) in input_rows.clone().enumerate() {
+            for u in 0..sh {
+                let out_row = &mut plane[(i * sh + u) * out_w..][..out_w];
+                if sw == 2 {
+                    let (even, odd) = (tap_row(u, 0, k), tap_row(u, 1, k));
+                    for ((x, &e), &o) in out_row.chunks_exact_mut(2).zip(even).zip(odd) {
+                        x[0] = e + b;
+                        x[1] = o + b;
+                    }
+                    continue;
+                }
+                for v in 0..sw {
+                    let lane = out_row[v..].iter_mut().step_by(sw);
+                    lane.zip(tap_row(u, v, k)).for_each(|(x, &t)| *x = t + b);
+                }
+            }
+        }
+    }
 }
 
 /// Rows of each group's GEMM: `C_out/g·R·S`.
@@ -462,20 +523,50 @@ pub(crate) fn col2im_split(
     layout: PlaneLayout,
     threads: usize,
 ) {
-    let out_plane = layout.channel_len();
-    let channels = image.len() / out_plane;
-    if threads <= 1 || channels < 2 {
-        return col2im(isa, tg, col, input_rows, image, layout);
-    }
-    let half = channels / 2;
-    let rows = col.len() / channels * half;
-    let (col_a, col_b) = col.split_at_mut(rows);
-    let (img_a, img_b) = image.split_at_mut(half * out_plane);
-    let rows_b = input_rows.clone();
-    rayon::join(
-        || col2im_split(isa, tg, col_a, input_rows, img_a, layout, threads / 2),
-        || col2im_split(isa, tg, col_b, rows_b, img_b, layout, threads - threads / 2),
+    on_channel_halves(
+        col,
+        image,
+        layout.channel_len(),
+        threads,
+        &|col, image, _| col2im(isa, tg, col, input_rows.clone(), image, layout),
     );
+}
+
+/// `f(col, image, c0)` over the output channels of `image` (planes of
+/// `channel_len` floats, their rows of the column matrix in `col`), split
+/// in halves with `rayon::join` down to one part per thread (`threads`
+/// parts at most); `c0` is the part's first channel. Each channel is one
+/// part's whole, whatever the split.
+fn on_channel_halves(
+    col: &mut [f32],
+    image: &mut [f32],
+    channel_len: usize,
+    threads: usize,
+    f: &(impl Fn(&mut [f32], &mut [f32], usize) + Sync),
+) {
+    fn go(
+        col: &mut [f32],
+        image: &mut [f32],
+        channel_len: usize,
+        c0: usize,
+        threads: usize,
+        f: &(impl Fn(&mut [f32], &mut [f32], usize) + Sync),
+    ) {
+        let channels = image.len() / channel_len;
+        if threads <= 1 || channels < 2 {
+            return f(col, image, c0);
+        }
+        let half = channels / 2;
+        let rows = col.len() / channels * half;
+        let (col_a, col_b) = col.split_at_mut(rows);
+        let (img_a, img_b) = image.split_at_mut(half * channel_len);
+        let rest = threads - threads / 2;
+        rayon::join(
+            || go(col_a, img_a, channel_len, c0, threads / 2, f),
+            || go(col_b, img_b, channel_len, c0 + half, rest, f),
+        );
+    }
+    go(col, image, channel_len, 0, threads, f);
 }
 
 /// Runs `tg` as GEMM + col2im on `input` into `output` (every element
@@ -503,6 +594,7 @@ pub(crate) fn transposed_gemm(
     let out_plane = tg.h.output * tg.w.output;
     let cout_g = tg.out_per_group();
     let in_place = col2im_is_identity(tg);
+    let disjoint = taps_disjoint(tg);
     let isa = options.resolved_isa();
     // The column matrix in chunks of whole input rows that stay in L2
     // between the GEMM that writes them and the col2im that reads them.
@@ -510,7 +602,7 @@ pub(crate) fn transposed_gemm(
     // At a stride above 1, col2im adds into sub-planes (column phases),
     // contiguous, which are then interleaved into the planes: r50_conv1's
     // grad input spent 0.83 ms adding to every other float.
-    let layout = if in_place {
+    let layout = if in_place || disjoint {
         PlaneLayout::plane(tg)
     } else {
         PlaneLayout::phased(tg)
@@ -582,7 +674,7 @@ pub(crate) fn transposed_gemm(
         }
         if !layout.is_plane() {
             phased.fill(0.0);
-        } else {
+        } else if !disjoint {
             for (c, y) in image.chunks_exact_mut(out_plane).enumerate() {
                 y.fill(bias.map_or(0.0, |b| b[c]));
             }
@@ -601,12 +693,13 @@ pub(crate) fn transposed_gemm(
                 x,
                 chunk_rows,
                 layout,
+                scatter: disjoint.then(|| bias.map(|b| &b[grp * cout_g..][..cout_g])),
             };
             if split {
                 run.split_channels(&weights, grp, 0..cout_g, y, &mut col, options, threads);
             } else {
                 let a = weights.group(tg, grp);
-                run.chunks(&a, rows, y, &mut col, &gemm_opts, threads);
+                run.chunks(&a, 0..cout_g, y, &mut col, &gemm_opts, threads);
             }
         }
         if !layout.is_plane() {
@@ -662,17 +755,21 @@ struct ChunkRun<'a> {
     x: &'a [f32],
     chunk_rows: usize,
     layout: PlaneLayout,
+    /// For a [`taps_disjoint`] convolution, the group's bias (if any):
+    /// each chunk is then scattered into the planes ([`scatter_disjoint`]),
+    /// not added by col2im.
+    scatter: Option<Option<&'a [f32]>>,
 }
 
 impl ChunkRun<'_> {
-    /// The chunks' GEMMs (`a`: `rows` rows of `W_gᵀ`, those of the
-    /// channels whose planes or sub-planes `y` holds) and their col2im
-    /// into `y`, the col2im on up to `threads` threads; `col` holds
-    /// `rows × chunk_rows·W` floats.
+    /// The chunks' GEMMs (`a`: the rows of `W_gᵀ` of the group's output
+    /// channels `chans`, whose planes or sub-planes `y` holds) and their
+    /// col2im (or scatter) into `y`, on up to `threads` threads; `col`
+    /// holds `chans.len()·R·S × chunk_rows·W` floats.
     fn chunks(
         &self,
         a: &ASource<'_, f32>,
-        rows: usize,
+        chans: Range<usize>,
         y: &mut [f32],
         col: &mut [f32],
         gemm_opts: &crate::GemmOptions,
@@ -680,6 +777,7 @@ impl ChunkRun<'_> {
     ) {
         let tg = self.tg;
         let (depth, plane) = (tg.in_per_group(), tg.h.input * tg.w.input);
+        let rows = chans.len() * tg.h.kernel * tg.w.kernel;
         for i0 in (0..tg.h.input).step_by(self.chunk_rows) {
             let i1 = (i0 + self.chunk_rows).min(tg.h.input);
             let cols = (i1 - i0) * tg.w.input;
@@ -715,7 +813,19 @@ impl ChunkRun<'_> {
                 )
             };
             let part = &mut col[..rows * cols];
-            col2im_split(self.isa, tg, part, i0..i1, y, self.layout, threads);
+            match self.scatter {
+                Some(bias) => {
+                    let bias = bias.map(|b| &b[chans.clone()]);
+                    on_channel_halves(
+                        part,
+                        y,
+                        tg.h.output * tg.w.output,
+                        threads,
+                        &|col, y, c0| scatter_disjoint(tg, col, i0..i1, y, bias.map(|b| &b[c0..])),
+                    );
+                }
+                None => col2im_split(self.isa, tg, part, i0..i1, y, self.layout, threads),
+            }
         }
     }
 
@@ -763,10 +873,9 @@ impl ChunkRun<'_> {
             );
             return;
         }
-        let rows = chans.len() * window;
         let a = weights.group_channels(tg, grp, chans.clone());
         let gemm_opts = options.gemm_options(crate::Parallelism::threads(threads));
-        self.chunks(&a, rows, y, col, &gemm_opts, threads);
+        self.chunks(&a, chans, y, col, &gemm_opts, threads);
     }
 }
 
