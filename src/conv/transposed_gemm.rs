@@ -12,7 +12,10 @@
 //! upsampling layers), that beats the sub-pixel phases of `phases.rs`, whose
 //! stride-1 convolutions then run on planes too small for the implicit
 //! GEMM's packing to pay; `ConvTranspose2d`'s `Auto` and the input
-//! gradient's pick between them.
+//! gradient's pick between them. Where the kernel is as large as the
+//! stride (no dilation or padding) no two taps meet: col2im becomes a
+//! scatter of each chunk into the output, and GEMM + scatter beats the
+//! phases there too.
 
 use super::phases::{TransposedAxis, TransposedGeometry};
 use super::scratch::Scratch;
@@ -597,7 +600,8 @@ pub(crate) fn transposed_gemm(
     let disjoint = taps_disjoint(tg);
     let isa = options.resolved_isa();
     // The column matrix in chunks of whole input rows that stay in L2
-    // between the GEMM that writes them and the col2im that reads them.
+    // between the GEMM that writes them and the col2im (or scatter) that
+    // reads them.
     let chunk_rows = col_chunk_rows(tg, options);
     // At a stride above 1, col2im adds into sub-planes (column phases),
     // contiguous, which are then interleaved into the planes: r50_conv1's
@@ -693,7 +697,11 @@ pub(crate) fn transposed_gemm(
                 x,
                 chunk_rows,
                 layout,
-                scatter: disjoint.then(|| bias.map(|b| &b[grp * cout_g..][..cout_g])),
+                finish: if disjoint {
+                    ChunkFinish::Scatter(bias.map(|b| &b[grp * cout_g..][..cout_g]))
+                } else {
+                    ChunkFinish::Col2im
+                },
             };
             if split {
                 run.split_channels(&weights, grp, 0..cout_g, y, &mut col, options, threads);
@@ -755,10 +763,18 @@ struct ChunkRun<'a> {
     x: &'a [f32],
     chunk_rows: usize,
     layout: PlaneLayout,
-    /// For a [`taps_disjoint`] convolution, the group's bias (if any):
-    /// each chunk is then scattered into the planes ([`scatter_disjoint`]),
-    /// not added by col2im.
-    scatter: Option<Option<&'a [f32]>>,
+    finish: ChunkFinish<'a>,
+}
+
+/// How a chunk of the column matrix reaches the output.
+#[derive(Clone, Copy)]
+enum ChunkFinish<'a> {
+    /// Added where it lands ([`col2im`]), into planes that already hold the
+    /// bias or into zeroed sub-planes.
+    Col2im,
+    /// Scattered, with the group's bias if any, for a [`taps_disjoint`]
+    /// convolution ([`scatter_disjoint`]).
+    Scatter(Option<&'a [f32]>),
 }
 
 impl ChunkRun<'_> {
@@ -813,8 +829,8 @@ impl ChunkRun<'_> {
                 )
             };
             let part = &mut col[..rows * cols];
-            match self.scatter {
-                Some(bias) => {
+            match self.finish {
+                ChunkFinish::Scatter(bias) => {
                     let bias = bias.map(|b| &b[chans.clone()]);
                     on_channel_halves(
                         part,
@@ -824,7 +840,9 @@ impl ChunkRun<'_> {
                         &|col, y, c0| scatter_disjoint(tg, col, i0..i1, y, bias.map(|b| &b[c0..])),
                     );
                 }
-                None => col2im_split(self.isa, tg, part, i0..i1, y, self.layout, threads),
+                ChunkFinish::Col2im => {
+                    col2im_split(self.isa, tg, part, i0..i1, y, self.layout, threads)
+                }
             }
         }
     }
