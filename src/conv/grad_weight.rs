@@ -312,18 +312,16 @@ impl ColumnsT<'_> {
             while p < k0 + kc {
                 let (oh, owp) = (p / ow, p % ow);
                 let len = run_rows.saturating_sub(owp).min(k0 + kc - p);
+                // The runs of this output row, from the tap starts above.
                 let shift = oh * g.stride_h * wp + owp;
-                let row_starts = &mut starts[..];
-                row_starts.iter_mut().for_each(|x| *x += shift);
                 transpose_rows_at(
                     isa,
-                    source,
-                    row_starts,
+                    &source[shift..],
+                    &starts,
                     len,
                     &mut panel[(p - k0) * nr..],
                     nr,
                 );
-                row_starts.iter_mut().for_each(|x| *x -= shift);
                 p += len;
             }
             if width < nr {
