@@ -40,6 +40,22 @@
 //! registers). A row is split into tiles of as equal widths as the widest
 //! tile allows (56 pixels with `W ≤ 6`: six of 6 and four of 5), which keeps
 //! the narrow tail tiles of a plain split off the row.
+//!
+//! What the store costs, and what did not lower it (Zen 5, AVX-512, 1
+//! thread, plans, GFLOP/s; "no store" is a build that skipped the row
+//! store, so its output was wrong, to weigh it): a batch of 8 of 32 → 64
+//! channels 3×3 on 32² (the suite's batch16 in small) 222–232 with the
+//! output on a cache line and 206–221 with it 4 floats past one, against
+//! 229–250 with no store at either placement; the same on 32×31, 32×33 and
+//! 32×34 planes (222–230 against 236–244), so not the 4 KiB distance of
+//! 32² planes mapping every channel's row to one L1 set; r50_3x3 230
+//! against 233–235, r50_deep 231 against 231–234. The store's share
+//! follows the taps per output (288 on that layer, 576 on r50_3x3): 16
+//! strided loads, a 16 × 16 transpose and 16 stores a group of 256
+//! outputs. Not taken: a masked head store so that the rest of each
+//! channel's row starts on a line (a misplaced output still 221–222);
+//! prefetching the row's output lines at its start, or one or two rows
+//! ahead into L2 (within the noise of the same runs).
 
 use super::{thread_count, Simd};
 use crate::arch::{clamp_isa, Isa};

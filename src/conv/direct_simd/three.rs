@@ -1,6 +1,23 @@
 //! The 3×3 register tile for single-channel jobs with vertical dilation 1
 //! and stride 1 or 2 (depthwise MobileNet layers): all nine weights in
 //! registers, each input row loaded once per kernel column.
+//!
+//! Tried against this tile and not taken (Zen 5, AVX-512, 1 thread, plans,
+//! GFLOP/s, the tile's figure in the same runs after the arrow):
+//!
+//! * The grad weight's flattened sweep for the forward (a vector is 16
+//!   consecutive pixels of the flattened plane, one whole load and one
+//!   merge-masked FMA per tap, no vector wasted on a row's tail):
+//!   144×56² 60–65 → 87–92, 8×56² 52–61 → 93–98, 192×28² 52–54 → 85–87,
+//!   32×112² 64–65 → 101–106, with four vectors' accumulators interleaved
+//!   or not. Nine loads a vector, most across two lines, against this
+//!   tile's three per input row shared by up to three output rows.
+//! * At stride 2, the last vector of a row moved back to end at the row's
+//!   end (full width, overlapping its neighbour, so that it reads inside
+//!   the row and takes the interior loads): 192×56²/2 33 → 38, still no
+//!   faster than channels in lanes (33–37), which that layer takes; on
+//!   planes with no padding at all the tile reaches only 47–55 there
+//!   (28 or 32 outputs a row: short row blocks).
 
 use super::simd::{fma_tap, load_interior, load_tap, opaque, store_tile, TileAt};
 use super::{Geo, Job, Simd};
