@@ -55,7 +55,10 @@
 //! outputs. Not taken: a masked head store so that the rest of each
 //! channel's row starts on a line (a misplaced output still 221–222);
 //! prefetching the row's output lines at its start, or one or two rows
-//! ahead into L2 (within the noise of the same runs).
+//! ahead into L2 (within the noise of the same runs); streaming stores for
+//! whole vectors on a line, 231 → 236–238 at +0 (the write-allocate is
+//! about a third of the store's cost), which would leave the output for
+//! the next layer in DRAM rather than in L3.
 
 use super::{thread_count, Simd};
 use crate::arch::{clamp_isa, Isa};
