@@ -52,8 +52,13 @@
 //! against 233–235, r50_deep 231 against 231–234. The store's share
 //! follows the taps per output (288 on that layer, 576 on r50_3x3): 16
 //! strided loads, a 16 × 16 transpose and 16 stores a group of 256
-//! outputs. Not taken: a masked head store so that the rest of each
-//! channel's row starts on a line (a misplaced output still 221–222);
+//! outputs. The output's placement: starting 16, 32, 48 or 64 floats past
+//! a 4 KiB boundary (whole lines) runs as at 0 (228–234), 1, 4 or 8
+//! floats past (inside a line) at 222–224 (each
+//! row of 32 floats then spans three lines, the outer two shared with the
+//! neighbouring rows and written a row apart). Not taken: a masked head
+//! store so that the rest of each channel's row starts on a line (218 →
+//! 220–221 at +4, against 228–230 at +0 in the same runs);
 //! prefetching the row's output lines at its start, or one or two rows
 //! ahead into L2 (within the noise of the same runs); streaming stores for
 //! whole vectors on a line, 231 → 236–238 at +0 (the write-allocate is
