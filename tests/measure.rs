@@ -14,8 +14,8 @@ mod common;
 
 use common::{conv_bound, conv_reference, Rng};
 use cpuconv::{
-    wisdom, Algorithm, ChoiceSource, Conv2d, Conv2dParams, ConvError, ForwardOptions, Isa, Padding,
-    Parallelism, PlanEffort,
+    wisdom, Algorithm, ChoiceSource, Conv2d, Conv2dParams, ConvError, ConvTranspose2d,
+    ConvTranspose2dParams, ForwardOptions, Isa, Padding, Parallelism, PlanEffort,
 };
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
@@ -235,6 +235,81 @@ fn the_wisdom_round_trips() {
         text.lines().all(|l| again.lines().any(|m| m == l)),
         "{again}"
     );
+}
+
+/// Plans the transposed `t` with `options` on random tensors and checks its
+/// output against `Direct`'s: within `1e-4` per input channel and tap a
+/// pixel can meet (the values lie in [−1, 1)), far below any wrong tap.
+fn check_transposed_plan(
+    t: &ConvTranspose2d,
+    options: &ForwardOptions,
+    seed: u64,
+) -> cpuconv::PlanChoice {
+    let [n, c, h, w] = t.input_shape();
+    let mut rng = Rng::new(seed);
+    let x = rng.vec(n * c * h * w);
+    let wt = rng.vec(t.weight_shape().iter().product());
+    let b = rng.vec(t.output_shape()[1]);
+    let plan = t.plan(&wt, Some(&b), options).unwrap();
+    let mut got = vec![f32::NAN; t.output_shape().iter().product()];
+    plan.forward(&x, &mut got).unwrap();
+    let direct = t
+        .forward_to_vec(&x, &wt, Some(&b), Algorithm::Direct)
+        .unwrap();
+    let bound = 1e-4 * (c * 16) as f32;
+    for (i, (g, d)) in got.iter().zip(&direct).enumerate() {
+        assert!((g - d).abs() <= bound, "output {i}: {g} vs {d}");
+    }
+    plan.choice()
+}
+
+#[test]
+fn measured_transposed_plans_round_trip_the_wisdom() {
+    let _store = hold_store();
+    // Unequal axes, so that the entry shows which is which.
+    let t = ConvTranspose2dParams::new(2, 24, (8, 6), 16, (4, 3))
+        .stride(2, 2)
+        .padding(Padding::symmetric(1, 0))
+        .build()
+        .unwrap();
+    assert_eq!(t.output_shape(), [2, 16, 16, 13]);
+    // Estimate: Auto's model, unmeasured.
+    let estimate = pool(2).install(|| check_transposed_plan(&t, &ForwardOptions::default(), 20));
+    assert_eq!(estimate.source, ChoiceSource::Estimate);
+    assert_eq!(estimate.algorithm, t.auto_algorithm());
+    let choice = pool(2).install(|| check_transposed_plan(&t, &measure(), 21));
+    assert_eq!(choice.source, ChoiceSource::Measured);
+    assert!(choice.threads == 1 || choice.threads == 2, "{choice:?}");
+    assert!(
+        choice.algorithm == t.auto_algorithm()
+            || (choice.algorithm != Algorithm::Direct
+                && Algorithm::CONCRETE.contains(&choice.algorithm)),
+        "{choice:?}"
+    );
+    let text = wisdom::export();
+    let entry = "input=2x24x8x6 out=16 kernel=4x3 stride=2x2 op=transpose offset=1,0 output=16x13";
+    assert!(text.contains(entry), "{text}");
+    wisdom::forget();
+    let only = measure().effort(PlanEffort::WisdomOnly);
+    let estimated = pool(2).install(|| check_transposed_plan(&t, &only, 22));
+    assert_eq!(estimated.source, ChoiceSource::Estimate);
+    assert_eq!(wisdom::import(&text).unwrap(), text.lines().count() - 1);
+    for options in [measure(), only] {
+        let from_wisdom = pool(2).install(|| check_transposed_plan(&t, &options, 23));
+        assert_eq!(from_wisdom.source, ChoiceSource::Wisdom);
+        assert_eq!(
+            (from_wisdom.algorithm, from_wisdom.threads, from_wisdom.isa),
+            (choice.algorithm, choice.threads, choice.isa)
+        );
+    }
+    // The same numbers as an ordinary convolution's layer are another key:
+    // its WisdomOnly plan finds nothing.
+    let conv = Conv2dParams::new(2, 24, (8, 6), 16, (4, 3))
+        .stride(2, 2)
+        .build()
+        .unwrap();
+    let plain = pool(2).install(|| check_plan(&conv, &only, 24));
+    assert_eq!(plain.source, ChoiceSource::Estimate);
 }
 
 /// A wisdom line for `conv`'s layer with the given fields.

@@ -1,8 +1,12 @@
 //! Planning by measurement, FFTW's idea: with [`PlanEffort::Measure`],
-//! [`Conv2d::plan`] builds a plan for each candidate (algorithm × thread
-//! split × kernel path), times each on the real shape and keeps the
-//! fastest; the choice is remembered in the process's [wisdom], which can
-//! be exported and imported as a small string.
+//! [`Conv2d::plan`] (and [`ConvTranspose2d::plan`]) builds a plan for each
+//! candidate (algorithm × thread split × kernel path), times each on the
+//! real shape and keeps the fastest; the choice is remembered in the
+//! process's [wisdom], which can be exported and imported as a small
+//! string. The search is written once over both kinds of layer; a transposed
+//! convolution's candidates are GEMM + col2im and its sub-pixel phases
+//! (`Auto` for the phases' own choices, then each fast path for all of
+//! them).
 //!
 //! # Why the kernel path is a candidate
 //!
@@ -57,7 +61,9 @@
 //!    (noise on a busy machine should not trade the model's pick for an
 //!    equal one, nor the CPU's path for an equally fast one).
 
-use super::{zeroed, Algorithm, Conv2d, Conv2dPlan, ForwardOptions};
+use super::{
+    zeroed, Algorithm, Conv2d, Conv2dPlan, ConvTranspose2d, ConvTranspose2dPlan, ForwardOptions,
+};
 use crate::arch::Isa;
 use crate::conv::wisdom::{self, Choice, Key};
 use crate::error::ConvError;
@@ -67,7 +73,9 @@ use std::time::{Duration, Instant};
 
 /// How hard [`Conv2d::plan`] works to choose what a plan runs: FFTW's
 /// planner flags. Set with [`ForwardOptions::effort`]; one-shot calls
-/// ([`Conv2d::forward_with`]) and transposed-convolution plans ignore it.
+/// ([`Conv2d::forward_with`]) ignore it. [`ConvTranspose2d::plan`] takes
+/// it too: its candidates are GEMM + col2im and the sub-pixel phases, each
+/// phase on its own `Auto` choice and then all of them on each fast path.
 ///
 /// ```
 /// use cpuconv::{Algorithm, ChoiceSource, Conv2dParams, ForwardOptions, Padding, PlanEffort};
@@ -208,13 +216,13 @@ impl Candidate {
 
 /// A candidate under test: its plan (dropped once it is out of the
 /// running) and its timed calls.
-struct Trial {
+struct Trial<P> {
     candidate: Candidate,
-    plan: Option<Conv2dPlan>,
+    plan: Option<P>,
     samples: Vec<Duration>,
 }
 
-impl Trial {
+impl<P> Trial<P> {
     /// The lower median of the samples.
     fn time(&self) -> Option<Duration> {
         let mut s = self.samples.clone();
@@ -236,6 +244,136 @@ fn with_threads(options: &ForwardOptions, threads: usize, cap: usize) -> Forward
     }
 }
 
+/// A layer whose plans are measured: [`Conv2d`] and [`ConvTranspose2d`].
+/// The search is written once over it.
+pub(crate) trait MeasuredLayer {
+    /// What a plan of the layer is.
+    type Plan;
+    /// The lengths of one call's input and output.
+    fn lens(&self) -> (usize, usize);
+    /// A plan for `options` (their algorithm, threads and path), its choice
+    /// marked as coming from `source`.
+    fn plan_for(
+        &self,
+        weight: &[f32],
+        bias: Option<&[f32]>,
+        options: &ForwardOptions,
+        source: ChoiceSource,
+    ) -> Result<Self::Plan, ConvError>;
+    /// The algorithm `Estimate` runs for a request of `requested`.
+    fn estimate_pick(&self, requested: Algorithm) -> Algorithm;
+    /// The other algorithms an `Auto` request measures, the most frequent
+    /// winners first (a short budget reaches those).
+    fn other_algorithms(&self) -> Vec<Algorithm>;
+    /// One call of `plan`.
+    fn run(plan: &Self::Plan, input: &[f32], output: &mut [f32]) -> Result<(), ConvError>;
+    /// The algorithm `plan` runs (two candidates that run the same are
+    /// measured once).
+    fn ran(plan: &Self::Plan) -> Algorithm;
+    /// Whether `plan` runs the reference loops.
+    fn runs_reference(plan: &Self::Plan) -> bool;
+    /// Marks where `plan`'s choice came from.
+    fn set_source(plan: &mut Self::Plan, source: ChoiceSource);
+}
+
+impl MeasuredLayer for Conv2d {
+    type Plan = Conv2dPlan;
+    fn lens(&self) -> (usize, usize) {
+        let g = self.geometry();
+        (g.input_len(), g.output_len())
+    }
+    fn plan_for(
+        &self,
+        weight: &[f32],
+        bias: Option<&[f32]>,
+        options: &ForwardOptions,
+        source: ChoiceSource,
+    ) -> Result<Conv2dPlan, ConvError> {
+        self.plan_as(weight, bias, options, source)
+    }
+    fn estimate_pick(&self, requested: Algorithm) -> Algorithm {
+        match requested {
+            Algorithm::Auto => self.auto_algorithm(),
+            a => a,
+        }
+    }
+    fn other_algorithms(&self) -> Vec<Algorithm> {
+        fast_paths_first(&[
+            Algorithm::DirectDense,
+            Algorithm::Implicit,
+            Algorithm::DirectSimd,
+        ])
+    }
+    fn run(plan: &Conv2dPlan, input: &[f32], output: &mut [f32]) -> Result<(), ConvError> {
+        plan.forward(input, output)
+    }
+    fn ran(plan: &Conv2dPlan) -> Algorithm {
+        plan.algorithm()
+    }
+    fn runs_reference(plan: &Conv2dPlan) -> bool {
+        plan.runs_reference()
+    }
+    fn set_source(plan: &mut Conv2dPlan, source: ChoiceSource) {
+        plan.set_source(source);
+    }
+}
+
+impl MeasuredLayer for ConvTranspose2d {
+    type Plan = ConvTranspose2dPlan;
+    fn lens(&self) -> (usize, usize) {
+        let tg = self.transposed_geometry();
+        (tg.input_len(), tg.output_len())
+    }
+    fn plan_for(
+        &self,
+        weight: &[f32],
+        bias: Option<&[f32]>,
+        options: &ForwardOptions,
+        source: ChoiceSource,
+    ) -> Result<ConvTranspose2dPlan, ConvError> {
+        self.plan_as(weight, bias, options, source)
+    }
+    fn estimate_pick(&self, requested: Algorithm) -> Algorithm {
+        match requested {
+            Algorithm::Auto => self.auto_algorithm(),
+            a => a,
+        }
+    }
+    fn other_algorithms(&self) -> Vec<Algorithm> {
+        // GEMM + col2im first: the phases' own `Auto` is Estimate's pick
+        // wherever GEMM + col2im is not.
+        fast_paths_first(&[
+            Algorithm::Im2col,
+            Algorithm::DirectDense,
+            Algorithm::Implicit,
+            Algorithm::DirectSimd,
+        ])
+    }
+    fn run(plan: &ConvTranspose2dPlan, input: &[f32], output: &mut [f32]) -> Result<(), ConvError> {
+        plan.forward(input, output)
+    }
+    fn ran(plan: &ConvTranspose2dPlan) -> Algorithm {
+        plan.choice().algorithm
+    }
+    fn runs_reference(plan: &ConvTranspose2dPlan) -> bool {
+        plan.choice().algorithm == Algorithm::Direct
+    }
+    fn set_source(plan: &mut ConvTranspose2dPlan, source: ChoiceSource) {
+        plan.set_source(source);
+    }
+}
+
+/// `first`, then every other concrete algorithm but the reference loops.
+fn fast_paths_first(first: &[Algorithm]) -> Vec<Algorithm> {
+    let mut order = first.to_vec();
+    for a in Algorithm::CONCRETE {
+        if a != Algorithm::Direct && !order.contains(&a) {
+            order.push(a);
+        }
+    }
+    order
+}
+
 /// [`Conv2d::plan`] for [`PlanEffort::Measure`] and
 /// [`PlanEffort::WisdomOnly`].
 pub(crate) fn plan(
@@ -244,17 +382,48 @@ pub(crate) fn plan(
     bias: Option<&[f32]>,
     options: &ForwardOptions,
 ) -> Result<Conv2dPlan, ConvError> {
+    let key = |isa, cap| Key::new(conv.geometry(), isa, cap, options.algorithm);
+    // Non-finite weights on a padded layer send every padding-multiplying
+    // algorithm to DirectSimd: what was measured says nothing of the layer.
+    let rerouted = conv.geometry().padding != Padding::ZERO && !super::all_finite(weight);
+    plan_layer(conv, weight, bias, options, key, rerouted)
+}
+
+/// [`ConvTranspose2d::plan`] for [`PlanEffort::Measure`] and
+/// [`PlanEffort::WisdomOnly`].
+pub(crate) fn plan_transposed(
+    conv: &ConvTranspose2d,
+    weight: &[f32],
+    bias: Option<&[f32]>,
+    options: &ForwardOptions,
+) -> Result<ConvTranspose2dPlan, ConvError> {
+    let key = |isa, cap| Key::transposed(conv.transposed_geometry(), isa, cap, options.algorithm);
+    // Non-finite weights send the phases to DirectSimd, as above.
+    let rerouted = !super::all_finite(weight);
+    plan_layer(conv, weight, bias, options, key, rerouted)
+}
+
+/// The measured plan of `layer` under wisdom key `key(isa, cap)`: the
+/// wisdom's choice, or the search's (recorded unless `rerouted`).
+fn plan_layer<L: MeasuredLayer>(
+    layer: &L,
+    weight: &[f32],
+    bias: Option<&[f32]>,
+    options: &ForwardOptions,
+    key: impl Fn(Isa, usize) -> Key,
+    rerouted: bool,
+) -> Result<L::Plan, ConvError> {
     let estimate = ForwardOptions {
         effort: PlanEffort::Estimate,
         ..*options
     };
     if options.backend != GemmBackend::Native {
-        return conv.plan_as(weight, bias, &estimate, ChoiceSource::Estimate);
+        return layer.plan_for(weight, bias, &estimate, ChoiceSource::Estimate);
     }
     let isa = options.resolved_isa();
     let forced = options.isa.is_some();
     let cap = options.parallelism.max_threads().max(1);
-    let key = Key::new(conv.geometry(), isa, cap, options.algorithm);
+    let key = key(isa, cap);
     let entry = wisdom::lookup(&key);
     if let Some(choice) = entry.filter(|c| applies(c, isa, forced, Isa::is_supported)) {
         let candidate = Candidate {
@@ -263,17 +432,19 @@ pub(crate) fn plan(
             isa: choice.run_isa,
         };
         let opts = candidate.options(&estimate, cap);
-        return conv.plan_as(weight, bias, &opts, ChoiceSource::Wisdom);
+        return layer.plan_for(weight, bias, &opts, ChoiceSource::Wisdom);
     }
     let isas = isa_candidates(isa, forced, Isa::is_supported);
-    let candidates = candidates(conv, options.algorithm, cap, &isas);
+    let others = match options.algorithm {
+        Algorithm::Auto => layer.other_algorithms(),
+        _ => Vec::new(),
+    };
+    let pick = layer.estimate_pick(options.algorithm);
+    let candidates = candidates_of(pick, &others, cap, &isas);
     if options.effort != PlanEffort::Measure || candidates.len() < 2 {
-        return conv.plan_as(weight, bias, &estimate, ChoiceSource::Estimate);
+        return layer.plan_for(weight, bias, &estimate, ChoiceSource::Estimate);
     }
-    let (plan, candidate) = search(conv, weight, bias, &estimate, cap, &candidates)?;
-    // Non-finite weights on a padded layer send every padding-multiplying
-    // algorithm to DirectSimd: what was measured says nothing of the layer.
-    let rerouted = conv.geometry().padding != Padding::ZERO && !super::all_finite(weight);
+    let (plan, candidate) = search(layer, weight, bias, &estimate, cap, &candidates)?;
     // A search under a forced path does not replace an entry that the same
     // request with the path left open would take: that one compared more.
     let keep = forced && entry.is_some_and(|c| applies(&c, isa, false, Isa::is_supported));
@@ -307,29 +478,26 @@ fn isa_candidates(isa: Isa, forced: bool, supported: impl Fn(Isa) -> bool) -> Ve
     }
 }
 
-/// The candidates on the kernel paths `isas` (the request's own first),
-/// Estimate's pick first (see the module notes for the order).
+/// The candidates of a [`Conv2d`] (see [`candidates_of`]).
+#[cfg(test)]
 fn candidates(conv: &Conv2d, requested: Algorithm, cap: usize, isas: &[Isa]) -> Vec<Candidate> {
-    let pick = match requested {
-        Algorithm::Auto => conv.auto_algorithm(),
-        a => a,
+    let others = match requested {
+        Algorithm::Auto => conv.other_algorithms(),
+        _ => Vec::new(),
     };
-    let mut others = Vec::new();
-    if requested == Algorithm::Auto {
-        // The fast paths, the most frequent winners first (a short budget
-        // reaches those), then any other but the reference loops.
-        let mut order = vec![
-            Algorithm::DirectDense,
-            Algorithm::Implicit,
-            Algorithm::DirectSimd,
-        ];
-        for a in Algorithm::CONCRETE {
-            if a != Algorithm::Direct && !order.contains(&a) {
-                order.push(a);
-            }
-        }
-        others.extend(order.into_iter().filter(|&a| a != pick));
-    }
+    candidates_of(conv.estimate_pick(requested), &others, cap, isas)
+}
+
+/// The candidates on the kernel paths `isas` (the request's own first):
+/// Estimate's `pick` first, then `others` but the pick (see the module
+/// notes for the order).
+fn candidates_of(
+    pick: Algorithm,
+    others: &[Algorithm],
+    cap: usize,
+    isas: &[Isa],
+) -> Vec<Candidate> {
+    let others: Vec<Algorithm> = others.iter().copied().filter(|&a| a != pick).collect();
     let splits: &[usize] = if cap > 1 { &[cap, 1] } else { &[1] };
     let mut out = Vec::new();
     // Estimate's pick: each split on every path, the request's own first.
@@ -369,15 +537,15 @@ impl Clock {
     }
 
     /// Times one call of `plan`.
-    fn call(
+    fn call<L: MeasuredLayer>(
         &mut self,
-        plan: &Conv2dPlan,
+        plan: &L::Plan,
         input: &[f32],
         output: &mut [f32],
     ) -> Result<Duration, ConvError> {
         self.calls += 1;
         let t = Instant::now();
-        plan.forward(input, output)?;
+        L::run(plan, input, output)?;
         Ok(t.elapsed())
     }
 }
@@ -398,37 +566,34 @@ fn scratch_input(len: usize) -> Result<Vec<f32>, ConvError> {
 /// Times `candidates` (the first is Estimate's pick) and returns the plan
 /// of the fastest, with the candidate when a measurement chose it (`None`
 /// when the scratch tensors could not be had: Estimate's plan, unmeasured).
-fn search(
-    conv: &Conv2d,
+fn search<L: MeasuredLayer>(
+    conv: &L,
     weight: &[f32],
     bias: Option<&[f32]>,
     estimate: &ForwardOptions,
     cap: usize,
     candidates: &[Candidate],
-) -> Result<(Conv2dPlan, Option<Candidate>), ConvError> {
-    let g = conv.geometry();
+) -> Result<(L::Plan, Option<Candidate>), ConvError> {
+    let (input_len, output_len) = conv.lens();
     let mut clock = Clock {
         start: Instant::now(),
         calls: 0,
     };
-    let (input, mut output) = match (
-        scratch_input(g.input_len()),
-        zeroed("output", g.output_len()),
-    ) {
+    let (input, mut output) = match (scratch_input(input_len), zeroed("output", output_len)) {
         (Ok(i), Ok(o)) => (i, o),
         _ => {
-            let plan = conv.plan_as(weight, bias, estimate, ChoiceSource::Estimate)?;
+            let plan = conv.plan_for(weight, bias, estimate, ChoiceSource::Estimate)?;
             return Ok((plan, None));
         }
     };
-    let mut trials: Vec<Trial> = Vec::new();
+    let mut trials: Vec<Trial<L::Plan>> = Vec::new();
     // Round one: a plan, a warm-up and one timed call per candidate.
     for (i, &candidate) in candidates.iter().enumerate() {
         if i > 0 && clock.spent() {
             break;
         }
         let opts = candidate.options(estimate, cap);
-        let plan = match conv.plan_as(weight, bias, &opts, ChoiceSource::Measured) {
+        let plan = match conv.plan_for(weight, bias, &opts, ChoiceSource::Measured) {
             Ok(p) => p,
             // Estimate's own plan fails as an Estimate plan would.
             Err(e) if i == 0 => return Err(e),
@@ -442,9 +607,9 @@ fn search(
         let duplicate = trials.iter().any(|t| {
             t.candidate.threads == candidate.threads
                 && t.candidate.isa == candidate.isa
-                && t.plan.as_ref().map(Conv2dPlan::algorithm) == Some(plan.algorithm())
+                && t.plan.as_ref().map(L::ran) == Some(L::ran(&plan))
         });
-        if i > 0 && (plan.runs_reference() || duplicate) {
+        if i > 0 && (L::runs_reference(&plan) || duplicate) {
             continue;
         }
         let mut trial = Trial {
@@ -452,9 +617,9 @@ fn search(
             plan: None,
             samples: Vec::new(),
         };
-        let warm = clock.call(&plan, &input, &mut output);
+        let warm = clock.call::<L>(&plan, &input, &mut output);
         if warm.is_ok() && !clock.spent() {
-            if let Ok(t) = clock.call(&plan, &input, &mut output) {
+            if let Ok(t) = clock.call::<L>(&plan, &input, &mut output) {
                 trial.samples.push(t);
             }
         }
@@ -463,7 +628,7 @@ fn search(
             // say): its plan, unmeasured, as an Estimate plan would be.
             Err(_) if i == 0 => {
                 let mut plan = plan;
-                plan.set_source(ChoiceSource::Estimate);
+                L::set_source(&mut plan, ChoiceSource::Estimate);
                 return Ok((plan, None));
             }
             // Only Estimate's pick stays untimed (it is the pick then).
@@ -492,14 +657,14 @@ fn search(
             if in_running < 2 || trial.samples.len() >= SAMPLES {
                 continue;
             }
-            if clock.spent() || clock.call(plan, &input, &mut output).is_err() {
+            if clock.spent() || clock.call::<L>(plan, &input, &mut output).is_err() {
                 break 'rounds;
             }
             for _ in 0..VISIT_SAMPLES {
                 if clock.spent() {
                     break 'rounds;
                 }
-                match clock.call(plan, &input, &mut output) {
+                match clock.call::<L>(plan, &input, &mut output) {
                     Ok(t) => trial.samples.push(t),
                     Err(_) => break 'rounds,
                 }
@@ -516,7 +681,7 @@ fn search(
     let plan = match trial.plan.take() {
         Some(plan) => plan,
         // Dropped plans are never the fastest; rebuilt should that change.
-        None => conv.plan_as(
+        None => conv.plan_for(
             weight,
             bias,
             &candidate.options(estimate, cap),
@@ -527,11 +692,11 @@ fn search(
 }
 
 /// The best time of any trial still in the running.
-fn best_time(trials: &[Trial]) -> Duration {
+fn best_time<P>(trials: &[Trial<P>]) -> Duration {
     trials
         .iter()
         .filter(|t| t.plan.is_some())
-        .filter_map(Trial::time)
+        .filter_map(Trial::<P>::time)
         .min()
         .unwrap_or(Duration::MAX)
 }
@@ -550,13 +715,13 @@ fn out_of_the_running(t: Duration, samples: usize, best: Duration) -> bool {
 
 /// The index of the trial to keep: the fastest, or Estimate's pick (index
 /// 0) when within [`TIE_MARGIN`] of it or when nothing else was timed.
-fn choose(trials: &[Trial]) -> usize {
+fn choose<P>(trials: &[Trial<P>]) -> usize {
     let fastest = trials
         .iter()
         .enumerate()
         .filter_map(|(i, t)| t.time().map(|d| (i, d)))
         .min_by_key(|&(_, d)| d);
-    match (trials.first().and_then(Trial::time), fastest) {
+    match (trials.first().and_then(Trial::<P>::time), fastest) {
         (_, None) => 0,
         (None, Some((i, _))) => i,
         (Some(est), Some((i, d))) => {
@@ -573,7 +738,7 @@ fn choose(trials: &[Trial]) -> usize {
 mod tests {
     use super::*;
 
-    fn trial(algorithm: Algorithm, ms: &[u64]) -> Trial {
+    fn trial(algorithm: Algorithm, ms: &[u64]) -> Trial<Conv2dPlan> {
         Trial {
             candidate: Candidate {
                 algorithm,

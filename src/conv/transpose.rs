@@ -4,6 +4,7 @@
 //! convolution's input gradient (see `phases.rs`), with bias and activation
 //! fused into the phases' stores.
 
+use super::measure::{ChoiceSource, PlanChoice, PlanEffort};
 use super::phases::{transposed_forward, PlannedPhases, TransposedAxis, TransposedGeometry};
 use super::transposed_gemm::{
     gemm_col2im_wins, gemm_rows, pack_weights, transposed_gemm, transposed_gemm_raw,
@@ -554,7 +555,12 @@ impl ConvTranspose2d {
     /// Prepares this transposed convolution for `weight` (and `bias`): each
     /// phase's weights are gathered and planned once (pre-packed for the
     /// GEMM lowerings, arranged for the SIMD direct kernels), so every
-    /// `forward` goes straight to the phases' loops.
+    /// `forward` goes straight to the phases' loops. With
+    /// [`PlanEffort::Measure`] (set by [`ForwardOptions::effort`]) the
+    /// algorithm, threads and kernel path are chosen by timing them, as
+    /// [`Conv2d::plan`](crate::Conv2d::plan) does, and kept in the
+    /// [wisdom](crate::wisdom); [`ConvTranspose2dPlan::choice`] says what was
+    /// chosen.
     ///
     /// ```
     /// use cpuconv::{Activation, ConvTranspose2dParams, ForwardOptions, Padding};
@@ -575,6 +581,30 @@ impl ConvTranspose2d {
         weight: &[f32],
         bias: Option<&[f32]>,
         options: &ForwardOptions,
+    ) -> Result<ConvTranspose2dPlan, ConvError> {
+        match options.effort {
+            PlanEffort::Estimate => self.plan_as(weight, bias, options, ChoiceSource::Estimate),
+            _ => {
+                self.check_buffers(None, weight, bias, None)?;
+                options.activation.validate()?;
+                super::measure::plan_transposed(self, weight, bias, options)
+            }
+        }
+    }
+
+    /// The geometry the passes run on.
+    pub(crate) fn transposed_geometry(&self) -> &TransposedGeometry {
+        &self.tg
+    }
+
+    /// [`ConvTranspose2d::plan`] without measuring: `options` as they are,
+    /// the choice marked as coming from `source`.
+    pub(crate) fn plan_as(
+        &self,
+        weight: &[f32],
+        bias: Option<&[f32]>,
+        options: &ForwardOptions,
+        source: ChoiceSource,
     ) -> Result<ConvTranspose2dPlan, ConvError> {
         self.check_buffers(None, weight, bias, None)?;
         options.activation.validate()?;
@@ -620,7 +650,17 @@ impl ConvTranspose2d {
             Algorithm::Im2col => raw()?,
             _ => PlanInner::Phases(PlannedPhases::new(&self.tg, weight, bias, &options)?),
         };
-        Ok(ConvTranspose2dPlan { conv: *self, inner })
+        let choice = PlanChoice {
+            algorithm,
+            threads: options.parallelism.max_threads(),
+            isa: options.resolved_isa(),
+            source,
+        };
+        Ok(ConvTranspose2dPlan {
+            conv: *self,
+            inner,
+            choice,
+        })
     }
 }
 
@@ -630,6 +670,7 @@ impl ConvTranspose2d {
 pub struct ConvTranspose2dPlan {
     conv: ConvTranspose2d,
     inner: PlanInner,
+    choice: PlanChoice,
 }
 
 #[derive(Clone, Debug)]
@@ -654,6 +695,18 @@ impl ConvTranspose2dPlan {
     /// The transposed convolution this plan computes.
     pub fn conv(&self) -> &ConvTranspose2d {
         &self.conv
+    }
+
+    /// What the plan runs and where that choice came from (see
+    /// [`PlanEffort`]): the algorithm ([`Algorithm::Auto`] for the sub-pixel
+    /// phases, each with its own choice; [`ConvTranspose2dPlan::algorithms`]
+    /// names them), the threads it may use, its kernel path.
+    pub fn choice(&self) -> PlanChoice {
+        self.choice
+    }
+
+    pub(crate) fn set_source(&mut self, source: ChoiceSource) {
+        self.choice.source = source;
     }
 
     /// The algorithm each sub-pixel phase runs, in phase order (row phase

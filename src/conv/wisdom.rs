@@ -63,6 +63,21 @@
 //! is an entry that runs another path than the one a request forces with
 //! [`ForwardOptions::isa`](crate::ForwardOptions::isa): a forced path is always the path a plan runs.
 //!
+//! A transposed convolution's entry ([`ConvTranspose2d::plan`](crate::ConvTranspose2d::plan)) has
+//! `op=transpose`, and places its output with `offset` (the window's
+//! offset, vertical then horizontal, the padding before; it may be
+//! negative) and `output` (`HxW`) instead of `pad`; `input` is its input,
+//! `out` its output channels. Its choice may be `auto`: the sub-pixel
+//! phases, each with its own `Auto` choice.
+//!
+//! ```text
+//! isa=avx512 cap=1 request=auto input=8x256x8x8 out=128 kernel=4x4 stride=2x2 op=transpose offset=1,1 output=16x16 dilation=1x1 groups=1 mode=xcorr algorithm=im2col threads=1
+//! ```
+//!
+//! Those keys are new in this version of the crate, and so an earlier
+//! version refuses a text with a transposed entry (as an unknown key
+//! `op=...`); every text it wrote reads as before.
+//!
 //! `run_isa` is written only where it differs from `isa`, and an entry
 //! without it runs `isa`. So the format keeps its version 1: a text whose
 //! entries all run their key's path is what earlier versions of this crate
@@ -73,6 +88,7 @@
 //! The store is process-global and thread-safe; import adds to it
 //! (replacing entries with the same key).
 
+use super::phases::TransposedGeometry;
 use super::Algorithm;
 use crate::arch::Isa;
 use crate::error::ConvError;
@@ -98,6 +114,18 @@ pub(crate) struct Key {
     dilation: [usize; 2],
     groups: usize,
     mode: ConvMode,
+    /// A transposed convolution's layer: its window offsets and output
+    /// size (its `pad` is then unused, all zero); `None` for a convolution.
+    transposed: Option<TransposedLayer>,
+}
+
+/// What places a transposed convolution's output, per axis (vertical,
+/// horizontal): the window's offset (its padding before) and the output
+/// size.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct TransposedLayer {
+    offset: [isize; 2],
+    output: [usize; 2],
 }
 
 impl Key {
@@ -115,6 +143,35 @@ impl Key {
             dilation: [g.dilation_h, g.dilation_w],
             groups: g.groups,
             mode: g.mode,
+            transposed: None,
+        }
+    }
+
+    /// The key of a transposed convolution `tg` (input `[N, C_in, H, W]`,
+    /// `out` = `C_out`).
+    pub(crate) fn transposed(
+        tg: &TransposedGeometry,
+        isa: Isa,
+        cap: usize,
+        request: Algorithm,
+    ) -> Key {
+        let (h, w) = (&tg.h, &tg.w);
+        Key {
+            isa,
+            cap,
+            request,
+            input: [tg.batch, tg.in_channels, h.input, w.input],
+            out: tg.out_channels,
+            kernel: [h.kernel, w.kernel],
+            stride: [h.stride, w.stride],
+            pad: [0; 4],
+            dilation: [h.dilation, w.dilation],
+            groups: tg.groups,
+            mode: tg.mode,
+            transposed: Some(TransposedLayer {
+                offset: [h.offset, w.offset],
+                output: [h.output, w.output],
+            }),
         }
     }
 }
@@ -231,9 +288,18 @@ fn entry_line(k: &Key, c: &Choice) -> String {
     let x = |v: &[usize]| v.iter().map(usize::to_string).collect::<Vec<_>>().join("x");
     let mut s = String::new();
     // Writing to a String cannot fail.
+    let place = match &k.transposed {
+        None => format!("pad={},{},{},{}", k.pad[0], k.pad[1], k.pad[2], k.pad[3]),
+        Some(t) => format!(
+            "op=transpose offset={},{} output={}",
+            t.offset[0],
+            t.offset[1],
+            x(&t.output)
+        ),
+    };
     let _ = write!(
         s,
-        "isa={} cap={} request={} input={} out={} kernel={} stride={} pad={},{},{},{} \
+        "isa={} cap={} request={} input={} out={} kernel={} stride={} {place} \
          dilation={} groups={} mode={} algorithm={} threads={}",
         k.isa.name(),
         k.cap,
@@ -242,10 +308,6 @@ fn entry_line(k: &Key, c: &Choice) -> String {
         k.out,
         x(&k.kernel),
         x(&k.stride),
-        k.pad[0],
-        k.pad[1],
-        k.pad[2],
-        k.pad[3],
         x(&k.dilation),
         k.groups,
         mode_name(k.mode),
@@ -266,9 +328,10 @@ fn mode_name(mode: ConvMode) -> &'static str {
     }
 }
 
-/// The keys of an entry, in the order [`export`] writes them (the last,
-/// `run_isa`, optional).
-const KEYS: [&str; 14] = [
+/// The keys of an entry, in the order [`export`] writes them (`run_isa`
+/// optional; `op`, `offset` and `output` for a transposed convolution's
+/// entry only, which has no `pad`).
+const KEYS: [&str; 17] = [
     "isa",
     "cap",
     "request",
@@ -283,6 +346,9 @@ const KEYS: [&str; 14] = [
     "algorithm",
     "threads",
     "run_isa",
+    "op",
+    "offset",
+    "output",
 ];
 
 fn parse_entry(n: usize, line: &str) -> Result<(Key, Choice), ConvError> {
@@ -347,14 +413,54 @@ fn parse_entry(n: usize, line: &str) -> Result<(Key, Choice), ConvError> {
     };
     let request = algorithm_at(2)?;
     let input = list(3, 'x', 4, true)?;
-    let pad = list(7, ',', 4, false)?;
+    let (pad, transposed) = match values[14] {
+        None => {
+            if let Some(i) = (15..17).find(|&i| values[i].is_some()) {
+                return Err(bad(
+                    n,
+                    keys[i],
+                    "only a transposed entry (op=transpose) has it",
+                ));
+            }
+            (list(7, ',', 4, false)?, None)
+        }
+        Some("transpose") => {
+            if values[7].is_some() {
+                return Err(bad(n, keys[7], "a transposed entry has offset, not pad"));
+            }
+            let v = get(15)?;
+            let offset: Vec<isize> = v
+                .split(',')
+                .map(|p| p.parse::<isize>().ok())
+                .collect::<Option<_>>()
+                .filter(|o: &Vec<isize>| o.len() == 2)
+                .ok_or_else(|| {
+                    bad(
+                        n,
+                        &token(15, v),
+                        "expected two numbers separated by a comma",
+                    )
+                })?;
+            let output = pair(16)?;
+            (
+                vec![0; 4],
+                Some(TransposedLayer {
+                    offset: [offset[0], offset[1]],
+                    output,
+                }),
+            )
+        }
+        Some(v) => return Err(bad(n, &token(14, v), "unknown op (transpose)")),
+    };
     let mode = match get(10)? {
         "xcorr" => ConvMode::CrossCorrelation,
         "conv" => ConvMode::Convolution,
         v => return Err(bad(n, &token(10, v), "unknown mode (xcorr or conv)")),
     };
     let algorithm = algorithm_at(11)?;
-    if algorithm == Algorithm::Auto {
+    // A transposed convolution's choice may be its sub-pixel phases, each
+    // with its own `Auto` choice.
+    if algorithm == Algorithm::Auto && transposed.is_none() {
         return Err(bad(
             n,
             &token(11, "auto"),
@@ -395,6 +501,7 @@ fn parse_entry(n: usize, line: &str) -> Result<(Key, Choice), ConvError> {
         dilation: pair(8)?,
         groups: one(9)?,
         mode,
+        transposed,
     };
     Ok((
         key,
@@ -440,6 +547,61 @@ mod tests {
         let (k, c) = parse_entry(2, &format!("{LINE} run_isa=avx2")).unwrap();
         assert_eq!(c.run_isa, Isa::Avx2);
         assert!(!entry_line(&k, &c).contains("run_isa"));
+    }
+
+    const TRANSPOSED: &str = "isa=avx2 cap=2 request=auto input=8x256x8x8 out=128 kernel=4x4 \
+                              stride=2x2 op=transpose offset=1,-2 output=16x15 dilation=1x1 \
+                              groups=1 mode=xcorr algorithm=auto threads=2";
+
+    #[test]
+    fn a_transposed_entry_round_trips() {
+        let (k, c) = parse_entry(3, TRANSPOSED).unwrap();
+        assert_eq!(
+            entry_line(&k, &c),
+            TRANSPOSED.split_whitespace().collect::<Vec<_>>().join(" ")
+        );
+        // Its choice may be the sub-pixel phases, each with its own Auto.
+        assert_eq!(c.algorithm, Algorithm::Auto);
+        assert_eq!(
+            k.transposed,
+            Some(TransposedLayer {
+                offset: [1, -2],
+                output: [16, 15],
+            })
+        );
+        // Not the key of a convolution with the same numbers.
+        let plain = LINE.replace("input=1x64x56x56 out=64", "input=8x256x8x8 out=128");
+        let (p, _) = parse_entry(3, &plain).unwrap();
+        assert_ne!(p, k);
+    }
+
+    #[test]
+    fn a_transposed_entry_has_offset_and_output_not_pad() {
+        let cases = [
+            ("op=transpose", "op=flip", "op=flip"),
+            ("offset=1,-2", "offset=1", "offset=1"),
+            ("offset=1,-2", "offset=1,x", "offset=1,x"),
+            ("offset=1,-2", "", "offset"),
+            ("output=16x15", "output=16x0", "output=16x0"),
+            ("output=16x15", "", "output"),
+            ("threads=2", "threads=2 pad=0,0,0,0", "pad"),
+        ];
+        for (from, to, token) in cases {
+            let line = TRANSPOSED.replace(from, to);
+            match parse_entry(4, &line) {
+                Err(ConvError::InvalidWisdom {
+                    line: 4, token: t, ..
+                }) => assert_eq!(t, token, "{to}"),
+                other => panic!("{to}: {other:?}"),
+            }
+        }
+        // A convolution's entry has neither, nor an `auto` choice.
+        for (extra, token) in [("offset=1,1", "offset"), ("output=4x4", "output")] {
+            match parse_entry(5, &format!("{LINE} {extra}")) {
+                Err(ConvError::InvalidWisdom { token: t, .. }) => assert_eq!(t, token),
+                other => panic!("{extra}: {other:?}"),
+            }
+        }
     }
 
     #[test]

@@ -17,7 +17,7 @@ use clap::{Args, ValueEnum};
 use cpuconv::gemm::kernels::peak::fma_peak_gflops;
 use cpuconv::{
     Activation, Algorithm, BackwardOptions, ChoiceSource, Conv2d, ConvError, ConvTranspose2d,
-    ForwardOptions, Isa, Parallelism, PlanEffort,
+    ForwardOptions, Isa, Parallelism, PlanChoice, PlanEffort,
 };
 use std::time::{Duration, Instant};
 
@@ -203,7 +203,8 @@ pub struct CompareArgs {
     /// on an AVX-512 CPU without --isa, the AVX2 kernels too) on the layer
     /// within about 100 ms (`PlanEffort::Measure`): its row shows the
     /// choice, its kernel path, its threads and the time the search took.
-    /// Transposed plans do not measure.
+    /// A transposed layer's plan (--pass transpose) measures GEMM + col2im
+    /// and the sub-pixel phases on each algorithm the same way.
     #[arg(long, value_enum, default_value_t = EffortArg::Estimate)]
     effort: EffortArg,
 
@@ -518,22 +519,7 @@ fn conv_job<'a>(
             (plan, start.elapsed())
         });
     let auto_note = match &measured {
-        Some((Ok(plan), took)) => {
-            let c = plan.choice();
-            let how = match c.source {
-                ChoiceSource::Measured => {
-                    format!("measured in {} ms", sig(took.as_secs_f64() * 1e3))
-                }
-                ChoiceSource::Wisdom => "wisdom".to_string(),
-                _ => "estimate".to_string(),
-            };
-            Some(format!(
-                "{}, {} thread{}, {how}",
-                c.isa,
-                c.threads,
-                if c.threads == 1 { "" } else { "s" }
-            ))
-        }
+        Some((Ok(plan), took)) => Some(choice_note(plan.choice(), *took)),
         _ => None,
     };
     let measured_pick = match &measured {
@@ -564,6 +550,24 @@ fn conv_job<'a>(
     }
 }
 
+/// What a measured plan's row says of its choice: its kernel path, its
+/// threads, and how it was chosen (and how long the search took).
+fn choice_note(c: PlanChoice, took: Duration) -> String {
+    let how = match c.source {
+        ChoiceSource::Measured => {
+            format!("measured in {} ms", sig(took.as_secs_f64() * 1e3))
+        }
+        ChoiceSource::Wisdom => "wisdom".to_string(),
+        _ => "estimate".to_string(),
+    };
+    format!(
+        "{}, {} thread{}, {how}",
+        c.isa,
+        c.threads,
+        if c.threads == 1 { "" } else { "s" }
+    )
+}
+
 /// The job of a transposed layer.
 fn transposed_job<'a>(
     layer: &'a TransposedLayer,
@@ -575,30 +579,50 @@ fn transposed_job<'a>(
     let bias = data.bias.as_deref();
     let plan: Option<PlanFn<'a>> = options.plan.then(|| {
         Box::new(move |algo| {
-            let plan = t.plan(&data.weight, bias, &fwd.algorithm(algo))?;
+            // As for a convolution, only Auto's plan measures.
+            let effort = match algo {
+                Algorithm::Auto => fwd.effort,
+                _ => PlanEffort::Estimate,
+            };
+            let plan = t.plan(&data.weight, bias, &fwd.algorithm(algo).effort(effort))?;
             Ok(Box::new(move |out: &mut [f32]| plan.forward(&data.input, out)) as Planned<'a>)
         }) as PlanFn<'a>
     });
-    // Auto's picks, per sub-pixel phase, are what an Auto plan reports.
-    let auto_pick = t
-        .plan(&data.weight, bias, &fwd.algorithm(Algorithm::Auto))
-        .ok()
-        .map(|plan| {
-            let mut names: Vec<&str> = Vec::new();
-            for name in plan.algorithms().into_iter().flatten().map(Algorithm::name) {
-                if !names.contains(&name) {
-                    names.push(name);
-                }
+    // Auto's picks, per sub-pixel phase, are what an Auto plan reports; a
+    // measured one (with --plan) also says how it chose, and the plan
+    // timed later takes the same choice from the wisdom.
+    let effort = if options.plan {
+        fwd.effort
+    } else {
+        PlanEffort::Estimate
+    };
+    let start = Instant::now();
+    let auto_plan = t.plan(
+        &data.weight,
+        bias,
+        &fwd.algorithm(Algorithm::Auto).effort(effort),
+    );
+    let took = start.elapsed();
+    let auto_note = match &auto_plan {
+        Ok(plan) if effort != PlanEffort::Estimate => Some(choice_note(plan.choice(), took)),
+        _ => None,
+    };
+    let auto_pick = auto_plan.ok().map(|plan| {
+        let mut names: Vec<&str> = Vec::new();
+        for name in plan.algorithms().into_iter().flatten().map(Algorithm::name) {
+            if !names.contains(&name) {
+                names.push(name);
             }
-            names.join(",")
-        });
+        }
+        names.join(",")
+    });
     Job {
         layer: &layer.name,
         pass: Pass::Transpose,
         flops: t.flops(),
         out_len: TransposedLayer::lens(t)[3],
         auto_pick,
-        auto_note: None,
+        auto_note,
         expected: None,
         run: Box::new(move |algo, out| {
             t.forward_with(&data.input, &data.weight, bias, out, &fwd.algorithm(algo))

@@ -712,6 +712,47 @@ fn gemm_peers_needs_the_feature_or_adds_its_columns() {
 }
 
 #[test]
+fn compare_effort_measure_measures_transposed_plans() {
+    let args = [
+        "compare",
+        "--pass",
+        "transpose",
+        "--shape",
+        "t=1,8,6,6:4,4x4,s2,p1",
+        "--plan",
+        "--effort",
+        "measure",
+        "--algo",
+        "auto",
+        "--algo",
+        "im2col",
+        "--threads",
+        "1",
+        "--budget-ms",
+        "1",
+        "--json",
+    ];
+    let rows = json_lines(&ok(&args));
+    assert_eq!(rows.len(), 2);
+    // Auto's row says how its plan chose; the explicit algorithm's is not
+    // measured.
+    let note = rows[0]["picked_note"].as_str().expect("a note");
+    let (isa, rest) = note.split_once(", ").expect("isa, threads, how");
+    assert!(Isa::from_name(isa).is_some(), "{note}");
+    assert!(
+        rest.starts_with("1 thread, measured in ") || rest == "1 thread, wisdom",
+        "{note}"
+    );
+    assert_eq!(rows[1]["picked_note"], Value::Null, "{}", rows[1]);
+    for row in &rows {
+        assert!(
+            row["max_abs_err"].as_f64().expect("checked") < 1e-4,
+            "{row}"
+        );
+    }
+}
+
+#[test]
 fn compare_effort_measure_shows_the_choice() {
     let args = [
         "compare",
