@@ -260,8 +260,15 @@ pub(crate) trait MeasuredLayer {
         options: &ForwardOptions,
         source: ChoiceSource,
     ) -> Result<Self::Plan, ConvError>;
+    /// The algorithm `Auto`'s model picks.
+    fn auto_pick(&self) -> Algorithm;
     /// The algorithm `Estimate` runs for a request of `requested`.
-    fn estimate_pick(&self, requested: Algorithm) -> Algorithm;
+    fn estimate_pick(&self, requested: Algorithm) -> Algorithm {
+        match requested {
+            Algorithm::Auto => self.auto_pick(),
+            a => a,
+        }
+    }
     /// The other algorithms an `Auto` request measures, the most frequent
     /// winners first (a short budget reaches those).
     fn other_algorithms(&self) -> Vec<Algorithm>;
@@ -291,11 +298,8 @@ impl MeasuredLayer for Conv2d {
     ) -> Result<Conv2dPlan, ConvError> {
         self.plan_as(weight, bias, options, source)
     }
-    fn estimate_pick(&self, requested: Algorithm) -> Algorithm {
-        match requested {
-            Algorithm::Auto => self.auto_algorithm(),
-            a => a,
-        }
+    fn auto_pick(&self) -> Algorithm {
+        self.auto_algorithm()
     }
     fn other_algorithms(&self) -> Vec<Algorithm> {
         fast_paths_first(&[
@@ -333,11 +337,8 @@ impl MeasuredLayer for ConvTranspose2d {
     ) -> Result<ConvTranspose2dPlan, ConvError> {
         self.plan_as(weight, bias, options, source)
     }
-    fn estimate_pick(&self, requested: Algorithm) -> Algorithm {
-        match requested {
-            Algorithm::Auto => self.auto_algorithm(),
-            a => a,
-        }
+    fn auto_pick(&self) -> Algorithm {
+        self.auto_algorithm()
     }
     fn other_algorithms(&self) -> Vec<Algorithm> {
         // GEMM + col2im first: the phases' own `Auto` is Estimate's pick
