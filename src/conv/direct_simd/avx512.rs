@@ -34,6 +34,7 @@ fn gather_index(s: Avx512, stride: usize) -> Option<__m512i> {
 
 impl Simd for Avx512 {
     const LANES: usize = 16;
+    const SWEEP_VECS: usize = super::sweep::MAX_SWEEP_VECS;
     type V = __m512;
     type M = __mmask16;
 

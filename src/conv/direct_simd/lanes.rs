@@ -63,21 +63,33 @@ const LANES_BYTES: usize = 256 << 10;
 pub(super) const GRAD_WEIGHT_BELOW: usize = 16;
 
 /// The forward's stride-1 rows narrower than this put channels in lanes
-/// (see [`forward_below`]).
+/// where the per-channel jobs run on the 3×3 tile (see [`forward_below`]).
 pub(super) const FORWARD_BELOW: usize = 22;
 
-/// The `below` of [`lanes_apply`] for the forward: [`FORWARD_BELOW`] for
-/// kernels up to 3 wide, any row for wider ones (within the workspace
-/// bound). Pixels in lanes pay per row for the vectors at its edges, and a
-/// wider kernel has more of them; channels in lanes pay a transpose per
-/// pixel whatever the kernel. Measured (1 thread AVX-512, Zen 5, plans,
-/// GFLOP/s, pixels in lanes → channels in lanes, two alternating runs):
-/// 3×3 384×14² 36–54 → 45–59, 256×20² 36–54 → 57–59, 256×24² 65–69 →
-/// 57–61, 192×28² 68–70 → 48–56; 5×5 480×14² 27–34 → 64–84, 240×28²
-/// 30–38 → 83–100; 7×7 768×14² 46–48 → 100–111, 384×28² 48–50 → 128–133.
-pub(super) fn forward_below(geo: &Geo) -> usize {
+/// As [`FORWARD_BELOW`] where single-channel 3×3 jobs take the
+/// [row sweep](super::sweep), which keeps pixels in lanes ahead down to
+/// rows of 14 (1 thread AVX-512, Zen 5, plans, GFLOP/s, channels in lanes
+/// → the sweep, same build, two runs): 3×3 512×8² 77–78 → 35–37,
+/// 384×10² 79–80 → 57–58, 384×12² 81–82 → 75, 384×14² 77 → 88–89,
+/// 256×16² 76 → 104–105, 256×20² 71 → 89–90, 256×24² 71 → 105–109.
+pub(super) const FORWARD_BELOW_SWEEP: usize = 14;
+
+/// The `below` of [`lanes_apply`] for the forward: [`FORWARD_BELOW_SWEEP`]
+/// or [`FORWARD_BELOW`] (as `sweeps` says whether the kernel has the row
+/// sweep) for kernels up to 3 wide, any row for wider ones (within the
+/// workspace bound). Pixels in lanes pay per row for the vectors at its
+/// edges, and a wider kernel has more of them; channels in lanes pay a
+/// transpose per pixel whatever the kernel. Measured with the 3×3 tile (1
+/// thread AVX-512, Zen 5, plans, GFLOP/s, pixels in lanes → channels in
+/// lanes, two alternating runs): 3×3 384×14² 36–54 → 45–59, 256×20² 36–54
+/// → 57–59, 256×24² 65–69 → 57–61, 192×28² 68–70 → 48–56; 5×5 480×14²
+/// 27–34 → 64–84, 240×28² 30–38 → 83–100; 7×7 768×14² 46–48 → 100–111,
+/// 384×28² 48–50 → 128–133.
+pub(super) fn forward_below(geo: &Geo, sweeps: bool) -> usize {
     if geo.s_len > 3 {
         usize::MAX
+    } else if sweeps && (geo.r_len, geo.s_len, geo.dil_h) == (3, 3, 1) {
+        FORWARD_BELOW_SWEEP
     } else {
         FORWARD_BELOW
     }

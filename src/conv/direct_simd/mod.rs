@@ -76,6 +76,7 @@ mod general;
 mod lanes;
 mod portable;
 mod simd;
+mod sweep;
 mod three;
 
 pub(crate) use backward::backward_weight;
@@ -165,8 +166,11 @@ impl Prepared {
         kernel: Kernel,
     ) -> Result<Prepared, ConvError> {
         let geo = Geo::new(g, activation);
-        let lanes = if lanes::lanes_apply(&geo, kernel.lanes, lanes::forward_below(&geo))
-            && kernel.lanes_allowed()
+        let lanes = if lanes::lanes_apply(
+            &geo,
+            kernel.lanes,
+            lanes::forward_below(&geo, kernel.sweeps),
+        ) && kernel.lanes_allowed()
         {
             let weights = lanes_weights(&geo, weight, kernel.lanes)?;
             let finite = super::all_finite(&weights);
@@ -710,6 +714,8 @@ struct Job<'a> {
 #[derive(Clone, Copy, Debug)]
 struct Kernel {
     lanes: usize,
+    /// Single-channel 3×3 jobs at stride 1 take the [row sweep](sweep).
+    sweeps: bool,
     isa: Isa,
     /// Tests: run every job with this instead (a bounds-checking kernel).
     #[cfg(test)]
@@ -730,15 +736,16 @@ impl Kernel {
     /// The kernel of `isa`, clamped to what the CPU supports.
     fn for_isa(isa: Isa) -> Kernel {
         let isa = clamp_isa(isa);
-        let lanes = match isa {
+        let (lanes, sweep_vecs) = match isa {
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => avx512::Avx512::LANES,
+            Isa::Avx512 => (avx512::Avx512::LANES, avx512::Avx512::SWEEP_VECS),
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => avx2::Avx2::LANES,
-            _ => portable::Portable::LANES,
+            Isa::Avx2 => (avx2::Avx2::LANES, avx2::Avx2::SWEEP_VECS),
+            _ => (portable::Portable::LANES, portable::Portable::SWEEP_VECS),
         };
         Kernel {
             lanes,
+            sweeps: sweep_vecs > 0,
             isa,
             #[cfg(test)]
             test_run: None,

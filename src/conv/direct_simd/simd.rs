@@ -18,6 +18,10 @@ pub(super) trait Simd: Copy {
     type V: Copy;
     /// A set of lanes.
     type M: Copy;
+    /// Most vectors across a row the [3×3 row sweep](super::sweep) keeps in
+    /// flight (three accumulators each, beside nine weights); 0 where the
+    /// registers do not hold that, and the 3×3 tile runs instead.
+    const SWEEP_VECS: usize = 0;
 
     /// [`run_general`](super::run_general) with this ISA's operations,
     /// compiled with its target features.

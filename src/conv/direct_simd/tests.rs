@@ -446,6 +446,12 @@ mod checked {
 
     impl<const L: usize> Simd for Checked<L> {
         const LANES: usize = L;
+        // As AVX-512 where the lanes match it.
+        const SWEEP_VECS: usize = if L == 16 {
+            super::super::sweep::MAX_SWEEP_VECS
+        } else {
+            0
+        };
         type V = [f32; L];
         /// Bit `j`: lane `j` is in the mask.
         type M = u64;
@@ -637,6 +643,7 @@ fn every_access_in_bounds() {
         for (lanes, run) in runs {
             let kernel = Kernel {
                 lanes,
+                sweeps: lanes == 16,
                 isa: Isa::Portable,
                 test_run: Some(run),
             };
@@ -653,6 +660,93 @@ fn every_access_in_bounds() {
         }
         ran += 1;
     }
+}
+
+/// The 3×3 row sweep under the bounds-checking kernel with AVX-512's 16
+/// lanes: rows of one to five strips (strips of 1 to 4 vectors, short last
+/// vectors), up to 2 padding on each side, horizontal dilation 1 and 2,
+/// planes from one row up, both modes, bias and the activations; every
+/// read and write is checked, every value against the reference.
+#[test]
+fn sweep_every_width_and_padding() {
+    use super::Kernel;
+    use crate::gemm::Isa;
+    let mut rng = Rng(0x5eed_cafe);
+    let mut ran = 0;
+    let widths = [1, 3, 15, 16, 17, 31, 33, 48, 56, 64, 65, 80, 97, 112, 145];
+    for (i, &w) in widths.iter().enumerate() {
+        for (h, top, bottom) in [
+            (1, 1, 1),
+            (2, 0, 2),
+            (3, 2, 0),
+            (7, 1, 1),
+            (12, 0, 0),
+            (5, 2, 2),
+        ] {
+            for (left, right, dil) in [(1, 1, 1), (0, 0, 1), (2, 1, 1), (0, 2, 2), (2, 2, 2)] {
+                let mode = if (i + h) % 3 == 0 {
+                    ConvMode::Convolution
+                } else {
+                    ConvMode::CrossCorrelation
+                };
+                let padding = Padding::explicit(top, bottom, left, right);
+                let p = params(
+                    2,
+                    (1, 1, 3),
+                    (h, w),
+                    (3, 3),
+                    (1, 1),
+                    (1, dil),
+                    padding,
+                    mode,
+                );
+                let Ok(g) = ConvGeometry::new(&p) else {
+                    continue;
+                };
+                let case = Case {
+                    p,
+                    bias: (w + h) % 2 == 0,
+                    activation: ACTIVATIONS[(w + left + dil) % 4],
+                };
+                let input = rng.fill(g.input_len());
+                let weight = rng.fill(g.weight_len());
+                let bias = case.bias.then(|| rng.fill(g.out_channels));
+                let mut want = vec![0.0; g.output_len()];
+                conv2d_direct(
+                    &g,
+                    &input,
+                    &weight,
+                    bias.as_deref(),
+                    &mut want,
+                    case.activation,
+                );
+                let abs = |v: &[f32]| v.iter().map(|x| x.abs()).collect::<Vec<_>>();
+                let mut scale = vec![0.0; g.output_len()];
+                let abs_bias = bias.as_deref().map(abs);
+                conv2d_direct(
+                    &g,
+                    &abs(&input),
+                    &abs(&weight),
+                    abs_bias.as_deref(),
+                    &mut scale,
+                    Activation::None,
+                );
+                let kernel = Kernel {
+                    lanes: 16,
+                    sweeps: true,
+                    isa: Isa::Portable,
+                    test_run: Some(checked::run16),
+                };
+                let mut got = vec![f32::NAN; g.output_len()];
+                Prepared::with_kernel(&g, &weight, case.activation, kernel)
+                    .unwrap()
+                    .run(&input, bias.as_deref(), &mut got, Parallelism::Sequential);
+                check(&case, "sweep, 16 lanes", &got, &want, &scale);
+                ran += 1;
+            }
+        }
+    }
+    assert!(ran >= 400, "only {ran} geometries");
 }
 
 /// Any number of threads gives the sequential result bit for bit: the tasks'

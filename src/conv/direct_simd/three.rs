@@ -20,6 +20,7 @@
 //!   (28 or 32 outputs a row: short row blocks).
 
 use super::simd::{fma_tap, load_interior, load_tap, opaque, store_tile, TileAt};
+use super::sweep::{run_sweep3, sweep_takes};
 use super::{Geo, Job, Simd};
 
 /// Every tile of a single-channel job with a 3×3 kernel, vertical dilation 1
@@ -37,6 +38,10 @@ pub(super) unsafe fn run_three<S: Simd, const RB: usize, const SW: usize, const 
     out: &mut [f32],
 ) {
     let geo = job.geo;
+    if SW == 1 && SH == 1 && sweep_takes::<S>(job) {
+        // SAFETY: forwarded contract; one input channel (`sweep_takes`).
+        return unsafe { run_sweep3(s, job, out) };
+    }
     let out = out.as_mut_ptr();
     let bias = job.bias.map(|b| [b[0]]);
     let mut oh0 = 0;
