@@ -15,7 +15,10 @@
 //!   horizontal stride 1 or 2 (depthwise MobileNet layers) take a tile that
 //!   keeps all nine weights in registers and loads each input row of the
 //!   block once per kernel column, feeding every output row whose window
-//!   covers it (about 3 FMAs per load instead of 1).
+//!   covers it (about 3 FMAs per load instead of 1); where the ISA has the
+//!   registers (AVX-512) and the job one input channel, a row sweep
+//!   (`sweep.rs`) takes them instead: a strip of up to 4 vectors down the
+//!   whole plane, three rows of accumulators in a ring.
 //! * An output row is split, per kernel column, with [`valid_range`] into
 //!   the vectors whose every lane reads inside the input row (the *interior*:
 //!   plain loads, no checks) and the *edge* vectors at the left and right

@@ -1,63 +1,76 @@
-//! The 3×3 row sweep for single-channel jobs at stride 1 (depthwise
-//! layers): a strip of up to `N` vectors across the row, swept down the
+//! The 3×3 row sweep for single-channel jobs (depthwise layers) at stride
+//! 1 or 2: a strip of up to `N` vectors across the row, swept down the
 //! whole plane with three rows of accumulators in a ring.
 //!
-//! Each input row is loaded once per kernel column and vector (`3N` loads)
-//! and feeds the three output rows whose windows cover it (`9N` FMAs); the
-//! oldest of the three is then complete, stored and restarted from the
-//! bias. Against the [3×3 register tile](super::three), which covers `RB`
-//! rows of one vector and then starts over, the sweep:
+//! Each input row is loaded once per kernel column and vector (`3N` loads;
+//! at horizontal stride 2 two loads and three shuffles give a vector's
+//! three kernel columns) and feeds the output rows whose windows cover it
+//! (three at vertical stride 1, one or two at stride 2); the oldest is then
+//! complete, stored and restarted from the bias. Against the [3×3 register
+//! tile](super::three), which covers `RB` rows of one vector and then
+//! starts over, the sweep:
 //!
 //! * keeps `3N` chains of dependent FMAs in flight across `N` vectors, and
 //!   an input row's FMAs wait only on the previous row's, where the tile's
 //!   rows wait in program order behind one vector's loads;
 //! * builds the weights, masks and addresses once per strip, and loads no
 //!   halo rows twice: the tile rebuilds them for every block of `RB` rows
-//!   and vector, and loads `RB + 2` input rows for `RB` output rows.
+//!   and vector, and loads `SH·(RB − 1) + 3` input rows for `RB` output
+//!   rows.
 //!
 //! Loads of a strip with an edge vector (padding at either end, or a short
 //! last vector) are whole vectors wherever every lane lies inside the
 //! channel's plane (the merge-masked FMAs then drop the lanes outside the
 //! row, which hold real input of the neighbouring rows, never padding), and
-//! masked only on the rows where a whole vector would leave the plane.
+//! masked only on the rows where a whole vector would leave it: the last
+//! row or two, or on planes narrower than a vector's reach (33 floats at
+//! stride 2) most rows, which is one reason strided planes that small put
+//! channels in lanes instead (`lanes_apply`).
 //!
 //! The bias is where each accumulator starts, not added after the taps as
 //! in the tile: the same sum in another order.
 //!
 //! Measured against the tile (1 thread AVX-512, Zen 5, plans, GFLOP/s, the
 //! tile → the sweep, same build, two runs): 144×56² (MobileNetV2) 93–97 →
-//! 127–129, 32×112² 106–108 → 123–124, 192×28² 82–84 → 118–126, 16 planes
+//! 127–139, 32×112² 106–108 → 123–124, 192×28² 82–84 → 118–126, 16 planes
 //! of 64×56 with no padding (in L2, every vector interior) 127 → 162–165,
-//! 384×14² 68–69 → 88–89. It also takes rows from 14 wide from channels in
-//! lanes ([`FORWARD_BELOW_SWEEP`](super::lanes::FORWARD_BELOW_SWEEP)).
+//! 384×14² 68–69 → 88–89; at stride 2, 96×112² 46 → 53, 64×64² 52 → 62–63,
+//! 32×200×40 39 → 51. It also takes stride-1 rows from 14 wide from
+//! channels in lanes ([`FORWARD_BELOW_SWEEP`](super::lanes::FORWARD_BELOW_SWEEP));
+//! strided planes that fit channels in lanes keep them (1 thread, lanes →
+//! sweep: 144×56²/2 34 → 23, 192×28²/2 39 → 17, 576×14²/2 45 → 5).
 
-use super::simd::{fma_tap, opaque, Simd};
+use super::simd::{fma_tap, load_interior, opaque, Simd};
 use super::{ColVec, Job};
 
 /// Most vectors a strip covers: three accumulators each, beside the nine
 /// weights, in 32 vector registers.
 pub(super) const MAX_SWEEP_VECS: usize = 4;
 
-/// Whether the sweep takes a 3×3 job at stride 1 (vertical dilation 1,
-/// which the caller checks): one input channel, on an ISA with the
+/// Whether the sweep takes a 3×3 job at stride 1 or 2 (vertical dilation
+/// 1, which the caller checks): one input channel, on an ISA with the
 /// registers for it.
 #[inline(always)]
 pub(super) fn sweep_takes<S: Simd>(job: &Job<'_>) -> bool {
     S::SWEEP_VECS > 0 && job.geo.cg == 1
 }
 
-/// Every output row of a single-channel 3×3 job at stride 1 and vertical
-/// dilation 1: the row split into strips of up to `S::SWEEP_VECS` vectors,
-/// each swept down the plane.
+/// Every output row of a single-channel 3×3 job with vertical dilation 1
+/// and stride `SH` × `SW` (each 1 or 2): the row split into strips of up to
+/// `S::SWEEP_VECS` vectors, each swept down the plane.
 ///
 /// # Safety
 /// As [`run_general`](super::run_general) with `KB = 1`; the job has one
-/// input channel, a 3×3 kernel, stride 1 and vertical dilation 1.
+/// input channel, a 3×3 kernel, vertical dilation 1 and that stride.
 #[inline(always)]
-pub(super) unsafe fn run_sweep3<S: Simd>(s: S, job: &Job<'_>, out: &mut [f32]) {
+pub(super) unsafe fn run_sweep3<S: Simd, const SW: usize, const SH: usize>(
+    s: S,
+    job: &Job<'_>,
+    out: &mut [f32],
+) {
     let geo = job.geo;
     debug_assert!(geo.r_len == 3 && geo.s_len == 3 && geo.dil_h == 1 && geo.cg == 1);
-    debug_assert!(geo.stride_h == 1 && geo.stride_w == 1);
+    debug_assert!((geo.stride_h, geo.stride_w) == (SH, SW) && SH <= 2 && SW <= 2);
     let out = out.as_mut_ptr();
     let count = job.cols.vecs.len();
     let width = S::SWEEP_VECS.clamp(1, MAX_SWEEP_VECS);
@@ -70,10 +83,10 @@ pub(super) unsafe fn run_sweep3<S: Simd>(s: S, job: &Job<'_>, out: &mut [f32]) {
         // SAFETY: (each) forwarded contract; vectors v0..v0 + n exist.
         unsafe {
             match n {
-                1 => strip::<S, 1>(s, job, v0, out),
-                2 => strip::<S, 2>(s, job, v0, out),
-                3 => strip::<S, 3>(s, job, v0, out),
-                _ => strip::<S, 4>(s, job, v0, out),
+                1 => strip::<S, 1, SW, SH>(s, job, v0, out),
+                2 => strip::<S, 2, SW, SH>(s, job, v0, out),
+                3 => strip::<S, 3, SW, SH>(s, job, v0, out),
+                _ => strip::<S, 4, SW, SH>(s, job, v0, out),
             }
         }
         v0 += n;
@@ -86,7 +99,12 @@ pub(super) unsafe fn run_sweep3<S: Simd>(s: S, job: &Job<'_>, out: &mut [f32]) {
 /// As [`run_sweep3`]; vectors `v0..v0 + N` exist; `out` points at the
 /// unit's output plane.
 #[inline(always)]
-unsafe fn strip<S: Simd, const N: usize>(s: S, job: &Job<'_>, v0: usize, out: *mut f32) {
+unsafe fn strip<S: Simd, const N: usize, const SW: usize, const SH: usize>(
+    s: S,
+    job: &Job<'_>,
+    v0: usize,
+    out: *mut f32,
+) {
     let vecs: [ColVec; N] = core::array::from_fn(|i| job.cols.vecs[v0 + i]);
     let mut masks = [[s.mask(0, S::LANES); 3]; N];
     for (i, m) in masks.iter_mut().enumerate() {
@@ -99,9 +117,9 @@ unsafe fn strip<S: Simd, const N: usize>(s: S, job: &Job<'_>, v0: usize, out: *m
     // reads inside its row for every kernel column.
     unsafe {
         if vecs.iter().all(|cv| cv.interior) {
-            sweep::<S, N, false>(s, job, &vecs, &masks, out)
+            sweep::<S, N, false, SW, SH>(s, job, &vecs, &masks, out)
         } else {
-            sweep::<S, N, true>(s, job, &vecs, &masks, out)
+            sweep::<S, N, true, SW, SH>(s, job, &vecs, &masks, out)
         }
     }
 }
@@ -130,7 +148,7 @@ struct Strip<'a, S: Simd, const N: usize> {
 /// # Safety
 /// As [`strip`]; without `EDGE`, every vector is interior.
 #[inline(always)]
-unsafe fn sweep<S: Simd, const N: usize, const EDGE: bool>(
+unsafe fn sweep<S: Simd, const N: usize, const EDGE: bool, const SW: usize, const SH: usize>(
     s: S,
     job: &Job<'_>,
     vecs: &[ColVec; N],
@@ -142,8 +160,9 @@ unsafe fn sweep<S: Simd, const N: usize, const EDGE: bool>(
     for (w, &x) in w.iter_mut().flatten().zip(&job.weights[..9]) {
         *w = s.splat(x);
     }
-    let col: [isize; N] = core::array::from_fn(|i| vecs[i].ow0 as isize - geo.pad_left as isize);
-    let reach = (2 * geo.dil_w + S::LANES) as isize;
+    let col: [isize; N] =
+        core::array::from_fn(|i| (vecs[i].ow0 * SW) as isize - geo.pad_left as isize);
+    let reach = (SW * (S::LANES - 1) + 2 * geo.dil_w + 1) as isize;
     let st = Strip::<S, N> {
         chan: job.input[..geo.in_plane].as_ptr(),
         col,
@@ -153,37 +172,58 @@ unsafe fn sweep<S: Simd, const N: usize, const EDGE: bool>(
         span: (col[0], col[N - 1] + reach),
     };
     let clamp = geo.clamp.map(|(lo, hi)| (s.splat(lo), s.splat(hi)));
-    // Step t reads input row t − pad_top (when it exists) into output rows
-    // t, t − 1 and t − 2 (kernel rows 0, 1 and 2), then stores row t − 2:
-    // output row oh lives in ring slot oh mod 3.
-    let steps = geo.out_h + 2;
+    // Step t reads input row t − pad_top (when it exists) into the output
+    // rows (t − r)/SH whose kernel row r meets it, then stores row
+    // (t − 2)/SH where that is whole: output row oh lives in ring slot
+    // oh mod 3, and the steps are unrolled by 3·SH so that every slot index
+    // is a constant. Slots of the rows before 0 (t < r) gather garbage and
+    // are restarted before any real row takes them.
+    let steps = SH * (geo.out_h - 1) + 3;
     let mut acc = [[st.bias; N]; 3];
     let mut t = 0;
-    macro_rules! step {
-        ($k:literal) => {
-            if t + $k < steps {
+    macro_rules! steps {
+        ($($k:literal)*) => {$(
+            if $k < 3 * SH && t + $k < steps {
                 // SAFETY: forwarded contract.
-                unsafe { step::<S, N, EDGE, $k>(s, job, &st, vecs, clamp, t + $k, &mut acc, out) };
+                unsafe {
+                    step::<S, N, EDGE, SW, SH, $k>(s, job, &st, vecs, clamp, t + $k, &mut acc, out)
+                };
             }
-        };
+        )*};
     }
     while t < steps {
-        step!(0);
-        step!(1);
-        step!(2);
-        t += 3;
+        steps!(0 1 2 3 4 5);
+        t += 3 * SH;
     }
 }
 
-/// Step `t` of a sweep (`t mod 3 == K`): input row `t − pad_top` into the
-/// three accumulator rows that need it, then output row `t − 2` stored and
-/// its slot restarted.
+/// The ring slot of the output row kernel row `r` meets at step `t`, where
+/// `t ≡ k (mod 3·SH)`, or `None` where `SH` does not divide `t − r`.
+const fn slot<const SH: usize>(k: usize, r: usize) -> Option<usize> {
+    let d = (k + 3 * SH - r) % (3 * SH);
+    if d.is_multiple_of(SH) {
+        Some(d / SH)
+    } else {
+        None
+    }
+}
+
+/// Step `t` of a sweep (`t mod 3·SH == K`): input row `t − pad_top` into
+/// the accumulator rows that need it, then output row `(t − 2)/SH`, where
+/// that is whole, stored and its slot restarted.
 ///
 /// # Safety
 /// As [`sweep`].
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn step<S: Simd, const N: usize, const EDGE: bool, const K: usize>(
+unsafe fn step<
+    S: Simd,
+    const N: usize,
+    const EDGE: bool,
+    const SW: usize,
+    const SH: usize,
+    const K: usize,
+>(
     s: S,
     job: &Job<'_>,
     st: &Strip<'_, S, N>,
@@ -204,21 +244,23 @@ unsafe fn step<S: Simd, const N: usize, const EDGE: bool, const K: usize>(
         // lane of every whole-vector load is inside the plane (`span`).
         unsafe {
             if !EDGE || loose {
-                row_taps::<S, N, EDGE, K, true>(s, geo.dil_w, st, row, acc)
+                row_taps::<S, N, EDGE, SW, SH, K, true>(s, geo.dil_w, st, row, acc)
             } else {
-                row_taps::<S, N, EDGE, K, false>(s, geo.dil_w, st, row, acc)
+                row_taps::<S, N, EDGE, SW, SH, K, false>(s, geo.dil_w, st, row, acc)
             }
         }
     }
-    let done = (K + 1) % 3;
-    if t >= 2 && t - 2 < geo.out_h {
-        let at = (t - 2) * geo.out_w;
+    let Some(done) = (const { slot::<SH>(K, 2) }) else {
+        return;
+    };
+    if t >= 2 && (t - 2) / SH < geo.out_h {
+        let at = (t - 2) / SH * geo.out_w;
         for (cv, &a) in vecs.iter().zip(&acc[done]) {
             let v = match clamp {
                 Some((lo, hi)) => s.clamp(a, lo, hi),
                 None => a,
             };
-            // SAFETY: row t − 2 < out_h, lanes ow0..ow0 + lanes ≤ out_w:
+            // SAFETY: row (t − 2)/SH < out_h, lanes ow0..ow0 + lanes ≤ out_w:
             // inside the unit's plane (contract).
             unsafe { s.store(out.add(at + cv.ow0), v, cv.lanes) };
         }
@@ -226,42 +268,79 @@ unsafe fn step<S: Simd, const N: usize, const EDGE: bool, const K: usize>(
     acc[done] = [st.bias; N];
 }
 
-/// One input row's taps: for each kernel column and vector, one load into
-/// the three accumulators whose rows it meets (`K`: the slot of kernel row
-/// 0). `WHOLE` loads whole vectors, otherwise only each vector's lanes
-/// inside the row.
+/// One input row's taps: for each vector and kernel column, one load into
+/// the accumulators whose rows it meets (`K`: the step modulo 3·SH).
+/// `WHOLE` loads whole vectors, otherwise only each vector's lanes inside
+/// the row.
 ///
 /// # Safety
 /// `row` is an input row of the strip's plane; with `WHOLE` every lane of
 /// every load lies inside the plane (or, without edges, inside the row);
 /// otherwise the lanes of each mask lie inside the row.
 #[inline(always)]
-unsafe fn row_taps<S: Simd, const N: usize, const EDGE: bool, const K: usize, const WHOLE: bool>(
+unsafe fn row_taps<
+    S: Simd,
+    const N: usize,
+    const EDGE: bool,
+    const SW: usize,
+    const SH: usize,
+    const K: usize,
+    const WHOLE: bool,
+>(
     s: S,
     dil_w: usize,
     st: &Strip<'_, S, N>,
     row: *const f32,
     acc: &mut [[S::V; N]; 3],
 ) {
-    // Kernel row r feeds output row t − r: slot (K + 3 − r) mod 3.
-    let (r0, r1, r2) = (K, (K + 2) % 3, (K + 1) % 3);
-    // `v` indexes four arrays, three rows of `acc` among them.
-    #[allow(clippy::needless_range_loop)]
+    let slots = const { [slot::<SH>(K, 0), slot::<SH>(K, 1), slot::<SH>(K, 2)] };
+    if SW == 2 && WHOLE && dil_w == 1 {
+        // The three kernel columns of a vector from one pair of loads.
+        for v in 0..N {
+            // SAFETY: the three kernel columns read p[0..2L + 1], inside the
+            // plane (contract).
+            let xs = unsafe { s.load_stride2_three(row.wrapping_offset(st.col[v])) };
+            for (si, &x) in xs.iter().enumerate() {
+                taps::<S, N, EDGE>(s, st, &slots, v, si, x, acc);
+            }
+        }
+        return;
+    }
+    // Kernel column outermost: consecutive FMAs go to different vectors
+    // (1 thread AVX-512, 144×56²: 124 GFLOP/s with the vector outermost,
+    // 127–139 so).
     for si in 0..3 {
         for v in 0..N {
-            let p = row.wrapping_offset(st.col[v] + (si * dil_w) as isize);
-            let m = st.masks[v][si];
+            let p = row.wrapping_offset(st.col[v]).wrapping_add(si * dil_w);
             // SAFETY: the contract, for this vector and kernel column.
             let x = unsafe {
                 if WHOLE {
-                    s.load(p)
+                    load_interior::<S, SW>(s, p, SW)
                 } else {
-                    s.load_masked(p, 1, m)
+                    s.load_masked(p, SW, st.masks[v][si])
                 }
             };
-            acc[r0][v] = fma_tap::<S, EDGE>(s, st.w[0][si], x, acc[r0][v], m);
-            acc[r1][v] = fma_tap::<S, EDGE>(s, st.w[1][si], x, acc[r1][v], m);
-            acc[r2][v] = fma_tap::<S, EDGE>(s, st.w[2][si], x, acc[r2][v], m);
+            taps::<S, N, EDGE>(s, st, &slots, v, si, x, acc);
+        }
+    }
+}
+
+/// Input vector `x` (vector `v`, kernel column `si`) into the accumulator
+/// of each kernel row that meets an output row at this step.
+#[inline(always)]
+fn taps<S: Simd, const N: usize, const EDGE: bool>(
+    s: S,
+    st: &Strip<'_, S, N>,
+    slots: &[Option<usize>; 3],
+    v: usize,
+    si: usize,
+    x: S::V,
+    acc: &mut [[S::V; N]; 3],
+) {
+    let m = st.masks[v][si];
+    for (r, slot) in slots.iter().enumerate() {
+        if let &Some(j) = slot {
+            acc[j][v] = fma_tap::<S, EDGE>(s, st.w[r][si], x, acc[j][v], m);
         }
     }
 }

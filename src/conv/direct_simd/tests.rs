@@ -664,9 +664,10 @@ fn every_access_in_bounds() {
 
 /// The 3×3 row sweep under the bounds-checking kernel with AVX-512's 16
 /// lanes: rows of one to five strips (strips of 1 to 4 vectors, short last
-/// vectors), up to 2 padding on each side, horizontal dilation 1 and 2,
-/// planes from one row up, both modes, bias and the activations; every
-/// read and write is checked, every value against the reference.
+/// vectors), every stride of 1 and 2, up to 2 padding on each side,
+/// horizontal dilation 1 and 2, planes from one row up, both modes, bias
+/// and the activations; every read and write is checked, every value
+/// against the reference.
 #[test]
 fn sweep_every_width_and_padding() {
     use super::Kernel;
@@ -683,7 +684,11 @@ fn sweep_every_width_and_padding() {
             (12, 0, 0),
             (5, 2, 2),
         ] {
-            for (left, right, dil) in [(1, 1, 1), (0, 0, 1), (2, 1, 1), (0, 2, 2), (2, 2, 2)] {
+            let pads = [(1, 1, 1), (0, 0, 1), (2, 1, 1), (0, 2, 2), (2, 2, 2)];
+            for ((left, right, dil), stride) in pads
+                .into_iter()
+                .flat_map(|pad| [(1, 1), (2, 2), (1, 2), (2, 1)].map(|stride| (pad, stride)))
+            {
                 let mode = if (i + h) % 3 == 0 {
                     ConvMode::Convolution
                 } else {
@@ -695,7 +700,7 @@ fn sweep_every_width_and_padding() {
                     (1, 1, 3),
                     (h, w),
                     (3, 3),
-                    (1, 1),
+                    stride,
                     (1, dil),
                     padding,
                     mode,
@@ -705,8 +710,8 @@ fn sweep_every_width_and_padding() {
                 };
                 let case = Case {
                     p,
-                    bias: (w + h) % 2 == 0,
-                    activation: ACTIVATIONS[(w + left + dil) % 4],
+                    bias: (w + h + stride.0) % 2 == 0,
+                    activation: ACTIVATIONS[(w + left + dil + stride.1) % 4],
                 };
                 let input = rng.fill(g.input_len());
                 let weight = rng.fill(g.weight_len());
@@ -746,7 +751,7 @@ fn sweep_every_width_and_padding() {
             }
         }
     }
-    assert!(ran >= 400, "only {ran} geometries");
+    assert!(ran >= 1600, "only {ran} geometries");
 }
 
 /// Any number of threads gives the sequential result bit for bit: the tasks'

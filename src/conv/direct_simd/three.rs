@@ -38,9 +38,9 @@ pub(super) unsafe fn run_three<S: Simd, const RB: usize, const SW: usize, const 
     out: &mut [f32],
 ) {
     let geo = job.geo;
-    if SW == 1 && SH == 1 && sweep_takes::<S>(job) {
+    if (SW == 1 || SW == 2) && sweep_takes::<S>(job) {
         // SAFETY: forwarded contract; one input channel (`sweep_takes`).
-        return unsafe { run_sweep3(s, job, out) };
+        return unsafe { run_sweep3::<S, SW, SH>(s, job, out) };
     }
     let out = out.as_mut_ptr();
     let bias = job.bias.map(|b| [b[0]]);
