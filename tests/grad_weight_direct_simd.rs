@@ -218,8 +218,9 @@ fn check_conv(conv: &Conv2d, seed: u64, what: &str) -> Result<(), TestCaseError>
     Ok(())
 }
 
-/// Depthwise 3×3 with dilation 1 and strides 1–2 (the row-block tile):
-/// heights around every block of 4 and 8 rows, asymmetric padding.
+/// Depthwise 3×3 with dilation 1 and strides 1–2 (the row sweep on
+/// AVX-512, the row-block tile elsewhere): heights around every block of 4
+/// and 8 rows, asymmetric padding.
 fn depthwise3_strategy() -> impl Strategy<Value = Case> {
     (
         (1usize..=3, 1usize..=4, 1usize..=20, widths()),

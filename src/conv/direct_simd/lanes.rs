@@ -35,19 +35,28 @@ use crate::conv::try_with_capacity;
 use crate::ConvError;
 use std::ops::Range;
 
+/// Which depthwise layers put channels in lanes, by the width of their
+/// output rows: [`forward_rule`] or [`grad_weight_rule`].
+#[derive(Clone, Copy, Debug)]
+pub(super) struct LanesRule {
+    /// Rows narrower than this.
+    pub(super) below: usize,
+    /// And every strided layer, whatever its rows.
+    pub(super) strided: bool,
+}
+
 /// Whether a depthwise layer puts channels in lanes: one input and one
-/// output channel per group, output rows narrower than `below` or strided
-/// (the layers where pixels in lanes lose to per-job and edge work), and
-/// the block's two transposed planes within 256 KiB (half the smallest L2
-/// of the CPUs the crate is measured on, so that the block stays in L2
-/// while its taps sweep it). `lanes` is the ISA's `L`; `below` is
-/// [`GRAD_WEIGHT_BELOW`] or [`forward_below`].
-pub(super) fn lanes_apply(geo: &Geo, lanes: usize, below: usize) -> bool {
+/// output channel per group, output rows the `rule` takes (the layers where
+/// pixels in lanes lose to per-job and edge work), and the block's two
+/// transposed planes within 256 KiB (half the smallest L2 of the CPUs the
+/// crate is measured on, so that the block stays in L2 while its taps sweep
+/// it). `lanes` is the ISA's `L`.
+pub(super) fn lanes_apply(geo: &Geo, lanes: usize, rule: LanesRule) -> bool {
     let bytes = (geo.in_plane + geo.out_plane)
         .saturating_mul(lanes)
         .saturating_mul(std::mem::size_of::<f32>());
-    let small = geo.out_w < below;
-    let strided = geo.stride_h > 1 || geo.stride_w > 1;
+    let small = geo.out_w < rule.below;
+    let strided = rule.strided && (geo.stride_h > 1 || geo.stride_w > 1);
     geo.cg == 1 && geo.kg == 1 && (small || strided) && bytes <= LANES_BYTES
 }
 
@@ -62,8 +71,36 @@ const LANES_BYTES: usize = 256 << 10;
 /// 44–51).
 pub(super) const GRAD_WEIGHT_BELOW: usize = 16;
 
+/// As [`GRAD_WEIGHT_BELOW`] for the 3×3 layers the kernel's
+/// [row sweep](super::sweep) takes, at any stride (strided layers no longer
+/// go in lanes whatever their width). 1 thread AVX-512, Zen 5, GFLOP/s,
+/// channels in lanes → the sweep, two runs: 512×8² 27–29 → 26–27, 384×10²
+/// 30–31 → 38–39, 384×12² 30–33 → 49–52, 384×14² 26–33 → 62–64; at stride
+/// 2, rows of 7 (576×14²) 22–23 → 15, of 10 (384×20²) 22–24 → 20–25, of 12
+/// (384×24²) 22–23 → 26–31, of 14 (576×28²) 21–22 → 37–38, of 28 (144×56²,
+/// 192×56²) 20–24 → 48–49.
+pub(super) const GRAD_WEIGHT_BELOW_SWEEP: usize = 10;
+
+/// The [`LanesRule`] of the weight gradient: [`GRAD_WEIGHT_BELOW_SWEEP`]
+/// where the kernel sweeps (`sweeps`: it has the row sweep and the layer is
+/// 3×3 with dilation 1 and strides up to 2), else [`GRAD_WEIGHT_BELOW`] and
+/// every strided layer.
+pub(super) fn grad_weight_rule(sweeps: bool) -> LanesRule {
+    if sweeps {
+        LanesRule {
+            below: GRAD_WEIGHT_BELOW_SWEEP,
+            strided: false,
+        }
+    } else {
+        LanesRule {
+            below: GRAD_WEIGHT_BELOW,
+            strided: true,
+        }
+    }
+}
+
 /// The forward's stride-1 rows narrower than this put channels in lanes
-/// where the per-channel jobs run on the 3×3 tile (see [`forward_below`]).
+/// where the per-channel jobs run on the 3×3 tile (see [`forward_rule`]).
 pub(super) const FORWARD_BELOW: usize = 22;
 
 /// As [`FORWARD_BELOW`] where single-channel 3×3 jobs take the
@@ -74,10 +111,10 @@ pub(super) const FORWARD_BELOW: usize = 22;
 /// 256×16² 76 → 104–105, 256×20² 71 → 89–90, 256×24² 71 → 105–109.
 pub(super) const FORWARD_BELOW_SWEEP: usize = 14;
 
-/// The `below` of [`lanes_apply`] for the forward: [`FORWARD_BELOW_SWEEP`]
-/// or [`FORWARD_BELOW`] (as `sweeps` says whether the kernel has the row
-/// sweep) for kernels up to 3 wide, any row for wider ones (within the
-/// workspace bound). Pixels in lanes pay per row for the vectors at its
+/// The [`LanesRule`] of the forward: every strided layer, and rows
+/// narrower than [`FORWARD_BELOW_SWEEP`] or [`FORWARD_BELOW`] (as `sweeps`
+/// says whether the kernel has the row sweep) for kernels up to 3 wide, any
+/// row for wider ones (within the workspace bound). Pixels in lanes pay per row for the vectors at its
 /// edges, and a wider kernel has more of them; channels in lanes pay a
 /// transpose per pixel whatever the kernel. Measured with the 3×3 tile (1
 /// thread AVX-512, Zen 5, plans, GFLOP/s, pixels in lanes → channels in
@@ -85,13 +122,17 @@ pub(super) const FORWARD_BELOW_SWEEP: usize = 14;
 /// → 57–59, 256×24² 65–69 → 57–61, 192×28² 68–70 → 48–56; 5×5 480×14²
 /// 27–34 → 64–84, 240×28² 30–38 → 83–100; 7×7 768×14² 46–48 → 100–111,
 /// 384×28² 48–50 → 128–133.
-pub(super) fn forward_below(geo: &Geo, sweeps: bool) -> usize {
-    if geo.s_len > 3 {
+pub(super) fn forward_rule(geo: &Geo, sweeps: bool) -> LanesRule {
+    let below = if geo.s_len > 3 {
         usize::MAX
     } else if sweeps && (geo.r_len, geo.s_len, geo.dil_h) == (3, 3, 1) {
         FORWARD_BELOW_SWEEP
     } else {
         FORWARD_BELOW
+    };
+    LanesRule {
+        below,
+        strided: true,
     }
 }
 

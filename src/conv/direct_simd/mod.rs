@@ -169,21 +169,19 @@ impl Prepared {
         kernel: Kernel,
     ) -> Result<Prepared, ConvError> {
         let geo = Geo::new(g, activation);
-        let lanes = if lanes::lanes_apply(
-            &geo,
-            kernel.lanes,
-            lanes::forward_below(&geo, kernel.sweeps),
-        ) && kernel.lanes_allowed()
-        {
-            let weights = lanes_weights(&geo, weight, kernel.lanes)?;
-            let finite = super::all_finite(&weights);
-            Some(LanesPrepared {
-                plan: lanes::LanesPlan::new(&geo, kernel.lanes, finite)?,
-                weights,
-            })
-        } else {
-            None
-        };
+        let lanes =
+            if lanes::lanes_apply(&geo, kernel.lanes, lanes::forward_rule(&geo, kernel.sweeps))
+                && kernel.lanes_allowed()
+            {
+                let weights = lanes_weights(&geo, weight, kernel.lanes)?;
+                let finite = super::all_finite(&weights);
+                Some(LanesPrepared {
+                    plan: lanes::LanesPlan::new(&geo, kernel.lanes, finite)?,
+                    weights,
+                })
+            } else {
+                None
+            };
         Ok(Prepared {
             cols: ColPlan::new(&geo, kernel.lanes)?,
             weights: gather_weights(&geo, weight)?,

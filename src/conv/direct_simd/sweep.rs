@@ -30,6 +30,11 @@
 //! The bias is where each accumulator starts, not added after the taps as
 //! in the tile: the same sum in another order.
 //!
+//! The weight gradient sweeps the same way ([`weight_sweep3`]): the ring
+//! holds grad-output rows instead of accumulators, and each tap keeps one
+//! accumulator per vector of the strip (strips of up to two vectors, nine
+//! taps each), summed over every image and row.
+//!
 //! Measured against the tile (1 thread AVX-512, Zen 5, plans, GFLOP/s, the
 //! tile → the sweep, same build, two runs): 144×56² (MobileNetV2) 93–97 →
 //! 127–139, 32×112² 106–108 → 123–124, 192×28² 82–84 → 118–126, 16 planes
@@ -40,8 +45,9 @@
 //! strided planes that fit channels in lanes keep them (1 thread, lanes →
 //! sweep: 144×56²/2 34 → 23, 192×28²/2 39 → 17, 576×14²/2 45 → 5).
 
+use super::backward::WeightJob;
 use super::simd::{fma_tap, load_interior, opaque, Simd};
-use super::{ColVec, Job};
+use super::{ColPlan, ColVec, Geo, Job};
 
 /// Most vectors a strip covers: three accumulators each, beside the nine
 /// weights, in 32 vector registers.
@@ -105,14 +111,7 @@ unsafe fn strip<S: Simd, const N: usize, const SW: usize, const SH: usize>(
     v0: usize,
     out: *mut f32,
 ) {
-    let vecs: [ColVec; N] = core::array::from_fn(|i| job.cols.vecs[v0 + i]);
-    let mut masks = [[s.mask(0, S::LANES); 3]; N];
-    for (i, m) in masks.iter_mut().enumerate() {
-        for (si, m) in m.iter_mut().enumerate() {
-            let (lo, hi) = job.cols.ranges[(v0 + i) * 3 + si];
-            *m = s.mask(lo, hi);
-        }
-    }
+    let (vecs, masks) = strip_plan::<S, N>(s, job.cols, v0);
     // SAFETY: (both) forwarded contract; an interior strip's every lane
     // reads inside its row for every kernel column.
     unsafe {
@@ -122,6 +121,25 @@ unsafe fn strip<S: Simd, const N: usize, const SW: usize, const SH: usize>(
             sweep::<S, N, true, SW, SH>(s, job, &vecs, &masks, out)
         }
     }
+}
+
+/// Vectors `v0..v0 + N` of the column plan, and per vector and kernel
+/// column the mask of its lanes that read inside the row.
+#[inline(always)]
+fn strip_plan<S: Simd, const N: usize>(
+    s: S,
+    cols: &ColPlan,
+    v0: usize,
+) -> ([ColVec; N], [[S::M; 3]; N]) {
+    let vecs: [ColVec; N] = core::array::from_fn(|i| cols.vecs[v0 + i]);
+    let mut masks = [[s.mask(0, S::LANES); 3]; N];
+    for (i, m) in masks.iter_mut().enumerate() {
+        for (si, m) in m.iter_mut().enumerate() {
+            let (lo, hi) = cols.ranges[(v0 + i) * 3 + si];
+            *m = s.mask(lo, hi);
+        }
+    }
+    (vecs, masks)
 }
 
 /// What every row step of a strip reads.
@@ -341,6 +359,298 @@ fn taps<S: Simd, const N: usize, const EDGE: bool>(
     for (r, slot) in slots.iter().enumerate() {
         if let &Some(j) = slot {
             acc[j][v] = fma_tap::<S, EDGE>(s, st.w[r][si], x, acc[j][v], m);
+        }
+    }
+}
+
+/// Most vectors a weight-gradient strip covers: nine accumulators each (one
+/// per tap) and three grad-output rows, in 32 vector registers.
+const MAX_WEIGHT_SWEEP_VECS: usize = 2;
+
+/// The weight gradient of a single-channel 3×3 job with dilation 1 and
+/// stride `SH` × `SW` (each 1 or 2), by the same sweep as the forward: per
+/// strip of up to two vectors, the grad-output rows ride in the ring (each
+/// loaded once), every input row is loaded once per kernel column and
+/// vector and meets each grad-output row whose window covers it, and the
+/// nine taps' accumulators (one per vector of the strip) sum over every
+/// image and row. Each tap then sums its accumulators in a fixed order
+/// (strips, then vectors within a strip, then the lanes pairwise), so the
+/// result depends on the geometry and the ISA but not on the threads.
+///
+/// # Safety
+/// As [`weight_tile`](super::backward::weight_tile) with `KB = 1`, and the
+/// kernel, dilation and strides described; the job holds the nine taps.
+#[inline(always)]
+pub(super) unsafe fn weight_sweep3<S: Simd, const SW: usize, const SH: usize>(
+    s: S,
+    job: &WeightJob<'_>,
+    out: &mut [f32],
+) {
+    let geo = job.geo;
+    debug_assert!((geo.r_len, geo.s_len, geo.dil_h, geo.dil_w) == (3, 3, 1, 1));
+    debug_assert!((geo.stride_h, geo.stride_w) == (SH, SW) && SH <= 2 && SW <= 2);
+    let count = job.cols.vecs.len();
+    let mut total = [s.zero(); 9];
+    let mut v0 = 0;
+    while v0 < count {
+        let n = (count - v0).min(MAX_WEIGHT_SWEEP_VECS);
+        // SAFETY: (both) forwarded contract; vectors v0..v0 + n exist.
+        unsafe {
+            if n == 1 {
+                weight_strip::<S, 1, SW, SH>(s, job, v0, &mut total);
+            } else {
+                weight_strip::<S, 2, SW, SH>(s, job, v0, &mut total);
+            }
+        }
+        v0 += n;
+    }
+    let mut sums = [0.0f32; 9];
+    s.reduce_lanes(&total, &mut sums);
+    for (i, &sum) in sums.iter().enumerate() {
+        let (wr, ws) = geo.weight_tap(i / 3, i % 3);
+        let dst = &mut out[job.c * 9 + wr * 3 + ws];
+        *dst = if job.accumulate { *dst + sum } else { sum };
+    }
+}
+
+/// One strip of `N` vectors from vector `v0`, over every image, added to
+/// `total` (per tap, vector by vector).
+///
+/// # Safety
+/// As [`weight_sweep3`]; vectors `v0..v0 + N` exist.
+#[inline(always)]
+unsafe fn weight_strip<S: Simd, const N: usize, const SW: usize, const SH: usize>(
+    s: S,
+    job: &WeightJob<'_>,
+    v0: usize,
+    total: &mut [S::V; 9],
+) {
+    let (vecs, masks) = strip_plan::<S, N>(s, job.cols, v0);
+    // SAFETY: (both) forwarded contract; an interior strip's every lane
+    // reads inside its row for every kernel column, and its vectors are
+    // whole.
+    let acc = unsafe {
+        if vecs.iter().all(|cv| cv.interior) {
+            weight_sweep::<S, N, false, SW, SH>(s, job, &vecs, &masks)
+        } else {
+            weight_sweep::<S, N, true, SW, SH>(s, job, &vecs, &masks)
+        }
+    };
+    for acc in &acc {
+        for (t, a) in total.iter_mut().zip(acc.iter().flatten()) {
+            *t = s.add(*t, *a);
+        }
+    }
+}
+
+/// The strip's accumulators, `[vector][r][s]`, over every image.
+///
+/// # Safety
+/// As [`weight_strip`]; without `EDGE`, every vector is interior.
+#[inline(always)]
+unsafe fn weight_sweep<
+    S: Simd,
+    const N: usize,
+    const EDGE: bool,
+    const SW: usize,
+    const SH: usize,
+>(
+    s: S,
+    job: &WeightJob<'_>,
+    vecs: &[ColVec; N],
+    masks: &[[S::M; 3]; N],
+) -> [[[S::V; 3]; 3]; N] {
+    let geo = job.geo;
+    let col: [isize; N] =
+        core::array::from_fn(|i| (vecs[i].ow0 * SW) as isize - geo.pad_left as isize);
+    let reach = (SW * (S::LANES - 1) + 3) as isize;
+    let (channels_in, channels_out) = (geo.groups * geo.cg, geo.groups * geo.kg);
+    let mut acc = [[[s.zero(); 3]; 3]; N];
+    for n in 0..geo.batch {
+        let x = &job.input[(n * channels_in + job.in_c) * geo.in_plane..][..geo.in_plane];
+        let dy = &job.grad_output[(n * channels_out + job.k0) * geo.out_plane..][..geo.out_plane];
+        let ws = WeightStrip::<S, N> {
+            x: x.as_ptr(),
+            dy: dy.as_ptr(),
+            col,
+            masks,
+            vecs,
+            span: (col[0], col[N - 1] + reach),
+        };
+        // Step t reads input row t − pad_top into the taps of kernel row r
+        // for each grad-output row (t − r)/SH it meets; grad-output row oh
+        // lives in ring slot oh mod 3, loaded at the step it first meets.
+        let steps = SH * (geo.out_h - 1) + 3;
+        let mut ring = [[s.zero(); N]; 3];
+        let mut t = 0;
+        macro_rules! steps {
+            ($($k:literal)*) => {$(
+                if $k < 3 * SH && t + $k < steps {
+                    // SAFETY: forwarded contract.
+                    unsafe {
+                        weight_step::<S, N, EDGE, SW, SH, $k>(s, geo, &ws, t + $k, &mut ring, &mut acc)
+                    };
+                }
+            )*};
+        }
+        while t < steps {
+            steps!(0 1 2 3 4 5);
+            t += 3 * SH;
+        }
+    }
+    acc
+}
+
+/// What every step of a weight-gradient strip reads, for one image.
+struct WeightStrip<'a, S: Simd, const N: usize> {
+    /// The image's input plane.
+    x: *const f32,
+    /// The image's grad-output plane.
+    dy: *const f32,
+    /// As [`Strip::col`].
+    col: [isize; N],
+    /// As [`Strip::masks`].
+    masks: &'a [[S::M; 3]; N],
+    vecs: &'a [ColVec; N],
+    /// As [`Strip::span`].
+    span: (isize, isize),
+}
+
+/// Step `t` of a weight-gradient sweep (`t mod 3·SH == K`): the grad-output
+/// row that kernel row 0 meets first into its ring slot, then input row
+/// `t − pad_top` into the taps.
+///
+/// # Safety
+/// As [`weight_sweep`]; `ws` holds one image's planes.
+#[inline(always)]
+unsafe fn weight_step<
+    S: Simd,
+    const N: usize,
+    const EDGE: bool,
+    const SW: usize,
+    const SH: usize,
+    const K: usize,
+>(
+    s: S,
+    geo: &Geo,
+    ws: &WeightStrip<'_, S, N>,
+    t: usize,
+    ring: &mut [[S::V; N]; 3],
+    acc: &mut [[[S::V; 3]; 3]; N],
+) {
+    if let Some(j) = const { slot::<SH>(K, 0) } {
+        let oh = t / SH;
+        if oh < geo.out_h {
+            let start = oh * geo.out_w;
+            let whole = !EDGE || start + ws.vecs[N - 1].ow0 + S::LANES <= geo.out_plane;
+            for (d, cv) in ring[j].iter_mut().zip(ws.vecs) {
+                let p = ws.dy.wrapping_add(start + cv.ow0);
+                // SAFETY: row oh < out_h; lanes ow0..ow0 + lanes ≤ out_w are
+                // inside it, and with `whole` every lane of the vector is
+                // inside the plane (the lanes past the row are never used:
+                // the masks hold only lanes below `lanes`).
+                *d = unsafe {
+                    if whole || cv.lanes == S::LANES {
+                        s.load(p)
+                    } else {
+                        s.load_masked(p, 1, s.mask(0, cv.lanes))
+                    }
+                };
+            }
+        }
+    }
+    let ih = t as isize - geo.pad_top as isize;
+    if ih < 0 || ih >= geo.in_h as isize {
+        return;
+    }
+    let start = ih * geo.in_w as isize;
+    let row = opaque(ws.x.wrapping_offset(start));
+    let loose = start + ws.span.0 >= 0 && start + ws.span.1 <= geo.in_plane as isize;
+    // Every kernel row that has a grad-output row here has a real one: the
+    // rows before 0 (t < 2) and past the end only at the plane's ends.
+    let inside = t >= 2 && t / SH < geo.out_h;
+    // SAFETY: (all) row ih is inside the plane; every lane a masked load
+    // reads is inside the row (the masks), and with `loose` every lane of
+    // every whole-vector load is inside the plane (`span`).
+    unsafe {
+        match (!EDGE || loose, inside) {
+            (true, true) => {
+                weight_taps::<S, N, EDGE, SW, SH, K, true, false>(s, geo, ws, t, row, ring, acc)
+            }
+            (true, false) => {
+                weight_taps::<S, N, EDGE, SW, SH, K, true, true>(s, geo, ws, t, row, ring, acc)
+            }
+            (false, true) => {
+                weight_taps::<S, N, EDGE, SW, SH, K, false, false>(s, geo, ws, t, row, ring, acc)
+            }
+            (false, false) => {
+                weight_taps::<S, N, EDGE, SW, SH, K, false, true>(s, geo, ws, t, row, ring, acc)
+            }
+        }
+    }
+}
+
+/// One input row into the taps: for each vector and kernel column, one
+/// load, and per kernel row `r` that meets a grad-output row here, one FMA
+/// with that row into tap `(r, s)`. `WHOLE` as in [`row_taps`]; `CHECK`
+/// skips the kernel rows whose grad-output row is outside the plane.
+///
+/// # Safety
+/// As [`row_taps`].
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn weight_taps<
+    S: Simd,
+    const N: usize,
+    const EDGE: bool,
+    const SW: usize,
+    const SH: usize,
+    const K: usize,
+    const WHOLE: bool,
+    const CHECK: bool,
+>(
+    s: S,
+    geo: &Geo,
+    ws: &WeightStrip<'_, S, N>,
+    t: usize,
+    row: *const f32,
+    ring: &[[S::V; N]; 3],
+    acc: &mut [[[S::V; 3]; 3]; N],
+) {
+    let slots = const { [slot::<SH>(K, 0), slot::<SH>(K, 1), slot::<SH>(K, 2)] };
+    // With CHECK, the kernel rows whose grad-output row (t − r)/SH is real.
+    let real: [bool; 3] = core::array::from_fn(|r| !CHECK || (t >= r && (t - r) / SH < geo.out_h));
+    for v in 0..N {
+        let p = row.wrapping_offset(ws.col[v]);
+        // Loops, not `array::from_fn`: a closure moving vectors may be left
+        // out of line, outside the ISA's target features.
+        let mut xs = [s.zero(); 3];
+        if WHOLE && SW == 2 {
+            // SAFETY: the three kernel columns read p[0..2L + 1], inside the
+            // plane (contract).
+            xs = unsafe { s.load_stride2_three(p) };
+        } else {
+            for (si, x) in xs.iter_mut().enumerate() {
+                let p = p.wrapping_add(si);
+                // SAFETY: the contract, for this vector and kernel column.
+                *x = unsafe {
+                    if WHOLE {
+                        load_interior::<S, SW>(s, p, SW)
+                    } else {
+                        s.load_masked(p, SW, ws.masks[v][si])
+                    }
+                };
+            }
+        }
+        for (si, &x) in xs.iter().enumerate() {
+            let m = ws.masks[v][si];
+            for (r, slot) in slots.iter().enumerate() {
+                if let &Some(j) = slot {
+                    if real[r] {
+                        acc[v][r][si] = fma_tap::<S, EDGE>(s, ring[j][v], x, acc[v][r][si], m);
+                    }
+                }
+            }
         }
     }
 }
