@@ -111,9 +111,19 @@ pub(super) const FORWARD_BELOW: usize = 22;
 /// 256×16² 76 → 104–105, 256×20² 71 → 89–90, 256×24² 71 → 105–109.
 pub(super) const FORWARD_BELOW_SWEEP: usize = 14;
 
-/// The [`LanesRule`] of the forward: every strided layer, and rows
-/// narrower than [`FORWARD_BELOW_SWEEP`] or [`FORWARD_BELOW`] (as `sweeps`
-/// says whether the kernel has the row sweep) for kernels up to 3 wide, any
+/// As [`FORWARD_BELOW_SWEEP`] for the strided layers the sweep takes
+/// (strides up to 2), which otherwise all put channels in lanes. 1 thread
+/// AVX-512, Zen 5, plans, GFLOP/s, channels in lanes → the sweep, two runs,
+/// by the width of the output rows: 7 (576×14²/2) 45 → 19, 10 (384×20²/2)
+/// 40–41 → 32, 12 (384×24²/2) 36–37 → 40, 14 (576×28²/2) 32 → 47, 28
+/// (192×56²/2) 32–34 → 54–55.
+pub(super) const FORWARD_STRIDED_BELOW_SWEEP: usize = 12;
+
+/// The [`LanesRule`] of the forward. Where the kernel has the row sweep
+/// (`sweeps`) and the layer is one it takes (3×3, vertical dilation 1,
+/// strides up to 2): rows narrower than [`FORWARD_BELOW_SWEEP`], or at a
+/// stride [`FORWARD_STRIDED_BELOW_SWEEP`]. Otherwise every strided layer,
+/// and rows narrower than [`FORWARD_BELOW`] for kernels up to 3 wide, any
 /// row for wider ones (within the workspace bound). Pixels in lanes pay per row for the vectors at its
 /// edges, and a wider kernel has more of them; channels in lanes pay a
 /// transpose per pixel whatever the kernel. Measured with the 3×3 tile (1
@@ -123,15 +133,27 @@ pub(super) const FORWARD_BELOW_SWEEP: usize = 14;
 /// 27–34 → 64–84, 240×28² 30–38 → 83–100; 7×7 768×14² 46–48 → 100–111,
 /// 384×28² 48–50 → 128–133.
 pub(super) fn forward_rule(geo: &Geo, sweeps: bool) -> LanesRule {
-    let below = if geo.s_len > 3 {
-        usize::MAX
-    } else if sweeps && (geo.r_len, geo.s_len, geo.dil_h) == (3, 3, 1) {
-        FORWARD_BELOW_SWEEP
-    } else {
-        FORWARD_BELOW
-    };
+    let swept = sweeps
+        && (geo.r_len, geo.s_len, geo.dil_h) == (3, 3, 1)
+        && geo.stride_h <= 2
+        && geo.stride_w <= 2;
+    if swept {
+        let strided = geo.stride_h > 1 || geo.stride_w > 1;
+        return LanesRule {
+            below: if strided {
+                FORWARD_STRIDED_BELOW_SWEEP
+            } else {
+                FORWARD_BELOW_SWEEP
+            },
+            strided: false,
+        };
+    }
     LanesRule {
-        below,
+        below: if geo.s_len > 3 {
+            usize::MAX
+        } else {
+            FORWARD_BELOW
+        },
         strided: true,
     }
 }

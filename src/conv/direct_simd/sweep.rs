@@ -24,8 +24,8 @@
 //! row, which hold real input of the neighbouring rows, never padding), and
 //! masked only on the rows where a whole vector would leave it: the last
 //! row or two, or on planes narrower than a vector's reach (33 floats at
-//! stride 2) most rows, which is one reason strided planes that small put
-//! channels in lanes instead (`lanes_apply`).
+//! stride 2) most rows, which is one reason planes that small put channels
+//! in lanes instead (`lanes_apply`).
 //!
 //! The bias is where each accumulator starts, not added after the taps as
 //! in the tile: the same sum in another order.
@@ -39,11 +39,17 @@
 //! tile → the sweep, same build, two runs): 144×56² (MobileNetV2) 93–97 →
 //! 127–139, 32×112² 106–108 → 123–124, 192×28² 82–84 → 118–126, 16 planes
 //! of 64×56 with no padding (in L2, every vector interior) 127 → 162–165,
-//! 384×14² 68–69 → 88–89; at stride 2, 96×112² 46 → 53, 64×64² 52 → 62–63,
-//! 32×200×40 39 → 51. It also takes stride-1 rows from 14 wide from
-//! channels in lanes ([`FORWARD_BELOW_SWEEP`](super::lanes::FORWARD_BELOW_SWEEP));
-//! strided planes that fit channels in lanes keep them (1 thread, lanes →
-//! sweep: 144×56²/2 34 → 23, 192×28²/2 39 → 17, 576×14²/2 45 → 5).
+//! 384×14² 68–69 → 88–89; at stride 2, 96×112² 46 → 53–55, 64×64² 52 →
+//! 62–63, 32×200×40 39 → 51. It also takes most layers from channels in
+//! lanes ([`FORWARD_BELOW_SWEEP`](super::lanes::FORWARD_BELOW_SWEEP) and
+//! [`FORWARD_STRIDED_BELOW_SWEEP`](super::lanes::FORWARD_STRIDED_BELOW_SWEEP)).
+//!
+//! At vertical stride 2 the ring has two rows, not three (an input row
+//! meets at most two output rows), and the steps unroll by four. Summing
+//! each kernel column in its own accumulator there (to break an output
+//! row's chain of nine dependent FMAs into three) measured slower: 44–46
+//! against 49–51 in alternating binaries (144×56²/2, 96×112²/2), and 55–57
+//! once the unused accumulators were gone from the code.
 
 use super::backward::WeightJob;
 use super::simd::{fma_tap, load_interior, opaque, Simd};
@@ -201,7 +207,7 @@ unsafe fn sweep<S: Simd, const N: usize, const EDGE: bool, const SW: usize, cons
     let mut t = 0;
     macro_rules! steps {
         ($($k:literal)*) => {$(
-            if $k < 3 * SH && t + $k < steps {
+            if $k < ring_len::<SH>() * SH && t + $k < steps {
                 // SAFETY: forwarded contract.
                 unsafe {
                     step::<S, N, EDGE, SW, SH, $k>(s, job, &st, vecs, clamp, t + $k, &mut acc, out)
@@ -211,14 +217,25 @@ unsafe fn sweep<S: Simd, const N: usize, const EDGE: bool, const SW: usize, cons
     }
     while t < steps {
         steps!(0 1 2 3 4 5);
-        t += 3 * SH;
+        t += ring_len::<SH>() * SH;
     }
 }
 
-/// The ring slot of the output row kernel row `r` meets at step `t`, where
-/// `t ≡ k (mod 3·SH)`, or `None` where `SH` does not divide `t − r`.
+/// Rows in the ring at vertical stride `SH`: the rows one input row meets
+/// (three at stride 1, two at stride 2).
+const fn ring_len<const SH: usize>() -> usize {
+    if SH == 1 {
+        3
+    } else {
+        2
+    }
+}
+
+/// The ring slot of the row kernel row `r` meets at step `t`, where `t ≡ k
+/// (mod ring·SH)`, or `None` where `SH` does not divide `t − r`.
 const fn slot<const SH: usize>(k: usize, r: usize) -> Option<usize> {
-    let d = (k + 3 * SH - r) % (3 * SH);
+    let period = ring_len::<SH>() * SH;
+    let d = (k + period - r) % period;
     if d.is_multiple_of(SH) {
         Some(d / SH)
     } else {
@@ -485,7 +502,7 @@ unsafe fn weight_sweep<
         let mut t = 0;
         macro_rules! steps {
             ($($k:literal)*) => {$(
-                if $k < 3 * SH && t + $k < steps {
+                if $k < ring_len::<SH>() * SH && t + $k < steps {
                     // SAFETY: forwarded contract.
                     unsafe {
                         weight_step::<S, N, EDGE, SW, SH, $k>(s, geo, &ws, t + $k, &mut ring, &mut acc)
@@ -495,7 +512,7 @@ unsafe fn weight_sweep<
         }
         while t < steps {
             steps!(0 1 2 3 4 5);
-            t += 3 * SH;
+            t += ring_len::<SH>() * SH;
         }
     }
     acc
