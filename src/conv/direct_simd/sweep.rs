@@ -199,9 +199,10 @@ unsafe fn sweep<S: Simd, const N: usize, const EDGE: bool, const SW: usize, cons
     // Step t reads input row t − pad_top (when it exists) into the output
     // rows (t − r)/SH whose kernel row r meets it, then stores row
     // (t − 2)/SH where that is whole: output row oh lives in ring slot
-    // oh mod 3, and the steps are unrolled by 3·SH so that every slot index
-    // is a constant. Slots of the rows before 0 (t < r) gather garbage and
-    // are restarted before any real row takes them.
+    // oh mod ring (`ring_len`), and the steps are unrolled by ring·SH so
+    // that every slot index is a constant. Slots of the rows before 0
+    // (t < r) gather garbage and are restarted before any real row takes
+    // them.
     let steps = SH * (geo.out_h - 1) + 3;
     let mut acc = [[st.bias; N]; 3];
     let mut t = 0;
@@ -243,7 +244,7 @@ const fn slot<const SH: usize>(k: usize, r: usize) -> Option<usize> {
     }
 }
 
-/// Step `t` of a sweep (`t mod 3·SH == K`): input row `t − pad_top` into
+/// Step `t` of a sweep (`t mod ring·SH == K`): input row `t − pad_top` into
 /// the accumulator rows that need it, then output row `(t − 2)/SH`, where
 /// that is whole, stored and its slot restarted.
 ///
@@ -269,12 +270,8 @@ unsafe fn step<
     out: *mut f32,
 ) {
     let geo = job.geo;
-    let ih = t as isize - geo.pad_top as isize;
-    if ih >= 0 && ih < geo.in_h as isize {
-        let start = ih * geo.in_w as isize;
-        let row = opaque(st.chan.wrapping_offset(start));
-        let loose = start + st.span.0 >= 0 && start + st.span.1 <= geo.in_plane as isize;
-        // SAFETY: (both) row ih is inside the plane; every lane a masked
+    if let Some((row, loose)) = input_row(geo, st.chan, st.span, t) {
+        // SAFETY: (both) the row is inside the plane; every lane a masked
         // load reads is inside the row (the masks), and with `loose` every
         // lane of every whole-vector load is inside the plane (`span`).
         unsafe {
@@ -304,7 +301,7 @@ unsafe fn step<
 }
 
 /// One input row's taps: for each vector and kernel column, one load into
-/// the accumulators whose rows it meets (`K`: the step modulo 3·SH).
+/// the accumulators whose rows it meets (`K`: the step modulo ring·SH).
 /// `WHOLE` loads whole vectors, otherwise only each vector's lanes inside
 /// the row.
 ///
@@ -329,12 +326,11 @@ unsafe fn row_taps<
     acc: &mut [[S::V; N]; 3],
 ) {
     let slots = const { [slot::<SH>(K, 0), slot::<SH>(K, 1), slot::<SH>(K, 2)] };
-    if SW == 2 && WHOLE && dil_w == 1 {
-        // The three kernel columns of a vector from one pair of loads.
+    if SW == 2 {
         for v in 0..N {
-            // SAFETY: the three kernel columns read p[0..2L + 1], inside the
-            // plane (contract).
-            let xs = unsafe { s.load_stride2_three(row.wrapping_offset(st.col[v])) };
+            let p = row.wrapping_offset(st.col[v]);
+            // SAFETY: the contract, for this vector.
+            let xs = unsafe { load_columns::<S, SW, WHOLE>(s, p, dil_w, &st.masks[v]) };
             for (si, &x) in xs.iter().enumerate() {
                 taps::<S, N, EDGE>(s, st, &slots, v, si, x, acc);
             }
@@ -358,6 +354,60 @@ unsafe fn row_taps<
             taps::<S, N, EDGE>(s, st, &slots, v, si, x, acc);
         }
     }
+}
+
+/// Input row `t − pad_top` of `plane` where it exists, and whether every
+/// lane of the strip's whole-vector loads (`span`, from the row's start)
+/// stays inside the plane.
+#[inline(always)]
+fn input_row(
+    geo: &Geo,
+    plane: *const f32,
+    span: (isize, isize),
+    t: usize,
+) -> Option<(*const f32, bool)> {
+    let ih = t as isize - geo.pad_top as isize;
+    if ih < 0 || ih >= geo.in_h as isize {
+        return None;
+    }
+    let start = ih * geo.in_w as isize;
+    let loose = start + span.0 >= 0 && start + span.1 <= geo.in_plane as isize;
+    Some((opaque(plane.wrapping_offset(start)), loose))
+}
+
+/// The three kernel columns of one vector whose kernel column 0 starts at
+/// `p`: whole vectors with `WHOLE` (at horizontal stride 2 and dilation 1
+/// from one pair of loads), otherwise only each column's lanes of `masks`.
+///
+/// # Safety
+/// With `WHOLE` every lane of the three loads is readable; otherwise the
+/// lanes of each column's mask.
+#[inline(always)]
+unsafe fn load_columns<S: Simd, const SW: usize, const WHOLE: bool>(
+    s: S,
+    p: *const f32,
+    dil_w: usize,
+    masks: &[S::M; 3],
+) -> [S::V; 3] {
+    if WHOLE && SW == 2 && dil_w == 1 {
+        // SAFETY: the three kernel columns read p[0..2L + 1] (contract).
+        return unsafe { s.load_stride2_three(p) };
+    }
+    // A loop, not `array::from_fn`: a closure moving vectors may be left
+    // out of line, outside the ISA's target features.
+    let mut xs = [s.zero(); 3];
+    for (si, x) in xs.iter_mut().enumerate() {
+        let p = p.wrapping_add(si * dil_w);
+        // SAFETY: the contract, for this kernel column.
+        *x = unsafe {
+            if WHOLE {
+                load_interior::<S, SW>(s, p, SW)
+            } else {
+                s.load_masked(p, SW, masks[si])
+            }
+        };
+    }
+    xs
 }
 
 /// Input vector `x` (vector `v`, kernel column `si`) into the accumulator
@@ -496,7 +546,8 @@ unsafe fn weight_sweep<
         };
         // Step t reads input row t − pad_top into the taps of kernel row r
         // for each grad-output row (t − r)/SH it meets; grad-output row oh
-        // lives in ring slot oh mod 3, loaded at the step it first meets.
+        // lives in ring slot oh mod ring (`ring_len`), loaded at the step it
+        // first meets.
         let steps = SH * (geo.out_h - 1) + 3;
         let mut ring = [[s.zero(); N]; 3];
         let mut t = 0;
@@ -533,7 +584,7 @@ struct WeightStrip<'a, S: Simd, const N: usize> {
     span: (isize, isize),
 }
 
-/// Step `t` of a weight-gradient sweep (`t mod 3·SH == K`): the grad-output
+/// Step `t` of a weight-gradient sweep (`t mod ring·SH == K`): the grad-output
 /// row that kernel row 0 meets first into its ring slot, then input row
 /// `t − pad_top` into the taps.
 ///
@@ -576,13 +627,9 @@ unsafe fn weight_step<
             }
         }
     }
-    let ih = t as isize - geo.pad_top as isize;
-    if ih < 0 || ih >= geo.in_h as isize {
+    let Some((row, loose)) = input_row(geo, ws.x, ws.span, t) else {
         return;
-    }
-    let start = ih * geo.in_w as isize;
-    let row = opaque(ws.x.wrapping_offset(start));
-    let loose = start + ws.span.0 >= 0 && start + ws.span.1 <= geo.in_plane as isize;
+    };
     // Every kernel row that has a grad-output row here has a real one: the
     // rows before 0 (t < 2) and past the end only at the plane's ends.
     let inside = t >= 2 && t / SH < geo.out_h;
@@ -639,26 +686,8 @@ unsafe fn weight_taps<
     let real: [bool; 3] = core::array::from_fn(|r| !CHECK || (t >= r && (t - r) / SH < geo.out_h));
     for v in 0..N {
         let p = row.wrapping_offset(ws.col[v]);
-        // Loops, not `array::from_fn`: a closure moving vectors may be left
-        // out of line, outside the ISA's target features.
-        let mut xs = [s.zero(); 3];
-        if WHOLE && SW == 2 {
-            // SAFETY: the three kernel columns read p[0..2L + 1], inside the
-            // plane (contract).
-            xs = unsafe { s.load_stride2_three(p) };
-        } else {
-            for (si, x) in xs.iter_mut().enumerate() {
-                let p = p.wrapping_add(si);
-                // SAFETY: the contract, for this vector and kernel column.
-                *x = unsafe {
-                    if WHOLE {
-                        load_interior::<S, SW>(s, p, SW)
-                    } else {
-                        s.load_masked(p, SW, ws.masks[v][si])
-                    }
-                };
-            }
-        }
+        // SAFETY: the contract, for this vector.
+        let xs = unsafe { load_columns::<S, SW, WHOLE>(s, p, 1, &ws.masks[v]) };
         for (si, &x) in xs.iter().enumerate() {
             let m = ws.masks[v][si];
             for (r, slot) in slots.iter().enumerate() {
