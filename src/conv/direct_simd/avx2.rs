@@ -34,6 +34,12 @@ fn gather_index(s: Avx2, stride: usize) -> Option<__m256i> {
 
 impl Simd for Avx2 {
     const LANES: usize = 8;
+    // One vector a strip: three accumulators (three grad-output rows and
+    // nine tap sums for the weight gradient) and nine weights in 16
+    // registers. 1 thread, GFLOP/s, the tiles → the sweep: forward 144×56²
+    // 51 → 63–68, 32×112² 53 → 74, 192×28² 36 → 43, 96×112²/2 27 → 38;
+    // weight gradient 144×56² 49–51 → 62–65, 32×112² 52 → 71–73.
+    const SWEEP_VECS: usize = 1;
     type V = __m256;
     /// All-ones in the lanes of the set.
     type M = __m256i;

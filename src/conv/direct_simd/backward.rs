@@ -76,7 +76,7 @@
 //! channel of 49 pixels, a horizontal sum per tap): they now put channels
 //! in lanes (next section).
 //!
-//! * Where the ISA has the registers (AVX-512), every job of a 3×3 layer
+//! * Where the ISA has the registers (AVX-512, and AVX2 one vector a strip), every job of a 3×3 layer
 //!   with dilation 1, strides up to 2 and one output channel per group takes
 //!   the forward's [row sweep](super::sweep) instead of the tile and the
 //!   flattened sweep: grad-output rows ride in a ring of three, each input
@@ -85,7 +85,9 @@
 //!   1 thread, GFLOP/s, before → after: 144×56² 76 → 103, 32×112² 60 →
 //!   113–116, 192×28² 58 → 105, 256×16² 37 → 80, 96×112²/2 20 → 51; and
 //!   taking over from channels in lanes (`GRAD_WEIGHT_BELOW_SWEEP`)
-//!   384×14² 26–33 → 62–64, 144×56²/2 20–24 → 48–49.
+//!   384×14² 26–33 → 62–64, 144×56²/2 20–24 → 48–49. On AVX2: 144×56²
+//!   49–51 → 62–65, 32×112² 52 → 71–73, 384×14² 21 → 28, 144×56²/2 18 →
+//!   29, 96×112²/2 26 → 33–35.
 //!
 //! # Channels in lanes: depthwise layers on small or strided planes
 //!

@@ -16,7 +16,8 @@
 //!   keeps all nine weights in registers and loads each input row of the
 //!   block once per kernel column, feeding every output row whose window
 //!   covers it (about 3 FMAs per load instead of 1); where the ISA has the
-//!   registers (AVX-512) and the job one input channel, a row sweep
+//!   registers (AVX-512; AVX2 for one vector at a time) and the job one
+//!   input channel, a row sweep
 //!   (`sweep.rs`) takes them instead: a strip of up to 4 vectors down the
 //!   whole plane, three rows of accumulators in a ring.
 //! * An output row is split, per kernel column, with [`valid_range`] into
@@ -169,19 +170,21 @@ impl Prepared {
         kernel: Kernel,
     ) -> Result<Prepared, ConvError> {
         let geo = Geo::new(g, activation);
-        let lanes =
-            if lanes::lanes_apply(&geo, kernel.lanes, lanes::forward_rule(&geo, kernel.sweeps))
-                && kernel.lanes_allowed()
-            {
-                let weights = lanes_weights(&geo, weight, kernel.lanes)?;
-                let finite = super::all_finite(&weights);
-                Some(LanesPrepared {
-                    plan: lanes::LanesPlan::new(&geo, kernel.lanes, finite)?,
-                    weights,
-                })
-            } else {
-                None
-            };
+        // The sweep's own rows for channels in lanes were measured with 16
+        // lanes; with 8 (AVX2, one vector a strip) channels in lanes keeps
+        // its rows: 1 thread, GFLOP/s, lanes → sweep, 384×14² 49–51 →
+        // 23–27, 144×56²/2 30 → 22–24.
+        let rule = lanes::forward_rule(&geo, kernel.sweeps && kernel.lanes >= 16);
+        let lanes = if lanes::lanes_apply(&geo, kernel.lanes, rule) && kernel.lanes_allowed() {
+            let weights = lanes_weights(&geo, weight, kernel.lanes)?;
+            let finite = super::all_finite(&weights);
+            Some(LanesPrepared {
+                plan: lanes::LanesPlan::new(&geo, kernel.lanes, finite)?,
+                weights,
+            })
+        } else {
+            None
+        };
         Ok(Prepared {
             cols: ColPlan::new(&geo, kernel.lanes)?,
             weights: gather_weights(&geo, weight)?,

@@ -460,7 +460,7 @@ pub(super) unsafe fn weight_sweep3<S: Simd, const SW: usize, const SH: usize>(
     let mut total = [s.zero(); 9];
     let mut v0 = 0;
     while v0 < count {
-        let n = (count - v0).min(MAX_WEIGHT_SWEEP_VECS);
+        let n = (count - v0).min(MAX_WEIGHT_SWEEP_VECS.min(S::SWEEP_VECS).max(1));
         // SAFETY: (both) forwarded contract; vectors v0..v0 + n exist.
         unsafe {
             if n == 1 {

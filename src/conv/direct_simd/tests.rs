@@ -446,11 +446,11 @@ mod checked {
 
     impl<const L: usize> Simd for Checked<L> {
         const LANES: usize = L;
-        // As AVX-512 where the lanes match it.
+        // As AVX-512 and AVX2.
         const SWEEP_VECS: usize = if L == 16 {
             super::super::sweep::MAX_SWEEP_VECS
         } else {
-            0
+            1
         };
         type V = [f32; L];
         /// Bit `j`: lane `j` is in the mask.
@@ -643,7 +643,7 @@ fn every_access_in_bounds() {
         for (lanes, run) in runs {
             let kernel = Kernel {
                 lanes,
-                sweeps: lanes == 16,
+                sweeps: true,
                 isa: Isa::Portable,
                 test_run: Some(run),
             };
@@ -662,9 +662,9 @@ fn every_access_in_bounds() {
     }
 }
 
-/// The 3×3 row sweep under the bounds-checking kernel with AVX-512's 16
-/// lanes: rows of one to five strips (strips of 1 to 4 vectors, short last
-/// vectors), every stride of 1 and 2, up to 2 padding on each side,
+/// The 3×3 row sweep under the bounds-checking kernels with AVX-512's 16
+/// lanes (strips of 1 to 4 vectors) and AVX2's 8 (strips of one): rows of
+/// one to five strips (short last vectors), every stride of 1 and 2, up to 2 padding on each side,
 /// horizontal dilation 1 and 2, planes from one row up, both modes, bias
 /// and the activations; every read and write is checked, every value
 /// against the reference.
@@ -736,17 +736,20 @@ fn sweep_every_width_and_padding() {
                     &mut scale,
                     Activation::None,
                 );
-                let kernel = Kernel {
-                    lanes: 16,
-                    sweeps: true,
-                    isa: Isa::Portable,
-                    test_run: Some(checked::run16),
-                };
-                let mut got = vec![f32::NAN; g.output_len()];
-                Prepared::with_kernel(&g, &weight, case.activation, kernel)
-                    .unwrap()
-                    .run(&input, bias.as_deref(), &mut got, Parallelism::Sequential);
-                check(&case, "sweep, 16 lanes", &got, &want, &scale);
+                let runs: [(usize, checked::RunFn); 2] = [(16, checked::run16), (8, checked::run8)];
+                for (lanes, run) in runs {
+                    let kernel = Kernel {
+                        lanes,
+                        sweeps: true,
+                        isa: Isa::Portable,
+                        test_run: Some(run),
+                    };
+                    let mut got = vec![f32::NAN; g.output_len()];
+                    Prepared::with_kernel(&g, &weight, case.activation, kernel)
+                        .unwrap()
+                        .run(&input, bias.as_deref(), &mut got, Parallelism::Sequential);
+                    check(&case, &format!("sweep, {lanes} lanes"), &got, &want, &scale);
+                }
                 ran += 1;
             }
         }
