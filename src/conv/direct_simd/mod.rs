@@ -17,9 +17,8 @@
 //!   block once per kernel column, feeding every output row whose window
 //!   covers it (about 3 FMAs per load instead of 1); where the ISA has the
 //!   registers (AVX-512; AVX2 for one vector at a time) and the job one
-//!   input channel, a row sweep
-//!   (`sweep.rs`) takes them instead: a strip of up to 4 vectors down the
-//!   whole plane, three rows of accumulators in a ring.
+//!   input channel, a row sweep (`sweep.rs`) takes them instead: a strip of
+//!   up to 4 vectors down the whole plane, a ring of accumulator rows.
 //! * An output row is split, per kernel column, with [`valid_range`] into
 //!   the vectors whose every lane reads inside the input row (the *interior*:
 //!   plain loads, no checks) and the *edge* vectors at the left and right
@@ -718,7 +717,8 @@ struct Job<'a> {
 #[derive(Clone, Copy, Debug)]
 struct Kernel {
     lanes: usize,
-    /// Single-channel 3×3 jobs at stride 1 take the [row sweep](sweep).
+    /// Single-channel 3×3 jobs at strides up to 2 take the
+    /// [row sweep](sweep).
     sweeps: bool,
     isa: Isa,
     /// Tests: run every job with this instead (a bounds-checking kernel).

@@ -92,13 +92,14 @@ pub(super) unsafe fn run_sweep3<S: Simd, const SW: usize, const SH: usize>(
         // 3 + 3 + 3 rather than 4 + 4 + 1.
         let strips_left = (count - v0).div_ceil(width);
         let n = (count - v0).div_ceil(strips_left);
-        // SAFETY: (each) forwarded contract; vectors v0..v0 + n exist.
+        // SAFETY: (each) forwarded contract; vectors v0..v0 + n exist. (The
+        // guards leave out the strips wider than the ISA's: n ≤ width.)
         unsafe {
             match n {
-                1 => strip::<S, 1, SW, SH>(s, job, v0, out),
-                2 => strip::<S, 2, SW, SH>(s, job, v0, out),
-                3 => strip::<S, 3, SW, SH>(s, job, v0, out),
-                _ => strip::<S, 4, SW, SH>(s, job, v0, out),
+                2 if width >= 2 => strip::<S, 2, SW, SH>(s, job, v0, out),
+                3 if width >= 3 => strip::<S, 3, SW, SH>(s, job, v0, out),
+                4.. if width >= 4 => strip::<S, 4, SW, SH>(s, job, v0, out),
+                _ => strip::<S, 1, SW, SH>(s, job, v0, out),
             }
         }
         v0 += n;
@@ -463,7 +464,7 @@ pub(super) unsafe fn weight_sweep3<S: Simd, const SW: usize, const SH: usize>(
         let n = (count - v0).min(MAX_WEIGHT_SWEEP_VECS.min(S::SWEEP_VECS).max(1));
         // SAFETY: (both) forwarded contract; vectors v0..v0 + n exist.
         unsafe {
-            if n == 1 {
+            if n == 1 || S::SWEEP_VECS < 2 {
                 weight_strip::<S, 1, SW, SH>(s, job, v0, &mut total);
             } else {
                 weight_strip::<S, 2, SW, SH>(s, job, v0, &mut total);
