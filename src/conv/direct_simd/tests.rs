@@ -98,10 +98,17 @@ fn run_case(case: &Case, rng: &mut Rng) {
     run_with(case, &g, &input, &weight, bias.as_deref());
 }
 
-fn run_with(case: &Case, g: &ConvGeometry, input: &[f32], weight: &[f32], bias: Option<&[f32]>) {
+/// The reference output of `case` and, per element, the scale [`check`]
+/// takes: `Σ|x·w| + |b|`, the reference on absolute values, no activation.
+fn reference(
+    case: &Case,
+    g: &ConvGeometry,
+    input: &[f32],
+    weight: &[f32],
+    bias: Option<&[f32]>,
+) -> (Vec<f32>, Vec<f32>) {
     let mut want = vec![0.0; g.output_len()];
     conv2d_direct(g, input, weight, bias, &mut want, case.activation);
-    // Σ|x·w| + |b|: the reference on absolute values, no activation.
     let abs = |v: &[f32]| v.iter().map(|x| x.abs()).collect::<Vec<_>>();
     let mut scale = vec![0.0; g.output_len()];
     let abs_bias = bias.map(abs);
@@ -113,6 +120,11 @@ fn run_with(case: &Case, g: &ConvGeometry, input: &[f32], weight: &[f32], bias: 
         &mut scale,
         Activation::None,
     );
+    (want, scale)
+}
+
+fn run_with(case: &Case, g: &ConvGeometry, input: &[f32], weight: &[f32], bias: Option<&[f32]>) {
+    let (want, scale) = reference(case, g, input, weight, bias);
     for isa in isas_under_test() {
         for par in [Parallelism::Sequential, Parallelism::threads(3)] {
             let mut got = vec![f32::NAN; g.output_len()];
@@ -588,13 +600,39 @@ mod checked {
     }
 }
 
+/// The output of the bounds-checking kernels with 16 and 8 lanes (the
+/// AVX-512 and AVX2 tile heights and sweep widths), one thread, channels
+/// never in lanes: every read and write of every job checked.
+fn run_checked(
+    g: &ConvGeometry,
+    input: &[f32],
+    weight: &[f32],
+    bias: Option<&[f32]>,
+    activation: Activation,
+) -> [(usize, Vec<f32>); 2] {
+    use super::Kernel;
+    use crate::gemm::Isa;
+    let runs: [(usize, checked::RunFn); 2] = [(16, checked::run16), (8, checked::run8)];
+    runs.map(|(lanes, run)| {
+        let kernel = Kernel {
+            lanes,
+            sweeps: true,
+            isa: Isa::Portable,
+            test_run: Some(run),
+        };
+        let mut got = vec![f32::NAN; g.output_len()];
+        Prepared::with_kernel(g, weight, activation, kernel)
+            .unwrap()
+            .run(input, bias, &mut got, Parallelism::Sequential);
+        (lanes, got)
+    })
+}
+
 /// The generic tile code never reads outside the unit's input group or
 /// writes outside its output planes, on random geometries, with 16 and 8
 /// lanes; and it computes the reference's values.
 #[test]
 fn every_access_in_bounds() {
-    use super::Kernel;
-    use crate::gemm::Isa;
     let mut rng = Rng(0xb0_b5_ca_fe);
     let mut ran = 0;
     while ran < 300 {
@@ -639,18 +677,7 @@ fn every_access_in_bounds() {
             &mut want,
             Activation::Relu6,
         );
-        let runs: [(usize, checked::RunFn); 2] = [(16, checked::run16), (8, checked::run8)];
-        for (lanes, run) in runs {
-            let kernel = Kernel {
-                lanes,
-                sweeps: true,
-                isa: Isa::Portable,
-                test_run: Some(run),
-            };
-            let mut got = vec![f32::NAN; g.output_len()];
-            Prepared::with_kernel(&g, &weight, Activation::Relu6, kernel)
-                .unwrap()
-                .run(&input, Some(&bias), &mut got, Parallelism::Sequential);
+        for (lanes, got) in run_checked(&g, &input, &weight, Some(&bias), Activation::Relu6) {
             for (i, (a, b)) in got.iter().zip(&want).enumerate() {
                 assert!(
                     (a - b).abs() <= 1e-4,
@@ -670,8 +697,6 @@ fn every_access_in_bounds() {
 /// against the reference.
 #[test]
 fn sweep_every_width_and_padding() {
-    use super::Kernel;
-    use crate::gemm::Isa;
     let mut rng = Rng(0x5eed_cafe);
     let mut ran = 0;
     let widths = [1, 3, 15, 16, 17, 31, 33, 48, 56, 64, 65, 80, 97, 112, 145];
@@ -716,38 +741,10 @@ fn sweep_every_width_and_padding() {
                 let input = rng.fill(g.input_len());
                 let weight = rng.fill(g.weight_len());
                 let bias = case.bias.then(|| rng.fill(g.out_channels));
-                let mut want = vec![0.0; g.output_len()];
-                conv2d_direct(
-                    &g,
-                    &input,
-                    &weight,
-                    bias.as_deref(),
-                    &mut want,
-                    case.activation,
-                );
-                let abs = |v: &[f32]| v.iter().map(|x| x.abs()).collect::<Vec<_>>();
-                let mut scale = vec![0.0; g.output_len()];
-                let abs_bias = bias.as_deref().map(abs);
-                conv2d_direct(
-                    &g,
-                    &abs(&input),
-                    &abs(&weight),
-                    abs_bias.as_deref(),
-                    &mut scale,
-                    Activation::None,
-                );
-                let runs: [(usize, checked::RunFn); 2] = [(16, checked::run16), (8, checked::run8)];
-                for (lanes, run) in runs {
-                    let kernel = Kernel {
-                        lanes,
-                        sweeps: true,
-                        isa: Isa::Portable,
-                        test_run: Some(run),
-                    };
-                    let mut got = vec![f32::NAN; g.output_len()];
-                    Prepared::with_kernel(&g, &weight, case.activation, kernel)
-                        .unwrap()
-                        .run(&input, bias.as_deref(), &mut got, Parallelism::Sequential);
+                let (want, scale) = reference(&case, &g, &input, &weight, bias.as_deref());
+                for (lanes, got) in
+                    run_checked(&g, &input, &weight, bias.as_deref(), case.activation)
+                {
                     check(&case, &format!("sweep, {lanes} lanes"), &got, &want, &scale);
                 }
                 ran += 1;
