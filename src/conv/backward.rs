@@ -202,23 +202,47 @@ pub struct Grads<'a> {
     pub bias: Option<&'a mut [f32]>,
 }
 
+/// Whether every phase of the input gradient `tg` runs on the dense tile
+/// (the forward's `Auto` picks it for each phase's convolution) and the
+/// tile repays packing the weights in the call
+/// (`direct_simd::dense_repays_packing_per_call`): then the phases beat
+/// GEMM + col2im even where a plane has fewer pixels than a group has
+/// channels (the other reasons of `transposed_gemm::gemm_col2im_wins`, a
+/// group of fewer than 16 output channels or disjoint taps, stand).
+fn phases_run_dense(tg: &TransposedGeometry) -> bool {
+    if tg.out_per_group() < 16 || transposed_gemm::taps_disjoint(tg) {
+        return false;
+    }
+    let Ok(phases) = phases::phases(tg) else {
+        return false;
+    };
+    let l2 = crate::gemm::cache::cache_hierarchy().l2.per_core();
+    phases.iter().filter_map(|p| p.conv.as_ref()).all(|conv| {
+        let g = conv.geometry();
+        let taps = g.channels_per_group() * g.kernel_h * g.kernel_w;
+        conv.auto_algorithm() == Algorithm::DirectDense
+            && direct_simd::dense_repays_packing_per_call(taps, g.out_plane(), l2)
+    })
+}
+
 impl Conv2d {
     /// The algorithm [`Algorithm::Auto`] runs for [`Conv2d::backward_input`]:
     /// [`Algorithm::Direct`] below 4 kFLOP; [`Algorithm::Im2col`] (GEMM +
     /// col2im) where it beats the sub-pixel phases (a group with fewer than
     /// 16 input channels, an output plane with fewer pixels than a group
-    /// has output channels, or a kernel as large as its stride with no
-    /// dilation or padding, whose taps never overlap; see
-    /// `transposed_gemm.rs` for the measurements);
+    /// has output channels unless the phases run on the dense tile and it
+    /// repays packing the weights in the call (see
+    /// `direct_simd::dense_repays_packing_per_call`), or a kernel as large
+    /// as its stride with no dilation or padding, whose taps never overlap;
+    /// see `transposed_gemm.rs` for the measurements);
     /// otherwise the phases, each with its own `Auto` choice (`DirectSimd`
     /// for depthwise and small groups, `Implicit` otherwise), reported as
     /// `Auto`.
     pub fn auto_input_gradient_algorithm(&self) -> Algorithm {
+        let tg = TransposedGeometry::grad_input_of(self.geometry());
         if self.geometry().flops() < 4 * 1024 {
             Algorithm::Direct
-        } else if transposed_gemm::gemm_col2im_wins(&TransposedGeometry::grad_input_of(
-            self.geometry(),
-        )) {
+        } else if transposed_gemm::gemm_col2im_wins(&tg) && !phases_run_dense(&tg) {
             Algorithm::Im2col
         } else {
             Algorithm::Auto

@@ -516,9 +516,10 @@ impl Conv2d {
             Algorithm::DirectDense => {
                 let isa = options.isa.unwrap_or_else(crate::isa);
                 let threads = options.parallelism.max_threads();
-                match direct_simd::DensePrepared::new(g, weight, options.activation, isa, threads)?
-                {
-                    Some(p) => p.run(input, bias, output, options.parallelism, None)?,
+                let fill = direct_simd::dense_weight_filler(g, weight);
+                let act = options.activation;
+                match direct_simd::DensePrepared::for_one_call(g, act, isa, threads, &fill)? {
+                    Some(p) => p.run_once(input, bias, output, options.parallelism, &fill)?,
                     None => {
                         direct::conv2d_direct(g, input, weight, bias, output, options.activation)
                     }

@@ -473,6 +473,12 @@ enum PanelSource<'a> {
     ByTap(&'a [f32]),
 }
 
+/// Where a call's dense panels come from: [`weights_by_tap`] where the
+/// call built it (several phases), the weight itself otherwise.
+fn panel_source<'a>(by_tap: Option<&'a [f32]>, weight: &'a [f32]) -> PanelSource<'a> {
+    by_tap.map_or(PanelSource::Weight(weight), PanelSource::ByTap)
+}
+
 /// The phase's weights for the dense tile (see
 /// `DensePrepared::with_weights`), each block packed from `source`.
 fn dense_filler<'a>(
@@ -732,13 +738,9 @@ pub(crate) fn transposed_forward(
             by_tap = Some(weights_by_tap(tg, weight)?);
         }
         let dense = if algorithm == Algorithm::DirectDense {
-            let source = match &by_tap {
-                Some(by_tap) if !dense_from_weight => PanelSource::ByTap(by_tap),
-                _ => PanelSource::Weight(weight),
-            };
-            let fill = dense_filler(tg, phase, source);
+            let fill = dense_filler(tg, phase, panel_source(by_tap.as_deref(), weight));
             let threads = options.parallelism.max_threads();
-            super::direct_simd::DensePrepared::with_weights(
+            super::direct_simd::DensePrepared::for_one_call(
                 g,
                 options.activation,
                 isa,
@@ -798,7 +800,9 @@ pub(crate) fn transposed_forward(
                 return Ok(());
             };
             if let Some(dense) = dense {
-                return dense.run(x, bias, y, parallelism, None);
+                let source = panel_source(by_tap.as_deref(), weight);
+                let fill = dense_filler(tg, &phases[i], source);
+                return dense.run_once(x, bias, y, parallelism, &fill);
             }
             let opts = ForwardOptions {
                 algorithm: *algorithm,

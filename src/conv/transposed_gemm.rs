@@ -126,7 +126,7 @@ fn col2im_is_identity(tg: &TransposedGeometry) -> bool {
 /// The column matrix then holds each output pixel once, and is scattered
 /// into the planes ([`scatter_disjoint`]) instead of added into zeroed
 /// sub-planes and interleaved.
-fn taps_disjoint(tg: &TransposedGeometry) -> bool {
+pub(crate) fn taps_disjoint(tg: &TransposedGeometry) -> bool {
     let disjoint = |a: &TransposedAxis| {
         a.kernel == a.stride && a.dilation == 1 && a.offset == 0 && a.output == a.input * a.stride
     };

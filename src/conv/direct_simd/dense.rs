@@ -225,6 +225,41 @@ fn chunk_taps(cg: usize, window: usize, max_block: usize, l2: usize) -> usize {
     cg.div_ceil(chunks).max(1) * window
 }
 
+/// What packs `weight` (PyTorch layout) into the dense tile's blocks (see
+/// [`DensePrepared::with_weights`]): each block's weight rows transposed
+/// (`[taps][lanes]` from `[lanes][taps]`) in 4×4 SIMD tiles; true
+/// convolution mirrors each channel's window on the way, element by
+/// element. Element by element across the whole panel, r50_deep's plan
+/// took 545 µs to build, against a 0.92 ms forward.
+pub(crate) fn weight_filler<'a>(
+    g: &ConvGeometry,
+    weight: &'a [f32],
+) -> impl Fn(usize, Range<usize>, usize, &mut [f32]) + Sync + 'a {
+    let flipped = g.mode == ConvMode::Convolution;
+    let (rl, sl) = (g.kernel_h, g.kernel_w);
+    let (cg, kg) = (g.channels_per_group(), g.out_channels_per_group());
+    let taps = cg * rl * sl;
+    move |group: usize, channels: Range<usize>, block: usize, panel: &mut [f32]| {
+        let first = (group * kg + channels.start) * taps;
+        let rows = &weight[first..][..channels.len() * taps];
+        if !flipped {
+            crate::gemm::transpose::transpose(rows, taps, channels.len(), taps, panel, block);
+            return;
+        }
+        for (lane, raw) in rows.chunks_exact(taps).enumerate() {
+            for c in 0..cg {
+                for r in 0..rl {
+                    for s in 0..sl {
+                        let tap = (c * rl + r) * sl + s;
+                        let from = (c * rl + rl - 1 - r) * sl + sl - 1 - s;
+                        panel[tap * block + lane] = raw[from];
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// Channels in the widest block of any ISA's tile (AVX-512: 4 vectors of
 /// 16), which sizes a row buffer in [`flattens`] for every path alike.
 const WIDEST_BLOCK: usize = 64;
@@ -252,6 +287,28 @@ pub(crate) fn flattens(g: &ConvGeometry, l2: usize) -> bool {
         .saturating_mul(WIDEST_BLOCK)
         .saturating_mul(std::mem::size_of::<f32>());
     pointwise && g.padding == crate::geometry::Padding::ZERO && g.out_h > 1 && row_bytes <= l2 / 4
+}
+
+/// Whether the dense tile repays packing its weights in the call that runs
+/// it (an input gradient, whose weights change every step): for `taps`
+/// taps per output channel (the largest phase's) and `out_plane` output
+/// pixels, where each packed weight meets at least 128 pixels, or the
+/// widest block's packed panel (`taps × 64` floats) fits a quarter of L2
+/// (`l2` bytes), where the tiles stream it from. Input gradients measured
+/// (Zen 5, AVX-512, 1 thread, GFLOP/s, GEMM + col2im against the phases on
+/// the dense tile, two runs; each block packed as it comes): 14² planes
+/// all go to the tile, 256 → 256 3×3 187–191 vs 196, 512 → 512 3×3
+/// 105–118 vs 182–191, 256 → 512 3×3 193–200 vs 191–198, 1024 → 256 1×1
+/// 174 vs 205–207, 256 → 1024 1×1 165–199 vs 206–213; 7² planes as the
+/// panel says, 512 → 2048 1×1 (512 KiB panels) 180–188 vs 159–174, 2048 →
+/// 512 1×1 (128 KiB) 146–153 vs 181–184, 160 → 960 1×1 (240 KiB) 174–176
+/// vs 185–188, 256 → 256 3×3 (576 KiB) 153–175 vs 129–142, 512 → 512 3×3
+/// 165–169 vs 132–137.
+pub(crate) fn repays_packing_per_call(taps: usize, out_plane: usize, l2: usize) -> bool {
+    let panel_bytes = taps
+        .saturating_mul(WIDEST_BLOCK)
+        .saturating_mul(std::mem::size_of::<f32>());
+    out_plane >= 128 || panel_bytes <= l2 / 4
 }
 
 /// Whether one row per image still gives each of `threads` threads a part
@@ -313,35 +370,7 @@ impl DensePrepared {
         isa: Isa,
         threads: usize,
     ) -> Result<Option<DensePrepared>, ConvError> {
-        let flipped = g.mode == ConvMode::Convolution;
-        let (rl, sl) = (g.kernel_h, g.kernel_w);
-        let (cg, kg) = (g.channels_per_group(), g.out_channels_per_group());
-        let taps = cg * rl * sl;
-        // The panel is the block's weight rows transposed (`[taps][lanes]`
-        // from `[lanes][taps]`), in 4×4 SIMD tiles; true convolution
-        // mirrors each channel's window on the way, element by element.
-        // Element by element across the whole panel, r50_deep's plan took
-        // 545 µs to build, against a 0.92 ms forward.
-        let fill = |group: usize, channels: Range<usize>, block: usize, panel: &mut [f32]| {
-            let first = (group * kg + channels.start) * taps;
-            let rows = &weight[first..][..channels.len() * taps];
-            if !flipped {
-                crate::gemm::transpose::transpose(rows, taps, channels.len(), taps, panel, block);
-                return;
-            }
-            for (lane, raw) in rows.chunks_exact(taps).enumerate() {
-                for c in 0..cg {
-                    for r in 0..rl {
-                        for s in 0..sl {
-                            let tap = (c * rl + r) * sl + s;
-                            let from = (c * rl + rl - 1 - r) * sl + sl - 1 - s;
-                            panel[tap * block + lane] = raw[from];
-                        }
-                    }
-                }
-            }
-        };
-        Self::with_weights(g, activation, isa, threads, &fill)
+        Self::with_weights(g, activation, isa, threads, &weight_filler(g, weight))
     }
 
     /// As [`DensePrepared::new`], with the packed weights written by
@@ -358,6 +387,62 @@ impl DensePrepared {
         isa: Isa,
         threads: usize,
         fill: &FillPanel<'_>,
+    ) -> Result<Option<DensePrepared>, ConvError> {
+        let Some(mut prepared) = Self::unpacked(g, activation, isa, threads)? else {
+            return Ok(None);
+        };
+        prepared.pack(threads, fill)?;
+        Ok(Some(prepared))
+    }
+
+    /// As [`DensePrepared::with_weights`], for one call,
+    /// [`DensePrepared::run_once`] with the same `fill`: the weights are
+    /// packed now only where each block's rows are not one unit of work
+    /// (several images or bands); otherwise each block is packed by the
+    /// task that runs it, just before its rows (see
+    /// [`DensePrepared::run_packing`]).
+    pub(crate) fn for_one_call(
+        g: &ConvGeometry,
+        activation: Activation,
+        isa: Isa,
+        threads: usize,
+        fill: &FillPanel<'_>,
+    ) -> Result<Option<DensePrepared>, ConvError> {
+        let Some(mut prepared) = Self::unpacked(g, activation, isa, threads)? else {
+            return Ok(None);
+        };
+        if !prepared.packs_each_block_once() {
+            prepared.pack(threads, fill)?;
+        }
+        Ok(Some(prepared))
+    }
+
+    /// Runs a [`DensePrepared::for_one_call`] with the `fill` it was made
+    /// with: [`DensePrepared::run`] where the weights were packed,
+    /// [`DensePrepared::run_packing`] otherwise.
+    pub(crate) fn run_once(
+        &self,
+        input: &[f32],
+        bias: Option<&[f32]>,
+        output: &mut [f32],
+        par: Parallelism,
+        fill: &FillPanel<'_>,
+    ) -> Result<(), ConvError> {
+        if self.weights.is_empty() {
+            self.run_packing(input, bias, output, par, fill)
+        } else {
+            self.run(input, bias, output, par, None)
+        }
+    }
+
+    /// As [`DensePrepared::with_weights`] without packing the weights: for
+    /// [`DensePrepared::pack`], or for [`DensePrepared::run_packing`], which
+    /// packs each block as it comes.
+    fn unpacked(
+        g: &ConvGeometry,
+        activation: Activation,
+        isa: Isa,
+        threads: usize,
     ) -> Result<Option<DensePrepared>, ConvError> {
         let isa = clamp_isa(isa);
         let shape = shape_for(isa);
@@ -459,25 +544,51 @@ impl DensePrepared {
                 }
             }
         }
-        // 64-byte alignment: up to 15 floats of slack in front.
-        let len = (geo.groups * blocks)
-            .checked_mul(geo.taps)
-            .and_then(|n| n.checked_mul(block))
+        // A block's panel, and so every block's, within the size arithmetic.
+        geo.taps
+            .checked_mul(block)
+            .and_then(|n| n.checked_mul(geo.groups * blocks))
             .and_then(|n| n.checked_add(16))
             .ok_or(ConvError::Overflow {
                 what: "dense weights",
             })?;
+        Ok(Some(DensePrepared {
+            geo,
+            weights: Vec::new(),
+            align: 0,
+            offsets,
+            isa,
+            lanes: shape.lanes,
+            f,
+            blocks,
+            clamp: activation.bounds(),
+            flops: g.flops(),
+        }))
+    }
+
+    /// Packs every block's weights with `fill` (see
+    /// [`DensePrepared::with_weights`]) on up to `threads` threads, for
+    /// [`DensePrepared::run`].
+    ///
+    /// # Errors
+    /// [`ConvError::OutOfMemory`] when the packed weights cannot be
+    /// allocated.
+    fn pack(&mut self, threads: usize, fill: &FillPanel<'_>) -> Result<(), ConvError> {
+        let (blocks, block, kg) = (self.blocks, self.block(), self.geo.kg);
+        let panel_len = self.panel_len();
+        // 64-byte alignment: up to 15 floats of slack in front; the sizes
+        // were checked by `unpacked`.
+        let len = self.geo.groups * blocks * panel_len + 16;
         let mut weights = try_with_capacity("dense weights", len)?;
         weights.resize(len, 0.0);
         let align = weights.as_ptr().align_offset(64).min(16);
-        let panel_len = geo.taps * block;
-        let dst = &mut weights[align..][..geo.groups * blocks * panel_len];
+        let dst = &mut weights[align..][..len - 16];
         let fill_panel = |index: usize, panel: &mut [f32]| {
             let (group, b) = (index / blocks, index % blocks);
-            let channels = b * block..((b + 1) * block).min(geo.kg);
+            let channels = b * block..((b + 1) * block).min(kg);
             fill(group, channels, block, panel);
         };
-        if threads > 1 && geo.groups * blocks > 1 {
+        if threads > 1 && dst.len() > panel_len {
             // Panels are independent: packed on the call's threads.
             dst.par_chunks_exact_mut(panel_len)
                 .enumerate()
@@ -487,18 +598,21 @@ impl DensePrepared {
                 fill_panel(index, panel);
             }
         }
-        Ok(Some(DensePrepared {
-            geo,
-            weights,
-            align,
-            offsets,
-            isa,
-            lanes: shape.lanes,
-            f,
-            blocks,
-            clamp: activation.bounds(),
-            flops: g.flops(),
-        }))
+        self.weights = weights;
+        self.align = align;
+        Ok(())
+    }
+
+    /// Whether every block's rows run as one unit of work (one image, one
+    /// band), so that [`DensePrepared::run_packing`] packs each block once,
+    /// as [`DensePrepared::pack`] would, on the thread that then runs it.
+    fn packs_each_block_once(&self) -> bool {
+        self.geo.batch * self.geo.bands() == 1
+    }
+
+    /// Floats of one block's packed weights: `taps × F·L`.
+    fn panel_len(&self) -> usize {
+        self.geo.taps * self.block()
     }
 
     /// Channels per block: `F·L`.
@@ -530,8 +644,15 @@ impl DensePrepared {
     /// Floats of scratch a call on `threads` threads needs: per thread, the
     /// padded copy of one band (for a padded layer) and its row buffers.
     pub(crate) fn scratch_len(&self, threads: usize) -> usize {
-        let per_task = self.geo.band_len() + self.row_buffers() * self.row_buffer_len();
-        threads.max(1) * per_task
+        threads.max(1) * self.task_len(false)
+    }
+
+    /// Floats of one task's scratch: the padded copy of one band (for a
+    /// padded layer), its row buffers, and with `packing` one block's
+    /// weights (64-byte aligned: 16 floats of slack).
+    fn task_len(&self, packing: bool) -> usize {
+        let panel = if packing { self.panel_len() + 16 } else { 0 };
+        self.geo.band_len() + self.row_buffers() * self.row_buffer_len() + panel
     }
 
     /// `output = act(conv(input, weight) + bias)`; slices have the lengths
@@ -552,6 +673,40 @@ impl DensePrepared {
         par: Parallelism,
         scratch: Option<&mut Vec<f32>>,
     ) -> Result<(), ConvError> {
+        assert!(!self.weights.is_empty(), "dense: weights not packed");
+        self.run_filling(input, bias, output, par, scratch, None)
+    }
+
+    /// As [`DensePrepared::run`] for a prepared convolution whose weights
+    /// were never packed ([`DensePrepared::unpacked`]): each task packs a
+    /// block's weights with `fill` into its scratch just before the block's
+    /// rows, so the tiles read them from L2 rather than from a whole packed
+    /// copy written and read back through L3. For a one-shot call (a
+    /// forward without a plan, an input gradient) where
+    /// [`DensePrepared::packs_each_block_once`]; elsewhere each unit of
+    /// work would pack its blocks again.
+    fn run_packing(
+        &self,
+        input: &[f32],
+        bias: Option<&[f32]>,
+        output: &mut [f32],
+        par: Parallelism,
+        fill: &FillPanel<'_>,
+    ) -> Result<(), ConvError> {
+        self.run_filling(input, bias, output, par, None, Some(fill))
+    }
+
+    /// [`DensePrepared::run`] with the packed weights, or with `fill` (see
+    /// [`DensePrepared::run_packing`]).
+    fn run_filling(
+        &self,
+        input: &[f32],
+        bias: Option<&[f32]>,
+        output: &mut [f32],
+        par: Parallelism,
+        scratch: Option<&mut Vec<f32>>,
+        fill: Option<&FillPanel<'_>>,
+    ) -> Result<(), ConvError> {
         let geo = &self.geo;
         let in_image = geo.groups * geo.cg * geo.in_h * geo.in_w;
         let out_image = geo.groups * geo.kg * geo.out_plane();
@@ -563,15 +718,15 @@ impl DensePrepared {
             return Ok(());
         }
         match scratch {
-            Some(scratch) => self.run_in(input, bias, output, 1, scratch),
+            Some(scratch) => self.run_in(input, bias, output, 1, scratch, fill),
             None => {
                 let threads = thread_count(self.flops, self.units(), par);
                 // The calling thread keeps its scratch for the next call, so
                 // a warm plan allocates nothing; a call re-entered on the
                 // same thread (a caller's callback) gets fresh memory.
                 SCRATCH.with(|cell| match cell.try_borrow_mut() {
-                    Ok(mut kept) => self.run_in(input, bias, output, threads, &mut kept),
-                    Err(_) => self.run_in(input, bias, output, threads, &mut Vec::new()),
+                    Ok(mut kept) => self.run_in(input, bias, output, threads, &mut kept, fill),
+                    Err(_) => self.run_in(input, bias, output, threads, &mut Vec::new(), fill),
                 })
             }
         }
@@ -587,8 +742,10 @@ impl DensePrepared {
         output: &mut [f32],
         threads: usize,
         scratch: &mut Vec<f32>,
+        fill: Option<&FillPanel<'_>>,
     ) -> Result<(), ConvError> {
-        let len = self.scratch_len(threads);
+        let per_task = self.task_len(fill.is_some());
+        let len = threads.max(1) * per_task;
         if scratch.len() < len {
             scratch
                 .try_reserve_exact(len - scratch.len())
@@ -598,14 +755,13 @@ impl DensePrepared {
                 })?;
             scratch.resize(len, 0.0);
         }
-        let per_task = self.geo.band_len() + self.row_buffers() * self.row_buffer_len();
         let out = SharedOut(output.as_mut_ptr());
         let units = self.units();
         fork(0..threads, &mut scratch[..len], per_task, &|task, mem| {
             let range = units * task / threads..units * (task + 1) / threads;
             // SAFETY: `out` is the whole output; each task writes the rows
             // of its own units, disjoint from every other task's.
-            unsafe { self.run_units(range, input, bias, out, mem) };
+            unsafe { self.run_units(range, input, bias, out, mem, fill) };
         });
         let rows_per_unit = (self.geo.groups * self.blocks).div_ceil(self.geo.block_parts);
         record_direct_simd_jobs(self.isa, (units * rows_per_unit) as u64);
@@ -651,13 +807,22 @@ impl DensePrepared {
         bias: Option<&[f32]>,
         out: SharedOut,
         mem: &mut [f32],
+        fill: Option<&FillPanel<'_>>,
     ) {
         let geo = &self.geo;
         let block = self.block();
-        let panel = geo.taps * block;
+        let panel = self.panel_len();
         let in_image = geo.groups * geo.cg * geo.in_h * geo.in_w;
         let out_image = geo.groups * geo.kg * geo.out_plane();
         let (band_buf, bufs) = mem.split_at_mut(geo.band_len());
+        // With `fill`, one block's weights after the row buffers, 64-byte
+        // aligned.
+        let (bufs, packing) = bufs.split_at_mut(self.row_buffers() * self.row_buffer_len());
+        let align = packing.as_ptr().align_offset(64).min(16);
+        let packing = match fill {
+            Some(_) => &mut packing[align..][..panel],
+            None => packing,
+        };
         let row_len = self.row_buffer_len();
         debug_assert!(bufs.len() >= self.row_buffers() * row_len);
         let chunked = self.row_buffers() > 1;
@@ -684,7 +849,19 @@ impl DensePrepared {
                 let k0 = blk * block;
                 let channels = (geo.kg - k0).min(block);
                 let first = group * geo.kg + k0;
-                let weights = &self.weights[self.align + gb * panel..][..panel];
+                let weights: &[f32] = match fill {
+                    Some(fill) => {
+                        if channels < block {
+                            // The lanes past the channels compute on zeros,
+                            // as in a packed copy, not on the weights of the
+                            // block before (their sums are never stored).
+                            packing.fill(0.0);
+                        }
+                        fill(group, k0..k0 + channels, block, packing);
+                        packing
+                    }
+                    None => &self.weights[self.align + gb * panel..][..panel],
+                };
                 for t0 in (0..geo.taps).step_by(geo.chunk) {
                     let t1 = (t0 + geo.chunk).min(geo.taps);
                     for oh in oh0..oh1 {
@@ -1083,6 +1260,105 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Each block packed by the task that runs it, just before its rows
+    /// (`run_packing`), gives the reference's values on every ISA: partial
+    /// blocks after full ones (in a buffer the full ones used), chunked
+    /// taps, padding,
+    /// groups, true convolution, one to three threads; and a one-shot call
+    /// packs per block exactly where each block's rows are one unit.
+    #[test]
+    fn blocks_packed_as_they_come_match_the_reference() {
+        use crate::geometry::Padding;
+        use crate::Conv2dParams;
+        let mut seed = 4242u32;
+        let mut next = move || {
+            seed = seed.wrapping_mul(1664525).wrapping_add(1013904223);
+            (seed >> 8) as f32 / (1 << 24) as f32 - 0.5
+        };
+        let layers = [
+            Conv2dParams::new(1, 9, (7, 8), 150, (3, 3)).padding(Padding::symmetric(1, 1)),
+            Conv2dParams::new(1, 40, (7, 7), 70, (1, 1)),
+            Conv2dParams::new(1, 12, (6, 9), 40, (2, 3))
+                .groups(2)
+                .stride(2, 1)
+                .padding(Padding::explicit(1, 0, 0, 2)),
+            Conv2dParams::new(1, 6, (5, 5), 36, (3, 3)).mode(ConvMode::Convolution),
+            Conv2dParams::new(2, 5, (6, 6), 20, (3, 3)).padding(Padding::symmetric(1, 1)),
+        ];
+        for params in layers {
+            let conv = params.build().unwrap();
+            let g = *conv.geometry();
+            let x: Vec<f32> = (0..g.input_len()).map(|_| next()).collect();
+            let w: Vec<f32> = (0..g.weight_len()).map(|_| next()).collect();
+            let b: Vec<f32> = (0..g.out_channels).map(|_| next()).collect();
+            let act = Activation::Clamp {
+                min: -0.5,
+                max: 0.7,
+            };
+            let mut want = vec![0.0; g.output_len()];
+            crate::conv::direct::conv2d_direct(&g, &x, &w, Some(&b), &mut want, act);
+            let fill = weight_filler(&g, &w);
+            for isa in Isa::ALL.into_iter().filter(|&i| clamp_isa(i) == i) {
+                for threads in [1, 2, 3] {
+                    let par = Parallelism::threads(threads);
+                    let mut p = DensePrepared::unpacked(&g, act, isa, threads)
+                        .unwrap()
+                        .unwrap();
+                    if p.geo.taps > g.kernel_h * g.kernel_w {
+                        // One input channel a chunk.
+                        p.geo.chunk = g.kernel_h * g.kernel_w;
+                    }
+                    let mut got = vec![f32::NAN; g.output_len()];
+                    p.run_packing(&x, Some(&b), &mut got, par, &fill).unwrap();
+                    for (i, (a, e)) in got.iter().zip(&want).enumerate() {
+                        assert!(
+                            (a - e).abs() <= 1e-5,
+                            "{params:?} {isa:?} {threads}: [{i}] {a} vs {e}"
+                        );
+                    }
+                    let once = DensePrepared::for_one_call(&g, act, isa, threads, &fill)
+                        .unwrap()
+                        .unwrap();
+                    assert_eq!(
+                        once.weights.is_empty(),
+                        g.batch == 1 && once.geo.bands() == 1,
+                        "{params:?} {isa:?} {threads}"
+                    );
+                    let mut got = vec![f32::NAN; g.output_len()];
+                    once.run_once(&x, Some(&b), &mut got, par, &fill).unwrap();
+                    for (i, (a, e)) in got.iter().zip(&want).enumerate() {
+                        assert!(
+                            (a - e).abs() <= 1e-5,
+                            "{params:?} {isa:?} {threads} once: [{i}] {a} vs {e}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn packing_per_call_is_repaid_by_big_planes_or_panels_a_quarter_of_l2() {
+        let mib = 1 << 20;
+        // 14² planes repay it whatever the weights (512 → 512 3×3).
+        for l2 in [512 << 10, mib, 2 * mib] {
+            assert!(repays_packing_per_call(512 * 9, 196, l2));
+        }
+        // 7² planes: 512 taps (128 KiB panels) fit a quarter of 1 MiB (Zen
+        // 4/5, Skylake-SP), not of 256 KiB; 2048 (512 KiB) only a quarter
+        // of 2 MiB (Sapphire Rapids); 256 → 256 3×3 (576 KiB) not even that.
+        assert!(repays_packing_per_call(512, 49, mib));
+        assert!(!repays_packing_per_call(512, 49, 256 << 10));
+        assert!(repays_packing_per_call(960, 49, mib));
+        assert!(!repays_packing_per_call(2048, 49, mib));
+        assert!(repays_packing_per_call(2048, 49, 2 * mib));
+        assert!(!repays_packing_per_call(256 * 9, 49, 2 * mib));
+        assert!(!repays_packing_per_call(256 * 9, 49, mib));
+        assert!(!repays_packing_per_call(256 * 9, 127, mib));
+        assert!(repays_packing_per_call(256 * 9, 128, mib));
+        assert!(!repays_packing_per_call(usize::MAX, 1, usize::MAX));
     }
 
     #[test]

@@ -83,7 +83,10 @@ mod sweep;
 mod three;
 
 pub(crate) use backward::backward_weight;
-pub(crate) use dense::{flattens as dense_flattens, DensePrepared};
+pub(crate) use dense::{
+    flattens as dense_flattens, repays_packing_per_call as dense_repays_packing_per_call,
+    weight_filler as dense_weight_filler, DensePrepared,
+};
 use general::run_general;
 use simd::Simd;
 use three::run_three;
