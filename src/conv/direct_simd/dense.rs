@@ -388,11 +388,7 @@ impl DensePrepared {
         threads: usize,
         fill: &FillPanel<'_>,
     ) -> Result<Option<DensePrepared>, ConvError> {
-        let Some(mut prepared) = Self::unpacked(g, activation, isa, threads)? else {
-            return Ok(None);
-        };
-        prepared.pack(threads, fill)?;
-        Ok(Some(prepared))
+        Self::prepared(g, activation, isa, threads, fill, false)
     }
 
     /// As [`DensePrepared::with_weights`], for one call,
@@ -408,10 +404,23 @@ impl DensePrepared {
         threads: usize,
         fill: &FillPanel<'_>,
     ) -> Result<Option<DensePrepared>, ConvError> {
+        Self::prepared(g, activation, isa, threads, fill, true)
+    }
+
+    /// [`DensePrepared::with_weights`], or with `one_call`
+    /// [`DensePrepared::for_one_call`].
+    fn prepared(
+        g: &ConvGeometry,
+        activation: Activation,
+        isa: Isa,
+        threads: usize,
+        fill: &FillPanel<'_>,
+        one_call: bool,
+    ) -> Result<Option<DensePrepared>, ConvError> {
         let Some(mut prepared) = Self::unpacked(g, activation, isa, threads)? else {
             return Ok(None);
         };
-        if !prepared.packs_each_block_once() {
+        if !(one_call && prepared.packs_each_block_once()) {
             prepared.pack(threads, fill)?;
         }
         Ok(Some(prepared))
@@ -1209,6 +1218,39 @@ mod tests {
         assert_eq!(vectors_per_block(2048, shape), 4);
     }
 
+    /// A layer with random input, weight and bias (a linear congruential
+    /// sequence from `seed`, values in ±0.5) and the reference's output
+    /// for them with `act`.
+    struct Case {
+        g: ConvGeometry,
+        x: Vec<f32>,
+        w: Vec<f32>,
+        b: Vec<f32>,
+        want: Vec<f32>,
+    }
+
+    fn case(params: crate::Conv2dParams, seed: u32, act: Activation) -> Case {
+        let mut seed = seed;
+        let mut next = move || {
+            seed = seed.wrapping_mul(1664525).wrapping_add(1013904223);
+            (seed >> 8) as f32 / (1 << 24) as f32 - 0.5
+        };
+        let g = *params.build().unwrap().geometry();
+        let x: Vec<f32> = (0..g.input_len()).map(|_| next()).collect();
+        let w: Vec<f32> = (0..g.weight_len()).map(|_| next()).collect();
+        let b: Vec<f32> = (0..g.out_channels).map(|_| next()).collect();
+        let mut want = vec![0.0; g.output_len()];
+        crate::conv::direct::conv2d_direct(&g, &x, &w, Some(&b), &mut want, act);
+        Case { g, x, w, b, want }
+    }
+
+    /// Every element of `got` within 1e-5 of the reference's.
+    fn assert_matches(got: &[f32], want: &[f32], what: &dyn std::fmt::Debug) {
+        for (i, (a, e)) in got.iter().zip(want).enumerate() {
+            assert!((a - e).abs() <= 1e-5, "{what:?}: [{i}] {a} vs {e}");
+        }
+    }
+
     /// Chunked taps (forced small here: the real chunk needs weights beyond
     /// three quarters of L2) give the reference's values, on every ISA, on one thread
     /// and on three (bands of several rows, each row's sums kept across
@@ -1217,11 +1259,7 @@ mod tests {
     fn chunked_taps_match_the_reference() {
         use crate::geometry::Padding;
         use crate::Conv2dParams;
-        let mut seed = 12345u32;
-        let mut next = move || {
-            seed = seed.wrapping_mul(1664525).wrapping_add(1013904223);
-            (seed >> 8) as f32 / (1 << 24) as f32 - 0.5
-        };
+        let seed = 12345u32;
         let layers = [
             Conv2dParams::new(2, 7, (9, 11), 37, (3, 3)).padding(Padding::symmetric(1, 1)),
             Conv2dParams::new(1, 5, (10, 9), 20, (3, 2))
@@ -1231,18 +1269,12 @@ mod tests {
                 .groups(2)
                 .padding(Padding::explicit(0, 1, 1, 0)),
         ];
-        for params in layers {
-            let conv = params.build().unwrap();
-            let g = *conv.geometry();
-            let x: Vec<f32> = (0..g.input_len()).map(|_| next()).collect();
-            let w: Vec<f32> = (0..g.weight_len()).map(|_| next()).collect();
-            let b: Vec<f32> = (0..g.out_channels).map(|_| next()).collect();
-            let act = Activation::Clamp {
-                min: -0.4,
-                max: 0.6,
-            };
-            let mut want = vec![0.0; g.output_len()];
-            crate::conv::direct::conv2d_direct(&g, &x, &w, Some(&b), &mut want, act);
+        let act = Activation::Clamp {
+            min: -0.4,
+            max: 0.6,
+        };
+        for (i, params) in layers.into_iter().enumerate() {
+            let Case { g, x, w, b, want } = case(params, seed + i as u32, act);
             for isa in Isa::ALL.into_iter().filter(|&i| clamp_isa(i) == i) {
                 for threads in [1, 3] {
                     let mut p = DensePrepared::new(&g, &w, act, isa, threads)
@@ -1254,9 +1286,7 @@ mod tests {
                     let mut got = vec![f32::NAN; g.output_len()];
                     p.run(&x, Some(&b), &mut got, Parallelism::threads(threads), None)
                         .unwrap();
-                    for (i, (a, e)) in got.iter().zip(&want).enumerate() {
-                        assert!((a - e).abs() <= 1e-5, "{isa:?} {threads}: [{i}] {a} vs {e}");
-                    }
+                    assert_matches(&got, &want, &(isa, threads));
                 }
             }
         }
@@ -1272,11 +1302,7 @@ mod tests {
     fn blocks_packed_as_they_come_match_the_reference() {
         use crate::geometry::Padding;
         use crate::Conv2dParams;
-        let mut seed = 4242u32;
-        let mut next = move || {
-            seed = seed.wrapping_mul(1664525).wrapping_add(1013904223);
-            (seed >> 8) as f32 / (1 << 24) as f32 - 0.5
-        };
+        let seed = 4242u32;
         let layers = [
             Conv2dParams::new(1, 9, (7, 8), 150, (3, 3)).padding(Padding::symmetric(1, 1)),
             Conv2dParams::new(1, 40, (7, 7), 70, (1, 1)),
@@ -1287,18 +1313,12 @@ mod tests {
             Conv2dParams::new(1, 6, (5, 5), 36, (3, 3)).mode(ConvMode::Convolution),
             Conv2dParams::new(2, 5, (6, 6), 20, (3, 3)).padding(Padding::symmetric(1, 1)),
         ];
-        for params in layers {
-            let conv = params.build().unwrap();
-            let g = *conv.geometry();
-            let x: Vec<f32> = (0..g.input_len()).map(|_| next()).collect();
-            let w: Vec<f32> = (0..g.weight_len()).map(|_| next()).collect();
-            let b: Vec<f32> = (0..g.out_channels).map(|_| next()).collect();
-            let act = Activation::Clamp {
-                min: -0.5,
-                max: 0.7,
-            };
-            let mut want = vec![0.0; g.output_len()];
-            crate::conv::direct::conv2d_direct(&g, &x, &w, Some(&b), &mut want, act);
+        let act = Activation::Clamp {
+            min: -0.5,
+            max: 0.7,
+        };
+        for (i, params) in layers.into_iter().enumerate() {
+            let Case { g, x, w, b, want } = case(params, seed + i as u32, act);
             let fill = weight_filler(&g, &w);
             for isa in Isa::ALL.into_iter().filter(|&i| clamp_isa(i) == i) {
                 for threads in [1, 2, 3] {
@@ -1312,12 +1332,7 @@ mod tests {
                     }
                     let mut got = vec![f32::NAN; g.output_len()];
                     p.run_packing(&x, Some(&b), &mut got, par, &fill).unwrap();
-                    for (i, (a, e)) in got.iter().zip(&want).enumerate() {
-                        assert!(
-                            (a - e).abs() <= 1e-5,
-                            "{params:?} {isa:?} {threads}: [{i}] {a} vs {e}"
-                        );
-                    }
+                    assert_matches(&got, &want, &(params, isa, threads));
                     let once = DensePrepared::for_one_call(&g, act, isa, threads, &fill)
                         .unwrap()
                         .unwrap();
@@ -1328,12 +1343,7 @@ mod tests {
                     );
                     let mut got = vec![f32::NAN; g.output_len()];
                     once.run_once(&x, Some(&b), &mut got, par, &fill).unwrap();
-                    for (i, (a, e)) in got.iter().zip(&want).enumerate() {
-                        assert!(
-                            (a - e).abs() <= 1e-5,
-                            "{params:?} {isa:?} {threads} once: [{i}] {a} vs {e}"
-                        );
-                    }
+                    assert_matches(&got, &want, &(params, isa, threads, "once"));
                 }
             }
         }
@@ -1423,11 +1433,7 @@ mod tests {
     #[test]
     fn flattened_pointwise_layers_match_the_reference() {
         use crate::Conv2dParams;
-        let mut seed = 777u32;
-        let mut next = move || {
-            seed = seed.wrapping_mul(1664525).wrapping_add(1013904223);
-            (seed >> 8) as f32 / (1 << 24) as f32 - 0.5
-        };
+        let seed = 777u32;
         let layers = [
             Conv2dParams::new(1, 40, (7, 7), 150, (1, 1)),
             Conv2dParams::new(3, 24, (5, 9), 70, (1, 1)),
@@ -1435,19 +1441,13 @@ mod tests {
             Conv2dParams::new(1, 8, (14, 14), 20, (1, 1)),
         ];
         let l2 = crate::gemm::cache::cache_hierarchy().l2.per_core();
-        for params in layers {
-            let conv = params.build().unwrap();
-            let g = *conv.geometry();
+        let act = Activation::Clamp {
+            min: -0.7,
+            max: 0.8,
+        };
+        for (i, params) in layers.into_iter().enumerate() {
+            let Case { g, x, w, b, want } = case(params, seed + i as u32, act);
             assert!(flattens(&g, l2), "{params:?}");
-            let x: Vec<f32> = (0..g.input_len()).map(|_| next()).collect();
-            let w: Vec<f32> = (0..g.weight_len()).map(|_| next()).collect();
-            let b: Vec<f32> = (0..g.out_channels).map(|_| next()).collect();
-            let act = Activation::Clamp {
-                min: -0.7,
-                max: 0.8,
-            };
-            let mut want = vec![0.0; g.output_len()];
-            crate::conv::direct::conv2d_direct(&g, &x, &w, Some(&b), &mut want, act);
             for isa in Isa::ALL.into_iter().filter(|&i| clamp_isa(i) == i) {
                 for threads in [1, 2] {
                     let p = DensePrepared::new(&g, &w, act, isa, threads)
@@ -1460,12 +1460,7 @@ mod tests {
                     let mut got = vec![f32::NAN; g.output_len()];
                     p.run(&x, Some(&b), &mut got, Parallelism::threads(threads), None)
                         .unwrap();
-                    for (i, (a, e)) in got.iter().zip(&want).enumerate() {
-                        assert!(
-                            (a - e).abs() <= 1e-5,
-                            "{params:?} {isa:?} {threads}: [{i}] {a} vs {e}"
-                        );
-                    }
+                    assert_matches(&got, &want, &(params, isa, threads));
                 }
             }
         }
