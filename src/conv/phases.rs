@@ -738,15 +738,16 @@ pub(crate) fn transposed_forward(
             by_tap = Some(weights_by_tap(tg, weight)?);
         }
         let dense = if algorithm == Algorithm::DirectDense {
+            use super::direct_simd::DensePrepared;
             let fill = dense_filler(tg, phase, panel_source(by_tap.as_deref(), weight));
-            let threads = options.parallelism.max_threads();
-            super::direct_simd::DensePrepared::for_one_call(
-                g,
-                options.activation,
-                isa,
-                threads,
-                &fill,
-            )?
+            let (act, threads) = (options.activation, options.parallelism.max_threads());
+            // A phase through the scratch planes runs once per image: its
+            // weights are packed once for all of them.
+            if phase.in_place || tg.batch == 1 {
+                DensePrepared::for_one_call(g, act, isa, threads, &fill)?
+            } else {
+                DensePrepared::with_weights(g, act, isa, threads, &fill)?
+            }
         } else {
             None
         };

@@ -149,6 +149,20 @@ fn strip_plan<S: Simd, const N: usize>(
     (vecs, masks)
 }
 
+/// Per vector of a strip, its first input column at kernel column 0 from
+/// the row start (negative under left padding), and the strip's
+/// [`Strip::span`].
+#[inline(always)]
+fn strip_columns<S: Simd, const N: usize, const SW: usize>(
+    geo: &Geo,
+    vecs: &[ColVec; N],
+) -> ([isize; N], (isize, isize)) {
+    let col: [isize; N] =
+        core::array::from_fn(|i| (vecs[i].ow0 * SW) as isize - geo.pad_left as isize);
+    let reach = (SW * (S::LANES - 1) + 2 * geo.dil_w + 1) as isize;
+    (col, (col[0], col[N - 1] + reach))
+}
+
 /// What every row step of a strip reads.
 struct Strip<'a, S: Simd, const N: usize> {
     /// The channel's plane.
@@ -185,16 +199,14 @@ unsafe fn sweep<S: Simd, const N: usize, const EDGE: bool, const SW: usize, cons
     for (w, &x) in w.iter_mut().flatten().zip(&job.weights[..9]) {
         *w = s.splat(x);
     }
-    let col: [isize; N] =
-        core::array::from_fn(|i| (vecs[i].ow0 * SW) as isize - geo.pad_left as isize);
-    let reach = (SW * (S::LANES - 1) + 2 * geo.dil_w + 1) as isize;
+    let (col, span) = strip_columns::<S, N, SW>(geo, vecs);
     let st = Strip::<S, N> {
         chan: job.input[..geo.in_plane].as_ptr(),
         col,
         masks,
         w,
         bias: s.splat(job.bias.map_or(0.0, |b| b[0])),
-        span: (col[0], col[N - 1] + reach),
+        span,
     };
     let clamp = geo.clamp.map(|(lo, hi)| (s.splat(lo), s.splat(hi)));
     // Step t reads input row t − pad_top (when it exists) into the output
@@ -529,9 +541,7 @@ unsafe fn weight_sweep<
     masks: &[[S::M; 3]; N],
 ) -> [[[S::V; 3]; 3]; N] {
     let geo = job.geo;
-    let col: [isize; N] =
-        core::array::from_fn(|i| (vecs[i].ow0 * SW) as isize - geo.pad_left as isize);
-    let reach = (SW * (S::LANES - 1) + 3) as isize;
+    let (col, span) = strip_columns::<S, N, SW>(geo, vecs);
     let (channels_in, channels_out) = (geo.groups * geo.cg, geo.groups * geo.kg);
     let mut acc = [[[s.zero(); 3]; 3]; N];
     for n in 0..geo.batch {
@@ -543,7 +553,7 @@ unsafe fn weight_sweep<
             col,
             masks,
             vecs,
-            span: (col[0], col[N - 1] + reach),
+            span,
         };
         // Step t reads input row t − pad_top into the taps of kernel row r
         // for each grad-output row (t − r)/SH it meets; grad-output row oh
