@@ -51,6 +51,11 @@ fn dense_wins(g: &ConvGeometry) -> bool {
     if window > 1 {
         taps >= 32 || strided
     } else {
+        // The GEMM packs no B rows for a 1×1 layer either: the dense tile
+        // wins there only with the larger register tile.
+        if !direct_simd::dense_outgrows_gemm_tile(crate::isa()) {
+            return false;
+        }
         let l2 = crate::gemm::cache::cache_hierarchy().l2.per_core();
         strided
             || (taps >= 1024 && g.out_plane() >= 64)
@@ -331,7 +336,10 @@ impl Conv2d {
     ///   48, 16: 141 vs 81, 32: 145 vs 123, 64: even;
     /// * [`Algorithm::DirectDense`] for a kernel larger than 1×1 with at
     ///   least 32 taps per output channel (`C/g·R·S`) or a stride above 1,
-    ///   and for a 1×1 kernel at a stride above 1, with at least 1024 taps
+    ///   and, where the dense tile holds more outputs in registers than
+    ///   the GEMM's micro-tile (AVX-512; see
+    ///   `direct_simd::dense::outgrows_gemm_tile`), for a 1×1 kernel at a
+    ///   stride above 1, with at least 1024 taps
     ///   on a plane of at least 64 outputs, or with at least 128 taps on
     ///   rows narrower than 16 pixels whose planes the dense tile runs as
     ///   one row (7² and 14²; see `direct_simd::dense::flattens`). As one
@@ -378,6 +386,15 @@ impl Conv2d {
     ///   whose weights stay in L2: unchunked, 512 → 512 on 7² ran at 171
     ///   against the GEMM's 192.) A 1×1 layer multiplies the input planes
     ///   in place on the GEMM.
+    ///
+    ///   With AVX2's tile, no larger than its GEMM's (2 × 8 channels × 6
+    ///   pixels against 6 × 16), the 1×1 layers stay on the GEMM (Zen 3,
+    ///   AVX2, plans, 1 thread, GFLOP/s, three or four alternating rounds,
+    ///   implicit vs dense): 512 → 2048 on 7² 56–67 vs 48–60, 2048 → 512 on
+    ///   7² 39–68 vs 42–49, 1024 → 256 on 14² 61–77 vs 64–71, 256 → 256 on
+    ///   14² 74–76 vs 65–78, 160 → 960 on 7² 53–68 vs 57–67, and at stride
+    ///   2 256 → 512 on 56² 62–82 vs 45–61, 1024 → 2048 on 14² 44–66 vs
+    ///   34–43. The rule asks the ISA `Auto` runs on ([`crate::isa`]).
     /// * [`Algorithm::Implicit`] otherwise, including the few-channel stems:
     ///   since its B rows are shifted copies of each other (see
     ///   `im2col_rows`), the implicit GEMM also beats the SIMD direct kernel

@@ -189,6 +189,29 @@ fn shape_for(isa: Isa) -> DenseShape {
     }
 }
 
+/// Outputs the widest register tile of `shape` holds: `F·L·W` at its
+/// largest.
+fn tile_outputs(shape: DenseShape) -> usize {
+    (1..=shape.widths.len())
+        .map(|f| f * shape.lanes * shape.widths[f - 1])
+        .max()
+        .unwrap_or(0)
+}
+
+/// Whether the dense tile of `isa` (clamped to the CPU) holds more outputs
+/// in registers than the GEMM's micro-tile (`MR × NR`) of the same path.
+/// Per tap the tile loads `F` weight vectors and broadcasts `W` pixels, as
+/// the micro-kernel loads its B vectors and broadcasts its A column, so
+/// with equal tiles both run as many FMAs per load. A 1×1 layer packs no B
+/// rows for the GEMM either, so there the dense tile can only win by its
+/// larger tile: AVX-512's 384 outputs (4 × 16 × 6) against 8 × 32 = 256,
+/// while AVX2's 96 (2 × 8 × 6) equal its 6 × 16 (see
+/// `Conv2d::auto_algorithm`).
+pub(crate) fn outgrows_gemm_tile(isa: Isa) -> bool {
+    let gemm = crate::gemm::kernels::kernel_info(isa);
+    tile_outputs(shape_for(isa)) > gemm.mr * gemm.nr
+}
+
 /// Channel vectors per block for `kg` channels per group: the count that
 /// pads the fewest channels, the larger on a tie (more FMAs per broadcast).
 fn vectors_per_block(kg: usize, shape: DenseShape) -> usize {
@@ -1464,6 +1487,29 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Only AVX-512's tile outgrows its GEMM micro-tile; the others
+    /// equal theirs (the shapes compiled here, whatever this CPU runs).
+    #[test]
+    fn only_the_avx512_tile_outgrows_the_gemm_tile() {
+        use crate::gemm::kernels::portable as gemm_portable;
+        assert_eq!(
+            tile_outputs(super::super::portable::DENSE),
+            gemm_portable::MR * gemm_portable::NR
+        );
+        #[cfg(target_arch = "x86_64")]
+        {
+            use crate::gemm::kernels::{avx2, avx512};
+            assert_eq!(tile_outputs(super::super::avx512::DENSE), 384);
+            assert!(tile_outputs(super::super::avx512::DENSE) > avx512::MR * avx512::NR);
+            assert_eq!(tile_outputs(super::super::avx2::DENSE), avx2::MR * avx2::NR);
+        }
+        assert!(!outgrows_gemm_tile(Isa::Portable));
+        assert_eq!(
+            outgrows_gemm_tile(Isa::Avx512),
+            clamp_isa(Isa::Avx512) == Isa::Avx512
+        );
     }
 
     #[test]

@@ -84,8 +84,9 @@ mod three;
 
 pub(crate) use backward::backward_weight;
 pub(crate) use dense::{
-    flattens as dense_flattens, repays_packing_per_call as dense_repays_packing_per_call,
-    weight_filler as dense_weight_filler, DensePrepared,
+    flattens as dense_flattens, outgrows_gemm_tile as dense_outgrows_gemm_tile,
+    repays_packing_per_call as dense_repays_packing_per_call, weight_filler as dense_weight_filler,
+    DensePrepared,
 };
 use general::run_general;
 use simd::Simd;
