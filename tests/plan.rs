@@ -3,7 +3,7 @@
 
 use cpuconv::testing::isas_under_test;
 use cpuconv::{
-    Activation, Algorithm, Conv2dParams, ConvMode, ForwardOptions, Padding, Parallelism,
+    Activation, Algorithm, Conv2dParams, ConvMode, ForwardOptions, Isa, Padding, Parallelism,
 };
 
 /// Deterministic values in [-1, 1).
@@ -204,6 +204,50 @@ fn plans_read_weights_in_place_where_the_gemm_peels_columns() {
                     );
                 }
             }
+        }
+    }
+}
+
+/// `Auto` resolves for the path a plan runs, not only the CPU's best: a 1×1
+/// layer on a 7² plane goes to the dense tile only on AVX-512, whose tile
+/// outgrows its GEMM's micro-tile; a plan forced onto AVX2 or the portable
+/// kernels keeps it on the implicit GEMM, and gives the forward's values.
+#[test]
+fn auto_follows_the_forced_isa_on_pointwise_layers() {
+    let conv = Conv2dParams::new(1, 512, (7, 7), 256, (1, 1))
+        .build()
+        .unwrap();
+    let g = *conv.geometry();
+    let x = data(g.input_len(), 4);
+    let w = data(g.weight_len(), 5);
+    let mut want = vec![0.0; g.output_len()];
+    conv.forward_with(
+        &x,
+        &w,
+        None,
+        &mut want,
+        &ForwardOptions::new(Algorithm::Direct),
+    )
+    .unwrap();
+    for isa in isas_under_test() {
+        let opts = ForwardOptions::new(Algorithm::Auto)
+            .isa(Some(isa))
+            .parallelism(Parallelism::Sequential);
+        let plan = conv.plan(&w, None, &opts).unwrap();
+        let expected = if isa == Isa::Avx512 {
+            Algorithm::DirectDense
+        } else {
+            Algorithm::Implicit
+        };
+        assert_eq!(plan.algorithm(), expected, "{isa}");
+        assert_eq!(plan.isa(), isa);
+        let mut got = vec![f32::NAN; g.output_len()];
+        plan.forward(&x, &mut got).unwrap();
+        for (i, (a, c)) in want.iter().zip(&got).enumerate() {
+            assert!(
+                (a - c).abs() <= 1e-4 * (1.0 + a.abs()),
+                "{isa} [{i}]: {a} vs {c}"
+            );
         }
     }
 }

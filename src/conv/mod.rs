@@ -44,7 +44,7 @@ pub(crate) fn try_with_capacity<T>(what: &'static str, len: usize) -> Result<Vec
 
 /// Whether [`Algorithm::DirectDense`] beats the implicit GEMM on `g` (see
 /// [`Conv2d::auto_algorithm`]).
-fn dense_wins(g: &ConvGeometry) -> bool {
+fn dense_wins(g: &ConvGeometry, isa: Isa) -> bool {
     let window = g.kernel_h.saturating_mul(g.kernel_w);
     let taps = g.channels_per_group().saturating_mul(window);
     let strided = g.stride_h > 1 || g.stride_w > 1;
@@ -53,7 +53,7 @@ fn dense_wins(g: &ConvGeometry) -> bool {
     } else {
         // The GEMM packs no B rows for a 1×1 layer either: the dense tile
         // wins there only with the larger register tile.
-        if !direct_simd::dense_outgrows_gemm_tile(crate::isa()) {
+        if !direct_simd::dense_outgrows_gemm_tile(isa) {
             return false;
         }
         let l2 = crate::gemm::cache::cache_hierarchy().l2.per_core();
@@ -394,7 +394,7 @@ impl Conv2d {
     ///   7² 39–68 vs 42–49, 1024 → 256 on 14² 61–77 vs 64–71, 256 → 256 on
     ///   14² 74–76 vs 65–78, 160 → 960 on 7² 53–68 vs 57–67, and at stride
     ///   2 256 → 512 on 56² 62–82 vs 45–61, 1024 → 2048 on 14² 44–66 vs
-    ///   34–43. The rule asks the ISA `Auto` runs on ([`crate::isa`]).
+    ///   34–43.
     /// * [`Algorithm::Implicit`] otherwise, including the few-channel stems:
     ///   since its B rows are shifted copies of each other (see
     ///   `im2col_rows`), the implicit GEMM also beats the SIMD direct kernel
@@ -417,13 +417,23 @@ impl Conv2d {
     ///   The implicit GEMM is as fast as the explicit im2col (the packing
     ///   does the same copies), without the column matrix; an unpadded
     ///   stride-1 1×1 convolution multiplies the input directly.
+    ///
+    /// This is the pick for the active ISA ([`crate::isa`]); a call or a
+    /// plan whose [`ForwardOptions::isa`] forces another path resolves
+    /// `Auto` for that path.
     pub fn auto_algorithm(&self) -> Algorithm {
+        self.auto_algorithm_for(crate::isa())
+    }
+
+    /// [`Conv2d::auto_algorithm`] for the kernels of `isa` (clamped to the
+    /// CPU): the 1×1 rule depends on the path's register tiles.
+    pub(crate) fn auto_algorithm_for(&self, isa: Isa) -> Algorithm {
         let g = &self.geom;
         if g.flops() < 4 * 1024 {
             Algorithm::Direct
         } else if g.channels_per_group() <= 16 && g.out_channels_per_group() <= 16 {
             Algorithm::DirectSimd
-        } else if dense_wins(g) {
+        } else if dense_wins(g, isa) {
             Algorithm::DirectDense
         } else {
             Algorithm::Implicit
@@ -431,7 +441,8 @@ impl Conv2d {
     }
 
     /// The algorithm that computes a call asked to run `requested` with
-    /// `weight`: `Auto` resolved, and a GEMM lowering replaced by
+    /// `weight` on the kernels of `isa`: `Auto` resolved for that path, and
+    /// a GEMM lowering replaced by
     /// `DirectSimd` when a non-finite weight could meet the padding.
     ///
     /// The rule every algorithm follows: a tap that falls in the padding
@@ -442,8 +453,13 @@ impl Conv2d {
     /// `0 × NaN` is NaN; so when the weights hold an infinity or a NaN and
     /// the convolution is padded, they hand the call to `DirectSimd`, which
     /// skips padding taps. Checking costs one pass over the weights.
-    pub(crate) fn resolve_algorithm(&self, requested: Algorithm, weight: &[f32]) -> Algorithm {
-        self.resolve_algorithm_with(requested, || all_finite(weight))
+    pub(crate) fn resolve_algorithm(
+        &self,
+        requested: Algorithm,
+        isa: Isa,
+        weight: &[f32],
+    ) -> Algorithm {
+        self.resolve_algorithm_with(requested, isa, || all_finite(weight))
     }
 
     /// [`Conv2d::resolve_algorithm`] with the weights' check given as
@@ -452,10 +468,11 @@ impl Conv2d {
     pub(crate) fn resolve_algorithm_with(
         &self,
         requested: Algorithm,
+        isa: Isa,
         finite: impl FnOnce() -> bool,
     ) -> Algorithm {
         let algorithm = match requested {
-            Algorithm::Auto => self.auto_algorithm(),
+            Algorithm::Auto => self.auto_algorithm_for(isa),
             a => a,
         };
         let multiplies_padding = matches!(
@@ -514,7 +531,7 @@ impl Conv2d {
     ) -> Result<(), ConvError> {
         self.check_buffers(input, weight, bias, output)?;
         options.activation.validate()?;
-        let algorithm = self.resolve_algorithm(options.algorithm, weight);
+        let algorithm = self.resolve_algorithm(options.algorithm, options.resolved_isa(), weight);
         let g = &self.geom;
         match algorithm {
             Algorithm::Direct => {

@@ -715,7 +715,7 @@ pub(crate) fn transposed_forward(
             runs.push(None);
             continue;
         };
-        let algorithm = conv.resolve_algorithm_with(options.algorithm, || {
+        let algorithm = conv.resolve_algorithm_with(options.algorithm, isa, || {
             *finite.get_or_init(|| super::all_finite(weight))
         });
         let g = conv.geometry();

@@ -116,8 +116,8 @@ impl Conv2d {
             ),
         ])?;
         options.activation.validate()?;
-        let algorithm = self.resolve_algorithm(options.algorithm, weight);
         let isa = options.resolved_isa();
+        let algorithm = self.resolve_algorithm(options.algorithm, isa, weight);
         let gemm_based = matches!(algorithm, Algorithm::Im2col | Algorithm::Implicit);
         // Weights are packed for the kernels, except where the GEMM reads
         // them in place to finish the plane's last columns as dot products
