@@ -442,8 +442,8 @@ impl Conv2d {
 
     /// The algorithm that computes a call asked to run `requested` with
     /// `weight` on the kernels of `isa`: `Auto` resolved for that path, and
-    /// a GEMM lowering replaced by
-    /// `DirectSimd` when a non-finite weight could meet the padding.
+    /// a GEMM lowering replaced by `DirectSimd` when a non-finite weight
+    /// could meet the padding.
     ///
     /// The rule every algorithm follows: a tap that falls in the padding
     /// contributes nothing, whatever its weight, as if the sum ran only over
