@@ -3,7 +3,8 @@
 
 use cpuconv::testing::isas_under_test;
 use cpuconv::{
-    Activation, Algorithm, Conv2dParams, ConvMode, ForwardOptions, Isa, Padding, Parallelism,
+    Activation, Algorithm, Conv2d, Conv2dParams, ConvMode, ForwardOptions, Isa, Padding,
+    Parallelism,
 };
 
 /// Deterministic values in [-1, 1).
@@ -17,6 +18,33 @@ fn data(len: usize, seed: u64) -> Vec<f32> {
             (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
         })
         .collect()
+}
+
+/// Input and weights for `conv` (bias-free), and the reference output.
+fn reference_case(conv: &Conv2d) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let g = conv.geometry();
+    let x = data(g.input_len(), 4);
+    let w = data(g.weight_len(), 5);
+    let mut want = vec![0.0; g.output_len()];
+    conv.forward_with(
+        &x,
+        &w,
+        None,
+        &mut want,
+        &ForwardOptions::new(Algorithm::Direct),
+    )
+    .unwrap();
+    (x, w, want)
+}
+
+/// Every value of `got` within 1e-4 (relative, plus absolute) of `want`.
+fn assert_close(want: &[f32], got: &[f32], what: &str) {
+    for (i, (a, c)) in want.iter().zip(got).enumerate() {
+        assert!(
+            (a - c).abs() <= 1e-4 * (1.0 + a.abs()),
+            "{what} [{i}]: {a} vs {c}"
+        );
+    }
 }
 
 fn shapes() -> Vec<Conv2dParams> {
@@ -170,17 +198,7 @@ fn plans_read_weights_in_place_where_the_gemm_peels_columns() {
         (dense, Algorithm::Implicit),
     ] {
         let g = *conv.geometry();
-        let x = data(g.input_len(), 4);
-        let w = data(g.weight_len(), 5);
-        let mut want = vec![0.0; g.output_len()];
-        conv.forward_with(
-            &x,
-            &w,
-            None,
-            &mut want,
-            &ForwardOptions::new(Algorithm::Direct),
-        )
-        .unwrap();
+        let (x, w, want) = reference_case(&conv);
         for isa in isas_under_test() {
             for threads in [1, 3] {
                 let opts = ForwardOptions::new(algorithm)
@@ -197,12 +215,11 @@ fn plans_read_weights_in_place_where_the_gemm_peels_columns() {
                 );
                 let mut got = vec![f32::NAN; g.output_len()];
                 plan.forward(&x, &mut got).unwrap();
-                for (i, (a, c)) in want.iter().zip(&got).enumerate() {
-                    assert!(
-                        (a - c).abs() <= 1e-4 * (1.0 + a.abs()),
-                        "{isa} {algorithm:?} {threads} threads [{i}]: {a} vs {c}"
-                    );
-                }
+                assert_close(
+                    &want,
+                    &got,
+                    &format!("{isa} {algorithm:?} {threads} threads"),
+                );
             }
         }
     }
@@ -218,17 +235,7 @@ fn auto_follows_the_forced_isa_on_pointwise_layers() {
         .build()
         .unwrap();
     let g = *conv.geometry();
-    let x = data(g.input_len(), 4);
-    let w = data(g.weight_len(), 5);
-    let mut want = vec![0.0; g.output_len()];
-    conv.forward_with(
-        &x,
-        &w,
-        None,
-        &mut want,
-        &ForwardOptions::new(Algorithm::Direct),
-    )
-    .unwrap();
+    let (x, w, want) = reference_case(&conv);
     for isa in isas_under_test() {
         let opts = ForwardOptions::new(Algorithm::Auto)
             .isa(Some(isa))
@@ -243,11 +250,6 @@ fn auto_follows_the_forced_isa_on_pointwise_layers() {
         assert_eq!(plan.isa(), isa);
         let mut got = vec![f32::NAN; g.output_len()];
         plan.forward(&x, &mut got).unwrap();
-        for (i, (a, c)) in want.iter().zip(&got).enumerate() {
-            assert!(
-                (a - c).abs() <= 1e-4 * (1.0 + a.abs()),
-                "{isa} [{i}]: {a} vs {c}"
-            );
-        }
+        assert_close(&want, &got, &isa.to_string());
     }
 }
