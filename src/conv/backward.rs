@@ -133,7 +133,10 @@ impl BackwardOptions {
     /// [`Conv2d::auto_input_gradient_algorithm`].
     fn input_algorithm(&self, conv: &Conv2d) -> Algorithm {
         match self.algorithm {
-            Algorithm::Auto => conv.auto_input_gradient_algorithm(),
+            Algorithm::Auto => {
+                let isa = self.phase_options(Algorithm::Auto).resolved_isa();
+                conv.auto_input_gradient_algorithm_for(isa)
+            }
             a => a,
         }
     }
@@ -209,7 +212,7 @@ pub struct Grads<'a> {
 /// GEMM + col2im even where a plane has fewer pixels than a group has
 /// channels (the other reasons of `transposed_gemm::gemm_col2im_wins`, a
 /// group of fewer than 16 output channels or disjoint taps, stand).
-fn phases_run_dense(tg: &TransposedGeometry) -> bool {
+fn phases_run_dense(tg: &TransposedGeometry, isa: Isa) -> bool {
     if tg.out_per_group() < 16 || transposed_gemm::taps_disjoint(tg) {
         return false;
     }
@@ -220,7 +223,7 @@ fn phases_run_dense(tg: &TransposedGeometry) -> bool {
     phases.iter().filter_map(|p| p.conv.as_ref()).all(|conv| {
         let g = conv.geometry();
         let taps = g.channels_per_group() * g.kernel_h * g.kernel_w;
-        conv.auto_algorithm() == Algorithm::DirectDense
+        conv.auto_algorithm_for(isa) == Algorithm::DirectDense
             && direct_simd::dense_repays_packing_per_call(taps, g.out_plane(), l2)
     })
 }
@@ -239,10 +242,17 @@ impl Conv2d {
     /// for depthwise and small groups, `Implicit` otherwise), reported as
     /// `Auto`.
     pub fn auto_input_gradient_algorithm(&self) -> Algorithm {
+        self.auto_input_gradient_algorithm_for(crate::isa())
+    }
+
+    /// [`Conv2d::auto_input_gradient_algorithm`] for the kernels of `isa`
+    /// (clamped to the CPU): whether the phases run on the dense tile
+    /// depends on the path's register tiles, as the forward's `Auto` does.
+    pub(crate) fn auto_input_gradient_algorithm_for(&self, isa: Isa) -> Algorithm {
         let tg = TransposedGeometry::grad_input_of(self.geometry());
         if self.geometry().flops() < 4 * 1024 {
             Algorithm::Direct
-        } else if transposed_gemm::gemm_col2im_wins(&tg) && !phases_run_dense(&tg) {
+        } else if transposed_gemm::gemm_col2im_wins(&tg) && !phases_run_dense(&tg, isa) {
             Algorithm::Im2col
         } else {
             Algorithm::Auto
@@ -486,5 +496,37 @@ impl Conv2d {
             direct::conv2d_backward_bias_direct(g, grad_output, grad_bias, options.accumulate);
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::isas_under_test;
+    use crate::Conv2dParams;
+
+    /// The input gradient's `Auto` asks the path a call runs, not the
+    /// active one, whether its phases run on the dense tile: of 256 → 512
+    /// 1×1 on 7² (a plane of fewer pixels than a group has channels, so
+    /// GEMM + col2im unless the phases run dense), a path whose dense tile
+    /// is no larger than its GEMM tile keeps the phase's 1×1 convolution on
+    /// the implicit GEMM, and so runs GEMM + col2im.
+    #[test]
+    fn input_gradient_auto_follows_the_forced_isa() {
+        let conv = Conv2dParams::new(1, 256, (7, 7), 512, (1, 1))
+            .build()
+            .unwrap();
+        for isa in isas_under_test() {
+            let got = conv.auto_input_gradient_algorithm_for(isa);
+            if !direct_simd::dense_outgrows_gemm_tile(isa) {
+                assert_eq!(got, Algorithm::Im2col, "{isa}");
+            }
+            let options = BackwardOptions::new(Algorithm::Auto).isa(Some(isa));
+            assert_eq!(options.input_algorithm(&conv), got, "{isa}");
+        }
+        assert_eq!(
+            conv.auto_input_gradient_algorithm(),
+            conv.auto_input_gradient_algorithm_for(crate::isa())
+        );
     }
 }

@@ -260,12 +260,13 @@ pub(crate) trait MeasuredLayer {
         options: &ForwardOptions,
         source: ChoiceSource,
     ) -> Result<Self::Plan, ConvError>;
-    /// The algorithm `Auto`'s model picks.
-    fn auto_pick(&self) -> Algorithm;
-    /// The algorithm `Estimate` runs for a request of `requested`.
-    fn estimate_pick(&self, requested: Algorithm) -> Algorithm {
+    /// The algorithm `Auto`'s model picks for the kernels of `isa`.
+    fn auto_pick(&self, isa: Isa) -> Algorithm;
+    /// The algorithm `Estimate` runs on path `isa` for a request of
+    /// `requested`.
+    fn estimate_pick(&self, requested: Algorithm, isa: Isa) -> Algorithm {
         match requested {
-            Algorithm::Auto => self.auto_pick(),
+            Algorithm::Auto => self.auto_pick(isa),
             a => a,
         }
     }
@@ -298,8 +299,8 @@ impl MeasuredLayer for Conv2d {
     ) -> Result<Conv2dPlan, ConvError> {
         self.plan_as(weight, bias, options, source)
     }
-    fn auto_pick(&self) -> Algorithm {
-        self.auto_algorithm()
+    fn auto_pick(&self, isa: Isa) -> Algorithm {
+        self.auto_algorithm_for(isa)
     }
     fn other_algorithms(&self) -> Vec<Algorithm> {
         fast_paths_first(&[
@@ -337,7 +338,8 @@ impl MeasuredLayer for ConvTranspose2d {
     ) -> Result<ConvTranspose2dPlan, ConvError> {
         self.plan_as(weight, bias, options, source)
     }
-    fn auto_pick(&self) -> Algorithm {
+    fn auto_pick(&self, _isa: Isa) -> Algorithm {
+        // The transposed rule reads no register tile.
         self.auto_algorithm()
     }
     fn other_algorithms(&self) -> Vec<Algorithm> {
@@ -440,7 +442,7 @@ fn plan_layer<L: MeasuredLayer>(
         Algorithm::Auto => layer.other_algorithms(),
         _ => Vec::new(),
     };
-    let pick = layer.estimate_pick(options.algorithm);
+    let pick = layer.estimate_pick(options.algorithm, isa);
     let candidates = candidates_of(pick, &others, cap, &isas);
     if options.effort != PlanEffort::Measure || candidates.len() < 2 {
         return layer.plan_for(weight, bias, &estimate, ChoiceSource::Estimate);
@@ -486,7 +488,7 @@ fn candidates(conv: &Conv2d, requested: Algorithm, cap: usize, isas: &[Isa]) -> 
         Algorithm::Auto => conv.other_algorithms(),
         _ => Vec::new(),
     };
-    candidates_of(conv.estimate_pick(requested), &others, cap, isas)
+    candidates_of(conv.estimate_pick(requested, isas[0]), &others, cap, isas)
 }
 
 /// The candidates on the kernel paths `isas` (the request's own first):
