@@ -48,13 +48,14 @@ fn shapes() -> Vec<(&'static str, Conv2dParams)> {
         ),
         // 64 × 108 × 49: one-shot Im2col on AVX-512 peels the 49th column
         // off as a dot product; a plan takes the 32 × 8 column kernel
-        // (6 full column tiles and 1 partial).
+        // (6 full column tiles and 1 partial), or AVX2's 16 × 6 (8 and 1).
         (
             "7x7 plane",
             Conv2dParams::new(2, 12, (7, 7), 64, (3, 3)).padding(Padding::symmetric(1, 1)),
         ),
         // 95 × 45 × 7: plans on AVX-512 take the column kernel with 2 full
-        // and 1 partial (31-row) tile; 95 = 15·6 + 5 on the 6-row kernels.
+        // and 1 partial (31-row) tile, on AVX2 5 full and 1 of 15 rows (7 =
+        // 6 + 1 columns); 95 = 15·6 + 5 on the 6-row kernels.
         (
             "95 channels",
             Conv2dParams::new(1, 5, (3, 9), 95, (3, 3)).stride(2, 1),
@@ -127,14 +128,16 @@ fn for_every_path(
     }
 }
 
-/// The AVX-512 column kernel the shapes are meant to reach really serves
-/// their plans (the other edges are plain arithmetic on the widths).
+/// The column kernels the shapes are meant to reach really serve their
+/// plans (the other edges are plain arithmetic on the widths).
 #[test]
 fn shapes_reach_the_column_kernel() {
-    if isas_under_test().contains(&Isa::Avx512) {
-        // Plans of "7x7 plane" and "95 channels".
-        assert_eq!(kernel_info_for_shape(Isa::Avx512, 64, 49).mr, 32);
-        assert_eq!(kernel_info_for_shape(Isa::Avx512, 95, 7).mr, 32);
+    for (isa, rows) in [(Isa::Avx512, 32), (Isa::Avx2, 16)] {
+        if isas_under_test().contains(&isa) {
+            // Plans of "7x7 plane" and "95 channels".
+            assert_eq!(kernel_info_for_shape(isa, 64, 49).mr, rows, "{isa}");
+            assert_eq!(kernel_info_for_shape(isa, 95, 7).mr, rows, "{isa}");
+        }
     }
 }
 

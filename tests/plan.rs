@@ -63,20 +63,25 @@ fn shapes() -> Vec<Conv2dParams> {
             .padding(Padding::symmetric(1, 1)),
         // Unpadded 1×1: the input planes are B directly.
         Conv2dParams::new(2, 16, (7, 7), 40, (1, 1)),
-        // Few output pixels, many channels: on AVX-512 the pre-packed
-        // weights take the 32 × 8 column kernel (49 = 6·8 + 1 columns; 7
-        // columns and 95 = 2·32 + 31 rows), while the one-shot forward runs
-        // the row kernel.
+        // Few output pixels, many channels: the pre-packed weights take the
+        // column kernel, AVX-512's 32 × 8 (49 = 6·8 + 1 columns; 7 columns
+        // and 95 = 2·32 + 31 rows) or AVX2's 16 × 6 (49 = 8·6 + 1; 7 = 6 +
+        // 1 and 95 = 5·16 + 15), while the one-shot forward runs the row
+        // kernel.
         Conv2dParams::new(2, 12, (7, 7), 64, (3, 3)).padding(Padding::symmetric(1, 1)),
         Conv2dParams::new(1, 5, (3, 9), 95, (3, 3)).stride(2, 1),
-        // Right-edge column tiles of 2, 3 and 4 real columns (50, 51 and 36
-        // output pixels), each with its own number of k-chains; k = 6 and
-        // 7 leave k-steps over after the chained rounds.
+        // Right-edge column tiles of 2, 3 and 4 real columns on AVX-512
+        // (50, 51 and 36 output pixels), 2, 3, 4 and 5 on AVX2 (50, 51, 52
+        // and 53; 36 is whole 6-column tiles), each with its own number of
+        // k-chains; k = 5, 6 and 7 leave k-steps over after the chained
+        // rounds.
         Conv2dParams::new(1, 6, (5, 10), 64, (1, 1)),
         Conv2dParams::new(1, 7, (3, 17), 64, (1, 1)),
         Conv2dParams::new(2, 6, (6, 6), 64, (1, 1)),
+        Conv2dParams::new(1, 5, (4, 13), 64, (1, 1)),
+        Conv2dParams::new(1, 7, (1, 53), 64, (1, 1)),
         // k = 96·9 = 864, deeper than any KC: the second K block adds to C
-        // (β = 1), through whole 8-column rows and the 1-column edge.
+        // (β = 1), through whole 8- or 6-column rows and the 1-column edge.
         Conv2dParams::new(1, 96, (7, 7), 64, (3, 3)).padding(Padding::symmetric(1, 1)),
     ]
 }

@@ -264,8 +264,10 @@ mod tests {
     }
 
     /// Register tiles of every path (AVX-512 8×32 and its 32×8 column
-    /// kernel, AVX2 and portable 6×16) and two shapes no path has yet.
-    const TILES: [(usize, usize); 5] = [(8, 32), (32, 8), (6, 16), (6, 32), (4, 64)];
+    /// kernel, AVX2 6×16 and its 16×6, portable 6×8) and two shapes no path
+    /// has yet.
+    const TILES: [(usize, usize); 7] =
+        [(8, 32), (32, 8), (6, 16), (16, 6), (6, 8), (6, 32), (4, 64)];
 
     /// The constraints the module documents, on every CPU and tile: each
     /// operand fits the ways it was given, the ways add up, and the sizes

@@ -14,7 +14,7 @@
 #[cfg(target_arch = "x86_64")]
 use core::arch::x86_64::*;
 
-use super::{run_steps_prefetching_c, store_tile_scalar, TileEpilogue};
+use super::{run_steps_prefetching_c, store_columns_scalar, store_tile_scalar, TileEpilogue};
 
 /// Columns of a B panel: two zmm registers.
 pub(crate) const NR: usize = 32;
@@ -639,14 +639,9 @@ unsafe fn store_columns_strided(
             unsafe { _mm512_storeu_ps(columns.as_mut_ptr().add(j * MR_COLUMNS + 16 * h), *x) };
         }
     }
-    let mut tile = [0.0f32; MR_COLUMNS * NR_COLUMNS];
-    for i in 0..MR_COLUMNS {
-        for j in 0..NR_COLUMNS {
-            tile[i * NR_COLUMNS + j] = columns[j * MR_COLUMNS + i];
-        }
-    }
-    // SAFETY: forwarded contract.
-    unsafe { store_tile_scalar(&tile, NR_COLUMNS, c, rsc, csc, rows, cols, ep) };
+    // SAFETY: forwarded contract; `columns` holds NR_COLUMNS columns of
+    // MR_COLUMNS ≥ rows values.
+    unsafe { store_columns_scalar(&columns, MR_COLUMNS, c, rsc, csc, rows, cols, ep) };
 }
 
 /// Dot products of `rows` rows of a row-major A (`lda` apart) with one
