@@ -8,7 +8,7 @@ use clap::Args;
 use cpuconv::arch::{detected_isa, supported_isas};
 use cpuconv::gemm::cache::{cache_hierarchy, CacheLevel, CacheSource};
 use cpuconv::gemm::kernels::peak::fma_peak_gflops;
-use cpuconv::gemm::kernels::{kernel_info, model_blocking};
+use cpuconv::gemm::kernels::{column_kernel_info, kernel_info, model_blocking, KernelInfo};
 use cpuconv::Isa;
 
 #[derive(Args, Debug)]
@@ -103,36 +103,38 @@ fn json(args: &InfoArgs) -> serde_json::Value {
             "per_core_bytes": c.per_core(),
         })
     };
+    let kernel = |k: &KernelInfo| {
+        let m = model_blocking(k.isa, k.mr, k.nr, caches);
+        json!({
+            "mr": k.mr,
+            "nr": k.nr,
+            "mc": k.mc,
+            "kc": k.kc,
+            "nc": k.nc,
+            "a_block_bytes": k.mc * k.kc * 4,
+            "b_block_bytes": k.kc * k.nc * 4,
+            "model": {
+                "l1_a_ways": m.l1_a_ways,
+                "l1_b_ways": m.l1_b_ways,
+                "kc_l1": m.kc_l1,
+                "l2_feed_bytes_per_cycle": m.l2_feed_bytes_per_cycle,
+                "b_panel_level": m.b_panel_level,
+                "l2_b_ways": m.l2_b_ways,
+                "l2_a_ways": m.l2_a_ways,
+                "l3_a_ways": m.l3_a_ways,
+                "l3_b_ways": m.l3_b_ways,
+                "mc": m.mc,
+                "kc": m.kc,
+                "nc": m.nc,
+            },
+        })
+    };
     let mut blocking = Map::new();
     for &isa in &supported {
-        let k = kernel_info(isa);
-        let m = model_blocking(isa, k.mr, k.nr, caches);
-        blocking.insert(
-            isa.name().to_string(),
-            json!({
-                "mr": k.mr,
-                "nr": k.nr,
-                "mc": k.mc,
-                "kc": k.kc,
-                "nc": k.nc,
-                "a_block_bytes": k.mc * k.kc * 4,
-                "b_block_bytes": k.kc * k.nc * 4,
-                "model": {
-                    "l1_a_ways": m.l1_a_ways,
-                    "l1_b_ways": m.l1_b_ways,
-                    "kc_l1": m.kc_l1,
-                    "l2_feed_bytes_per_cycle": m.l2_feed_bytes_per_cycle,
-                    "b_panel_level": m.b_panel_level,
-                    "l2_b_ways": m.l2_b_ways,
-                    "l2_a_ways": m.l2_a_ways,
-                    "l3_a_ways": m.l3_a_ways,
-                    "l3_b_ways": m.l3_b_ways,
-                    "mc": m.mc,
-                    "kc": m.kc,
-                    "nc": m.nc,
-                },
-            }),
-        );
+        let mut rows = kernel(&kernel_info(isa));
+        // The column kernel plans take where C has few columns, or null.
+        rows["columns"] = column_kernel_info(isa).map_or(Value::Null, |k| kernel(&k));
+        blocking.insert(isa.name().to_string(), rows);
     }
     let peaks = if args.no_peak {
         Value::Null
@@ -279,10 +281,11 @@ pub fn run(args: &InfoArgs) -> Result<(), Stop> {
          gives each operand the ways of the level that serves its reuse: the B micro-panel \
          in L1 (depth KC₁) or, where L2 can feed the kernel (feed ≤ 32 B/cycle), in one way \
          of L2; the A block in L2 (MC); the B block in this core's L3 share (NC). One way \
-         is left spare at each level.\n"
+         is left spare at each level. A `col` row is the path's column kernel, which plans \
+         take where C has few columns (a 7×7 output plane).\n"
     )?;
     let blocking = Table::new(&[
-        left("isa", 8),
+        left("isa", 11),
         right("MR", 3),
         right("NR", 3),
         right("L1 ways A+B (KC₁)", 17),
@@ -297,13 +300,16 @@ pub fn run(args: &InfoArgs) -> Result<(), Stop> {
         right("B block", 8),
     ]);
     outln!("{}", blocking.header())?;
-    for &isa in &supported {
-        let k = kernel_info(isa);
-        let m = model_blocking(isa, k.mr, k.nr, caches);
+    let kernels = supported.iter().flat_map(|&isa| {
+        let columns = column_kernel_info(isa).map(|k| (format!("{} col", isa.name()), k));
+        std::iter::once((isa.name().to_string(), kernel_info(isa))).chain(columns)
+    });
+    for (name, k) in kernels {
+        let m = model_blocking(k.isa, k.mr, k.nr, caches);
         outln!(
             "{}",
             blocking.row(&[
-                isa.name().to_string(),
+                name,
                 k.mr.to_string(),
                 k.nr.to_string(),
                 format!("{}+{} ({})", m.l1_a_ways, m.l1_b_ways, m.kc_l1),

@@ -429,6 +429,14 @@ pub fn kernel_info(isa: Isa) -> KernelInfo {
     kernel_for(isa).info
 }
 
+/// Register tile and blocking of the column kernel of a path (clamped to
+/// what the CPU supports), where it has one: AVX-512's `32 × 8`, AVX2's
+/// `16 × 6`. Plans take it where C has few columns
+/// ([`kernel_info_for_shape`]).
+pub fn column_kernel_info(isa: Isa) -> Option<KernelInfo> {
+    column_kernel_for(isa).map(|k| k.info)
+}
+
 /// Register tile and blocking the GEMM uses for an `m × n` C on path `isa`
 /// with A pre-packed (as a convolution plan does): [`kernel_info`]'s, or
 /// that of the path's column kernel (AVX-512: `32 × 8` tiles vectorised down
