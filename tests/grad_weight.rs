@@ -20,6 +20,7 @@ mod common;
 
 use common::grads::{assert_close, build, cases, weight_magnitudes, Case, Shapes};
 use common::{bits, proptest_config, Rng};
+use cpuconv::gemm::kernels::kernel_info;
 use cpuconv::testing::{isas_under_test, traced, Blocking};
 use cpuconv::{
     Algorithm, BackwardOptions, Conv2dParams, ConvMode, ForwardOptions, GemmBackend, Isa, Padding,
@@ -54,8 +55,9 @@ fn case_strategy() -> impl Strategy<Value = Case> {
 
 /// Implicit against Direct for `case` on every ISA, both backends, 1 and
 /// 2 threads, accumulate on and off; the trace shows the forced ISA ran;
-/// 1 and 2 threads give the same bits, and so does a second run.
-fn check_against_direct(case: &Case) -> Result<(), TestCaseError> {
+/// 1 and 2 threads give the same bits, and so does a second run. With
+/// `force_bands`, the band path wherever the shape allows it, on every ISA.
+fn check_against_direct(case: &Case, force_bands: bool) -> Result<(), TestCaseError> {
     let conv = build(case)?;
     let g = *conv.geometry();
     let mut rng = Rng::new(case.seed);
@@ -80,7 +82,8 @@ fn check_against_direct(case: &Case) -> Result<(), TestCaseError> {
                 let mut o = BackwardOptions::new(Algorithm::Implicit)
                     .isa(isa)
                     .backend(backend)
-                    .parallelism(Parallelism::threads(threads));
+                    .parallelism(Parallelism::threads(threads))
+                    .force_bands(force_bands);
                 if let Some(b) = case.blocking {
                     o = o.blocking(b);
                 }
@@ -135,7 +138,7 @@ proptest! {
     /// 1 and 2 threads give the same bits, and so does a second run.
     #[test]
     fn implicit_matches_direct(case in case_strategy()) {
-        check_against_direct(&case)?;
+        check_against_direct(&case, false)?;
     }
 }
 
@@ -173,7 +176,7 @@ fn pointwise_matches_direct() {
                 blocking,
                 seed: (batch * 1000 + c) as u64,
             };
-            check_against_direct(&case).unwrap_or_else(|e| panic!("{e}"));
+            check_against_direct(&case, false).unwrap_or_else(|e| panic!("{e}"));
         }
     }
 }
@@ -264,14 +267,16 @@ proptest! {
     /// same bits from 1 and 2 threads and from a second run).
     #[test]
     fn bands_match_direct(case in band_case_strategy()) {
-        check_against_direct(&case)?;
+        check_against_direct(&case, true)?;
     }
 }
 
-/// Layers the band path must take (the trace shows it ran) and get right:
-/// the 56² 3×3 layer scaled down, stride 2, dilation 2 with asymmetric
-/// padding, convolution mode with groups, a batch whose images each
-/// span several chunks under a small KC, and stride 3 across.
+/// Layers the band path must take (the trace shows it ran) and get right,
+/// forced on every ISA: the 56² 3×3 layer scaled down, stride 2, dilation
+/// 2 with asymmetric padding, convolution mode with groups, a batch whose
+/// images each span several chunks under a small KC, and stride 3 across.
+/// Unforced, the bands run only on kernel tiles whose B rows are a pair
+/// of cache lines (32 floats: AVX-512), the column chunk elsewhere.
 #[test]
 fn bands_run_and_match_direct() {
     let layers = [
@@ -314,28 +319,34 @@ fn bands_run_and_match_direct() {
                     nc: 32,
                 }),
             ] {
-                let mut o = BackwardOptions::new(Algorithm::Implicit)
-                    .isa(isa)
-                    .parallelism(Parallelism::Sequential);
-                if let Some(b) = blocking {
-                    o = o.blocking(b);
+                for force in [true, false] {
+                    let mut o = BackwardOptions::new(Algorithm::Implicit)
+                        .isa(isa)
+                        .parallelism(Parallelism::Sequential)
+                        .force_bands(force);
+                    if let Some(b) = blocking {
+                        o = o.blocking(b);
+                    }
+                    let mut dw = vec![f32::NAN; g.weight_len()];
+                    let ((), trace) =
+                        traced(|| conv.backward_weight(&x, &dy, &mut dw, &o).unwrap());
+                    let what = format!("layer {i} {isa:?} {blocking:?} forced {force}");
+                    let bands = force || kernel_info(isa).nr == 32;
+                    assert_eq!(
+                        trace.grad_weight_bands,
+                        u64::from(bands),
+                        "{what}: {trace:?}"
+                    );
+                    assert_close(
+                        &what,
+                        &dw,
+                        &want,
+                        &magnitude,
+                        &zeros,
+                        g.batch * g.out_h * g.out_w,
+                    )
+                    .unwrap();
                 }
-                let mut dw = vec![f32::NAN; g.weight_len()];
-                let ((), trace) = traced(|| conv.backward_weight(&x, &dy, &mut dw, &o).unwrap());
-                let what = format!("layer {i} {isa:?} {blocking:?}");
-                assert!(
-                    trace.grad_weight_bands == 1,
-                    "{what}: no band path in {trace:?}"
-                );
-                assert_close(
-                    &what,
-                    &dw,
-                    &want,
-                    &magnitude,
-                    &zeros,
-                    g.batch * g.out_h * g.out_w,
-                )
-                .unwrap();
             }
         }
     }
@@ -369,7 +380,8 @@ fn non_finite_input_leaves_no_nan_in_taps_that_never_read_it() {
     for isa in isas_under_test() {
         let o = BackwardOptions::new(Algorithm::Implicit)
             .isa(isa)
-            .parallelism(Parallelism::Sequential);
+            .parallelism(Parallelism::Sequential)
+            .force_bands(true);
         let mut dw = vec![0.0; g.weight_len()];
         let ((), trace) = traced(|| conv.backward_weight(&x, &dy, &mut dw, &o).unwrap());
         assert_eq!(trace.grad_weight_bands, 0, "{isa:?}: {trace:?}");

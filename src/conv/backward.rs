@@ -77,6 +77,11 @@ pub struct BackwardOptions {
     /// the cache model's.
     #[doc(hidden)]
     pub blocking: Option<crate::testing::Blocking>,
+    /// Tests only: the weight gradient takes the band path wherever the
+    /// shape allows it, on every kernel tile (see `grad_weight_bands.rs`),
+    /// so that its code is tested on every CPU.
+    #[doc(hidden)]
+    pub force_bands: bool,
 }
 
 impl BackwardOptions {
@@ -124,6 +129,13 @@ impl BackwardOptions {
     #[doc(hidden)]
     pub fn blocking(mut self, blocking: crate::testing::Blocking) -> Self {
         self.blocking = Some(blocking);
+        self
+    }
+
+    /// Tests only: the band path wherever the shape allows it.
+    #[doc(hidden)]
+    pub fn force_bands(mut self, force: bool) -> Self {
+        self.force_bands = force;
         self
     }
 

@@ -5,7 +5,8 @@
 //! only, never the threads):
 //!
 //! * **Bands** (`grad_weight_bands.rs`, depth ≥ [`depth_for_taps_as_rows`],
-//!   several taps, at least 16 input channels per group): `dWᵀ = col · dYᵀ`
+//!   several taps, at least 16 input channels per group, a kernel tile of
+//!   32 columns: AVX-512): `dWᵀ = col · dYᵀ`
 //!   one tap at a time, A read in place from a padded copy of a band of
 //!   input rows, so the input is copied once instead of once per tap.
 //! * **`dWᵀ = col · dYᵀ`** (depth ≥ [`depth_for_taps_as_rows`]): the taps

@@ -31,7 +31,9 @@
 //!
 //! The price is the junk: `W_q/OW − 1` more FLOPs (3.6% on 56² planes at
 //! 3×3, 7% at dilation 2, 6% on 32² planes), so shapes where it exceeds
-//! 1/8 keep the column chunk, as do groups of fewer than 16 input channels
+//! 1/8 keep the column chunk, as do kernel tiles whose B rows are narrower
+//! than a pair of cache lines (AVX2, portable: [`bands_pay_on`]), groups
+//! of fewer than 16 input channels
 //! (each tap's GEMM would have too few rows for the tile), 1×1 kernels (their
 //! column chunk is a single copy already, or none: 1×1/2 from 256 to 512
 //! channels on 56² ran 179 → 168 GFLOP/s on bands) and inputs whose band
@@ -84,7 +86,8 @@ use super::grad_weight::{grow, odd_lines, on_each_thread, split, with_pooled};
 use super::BackwardOptions;
 use crate::error::ConvError;
 use crate::gemm::engine::{
-    gemm_with_epilogue, select_kernel, ASource, Epilogue, PackBuffers, StridedC, StridedMatrix,
+    gemm_with_epilogue, select_kernel, ASource, Epilogue, KernelInfo, PackBuffers, StridedC,
+    StridedMatrix,
 };
 use crate::gemm::transpose::{store_columns, transpose};
 use crate::gemm::{GemmBackend, Parallelism};
@@ -114,6 +117,23 @@ pub(crate) struct Bands {
     channel_stride: usize,
     /// Output channels per GEMM (columns of C), fixed by the shape.
     k_block: usize,
+}
+
+/// Whether the bands beat the column chunk on a kernel with this register
+/// tile: where a row of its B micro-panel (`NR` floats of `dYᵀ`, which the
+/// bands' GEMMs read in place) is a whole pair of cache lines, 128 bytes.
+/// AVX-512's 32-float rows take the bands (the module doc's table, Zen 5); AVX2's
+/// 16 and the portable path's 8 keep the column chunk, measured on Zen 3
+/// (1 thread, GFLOP/s, five rounds of the same binary alternating with
+/// `CPUCONV_GW_NO_BANDS`, medians, bands → column chunk): r50_3x3 63–70 →
+/// 74–78, batch16 55–58 → 67–74, r50_3x3_s2 75 → 77, dilated 73 → 77,
+/// 8×64×28² → 64 62 → 70, 128 → 128 on 28² 65 → 78, 32 → 32 on 112² 52
+/// → 71; at 2 threads 1.03–1.33× in the same direction. The portable
+/// path, forced, moved 0.85–1.43× across those layers, within its noise.
+/// Why narrower rows lose is not established: packing `dYᵀ` into panels
+/// for each tap's GEMM inside the bands measured within noise (0.94–1.21×).
+fn bands_pay_on(info: &KernelInfo) -> bool {
+    info.nr * std::mem::size_of::<f32>() >= 128
 }
 
 impl Bands {
@@ -201,6 +221,9 @@ pub(crate) fn backward_weight_bands(
         g.kernel_h * g.kernel_w,
     );
     let info = select_kernel(options.isa, cg, kg, false, options.blocking);
+    if !options.force_bands && !bands_pay_on(&info) {
+        return Ok(false);
+    }
     let Some(bands) = Bands::for_geometry(g, info.mr, info.kc, info.nc) else {
         return Ok(false);
     };
