@@ -86,6 +86,8 @@ fn shapes() -> Vec<Conv2dParams> {
     ]
 }
 
+/// Plans of every algorithm on every ISA against the one-shot forward of
+/// the same options, and against the Direct reference.
 #[test]
 fn plan_matches_one_shot_forward_on_every_isa_and_algorithm() {
     for params in shapes() {
@@ -94,9 +96,19 @@ fn plan_matches_one_shot_forward_on_every_isa_and_algorithm() {
         let x = data(g.input_len(), 1);
         let w = data(g.weight_len(), 2);
         let b = data(g.out_channels, 3);
+        let reference = [Activation::None, Activation::Relu6].map(|activation| {
+            let opts = ForwardOptions::new(Algorithm::Direct).activation(activation);
+            let mut out = vec![0.0; g.output_len()];
+            conv.forward_with(&x, &w, Some(&b), &mut out, &opts)
+                .unwrap();
+            out
+        });
         for isa in isas_under_test() {
             for algorithm in Algorithm::CONCRETE.into_iter().chain([Algorithm::Auto]) {
-                for activation in [Activation::None, Activation::Relu6] {
+                for (activation, reference) in [Activation::None, Activation::Relu6]
+                    .into_iter()
+                    .zip(&reference)
+                {
                     let opts = ForwardOptions::new(algorithm)
                         .isa(Some(isa))
                         .activation(activation)
@@ -115,6 +127,13 @@ fn plan_matches_one_shot_forward_on_every_isa_and_algorithm() {
                                 "{params:?} {isa} {algorithm:?} call {call} [{i}]: {a} vs {c}"
                             );
                         }
+                        // And the reference: the plan's kernels (the column
+                        // kernels on few-column shapes) against Direct.
+                        assert_close(
+                            reference,
+                            &got,
+                            &format!("{params:?} {isa} {algorithm:?} {activation:?} vs Direct"),
+                        );
                     }
                 }
             }

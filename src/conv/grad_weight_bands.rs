@@ -87,7 +87,7 @@ use super::BackwardOptions;
 use crate::error::ConvError;
 use crate::gemm::engine::{
     gemm_with_epilogue, select_kernel, ASource, Epilogue, KernelInfo, PackBuffers, StridedC,
-    StridedMatrix,
+    StridedMatrix, B_ROW_ALIGN,
 };
 use crate::gemm::transpose::{store_columns, transpose};
 use crate::gemm::{GemmBackend, Parallelism};
@@ -121,7 +121,8 @@ pub(crate) struct Bands {
 
 /// Whether the bands beat the column chunk on a kernel with this register
 /// tile: where a row of its B micro-panel (`NR` floats of `dYᵀ`, which the
-/// bands' GEMMs read in place) is a whole pair of cache lines, 128 bytes.
+/// bands' GEMMs read in place) is a whole pair of cache lines
+/// (`B_ROW_ALIGN`, 128 bytes).
 /// AVX-512's 32-float rows take the bands (the module doc's table, Zen 5); AVX2's
 /// 16 and the portable path's 8 keep the column chunk, measured on Zen 3
 /// (1 thread, GFLOP/s, five rounds of the same binary alternating with
@@ -133,7 +134,7 @@ pub(crate) struct Bands {
 /// Why narrower rows lose is not established: packing `dYᵀ` into panels
 /// for each tap's GEMM inside the bands measured within noise (0.94–1.21×).
 fn bands_pay_on(info: &KernelInfo) -> bool {
-    info.nr * std::mem::size_of::<f32>() >= 128
+    info.nr * std::mem::size_of::<f32>() >= B_ROW_ALIGN
 }
 
 impl Bands {

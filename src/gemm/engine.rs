@@ -18,7 +18,7 @@
 //! driver's loop nest behind them; the entry point, which picks the
 //! micro-kernels, is `f32` only today, as the kernels are.
 
-pub(crate) use super::driver::{pack_bounds, peels_with_a_in_place};
+pub(crate) use super::driver::{pack_bounds, peels_with_a_in_place, B_ROW_ALIGN};
 pub(crate) use super::element::Element;
 pub(crate) use super::kernels::KernelInfo;
 pub(crate) use super::pack::PackBuffers;

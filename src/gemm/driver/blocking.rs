@@ -176,7 +176,7 @@ const CACHE_LINE: usize = 64;
 /// but not a pair (+16) 165–177, the same as rows mid-line (+1 … +12,
 /// which the former line-sized peel moved to +16); B packed, at every
 /// offset, 189–192.
-pub(super) const B_ROW_ALIGN: usize = 2 * CACHE_LINE;
+pub(crate) const B_ROW_ALIGN: usize = 2 * CACHE_LINE;
 
 /// The fewest column panels a B read in place must span before its
 /// leading columns are peeled to a pair or line boundary (see

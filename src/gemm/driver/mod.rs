@@ -25,7 +25,7 @@ mod blocking;
 mod macro_kernel;
 mod threading;
 
-pub(crate) use blocking::pack_bounds;
+pub(crate) use blocking::{pack_bounds, B_ROW_ALIGN};
 pub(crate) use threading::{split_range, thread_count};
 
 /// Whether an `m × k × n` f32 GEMM on path `isa` with a row-major A (rows
