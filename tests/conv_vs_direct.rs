@@ -1113,3 +1113,54 @@ fn lowerings_with_small_blocks_cross_every_edge() {
         }
     }
 }
+
+#[test]
+fn dense_tiles_take_every_tap_count() {
+    // The tile runs its taps four at a time where it has two or more
+    // channel vectors and a stride of 1 or 2, then one at a time: tap
+    // counts (input channels × 3 × 3, or × 1 × 3) leaving every remainder
+    // of four, at strides 1 to 3, with 16 and 13 output channels, match
+    // Direct on every ISA (a dropped remainder tap or a weight step out of
+    // line shows in every output).
+    let mut rng = Rng::new(17);
+    for (channels, kernel) in [
+        (1, (3, 3)),
+        (2, (3, 3)),
+        (3, (3, 3)),
+        (4, (3, 3)),
+        (1, (1, 3)),
+        (5, (1, 3)),
+    ] {
+        for stride in 1..=3 {
+            for out_channels in [16, 13] {
+                let conv = Conv2dParams::new(1, channels, (9, 23), out_channels, kernel)
+                    .stride(stride, stride)
+                    .padding(Padding::symmetric(1, 1))
+                    .build()
+                    .unwrap();
+                let g = *conv.geometry();
+                let input = rng.vec(g.input_len());
+                let weight = rng.vec(g.weight_len());
+                let bias = rng.vec(g.out_channels);
+                let mut want = vec![0.0; g.output_len()];
+                let direct = ForwardOptions::new(Algorithm::Direct);
+                conv.forward_with(&input, &weight, Some(&bias), &mut want, &direct)
+                    .unwrap();
+                for isa in isas_under_test() {
+                    let options = ForwardOptions::new(Algorithm::DirectDense)
+                        .parallelism(Parallelism::Sequential)
+                        .isa(isa);
+                    let mut out = vec![f32::NAN; g.output_len()];
+                    conv.forward_with(&input, &weight, Some(&bias), &mut out, &options)
+                        .unwrap();
+                    for (j, (&a, &b)) in out.iter().zip(&want).enumerate() {
+                        assert!(
+                            (a - b).abs() <= 1e-4,
+                            "{isa}, {channels} channels {kernel:?} /{stride} → {out_channels}, output {j}: {a} vs {b}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
