@@ -338,9 +338,8 @@ impl MeasuredLayer for ConvTranspose2d {
     ) -> Result<ConvTranspose2dPlan, ConvError> {
         self.plan_as(weight, bias, options, source)
     }
-    fn auto_pick(&self, _isa: Isa) -> Algorithm {
-        // The transposed rule reads no register tile.
-        self.auto_algorithm()
+    fn auto_pick(&self, isa: Isa) -> Algorithm {
+        self.auto_algorithm_for(isa)
     }
     fn other_algorithms(&self) -> Vec<Algorithm> {
         // GEMM + col2im first: the phases' own `Auto` is Estimate's pick

@@ -4,6 +4,7 @@
 //! convolution's input gradient (see `phases.rs`), with bias and activation
 //! fused into the phases' stores.
 
+use super::direct_simd::dense_rows_fill_the_tile;
 use super::measure::{ChoiceSource, PlanChoice, PlanEffort};
 use super::phases::{transposed_forward, PlannedPhases, TransposedAxis, TransposedGeometry};
 use super::transposed_gemm::{
@@ -11,6 +12,7 @@ use super::transposed_gemm::{
     TransposedWeights,
 };
 use super::{check_lengths, direct, try_with_capacity, zeroed, Algorithm, ForwardOptions};
+use crate::arch::Isa;
 use crate::error::ConvError;
 use crate::gemm::engine::select_kernel;
 use crate::gemm::GemmBackend;
@@ -463,7 +465,7 @@ impl ConvTranspose2d {
     ) -> Result<(), ConvError> {
         self.check_buffers(Some(input), weight, bias, Some(output))?;
         options.activation.validate()?;
-        match self.resolve(options.algorithm) {
+        match self.resolve(options.algorithm, options.resolved_isa()) {
             Algorithm::Direct => {
                 direct::transposed_direct(
                     &self.tg,
@@ -492,10 +494,11 @@ impl ConvTranspose2d {
         }
     }
 
-    /// `requested` with `Auto` resolved by [`ConvTranspose2d::auto_algorithm`].
-    fn resolve(&self, requested: Algorithm) -> Algorithm {
+    /// `requested` with `Auto` resolved by [`ConvTranspose2d::auto_algorithm`]
+    /// for the kernels of `isa`.
+    fn resolve(&self, requested: Algorithm, isa: Isa) -> Algorithm {
         match requested {
-            Algorithm::Auto => self.auto_algorithm(),
+            Algorithm::Auto => self.auto_algorithm_for(isa),
             a => a,
         }
     }
@@ -515,13 +518,30 @@ impl ConvTranspose2d {
     /// its own `Auto` choice (reported as `Auto`). Where every phase's
     /// sub-kernel is above 1×1 they run on the dense tile, which needs no
     /// columns: dcgan_b8 199–201 against 182 for GEMM + col2im in the same
-    /// run. (The input gradient keeps its own rule,
-    /// `Conv2d::auto_input_gradient_algorithm`: packing per call, the two
-    /// measured even on r50_deep.)
+    /// run (AVX-512). Except where the phases' rows are too narrow for the
+    /// path's dense tile to keep its FMAs busy (AVX2's tile on rows of 8
+    /// pixels or fewer) and the input plane has at most a quarter as many
+    /// pixels as a group has input channels, so that the GEMM's depth
+    /// repays col2im: Zen 3, AVX2, 1 thread, plans alternating call by
+    /// call, GFLOP/s, phases on the dense tile against GEMM + col2im, best
+    /// of 50–1500 calls: 8 images of 256 → 128 channels on 8² (dcgan_b8) 74
+    /// vs 83, one image 75 vs 85, 8 of 512 → 256 on 4² 71 vs 80 and on 8²
+    /// 73 vs 85 (GEMM + col2im), but 8 of 128 → 256 on 8² 77 vs 67 and 64 →
+    /// 64 71 vs 65, and 16-pixel phases (gan_up_k4s2 84 vs 80, 8 of 128 → 64
+    /// on 16² even) stay on the tile. (The input gradient keeps its own
+    /// rule, `Conv2d::auto_input_gradient_algorithm`: packing per call, the
+    /// two measured even on r50_deep.)
     pub fn auto_algorithm(&self) -> Algorithm {
+        self.auto_algorithm_for(crate::isa())
+    }
+
+    /// [`ConvTranspose2d::auto_algorithm`] for the kernels of `isa` (clamped
+    /// to the CPU): whether the phases' rows fill the dense tile depends on
+    /// the path's register tile.
+    pub(crate) fn auto_algorithm_for(&self, isa: Isa) -> Algorithm {
         if self.flops() < 4 * 1024 {
             Algorithm::Direct
-        } else if gemm_col2im_wins(&self.tg) && !self.phases_run_dense() {
+        } else if gemm_col2im_wins(&self.tg) && !self.phases_run_dense(isa) {
             Algorithm::Im2col
         } else {
             Algorithm::Auto
@@ -530,12 +550,30 @@ impl ConvTranspose2d {
 
     /// Whether every sub-pixel phase has a sub-kernel above 1×1 with at
     /// least 32 taps and at least 16 output channels a group, so that
-    /// `Auto` runs it on the dense tile, whose weights a plan packs once.
-    fn phases_run_dense(&self) -> bool {
+    /// `Auto` runs it on the dense tile, whose weights a plan packs once;
+    /// and, where the input plane has at most a quarter as many pixels as a
+    /// group has input channels, whether every phase's rows fill the tile
+    /// of `isa` (see [`ConvTranspose2d::auto_algorithm`]).
+    fn phases_run_dense(&self, isa: Isa) -> bool {
         let tg = &self.tg;
         let sub = |a: &TransposedAxis| a.kernel / a.stride.max(1);
         let window = sub(&tg.h) * sub(&tg.w);
-        tg.out_per_group() >= 16 && window > 1 && tg.in_per_group() * window >= 32
+        let dense = tg.out_per_group() >= 16 && window > 1 && tg.in_per_group() * window >= 32;
+        let deep = (tg.h.input * tg.w.input).saturating_mul(4) <= tg.in_per_group();
+        dense && (!deep || self.phase_rows_fill_the_tile(isa))
+    }
+
+    /// Whether the rows of every sub-pixel phase give the dense tile of
+    /// `isa` enough accumulators (`direct_simd::dense_rows_fill_the_tile`).
+    fn phase_rows_fill_the_tile(&self, isa: Isa) -> bool {
+        let Ok(phases) = super::phases::phases(&self.tg) else {
+            return false;
+        };
+        let kg = self.tg.out_per_group();
+        phases
+            .iter()
+            .filter_map(|p| p.conv.as_ref())
+            .all(|conv| dense_rows_fill_the_tile(isa, kg, conv.geometry().out_w))
     }
 
     /// As [`ConvTranspose2d::forward`], allocating and returning the output.
@@ -613,7 +651,7 @@ impl ConvTranspose2d {
             c.extend_from_slice(v);
             Ok(c)
         };
-        let algorithm = self.resolve(options.algorithm);
+        let algorithm = self.resolve(options.algorithm, options.resolved_isa());
         let options = ForwardOptions {
             algorithm,
             ..*options
@@ -774,5 +812,57 @@ impl ConvTranspose2dPlan {
             ),
             PlanInner::Phases(p) => p.forward(input, output),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::arch::supported_isas;
+
+    fn up(batch: usize, cin: usize, size: usize, cout: usize) -> ConvTranspose2d {
+        ConvTranspose2dParams::new(batch, cin, (size, size), cout, (4, 4))
+            .stride(2, 2)
+            .padding(Padding::symmetric(1, 1))
+            .build()
+            .unwrap()
+    }
+
+    #[test]
+    fn auto_follows_the_tile_of_the_forced_isa() {
+        // dcgan_b8: 8² planes, 256 input channels (a plane of a quarter as
+        // many pixels), 8-pixel phase rows.
+        let dcgan = up(8, 256, 8, 128);
+        // 128 input channels: the GEMM is too shallow to repay col2im.
+        let shallow = up(8, 128, 8, 256);
+        // 16-pixel phase rows fill AVX2's tile too.
+        let wide = up(1, 1024, 16, 128);
+        let pick = |fills: bool| {
+            if fills {
+                Algorithm::Auto
+            } else {
+                Algorithm::Im2col
+            }
+        };
+        for isa in supported_isas() {
+            let (fills_8, fills_16) = (fills(isa, 8), fills(isa, 16));
+            assert_eq!(dcgan.auto_algorithm_for(isa), pick(fills_8), "{isa}");
+            assert_eq!(shallow.auto_algorithm_for(isa), Algorithm::Auto, "{isa}");
+            assert_eq!(wide.auto_algorithm_for(isa), pick(fills_16), "{isa}");
+            if isa == Isa::Avx2 {
+                assert!(!fills_8 && fills_16);
+            }
+        }
+        assert_eq!(
+            dcgan.auto_algorithm(),
+            dcgan.auto_algorithm_for(crate::isa())
+        );
+    }
+
+    /// Whether `isa`'s dense tile keeps more than 8 accumulators on rows of
+    /// `out_w` pixels of 128 channels (on 8 pixels AVX-512's 4 × 6 does,
+    /// AVX2's 2 × 6 does not).
+    fn fills(isa: Isa, out_w: usize) -> bool {
+        dense_rows_fill_the_tile(isa, 128, out_w)
     }
 }

@@ -232,6 +232,28 @@ fn vectors_per_block(kg: usize, shape: DenseShape) -> usize {
         .unwrap_or(1)
 }
 
+/// FMAs a core keeps in flight: a 4-cycle FMA on two pipes (every x86
+/// core this crate has been measured on). A tile with fewer accumulators
+/// leaves the pipes waiting on the latency.
+const FMAS_IN_FLIGHT: usize = 8;
+
+/// Whether rows of `out_w` pixels give the dense tile of `isa` (clamped to
+/// the CPU), for `kg` output channels a group, more accumulators per tile
+/// on average than [`FMAS_IN_FLIGHT`]. AVX2's 2 × 6 tile splits an 8-pixel
+/// row into two tiles of 4 (8 accumulators) and a 7-pixel one into 4 + 3;
+/// AVX-512's 4 × 6 keeps 16 and more there.
+pub(crate) fn rows_fill_the_tile(isa: Isa, kg: usize, out_w: usize) -> bool {
+    rows_fill(shape_for(isa), kg, out_w)
+}
+
+/// [`rows_fill_the_tile`] for the tile `shape`.
+fn rows_fill(shape: DenseShape, kg: usize, out_w: usize) -> bool {
+    let f = vectors_per_block(kg, shape);
+    let widest = shape.widths.get(f.wrapping_sub(1)).copied().unwrap_or(1);
+    let tiles = out_w.div_ceil(widest.max(1)).max(1);
+    f.saturating_mul(out_w) > FMAS_IN_FLIGHT.saturating_mul(tiles)
+}
+
 /// Row tile widths: `out_w` split into `⌈out_w / widest⌉` tiles whose widths
 /// differ by at most one.
 fn tile_widths(out_w: usize, widest: usize) -> impl Iterator<Item = usize> {
@@ -1227,6 +1249,38 @@ unsafe fn store_row<S: Simd, const F: usize>(s: S, row: &DenseRow<'_>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn narrow_rows_fill_only_the_wider_tile() {
+        use super::super::{avx2, avx512};
+        // AVX2's 2 × 6: 8 pixels are two tiles of 4 (8 accumulators), 7
+        // are 4 + 3; 14 are 5 + 5 + 4 (9⅓ on average), 16 are 6 + 5 + 5.
+        for (out_w, fills) in [
+            (4, false),
+            (7, false),
+            (8, false),
+            (14, true),
+            (16, true),
+            (56, true),
+        ] {
+            assert_eq!(
+                rows_fill(avx2::DENSE, 128, out_w),
+                fills,
+                "avx2, {out_w} pixels"
+            );
+        }
+        // One vector of channels (8 a group): 12 pixels in one tile.
+        assert!(!rows_fill(avx2::DENSE, 8, 8));
+        assert!(rows_fill(avx2::DENSE, 8, 12));
+        // AVX-512's 4 × 6 keeps 16 accumulators on 4 pixels.
+        for out_w in [4, 7, 8, 14] {
+            assert!(
+                rows_fill(avx512::DENSE, 128, out_w),
+                "avx512, {out_w} pixels"
+            );
+        }
+    }
 
     #[test]
     fn tile_widths_cover_the_row_evenly() {
