@@ -518,17 +518,18 @@ impl ConvTranspose2d {
     /// its own `Auto` choice (reported as `Auto`). Where every phase's
     /// sub-kernel is above 1×1 they run on the dense tile, which needs no
     /// columns: dcgan_b8 199–201 against 182 for GEMM + col2im in the same
-    /// run (AVX-512). Except where the phases' rows are too narrow for the
-    /// path's dense tile to keep its FMAs busy (AVX2's tile on rows of 8
-    /// pixels or fewer) and the input plane has at most a quarter as many
-    /// pixels as a group has input channels, so that the GEMM's depth
-    /// repays col2im: Zen 3, AVX2, 1 thread, plans alternating call by
-    /// call, GFLOP/s, phases on the dense tile against GEMM + col2im, best
-    /// of 50–1500 calls: 8 images of 256 → 128 channels on 8² (dcgan_b8) 74
-    /// vs 83, one image 75 vs 85, 8 of 512 → 256 on 4² 71 vs 80 and on 8²
-    /// 73 vs 85 (GEMM + col2im), but 8 of 128 → 256 on 8² 77 vs 67 and 64 →
-    /// 64 71 vs 65, and 16-pixel phases (gan_up_k4s2 84 vs 80, 8 of 128 → 64
-    /// on 16² even) stay on the tile. (The input gradient keeps its own
+    /// run (AVX-512). GEMM + col2im stays, though, where the phases' rows
+    /// are too narrow for the path's dense tile to keep its FMAs busy
+    /// (AVX2's tile on rows of 8 pixels or fewer) and the input plane has
+    /// at most a quarter as many pixels as a group has input channels, so
+    /// that the GEMM's depth repays col2im. Zen 3, AVX2, 1 thread, plans
+    /// alternating call by call, GFLOP/s, phases on the dense tile against
+    /// GEMM + col2im, best of 50–1500 calls: 8 images of 256 → 128 channels
+    /// on 8² (dcgan_b8) 74 vs 83, one image 75 vs 85, 8 of 512 → 256 on 4²
+    /// 71 vs 80 and on 8² 73 vs 85 (GEMM + col2im); 8 of 128 → 256 on 8² 77
+    /// vs 67 and 64 → 64 71 vs 65 (too shallow: the tile), and 16-pixel
+    /// phases, gan_up_k4s2 84 vs 80 and 8 of 128 → 64 on 16² 78 vs 77 (the
+    /// tile). (The input gradient keeps its own
     /// rule, `Conv2d::auto_input_gradient_algorithm`: packing per call, the
     /// two measured even on r50_deep.)
     pub fn auto_algorithm(&self) -> Algorithm {

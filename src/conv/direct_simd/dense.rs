@@ -71,8 +71,9 @@
 //! dilated 85.9 → 89.3, 512 → 512 on 7² 66.8 → 74.5, the stem unchanged.
 //! Not taken there: `W = 7` with the second weight vector read by each FMA
 //! from memory (14 accumulators in 16 registers, the loop written in
-//! assembly): 0.79–0.96× `W ≤ 6` on the suite's 3×3 layers (its 15 vector
-//! loads per 14 FMAs exceed the two a cycle Zen 3 issues), 1.07× on 7²;
+//! assembly): 0.79–0.96× `W ≤ 6` on the suite's 3×3 layers, 1.07× on 7²
+//! (binaries alternating, five rounds; its 15 vector loads per 14 FMAs
+//! exceed the two a cycle Zen 3 issues);
 //! chunking the taps so that a chunk's weights and input lines stay in L1
 //! (16 input channels): within noise.
 
