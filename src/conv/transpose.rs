@@ -508,7 +508,7 @@ impl ConvTranspose2d {
     /// col2im (`W_gᵀ·x`, the input read as it lies, then each column added
     /// where it lands), when a group has fewer than 16 output channels, or
     /// an input plane fewer pixels than a group has input channels while
-    /// some phase's sub-kernel is 1×1 (the phases' implicit GEMMs then get
+    /// every phase's sub-kernel is 1×1 (the phases' implicit GEMMs then get
     /// too few columns: dcgan_b8's 8² planes of 256 channels ran at 180
     /// GFLOP/s against 154 for the phases on the implicit GEMM, Zen 5
     /// AVX-512, 1 thread, plans), or when the taps are disjoint (kernel =
@@ -549,15 +549,23 @@ impl ConvTranspose2d {
         }
     }
 
-    /// Whether every sub-pixel phase has a sub-kernel above 1×1 with at
-    /// least 32 taps and at least 16 output channels a group, so that
-    /// `Auto` runs it on the dense tile, whose weights a plan packs once;
+    /// Whether the largest sub-pixel phase has a sub-kernel above 1×1 with
+    /// at least 32 taps and at least 16 output channels a group, so that
+    /// `Auto` runs the phases on the dense tile, whose weights a plan packs
+    /// once (a 1×1 phase beside larger ones, k3s2's, takes its own `Auto`:
+    /// Zen 3, AVX2, 1 thread, plans alternating call by call, best GFLOP/s,
+    /// GEMM + col2im against the phases, k3s2 p1 op1 from 256 to 128
+    /// channels on 14² 75 vs 82, a batch of 8 of them 74 vs 81, 512 → 256
+    /// on 14² 79 vs 82, 1024 → 256 on 28² 75 vs 83, 256 → 128 on 10² 80 vs
+    /// 82);
     /// and, where the input plane has at most a quarter as many pixels as a
     /// group has input channels, whether every phase's rows fill the tile
     /// of `isa` (see [`ConvTranspose2d::auto_algorithm`]).
     fn phases_run_dense(&self, isa: Isa) -> bool {
         let tg = &self.tg;
-        let sub = |a: &TransposedAxis| a.kernel / a.stride.max(1);
+        // The largest phase's sub-kernel: k3s2's phases are 2×2, 2×1, 1×2
+        // and 1×1, the last with a ninth of the taps.
+        let sub = |a: &TransposedAxis| a.kernel.div_ceil(a.stride.max(1));
         let window = sub(&tg.h) * sub(&tg.w);
         let dense = tg.out_per_group() >= 16 && window > 1 && tg.in_per_group() * window >= 32;
         let deep = (tg.h.input * tg.w.input).saturating_mul(4) <= tg.in_per_group();
@@ -838,6 +846,15 @@ mod tests {
         let shallow = up(8, 128, 8, 256);
         // 16-pixel phase rows fill AVX2's tile too.
         let wide = up(1, 1024, 16, 128);
+        // k3s2: the 2×2 phase decides, not the 1×1 one.
+        let k3s2 = |size: usize| {
+            ConvTranspose2dParams::new(1, 512, (size, size), 256, (3, 3))
+                .stride(2, 2)
+                .padding(Padding::symmetric(1, 1))
+                .output_padding(1, 1)
+                .build()
+                .unwrap()
+        };
         let pick = |fills: bool| {
             if fills {
                 Algorithm::Auto
@@ -850,8 +867,15 @@ mod tests {
             assert_eq!(dcgan.auto_algorithm_for(isa), pick(fills_8), "{isa}");
             assert_eq!(shallow.auto_algorithm_for(isa), Algorithm::Auto, "{isa}");
             assert_eq!(wide.auto_algorithm_for(isa), pick(fills_16), "{isa}");
+            // 14²: a plane of more than a quarter as many pixels as the
+            // 512 channels, so the phases whatever the tile; 7²: as the
+            // tile's rows say.
+            assert_eq!(k3s2(14).auto_algorithm_for(isa), Algorithm::Auto, "{isa}");
+            let fills_7 = dense_rows_fill_the_tile(isa, 256, 7);
+            assert_eq!(k3s2(7).auto_algorithm_for(isa), pick(fills_7), "{isa}");
             if isa == Isa::Avx2 {
                 assert!(!fills_8 && fills_16);
+                assert_eq!(k3s2(7).auto_algorithm_for(isa), Algorithm::Im2col);
             }
         }
         assert_eq!(
