@@ -515,8 +515,8 @@ impl ConvTranspose2d {
     /// stride, no dilation or padding: each column lands on one output
     /// pixel and is scattered, no col2im; unet_up_k2s2 203–212 against
     /// 186–196 for the phases); otherwise the sub-pixel phases, each with
-    /// its own `Auto` choice (reported as `Auto`). Where every phase's
-    /// sub-kernel is above 1×1 they run on the dense tile, which needs no
+    /// its own `Auto` choice (reported as `Auto`). Where the largest
+    /// phase's sub-kernel is above 1×1 they run on the dense tile, which needs no
     /// columns: dcgan_b8 199–201 against 182 for GEMM + col2im in the same
     /// run (AVX-512). GEMM + col2im stays, though, where the phases' rows
     /// are too narrow for the path's dense tile to keep its FMAs busy
@@ -552,15 +552,15 @@ impl ConvTranspose2d {
     /// Whether the largest sub-pixel phase has a sub-kernel above 1×1 with
     /// at least 32 taps and at least 16 output channels a group, so that
     /// `Auto` runs the phases on the dense tile, whose weights a plan packs
-    /// once (a 1×1 phase beside larger ones, k3s2's, takes its own `Auto`:
-    /// Zen 3, AVX2, 1 thread, plans alternating call by call, best GFLOP/s,
-    /// GEMM + col2im against the phases, k3s2 p1 op1 from 256 to 128
-    /// channels on 14² 75 vs 82, a batch of 8 of them 74 vs 81, 512 → 256
-    /// on 14² 79 vs 82, 1024 → 256 on 28² 75 vs 83, 256 → 128 on 10² 80 vs
-    /// 82);
-    /// and, where the input plane has at most a quarter as many pixels as a
-    /// group has input channels, whether every phase's rows fill the tile
-    /// of `isa` (see [`ConvTranspose2d::auto_algorithm`]).
+    /// once; and, where the input plane has at most a quarter as many
+    /// pixels as a group has input channels, whether every phase's rows
+    /// fill the tile of `isa` (see [`ConvTranspose2d::auto_algorithm`]).
+    ///
+    /// A 1×1 phase beside larger ones (k3s2's) takes its own `Auto`. Zen 3,
+    /// AVX2, 1 thread, plans alternating call by call, best GFLOP/s, GEMM +
+    /// col2im against the phases, k3s2 p1 op1: 256 → 128 channels on 14²
+    /// 75 vs 82, a batch of 8 of them 74 vs 81, 512 → 256 on 14² 79 vs 82,
+    /// 1024 → 256 on 28² 75 vs 83, 256 → 128 on 10² 80 vs 82.
     fn phases_run_dense(&self, isa: Isa) -> bool {
         let tg = &self.tg;
         // The largest phase's sub-kernel: k3s2's phases are 2×2, 2×1, 1×2
