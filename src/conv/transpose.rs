@@ -4,7 +4,7 @@
 //! convolution's input gradient (see `phases.rs`), with bias and activation
 //! fused into the phases' stores.
 
-use super::direct_simd::dense_rows_fill_the_tile;
+use super::direct_simd::dense_one_row_fills_the_tile;
 use super::measure::{ChoiceSource, PlanChoice, PlanEffort};
 use super::phases::{transposed_forward, PlannedPhases, TransposedAxis, TransposedGeometry};
 use super::transposed_gemm::{
@@ -529,7 +529,12 @@ impl ConvTranspose2d {
     /// 71 vs 80 and on 8² 73 vs 85 (GEMM + col2im); 8 of 128 → 256 on 8² 77
     /// vs 67 and 64 → 64 71 vs 65 (too shallow: the tile), and 16-pixel
     /// phases, gan_up_k4s2 84 vs 80 and 8 of 128 → 64 on 16² 78 vs 77 (the
-    /// tile). (The input gradient keeps its own
+    /// tile). Those figures are from one-row tiles; since the tiles run
+    /// over up to three rows, which fills them on 8-pixel rows too, the
+    /// same comparison gave ties or GEMM + col2im still ahead (dcgan_b8
+    /// 84.4 vs 84.3, one image 85.3 vs 85.5, 8 of 512 → 256 on 8² 84.0 vs
+    /// 84.2 and on 4² 77 vs 85, k3s2 512 → 256 on 7² 69 vs 77), so the
+    /// rule still counts one row's tiles. (The input gradient keeps its own
     /// rule, `Conv2d::auto_input_gradient_algorithm`: packing per call, the
     /// two measured even on r50_deep.)
     pub fn auto_algorithm(&self) -> Algorithm {
@@ -572,8 +577,8 @@ impl ConvTranspose2d {
         dense && (!deep || self.phase_rows_fill_the_tile(isa))
     }
 
-    /// Whether the rows of every sub-pixel phase give the dense tile of
-    /// `isa` enough accumulators (`direct_simd::dense_rows_fill_the_tile`).
+    /// Whether a row of every sub-pixel phase alone gives the dense tile of
+    /// `isa` enough accumulators (`direct_simd::dense_one_row_fills_the_tile`).
     fn phase_rows_fill_the_tile(&self, isa: Isa) -> bool {
         let Ok(phases) = super::phases::phases(&self.tg) else {
             return false;
@@ -582,7 +587,7 @@ impl ConvTranspose2d {
         phases
             .iter()
             .filter_map(|p| p.conv.as_ref())
-            .all(|conv| dense_rows_fill_the_tile(isa, kg, conv.geometry().out_w))
+            .all(|conv| dense_one_row_fills_the_tile(isa, kg, conv.geometry().out_w))
     }
 
     /// As [`ConvTranspose2d::forward`], allocating and returning the output.
@@ -871,7 +876,7 @@ mod tests {
             // 512 channels, so the phases whatever the tile; 7²: as the
             // tile's rows say.
             assert_eq!(k3s2(14).auto_algorithm_for(isa), Algorithm::Auto, "{isa}");
-            let fills_7 = dense_rows_fill_the_tile(isa, 256, 7);
+            let fills_7 = dense_one_row_fills_the_tile(isa, 256, 7);
             assert_eq!(k3s2(7).auto_algorithm_for(isa), pick(fills_7), "{isa}");
             if isa == Isa::Avx2 {
                 assert!(!fills_8 && fills_16);
@@ -888,6 +893,6 @@ mod tests {
     /// `out_w` pixels of 128 channels (on 8 pixels AVX-512's 4 × 6 does,
     /// AVX2's 2 × 6 does not).
     fn fills(isa: Isa, out_w: usize) -> bool {
-        dense_rows_fill_the_tile(isa, 128, out_w)
+        dense_one_row_fills_the_tile(isa, 128, out_w)
     }
 }

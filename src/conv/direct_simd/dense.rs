@@ -5,12 +5,14 @@
 //!
 //! The idea is MLAS's NCHWc convolution kernel, without changing the
 //! caller's layout: a register tile is `F` vectors of `L` output channels
-//! (one block of `F·L` channels of a group) × `W` consecutive output pixels
-//! of one row. For each input channel and kernel tap it loads the block's
-//! `F` weight vectors (packed once, `[taps][F·L]`, so the loads stream
-//! through memory in order) and broadcasts the `W` input pixels that tap
-//! meets (`W` scalar loads at a constant stride from one pointer), so every
-//! weight vector feeds `W` FMAs and every broadcast `F`. Nothing is packed per
+//! (one block of `F·L` channels of a group) × `W` output pixels, `W / R`
+//! consecutive pixels of each of `R` consecutive rows (`R` from 1 to 3,
+//! [`tile_rows`]). For each input channel and kernel tap it loads the
+//! block's `F` weight vectors (packed once, `[taps][F·L]`, so the loads
+//! stream through memory in order) and broadcasts the `W` input pixels that
+//! tap meets (`W` scalar loads at constant offsets from one pointer and the
+//! input row pitch), so every weight vector feeds `W` FMAs and every
+//! broadcast `F`. Nothing is packed per
 //! call but a zero-padded copy of the input (a padded layer; an unpadded
 //! one is read in place), so the tap loop needs no bounds checks: the input
 //! position of tap `(c, r, s)` is a fixed offset from the tile's, read from
@@ -76,6 +78,20 @@
 //! exceed the two a cycle Zen 3 issues);
 //! chunking the taps so that a chunk's weights and input lines stay in L1
 //! (16 input channels): within noise.
+//!
+//! Tiles over several rows: rows of 7 or 14 pixels split into tiles of
+//! `4 + 3` or `5 + 5 + 4` on a tile up to 6 wide, so most tiles kept 6 to
+//! 10 accumulators of 12 and every tile streamed the block's weights once
+//! more. Three rows at a time they are tiles of 3 × 2 (`7 = 2 + 2 + 2 +
+//! 1`, `14` seven of 2): full tiles, a third fewer of them. Zen 3, AVX2,
+//! 1 thread, one plan with one-row tiles alternating with one with the
+//! rows of [`tile_rows`] call by call, best GFLOP/s, two runs: 512 → 512
+//! 3×3 on 7² 68.8 → 78.9 and 73.0 → 82.9, 256 → 256 on 7² 81.1 → 89.9
+//! and 81.6 → 90.1, 512 → 512 3×3/2 on 14² 75.4 → 86.4 and 66.7 → 77.3,
+//! batch16 83.6 → 87.3 and 87.3 → 88.9, r50_3x3_s2 84.5 → 87.4 and 89.5
+//! → 90.6; r50_deep 84.6 → 86.1 and 87.7 → 87.5, r50_3x3, r50_conv1 and
+//! 128 → 128 on 28² within ±1.5%. The sums are the same bits: each output
+//! still sums its taps in the same order.
 
 use super::{thread_count, Simd};
 use crate::arch::{clamp_isa, Isa};
@@ -140,6 +156,8 @@ struct Geo {
     chunk: usize,
     /// Output rows per band (the last band may be shorter).
     band: usize,
+    /// Output rows the tiles cover together ([`tile_rows`]).
+    unit_rows: usize,
     /// Parts the channel blocks of a band are split into among threads.
     block_parts: usize,
     /// Input rows of a band's padded copy: `(band − 1)·σh + (R − 1)·dh + 1`.
@@ -238,16 +256,20 @@ fn vectors_per_block(kg: usize, shape: DenseShape) -> usize {
 /// leaves the pipes waiting on the latency.
 const FMAS_IN_FLIGHT: usize = 8;
 
-/// Whether rows of `out_w` pixels give the dense tile of `isa` (clamped to
-/// the CPU), for `kg` output channels a group, more accumulators per tile
-/// on average than [`FMAS_IN_FLIGHT`]. AVX2's 2 × 6 tile splits an 8-pixel
-/// row into two tiles of 4 (8 accumulators) and a 7-pixel one into 4 + 3;
-/// AVX-512's 4 × 6 keeps 16 and more there.
-pub(crate) fn rows_fill_the_tile(isa: Isa, kg: usize, out_w: usize) -> bool {
+/// Whether one row of `out_w` pixels alone, in tiles one row high, gives
+/// the dense tile of `isa` (clamped to the CPU), for `kg` output channels a
+/// group, more accumulators per tile on average than [`FMAS_IN_FLIGHT`].
+/// AVX2's 2 × 6 tile splits an 8-pixel row into two tiles of 4 (8
+/// accumulators) and a 7-pixel one into 4 + 3; AVX-512's 4 × 6 keeps 16
+/// and more there. (The tiles run over up to three rows, [`tile_rows`],
+/// which fills them on such rows too; this measure stays what separates
+/// the transposed layers whose GEMM + col2im ties or wins, see
+/// `ConvTranspose2d::auto_algorithm`.)
+pub(crate) fn one_row_fills_the_tile(isa: Isa, kg: usize, out_w: usize) -> bool {
     rows_fill(shape_for(isa), kg, out_w)
 }
 
-/// [`rows_fill_the_tile`] for the tile `shape`.
+/// [`one_row_fills_the_tile`] for the tile `shape`.
 fn rows_fill(shape: DenseShape, kg: usize, out_w: usize) -> bool {
     let f = vectors_per_block(kg, shape);
     let widest = shape.widths.get(f.wrapping_sub(1)).copied().unwrap_or(1);
@@ -255,14 +277,35 @@ fn rows_fill(shape: DenseShape, kg: usize, out_w: usize) -> bool {
     f.saturating_mul(out_w) > FMAS_IN_FLIGHT.saturating_mul(tiles)
 }
 
-/// Row tile widths: `out_w` split into `⌈out_w / widest⌉` tiles whose widths
-/// differ by at most one.
+/// Tile widths along a row: `out_w` split into `⌈out_w / widest⌉` tiles
+/// whose widths differ by at most one (`widest` is the tile's pixels a row).
 fn tile_widths(out_w: usize, widest: usize) -> impl Iterator<Item = usize> {
     let tiles = out_w.div_ceil(widest.max(1));
     let (base, extra) = out_w
         .checked_div(tiles)
         .map_or((0, 0), |base| (base, out_w % tiles));
     (0..tiles).map(move |t| base + usize::from(t < extra))
+}
+
+/// The most output rows a tile covers.
+const MAX_TILE_ROWS: usize = 3;
+
+/// Output rows each tile covers, for rows of `out_w` pixels, tiles up to
+/// `widest` pixels and `out_h` rows: the count (up to [`MAX_TILE_ROWS`])
+/// whose tiles hold the most pixels on average, the fewest rows on a tie.
+/// A tile of `R` rows takes `widest / R` pixels of each: for `widest = 6`,
+/// a 14-pixel row is `5 + 5 + 4` (4⅔ a tile), two rows `3 + 3 + 3 + 3 +
+/// 2` (5⅗), three rows seven tiles of 2 (6).
+fn tile_rows(out_w: usize, widest: usize, out_h: usize) -> usize {
+    (1..=MAX_TILE_ROWS.min(out_h.max(1)))
+        .filter(|&r| widest / r > 0)
+        .max_by(|&a, &b| {
+            // pixels a tile: r·out_w / ⌈out_w / (widest / r)⌉, compared
+            // without division; fewer rows win a tie.
+            let (ta, tb) = (out_w.div_ceil(widest / a), out_w.div_ceil(widest / b));
+            (a * tb).cmp(&(b * ta)).then(b.cmp(&a))
+        })
+        .unwrap_or(1)
 }
 
 /// Taps per chunk for `cg` input channels of `window` taps each and blocks
@@ -546,7 +589,6 @@ impl DensePrepared {
         let padded = p.top + p.bottom + p.left + p.right > 0;
         let window = g.kernel_h * g.kernel_w;
         let max_block = shape.widths.len() * shape.lanes;
-        let chunk = chunk_taps(g.channels_per_group(), window, max_block, l2);
         let f = vectors_per_block(g.out_channels_per_group(), shape);
         let blocks = g.out_channels_per_group().div_ceil(f * shape.lanes);
         // The threads of one image share its channel blocks where there are
@@ -571,11 +613,14 @@ impl DensePrepared {
         );
         // Within the padded image, which the check above bounds.
         let band_rows = ((band - 1) * g.stride_h + window_rows).min(hp);
+        let widest = shape.widths[f - 1];
+        let unit_rows = tile_rows(g.out_w, widest, g.out_h);
         let cs = if padded {
             band_rows * wp
         } else {
             g.in_h * g.in_w
         };
+        let chunk = chunk_taps(g.channels_per_group(), window, max_block, l2);
         let geo = Geo {
             batch: g.batch,
             groups: g.groups,
@@ -595,6 +640,7 @@ impl DensePrepared {
             taps: g.channels_per_group() * window,
             chunk,
             band,
+            unit_rows,
             block_parts,
             band_rows,
             cs,
@@ -697,14 +743,20 @@ impl DensePrepared {
         self.geo.batch * self.geo.bands() * self.geo.block_parts
     }
 
-    /// Row buffers a task keeps: one, or with chunked taps one per row of a
-    /// band (each row's sums wait there for the next chunk).
+    /// Row buffers a task keeps: one per row of a unit, or with chunked
+    /// taps one per row of a band (each row's sums wait there for the next
+    /// chunk).
     fn row_buffers(&self) -> usize {
-        if self.geo.chunk < self.geo.taps {
+        if self.chunked() {
             self.geo.band
         } else {
-            1
+            self.geo.unit_rows
         }
+    }
+
+    /// Whether the taps run in several chunks.
+    fn chunked(&self) -> bool {
+        self.geo.chunk < self.geo.taps
     }
 
     /// Floats of scratch a call on `threads` threads needs: per thread, the
@@ -891,7 +943,7 @@ impl DensePrepared {
         };
         let row_len = self.row_buffer_len();
         debug_assert!(bufs.len() >= self.row_buffers() * row_len);
-        let chunked = self.row_buffers() > 1;
+        let chunked = self.chunked();
         for u in units {
             let (nb, part) = (u / geo.block_parts, u % geo.block_parts);
             let (n, b) = (nb / geo.bands(), nb % geo.bands());
@@ -930,7 +982,7 @@ impl DensePrepared {
                 };
                 for t0 in (0..geo.taps).step_by(geo.chunk) {
                     let t1 = (t0 + geo.chunk).min(geo.taps);
-                    for oh in oh0..oh1 {
+                    for oh in (oh0..oh1).step_by(geo.unit_rows) {
                         let x = &src[group * group_in + (oh * geo.stride_h - first_row) * geo.wp..];
                         let buf = if chunked { (oh - oh0) * row_len } else { 0 };
                         let row = DenseRow {
@@ -938,8 +990,11 @@ impl DensePrepared {
                             offsets: &self.offsets[t0..t1],
                             weights: weights[t0 * block..].as_ptr(),
                             stride_w: geo.stride_w,
+                            rows: geo.unit_rows.min(oh1 - oh),
+                            row_pitch: geo.stride_h * geo.wp,
                             out_w: geo.out_w,
-                            buf: bufs[buf..][..row_len].as_mut_ptr(),
+                            buf: bufs[buf..].as_mut_ptr(),
+                            buf_pitch: row_len,
                             accumulate: t0 > 0,
                             store: t1 == geo.taps,
                             // Image n, channel `first`, row `oh`: inside the output.
@@ -1031,9 +1086,16 @@ pub(super) struct DenseRow<'a> {
     /// The block's packed weights: `taps` steps of `F·L`.
     weights: *const f32,
     stride_w: usize,
+    /// Output rows of this unit (1 to [`MAX_TILE_ROWS`]), each tile covering
+    /// the same pixels of each.
+    rows: usize,
+    /// Input floats from one of the unit's rows to the next.
+    row_pitch: usize,
     out_w: usize,
-    /// `⌈out_w / L⌉·L` pixels of `F·L` channels.
+    /// `rows` row buffers, `buf_pitch` floats apart, each `⌈out_w / L⌉·L`
+    /// pixels of `F·L` channels.
     buf: *mut f32,
+    buf_pitch: usize,
     /// Add to the sums in `buf` (a later chunk of taps) rather than start
     /// from zero.
     accumulate: bool,
@@ -1087,7 +1149,8 @@ pub(super) unsafe fn dense_row<S: Simd, const F: usize, const P: usize>(s: S, ro
     const { assert!(P <= MAX_WIDTH, "the widths! list below stops at MAX_WIDTH") };
     let block = F * S::LANES;
     let mut ow0 = 0;
-    for width in tile_widths(row.out_w, P) {
+    let widest = P / row.rows;
+    for width in tile_widths(row.out_w, widest) {
         // SAFETY: pixels ow0..ow0 + width are inside the row (contract), the
         // buffer holds them.
         unsafe {
@@ -1099,49 +1162,77 @@ pub(super) unsafe fn dense_row<S: Simd, const F: usize, const P: usize>(s: S, ro
             macro_rules! widths {
                 ($sw:literal; $($w:literal)*) => {
                     match width {
-                        $($w if $w <= P => tile::<S, F, $w, $sw>(s, x, row, buf),)*
+                        $($w if $w <= P => tile::<S, F, $w, $sw, 1>(s, x, row, buf),)*
                         _ => unreachable!("tile width {width} above {P}"),
                     }
                 };
             }
-            match row.stride_w {
-                1 => widths!(1; 1 2 3 4 5 6 7 8 9 10 11 12),
-                2 => widths!(2; 1 2 3 4 5 6 7 8 9 10 11 12),
-                _ => widths!(0; 1 2 3 4 5 6 7 8 9 10 11 12),
+            macro_rules! tall {
+                ($r:literal, $sw:literal; $($w:literal $wr:literal)*) => {
+                    match width {
+                        $($w if $wr <= P => tile::<S, F, $wr, $sw, $r>(s, x, row, buf),)*
+                        _ => unreachable!("tile width {width} above {P} / {}", $r),
+                    }
+                };
+            }
+            match (row.rows, row.stride_w) {
+                (1, 1) => widths!(1; 1 2 3 4 5 6 7 8 9 10 11 12),
+                (1, 2) => widths!(2; 1 2 3 4 5 6 7 8 9 10 11 12),
+                (1, _) => widths!(0; 1 2 3 4 5 6 7 8 9 10 11 12),
+                (2, 1) => tall!(2, 1; 1 2 2 4 3 6 4 8 5 10 6 12),
+                (2, 2) => tall!(2, 2; 1 2 2 4 3 6 4 8 5 10 6 12),
+                (2, _) => tall!(2, 0; 1 2 2 4 3 6 4 8 5 10 6 12),
+                (_, 1) => tall!(3, 1; 1 3 2 6 3 9 4 12),
+                (_, 2) => tall!(3, 2; 1 3 2 6 3 9 4 12),
+                _ => tall!(3, 0; 1 3 2 6 3 9 4 12),
             }
         }
         ow0 += width;
     }
     if row.store {
-        // SAFETY: forwarded contract.
-        unsafe { store_row::<S, F>(s, row) };
+        for r in 0..row.rows {
+            // SAFETY: forwarded contract: row r's buffer and output row.
+            unsafe {
+                store_row::<S, F>(
+                    s,
+                    row,
+                    row.buf.add(r * row.buf_pitch),
+                    row.out.add(r * row.out_w),
+                )
+            };
+        }
     }
 }
 
-/// One tile: `F` channel vectors × `W` pixels, over every tap; `SW` is the
-/// horizontal stride when it is 1 or 2, and 0 for any other (`stride_w`).
+/// One tile: `F` channel vectors × `W` pixels, `W / R` of each of the
+/// unit's `R` rows, over every tap; `SW` is the horizontal stride when it
+/// is 1 or 2, and 0 for any other (`stride_w`).
 ///
 /// The loops index the accumulators by pixel and vector so that the tile
 /// stays a fixed grid of registers.
 ///
 /// # Safety
-/// As [`dense_row`], for pixels `0..W` from `x`.
+/// As [`dense_row`], for pixels `0..W / R` from `x` of each row.
 #[inline(always)]
 #[allow(clippy::needless_range_loop)]
-unsafe fn tile<S: Simd, const F: usize, const W: usize, const SW: usize>(
+unsafe fn tile<S: Simd, const F: usize, const W: usize, const SW: usize, const R: usize>(
     s: S,
     x: *const f32,
     row: &DenseRow<'_>,
     buf: *mut f32,
 ) {
     let lanes = S::LANES;
+    let cols = W / R;
     let stride_w = if SW == 0 { row.stride_w } else { SW };
+    let pitch = row.row_pitch;
+    // Pixel j's place in the buffer: its row's, then its column's.
+    let at = |j: usize| (j / cols) * row.buf_pitch + (j % cols) * F * lanes;
     let mut acc = [[s.zero(); W]; F];
     if row.accumulate {
         for j in 0..W {
             for f in 0..F {
                 // SAFETY: the buffer holds pixel j's F·L channels (contract).
-                acc[f][j] = unsafe { s.load(buf.add((j * F + f) * lanes)) };
+                acc[f][j] = unsafe { s.load(buf.add(at(j) + f * lanes)) };
             }
         }
     }
@@ -1160,7 +1251,14 @@ unsafe fn tile<S: Simd, const F: usize, const W: usize, const SW: usize>(
         // hold a step for each (contract).
         unsafe {
             for (t, &off) in step.iter().enumerate() {
-                tap::<S, F, W>(s, &mut acc, x.offset(off), stride_w, w.add(t * F * lanes));
+                tap::<S, F, W, R>(
+                    s,
+                    &mut acc,
+                    x.offset(off),
+                    stride_w,
+                    pitch,
+                    w.add(t * F * lanes),
+                );
             }
             w = w.add(per_step * F * lanes);
         }
@@ -1168,33 +1266,36 @@ unsafe fn tile<S: Simd, const F: usize, const W: usize, const SW: usize>(
     for &off in rest {
         // SAFETY: as above, for one tap.
         unsafe {
-            tap::<S, F, W>(s, &mut acc, x.offset(off), stride_w, w);
+            tap::<S, F, W, R>(s, &mut acc, x.offset(off), stride_w, pitch, w);
             w = w.add(F * lanes);
         }
     }
     for (j, _) in acc[0].iter().enumerate() {
         for (f, vecs) in acc.iter().enumerate() {
             // SAFETY: the buffer holds pixel j's F·L channels.
-            unsafe { s.store(buf.add((j * F + f) * lanes), vecs[j], lanes) };
+            unsafe { s.store(buf.add(at(j) + f * lanes), vecs[j], lanes) };
         }
     }
 }
 
 /// One tap of a tile: the step's `F` weight vectors at `w`, times the `W`
-/// pixels from `xp` (`stride_w` apart), into the accumulators.
+/// pixels, `W / R` from each of `R` rows (`pitch` apart) from `xp`,
+/// `stride_w` apart, into the accumulators.
 ///
 /// # Safety
 /// `w[0..F·L]` and the `W` pixels are readable.
 #[inline(always)]
 #[allow(clippy::needless_range_loop)]
-unsafe fn tap<S: Simd, const F: usize, const W: usize>(
+unsafe fn tap<S: Simd, const F: usize, const W: usize, const R: usize>(
     s: S,
     acc: &mut [[S::V; W]; F],
     xp: *const f32,
     stride_w: usize,
+    pitch: usize,
     w: *const f32,
 ) {
     let lanes = S::LANES;
+    let cols = W / R;
     let mut wv = [s.zero(); F];
     // SAFETY: within the step and the pixels (contract).
     unsafe {
@@ -1202,7 +1303,7 @@ unsafe fn tap<S: Simd, const F: usize, const W: usize>(
             *v = s.load(w.add(f * lanes));
         }
         for j in 0..W {
-            let b = s.splat(*xp.add(j * stride_w));
+            let b = s.splat(*xp.add((j / cols) * pitch + (j % cols) * stride_w));
             for f in 0..F {
                 acc[f][j] = s.fma(wv[f], b, acc[f][j]);
             }
@@ -1216,7 +1317,12 @@ unsafe fn tap<S: Simd, const F: usize, const W: usize>(
 /// # Safety
 /// As [`dense_row`].
 #[inline(always)]
-unsafe fn store_row<S: Simd, const F: usize>(s: S, row: &DenseRow<'_>) {
+unsafe fn store_row<S: Simd, const F: usize>(
+    s: S,
+    row: &DenseRow<'_>,
+    buf: *const f32,
+    out: *mut f32,
+) {
     const MAX_LANES: usize = 16;
     let lanes = S::LANES;
     debug_assert!(lanes <= MAX_LANES);
@@ -1229,7 +1335,7 @@ unsafe fn store_row<S: Simd, const F: usize>(s: S, row: &DenseRow<'_>) {
             let n = lanes.min(row.out_w - ow0);
             // SAFETY: the buffer holds whole vectors of pixels, and channels
             // k0..k0 + L lie within the block (contract).
-            unsafe { s.load_transposed(row.buf.add(ow0 * block + k0), block, &mut t[..lanes]) };
+            unsafe { s.load_transposed(buf.add(ow0 * block + k0), block, &mut t[..lanes]) };
             for (l, &v) in t[..lanes].iter().enumerate().take(row.channels - k0) {
                 let k = k0 + l;
                 let mut v = v;
@@ -1240,7 +1346,7 @@ unsafe fn store_row<S: Simd, const F: usize>(s: S, row: &DenseRow<'_>) {
                     v = s.clamp(v, lo, hi);
                 }
                 // SAFETY: output row k has out_w floats from ow0 (contract).
-                unsafe { s.store(row.out.add(k * row.out_plane + ow0), v, n) };
+                unsafe { s.store(out.add(k * row.out_plane + ow0), v, n) };
             }
             ow0 += lanes;
         }
@@ -1281,6 +1387,74 @@ mod tests {
                 "avx512, {out_w} pixels"
             );
         }
+    }
+
+    #[test]
+    fn tiles_cover_the_rows_that_fill_them_most() {
+        // A tile up to 6 wide (AVX2's two vectors, AVX-512's four): a row of
+        // 14 is 5 + 5 + 4, three rows seven tiles of 2; of 7, 4 + 3 against
+        // 2 + 2 + 2 + 1 three rows high; 12 is two full tiles already.
+        assert_eq!(tile_rows(14, 6, 14), 3);
+        assert_eq!(tile_rows(7, 6, 7), 3);
+        assert_eq!(tile_rows(56, 6, 56), 3);
+        assert_eq!(tile_rows(12, 6, 12), 1);
+        // Two rows (3 + 3 + 3 + 3 + 2) where the plane has only two.
+        assert_eq!(tile_rows(14, 6, 2), 2);
+        assert_eq!(tile_rows(14, 6, 1), 1);
+        // Up to 8 wide (AVX-512's two or three vectors): 7 and 8 fill one
+        // tile a row, which two rows (4 + 4) only tie.
+        assert_eq!(tile_rows(8, 8, 8), 1);
+        assert_eq!(tile_rows(7, 8, 7), 1);
+        // Up to 12 wide (one vector): 14 is 7 + 7, three rows 4 + 4 + 3 + 3.
+        assert_eq!(tile_rows(14, 12, 14), 3);
+        // A tile one pixel wide, an empty row.
+        assert_eq!(tile_rows(5, 1, 5), 1);
+        assert_eq!(tile_rows(0, 6, 3), 1);
+    }
+
+    /// Tiles over two and three rows give the reference's values on every
+    /// ISA, for rows of every width class a tile splits them into, planes
+    /// whose rows leave every remainder of the tile's rows, strides 1 to 3
+    /// (the last with the stride in a register), one block or several, on
+    /// one and two threads and with chunked taps.
+    #[test]
+    fn tiles_over_several_rows_match_the_reference() {
+        use crate::geometry::Padding;
+        use crate::Conv2dParams;
+        let mut tall = 0;
+        let mut seed = 777u32;
+        for stride in 1..=3 {
+            for out_w in [1, 2, 3, 4, 5, 7, 8, 13, 14] {
+                for out_h in 1..=7 {
+                    seed += 1;
+                    let side = |out: usize| (out - 1) * stride + 1;
+                    let k = if seed.is_multiple_of(2) { 16 } else { 40 };
+                    let params = Conv2dParams::new(1, 3, (side(out_h), side(out_w)), k, (3, 3))
+                        .stride(stride, stride)
+                        .padding(Padding::symmetric(1, 1));
+                    let Case { g, x, w, b, want } = case(params, seed, Activation::None);
+                    assert_eq!((g.out_h, g.out_w), (out_h, out_w));
+                    for isa in Isa::ALL.into_iter().filter(|&i| clamp_isa(i) == i) {
+                        for (threads, chunked) in [(1, false), (2, false), (1, true)] {
+                            let mut p = DensePrepared::new(&g, &w, Activation::None, isa, threads)
+                                .unwrap()
+                                .unwrap();
+                            let widest = shape_for(isa).widths[p.f - 1];
+                            assert_eq!(p.geo.unit_rows, tile_rows(out_w, widest, out_h));
+                            tall += usize::from(p.geo.unit_rows > 1);
+                            if chunked {
+                                p.geo.chunk = 9;
+                            }
+                            let mut got = vec![f32::NAN; g.output_len()];
+                            p.run(&x, Some(&b), &mut got, Parallelism::threads(threads), None)
+                                .unwrap();
+                            assert_matches(&got, &want, &(params, isa, threads, chunked));
+                        }
+                    }
+                }
+            }
+        }
+        assert!(tall > 100, "only {tall} runs had tiles over several rows");
     }
 
     #[test]

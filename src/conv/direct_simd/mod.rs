@@ -84,9 +84,9 @@ mod three;
 
 pub(crate) use backward::backward_weight;
 pub(crate) use dense::{
-    flattens as dense_flattens, outgrows_gemm_tile as dense_outgrows_gemm_tile,
-    repays_packing_per_call as dense_repays_packing_per_call,
-    rows_fill_the_tile as dense_rows_fill_the_tile, weight_filler as dense_weight_filler,
+    flattens as dense_flattens, one_row_fills_the_tile as dense_one_row_fills_the_tile,
+    outgrows_gemm_tile as dense_outgrows_gemm_tile,
+    repays_packing_per_call as dense_repays_packing_per_call, weight_filler as dense_weight_filler,
     DensePrepared,
 };
 use general::run_general;
