@@ -151,8 +151,8 @@ struct Geo {
     /// Taps per output channel: `cg·R·S`.
     taps: usize,
     /// Taps per chunk of whole input channels: a block's weights for one
-    /// chunk stay in L2 while every row of a band sweeps them
-    /// (`taps` when they all fit: no chunking).
+    /// chunk and the chunk's band rows stay in L2 while every row of a band
+    /// sweeps them ([`chunk_taps`]; `taps` when they all fit: no chunking).
     chunk: usize,
     /// Output rows per band (the last band may be shorter).
     band: usize,
@@ -308,16 +308,31 @@ fn tile_rows(out_w: usize, widest: usize, out_h: usize) -> usize {
         .unwrap_or(1)
 }
 
-/// Taps per chunk for `cg` input channels of `window` taps each and blocks
-/// of up to `max_block` channels: whole input channels, in as few chunks of
-/// near-equal size as keep one block's weights for a chunk within three
-/// quarters of L2 (one chunk when they fit). Beyond that the weights would
-/// be fetched from L3 again for every few pixels: 512 → 512 3×3 on 7×7
-/// (1.2 MB a block) ran at 171 GFLOP/s unchunked (Zen 5, 1 thread,
-/// AVX-512), while 256 → 256 (0.6 MB) ran at 250.
-fn chunk_taps(cg: usize, window: usize, max_block: usize, l2: usize) -> usize {
-    let per_channel = window.saturating_mul(max_block).saturating_mul(4).max(1);
-    let budget = (l2 / 4 * 3).max(1);
+/// Taps per chunk for `cg` input channels of `window` taps each, blocks of
+/// up to `max_block` channels and `band_channel` bytes of one input
+/// channel's band rows: whole input channels, in as few chunks of
+/// near-equal size as keep what the tiles of one block and chunk sweep
+/// over a band (the chunk's weights, which every tile streams, and its
+/// channels' band rows, which neighbouring tiles share) within half of L2
+/// (one chunk when it all fits). Counting the weights alone (within three
+/// quarters of L2) left r50_deep's 147 KiB of a block's weights beside
+/// 256 KiB of band rows in Zen 3's 512 KiB L2. Zen 3, AVX2, 1 thread, one
+/// plan with each rule alternating call by call, best GFLOP/s, two runs:
+/// r50_deep 84.6 → 94.4 and 86.0 → 94.1 (two chunks of 128 channels),
+/// r50_3x3 91.6 → 94.4 and 91.9 → 95.0, 512 → 512 3×3 on 14² 80.3 → 83.2
+/// and 92.1 → 93.9; r50_conv1, r50_3x3_s2, batch16, 128 → 128 on 28², 256
+/// and 512 → 512 on 7², 1024 → 1024 on 7² within ±1.5%. A budget of 3/8
+/// or 3/4 of L2 ran as a half within ±1% (r50_3x3 −2.5% at 3/4). Before,
+/// the weights alone: 512 → 512 3×3 on 7×7 (1.2 MB a block) ran at 171
+/// GFLOP/s unchunked (Zen 5, 1 thread, AVX-512), while 256 → 256 (0.6 MB)
+/// ran at 250.
+fn chunk_taps(cg: usize, window: usize, max_block: usize, band_channel: usize, l2: usize) -> usize {
+    let per_channel = window
+        .saturating_mul(max_block)
+        .saturating_mul(4)
+        .saturating_add(band_channel)
+        .max(1);
+    let budget = (l2 / 2).max(1);
     let chunks = cg
         .saturating_mul(per_channel)
         .div_ceil(budget)
@@ -620,7 +635,8 @@ impl DensePrepared {
         } else {
             g.in_h * g.in_w
         };
-        let chunk = chunk_taps(g.channels_per_group(), window, max_block, l2);
+        let band_channel = band_rows * wp * std::mem::size_of::<f32>();
+        let chunk = chunk_taps(g.channels_per_group(), window, max_block, band_channel, l2);
         let geo = Geo {
             batch: g.batch,
             groups: g.groups,
@@ -1792,14 +1808,21 @@ mod tests {
 
     #[test]
     fn chunks_keep_a_block_of_weights_in_l2() {
-        // 3×3 taps of 64 channels: 2304 bytes an input channel.
-        assert_eq!(chunk_taps(256, 9, 64, 1 << 20), 256 * 9);
-        assert_eq!(chunk_taps(512, 9, 64, 1 << 20), 256 * 9);
-        assert_eq!(chunk_taps(512, 9, 64, 512 << 10), 171 * 9);
-        assert_eq!(chunk_taps(2048, 9, 64, 1 << 20), 342 * 9);
+        // r50_deep on AVX2 (16 channels a block: 576 bytes of 3×3 weights an
+        // input channel, and 16 band rows of 16 floats): 410 KB, two chunks
+        // on a 512 KiB L2 and one on 1 MiB.
+        assert_eq!(chunk_taps(256, 9, 16, 1024, 512 << 10), 128 * 9);
+        assert_eq!(chunk_taps(256, 9, 16, 1024, 1 << 20), 256 * 9);
+        // AVX-512's 64 channels a block: 2304 bytes of weights a channel.
+        assert_eq!(chunk_taps(256, 9, 64, 1024, 1 << 20), 128 * 9);
+        assert_eq!(chunk_taps(2048, 9, 64, 0, 1 << 20), 228 * 9);
+        // The band's rows count as much as the weights.
+        assert_eq!(chunk_taps(64, 9, 16, 3712, 512 << 10), 32 * 9);
+        assert_eq!(chunk_taps(64, 9, 16, 0, 512 << 10), 64 * 9);
         // Never less than one channel, never more than there are.
-        assert_eq!(chunk_taps(4, 49, 64, 1 << 10), 49);
-        assert_eq!(chunk_taps(3, 49, 64, 1 << 30), 3 * 49);
-        assert_eq!(chunk_taps(0, 9, 64, 1 << 20), 9);
+        assert_eq!(chunk_taps(4, 49, 64, 0, 1 << 10), 49);
+        assert_eq!(chunk_taps(64, 9, 16, 1 << 20, 512 << 10), 9);
+        assert_eq!(chunk_taps(3, 49, 64, 0, 1 << 30), 3 * 49);
+        assert_eq!(chunk_taps(0, 9, 64, 0, 1 << 20), 9);
     }
 }
