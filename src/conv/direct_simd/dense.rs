@@ -448,10 +448,11 @@ fn flattened(g: &ConvGeometry) -> ConvGeometry {
     }
 }
 
-/// Output rows per band: as many as keep a band's padded input within half
-/// of L2 (it is read once per channel block, so it should stay there), and
-/// few enough that `threads` threads each get the same number of bands of a
-/// batch this small.
+/// Output rows per band: as many as keep a band's padded input within
+/// `budget` bytes (half of L2, so that it stays there while each channel
+/// block reads it, or unbounded where [`one_band_repays`]), and few enough
+/// that `threads` threads each get the same number of bands of a batch
+/// this small.
 fn band_height(
     out_h: usize,
     batch: usize,
@@ -459,9 +460,9 @@ fn band_height(
     window_rows: usize,
     stride_h: usize,
     threads: usize,
-    l2: usize,
+    budget: usize,
 ) -> usize {
-    let fit_rows = (l2 / 2) / input_row_bytes.max(1);
+    let fit_rows = budget / input_row_bytes.max(1);
     let by_cache = fit_rows
         .checked_sub(window_rows)
         .map_or(1, |spare| spare / stride_h.max(1) + 1);
@@ -471,6 +472,21 @@ fn band_height(
     let bands = out_h.div_ceil(by_cache).max(per_image);
     let bands = bands.div_ceil(per_image) * per_image;
     out_h.div_ceil(bands.min(out_h.max(1))).max(1)
+}
+
+/// Whether one band an image beats the `bands` that fit half of L2: every
+/// band past the first reads all `weight_bytes` of packed weights again
+/// (from L3, or beyond it from memory), where one band too large for L2
+/// reads the padded image (`input_bytes`) from L3 once per channel block
+/// of a group (`blocks`). Zen 3, AVX2, 1 thread, one plan per rule
+/// alternating call by call, best GFLOP/s: 1024 → 1024 3×3 on 7² (38 MB
+/// of weights, two bands) 64.2 → 74.8 (Implicit, which Auto does not
+/// pick there, 70.8), 512 → 512 on 14² (9.4 MB, three bands) 82.0 →
+/// 91.8; where the weights are small one band lost: r50_3x3 93.2 → 91.6,
+/// r50_3x3_s2 87.2 → 82.2, r50_conv1 87.1 → 82.9 (this rule keeps their
+/// bands).
+fn one_band_repays(weight_bytes: usize, bands: usize, input_bytes: usize, blocks: usize) -> bool {
+    weight_bytes.saturating_mul(bands.saturating_sub(1)) > input_bytes.saturating_mul(blocks)
 }
 
 impl DensePrepared {
@@ -617,14 +633,23 @@ impl DensePrepared {
         } else {
             1
         };
+        let row_bytes = g.in_channels.saturating_mul(wp).saturating_mul(4);
+        let fit = band_height(g.out_h, 1, row_bytes, window_rows, g.stride_h, 1, l2 / 2);
+        let weight_bytes = g.weight_len().saturating_mul(4);
+        let whole = one_band_repays(
+            weight_bytes,
+            g.out_h.div_ceil(fit),
+            row_bytes.saturating_mul(hp),
+            blocks,
+        );
         let band = band_height(
             g.out_h,
             g.batch,
-            g.in_channels.saturating_mul(wp).saturating_mul(4),
+            row_bytes,
             window_rows,
             g.stride_h,
             if block_parts > 1 { 1 } else { threads },
-            l2,
+            if whole { usize::MAX } else { l2 / 2 },
         );
         // Within the padded image, which the check above bounds.
         let band_rows = ((band - 1) * g.stride_h + window_rows).min(hp);
@@ -1499,18 +1524,21 @@ mod tests {
         // 128 channels of 58 padded floats: 29 KiB a row; 17 rows fit half
         // of 1 MiB, which is 8 output rows at stride 2 with a 3-row window.
         let row = 128 * 58 * 4;
-        assert_eq!(band_height(28, 1, row, 3, 2, 1, 1 << 20), 7);
-        assert_eq!(band_height(28, 1, row, 3, 2, 2, 1 << 20), 7);
+        assert_eq!(band_height(28, 1, row, 3, 2, 1, 1 << 19), 7);
+        assert_eq!(band_height(28, 1, row, 3, 2, 2, 1 << 19), 7);
         // Small input rows: one band a picture, unless threads need more.
-        assert_eq!(band_height(56, 1, 1024, 3, 1, 1, 1 << 20), 56);
-        assert_eq!(band_height(56, 1, 1024, 3, 1, 2, 1 << 20), 28);
-        assert_eq!(band_height(56, 4, 1024, 3, 1, 2, 1 << 20), 56);
-        assert_eq!(band_height(14, 1, 1024, 3, 1, 16, 1 << 20), 1);
+        assert_eq!(band_height(56, 1, 1024, 3, 1, 1, 1 << 19), 56);
+        assert_eq!(band_height(56, 1, 1024, 3, 1, 2, 1 << 19), 28);
+        assert_eq!(band_height(56, 4, 1024, 3, 1, 2, 1 << 19), 56);
+        assert_eq!(band_height(14, 1, 1024, 3, 1, 16, 1 << 19), 1);
         // A row larger than the cache: one output row a band.
-        assert_eq!(band_height(10, 1, 1 << 30, 3, 1, 1, 1 << 20), 1);
+        assert_eq!(band_height(10, 1, 1 << 30, 3, 1, 1, 1 << 19), 1);
+        // An unbounded budget: one band, unless threads need more.
+        assert_eq!(band_height(7, 1, 1 << 20, 3, 1, 1, usize::MAX), 7);
+        assert_eq!(band_height(14, 1, 1 << 20, 3, 1, 2, usize::MAX), 7);
         for out_h in 1..40 {
             for threads in 1..5 {
-                let band = band_height(out_h, 1, 4096, 5, 1, threads, 64 << 10);
+                let band = band_height(out_h, 1, 4096, 5, 1, threads, 32 << 10);
                 // No taller than one thread's even share, rounded up.
                 let share = out_h.div_ceil(threads);
                 assert!(
@@ -1519,6 +1547,23 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn one_band_where_the_weights_outweigh_the_input() {
+        let kib = 1 << 10;
+        // 1024 → 1024 3×3 on 7² (AVX2 blocks of 16: 64 a group): 36 MiB of
+        // weights read twice against 9 rows of 36 KiB read by 64 blocks.
+        assert!(one_band_repays(36 * kib * kib, 2, 9 * 36 * kib, 64));
+        // 512 → 512 on 14², three bands: 9 MiB twice more against 16 rows
+        // of 32 KiB read by 32 blocks.
+        assert!(one_band_repays(9 * kib * kib, 3, 16 * 32 * kib, 32));
+        // r50_3x3 (144 KiB of weights, four bands) and r50_3x3_s2 (576
+        // KiB, ten bands, 58 rows of 29 KiB, 8 blocks) keep their bands.
+        assert!(!one_band_repays(144 * kib, 4, 58 * 14 * kib, 4));
+        assert!(!one_band_repays(576 * kib, 10, 58 * 29 * kib, 8));
+        // A band that fits: nothing to repay.
+        assert!(!one_band_repays(usize::MAX, 1, 1, 1));
     }
 
     #[test]
