@@ -1048,14 +1048,16 @@ impl DensePrepared {
                             clamp: self.clamp,
                         };
                         // SAFETY: the ISA was clamped to the CPU; every tap of
-                        // the row reads inside `src` (a tap's input row is at
-                        // most (R − 1)·dh below the row's first, which the
-                        // band copy or the image holds, and every output's
-                        // window lies inside the padded row); the weights
-                        // hold the chunk's steps of the block, the buffer the
-                        // row rounded up to whole vectors (holding the earlier
-                        // chunks' sums when accumulating), and the output rows
-                        // are this task's (contract).
+                        // the unit's rows (all within this band) reads inside
+                        // `src` (a tap's input row is at most (R − 1)·dh below
+                        // its output row's first, which the band copy or the
+                        // image holds, and every output's window lies inside
+                        // the padded row); the weights hold the chunk's steps
+                        // of the block, the buffers one per row of the unit,
+                        // `row_len` apart, each the row rounded up to whole
+                        // vectors (holding the earlier chunks' sums when
+                        // accumulating), and the output rows are this task's
+                        // (contract).
                         unsafe { self.dispatch(&row) };
                     }
                 }
@@ -1063,7 +1065,7 @@ impl DensePrepared {
         }
     }
 
-    /// Runs one row on this plan's ISA and `F`.
+    /// Runs one unit of rows on this plan's ISA and `F`.
     ///
     /// # Safety
     /// As [`dense_row`], and the CPU supports `self.isa`.
@@ -1151,7 +1153,8 @@ pub(super) struct DenseRow<'a> {
     clamp: Option<(f32, f32)>,
 }
 
-/// Runs a row with the widest tile of each `F` an ISA gives (`P1..P4`).
+/// Runs a unit of rows with the widest tile of each `F` an ISA gives
+/// (`P1..P4`).
 ///
 /// # Safety
 /// As [`DenseRows::dense_row`]; `f` is 1 to 4 and within the ISA's table.
@@ -1177,14 +1180,16 @@ pub(super) unsafe fn run_row<
     }
 }
 
-/// Every tile of one row, then the row's store.
+/// Every tile of one unit of `rows` output rows, then each row's store.
 ///
 /// # Safety
-/// Every input position `x + offsets[t] + (ow·stride_w)` for `ow < out_w`
-/// is readable; `weights` holds `offsets.len()` steps of `F·L` floats;
-/// `buf` holds [`DensePrepared::row_buffer_len`] floats (the sums so far,
-/// when `accumulate`); when `store`, the `channels` output rows at
-/// `out + k·out_plane` hold `out_w` writable floats.
+/// For each row `r < rows`, every input position `x + r·row_pitch +
+/// offsets[t] + ow·stride_w` for `ow < out_w` is readable; `weights` holds
+/// `offsets.len()` steps of `F·L` floats; `buf` holds `rows` row buffers,
+/// `buf_pitch` floats apart, of [`DensePrepared::row_buffer_len`] floats
+/// each (the sums so far, when `accumulate`); when `store`, the `channels`
+/// output rows at `out + r·out_w + k·out_plane` hold `out_w` writable
+/// floats.
 #[inline(always)]
 pub(super) unsafe fn dense_row<S: Simd, const F: usize, const P: usize>(s: S, row: &DenseRow<'_>) {
     const { assert!(P <= MAX_WIDTH, "the widths! list below stops at MAX_WIDTH") };
