@@ -21,6 +21,9 @@ pub struct KernelTrace {
     pub gemm_blocks: [u64; 3],
     /// Jobs the SIMD direct convolution ran on an ISA kernel, per [`Isa`].
     pub direct_simd_jobs: [u64; 3],
+    /// Of those blocks, the ones that ran on a path's column kernel (tiles
+    /// vectorised down the columns of C).
+    pub column_kernel_blocks: u64,
     /// GEMM blocks at depth `pc > 0`: the problem crossed a KC edge.
     pub kc_edges: u64,
     /// GEMM blocks whose rows start past the task's first row block: an MC edge.
@@ -61,6 +64,7 @@ impl KernelTrace {
         KernelTrace {
             gemm_blocks: sub(self.gemm_blocks, before.gemm_blocks),
             direct_simd_jobs: sub(self.direct_simd_jobs, before.direct_simd_jobs),
+            column_kernel_blocks: self.column_kernel_blocks - before.column_kernel_blocks,
             kc_edges: self.kc_edges - before.kc_edges,
             mc_edges: self.mc_edges - before.mc_edges,
             nc_edges: self.nc_edges - before.nc_edges,
@@ -76,6 +80,7 @@ thread_local! {
         Cell::new(KernelTrace {
             gemm_blocks: [0; 3],
             direct_simd_jobs: [0; 3],
+            column_kernel_blocks: 0,
             kc_edges: 0,
             mc_edges: 0,
             nc_edges: 0,
@@ -102,12 +107,19 @@ pub fn traced<R>(f: impl FnOnce() -> R) -> (R, KernelTrace) {
     (r, after.since(&before))
 }
 
-/// Records one GEMM macro-kernel block about to run on `isa`, and which
-/// block edges it lies past.
+/// Records one GEMM macro-kernel block about to run on `isa` (on its
+/// column kernel where `columns`), and which block edges it lies past.
 #[inline]
-pub(crate) fn record_gemm_block(isa: Isa, past_kc: bool, past_mc: bool, past_nc: bool) {
+pub(crate) fn record_gemm_block(
+    isa: Isa,
+    columns: bool,
+    past_kc: bool,
+    past_mc: bool,
+    past_nc: bool,
+) {
     update(|t| {
         t.gemm_blocks[isa.index()] += 1;
+        t.column_kernel_blocks += u64::from(columns);
         t.kc_edges += u64::from(past_kc);
         t.mc_edges += u64::from(past_mc);
         t.nc_edges += u64::from(past_nc);
@@ -209,7 +221,7 @@ mod tests {
     #[test]
     fn traces_count_only_this_threads_kernels() {
         let ((), outer) = traced(|| {
-            record_gemm_block(Isa::Avx2, true, false, true);
+            record_gemm_block(Isa::Avx2, false, true, false, true);
             std::thread::spawn(|| record_direct_simd_jobs(Isa::Portable, 5))
                 .join()
                 .unwrap();

@@ -16,8 +16,8 @@
 mod common;
 
 use common::{
-    column_block, engine_combos, proptest_cases, sequential_blocks, single_mc_block_columns,
-    tiled_columns, with_blocking, AOperand, BlockCounts, GemmCall, Rng,
+    column_block, engine_combos, kernel_info_for_call, proptest_cases, sequential_blocks,
+    single_mc_block_columns, tiled_columns, with_blocking, AOperand, BlockCounts, GemmCall, Rng,
 };
 use cpuconv::gemm::kernels::{kernel_info, kernel_info_for_shape};
 use cpuconv::gemm::{sgemm, sgemm_raw, GemmOptions, MatMut, MatRef};
@@ -610,7 +610,7 @@ fn run_blocked_case(
         result.map_err(|e| TestCaseError::fail(format!("{options:?}: {e}")))?;
         check_c(&format!("{options:?}"), &c, k, &want, &magnitude, &in_view)?;
 
-        let info = with_blocking(kernel_info(isa), blocking);
+        let info = with_blocking(kernel_info_for_call(isa, &call), blocking);
         let expected = sequential_blocks(&info, &call);
         let got = BlockCounts::of_trace(&trace, isa);
         let what = format!("{isa} {info:?} {call:?}: trace {trace:?}");
@@ -735,7 +735,7 @@ fn one_call_crosses_kc_mc_and_nc_edges() {
             assert!(trace.kc_edges > 0, "no KC edge: {what}");
             assert!(trace.mc_edges > 0, "no MC edge: {what}");
             assert!(trace.nc_edges > 0, "no NC edge: {what}");
-            let info = with_blocking(kernel_info(isa), blocking);
+            let info = with_blocking(kernel_info_for_call(isa, &call), blocking);
             assert_eq!(
                 BlockCounts::of_trace(&trace, isa),
                 sequential_blocks(&info, &call),
@@ -1190,6 +1190,55 @@ fn column_kernel_only_for_few_columns() {
     if isas_under_test().contains(&Isa::Portable) {
         let portable = kernel_info(Isa::Portable);
         assert_eq!(kernel_info_for_shape(Isa::Portable, 2048, 49), portable);
+    }
+}
+
+#[test]
+fn column_major_a_takes_the_column_kernel() {
+    // A column-major A (the input gradient's `Wᵀ`, read through the weight
+    // tensor) has its rows contiguous at every k-step, so C with few
+    // columns runs on the x86 paths' column kernels, A packed by one copy
+    // per step; a row-major A keeps the row kernel, and so does a shape
+    // whose column tiles would pad as much (9 × 13). 1030 and 100 rows end
+    // mid-panel, k = 513 crosses a KC edge, 49 = 8·6 + 1 and 7 columns end
+    // in narrow tiles, and a padded column stride moves every column off
+    // the line boundary.
+    for (m, k, n) in [(1030, 513, 49), (100, 300, 7), (9, 40, 13), (64, 64, 49)] {
+        let mut rng = Rng::new(31 + m as u64);
+        let b = Stored::new(k, n, Layout::DENSE, |_, _| rng.next_f32());
+        let c0 = Stored::new(m, n, Layout::DENSE, |_, _| rng.next_f32());
+        for (row_major, pad) in [(false, 0), (false, 3), (true, 0)] {
+            let a_layout = Layout {
+                row_major,
+                pad,
+                ..Layout::DENSE
+            };
+            let a = Stored::new(m, k, a_layout, |_, _| rng.next_f32());
+            let (want, magnitude) = naive(0.5, &a, &b, 1.0, &c0);
+            for isa in isas_under_test() {
+                let options = GemmOptions::default()
+                    .backend(GemmBackend::Native)
+                    .parallelism(Parallelism::Sequential)
+                    .isa(Some(isa));
+                let mut c = c0.clone();
+                let (result, trace) = traced(|| run_gemm(0.5, &a, &b, 1.0, &mut c, &options));
+                result.unwrap();
+                let what = format!("{m}x{k}x{n} A {a_layout:?} {isa}");
+                check_c(&what, &c, k, &want, &magnitude, &c0.in_view())
+                    .unwrap_or_else(|e| panic!("{e}"));
+                // Where a pre-packed A would take the column kernel, a
+                // column-major one does too, for every block.
+                let column_tiles = kernel_info_for_shape(isa, m, n) != kernel_info(isa);
+                let blocks: u64 = trace.gemm_blocks.iter().sum();
+                let want = if column_tiles && !row_major {
+                    blocks
+                } else {
+                    0
+                };
+                assert!(trace.gemm_ran_on(isa), "{what}: {trace:?}");
+                assert_eq!(trace.column_kernel_blocks, want, "{what}: {trace:?}");
+            }
+        }
     }
 }
 

@@ -190,11 +190,10 @@ pub(crate) fn pack_weights(
     let (rows, depth) = (gemm_rows(tg), tg.in_per_group());
     let len = PackedA::<f32>::packed_len(rows, depth, mr);
     let mut packed = super::zeroed("plan weights", len * tg.groups)?;
-    let mut transposed = Scratch::any("plan weights", rows * depth)?;
     for (grp, dst) in packed.chunks_exact_mut(len).enumerate() {
+        // Group `grp`'s `W_gᵀ` lies column-major in the weight tensor.
         let block = &weight[grp * depth * rows..][..depth * rows];
-        crate::gemm::transpose::transpose(block, rows, depth, rows, &mut transposed, depth);
-        PackedA::pack(&transposed, rows, depth, mr, dst);
+        PackedA::pack_column_major(block, rows, depth, mr, dst);
     }
     Ok(packed)
 }

@@ -105,6 +105,32 @@ impl<'a, T: Element> PackedA<'a, T> {
         Self::from_panels(dst, rows, depth, mr)
     }
 
+    /// Packs the column-major `rows × depth` matrix `a` (row `i` of column
+    /// `p` at `a[p·rows + i]`) as [`PackedA::pack`] packs a row-major one:
+    /// each k-step of a panel is one contiguous copy.
+    ///
+    /// # Panics
+    /// As [`PackedA::pack`].
+    pub(crate) fn pack_column_major(
+        a: &[T],
+        rows: usize,
+        depth: usize,
+        mr: usize,
+        dst: &'a mut [T],
+    ) -> Self {
+        let len = Self::packed_len(rows, depth, mr);
+        assert!(
+            a.len() >= rows * depth,
+            "A holds {} of {rows}×{depth}",
+            a.len()
+        );
+        let dst = &mut dst[..len];
+        // SAFETY: `a` is a column-major rows × depth block (checked above)
+        // and dst holds exactly the packed length.
+        unsafe { super::pack::pack_a_strided(a.as_ptr(), 1, rows as isize, rows, depth, mr, dst) };
+        Self::from_panels(dst, rows, depth, mr)
+    }
+
     /// Panels [`PackedA::pack`] wrote earlier (stored in a plan, say).
     ///
     /// # Panics
@@ -156,6 +182,19 @@ pub(crate) enum ASource<'a, T> {
     Strided(StridedMatrix<T>),
     /// Already packed for the selected kernel.
     Packed(PackedA<'a, T>),
+}
+
+impl<T> ASource<'_, T> {
+    /// Whether every k-step of a panel of A has its rows contiguous: a
+    /// packed A, or a column-major one (unit row stride, columns further
+    /// apart), which the driver packs for a column kernel with one
+    /// contiguous copy per k-step.
+    pub(crate) fn columns_contiguous(&self) -> bool {
+        match *self {
+            ASource::Packed(_) => true,
+            ASource::Strided(StridedMatrix { rs, cs, .. }) => rs == 1 && cs > 1,
+        }
+    }
 }
 
 /// Where the GEMM's B comes from: a strided matrix, or a view that computes
@@ -319,13 +358,15 @@ pub(crate) unsafe fn gemm_with_epilogue<B: BSource<f32>>(
     }
     match options.backend {
         GemmBackend::Native => {
-            let mut kernel = select(
-                options.isa,
-                m,
-                n,
-                matches!(a, ASource::Packed(_)),
-                options.blocking,
-            );
+            // The kernel for the problem the driver runs: `Cᵀ = Bᵀ·Aᵀ` for a
+            // column-major C.
+            let (rows, columns, a_columns) = match (a, b.as_strided()) {
+                (ASource::Strided(_), Some(bs)) if driver::computes_transposed(&c, epilogue) => {
+                    (n, m, ASource::Strided(bs.t()).columns_contiguous())
+                }
+                _ => (m, n, a.columns_contiguous()),
+            };
+            let mut kernel = select(options.isa, rows, columns, a_columns, options.blocking);
             if options.blocking.is_none() {
                 kernel = driver::with_column_major_depth(a, kernel, n);
             }

@@ -284,6 +284,20 @@ pub(crate) unsafe fn pack_a_strided<T: Element>(
         let height = mr.min(mc - q * mr);
         // SAFETY: row q·mr is inside the block.
         let first_row = unsafe { a.offset((q * mr) as isize * rs) };
+        if rs == 1 {
+            // A column-major A: each k-step of the panel is one contiguous
+            // run of `height` values.
+            for (p, step) in panel.chunks_exact_mut(mr).take(kc).enumerate() {
+                // SAFETY: rows q·mr..q·mr+height of column p are inside the
+                // block, one after another.
+                let column = unsafe {
+                    std::slice::from_raw_parts(first_row.offset(p as isize * cs), height)
+                };
+                step[..height].copy_from_slice(column);
+                step[height..].fill(T::ZERO);
+            }
+            continue;
+        }
         match (mr, height) {
             // SAFETY: rows q·mr..q·mr+height and columns 0..kc are inside
             // the block; the panel holds kc·mr elements.

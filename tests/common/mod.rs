@@ -4,7 +4,7 @@
 pub mod grads;
 
 use cpuconv::gemm::cache::cache_hierarchy;
-use cpuconv::gemm::kernels::KernelInfo;
+use cpuconv::gemm::kernels::{kernel_info, kernel_info_for_shape, KernelInfo};
 use cpuconv::testing::{isas_under_test, Blocking, KernelTrace};
 use cpuconv::{
     Algorithm, Conv2dPlan, ConvError, ConvGeometry, ConvMode, GemmBackend, Isa, Parallelism,
@@ -312,6 +312,23 @@ pub struct GemmCall {
     pub a: AOperand,
     /// B is a strided matrix (not the implicit convolution's im2col view).
     pub b_strided: bool,
+}
+
+/// The kernel the native engine runs `call` on, on path `isa`: the path's
+/// column kernel where every k-step of A's panels has its rows contiguous
+/// (A packed, or column-major) and C's few columns would leave row tiles
+/// mostly padding ([`kernel_info_for_shape`]), its row kernel otherwise.
+/// Mirrors `select` and its caller in `src/gemm/engine.rs`.
+pub fn kernel_info_for_call(isa: Isa, call: &GemmCall) -> KernelInfo {
+    let a_columns = match call.a {
+        AOperand::Packed => true,
+        AOperand::Strided { rs, cs } => rs == 1 && cs > 1,
+    };
+    if a_columns {
+        kernel_info_for_shape(isa, call.m, call.n)
+    } else {
+        kernel_info(isa)
+    }
 }
 
 /// The columns the register tiles of a sequential native GEMM cover on the

@@ -151,6 +151,12 @@ pub(crate) unsafe fn scale_c<T: Element>(
     }
 }
 
+/// Whether [`gemm`] computes a C it is given as `Cᵀ = Bᵀ·Aᵀ` (where A and B
+/// are strided): C column-major, with no bias (a bias runs along C's rows).
+pub(crate) fn computes_transposed<T>(c: &StridedC<T>, ep: &Epilogue<T>) -> bool {
+    c.cs != 1 && c.rs == 1 && ep.bias.is_null()
+}
+
 /// The native engine: `C ← act(α·A·B + β·C + bias)`.
 ///
 /// # Safety
@@ -181,7 +187,7 @@ pub(crate) unsafe fn gemm<T: Element, B: BSource<T>>(
     }
     // Kernels store rows of C with vector stores. For a column-major C,
     // compute Cᵀ = Bᵀ·Aᵀ instead, which is row-major.
-    if c.cs != 1 && c.rs == 1 && ep.bias.is_null() {
+    if computes_transposed(&c, ep) {
         if let (ASource::Strided(a), Some(bs)) = (a, b.as_strided()) {
             let at = a.t();
             let bt = ASource::Strided(bs.t());
@@ -335,7 +341,13 @@ unsafe fn gemm_shared_b<T: Element, B: BSource<T>>(
                             let apanels =
                                 a_block(a, ic, mcur, pc, kcur, kernel, a_here, &mut bufs.a);
                             let bpanels = BPanels::packed(bpack, kcur, nr);
-                            record_gemm_block(kernel.info().isa, pc > 0, ic > m0, jc > 0);
+                            record_gemm_block(
+                                kernel.info().isa,
+                                kernel.is_column_kernel(),
+                                pc > 0,
+                                ic > m0,
+                                jc > 0,
+                            );
                             ctx.run(apanels, ic, mcur, bpanels, jc, ncur, pc, kcur);
                         }
                     }
@@ -487,7 +499,13 @@ unsafe fn gemm_block<T: Element, B: BSource<T>>(
                 // The peel is no block of the blocking: the blocks, and
                 // their edges, are those after it.
                 if jc >= n0 + lead {
-                    record_gemm_block(kernel.info().isa, pc > 0, false, jc > n0 + lead);
+                    record_gemm_block(
+                        kernel.info().isa,
+                        kernel.is_column_kernel(),
+                        pc > 0,
+                        false,
+                        jc > n0 + lead,
+                    );
                 }
                 // SAFETY: forwarded; the panels were packed above.
                 unsafe { ctx.run(apanels, m0, m1 - m0, bpanels, jc, ncur, pc, kcur) };
@@ -508,7 +526,13 @@ unsafe fn gemm_block<T: Element, B: BSource<T>>(
                 let a_here = a_in_place(a, kernel, mcur, ncur.div_ceil(nr));
                 // SAFETY: rows ic..ic+mcur and depth pc..pc+kcur are inside A.
                 let apanels = unsafe { a_block(a, ic, mcur, pc, kcur, kernel, a_here, abuf) };
-                record_gemm_block(kernel.info().isa, pc > 0, ic > m0, jc > n0);
+                record_gemm_block(
+                    kernel.info().isa,
+                    kernel.is_column_kernel(),
+                    pc > 0,
+                    ic > m0,
+                    jc > n0,
+                );
                 // SAFETY: forwarded; the panels were packed above.
                 unsafe {
                     ctx.run(

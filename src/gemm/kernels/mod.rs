@@ -203,6 +203,13 @@ impl<T> Kernel<T> {
         self.a_strided
     }
 
+    /// Whether this is a path's column kernel (tiles vectorised down the
+    /// columns of C), the one kernel that reads only packed A.
+    #[inline]
+    pub(crate) fn is_column_kernel(&self) -> bool {
+        !self.a_strided
+    }
+
     /// The dot-product kernels for peeled columns.
     #[inline]
     pub(crate) fn dot(&self) -> Option<DotKernels<T>> {
@@ -390,15 +397,25 @@ fn padded_work(kernel: &Kernel, m: usize, n: usize) -> u128 {
 /// 2048 1×1/2 on 14² 67.8 → 75.5, 160 → 960 on 7² 67.6 → 81.3; 2 threads
 /// 96–104 → 125–137 on the same layers.
 ///
-/// Only for a pre-packed A (convolution plans): the column kernel's A
-/// panels are 32 rows tall, and packing them from a row-major A per call
-/// costs more than the padding saves (2048×512×49, 1 thread: packing A takes
-/// 40% of the time against 15% for 8-row panels, 131 against 167 GFLOP/s).
-pub(crate) fn kernel_for_shape(isa: Isa, m: usize, n: usize, a_prepacked: bool) -> &'static Kernel {
+/// Only where A's panels come with their rows contiguous (`a_columns`): a
+/// pre-packed A (convolution plans), or a column-major one (the input
+/// gradient's and the transposed convolution's `Wᵀ`, read through the
+/// weight tensor), whose panels the driver packs with one contiguous copy
+/// per k-step. Measured for the latter (Zen 3, AVX2, 1 thread, the input
+/// gradient with `Auto`, one process, alternating with the row kernel,
+/// best GFLOP/s): 512 → 2048 1×1 on 7² 59.5 → 71.6, 2048 → 512 55.7 →
+/// 72.3, 160 → 960 49.5 → 59.6, 960 → 160 63.9 → 72.2, 512 → 2048 on 6²
+/// 58.1 → 72.6; 2 threads 112 → 136 and 108 → 146 on the first two.
+/// Reading those panels in place instead ran 17–25% slower than the copy
+/// (their k-steps a power-of-two column stride apart). Packing the column
+/// kernel's 16- or 32-row panels from a row-major A per call costs more
+/// than the padding saves (2048×512×49, 1 thread: packing A takes 40% of
+/// the time against 15% for 8-row panels, 131 against 167 GFLOP/s).
+pub(crate) fn kernel_for_shape(isa: Isa, m: usize, n: usize, a_columns: bool) -> &'static Kernel {
     let rows = kernel_for(isa);
     match column_kernel_for(isa) {
         Some(columns)
-            if a_prepacked
+            if a_columns
                 && padded_work(columns, m, n).saturating_mul(10)
                     <= padded_work(rows, m, n).saturating_mul(9) =>
         {
@@ -409,15 +426,16 @@ pub(crate) fn kernel_for_shape(isa: Isa, m: usize, n: usize, a_prepacked: bool) 
 }
 
 /// The kernel for an `m × n` C: of the requested path (clamped to the CPU)
-/// or of the active one, with the blocking forced by `blocking` if set.
+/// or of the active one, with the blocking forced by `blocking` if set;
+/// `a_columns` as for [`kernel_for_shape`].
 pub(crate) fn select(
     requested: Option<Isa>,
     m: usize,
     n: usize,
-    a_prepacked: bool,
+    a_columns: bool,
     blocking: Option<Blocking>,
 ) -> Kernel {
-    let kernel = *kernel_for_shape(requested.unwrap_or_else(crate::isa), m, n, a_prepacked);
+    let kernel = *kernel_for_shape(requested.unwrap_or_else(crate::isa), m, n, a_columns);
     match blocking {
         Some(b) => kernel.with_blocking(b),
         None => kernel,
@@ -438,7 +456,7 @@ pub fn column_kernel_info(isa: Isa) -> Option<KernelInfo> {
 }
 
 /// Register tile and blocking the GEMM uses for an `m × n` C on path `isa`
-/// with A pre-packed (as a convolution plan does): [`kernel_info`]'s, or
+/// with A pre-packed (as a convolution plan does) or column-major: [`kernel_info`]'s, or
 /// that of the path's column kernel (AVX-512: `32 × 8` tiles vectorised down
 /// the columns of C, AVX2: `16 × 6`) when C has so few columns that row
 /// tiles would be mostly padding.
