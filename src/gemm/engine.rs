@@ -92,17 +92,7 @@ impl<'a, T: Element> PackedA<'a, T> {
     /// # Panics
     /// When `a` is shorter than `rows·depth` or `dst` than the packed length.
     pub(crate) fn pack(a: &[T], rows: usize, depth: usize, mr: usize, dst: &'a mut [T]) -> Self {
-        let len = Self::packed_len(rows, depth, mr);
-        assert!(
-            a.len() >= rows * depth,
-            "A holds {} of {rows}×{depth}",
-            a.len()
-        );
-        let dst = &mut dst[..len];
-        // SAFETY: `a` is a row-major rows × depth block (checked above) and
-        // dst holds exactly the packed length.
-        unsafe { super::pack::pack_a_strided(a.as_ptr(), depth as isize, 1, rows, depth, mr, dst) };
-        Self::from_panels(dst, rows, depth, mr)
+        Self::pack_dense(a, depth, 1, rows, depth, mr, dst)
     }
 
     /// Packs the column-major `rows × depth` matrix `a` (row `i` of column
@@ -118,6 +108,22 @@ impl<'a, T: Element> PackedA<'a, T> {
         mr: usize,
         dst: &'a mut [T],
     ) -> Self {
+        Self::pack_dense(a, 1, rows, rows, depth, mr, dst)
+    }
+
+    /// [`PackedA::pack`] of the `rows × depth` matrix that fills `a[..rows·depth]`
+    /// with strides `rs` and `cs` (one of them 1, the other the extent of
+    /// the other axis).
+    fn pack_dense(
+        a: &[T],
+        rs: usize,
+        cs: usize,
+        rows: usize,
+        depth: usize,
+        mr: usize,
+        dst: &'a mut [T],
+    ) -> Self {
+        debug_assert!((rs, cs) == (depth, 1) || (rs, cs) == (1, rows));
         let len = Self::packed_len(rows, depth, mr);
         assert!(
             a.len() >= rows * depth,
@@ -125,9 +131,12 @@ impl<'a, T: Element> PackedA<'a, T> {
             a.len()
         );
         let dst = &mut dst[..len];
-        // SAFETY: `a` is a column-major rows × depth block (checked above)
-        // and dst holds exactly the packed length.
-        unsafe { super::pack::pack_a_strided(a.as_ptr(), 1, rows as isize, rows, depth, mr, dst) };
+        // SAFETY: `a` holds the rows × depth block at these strides (checked
+        // above: the last element is at (rows − 1)·rs + (depth − 1)·cs <
+        // rows·depth), and dst holds exactly the packed length.
+        unsafe {
+            super::pack::pack_a_strided(a.as_ptr(), rs as isize, cs as isize, rows, depth, mr, dst)
+        };
         Self::from_panels(dst, rows, depth, mr)
     }
 
@@ -312,16 +321,17 @@ impl<T: Element> PackBuffers<T> {
 
 /// The register tile and blocking the native engine uses for an `m × n` C:
 /// of the requested path (clamped to the CPU) or of the active one, with the
-/// blocking forced by `blocking` if set. A [`PackedA`] must be packed for
-/// its `mr`.
+/// blocking forced by `blocking` if set, for an A pre-packed or column-major
+/// (`a_columns`, see [`ASource::columns_contiguous`]) or not. A [`PackedA`]
+/// must be packed for its `mr`.
 pub(crate) fn select_kernel(
     requested: Option<Isa>,
     m: usize,
     n: usize,
-    a_prepacked: bool,
+    a_columns: bool,
     blocking: Option<Blocking>,
 ) -> KernelInfo {
-    *select(requested, m, n, a_prepacked, blocking).info()
+    *select(requested, m, n, a_columns, blocking).info()
 }
 
 /// `C ← act(α·A·B + β·C + bias)` with bias per row of C: the entry point
