@@ -111,9 +111,9 @@ impl<'a, T: Element> PackedA<'a, T> {
         Self::pack_dense(a, 1, rows, rows, depth, mr, dst)
     }
 
-    /// [`PackedA::pack`] of the `rows × depth` matrix that fills `a[..rows·depth]`
-    /// with strides `rs` and `cs` (one of them 1, the other the extent of
-    /// the other axis).
+    /// [`PackedA::pack`] of the `rows × depth` matrix that fills
+    /// `a[..rows·depth]` with strides `rs` and `cs` (one of them 1, the
+    /// other the extent of the other axis).
     fn pack_dense(
         a: &[T],
         rs: usize,

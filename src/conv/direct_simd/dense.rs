@@ -679,20 +679,16 @@ impl DensePrepared {
         let row_bytes = g.in_channels.saturating_mul(wp).saturating_mul(4);
         let fit = band_height(g.out_h, 1, row_bytes, window_rows, g.stride_h, 1, l2 / 2);
         let weight_bytes = g.weight_len().saturating_mul(4);
+        let input_bytes = row_bytes.saturating_mul(hp);
         let (block_parts, band_threads) = image_split(
             g.out_h,
             g.batch,
             threads,
             g.groups * blocks,
-            row_bytes.saturating_mul(hp),
+            input_bytes,
             weight_bytes,
         );
-        let whole = one_band_repays(
-            weight_bytes,
-            g.out_h.div_ceil(fit),
-            row_bytes.saturating_mul(hp),
-            blocks,
-        );
+        let whole = one_band_repays(weight_bytes, g.out_h.div_ceil(fit), input_bytes, blocks);
         let band = band_height(
             g.out_h,
             if block_parts > 1 { 1 } else { g.batch },

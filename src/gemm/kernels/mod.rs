@@ -456,10 +456,10 @@ pub fn column_kernel_info(isa: Isa) -> Option<KernelInfo> {
 }
 
 /// Register tile and blocking the GEMM uses for an `m × n` C on path `isa`
-/// with A pre-packed (as a convolution plan does) or column-major: [`kernel_info`]'s, or
-/// that of the path's column kernel (AVX-512: `32 × 8` tiles vectorised down
-/// the columns of C, AVX2: `16 × 6`) when C has so few columns that row
-/// tiles would be mostly padding.
+/// with A pre-packed (as a convolution plan does) or column-major:
+/// [`kernel_info`]'s, or that of the path's column kernel (AVX-512: `32 × 8`
+/// tiles vectorised down the columns of C, AVX2: `16 × 6`) when C has so
+/// few columns that row tiles would be mostly padding.
 pub fn kernel_info_for_shape(isa: Isa, m: usize, n: usize) -> KernelInfo {
     kernel_for_shape(isa, m, n, true).info
 }
