@@ -13,8 +13,12 @@ use crate::error::ConvError;
 use std::cell::RefCell;
 use std::ops::{Deref, DerefMut};
 
-/// Buffers each thread keeps between calls.
-const KEPT: usize = 4;
+/// Buffers each thread keeps between calls. An input gradient through the
+/// sub-pixel phases holds six at once (the weights by tap, the phases'
+/// gathered weights and planes, and up to three dense tiles' packed
+/// weights); with four kept, the two it asked for afresh were faulted in
+/// again at every call.
+const KEPT: usize = 8;
 
 thread_local! {
     static POOL: RefCell<Vec<Vec<f32>>> = const { RefCell::new(Vec::new()) };
@@ -22,6 +26,7 @@ thread_local! {
 
 /// `len` zeros, in a buffer from this thread's pool (grown, fallibly, if
 /// none is large enough), which goes back to the pool when dropped.
+#[derive(Debug)]
 pub(crate) struct Scratch {
     data: Vec<f32>,
 }
@@ -89,6 +94,46 @@ impl Drop for Scratch {
     }
 }
 
+/// Floats owned for as long as their holder lives (a plan's packed weights)
+/// or, for the length of one call, a [`Scratch`] from the thread's pool.
+#[derive(Debug)]
+pub(crate) enum Buffer {
+    Owned(Vec<f32>),
+    Pooled(Scratch),
+}
+
+impl Default for Buffer {
+    fn default() -> Buffer {
+        Buffer::Owned(Vec::new())
+    }
+}
+
+impl Clone for Buffer {
+    /// A copy owned by the clone: the pool's buffer stays with one holder.
+    fn clone(&self) -> Buffer {
+        Buffer::Owned(self.to_vec())
+    }
+}
+
+impl Deref for Buffer {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        match self {
+            Buffer::Owned(v) => v,
+            Buffer::Pooled(s) => s,
+        }
+    }
+}
+
+impl DerefMut for Buffer {
+    fn deref_mut(&mut self) -> &mut [f32] {
+        match self {
+            Buffer::Owned(v) => v,
+            Buffer::Pooled(s) => s,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -111,6 +156,17 @@ mod tests {
         // A second buffer alive at the same time is another one.
         let c = Scratch::zeroed("test", 10).unwrap();
         assert_ne!(c.as_ptr(), b.as_ptr());
+    }
+
+    #[test]
+    fn six_buffers_held_at_once_all_go_back_to_the_pool() {
+        // The phases' input gradient holds six at once (see KEPT); a test
+        // runs on its own thread, whose pool starts empty.
+        let held: Vec<Scratch> = (1..=6)
+            .map(|i| Scratch::any("test", 1000 * i).unwrap())
+            .collect();
+        drop(held);
+        POOL.with(|pool| assert_eq!(pool.borrow().len(), 6));
     }
 
     #[test]

@@ -95,6 +95,7 @@
 
 use super::{thread_count, Simd};
 use crate::arch::{clamp_isa, Isa};
+use crate::conv::scratch::{Buffer, Scratch};
 use crate::conv::try_with_capacity;
 use crate::error::ConvError;
 use crate::gemm::{Activation, Parallelism};
@@ -193,7 +194,7 @@ pub(crate) struct DensePrepared {
     geo: Geo,
     /// `[group][block][taps][F·L]`, starting `align` floats in (64-byte
     /// aligned, so each weight vector is one cache line on AVX-512).
-    weights: Vec<f32>,
+    weights: Buffer,
     align: usize,
     /// Input offset of tap `(c, r, s)` from the tile's first pixel:
     /// `c·cs + r·dh·Wp + s·dw`.
@@ -606,7 +607,7 @@ impl DensePrepared {
             return Ok(None);
         };
         if !(one_call && prepared.packs_each_block_once()) {
-            prepared.pack(threads, fill)?;
+            prepared.pack(threads, fill, one_call)?;
         }
         Ok(Some(prepared))
     }
@@ -754,7 +755,7 @@ impl DensePrepared {
             })?;
         Ok(Some(DensePrepared {
             geo,
-            weights: Vec::new(),
+            weights: Buffer::default(),
             align: 0,
             offsets,
             isa,
@@ -768,19 +769,32 @@ impl DensePrepared {
 
     /// Packs every block's weights with `fill` (see
     /// [`DensePrepared::with_weights`]) on up to `threads` threads, for
-    /// [`DensePrepared::run`].
+    /// [`DensePrepared::run`]; for `one_call` only (see
+    /// [`DensePrepared::for_one_call`]), into a buffer of the thread's pool.
     ///
     /// # Errors
     /// [`ConvError::OutOfMemory`] when the packed weights cannot be
     /// allocated.
-    fn pack(&mut self, threads: usize, fill: &FillPanel<'_>) -> Result<(), ConvError> {
+    fn pack(
+        &mut self,
+        threads: usize,
+        fill: &FillPanel<'_>,
+        one_call: bool,
+    ) -> Result<(), ConvError> {
         let (blocks, block, kg) = (self.blocks, self.block(), self.geo.kg);
         let panel_len = self.panel_len();
         // 64-byte alignment: up to 15 floats of slack in front; the sizes
         // were checked by `unpacked`.
         let len = self.geo.groups * blocks * panel_len + 16;
-        let mut weights = try_with_capacity("dense weights", len)?;
-        weights.resize(len, 0.0);
+        // Packed for one call, the weights come from the thread's pool,
+        // whose pages are mapped already.
+        let mut weights = if one_call {
+            Buffer::Pooled(Scratch::zeroed("dense weights", len)?)
+        } else {
+            let mut owned = try_with_capacity("dense weights", len)?;
+            owned.resize(len, 0.0);
+            Buffer::Owned(owned)
+        };
         let align = weights.as_ptr().align_offset(64).min(16);
         let dst = &mut weights[align..][..len - 16];
         let fill_panel = |index: usize, panel: &mut [f32]| {
