@@ -46,6 +46,13 @@ impl<T> StridedMatrix<T> {
             cs: self.rs,
         }
     }
+
+    /// Whether the matrix is column-major (unit row stride, columns further
+    /// apart): each k-step of an A panel is then one contiguous run.
+    #[inline]
+    pub(crate) fn is_column_major(&self) -> bool {
+        self.rs == 1 && self.cs > 1
+    }
 }
 
 /// C: a writable matrix as a pointer with element strides.
@@ -201,7 +208,7 @@ impl<T> ASource<'_, T> {
     pub(crate) fn columns_contiguous(&self) -> bool {
         match *self {
             ASource::Packed(_) => true,
-            ASource::Strided(StridedMatrix { rs, cs, .. }) => rs == 1 && cs > 1,
+            ASource::Strided(ref a) => a.is_column_major(),
         }
     }
 }
@@ -372,7 +379,7 @@ pub(crate) unsafe fn gemm_with_epilogue<B: BSource<f32>>(
             // column-major C.
             let (rows, columns, a_columns) = match (a, b.as_strided()) {
                 (ASource::Strided(_), Some(bs)) if driver::computes_transposed(&c, epilogue) => {
-                    (n, m, ASource::Strided(bs.t()).columns_contiguous())
+                    (n, m, bs.t().is_column_major())
                 }
                 _ => (m, n, a.columns_contiguous()),
             };
