@@ -395,11 +395,12 @@ fn run_case(case: &Case) -> Result<(), TestCaseError> {
     // caller's workspace (which runs on the calling thread only).
     let mut out = vec![0.0f32; g.output_len()];
     for algorithm in algorithms() {
-        let resolved = match algorithm {
-            Algorithm::Auto => conv.auto_algorithm(),
-            a => a,
-        };
         for (isa, backend, parallelism) in engine_combos() {
+            // `Auto` resolves for the path the call is forced onto.
+            let resolved = match algorithm {
+                Algorithm::Auto => conv.auto_algorithm_for(isa),
+                a => a,
+            };
             let options = ForwardOptions::new(algorithm)
                 .parallelism(parallelism)
                 .backend(backend)
@@ -1026,7 +1027,7 @@ fn run_blocked_case(
                 .isa(isa)
                 .blocking(blocking);
             let resolved = match algorithm {
-                Algorithm::Auto => conv.auto_algorithm(),
+                Algorithm::Auto => conv.auto_algorithm_for(isa),
                 a => a,
             };
             let plan = conv

@@ -420,14 +420,24 @@ impl Conv2d {
     ///
     /// This is the pick for the active ISA ([`crate::isa`]); a call or a
     /// plan whose [`ForwardOptions::isa`] forces another path resolves
-    /// `Auto` for that path.
+    /// `Auto` for that path ([`Conv2d::auto_algorithm_for`]).
     pub fn auto_algorithm(&self) -> Algorithm {
         self.auto_algorithm_for(crate::isa())
     }
 
     /// [`Conv2d::auto_algorithm`] for the kernels of `isa` (clamped to the
-    /// CPU): the 1×1 rule depends on the path's register tiles.
-    pub(crate) fn auto_algorithm_for(&self, isa: Isa) -> Algorithm {
+    /// CPU), what a call forced onto that path with [`ForwardOptions::isa`]
+    /// runs: the 1×1 rule depends on the path's register tiles.
+    ///
+    /// ```
+    /// use cpuconv::{Algorithm, Conv2dParams, Isa};
+    /// // 1×1, 256 → 256 channels at stride 2 on a 28² plane.
+    /// let conv = Conv2dParams::new(1, 256, (28, 28), 256, (1, 1)).stride(2, 2).build()?;
+    /// // The portable path's register tile is the GEMM's: no dense tile.
+    /// assert_eq!(conv.auto_algorithm_for(Isa::Portable), Algorithm::Implicit);
+    /// # Ok::<(), cpuconv::ConvError>(())
+    /// ```
+    pub fn auto_algorithm_for(&self, isa: Isa) -> Algorithm {
         let g = &self.geom;
         if g.flops() < 4 * 1024 {
             Algorithm::Direct
