@@ -187,6 +187,20 @@ pub(super) const PEEL_MIN_PANELS: usize = 32;
 /// block too often: pack A at full MC instead.
 pub(super) const IN_PLACE_MIN_TILES: usize = 8;
 
+/// The most register tiles (rows of the block / MR) for which a row-major B
+/// is read in place rather than packed. A panel read in place is fetched
+/// from its strided rows once per tile: for a few tiles that costs less
+/// than copying it, for many the contiguous packed panel wins. Measured, 1
+/// thread AVX-512, one process, in place vs packed, best GFLOP/s: Intel
+/// Xeon (family 6 model 167) 64×576×3136 (8 tiles) 164 vs 146,
+/// 128×512×1000 (16) 175 vs 167, 128×1152×784 (16) 164 vs 166,
+/// 192×576×784 (24) 153 vs 175, 256³ (32) 171 vs 204, 256×2304×196 161
+/// vs 173, 384³ (48) 162 vs 180, 512³ (64) 153 vs 181 (2 threads: 192×576×784
+/// 300 vs 334, 256³ 261 vs 327, 512³ 295 vs 346); the 1×1 forward of 128 →
+/// 512 channels on 28² 173 → 193. Zen 5 earlier: 256×512×1024 (32 tiles)
+/// 22% slower in place.
+pub(super) const B_IN_PLACE_MAX_TILES: usize = 16;
+
 /// The largest column stride of a row-major A the kernels read in place:
 /// the weight gradient's bands at stride σ read every σ-th float of a row
 /// (`grad_weight_bands.rs`), where a packed copy per tap would undo what

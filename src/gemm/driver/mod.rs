@@ -111,7 +111,7 @@ use super::Parallelism;
 use crate::testing::record_gemm_block;
 use blocking::{
     a_in_place, b_rows_in_place, block_depth, columns_to_aligned_rows, in_place_block_rows,
-    in_place_column_major_depth, single_block_columns,
+    in_place_column_major_depth, single_block_columns, B_IN_PLACE_MAX_TILES,
 };
 use macro_kernel::{a_block, peeled_columns, BPanels, MacroKernel, PeeledColumns};
 use rayon::prelude::*;
@@ -410,15 +410,18 @@ unsafe fn gemm_block<T: Element, B: BSource<T>>(
         staging,
     } = bufs;
     if m1 - m0 <= mc {
-        // A row-major B is read in place: each B panel serves only
-        // `(m1 - m0) / mr` tiles here, too few to repay copying it, as long
-        // as its rows stay in cache between tiles (see `b_rows_in_place`).
+        // A row-major B is read in place where each B panel serves at
+        // most `B_IN_PLACE_MAX_TILES` tiles, too few to repay copying it,
+        // and its rows stay in cache between tiles (see `b_rows_in_place`).
         // Measured, 1 thread AVX-512, in place vs packed: 64×576×3136
         // +7%, 64×147×12544 +17%, 128×512×1000 +6%, but 256×512×1024 −22%
         // (rows 4 KiB apart).
-        let in_place = b
-            .as_strided()
-            .filter(|bs| bs.cs == 1 && bs.rs > 0 && b_rows_in_place::<T>(bs.rs as usize, kc));
+        let in_place = b.as_strided().filter(|bs| {
+            bs.cs == 1
+                && bs.rs > 0
+                && (m1 - m0).div_ceil(kernel.info().mr) <= B_IN_PLACE_MAX_TILES
+                && b_rows_in_place::<T>(bs.rs as usize, kc)
+        });
         let nc_small = single_block_columns::<T>(kc, kernel.info());
         // A B read in place whose rows start off a line pair gets its first
         // few columns as a block of their own (packed), so that every row
