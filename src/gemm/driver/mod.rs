@@ -111,7 +111,7 @@ use super::Parallelism;
 use crate::testing::record_gemm_block;
 use blocking::{
     a_in_place, b_rows_in_place, block_depth, columns_to_aligned_rows, in_place_block_rows,
-    in_place_column_major_depth, single_block_columns, B_IN_PLACE_MAX_TILES,
+    in_place_column_major_depth, rows_on_lines, single_block_columns, B_IN_PLACE_MAX_TILES,
 };
 use macro_kernel::{a_block, peeled_columns, BPanels, MacroKernel, PeeledColumns};
 use rayon::prelude::*;
@@ -430,6 +430,12 @@ unsafe fn gemm_block<T: Element, B: BSource<T>>(
         let lead = in_place.map_or(0, |bs| {
             columns_to_aligned_rows(&bs, n0, n1 - n0, nc_small, nr)
         });
+        // Rows that still straddle cache lines after the peel are packed
+        // (see `rows_on_lines`).
+        let (in_place, lead) = match in_place {
+            Some(bs) if !rows_on_lines(&bs, n0 + lead) => (None, 0),
+            other => (other, lead),
+        };
         for pc in (0..k).step_by(kc) {
             let kcur = kc.min(k - pc);
             let a_here = a_in_place(a, kernel, m1 - m0, (n1 - n0).div_ceil(nr));
