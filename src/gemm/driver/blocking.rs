@@ -275,16 +275,25 @@ pub(super) fn rows_stay_in_l2<T: Element>(rs: usize, rows: usize) -> bool {
 mod tests {
     use super::*;
 
-    #[test]
-    fn rows_on_lines_needs_a_line_stride_and_start() {
-        let mut data = crate::gemm::pack::AlignedBuf::<f32>::default();
-        let base = data.get(4096 + 64).as_ptr();
-        let base = base.wrapping_add((CACHE_LINE - base as usize % CACHE_LINE) % CACHE_LINE / 4);
-        let at = |offset: usize, rs: isize| StridedMatrix {
+    /// Views of `data` at `offset` floats past an `align`-byte boundary
+    /// with row stride `rs` (only their addresses are ever looked at).
+    fn placed(
+        data: &mut crate::gemm::pack::AlignedBuf<f32>,
+        align: usize,
+    ) -> impl Fn(usize, isize) -> StridedMatrix<f32> {
+        let base = data.get(4096 + align / 4).as_ptr();
+        let base = base.wrapping_add((align - base as usize % align) % align / 4);
+        move |offset, rs| StridedMatrix {
             ptr: base.wrapping_add(offset),
             rs,
             cs: 1,
-        };
+        }
+    }
+
+    #[test]
+    fn rows_on_lines_needs_a_line_stride_and_start() {
+        let mut data = crate::gemm::pack::AlignedBuf::<f32>::default();
+        let at = placed(&mut data, CACHE_LINE);
         // 784 floats (49 lines) apart, starting on a line, or reaching one
         // at the column asked about.
         assert!(rows_on_lines(&at(0, 784), 0));
@@ -298,16 +307,9 @@ mod tests {
 
     #[test]
     fn the_peel_reaches_the_next_pair_or_line() {
-        let data = crate::gemm::pack::AlignedBuf::<f32>::default();
-        let mut data = data;
-        let base = data.get(4096 + 32).as_ptr();
-        // The buffer is line-aligned; the offsets below count from a pair.
-        let base = base.wrapping_add((B_ROW_ALIGN - base as usize % B_ROW_ALIGN) % B_ROW_ALIGN / 4);
-        let at = |offset: usize, rs: isize| StridedMatrix {
-            ptr: base.wrapping_add(offset),
-            rs,
-            cs: 1,
-        };
+        let mut data = crate::gemm::pack::AlignedBuf::<f32>::default();
+        // The offsets below count from a pair of lines.
+        let at = placed(&mut data, B_ROW_ALIGN);
         // Rows a whole number of line pairs apart (3136 floats: 98 × 128
         // bytes), starting 3 floats past a pair: 29 columns to the next one.
         assert_eq!(columns_to_aligned_rows(&at(3, 3136), 0, 3136, 256, 32), 29);

@@ -14,8 +14,10 @@
 //! Packing pays for itself only when a panel is reused often. A row-major
 //! operand whose packed panels would serve few tiles is read in place by
 //! the kernels instead (only a partial last panel is packed): B when M fits
-//! one MC block (each B panel then serves at most MC/MR tiles), A when C has
-//! at most [`blocking::A_IN_PLACE_MAX_PANELS`] column panels per block.
+//! one MC block of at most [`blocking::B_IN_PLACE_MAX_TILES`] register
+//! tiles and its rows start on cache lines ([`blocking::rows_on_lines`]), A
+//! when C has at most [`blocking::A_IN_PLACE_MAX_PANELS`] column panels per
+//! block.
 //!
 //! The rest lives beside this file: `threading` shares the nest out over
 //! threads, `blocking` sizes the blocks and decides what is read in place,
