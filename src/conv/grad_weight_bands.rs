@@ -83,6 +83,7 @@
 //! batch.
 
 use super::grad_weight::{grow, odd_lines, on_each_thread, split, with_pooled};
+use super::scratch::{line_offset, LINE_FLOATS};
 use super::BackwardOptions;
 use crate::error::ConvError;
 use crate::gemm::engine::{
@@ -318,14 +319,6 @@ pub(crate) fn backward_weight_bands(
         crate::testing::record_grad_weight_bands();
     }
     Ok(finite)
-}
-
-/// Floats in a cache line.
-const LINE_FLOATS: usize = 64 / std::mem::size_of::<f32>();
-
-/// Floats from the start of `v` to its first cache-line boundary.
-fn line_offset(v: &[f32]) -> usize {
-    v.as_ptr().align_offset(64).min(LINE_FLOATS - 1)
 }
 
 /// Floats each thread's buffers need.

@@ -13,6 +13,18 @@ use crate::error::ConvError;
 use std::cell::RefCell;
 use std::ops::{Deref, DerefMut};
 
+/// Floats in a 64-byte cache line (one zmm register): the slack a buffer
+/// keeps in front of a part that must start on a line.
+pub(crate) const LINE_FLOATS: usize = 64 / std::mem::size_of::<f32>();
+
+/// Floats from the start of `v` to its first 64-byte boundary (below
+/// [`LINE_FLOATS`] for any `f32` slice): where a part of a plain `Vec` or
+/// [`Scratch`] that the kernels load as whole lines starts, so that no
+/// vector load of it splits across two lines.
+pub(crate) fn line_offset(v: &[f32]) -> usize {
+    v.as_ptr().align_offset(64).min(LINE_FLOATS)
+}
+
 /// Buffers each thread keeps between calls. An input gradient through the
 /// sub-pixel phases holds six at once (the weights by tap, the phases'
 /// gathered weights and planes, and up to three dense tiles' packed

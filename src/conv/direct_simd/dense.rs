@@ -95,7 +95,7 @@
 
 use super::{thread_count, Simd};
 use crate::arch::{clamp_isa, Isa};
-use crate::conv::scratch::{Buffer, Scratch};
+use crate::conv::scratch::{line_offset, Buffer, Scratch, LINE_FLOATS};
 use crate::conv::try_with_capacity;
 use crate::error::ConvError;
 use crate::gemm::{Activation, Parallelism};
@@ -785,7 +785,7 @@ impl DensePrepared {
         let panel_len = self.panel_len();
         // 64-byte alignment: up to 15 floats of slack in front; the sizes
         // were checked by `unpacked`.
-        let len = self.geo.groups * blocks * panel_len + 16;
+        let len = self.geo.groups * blocks * panel_len + LINE_FLOATS;
         // Packed for one call, the weights come from the thread's pool,
         // whose pages are mapped already.
         let mut weights = if one_call {
@@ -795,8 +795,8 @@ impl DensePrepared {
             owned.resize(len, 0.0);
             Buffer::Owned(owned)
         };
-        let align = weights.as_ptr().align_offset(64).min(16);
-        let dst = &mut weights[align..][..len - 16];
+        let align = line_offset(&weights);
+        let dst = &mut weights[align..][..len - LINE_FLOATS];
         let fill_panel = |index: usize, panel: &mut [f32]| {
             let (group, b) = (index / blocks, index % blocks);
             let channels = b * block..((b + 1) * block).min(kg);
@@ -871,7 +871,11 @@ impl DensePrepared {
     /// padded layer), its row buffers, and with `packing` one block's
     /// weights (64-byte aligned: 16 floats of slack).
     fn task_len(&self, packing: bool) -> usize {
-        let panel = if packing { self.panel_len() + 16 } else { 0 };
+        let panel = if packing {
+            self.panel_len() + LINE_FLOATS
+        } else {
+            0
+        };
         self.geo.band_len() + self.row_buffers() * self.row_buffer_len() + panel
     }
 
@@ -1038,7 +1042,7 @@ impl DensePrepared {
         // With `fill`, one block's weights after the row buffers, 64-byte
         // aligned.
         let (bufs, packing) = bufs.split_at_mut(self.row_buffers() * self.row_buffer_len());
-        let align = packing.as_ptr().align_offset(64).min(16);
+        let align = line_offset(packing);
         let packing = match fill {
             Some(_) => &mut packing[align..][..panel],
             None => packing,

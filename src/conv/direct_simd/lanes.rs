@@ -31,6 +31,7 @@
 
 use super::simd::Simd;
 use super::Geo;
+use crate::conv::scratch::{line_offset, LINE_FLOATS};
 use crate::conv::try_with_capacity;
 use crate::ConvError;
 use std::ops::Range;
@@ -163,16 +164,13 @@ pub(super) fn forward_rule(geo: &Geo, sweeps: bool) -> LanesRule {
 pub(super) fn workspace_len(geo: &Geo, lanes: usize) -> Option<usize> {
     (geo.in_plane + geo.out_plane)
         .checked_mul(lanes)?
-        .checked_add(64 / std::mem::size_of::<f32>())
+        .checked_add(LINE_FLOATS)
 }
 
 /// The part of `work` (from [`workspace_len`]) that starts on a 64-byte
 /// line, `(in_plane + out_plane)·L` floats.
 pub(super) fn aligned<'a>(work: &'a mut [f32], geo: &Geo, lanes: usize) -> &'a mut [f32] {
-    let skip = work
-        .as_ptr()
-        .align_offset(64)
-        .min(64 / std::mem::size_of::<f32>());
+    let skip = line_offset(work);
     &mut work[skip..][..(geo.in_plane + geo.out_plane) * lanes]
 }
 
