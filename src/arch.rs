@@ -92,6 +92,48 @@ fn has_feature(_feature: &str) -> bool {
     false
 }
 
+/// Who designed the CPU, by CPUID's vendor string: where the same
+/// instructions run at different speeds by vendor, a measured choice
+/// (AVX-512's register tile) and where the cache parameters are read
+/// (CPUID leaf 4 or 0x8000001D) follow it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Vendor {
+    /// "GenuineIntel".
+    Intel,
+    /// "AuthenticAMD", or Hygon's "HygonGenuine" (Zen cores).
+    Amd,
+    /// Any other, and every non-x86 target.
+    Other,
+}
+
+/// This CPU's vendor, read once.
+pub(crate) fn vendor() -> Vendor {
+    static VENDOR: OnceLock<Vendor> = OnceLock::new();
+    *VENDOR.get_or_init(read_vendor)
+}
+
+#[cfg(target_arch = "x86_64")]
+fn read_vendor() -> Vendor {
+    // `__cpuid` became a safe function in later toolchains than our
+    // minimum; the block keeps both compiling.
+    #[allow(unused_unsafe)]
+    // SAFETY: CPUID exists on every x86-64 CPU and only reads identification
+    // registers.
+    let leaf = unsafe { core::arch::x86_64::__cpuid(0) };
+    // The vendor string is EBX, EDX, ECX; its first four bytes tell these
+    // apart.
+    match &leaf.ebx.to_le_bytes() {
+        b"Genu" => Vendor::Intel,
+        b"Auth" | b"Hygo" => Vendor::Amd,
+        _ => Vendor::Other,
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn read_vendor() -> Vendor {
+    Vendor::Other
+}
+
 /// The best path this CPU supports, ignoring `CPUCONV_ISA`.
 pub fn detected_isa() -> Isa {
     clamp_isa(Isa::Avx512)

@@ -25,7 +25,7 @@ use common::{
     algorithms, column_block, engine_combos, proptest_cases, sequential_blocks, tiled_columns,
     with_blocking, workspace, AOperand, BlockCounts, GemmCall, Rng,
 };
-use cpuconv::gemm::kernels::{kernel_info, kernel_info_for_shape};
+use cpuconv::gemm::kernels::kernel_info_for_operands;
 use cpuconv::testing::{isas_under_test, traced, Blocking, KernelTrace};
 use cpuconv::{
     Activation, Algorithm, Conv2d, Conv2dParams, ConvError, ConvMode, ForwardOptions, GemmBackend,
@@ -951,11 +951,7 @@ fn lowered_gemm(
         return None;
     }
     let (m, k, n) = (g.out_channels_per_group(), g.gemm_k(), g.out_plane());
-    let info = if planned {
-        kernel_info_for_shape(isa, m, n)
-    } else {
-        kernel_info(isa)
-    };
+    let info = kernel_info_for_operands(isa, m, n, planned);
     let call = GemmCall {
         m,
         k,

@@ -17,9 +17,10 @@ mod common;
 
 use common::{
     column_block, engine_combos, kernel_info_for_call, proptest_cases, sequential_blocks,
-    single_mc_block_columns, tiled_columns, with_blocking, AOperand, BlockCounts, GemmCall, Rng,
+    single_mc_block_columns, tiled_columns, tiles_under_test, with_blocking, AOperand, BlockCounts,
+    GemmCall, Rng,
 };
-use cpuconv::gemm::kernels::{kernel_info, kernel_info_for_shape};
+use cpuconv::gemm::kernels::{kernel_info, kernel_info_for_operands, kernel_info_for_shape};
 use cpuconv::gemm::{sgemm, sgemm_raw, GemmOptions, MatMut, MatRef};
 use cpuconv::testing::{isas_under_test, traced, Blocking, KernelTrace};
 use cpuconv::{GemmBackend, GemmError, Isa, Parallelism};
@@ -449,11 +450,23 @@ fn run_case(case: &Case) -> Result<(), TestCaseError> {
     });
     let (want, magnitude) = naive(case.alpha, &a, &b, case.beta, &c0);
     let in_view = c0.in_view();
-    for (isa, backend, parallelism) in engine_combos() {
+    let runs = engine_combos()
+        .into_iter()
+        .flat_map(|(isa, backend, parallelism)| {
+            let tiles = match backend {
+                GemmBackend::Native => tiles_under_test(isa),
+                _ => vec![None],
+            };
+            tiles
+                .into_iter()
+                .map(move |wide| (isa, backend, parallelism, wide))
+        });
+    for (isa, backend, parallelism, wide) in runs {
         let options = GemmOptions::default()
             .backend(backend)
             .parallelism(parallelism)
-            .isa(Some(isa));
+            .isa(Some(isa))
+            .wide_tile(wide);
         let mut c = c0.clone();
         let (result, trace) = traced(|| run_gemm(case.alpha, &a, &b, case.beta, &mut c, &options));
         result.map_err(|e| TestCaseError::fail(format!("{options:?}: {e}")))?;
@@ -599,18 +612,22 @@ fn run_blocked_case(
     let (want, magnitude) = naive(case.alpha, &a, &b, case.beta, &c0);
     let in_view = c0.in_view();
     let call = driver_call(case.alpha, &a, &b, &c0);
-    for isa in isas_under_test() {
+    let runs = isas_under_test()
+        .into_iter()
+        .flat_map(|isa| tiles_under_test(isa).into_iter().map(move |w| (isa, w)));
+    for (isa, wide) in runs {
         let options = GemmOptions::default()
             .backend(GemmBackend::Native)
             .parallelism(Parallelism::Sequential)
             .isa(isa)
-            .blocking(blocking);
+            .blocking(blocking)
+            .wide_tile(wide);
         let mut c = c0.clone();
         let (result, trace) = traced(|| run_gemm(case.alpha, &a, &b, case.beta, &mut c, &options));
         result.map_err(|e| TestCaseError::fail(format!("{options:?}: {e}")))?;
         check_c(&format!("{options:?}"), &c, k, &want, &magnitude, &in_view)?;
 
-        let info = with_blocking(kernel_info_for_call(isa, &call), blocking);
+        let info = with_blocking(kernel_info_for_call(isa, wide, &call), blocking);
         let expected = sequential_blocks(&info, &call);
         let got = BlockCounts::of_trace(&trace, isa);
         let what = format!("{isa} {info:?} {call:?}: trace {trace:?}");
@@ -735,7 +752,7 @@ fn one_call_crosses_kc_mc_and_nc_edges() {
             assert!(trace.kc_edges > 0, "no KC edge: {what}");
             assert!(trace.mc_edges > 0, "no MC edge: {what}");
             assert!(trace.nc_edges > 0, "no NC edge: {what}");
-            let info = with_blocking(kernel_info_for_call(isa, &call), blocking);
+            let info = with_blocking(kernel_info_for_call(isa, None, &call), blocking);
             assert_eq!(
                 BlockCounts::of_trace(&trace, isa),
                 sequential_blocks(&info, &call),
@@ -762,7 +779,7 @@ fn single_mc_block_path_crosses_its_column_blocks() {
     let c0 = Stored::new(m, n, Layout::DENSE, |_, _| rng.next_f32());
     let (want, magnitude) = naive(1.0, &a, &b, 1.0, &c0);
     for isa in isas_under_test() {
-        let info = with_blocking(kernel_info(isa), blocking);
+        let info = with_blocking(kernel_info_for_operands(isa, m, n, false), blocking);
         assert!(m <= info.mc);
         let width = single_mc_block_columns(&info, k);
         assert!(width <= info.nc && n > width, "{info:?}: blocks of {width}");
@@ -1131,9 +1148,9 @@ fn large_threaded_case_matches_naive() {
     }
 }
 
-/// Runs `C ← α·A·B + β·C` on the native engine on every ISA path with
-/// `parallelism` (inside `pool` when given) and checks each result against
-/// the naive product.
+/// Runs `C ← α·A·B + β·C` on the native engine on every ISA path (and
+/// each of AVX-512's row tiles) with `parallelism` (inside `pool` when
+/// given) and checks each result against the naive product.
 fn check_every_isa(
     alpha: f32,
     a: &Stored,
@@ -1145,11 +1162,15 @@ fn check_every_isa(
 ) {
     let (want, magnitude) = naive(alpha, a, b, beta, c0);
     let in_view = c0.in_view();
-    for isa in isas_under_test() {
+    let runs = isas_under_test()
+        .into_iter()
+        .flat_map(|isa| tiles_under_test(isa).into_iter().map(move |w| (isa, w)));
+    for (isa, wide) in runs {
         let options = GemmOptions::default()
             .backend(GemmBackend::Native)
             .parallelism(parallelism)
-            .isa(Some(isa));
+            .isa(Some(isa))
+            .wide_tile(wide);
         let mut c = c0.clone();
         let mut run = || run_gemm(alpha, a, b, beta, &mut c, &options);
         match pool {
@@ -1178,14 +1199,22 @@ fn column_kernel_only_for_few_columns() {
         if !isas_under_test().contains(&isa) {
             continue;
         }
-        let rows = kernel_info(isa);
+        let rows = |m, n| kernel_info_for_operands(isa, m, n, false);
         let got = kernel_info_for_shape(isa, 2048, 49);
         assert_eq!((got.mr, got.nr), tile, "{isa}");
         assert_eq!(kernel_info_for_shape(isa, 95, 7).mr, tile.0, "{isa}");
-        assert_eq!(kernel_info_for_shape(isa, 2048, 2048), rows, "{isa}");
+        assert_eq!(
+            kernel_info_for_shape(isa, 2048, 2048),
+            rows(2048, 2048),
+            "{isa}"
+        );
         // 196 = 12·16 + 4: row tiles pad 12 columns, column tiles 2 (AVX2)
         // or 4 (AVX-512), not 10% less work.
-        assert_eq!(kernel_info_for_shape(isa, 256, 196), rows, "{isa}");
+        assert_eq!(
+            kernel_info_for_shape(isa, 256, 196),
+            rows(256, 196),
+            "{isa}"
+        );
     }
     if isas_under_test().contains(&Isa::Portable) {
         let portable = kernel_info(Isa::Portable);
@@ -1228,7 +1257,8 @@ fn column_major_a_takes_the_column_kernel() {
                     .unwrap_or_else(|e| panic!("{e}"));
                 // Where a pre-packed A would take the column kernel, a
                 // column-major one does too, for every block.
-                let column_tiles = kernel_info_for_shape(isa, m, n) != kernel_info(isa);
+                let column_tiles =
+                    kernel_info_for_shape(isa, m, n) != kernel_info_for_operands(isa, m, n, false);
                 let blocks: u64 = trace.gemm_blocks.iter().sum();
                 let want = if column_tiles && !row_major {
                     blocks
@@ -1268,7 +1298,7 @@ fn row_major_a_read_in_place() {
 
 #[test]
 fn columns_past_a_multiple_of_16_as_dot_products() {
-    // 17, 18, 33, 34, 49, 50 and 305 columns: on AVX-512 the last one or
+    // 17, 18, 33, 34, 49, 50, 81, 97 and 305 columns: on AVX-512 the last one or
     // two are peeled off the tiles, as dot products of A's rows where A is
     // row-major and read in place, else accumulated next to the tile
     // before them (a column-major A read in place, or A packed: 305
@@ -1299,6 +1329,8 @@ fn columns_past_a_multiple_of_16_as_dot_products() {
         (1030, 513, 49),
         (64, 100, 50),
         (13, 70, 34),
+        (21, 40, 81),
+        (9, 64, 97),
         (40, 300, 305),
     ] {
         let mut rng = Rng::new(23 + n as u64);
@@ -1543,10 +1575,12 @@ fn every_supported_isa_really_runs() {
 }
 
 /// Every row count of a bottom-edge tile (1 to 17 rows: each short tile
-/// below a register tile of 8 or 6, alone and under full ones), under the
-/// narrow and the full tile (16, 32 and 49 columns, 49 with a peeled
+/// below a register tile of 8 or 6, alone and under full ones), under each
+/// edge and full tile (16, 32, 48, 49, 80 and 97 columns: on AVX-512's
+/// 8 × 48 tile, 80 = 48 + a 32-column edge and 97 = 2·48 + a peeled
 /// column), A row-major (read in place) and column-major (packed), on
-/// every path, value by value against the naive product.
+/// every path and both of AVX-512's tiles, value by value against the
+/// naive product.
 #[test]
 fn every_bottom_edge_row_count() {
     let col_major = Layout {
@@ -1555,20 +1589,24 @@ fn every_bottom_edge_row_count() {
     };
     let k = 37;
     for m in 1..=17 {
-        for n in [16, 32, 49] {
+        for n in [16, 32, 48, 49, 80, 97] {
             for a_layout in [Layout::DENSE, col_major] {
                 let mut rng = Rng::new((m * 100 + n) as u64);
                 let a = Stored::new(m, k, a_layout, |_, _| rng.next_f32());
                 let b = Stored::new(k, n, Layout::DENSE, |_, _| rng.next_f32());
                 let c0 = Stored::new(m, n, Layout::DENSE, |_, _| f32::NAN);
                 let (want, magnitude) = naive(1.0, &a, &b, 0.0, &c0);
-                for isa in isas_under_test() {
+                let runs = isas_under_test()
+                    .into_iter()
+                    .flat_map(|isa| tiles_under_test(isa).into_iter().map(move |w| (isa, w)));
+                for (isa, wide) in runs {
                     let options = GemmOptions::default()
                         .parallelism(Parallelism::Sequential)
-                        .isa(isa);
+                        .isa(isa)
+                        .wide_tile(wide);
                     let mut c = c0.clone();
                     run_gemm(1.0, &a, &b, 0.0, &mut c, &options).unwrap();
-                    let what = format!("{isa} {m}×{k}×{n} A {a_layout:?}");
+                    let what = format!("{isa} {wide:?} {m}×{k}×{n} A {a_layout:?}");
                     check_c(&what, &c, k, &want, &magnitude, &c0.in_view())
                         .unwrap_or_else(|e| panic!("{e}"));
                 }

@@ -184,6 +184,7 @@ impl BackwardOptions {
             parallelism,
             isa: self.isa,
             blocking: self.blocking,
+            wide_tile: None,
         }
     }
 

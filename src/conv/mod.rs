@@ -267,6 +267,7 @@ impl ForwardOptions {
             parallelism,
             isa: self.isa,
             blocking: self.blocking,
+            wide_tile: None,
         }
     }
 }

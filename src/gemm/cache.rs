@@ -328,8 +328,7 @@ fn cpuid_levels() -> Option<RawLevels> {
     #[allow(unused_unsafe)]
     // SAFETY: as above.
     let vendor_leaf = unsafe { __cpuid(0) };
-    let amd = vendor_leaf.ebx == u32::from_le_bytes(*b"Auth")
-        || vendor_leaf.ebx == u32::from_le_bytes(*b"Hygo");
+    let amd = crate::arch::vendor() == crate::arch::Vendor::Amd;
     let leaf = if amd {
         #[allow(unused_unsafe)]
         // SAFETY: as above.

@@ -338,7 +338,7 @@ pub(crate) fn select_kernel(
     a_columns: bool,
     blocking: Option<Blocking>,
 ) -> KernelInfo {
-    *select(requested, m, n, a_columns, blocking).info()
+    *select(requested, m, n, a_columns, blocking, None).info()
 }
 
 /// `C ← act(α·A·B + β·C + bias)` with bias per row of C: the entry point
@@ -383,7 +383,14 @@ pub(crate) unsafe fn gemm_with_epilogue<B: BSource<f32>>(
                 }
                 _ => (m, n, a.columns_contiguous()),
             };
-            let mut kernel = select(options.isa, rows, columns, a_columns, options.blocking);
+            let mut kernel = select(
+                options.isa,
+                rows,
+                columns,
+                a_columns,
+                options.blocking,
+                options.wide_tile,
+            );
             if options.blocking.is_none() {
                 kernel = driver::with_column_major_depth(a, kernel, n);
             }

@@ -121,6 +121,11 @@ pub struct GemmOptions {
     /// Tests only: cache blocking in place of the cache model's.
     #[doc(hidden)]
     pub blocking: Option<crate::testing::Blocking>,
+    /// Tests only: AVX-512's `8 × 48` (`Some(true)`) or `8 × 32` row tile
+    /// in place of the CPU's and the shape's choice
+    /// ([`kernels::wide_tiles`]).
+    #[doc(hidden)]
+    pub wide_tile: Option<bool>,
 }
 
 impl GemmOptions {
@@ -146,6 +151,13 @@ impl GemmOptions {
     #[doc(hidden)]
     pub fn blocking(mut self, blocking: crate::testing::Blocking) -> Self {
         self.blocking = Some(blocking);
+        self
+    }
+
+    /// Tests only: forces AVX-512's row tile (`true`: `8 × 48`).
+    #[doc(hidden)]
+    pub fn wide_tile(mut self, wide: impl Into<Option<bool>>) -> Self {
+        self.wide_tile = wide.into();
         self
     }
 }

@@ -4,7 +4,7 @@
 pub mod grads;
 
 use cpuconv::gemm::cache::cache_hierarchy;
-use cpuconv::gemm::kernels::{kernel_info, kernel_info_for_shape, KernelInfo};
+use cpuconv::gemm::kernels::{kernel_info_for_tile, KernelInfo};
 use cpuconv::testing::{isas_under_test, Blocking, KernelTrace};
 use cpuconv::{
     Algorithm, Conv2dPlan, ConvError, ConvGeometry, ConvMode, GemmBackend, Isa, Parallelism,
@@ -99,6 +99,16 @@ impl Rng {
 }
 
 /// Every (ISA, backend, parallelism) combination the fast paths must agree on.
+/// The row tiles to force on path `isa` (`GemmOptions::wide_tile`): both of
+/// AVX-512's, `8 × 32` and `8 × 48`, whichever this CPU would pick, so that
+/// each is tested on every AVX-512 machine; the path's own choice elsewhere.
+pub fn tiles_under_test(isa: Isa) -> Vec<Option<bool>> {
+    match isa {
+        Isa::Avx512 => vec![Some(false), Some(true)],
+        _ => vec![None],
+    }
+}
+
 pub fn engine_combos() -> Vec<(Isa, GemmBackend, Parallelism)> {
     let mut v = Vec::new();
     for isa in isas_under_test() {
@@ -319,22 +329,20 @@ pub struct GemmCall {
 /// (A packed, or column-major) and C's few columns would leave row tiles
 /// mostly padding ([`kernel_info_for_shape`]), its row kernel otherwise.
 /// Mirrors `select` and its caller in `src/gemm/engine.rs`.
-pub fn kernel_info_for_call(isa: Isa, call: &GemmCall) -> KernelInfo {
+/// `wide` forces AVX-512's row tile as `GemmOptions::wide_tile` does.
+pub fn kernel_info_for_call(isa: Isa, wide: Option<bool>, call: &GemmCall) -> KernelInfo {
     let a_columns = match call.a {
         AOperand::Packed => true,
         AOperand::Strided { rs, cs } => rs == 1 && cs > 1,
     };
-    if a_columns {
-        kernel_info_for_shape(isa, call.m, call.n)
-    } else {
-        kernel_info(isa)
-    }
+    kernel_info_for_tile(isa, call.m, call.n, a_columns, wide)
 }
 
 /// The columns the register tiles of a sequential native GEMM cover on the
 /// kernel `info` (its blocking already forced): all `n`, except on the
-/// AVX-512 row kernel (the only one with a narrow right-edge tile of 16
-/// columns and dot-product kernels), where the one or two columns just
+/// AVX-512 row kernels (8 × 32 and 8 × 48, the only ones with a narrow
+/// right-edge tile of 16 columns and dot-product kernels), where the one or
+/// two columns just
 /// past a multiple of 16 (`n > 16`) are peeled off the tiles when B is
 /// strided and every micro-panel of A reaches the dot kernels with its
 /// rows or its columns contiguous: A packed, A strided with a unit row or
@@ -346,7 +354,8 @@ pub fn kernel_info_for_call(isa: Isa, call: &GemmCall) -> KernelInfo {
 pub fn tiled_columns(info: &KernelInfo, call: &GemmCall) -> usize {
     const NARROW: usize = 16;
     let GemmCall { m, n, .. } = *call;
-    let row_kernel_with_peel = info.isa == Isa::Avx512 && (info.mr, info.nr) == (8, 32);
+    let row_kernel_with_peel =
+        info.isa == Isa::Avx512 && info.mr == 8 && [32, 48].contains(&info.nr);
     if !(row_kernel_with_peel && call.b_strided && n > NARROW && n % NARROW <= 2) {
         return n;
     }

@@ -8,7 +8,9 @@ use clap::Args;
 use cpuconv::arch::{detected_isa, supported_isas};
 use cpuconv::gemm::cache::{cache_hierarchy, CacheLevel, CacheSource};
 use cpuconv::gemm::kernels::peak::fma_peak_gflops;
-use cpuconv::gemm::kernels::{column_kernel_info, kernel_info, model_blocking, KernelInfo};
+use cpuconv::gemm::kernels::{
+    column_kernel_info, kernel_info, model_blocking, narrower_row_kernel_info, KernelInfo,
+};
 use cpuconv::Isa;
 
 #[derive(Args, Debug)]
@@ -134,6 +136,8 @@ fn json(args: &InfoArgs) -> serde_json::Value {
         let mut rows = kernel(&kernel_info(isa));
         // The column kernel plans take where C has few columns, or null.
         rows["columns"] = column_kernel_info(isa).map_or(Value::Null, |k| kernel(&k));
+        // The second row kernel narrower C widths take, or null.
+        rows["narrower_rows"] = narrower_row_kernel_info(isa).map_or(Value::Null, |k| kernel(&k));
         blocking.insert(isa.name().to_string(), rows);
     }
     let peaks = if args.no_peak {
@@ -282,7 +286,9 @@ pub fn run(args: &InfoArgs) -> Result<(), Stop> {
          in L1 (depth KC₁) or, where L2 can feed the kernel (feed ≤ 32 B/cycle), in one way \
          of L2; the A block in L2 (MC); the B block in this core's L3 share (NC). One way \
          is left spare at each level. A `col` row is the path's column kernel, which plans \
-         take where C has few columns (a 7×7 output plane).\n"
+         take where C has few columns (a 7×7 output plane); an `MRxNR` row, a narrower row \
+         kernel the path keeps for C widths its main tile would pad worse (AVX-512's 8×32 \
+         where the CPU runs 8×48; CPUCONV_AVX512_TILE=8x32|8x48 overrides).\n"
     )?;
     let blocking = Table::new(&[
         left("isa", 11),
@@ -302,7 +308,11 @@ pub fn run(args: &InfoArgs) -> Result<(), Stop> {
     outln!("{}", blocking.header())?;
     let kernels = supported.iter().flat_map(|&isa| {
         let columns = column_kernel_info(isa).map(|k| (format!("{} col", isa.name()), k));
-        std::iter::once((isa.name().to_string(), kernel_info(isa))).chain(columns)
+        let narrower =
+            narrower_row_kernel_info(isa).map(|k| (format!("{} {}x{}", isa.name(), k.mr, k.nr), k));
+        std::iter::once((isa.name().to_string(), kernel_info(isa)))
+            .chain(narrower)
+            .chain(columns)
     });
     for (name, k) in kernels {
         let m = model_blocking(k.isa, k.mr, k.nr, caches);

@@ -230,16 +230,25 @@ fn tile_outputs(shape: DenseShape) -> usize {
 }
 
 /// Whether the dense tile of `isa` (clamped to the CPU) holds more outputs
-/// in registers than the GEMM's micro-tile (`MR × NR`) of the same path.
-/// Per tap the tile loads `F` weight vectors and broadcasts `W` pixels, as
-/// the micro-kernel loads its B vectors and broadcasts its A column, so
-/// with equal tiles both run as many FMAs per load. A 1×1 layer packs no B
-/// rows for the GEMM either, so there the dense tile can only win by its
-/// larger tile: AVX-512's 384 outputs (4 × 16 × 6) against 8 × 32 = 256,
-/// while AVX2's 96 (2 × 8 × 6) equal its 6 × 16 (see
+/// in registers than the GEMM's base micro-tile (`MR × NR`) of the same
+/// path. Per tap the tile loads `F` weight vectors and broadcasts `W`
+/// pixels, as the micro-kernel loads its B vectors and broadcasts its A
+/// column, so with equal tiles both run as many FMAs per load. A 1×1 layer
+/// packs no B rows for the GEMM either, so there the dense tile can only
+/// win by its larger tile: AVX-512's 384 outputs (4 × 16 × 6) against
+/// 8 × 32 = 256, while AVX2's 96 (2 × 8 × 6) equal its 6 × 16 (see
 /// `Conv2d::auto_algorithm`).
+///
+/// The GEMM's wide AVX-512 tile (8 × 48, on Intel) holds 384 outputs too,
+/// yet the dense tile still won the 1×1 layers the rule sends to it there
+/// (Intel Xeon, 1 thread, plans, two runs of `compare --plan`, GFLOP/s,
+/// implicit GEMM on 8 × 48 → dense): 512 → 2048 on 7² 126–138 → 154–159,
+/// 1024 → 2048 /2 on 14² 96 → 127–131, 1024 → 256 on 14² 159 → 187–189;
+/// and lost those it keeps from it (256 → 64 on 56² 143–154 → 112–119, 32
+/// → 16 on 112² 128–130 → 82–86, 128 → 512 on 28² 164–178 → 162–167). So
+/// the rule compares with the base tile.
 pub(crate) fn outgrows_gemm_tile(isa: Isa) -> bool {
-    let gemm = crate::gemm::kernels::kernel_info(isa);
+    let gemm = crate::gemm::kernels::kernel_for(isa).info();
     tile_outputs(shape_for(isa)) > gemm.mr * gemm.nr
 }
 

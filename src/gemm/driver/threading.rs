@@ -24,6 +24,10 @@ const MIN_FMAS_PER_THREAD: u64 = 1 << 19;
 /// before it wakes the pool's threads.
 const OUTSIDE_POOL_FACTOR: u64 = 8;
 
+/// The panel width (columns) in which `run_tasks` counts whether C has too
+/// few columns to split between threads.
+const SHARED_B_PANEL_COLUMNS: usize = 32;
+
 /// How many threads a problem of this size deserves under `par`.
 pub(crate) fn thread_count(m: usize, n: usize, k: usize, par: Parallelism) -> usize {
     let max = par.max_threads();
@@ -121,7 +125,13 @@ pub(super) unsafe fn run_tasks<T: Element, B: BSource<T>>(
         return;
     }
     let threads = thread_count(m, n, k, par);
-    let (mp, np) = (m.div_ceil(kernel.info().mr), n.div_ceil(kernel.info().nr));
+    // Panels of at most 32 columns, the widest tile the threshold below was
+    // set on, so that AVX-512's 8 × 48 tile splits C's columns wherever its
+    // 8 × 32 does (Intel Xeon, 2 threads, sgemm 196×2304×256, GFLOP/s
+    // medians: 8 × 32 split by columns 195–249; 8 × 48 sharing B over six
+    // panels 194–206, split by columns 247–267).
+    let panel = kernel.info().nr.min(SHARED_B_PANEL_COLUMNS);
+    let (mp, np) = (m.div_ceil(kernel.info().mr), n.div_ceil(panel));
     if threads > 1 && np < 4 * threads && mp >= 2 * threads {
         // Too few column panels to share out evenly: share B instead.
         // SAFETY: forwarded.

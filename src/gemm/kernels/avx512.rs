@@ -1,15 +1,16 @@
-//! AVX-512F micro-kernels: `MR × 32` tiles with C vectorised along its
-//! rows, and `32 × 8` tiles vectorised down its columns (see
-//! [`kernel_columns`]).
+//! AVX-512F micro-kernels: `MR × 32` and `MR × 48` tiles with C
+//! vectorised along its rows, and `32 × 8` tiles vectorised down its
+//! columns (see [`kernel_columns`]).
 //!
-//! Each k-step loads one 32-wide row of the B panel (two zmm) and, for each of
-//! the MR rows, broadcasts one A value and issues two FMAs, so the tile lives
-//! in `2·MR` zmm accumulators. Zen 5 and Skylake-X retire two 512-bit FMAs per
-//! cycle with 4-cycle latency, so at least 8 independent accumulators are
-//! needed to saturate them; `MR = 8` gives 16 and `MR = 12` gives 24.
+//! Each k-step loads one row of the B panel (two or three zmm) and, for
+//! each of the MR rows, broadcasts one A value and issues one FMA per B
+//! vector, so the tile lives in `2·MR` or `3·MR` zmm accumulators. Zen 5
+//! and Skylake-X retire two 512-bit FMAs per cycle with 4-cycle latency, so
+//! at least 8 independent accumulators are needed to saturate them;
+//! `MR = 8` gives 16 or 24.
 //!
-//! Tile sizes measured here (Zen 5, 1 thread, square 1024 and the im2col
-//! shapes, `cpuconv gemm`) are recorded in `MR`'s comment.
+//! Which of the two row tiles a CPU runs is measured per vendor (`MR`'s
+//! and [`NR_WIDE`]'s comments); the choice is `kernels::wide_tiles`.
 
 #[cfg(target_arch = "x86_64")]
 use core::arch::x86_64::*;
@@ -19,9 +20,30 @@ use super::{run_steps_prefetching_c, store_columns_scalar, store_tile_scalar, Ti
 /// Columns of a B panel: two zmm registers.
 pub(crate) const NR: usize = 32;
 
+/// Columns of the wide tile's B panel: three zmm registers, 24
+/// accumulators.
+///
+/// Measured on an Intel Xeon (family 6 model 167, AVX-512; 1 thread,
+/// `sgemm` row-major, one process per tile alternating, three rounds, best /
+/// median GFLOP/s, 8×32 → 8×48): 960³ 139/135 → 147/145, 1024³ 140/133 →
+/// 143/142, 2048³ 130/130 → 139/138, 512³ 144/143 → 147/146, 64×576×3136
+/// 127/126 → 137/135, 192×576×3136 136/135 → 140/138, 256×2304×196
+/// 135/133 → 142/141, 128×1152×784 128/127 → 136/136, 64×147×12544
+/// 116/114 → 129/128. Zen 5 ran it slower (`MR`'s table), so only Intel
+/// CPUs take it by default.
+pub(crate) const NR_WIDE: usize = 48;
+
+/// Whether `ldb` is the row stride of a packed panel of either row tile
+/// rather than of a B read in place. An in-place B whose rows happen to be
+/// 32 or 48 floats apart is taken for a panel: it only loses the B
+/// prefetch, which rows that close do not need.
+fn is_panel_stride(ldb: usize) -> bool {
+    ldb == NR || ldb == NR_WIDE
+}
+
 /// Rows of an A panel.
 ///
-/// Tiles tried on this Zen 5 (1 thread, GFLOP/s of the whole GEMM, best of
+/// Tiles tried on a Zen 5 (1 thread, GFLOP/s of the whole GEMM, best of
 /// a few runs on a shared machine; shapes M×K×N, FMA peak ≈ 259):
 ///
 /// | tile   | acc | 64×192×256 (in cache) | 1024³ | 64×576×3136 |
@@ -32,8 +54,10 @@ pub(crate) const NR: usize = 32;
 /// | 12×32  | 24  | 165                   | 193   | 159         |
 /// | 14×32  | 28  | 168                   | 170   | 166         |
 ///
-/// 8×32 wins, and 8 divides every channel count of the convolution suite, so
-/// no A-panel rows are wasted on convolution weights.
+/// 8×32 wins there, and 8 divides every channel count of the convolution
+/// suite, so no A-panel rows are wasted on convolution weights. On Intel
+/// 8×48 wins ([`NR_WIDE`]); both tiles keep `MR = 8`, so A panels packed
+/// for one serve the other.
 pub(crate) const MR: usize = 8;
 
 /// The dispatched micro-kernel; see [`super::MicroKernelFn`].
@@ -57,6 +81,29 @@ pub(crate) unsafe fn kernel(
 ) {
     // SAFETY: forwarded; dispatch only selects this kernel when AVX-512F is present.
     unsafe { kernel_mr::<MR, 2>(kc, a, ars, acs, b, ldb, c, rsc, csc, rows, cols, epilogue) }
+}
+
+/// The `MR × 48` tile over 48-wide B panels ([`NR_WIDE`]).
+///
+/// # Safety
+/// As [`kernel`], with `ldb ≥ 48` floats between B's k-steps.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn kernel_wide(
+    kc: usize,
+    a: *const f32,
+    ars: usize,
+    acs: usize,
+    b: *const f32,
+    ldb: usize,
+    c: *mut f32,
+    rsc: isize,
+    csc: isize,
+    rows: usize,
+    cols: usize,
+    epilogue: &TileEpilogue,
+) {
+    // SAFETY: forwarded; dispatch only selects this kernel when AVX-512F is present.
+    unsafe { kernel_mr::<MR, 3>(kc, a, ars, acs, b, ldb, c, rsc, csc, rows, cols, epilogue) }
 }
 
 /// Columns the narrow kernel computes: one zmm.
@@ -88,12 +135,12 @@ pub(crate) unsafe fn kernel_narrow(
     unsafe { kernel_mr::<MR, 1>(kc, a, ars, acs, b, ldb, c, rsc, csc, rows, cols, epilogue) }
 }
 
-/// The narrow (`V = 1`, first) and full (`V = 2`) tiles for a bottom-edge A
-/// panel of `R < MR` real rows, entry `R − 1`: the rows past the matrix are
-/// padding, whose FMAs a full tile would run anyway (147 = 18·8 + 3 rows,
-/// r50_conv1's grad input and weight gradient: 5 of 8 rows in the last
-/// panel).
-pub(crate) const KERNELS_SHORT: [[super::MicroKernelFn; super::SHORT_ROWS]; 2] = [
+/// The tiles of one, two and three zmm (`V = 1, 2, 3`, in that order) for a
+/// bottom-edge A panel of `R < MR` real rows, entry `R − 1`: the rows past
+/// the matrix are padding, whose FMAs a full tile would run anyway (147 =
+/// 18·8 + 3 rows, r50_conv1's grad input and weight gradient: 5 of 8 rows
+/// in the last panel).
+pub(crate) const KERNELS_SHORT: [[super::MicroKernelFn; super::SHORT_ROWS]; 3] = [
     [
         kernel_mr::<1, 1>,
         kernel_mr::<2, 1>,
@@ -111,6 +158,15 @@ pub(crate) const KERNELS_SHORT: [[super::MicroKernelFn; super::SHORT_ROWS]; 2] =
         kernel_mr::<5, 2>,
         kernel_mr::<6, 2>,
         kernel_mr::<7, 2>,
+    ],
+    [
+        kernel_mr::<1, 3>,
+        kernel_mr::<2, 3>,
+        kernel_mr::<3, 3>,
+        kernel_mr::<4, 3>,
+        kernel_mr::<5, 3>,
+        kernel_mr::<6, 3>,
+        kernel_mr::<7, 3>,
     ],
 ];
 
@@ -157,8 +213,8 @@ pub(crate) unsafe fn kernel_mr<const R: usize, const V: usize>(
     }
 }
 
-/// [`super::TileWithColumnsFn`] for this path: the full or the narrow tile
-/// (by `cols`) with one or two peeled columns.
+/// [`super::TileWithColumnsFn`] for this path: the tile of one, two or
+/// three zmm that `cols` needs, with one or two peeled columns.
 ///
 /// # Safety
 /// As [`super::TileWithColumnsFn`]; the CPU supports AVX-512F.
@@ -187,8 +243,9 @@ pub(crate) unsafe fn kernel_with_columns(
     );
     macro_rules! run {
         ($v:literal, $p:literal) => {
-            // SAFETY: forwarded; the narrow tile reads the first 16 of the
-            // panel's NR floats per B step.
+            // SAFETY: forwarded; a tile of `V` zmm reads the first 16·V of
+            // the panel's floats per B step, and `cols ≤ 16·V` of them are
+            // C's.
             unsafe {
                 kernel_mr_with_columns::<MR, $v, $p>(
                     kc, a, ars, acs, b, ldb, c, rsc, csc, rows, cols, ep, columns, ld, out,
@@ -196,11 +253,13 @@ pub(crate) unsafe fn kernel_with_columns(
             }
         };
     }
-    match (cols <= NR_NARROW, count) {
-        (true, 1) => run!(1, 1),
-        (true, _) => run!(1, 2),
-        (false, 1) => run!(2, 1),
-        (false, _) => run!(2, 2),
+    match (cols.div_ceil(16), count) {
+        (0 | 1, 1) => run!(1, 1),
+        (0 | 1, _) => run!(1, 2),
+        (2, 1) => run!(2, 1),
+        (2, _) => run!(2, 2),
+        (_, 1) => run!(3, 1),
+        (_, _) => run!(3, 2),
     }
 }
 
@@ -324,7 +383,7 @@ unsafe fn kernel_mr_with_columns<const R: usize, const V: usize, const P: usize>
     let mut acc = ([[_mm512_setzero_ps(); V]; R], [_mm512_setzero_ps(); P]);
     // SAFETY: forwarded.
     unsafe {
-        if ldb == NR {
+        if is_panel_stride(ldb) {
             accumulate::<R, V, P, false>(
                 kc, a, ars, acs, b, ldb, c, rsc, csc, rows, columns, ld, &mut acc,
             )

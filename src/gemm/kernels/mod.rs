@@ -8,9 +8,11 @@
 //! the way out. Only the store is partial at a matrix edge.
 //!
 //! Each path has a row kernel, vectorised along the rows of C (B loaded as
-//! vectors, A broadcast). The two x86 paths also have a column kernel,
-//! vectorised down the columns of C, for pre-packed A and a C with few
-//! columns, where row tiles would be mostly padding
+//! vectors, A broadcast); AVX-512 has two, `8 × 32` and `8 × 48`, the
+//! wider one only on CPUs where it measured faster ([`wide_tiles`]) and for
+//! C widths it tiles no worse ([`wide_tiles_pay`]). The two x86 paths also
+//! have a column kernel, vectorised down the columns of C, for pre-packed A
+//! and a C with few columns, where row tiles would be mostly padding
 //! ([`kernel_info_for_shape`]).
 //!
 //! Which paths the CPU can run is [`crate::arch`]'s business; a `Kernel`
@@ -156,8 +158,12 @@ pub struct KernelInfo {
 }
 
 /// Row counts below a register tile that have their own kernels: those of
-/// AVX-512's 8-row tile (the only path with them).
+/// AVX-512's 8-row tiles (the only path with them).
 const SHORT_ROWS: usize = 7;
+
+/// Right-edge kernels a row kernel may have besides its full tile: AVX-512's
+/// 8 × 48 has two (16 and 32 columns), its 8 × 32 one.
+const MAX_EDGES: usize = 2;
 
 /// A micro-kernel and the blocking that feeds it. Its fields are private to
 /// this module: a `Kernel` exists only for a path the CPU supports (built by
@@ -170,18 +176,20 @@ const SHORT_ROWS: usize = 7;
 pub(crate) struct Kernel<T = f32> {
     info: KernelInfo,
     func: MicroKernelFn<T>,
-    /// A kernel for right-edge tiles of at most `.0` columns, reading the
-    /// same packed panels, where the full tile would be mostly padding.
-    narrow: Option<(usize, MicroKernelFn<T>)>,
+    /// Kernels for right-edge tiles of at most `.0` columns, narrowest
+    /// first, reading the same packed panels, where the full tile would be
+    /// mostly padding.
+    edges: [Option<(usize, MicroKernelFn<T>)>; MAX_EDGES],
     /// The kernel honours any A strides (`ars`, `acs`), so the driver may
     /// hand it a row-major A in place; otherwise A must be packed.
     a_strided: bool,
     /// The kernels for the one or two columns of C just past a multiple of
     /// the narrow width, which tiles would pad to a whole vector.
     dot: Option<DotKernels<T>>,
-    /// The narrow and the full tile for a bottom-edge panel of `r < mr`
-    /// real rows, at `[narrow or full][r − 1]`.
-    short: Option<[[MicroKernelFn<T>; SHORT_ROWS]; 2]>,
+    /// The tiles for a bottom-edge panel of `r < mr` real rows, at
+    /// `[e][r − 1]`: `e` indexes `edges`, and the full tile follows the
+    /// last edge kernel.
+    short: Option<[[MicroKernelFn<T>; SHORT_ROWS]; MAX_EDGES + 1]>,
 }
 
 impl<T> Kernel<T> {
@@ -191,10 +199,10 @@ impl<T> Kernel<T> {
         &self.info
     }
 
-    /// The narrow right-edge kernel and the widest tile it serves.
+    /// The narrowest right-edge kernel and the widest tile it serves.
     #[inline]
     pub(crate) fn narrow(&self) -> Option<(usize, MicroKernelFn<T>)> {
-        self.narrow
+        self.edges[0]
     }
 
     /// Whether the kernel reads a row-major A in place.
@@ -217,19 +225,42 @@ impl<T> Kernel<T> {
     }
 
     /// The micro-kernel for a tile of `rows` real rows and `cols` columns:
-    /// the narrow one where the columns fit it, and one computing only the
-    /// real rows where the path has it.
+    /// the narrowest edge kernel the columns fit, and one computing only
+    /// the real rows where the path has it.
     #[inline]
     pub(crate) fn for_tile(&self, rows: usize, cols: usize) -> MicroKernelFn<T> {
-        let narrow = matches!(self.narrow, Some((width, _)) if cols <= width);
+        let edge = self.edge_for(cols);
         if let Some(short) = self.short.filter(|_| rows < self.info.mr) {
-            if let Some(&f) = short[usize::from(!narrow)].get(rows.wrapping_sub(1)) {
+            if let Some(&f) = short[edge].get(rows.wrapping_sub(1)) {
                 return f;
             }
         }
-        match self.narrow {
-            Some((_, f)) if narrow => f,
+        match self.edges.get(edge) {
+            Some(&Some((_, f))) => f,
             _ => self.func,
+        }
+    }
+
+    /// The index in `edges` of the narrowest edge kernel that serves `cols`
+    /// columns, or the number of edge kernels (the full tile).
+    #[inline]
+    fn edge_for(&self, cols: usize) -> usize {
+        let mut index = 0;
+        for &(width, _) in self.edges.iter().flatten() {
+            if cols <= width {
+                return index;
+            }
+            index += 1;
+        }
+        index
+    }
+
+    /// Columns the tile that `cols` columns run on computes, padding
+    /// included: the narrowest edge kernel's width they fit, or NR.
+    fn padded_columns(&self, cols: usize) -> usize {
+        match self.edges.get(self.edge_for(cols)) {
+            Some(&Some((width, _))) => width,
+            _ => self.info.nr,
         }
     }
 
@@ -282,19 +313,28 @@ pub fn model_blocking(isa: Isa, mr: usize, nr: usize, caches: &CacheHierarchy) -
     ModelBlocking::derive(caches, mr, nr, std::mem::size_of::<f32>(), lanes)
 }
 
-fn build_kernel(isa: Isa) -> Kernel {
+/// The row kernel of path `isa` (one `clamp_isa` admitted), the wide
+/// tile where the path has one and `wide` asks for it.
+fn build_kernel(isa: Isa, wide: bool) -> Kernel {
     let caches = cache_hierarchy();
     let (mr, nr, func): (usize, usize, MicroKernelFn) = match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 if wide => (avx512::MR, avx512::NR_WIDE, avx512::kernel_wide),
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 => (avx512::MR, avx512::NR, avx512::kernel),
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => (avx2::MR, avx2::NR, avx2::kernel),
         _ => (portable::MR, portable::NR, portable::kernel),
     };
-    let narrow: Option<(usize, MicroKernelFn)> = match isa {
+    let edges: [Option<(usize, MicroKernelFn)>; MAX_EDGES] = match isa {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => Some((avx512::NR_NARROW, avx512::kernel_narrow)),
-        _ => None,
+        Isa::Avx512 if wide => [
+            Some((avx512::NR_NARROW, avx512::kernel_narrow)),
+            Some((avx512::NR, avx512::kernel)),
+        ],
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => [Some((avx512::NR_NARROW, avx512::kernel_narrow)), None],
+        _ => [None; MAX_EDGES],
     };
     let dot: Option<DotKernels> = match isa {
         #[cfg(target_arch = "x86_64")]
@@ -304,26 +344,102 @@ fn build_kernel(isa: Isa) -> Kernel {
         }),
         _ => None,
     };
-    let short: Option<[[MicroKernelFn; SHORT_ROWS]; 2]> = match isa {
+    let short: Option<[[MicroKernelFn; SHORT_ROWS]; MAX_EDGES + 1]> = match isa {
+        // One, two and three zmm: the 8 × 48 tile's edges and full tile.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => Some(avx512::KERNELS_SHORT),
+        Isa::Avx512 if wide => Some(avx512::KERNELS_SHORT),
+        // The 8 × 32 tile's narrow edge and full tile; the third entry,
+        // past its last edge plus one, is never indexed.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => {
+            let [one, two, _] = avx512::KERNELS_SHORT;
+            Some([one, two, two])
+        }
         _ => None,
     };
     Kernel {
         info: blocking(isa, mr, nr, caches),
         func,
-        narrow,
+        edges,
         a_strided: true,
         dot,
         short,
     }
 }
 
-/// The kernel of a supported path, built once per path.
+/// The row kernel of a supported path, built once per path: on AVX-512,
+/// the `8 × 32` tile.
 pub(crate) fn kernel_for(isa: Isa) -> &'static Kernel {
     static TABLE: [OnceLock<Kernel>; 3] = [OnceLock::new(), OnceLock::new(), OnceLock::new()];
     let isa = clamp_isa(isa);
-    TABLE[isa.index()].get_or_init(|| build_kernel(isa))
+    TABLE[isa.index()].get_or_init(|| build_kernel(isa, false))
+}
+
+/// The path's wide row kernel (AVX-512's `8 × 48`), where it has one and
+/// this CPU runs it ([`wide_tiles`]).
+fn wide_kernel_for(isa: Isa) -> Option<&'static Kernel> {
+    wide_kernel(isa).filter(|_| wide_tiles())
+}
+
+/// The path's wide row kernel, where it has one, whether or not this CPU
+/// runs it by default.
+fn wide_kernel(isa: Isa) -> Option<&'static Kernel> {
+    match clamp_isa(isa) {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => {
+            static WIDE: OnceLock<Kernel> = OnceLock::new();
+            Some(WIDE.get_or_init(|| build_kernel(Isa::Avx512, true)))
+        }
+        _ => None,
+    }
+}
+
+/// Whether this CPU runs AVX-512's `8 × 48` row tile (where it pays,
+/// [`wide_tiles_pay`]) besides the `8 × 32`: on Intel CPUs, where it
+/// measured 2–15% faster (`avx512::NR_WIDE`), not on AMD's (Zen 5: 4–11%
+/// slower, `avx512::MR`), nor where the vendor is unknown.
+/// `CPUCONV_AVX512_TILE=8x32` or `8x48` overrides the choice (read once per
+/// process); the tests run each tile that way.
+pub fn wide_tiles() -> bool {
+    static WIDE: OnceLock<bool> = OnceLock::new();
+    *WIDE.get_or_init(|| {
+        let by_vendor = crate::arch::vendor() == crate::arch::Vendor::Intel;
+        match std::env::var("CPUCONV_AVX512_TILE") {
+            Err(_) => by_vendor,
+            Ok(value) => match value.trim() {
+                "" => by_vendor,
+                "8x32" => false,
+                "8x48" => true,
+                other => {
+                    eprintln!(
+                        "cpuconv: CPUCONV_AVX512_TILE={other:?} is not one of 8x32, 8x48; \
+                         using {}",
+                        if by_vendor { "8x48" } else { "8x32" }
+                    );
+                    by_vendor
+                }
+            },
+        }
+    })
+}
+
+/// Whether `8 × 48` tiles (edges of 16 and 32 columns) cost less than
+/// `8 × 32` tiles (edge of 16) on a C of `n` columns, on a CPU that runs
+/// the wide tile ([`wide_tiles`]). Both pad C to whole zmm, so what differs
+/// is which tiles the zmm fall into. Each tile is costed per k-step in
+/// hundredths of a two-zmm tile: the one-zmm edge 62 (its 8 broadcasts
+/// weigh on 8 FMAs: load-bound, 1.25× a full tile per column), two zmm 100,
+/// three zmm 143 (0.95× per column: what the wide tile measured on whole
+/// GEMMs, `avx512::NR_WIDE`). So 64 columns take two 32-wide tiles
+/// (200 against 143 + 62), 96 or 3136 the wide ones.
+pub fn wide_tiles_pay(n: usize) -> bool {
+    const ONE: usize = 62;
+    const TWO: usize = 100;
+    const THREE: usize = 143;
+    let zmm = n.div_ceil(16);
+    let narrow = zmm / 2 * TWO + zmm % 2 * ONE;
+    let wide = zmm / 3 * THREE + [0, ONE, TWO][zmm % 3];
+    wide < narrow
 }
 
 /// The path's kernel vectorised down the columns of C, where it has one.
@@ -364,7 +480,7 @@ fn column_kernel(isa: Isa, mr: usize, nr: usize, func: MicroKernelFn) -> Kernel 
     Kernel {
         info: blocking(isa, mr, nr, cache_hierarchy()),
         func,
-        narrow: None,
+        edges: [None; MAX_EDGES],
         a_strided: false,
         dot: None,
         short: None,
@@ -377,10 +493,10 @@ fn column_kernel(isa: Isa, mr: usize, nr: usize, func: MicroKernelFn) -> Kernel 
 fn padded_work(kernel: &Kernel, m: usize, n: usize) -> u128 {
     let KernelInfo { mr, nr, .. } = kernel.info;
     let rem = n % nr;
-    let last = match kernel.narrow {
-        Some((width, _)) if rem > 0 && rem <= width => width,
-        _ if rem > 0 => nr,
-        _ => 0,
+    let last = if rem > 0 {
+        kernel.padded_columns(rem)
+    } else {
+        0
     };
     let rows = (m as u128).div_ceil(mr as u128) * mr as u128;
     rows.saturating_mul((n - rem) as u128 + last as u128)
@@ -411,8 +527,16 @@ fn padded_work(kernel: &Kernel, m: usize, n: usize) -> u128 {
 /// kernel's 16- or 32-row panels from a row-major A per call costs more
 /// than the padding saves (2048×512×49, 1 thread: packing A takes 40% of
 /// the time against 15% for 8-row panels, 131 against 167 GFLOP/s).
-pub(crate) fn kernel_for_shape(isa: Isa, m: usize, n: usize, a_columns: bool) -> &'static Kernel {
-    let rows = kernel_for(isa);
+///
+/// `wide` forces AVX-512's row tile (tests: `GemmOptions::wide_tile`).
+pub(crate) fn kernel_for_shape(
+    isa: Isa,
+    m: usize,
+    n: usize,
+    a_columns: bool,
+    wide: Option<bool>,
+) -> &'static Kernel {
+    let rows = row_kernel_for_shape(isa, n, wide);
     match column_kernel_for(isa) {
         Some(columns)
             if a_columns
@@ -425,26 +549,51 @@ pub(crate) fn kernel_for_shape(isa: Isa, m: usize, n: usize, a_columns: bool) ->
     }
 }
 
+/// The row kernel of path `isa` for a C of `n` columns: the wide tile where
+/// the CPU runs it and it pays on `n` ([`wide_tiles_pay`]), else the path's
+/// row kernel; `wide` forces the choice where the path has both.
+fn row_kernel_for_shape(isa: Isa, n: usize, wide: Option<bool>) -> &'static Kernel {
+    let chosen = match wide {
+        None => wide_kernel_for(isa).filter(|_| wide_tiles_pay(n)),
+        Some(true) => wide_kernel(isa),
+        Some(false) => None,
+    };
+    chosen.unwrap_or_else(|| kernel_for(isa))
+}
+
 /// The kernel for an `m × n` C: of the requested path (clamped to the CPU)
 /// or of the active one, with the blocking forced by `blocking` if set;
-/// `a_columns` as for [`kernel_for_shape`].
+/// `a_columns` and `wide` as for [`kernel_for_shape`].
 pub(crate) fn select(
     requested: Option<Isa>,
     m: usize,
     n: usize,
     a_columns: bool,
     blocking: Option<Blocking>,
+    wide: Option<bool>,
 ) -> Kernel {
-    let kernel = *kernel_for_shape(requested.unwrap_or_else(crate::isa), m, n, a_columns);
+    let isa = requested.unwrap_or_else(crate::isa);
+    let kernel = *kernel_for_shape(isa, m, n, a_columns, wide);
     match blocking {
         Some(b) => kernel.with_blocking(b),
         None => kernel,
     }
 }
 
-/// Register tile and blocking of a path (clamped to what the CPU supports).
+/// Register tile and blocking of a path's widest row kernel (clamped to
+/// what the CPU supports): on AVX-512, `8 × 48` where the CPU runs it
+/// ([`wide_tiles`]), else `8 × 32`. A C narrower than it may take a
+/// narrower one ([`kernel_info_for_operands`]).
 pub fn kernel_info(isa: Isa) -> KernelInfo {
-    kernel_for(isa).info
+    wide_kernel_for(isa).unwrap_or_else(|| kernel_for(isa)).info
+}
+
+/// Register tile and blocking of a path's narrower row kernel, where the
+/// CPU runs two (clamped to what the CPU supports): AVX-512's `8 × 32` next
+/// to its `8 × 48` ([`wide_tiles`]), for C widths the wide tile pads worse
+/// ([`wide_tiles_pay`]).
+pub fn narrower_row_kernel_info(isa: Isa) -> Option<KernelInfo> {
+    wide_kernel_for(isa).map(|_| kernel_for(isa).info)
 }
 
 /// Register tile and blocking of the column kernel of a path (clamped to
@@ -461,7 +610,30 @@ pub fn column_kernel_info(isa: Isa) -> Option<KernelInfo> {
 /// tiles vectorised down the columns of C, AVX2: `16 × 6`) when C has so
 /// few columns that row tiles would be mostly padding.
 pub fn kernel_info_for_shape(isa: Isa, m: usize, n: usize) -> KernelInfo {
-    kernel_for_shape(isa, m, n, true).info
+    kernel_info_for_operands(isa, m, n, true)
+}
+
+/// Register tile and blocking the GEMM uses for an `m × n` C on path
+/// `isa`, with A's panels reaching the kernel with their rows contiguous
+/// (`a_columns`: pre-packed, or column-major) or not: the column kernel is
+/// eligible only in the first case ([`kernel_info_for_shape`]); AVX-512's
+/// row tile is `8 × 48` or `8 × 32` by `n` in both ([`wide_tiles`]).
+pub fn kernel_info_for_operands(isa: Isa, m: usize, n: usize, a_columns: bool) -> KernelInfo {
+    kernel_info_for_tile(isa, m, n, a_columns, None)
+}
+
+/// Tests only: [`kernel_info_for_operands`] with AVX-512's row tile forced
+/// by `wide` (`Some(true)`: `8 × 48`, `Some(false)`: `8 × 32`), as
+/// `GemmOptions::wide_tile` forces it.
+#[doc(hidden)]
+pub fn kernel_info_for_tile(
+    isa: Isa,
+    m: usize,
+    n: usize,
+    a_columns: bool,
+    wide: Option<bool>,
+) -> KernelInfo {
+    kernel_for_shape(isa, m, n, a_columns, wide).info
 }
 
 /// How many k-steps before the end of a tile's loop the x86 kernels
@@ -656,6 +828,57 @@ unsafe fn store_scalar_each(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The wide tile takes C widths it covers with fewer one-zmm edges or
+    /// enough three-zmm tiles to make up for one; 8 × 32 keeps the rest.
+    #[test]
+    fn wide_tiles_pay_where_their_edges_cost_no_more() {
+        let narrow_wins = [1, 16, 17, 32, 64];
+        let wide_wins = [48, 80, 96, 112, 128, 196, 256, 784, 3136];
+        for n in narrow_wins {
+            assert!(!wide_tiles_pay(n), "{n}");
+        }
+        for n in wide_wins {
+            assert!(wide_tiles_pay(n), "{n}");
+        }
+        // Past a handful of panels the wide tile always pays.
+        assert!((96..5000).all(wide_tiles_pay));
+    }
+
+    /// The 8 × 48 kernel serves 1–16 columns with its one-zmm edge, 17–32
+    /// with its two-zmm edge (the 8 × 32 tile's full kernel), and 33–48
+    /// with the full tile; the 8 × 32 kernel has only the first edge.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn each_avx512_tile_picks_the_narrowest_edge() {
+        if !Isa::Avx512.is_supported() {
+            return;
+        }
+        let wide = wide_kernel(Isa::Avx512).expect("AVX-512 has a wide tile");
+        let base = kernel_for(Isa::Avx512);
+        assert_eq!((wide.info.nr, base.info.nr), (48, 32));
+        for (cols, edge, padded) in [
+            (1, 0, 16),
+            (16, 0, 16),
+            (17, 1, 32),
+            (32, 1, 32),
+            (33, 2, 48),
+            (48, 2, 48),
+        ] {
+            assert_eq!(wide.edge_for(cols), edge, "{cols}");
+            assert_eq!(wide.padded_columns(cols), padded, "{cols}");
+        }
+        for (cols, edge, padded) in [(1, 0, 16), (16, 0, 16), (17, 1, 32), (32, 1, 32)] {
+            assert_eq!(base.edge_for(cols), edge, "{cols}");
+            assert_eq!(base.padded_columns(cols), padded, "{cols}");
+        }
+        assert_eq!(wide.narrow().map(|(w, _)| w), Some(16));
+        // 100 = 2·48 + 4 columns: the last four pad to one zmm on either
+        // tile; 2048 rows are whole panels.
+        assert_eq!(padded_work(wide, 2048, 100), 2048 * 112);
+        assert_eq!(padded_work(base, 2048, 100), 2048 * 112);
+        assert_eq!(padded_work(wide, 2048, 120), 2048 * 128);
+    }
 
     /// Regression (found by the conv fuzz target): choosing the kernel of a
     /// plan whose output plane has 2^62 pixels overflowed the padded-work
