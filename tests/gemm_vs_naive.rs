@@ -1440,13 +1440,16 @@ fn b_in_place_at_every_offset(m: usize, k: usize, n: usize) {
 #[test]
 fn few_column_panels_share_b_across_threads() {
     // 13 and 100 columns are 1 and 4 panels of 32: too few to share out
-    // evenly, so the threads share one packed B and split the rows (513 =
-    // 64·8 + 1 rows, ragged); 3 threads, so the row split is uneven too.
+    // evenly, so the threads share one packed B and split the rows, where
+    // each thread's part of a block is large enough to repay the extra
+    // fork-joins (`MIN_SHARED_B_BLOCK_FMAS`: 683 rows × 100 × 552 deep, 2667
+    // × 13 × 600); 2049 = 8·256 + 1 rows, ragged; 3 threads, so the row
+    // split is uneven too. 513 rows split the grid instead.
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(3)
         .build()
         .unwrap();
-    for (m, k, n) in [(513, 700, 100), (300, 1100, 13)] {
+    for (m, k, n) in [(2049, 1100, 100), (8001, 600, 13), (513, 700, 100)] {
         let mut rng = Rng::new(7 + n as u64);
         let a = Stored::new(m, k, Layout::DENSE, |_, _| rng.next_f32());
         let b = Stored::new(k, n, Layout::DENSE, |_, _| rng.next_f32());

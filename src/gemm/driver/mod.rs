@@ -261,7 +261,9 @@ pub(crate) unsafe fn gemm<T: Element, B: BSource<T>>(
 /// in parallel, into one shared buffer, and the threads then split the rows
 /// of C over it. Splitting columns instead would leave 7 panels on 2
 /// threads (4 + 3), and splitting rows with private B blocks would pack
-/// (im2col) B once per thread.
+/// (im2col) B once per thread. It costs two fork-joins per block, so it is
+/// taken only where each thread's part of a block repays them
+/// (`threading::MIN_SHARED_B_BLOCK_FMAS`).
 ///
 /// # Safety
 /// As [`gemm`].

@@ -28,6 +28,29 @@ const OUTSIDE_POOL_FACTOR: u64 = 8;
 /// few columns to split between threads.
 const SHARED_B_PANEL_COLUMNS: usize = 32;
 
+/// Multiply-adds each thread must have in one KC × NC block of B before
+/// sharing B pays for the two fork-joins per block it costs (one to pack
+/// the block, one to compute on it) against the grid split's one per call.
+/// Measured on an Intel Xeon (2 threads, AVX-512, one process alternating
+/// with and without the rule, medians, GFLOP/s; sharing → grid): sgemm
+/// 64×576×196 (3.2 M per block) 79 → 167, 128×1152×196 152 → 168,
+/// 256×2304×196 (12.8 M) 179 → 238, 512×4608×49 180 → 207; 2048×512×49
+/// (25.7 M, still shared) 201 → 214 and the suite's forward and gradient
+/// passes (r50_conv1, r50_3x3, r50_3x3_s2, r50_deep, r50_last1x1, 1024 → 256
+/// 1×1 on 14²) within noise or up to 8% faster. Each fork-join cost 8–40 µs
+/// there (rayon waking a worker), 16 M multiply-adds about 80 µs a thread.
+const MIN_SHARED_B_BLOCK_FMAS: u64 = 1 << 24;
+
+/// Whether sharing B's blocks between `threads` pays on this problem:
+/// each thread's part of a block ([`MIN_SHARED_B_BLOCK_FMAS`]).
+fn shared_b_blocks_pay(m: usize, k: usize, n: usize, threads: usize, info: &KernelInfo) -> bool {
+    let kc = super::blocking::block_depth(k, info);
+    let rows = m.div_ceil(threads) as u64;
+    rows.saturating_mul(n.min(info.nc) as u64)
+        .saturating_mul(kc as u64)
+        >= MIN_SHARED_B_BLOCK_FMAS
+}
+
 /// How many threads a problem of this size deserves under `par`.
 pub(crate) fn thread_count(m: usize, n: usize, k: usize, par: Parallelism) -> usize {
     let max = par.max_threads();
@@ -132,7 +155,11 @@ pub(super) unsafe fn run_tasks<T: Element, B: BSource<T>>(
     // panels 194–206, split by columns 247–267).
     let panel = kernel.info().nr.min(SHARED_B_PANEL_COLUMNS);
     let (mp, np) = (m.div_ceil(kernel.info().mr), n.div_ceil(panel));
-    if threads > 1 && np < 4 * threads && mp >= 2 * threads {
+    if threads > 1
+        && np < 4 * threads
+        && mp >= 2 * threads
+        && shared_b_blocks_pay(m, k, n, threads, kernel.info())
+    {
         // Too few column panels to share out evenly: share B instead.
         // SAFETY: forwarded.
         unsafe { gemm_shared_b(m, k, n, alpha, a, b, beta, c, ep, peel, kernel, threads) };
@@ -201,5 +228,33 @@ mod tests {
         assert_eq!(thread_grid(2048, 49, 2, &info, false), (2, 1));
         // One panel each way: only one task has work.
         assert_eq!(thread_grid(8, 32, 4, &info, false), (1, 1));
+    }
+
+    /// Each thread's part of a KC × NC block: 1024 rows × 49 columns × 512
+    /// deep per thread shares B; 32 rows × 196 × 288 (64×576×196 on two
+    /// threads) splits the grid, and so does a KC block cut short by k.
+    #[test]
+    fn shared_b_needs_enough_work_per_block() {
+        let info = KernelInfo {
+            isa: crate::arch::Isa::Avx512,
+            mr: 8,
+            nr: 32,
+            mc: 896,
+            kc: 512,
+            nc: 1024,
+        };
+        assert!(shared_b_blocks_pay(2048, 512, 49, 2, &info));
+        assert!(!shared_b_blocks_pay(64, 576, 196, 2, &info));
+        assert!(!shared_b_blocks_pay(256, 2304, 196, 2, &info));
+        assert!(!shared_b_blocks_pay(2048, 64, 49, 2, &info));
+        // 683 rows a thread × 100 × 552: the shared path's test shape.
+        assert!(shared_b_blocks_pay(2049, 1100, 100, 3, &info));
+        assert!(shared_b_blocks_pay(
+            usize::MAX,
+            usize::MAX,
+            usize::MAX,
+            2,
+            &info
+        ));
     }
 }
