@@ -1382,12 +1382,12 @@ fn row_major_b_read_in_place() {
 #[test]
 fn b_read_in_place_from_mid_line_matches_naive() {
     // A row-major B read in place whose rows are a whole number of line
-    // pairs apart (1056 floats) or of lines only (1040 floats), starting
-    // anywhere in a pair: the driver peels the columns up to the next pair
-    // (or line) into a packed block of their own (B spans ≥ 32 column
-    // panels on every path), then reads the rest aligned. Every start
-    // offset, every ISA, against the f64 product.
-    for (m, k, n) in [(24, 37, 1056), (24, 37, 1040)] {
+    // pairs apart (1056 floats) or of lines only (1040 and 400 floats),
+    // starting anywhere in a pair: the driver peels the columns up to the
+    // next pair (or line) into a packed block of their own (B spans ≥ 8
+    // column panels on every path and tile), then reads the rest aligned.
+    // Every start offset, every ISA and tile, against the f64 product.
+    for (m, k, n) in [(24, 37, 1056), (24, 37, 1040), (24, 37, 400)] {
         b_in_place_at_every_offset(m, k, n);
     }
 }
@@ -1409,11 +1409,15 @@ fn b_in_place_at_every_offset(m: usize, k: usize, n: usize) {
                 }
             }
         }
-        for isa in isas_under_test() {
+        let runs = isas_under_test()
+            .into_iter()
+            .flat_map(|isa| tiles_under_test(isa).into_iter().map(move |w| (isa, w)));
+        for (isa, wide) in runs {
             let options = GemmOptions::default()
                 .backend(GemmBackend::Native)
                 .parallelism(Parallelism::Sequential)
-                .isa(Some(isa));
+                .isa(Some(isa))
+                .wide_tile(wide);
             let mut c = vec![f32::NAN; m * n];
             sgemm(
                 1.0,
@@ -1428,7 +1432,7 @@ fn b_in_place_at_every_offset(m: usize, k: usize, n: usize) {
                 let tol = tolerance(k, magnitude[idx]);
                 assert!(
                     (f64::from(got) - w).abs() <= tol,
-                    "{isa} {m}x{k}x{n}, B at +{offset}: C[{}][{}] = {got}, want {w}",
+                    "{isa} {wide:?} {m}x{k}x{n}, B at +{offset}: C[{}][{}] = {got}, want {w}",
                     idx / n,
                     idx % n
                 );

@@ -198,8 +198,14 @@ pub(crate) const B_ROW_ALIGN: usize = 2 * CACHE_LINE;
 
 /// The fewest column panels a B read in place must span before its
 /// leading columns are peeled to a pair or line boundary (see
-/// [`columns_to_aligned_rows`]).
-pub(super) const PEEL_MIN_PANELS: usize = 32;
+/// [`columns_to_aligned_rows`]); with fewer, a B whose rows start mid-line
+/// is packed (`rows_on_lines`). Lowered from 32: Intel Xeon, 1 thread,
+/// AVX-512, `cpuconv gemm --placement`, B 1–12 floats past a line, GFLOP/s
+/// with 32 → 8: 128×1152×784 (16 panels of 48) 142–151 → 155–160,
+/// 64×576×784 133–141 → 147–167, 32×288×784 115–122 → 150–162;
+/// 128×256×1024, 64×64×512 and 128×128×400 within noise. 64³ (2 panels)
+/// measured 146 with a peel against 218 without.
+pub(super) const PEEL_MIN_PANELS: usize = 8;
 
 /// Below this many register tiles, a block read in place would re-read B's
 /// block too often: pack A at full MC instead.
