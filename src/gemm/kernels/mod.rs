@@ -433,12 +433,14 @@ pub fn wide_tiles() -> bool {
 /// GEMMs, `avx512::NR_WIDE`). So 64 columns take two 32-wide tiles
 /// (200 against 143 + 62), 96 or 3136 the wide ones.
 pub fn wide_tiles_pay(n: usize) -> bool {
-    const ONE: usize = 62;
-    const TWO: usize = 100;
-    const THREE: usize = 143;
-    let zmm = n.div_ceil(16);
+    // In u128: a plan may describe a far larger output than it will ever
+    // run on (`padded_work` likewise).
+    const ONE: u128 = 62;
+    const TWO: u128 = 100;
+    const THREE: u128 = 143;
+    let zmm = (n as u128).div_ceil(16);
     let narrow = zmm / 2 * TWO + zmm % 2 * ONE;
-    let wide = zmm / 3 * THREE + [0, ONE, TWO][zmm % 3];
+    let wide = zmm / 3 * THREE + [0, ONE, TWO][(zmm % 3) as usize];
     wide < narrow
 }
 
@@ -843,6 +845,7 @@ mod tests {
         }
         // Past a handful of panels the wide tile always pays.
         assert!((96..5000).all(wide_tiles_pay));
+        assert!(wide_tiles_pay(usize::MAX));
     }
 
     /// The 8 × 48 kernel serves 1–16 columns with its one-zmm edge, 17–32
