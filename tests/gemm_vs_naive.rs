@@ -16,9 +16,9 @@
 mod common;
 
 use common::{
-    column_block, engine_combos, kernel_info_for_call, proptest_cases, sequential_blocks,
-    single_mc_block_columns, tiled_columns, tiles_under_test, with_blocking, AOperand, BlockCounts,
-    GemmCall, Rng,
+    column_block, engine_combos, isa_tiles_under_test, kernel_info_for_call, proptest_cases,
+    sequential_blocks, single_mc_block_columns, tiled_columns, tiles_under_test, with_blocking,
+    AOperand, BlockCounts, GemmCall, Rng,
 };
 use cpuconv::gemm::kernels::{kernel_info, kernel_info_for_operands, kernel_info_for_shape};
 use cpuconv::gemm::{sgemm, sgemm_raw, GemmOptions, MatMut, MatRef};
@@ -612,10 +612,7 @@ fn run_blocked_case(
     let (want, magnitude) = naive(case.alpha, &a, &b, case.beta, &c0);
     let in_view = c0.in_view();
     let call = driver_call(case.alpha, &a, &b, &c0);
-    let runs = isas_under_test()
-        .into_iter()
-        .flat_map(|isa| tiles_under_test(isa).into_iter().map(move |w| (isa, w)));
-    for (isa, wide) in runs {
+    for (isa, wide) in isa_tiles_under_test() {
         let options = GemmOptions::default()
             .backend(GemmBackend::Native)
             .parallelism(Parallelism::Sequential)
@@ -1162,10 +1159,7 @@ fn check_every_isa(
 ) {
     let (want, magnitude) = naive(alpha, a, b, beta, c0);
     let in_view = c0.in_view();
-    let runs = isas_under_test()
-        .into_iter()
-        .flat_map(|isa| tiles_under_test(isa).into_iter().map(move |w| (isa, w)));
-    for (isa, wide) in runs {
+    for (isa, wide) in isa_tiles_under_test() {
         let options = GemmOptions::default()
             .backend(GemmBackend::Native)
             .parallelism(parallelism)
@@ -1409,10 +1403,7 @@ fn b_in_place_at_every_offset(m: usize, k: usize, n: usize) {
                 }
             }
         }
-        let runs = isas_under_test()
-            .into_iter()
-            .flat_map(|isa| tiles_under_test(isa).into_iter().map(move |w| (isa, w)));
-        for (isa, wide) in runs {
+        for (isa, wide) in isa_tiles_under_test() {
             let options = GemmOptions::default()
                 .backend(GemmBackend::Native)
                 .parallelism(Parallelism::Sequential)
@@ -1603,10 +1594,7 @@ fn every_bottom_edge_row_count() {
                 let b = Stored::new(k, n, Layout::DENSE, |_, _| rng.next_f32());
                 let c0 = Stored::new(m, n, Layout::DENSE, |_, _| f32::NAN);
                 let (want, magnitude) = naive(1.0, &a, &b, 0.0, &c0);
-                let runs = isas_under_test()
-                    .into_iter()
-                    .flat_map(|isa| tiles_under_test(isa).into_iter().map(move |w| (isa, w)));
-                for (isa, wide) in runs {
+                for (isa, wide) in isa_tiles_under_test() {
                     let options = GemmOptions::default()
                         .parallelism(Parallelism::Sequential)
                         .isa(isa)

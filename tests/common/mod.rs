@@ -109,6 +109,15 @@ pub fn tiles_under_test(isa: Isa) -> Vec<Option<bool>> {
     }
 }
 
+/// Every path under test, paired with each row tile to force on it
+/// ([`tiles_under_test`]).
+pub fn isa_tiles_under_test() -> Vec<(Isa, Option<bool>)> {
+    isas_under_test()
+        .into_iter()
+        .flat_map(|isa| tiles_under_test(isa).into_iter().map(move |w| (isa, w)))
+        .collect()
+}
+
 pub fn engine_combos() -> Vec<(Isa, GemmBackend, Parallelism)> {
     let mut v = Vec::new();
     for isa in isas_under_test() {

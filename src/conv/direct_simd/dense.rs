@@ -244,9 +244,9 @@ fn tile_outputs(shape: DenseShape) -> usize {
 /// (Intel Xeon, 1 thread, plans, two runs of `compare --plan`, GFLOP/s,
 /// implicit GEMM on 8 × 48 → dense): 512 → 2048 on 7² 126–138 → 154–159,
 /// 1024 → 2048 /2 on 14² 96 → 127–131, 1024 → 256 on 14² 159 → 187–189;
-/// and lost those it keeps from it (256 → 64 on 56² 143–154 → 112–119, 32
-/// → 16 on 112² 128–130 → 82–86, 128 → 512 on 28² 164–178 → 162–167). So
-/// the rule compares with the base tile.
+/// and lost or tied those it keeps from it (256 → 64 on 56² 143–154 →
+/// 112–119, 32 → 16 on 112² 128–130 → 82–86, 128 → 512 on 28² 164–178 →
+/// 162–167). So the rule compares with the base tile.
 pub(crate) fn outgrows_gemm_tile(isa: Isa) -> bool {
     let gemm = crate::gemm::kernels::kernel_for(isa).info();
     tile_outputs(shape_for(isa)) > gemm.mr * gemm.nr

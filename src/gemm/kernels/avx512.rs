@@ -60,7 +60,8 @@ fn is_panel_stride(ldb: usize) -> bool {
 /// for one serve the other.
 pub(crate) const MR: usize = 8;
 
-/// The dispatched micro-kernel; see [`super::MicroKernelFn`].
+/// The dispatched `MR × 32` micro-kernel (also the `MR × 48` tile's edge
+/// for 17–32 columns); see [`super::MicroKernelFn`].
 ///
 /// # Safety
 /// As [`super::MicroKernelFn`]; the CPU supports AVX-512F.
@@ -109,9 +110,9 @@ pub(crate) unsafe fn kernel_wide(
 /// Columns the narrow kernel computes: one zmm.
 pub(crate) const NR_NARROW: usize = 16;
 
-/// `MR × 16` over the same 32-wide B panels, for a right-edge panel with at
-/// most 16 real columns (e.g. 196 = 6·32 + 4 output pixels of a 14×14 layer):
-/// half the FMAs of the full kernel on a mostly-zero panel.
+/// `MR × 16` over the same 32- or 48-wide B panels, for a right-edge panel
+/// with at most 16 real columns (e.g. 196 = 6·32 + 4 output pixels of a
+/// 14×14 layer): half the FMAs of the full kernel on a mostly-zero panel.
 ///
 /// # Safety
 /// As [`kernel`], with `cols ≤ 16`.

@@ -394,12 +394,13 @@ fn wide_kernel(isa: Isa) -> Option<&'static Kernel> {
     }
 }
 
-/// Whether this CPU runs AVX-512's `8 × 48` row tile (where it pays,
-/// [`wide_tiles_pay`]) besides the `8 × 32`: on Intel CPUs, where it
-/// measured 2–15% faster (`avx512::NR_WIDE`), not on AMD's (Zen 5: 4–11%
+/// Whether this CPU, where it has AVX-512, runs its `8 × 48` row tile
+/// (where it pays, [`wide_tiles_pay`]) besides the `8 × 32`: on Intel
+/// CPUs, where it measured 2–15% faster (`avx512::NR_WIDE`), not on AMD's (Zen 5: 4–11%
 /// slower, `avx512::MR`), nor where the vendor is unknown.
 /// `CPUCONV_AVX512_TILE=8x32` or `8x48` overrides the choice (read once per
-/// process); the tests run each tile that way.
+/// process); `.ci/run` runs the convolution tests on each tile that way,
+/// and the GEMM tests force each per call (`GemmOptions::wide_tile`).
 pub fn wide_tiles() -> bool {
     static WIDE: OnceLock<bool> = OnceLock::new();
     *WIDE.get_or_init(|| {
