@@ -322,10 +322,17 @@ pub(crate) fn gather_weights(
 
 /// The phase's weights packed for a GEMM kernel with `mr` rows, in the
 /// layout `Weights::Packed` reads (per group, `⌈(C_out/g)/mr⌉` panels of
-/// `C_in/g·R'·S' × mr`): the gather and the packing in one pass. Each step
-/// reads one input channel's `mr` consecutive output-channel rows (one
-/// contiguous run of the weight) and writes one contiguous stretch of a
-/// panel, so neither side strides across memory.
+/// `C_in/g·R'·S' × mr`), from [`weights_by_tap`]: each step copies one
+/// input channel's `mr` consecutive output channels of one tap (a
+/// contiguous run) into one contiguous stretch of a panel.
+///
+/// The panels are filled a block of input channels at a time, every panel
+/// of the thread's share from the same block, so each block of the source
+/// is read from cache by all of them. Filling one panel over its whole
+/// depth before the next reads a `mr`-float sliver of every input
+/// channel's row per panel, a page apart for wide layers: r50_last1x1's
+/// grad input (2048 × 512 weights) spent 0.7 ms gathering, more than its
+/// GEMM.
 fn gather_packed(
     tg: &TransposedGeometry,
     phase: &Phase,
@@ -334,34 +341,90 @@ fn gather_packed(
     dst: &mut [f32],
     threads: usize,
 ) {
+    // Input channels per block: their source rows (`C_out/g·R·S` floats
+    // each) fill at most a quarter of L2.
+    let row_bytes = (tg.out_per_group() * tg.h.kernel * tg.w.kernel)
+        .saturating_mul(std::mem::size_of::<f32>())
+        .max(1);
+    let block = (crate::gemm::cache::cache_hierarchy().l2.per_core() / 4 / row_bytes).max(1);
+    gather_packed_in_blocks(tg, phase, by_tap, mr, dst, threads, block);
+}
+
+/// [`gather_packed`] a `block` of input channels at a time.
+fn gather_packed_in_blocks(
+    tg: &TransposedGeometry,
+    phase: &Phase,
+    by_tap: &[f32],
+    mr: usize,
+    dst: &mut [f32],
+    threads: usize,
+    block: usize,
+) {
     let (cin_g, cout_g) = (tg.in_per_group(), tg.out_per_group());
     let taps = tap_offsets(tg, phase);
     let depth = cin_g * taps.len();
     let panels = cout_g.div_ceil(mr);
-    // Panel `index` (group-major) of the packed weights.
-    let fill = |index: usize, panel: &mut [f32]| {
-        let (grp, q) = (index / panels, index % panels);
-        let rows = mr.min(cout_g - q * mr);
-        pack_phase_panel(
-            tg,
-            &taps,
-            PanelSource::ByTap(by_tap),
-            grp,
-            q * mr..q * mr + rows,
-            mr,
-            panel,
-        );
+    let total = tg.groups * panels;
+    let dst = &mut dst[..total * depth * mr];
+    if total == 0 || depth == 0 {
+        return;
+    }
+    // Panels `first..` of the packed weights (group-major), whole.
+    let fill = |first: usize, part: &mut [f32]| {
+        for k0 in (0..cin_g).step_by(block) {
+            let ks = k0..(k0 + block).min(cin_g);
+            for (j, panel) in part.chunks_exact_mut(depth * mr).enumerate() {
+                let (grp, q) = ((first + j) / panels, (first + j) % panels);
+                let rows = mr.min(cout_g - q * mr);
+                copy_by_tap(
+                    tg,
+                    &taps,
+                    by_tap,
+                    grp,
+                    q * mr..q * mr + rows,
+                    mr,
+                    ks.clone(),
+                    panel,
+                );
+            }
+        }
     };
-    let dst = &mut dst[..tg.groups * panels * depth * mr];
-    if threads > 1 && tg.groups * panels > 1 {
+    let per_thread = total.div_ceil(threads.max(1));
+    if threads > 1 && total > 1 {
         // The panels are independent: the gather runs on the call's threads
         // rather than alone before them.
-        dst.par_chunks_exact_mut(depth * mr)
+        dst.par_chunks_mut(per_thread * depth * mr)
             .enumerate()
-            .for_each(|(index, panel)| fill(index, panel));
+            .for_each(|(t, part)| fill(t * per_thread, part));
     } else {
-        for (index, panel) in dst.chunks_exact_mut(depth * mr).enumerate() {
-            fill(index, panel);
+        fill(0, dst);
+    }
+}
+
+/// Input channels `ks` of one panel (see [`pack_phase_panel`]) copied from
+/// [`weights_by_tap`]: per input channel and tap, one contiguous run of
+/// the group's output channels `channels`, lanes past them zero.
+#[allow(clippy::too_many_arguments)]
+fn copy_by_tap(
+    tg: &TransposedGeometry,
+    taps: &[usize],
+    by_tap: &[f32],
+    grp: usize,
+    channels: std::ops::Range<usize>,
+    width: usize,
+    ks: std::ops::Range<usize>,
+    panel: &mut [f32],
+) {
+    let (cin_g, cout_g) = (tg.in_per_group(), tg.out_per_group());
+    let window = tg.h.kernel * tg.w.kernel;
+    let (nt, rows) = (taps.len(), channels.len());
+    for k in ks {
+        let from = &by_tap[(grp * cin_g + k) * cout_g * window..][..cout_g * window];
+        let to = &mut panel[k * nt * width..][..nt * width];
+        for (lane, &tap) in to.chunks_exact_mut(width).zip(taps) {
+            let (real, pad) = lane.split_at_mut(rows);
+            real.copy_from_slice(&from[tap * cout_g + channels.start..][..rows]);
+            pad.fill(0.0);
         }
     }
 }
@@ -431,15 +494,7 @@ fn pack_phase_panel(
     let (nt, rows) = (taps.len(), channels.len());
     let weight = match source {
         PanelSource::ByTap(by_tap) => {
-            for k in 0..cin_g {
-                let from = &by_tap[(grp * cin_g + k) * cout_g * window..][..cout_g * window];
-                let to = &mut panel[k * nt * width..][..nt * width];
-                for (lane, &tap) in to.chunks_exact_mut(width).zip(taps) {
-                    let (real, pad) = lane.split_at_mut(rows);
-                    real.copy_from_slice(&from[tap * cout_g + channels.start..][..rows]);
-                    pad.fill(0.0);
-                }
-            }
+            copy_by_tap(tg, taps, by_tap, grp, channels, width, 0..cin_g, panel);
             return;
         }
         PanelSource::Weight(weight) => weight,
@@ -730,6 +785,11 @@ pub(crate) fn transposed_forward(
     // every phase's packing.
     let finite = std::cell::OnceCell::new();
     let mut by_tap = None;
+    // A pointwise kernel's weight is its own `weights_by_tap` (each
+    // `[C_out/g, 1]` block transposed is itself): transposing it anyway, a
+    // float at a time, took r50_last1x1's grad input on the implicit GEMM
+    // down to 50 GFLOP/s.
+    let pointwise = tg.h.kernel * tg.w.kernel == 1;
     for phase in &phases {
         let Some(conv) = &phase.conv else {
             runs.push(None);
@@ -754,7 +814,7 @@ pub(crate) fn transposed_forward(
         // A single phase's dense tile packs straight from `weight`.
         let dense_from_weight = algorithm == Algorithm::DirectDense && phases.len() == 1;
         let packs = algorithm == Algorithm::DirectDense || packed_mr.is_some();
-        if packs && !dense_from_weight && by_tap.is_none() {
+        if packs && !dense_from_weight && !pointwise && by_tap.is_none() {
             by_tap = Some(weights_by_tap(tg, weight)?);
         }
         let dense = if algorithm == Algorithm::DirectDense {
@@ -784,7 +844,10 @@ pub(crate) fn transposed_forward(
         )));
         weights_len += len;
     }
-    let mut gathered = Scratch::zeroed("transposed convolution phase weights", weights_len)?;
+    let by_tap = by_tap.as_deref().or(pointwise.then_some(weight));
+    // Every float is written by the gather below (panels' padding lanes
+    // included): zeroing 4 MB first cost r50_last1x1's grad input ~10%.
+    let mut gathered = Scratch::any("transposed convolution phase weights", weights_len)?;
     let scratch_len = scratch_len(tg, &phases);
     let mut scratch = Scratch::zeroed("transposed convolution phase planes", scratch_len)?;
     let threads = options.parallelism.max_threads();
@@ -792,14 +855,7 @@ pub(crate) fn transposed_forward(
         if let Some((_, packed_mr, range, None)) = run {
             let dst = &mut gathered[range.clone()];
             match packed_mr {
-                Some(mr) => gather_packed(
-                    tg,
-                    phase,
-                    by_tap.as_deref().unwrap_or_default(),
-                    *mr,
-                    dst,
-                    threads,
-                ),
+                Some(mr) => gather_packed(tg, phase, by_tap.unwrap_or_default(), *mr, dst, threads),
                 None => gather_weights(tg, phase, weight, dst),
             }
         }
@@ -821,7 +877,7 @@ pub(crate) fn transposed_forward(
                 return Ok(());
             };
             if let Some(dense) = dense {
-                let source = panel_source(by_tap.as_deref(), weight);
+                let source = panel_source(by_tap, weight);
                 let fill = dense_filler(tg, &phases[i], source);
                 return dense.run_once(x, bias, y, parallelism, &fill);
             }
@@ -1048,6 +1104,48 @@ mod tests {
                                 );
                             }
                         }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The packed phase weights do not depend on how many input channels
+    /// a block of the gather holds, nor on the threads: every block size
+    /// from one channel up, 1 and 3 threads, against one block of all.
+    #[test]
+    fn gathered_panels_do_not_depend_on_the_blocking() {
+        let axis = |kernel, stride| TransposedAxis {
+            input: 4,
+            output: 4 * stride,
+            kernel,
+            stride,
+            dilation: 1,
+            offset: 0,
+        };
+        for (groups, cin_g, cout_g, kernel, stride) in [(1, 5, 19, 1, 1), (2, 7, 9, 3, 2)] {
+            let tg = TransposedGeometry {
+                batch: 1,
+                in_channels: groups * cin_g,
+                out_channels: groups * cout_g,
+                groups,
+                h: axis(kernel, stride),
+                w: axis(kernel, 1),
+                mode: ConvMode::CrossCorrelation,
+            };
+            let weight: Vec<f32> = (0..tg.weight_len()).map(|i| i as f32 + 1.0).collect();
+            let by_tap = weights_by_tap(&tg, &weight).unwrap();
+            for phase in phases(&tg).unwrap().iter().filter(|p| p.conv.is_some()) {
+                let mr = 8;
+                let len = groups * cout_g.div_ceil(mr) * cin_g * tap_offsets(&tg, phase).len() * mr;
+                let mut want = vec![f32::NAN; len];
+                gather_packed_in_blocks(&tg, phase, &by_tap, mr, &mut want, 1, cin_g);
+                assert!(want.iter().all(|x| x.is_finite()), "every float written");
+                for block in 1..cin_g {
+                    for threads in [1, 3] {
+                        let mut got = vec![f32::NAN; len];
+                        gather_packed_in_blocks(&tg, phase, &by_tap, mr, &mut got, threads, block);
+                        assert_eq!(got, want, "{tg:?} block {block}, {threads} threads");
                     }
                 }
             }
