@@ -575,10 +575,12 @@ fn on_channel_halves(
 /// written), with bias and activation. Threads split a group's output
 /// channels where each gets at least [`MIN_CHANNELS_PER_THREAD`] (each
 /// then runs every chunk for its channels, in its own part of the column
-/// matrix); otherwise they share each chunk's GEMM and col2im. r50_deep's
-/// grad input (256 channels), 2 threads AVX-512 Zen 5, six alternating
-/// runs: shared chunks 355–371 GFLOP/s, split channels 369–392. Lengths
-/// are checked by the caller.
+/// matrix); otherwise, where each thread gets a chunk (`col_chunk_rows`
+/// cuts at least one per thread), they share the chunks out by input rows ([`ChunkRun::split_rows`]), and
+/// else share each chunk's GEMM and col2im. r50_deep's grad input (256
+/// channels), 2 threads AVX-512 Zen 5, six alternating runs: shared chunks
+/// 355–371 GFLOP/s, split channels 369–392. Lengths are checked by the
+/// caller.
 ///
 /// # Errors
 /// [`ConvError::OutOfMemory`] when the column matrix of one image group
@@ -591,6 +593,27 @@ pub(crate) fn transposed_gemm(
     output: &mut [f32],
     options: &ForwardOptions,
 ) -> Result<(), ConvError> {
+    let chunk_rows = col_chunk_rows(tg, options);
+    let split_rows = row_parts_pay(tg, options.parallelism.max_threads());
+    transposed_gemm_in_chunks(
+        tg, input, weights, bias, output, options, chunk_rows, split_rows,
+    )
+}
+
+/// [`transposed_gemm`] with the column matrix built `chunk_rows` input rows
+/// at a time, its chunks split by input rows where the threads do not
+/// split the channels if `split_rows`.
+#[allow(clippy::too_many_arguments)]
+fn transposed_gemm_in_chunks(
+    tg: &TransposedGeometry,
+    input: &[f32],
+    weights: TransposedWeights<'_>,
+    bias: Option<&[f32]>,
+    output: &mut [f32],
+    options: &ForwardOptions,
+    chunk_rows: usize,
+    split_rows: bool,
+) -> Result<(), ConvError> {
     let (rows, depth) = (gemm_rows(tg), tg.in_per_group());
     let plane = tg.h.input * tg.w.input;
     let out_plane = tg.h.output * tg.w.output;
@@ -598,10 +621,6 @@ pub(crate) fn transposed_gemm(
     let in_place = col2im_is_identity(tg);
     let disjoint = taps_disjoint(tg);
     let isa = options.resolved_isa();
-    // The column matrix in chunks of whole input rows that stay in L2
-    // between the GEMM that writes them and the col2im (or scatter) that
-    // reads them.
-    let chunk_rows = col_chunk_rows(tg, options);
     // At a stride above 1, col2im adds into sub-planes (column phases),
     // contiguous, which are then interleaved into the planes: r50_conv1's
     // grad input spent 0.83 ms adding to every other float.
@@ -629,6 +648,19 @@ pub(crate) fn transposed_gemm(
         } else {
             rows * chunk_rows * tg.w.input
         },
+    )?;
+    // Split over input rows instead (see `ChunkRun::split_rows`; col2im
+    // only, as a scatter writes rather than adds): each further part's
+    // column matrix and private planes of one group.
+    let row_parts = if in_place || disjoint || split || !split_rows {
+        1
+    } else {
+        row_parts(tg, chunk_rows, threads)
+    };
+    let group_len = cout_g * layout.channel_len();
+    let mut parts = Scratch::any(
+        "transposed convolution row parts",
+        (row_parts - 1) * (col.len() + group_len),
     )?;
     let gemm_opts = options.gemm_options(options.parallelism);
     for (n, image) in output
@@ -704,6 +736,9 @@ pub(crate) fn transposed_gemm(
             };
             if split {
                 run.split_channels(&weights, grp, 0..cout_g, y, &mut col, options, threads);
+            } else if row_parts > 1 {
+                let a = weights.group(tg, grp);
+                run.split_rows(&a, y, &mut col, &mut parts, row_parts, options);
             } else {
                 let a = weights.group(tg, grp);
                 run.chunks(&a, 0..cout_g, y, &mut col, &gemm_opts, threads);
@@ -790,11 +825,27 @@ impl ChunkRun<'_> {
         gemm_opts: &crate::GemmOptions,
         threads: usize,
     ) {
+        self.chunks_of_rows(a, chans, 0..self.tg.h.input, y, col, gemm_opts, threads);
+    }
+
+    /// [`ChunkRun::chunks`] for the input rows `input_rows` only (from a
+    /// chunk's first row).
+    #[allow(clippy::too_many_arguments)]
+    fn chunks_of_rows(
+        &self,
+        a: &ASource<'_, f32>,
+        chans: Range<usize>,
+        input_rows: Range<usize>,
+        y: &mut [f32],
+        col: &mut [f32],
+        gemm_opts: &crate::GemmOptions,
+        threads: usize,
+    ) {
         let tg = self.tg;
         let (depth, plane) = (tg.in_per_group(), tg.h.input * tg.w.input);
         let rows = chans.len() * tg.h.kernel * tg.w.kernel;
-        for i0 in (0..tg.h.input).step_by(self.chunk_rows) {
-            let i1 = (i0 + self.chunk_rows).min(tg.h.input);
+        for i0 in input_rows.clone().step_by(self.chunk_rows) {
+            let i1 = (i0 + self.chunk_rows).min(input_rows.end);
             let cols = (i1 - i0) * tg.w.input;
             let b = StridedMatrix {
                 ptr: self.x[i0 * tg.w.input..].as_ptr(),
@@ -843,6 +894,58 @@ impl ChunkRun<'_> {
                     col2im_split(self.isa, tg, part, i0..i1, y, self.layout, threads)
                 }
             }
+        }
+    }
+
+    /// [`ChunkRun::chunks`] for all of the group's output channels (`a`,
+    /// their planes or sub-planes in `y`), with the chunks shared out in
+    /// `parts` runs of consecutive input rows, one per thread, each running
+    /// its GEMMs on its own thread. Part 0 adds into `y` and uses `col`;
+    /// each further part adds into planes of its own (zeroed first) with a
+    /// column matrix of its own, both from `spare` (`parts − 1` times
+    /// `col.len() + y.len()` floats), which are then added into `y` in part
+    /// order. Where the group has too few output channels to split them
+    /// (the 3-channel stem's input gradient), sharing every chunk's GEMM
+    /// and col2im instead cost two fork-joins per chunk and ran no faster
+    /// on 2 threads than on 1.
+    ///
+    /// Bitwise identical from run to run; an output that two parts reach
+    /// (rows where their input rows' windows meet) sums their terms in
+    /// another order than one thread does.
+    fn split_rows(
+        &self,
+        a: &ASource<'_, f32>,
+        y: &mut [f32],
+        col: &mut [f32],
+        spare: &mut [f32],
+        parts: usize,
+        options: &ForwardOptions,
+    ) {
+        use rayon::prelude::*;
+        let tg = self.tg;
+        let chans = 0..tg.out_per_group();
+        let chunks = tg.h.input.div_ceil(self.chunk_rows);
+        // Part `t`'s input rows: whole chunks, as evenly shared as they go.
+        let rows_of = |t: usize| {
+            let first = |t: usize| (chunks * t / parts * self.chunk_rows).min(tg.h.input);
+            first(t)..first(t + 1)
+        };
+        let (col_len, y_len) = (col.len(), y.len());
+        let gemm_opts = options.gemm_options(crate::Parallelism::threads(1));
+        let mut own: Vec<(&mut [f32], &mut [f32])> = vec![(col, y)];
+        for part in spare.chunks_exact_mut(col_len + y_len).take(parts - 1) {
+            let (c, planes) = part.split_at_mut(col_len);
+            own.push((c, planes));
+        }
+        own.par_iter_mut().enumerate().for_each(|(t, (c, planes))| {
+            if t > 0 {
+                planes.fill(0.0);
+            }
+            self.chunks_of_rows(a, chans.clone(), rows_of(t), planes, c, &gemm_opts, 1);
+        });
+        let (first, rest) = own.split_at_mut(1);
+        for (_, planes) in rest {
+            add_assign(first[0].1, planes);
         }
     }
 
@@ -896,7 +999,39 @@ impl ChunkRun<'_> {
     }
 }
 
-/// Input rows per chunk of the column matrix: as many as keep a chunk
+/// How many runs of chunks [`ChunkRun::split_rows`] shares a group's
+/// chunks out in on `threads` threads (1: it does not): one per thread,
+/// where each gets a chunk ([`transposed_gemm`] asks for it only where
+/// [`row_parts_pay`]).
+fn row_parts(tg: &TransposedGeometry, chunk_rows: usize, threads: usize) -> usize {
+    let chunks = tg.h.input.div_ceil(chunk_rows.max(1));
+    if threads > 1 && chunks >= threads {
+        threads
+    } else {
+        1
+    }
+}
+
+/// The fewest multiply-adds of one image group's GEMMs per thread for
+/// which [`ChunkRun::split_rows`] runs: a part costs a fork and an add of
+/// its planes, and a rayon fork-join alone takes 8–40 µs on a shared VM
+/// (2²² multiply-adds are 20–40 µs on one core). Smaller groups keep one
+/// thread's order.
+const MIN_ROW_PART_FMAS: usize = 1 << 22;
+
+/// Whether a group's GEMMs give each of `threads` threads at least
+/// [`MIN_ROW_PART_FMAS`].
+fn row_parts_pay(tg: &TransposedGeometry, threads: usize) -> bool {
+    let fmas = gemm_rows(tg)
+        .saturating_mul(tg.in_per_group())
+        .saturating_mul(tg.h.input)
+        .saturating_mul(tg.w.input);
+    threads > 1 && fmas / threads >= MIN_ROW_PART_FMAS
+}
+
+/// Input rows per chunk of the column matrix, which stays in L2 between
+/// the GEMM that writes it and the col2im (or scatter) that reads it: as
+/// many as keep a chunk
 /// (`C_out/g·R·S` rows of that many input rows' pixels) within half of L2,
 /// at least one, and never so few that the chunk's GEMM would select
 /// another micro-kernel than the whole plane's. r50_conv1's grad input (147 rows, 112-pixel input rows)
@@ -908,8 +1043,14 @@ fn col_chunk_rows(tg: &TransposedGeometry, options: &ForwardOptions) -> usize {
         .saturating_mul(tg.w.input)
         .saturating_mul(std::mem::size_of::<f32>())
         .max(1);
-    let chunk = (crate::gemm::cache::cache_hierarchy().l2.per_core() / 2 / row_bytes)
+    let mut chunk = (crate::gemm::cache::cache_hierarchy().l2.per_core() / 2 / row_bytes)
         .clamp(1, tg.h.input.max(1));
+    // Threads that cannot split a group's output channels split the chunks
+    // ([`ChunkRun::split_rows`]): at least one each.
+    let threads = options.parallelism.max_threads();
+    if tg.out_per_group() < MIN_CHANNELS_PER_THREAD * threads && row_parts_pay(tg, threads) {
+        chunk = chunk.min(tg.h.input.div_ceil(threads).max(1));
+    }
     if chunk >= tg.h.input {
         return tg.h.input.max(1);
     }
@@ -972,4 +1113,96 @@ pub(crate) fn transposed_gemm_raw(
     };
     let weights = TransposedWeights::Packed { data: &packed, mr };
     transposed_gemm(tg, input, weights, bias, output, &options)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::conv::direct::transposed_direct;
+
+    /// GEMM + col2im against the definition with the column matrix in
+    /// chunks of 1 to 3 input rows, on 1 to 3 threads: the 3-channel
+    /// groups run their chunks split by input rows on 2 or more threads
+    /// (two parts meeting at every kind of seam), the 24-channel group
+    /// splits its channels; a run repeated gives the same bits.
+    #[test]
+    fn chunks_split_by_rows_or_channels_match_the_definition() {
+        let axis = |input, kernel, stride, dilation, offset| {
+            let reach = (input - 1) * stride + (kernel - 1) * dilation + 1;
+            TransposedAxis {
+                input,
+                output: reach - 2 * offset as usize,
+                kernel,
+                stride,
+                dilation,
+                offset,
+            }
+        };
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(3)
+            .build()
+            .unwrap();
+        let cases = [
+            // (channels in, out, groups, h, w)
+            (4, 3, 1, axis(9, 7, 2, 1, 3), axis(6, 7, 2, 1, 3)),
+            (4, 3, 1, axis(8, 3, 1, 1, 1), axis(5, 3, 1, 1, 1)),
+            (2, 6, 2, axis(10, 3, 2, 2, 1), axis(4, 2, 3, 1, 0)),
+            (5, 24, 1, axis(7, 3, 2, 1, 1), axis(5, 3, 2, 1, 1)),
+        ];
+        let mut seed = 7u32;
+        let mut next = move || {
+            seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            (seed >> 8) as f32 / (1u32 << 24) as f32 - 0.5
+        };
+        for (cin, cout, groups, h, w) in cases {
+            let tg = TransposedGeometry {
+                batch: 2,
+                in_channels: cin,
+                out_channels: cout,
+                groups,
+                h,
+                w,
+                mode: crate::ConvMode::CrossCorrelation,
+            };
+            let x: Vec<f32> = (0..tg.input_len()).map(|_| next()).collect();
+            let wt: Vec<f32> = (0..tg.weight_len()).map(|_| next()).collect();
+            let b: Vec<f32> = (0..cout).map(|_| next()).collect();
+            let mut want = vec![0.0; tg.output_len()];
+            transposed_direct(&tg, &x, &wt, Some(&b), Activation::None, &mut want);
+            // Terms per output: at most C_in/g·R·S, each below 1/4.
+            let terms = (tg.in_per_group() * h.kernel * w.kernel) as f32;
+            let tol = (terms + 1.0) * 8.0 * f32::EPSILON;
+            for chunk_rows in 1..=3 {
+                for threads in 1..=3 {
+                    let options = ForwardOptions::new(super::super::Algorithm::Im2col)
+                        .parallelism(crate::Parallelism::threads(threads));
+                    let run = || {
+                        let mut got = vec![f32::NAN; tg.output_len()];
+                        pool.install(|| {
+                            transposed_gemm_in_chunks(
+                                &tg,
+                                &x,
+                                TransposedWeights::Raw(&wt),
+                                Some(&b),
+                                &mut got,
+                                &options,
+                                chunk_rows,
+                                true,
+                            )
+                        })
+                        .unwrap();
+                        got
+                    };
+                    let got = run();
+                    for (i, (&g, &e)) in got.iter().zip(&want).enumerate() {
+                        assert!(
+                            (g - e).abs() <= tol,
+                            "{tg:?} chunks of {chunk_rows}, {threads} threads: [{i}] {g} vs {e}"
+                        );
+                    }
+                    assert_eq!(got, run(), "{tg:?} {chunk_rows} rows, {threads} threads");
+                }
+            }
+        }
+    }
 }
