@@ -1064,6 +1064,29 @@ proptest! {
         check_every_algorithm(&case)?;
     }
 
+    /// The same on pointwise, stride-1 cases whose planes have fewer pixels
+    /// than a group has output channels, which GEMM + col2im with raw
+    /// weights (one image) runs as `yᵀ = xᵀ·W_g` and transposes, adding the
+    /// bias and the activation on the way; rare in the general strategy.
+    #[test]
+    fn pointwise_on_planes_smaller_than_the_channels_match_direct(
+        case in case_strategy(),
+        out_per_group in 4usize..=12,
+        input in (1usize..=3, 1usize..=2),
+    ) {
+        let case = Case {
+            kernel: (1, 1),
+            stride: (1, 1),
+            dilation: (1, 1),
+            raw_output_padding: (0, 0),
+            pad: PadChoice::Explicit(Padding::ZERO),
+            out_per_group,
+            input,
+            ..case
+        };
+        check_every_algorithm(&case)?;
+    }
+
     /// `ConvTranspose2d::forward` (no bias, no activation) equals
     /// `backward_input` of the matching convolution (input = the transposed
     /// output, same stride, resolved padding, dilation, groups, mode; the
