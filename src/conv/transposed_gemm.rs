@@ -666,7 +666,7 @@ fn transposed_gemm_in_chunks(
     // output channels, with raw weights, runs `yᵀ = xᵀ·W_g` (see
     // `pointwise_swapped`) into this, then transposes it into the planes.
     let swapped_weights = match weights {
-        TransposedWeights::Raw(w) if in_place && plane < cout_g => Some(w),
+        TransposedWeights::Raw(w) if in_place && 0 < plane && plane < cout_g => Some(w),
         _ => None,
     };
     let mut swapped = Scratch::any(
@@ -1108,8 +1108,8 @@ fn row_parts(tg: &TransposedGeometry, chunk_rows: usize, threads: usize) -> usiz
 /// The fewest multiply-adds of one image group's GEMMs per thread for
 /// which [`ChunkRun::split_rows`] runs: a part costs a fork and an add of
 /// its planes, and a rayon fork-join alone takes 8–40 µs on a shared VM
-/// (2²² multiply-adds are 20–40 µs on one core). Smaller groups keep one
-/// thread's order.
+/// (2²² multiply-adds take 30–50 µs on one AVX-512 core at 60–70% of its
+/// peak). Smaller groups keep one thread's order.
 const MIN_ROW_PART_FMAS: usize = 1 << 22;
 
 /// Whether a group's GEMMs give each of `threads` threads at least
