@@ -61,10 +61,14 @@ pub struct BackwardOptions {
     /// frameworks accumulate over micro-batches. The input gradient is
     /// always overwritten.
     pub accumulate: bool,
-    /// Threads: each GEMM of [`Algorithm::Im2col`] threads itself;
-    /// [`Algorithm::Implicit`] shares blocks of the weight gradient out,
-    /// `DirectSimd` the output channels; the `Direct` reference runs on the
-    /// calling thread.
+    /// Threads: [`Algorithm::Im2col`]'s grad input gives each thread a
+    /// share of a group's output channels where there are enough, else,
+    /// where the group has enough work, a share of its input rows (outputs
+    /// where two threads' rows meet then sum in an order that depends on
+    /// the thread count); otherwise, and in its weight gradient, each GEMM
+    /// threads itself. [`Algorithm::Implicit`] shares blocks of the weight
+    /// gradient out, `DirectSimd` the output channels; the `Direct`
+    /// reference runs on the calling thread.
     pub parallelism: Parallelism,
     /// Force a kernel path (clamped to the CPU) for the GEMMs of
     /// [`Algorithm::Im2col`] and the kernels of `DirectSimd`; `None` uses
