@@ -1217,7 +1217,8 @@ mod tests {
     /// chunks of 1 to 3 input rows, on 1 to 3 threads: the 3-channel
     /// groups run their chunks split by input rows on 2 or more threads
     /// (two parts meeting at every kind of seam), the 24-channel group
-    /// splits its channels; a run repeated gives the same bits.
+    /// splits its channels; a run repeated gives the same bits. On every
+    /// path the CPU runs (the GEMM's kernels and col2im's adds per ISA).
     #[test]
     fn chunks_split_by_rows_or_channels_match_the_definition() {
         let axis = |input, kernel, stride, dilation, offset| {
@@ -1265,35 +1266,42 @@ mod tests {
             // Terms per output: at most C_in/g·R·S, each below 1/4.
             let terms = (tg.in_per_group() * h.kernel * w.kernel) as f32;
             let tol = (terms + 1.0) * 8.0 * f32::EPSILON;
-            for chunk_rows in 1..=3 {
-                for threads in 1..=3 {
-                    let options = ForwardOptions::new(super::super::Algorithm::Im2col)
-                        .parallelism(crate::Parallelism::threads(threads));
-                    let run = || {
-                        let mut got = vec![f32::NAN; tg.output_len()];
-                        pool.install(|| {
-                            transposed_gemm_in_chunks(
-                                &tg,
-                                &x,
-                                TransposedWeights::Raw(&wt),
-                                Some(&b),
-                                &mut got,
-                                &options,
-                                chunk_rows,
-                                true,
-                            )
-                        })
-                        .unwrap();
-                        got
-                    };
-                    let got = run();
-                    for (i, (&g, &e)) in got.iter().zip(&want).enumerate() {
-                        assert!(
-                            (g - e).abs() <= tol,
-                            "{tg:?} chunks of {chunk_rows}, {threads} threads: [{i}] {g} vs {e}"
+            for isa in crate::testing::isas_under_test() {
+                for chunk_rows in 1..=3 {
+                    for threads in 1..=3 {
+                        let options = ForwardOptions::new(super::super::Algorithm::Im2col)
+                            .isa(isa)
+                            .parallelism(crate::Parallelism::threads(threads));
+                        let run = || {
+                            let mut got = vec![f32::NAN; tg.output_len()];
+                            pool.install(|| {
+                                transposed_gemm_in_chunks(
+                                    &tg,
+                                    &x,
+                                    TransposedWeights::Raw(&wt),
+                                    Some(&b),
+                                    &mut got,
+                                    &options,
+                                    chunk_rows,
+                                    true,
+                                )
+                            })
+                            .unwrap();
+                            got
+                        };
+                        let got = run();
+                        for (i, (&g, &e)) in got.iter().zip(&want).enumerate() {
+                            assert!(
+                                (g - e).abs() <= tol,
+                                "{tg:?} {isa:?} chunks of {chunk_rows}, {threads} threads: [{i}] {g} vs {e}"
+                            );
+                        }
+                        assert_eq!(
+                            got,
+                            run(),
+                            "{tg:?} {isa:?} {chunk_rows} rows, {threads} threads"
                         );
                     }
-                    assert_eq!(got, run(), "{tg:?} {chunk_rows} rows, {threads} threads");
                 }
             }
         }
