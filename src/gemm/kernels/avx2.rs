@@ -37,25 +37,49 @@ pub(crate) unsafe fn kernel(
     ep: &TileEpilogue,
 ) {
     let mut acc = [[_mm256_setzero_ps(); 2]; MR];
-    let a_rows: [*const f32; MR] = core::array::from_fn(|i| a.wrapping_add(i * ars));
-    let (mut ak, mut bp) = (0, b);
-    let step = |acc: &mut [[__m256; 2]; MR]| {
-        // SAFETY: the panels hold kc steps of MR (A) and 16 (B) floats, and
-        // the caller runs at most kc steps.
-        unsafe {
-            let b0 = _mm256_loadu_ps(bp);
-            let b1 = _mm256_loadu_ps(bp.add(8));
-            for (i, row) in acc.iter_mut().enumerate() {
-                let ai = _mm256_broadcast_ss(&*a_rows[i].add(ak));
-                row[0] = _mm256_fmadd_ps(ai, b0, row[0]);
-                row[1] = _mm256_fmadd_ps(ai, b1, row[1]);
+    if ars == 1 && acs == MR {
+        // A packed panel: one pointer walks it, and four steps to an
+        // iteration address every load at a constant offset (see
+        // `avx512::accumulate_packed_a`).
+        let (mut ap, mut bp) = (a, b);
+        let step = |acc: &mut [[__m256; 2]; MR]| {
+            // SAFETY: the panels hold kc steps of MR (A) and 16 (B) floats,
+            // and the caller runs at most kc steps.
+            unsafe {
+                let b0 = _mm256_loadu_ps(bp);
+                let b1 = _mm256_loadu_ps(bp.add(8));
+                for (i, row) in acc.iter_mut().enumerate() {
+                    let ai = _mm256_broadcast_ss(&*ap.add(i));
+                    row[0] = _mm256_fmadd_ps(ai, b0, row[0]);
+                    row[1] = _mm256_fmadd_ps(ai, b1, row[1]);
+                }
+                ap = ap.add(MR);
+                bp = bp.add(ldb);
             }
-            ak += acs;
-            bp = bp.add(ldb);
-        }
-    };
-    // SAFETY: the step runs kc times.
-    unsafe { run_steps_prefetching_c(kc, c, rsc, csc, rows, 4 * NR, &mut acc, step) };
+        };
+        // SAFETY: the step runs kc times.
+        unsafe { run_steps_prefetching_c::<_, 4>(kc, c, rsc, csc, rows, 4 * NR, &mut acc, step) };
+    } else {
+        let a_rows: [*const f32; MR] = core::array::from_fn(|i| a.wrapping_add(i * ars));
+        let (mut ak, mut bp) = (0, b);
+        let step = |acc: &mut [[__m256; 2]; MR]| {
+            // SAFETY: the panels hold kc steps of MR (A) and 16 (B) floats,
+            // and the caller runs at most kc steps.
+            unsafe {
+                let b0 = _mm256_loadu_ps(bp);
+                let b1 = _mm256_loadu_ps(bp.add(8));
+                for (i, row) in acc.iter_mut().enumerate() {
+                    let ai = _mm256_broadcast_ss(&*a_rows[i].add(ak));
+                    row[0] = _mm256_fmadd_ps(ai, b0, row[0]);
+                    row[1] = _mm256_fmadd_ps(ai, b1, row[1]);
+                }
+                ak += acs;
+                bp = bp.add(ldb);
+            }
+        };
+        // SAFETY: the step runs kc times.
+        unsafe { run_steps_prefetching_c::<_, 1>(kc, c, rsc, csc, rows, 4 * NR, &mut acc, step) };
+    }
 
     if csc != 1 || cols != NR {
         let mut tile = [0.0f32; MR * NR];
@@ -286,7 +310,7 @@ unsafe fn accumulate_columns<const NB: usize, const CH: usize>(
     };
     // SAFETY: kc / CH rounds of CH steps.
     unsafe {
-        run_steps_prefetching_c(
+        run_steps_prefetching_c::<_, 1>(
             kc / CH,
             c,
             rsc,

@@ -660,13 +660,16 @@ const PREFETCH_C_STEPS: usize = 128;
 ///
 /// The accumulators go to `step` by reference on each call rather than
 /// being captured, so that they stay in registers across both loops.
+/// `UNROLL` steps run per iteration of the first loop: 4 for a packed A
+/// panel, whose step addresses then fold into constant offsets; 1 where A
+/// or B is read in place, whose steps need every register already.
 ///
 /// # Safety
 /// `step` may run `kc` times.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn run_steps_prefetching_c<T>(
+pub(crate) unsafe fn run_steps_prefetching_c<T, const UNROLL: usize>(
     kc: usize,
     c: *mut f32,
     rsc: isize,
@@ -677,7 +680,13 @@ pub(crate) unsafe fn run_steps_prefetching_c<T>(
     mut step: impl FnMut(&mut T),
 ) {
     let tail = kc.min(PREFETCH_C_STEPS);
-    for _ in 0..kc - tail {
+    let body = kc - tail;
+    for _ in 0..body / UNROLL {
+        for _ in 0..UNROLL {
+            step(acc);
+        }
+    }
+    for _ in 0..body % UNROLL {
         step(acc);
     }
     if csc == 1 {
@@ -687,7 +696,12 @@ pub(crate) unsafe fn run_steps_prefetching_c<T>(
             prefetch_read(row.wrapping_add(row_bytes / 4 - 1));
         }
     }
-    for _ in 0..tail {
+    for _ in 0..tail / UNROLL {
+        for _ in 0..UNROLL {
+            step(acc);
+        }
+    }
+    for _ in 0..tail % UNROLL {
         step(acc);
     }
 }
