@@ -300,12 +300,15 @@ impl BlockCounts {
 }
 
 /// `info` with a forced blocking, rounded as `testing::Blocking` documents:
-/// MC and NC up to whole register tiles, KC up to a multiple of 8.
+/// MC and NC up to whole register tiles, KC up to a multiple of 8; a kernel
+/// with tall-A blocks takes the forced MC for them too.
 pub fn with_blocking(info: KernelInfo, b: Blocking) -> KernelInfo {
+    let mc = b.mc.max(1).next_multiple_of(info.mr);
     KernelInfo {
-        mc: b.mc.max(1).next_multiple_of(info.mr),
+        mc,
         kc: b.kc.max(1).next_multiple_of(8),
         nc: b.nc.max(1).next_multiple_of(info.nr),
+        tall_mc: if info.tall_mc > 0 { mc } else { 0 },
         ..info
     }
 }
@@ -404,7 +407,7 @@ pub fn single_mc_block_columns(info: &KernelInfo, k: usize) -> usize {
 /// counts: [`single_mc_block_columns`] when the rows fit one MC block, NC
 /// otherwise.
 pub fn column_block(info: &KernelInfo, call: &GemmCall) -> usize {
-    if call.m <= info.mc {
+    if call.m <= info.mc || info.tall_mc > 0 {
         single_mc_block_columns(info, call.k)
     } else {
         info.nc
@@ -423,8 +426,12 @@ pub fn column_block(info: &KernelInfo, call: &GemmCall) -> usize {
 /// * `m ≤ MC`: the single-MC path, K blocks outside column blocks of
 ///   [`single_mc_block_columns`], counting an NC edge per column block past
 ///   the first and never an MC edge;
-/// * `m > MC`: the classic nest, NC blocks × K blocks × MC blocks, each
-///   block past the first of its loop counting that loop's edge.
+/// * `m > MC` on a kernel with tall-A blocks: the single-MC path once per
+///   block of `tall_mc` rows, each block past the first counting an MC
+///   edge;
+/// * `m > MC` otherwise: the classic nest, NC blocks × K blocks × MC
+///   blocks, each block past the first of its loop counting that loop's
+///   edge.
 pub fn sequential_blocks(info: &KernelInfo, call: &GemmCall) -> BlockCounts {
     let GemmCall { m, k, n, .. } = *call;
     if m == 0 || n == 0 || k == 0 || !call.alpha_nonzero {
@@ -433,12 +440,17 @@ pub fn sequential_blocks(info: &KernelInfo, call: &GemmCall) -> BlockCounts {
     let n = tiled_columns(info, call);
     let kb = k.div_ceil(info.kc) as u64;
     let nb = n.div_ceil(column_block(info, call)) as u64;
-    if m <= info.mc {
+    if m <= info.mc || info.tall_mc > 0 {
+        let mb = if m <= info.mc {
+            1
+        } else {
+            m.div_ceil(info.tall_mc) as u64
+        };
         BlockCounts {
-            blocks: kb * nb,
-            kc_edges: (kb - 1) * nb,
-            mc_edges: 0,
-            nc_edges: kb * (nb - 1),
+            blocks: mb * kb * nb,
+            kc_edges: mb * (kb - 1) * nb,
+            mc_edges: (mb - 1) * kb * nb,
+            nc_edges: mb * kb * (nb - 1),
         }
     } else {
         let mb = m.div_ceil(info.mc) as u64;

@@ -113,6 +113,7 @@ fn json(args: &InfoArgs) -> serde_json::Value {
             "mc": k.mc,
             "kc": k.kc,
             "nc": k.nc,
+            "tall_mc": k.tall_mc,
             "a_block_bytes": k.mc * k.kc * 4,
             "b_block_bytes": k.kc * k.nc * 4,
             "model": {
@@ -128,6 +129,8 @@ fn json(args: &InfoArgs) -> serde_json::Value {
                 "mc": m.mc,
                 "kc": m.kc,
                 "nc": m.nc,
+                "l3_tall_b_ways": m.l3_tall_b_ways,
+                "tall_mc": m.tall_mc,
             },
         })
     };
@@ -285,7 +288,10 @@ pub fn run(args: &InfoArgs) -> Result<(), Stop> {
          gives each operand the ways of the level that serves its reuse: the B micro-panel \
          in L1 (depth KC₁) or, where L2 can feed the kernel (feed ≤ 32 B/cycle), in one way \
          of L2; the A block in L2 (MC); the B block in this core's L3 share (NC). One way \
-         is left spare at each level. A `col` row is the path's column kernel, which plans \
+         is left spare at each level. Where the B micro-panel lives in L2, C taller than MC \
+         runs in blocks of `tall MC` rows of A (in L3, beside a B block of half of L2, \
+         `L3 ways B'`), each A micro-panel staying in L1 while the B panels stream past it; \
+         `-`: the classic nest at every height. A `col` row is the path's column kernel, which plans \
          take where C has few columns (a 7×7 output plane); an `MRxNR` row, a narrower row \
          kernel the path keeps for C widths its main tile would pad worse (AVX-512's 8×32 \
          where the CPU runs 8×48; CPUCONV_AVX512_TILE=8x32|8x48 overrides).\n"
@@ -302,6 +308,8 @@ pub fn run(args: &InfoArgs) -> Result<(), Stop> {
         right("MC", 5),
         right("L3 ways A+B", 11),
         right("NC", 5),
+        right("L3 ways B'", 10),
+        right("tall MC", 7),
         right("A block", 8),
         right("B block", 8),
     ]);
@@ -330,6 +338,16 @@ pub fn run(args: &InfoArgs) -> Result<(), Stop> {
                 k.mc.to_string(),
                 format!("{}+{}", m.l3_a_ways, m.l3_b_ways),
                 k.nc.to_string(),
+                if k.tall_mc > 0 {
+                    m.l3_tall_b_ways.to_string()
+                } else {
+                    "-".to_string()
+                },
+                if k.tall_mc > 0 {
+                    k.tall_mc.to_string()
+                } else {
+                    "-".to_string()
+                },
                 kib(k.mc * k.kc * 4),
                 kib(k.kc * k.nc * 4),
             ])

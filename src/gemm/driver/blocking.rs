@@ -42,8 +42,10 @@ pub(crate) fn pack_bounds<T: Element>(
     a_prepacked: bool,
 ) -> PackBounds {
     let kc = block_depth(k, info).min(k.max(1));
-    let mc = info.mc.min(m.next_multiple_of(info.mr));
-    let nc = if m <= info.mc {
+    let tall = m > info.mc && info.tall_mc > 0;
+    let block_rows = if tall { info.tall_mc } else { info.mc };
+    let mc = block_rows.min(m.next_multiple_of(info.mr));
+    let nc = if m <= info.mc || tall {
         single_block_columns::<T>(block_depth(k, info), info)
     } else {
         info.nc

@@ -187,6 +187,11 @@ pub(super) struct MacroKernel<'a, T> {
     pub(super) kernel: &'a Kernel<T>,
     pub(super) k: usize,
     pub(super) m1: usize,
+    /// The MR loop outside the NR loop: each A micro-panel stays in L1
+    /// while the block's B panels stream past it (the tall-A order of
+    /// [`crate::gemm::cache_model`]); else each B micro-panel is reused by
+    /// every A micro-panel of the block.
+    pub(super) a_panel_outer: bool,
 }
 
 impl<T: Element> MacroKernel<'_, T> {
@@ -212,81 +217,85 @@ impl<T: Element> MacroKernel<'_, T> {
         let (first, last) = (pc == 0, pc + kcur == self.k);
         let ep = self.ep;
         let npanels = ncur.div_ceil(nr);
-        for jr in 0..npanels {
+        let row_panels = mcur.div_ceil(mr);
+        let (outer, inner) = if self.a_panel_outer {
+            (row_panels, npanels)
+        } else {
+            (npanels, row_panels)
+        };
+        for (o, i) in (0..outer).flat_map(|o| (0..inner).map(move |i| (o, i))) {
+            let (jr, ir) = if self.a_panel_outer { (i, o) } else { (o, i) };
             let (bp, ldb) = bpanels.panel(jr, npanels, nr);
             let col = jc + jr * nr;
             // A block may end mid-panel before C does (the alignment peel).
             let cols = nr.min(jc + ncur - col);
-            let row_panels = mcur.div_ceil(mr);
-            for ir in 0..row_panels {
-                let (ap, ars, acs) = apanels.panel(ir, row_panels, mr);
-                let row = ic + ir * mr;
-                let tile = TileEpilogue {
-                    alpha: self.alpha,
-                    beta: if first { self.beta } else { T::ONE },
-                    bias: if first && !ep.bias.is_null() {
-                        // SAFETY: row < m and bias holds m values.
-                        unsafe { ep.bias.add(row) }
-                    } else {
-                        std::ptr::null()
-                    },
-                    clamp: if last { ep.clamp } else { None },
-                };
-                // SAFETY: row < m and col < n by the loops' bounds.
-                let cp = unsafe {
-                    self.c
-                        .ptr
-                        .offset(row as isize * self.c.rs + col as isize * self.c.cs)
-                };
-                let rows = mr.min(self.m1 - row);
-                let peel = self.peel.filter(|p| col + cols == p.col0);
-                match peel {
-                    Some(peel) if ars == 1 => {
-                        // The micro-panel's columns are contiguous: the
-                        // peeled columns ride along with the tile.
-                        let mut out = [T::ZERO; 32];
-                        // SAFETY: as below, and the peeled columns hold k
-                        // staged values each, pc + kcur ≤ k.
-                        unsafe {
-                            (peel.dot.with_tile)(
-                                kcur,
-                                ap,
-                                ars,
-                                acs,
-                                bp,
-                                ldb,
-                                cp,
-                                self.c.rs,
-                                self.c.cs,
-                                rows,
-                                cols,
-                                &tile,
-                                peel.columns.add(pc),
-                                peel.k,
-                                peel.count,
-                                &mut out,
-                            )
-                        };
-                        // SAFETY: the panel's rows and the peeled columns
-                        // are inside this task's rows of C.
-                        unsafe { self.store_peel(&peel, row, &out, 16, &tile) };
-                    }
-                    _ => {
-                        let func = self.kernel.for_tile(rows, cols);
-                        // SAFETY: the panels hold kcur steps; the tile at
-                        // (row, col) is inside this task's block of C.
-                        unsafe {
-                            func(
-                                kcur, ap, ars, acs, bp, ldb, cp, self.c.rs, self.c.cs, rows, cols,
-                                &tile,
-                            )
-                        };
-                        if let Some(peel) = peel {
-                            // SAFETY: the panel is as described above; its
-                            // rows and the peeled columns are inside this
-                            // task's rows of C.
-                            unsafe { self.finish_peel(&peel, ap, ars, acs, row, pc, kcur, &tile) };
-                        }
+            let (ap, ars, acs) = apanels.panel(ir, row_panels, mr);
+            let row = ic + ir * mr;
+            let tile = TileEpilogue {
+                alpha: self.alpha,
+                beta: if first { self.beta } else { T::ONE },
+                bias: if first && !ep.bias.is_null() {
+                    // SAFETY: row < m and bias holds m values.
+                    unsafe { ep.bias.add(row) }
+                } else {
+                    std::ptr::null()
+                },
+                clamp: if last { ep.clamp } else { None },
+            };
+            // SAFETY: row < m and col < n by the loops' bounds.
+            let cp = unsafe {
+                self.c
+                    .ptr
+                    .offset(row as isize * self.c.rs + col as isize * self.c.cs)
+            };
+            let rows = mr.min(self.m1 - row);
+            let peel = self.peel.filter(|p| col + cols == p.col0);
+            match peel {
+                Some(peel) if ars == 1 => {
+                    // The micro-panel's columns are contiguous: the
+                    // peeled columns ride along with the tile.
+                    let mut out = [T::ZERO; 32];
+                    // SAFETY: as below, and the peeled columns hold k
+                    // staged values each, pc + kcur ≤ k.
+                    unsafe {
+                        (peel.dot.with_tile)(
+                            kcur,
+                            ap,
+                            ars,
+                            acs,
+                            bp,
+                            ldb,
+                            cp,
+                            self.c.rs,
+                            self.c.cs,
+                            rows,
+                            cols,
+                            &tile,
+                            peel.columns.add(pc),
+                            peel.k,
+                            peel.count,
+                            &mut out,
+                        )
+                    };
+                    // SAFETY: the panel's rows and the peeled columns
+                    // are inside this task's rows of C.
+                    unsafe { self.store_peel(&peel, row, &out, 16, &tile) };
+                }
+                _ => {
+                    let func = self.kernel.for_tile(rows, cols);
+                    // SAFETY: the panels hold kcur steps; the tile at
+                    // (row, col) is inside this task's block of C.
+                    unsafe {
+                        func(
+                            kcur, ap, ars, acs, bp, ldb, cp, self.c.rs, self.c.cs, rows, cols,
+                            &tile,
+                        )
+                    };
+                    if let Some(peel) = peel {
+                        // SAFETY: the panel is as described above; its
+                        // rows and the peeled columns are inside this
+                        // task's rows of C.
+                        unsafe { self.finish_peel(&peel, ap, ars, acs, row, pc, kcur, &tile) };
                     }
                 }
             }

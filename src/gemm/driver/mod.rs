@@ -11,6 +11,12 @@
 //!           micro-kernel(MR × NR tile)
 //! ```
 //!
+//! Kernels whose B micro-panel lives in L2 (the AVX-512 tiles) run C
+//! taller than MC in the tall-A order instead: for each block of `tall_mc`
+//! rows of A (L3) and each KC block, B is packed in blocks of half of L2,
+//! and the MR loop runs outside the NR loop, so one A micro-panel stays in
+//! L1 while the B panels stream past it from L2.
+//!
 //! Packing pays for itself only when a panel is reused often. A row-major
 //! operand whose packed panels would serve few tiles is read in place by
 //! the kernels instead (only a partial last panel is packed): B when M fits
@@ -293,6 +299,7 @@ unsafe fn gemm_shared_b<T: Element, B: BSource<T>>(
         kernel,
         k,
         m1: m,
+        a_panel_outer: false,
     };
     // The calling thread lends its B buffer to the shared block, so that
     // every thread (the caller included) still has its own A and staging
@@ -372,7 +379,11 @@ unsafe fn gemm_shared_b<T: Element, B: BSource<T>>(
 /// channels ≤ MC), the KC loop goes outside the NC loop and B is packed in
 /// blocks of [`single_block_columns`] columns: A is then packed once per KC
 /// block, and each packed B block (≤ L2/2) is consumed while it is still in
-/// L2 instead of being written out to L3 and read back.
+/// L2 instead of being written out to L3 and read back. Taller C runs the
+/// same nest per block of the kernel's `tall_mc` rows (its A block in L3)
+/// with the MR loop outside the NR loop, where the kernel's model gives
+/// one (the tall-A order of [`crate::gemm::cache_model`]); else the classic
+/// nest of the module doc.
 ///
 /// # Safety
 /// As [`gemm`]; `m0` is a multiple of the kernel's MR.
@@ -393,11 +404,20 @@ unsafe fn gemm_block<T: Element, B: BSource<T>>(
     kernel: &Kernel<T>,
     bufs: &mut PackBuffers<T>,
 ) {
-    let KernelInfo { nr, mc, nc, .. } = *kernel.info();
+    let KernelInfo {
+        nr,
+        mc,
+        nc,
+        tall_mc,
+        ..
+    } = *kernel.info();
     // Split k into equal blocks no deeper than KC rather than full blocks
     // plus a thin remainder, whose epilogue and C traffic cost as much as a
     // full block's while doing little work.
     let kc = block_depth(k, kernel.info());
+    // Rows that fit one MC block keep the classic inner loops; taller ones
+    // take the tall-A order where the kernel's model gives it.
+    let tall = m1 - m0 > mc && tall_mc > 0;
     let ctx = MacroKernel {
         alpha,
         beta,
@@ -407,13 +427,14 @@ unsafe fn gemm_block<T: Element, B: BSource<T>>(
         kernel,
         k,
         m1,
+        a_panel_outer: tall,
     };
     let PackBuffers {
         a: abuf,
         b: bbuf,
         staging,
     } = bufs;
-    if m1 - m0 <= mc {
+    if m1 - m0 <= mc || tall {
         // A row-major B is read in place where each B panel serves at
         // most `B_IN_PLACE_MAX_TILES` tiles, too few to repay copying it,
         // and its rows stay in cache between tiles (see `b_rows_in_place`).
@@ -440,11 +461,16 @@ unsafe fn gemm_block<T: Element, B: BSource<T>>(
             Some(bs) if !rows_on_lines(&bs, n0 + lead) => (None, 0),
             other => (other, lead),
         };
-        for pc in (0..k).step_by(kc) {
+        let block_rows = if tall { tall_mc } else { mc };
+        for (ic, pc) in (m0..m1)
+            .step_by(block_rows)
+            .flat_map(|ic| (0..k).step_by(kc).map(move |pc| (ic, pc)))
+        {
+            let mcur = block_rows.min(m1 - ic);
             let kcur = kc.min(k - pc);
-            let a_here = a_in_place(a, kernel, m1 - m0, (n1 - n0).div_ceil(nr));
-            // SAFETY: rows m0..m1 and depth pc..pc+kcur are inside A.
-            let apanels = unsafe { a_block(a, m0, m1 - m0, pc, kcur, kernel, a_here, abuf) };
+            let a_here = a_in_place(a, kernel, mcur, (n1 - n0).div_ceil(nr));
+            // SAFETY: rows ic..ic+mcur and depth pc..pc+kcur are inside A.
+            let apanels = unsafe { a_block(a, ic, mcur, pc, kcur, kernel, a_here, abuf) };
             let starts = (lead > 0)
                 .then_some(n0)
                 .into_iter()
@@ -516,12 +542,12 @@ unsafe fn gemm_block<T: Element, B: BSource<T>>(
                         kernel.info().isa,
                         kernel.is_column_kernel(),
                         pc > 0,
-                        false,
+                        ic > m0,
                         jc > n0 + lead,
                     );
                 }
                 // SAFETY: forwarded; the panels were packed above.
-                unsafe { ctx.run(apanels, m0, m1 - m0, bpanels, jc, ncur, pc, kcur) };
+                unsafe { ctx.run(apanels, ic, mcur, bpanels, jc, ncur, pc, kcur) };
             }
         }
         return;

@@ -221,6 +221,7 @@ mod tests {
             mc: 64,
             kc: 64,
             nc: 256,
+            tall_mc: 0,
         };
         // Few rows, many columns: split the columns.
         assert_eq!(thread_grid(64, 3136, 2, &info, false), (1, 2));
@@ -242,6 +243,7 @@ mod tests {
             mc: 896,
             kc: 512,
             nc: 1024,
+            tall_mc: 0,
         };
         assert!(shared_b_blocks_pay(2048, 512, 49, 2, &info));
         assert!(!shared_b_blocks_pay(64, 576, 196, 2, &info));

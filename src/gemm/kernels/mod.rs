@@ -155,6 +155,11 @@ pub struct KernelInfo {
     pub kc: usize,
     /// Columns of B packed per L3 block.
     pub nc: usize,
+    /// Rows of A per L3 block where C has more rows than `mc`, in the
+    /// tall-A order (the MR loop outside the NR loop over B blocks of half
+    /// of L2; see [`crate::gemm::cache_model`]); 0 where the driver keeps
+    /// the classic nest at every height.
+    pub tall_mc: usize,
 }
 
 /// Row counts below a register tile that have their own kernels: those of
@@ -271,10 +276,12 @@ impl<T> Kernel<T> {
     }
 
     /// This kernel with blocks of at most `mc` rows (a whole number of
-    /// register tiles, at least one).
+    /// register tiles, at least one), in the classic nest at every height:
+    /// the blocks of an A read in place, which must stay in L2.
     pub(crate) fn with_mc(mut self, mc: usize) -> Kernel<T> {
         let mr = self.info.mr;
         self.info.mc = (mc / mr * mr).max(mr);
+        self.info.tall_mc = 0;
         self
     }
 
@@ -285,6 +292,11 @@ impl<T> Kernel<T> {
         self.info.mc = b.mc.max(1).next_multiple_of(mr);
         self.info.kc = b.kc.max(1).next_multiple_of(8);
         self.info.nc = b.nc.max(1).next_multiple_of(nr);
+        // The loop nest stays the model's; its tall-A blocks take the
+        // forced MC, so that small problems cross their edges too.
+        if self.info.tall_mc > 0 {
+            self.info.tall_mc = self.info.mc;
+        }
         self
     }
 }
@@ -300,6 +312,7 @@ pub(crate) fn blocking(isa: Isa, mr: usize, nr: usize, caches: &CacheHierarchy) 
         mc: model.mc,
         kc: model.kc,
         nc: model.nc,
+        tall_mc: model.tall_mc,
     }
 }
 
