@@ -31,6 +31,18 @@ pub(crate) fn single_block_columns<T: Element>(kc: usize, info: &KernelInfo) -> 
     (elements / kc.max(1) / info.nr * info.nr).clamp(info.nr, info.nc.max(info.nr))
 }
 
+/// The rows of A per block for `m` rows of C, and whether they run in the
+/// tall-A order: rows that fit one MC block keep the classic inner loops,
+/// taller ones take blocks of `tall_mc` rows where the kernel's model gives
+/// them (see [`crate::gemm::cache_model`]).
+pub(super) fn row_blocks(m: usize, info: &KernelInfo) -> (usize, bool) {
+    if m > info.mc && info.tall_mc > 0 {
+        (info.tall_mc, true)
+    } else {
+        (info.mc, false)
+    }
+}
+
 /// The most elements one task's packing buffers (A, B, staging rows) hold
 /// for an `m × k × n` GEMM on `info`'s kernel: bounded by the blocking,
 /// whatever the problem size.
@@ -42,8 +54,7 @@ pub(crate) fn pack_bounds<T: Element>(
     a_prepacked: bool,
 ) -> PackBounds {
     let kc = block_depth(k, info).min(k.max(1));
-    let tall = m > info.mc && info.tall_mc > 0;
-    let block_rows = if tall { info.tall_mc } else { info.mc };
+    let (block_rows, tall) = row_blocks(m, info);
     let mc = block_rows.min(m.next_multiple_of(info.mr));
     let nc = if m <= info.mc || tall {
         single_block_columns::<T>(block_depth(k, info), info)

@@ -119,7 +119,8 @@ use super::Parallelism;
 use crate::testing::record_gemm_block;
 use blocking::{
     a_in_place, b_rows_in_place, block_depth, columns_to_aligned_rows, in_place_block_rows,
-    in_place_column_major_depth, rows_on_lines, single_block_columns, B_IN_PLACE_MAX_TILES,
+    in_place_column_major_depth, row_blocks, rows_on_lines, single_block_columns,
+    B_IN_PLACE_MAX_TILES,
 };
 use macro_kernel::{a_block, peeled_columns, BPanels, MacroKernel, PeeledColumns};
 use rayon::prelude::*;
@@ -404,20 +405,12 @@ unsafe fn gemm_block<T: Element, B: BSource<T>>(
     kernel: &Kernel<T>,
     bufs: &mut PackBuffers<T>,
 ) {
-    let KernelInfo {
-        nr,
-        mc,
-        nc,
-        tall_mc,
-        ..
-    } = *kernel.info();
+    let KernelInfo { nr, mc, nc, .. } = *kernel.info();
     // Split k into equal blocks no deeper than KC rather than full blocks
     // plus a thin remainder, whose epilogue and C traffic cost as much as a
     // full block's while doing little work.
     let kc = block_depth(k, kernel.info());
-    // Rows that fit one MC block keep the classic inner loops; taller ones
-    // take the tall-A order where the kernel's model gives it.
-    let tall = m1 - m0 > mc && tall_mc > 0;
+    let (block_rows, tall) = row_blocks(m1 - m0, kernel.info());
     let ctx = MacroKernel {
         alpha,
         beta,
@@ -461,7 +454,6 @@ unsafe fn gemm_block<T: Element, B: BSource<T>>(
             Some(bs) if !rows_on_lines(&bs, n0 + lead) => (None, 0),
             other => (other, lead),
         };
-        let block_rows = if tall { tall_mc } else { mc };
         for (ic, pc) in (m0..m1)
             .step_by(block_rows)
             .flat_map(|ic| (0..k).step_by(kc).map(move |pc| (ic, pc)))
