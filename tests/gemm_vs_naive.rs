@@ -1267,6 +1267,51 @@ fn column_major_a_takes_the_column_kernel() {
 }
 
 #[test]
+fn column_major_c_lowers_the_depth_of_the_a_the_driver_reads() {
+    // A column-major C runs as Cᵀ = Bᵀ·Aᵀ: the A the kernels read is Bᵀ,
+    // column-major (B row-major), 200 rows of 64-column C panels, read in
+    // place, so K blocks are cut to the depth whose lines fit where a packed
+    // panel's would. The depth was once chosen from the caller's A
+    // (row-major here, so never lowered): k just past the lowered depth
+    // then ran as one K block.
+    let (m, n) = (64, 200);
+    let line = cpuconv::gemm::cache::cache_hierarchy().l1d.line.max(1);
+    for isa in isas_under_test() {
+        let info = kernel_info_for_operands(isa, n, m, true);
+        let step_bytes = info.mr * std::mem::size_of::<f32>();
+        let depth = (info.kc * step_bytes / line.max(step_bytes)).next_multiple_of(8);
+        if depth + 8 > info.kc {
+            // Steps of a line or more: nothing to lower on this path.
+            continue;
+        }
+        let k = depth + 8;
+        let mut rng = Rng::new(77);
+        let a = Stored::new(m, k, Layout::DENSE, |_, _| rng.next_f32());
+        let b = Stored::new(k, n, Layout::DENSE, |_, _| rng.next_f32());
+        let c_layout = Layout {
+            row_major: false,
+            ..Layout::DENSE
+        };
+        let c0 = Stored::new(m, n, c_layout, |_, _| rng.next_f32());
+        let (want, magnitude) = naive(1.0, &a, &b, 0.5, &c0);
+        let options = GemmOptions::default()
+            .backend(GemmBackend::Native)
+            .parallelism(Parallelism::Sequential)
+            .isa(Some(isa));
+        let mut c = c0.clone();
+        let (result, trace) = traced(|| run_gemm(1.0, &a, &b, 0.5, &mut c, &options));
+        result.unwrap();
+        let what = format!(
+            "{m}x{k}x{n}, C column-major, {isa}, KC {} → {depth}",
+            info.kc
+        );
+        check_c(&what, &c, k, &want, &magnitude, &c0.in_view()).unwrap_or_else(|e| panic!("{e}"));
+        assert!(trace.gemm_ran_on(isa), "{what}: {trace:?}");
+        assert!(trace.kc_edges > 0, "{what}: one K block: {trace:?}");
+    }
+}
+
+#[test]
 fn row_major_a_read_in_place() {
     // Few column panels: the row kernels read a row-major A where it lies.
     // 1001 and 70 rows end mid-panel (the last panel is packed); an odd row

@@ -375,24 +375,24 @@ pub(crate) unsafe fn gemm_with_epilogue<B: BSource<f32>>(
     }
     match options.backend {
         GemmBackend::Native => {
-            // The kernel for the problem the driver runs: `Cᵀ = Bᵀ·Aᵀ` for a
-            // column-major C.
-            let (rows, columns, a_columns) = match (a, b.as_strided()) {
+            // The kernel for the problem the driver runs, and the A it reads:
+            // `Cᵀ = Bᵀ·Aᵀ` for a column-major C.
+            let (rows, columns, driver_a) = match (a, b.as_strided()) {
                 (ASource::Strided(_), Some(bs)) if driver::computes_transposed(&c, epilogue) => {
-                    (n, m, bs.t().is_column_major())
+                    (n, m, ASource::Strided(bs.t()))
                 }
-                _ => (m, n, a.columns_contiguous()),
+                _ => (m, n, *a),
             };
             let mut kernel = select(
                 options.isa,
                 rows,
                 columns,
-                a_columns,
+                driver_a.columns_contiguous(),
                 options.blocking,
                 options.wide_tile,
             );
             if options.blocking.is_none() {
-                kernel = driver::with_column_major_depth(a, kernel, n);
+                kernel = driver::with_column_major_depth(&driver_a, kernel, columns);
             }
             // SAFETY: forwarded.
             unsafe {
