@@ -9,7 +9,10 @@
 #[cfg(target_arch = "x86_64")]
 use core::arch::x86_64::*;
 
-use super::{run_steps_prefetching_c, store_columns_scalar, store_tile_scalar, TileEpilogue};
+use super::{
+    run_steps_prefetching_c, store_columns_scalar, store_tile_scalar, TileEpilogue,
+    A_COLUMN_PREFETCH_STEPS,
+};
 
 /// Columns of a B panel: two ymm registers.
 pub(crate) const NR: usize = 16;
@@ -59,6 +62,31 @@ pub(crate) unsafe fn kernel(
         };
         // SAFETY: the step runs kc times.
         unsafe { run_steps_prefetching_c::<_, 4>(kc, c, rsc, csc, rows, 4 * NR, &mut acc, step) };
+    } else if ars == 1 {
+        // A column-major A read in place: one pointer, and the step
+        // `A_COLUMN_PREFETCH_STEPS` ahead prefetched (see
+        // `avx512::accumulate_column_major_a`).
+        let (mut ap, mut bp) = (a, b);
+        let a_ahead = A_COLUMN_PREFETCH_STEPS * acs;
+        let step = |acc: &mut [[__m256; 2]; MR]| {
+            // SAFETY: A holds kc steps of MR floats, acs apart, and B kc
+            // steps of 16; the caller runs at most kc steps. A prefetch
+            // never faults, whatever the address.
+            unsafe {
+                let b0 = _mm256_loadu_ps(bp);
+                let b1 = _mm256_loadu_ps(bp.add(8));
+                _mm_prefetch::<_MM_HINT_T0>(ap.wrapping_add(a_ahead).cast());
+                for (i, row) in acc.iter_mut().enumerate() {
+                    let ai = _mm256_broadcast_ss(&*ap.add(i));
+                    row[0] = _mm256_fmadd_ps(ai, b0, row[0]);
+                    row[1] = _mm256_fmadd_ps(ai, b1, row[1]);
+                }
+                ap = ap.add(acs);
+                bp = bp.add(ldb);
+            }
+        };
+        // SAFETY: the step runs kc times.
+        unsafe { run_steps_prefetching_c::<_, 1>(kc, c, rsc, csc, rows, 4 * NR, &mut acc, step) };
     } else {
         let a_rows: [*const f32; MR] = core::array::from_fn(|i| a.wrapping_add(i * ars));
         let (mut ak, mut bp) = (0, b);

@@ -15,7 +15,10 @@
 #[cfg(target_arch = "x86_64")]
 use core::arch::x86_64::*;
 
-use super::{run_steps_prefetching_c, store_columns_scalar, store_tile_scalar, TileEpilogue};
+use super::{
+    run_steps_prefetching_c, store_columns_scalar, store_tile_scalar, TileEpilogue,
+    A_COLUMN_PREFETCH_STEPS,
+};
 
 /// Columns of a B panel: two zmm registers.
 pub(crate) const NR: usize = 32;
@@ -308,6 +311,15 @@ unsafe fn accumulate<const R: usize, const V: usize, const P: usize, const B_IN_
         };
         return;
     }
+    if P == 0 && ars == 1 {
+        // SAFETY: forwarded; A is column-major, read in place.
+        unsafe {
+            accumulate_column_major_a::<R, V, P, B_IN_PLACE>(
+                kc, a, acs, b, ldb, c, rsc, csc, rows, acc,
+            )
+        };
+        return;
+    }
     let a_rows: [*const f32; R] = core::array::from_fn(|i| a.wrapping_add(i * ars));
     let (mut ak, mut bp, mut colp) = (0, b, columns);
     let a_mask: __mmask16 = ((1u32 << R.min(16)) - 1) as u16;
@@ -348,6 +360,63 @@ unsafe fn accumulate<const R: usize, const V: usize, const P: usize, const B_IN_
                 colp = colp.add(1);
             }
             ak += acs;
+            bp = bp.add(ldb);
+        }
+    };
+    // SAFETY: the step runs kc times.
+    unsafe { run_steps_prefetching_c::<_, 1>(kc, c, rsc, csc, rows, 4 * 16 * V, acc, step) };
+}
+
+/// [`accumulate`] for a column-major A read in place (`ars = 1`, any
+/// `acs`): step `p`'s R values of A are the R floats at `a + p·acs`, walked
+/// by one pointer, and the step [`A_COLUMN_PREFETCH_STEPS`] ahead is
+/// prefetched. Those steps lie a column of A apart, too far for the
+/// hardware prefetchers to follow, and each is a cache line of its own.
+///
+/// # Safety
+/// As [`accumulate`], with `ars = 1` and `P = 0`.
+#[target_feature(enable = "avx512f,fma")]
+#[allow(clippy::too_many_arguments)]
+#[inline]
+unsafe fn accumulate_column_major_a<
+    const R: usize,
+    const V: usize,
+    const P: usize,
+    const B_IN_PLACE: bool,
+>(
+    kc: usize,
+    a: *const f32,
+    acs: usize,
+    b: *const f32,
+    ldb: usize,
+    c: *mut f32,
+    rsc: isize,
+    csc: isize,
+    rows: usize,
+    acc: &mut ([[__m512; V]; R], [__m512; P]),
+) {
+    let (mut ap, mut bp) = (a, b);
+    let a_ahead = A_COLUMN_PREFETCH_STEPS * acs;
+    let step = |(acc, _): &mut ([[__m512; V]; R], [__m512; P])| {
+        // SAFETY: A holds kc steps of R floats, acs apart, and B kc steps
+        // of 16·V; the caller runs at most kc steps. A prefetch never
+        // faults, whatever the address.
+        unsafe {
+            let bv: [__m512; V] = core::array::from_fn(|v| _mm512_loadu_ps(bp.add(16 * v)));
+            if B_IN_PLACE {
+                let ahead = bp.wrapping_add(B_PREFETCH_STEPS * ldb);
+                for v in 0..V {
+                    _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(16 * v).cast());
+                }
+            }
+            _mm_prefetch::<_MM_HINT_T0>(ap.wrapping_add(a_ahead).cast());
+            for (i, row) in acc.iter_mut().enumerate() {
+                let ai = _mm512_set1_ps(*ap.add(i));
+                for (v, x) in row.iter_mut().enumerate() {
+                    *x = _mm512_fmadd_ps(ai, bv[v], *x);
+                }
+            }
+            ap = ap.add(acs);
             bp = bp.add(ldb);
         }
     };
