@@ -40,53 +40,16 @@ pub(crate) unsafe fn kernel(
     ep: &TileEpilogue,
 ) {
     let mut acc = [[_mm256_setzero_ps(); 2]; MR];
-    if ars == 1 && acs == MR {
-        // A packed panel: one pointer walks it, and four steps to an
-        // iteration address every load at a constant offset (see
-        // `avx512::accumulate_packed_a`).
-        let (mut ap, mut bp) = (a, b);
-        let step = |acc: &mut [[__m256; 2]; MR]| {
-            // SAFETY: the panels hold kc steps of MR (A) and 16 (B) floats,
-            // and the caller runs at most kc steps.
-            unsafe {
-                let b0 = _mm256_loadu_ps(bp);
-                let b1 = _mm256_loadu_ps(bp.add(8));
-                for (i, row) in acc.iter_mut().enumerate() {
-                    let ai = _mm256_broadcast_ss(&*ap.add(i));
-                    row[0] = _mm256_fmadd_ps(ai, b0, row[0]);
-                    row[1] = _mm256_fmadd_ps(ai, b1, row[1]);
-                }
-                ap = ap.add(MR);
-                bp = bp.add(ldb);
+    if ars == 1 {
+        // SAFETY: forwarded; A's steps are contiguous: a packed panel
+        // (`acs = MR`) or a column-major A read in place.
+        unsafe {
+            if acs == MR {
+                accumulate_contiguous_a::<false>(kc, a, MR, b, ldb, c, rsc, csc, rows, &mut acc)
+            } else {
+                accumulate_contiguous_a::<true>(kc, a, acs, b, ldb, c, rsc, csc, rows, &mut acc)
             }
-        };
-        // SAFETY: the step runs kc times.
-        unsafe { run_steps_prefetching_c::<_, 4>(kc, c, rsc, csc, rows, 4 * NR, &mut acc, step) };
-    } else if ars == 1 {
-        // A column-major A read in place: one pointer, and the step
-        // `A_COLUMN_PREFETCH_STEPS` ahead prefetched (see
-        // `avx512::accumulate_column_major_a`).
-        let (mut ap, mut bp) = (a, b);
-        let a_ahead = A_COLUMN_PREFETCH_STEPS * acs;
-        let step = |acc: &mut [[__m256; 2]; MR]| {
-            // SAFETY: A holds kc steps of MR floats, acs apart, and B kc
-            // steps of 16; the caller runs at most kc steps. A prefetch
-            // never faults, whatever the address.
-            unsafe {
-                let b0 = _mm256_loadu_ps(bp);
-                let b1 = _mm256_loadu_ps(bp.add(8));
-                _mm_prefetch::<_MM_HINT_T0>(ap.wrapping_add(a_ahead).cast());
-                for (i, row) in acc.iter_mut().enumerate() {
-                    let ai = _mm256_broadcast_ss(&*ap.add(i));
-                    row[0] = _mm256_fmadd_ps(ai, b0, row[0]);
-                    row[1] = _mm256_fmadd_ps(ai, b1, row[1]);
-                }
-                ap = ap.add(acs);
-                bp = bp.add(ldb);
-            }
-        };
-        // SAFETY: the step runs kc times.
-        unsafe { run_steps_prefetching_c::<_, 1>(kc, c, rsc, csc, rows, 4 * NR, &mut acc, step) };
+        }
     } else {
         let a_rows: [*const f32; MR] = core::array::from_fn(|i| a.wrapping_add(i * ars));
         let (mut ak, mut bp) = (0, b);
@@ -153,6 +116,65 @@ pub(crate) unsafe fn kernel(
             }
         }
     }
+}
+
+/// The k-steps of [`kernel`] where A's MR values of step `p` are the MR
+/// floats at `a + p·a_step`, walked by one pointer: a packed panel
+/// (`a_step = MR`, four steps to an iteration) or a column-major A read in
+/// place (`COLUMN_MAJOR`: one step an iteration, the step
+/// [`A_COLUMN_PREFETCH_STEPS`] ahead prefetched). See
+/// `avx512::accumulate_contiguous_a` for both.
+///
+/// # Safety
+/// As [`kernel`], with `ars = 1` and `acs = a_step` (`MR` unless
+/// `COLUMN_MAJOR`); the CPU supports AVX2 and FMA.
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+#[inline]
+unsafe fn accumulate_contiguous_a<const COLUMN_MAJOR: bool>(
+    kc: usize,
+    a: *const f32,
+    a_step: usize,
+    b: *const f32,
+    ldb: usize,
+    c: *mut f32,
+    rsc: isize,
+    csc: isize,
+    rows: usize,
+    acc: &mut [[__m256; 2]; MR],
+) {
+    // A compile-time constant for a packed panel, so that its four steps'
+    // addresses fold into offsets.
+    let a_step = if COLUMN_MAJOR { a_step } else { MR };
+    let a_ahead = A_COLUMN_PREFETCH_STEPS * a_step;
+    let (mut ap, mut bp) = (a, b);
+    let step = |acc: &mut [[__m256; 2]; MR]| {
+        // SAFETY: A holds kc steps of MR floats, a_step apart, and B kc
+        // steps of 16; the caller runs at most kc steps. A prefetch never
+        // faults, whatever the address.
+        unsafe {
+            let b0 = _mm256_loadu_ps(bp);
+            let b1 = _mm256_loadu_ps(bp.add(8));
+            if COLUMN_MAJOR {
+                _mm_prefetch::<_MM_HINT_T0>(ap.wrapping_add(a_ahead).cast());
+            }
+            for (i, row) in acc.iter_mut().enumerate() {
+                let ai = _mm256_broadcast_ss(&*ap.add(i));
+                row[0] = _mm256_fmadd_ps(ai, b0, row[0]);
+                row[1] = _mm256_fmadd_ps(ai, b1, row[1]);
+            }
+            ap = ap.add(a_step);
+            bp = bp.add(ldb);
+        }
+    };
+    // SAFETY: the step runs kc times.
+    unsafe {
+        if COLUMN_MAJOR {
+            run_steps_prefetching_c::<_, 1>(kc, c, rsc, csc, rows, 4 * NR, acc, step)
+        } else {
+            run_steps_prefetching_c::<_, 4>(kc, c, rsc, csc, rows, 4 * NR, acc, step)
+        }
+    };
 }
 
 /// Rows of the column kernel's tile: two ymm down a column of C.

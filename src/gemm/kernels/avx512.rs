@@ -304,19 +304,19 @@ unsafe fn accumulate<const R: usize, const V: usize, const P: usize, const B_IN_
     ld: usize,
     acc: &mut ([[__m512; V]; R], [__m512; P]),
 ) {
-    if P == 0 && ars == 1 && acs == R {
-        // SAFETY: forwarded; A is a packed panel.
-        unsafe {
-            accumulate_packed_a::<R, V, P, B_IN_PLACE>(kc, a, b, ldb, c, rsc, csc, rows, acc)
-        };
-        return;
-    }
     if P == 0 && ars == 1 {
-        // SAFETY: forwarded; A is column-major, read in place.
+        // SAFETY: forwarded; A's steps are contiguous: a packed panel
+        // (`acs = R`) or a column-major A read in place.
         unsafe {
-            accumulate_column_major_a::<R, V, P, B_IN_PLACE>(
-                kc, a, acs, b, ldb, c, rsc, csc, rows, acc,
-            )
+            if acs == R {
+                accumulate_contiguous_a::<R, V, P, B_IN_PLACE, false>(
+                    kc, a, R, b, ldb, c, rsc, csc, rows, acc,
+                )
+            } else {
+                accumulate_contiguous_a::<R, V, P, B_IN_PLACE, true>(
+                    kc, a, acs, b, ldb, c, rsc, csc, rows, acc,
+                )
+            }
         };
         return;
     }
@@ -367,26 +367,45 @@ unsafe fn accumulate<const R: usize, const V: usize, const P: usize, const B_IN_
     unsafe { run_steps_prefetching_c::<_, 1>(kc, c, rsc, csc, rows, 4 * 16 * V, acc, step) };
 }
 
-/// [`accumulate`] for a column-major A read in place (`ars = 1`, any
-/// `acs`): step `p`'s R values of A are the R floats at `a + p·acs`, walked
-/// by one pointer, and the step [`A_COLUMN_PREFETCH_STEPS`] ahead is
-/// prefetched. Those steps lie a column of A apart, too far for the
-/// hardware prefetchers to follow, and each is a cache line of its own.
+/// [`accumulate`] where A's R values of step `p` are the R floats at
+/// `a + p·a_step`, walked by one pointer: a packed panel (`a_step = R`,
+/// `COLUMN_MAJOR` false) or a column-major A read in place (`a_step` its
+/// column stride).
+///
+/// A packed panel runs four steps to an iteration, so that every load of a
+/// step is that pointer or B's plus a constant offset. The general loop
+/// keeps a pointer per row of A and adds the step to each, nine integer
+/// operations a step beside the FMAs. Measured, 1 thread AVX-512, Intel
+/// Xeon (family 6 model 167), one process alternating with the general
+/// loop, median of 7 rounds (GFLOP/s, `sgemm` row-major): 64³ 119.9 →
+/// 129.4, 512³ 150.4 → 156.1, 1024³ 141.4 → 151.3, 128×1152×784 142.1 →
+/// 154.5, 64×576×3136 134.6 → 141.2, 64×147×12544 131.1 → 139.8, 128³,
+/// 256³ and 256×2304×196 within 1%; the plan forward of r50_1x1 141.6 →
+/// 147.4, r50_conv1 and batch16 within 1.5%. AVX2 (the same loop in its
+/// kernel): 256³ 95.7 → 105.4, 1024³ 94.7 → 98.2, 64×147×12544 64.5 →
+/// 79.5.
+///
+/// A column-major A runs one step an iteration and prefetches the step
+/// [`A_COLUMN_PREFETCH_STEPS`] ahead: its steps lie a column apart, too
+/// far for the hardware prefetchers to follow, and each is a cache line of
+/// its own.
 ///
 /// # Safety
-/// As [`accumulate`], with `ars = 1` and `P = 0`.
+/// As [`accumulate`], with `ars = 1`, `P = 0` and `acs = a_step` (`R`
+/// unless `COLUMN_MAJOR`).
 #[target_feature(enable = "avx512f,fma")]
 #[allow(clippy::too_many_arguments)]
 #[inline]
-unsafe fn accumulate_column_major_a<
+unsafe fn accumulate_contiguous_a<
     const R: usize,
     const V: usize,
     const P: usize,
     const B_IN_PLACE: bool,
+    const COLUMN_MAJOR: bool,
 >(
     kc: usize,
     a: *const f32,
-    acs: usize,
+    a_step: usize,
     b: *const f32,
     ldb: usize,
     c: *mut f32,
@@ -395,11 +414,14 @@ unsafe fn accumulate_column_major_a<
     rows: usize,
     acc: &mut ([[__m512; V]; R], [__m512; P]),
 ) {
+    // A compile-time constant for a packed panel, so that its four steps'
+    // addresses fold into offsets.
+    let a_step = if COLUMN_MAJOR { a_step } else { R };
+    let a_ahead = A_COLUMN_PREFETCH_STEPS * a_step;
     let (mut ap, mut bp) = (a, b);
-    let a_ahead = A_COLUMN_PREFETCH_STEPS * acs;
     let step = |(acc, _): &mut ([[__m512; V]; R], [__m512; P])| {
-        // SAFETY: A holds kc steps of R floats, acs apart, and B kc steps
-        // of 16·V; the caller runs at most kc steps. A prefetch never
+        // SAFETY: A holds kc steps of R floats, a_step apart, and B kc
+        // steps of 16·V; the caller runs at most kc steps. A prefetch never
         // faults, whatever the address.
         unsafe {
             let bv: [__m512; V] = core::array::from_fn(|v| _mm512_loadu_ps(bp.add(16 * v)));
@@ -409,70 +431,8 @@ unsafe fn accumulate_column_major_a<
                     _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(16 * v).cast());
                 }
             }
-            _mm_prefetch::<_MM_HINT_T0>(ap.wrapping_add(a_ahead).cast());
-            for (i, row) in acc.iter_mut().enumerate() {
-                let ai = _mm512_set1_ps(*ap.add(i));
-                for (v, x) in row.iter_mut().enumerate() {
-                    *x = _mm512_fmadd_ps(ai, bv[v], *x);
-                }
-            }
-            ap = ap.add(acs);
-            bp = bp.add(ldb);
-        }
-    };
-    // SAFETY: the step runs kc times.
-    unsafe { run_steps_prefetching_c::<_, 1>(kc, c, rsc, csc, rows, 4 * 16 * V, acc, step) };
-}
-
-/// [`accumulate`] for a packed A panel (`ars = 1`, `acs = R`): step `p`'s
-/// R values of A are the R floats at `a + p·R`, so one pointer walks the
-/// panel and, four steps to an iteration, every load of a step is that
-/// pointer or B's plus a constant offset. The general loop keeps a pointer
-/// per row of A and adds the step to each, nine integer operations a step
-/// beside the FMAs.
-///
-/// Measured, 1 thread AVX-512, Intel Xeon (family 6 model 167), one
-/// process alternating with the general loop, median of 7 rounds
-/// (GFLOP/s, `sgemm` row-major): 64³ 119.9 → 129.4, 512³ 150.4 → 156.1,
-/// 1024³ 141.4 → 151.3, 128×1152×784 142.1 → 154.5, 64×576×3136 134.6
-/// → 141.2, 64×147×12544 131.1 → 139.8, 128³, 256³ and 256×2304×196
-/// within 1%; the plan forward of r50_1x1 141.6 → 147.4, r50_conv1 and
-/// batch16 within 1.5%. AVX2 (the same loop in its kernel): 256³ 95.7 →
-/// 105.4, 1024³ 94.7 → 98.2, 64×147×12544 64.5 → 79.5.
-///
-/// # Safety
-/// As [`accumulate`], with A a packed panel.
-#[target_feature(enable = "avx512f,fma")]
-#[allow(clippy::too_many_arguments)]
-#[inline]
-unsafe fn accumulate_packed_a<
-    const R: usize,
-    const V: usize,
-    const P: usize,
-    const B_IN_PLACE: bool,
->(
-    kc: usize,
-    a: *const f32,
-    b: *const f32,
-    ldb: usize,
-    c: *mut f32,
-    rsc: isize,
-    csc: isize,
-    rows: usize,
-    acc: &mut ([[__m512; V]; R], [__m512; P]),
-) {
-    let (mut ap, mut bp) = (a, b);
-    let step = |(acc, _): &mut ([[__m512; V]; R], [__m512; P])| {
-        // SAFETY: the panels hold kc steps of R (A) and 16·V (B) floats, and
-        // the caller runs at most kc steps.
-        unsafe {
-            let bv: [__m512; V] = core::array::from_fn(|v| _mm512_loadu_ps(bp.add(16 * v)));
-            if B_IN_PLACE {
-                // A prefetch never faults, whatever the address.
-                let ahead = bp.wrapping_add(B_PREFETCH_STEPS * ldb);
-                for v in 0..V {
-                    _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(16 * v).cast());
-                }
+            if COLUMN_MAJOR {
+                _mm_prefetch::<_MM_HINT_T0>(ap.wrapping_add(a_ahead).cast());
             }
             for (i, row) in acc.iter_mut().enumerate() {
                 let ai = _mm512_set1_ps(*ap.add(i));
@@ -480,12 +440,18 @@ unsafe fn accumulate_packed_a<
                     *x = _mm512_fmadd_ps(ai, bv[v], *x);
                 }
             }
-            ap = ap.add(R);
+            ap = ap.add(a_step);
             bp = bp.add(ldb);
         }
     };
     // SAFETY: the step runs kc times.
-    unsafe { run_steps_prefetching_c::<_, 4>(kc, c, rsc, csc, rows, 4 * 16 * V, acc, step) };
+    unsafe {
+        if COLUMN_MAJOR {
+            run_steps_prefetching_c::<_, 1>(kc, c, rsc, csc, rows, 4 * 16 * V, acc, step)
+        } else {
+            run_steps_prefetching_c::<_, 4>(kc, c, rsc, csc, rows, 4 * 16 * V, acc, step)
+        }
+    };
 }
 
 /// [`kernel_mr`] that also accumulates `P` peeled columns of C (see
