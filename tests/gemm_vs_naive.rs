@@ -706,11 +706,13 @@ fn one_call_crosses_kc_mc_and_nc_edges() {
         kc: 16,
         nc: 32,
     };
-    // 50 rows: four MC blocks, the last of 2 rows (a partial register
+    // 68 rows: five MC blocks, the last of 4 rows (a partial register
     // tile); depth 41: three K blocks (16, 16 and 9); 100 columns: four NC
     // blocks, the last of 4 columns (100 % 16 = 4: AVX-512 peels nothing).
-    // A column-major C is computed as Cᵀ, 100 × 50: the same edges.
-    let (m, k, n) = (50, 41, 100);
+    // A column-major C is computed as Cᵀ, 100 × 68: the same edges, its 68
+    // columns (68 % 16 = 4, no peel either) more than one block of even
+    // the 48-wide tile.
+    let (m, k, n) = (68, 41, 100);
     let col_major = Layout {
         row_major: false,
         ..Layout::DENSE
