@@ -429,12 +429,29 @@ pub(crate) fn flattens(g: &ConvGeometry, l2: usize) -> bool {
 /// 512 1×1 (128 KiB) 146–153 vs 181–184, 160 → 960 1×1 (240 KiB) 174–176
 /// vs 185–188, 256 → 256 3×3 (576 KiB) 153–175 vs 129–142, 512 → 512 3×3
 /// 165–169 vs 132–137.
+///
+/// A larger L2 does not move the crossover: on an Intel Xeon (family 6
+/// model 167, L2 2 MiB; same runs, binaries of each algorithm alternating,
+/// two rounds, best GFLOP/s, the forward layer named) the panels up to
+/// [`MAX_PANEL_REPAID`] still won or tied, 2048 → 512 (128 KiB) 101 vs 113,
+/// 960 → 160 (40 KiB) 139–148 vs 136–140, 160 → 960 (240 KiB) 118–124 vs
+/// 128–134, 256 → 1024 (256 KiB) 115–122 vs 128–132, 1024 → 1024 (256
+/// KiB) 99–103 vs 100–106 (512 → 1024, 256 KiB, 132–140 vs 111–119, the one
+/// loss kept), and larger ones lost or tied: 512 → 2048 (r50_last1x1, 512
+/// KiB) 127–130 vs 97–99, 512 → 1280 (320 KiB) 123–145 vs 100–116, 256 →
+/// 1536 (384 KiB) 106–107 vs 110–113, 1024 → 2048 (512 KiB) 99–104 vs
+/// 99.
 pub(crate) fn repays_packing_per_call(taps: usize, out_plane: usize, l2: usize) -> bool {
     let panel_bytes = taps
         .saturating_mul(WIDEST_BLOCK)
         .saturating_mul(std::mem::size_of::<f32>());
-    out_plane >= 128 || panel_bytes <= l2 / 4
+    out_plane >= 128 || panel_bytes <= (l2 / 4).min(MAX_PANEL_REPAID)
 }
+
+/// The largest panel (bytes) whose packing in the call the dense tile
+/// repays on a small plane, whatever the L2 (see
+/// [`repays_packing_per_call`]).
+const MAX_PANEL_REPAID: usize = 256 << 10;
 
 /// Whether one row per image still gives each of `threads` threads a part
 /// of the channel blocks (rows are what the threads share otherwise): with
@@ -1877,20 +1894,25 @@ mod tests {
     }
 
     #[test]
-    fn packing_per_call_is_repaid_by_big_planes_or_panels_a_quarter_of_l2() {
+    fn packing_per_call_is_repaid_by_big_planes_or_panels_a_quarter_of_l2_up_to_256_kib() {
         let mib = 1 << 20;
         // 14² planes repay it whatever the weights (512 → 512 3×3).
         for l2 in [512 << 10, mib, 2 * mib] {
             assert!(repays_packing_per_call(512 * 9, 196, l2));
         }
         // 7² planes: 512 taps (128 KiB panels) fit a quarter of 1 MiB (Zen
-        // 4/5, Skylake-SP), not of 256 KiB; 2048 (512 KiB) only a quarter
-        // of 2 MiB (Sapphire Rapids); 256 → 256 3×3 (576 KiB) not even that.
+        // 4/5, Skylake-SP), not of 256 KiB; 1024 (256 KiB) a quarter of
+        // 1 MiB or 2 MiB; 2048 (512 KiB) nowhere, not even beside 2 MiB of
+        // L2 (Sapphire and Emerald Rapids), nor 256 → 256 3×3 (576 KiB).
         assert!(repays_packing_per_call(512, 49, mib));
         assert!(!repays_packing_per_call(512, 49, 256 << 10));
         assert!(repays_packing_per_call(960, 49, mib));
+        assert!(repays_packing_per_call(1024, 49, mib));
+        assert!(repays_packing_per_call(1024, 49, 2 * mib));
+        assert!(!repays_packing_per_call(1025, 49, 2 * mib));
         assert!(!repays_packing_per_call(2048, 49, mib));
-        assert!(repays_packing_per_call(2048, 49, 2 * mib));
+        assert!(!repays_packing_per_call(2048, 49, 2 * mib));
+        assert!(!repays_packing_per_call(2048, 49, 16 * mib));
         assert!(!repays_packing_per_call(256 * 9, 49, 2 * mib));
         assert!(!repays_packing_per_call(256 * 9, 49, mib));
         assert!(!repays_packing_per_call(256 * 9, 127, mib));
