@@ -1903,7 +1903,7 @@ mod tests {
         // 7² planes: 512 taps (128 KiB panels) fit a quarter of 1 MiB (Zen
         // 4/5, Skylake-SP), not of 256 KiB; 1024 (256 KiB) a quarter of
         // 1 MiB or 2 MiB; 2048 (512 KiB) nowhere, not even beside 2 MiB of
-        // L2 (Sapphire and Emerald Rapids), nor 256 → 256 3×3 (576 KiB).
+        // L2 (an Intel Xeon measured so), nor 256 → 256 3×3 (576 KiB).
         assert!(repays_packing_per_call(512, 49, mib));
         assert!(!repays_packing_per_call(512, 49, 256 << 10));
         assert!(repays_packing_per_call(960, 49, mib));

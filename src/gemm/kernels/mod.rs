@@ -451,9 +451,10 @@ pub fn wide_tiles() -> bool {
 /// finishes as dot products (both tiles have the same one-zmm edge, so the
 /// same peel) are left out: 49 columns are 48 in tiles, one wide tile
 /// (143) against a 32-wide and a 16-wide one (162). Costing all 49 picked
-/// the narrow tiles, and `sgemm` 2048×512×49 ran 117–124 GFLOP/s against
-/// 140–155 on the wide tile (256×512×49 122–128 → 149–158; 1 thread,
-/// Intel Xeon family 6 model 167, one process each, three rounds).
+/// the narrow tiles: 1 thread, Intel Xeon (family 6 model 167), `sgemm`
+/// row-major, one process each alternating, three rounds, best GFLOP/s,
+/// 2048×512×49 119–125 on them against 142–155 with the wide tile forced,
+/// 256×512×49 126–134 against 153–161.
 pub fn wide_tiles_pay(n: usize) -> bool {
     // In u128: a plan may describe a far larger output than it will ever
     // run on (`padded_work` likewise).
