@@ -796,7 +796,7 @@ pub(crate) fn transposed_forward(
             continue;
         };
         let algorithm = conv.resolve_algorithm_with(options.algorithm, isa, || {
-            *finite.get_or_init(|| super::all_finite(weight))
+            *finite.get_or_init(|| super::all_finite_on(weight, options.parallelism.max_threads()))
         });
         let g = conv.geometry();
         let packed_mr = (matches!(algorithm, Algorithm::Im2col | Algorithm::Implicit)

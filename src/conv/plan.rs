@@ -117,7 +117,12 @@ impl Conv2d {
         ])?;
         options.activation.validate()?;
         let isa = options.resolved_isa();
-        let algorithm = self.resolve_algorithm(options.algorithm, isa, weight);
+        let algorithm = self.resolve_algorithm(
+            options.algorithm,
+            isa,
+            weight,
+            options.parallelism.max_threads(),
+        );
         let gemm_based = matches!(algorithm, Algorithm::Im2col | Algorithm::Implicit);
         // Weights are packed for the kernels, except where the GEMM reads
         // them in place to finish the plane's last columns as dot products
