@@ -4,7 +4,9 @@
 
 use crate::gemm::element::Element;
 use crate::gemm::engine::{ASource, Epilogue, StridedC, StridedMatrix};
-use crate::gemm::kernels::{store_scalar, DotKernels, Kernel, KernelInfo, TileEpilogue};
+use crate::gemm::kernels::{
+    columns_past_edges, store_scalar, DotKernels, Kernel, KernelInfo, TileEpilogue,
+};
 use crate::gemm::pack::{pack_a_strided, AlignedBuf};
 
 /// The last `count` columns of C, from `col0` on, computed as dot products:
@@ -34,7 +36,7 @@ unsafe impl<T: Sync> Sync for PeeledColumns<T> {}
 /// product peeled off).
 pub(super) fn peeled_columns<T>(kernel: &Kernel<T>, n: usize) -> usize {
     match (kernel.narrow(), kernel.dot()) {
-        (Some((width, _)), Some(_)) if n > width && n % width <= 2 => n % width,
+        (Some((width, _)), Some(_)) => columns_past_edges(n, width),
         _ => 0,
     }
 }

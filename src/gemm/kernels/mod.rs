@@ -462,11 +462,23 @@ pub fn wide_tiles_pay(n: usize) -> bool {
     const TWO: u128 = 100;
     const THREE: u128 = 143;
     const ZMM: usize = 16;
-    let peeled = if n > ZMM && n % ZMM <= 2 { n % ZMM } else { 0 };
-    let zmm = ((n - peeled) as u128).div_ceil(ZMM as u128);
+    let zmm = ((n - columns_past_edges(n, ZMM)) as u128).div_ceil(ZMM as u128);
     let narrow = zmm / 2 * TWO + zmm % 2 * ONE;
     let wide = zmm / 3 * THREE + [0, ONE, TWO][(zmm % 3) as usize];
     wide < narrow
+}
+
+/// Of a C `n` columns wide, the one or two just past a multiple of an edge
+/// tile `width` columns wide, which the driver finishes as dot products
+/// where the kernel has them (`driver::macro_kernel::peeled_columns`), and
+/// which [`wide_tiles_pay`] leaves out of its costs: 0 for a C no wider
+/// than one edge tile, or ending on or well past a multiple of it.
+pub(crate) fn columns_past_edges(n: usize, width: usize) -> usize {
+    if n > width && n % width <= 2 {
+        n % width
+    } else {
+        0
+    }
 }
 
 /// The path's kernel vectorised down the columns of C, where it has one.
@@ -882,6 +894,29 @@ unsafe fn store_scalar_each(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The driver peels one or two columns just past a multiple of the
+    /// edge tile's width, never a C no wider than one edge tile.
+    #[test]
+    fn the_columns_past_edges_are_one_or_two_past_a_multiple() {
+        let cases = [
+            (16, 0),
+            (17, 1),
+            (18, 2),
+            (19, 0),
+            (32, 0),
+            (49, 1),
+            (50, 2),
+            (51, 0),
+        ];
+        for (n, past) in cases {
+            assert_eq!(columns_past_edges(n, 16), past, "{n}");
+        }
+        // No wider than one edge tile: nothing to peel.
+        assert_eq!(columns_past_edges(1, 16), 0);
+        assert_eq!(columns_past_edges(2, 16), 0);
+        assert_eq!(columns_past_edges(7, 6), 1);
+    }
 
     /// The wide tile takes C widths it covers with fewer one-zmm edges or
     /// enough three-zmm tiles to make up for one; 8 × 32 keeps the rest.
