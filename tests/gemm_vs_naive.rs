@@ -1433,6 +1433,18 @@ fn b_read_in_place_from_mid_line_matches_naive() {
     }
 }
 
+#[test]
+fn b_off_its_lines_read_in_place_for_few_tiles_matches_naive() {
+    // Rows 1000 floats apart never all start on cache lines, so no peel
+    // aligns them: with at most 8 register tiles of rows (64 rows on
+    // AVX-512, 48 on AVX2) B is read in place anyway, split loads and
+    // all; 72 rows (9 tiles) pack it. Every start offset, every ISA and
+    // tile, against the f64 product.
+    for (m, k, n) in [(64, 19, 1000), (48, 19, 1000), (72, 19, 1000)] {
+        b_in_place_at_every_offset(m, k, n);
+    }
+}
+
 fn b_in_place_at_every_offset(m: usize, k: usize, n: usize) {
     let mut rng = Rng::new(31);
     let a: Vec<f32> = (0..m * k).map(|_| rng.next_f32()).collect();

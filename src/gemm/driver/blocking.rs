@@ -143,7 +143,8 @@ pub(super) fn in_place_column_major_depth<T: Element>(
 /// vs 161–186, 128×512×1000 (rows 4000 bytes apart, never on lines)
 /// 138–151 vs 148–162 (at +0 163 vs 160), 96×384×196 160 vs 167 at +1;
 /// but 64³ 148–165 vs 141–156. Rows on lines (B at +0 or +16, or peeled
-/// there by [`columns_to_aligned_rows`]) stay in place.
+/// there by [`columns_to_aligned_rows`]) stay in place, and so does a B
+/// whose panels serve at most [`B_OFF_LINE_IN_PLACE_MAX_TILES`] tiles.
 pub(super) fn rows_on_lines<T: Element>(bs: &StridedMatrix<T>, col: usize) -> bool {
     let size = std::mem::size_of::<T>();
     let row_bytes = (bs.rs as usize).saturating_mul(size);
@@ -237,6 +238,19 @@ pub(super) const IN_PLACE_MIN_TILES: usize = 8;
 /// 512 channels on 28² 173 → 193. Zen 5 earlier: 256×512×1024 (32 tiles)
 /// 22% slower in place.
 pub(super) const B_IN_PLACE_MAX_TILES: usize = 16;
+
+/// The most register tiles for which a row-major B is read in place even
+/// where its rows start off cache lines ([`rows_on_lines`]): its split
+/// loads are paid once per tile, the copy once per call, and for this few
+/// tiles the copy costs more. Measured with `cpuconv gemm --placement`, 1
+/// thread AVX-512, Intel Xeon (family 6 model 167), B alone at +1 … +12
+/// floats past a 4 KiB boundary, packed vs in place, two rounds alternating
+/// (GFLOP/s): 64×576×1000 (rows never on lines) 137–142 vs 167–174,
+/// 32×256×256 120–131 vs 161–174, 64×64×100 113–123 vs 128–131, 64³
+/// 130–135 vs 137–145, 48³ 137–143 vs 139–156. From 10 to 16 tiles it was
+/// a wash within the machine's noise (80×256×256 and 96³ +2–6%, 128³ and
+/// 96×384×196 −5 to +3%), so the rule stops at 8.
+pub(super) const B_OFF_LINE_IN_PLACE_MAX_TILES: usize = 8;
 
 /// The largest column stride of a row-major A the kernels read in place:
 /// the weight gradient's bands at stride σ read every σ-th float of a row

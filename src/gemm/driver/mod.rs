@@ -21,7 +21,8 @@
 //! operand whose packed panels would serve few tiles is read in place by
 //! the kernels instead (only a partial last panel is packed): B when M fits
 //! one MC block of at most [`blocking::B_IN_PLACE_MAX_TILES`] register
-//! tiles and its rows start on cache lines ([`blocking::rows_on_lines`]), A
+//! tiles and its rows start on cache lines ([`blocking::rows_on_lines`]) or
+//! it has at most [`blocking::B_OFF_LINE_IN_PLACE_MAX_TILES`] of them, A
 //! when C has at most [`blocking::A_IN_PLACE_MAX_PANELS`] column panels per
 //! block.
 //!
@@ -120,7 +121,7 @@ use crate::testing::record_gemm_block;
 use blocking::{
     a_in_place, b_rows_in_place, block_depth, columns_to_aligned_rows, in_place_block_rows,
     in_place_column_major_depth, row_blocks, rows_on_lines, single_block_columns,
-    B_IN_PLACE_MAX_TILES,
+    B_IN_PLACE_MAX_TILES, B_OFF_LINE_IN_PLACE_MAX_TILES,
 };
 use macro_kernel::{a_block, peeled_columns, BPanels, MacroKernel, PeeledColumns};
 use rayon::prelude::*;
@@ -449,9 +450,12 @@ unsafe fn gemm_block<T: Element, B: BSource<T>>(
             columns_to_aligned_rows(&bs, n0, n1 - n0, nc_small, nr)
         });
         // Rows that still straddle cache lines after the peel are packed
-        // (see `rows_on_lines`).
+        // (see `rows_on_lines`), unless each panel serves so few tiles
+        // that the copy costs more than the split loads
+        // (`B_OFF_LINE_IN_PLACE_MAX_TILES`).
+        let few_tiles = (m1 - m0).div_ceil(kernel.info().mr) <= B_OFF_LINE_IN_PLACE_MAX_TILES;
         let (in_place, lead) = match in_place {
-            Some(bs) if !rows_on_lines(&bs, n0 + lead) => (None, 0),
+            Some(bs) if !few_tiles && !rows_on_lines(&bs, n0 + lead) => (None, 0),
             other => (other, lead),
         };
         for (ic, pc) in (m0..m1)
