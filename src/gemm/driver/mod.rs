@@ -435,10 +435,11 @@ unsafe fn gemm_block<T: Element, B: BSource<T>>(
         // Measured, 1 thread AVX-512, in place vs packed: 64×576×3136
         // +7%, 64×147×12544 +17%, 128×512×1000 +6%, but 256×512×1024 −22%
         // (rows 4 KiB apart).
+        let tiles = (m1 - m0).div_ceil(kernel.info().mr);
         let in_place = b.as_strided().filter(|bs| {
             bs.cs == 1
                 && bs.rs > 0
-                && (m1 - m0).div_ceil(kernel.info().mr) <= B_IN_PLACE_MAX_TILES
+                && tiles <= B_IN_PLACE_MAX_TILES
                 && b_rows_in_place::<T>(bs.rs as usize, kc)
         });
         let nc_small = single_block_columns::<T>(kc, kernel.info());
@@ -453,7 +454,7 @@ unsafe fn gemm_block<T: Element, B: BSource<T>>(
         // (see `rows_on_lines`), unless each panel serves so few tiles
         // that the copy costs more than the split loads
         // (`B_OFF_LINE_IN_PLACE_MAX_TILES`).
-        let few_tiles = (m1 - m0).div_ceil(kernel.info().mr) <= B_OFF_LINE_IN_PLACE_MAX_TILES;
+        let few_tiles = tiles <= B_OFF_LINE_IN_PLACE_MAX_TILES;
         let (in_place, lead) = match in_place {
             Some(bs) if !few_tiles && !rows_on_lines(&bs, n0 + lead) => (None, 0),
             other => (other, lead),
